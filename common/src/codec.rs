@@ -1,0 +1,207 @@
+//! Bytes to frames: a 4-byte big-endian length prefix (tokio-util's
+//! `LengthDelimitedCodec`, capped at [`MAX_FRAME`]) around a bincode body decoded with
+//! the same limit. An oversized length is rejected from the header alone, before any
+//! allocation; a body that does not decode is an `InvalidData` error. Either way the
+//! caller drops that one connection.
+
+use std::io;
+use std::marker::PhantomData;
+
+use bytes::{BufMut, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::proto::MAX_FRAME;
+
+/// bincode settings shared by both ends: varint integers, decoding bounded by the frame cap.
+pub fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encode one message body (no length prefix).
+pub fn encode_body<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(msg, bincode_config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("encode: {e}")))
+}
+
+/// Decode one message body; trailing bytes are an error (a frame holds exactly one message).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> io::Result<T> {
+    let (msg, used) = bincode::serde::decode_from_slice(body, bincode_config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {e}")))?;
+    if used != body.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed frame: {} trailing bytes", body.len() - used),
+        ));
+    }
+    Ok(msg)
+}
+
+/// Codec sending `Out` messages and receiving `In` messages.
+pub struct FrameCodec<Out, In> {
+    framing: LengthDelimitedCodec,
+    _marker: PhantomData<fn(Out) -> In>,
+}
+
+impl<Out, In> Default for FrameCodec<Out, In> {
+    fn default() -> Self {
+        FrameCodec {
+            framing: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME)
+                .length_field_length(4)
+                .new_codec(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<Out, In> FrameCodec<Out, In> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
+    type Error = io::Error;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> io::Result<()> {
+        // Reserve the length prefix, serialize in place, then patch the length: avoids
+        // copying multi-megabyte write payloads through an intermediate Vec.
+        let start = dst.len();
+        dst.put_u32(0);
+        let mut writer = dst.writer();
+        bincode::serde::encode_into_std_write(&item, &mut writer, bincode_config())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("encode: {e}")))?;
+        let dst = writer.into_inner();
+        let body_len = dst.len() - start - 4;
+        if body_len > MAX_FRAME {
+            dst.truncate(start);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {body_len} bytes exceeds the {MAX_FRAME}-byte limit"),
+            ));
+        }
+        dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
+    type Item = In;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<In>> {
+        match self.framing.decode(src)? {
+            Some(body) => decode_body(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// What a client uses: sends requests, receives server frames.
+pub type ClientCodec = FrameCodec<crate::proto::RequestFrame, crate::proto::ServerFrame>;
+/// What a server uses: sends server frames, receives requests.
+pub type ServerCodec = FrameCodec<crate::proto::ServerFrame, crate::proto::RequestFrame>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(req: Request) {
+        let frame = RequestFrame {
+            id: 7,
+            caller: Caller { uid: 1, gid: 2 },
+            request: req,
+        };
+        let mut buf = BytesMut::new();
+        ClientCodec::new().encode(frame.clone(), &mut buf).unwrap();
+        let got = ServerCodec::new().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(got, frame);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn roundtrips() {
+        roundtrip(Request::Ping);
+        roundtrip(Request::Write {
+            handle: 3,
+            offset: 1 << 40,
+            data: vec![9; 100_000],
+        });
+        roundtrip(Request::Rename {
+            parent: RelPath(b"a/b".to_vec()),
+            name: Name(b"x".to_vec()),
+            new_parent: RelPath::root(),
+            new_name: Name(b"y".to_vec()),
+            flags: rename_flags::EXCHANGE,
+        });
+    }
+
+    #[test]
+    fn oversized_header_is_rejected_without_allocating() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        buf.put_slice(b"abc");
+        let err = ServerCodec::new().decode(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn huge_length_inside_body_is_rejected() {
+        // A Write whose byte-string length claims 1 TiB: the limit must stop it.
+        let mut body = Vec::new();
+        body.push(1u8); // id
+        body.extend_from_slice(&[0, 0]); // caller
+        body.push(15); // Request::Write variant index
+        body.extend_from_slice(&[1, 0]); // handle, offset
+        body.push(253); // u64 varint marker
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+        assert!(ServerCodec::new().decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn partial_frame_waits_for_more() {
+        let mut full = BytesMut::new();
+        ClientCodec::new()
+            .encode(
+                RequestFrame {
+                    id: 1,
+                    caller: Caller::default(),
+                    request: Request::Ping,
+                },
+                &mut full,
+            )
+            .unwrap();
+        let mut part = BytesMut::from(&full[..full.len() - 1]);
+        assert!(ServerCodec::new().decode(&mut part).unwrap().is_none());
+    }
+
+    #[test]
+    fn trailing_garbage_is_rejected() {
+        let mut body = encode_body(&RequestFrame {
+            id: 1,
+            caller: Caller::default(),
+            request: Request::Ping,
+        })
+        .unwrap();
+        body.push(0);
+        assert!(decode_body::<RequestFrame>(&body).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut codec = ServerCodec::new();
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            let _ = decode_body::<ServerFrame>(&bytes);
+            let _ = decode_body::<Hello>(&bytes);
+        }
+    }
+}

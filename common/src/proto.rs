@@ -1,0 +1,409 @@
+//! Message types exchanged between `ferry` and `ferryd`.
+//!
+//! Every request names files by a path relative to the export root ([`RelPath`]) or by a
+//! server-side handle obtained from `Open`/`Create`/`OpenDir`. Paths keep the protocol
+//! stateless enough that a client can reconnect and carry on; handles give open files the
+//! POSIX semantics a path cannot (an open file that is unlinked stays readable).
+//!
+//! Evolution rule: new requests and responses are appended to the enums (bincode encodes
+//! the variant index), and anything optional is negotiated through [`caps`] in the
+//! handshake. Never reorder or remove a variant without bumping [`PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+/// First bytes a client sends: identifies the protocol before anything is decoded further.
+pub const MAGIC: [u8; 8] = *b"FERRY\r\n\x1a";
+
+/// Bumped on any incompatible change of the messages in this module.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default TCP port of `ferryd`.
+pub const DEFAULT_PORT: u16 = 7420;
+
+/// Largest read or write payload a single request may carry. Both ends refuse more.
+pub const MAX_IO: u32 = 4 * 1024 * 1024;
+
+/// Largest number of directory entries in one `ReadDir` reply.
+pub const MAX_DIR_BATCH: u32 = 4096;
+
+/// Largest frame either end accepts, header excluded. Bounds every allocation made on
+/// behalf of the peer: data payloads are at most [`MAX_IO`], a directory batch of
+/// [`MAX_DIR_BATCH`] entries with 255-byte names and attributes stays well below this.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+
+/// Capability bits negotiated in the handshake (the intersection of both sides is used).
+pub mod caps {
+    /// Server can push [`super::Event`]s (reserved; invalidations come in a later version).
+    pub const EVENTS: u64 = 1 << 0;
+    /// Server may be asked to create files on behalf of the caller's uid/gid.
+    pub const CALLER_CREDS: u64 = 1 << 1;
+}
+
+/// The first message on a connection, client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub capabilities: u64,
+    /// Free text for logs, e.g. `ferry 0.1.0 on host`.
+    pub client: String,
+}
+
+impl Hello {
+    pub fn new(client: impl Into<String>, capabilities: u64) -> Self {
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities,
+            client: client.into(),
+        }
+    }
+}
+
+/// The server's answer to [`Hello`]. After `Refused` the server closes the connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome(Welcome),
+    Refused { version: u32, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u32,
+    /// Intersection of the client's and the server's capabilities.
+    pub capabilities: u64,
+    pub read_only: bool,
+    /// Attributes of the export root.
+    pub root: Attr,
+    /// Largest payload the server accepts in one read or write.
+    pub max_io: u32,
+    /// Free text for logs, e.g. `ferryd 0.1.0`.
+    pub server: String,
+}
+
+/// A path relative to the export root as raw bytes: components separated by `/`, no
+/// leading `/`, no empty, `.` or `..` components. The empty path is the root itself.
+/// The server re-validates every path it receives ([`crate::path`]).
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelPath(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// One directory entry name (no `/`, not `.` or `..`, not empty).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Name(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch, as `struct timespec`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// File attributes as the server's filesystem reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    /// Stable node id: the server's inode number (mixed with the device when the file
+    /// lives on another filesystem than the export root).
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub kind: FileKind,
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+    /// Changes whenever content or metadata changes (derived from ctime, mtime and size):
+    /// a cache holding data tagged with an older version must not serve it.
+    pub version: u64,
+}
+
+/// Who asked: the uid/gid of the process on the client that made the call. A server
+/// running as root gives files it creates this owner (AUTH_SYS-style trust).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Fields of `SetAttr`; `None` leaves the field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    Now,
+    At(Timespec),
+}
+
+/// `renameat2` flags on the wire (values of Linux `RENAME_*`).
+pub mod rename_flags {
+    pub const NOREPLACE: u32 = 1;
+    pub const EXCHANGE: u32 = 2;
+}
+
+/// Open flags on the wire: the access mode and the few flags the server must honor.
+/// Values are Linux `O_*` numbers; the server masks out everything else.
+pub type OpenFlags = i32;
+
+/// A client-to-server message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the client, unique among its requests in flight; echoed in the reply.
+    pub id: u64,
+    pub caller: Caller,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness probe; answered with `Response::Pong` ahead of slower work.
+    Ping,
+    Lookup {
+        parent: RelPath,
+        name: Name,
+    },
+    /// Attributes of `path`, or of the open `handle` when given (works after unlink).
+    GetAttr {
+        path: RelPath,
+        handle: Option<u64>,
+    },
+    SetAttr {
+        path: RelPath,
+        handle: Option<u64>,
+        set: SetAttr,
+    },
+    ReadLink {
+        path: RelPath,
+    },
+    MkNod {
+        parent: RelPath,
+        name: Name,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    },
+    MkDir {
+        parent: RelPath,
+        name: Name,
+        mode: u32,
+        umask: u32,
+    },
+    Unlink {
+        parent: RelPath,
+        name: Name,
+    },
+    RmDir {
+        parent: RelPath,
+        name: Name,
+    },
+    Symlink {
+        parent: RelPath,
+        name: Name,
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+    },
+    Rename {
+        parent: RelPath,
+        name: Name,
+        new_parent: RelPath,
+        new_name: Name,
+        flags: u32,
+    },
+    Link {
+        path: RelPath,
+        new_parent: RelPath,
+        new_name: Name,
+    },
+    Open {
+        path: RelPath,
+        flags: OpenFlags,
+    },
+    Create {
+        parent: RelPath,
+        name: Name,
+        mode: u32,
+        umask: u32,
+        flags: OpenFlags,
+    },
+    Read {
+        handle: u64,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        handle: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Fsync {
+        handle: u64,
+        datasync: bool,
+    },
+    Fallocate {
+        handle: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    Release {
+        handle: u64,
+    },
+    StatFs {
+        path: RelPath,
+    },
+    OpenDir {
+        path: RelPath,
+    },
+    /// Next batch of entries (with attributes) from an open directory, in order.
+    ReadDir {
+        handle: u64,
+        max_entries: u32,
+    },
+    ReleaseDir {
+        handle: u64,
+    },
+}
+
+impl Request {
+    /// Short name for logs and statistics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Lookup { .. } => "lookup",
+            Request::GetAttr { .. } => "getattr",
+            Request::SetAttr { .. } => "setattr",
+            Request::ReadLink { .. } => "readlink",
+            Request::MkNod { .. } => "mknod",
+            Request::MkDir { .. } => "mkdir",
+            Request::Unlink { .. } => "unlink",
+            Request::RmDir { .. } => "rmdir",
+            Request::Symlink { .. } => "symlink",
+            Request::Rename { .. } => "rename",
+            Request::Link { .. } => "link",
+            Request::Open { .. } => "open",
+            Request::Create { .. } => "create",
+            Request::Read { .. } => "read",
+            Request::Write { .. } => "write",
+            Request::Fsync { .. } => "fsync",
+            Request::Fallocate { .. } => "fallocate",
+            Request::Release { .. } => "release",
+            Request::StatFs { .. } => "statfs",
+            Request::OpenDir { .. } => "opendir",
+            Request::ReadDir { .. } => "readdir",
+            Request::ReleaseDir { .. } => "releasedir",
+        }
+    }
+
+    /// Whether the request changes the export (refused with EROFS on a read-only export).
+    pub fn is_mutation(&self) -> bool {
+        match self {
+            Request::SetAttr { .. }
+            | Request::MkNod { .. }
+            | Request::MkDir { .. }
+            | Request::Unlink { .. }
+            | Request::RmDir { .. }
+            | Request::Symlink { .. }
+            | Request::Rename { .. }
+            | Request::Link { .. }
+            | Request::Create { .. }
+            | Request::Write { .. }
+            | Request::Fallocate { .. } => true,
+            Request::Open { flags, .. } => {
+                let acc = flags & 0o3;
+                acc != 0 || flags & 0o1000 != 0 // O_WRONLY/O_RDWR or O_TRUNC
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Name,
+    pub attr: Attr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Pong,
+    Ok,
+    Attr(Attr),
+    Opened { handle: u64, attr: Attr },
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Written { len: u32 },
+    Dir { entries: Vec<DirEntry>, eof: bool },
+    StatFs(StatFs),
+}
+
+/// A server-to-client message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The answer to request `id`; an `Err` carries a Linux errno value.
+    Reply {
+        id: u64,
+        result: Result<Response, i32>,
+    },
+    /// Unsolicited notification (only sent when [`caps::EVENTS`] was negotiated).
+    Event(Event),
+}
+
+/// Server-pushed notifications. Reserved in protocol version 1: a client must ignore
+/// events it does not understand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// Something under `path` changed; cached attributes and data must be revalidated.
+    Changed { path: RelPath },
+    /// The entry `name` in directory `parent` appeared, disappeared or was replaced.
+    EntryChanged { parent: RelPath, name: Name },
+}
