@@ -1,1 +1,171 @@
-fn main() {}
+//! `ferry` command line: parses arguments and dispatches; the work is in the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ferry_client::mount::{MountOpts, mount_background, mount_foreground, unmount};
+use ferry_client::{cli, conn::Client, remote_addr};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Mount and use a ferryd export")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount REMOTE (host[:port]) on MOUNTPOINT; returns once the mount is usable.
+    Mount {
+        remote: String,
+        mountpoint: PathBuf,
+        /// Stay attached; Ctrl-C unmounts.
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Let other local users use the mount (permissions are checked as on a local disk).
+        #[arg(long)]
+        allow_other: bool,
+        /// Seconds without any answer from the server before its operations fail with EIO.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// Append the daemon's log to this file (background mode).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// I/O worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, hide = true)]
+        ready_pipe: bool,
+    },
+    /// Unmount a ferry mount.
+    Umount { mountpoint: PathBuf },
+    /// List a remote directory (the seed's `dir`).
+    Ls {
+        remote: String,
+        path: Option<String>,
+    },
+    /// Download a remote file.
+    Get {
+        remote: String,
+        path: String,
+        local: Option<PathBuf>,
+    },
+    /// Upload a local file (atomically replaces the remote one).
+    Put {
+        remote: String,
+        local: PathBuf,
+        path: Option<String>,
+    },
+    /// Interactive session: dir / get / put / help / close.
+    Shell { remote: String },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ferry_client=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn run(args: Args) -> Result<()> {
+    match args.cmd {
+        Cmd::Mount {
+            remote,
+            mountpoint,
+            foreground,
+            allow_other,
+            timeout,
+            log,
+            threads,
+            ready_pipe,
+        } => {
+            let opts = MountOpts {
+                remote: remote_addr(&remote),
+                mountpoint,
+                allow_other,
+                timeout: Duration::from_secs(timeout.max(1)),
+                log,
+                threads,
+            };
+            if foreground {
+                mount_foreground(&opts, ready_pipe)
+            } else {
+                let mut child: Vec<OsString> = vec!["mount".into(), opts.remote.clone().into()];
+                child.push(
+                    std::fs::canonicalize(&opts.mountpoint)
+                        .unwrap_or(opts.mountpoint.clone())
+                        .into(),
+                );
+                child.extend([
+                    "--timeout".into(),
+                    timeout.to_string().into(),
+                    "--threads".into(),
+                    threads.to_string().into(),
+                ]);
+                if allow_other {
+                    child.push("--allow-other".into());
+                }
+                mount_background(&opts, &child)
+            }
+        }
+        Cmd::Umount { mountpoint } => unmount(&mountpoint),
+        Cmd::Ls { remote, path } => {
+            let client = Client::new(remote_addr(&remote), Duration::from_secs(10));
+            let mut out = std::io::stdout().lock();
+            runtime()?.block_on(cli::ls(&client, path.as_deref().unwrap_or(""), &mut out))
+        }
+        Cmd::Get {
+            remote,
+            path,
+            local,
+        } => {
+            let client = Client::new(remote_addr(&remote), Duration::from_secs(10));
+            let (p, n) = runtime()?.block_on(cli::get(&client, &path, local.as_deref()))?;
+            eprintln!("got {path} -> {} ({n} bytes)", p.display());
+            Ok(())
+        }
+        Cmd::Put {
+            remote,
+            local,
+            path,
+        } => {
+            let client = Client::new(remote_addr(&remote), Duration::from_secs(10));
+            let (p, n) = runtime()?.block_on(cli::put(&client, &local, path.as_deref()))?;
+            eprintln!("put {} -> {p:?} ({n} bytes)", local.display());
+            Ok(())
+        }
+        Cmd::Shell { remote } => {
+            let client = Client::new(remote_addr(&remote), Duration::from_secs(10));
+            let rt = runtime()?;
+            rt.block_on(client.connect())?;
+            let stdin = std::io::stdin().lock();
+            let mut out = std::io::stdout().lock();
+            rt.block_on(cli::shell(&client, stdin, &mut out))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! One multiplexed connection to `ferryd`, with liveness and lazy reconnect.
+//!
+//! Any number of tasks call [`Client::call`] concurrently; each request gets an id, goes
+//! out through a single writer task, and its reply is routed back by id whenever the
+//! server finishes it (replies arrive out of order). A watchdog declares the connection
+//! dead when requests are outstanding and nothing has arrived for `timeout` (pings keep
+//! a slow but healthy link alive), so no caller waits forever: a dead server costs an
+//! error within seconds, never a frozen `ls`. The next call reconnects.
+//!
+//! This module must never block a thread (it runs on the tokio runtime the FUSE adapter
+//! spawns onto) and never interprets filesystem semantics: it moves frames.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_common::codec::{ClientCodec, FrameCodec};
+use ferry_common::proto::{
+    Caller, Event, Hello, HelloReply, PROTOCOL_VERSION, Request, RequestFrame, Response,
+    ServerFrame, Welcome, caps,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::TransportError;
+
+/// Capabilities this client asks for.
+const CLIENT_CAPS: u64 = caps::CALLER_CREDS;
+
+/// Where events pushed by the server go.
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Response, i32>>>>;
+
+/// A live connection. Dropped (and its tasks stopped) once it is declared dead.
+struct Conn {
+    generation: u64,
+    tx: mpsc::UnboundedSender<RequestFrame>,
+    // std Mutex: held for a map insert/remove only, never across an await.
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    dead: CancellationToken,
+}
+
+impl Conn {
+    fn is_dead(&self) -> bool {
+        self.dead.is_cancelled()
+    }
+}
+
+/// Counters kept by the connection for `ferry stats` and tests.
+#[derive(Default, Debug)]
+pub struct ConnStats {
+    pub requests: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+pub struct Client {
+    addr: String,
+    timeout: Duration,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    generation: AtomicU64,
+    welcome: Mutex<Option<Welcome>>,
+    events: Mutex<Option<EventSink>>,
+    pub stats: ConnStats,
+    closed: AtomicBool,
+}
+
+impl Client {
+    /// A client for `addr` (`host:port`). Nothing is connected until [`Client::connect`]
+    /// or the first call.
+    pub fn new(addr: impl Into<String>, timeout: Duration) -> Arc<Client> {
+        Arc::new(Client {
+            addr: addr.into(),
+            timeout,
+            conn: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            welcome: Mutex::new(None),
+            events: Mutex::new(None),
+            stats: ConnStats::default(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn set_event_sink(&self, sink: EventSink) {
+        if let Ok(mut e) = self.events.lock() {
+            *e = Some(sink);
+        }
+    }
+
+    /// What the server said in the last successful handshake.
+    pub fn welcome(&self) -> Option<Welcome> {
+        self.welcome.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// Connect now (or confirm the current connection is alive); returns its generation.
+    pub async fn connect(self: &Arc<Self>) -> Result<u64, TransportError> {
+        Ok(self.current().await?.generation)
+    }
+
+    /// Stop using the network: in-flight and later calls fail with `Closed`.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().await.take() {
+            c.dead.cancel();
+        }
+    }
+
+    /// The generation of the live connection, if any (handles from older ones are void).
+    pub async fn generation(&self) -> Option<u64> {
+        self.conn
+            .lock()
+            .await
+            .as_ref()
+            .filter(|c| !c.is_dead())
+            .map(|c| c.generation)
+    }
+
+    async fn current(self: &Arc<Self>) -> Result<Arc<Conn>, TransportError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(TransportError::Closed);
+        }
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.is_dead()
+        {
+            return Ok(c.clone());
+        }
+        let had_one = slot.is_some();
+        *slot = None;
+        let conn = self.open_conn().await?;
+        if had_one {
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(addr = %self.addr, "reconnected");
+        }
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open_conn(self: &Arc<Self>) -> Result<Arc<Conn>, TransportError> {
+        let connect_timeout = self.timeout.min(Duration::from_secs(10));
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| TransportError::ConnectTimeout(self.addr.clone()))?
+            .map_err(|e| TransportError::Connect(self.addr.clone(), e))?;
+        // Small requests (lookups, getattr) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (framed, welcome) =
+            tokio::time::timeout(connect_timeout, handshake(stream, &self.client_name()))
+                .await
+                .map_err(|_| TransportError::HandshakeTimeout)??;
+        if let Ok(mut w) = self.welcome.lock() {
+            *w = Some(welcome);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(self.spawn_tasks(framed, generation))
+    }
+
+    fn client_name(&self) -> String {
+        format!("ferry {}", env!("CARGO_PKG_VERSION"))
+    }
+
+    fn spawn_tasks<S>(
+        self: &Arc<Self>,
+        framed: Framed<S, ClientCodec>,
+        generation: u64,
+    ) -> Arc<Conn>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<RequestFrame>();
+        let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
+        let dead = CancellationToken::new();
+        let last_rx = Arc::new(Mutex::new(Instant::now()));
+        let (mut sink, mut stream) = framed.split();
+
+        // Writer: feed frames as they come, flush when the queue is momentarily empty so
+        // bursts of small requests share a syscall.
+        let wdead = dead.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = wdead.cancelled() => break,
+                    f = rx.recv() => match f { Some(f) => f, None => break },
+                };
+                if sink.feed(frame).await.is_err() {
+                    break;
+                }
+                while let Ok(f) = rx.try_recv() {
+                    if sink.feed(f).await.is_err() {
+                        wdead.cancel();
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    break;
+                }
+            }
+            wdead.cancel();
+        });
+
+        // Reader: route replies by id, hand events to the sink.
+        let rdead = dead.clone();
+        let rpending = pending.clone();
+        let rlast = last_rx.clone();
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = rdead.cancelled() => break,
+                    f = stream.next() => f,
+                };
+                match frame {
+                    Some(Ok(ServerFrame::Reply { id, result })) => {
+                        if let Ok(mut t) = rlast.lock() {
+                            *t = Instant::now();
+                        }
+                        if let Some(me) = me.upgrade() {
+                            let n = match &result {
+                                Ok(Response::Data(d)) => d.len() as u64,
+                                _ => 0,
+                            };
+                            me.stats.bytes_received.fetch_add(n, Ordering::Relaxed);
+                        }
+                        let waiter = rpending.lock().ok().and_then(|mut p| p.remove(&id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(result);
+                        }
+                    }
+                    Some(Ok(ServerFrame::Event(ev))) => {
+                        if let Ok(mut t) = rlast.lock() {
+                            *t = Instant::now();
+                        }
+                        let sink = me
+                            .upgrade()
+                            .and_then(|m| m.events.lock().ok().and_then(|e| e.clone()));
+                        if let Some(sink) = sink {
+                            sink(ev);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("connection to server broken: {e}");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("server closed the connection");
+                        break;
+                    }
+                }
+            }
+            rdead.cancel();
+            // Dropping the senders wakes every waiter with an error.
+            if let Ok(mut p) = rpending.lock() {
+                p.clear();
+            }
+        });
+
+        let conn = Arc::new(Conn {
+            generation,
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            dead: dead.clone(),
+        });
+
+        // Watchdog: while anything is outstanding, the server must say something at least
+        // every `timeout`; ping it after a quiet second so a slow link is not mistaken for a
+        // dead one.
+        let timeout = self.timeout;
+        let wconn = Arc::downgrade(&conn);
+        tokio::spawn(async move {
+            let tick = Duration::from_millis(250).min(timeout / 4);
+            let mut last_ping = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = dead.cancelled() => break,
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                let Some(conn) = wconn.upgrade() else { break };
+                let outstanding = conn.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+                if !outstanding {
+                    if let Ok(mut t) = last_rx.lock() {
+                        *t = Instant::now();
+                    }
+                    continue;
+                }
+                let quiet = last_rx.lock().map(|t| t.elapsed()).unwrap_or_default();
+                if quiet >= timeout {
+                    tracing::warn!("server silent for {:?}; dropping the connection", quiet);
+                    dead.cancel();
+                    if let Ok(mut p) = conn.pending.lock() {
+                        p.clear();
+                    }
+                    break;
+                }
+                if quiet >= Duration::from_secs(1) && last_ping.elapsed() >= Duration::from_secs(1)
+                {
+                    last_ping = Instant::now();
+                    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (ptx, _prx) = oneshot::channel();
+                    if let Ok(mut p) = conn.pending.lock() {
+                        p.insert(id, ptx);
+                    }
+                    let _ = conn.tx.send(RequestFrame {
+                        id,
+                        caller: Caller::default(),
+                        request: Request::Ping,
+                    });
+                }
+            }
+        });
+        conn
+    }
+
+    /// Send one request and wait for its reply. The outer error is the transport (the
+    /// connection failed); the inner one is the server's errno for this request.
+    pub async fn call(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: Request,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        self.call_on(None, caller, request).await
+    }
+
+    /// Like [`Client::call`], but only on connection `generation` (requests naming
+    /// server-side handles are meaningless on any other connection).
+    pub async fn call_on(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        let conn = self.current().await?;
+        if let Some(g) = generation
+            && g != conn.generation
+        {
+            return Err(TransportError::StaleHandle);
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if let Request::Write { data, .. } = &request {
+            self.stats
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .map_err(|_| TransportError::Disconnected)?
+            .insert(id, tx);
+        if conn.is_dead() {
+            return Err(self.failed(TransportError::Disconnected));
+        }
+        if conn
+            .tx
+            .send(RequestFrame {
+                id,
+                caller,
+                request,
+            })
+            .is_err()
+        {
+            return Err(self.failed(TransportError::Disconnected));
+        }
+        match rx.await {
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.failed(TransportError::Disconnected)),
+        }
+    }
+
+    fn failed(&self, e: TransportError) -> TransportError {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        e
+    }
+}
+
+/// Send `Hello`, read the reply, switch to the request codec.
+async fn handshake(
+    stream: TcpStream,
+    client: &str,
+) -> Result<(Framed<TcpStream, ClientCodec>, Welcome), TransportError> {
+    let mut framed = Framed::new(stream, FrameCodec::<Hello, HelloReply>::new());
+    framed
+        .send(Hello::new(client, CLIENT_CAPS))
+        .await
+        .map_err(TransportError::Io)?;
+    let reply = match framed.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return Err(TransportError::Io(e)),
+        None => {
+            return Err(TransportError::Refused(
+                "server closed the connection during the handshake (not a ferry server?)".into(),
+            ));
+        }
+    };
+    match reply {
+        HelloReply::Welcome(w) => {
+            let framed = framed.map_codec(|_| ClientCodec::new());
+            Ok((framed, w))
+        }
+        HelloReply::Refused { version, reason } => Err(TransportError::Refused(format!(
+            "{reason} (server protocol {version}, client protocol {PROTOCOL_VERSION})"
+        ))),
+    }
+}

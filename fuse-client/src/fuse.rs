@@ -1,0 +1,648 @@
+//! The thin fuser adapter: every callback spawns the matching [`Core`] operation on the
+//! tokio runtime and replies once when it finishes. The session thread never waits on the
+//! network, so the kernel can have many requests in flight at once (reads of one file,
+//! lookups in parallel, a slow upload beside an `ls`).
+//!
+//! This is the only module that names `fuser::Reply*`; errno values reach the kernel
+//! through [`FsError::errno`] and nowhere else.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_common::proto::{Attr, Caller, FileKind, SetAttr, TimeSet, Timespec};
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::error::FsError;
+use crate::fs::Core;
+
+/// How long the kernel may trust an entry or attributes without asking again. Short
+/// because nothing tells this client about changes made elsewhere yet.
+const TTL: Duration = Duration::from_secs(1);
+
+/// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
+const BLKSIZE: u32 = 1024 * 1024;
+
+/// Largest FUSE read/write: the kernel caps requests at 256 pages here.
+const MAX_REQUEST: u32 = 1024 * 1024;
+
+pub struct FerryFuse {
+    core: Arc<Core>,
+    rt: tokio::runtime::Handle,
+    read_only: bool,
+}
+
+impl FerryFuse {
+    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, read_only: bool) -> Self {
+        FerryFuse {
+            core,
+            rt,
+            read_only,
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn err(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.ctime),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize.max(BLKSIZE),
+        flags: 0,
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(timespec(t)),
+    }
+}
+
+impl FerryFuse {
+    fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut);
+    }
+
+    fn refuse_if_read_only(&self) -> Result<(), Errno> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
+        Err(e) => reply.error(err(&e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(&e)),
+    }
+}
+
+impl Filesystem for FerryFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Listings carry attributes in one round trip; parallel lookups in one directory.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+        let supported = config.capabilities() & wanted;
+        let _ = config.add_capabilities(supported);
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_readahead(MAX_REQUEST);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(async move { reply_entry(reply, core.lookup(c, parent.0, &name).await) });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
+                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let Err(e) = self.refuse_if_read_only() {
+            return reply.error(e);
+        }
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.setattr(c, ino.0, fh.map(|f| f.0), set).await {
+                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.readlink(c, ino.0).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(async move {
+            reply_entry(
+                reply,
+                core.mknod(c, parent.0, &name, mode, umask, rdev).await,
+            )
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(
+            async move { reply_entry(reply, core.mkdir(c, parent.0, &name, mode, umask).await) },
+        );
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(async move { reply_empty(reply, core.unlink(c, parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(async move { reply_empty(reply, core.rmdir(c, parent.0, &name).await) });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        let (name, target) = (
+            link_name.as_bytes().to_vec(),
+            target.as_os_str().as_bytes().to_vec(),
+        );
+        self.spawn(
+            async move { reply_entry(reply, core.symlink(c, parent.0, &name, &target).await) },
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let flags = flags.bits();
+        self.spawn(async move {
+            reply_empty(
+                reply,
+                core.rename(c, parent.0, &name, newparent.0, &newname, flags)
+                    .await,
+            )
+        });
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (core, c, name) = (self.core.clone(), caller(req), newname.as_bytes().to_vec());
+        self.spawn(
+            async move { reply_entry(reply, core.link(c, ino.0, newparent.0, &name).await) },
+        );
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (core, c) = (self.core.clone(), caller(req));
+        let flags = flags.0;
+        if self.read_only
+            && (flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0)
+        {
+            return reply.error(Errno::EROFS);
+        }
+        self.spawn(async move {
+            match core.open(c, ino.0, flags).await {
+                Ok((fh, _attr)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.read(c, fh.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let (core, c, data) = (self.core.clone(), caller(req), data.to_vec());
+        self.spawn(async move {
+            match core.write(c, fh.0, offset, data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are synchronous with the server: by the time close() flushes, every
+        // write() has already been acknowledged (or returned its error).
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move { reply_empty(reply, core.release(c, fh.0).await) });
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move { reply_empty(reply, core.fsync(c, fh.0, datasync).await) });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.opendir(c, ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.readdir(c, fh.0, offset, 512).await {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.offset,
+                            file_type(e.kind),
+                            OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.readdir(c, fh.0, offset, 256).await {
+                Ok(entries) => {
+                    for e in entries {
+                        let name = OsStr::from_bytes(&e.name);
+                        match e.attr {
+                            Some(a) => {
+                                if reply.add(
+                                    INodeNo(e.ino),
+                                    e.offset,
+                                    name,
+                                    &TTL,
+                                    &fuse_attr(&a),
+                                    Generation(0),
+                                ) {
+                                    break;
+                                }
+                                // Accepted: the kernel now holds a lookup reference.
+                                core.listed(ino.0, &e.name, e.ino);
+                            }
+                            None => {
+                                let a = dot_attr(e.ino);
+                                if reply.add(
+                                    INodeNo(e.ino),
+                                    e.offset,
+                                    name,
+                                    &Duration::ZERO,
+                                    &a,
+                                    Generation(0),
+                                ) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn releasedir(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move { reply_empty(reply, core.releasedir(c, fh.0).await) });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            match core.statfs(c, ino.0).await {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel has already checked mode bits. Only the
+        // export-wide read-only flag is ours to add.
+        if self.read_only && mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(async move {
+            match core.create(c, parent.0, &name, mode, umask, flags).await {
+                Ok((fh, a)) => reply.created(
+                    &TTL,
+                    &fuse_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(err(&e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move {
+            reply_empty(reply, core.fallocate(c, fh.0, offset, length, mode).await)
+        });
+    }
+}
+
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_roundtrip() {
+        for t in [
+            Timespec { sec: 0, nsec: 0 },
+            Timespec {
+                sec: 1_700_000_000,
+                nsec: 123_456_789,
+            },
+            Timespec { sec: -5, nsec: 250 },
+        ] {
+            assert_eq!(timespec(time(t)), t);
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! `ferry mount` and `ferry umount`: checks, the background daemon, the FUSE session.
+//!
+//! Like sshfs, `ferry mount` returns 0 only once the mount answers: it starts itself again
+//! as a detached daemon (`--foreground` plus a hidden readiness flag), and the daemon
+//! reports `ready` or a one-line error on a pipe after connecting to the server and
+//! completing the kernel's INIT. The daemon lives until the filesystem is unmounted
+//! (`ferry umount`, `umount`, SIGINT/SIGTERM).
+//!
+//! Must never leave a mount behind on a failed start, and never report success before the
+//! kernel would route a `stat` of the mountpoint to us.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::conn::Client;
+use crate::fs::Core;
+use crate::fuse::FerryFuse;
+
+/// The line the daemon prints on its readiness pipe when the mount is usable.
+const READY: &str = "ferry-ready";
+
+#[derive(Debug, Clone)]
+pub struct MountOpts {
+    pub remote: String,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub timeout: Duration,
+    pub log: Option<PathBuf>,
+    pub threads: usize,
+}
+
+/// Check everything that can be checked before touching the server or the kernel.
+fn preflight(mp: &Path) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(mp).map_err(|e| anyhow!("mountpoint {}: {e}", mp.display()))?;
+    if !abs.is_dir() {
+        bail!("mountpoint {} is not a directory", abs.display());
+    }
+    let mut entries =
+        std::fs::read_dir(&abs).map_err(|e| anyhow!("mountpoint {}: {e}", abs.display()))?;
+    if entries.next().is_some() {
+        bail!("mountpoint {} is not empty", abs.display());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available"
+        );
+    }
+    Ok(abs)
+}
+
+/// `ferry mount` without `--foreground`: start the daemon, wait for its verdict.
+pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result<()> {
+    let abs = preflight(&opts.mountpoint)?;
+    let exe = std::env::current_exe().context("cannot find the ferry executable")?;
+    let stderr = match &opts.log {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log file {}", p.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg("--foreground")
+        .arg("--ready-pipe")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        // Its own process group: a Ctrl-C meant for the shell does not unmount.
+        .process_group(0)
+        // Never keep the caller's cwd busy.
+        .current_dir("/")
+        .env("FERRY_MOUNTPOINT", &abs)
+        .spawn()
+        .context("cannot start the mount daemon")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no pipe to the mount daemon"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let wait = opts.timeout * 2 + Duration::from_secs(20);
+    match rx.recv_timeout(wait) {
+        Ok(line) if line.trim() == READY => Ok(()),
+        Ok(line) if !line.trim().is_empty() => {
+            let _ = child.wait();
+            bail!("{}", line.trim().trim_start_matches("error: "))
+        }
+        Ok(_) => {
+            let status = child.wait()?;
+            bail!(
+                "mount daemon exited ({status}) before the mount was ready; rerun with --foreground to see why"
+            )
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = unmount(&abs);
+            bail!("mount did not become ready within {wait:?}")
+        }
+    }
+}
+
+/// Run the filesystem in this process until it is unmounted. With `ready_pipe`, the
+/// verdict goes to stdout (read by [`mount_background`]) and stdout is closed after.
+pub fn mount_foreground(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
+    let result = serve(opts, ready_pipe);
+    if let Err(e) = &result
+        && ready_pipe
+    {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "error: {e:#}");
+        let _ = out.flush();
+    }
+    result
+}
+
+fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
+    let abs = match std::env::var_os("FERRY_MOUNTPOINT") {
+        Some(p) => PathBuf::from(p),
+        None => preflight(&opts.mountpoint)?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads.max(2))
+        .thread_name("ferry-io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+    let client = Client::new(opts.remote.clone(), opts.timeout);
+    rt.block_on(client.connect()).map_err(|e| anyhow!("{e}"))?;
+    let welcome = client.welcome().ok_or_else(|| anyhow!("no handshake"))?;
+    let core = Arc::new(Core::new(client.clone(), &welcome.root, welcome.max_io));
+    let fs = FerryFuse::new(core, rt.handle().clone(), welcome.read_only);
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("ferry:{}", opts.remote)),
+        MountOption::Subtype("ferry".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if welcome.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(1);
+
+    let mut session = fuser::Session::new(fs, &abs, &config)
+        .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?;
+    let mut unmounter = session.unmount_callable();
+    tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
+
+    if ready_pipe {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{READY}");
+        let _ = out.flush();
+        // Nothing else may go to the pipe; the parent has exited by now.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            // SAFETY: dup2 onto fd 1 with a valid fd; replaces stdout atomically.
+            unsafe {
+                libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+            }
+        }
+    }
+
+    // SIGINT/SIGTERM unmount cleanly; the session loop then ends by itself.
+    let mp = abs.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; unmounting {}", mp.display());
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!("unmount: {e}; detaching");
+            let _ = detach(&mp);
+        }
+    });
+
+    let run = session.run();
+    rt.block_on(client.close());
+    rt.shutdown_timeout(Duration::from_secs(2));
+    run.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+fn c_path(p: &Path) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("path contains NUL"))
+}
+
+fn detach(mp: &Path) -> Result<()> {
+    let c = c_path(mp)?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// `ferry umount MOUNTPOINT`.
+pub fn unmount(mp: &Path) -> Result<()> {
+    let c = c_path(mp)?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // Not root: the setuid helper may do it for us.
+        let status = Command::new("fusermount3").arg("-u").arg(mp).status();
+        if matches!(status, Ok(s) if s.success()) {
+            return Ok(());
+        }
+    }
+    Err(anyhow!("cannot unmount {}: {err}", mp.display()))
+}
