@@ -11,6 +11,7 @@
 //! The client must never hang a caller forever on a dead server, never report a write as
 //! done before the server acknowledged it, and never panic on bytes from the network.
 
+pub mod cache;
 pub mod cli;
 pub mod conn;
 pub mod error;

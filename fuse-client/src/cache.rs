@@ -1,0 +1,663 @@
+//! The persistent on-disk data cache: file contents by server inode, in 128 KiB blocks.
+//!
+//! Each cached file is a sparse `<ino>.data` file plus `<ino>.meta` (the server version the
+//! blocks belong to, the file size, which blocks are present). Reading 4 KiB of a 10 GiB
+//! file caches one block, not the file. Blocks are served only while the file's server
+//! version equals the version they were fetched at: [`DataCache::validate`] drops them the
+//! moment the server reports another version. The metadata is written back when a file is
+//! closed and at unmount, so a remount of an unchanged export reads from disk, not the
+//! network.
+//!
+//! The size cap is hard: before a block is stored, least recently used blocks are punched
+//! out until it fits, including blocks of the file being copied when that file alone is
+//! larger than the cap.
+//!
+//! This module owns only the cache directory; it never talks to the network and never
+//! blocks on anything but local disk I/O (callers run it on blocking-friendly threads or
+//! accept short local I/O).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// Unit of caching and eviction.
+pub const BLOCK: u64 = 128 * 1024;
+
+/// Largest metadata file accepted when loading (a corrupt one is dropped, not trusted).
+const MAX_META: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    version: u64,
+    size: u64,
+    blocks: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    version: u64,
+    size: u64,
+    /// Present blocks and their LRU tick.
+    blocks: HashMap<u64, u64>,
+    meta_dirty: bool,
+}
+
+impl Entry {
+    fn block_len(&self, block: u64) -> u64 {
+        let start = block * BLOCK;
+        self.size.saturating_sub(start).min(BLOCK)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    files: HashMap<u64, Entry>,
+    /// tick → (ino, block), oldest first.
+    lru: BTreeMap<u64, (u64, u64)>,
+    tick: u64,
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hit_bytes: AtomicU64,
+    pub miss_bytes: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+}
+
+pub struct DataCache {
+    dir: PathBuf,
+    cap: u64,
+    // std Mutex: bookkeeping only; file I/O happens outside it where possible.
+    inner: Mutex<Inner>,
+    pub stats: CacheStats,
+}
+
+/// Result of asking the cache for a range.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Hit(Vec<u8>),
+    /// Block-aligned ranges `(offset, len)` that must be fetched first.
+    Miss(Vec<(u64, u64)>),
+}
+
+fn lock_err() -> io::Error {
+    io::Error::other("cache lock poisoned")
+}
+
+impl DataCache {
+    /// Open (or create) the cache in `dir`, keeping at most `cap` bytes of file data.
+    pub fn open(dir: &Path, cap: u64) -> io::Result<DataCache> {
+        std::fs::create_dir_all(dir)?;
+        let cache = DataCache {
+            dir: dir.to_path_buf(),
+            cap: cap.max(BLOCK),
+            inner: Mutex::new(Inner::default()),
+            stats: CacheStats::default(),
+        };
+        cache.load()?;
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// Bytes of file data currently cached.
+    pub fn used(&self) -> u64 {
+        self.inner.lock().map(|i| i.used).unwrap_or(0)
+    }
+
+    fn data_path(&self, ino: u64) -> PathBuf {
+        self.dir.join(format!("{ino}.data"))
+    }
+
+    fn meta_path(&self, ino: u64) -> PathBuf {
+        self.dir.join(format!("{ino}.meta"))
+    }
+
+    fn load(&self) -> io::Result<()> {
+        let mut metas = Vec::new();
+        for ent in std::fs::read_dir(&self.dir)? {
+            let ent = ent?;
+            let name = ent.file_name();
+            let Some(ino) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".meta"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let mtime = ent.metadata().and_then(|m| m.modified()).ok();
+            metas.push((mtime, ino));
+        }
+        // Oldest metadata first: a rough recency order for the LRU after a restart.
+        metas.sort();
+        let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+        for (_, ino) in metas {
+            let meta = std::fs::read(self.meta_path(ino))
+                .ok()
+                .filter(|b| b.len() <= MAX_META)
+                .and_then(|b| {
+                    bincode::serde::decode_from_slice::<Meta, _>(&b, bincode::config::standard())
+                        .ok()
+                        .map(|(m, _)| m)
+                });
+            let data_ok = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
+            match (meta, data_ok) {
+                (Some(meta), Some(len)) if len >= meta.size.min(len) => {
+                    let mut entry = Entry {
+                        version: meta.version,
+                        size: meta.size,
+                        blocks: HashMap::new(),
+                        meta_dirty: false,
+                    };
+                    for b in meta.blocks {
+                        if b * BLOCK >= meta.size && meta.size > 0 {
+                            continue;
+                        }
+                        inner.tick += 1;
+                        let t = inner.tick;
+                        entry.blocks.insert(b, t);
+                        inner.lru.insert(t, (ino, b));
+                        inner.used += entry.block_len(b);
+                    }
+                    inner.files.insert(ino, entry);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(self.meta_path(ino));
+                    let _ = std::fs::remove_file(self.data_path(ino));
+                }
+            }
+        }
+        drop(inner);
+        self.evict_to(0)?;
+        Ok(())
+    }
+
+    /// The server says `ino` is at `version` with `size` bytes. Returns whether cached
+    /// blocks (if any) are still current; stale ones are dropped.
+    pub fn validate(&self, ino: u64, version: u64, size: u64) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        let inner = &mut *inner;
+        match inner.files.get_mut(&ino) {
+            Some(e) if e.version == version && e.size == size => !e.blocks.is_empty(),
+            Some(e) => {
+                let mut freed = 0;
+                for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
+                    inner.lru.remove(&t);
+                    freed += e.block_len(b);
+                }
+                inner.used = inner.used.saturating_sub(freed);
+                e.version = version;
+                e.size = size;
+                e.meta_dirty = true;
+                drop_data(&self.data_path(ino));
+                false
+            }
+            None => {
+                inner.files.insert(
+                    ino,
+                    Entry {
+                        version,
+                        size,
+                        blocks: HashMap::new(),
+                        meta_dirty: true,
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    /// After this client's own change the server reports `version`/`size`: the cached
+    /// blocks (kept in step by [`DataCache::wrote`]) belong to that version now.
+    pub fn adopt(&self, ino: u64, version: u64, size: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let inner = &mut *inner;
+        if let Some(e) = inner.files.get_mut(&ino) {
+            if e.size != size {
+                // Our view of the length disagrees with the server's: trust nothing.
+                let mut freed = 0;
+                for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
+                    inner.lru.remove(&t);
+                    freed += e.block_len(b);
+                }
+                inner.used = inner.used.saturating_sub(freed);
+                drop_data(&self.data_path(ino));
+            }
+            e.version = version;
+            e.size = size;
+            e.meta_dirty = true;
+        }
+    }
+
+    fn recount(files: &HashMap<u64, Entry>) -> u64 {
+        files
+            .values()
+            .map(|e| e.blocks.keys().map(|b| e.block_len(*b)).sum::<u64>())
+            .sum()
+    }
+
+    /// Whether every block of the file is cached at its current version.
+    pub fn complete(&self, ino: u64) -> bool {
+        let Ok(inner) = self.inner.lock() else {
+            return false;
+        };
+        match inner.files.get(&ino) {
+            Some(e) => (0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b)),
+            None => false,
+        }
+    }
+
+    /// Read `[offset, offset+len)` (clipped to the file size) if all of it is cached.
+    pub fn read(&self, ino: u64, version: u64, offset: u64, len: u64) -> io::Result<Lookup> {
+        let (end, missing) = {
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let inner = &mut *inner;
+            let Some(e) = inner.files.get_mut(&ino).filter(|e| e.version == version) else {
+                let start = offset / BLOCK * BLOCK;
+                return Ok(Lookup::Miss(vec![(
+                    start,
+                    (offset + len).div_ceil(BLOCK) * BLOCK - start,
+                )]));
+            };
+            let end = (offset + len).min(e.size);
+            if offset >= end {
+                return Ok(Lookup::Hit(Vec::new()));
+            }
+            let mut missing: Vec<(u64, u64)> = Vec::new();
+            for b in offset / BLOCK..end.div_ceil(BLOCK) {
+                match e.blocks.get_mut(&b) {
+                    Some(t) => {
+                        inner.lru.remove(t);
+                        inner.tick += 1;
+                        *t = inner.tick;
+                        inner.lru.insert(inner.tick, (ino, b));
+                    }
+                    None => match missing.last_mut() {
+                        Some((s, l)) if *s + *l == b * BLOCK => *l += BLOCK,
+                        _ => missing.push((b * BLOCK, BLOCK)),
+                    },
+                }
+            }
+            (end, missing)
+        };
+        if !missing.is_empty() {
+            return Ok(Lookup::Miss(missing));
+        }
+        let file = File::open(self.data_path(ino))?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        self.stats
+            .hit_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(Lookup::Hit(buf))
+    }
+
+    /// Store data fetched from the server at `offset` (block-aligned) for `version`.
+    /// Only whole blocks (or the file's last, partial block) are recorded.
+    pub fn store(&self, ino: u64, version: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        if offset % BLOCK != 0 || data.is_empty() {
+            return Ok(());
+        }
+        self.stats
+            .miss_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let size = {
+            let inner = self.inner.lock().map_err(|_| lock_err())?;
+            match inner.files.get(&ino) {
+                Some(e) if e.version == version => e.size,
+                _ => return Ok(()),
+            }
+        };
+        let end = offset + data.len() as u64;
+        let mut blocks = Vec::new();
+        let mut b = offset / BLOCK;
+        while b * BLOCK < end {
+            let block_end = ((b + 1) * BLOCK).min(size);
+            if block_end <= end && block_end > b * BLOCK {
+                blocks.push(b);
+            }
+            b += 1;
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let need: u64 = blocks
+            .iter()
+            .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
+            .sum();
+        if need > self.cap {
+            return Ok(());
+        }
+        self.evict_to(need)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.data_path(ino))?;
+        let first = blocks[0] * BLOCK;
+        let last_end = ((blocks[blocks.len() - 1] + 1) * BLOCK).min(size);
+        file.write_all_at(
+            &data[(first - offset) as usize..(last_end - offset) as usize],
+            first,
+        )?;
+        let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+        let inner = &mut *inner;
+        let Some(e) = inner.files.get_mut(&ino).filter(|e| e.version == version) else {
+            return Ok(());
+        };
+        for b in blocks {
+            inner.tick += 1;
+            if let Some(old) = e.blocks.insert(b, inner.tick) {
+                inner.lru.remove(&old);
+            } else {
+                inner.used += e.block_len(b);
+            }
+            inner.lru.insert(inner.tick, (ino, b));
+        }
+        e.meta_dirty = true;
+        Ok(())
+    }
+
+    /// Evict least recently used blocks until `extra` more bytes fit under the cap.
+    fn evict_to(&self, extra: u64) -> io::Result<()> {
+        let mut punched: Vec<(u64, u64, u64)> = Vec::new();
+        let mut emptied = Vec::new();
+        {
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let inner = &mut *inner;
+            while inner.used + extra > self.cap {
+                let Some((&t, &(ino, b))) = inner.lru.iter().next() else {
+                    break;
+                };
+                inner.lru.remove(&t);
+                if let Some(e) = inner.files.get_mut(&ino) {
+                    if e.blocks.remove(&b).is_some() {
+                        let len = e.block_len(b);
+                        inner.used = inner.used.saturating_sub(len);
+                        self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
+                        punched.push((ino, b * BLOCK, len));
+                        e.meta_dirty = true;
+                        if e.blocks.is_empty() {
+                            emptied.push(ino);
+                        }
+                    }
+                }
+            }
+        }
+        for (ino, off, len) in punched {
+            if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino)) {
+                // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
+                unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as libc::off_t,
+                        len as libc::off_t,
+                    );
+                }
+            }
+        }
+        for ino in emptied {
+            drop_data(&self.data_path(ino));
+        }
+        Ok(())
+    }
+
+    /// This client wrote `data` at `offset`: keep the cached copy in step. Bytes land in
+    /// blocks already cached, or in blocks the write covers entirely (up to the new end of
+    /// file); a block only partly known is dropped rather than guessed.
+    pub fn wrote(&self, ino: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        let (keep, size) = {
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let inner = &mut *inner;
+            let Some(e) = inner.files.get_mut(&ino) else {
+                return Ok(());
+            };
+            let old_size = e.size;
+            let new_size = old_size.max(end);
+            let mut keep = Vec::new();
+            for b in offset / BLOCK..end.div_ceil(BLOCK) {
+                let bstart = b * BLOCK;
+                let bend = ((b + 1) * BLOCK).min(new_size);
+                // Known after the write: bytes before the old end of file must come from
+                // this write or from a cached block; bytes past it are zeros or this write.
+                let covered = old_size <= bstart || (offset <= bstart && end >= old_size.min(bend));
+                let present = e.blocks.contains_key(&b);
+                if present || covered {
+                    keep.push(b);
+                } else if let Some(t) = e.blocks.remove(&b) {
+                    inner.lru.remove(&t);
+                    inner.used = inner.used.saturating_sub(e.block_len(b));
+                }
+            }
+            // Lengths of blocks change with the size: recount the ones we keep afterwards.
+            for b in &keep {
+                if e.blocks.contains_key(b) {
+                    inner.used = inner.used.saturating_sub(e.block_len(*b));
+                }
+            }
+            e.size = new_size;
+            e.meta_dirty = true;
+            (keep, new_size)
+        };
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let need: u64 = keep
+            .iter()
+            .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
+            .sum();
+        self.evict_to(need)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.data_path(ino))?;
+        file.write_all_at(data, offset)?;
+        let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+        let inner = &mut *inner;
+        let Some(e) = inner.files.get_mut(&ino) else {
+            return Ok(());
+        };
+        for b in keep {
+            inner.tick += 1;
+            if let Some(old) = e.blocks.insert(b, inner.tick) {
+                inner.lru.remove(&old);
+            }
+            inner.used += e.block_len(b);
+            inner.lru.insert(inner.tick, (ino, b));
+        }
+        Ok(())
+    }
+
+    /// Forget everything about `ino` (deleted, or changed in a way we cannot track).
+    pub fn invalidate(&self, ino: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            let inner = &mut *inner;
+            if let Some(e) = inner.files.remove(&ino) {
+                for (_, t) in e.blocks {
+                    inner.lru.remove(&t);
+                }
+                inner.used = Self::recount(&inner.files);
+            }
+        }
+        drop_data(&self.data_path(ino));
+        let _ = std::fs::remove_file(self.meta_path(ino));
+    }
+
+    /// Write back metadata of changed entries (on close and at unmount).
+    pub fn persist(&self) -> io::Result<()> {
+        let dirty: Vec<(u64, Meta)> = {
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            inner
+                .files
+                .iter_mut()
+                .filter(|(_, e)| e.meta_dirty)
+                .map(|(ino, e)| {
+                    e.meta_dirty = false;
+                    let mut blocks: Vec<u64> = e.blocks.keys().copied().collect();
+                    blocks.sort_unstable();
+                    (
+                        *ino,
+                        Meta {
+                            version: e.version,
+                            size: e.size,
+                            blocks,
+                        },
+                    )
+                })
+                .collect()
+        };
+        for (ino, meta) in dirty {
+            let path = self.meta_path(ino);
+            if meta.blocks.is_empty() {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let bytes = bincode::serde::encode_to_vec(&meta, bincode::config::standard())
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let tmp = path.with_extension("meta.tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+}
+
+fn drop_data(path: &Path) {
+    if let Ok(f) = OpenOptions::new().write(true).open(path) {
+        let _ = f.set_len(0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn range_tracked_and_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        let size = 10 * BLOCK + 100;
+        assert!(!c.validate(7, 1, size));
+        assert!(matches!(c.read(7, 1, 0, 10).unwrap(), Lookup::Miss(_)));
+        let d = data(BLOCK as usize, 1);
+        c.store(7, 1, 3 * BLOCK, &d).unwrap();
+        assert_eq!(c.used(), BLOCK);
+        assert_eq!(
+            c.read(7, 1, 3 * BLOCK + 5, 10).unwrap(),
+            Lookup::Hit(d[5..15].to_vec())
+        );
+        assert_eq!(
+            c.read(7, 1, 3 * BLOCK + 5, BLOCK).unwrap(),
+            Lookup::Miss(vec![(4 * BLOCK, BLOCK)])
+        );
+        // The last, partial block is cacheable.
+        let tail = data(100, 2);
+        c.store(7, 1, 10 * BLOCK, &tail).unwrap();
+        assert_eq!(
+            c.read(7, 1, 10 * BLOCK, 4096).unwrap(),
+            Lookup::Hit(tail.clone())
+        );
+        // A stale fill for an old version is ignored; a new version drops everything.
+        assert!(c.validate(7, 1, size));
+        assert!(!c.validate(7, 2, size));
+        assert_eq!(c.used(), 0);
+        c.store(7, 1, 0, &d).unwrap();
+        assert_eq!(c.used(), 0);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(2 * BLOCK as usize, 3);
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(9, 5, 2 * BLOCK);
+            c.store(9, 5, 0, &d).unwrap();
+            c.persist().unwrap();
+        }
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert_eq!(c.used(), 2 * BLOCK);
+        assert!(c.validate(9, 5, 2 * BLOCK));
+        assert!(c.complete(9));
+        assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d));
+    }
+
+    #[test]
+    fn cap_is_hard_even_for_one_big_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        c.validate(1, 1, 100 * BLOCK);
+        for i in 0..100 {
+            c.store(1, 1, i * BLOCK, &data(BLOCK as usize, i as u8))
+                .unwrap();
+            assert!(c.used() <= 4 * BLOCK);
+        }
+        // The most recent blocks survive.
+        assert!(matches!(
+            c.read(1, 1, 99 * BLOCK, 10).unwrap(),
+            Lookup::Hit(_)
+        ));
+        assert!(matches!(c.read(1, 1, 0, 10).unwrap(), Lookup::Miss(_)));
+        let on_disk = std::fs::metadata(dir.path().join("1.data")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            on_disk.blocks() * 512 <= 5 * BLOCK,
+            "holes punched: {}",
+            on_disk.blocks() * 512
+        );
+    }
+
+    #[test]
+    fn own_writes_keep_cache_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        // New empty file, appended sequentially in odd-sized pieces.
+        c.validate(3, 1, 0);
+        let whole = data(3 * BLOCK as usize + 77, 9);
+        for piece in whole.chunks(50_000) {
+            let off = (piece.as_ptr() as usize - whole.as_ptr() as usize) as u64;
+            c.wrote(3, off, piece).unwrap();
+        }
+        c.adopt(3, 2, whole.len() as u64);
+        assert!(c.complete(3));
+        assert_eq!(
+            c.read(3, 2, 0, whole.len() as u64).unwrap(),
+            Lookup::Hit(whole.clone())
+        );
+        // A partial overwrite of an uncached block of an existing file drops that block.
+        c.validate(4, 1, 2 * BLOCK);
+        c.wrote(4, 10, b"xyz").unwrap();
+        assert!(matches!(c.read(4, 1, 0, 10).unwrap(), Lookup::Miss(_)));
+    }
+}
