@@ -313,7 +313,7 @@ impl DataCache {
     /// Store data fetched from the server at `offset` (block-aligned) for `version`.
     /// Only whole blocks (or the file's last, partial block) are recorded.
     pub fn store(&self, ino: u64, version: u64, offset: u64, data: &[u8]) -> io::Result<()> {
-        if offset % BLOCK != 0 || data.is_empty() {
+        if !offset.is_multiple_of(BLOCK) || data.is_empty() {
             return Ok(());
         }
         self.stats
@@ -388,16 +388,16 @@ impl DataCache {
                     break;
                 };
                 inner.lru.remove(&t);
-                if let Some(e) = inner.files.get_mut(&ino) {
-                    if e.blocks.remove(&b).is_some() {
-                        let len = e.block_len(b);
-                        inner.used = inner.used.saturating_sub(len);
-                        self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
-                        punched.push((ino, b * BLOCK, len));
-                        e.meta_dirty = true;
-                        if e.blocks.is_empty() {
-                            emptied.push(ino);
-                        }
+                if let Some(e) = inner.files.get_mut(&ino)
+                    && e.blocks.remove(&b).is_some()
+                {
+                    let len = e.block_len(b);
+                    inner.used = inner.used.saturating_sub(len);
+                    self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
+                    punched.push((ino, b * BLOCK, len));
+                    e.meta_dirty = true;
+                    if e.blocks.is_empty() {
+                        emptied.push(ino);
                     }
                 }
             }
