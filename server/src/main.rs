@@ -1,1 +1,94 @@
-fn main() {}
+//! `ferryd [--listen ADDR] [--read-only] DIR`: parse arguments, set up the process, bind,
+//! announce the address on stdout, and hand over to [`ferry_server::run`]. Nothing else
+//! belongs here; in particular no request handling.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_server::{Export, sys};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Export a directory over the ferry protocol.
+#[derive(Debug, Parser)]
+#[command(name = "ferryd", version)]
+struct Args {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: String,
+    /// Refuse every change with EROFS.
+    #[arg(long)]
+    read_only: bool,
+    /// The directory to export.
+    dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    // clap exits with status 2 on bad usage.
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferryd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(args: Args) -> anyhow::Result<()> {
+    // Modes arrive already masked with the caller's umask; ours must not apply on top.
+    sys::clear_umask();
+    match sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!("open file limit: {n}"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
+    let export = Arc::new(Export::open(&args.dir, args.read_only)?);
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ferryd: serving {} on {addr}", export.path().display())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")?;
+    drop(out);
+    tracing::info!(
+        read_only = args.read_only,
+        "serving {} on {addr}",
+        export.path().display()
+    );
+    ferry_server::run(listener, export, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            // Without handlers the default action (exit) still applies; wait forever.
+            tracing::warn!("cannot install signal handlers: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! One client connection: the handshake, then a reader that decodes requests and runs
+//! each concurrently, and a single writer that sends replies as they finish (out of
+//! order: a slow read does not hold up a lookup behind it).
+//!
+//! ```text
+//!  socket ──► reader ──spawn──► request task ──spawn_blocking──► ops::execute
+//!                                     │
+//!  socket ◄── writer ◄──── mpsc ──────┘   (reply + the request's in-flight permit)
+//! ```
+//!
+//! Generic over the transport so TLS can wrap the TCP stream later. Must never panic on
+//! bytes from the peer, never let one connection's failure reach another (every error
+//! ends only this connection), and never keep more than [`MAX_IN_FLIGHT`] requests of
+//! one connection in progress.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_common::codec::{ServerCodec, decode_body, encode_body};
+use ferry_common::{
+    Hello, HelloReply, MAGIC, MAX_IO, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame,
+    Welcome, caps,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::export::Export;
+use crate::ops::{self, Ctx};
+
+/// A client must complete the handshake within this time or is dropped: a connection
+/// that never speaks must not hold a task and a descriptor forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Requests of one connection in progress at once; past it the reader stops reading,
+/// which pushes back on the client through TCP.
+pub const MAX_IN_FLIGHT: usize = 128;
+
+/// Largest `Hello` frame accepted; the real one is a few dozen bytes.
+const MAX_HELLO: usize = 64 * 1024;
+
+/// Capabilities this server implements (`EVENTS` is not implemented yet).
+const SERVER_CAPS: u64 = caps::CALLER_CREDS;
+
+/// A reply on its way to the writer, holding the request's in-flight permit so the limit
+/// also bounds replies waiting to be written.
+struct Outgoing {
+    id: u64,
+    frame: ServerFrame,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Serve one connection until the peer leaves, misbehaves, or `shutdown` fires; then
+/// finish the requests already started and send their replies.
+pub async fn serve<T>(io: T, export: Arc<Export>, shutdown: CancellationToken)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut framed = Framed::new(
+        io,
+        LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_HELLO)
+            .new_codec(),
+    );
+    let capabilities = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export)) => match res {
+            Err(_) => {
+                warn!("no handshake within {HANDSHAKE_TIMEOUT:?}, closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!("handshake failed: {e}");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(caps))) => caps,
+        },
+    };
+    // Bytes the client pipelined after its Hello stay in the read buffer.
+    let framed = framed.map_codec(|_| ServerCodec::new());
+    let ctx = Arc::new(Ctx::new(export, capabilities));
+    serve_requests(framed, ctx, shutdown).await;
+}
+
+/// Returns the negotiated capabilities, or `None` when the connection must close after
+/// a refusal that was already answered.
+async fn handshake<T>(
+    framed: &mut Framed<T, LengthDelimitedCodec>,
+    export: &Arc<Export>,
+) -> io::Result<Option<u64>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let body = match framed.next().await {
+        Some(body) => body?,
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before hello",
+            ));
+        }
+    };
+    // Check magic and version from the fixed prefix before decoding the rest, so a
+    // client of another protocol version (whose Hello may have more fields) still gets
+    // a readable refusal instead of a dropped connection.
+    let (magic, version) = hello_prefix(&body)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a ferry hello"))?;
+    if magic != MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad magic, not a ferry client",
+        ));
+    }
+    if version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version mismatch: server speaks {PROTOCOL_VERSION}, client speaks {version}"
+        );
+        warn!("refusing client: {reason}");
+        let reply = HelloReply::Refused {
+            version: PROTOCOL_VERSION,
+            reason,
+        };
+        framed.send(Bytes::from(encode_body(&reply)?)).await?;
+        SinkExt::<Bytes>::close(framed).await?;
+        return Ok(None);
+    }
+    let hello: Hello = decode_body(&body)?;
+    let exp = Arc::clone(export);
+    let root = tokio::task::spawn_blocking(move || {
+        crate::sys::fstat(exp.root_fd()).map(|st| ops::attr_of(&st, exp.root_dev()))
+    })
+    .await
+    .map_err(io::Error::other)?
+    .map_err(io::Error::from_raw_os_error)?;
+    let capabilities = hello.capabilities & SERVER_CAPS;
+    let welcome = HelloReply::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        capabilities,
+        read_only: export.read_only(),
+        root,
+        max_io: MAX_IO,
+        server: format!("ferryd {}", env!("CARGO_PKG_VERSION")),
+    });
+    framed.send(Bytes::from(encode_body(&welcome)?)).await?;
+    info!(client = %hello.client, capabilities, "client connected");
+    Ok(Some(capabilities))
+}
+
+/// Magic and version from the start of a bincode `Hello`: eight raw bytes, then a
+/// bincode varint (< 251: the byte itself; 251: u16 LE; 252: u32 LE).
+fn hello_prefix(body: &[u8]) -> Option<([u8; 8], u32)> {
+    let magic: [u8; 8] = body.get(..8)?.try_into().ok()?;
+    let rest = body.get(8..)?;
+    let version = match *rest.first()? {
+        b @ 0..=250 => u32::from(b),
+        251 => u32::from(u16::from_le_bytes(rest.get(1..3)?.try_into().ok()?)),
+        252 => u32::from_le_bytes(rest.get(1..5)?.try_into().ok()?),
+        _ => return None,
+    };
+    Some((magic, version))
+}
+
+async fn serve_requests<T>(
+    framed: Framed<T, ServerCodec>,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, mut stream) = framed.split();
+    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 16);
+    let writer = tokio::spawn(write_loop(sink, rx));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                debug!("shutting down, finishing requests in flight");
+                break;
+            }
+            // The writer is gone (socket error): nothing we compute can be delivered.
+            _ = tx.closed() => break,
+            next = stream.next() => match next {
+                None => {
+                    debug!("client closed the connection");
+                    break;
+                }
+                Some(Err(e)) => {
+                    warn!("closing connection: {e}");
+                    break;
+                }
+                Some(Ok(frame)) => frame,
+            },
+        };
+        let RequestFrame {
+            id,
+            caller,
+            request,
+        } = frame;
+        if let Request::Ping = request {
+            // Answered ahead of slower work and without taking a permit.
+            let out = Outgoing {
+                id,
+                frame: ServerFrame::Reply {
+                    id,
+                    result: Ok(ferry_common::Response::Pong),
+                },
+                _permit: None,
+            };
+            if tx.send(out).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tx.closed() => break,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed; treat as end of connection
+            },
+        };
+        let ctx = Arc::clone(&ctx);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let kind = request.kind();
+            let result = tokio::task::spawn_blocking(move || ops::execute(&ctx, caller, request))
+                .await
+                .unwrap_or_else(|e| {
+                    error!(kind, "request handler failed: {e}");
+                    Err(libc::EIO)
+                });
+            if let Err(errno) = result {
+                debug!(id, kind, errno, "request failed");
+            }
+            let out = Outgoing {
+                id,
+                frame: ServerFrame::Reply { id, result },
+                _permit: Some(permit),
+            };
+            // A send error means the connection is closing; the reply has nowhere to go.
+            let _ = tx.send(out).await;
+        });
+    }
+
+    // Stop reading, let requests already started finish: each holds a permit until its
+    // reply reaches the writer (or the writer is gone), so owning them all means done.
+    drop(stream);
+    let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("connection write side ended: {e}"),
+        Err(e) => error!("writer task failed: {e}"),
+    }
+    debug!(open_handles = ctx.handles.len(), "connection closed");
+}
+
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()>
+where
+    S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
+{
+    while let Some(out) = rx.recv().await {
+        feed(&mut sink, out).await?;
+        // Write everything already queued before one flush: many small replies become
+        // one segment instead of one system call each.
+        while let Ok(out) = rx.try_recv() {
+            feed(&mut sink, out).await?;
+        }
+        sink.flush().await?;
+    }
+    sink.close().await
+}
+
+async fn feed<S>(sink: &mut S, out: Outgoing) -> io::Result<()>
+where
+    S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
+{
+    match sink.feed(out.frame).await {
+        // The codec refuses a reply it cannot encode (too large) before writing any of
+        // it; the client still gets an answer to its request.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            error!(id = out.id, "reply could not be encoded: {e}");
+            sink.feed(ServerFrame::Reply {
+                id: out.id,
+                result: Err(libc::EIO),
+            })
+            .await
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_of_a_real_hello() {
+        let body = encode_body(&Hello::new("t", 0)).unwrap_or_default();
+        assert_eq!(hello_prefix(&body), Some((MAGIC, PROTOCOL_VERSION)));
+        let mut h = Hello::new("t", 0);
+        h.version = 70_000;
+        let body = encode_body(&h).unwrap_or_default();
+        assert_eq!(hello_prefix(&body), Some((MAGIC, 70_000)));
+        h.version = 300;
+        let body = encode_body(&h).unwrap_or_default();
+        assert_eq!(hello_prefix(&body), Some((MAGIC, 300)));
+        assert_eq!(hello_prefix(b"short"), None);
+    }
+}

@@ -1,0 +1,140 @@
+//! The export root and the resolution of network paths beneath it.
+//!
+//! Every path received from a client goes through [`Export::resolve`],
+//! [`Export::resolve_dir`] or [`Export::entry`]: validated with
+//! [`ferry_common::path`] (bad paths are EINVAL), then opened with `openat2` relative to
+//! the root's `O_PATH` descriptor with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`. A symlink
+//! in the middle of a path is followed only while it stays beneath the root; an absolute
+//! one or one climbing out with `..` fails, and we report that failure as EACCES (the
+//! kernel says EXDEV, which a client would mistake for a cross-device rename). The final
+//! component is never followed: it is opened `O_NOFOLLOW`, or handed to a `*at` call on
+//! its parent directory with `AT_SYMLINK_NOFOLLOW`.
+//!
+//! This module must never open anything by an absolute path or relative to the current
+//! directory, and never pass a client-supplied multi-component path to a plain `*at`
+//! call: only `openat2` walks paths.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use ferry_common::path::{check_name, check_path};
+use ferry_common::{Name, RelPath};
+
+use crate::sys::{self, Errno};
+
+/// How every network path is resolved: beneath the root, no `/proc` magic links.
+const RESOLVE: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+
+/// Why the export could not be opened at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot export {}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot export {}: not a directory", .0.display())]
+    NotDir(PathBuf),
+}
+
+/// The exported directory, opened once at startup.
+#[derive(Debug)]
+pub struct Export {
+    /// `O_PATH|O_DIRECTORY` descriptor of the root: every resolution starts here, so a
+    /// rename of the exported directory itself does not change what is served.
+    root: OwnedFd,
+    /// Absolute path at startup, for messages only; never used to open anything.
+    path: PathBuf,
+    read_only: bool,
+    /// `st_dev` of the root: files on it keep their own inode number as `Attr::ino`.
+    root_dev: u64,
+}
+
+impl Export {
+    pub fn open(dir: &Path, read_only: bool) -> Result<Export, ExportError> {
+        let open_err = |source| ExportError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let path = std::fs::canonicalize(dir).map_err(open_err)?;
+        let meta = std::fs::metadata(&path).map_err(open_err)?;
+        if !meta.is_dir() {
+            return Err(ExportError::NotDir(path));
+        }
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| open_err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // The one open by absolute path: the operator's own argument, at startup.
+        let root = sys::open_startup(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .map_err(|e| open_err(std::io::Error::from_raw_os_error(e)))?;
+        let st =
+            sys::fstat(root.as_fd()).map_err(|e| open_err(std::io::Error::from_raw_os_error(e)))?;
+        Ok(Export {
+            root,
+            path,
+            read_only,
+            root_dev: st.st_dev,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn root_dev(&self) -> u64 {
+        self.root_dev
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Open `path` beneath the root with `flags | O_NOFOLLOW | O_CLOEXEC`: the final
+    /// component is never followed (with `O_PATH` a final symlink yields a descriptor of
+    /// the symlink itself; with any other access it is ELOOP).
+    pub fn resolve(&self, path: &RelPath, flags: i32) -> Result<OwnedFd, Errno> {
+        self.open_beneath(path, flags | libc::O_NOFOLLOW)
+    }
+
+    /// An `O_PATH` descriptor of the directory `path`. The last component of a parent
+    /// path is itself in the middle of the full path, so a symlink there is followed as
+    /// long as it stays beneath the root.
+    pub fn resolve_dir(&self, path: &RelPath) -> Result<OwnedFd, Errno> {
+        self.open_beneath(path, libc::O_PATH | libc::O_DIRECTORY)
+    }
+
+    /// The parent directory of an entry and its validated name, for the `*at` calls.
+    pub fn entry(&self, parent: &RelPath, name: &Name) -> Result<(OwnedFd, CString), Errno> {
+        check_name(&name.0).map_err(|e| e.errno())?;
+        let dir = self.resolve_dir(parent)?;
+        Ok((dir, sys::cstring(&name.0)?))
+    }
+
+    /// Like [`Export::entry`] for a whole path; the root is its own entry `"."` in itself,
+    /// which lets callers treat it uniformly (no `*at` call on `"."` can leave it).
+    pub fn entry_of(&self, path: &RelPath) -> Result<(OwnedFd, CString), Errno> {
+        check_path(&path.0).map_err(|e| e.errno())?;
+        match path.split_last() {
+            Some((parent, name)) => self.entry(&parent, &name),
+            None => Ok((self.resolve_dir(path)?, c".".to_owned())),
+        }
+    }
+
+    fn open_beneath(&self, path: &RelPath, flags: i32) -> Result<OwnedFd, Errno> {
+        check_path(&path.0).map_err(|e| e.errno())?;
+        let c = if path.is_root() {
+            c".".to_owned()
+        } else {
+            sys::cstring(&path.0)?
+        };
+        sys::openat2(self.root.as_fd(), &c, flags | libc::O_CLOEXEC, RESOLVE).map_err(|e| {
+            // EXDEV here means "the walk tried to leave the root", not a cross-device
+            // operation; the client must not see EXDEV for it (see the module doc).
+            if e == libc::EXDEV { libc::EACCES } else { e }
+        })
+    }
+}

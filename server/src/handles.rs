@@ -1,0 +1,139 @@
+//! The per-connection table of open files and directories.
+//!
+//! Handle ids are chosen by the server (a counter starting at 1, never reused within a
+//! connection) so a client cannot guess or collide with another connection's handles:
+//! each connection has its own table, dropped with the connection, which closes every
+//! descriptor it still holds. A handle id that is not in the table is EBADF.
+//!
+//! This module must never hold its lock across a system call: lookups clone an `Arc`
+//! out of the map and the I/O happens after the lock is released.
+
+use std::collections::HashMap;
+use std::fs::ReadDir;
+use std::iter::Peekable;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::sys::Errno;
+
+/// Most handles one connection may hold open; past it `Open` fails with EMFILE so one
+/// client cannot exhaust the server's descriptors for everyone else.
+pub const MAX_HANDLES: usize = 1 << 16;
+
+/// An open file: a real descriptor (not `O_PATH`), usable after the file is unlinked.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub fd: OwnedFd,
+    /// Opened `O_WRONLY` or `O_RDWR`: `SetAttr` may `ftruncate` through it.
+    pub writable: bool,
+}
+
+/// An open directory stream.
+#[derive(Debug)]
+pub struct OpenDir {
+    /// Descriptor of the directory, for `fstatat` of each entry and `GetAttr`.
+    pub fd: OwnedFd,
+    /// Entries not yet returned. A std `Mutex`: `ReadDir` requests on one handle are
+    /// sequential in practice, and the lock only serializes this one stream.
+    pub entries: Mutex<Peekable<ReadDir>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Handle {
+    File(Arc<OpenFile>),
+    Dir(Arc<OpenDir>),
+}
+
+impl Handle {
+    /// The descriptor behind either kind, for `GetAttr`/`SetAttr`/`Fsync`.
+    pub fn fd(&self) -> &OwnedFd {
+        match self {
+            Handle::File(f) => &f.fd,
+            Handle::Dir(d) => &d.fd,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Handles {
+    /// A std `Mutex`, not tokio's: critical sections are a map insert/get/remove, never
+    /// held across an `.await` or a system call, so contention stays negligible.
+    map: Mutex<HashMap<u64, Handle>>,
+    next: AtomicU64,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Handles {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Handles {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        // A poisoned lock only means another request panicked mid-insert; the map itself
+        // is still consistent (each operation is a single call), so keep serving.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, h: Handle) -> Result<u64, Errno> {
+        let mut map = self.lock();
+        if map.len() >= MAX_HANDLES {
+            return Err(libc::EMFILE);
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        map.insert(id, h);
+        Ok(id)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Handle, Errno> {
+        self.lock().get(&id).cloned().ok_or(libc::EBADF)
+    }
+
+    pub fn file(&self, id: u64) -> Result<Arc<OpenFile>, Errno> {
+        match self.get(id)? {
+            Handle::File(f) => Ok(f),
+            Handle::Dir(_) => Err(libc::EBADF),
+        }
+    }
+
+    pub fn dir(&self, id: u64) -> Result<Arc<OpenDir>, Errno> {
+        match self.get(id)? {
+            Handle::Dir(d) => Ok(d),
+            Handle::File(_) => Err(libc::EBADF),
+        }
+    }
+
+    /// Remove a file handle; the descriptor closes when the last in-flight request
+    /// using it finishes.
+    pub fn remove_file(&self, id: u64) -> Result<(), Errno> {
+        self.remove(id, false)
+    }
+
+    pub fn remove_dir(&self, id: u64) -> Result<(), Errno> {
+        self.remove(id, true)
+    }
+
+    fn remove(&self, id: u64, dir: bool) -> Result<(), Errno> {
+        let removed = {
+            let mut map = self.lock();
+            match map.get(&id) {
+                Some(h) if matches!(h, Handle::Dir(_)) == dir => map.remove(&id),
+                _ => None,
+            }
+        };
+        // Dropped here, outside the lock: closing a descriptor is a system call.
+        removed.map(drop).ok_or(libc::EBADF)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

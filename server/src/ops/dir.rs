@@ -1,0 +1,70 @@
+//! Directory streams: opendir, readdir (entries with attributes), releasedir.
+//!
+//! The stream is read through `/proc/self/fd/N` of a descriptor opened beneath the root,
+//! so it is exactly the directory that was resolved, even if it is renamed meanwhile.
+//! Must never stat an entry by anything but its single name relative to that descriptor.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::{Arc, Mutex};
+
+use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response};
+
+use super::{Ctx, attr_of};
+use crate::handles::{Handle, OpenDir};
+use crate::sys::{self, Errno, errno_of};
+
+/// Conservative encoded size of one entry besides its name (attributes are varints).
+const ENTRY_OVERHEAD: usize = 160;
+
+pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
+    let fd = ctx
+        .export
+        .resolve(path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let st = sys::fstat(fd.as_fd())?;
+    let attr = attr_of(&st, ctx.export.root_dev());
+    // A second descriptor through our own fd's magic link: std's ReadDir owns it.
+    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| errno_of(&e))?
+        .peekable();
+    let handle = ctx.handles.insert(Handle::Dir(Arc::new(OpenDir {
+        fd,
+        entries: Mutex::new(entries),
+    })))?;
+    Ok(Response::Opened { handle, attr })
+}
+
+/// The next entries in directory order ("." and ".." are never included). An entry
+/// that disappears between reading its name and stat'ing it is skipped, as if the
+/// unlink had happened first.
+pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Errno> {
+    let d = ctx.handles.dir(handle)?;
+    let max = max_entries.clamp(1, MAX_DIR_BATCH) as usize;
+    // Poisoning only means a previous request panicked; the iterator is still usable.
+    let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+    let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
+    // byte budget is a second guard for filesystems with longer names.
+    while entries.len() < max && bytes < MAX_FRAME / 2 {
+        let ent = match it.next() {
+            None => break,
+            Some(Ok(ent)) => ent,
+            Some(Err(e)) => return Err(errno_of(&e)),
+        };
+        let name = ent.file_name().into_vec();
+        let cname = sys::cstring(&name)?;
+        let st = match sys::fstatat(d.fd.as_fd(), &cname, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        bytes += name.len() + ENTRY_OVERHEAD;
+        entries.push(DirEntry {
+            name: Name(name),
+            attr: attr_of(&st, ctx.export.root_dev()),
+        });
+    }
+    let eof = it.peek().is_none();
+    Ok(Response::Dir { entries, eof })
+}

@@ -1,0 +1,278 @@
+//! Namespace and metadata operations: lookup, attributes, links, directories, nodes.
+//!
+//! Every operation on a name is a `*at` call on the parent directory's descriptor with
+//! the final component never followed. Must never operate on a path string directly.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use ferry_common::{Caller, Name, RelPath, Response, SetAttr, StatFs, TimeSet, rename_flags};
+
+use super::{Ctx, attr_of};
+use crate::handles::Handle;
+use crate::sys::{self, Errno};
+
+const NOFOLLOW: i32 = libc::AT_SYMLINK_NOFOLLOW;
+
+fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errno> {
+    let st = sys::fstatat(dir, name, NOFOLLOW)?;
+    Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())))
+}
+
+pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errno> {
+    let (dir, name) = ctx.export.entry(parent, name)?;
+    attr_at(ctx, dir.as_fd(), &name)
+}
+
+/// With a handle the open descriptor is stat'ed, so this works after unlink.
+pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
+    let st = match handle {
+        Some(h) => sys::fstat(ctx.handles.get(h)?.fd().as_fd())?,
+        None => sys::fstat(ctx.export.resolve(path, libc::O_PATH)?.as_fd())?,
+    };
+    Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())))
+}
+
+/// Applied in the order chown, truncate, chmod, times: chown clears setuid/setgid bits, so
+/// a mode set in the same request must come after it, and times come last because a
+/// truncate would bump mtime again.
+pub fn setattr(
+    ctx: &Ctx,
+    path: &RelPath,
+    handle: Option<u64>,
+    set: &SetAttr,
+) -> Result<Response, Errno> {
+    let times = times_of(set)?;
+    if let Some(h) = handle {
+        let h = ctx.handles.get(h)?;
+        let fd = h.fd().as_fd();
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::fchown(fd, set.uid, set.gid)?;
+        }
+        if let Some(size) = set.size {
+            match &h {
+                Handle::File(f) if f.writable => sys::ftruncate(f.fd.as_fd(), size)?,
+                // A read-only handle cannot truncate; the path can (the client kernel has
+                // already checked the caller may).
+                _ => {
+                    let (dir, name) = ctx.export.entry_of(path)?;
+                    truncate_at(dir.as_fd(), &name, size)?;
+                }
+            }
+        }
+        if let Some(mode) = set.mode {
+            sys::fchmod(fd, mode & 0o7777)?;
+        }
+        if let Some(t) = times {
+            sys::futimens(fd, &t)?;
+        }
+        let st = sys::fstat(fd)?;
+        return Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())));
+    }
+    let (dir, name) = ctx.export.entry_of(path)?;
+    let dir = dir.as_fd();
+    if set.uid.is_some() || set.gid.is_some() {
+        sys::fchownat(dir, &name, set.uid, set.gid, NOFOLLOW)?;
+    }
+    if let Some(size) = set.size {
+        truncate_at(dir, &name, size)?;
+    }
+    if let Some(mode) = set.mode {
+        chmod_at(dir, &name, mode & 0o7777)?;
+    }
+    if let Some(t) = times {
+        sys::utimensat(dir, &name, &t, NOFOLLOW)?;
+    }
+    attr_at(ctx, dir, &name)
+}
+
+/// `None` when neither time is set; nanoseconds out of range are EINVAL (they would
+/// otherwise alias the kernel's `UTIME_NOW`/`UTIME_OMIT` markers).
+fn times_of(set: &SetAttr) -> Result<Option<[libc::timespec; 2]>, Errno> {
+    if set.atime.is_none() && set.mtime.is_none() {
+        return Ok(None);
+    }
+    let one = |t: Option<TimeSet>| -> Result<libc::timespec, Errno> {
+        Ok(match t {
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            Some(TimeSet::Now) => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            Some(TimeSet::At(ts)) if ts.nsec < 1_000_000_000 => libc::timespec {
+                tv_sec: ts.sec,
+                tv_nsec: ts.nsec.into(),
+            },
+            Some(TimeSet::At(_)) => return Err(libc::EINVAL),
+        })
+    };
+    Ok(Some([one(set.atime)?, one(set.mtime)?]))
+}
+
+/// Truncate `dir/name` without following a final symlink and without opening anything
+/// but a regular file (opening a FIFO or device can block or have side effects).
+fn truncate_at(dir: BorrowedFd<'_>, name: &CStr, size: u64) -> Result<(), Errno> {
+    let st = sys::fstatat(dir, name, NOFOLLOW)?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(libc::EISDIR),
+        // truncate(2) would follow it; the client resolves symlinks itself, so a
+        // truncate naming one is refused like any open of a symlink for writing.
+        libc::S_IFLNK => return Err(libc::ELOOP),
+        _ => return Err(libc::EINVAL),
+    }
+    // O_NONBLOCK: if the name was swapped for a FIFO since the stat, fail instead of
+    // blocking a worker thread forever.
+    let flags =
+        libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let fd = sys::openat(dir, name, flags, 0)?;
+    sys::ftruncate(fd.as_fd(), size)
+}
+
+/// chmod of `dir/name`; a symlink is EOPNOTSUPP (Linux has no symlink modes, and
+/// following it could reach outside the export).
+fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<(), Errno> {
+    let fd = sys::openat(
+        dir,
+        name,
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0,
+    )?;
+    let st = sys::fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(libc::EOPNOTSUPP);
+    }
+    sys::chmod_fd_path(fd.as_fd(), mode)
+}
+
+pub fn readlink(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
+    let fd = ctx.export.resolve(path, libc::O_PATH)?;
+    let st = sys::fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        return Err(libc::EINVAL); // what readlink(2) says for a non-symlink
+    }
+    sys::readlink_fd(fd.as_fd()).map(Response::Data)
+}
+
+/// Give a freshly created entry the caller's ownership (see [`super::new_owner`]). A
+/// failure (a filesystem without ownership, say) leaves the entry owned by the server,
+/// which is never more permissive than intended.
+fn chown_new(ctx: &Ctx, caller: Caller, dir: BorrowedFd<'_>, name: &CStr) {
+    let Some((uid, gid)) = super::new_owner(ctx, caller, dir) else {
+        return;
+    };
+    if let Err(e) = sys::fchownat(dir, name, Some(uid), Some(gid), NOFOLLOW) {
+        tracing::debug!(errno = e, "chown of a new entry to the caller failed");
+    }
+}
+
+pub(super) fn new_mode(mode: u32, umask: u32) -> u32 {
+    mode & 0o7777 & !umask
+}
+
+pub fn mknod(
+    ctx: &Ctx,
+    caller: Caller,
+    parent: &RelPath,
+    name: &Name,
+    mode: u32,
+    umask: u32,
+    rdev: u32,
+) -> Result<Response, Errno> {
+    let (dir, name) = ctx.export.entry(parent, name)?;
+    let dir = dir.as_fd();
+    // The file type bits pass through; the kernel refuses types mknod cannot make, and
+    // devices need the server to be privileged (EPERM otherwise, from the OS).
+    let mode = (mode & libc::S_IFMT) | new_mode(mode, umask);
+    sys::mknodat(dir, &name, mode, sys::decode_dev(rdev))?;
+    chown_new(ctx, caller, dir, &name);
+    attr_at(ctx, dir, &name)
+}
+
+pub fn mkdir(
+    ctx: &Ctx,
+    caller: Caller,
+    parent: &RelPath,
+    name: &Name,
+    mode: u32,
+    umask: u32,
+) -> Result<Response, Errno> {
+    let (dir, name) = ctx.export.entry(parent, name)?;
+    let dir = dir.as_fd();
+    sys::mkdirat(dir, &name, new_mode(mode, umask))?;
+    chown_new(ctx, caller, dir, &name);
+    attr_at(ctx, dir, &name)
+}
+
+pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<Response, Errno> {
+    let (dir, name) = ctx.export.entry(parent, name)?;
+    let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
+    sys::unlinkat(dir.as_fd(), &name, flags)?;
+    Ok(Response::Ok)
+}
+
+/// The target is stored as given: it is only ever interpreted by the client (the
+/// server never follows a final symlink, and mid-path ones only beneath the root).
+pub fn symlink(
+    ctx: &Ctx,
+    caller: Caller,
+    parent: &RelPath,
+    name: &Name,
+    target: &[u8],
+) -> Result<Response, Errno> {
+    let (dir, name) = ctx.export.entry(parent, name)?;
+    let dir = dir.as_fd();
+    let target = sys::cstring(target)?;
+    sys::symlinkat(&target, dir, &name)?;
+    chown_new(ctx, caller, dir, &name);
+    attr_at(ctx, dir, &name)
+}
+
+pub fn rename(
+    ctx: &Ctx,
+    parent: &RelPath,
+    name: &Name,
+    new_parent: &RelPath,
+    new_name: &Name,
+    flags: u32,
+) -> Result<Response, Errno> {
+    // Only the flags the protocol defines; RENAME_WHITEOUT and future ones are refused
+    // rather than passed to the kernel unexamined.
+    if flags & !(rename_flags::NOREPLACE | rename_flags::EXCHANGE) != 0 {
+        return Err(libc::EINVAL);
+    }
+    let (old_dir, old) = ctx.export.entry(parent, name)?;
+    let (new_dir, new) = ctx.export.entry(new_parent, new_name)?;
+    sys::renameat2(old_dir.as_fd(), &old, new_dir.as_fd(), &new, flags)?;
+    Ok(Response::Ok)
+}
+
+pub fn link(
+    ctx: &Ctx,
+    path: &RelPath,
+    new_parent: &RelPath,
+    new_name: &Name,
+) -> Result<Response, Errno> {
+    let (old_dir, old) = ctx.export.entry_of(path)?;
+    let (new_dir, new) = ctx.export.entry(new_parent, new_name)?;
+    sys::linkat(old_dir.as_fd(), &old, new_dir.as_fd(), &new)?;
+    attr_at(ctx, new_dir.as_fd(), &new)
+}
+
+pub fn statfs(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
+    let fd = ctx.export.resolve(path, libc::O_PATH)?;
+    let st = sys::fstatvfs(fd.as_fd())?;
+    Ok(Response::StatFs(StatFs {
+        blocks: st.f_blocks,
+        bfree: st.f_bfree,
+        bavail: st.f_bavail,
+        files: st.f_files,
+        ffree: st.f_ffree,
+        bsize: u32::try_from(st.f_bsize).unwrap_or(u32::MAX),
+        namelen: u32::try_from(st.f_namemax).unwrap_or(u32::MAX),
+        frsize: u32::try_from(st.f_frsize).unwrap_or(u32::MAX),
+    }))
+}

@@ -1,0 +1,243 @@
+//! Requests to system calls: one function per [`Request`] variant, each returning
+//! `Result<Response, Errno>`.
+//!
+//! Errno values come straight from the server's filesystem (mapped once, in
+//! [`crate::sys::errno_of`]), so a client sees exactly what a local program would. The
+//! few errno values this code chooses itself are documented where they are chosen.
+//!
+//! Everything here is blocking and runs on tokio's blocking pool. It must never resolve
+//! a path except through [`crate::export::Export`], never follow a final symlink, and
+//! never panic on anything a request contains.
+//!
+//! Trust model (like NFS `AUTH_SYS`): permission checks are the client kernel's job
+//! (`default_permissions`); the server acts with its own credentials and, when it runs as
+//! root and the client negotiated [`caps::CALLER_CREDS`], gives the entries it creates the
+//! uid/gid the client claims for the caller. Export only to clients you trust with the
+//! whole tree.
+
+mod dir;
+mod io;
+mod meta;
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use ferry_common::{Attr, Caller, FileKind, Request, Response, Timespec, caps};
+
+use crate::export::Export;
+use crate::handles::Handles;
+use crate::sys::Errno;
+
+/// What the operations of one connection share.
+#[derive(Debug)]
+pub struct Ctx {
+    pub export: Arc<Export>,
+    pub handles: Handles,
+    /// New entries are chowned to the caller: the server is root and the client
+    /// negotiated [`caps::CALLER_CREDS`].
+    pub caller_creds: bool,
+}
+
+impl Ctx {
+    pub fn new(export: Arc<Export>, capabilities: u64) -> Ctx {
+        let caller_creds = capabilities & caps::CALLER_CREDS != 0 && crate::sys::geteuid() == 0;
+        Ctx {
+            export,
+            handles: Handles::default(),
+            caller_creds,
+        }
+    }
+}
+
+/// Execute one request. Blocking; call from `spawn_blocking`.
+pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
+    if ctx.export.read_only() && req.is_mutation() {
+        return Err(libc::EROFS);
+    }
+    match req {
+        Request::Ping => Ok(Response::Pong),
+        Request::Lookup { parent, name } => meta::lookup(ctx, &parent, &name),
+        Request::GetAttr { path, handle } => meta::getattr(ctx, &path, handle),
+        Request::SetAttr { path, handle, set } => meta::setattr(ctx, &path, handle, &set),
+        Request::ReadLink { path } => meta::readlink(ctx, &path),
+        Request::MkNod {
+            parent,
+            name,
+            mode,
+            umask,
+            rdev,
+        } => meta::mknod(ctx, caller, &parent, &name, mode, umask, rdev),
+        Request::MkDir {
+            parent,
+            name,
+            mode,
+            umask,
+        } => meta::mkdir(ctx, caller, &parent, &name, mode, umask),
+        Request::Unlink { parent, name } => meta::unlink(ctx, &parent, &name, false),
+        Request::RmDir { parent, name } => meta::unlink(ctx, &parent, &name, true),
+        Request::Symlink {
+            parent,
+            name,
+            target,
+        } => meta::symlink(ctx, caller, &parent, &name, &target),
+        Request::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } => meta::rename(ctx, &parent, &name, &new_parent, &new_name, flags),
+        Request::Link {
+            path,
+            new_parent,
+            new_name,
+        } => meta::link(ctx, &path, &new_parent, &new_name),
+        Request::StatFs { path } => meta::statfs(ctx, &path),
+        Request::Open { path, flags } => io::open(ctx, &path, flags),
+        Request::Create {
+            parent,
+            name,
+            mode,
+            umask,
+            flags,
+        } => io::create(ctx, caller, &parent, &name, mode, umask, flags),
+        Request::Read {
+            handle,
+            offset,
+            len,
+        } => io::read(ctx, handle, offset, len),
+        Request::Write {
+            handle,
+            offset,
+            data,
+        } => io::write(ctx, handle, offset, &data),
+        Request::Fsync { handle, datasync } => io::fsync(ctx, handle, datasync),
+        Request::Fallocate {
+            handle,
+            offset,
+            len,
+            mode,
+        } => io::fallocate(ctx, handle, offset, len, mode),
+        Request::Release { handle } => ctx.handles.remove_file(handle).map(|()| Response::Ok),
+        Request::OpenDir { path } => dir::opendir(ctx, &path),
+        Request::ReadDir {
+            handle,
+            max_entries,
+        } => dir::readdir(ctx, handle, max_entries),
+        Request::ReleaseDir { handle } => ctx.handles.remove_dir(handle).map(|()| Response::Ok),
+    }
+}
+
+/// The owner a new entry in `dir` gets when the server acts for callers (see the trust
+/// model above), or `None` to leave it to the server's own credentials. In a setgid
+/// directory the entry keeps the directory's group, as on a local disk.
+fn new_owner(ctx: &Ctx, caller: Caller, dir: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    if !ctx.caller_creds {
+        return None;
+    }
+    let gid = match crate::sys::fstat(dir) {
+        Ok(p) if p.st_mode & libc::S_ISGID != 0 => p.st_gid,
+        _ => caller.gid,
+    };
+    Some((caller.uid, gid))
+}
+
+/// Smallest block size reported: small `st_blksize` values make some programs do tiny
+/// I/O, which costs a round trip each over the network.
+const MIN_BLKSIZE: u32 = 128 * 1024;
+
+/// Protocol attributes from a `stat` of the server's filesystem.
+pub fn attr_of(st: &libc::stat, root_dev: u64) -> Attr {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDevice,
+        libc::S_IFBLK => FileKind::BlockDevice,
+        _ => FileKind::File,
+    };
+    let ino = if st.st_dev == root_dev {
+        st.st_ino
+    } else {
+        // Another filesystem mounted inside the export: mix in the device so its inode
+        // numbers do not collide with the root filesystem's. Stable across restarts.
+        st.st_ino ^ st.st_dev.rotate_left(32)
+    };
+    let atime = ts(st.st_atime, st.st_atime_nsec);
+    let mtime = ts(st.st_mtime, st.st_mtime_nsec);
+    let ctime = ts(st.st_ctime, st.st_ctime_nsec);
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    let version = version_of(&[
+        ctime.sec as u64,
+        ctime.nsec.into(),
+        mtime.sec as u64,
+        mtime.nsec.into(),
+        size,
+        ino,
+    ]);
+    Attr {
+        ino,
+        size,
+        blocks: u64::try_from(st.st_blocks).unwrap_or(0),
+        atime,
+        mtime,
+        ctime,
+        kind,
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: crate::sys::encode_dev(st.st_rdev),
+        blksize: u32::try_from(st.st_blksize)
+            .unwrap_or(u32::MAX)
+            .max(MIN_BLKSIZE),
+        version,
+    }
+}
+
+fn ts(sec: i64, nsec: i64) -> Timespec {
+    Timespec {
+        sec,
+        nsec: u32::try_from(nsec).unwrap_or(0).min(999_999_999),
+    }
+}
+
+/// A deterministic 64-bit hash (splitmix64 finalizer folded over the words): the value
+/// must be the same after a server restart, which std's `DefaultHasher` does not promise.
+fn version_of(words: &[u64]) -> u64 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    for &w in words {
+        h ^= w;
+        h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_changes_with_every_word() {
+        let base = [1, 2, 3, 4, 5, 6];
+        let v = version_of(&base);
+        for i in 0..base.len() {
+            let mut w = base;
+            w[i] += 1;
+            assert_ne!(version_of(&w), v, "word {i}");
+        }
+        assert_eq!(version_of(&base), v);
+    }
+
+    #[test]
+    fn dev_encoding_roundtrips() {
+        for (maj, min) in [(0, 0), (1, 3), (8, 17), (259, 70000), (4095, 0xfffff)] {
+            let dev = libc::makedev(maj, min);
+            assert_eq!(crate::sys::decode_dev(crate::sys::encode_dev(dev)), dev);
+        }
+    }
+}

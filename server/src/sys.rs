@@ -1,0 +1,373 @@
+//! Thin safe wrappers over the Linux system calls the server needs.
+//!
+//! This is the only module with `unsafe`: every wrapper takes owned or borrowed file
+//! descriptors and `CStr` names, checks the return value, and turns `-1` into the errno
+//! the kernel set (see [`last_errno`]). The wrappers never resolve anything themselves:
+//! confinement to the export root is [`crate::export`]'s job, and callers must only pass
+//! single validated names (no `/`, no `..`) relative to directory fds that module gave out.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// A Linux errno value, as carried on the wire.
+pub type Errno = i32;
+
+/// Map an `io::Error` to the errno sent to the client. The single place where that
+/// mapping happens: errors from the OS keep their exact errno, anything synthesized by
+/// std without one becomes EIO.
+pub fn errno_of(e: &io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The errno of the system call that just failed on this thread.
+pub fn last_errno() -> Errno {
+    errno_of(&io::Error::last_os_error())
+}
+
+fn cvt(ret: libc::c_int) -> Result<libc::c_int, Errno> {
+    if ret == -1 {
+        Err(last_errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_long(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret == -1 {
+        Err(last_errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> Result<usize, Errno> {
+    if ret < 0 {
+        Err(last_errno())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Bytes from the network as a C string; an embedded NUL is EINVAL (path validation
+/// already refuses it, this is the last line of defense).
+pub fn cstring(bytes: &[u8]) -> Result<CString, Errno> {
+    CString::new(bytes).map_err(|_| libc::EINVAL)
+}
+
+/// `struct open_how` of `openat2(2)`; our own definition because libc's is
+/// `non_exhaustive` and cannot be built with a literal.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// `openat2(dir, path, flags, resolve)`, retrying EAGAIN, which the kernel returns when a
+/// concurrent rename or mount made a `RESOLVE_BENEATH` walk unverifiable.
+pub fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: i32,
+    resolve: u64,
+) -> Result<OwnedFd, Errno> {
+    let how = OpenHow {
+        flags: flags as u32 as u64,
+        mode: 0,
+        resolve,
+    };
+    let mut tries = 0;
+    loop {
+        // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        match cvt_long(ret) {
+            // SAFETY: the kernel returned a new descriptor that nothing else owns.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+            Err(libc::EAGAIN) if tries < 16 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `open(path, flags)` of an operator-supplied path; only for the export root at startup.
+pub fn open_startup(path: &CStr, flags: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: `path` is NUL-terminated.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags) })?;
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `openat(dir, name, flags, mode)`; `name` must be a single component.
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd, Errno> {
+    // SAFETY: `name` is NUL-terminated; the mode is passed as the variadic argument.
+    let fd =
+        cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) })?;
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, Errno> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a valid out pointer; fstat fills it completely on success.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: initialized by the successful call above.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<libc::stat, Errno> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid out pointer and NUL-terminated name.
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: initialized by the successful call above.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs, Errno> {
+    let mut st = MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: valid out pointer.
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: initialized by the successful call above.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated name.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, dev: u64) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated name.
+    cvt(unsafe {
+        libc::mknodat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::mode_t,
+            dev as libc::dev_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    // SAFETY: both strings NUL-terminated.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+/// `readlinkat(fd, "", ...)`: the target of the symlink an `O_PATH|O_NOFOLLOW` fd refers to.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    // PATH_MAX bounds a symlink target on Linux; one byte more detects truncation.
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: the buffer is valid for `buf.len()` bytes; the empty path is NUL-terminated.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    if n >= buf.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(
+    old_dir: BorrowedFd<'_>,
+    old: &CStr,
+    new_dir: BorrowedFd<'_>,
+    new: &CStr,
+    flags: u32,
+) -> Result<(), Errno> {
+    // The raw system call rather than the glibc wrapper: it exists on every libc.
+    // SAFETY: NUL-terminated names, plain integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+            flags as libc::c_uint,
+        )
+    };
+    cvt_long(ret).map(drop)
+}
+
+pub fn linkat(
+    old_dir: BorrowedFd<'_>,
+    old: &CStr,
+    new_dir: BorrowedFd<'_>,
+    new: &CStr,
+) -> Result<(), Errno> {
+    // Flags 0: never AT_SYMLINK_FOLLOW, so linking a symlink links the symlink itself.
+    // SAFETY: NUL-terminated names.
+    cvt(unsafe {
+        libc::linkat(
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `fchownat`; `None` leaves that id unchanged (-1).
+pub fn fchownat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    flags: i32,
+) -> Result<(), Errno> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: NUL-terminated name.
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) }).map(drop)
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<(), Errno> {
+    let uid = uid.unwrap_or(u32::MAX);
+    let gid = gid.unwrap_or(u32::MAX);
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> Result<(), Errno> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+}
+
+/// The `/proc/self/fd/N` path of a descriptor: lets calls without an `AT_EMPTY_PATH`
+/// form (chmod, utimensat) act on exactly the inode an `O_PATH` fd refers to.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    // No interior NUL is possible in a formatted integer.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+/// chmod of the inode behind an `O_PATH` fd. The caller must have checked that it is
+/// not a symlink: the `/proc` magic link is followed.
+pub fn chmod_fd_path(fd: BorrowedFd<'_>, mode: u32) -> Result<(), Errno> {
+    let p = proc_fd_path(fd);
+    // SAFETY: NUL-terminated path.
+    cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+}
+
+/// `utimensat`; `times` are (atime, mtime) with `UTIME_NOW`/`UTIME_OMIT` as usual.
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    times: &[libc::timespec; 2],
+    flags: i32,
+) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated name and a two-element timespec array.
+    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), flags) }).map(drop)
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> Result<(), Errno> {
+    // SAFETY: a two-element timespec array.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> Result<(), Errno> {
+    let size = i64::try_from(size).map_err(|_| libc::EFBIG)?;
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
+}
+
+/// One `pread`; may return fewer bytes than asked.
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: i64) -> Result<usize, Errno> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    cvt_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) })
+}
+
+/// One `pwrite`; may write fewer bytes than given.
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: i64) -> Result<usize, Errno> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+    cvt_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) })
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<(), Errno> {
+    // SAFETY: plain integer argument.
+    let ret = unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    };
+    cvt(ret).map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result<(), Errno> {
+    let offset = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+    let len = i64::try_from(len).map_err(|_| libc::EINVAL)?;
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+/// Effective uid of the server process.
+pub fn geteuid() -> u32 {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Clear the process umask so modes the client computed (`mode & !umask`) reach the
+/// disk unchanged. Returns the previous umask.
+pub fn clear_umask() -> u32 {
+    // SAFETY: cannot fail.
+    unsafe { libc::umask(0) as u32 }
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit: every open handle of every client
+/// holds a descriptor. Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialized by the successful call above.
+    let mut lim = unsafe { lim.assume_init() };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: pointer to a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Decode the `dev_t` that FUSE and our protocol carry as a 32-bit "new_encode_dev" value.
+pub fn decode_dev(rdev: u32) -> u64 {
+    let major = (rdev & 0xfff00) >> 8;
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    libc::makedev(major, minor)
+}
+
+/// Encode a `dev_t` into the 32-bit form FUSE carries (major ≤ 4095, minor ≤ 2^20-1;
+/// larger numbers cannot be represented and are truncated, like the kernel's own encoding).
+pub fn encode_dev(dev: u64) -> u32 {
+    let major = libc::major(dev);
+    let minor = libc::minor(dev);
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}

@@ -1,0 +1,208 @@
+//! Open files: open, create, read, write, fsync, fallocate, release, unlinked files.
+
+use ferry_common::*;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn create_write_read_release() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let (h, a) = c
+        .create("", "f", 0o666, libc::O_RDWR | libc::O_EXCL)
+        .await
+        .unwrap();
+    assert_eq!((a.kind, a.size, a.perm), (FileKind::File, 0, 0o644));
+    assert_eq!(c.write(h, 0, b"hello world").await, Ok(11));
+    assert_eq!(c.write(h, 100, b"!").await, Ok(1));
+    assert_eq!(c.read(h, 0, 5).await.unwrap(), b"hello");
+    assert_eq!(
+        c.read(h, 6, 1000).await.unwrap().len(),
+        95,
+        "short read means EOF"
+    );
+    assert_eq!(c.read(h, 1000, 10).await.unwrap(), b"");
+    assert_eq!(c.read(h, 0, MAX_IO + 1).await, Err(libc::EINVAL));
+    assert_eq!(c.read(h, u64::MAX, 1).await, Err(libc::EINVAL));
+    assert_eq!(
+        c.call(Request::Fsync {
+            handle: h,
+            datasync: true
+        })
+        .await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(
+        c.call(Request::Fallocate {
+            handle: h,
+            offset: 0,
+            len: 1 << 20,
+            mode: 0
+        })
+        .await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(c.getattr("f").await.unwrap().size, 1 << 20);
+    assert_eq!(
+        c.call(Request::Release { handle: h }).await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(
+        c.call(Request::Release { handle: h }).await,
+        Err(libc::EBADF)
+    );
+    assert_eq!(c.read(h, 0, 1).await, Err(libc::EBADF));
+    assert_eq!(c.write(h, 0, b"x").await, Err(libc::EBADF));
+    assert_eq!(
+        c.call(Request::Fsync {
+            handle: h,
+            datasync: false
+        })
+        .await,
+        Err(libc::EBADF)
+    );
+    let data = std::fs::read(server.root().join("f")).unwrap();
+    assert_eq!(&data[..11], b"hello world");
+    assert_eq!(data[100], b'!');
+}
+
+#[tokio::test]
+async fn create_without_excl_opens_and_truncates() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("f"), b"old contents").unwrap();
+    let mut c = server.client().await;
+    assert_eq!(
+        c.create("", "f", 0o644, libc::O_RDWR | libc::O_EXCL).await,
+        Err(libc::EEXIST)
+    );
+    let (h, a) = c.create("", "f", 0o644, libc::O_RDWR).await.unwrap();
+    assert_eq!(a.size, 12);
+    assert_eq!(c.read(h, 0, 3).await.unwrap(), b"old");
+    let (_, a) = c
+        .create("", "f", 0o644, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    assert_eq!(a.size, 0);
+    c.mkdir("", "d").await.unwrap();
+    assert_eq!(
+        c.create("", "d", 0o644, libc::O_RDWR).await,
+        Err(libc::EISDIR)
+    );
+    assert_eq!(
+        c.create("nope", "f", 0o644, libc::O_RDWR).await,
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        c.create("", "bad", 0o644, libc::O_ACCMODE).await,
+        Err(libc::EINVAL)
+    );
+}
+
+#[tokio::test]
+async fn open_modes_and_errors() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("f"), b"content").unwrap();
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut c = server.client().await;
+    let (ro, a) = c.open("f", libc::O_RDONLY).await.unwrap();
+    assert_eq!(a.size, 7);
+    assert_eq!(c.write(ro, 0, b"x").await, Err(libc::EBADF));
+    let (wo, _) = c.open("f", libc::O_WRONLY).await.unwrap();
+    assert_eq!(c.read(wo, 0, 1).await, Err(libc::EBADF));
+    // O_APPEND is not passed on: writes land at the offset the client chose.
+    let (ap, _) = c.open("f", libc::O_WRONLY | libc::O_APPEND).await.unwrap();
+    assert_eq!(c.write(ap, 0, b"C").await, Ok(1));
+    assert_eq!(std::fs::read(server.root().join("f")).unwrap(), b"Content");
+    let (_, a) = c.open("f", libc::O_RDWR | libc::O_TRUNC).await.unwrap();
+    assert_eq!(a.size, 0);
+    assert_eq!(c.open("nope", libc::O_RDONLY).await, Err(libc::ENOENT));
+    assert_eq!(c.open("d", libc::O_WRONLY).await, Err(libc::EISDIR));
+    assert_eq!(c.open("f/x", libc::O_RDONLY).await, Err(libc::ENOTDIR));
+    let (dh, a) = c.open("d", libc::O_RDONLY).await.unwrap();
+    assert_eq!(a.kind, FileKind::Dir);
+    assert_eq!(c.read(dh, 0, 10).await, Err(libc::EISDIR));
+    // A read-only handle cannot truncate; SetAttr falls back to the path.
+    let a = c
+        .attr(Request::SetAttr {
+            path: p("f"),
+            handle: Some(ro),
+            set: SetAttr {
+                size: Some(3),
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(a.size, 3);
+}
+
+#[tokio::test]
+async fn unlinked_open_file_stays_readable_through_its_handle() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let (h, _) = c.create("", "f", 0o644, libc::O_RDWR).await.unwrap();
+    c.write(h, 0, b"still here").await.unwrap();
+    assert_eq!(
+        c.call(Request::Unlink {
+            parent: p(""),
+            name: n("f")
+        })
+        .await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(c.getattr("f").await, Err(libc::ENOENT));
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"still here");
+    let by_handle = |handle| Request::GetAttr {
+        path: p("f"),
+        handle: Some(handle),
+    };
+    let a = c.attr(by_handle(h)).await.unwrap();
+    assert_eq!((a.nlink, a.size), (0, 10));
+    // SetAttr through the handle works too (ftruncate, fchmod, futimens).
+    let a = c
+        .attr(Request::SetAttr {
+            path: p("f"),
+            handle: Some(h),
+            set: SetAttr {
+                size: Some(5),
+                mode: Some(0o600),
+                mtime: Some(TimeSet::Now),
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!((a.size, a.perm), (5, 0o600));
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"still");
+    assert_eq!(c.attr(by_handle(999)).await, Err(libc::EBADF));
+}
+
+#[tokio::test]
+async fn large_io_up_to_max_io() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let data: Vec<u8> = (0..MAX_IO).map(|i| (i * 7 % 256) as u8).collect();
+    let (h, _) = c.create("", "big", 0o644, libc::O_RDWR).await.unwrap();
+    assert_eq!(c.write(h, 1, &data).await, Ok(MAX_IO));
+    assert_eq!(c.read(h, 1, MAX_IO).await.unwrap(), data);
+    let a = c.getattr("big").await.unwrap();
+    assert_eq!(a.size, MAX_IO as u64 + 1);
+}
+
+#[tokio::test]
+async fn version_tracks_changes() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let (h, a0) = c.create("", "f", 0o644, libc::O_RDWR).await.unwrap();
+    c.write(h, 0, b"one").await.unwrap();
+    let a1 = c.getattr("f").await.unwrap();
+    assert_ne!(a0.version, a1.version);
+    assert_eq!(
+        a1.version,
+        c.getattr("f").await.unwrap().version,
+        "stable when unchanged"
+    );
+    c.write(h, 0, b"two").await.unwrap(); // same size, new mtime/ctime
+    let a2 = c.getattr("f").await.unwrap();
+    assert!(a2.version != a1.version || a2.mtime == a1.mtime);
+}
