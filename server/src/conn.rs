@@ -15,7 +15,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_common::codec::{ServerCodec, decode_body, encode_body};
@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, trace, warn};
 
 use crate::export::Export;
 use crate::ops::{self, Ctx};
@@ -149,7 +149,7 @@ where
         server: format!("ferryd {}", env!("CARGO_PKG_VERSION")),
     });
     framed.send(Bytes::from(encode_body(&welcome)?)).await?;
-    info!(client = %hello.client, capabilities, "client connected");
+    info!(client = ?hello.client, capabilities, "client connected");
     Ok(Some(capabilities))
 }
 
@@ -231,25 +231,34 @@ async fn serve_requests<T>(
         };
         let ctx = Arc::clone(&ctx);
         let tx = tx.clone();
-        tokio::spawn(async move {
-            let kind = request.kind();
-            let result = tokio::task::spawn_blocking(move || ops::execute(&ctx, caller, request))
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let kind = request.kind();
+                let started = Instant::now();
+                let blocking_span = tracing::Span::current();
+                let result = tokio::task::spawn_blocking(move || {
+                    blocking_span.in_scope(|| ops::execute(&ctx, caller, request))
+                })
                 .await
                 .unwrap_or_else(|e| {
                     error!(kind, "request handler failed: {e}");
                     Err(libc::EIO)
                 });
-            if let Err(errno) = result {
-                debug!(id, kind, errno, "request failed");
+                match &result {
+                    Ok(_) => trace!(id, kind, elapsed = ?started.elapsed(), "done"),
+                    Err(errno) => debug!(id, kind, errno, elapsed = ?started.elapsed(), "failed"),
+                }
+                let out = Outgoing {
+                    id,
+                    frame: ServerFrame::Reply { id, result },
+                    _permit: Some(permit),
+                };
+                // A send error means the connection is closing; the reply has nowhere to go.
+                let _ = tx.send(out).await;
             }
-            let out = Outgoing {
-                id,
-                frame: ServerFrame::Reply { id, result },
-                _permit: Some(permit),
-            };
-            // A send error means the connection is closing; the reply has nowhere to go.
-            let _ = tx.send(out).await;
-        });
+            .instrument(span),
+        );
     }
 
     // Stop reading, let requests already started finish: each holds a permit until its

@@ -16,6 +16,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use ferry_common::path::{check_name, check_path};
@@ -36,6 +37,8 @@ pub enum ExportError {
     },
     #[error("cannot export {}: not a directory", .0.display())]
     NotDir(PathBuf),
+    #[error("/proc is not mounted: ferryd needs /proc/self/fd")]
+    NoProc,
 }
 
 /// The exported directory, opened once at startup.
@@ -69,6 +72,12 @@ impl Export {
             .map_err(|e| open_err(std::io::Error::from_raw_os_error(e)))?;
         let st =
             sys::fstat(root.as_fd()).map_err(|e| open_err(std::io::Error::from_raw_os_error(e)))?;
+        // chmod and directory listings reach an open descriptor through /proc/self/fd
+        // (see `sys::chmod_fd_path`); without /proc they would fail at the first use.
+        let probe = sys::proc_fd_path(root.as_fd());
+        if std::fs::metadata(std::ffi::OsStr::from_bytes(probe.as_bytes())).is_err() {
+            return Err(ExportError::NoProc);
+        }
         Ok(Export {
             root,
             path,

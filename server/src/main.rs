@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -37,7 +38,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match serve(args) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferryd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(serve(args));
+    // A system call stuck in the server's filesystem must not keep the process alive
+    // after the drain: blocking tasks cannot be cancelled, only abandoned.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferryd: {e:#}");
@@ -46,7 +61,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
     // Modes arrive already masked with the caller's umask; ours must not apply on top.
     sys::clear_umask();

@@ -131,9 +131,31 @@ async fn shutdown_answers_requests_in_flight_then_closes() {
 }
 
 #[tokio::test]
-async fn handshake_timeout_is_bounded() {
-    // Not waiting 10 s here: just check that an idle connection does not stop shutdown.
+async fn an_idle_connection_does_not_block_shutdown() {
     let server = Server::start().await;
     let _idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut active = server.client().await;
+    assert_eq!(active.call(Request::Ping).await, Ok(Response::Pong));
     server.stop().await;
+    assert!(active.recv().await.is_none());
+}
+
+/// With tokio's clock paused, time jumps to the next timer whenever the runtime is idle:
+/// the server's 10 s handshake timeout fires without the test waiting for it.
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let server = Server::start().await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        ferry_server::conn::HANDSHAKE_TIMEOUT * 6,
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("closed before the test deadline");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    assert!(started.elapsed() >= ferry_server::conn::HANDSHAKE_TIMEOUT);
+    let mut c = server.client().await;
+    assert_eq!(c.call(Request::Ping).await, Ok(Response::Pong));
 }
