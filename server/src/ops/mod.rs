@@ -5,6 +5,32 @@
 //! [`crate::sys::errno_of`]), so a client sees exactly what a local program would. The
 //! few errno values this code chooses itself are documented where they are chosen.
 //!
+//! Errno values chosen here rather than by the OS:
+//!
+//! | situation | errno |
+//! | --- | --- |
+//! | a path or name with `..`, `.`, empty components, `/` in a name, NUL | EINVAL |
+//! | a path longer than 4096 bytes | ENAMETOOLONG |
+//! | resolution leaves the export (absolute symlink, `..` out of the root) | EACCES |
+//! | any mutation on a `--read-only` export (also `Open` for writing or `O_TRUNC`) | EROFS |
+//! | an unknown handle, or a file handle where a directory one is needed (and back) | EBADF |
+//! | `Read` longer than `MAX_IO`; offsets beyond `i64::MAX`; open access mode 3 | EINVAL |
+//! | `Rename` flags other than NOREPLACE and EXCHANGE | EINVAL |
+//! | `SetAttr` times with nanoseconds ≥ 10⁹ | EINVAL |
+//! | `Open`/`Create` of a FIFO, socket or device (the client kernel serves those) | EOPNOTSUPP |
+//! | `Open`, or truncate by path, of a symlink (never followed) | ELOOP |
+//! | truncate by path of a directory / of a FIFO, socket or device | EISDIR / EINVAL |
+//! | chmod of a symlink (Linux has no symlink modes) | EOPNOTSUPP |
+//! | `ReadLink` of something that is not a symlink | EINVAL |
+//! | more than `handles::MAX_HANDLES` open handles on one connection | EMFILE |
+//! | a request handler panicked (a bug) | EIO |
+//!
+//! `OpenDir` of a symlink gives the kernel's ENOTDIR (`O_DIRECTORY|O_NOFOLLOW`).
+//! `Fsync` accepts directory handles (a client's `fsyncdir`). `GetAttr`/`SetAttr` with a
+//! handle act on the open descriptor and ignore the path, except for a truncate through a
+//! read-only handle, which uses the path. Only `Create`, `MkDir`, `MkNod` and `Symlink`
+//! look at the caller.
+//!
 //! Everything here is blocking and runs on tokio's blocking pool. It must never resolve
 //! a path except through [`crate::export::Export`], never follow a final symlink, and
 //! never panic on anything a request contains.

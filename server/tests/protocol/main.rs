@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cli;
 mod confinement;
 mod connection;
 mod handshake;
