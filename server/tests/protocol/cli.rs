@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_common::*;
-
 use crate::harness::*;
 
 fn ferryd() -> Command {
