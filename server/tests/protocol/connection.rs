@@ -159,3 +159,111 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let mut c = server.client().await;
     assert_eq!(c.call(Request::Ping).await, Ok(Response::Pong));
 }
+
+/// xorshift64*: a tiny deterministic generator, so a failure reproduces exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[tokio::test]
+async fn mutated_requests_never_hurt_the_server() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    std::fs::write(server.root().join("d/f"), b"data").unwrap();
+    std::os::unix::fs::symlink("../outside", server.root().join("out")).unwrap();
+    let samples = [
+        Request::Lookup {
+            parent: p("d"),
+            name: n("f"),
+        },
+        Request::GetAttr {
+            path: p("out/secret"),
+            handle: None,
+        },
+        Request::Open {
+            path: p("d/f"),
+            flags: libc::O_RDWR,
+        },
+        Request::Read {
+            handle: 1,
+            offset: 0,
+            len: 4096,
+        },
+        Request::Write {
+            handle: 1,
+            offset: 2,
+            data: b"xyz".to_vec(),
+        },
+        Request::Rename {
+            parent: p("d"),
+            name: n("f"),
+            new_parent: p("out"),
+            new_name: n("g"),
+            flags: 0,
+        },
+        Request::SetAttr {
+            path: p("out"),
+            handle: None,
+            set: SetAttr {
+                mode: Some(0o777),
+                size: Some(0),
+                ..Default::default()
+            },
+        },
+        Request::ReadDir {
+            handle: 2,
+            max_entries: 100,
+        },
+    ];
+    let before = std::fs::read(server.outside().join("secret")).unwrap();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut c = server.client().await;
+    // Open a file and a directory so that handle numbers in mutations hit real handles.
+    c.open("d/f", libc::O_RDWR).await.unwrap();
+    c.call(Request::OpenDir { path: p("d") }).await.unwrap();
+    for round in 0..400 {
+        let req = samples[round % samples.len()].clone();
+        let mut body = ferry_common::codec::encode_body(&RequestFrame {
+            id: round as u64,
+            caller: Caller::default(),
+            request: req,
+        })
+        .unwrap();
+        for _ in 0..1 + rng.below(3) {
+            let i = rng.below(body.len());
+            body[i] = rng.next() as u8;
+        }
+        if rng.below(4) == 0 {
+            body.truncate(rng.below(body.len()));
+        }
+        c.framed
+            .get_mut()
+            .write_all(&raw_frame(&body))
+            .await
+            .unwrap();
+        // Either a reply (the mutation still decoded) or the connection closes.
+        if c.recv().await.is_none() {
+            c = server.client().await;
+            c.open("d/f", libc::O_RDWR).await.unwrap();
+            c.call(Request::OpenDir { path: p("d") }).await.unwrap();
+        }
+    }
+    assert_eq!(
+        std::fs::read(server.outside().join("secret")).unwrap(),
+        before
+    );
+    assert_eq!(std::fs::read_dir(server.outside()).unwrap().count(), 1);
+    let mut fresh = server.client().await;
+    assert_eq!(fresh.call(Request::Ping).await, Ok(Response::Pong));
+}

@@ -10,3 +10,4 @@ mod handshake;
 mod harness;
 mod io;
 mod meta;
+mod perf;
