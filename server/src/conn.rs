@@ -271,7 +271,7 @@ async fn serve_requests<T>(
         Ok(Err(e)) => debug!("connection write side ended: {e}"),
         Err(e) => error!("writer task failed: {e}"),
     }
-    debug!(open_handles = ctx.handles.len(), "connection closed");
+    info!(open_handles = ctx.handles.len(), "connection closed");
 }
 
 async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()>

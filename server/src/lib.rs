@@ -52,6 +52,9 @@ pub async fn run(listener: TcpListener, export: Arc<Export>, shutdown: impl Futu
                     if let Err(e) = sock.set_nodelay(true) {
                         warn!(%peer, "set_nodelay: {e}");
                     }
+                    if let Err(errno) = sys::set_keepalive(std::os::fd::AsFd::as_fd(&sock)) {
+                        warn!(%peer, errno, "cannot enable TCP keepalive");
+                    }
                     let span = tracing::info_span!("conn", %peer);
                     conns.spawn(conn::serve(sock, Arc::clone(&export), token.child_token()).instrument(span));
                 }

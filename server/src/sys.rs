@@ -324,6 +324,32 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> Result
     cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
 }
 
+/// Turn on TCP keepalive (first probe after 60 s idle, then every 10 s, give up after 6):
+/// a client machine that vanished without closing its connection would otherwise pin
+/// that connection's descriptors forever.
+pub fn set_keepalive(sock: BorrowedFd<'_>) -> Result<(), Errno> {
+    let opts = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ];
+    for (level, name, value) in opts {
+        let value: libc::c_int = value;
+        // SAFETY: a pointer to a live c_int and its exact size.
+        cvt(unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Effective uid of the server process.
 pub fn geteuid() -> u32 {
     // SAFETY: no arguments, cannot fail.
