@@ -1,0 +1,60 @@
+//! Where the binaries under test are: `FERRYD_BIN` / `FERRY_BIN` when set, else beside the
+//! test binary's `deps/` directory (`target/debug/ferryd`). This crate does not build them:
+//! `cargo test -p ferry-tests` alone would run against stale or missing binaries, which is
+//! why the documented command builds the workspace first.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn locate(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "{env}={} does not name a file: run `cargo build --workspace` first (scripts/test.sh does)",
+            p.display()
+        );
+        return p;
+    }
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    // target/debug/deps/integration-0123abcd -> target/debug
+    let mut dir = exe.parent().expect("the test binary has a parent dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps/ has a parent dir");
+    }
+    let candidate = dir.join(name);
+    assert!(
+        candidate.is_file(),
+        "{} not found: run `cargo build --workspace` first (scripts/test.sh does), \
+         or set {env}",
+        candidate.display()
+    );
+    candidate
+}
+
+/// Path of `ferryd`.
+pub fn ferryd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| locate("FERRYD_BIN", "ferryd"))
+}
+
+/// Path of `ferry`.
+pub fn ferry_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| locate("FERRY_BIN", "ferry"))
+}
+
+/// A `Command` for `ferry`, standard input closed.
+pub fn ferry() -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// A `Command` for `ferryd`, standard input closed.
+pub fn ferryd() -> Command {
+    let mut cmd = Command::new(ferryd_bin());
+    cmd.stdin(std::process::Stdio::null());
+    cmd
+}

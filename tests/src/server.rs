@@ -1,0 +1,206 @@
+//! [`TestServer`]: one `ferryd` exporting a fresh temp dir on `127.0.0.1:0`.
+//!
+//! The address comes from the one line `ferryd` prints on stdout once it accepts
+//! connections (its last word). A reader thread hands that line over with a deadline and
+//! then drains stdout so the server never blocks or dies writing to it. Its stderr goes to
+//! a log file, printed when a test fails. Drop: SIGCONT (it may have been stopped by the
+//! test), SIGTERM, a bounded wait, then SIGKILL.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::process::tail;
+use crate::sys::kill;
+use crate::wait::poll_until;
+
+/// How long `ferryd` may take to print its address.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `ferryd` may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    child: Child,
+    exited: Option<ExitStatus>,
+    addr: SocketAddr,
+    export: TempDir,
+    log_path: PathBuf,
+    // Holds the log file; declared last so it outlives nothing that needs it.
+    _work: TempDir,
+}
+
+impl TestServer {
+    /// `ferryd --listen 127.0.0.1:0 EXPORT`.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `ferryd --listen 127.0.0.1:0 ARGS… EXPORT`.
+    pub fn start_with(args: &[&str]) -> Self {
+        Self::start_on(crate::temp_dir("export"), args)
+    }
+
+    /// Serves `export` (a temp dir the caller may have filled first).
+    pub fn start_on(export: TempDir, args: &[&str]) -> Self {
+        crate::mount::cleanup_stale();
+        let work = crate::temp_dir("work");
+        let log_path = work.path().join("ferryd.log");
+        let log = File::create(&log_path).expect("creating the ferryd log file");
+        let mut cmd = crate::bins::ferryd();
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .arg(export.path())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let desc = crate::process::describe(&cmd);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let first = match reader.read_line(&mut line) {
+                Ok(n) if n > 0 => Some(line),
+                _ => None,
+            };
+            let _ = tx.send(first);
+            let _ = io::copy(&mut reader, &mut io::sink());
+        });
+        let fail = |child: &mut Child, why: String| -> ! {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read(&log_path).unwrap_or_default();
+            panic!(
+                "`{desc}`: {why}\n--- ferryd stderr ---\n{}",
+                tail(&log, 8192)
+            );
+        };
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.try_wait().ok().flatten();
+                fail(
+                    &mut child,
+                    format!("closed stdout without printing its address (exit: {status:?})"),
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => fail(
+                &mut child,
+                format!("printed no address line within {START_TIMEOUT:?}"),
+            ),
+        };
+        let addr = match line
+            .split_whitespace()
+            .last()
+            .and_then(|w| w.parse::<SocketAddr>().ok())
+        {
+            Some(a) => a,
+            None => fail(
+                &mut child,
+                format!("the last word of its first stdout line is not an address: {line:?}"),
+            ),
+        };
+        TestServer {
+            child,
+            exited: None,
+            addr,
+            export,
+            log_path,
+            _work: work,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address as `ferry` takes it on its command line.
+    pub fn remote(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn export_path(&self) -> &Path {
+        self.export.path()
+    }
+
+    /// `rel` inside the export.
+    pub fn export(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.export.path().join(rel)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (SIGSTOP, SIGCONT, …) without waiting for anything.
+    pub fn signal(&self, sig: i32) {
+        if self.exited.is_none() {
+            kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGKILL and reap: the server dies without closing anything itself.
+    pub fn kill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// SIGTERM, then waits up to [`STOP_TIMEOUT`]; `None` if it was still running then
+    /// (it is SIGKILLed).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Some(s);
+        }
+        kill(self.pid(), libc::SIGCONT);
+        kill(self.pid(), libc::SIGTERM);
+        let mut status = None;
+        poll_until(STOP_TIMEOUT, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_none() {
+            self.kill();
+            return None;
+        }
+        self.exited = status;
+        status
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited.is_none()
+    }
+
+    /// What `ferryd` wrote to stderr so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let log = std::fs::read(&self.log_path).unwrap_or_default();
+            eprintln!(
+                "--- ferryd {} stderr ---\n{}\n--- end of ferryd stderr ---",
+                self.addr,
+                tail(&log, 16384)
+            );
+        }
+    }
+}

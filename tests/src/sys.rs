@@ -1,0 +1,220 @@
+//! Thin wrappers over the libc calls std does not offer (renameat2, utimensat with
+//! nanoseconds, fallocate, mkfifo, statvfs, …), each returning `io::Result` so a test can
+//! assert on the errno, plus the errno assertions themselves.
+
+use std::ffi::CString;
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// The path as a C string (test paths never contain NUL).
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sends `sig` to `pid` (negative: a process group); errors are ignored (already gone).
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Whether a process with this pid exists (zombies included).
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)`.
+pub fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+    let (f, t) = (cstr(from), cstr(to));
+    // SAFETY: both strings are valid NUL-terminated paths for the duration of the call.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    })
+}
+
+/// A timestamp argument of [`utimensat`].
+#[derive(Debug, Clone, Copy)]
+pub enum Time {
+    At(i64, i64),
+    Now,
+    Omit,
+}
+
+impl Time {
+    fn timespec(self) -> libc::timespec {
+        let (sec, nsec) = match self {
+            Time::At(s, n) => (s, n),
+            Time::Now => (0, libc::UTIME_NOW),
+            Time::Omit => (0, libc::UTIME_OMIT),
+        };
+        libc::timespec {
+            tv_sec: sec as libc::time_t,
+            tv_nsec: nsec as _,
+        }
+    }
+}
+
+/// `utimensat(AT_FDCWD, path, [atime, mtime], nofollow ? AT_SYMLINK_NOFOLLOW : 0)`.
+pub fn utimensat(path: &Path, atime: Time, mtime: Time, nofollow: bool) -> io::Result<()> {
+    let p = cstr(path);
+    let times = [atime.timespec(), mtime.timespec()];
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
+    // SAFETY: valid path and a two-element timespec array, as the call requires.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), flags) })
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(file: &File, mode: i32, offset: i64, len: i64) -> io::Result<()> {
+    // SAFETY: the fd is open for the duration of the call.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) })
+}
+
+/// `mkfifo(path, mode)`.
+pub fn mkfifo(path: &Path, mode: u32) -> io::Result<()> {
+    let p = cstr(path);
+    // SAFETY: valid path.
+    check(unsafe { libc::mkfifo(p.as_ptr(), mode as libc::mode_t) })
+}
+
+/// `mknod(path, mode, dev)`.
+pub fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+    let p = cstr(path);
+    // SAFETY: valid path.
+    check(unsafe { libc::mknod(p.as_ptr(), mode as libc::mode_t, dev as libc::dev_t) })
+}
+
+/// `truncate(path, len)` (follows symlinks).
+pub fn truncate(path: &Path, len: u64) -> io::Result<()> {
+    let p = cstr(path);
+    // SAFETY: valid path.
+    check(unsafe { libc::truncate(p.as_ptr(), len as libc::off_t) })
+}
+
+/// `statvfs(path)`.
+pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
+    let p = cstr(path);
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and a pointer to a live statvfs.
+    check(unsafe { libc::statvfs(p.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+/// `umount2(path, MNT_DETACH)`: a lazy unmount.
+pub fn umount_detach(path: &Path) -> io::Result<()> {
+    let p = cstr(path);
+    // SAFETY: valid path.
+    check(unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) })
+}
+
+/// Drops the kernel's clean page cache, dentries and inodes (`echo 3`), or with
+/// `what == 2` only dentries and inodes: a FUSE client then sees FORGETs and lookups again.
+pub fn drop_caches(what: u8) -> io::Result<()> {
+    // SAFETY: sync(2) has no arguments.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", format!("{what}\n"))
+}
+
+/// The current umask (set back right away).
+pub fn umask() -> u32 {
+    // SAFETY: umask(2) cannot fail; we restore the value at once.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old as u32
+    }
+}
+
+/// Symbolic name of common errno values, with the number: `ENOENT (2)`.
+pub fn errno_name(e: i32) -> String {
+    let name = match e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EMLINK => "EMLINK",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ELOOP => "ELOOP",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EINTR => "EINTR",
+        libc::ENXIO => "ENXIO",
+        libc::ETXTBSY => "ETXTBSY",
+        libc::ESTALE => "ESTALE",
+        libc::ENODATA => "ENODATA",
+        libc::ERANGE => "ERANGE",
+        libc::EBUSY => "EBUSY",
+        _ => "E?",
+    };
+    format!("{name} ({e})")
+}
+
+fn describe_err(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("{} \"{e}\"", errno_name(n)),
+        None => format!("non-OS error {:?} \"{e}\"", e.kind()),
+    }
+}
+
+/// Asserts `r` failed with errno `expected`.
+#[track_caller]
+pub fn assert_errno<T: Debug>(r: io::Result<T>, expected: i32) {
+    assert_errno_in(r, &[expected]);
+}
+
+/// Asserts `r` failed with one of the `expected` errno values.
+#[track_caller]
+pub fn assert_errno_in<T: Debug>(r: io::Result<T>, expected: &[i32]) {
+    let want: Vec<String> = expected.iter().map(|&e| errno_name(e)).collect();
+    match r {
+        Ok(v) => panic!(
+            "expected {} but the call succeeded: {v:?}",
+            want.join(" or ")
+        ),
+        Err(e) => assert!(
+            e.raw_os_error().is_some_and(|n| expected.contains(&n)),
+            "expected {} but got {}",
+            want.join(" or "),
+            describe_err(&e)
+        ),
+    }
+}

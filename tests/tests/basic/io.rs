@@ -1,0 +1,212 @@
+//! Reading and writing: offsets, holes, O_APPEND, O_TRUNC, O_EXCL, a large file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use ferry_tests::rng::{Rng, fnv1a};
+use ferry_tests::{TestMount, assert_errno, fixture};
+
+#[test]
+fn write_and_read_at_offsets() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("f.txt");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .expect("create through the mount");
+    f.write_all(b"hello brave new world").expect("write");
+    f.seek(SeekFrom::Start(6)).expect("seek");
+    f.write_all(b"BRAVE").expect("write in the middle");
+    f.write_all_at(b"WORLD", 16).expect("pwrite at the end");
+    let mut buf = [0u8; 5];
+    f.read_exact_at(&mut buf, 6).expect("pread");
+    assert_eq!(&buf, b"BRAVE");
+    f.seek(SeekFrom::Start(0)).expect("seek to 0");
+    let mut all = String::new();
+    f.read_to_string(&mut all).expect("read all");
+    assert_eq!(all, "hello BRAVE new WORLD");
+    drop(f);
+    assert_eq!(
+        fs::read(fx.exp("f.txt")).expect("export"),
+        b"hello BRAVE new WORLD"
+    );
+
+    // Ranges through a fresh read-only handle: inside, at the end (short), past the end.
+    let f = File::open(&p).expect("open for reading");
+    let mut three = [0u8; 3];
+    f.read_exact_at(&mut three, 12).expect("pread 3 at 12");
+    assert_eq!(&three, b"new");
+    let mut ten = [0u8; 10];
+    let n = f.read_at(&mut ten, 16).expect("pread across EOF");
+    assert_eq!(&ten[..n], b"WORLD", "short read at the end of the file");
+    assert_eq!(f.read_at(&mut ten, 100).expect("pread past EOF"), 0);
+    drop(f);
+
+    // A write far past the end leaves a hole of zeros.
+    let f = OpenOptions::new().write(true).open(&p).expect("open rw");
+    let far = 1u64 << 20;
+    f.write_all_at(b"tail", far).expect("pwrite past EOF");
+    drop(f);
+    for (label, data) in [
+        ("export", fs::read(fx.exp("f.txt")).expect("export")),
+        ("mount", fs::read(&p).expect("mount")),
+    ] {
+        assert_eq!(
+            data.len() as u64,
+            far + 4,
+            "{label}: size after sparse write"
+        );
+        assert_eq!(&data[..21], b"hello BRAVE new WORLD", "{label}: head");
+        assert!(
+            data[21..far as usize].iter().all(|&b| b == 0),
+            "{label}: the hole is not zeros"
+        );
+        assert_eq!(&data[far as usize..], b"tail", "{label}: tail");
+    }
+    assert_eq!(fs::metadata(&p).expect("stat").len(), far + 4);
+}
+
+#[test]
+fn append_mode_writes_at_the_end() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("log");
+    fs::write(&p, b"abc").expect("write");
+    let mut a = OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .expect("open O_APPEND");
+    a.write_all(b"def").expect("append");
+    // Another handle extends the file behind the appender's back...
+    let b = OpenOptions::new().write(true).open(&p).expect("open rw");
+    b.write_all_at(b"0123456789", 0).expect("pwrite");
+    // ...and the next append still lands at the (new) end, even one given an offset.
+    a.write_all(b"XY").expect("append after extension");
+    a.write_all_at(b"Z", 0)
+        .expect("pwrite on an O_APPEND handle (Linux appends)");
+    drop((a, b));
+    assert_eq!(fs::read(fx.exp("log")).expect("export"), b"0123456789XYZ");
+    assert_eq!(fs::read(&p).expect("mount"), b"0123456789XYZ");
+}
+
+#[test]
+fn truncate_on_open() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("t");
+    fs::write(&p, vec![b'a'; 100]).expect("write 100 bytes");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .expect("open O_TRUNC");
+    f.write_all(b"x").expect("write");
+    drop(f);
+    assert_eq!(fs::read(fx.exp("t")).expect("export"), b"x");
+    assert_eq!(fs::read(&p).expect("mount"), b"x");
+    File::create(&p).expect("O_CREAT|O_TRUNC on an existing file");
+    assert_eq!(fs::metadata(fx.exp("t")).expect("export").len(), 0);
+    assert_eq!(fs::metadata(&p).expect("mount").len(), 0);
+}
+
+#[test]
+fn exclusive_create() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("x");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .expect("O_CREAT|O_EXCL on a new name");
+    f.write_all(b"first").expect("write");
+    drop(f);
+    assert_errno(
+        OpenOptions::new().write(true).create_new(true).open(&p),
+        libc::EEXIST,
+    );
+    assert_eq!(fs::read(fx.exp("x")).expect("export"), b"first");
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    assert_errno(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(fx.mnt("d")),
+        libc::EEXIST,
+    );
+    // O_EXCL does not follow a dangling symlink: the name exists.
+    std::os::unix::fs::symlink("nowhere", fx.mnt("dangling")).expect("symlink");
+    assert_errno(
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(fx.mnt("dangling")),
+        libc::EEXIST,
+    );
+    assert!(!fx.exp("nowhere").exists());
+}
+
+/// 64 MiB of pseudo-random data written through the mount: the export has the same bytes,
+/// the mount reads them back, and so does a second mount (whose caches are cold).
+#[test]
+fn large_file_roundtrip() {
+    let Some(fx) = fixture() else { return };
+    const SIZE: usize = 64 << 20;
+    let mut rng = Rng::new(0x1a46e);
+    let data = rng.bytes(SIZE);
+    let want = fnv1a(&data);
+    let p = fx.mnt("big.bin");
+    let t = Instant::now();
+    let mut f = File::create(&p).expect("create");
+    // Uneven chunks, so writes straddle page and request boundaries.
+    let mut off = 0;
+    while off < SIZE {
+        let n = (rng.range(1, 3 << 20) as usize).min(SIZE - off);
+        f.write_all(&data[off..off + n]).expect("write chunk");
+        off += n;
+    }
+    f.sync_all().expect("fsync");
+    drop(f);
+    eprintln!("wrote 64 MiB through the mount in {:?}", t.elapsed());
+    assert_big_eq(
+        "export",
+        &fs::read(fx.exp("big.bin")).expect("export"),
+        &data,
+    );
+    let t = Instant::now();
+    assert_big_eq("mount", &fs::read(&p).expect("read back"), &data);
+    eprintln!("read 64 MiB back in {:?}", t.elapsed());
+    let second = TestMount::new(&fx.server);
+    let t = Instant::now();
+    let cold = fs::read(second.join("big.bin")).expect("read through a second mount");
+    eprintln!("read 64 MiB cold in {:?}", t.elapsed());
+    assert_big_eq("second mount", &cold, &data);
+    // Random ranges through a handle.
+    let f = File::open(&p).expect("open");
+    for _ in 0..64 {
+        let off = rng.below(SIZE as u64) as usize;
+        let len = (rng.range(1, 300_000) as usize).min(SIZE - off);
+        let mut buf = vec![0; len];
+        f.read_exact_at(&mut buf, off as u64).expect("pread");
+        assert!(buf == data[off..off + len], "range {off}+{len} differs");
+    }
+    assert_eq!(fnv1a(&data), want);
+}
+
+#[track_caller]
+fn assert_big_eq(label: &str, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    panic!(
+        "{label}: {} bytes (fnv {:016x}) instead of {} (fnv {:016x}); first difference at {:?}",
+        got.len(),
+        fnv1a(got),
+        want.len(),
+        fnv1a(want),
+        first
+    );
+}

@@ -1,0 +1,320 @@
+//! Names: mkdir/rmdir, unlink, rename (plain, RENAME_NOREPLACE, RENAME_EXCHANGE),
+//! symlinks, hard links, open-then-unlink, big directories.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, symlink};
+
+use ferry_tests::sys::renameat2;
+use ferry_tests::{assert_errno, fixture, fixture_with};
+
+fn names(dir: &std::path::Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn mkdir_and_rmdir() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    assert!(fx.exp("d").is_dir(), "export has no directory d");
+    assert_errno(fs::create_dir(fx.mnt("d")), libc::EEXIST);
+    fs::create_dir_all(fx.mnt("d/e/f")).expect("mkdir -p");
+    assert!(fx.exp("d/e/f").is_dir());
+    fs::write(fx.mnt("d/e/file"), b"x").expect("file in d/e");
+    assert_errno(fs::remove_dir(fx.mnt("d/e")), libc::ENOTEMPTY);
+    assert_errno(fs::remove_dir(fx.mnt("d/e/file")), libc::ENOTDIR);
+    assert_errno(fs::remove_dir(fx.mnt("missing")), libc::ENOENT);
+    fs::remove_dir(fx.mnt("d/e/f")).expect("rmdir empty dir");
+    fs::remove_file(fx.mnt("d/e/file")).expect("unlink");
+    fs::remove_dir(fx.mnt("d/e")).expect("rmdir now empty dir");
+    assert!(!fx.exp("d/e").exists(), "export still has d/e");
+    assert_errno(fs::metadata(fx.mnt("d/e")), libc::ENOENT);
+    assert_eq!(names(&fx.mnt("d")), BTreeSet::new());
+    // Directory link counts as the export reports them (2 + subdirectories).
+    fs::create_dir(fx.mnt("d/s1")).expect("mkdir");
+    fs::create_dir(fx.mnt("d/s2")).expect("mkdir");
+    let on_disk = fs::metadata(fx.exp("d")).expect("export").nlink();
+    assert_eq!(fs::metadata(fx.mnt("d")).expect("mount").nlink(), on_disk);
+}
+
+#[test]
+fn unlink_removes_the_name() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.mnt("f"), b"data").expect("write");
+    fs::remove_file(fx.mnt("f")).expect("unlink");
+    assert!(!fx.exp("f").exists(), "export still has f");
+    assert_errno(fs::metadata(fx.mnt("f")), libc::ENOENT);
+    assert_errno(File::open(fx.mnt("f")), libc::ENOENT);
+    assert_errno(fs::remove_file(fx.mnt("f")), libc::ENOENT);
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    assert_errno(fs::remove_file(fx.mnt("d")), libc::EISDIR);
+    assert!(fx.exp("d").is_dir());
+}
+
+#[test]
+fn rename_replaces_the_target_atomically() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.mnt("a"), b"AAA").expect("write a");
+    fs::write(fx.mnt("b"), b"BBBBBB").expect("write b");
+    let ino_a = fs::metadata(fx.mnt("a")).expect("stat a").ino();
+    let mut old_b = File::open(fx.mnt("b")).expect("open b");
+    fs::rename(fx.mnt("a"), fx.mnt("b")).expect("rename a over b");
+    assert_errno(fs::metadata(fx.mnt("a")), libc::ENOENT);
+    assert!(!fx.exp("a").exists(), "export still has a");
+    assert_eq!(fs::read(fx.mnt("b")).expect("read b"), b"AAA");
+    assert_eq!(fs::read(fx.exp("b")).expect("export b"), b"AAA");
+    assert_eq!(
+        fs::metadata(fx.mnt("b")).expect("stat b").ino(),
+        ino_a,
+        "b is not the renamed file"
+    );
+    // The replaced file lives on through its open handle.
+    let mut s = String::new();
+    old_b
+        .read_to_string(&mut s)
+        .expect("read the replaced file");
+    assert_eq!(s, "BBBBBB");
+    // Into another directory, and a directory itself.
+    fs::create_dir_all(fx.mnt("d1/inner")).expect("mkdir");
+    fs::create_dir(fx.mnt("d2")).expect("mkdir");
+    fs::rename(fx.mnt("b"), fx.mnt("d2/b2")).expect("rename across directories");
+    assert_eq!(fs::read(fx.exp("d2/b2")).expect("export"), b"AAA");
+    fs::rename(fx.mnt("d1"), fx.mnt("d2/d1")).expect("rename a directory");
+    assert!(fx.exp("d2/d1/inner").is_dir());
+    assert_eq!(names(&fx.mnt("d2")), ["b2", "d1"].map(String::from).into());
+    assert_eq!(names(&fx.mnt("")), ["d2"].map(String::from).into());
+}
+
+#[test]
+fn rename_errors() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir_all(fx.mnt("full/x")).expect("mkdir");
+    fs::create_dir(fx.mnt("empty")).expect("mkdir");
+    fs::create_dir(fx.mnt("src")).expect("mkdir");
+    fs::write(fx.mnt("file"), b"f").expect("write");
+    assert_errno(fs::rename(fx.mnt("src"), fx.mnt("full")), libc::ENOTEMPTY);
+    assert_errno(fs::rename(fx.mnt("src"), fx.mnt("file")), libc::ENOTDIR);
+    assert_errno(fs::rename(fx.mnt("file"), fx.mnt("empty")), libc::EISDIR);
+    assert_errno(fs::rename(fx.mnt("src"), fx.mnt("src/sub")), libc::EINVAL);
+    assert_errno(fs::rename(fx.mnt("nope"), fx.mnt("x")), libc::ENOENT);
+    assert_errno(fs::rename(fx.mnt("file"), fx.mnt("nodir/x")), libc::ENOENT);
+    fs::rename(fx.mnt("src"), fx.mnt("empty")).expect("a directory replaces an empty one");
+    assert!(fx.exp("empty").is_dir() && !fx.exp("src").exists());
+    fs::rename(fx.mnt("file"), fx.mnt("file")).expect("rename onto itself");
+    assert_eq!(fs::read(fx.exp("file")).expect("export"), b"f");
+}
+
+#[test]
+fn rename_noreplace_and_exchange() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.mnt("a"), b"A").expect("write");
+    fs::write(fx.mnt("b"), b"B").expect("write");
+    assert_errno(
+        renameat2(&fx.mnt("a"), &fx.mnt("b"), libc::RENAME_NOREPLACE),
+        libc::EEXIST,
+    );
+    assert_eq!(fs::read(fx.exp("a")).expect("export a"), b"A");
+    assert_eq!(fs::read(fx.exp("b")).expect("export b"), b"B");
+    renameat2(&fx.mnt("a"), &fx.mnt("c"), libc::RENAME_NOREPLACE)
+        .expect("RENAME_NOREPLACE onto a free name");
+    assert!(!fx.exp("a").exists());
+    assert_eq!(fs::read(fx.exp("c")).expect("export c"), b"A");
+
+    renameat2(&fx.mnt("b"), &fx.mnt("c"), libc::RENAME_EXCHANGE).expect("RENAME_EXCHANGE");
+    assert_eq!(fs::read(fx.exp("b")).expect("export b"), b"A");
+    assert_eq!(fs::read(fx.exp("c")).expect("export c"), b"B");
+    assert_eq!(fs::read(fx.mnt("b")).expect("mount b"), b"A");
+    assert_eq!(fs::read(fx.mnt("c")).expect("mount c"), b"B");
+    // A file and a directory swap places.
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    fs::write(fx.mnt("d/inside"), b"i").expect("write");
+    renameat2(&fx.mnt("b"), &fx.mnt("d"), libc::RENAME_EXCHANGE).expect("exchange file/dir");
+    assert!(fx.exp("b/inside").is_file());
+    assert_eq!(fs::read(fx.exp("d")).expect("export d"), b"A");
+    assert_eq!(fs::read(fx.mnt("b/inside")).expect("mount b/inside"), b"i");
+    assert_errno(
+        renameat2(&fx.mnt("c"), &fx.mnt("missing"), libc::RENAME_EXCHANGE),
+        libc::ENOENT,
+    );
+}
+
+#[test]
+fn symlink_and_readlink() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir(fx.mnt("dir")).expect("mkdir");
+    fs::write(fx.mnt("dir/target"), b"through the link").expect("write");
+    symlink("dir/target", fx.mnt("l")).expect("symlink");
+    symlink("some/where/else", fx.mnt("dangling")).expect("dangling symlink");
+    symlink("dir", fx.mnt("dl")).expect("directory symlink");
+    assert_eq!(
+        fs::read_link(fx.mnt("l")).expect("readlink"),
+        std::path::Path::new("dir/target")
+    );
+    assert_eq!(
+        fs::read_link(fx.exp("l")).expect("export readlink"),
+        std::path::Path::new("dir/target")
+    );
+    assert_eq!(
+        fs::read_link(fx.exp("dangling")).expect("export readlink"),
+        std::path::Path::new("some/where/else")
+    );
+    assert!(
+        fs::symlink_metadata(fx.mnt("l"))
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::symlink_metadata(fx.mnt("dangling"))
+            .expect("lstat")
+            .len(),
+        "some/where/else".len() as u64,
+        "a symlink's size is the length of its target"
+    );
+    assert_eq!(
+        fs::read(fx.mnt("l")).expect("read through"),
+        b"through the link"
+    );
+    assert_eq!(
+        fs::read(fx.mnt("dl/target")).expect("read via dir link"),
+        b"through the link"
+    );
+    assert_errno(File::open(fx.mnt("dangling")), libc::ENOENT);
+    assert_errno(symlink("x", fx.mnt("l")), libc::EEXIST);
+    // Writing through a symlink writes the target.
+    fs::write(fx.mnt("l"), b"rewritten").expect("write through the link");
+    assert_eq!(
+        fs::read(fx.exp("dir/target")).expect("export"),
+        b"rewritten"
+    );
+    assert!(
+        fs::symlink_metadata(fx.exp("l"))
+            .expect("export lstat")
+            .file_type()
+            .is_symlink()
+    );
+    // A long target survives the round trip.
+    let long = "x/".repeat(1000) + "end";
+    symlink(&long, fx.mnt("long")).expect("long symlink");
+    assert_eq!(
+        fs::read_link(fx.mnt("long")).expect("readlink"),
+        std::path::Path::new(&long)
+    );
+    assert_eq!(
+        fs::read_link(fx.exp("long")).expect("export readlink"),
+        std::path::Path::new(&long)
+    );
+}
+
+#[test]
+fn hard_links_share_the_inode() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.mnt("a"), b"shared").expect("write");
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    fs::hard_link(fx.mnt("a"), fx.mnt("d/b")).expect("link");
+    let (ma, mb) = (
+        fs::metadata(fx.mnt("a")).expect("stat a"),
+        fs::metadata(fx.mnt("d/b")).expect("stat b"),
+    );
+    assert_eq!(ma.ino(), mb.ino(), "both names must be one inode");
+    assert_eq!(ma.nlink(), 2, "nlink of a");
+    assert_eq!(mb.nlink(), 2, "nlink of b");
+    let (ea, eb) = (
+        fs::metadata(fx.exp("a")).expect("export a"),
+        fs::metadata(fx.exp("d/b")).expect("export b"),
+    );
+    assert_eq!(ea.ino(), eb.ino(), "export: not a hard link");
+    assert_eq!(ea.nlink(), 2);
+    // Content is shared both ways.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(fx.mnt("d/b"))
+        .expect("open b");
+    f.write_all(b" content").expect("append via b");
+    drop(f);
+    assert_eq!(fs::read(fx.mnt("a")).expect("read a"), b"shared content");
+    assert_eq!(fs::read(fx.exp("a")).expect("export a"), b"shared content");
+    assert_errno(fs::hard_link(fx.mnt("a"), fx.mnt("d/b")), libc::EEXIST);
+    assert_errno(fs::hard_link(fx.mnt("d"), fx.mnt("dlink")), libc::EPERM);
+    assert_errno(fs::hard_link(fx.mnt("missing"), fx.mnt("x")), libc::ENOENT);
+    fs::remove_file(fx.mnt("a")).expect("unlink a");
+    assert_eq!(fs::metadata(fx.mnt("d/b")).expect("stat b").nlink(), 1);
+    assert_eq!(fs::read(fx.mnt("d/b")).expect("read b"), b"shared content");
+}
+
+#[test]
+fn open_then_unlinked_file_stays_usable() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("tmpfile");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .expect("create");
+    f.write_all(b"before unlink").expect("write");
+    f.flush().expect("flush");
+    fs::remove_file(&p).expect("unlink while open");
+    assert_errno(fs::metadata(&p), libc::ENOENT);
+    assert!(!fx.exp("tmpfile").exists(), "export still lists the name");
+    assert!(
+        !fs::read_dir(fx.mnt(""))
+            .expect("readdir")
+            .any(|e| e.expect("entry").file_name() == "tmpfile"),
+        "readdir still lists the name"
+    );
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    let mut s = String::new();
+    f.read_to_string(&mut s).expect("read after unlink");
+    assert_eq!(s, "before unlink");
+    f.write_all(b", and after").expect("write after unlink");
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    s.clear();
+    f.read_to_string(&mut s).expect("read again");
+    assert_eq!(s, "before unlink, and after");
+    let md = f.metadata().expect("fstat after unlink");
+    assert_eq!(md.len(), 24);
+    assert_eq!(md.nlink(), 0);
+    f.set_len(6).expect("ftruncate after unlink");
+    assert_eq!(f.metadata().expect("fstat").len(), 6);
+    // A new file under the same name is a different file.
+    fs::write(&p, b"new").expect("recreate");
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    s.clear();
+    f.read_to_string(&mut s).expect("read the old file");
+    assert_eq!(s, "before");
+    assert_eq!(fs::read(fx.exp("tmpfile")).expect("export"), b"new");
+}
+
+/// More entries than one ReadDir batch (4096) and than one kernel readdir buffer.
+#[test]
+fn big_directory_lists_every_entry() {
+    const N: usize = 5000;
+    let Some(fx) = fixture_with(&[], &[], |export| {
+        fs::create_dir(export.join("big")).expect("mkdir");
+        for i in 0..N {
+            fs::write(
+                export.join(format!("big/entry-with-a-longish-name-{i:05}")),
+                b"",
+            )
+            .expect("create entry");
+        }
+    }) else {
+        return;
+    };
+    let got = names(&fx.mnt("big"));
+    assert_eq!(got.len(), N, "entries listed through the mount");
+    assert_eq!(got, names(&fx.exp("big")));
+    // Listing twice gives the same answer (the handle is not consumed).
+    assert_eq!(names(&fx.mnt("big")).len(), N);
+}

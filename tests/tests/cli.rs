@@ -1,0 +1,474 @@
+//! The command line: `ferry ls/get/put/shell` round trips, `ferry mount`/`umount` and
+//! their failures (one line on stderr, non-zero exit, nothing left mounted), usage errors
+//! (exit 2), `ferryd` start and stop.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use ferry_tests::mount::{self, TestMount};
+use ferry_tests::rng::Rng;
+use ferry_tests::{
+    TestServer, ferry, ferryd, poll_until, require_fuse, run, run_stdin, temp_dir, wait_for,
+};
+
+/// Whether some line of a `ferry ls` listing names `name` (as its last word, `/` for dirs).
+fn lists(listing: &str, name: &str) -> bool {
+    listing.lines().any(|l| {
+        l.split_whitespace()
+            .last()
+            .is_some_and(|w| w == name || w.strip_suffix('/') == Some(name))
+    })
+}
+
+/// The non-empty lines of a stream.
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// An address where nothing listens (a port just released).
+fn dead_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr.to_string()
+}
+
+#[test]
+fn ls_lists_a_directory() {
+    let server = TestServer::start();
+    fs::write(server.export("a.txt"), b"abc").expect("write");
+    fs::create_dir_all(server.export("sub/deeper")).expect("mkdir");
+    fs::write(server.export("sub/inner"), b"12345").expect("write");
+    let out = run(ferry().args(["ls", &server.remote()]));
+    out.assert_success();
+    let text = out.stdout_str();
+    assert!(lists(&text, "a.txt") && lists(&text, "sub"), "{out}");
+    assert_eq!(lines(&text).len(), 2, "{out}");
+    let a = text
+        .lines()
+        .find(|l| lists(l, "a.txt"))
+        .expect("a.txt line");
+    assert!(
+        a.split_whitespace().any(|w| w == "3"),
+        "size of a.txt not shown: {a}"
+    );
+    let out = run(ferry().args(["ls", &server.remote(), "sub"]));
+    out.assert_success();
+    assert!(
+        lists(&out.stdout_str(), "inner") && lists(&out.stdout_str(), "deeper"),
+        "{out}"
+    );
+    let out = run(ferry().args(["ls", &server.remote(), "missing"]));
+    out.assert_failure();
+    assert!(!out.stderr.is_empty(), "no message: {out}");
+    assert!(out.stdout.is_empty(), "{out}");
+}
+
+#[test]
+fn get_and_put_round_trip() {
+    let server = TestServer::start();
+    let local = temp_dir("local");
+    let cwd = temp_dir("local");
+    // Bigger than one request (MAX_IO is 4 MiB) and not a multiple of anything.
+    let data = Rng::new(77).bytes((5 << 20) + 12345);
+    let src = local.path().join("blob.bin");
+    fs::write(&src, &data).expect("write");
+    // put LOCAL PATH, put LOCAL (default: its base name), put into a subdirectory.
+    run(ferry()
+        .args(["put", &server.remote()])
+        .arg(&src)
+        .arg("remote.bin"))
+    .assert_success();
+    assert!(
+        fs::read(server.export("remote.bin")).expect("export") == data,
+        "put: content differs"
+    );
+    run(ferry()
+        .current_dir(cwd.path())
+        .args(["put", &server.remote()])
+        .arg(&src))
+    .assert_success();
+    assert!(
+        fs::read(server.export("blob.bin")).expect("export") == data,
+        "put default name"
+    );
+    fs::create_dir(server.export("sub")).expect("mkdir");
+    run(ferry()
+        .args(["put", &server.remote()])
+        .arg(&src)
+        .arg("sub/in.bin"))
+    .assert_success();
+    assert!(fs::read(server.export("sub/in.bin")).expect("export") == data);
+    // get PATH LOCAL, get PATH (default: base name in the current directory).
+    let dst = local.path().join("back.bin");
+    run(ferry()
+        .args(["get", &server.remote(), "remote.bin"])
+        .arg(&dst))
+    .assert_success();
+    assert!(
+        fs::read(&dst).expect("local") == data,
+        "get: content differs"
+    );
+    run(ferry()
+        .current_dir(cwd.path())
+        .args(["get", &server.remote(), "sub/in.bin"]))
+    .assert_success();
+    assert!(
+        fs::read(cwd.path().join("in.bin")).expect("local") == data,
+        "get default name"
+    );
+    // Empty files, and overwriting a longer file with a shorter one (no stale tail).
+    fs::write(local.path().join("empty"), b"").expect("write");
+    run(ferry()
+        .args(["put", &server.remote()])
+        .arg(local.path().join("empty"))
+        .arg("e"))
+    .assert_success();
+    assert_eq!(fs::read(server.export("e")).expect("export"), b"");
+    fs::write(local.path().join("short"), b"short").expect("write");
+    run(ferry()
+        .args(["put", &server.remote()])
+        .arg(local.path().join("short"))
+        .arg("remote.bin"))
+    .assert_success();
+    assert_eq!(
+        fs::read(server.export("remote.bin")).expect("export"),
+        b"short"
+    );
+    run(ferry()
+        .args(["get", &server.remote(), "remote.bin"])
+        .arg(&dst))
+    .assert_success();
+    assert_eq!(fs::read(&dst).expect("local"), b"short");
+}
+
+#[test]
+fn get_and_put_failures_are_reported() {
+    let server = TestServer::start();
+    let local = temp_dir("local");
+    let dst = local.path().join("never");
+    let out = run(ferry()
+        .args(["get", &server.remote(), "missing.txt"])
+        .arg(&dst));
+    out.assert_failure();
+    let msg = out.stderr_str().to_lowercase();
+    assert!(
+        msg.contains("missing.txt") || msg.contains("no such file") || msg.contains("not found"),
+        "unclear message: {out}"
+    );
+    assert_eq!(
+        lines(&out.stderr_str()).len(),
+        1,
+        "expected a one-line message: {out}"
+    );
+    assert!(!dst.exists(), "a failed get left {}", dst.display());
+    let out = run(ferry().args(["get", &server.remote(), ""]).arg(&dst));
+    out.assert_failure();
+    fs::create_dir(server.export("adir")).expect("mkdir");
+    let out = run(ferry().args(["get", &server.remote(), "adir"]).arg(&dst));
+    out.assert_failure();
+    assert!(!dst.exists());
+    let out = run(ferry()
+        .args(["put", &server.remote()])
+        .arg(local.path().join("no-such-local-file"))
+        .arg("x"));
+    out.assert_failure();
+    assert!(!out.stderr.is_empty(), "{out}");
+    assert!(!server.export("x").exists());
+    fs::write(local.path().join("f"), b"f").expect("write");
+    let out = run(ferry()
+        .args(["put", &server.remote()])
+        .arg(local.path().join("f"))
+        .arg("no/such/dir/f"));
+    out.assert_failure();
+    let out = run(ferry().args(["ls", &dead_addr()]));
+    out.assert_failure();
+    assert!(
+        out.elapsed < Duration::from_secs(10),
+        "ls of a dead server took {:?}",
+        out.elapsed
+    );
+}
+
+#[test]
+fn shell_session_through_stdin() {
+    let server = TestServer::start();
+    fs::create_dir(server.export("sub")).expect("mkdir");
+    fs::write(server.export("sub/inner"), b"inside").expect("write");
+    let local = temp_dir("local");
+    let cwd = temp_dir("local");
+    let up = local.path().join("up.txt");
+    fs::write(&up, b"uploaded through the shell").expect("write");
+    let down = local.path().join("down.txt");
+    let script = format!(
+        "help\ndir\nput {up}\nput {up} renamed.txt\ndir\ndir sub\nget renamed.txt {down}\nget up.txt\nclose\n",
+        up = up.display(),
+        down = down.display()
+    );
+    let out = run_stdin(
+        ferry()
+            .current_dir(cwd.path())
+            .args(["shell", &server.remote()]),
+        script.as_bytes(),
+    );
+    out.assert_success();
+    let text = out.stdout_str();
+    for word in ["dir", "get", "put", "close"] {
+        assert!(text.contains(word), "help does not mention {word}: {out}");
+    }
+    assert!(lists(&text, "sub"), "dir did not list sub: {out}");
+    assert!(
+        lists(&text, "up.txt") && lists(&text, "renamed.txt"),
+        "{out}"
+    );
+    assert!(lists(&text, "inner"), "dir sub did not list inner: {out}");
+    assert_eq!(
+        fs::read(server.export("up.txt")).expect("export"),
+        b"uploaded through the shell"
+    );
+    assert_eq!(
+        fs::read(server.export("renamed.txt")).expect("export"),
+        b"uploaded through the shell"
+    );
+    assert_eq!(
+        fs::read(&down).expect("local"),
+        b"uploaded through the shell"
+    );
+    assert_eq!(
+        fs::read(cwd.path().join("up.txt")).expect("local"),
+        b"uploaded through the shell"
+    );
+
+    // An error does not end the session; end of input does.
+    let out = run_stdin(
+        ferry()
+            .current_dir(cwd.path())
+            .args(["shell", &server.remote()]),
+        b"get missing\ndir sub\n",
+    );
+    assert!(
+        (out.stderr_str() + &out.stdout_str())
+            .to_lowercase()
+            .contains("missing"),
+        "no error for a missing file: {out}"
+    );
+    assert!(
+        lists(&out.stdout_str(), "inner"),
+        "the session ended at the error: {out}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &[][..],
+        &["frobnicate"][..],
+        &["mount"][..],
+        &["mount", "127.0.0.1:1"][..],
+        &["get"][..],
+        &["put", "127.0.0.1:1"][..],
+        &["ls", "127.0.0.1:1", "a", "b", "c"][..],
+        &["umount"][..],
+        &["--no-such-flag"][..],
+    ] {
+        let out = run(ferry().args(args));
+        assert_eq!(out.code(), Some(2), "ferry {args:?}: {out}");
+        assert!(
+            !out.stderr.is_empty(),
+            "ferry {args:?} printed no usage: {out}"
+        );
+    }
+    for args in [&[][..], &["--no-such-flag", "/tmp"][..]] {
+        let out = run(ferryd().args(args));
+        assert_eq!(out.code(), Some(2), "ferryd {args:?}: {out}");
+    }
+}
+
+#[test]
+fn ferryd_stops_on_sigterm_and_rejects_a_missing_dir() {
+    let mut server = TestServer::start();
+    let status = server
+        .stop()
+        .expect("ferryd did not exit within 10 s of SIGTERM");
+    assert!(status.success(), "ferryd exited with {status} on SIGTERM");
+    let out = run(ferryd().args(["--listen", "127.0.0.1:0", "/nonexistent/ferry/export"]));
+    out.assert_failure();
+    assert!(!out.stderr.is_empty(), "{out}");
+}
+
+#[test]
+fn mount_fails_fast_when_the_server_is_unreachable() {
+    if !require_fuse() {
+        return;
+    }
+    let guard = TestMount::guard(temp_dir("mnt"));
+    let out = run(ferry()
+        .arg("mount")
+        .arg(dead_addr())
+        .arg(guard.path())
+        .env_remove("RUST_LOG"));
+    out.assert_failure();
+    assert!(
+        out.elapsed < Duration::from_secs(10),
+        "took {:?}: {out}",
+        out.elapsed
+    );
+    assert_eq!(
+        lines(&out.stderr_str()).len(),
+        1,
+        "expected a one-line reason: {out}"
+    );
+    assert!(!guard.is_mounted(), "a failed mount left a mount behind");
+    assert!(
+        guard.daemon_pids().is_empty(),
+        "a failed mount left a daemon behind"
+    );
+}
+
+#[test]
+fn mount_fails_on_a_missing_or_non_empty_mountpoint() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let parent = temp_dir("mnt");
+    let missing = parent.path().join("missing");
+    let out = run(ferry()
+        .arg("mount")
+        .arg(server.remote())
+        .arg(&missing)
+        .env_remove("RUST_LOG"));
+    out.assert_failure();
+    assert_eq!(
+        lines(&out.stderr_str()).len(),
+        1,
+        "expected a one-line reason: {out}"
+    );
+    assert!(!missing.exists() && !mount::is_mounted(&missing));
+
+    let guard = TestMount::guard(temp_dir("mnt"));
+    fs::write(guard.join("occupied"), b"mine").expect("write");
+    let out = run(ferry()
+        .arg("mount")
+        .arg(server.remote())
+        .arg(guard.path())
+        .env_remove("RUST_LOG"));
+    out.assert_failure();
+    assert_eq!(
+        lines(&out.stderr_str()).len(),
+        1,
+        "expected a one-line reason: {out}"
+    );
+    assert!(!guard.is_mounted(), "mounted over a non-empty directory");
+    assert_eq!(fs::read(guard.join("occupied")).expect("read"), b"mine");
+
+    // A file is not a mountpoint either.
+    let file = parent.path().join("file");
+    fs::write(&file, b"").expect("write");
+    let out = run(ferry()
+        .arg("mount")
+        .arg(server.remote())
+        .arg(&file)
+        .env_remove("RUST_LOG"));
+    out.assert_failure();
+    assert!(!mount::is_mounted(&file));
+}
+
+#[test]
+fn umount_unmounts_and_the_daemon_exits() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let mut m = TestMount::new(&server);
+    assert_eq!(fs::read(m.join("f")).expect("read"), b"x");
+    assert!(
+        !m.daemon_pids().is_empty(),
+        "no daemon process found for the mount"
+    );
+    m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!m.is_mounted());
+    assert!(
+        !m.join("f").exists(),
+        "the mountpoint still shows the export"
+    );
+    // Unmounting what is not mounted fails.
+    let out = run(ferry().arg("umount").arg(m.path()));
+    out.assert_failure();
+    assert!(!out.stderr.is_empty(), "{out}");
+}
+
+/// Kills the child (and its group) on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            ferry_tests::sys::kill(-(self.0.id() as i32), libc::SIGKILL);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn foreground_mount_runs_until_unmounted() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"foreground").expect("write");
+    let guard = TestMount::guard(temp_dir("mnt"));
+    let log = temp_dir("work");
+    let log_file = fs::File::create(log.path().join("fg.log")).expect("log");
+    let mut cmd = ferry();
+    cmd.args(["mount", "--foreground", &server.remote()])
+        .arg(guard.path())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0);
+    let mut child = KillOnDrop(cmd.spawn().expect("spawn ferry mount --foreground"));
+    let show_log = || fs::read_to_string(log.path().join("fg.log")).unwrap_or_default();
+    let mounted = poll_until(Duration::from_secs(20), || {
+        guard.is_mounted() || child.0.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        mounted && guard.is_mounted(),
+        "foreground mount never appeared:\n{}",
+        show_log()
+    );
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "--foreground returned while mounted"
+    );
+    assert_eq!(fs::read(guard.join("f")).expect("read"), b"foreground");
+    run(ferry().arg("umount").arg(guard.path())).assert_success();
+    let mut status = None;
+    wait_for(
+        Duration::from_secs(10),
+        "the foreground ferry to exit",
+        || {
+            status = child.0.try_wait().ok().flatten();
+            status.is_some()
+        },
+    );
+    let status = status.expect("exit status");
+    assert!(
+        status.success(),
+        "foreground ferry exited with {status}:\n{}",
+        show_log()
+    );
+    assert!(!guard.is_mounted());
+    assert!(
+        Path::new(guard.path())
+            .read_dir()
+            .expect("readdir")
+            .next()
+            .is_none()
+    );
+}

@@ -1,0 +1,114 @@
+//! A server that dies (SIGKILL) or freezes (SIGSTOP) makes operations on the mount fail
+//! within a bounded time (EIO, ENOTCONN or ETIMEDOUT), never hang; the mount can still be
+//! unmounted cleanly afterwards.
+//!
+//! Each operation runs on its own thread with a deadline. The files and directories used
+//! are made on the export before mounting and never touched through the mount before the
+//! server goes away, so no cache can answer for the server.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{errno_name, fixture_with, run_timeout, with_deadline};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+const ACCEPTED: [i32; 3] = [libc::EIO, libc::ENOTCONN, libc::ETIMEDOUT];
+
+fn populate(export: &std::path::Path) {
+    for d in ["d1", "d2", "d3"] {
+        fs::create_dir(export.join(d)).expect("mkdir");
+        fs::write(export.join(d).join("file"), b"content").expect("write");
+    }
+    fs::write(export.join("top"), b"top").expect("write");
+}
+
+/// Runs `op` with [`DEADLINE`]; asserts it failed with one of [`ACCEPTED`].
+#[track_caller]
+fn assert_fails_in_time<T: std::fmt::Debug + Send + 'static>(
+    what: &str,
+    op: impl FnOnce() -> io::Result<T> + Send + 'static,
+) {
+    let start = Instant::now();
+    match with_deadline(DEADLINE, op) {
+        None => panic!("{what}: still blocked after {DEADLINE:?}"),
+        Some(Ok(v)) => panic!("{what}: succeeded ({v:?}) although the server is gone"),
+        Some(Err(e)) => {
+            let errno = e.raw_os_error();
+            assert!(
+                errno.is_some_and(|n| ACCEPTED.contains(&n)),
+                "{what}: failed with {} ({e}), expected EIO, ENOTCONN or ETIMEDOUT",
+                errno
+                    .map(errno_name)
+                    .unwrap_or_else(|| format!("{:?}", e.kind()))
+            );
+            eprintln!("{what}: {e} after {:?}", start.elapsed());
+        }
+    }
+}
+
+#[track_caller]
+fn assert_ls_fails_in_time(dir: PathBuf) {
+    let start = Instant::now();
+    let mut ls = Command::new("ls");
+    ls.arg("-l").arg(&dir);
+    match run_timeout(&mut ls, None, DEADLINE) {
+        Err(t) => panic!("{t}"),
+        Ok(out) => {
+            assert!(
+                !out.success(),
+                "`ls -l {}` succeeded with the server gone: {out}",
+                dir.display()
+            );
+            assert!(!out.stderr.is_empty(), "ls failed silently: {out}");
+            eprintln!(
+                "ls: {} after {:?}",
+                out.stderr_str().trim(),
+                start.elapsed()
+            );
+        }
+    }
+}
+
+#[test]
+fn killed_server_makes_operations_fail_not_hang() {
+    let Some(mut fx) = fixture_with(&[], &[], populate) else {
+        return;
+    };
+    // The mount works before.
+    assert_eq!(fs::read(fx.mnt("top")).expect("read"), b"top");
+    fx.server.kill();
+    assert_ls_fails_in_time(fx.mnt("d1"));
+    let p = fx.mnt("d2/file");
+    assert_fails_in_time("read of an uncached file", move || fs::read(p));
+    let p = fx.mnt("d3");
+    assert_fails_in_time("readdir of an uncached directory", move || {
+        fs::read_dir(p).and_then(|d| d.collect::<io::Result<Vec<_>>>())
+    });
+    let p = fx.mnt("new");
+    assert_fails_in_time("create", move || fs::write(p, b"x"));
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the server died: {e}"));
+}
+
+#[test]
+fn stopped_server_makes_operations_time_out() {
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "2"], populate) else {
+        return;
+    };
+    assert_eq!(fs::read(fx.mnt("top")).expect("read"), b"top");
+    fx.server.signal(libc::SIGSTOP);
+    // (If an assertion fails, the server's Drop sends SIGCONT before SIGTERM.)
+    let p = fx.mnt("d2/file");
+    assert_fails_in_time("read of an uncached file, server stopped", move || {
+        fs::read(p)
+    });
+    assert_ls_fails_in_time(fx.mnt("d1"));
+    fx.server.signal(libc::SIGCONT);
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the server was stopped: {e}"));
+}
