@@ -33,13 +33,16 @@ pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 /// Capability bits negotiated in the handshake (the intersection of both sides is used).
 pub mod caps {
-    /// Server can push [`super::Event`]s (reserved; invalidations come in a later version).
+    /// Server pushes [`super::Event`]s: every change to a directory the client has looked
+    /// into (made by anyone: other clients, processes on the server) is reported.
     pub const EVENTS: u64 = 1 << 0;
     /// Server may be asked to create files on behalf of the caller's uid/gid.
     pub const CALLER_CREDS: u64 = 1 << 1;
 }
 
-/// The first message on a connection, client to server.
+/// The first message on a connection, client to server. `magic` and `version` stay the
+/// first two fields forever: a server reads them before decoding the rest, so a client of
+/// another version always gets a readable `Refused`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub magic: [u8; 8],
@@ -79,6 +82,9 @@ pub struct Welcome {
     pub max_io: u32,
     /// Free text for logs, e.g. `ferryd 0.1.0`.
     pub server: String,
+    /// Identifies the export (server host, export directory) across server restarts, so a
+    /// client can key its persistent cache by it.
+    pub export_id: u64,
 }
 
 /// A path relative to the export root as raw bytes: components separated by `/`, no
@@ -252,9 +258,18 @@ pub enum Request {
         new_parent: RelPath,
         new_name: Name,
     },
+    /// Open a file. With `inline_max > 0`, a regular file of at most that many bytes comes
+    /// back whole in `Response::OpenedWithData` (one round trip for small files).
+    ///
+    /// With `staged` and write access, writes through the handle go to a hidden staging
+    /// file and reach the real file only on `Commit` (or `Fsync`): if the connection dies
+    /// first, the file keeps its previous content. Reads and `GetAttr` through the handle
+    /// see the staged data. A file that is empty once opened is written directly.
     Open {
         path: RelPath,
         flags: OpenFlags,
+        inline_max: u32,
+        staged: bool,
     },
     Create {
         parent: RelPath,
@@ -274,9 +289,16 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Commits staged writes first (see `Open`), then fsync/fdatasync.
     Fsync {
         handle: u64,
         datasync: bool,
+    },
+    /// Apply the staged writes and size changes of `handle` to the real file, then set its
+    /// mtime to when the last write arrived. Replies `Response::Attr` of the real file.
+    /// A handle without staged changes just replies its attributes.
+    Commit {
+        handle: u64,
     },
     Fallocate {
         handle: u64,
@@ -290,6 +312,7 @@ pub enum Request {
     StatFs {
         path: RelPath,
     },
+    /// Replies `Response::Opened` (the attr is the directory's).
     OpenDir {
         path: RelPath,
     },
@@ -300,6 +323,32 @@ pub enum Request {
     },
     ReleaseDir {
         handle: u64,
+    },
+    /// Extended attributes of `path` (never following a final symlink). `size == 0` asks
+    /// for the length only (`Response::XattrSize`), as getxattr(2) does.
+    GetXattr {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        size: u32,
+    },
+    /// NUL-separated names, or the length when `size == 0`.
+    ListXattr {
+        path: RelPath,
+        size: u32,
+    },
+    SetXattr {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
     },
 }
 
@@ -324,12 +373,17 @@ impl Request {
             Request::Read { .. } => "read",
             Request::Write { .. } => "write",
             Request::Fsync { .. } => "fsync",
+            Request::Commit { .. } => "commit",
             Request::Fallocate { .. } => "fallocate",
             Request::Release { .. } => "release",
             Request::StatFs { .. } => "statfs",
             Request::OpenDir { .. } => "opendir",
             Request::ReadDir { .. } => "readdir",
             Request::ReleaseDir { .. } => "releasedir",
+            Request::GetXattr { .. } => "getxattr",
+            Request::ListXattr { .. } => "listxattr",
+            Request::SetXattr { .. } => "setxattr",
+            Request::RemoveXattr { .. } => "removexattr",
         }
     }
 
@@ -346,7 +400,10 @@ impl Request {
             | Request::Link { .. }
             | Request::Create { .. }
             | Request::Write { .. }
-            | Request::Fallocate { .. } => true,
+            | Request::Commit { .. }
+            | Request::Fallocate { .. }
+            | Request::SetXattr { .. }
+            | Request::RemoveXattr { .. } => true,
             Request::Open { flags, .. } => {
                 let acc = flags & 0o3;
                 acc != 0 || flags & 0o1000 != 0 // O_WRONLY/O_RDWR or O_TRUNC
@@ -379,11 +436,29 @@ pub enum Response {
     Pong,
     Ok,
     Attr(Attr),
-    Opened { handle: u64, attr: Attr },
+    Opened {
+        handle: u64,
+        attr: Attr,
+    },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
-    Written { len: u32 },
-    Dir { entries: Vec<DirEntry>, eof: bool },
+    Written {
+        len: u32,
+    },
+    Dir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
     StatFs(StatFs),
+    /// `Open` of a small regular file: the handle plus the whole content, read after the
+    /// attributes were taken (`data.len() == attr.size`).
+    OpenedWithData {
+        handle: u64,
+        attr: Attr,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Answer to a size query (`GetXattr`/`ListXattr` with `size == 0`).
+    XattrSize(u32),
 }
 
 /// A server-to-client message.
@@ -398,12 +473,18 @@ pub enum ServerFrame {
     Event(Event),
 }
 
-/// Server-pushed notifications. Reserved in protocol version 1: a client must ignore
-/// events it does not understand.
+/// Server-pushed notifications (only with [`caps::EVENTS`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    /// Something under `path` changed; cached attributes and data must be revalidated.
-    Changed { path: RelPath },
-    /// The entry `name` in directory `parent` appeared, disappeared or was replaced.
-    EntryChanged { parent: RelPath, name: Name },
+    /// Entry `name` of directory `parent` was created, removed, renamed, written or had its
+    /// attributes changed; `name: None` means the directory itself. `attr` is the entry's
+    /// state once the change happened (`None`: it no longer exists), so a client that made
+    /// the change itself can see it already knows this version.
+    Changed {
+        parent: RelPath,
+        name: Option<Name>,
+        attr: Option<Attr>,
+    },
+    /// Events may have been lost (queue overflow, a slow client): revalidate everything.
+    Resync,
 }
