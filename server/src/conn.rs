@@ -147,6 +147,7 @@ where
         root,
         max_io: MAX_IO,
         server: format!("ferryd {}", env!("CARGO_PKG_VERSION")),
+        export_id: export.id(),
     });
     framed.send(Bytes::from(encode_body(&welcome)?)).await?;
     info!(client = ?hello.client, capabilities, "client connected");

@@ -52,6 +52,8 @@ pub struct Export {
     read_only: bool,
     /// `st_dev` of the root: files on it keep their own inode number as `Attr::ino`.
     root_dev: u64,
+    /// See [`export_id`].
+    id: u64,
 }
 
 impl Export {
@@ -78,11 +80,15 @@ impl Export {
         if std::fs::metadata(std::ffi::OsStr::from_bytes(probe.as_bytes())).is_err() {
             return Err(ExportError::NoProc);
         }
+        // Without a host name the id still distinguishes exports on this host.
+        let host = sys::hostname().unwrap_or_default();
+        let id = export_id(&host, path.as_os_str().as_bytes(), st.st_dev, st.st_ino);
         Ok(Export {
             root,
             path,
             read_only,
             root_dev: st.st_dev,
+            id,
         })
     }
 
@@ -96,6 +102,11 @@ impl Export {
 
     pub fn root_dev(&self) -> u64 {
         self.root_dev
+    }
+
+    /// The `Welcome::export_id` of this export.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn root_fd(&self) -> BorrowedFd<'_> {
@@ -145,5 +156,58 @@ impl Export {
             // operation; the client must not see EXDEV for it (see the module doc).
             if e == libc::EXDEV { libc::EACCES } else { e }
         })
+    }
+}
+
+/// A stable identity of an export for clients' persistent caches: the same host, export
+/// path and root directory (device and inode) give the same id after a restart or on
+/// another port; a directory recreated under the same name does not (its inode differs),
+/// so a cache of the old one is not reused for it.
+///
+/// FNV-1a over length-prefixed fields, then the splitmix64 finalizer: deterministic
+/// across builds and platforms, which std's `DefaultHasher` does not promise.
+pub fn export_id(host: &[u8], canonical_path: &[u8], dev: u64, ino: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for field in [host, canonical_path] {
+        eat(&(field.len() as u64).to_le_bytes());
+        eat(field);
+    }
+    eat(&dev.to_le_bytes());
+    eat(&ino.to_le_bytes());
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_id_is_stable_and_depends_on_every_field() {
+        let id = export_id(b"host", b"/srv/data", 2049, 1234);
+        assert_eq!(id, export_id(b"host", b"/srv/data", 2049, 1234));
+        assert_ne!(id, export_id(b"host2", b"/srv/data", 2049, 1234));
+        assert_ne!(id, export_id(b"host", b"/srv/data2", 2049, 1234));
+        assert_ne!(id, export_id(b"host", b"/srv/data", 2050, 1234));
+        assert_ne!(id, export_id(b"host", b"/srv/data", 2049, 1235));
+        // Length prefixes: moving bytes between host and path changes the id.
+        assert_ne!(export_id(b"ab", b"c", 1, 1), export_id(b"a", b"bc", 1, 1));
+    }
+
+    #[test]
+    fn same_directory_same_id() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let a = Export::open(dir.path(), false).unwrap();
+        let b = Export::open(&dir.path().join("."), true).unwrap();
+        assert_eq!(a.id(), b.id());
+        let other = tempfile::TempDir::new().unwrap();
+        assert_ne!(a.id(), Export::open(other.path(), false).unwrap().id());
     }
 }

@@ -350,6 +350,17 @@ pub fn set_keepalive(sock: BorrowedFd<'_>) -> Result<(), Errno> {
     Ok(())
 }
 
+/// The host name (`gethostname(2)`), as raw bytes without the terminating NUL.
+pub fn hostname() -> Result<Vec<u8>, Errno> {
+    // HOST_NAME_MAX is 64 on Linux; a larger buffer costs nothing.
+    let mut buf = vec![0u8; 256];
+    // SAFETY: the buffer is valid for writes of `buf.len()` bytes.
+    cvt(unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) })?;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// Effective uid of the server process.
 pub fn geteuid() -> u32 {
     // SAFETY: no arguments, cannot fail.

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use ferry_common::{Caller, MAX_IO, Name, OpenFlags, RelPath, Response};
+use ferry_common::{Attr, Caller, MAX_IO, Name, OpenFlags, RelPath, Response};
 
 use super::{Ctx, attr_of, new_owner};
 use crate::handles::{Handle, OpenFile};
@@ -56,13 +56,58 @@ fn opened(ctx: &Ctx, fd: OwnedFd, writable: bool) -> Result<Response, Errno> {
     Ok(Response::Opened { handle, attr })
 }
 
-pub fn open(ctx: &Ctx, path: &RelPath, flags: OpenFlags) -> Result<Response, Errno> {
+pub fn open(
+    ctx: &Ctx,
+    path: &RelPath,
+    flags: OpenFlags,
+    inline_max: u32,
+) -> Result<Response, Errno> {
     let (_, writable) = access_mode(flags)?;
     // Look before opening: opening a device or FIFO may have side effects.
     let probe = ctx.export.resolve(path, libc::O_PATH)?;
     check_openable(&sys::fstat(probe.as_fd())?)?;
     let fd = ctx.export.resolve(path, (flags & PASSED_FLAGS) | ALWAYS)?;
-    opened(ctx, fd, writable)
+    let inline = match inline_max {
+        0 => None,
+        max => read_inline(ctx, fd.as_fd(), max)?,
+    };
+    match (opened(ctx, fd, writable)?, inline) {
+        (Response::Opened { handle, .. }, Some((attr, data))) => {
+            Ok(Response::OpenedWithData { handle, attr, data })
+        }
+        (reply, _) => Ok(reply),
+    }
+}
+
+/// The whole content of a regular file of at most `max` bytes, with its attributes
+/// taken by `fstat` after the read. `None` (reply a plain `Opened`) for anything else,
+/// including a file that changed size while it was read: the client must never get
+/// data and attributes that disagree.
+fn read_inline(ctx: &Ctx, fd: BorrowedFd<'_>, max: u32) -> Result<Option<(Attr, Vec<u8>)>, Errno> {
+    let st = sys::fstat(fd)?;
+    let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || size > u64::from(max) {
+        return Ok(None);
+    }
+    // One byte more than the limit (or than the size, if smaller) detects a file that
+    // grew meanwhile without reading a large one whole.
+    let cap = (max as usize).min(MAX_IO as usize).min(size as usize) + 1;
+    let mut data = vec![0u8; cap];
+    let mut done = 0usize;
+    while done < data.len() {
+        match sys::pread(fd, &mut data[done..], done as i64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    data.truncate(done);
+    let after = attr_of(&sys::fstat(fd)?, ctx.export.root_dev());
+    if data.len() as u64 != after.size {
+        return Ok(None);
+    }
+    Ok(Some((after, data)))
 }
 
 /// Create-or-open. Without `O_EXCL` from the client an existing file is opened (and

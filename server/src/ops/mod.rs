@@ -48,7 +48,7 @@ mod meta;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use ferry_common::{Attr, Caller, FileKind, Request, Response, Timespec, caps};
+use ferry_common::{Attr, Caller, FileKind, RelPath, Request, Response, Timespec, caps};
 
 use crate::export::Export;
 use crate::handles::Handles;
@@ -119,7 +119,12 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             new_name,
         } => meta::link(ctx, &path, &new_parent, &new_name),
         Request::StatFs { path } => meta::statfs(ctx, &path),
-        Request::Open { path, flags } => io::open(ctx, &path, flags),
+        Request::Open {
+            path,
+            flags,
+            inline_max,
+            staged: _,
+        } => io::open(ctx, &path, flags, inline_max),
         Request::Create {
             parent,
             name,
@@ -138,6 +143,7 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             data,
         } => io::write(ctx, handle, offset, &data),
         Request::Fsync { handle, datasync } => io::fsync(ctx, handle, datasync),
+        Request::Commit { handle } => meta::getattr(ctx, &RelPath::root(), Some(handle)),
         Request::Fallocate {
             handle,
             offset,
@@ -151,6 +157,10 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             max_entries,
         } => dir::readdir(ctx, handle, max_entries),
         Request::ReleaseDir { handle } => ctx.handles.remove_dir(handle).map(|()| Response::Ok),
+        Request::GetXattr { .. }
+        | Request::ListXattr { .. }
+        | Request::SetXattr { .. }
+        | Request::RemoveXattr { .. } => Err(libc::EOPNOTSUPP),
     }
 }
 

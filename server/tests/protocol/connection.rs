@@ -194,6 +194,8 @@ async fn mutated_requests_never_hurt_the_server() {
         Request::Open {
             path: p("d/f"),
             flags: libc::O_RDWR,
+            inline_max: 4096,
+            staged: true,
         },
         Request::Read {
             handle: 1,
@@ -224,6 +226,26 @@ async fn mutated_requests_never_hurt_the_server() {
         Request::ReadDir {
             handle: 2,
             max_entries: 100,
+        },
+        Request::Commit { handle: 1 },
+        Request::GetXattr {
+            path: p("out/secret"),
+            name: b"user.x".to_vec(),
+            size: 64,
+        },
+        Request::SetXattr {
+            path: p("out/secret"),
+            name: b"user.x".to_vec(),
+            value: b"v".to_vec(),
+            flags: 0,
+        },
+        Request::ListXattr {
+            path: p("d/f"),
+            size: 0,
+        },
+        Request::RemoveXattr {
+            path: p("out"),
+            name: b"user.x".to_vec(),
         },
     ];
     let before = std::fs::read(server.outside().join("secret")).unwrap();

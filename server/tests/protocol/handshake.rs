@@ -24,6 +24,28 @@ async fn welcome_describes_the_export() {
 }
 
 #[tokio::test]
+async fn export_id_is_stable_across_restarts_and_ports() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        // A new export and listener each time: a restart on another port.
+        let export = std::sync::Arc::new(ferry_server::Export::open(dir.path(), false).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ferry_server::run(listener, export, async move {
+            let _ = stopped.await;
+        }));
+        ids.push(Client::connect(addr, 0).await.welcome.export_id);
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+    assert_eq!(ids[0], ids[1]);
+    let other = Server::start().await;
+    assert_ne!(other.client().await.welcome.export_id, ids[0]);
+}
+
+#[tokio::test]
 async fn read_only_is_announced() {
     let server = Server::start_with(true).await;
     let c = server.client().await;

@@ -211,9 +211,33 @@ impl Client {
             self.call(Request::Open {
                 path: p(path),
                 flags,
+                inline_max: 0,
+                staged: false,
             })
             .await,
         )
+    }
+
+    /// `Open` asking for inline data; `Some(data)` when the server sent it.
+    pub async fn open_inline(
+        &mut self,
+        path: &str,
+        flags: i32,
+        inline_max: u32,
+    ) -> Result<(u64, Attr, Option<Vec<u8>>), i32> {
+        match self
+            .call(Request::Open {
+                path: p(path),
+                flags,
+                inline_max,
+                staged: false,
+            })
+            .await?
+        {
+            Response::Opened { handle, attr } => Ok((handle, attr, None)),
+            Response::OpenedWithData { handle, attr, data } => Ok((handle, attr, Some(data))),
+            other => panic!("expected Opened, got {other:?}"),
+        }
     }
 
     pub async fn create(

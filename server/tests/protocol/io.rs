@@ -206,3 +206,42 @@ async fn version_tracks_changes() {
     let a2 = c.getattr("f").await.unwrap();
     assert!(a2.version != a1.version || a2.mtime == a1.mtime);
 }
+
+#[tokio::test]
+async fn small_files_open_with_their_data() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("small"), b"tiny content").unwrap();
+    std::fs::write(server.root().join("big"), vec![7u8; 5000]).unwrap();
+    std::fs::write(server.root().join("empty"), b"").unwrap();
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut c = server.client().await;
+
+    let (h, a, data) = c.open_inline("small", libc::O_RDONLY, 4096).await.unwrap();
+    assert_eq!(data.as_deref(), Some(&b"tiny content"[..]));
+    assert_eq!(a.size, 12);
+    // The handle is real: it reads like any other.
+    assert_eq!(c.read(h, 5, 7).await.unwrap(), b"content");
+
+    // Exactly at the limit still comes inline; one byte over does not.
+    let (_, _, data) = c.open_inline("small", libc::O_RDONLY, 12).await.unwrap();
+    assert_eq!(data.as_deref(), Some(&b"tiny content"[..]));
+    let (_, a, data) = c.open_inline("small", libc::O_RDONLY, 11).await.unwrap();
+    assert_eq!((a.size, data), (12, None));
+
+    let (_, a, data) = c.open_inline("big", libc::O_RDONLY, 4096).await.unwrap();
+    assert_eq!((a.size, data), (5000, None));
+    let (_, _, data) = c.open_inline("empty", libc::O_RDONLY, 4096).await.unwrap();
+    assert_eq!(data.as_deref(), Some(&b""[..]));
+    // inline_max 0 never inlines, not even an empty file.
+    let (_, _, data) = c.open_inline("empty", libc::O_RDONLY, 0).await.unwrap();
+    assert_eq!(data, None);
+    // O_TRUNC happens before the read: the data is what is left, nothing.
+    let (_, a, data) = c
+        .open_inline("small", libc::O_RDWR | libc::O_TRUNC, 4096)
+        .await
+        .unwrap();
+    assert_eq!((a.size, data.as_deref()), (0, Some(&b""[..])));
+    // A directory is never inlined.
+    let (_, a, data) = c.open_inline("d", libc::O_RDONLY, 1 << 20).await.unwrap();
+    assert_eq!((a.kind, data), (FileKind::Dir, None));
+}
