@@ -185,6 +185,17 @@ pub fn name(n: &str) -> ferry_common::proto::Name {
     ferry_common::proto::Name(n.as_bytes().to_vec())
 }
 
+/// A plain `Open` request (no inline data, no staging): one place to follow protocol
+/// changes to this request.
+pub fn open(path: &str, flags: i32) -> Request {
+    Request::Open {
+        path: rel(path),
+        flags,
+        inline_max: 0,
+        staged: false,
+    }
+}
+
 /// A fresh client can connect, be welcomed, ping, and stat the export root.
 #[track_caller]
 pub fn assert_healthy(addr: SocketAddr) {

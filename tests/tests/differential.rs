@@ -105,17 +105,30 @@ impl fmt::Debug for Res {
     }
 }
 
-fn gen_path(rng: &mut Rng) -> PathBuf {
+/// A path of depth 1 to 3 over [`NAMES`]: half the time one that exists in `existing`
+/// (so operations hit real files and directories), otherwise any.
+fn gen_path(rng: &mut Rng, existing: &[PathBuf]) -> PathBuf {
+    if !existing.is_empty() && rng.chance(1, 2) {
+        return rng.pick(existing).clone();
+    }
     let depth = match rng.below(100) {
-        0..50 => 1,
-        50..85 => 2,
+        0..55 => 1,
+        55..88 => 2,
         _ => 3,
     };
     (0..depth).map(|_| *rng.pick(NAMES)).collect()
 }
 
-fn gen_op(rng: &mut Rng) -> Op {
-    let path = gen_path(rng);
+/// Every path below `root` (symlinks not followed), sorted.
+fn existing_paths(root: &Path) -> Vec<PathBuf> {
+    tree::snapshot(root, Opts::CONTENT)
+        .expect("snapshot of the local dir")
+        .into_keys()
+        .collect()
+}
+
+fn gen_op(rng: &mut Rng, existing: &[PathBuf]) -> Op {
+    let path = gen_path(rng, existing);
     match rng.below(100) {
         0..18 => Op::Write {
             path,
@@ -129,12 +142,12 @@ fn gen_op(rng: &mut Rng) -> Op {
             path,
             len: rng.below(12_000),
         },
-        33..45 => Op::Mkdir { path },
-        45..50 => Op::Rmdir { path },
-        50..57 => Op::Unlink { path },
+        33..41 => Op::Mkdir { path },
+        41..48 => Op::Rmdir { path },
+        48..57 => Op::Unlink { path },
         57..67 => Op::Rename {
             from: path,
-            to: gen_path(rng),
+            to: gen_path(rng, existing),
             flags: match rng.below(10) {
                 0 => libc::RENAME_NOREPLACE,
                 1 => libc::RENAME_EXCHANGE,
@@ -147,7 +160,7 @@ fn gen_op(rng: &mut Rng) -> Op {
         },
         72..77 => Op::Link {
             from: path,
-            to: gen_path(rng),
+            to: gen_path(rng, existing),
         },
         77..82 => Op::Chmod {
             path,
@@ -278,13 +291,19 @@ fn random_operations_match_a_local_directory() {
     let mut rng = Rng::new(seed);
     let mut log: Vec<String> = Vec::new();
     let mut errors = 0;
+    let mut tally = std::collections::BTreeMap::new();
     for i in 0..count {
-        let op = gen_op(&mut rng);
+        let op = gen_op(&mut rng, &existing_paths(local.path()));
         let want = apply(local.path(), &op);
         let got = apply(fx.mount.path(), &op);
         log.push(format!("#{i}: {op:?} -> {want:?}"));
-        if want.0.is_err() {
+        if let Err(e) = want.0 {
             errors += 1;
+            let kind = format!("{op:?}");
+            let kind = kind.split_whitespace().next().unwrap_or("?").to_string();
+            *tally
+                .entry(format!("{kind} {}", errno_name(e)))
+                .or_insert(0usize) += 1;
         }
         assert!(
             got == want,
@@ -293,7 +312,7 @@ fn random_operations_match_a_local_directory() {
             log[log.len().saturating_sub(25)..].join("\n")
         );
     }
-    eprintln!("{count} operations, {errors} of them failed identically on both sides");
+    eprintln!("{count} operations, {errors} of them failed identically on both sides: {tally:?}");
     let opts = Opts {
         perm: true,
         nlink: true,

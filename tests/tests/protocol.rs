@@ -10,7 +10,7 @@ use ferry_common::proto::{
     FileKind, Hello, HelloReply, MAX_DIR_BATCH, PROTOCOL_VERSION, RelPath, Request, Response,
     ServerFrame,
 };
-use ferry_tests::wire::{RawConn, assert_healthy, name, rel};
+use ferry_tests::wire::{RawConn, assert_healthy, name, open, rel};
 use ferry_tests::{TestMount, TestServer, require_fuse};
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,10 +87,7 @@ fn handshake_and_basic_requests() {
         }),
         Err(libc::ENOENT)
     );
-    let handle = match c.call(Request::Open {
-        path: rel("f"),
-        flags: libc::O_RDONLY,
-    }) {
+    let handle = match c.call(open("f", libc::O_RDONLY)) {
         Ok(Response::Opened { handle, .. }) => handle,
         other => panic!("Open f: {other:?}"),
     };

@@ -148,6 +148,93 @@ fn exclusive_create() {
     assert!(!fx.exp("nowhere").exists());
 }
 
+/// Shared writable mappings reach the export (what git, databases and linkers use).
+#[test]
+fn mmap_shared_writes_reach_the_export() {
+    let Some(fx) = fixture() else { return };
+    const LEN: usize = 3 * 4096 + 100;
+    let p = fx.mnt("mapped");
+    fs::write(&p, vec![b'.'; LEN]).expect("write");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("open rw");
+    // SAFETY: a fresh shared mapping of LEN bytes of an open file, unmapped below, and
+    // written only within its bounds.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let bytes = std::slice::from_raw_parts_mut(addr.cast::<u8>(), LEN);
+        assert_eq!(bytes[LEN - 1], b'.', "mapped content");
+        bytes[0] = b'A';
+        bytes[4096] = b'B';
+        bytes[LEN - 1] = b'Z';
+        assert_eq!(
+            libc::msync(addr, LEN, libc::MS_SYNC),
+            0,
+            "msync: {}",
+            std::io::Error::last_os_error()
+        );
+        libc::munmap(addr, LEN);
+    }
+    drop(f);
+    let data = fs::read(fx.exp("mapped")).expect("export");
+    assert_eq!(data.len(), LEN);
+    assert_eq!((data[0], data[4096], data[LEN - 1]), (b'A', b'B', b'Z'));
+    assert_eq!(data.iter().filter(|&&b| b == b'.').count(), LEN - 3);
+}
+
+/// Several threads doing I/O on the one mount at once (one connection, requests
+/// multiplexed): every file ends up with its own content.
+#[test]
+fn parallel_writers_and_readers() {
+    let Some(fx) = fixture() else { return };
+    let root = fx.mount.path().to_path_buf();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t);
+                let data = rng.bytes(2 << 20);
+                let dir = root.join(format!("t{t}"));
+                fs::create_dir(&dir).expect("mkdir");
+                for i in 0..4 {
+                    let p = dir.join(format!("f{i}"));
+                    fs::write(&p, &data[i * 1000..]).expect("write");
+                    let back = fs::read(&p).expect("read");
+                    assert!(back == data[i * 1000..], "thread {t} file {i} differs");
+                }
+                fnv1a(&data)
+            })
+        })
+        .collect();
+    let sums: Vec<u64> = threads
+        .into_iter()
+        .map(|t| t.join().expect("worker thread"))
+        .collect();
+    for (t, sum) in sums.iter().enumerate() {
+        for i in 0..4 {
+            let want = Rng::new(t as u64).bytes(2 << 20);
+            assert_eq!(fnv1a(&want), *sum);
+            let got = fs::read(fx.exp(format!("t{t}/f{i}"))).expect("export");
+            assert!(got == want[i * 1000..], "export t{t}/f{i} differs");
+        }
+    }
+}
+
 /// 64 MiB of pseudo-random data written through the mount: the export has the same bytes,
 /// the mount reads them back, and so does a second mount (whose caches are cold).
 #[test]

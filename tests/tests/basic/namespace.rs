@@ -2,11 +2,12 @@
 //! symlinks, hard links, open-then-unlink, big directories.
 
 use std::collections::BTreeSet;
+use std::fs::Permissions;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, symlink};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt, symlink};
 
-use ferry_tests::sys::renameat2;
+use ferry_tests::sys::{drop_caches, renameat2, truncate};
 use ferry_tests::{assert_errno, fixture, fixture_with};
 
 fn names(dir: &std::path::Path) -> BTreeSet<String> {
@@ -249,6 +250,82 @@ fn hard_links_share_the_inode() {
     fs::remove_file(fx.mnt("a")).expect("unlink a");
     assert_eq!(fs::metadata(fx.mnt("d/b")).expect("stat b").nlink(), 1);
     assert_eq!(fs::read(fx.mnt("d/b")).expect("read b"), b"shared content");
+    // The surviving name is fully usable (a client that remembered the inode by its first
+    // name would now send a path that no longer exists).
+    fs::set_permissions(fx.mnt("d/b"), Permissions::from_mode(0o600)).expect("chmod b");
+    assert_eq!(
+        fs::metadata(fx.exp("d/b"))
+            .expect("export")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    truncate(&fx.mnt("d/b"), 6).expect("truncate b");
+    fs::write(fx.mnt("d/b"), b"rewritten").expect("write b");
+    assert_eq!(fs::read(fx.exp("d/b")).expect("export"), b"rewritten");
+    let _ = drop_caches(2);
+    assert_eq!(fs::read(fx.mnt("d/b")).expect("read b"), b"rewritten");
+    assert_errno(fs::metadata(fx.mnt("a")), libc::ENOENT);
+}
+
+#[test]
+fn renames_keep_open_files_and_children_reachable() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir_all(fx.mnt("dir/sub")).expect("mkdir");
+    fs::write(fx.mnt("dir/sub/f"), b"child").expect("write");
+    let open = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt("dir/sub/f"))
+        .expect("open");
+    let ino = fs::metadata(fx.mnt("dir/sub/f")).expect("stat").ino();
+    // Rename the file's parent's parent, then the file itself.
+    fs::rename(fx.mnt("dir"), fx.mnt("moved")).expect("rename dir");
+    assert_errno(fs::metadata(fx.mnt("dir/sub/f")), libc::ENOENT);
+    assert_eq!(
+        fs::read(fx.mnt("moved/sub/f")).expect("read via new path"),
+        b"child"
+    );
+    open.write_all_at(b"CH", 0)
+        .expect("write through the handle after the rename");
+    open.set_len(3).expect("ftruncate after the rename");
+    assert_eq!(fs::read(fx.exp("moved/sub/f")).expect("export"), b"CHi");
+    fs::rename(fx.mnt("moved/sub/f"), fx.mnt("moved/g")).expect("rename file");
+    open.write_all_at(b"!", 3)
+        .expect("write after the second rename");
+    open.set_permissions(Permissions::from_mode(0o640))
+        .expect("fchmod after rename");
+    drop(open);
+    assert_eq!(fs::read(fx.exp("moved/g")).expect("export"), b"CHi!");
+    assert_eq!(
+        fs::metadata(fx.exp("moved/g"))
+            .expect("export")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    // Children of the renamed directory, through the kernel's cached inodes and after
+    // the kernel forgot them.
+    fs::write(fx.mnt("moved/sub/new"), b"new").expect("create in renamed dir");
+    assert_eq!(fs::read(fx.exp("moved/sub/new")).expect("export"), b"new");
+    let _ = drop_caches(2);
+    assert_eq!(fs::metadata(fx.mnt("moved/g")).expect("stat").ino(), ino);
+    fs::set_permissions(fx.mnt("moved/sub"), Permissions::from_mode(0o700)).expect("chmod");
+    assert_eq!(
+        fs::metadata(fx.exp("moved/sub"))
+            .expect("export")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    // Renaming back and forth over the same names.
+    fs::rename(fx.mnt("moved"), fx.mnt("dir")).expect("rename back");
+    fs::write(fx.mnt("dir/sub/new"), b"again").expect("write via the old name");
+    assert_eq!(fs::read(fx.exp("dir/sub/new")).expect("export"), b"again");
+    assert_eq!(names(&fx.mnt("")), ["dir"].map(String::from).into());
 }
 
 #[test]
