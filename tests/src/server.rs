@@ -6,7 +6,6 @@
 //! a log file, printed when a test fails. Drop: SIGCONT (it may have been stopped by the
 //! test), SIGTERM, a bounded wait, then SIGKILL.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +28,7 @@ pub struct TestServer {
     child: Child,
     exited: Option<ExitStatus>,
     addr: SocketAddr,
+    args: Vec<String>,
     export: TempDir,
     log_path: PathBuf,
     // Holds the log file; declared last so it outlives nothing that needs it.
@@ -51,72 +51,28 @@ impl TestServer {
         crate::mount::cleanup_stale();
         let work = crate::temp_dir("work");
         let log_path = work.path().join("ferryd.log");
-        let log = File::create(&log_path).expect("creating the ferryd log file");
-        let mut cmd = crate::bins::ferryd();
-        cmd.arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
-            .arg(export.path())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let desc = crate::process::describe(&cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let first = match reader.read_line(&mut line) {
-                Ok(n) if n > 0 => Some(line),
-                _ => None,
-            };
-            let _ = tx.send(first);
-            let _ = io::copy(&mut reader, &mut io::sink());
-        });
-        let fail = |child: &mut Child, why: String| -> ! {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read(&log_path).unwrap_or_default();
-            panic!(
-                "`{desc}`: {why}\n--- ferryd stderr ---\n{}",
-                tail(&log, 8192)
-            );
-        };
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Some(line)) => line,
-            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.try_wait().ok().flatten();
-                fail(
-                    &mut child,
-                    format!("closed stdout without printing its address (exit: {status:?})"),
-                )
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => fail(
-                &mut child,
-                format!("printed no address line within {START_TIMEOUT:?}"),
-            ),
-        };
-        let addr = match line
-            .split_whitespace()
-            .last()
-            .and_then(|w| w.parse::<SocketAddr>().ok())
-        {
-            Some(a) => a,
-            None => fail(
-                &mut child,
-                format!("the last word of its first stdout line is not an address: {line:?}"),
-            ),
-        };
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr) = spawn(export.path(), "127.0.0.1:0", &args, &log_path);
         TestServer {
             child,
             exited: None,
             addr,
+            args,
             export,
             log_path,
             _work: work,
         }
+    }
+
+    /// Kills the server (if still running) and starts a new one with the same arguments
+    /// on the same export and the same address, as an administrator restarting it would.
+    pub fn restart(&mut self) {
+        self.kill();
+        let listen = self.addr.to_string();
+        let (child, addr) = spawn(self.export.path(), &listen, &self.args, &self.log_path);
+        assert_eq!(addr, self.addr, "restarted ferryd reports another address");
+        self.child = child;
+        self.exited = None;
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -177,6 +133,14 @@ impl TestServer {
         status
     }
 
+    /// The exit status if the process has exited (reaping it), else `None`.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         if self.exited.is_none() {
@@ -188,6 +152,73 @@ impl TestServer {
     /// What `ferryd` wrote to stderr so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+}
+
+/// Starts `ferryd --listen LISTEN ARGS… EXPORT` (stderr appended to `log_path`) and
+/// returns it with the address it printed; panics (showing the log) if it prints none.
+fn spawn(export: &Path, listen: &str, args: &[String], log_path: &Path) -> (Child, SocketAddr) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("opening the ferryd log file");
+    let mut cmd = crate::bins::ferryd();
+    cmd.arg("--listen")
+        .arg(listen)
+        .args(args)
+        .arg(export)
+        .stdout(Stdio::piped())
+        .stderr(log);
+    let desc = crate::process::describe(&cmd);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let first = match reader.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(line),
+            _ => None,
+        };
+        let _ = tx.send(first);
+        let _ = io::copy(&mut reader, &mut io::sink());
+    });
+    let fail = |child: &mut Child, why: String| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = std::fs::read(log_path).unwrap_or_default();
+        panic!(
+            "`{desc}`: {why}\n--- ferryd stderr ---\n{}",
+            tail(&log, 8192)
+        );
+    };
+    let line = match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Some(line)) => line,
+        Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.try_wait().ok().flatten();
+            fail(
+                &mut child,
+                format!("closed stdout without printing its address (exit: {status:?})"),
+            )
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => fail(
+            &mut child,
+            format!("printed no address line within {START_TIMEOUT:?}"),
+        ),
+    };
+    match line
+        .split_whitespace()
+        .last()
+        .and_then(|w| w.parse::<SocketAddr>().ok())
+    {
+        Some(addr) => (child, addr),
+        None => fail(
+            &mut child,
+            format!("the last word of its first stdout line is not an address: {line:?}"),
+        ),
     }
 }
 

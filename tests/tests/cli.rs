@@ -472,3 +472,55 @@ fn foreground_mount_runs_until_unmounted() {
             .is_none()
     );
 }
+
+/// README: "`--foreground` stays attached; Ctrl-C unmounts."
+#[test]
+fn foreground_mount_unmounts_on_ctrl_c() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let guard = TestMount::guard(temp_dir("mnt"));
+    let mut cmd = ferry();
+    cmd.args(["mount", "--foreground", &server.remote()])
+        .arg(guard.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut child = KillOnDrop(cmd.spawn().expect("spawn ferry mount --foreground"));
+    wait_for(Duration::from_secs(20), "the foreground mount", || {
+        guard.is_mounted()
+    });
+    fs::write(guard.join("f"), b"x").expect("write through the mount");
+    // Ctrl-C in a terminal signals the whole foreground process group.
+    ferry_tests::sys::kill(-(child.0.id() as i32), libc::SIGINT);
+    wait_for(
+        Duration::from_secs(10),
+        "the mount to go away after SIGINT",
+        || !guard.is_mounted(),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "ferry to exit after SIGINT",
+        || child.0.try_wait().ok().flatten().is_some(),
+    );
+    assert_eq!(fs::read(server.export("f")).expect("export"), b"x");
+}
+
+/// README: "SIGINT/SIGTERM: stops accepting, finishes requests in flight, exits 0."
+#[test]
+fn ferryd_exits_0_on_sigint() {
+    let mut server = TestServer::start();
+    server.signal(libc::SIGINT);
+    let mut status = None;
+    wait_for(
+        Duration::from_secs(10),
+        "ferryd to exit after SIGINT",
+        || {
+            status = server.try_exit_status();
+            status.is_some()
+        },
+    );
+    let status = status.expect("status");
+    assert!(status.success(), "ferryd exited with {status} on SIGINT");
+}

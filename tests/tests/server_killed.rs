@@ -1,6 +1,7 @@
 //! A server that dies (SIGKILL) or freezes (SIGSTOP) makes operations on the mount fail
 //! within a bounded time (EIO, ENOTCONN or ETIMEDOUT), never hang; the mount can still be
-//! unmounted cleanly afterwards.
+//! unmounted cleanly afterwards. When the server is back (SIGCONT, or restarted on the same
+//! address), the next operations reconnect (README: "The next operation reconnects").
 //!
 //! Each operation runs on its own thread with a deadline. The files and directories used
 //! are made on the export before mounting and never touched through the mount before the
@@ -111,4 +112,63 @@ fn stopped_server_makes_operations_time_out() {
     fx.mount
         .unmount()
         .unwrap_or_else(|e| panic!("unmount after the server was stopped: {e}"));
+}
+
+/// Polls (up to [`DEADLINE`]) until reading `rel` through the mount gives `want`; each
+/// attempt runs with its own deadline so a hung call fails the test rather than the suite.
+#[track_caller]
+fn assert_recovers(mount: &std::path::Path, rel: &str, want: &'static [u8]) {
+    let path = mount.join(rel);
+    let mut last = String::from("never tried");
+    let ok = ferry_tests::poll_until(DEADLINE, || {
+        let p = path.clone();
+        match with_deadline(DEADLINE, move || fs::read(p)) {
+            Some(Ok(d)) if d == want => true,
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        }
+    });
+    assert!(
+        ok,
+        "reading {rel} did not recover within {DEADLINE:?}; last: {last}"
+    );
+}
+
+#[test]
+fn operations_work_again_after_sigcont() {
+    let Some(fx) = fixture_with(&[], &["--timeout", "2"], populate) else {
+        return;
+    };
+    assert_eq!(fs::read(fx.mnt("top")).expect("read"), b"top");
+    fx.server.signal(libc::SIGSTOP);
+    let p = fx.mnt("d2/file");
+    assert_fails_in_time("read with the server stopped", move || fs::read(p));
+    fx.server.signal(libc::SIGCONT);
+    assert_recovers(fx.mount.path(), "d3/file", b"content");
+    fs::write(fx.mnt("after"), b"after").expect("write after recovery");
+    assert_eq!(fs::read(fx.exp("after")).expect("export"), b"after");
+}
+
+#[test]
+fn mount_reconnects_to_a_restarted_server() {
+    let Some(mut fx) = fixture_with(&[], &[], populate) else {
+        return;
+    };
+    assert_eq!(fs::read(fx.mnt("top")).expect("read"), b"top");
+    fx.server.kill();
+    let p = fx.mnt("d1/file");
+    assert_fails_in_time("read with the server dead", move || fs::read(p));
+    fx.server.restart();
+    assert_recovers(fx.mount.path(), "d2/file", b"content");
+    assert_eq!(
+        fs::read(fx.mnt("top")).expect("read a file looked up before"),
+        b"top"
+    );
+    fs::write(fx.mnt("d3/new"), b"new").expect("create after the restart");
+    assert_eq!(fs::read(fx.exp("d3/new")).expect("export"), b"new");
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
 }

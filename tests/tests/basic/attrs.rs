@@ -311,3 +311,26 @@ fn inode_numbers_are_stable() {
         "inode of a renamed file after dropping caches"
     );
 }
+
+/// ARCHITECTURE.md: "Inode numbers are the server's ... the export root is inode 1."
+#[test]
+fn inode_numbers_are_the_servers() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir(fx.mnt("d")).expect("mkdir");
+    fs::write(fx.mnt("d/f"), b"x").expect("write");
+    symlink("f", fx.mnt("d/l")).expect("symlink");
+    for rel in ["d", "d/f", "d/l"] {
+        let m = fs::symlink_metadata(fx.mnt(rel))
+            .expect("mount lstat")
+            .ino();
+        let e = fs::symlink_metadata(fx.exp(rel))
+            .expect("export lstat")
+            .ino();
+        assert_eq!(m, e, "inode number of {rel}: mount {m}, export {e}");
+    }
+    assert_eq!(
+        fs::metadata(fx.mount.path()).expect("stat root").ino(),
+        1,
+        "inode number of the mount's root"
+    );
+}
