@@ -6,6 +6,8 @@
 //!  socket ──► reader ──spawn──► request task ──spawn_blocking──► ops::execute
 //!                                     │
 //!  socket ◄── writer ◄──── mpsc ──────┘   (reply + the request's in-flight permit)
+//!               ▲
+//!               └──── broadcast ◄── watch reader   (change events, with `EVENTS` only)
 //! ```
 //!
 //! Generic over the transport so TLS can wrap the TCP stream later. Must never panic on
@@ -20,18 +22,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_common::codec::{ServerCodec, decode_body, encode_body};
 use ferry_common::{
-    Hello, HelloReply, MAGIC, MAX_IO, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame,
+    Event, Hello, HelloReply, MAGIC, MAX_IO, PROTOCOL_VERSION, Request, RequestFrame, ServerFrame,
     Welcome, caps,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, trace, warn};
 
 use crate::export::Export;
 use crate::ops::{self, Ctx};
+use crate::watch::Watcher;
 
 /// A client must complete the handshake within this time or is dropped: a connection
 /// that never speaks must not hold a task and a descriptor forever.
@@ -44,8 +47,8 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Largest `Hello` frame accepted; the real one is a few dozen bytes.
 const MAX_HELLO: usize = 64 * 1024;
 
-/// Capabilities this server implements (`EVENTS` is not implemented yet).
-const SERVER_CAPS: u64 = caps::CALLER_CREDS;
+/// Capabilities this server implements; `EVENTS` only when it has a [`Watcher`].
+const SERVER_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS;
 
 /// A reply on its way to the writer, holding the request's in-flight permit so the limit
 /// also bounds replies waiting to be written.
@@ -57,8 +60,12 @@ struct Outgoing {
 
 /// Serve one connection until the peer leaves, misbehaves, or `shutdown` fires; then
 /// finish the requests already started and send their replies.
-pub async fn serve<T>(io: T, export: Arc<Export>, shutdown: CancellationToken)
-where
+pub async fn serve<T>(
+    io: T,
+    export: Arc<Export>,
+    watcher: Option<Arc<Watcher>>,
+    shutdown: CancellationToken,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut framed = Framed::new(
@@ -68,9 +75,14 @@ where
             .max_frame_length(MAX_HELLO)
             .new_codec(),
     );
+    let offered = if watcher.is_some() {
+        SERVER_CAPS
+    } else {
+        SERVER_CAPS & !caps::EVENTS
+    };
     let capabilities = tokio::select! {
         _ = shutdown.cancelled() => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export)) => match res {
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export, offered)) => match res {
             Err(_) => {
                 warn!("no handshake within {HANDSHAKE_TIMEOUT:?}, closing");
                 return;
@@ -85,7 +97,8 @@ where
     };
     // Bytes the client pipelined after its Hello stay in the read buffer.
     let framed = framed.map_codec(|_| ServerCodec::new());
-    let ctx = Arc::new(Ctx::new(export, capabilities));
+    let watcher = watcher.filter(|_| capabilities & caps::EVENTS != 0);
+    let ctx = Arc::new(Ctx::new(export, capabilities, watcher));
     serve_requests(framed, ctx, shutdown).await;
 }
 
@@ -94,6 +107,7 @@ where
 async fn handshake<T>(
     framed: &mut Framed<T, LengthDelimitedCodec>,
     export: &Arc<Export>,
+    offered: u64,
 ) -> io::Result<Option<u64>>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -139,7 +153,7 @@ where
     .await
     .map_err(io::Error::other)?
     .map_err(io::Error::from_raw_os_error)?;
-    let capabilities = hello.capabilities & SERVER_CAPS;
+    let capabilities = hello.capabilities & offered;
     let welcome = HelloReply::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         capabilities,
@@ -177,7 +191,9 @@ async fn serve_requests<T>(
 {
     let (sink, mut stream) = framed.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 16);
-    let writer = tokio::spawn(write_loop(sink, rx));
+    // Subscribed before the first request runs: no event of a watch it adds is missed.
+    let events = ctx.watch.as_ref().map(|w| w.subscribe());
+    let writer = tokio::spawn(write_loop(sink, rx, events));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
 
     loop {
@@ -275,20 +291,71 @@ async fn serve_requests<T>(
     info!(open_handles = ctx.handles.len(), "connection closed");
 }
 
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>) -> io::Result<()>
+async fn write_loop<S>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut events: Option<broadcast::Receiver<Event>>,
+) -> io::Result<()>
 where
     S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
 {
-    while let Some(out) = rx.recv().await {
-        feed(&mut sink, out).await?;
+    loop {
+        tokio::select! {
+            // Replies first: they are what requests in flight wait for.
+            biased;
+            out = rx.recv() => match out {
+                Some(out) => feed(&mut sink, out).await?,
+                None => break,
+            },
+            ev = next_event(&mut events) => sink.feed(ServerFrame::Event(ev)).await?,
+        }
         // Write everything already queued before one flush: many small replies become
         // one segment instead of one system call each.
         while let Ok(out) = rx.try_recv() {
             feed(&mut sink, out).await?;
         }
+        while let Some(ev) = try_next_event(&mut events) {
+            sink.feed(ServerFrame::Event(ev)).await?;
+        }
         sink.flush().await?;
     }
     sink.close().await
+}
+
+/// The next event for this connection; never completes without a subscription. A
+/// subscriber that fell behind by more than the channel holds gets `Resync`: it lost
+/// events and must revalidate, which is cheaper than the server buffering without bound.
+async fn next_event(events: &mut Option<broadcast::Receiver<Event>>) -> Event {
+    loop {
+        let Some(rx) = events else {
+            return std::future::pending().await;
+        };
+        match rx.recv().await {
+            Ok(ev) => return ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(
+                    lost = n,
+                    "client too slow for change events, sending Resync"
+                );
+                return Event::Resync;
+            }
+            Err(broadcast::error::RecvError::Closed) => *events = None,
+        }
+    }
+}
+
+fn try_next_event(events: &mut Option<broadcast::Receiver<Event>>) -> Option<Event> {
+    match events.as_mut()?.try_recv() {
+        Ok(ev) => Some(ev),
+        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+            warn!(
+                lost = n,
+                "client too slow for change events, sending Resync"
+            );
+            Some(Event::Resync)
+        }
+        Err(_) => None,
+    }
 }
 
 async fn feed<S>(sink: &mut S, out: Outgoing) -> io::Result<()>
@@ -326,5 +393,32 @@ mod tests {
         let body = encode_body(&h).unwrap_or_default();
         assert_eq!(hello_prefix(&body), Some((MAGIC, 300)));
         assert_eq!(hello_prefix(b"short"), None);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_gets_resync() {
+        let (tx, rx) = broadcast::channel(2);
+        let mut events = Some(rx);
+        let ev = |n: &str| Event::Changed {
+            parent: ferry_common::RelPath::root(),
+            name: Some(ferry_common::Name(n.as_bytes().to_vec())),
+            attr: None,
+        };
+        for n in ["a", "b", "c"] {
+            tx.send(ev(n)).unwrap();
+        }
+        assert_eq!(next_event(&mut events).await, Event::Resync);
+        // After the resync it goes on with what is still buffered.
+        assert_eq!(next_event(&mut events).await, ev("b"));
+        assert_eq!(try_next_event(&mut events), Some(ev("c")));
+        assert_eq!(try_next_event(&mut events), None);
+        drop(tx);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), next_event(&mut events))
+                .await
+                .is_err(),
+            "a closed channel never yields"
+        );
+        assert!(events.is_none());
     }
 }

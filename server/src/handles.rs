@@ -15,6 +15,8 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ferry_common::RelPath;
+
 use crate::sys::Errno;
 
 /// Most handles one connection may hold open; past it `Open` fails with EMFILE so one
@@ -34,6 +36,9 @@ pub struct OpenFile {
 pub struct OpenDir {
     /// Descriptor of the directory, for `fstatat` of each entry and `GetAttr`.
     pub fd: OwnedFd,
+    /// The path it was opened by; may be stale after a rename (used only to re-add a
+    /// change watch after checking it still leads to `fd`'s directory).
+    pub path: RelPath,
     /// Entries not yet returned. A std `Mutex`: `ReadDir` requests on one handle are
     /// sequential in practice, and the lock only serializes this one stream.
     pub entries: Mutex<Peekable<ReadDir>>,

@@ -5,6 +5,7 @@
 //! - [`ops`]: one function per request, blocking system calls, errno from the OS.
 //! - [`handles`]: the per-connection table of open files and directories.
 //! - [`sys`]: safe wrappers over the system calls (the only `unsafe` code).
+//! - [`watch`]: inotify watches of the directories clients look into, change events.
 //!
 //! What the server must never do, whatever a client sends:
 //! - open, stat or modify anything outside the export root (paths are re-validated and
@@ -21,6 +22,7 @@ pub mod export;
 pub mod handles;
 pub mod ops;
 pub mod sys;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +44,15 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(listener: TcpListener, export: Arc<Export>, shutdown: impl Future) {
     let token = CancellationToken::new();
     let mut conns = JoinSet::new();
+    // Without inotify (the per-user instance limit, say) the server still serves, it
+    // just does not offer change events.
+    let (watcher, watch_task) = match watch::Watcher::start(Arc::clone(&export)) {
+        Ok((w, task)) => (Some(w), Some(task)),
+        Err(errno) => {
+            warn!(errno, "cannot create an inotify instance: no change events");
+            (None, None)
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -56,7 +67,10 @@ pub async fn run(listener: TcpListener, export: Arc<Export>, shutdown: impl Futu
                         warn!(%peer, errno, "cannot enable TCP keepalive");
                     }
                     let span = tracing::info_span!("conn", %peer);
-                    conns.spawn(conn::serve(sock, Arc::clone(&export), token.child_token()).instrument(span));
+                    conns.spawn(
+                        conn::serve(sock, Arc::clone(&export), watcher.clone(), token.child_token())
+                            .instrument(span),
+                    );
                 }
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning on a failing accept;
@@ -85,5 +99,9 @@ pub async fn run(listener: TcpListener, export: Arc<Export>, shutdown: impl Futu
             "connections still busy after {DRAIN_TIMEOUT:?}, closing them"
         );
         conns.shutdown().await;
+    }
+    // The reader holds the last reference to the inotify descriptor besides ours.
+    if let Some(task) = watch_task {
+        task.abort();
     }
 }

@@ -350,6 +350,50 @@ pub fn set_keepalive(sock: BorrowedFd<'_>) -> Result<(), Errno> {
     Ok(())
 }
 
+/// One `read`; may return fewer bytes than asked.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// A new non-blocking inotify instance.
+pub fn inotify_init() -> Result<OwnedFd, Errno> {
+    // SAFETY: plain integer flags.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Register a descriptor with tokio's reactor for readiness (read side only). Must be
+/// called inside a tokio runtime.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is open, refers to the same file description for as long as
+    // it lives (which is as long as the AsyncFd that owns it), and always returns the
+    // same raw descriptor.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    registered.map_err(io::Error::from)
+}
+
+/// Watch the directory an already-resolved descriptor refers to, through its
+/// `/proc/self/fd/N` magic link: the kernel follows it to exactly that inode, so no
+/// network-supplied path is ever walked here. Returns the watch descriptor.
+pub fn inotify_watch_fd(
+    inotify: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    mask: u32,
+) -> Result<i32, Errno> {
+    let p = proc_fd_path(dir);
+    // SAFETY: NUL-terminated path, plain integers.
+    cvt(unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), p.as_ptr(), mask) })
+}
+
+pub fn inotify_rm_watch(inotify: BorrowedFd<'_>, wd: i32) -> Result<(), Errno> {
+    // SAFETY: plain integers.
+    cvt(unsafe { libc::inotify_rm_watch(inotify.as_raw_fd(), wd) }).map(drop)
+}
+
 /// The host name (`gethostname(2)`), as raw bytes without the terminating NUL.
 pub fn hostname() -> Result<Vec<u8>, Errno> {
     // HOST_NAME_MAX is 64 on Linux; a larger buffer costs nothing.

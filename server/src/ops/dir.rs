@@ -21,6 +21,8 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     let fd = ctx
         .export
         .resolve(path, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    // Watched before it is stat'ed and listed: nothing changes unreported in between.
+    ctx.watch_dir(fd.as_fd(), path);
     let st = sys::fstat(fd.as_fd())?;
     let attr = attr_of(&st, ctx.export.root_dev());
     // A second descriptor through our own fd's magic link: std's ReadDir owns it.
@@ -29,6 +31,7 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
         .peekable();
     let handle = ctx.handles.insert(Handle::Dir(Arc::new(OpenDir {
         fd,
+        path: path.clone(),
         entries: Mutex::new(entries),
     })))?;
     Ok(Response::Opened { handle, attr })
@@ -39,6 +42,11 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
 /// unlink had happened first.
 pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Errno> {
     let d = ctx.handles.dir(handle)?;
+    if let Some(w) = &ctx.watch {
+        // Normally already watched since OpenDir; this re-adds a watch that was dropped
+        // (the directory moved out of sight and back, say).
+        w.ensure_open_dir(d.fd.as_fd(), &d.path, &ctx.export);
+    }
     let max = max_entries.clamp(1, MAX_DIR_BATCH) as usize;
     // Poisoning only means a previous request panicked; the iterator is still usable.
     let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());

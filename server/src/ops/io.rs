@@ -65,7 +65,12 @@ pub fn open(
     let (_, writable) = access_mode(flags)?;
     // Look before opening: opening a device or FIFO may have side effects.
     let probe = ctx.export.resolve(path, libc::O_PATH)?;
-    check_openable(&sys::fstat(probe.as_fd())?)?;
+    let st = sys::fstat(probe.as_fd())?;
+    check_openable(&st)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        // Before the open whose fstat the client gets (see `Ctx::watch_dir`).
+        ctx.watch_dir(probe.as_fd(), path);
+    }
     let fd = ctx.export.resolve(path, (flags & PASSED_FLAGS) | ALWAYS)?;
     let inline = match inline_max {
         0 => None,
@@ -125,6 +130,7 @@ pub fn create(
     let (_, writable) = access_mode(flags)?;
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
+    ctx.watch_dir(dir, parent);
     let base = (flags & PASSED_FLAGS) | ALWAYS;
     let perm = mode & 0o7777 & !umask;
     let excl = flags & libc::O_EXCL != 0;

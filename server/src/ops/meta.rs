@@ -21,6 +21,7 @@ fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errn
 
 pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
+    ctx.watch_dir(dir.as_fd(), parent);
     attr_at(ctx, dir.as_fd(), &name)
 }
 
@@ -28,7 +29,17 @@ pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errn
 pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
     let st = match handle {
         Some(h) => sys::fstat(ctx.handles.get(h)?.fd().as_fd())?,
-        None => sys::fstat(ctx.export.resolve(path, libc::O_PATH)?.as_fd())?,
+        None => {
+            let fd = ctx.export.resolve(path, libc::O_PATH)?;
+            let st = sys::fstat(fd.as_fd())?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && ctx.watch.is_some() {
+                // Stat again once watched: a change between the two is then reported.
+                ctx.watch_dir(fd.as_fd(), path);
+                sys::fstat(fd.as_fd())?
+            } else {
+                st
+            }
+        }
     };
     Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())))
 }
@@ -184,6 +195,7 @@ pub fn mknod(
 ) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
+    ctx.watch_dir(dir, parent);
     // The file type bits pass through; the kernel refuses types mknod cannot make, and
     // devices need the server to be privileged (EPERM otherwise, from the OS).
     let mode = (mode & libc::S_IFMT) | new_mode(mode, umask);
@@ -202,6 +214,7 @@ pub fn mkdir(
 ) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
+    ctx.watch_dir(dir, parent);
     sys::mkdirat(dir, &name, new_mode(mode, umask))?;
     chown_new(ctx, caller, dir, &name);
     attr_at(ctx, dir, &name)
@@ -209,6 +222,7 @@ pub fn mkdir(
 
 pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
+    ctx.watch_dir(dir.as_fd(), parent);
     let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
     sys::unlinkat(dir.as_fd(), &name, flags)?;
     Ok(Response::Ok)
@@ -225,6 +239,7 @@ pub fn symlink(
 ) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
+    ctx.watch_dir(dir, parent);
     let target = sys::cstring(target)?;
     sys::symlinkat(&target, dir, &name)?;
     chown_new(ctx, caller, dir, &name);
@@ -246,6 +261,8 @@ pub fn rename(
     }
     let (old_dir, old) = ctx.export.entry(parent, name)?;
     let (new_dir, new) = ctx.export.entry(new_parent, new_name)?;
+    ctx.watch_dir(old_dir.as_fd(), parent);
+    ctx.watch_dir(new_dir.as_fd(), new_parent);
     sys::renameat2(old_dir.as_fd(), &old, new_dir.as_fd(), &new, flags)?;
     Ok(Response::Ok)
 }
@@ -258,6 +275,7 @@ pub fn link(
 ) -> Result<Response, Errno> {
     let (old_dir, old) = ctx.export.entry_of(path)?;
     let (new_dir, new) = ctx.export.entry(new_parent, new_name)?;
+    ctx.watch_dir(new_dir.as_fd(), new_parent);
     sys::linkat(old_dir.as_fd(), &old, new_dir.as_fd(), &new)?;
     attr_at(ctx, new_dir.as_fd(), &new)
 }

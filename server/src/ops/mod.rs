@@ -53,6 +53,7 @@ use ferry_common::{Attr, Caller, FileKind, RelPath, Request, Response, Timespec,
 use crate::export::Export;
 use crate::handles::Handles;
 use crate::sys::Errno;
+use crate::watch::Watcher;
 
 /// What the operations of one connection share.
 #[derive(Debug)]
@@ -62,15 +63,27 @@ pub struct Ctx {
     /// New entries are chowned to the caller: the server is root and the client
     /// negotiated [`caps::CALLER_CREDS`].
     pub caller_creds: bool,
+    /// Present when the client negotiated [`caps::EVENTS`]: directories it looks into
+    /// are watched. Clients without it add no watches (nobody would hear of them).
+    pub watch: Option<Arc<Watcher>>,
 }
 
 impl Ctx {
-    pub fn new(export: Arc<Export>, capabilities: u64) -> Ctx {
+    pub fn new(export: Arc<Export>, capabilities: u64, watch: Option<Arc<Watcher>>) -> Ctx {
         let caller_creds = capabilities & caps::CALLER_CREDS != 0 && crate::sys::geteuid() == 0;
         Ctx {
             export,
             handles: Handles::default(),
             caller_creds,
+            watch,
+        }
+    }
+
+    /// Watch the directory `dir` (just resolved from `path`) for change events, before
+    /// the caller stats or lists it. A no-op without `EVENTS`.
+    pub fn watch_dir(&self, dir: BorrowedFd<'_>, path: &RelPath) {
+        if let Some(w) = &self.watch {
+            w.ensure(dir, path);
         }
     }
 }

@@ -13,8 +13,8 @@ async fn welcome_describes_the_export() {
     let c = Client::connect(server.addr, caps::CALLER_CREDS | caps::EVENTS | (1 << 40)).await;
     let w = &c.welcome;
     assert_eq!(w.version, PROTOCOL_VERSION);
-    // Intersection: EVENTS is not implemented, unknown bits are dropped.
-    assert_eq!(w.capabilities, caps::CALLER_CREDS);
+    // Intersection: unknown bits are dropped.
+    assert_eq!(w.capabilities, caps::CALLER_CREDS | caps::EVENTS);
     assert_eq!(w.max_io, MAX_IO);
     assert!(!w.read_only);
     assert_eq!(w.root.kind, FileKind::Dir);

@@ -128,6 +128,8 @@ pub struct Client {
     pub welcome: Welcome,
     next_id: u64,
     pub caller: Caller,
+    /// Events that arrived while waiting for a reply, oldest first.
+    pub events: std::collections::VecDeque<Event>,
 }
 
 impl Client {
@@ -146,6 +148,7 @@ impl Client {
             welcome,
             next_id: 1,
             caller: Caller { uid: 0, gid: 0 },
+            events: Default::default(),
         }
     }
 
@@ -164,15 +167,50 @@ impl Client {
         id
     }
 
-    /// Next reply; None if the server closed the connection.
+    /// Next reply; None if the server closed the connection. Events arriving meanwhile
+    /// are kept in `events`.
     pub async fn recv(&mut self) -> Option<(u64, Result<Response, i32>)> {
-        match tokio::time::timeout(DEADLINE, self.framed.next())
-            .await
-            .expect("reply in time")
-        {
-            Some(Ok(ServerFrame::Reply { id, result })) => Some((id, result)),
-            Some(Ok(ServerFrame::Event(e))) => panic!("unexpected event {e:?}"),
-            Some(Err(_)) | None => None,
+        loop {
+            match tokio::time::timeout(DEADLINE, self.framed.next())
+                .await
+                .expect("reply in time")
+            {
+                Some(Ok(ServerFrame::Reply { id, result })) => return Some((id, result)),
+                Some(Ok(ServerFrame::Event(e))) => self.events.push_back(e),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next event (buffered or from the stream), or None if nothing arrives within
+    /// `timeout`. A reply arriving here is a test bug.
+    pub async fn next_event(&mut self, timeout: Duration) -> Option<Event> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        match tokio::time::timeout(timeout, self.framed.next()).await {
+            Err(_) => None,
+            Ok(Some(Ok(ServerFrame::Event(e)))) => Some(e),
+            Ok(other) => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    /// Skip events until one satisfies `pred`; panics after `DEADLINE`. Returns it and
+    /// the events skipped before it.
+    pub async fn wait_event(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Event) -> bool,
+    ) -> (Event, Vec<Event>) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut skipped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Some(e) if pred(&e) => return (e, skipped),
+                Some(e) => skipped.push(e),
+                None => panic!("no event {what} within {DEADLINE:?}; got {skipped:#?}"),
+            }
         }
     }
 

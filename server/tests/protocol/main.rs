@@ -6,6 +6,7 @@
 mod cli;
 mod confinement;
 mod connection;
+mod events;
 mod handshake;
 mod harness;
 mod io;

@@ -1,0 +1,204 @@
+//! Change events: what a client that negotiated EVENTS hears about directories it looked
+//! into, whoever made the change. Every wait polls the stream with a deadline; absence is
+//! shown by ordering (a later change's event arrives, the earlier one never did).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use ferry_common::*;
+
+use crate::harness::*;
+
+/// Well above the ~100 ms target, to stay reliable on a loaded CI machine.
+const LATENCY: Duration = Duration::from_secs(2);
+
+async fn events_client(server: &Server) -> Client {
+    let c = Client::connect(server.addr, caps::EVENTS).await;
+    assert_eq!(c.welcome.capabilities, caps::EVENTS);
+    c
+}
+
+/// The attr of a `Changed` for `parent`/`name` (name `None`: the directory itself).
+fn changed<'a>(ev: &'a Event, parent: &str, name: Option<&str>) -> Option<&'a Option<Attr>> {
+    match ev {
+        Event::Changed {
+            parent: p,
+            name: n,
+            attr,
+        } if p.0 == parent.as_bytes()
+            && n.as_ref().map(|n| &n.0[..]) == name.map(str::as_bytes) =>
+        {
+            Some(attr)
+        }
+        _ => None,
+    }
+}
+
+/// Wait for a `Changed` of `parent`/`name` whose attr satisfies `ok`, within `LATENCY`.
+async fn expect(
+    c: &mut Client,
+    parent: &str,
+    name: Option<&str>,
+    ok: impl Fn(&Option<Attr>) -> bool,
+) -> Vec<Event> {
+    let started = Instant::now();
+    let what = format!("{parent}/{name:?}");
+    let (_, skipped) = c
+        .wait_event(&what, |e| changed(e, parent, name).is_some_and(&ok))
+        .await;
+    assert!(
+        started.elapsed() < LATENCY,
+        "event {what} took {:?}",
+        started.elapsed()
+    );
+    skipped
+}
+
+async fn list(c: &mut Client, path: &str) {
+    let h = match c.call(Request::OpenDir { path: p(path) }).await.unwrap() {
+        Response::Opened { handle, .. } => handle,
+        other => panic!("{other:?}"),
+    };
+    c.call(Request::ReadDir {
+        handle: h,
+        max_entries: 100,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn changes_on_disk_reach_a_client_that_listed_the_directory() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut c = events_client(&server).await;
+    list(&mut c, "d").await;
+    let f = server.root().join("d/f");
+
+    std::fs::write(&f, b"hello").unwrap();
+    expect(&mut c, "d", Some("f"), |a| a.is_some_and(|a| a.size == 5)).await;
+    // The directory's own attributes changed with the new entry.
+    expect(&mut c, "d", None, |a| {
+        a.is_some_and(|a| a.kind == FileKind::Dir)
+    })
+    .await;
+
+    std::fs::write(&f, b"hello, longer").unwrap();
+    expect(&mut c, "d", Some("f"), |a| a.is_some_and(|a| a.size == 13)).await;
+
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    expect(&mut c, "d", Some("f"), |a| {
+        a.is_some_and(|a| a.perm == 0o600)
+    })
+    .await;
+
+    std::fs::rename(&f, server.root().join("d/g")).unwrap();
+    expect(&mut c, "d", Some("f"), Option::is_none).await;
+    expect(&mut c, "d", Some("g"), |a| a.is_some_and(|a| a.size == 13)).await;
+
+    std::fs::remove_file(server.root().join("d/g")).unwrap();
+    expect(&mut c, "d", Some("g"), Option::is_none).await;
+}
+
+#[tokio::test]
+async fn changes_through_another_connection_are_reported() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut watcher = events_client(&server).await;
+    watcher.lookup("", "d").await.unwrap();
+    list(&mut watcher, "d").await;
+
+    let mut other = server.client().await;
+    let (h, _) = other
+        .create("d", "new", 0o644, libc::O_RDWR | libc::O_EXCL)
+        .await
+        .unwrap();
+    other.write(h, 0, b"abc").await.unwrap();
+    other.call(Request::Release { handle: h }).await.unwrap();
+    expect(&mut watcher, "d", Some("new"), |a| {
+        a.is_some_and(|a| a.size == 3)
+    })
+    .await;
+    other.mkdir("d", "sub").await.unwrap();
+    expect(&mut watcher, "d", Some("sub"), |a| {
+        a.is_some_and(|a| a.kind == FileKind::Dir)
+    })
+    .await;
+    // A lookup in the root watched it too.
+    std::fs::write(server.root().join("top"), b"").unwrap();
+    expect(&mut watcher, "", Some("top"), Option::is_some).await;
+}
+
+#[tokio::test]
+async fn events_of_a_renamed_directory_carry_its_new_path() {
+    let server = Server::start().await;
+    std::fs::create_dir_all(server.root().join("a/sub")).unwrap();
+    let mut c = events_client(&server).await;
+    list(&mut c, "").await;
+    list(&mut c, "a").await;
+    list(&mut c, "a/sub").await;
+
+    std::fs::rename(server.root().join("a"), server.root().join("b")).unwrap();
+    expect(&mut c, "", Some("a"), Option::is_none).await;
+    expect(&mut c, "", Some("b"), Option::is_some).await;
+
+    std::fs::write(server.root().join("b/sub/x"), b"1").unwrap();
+    let skipped = expect(&mut c, "b/sub", Some("x"), Option::is_some).await;
+    assert!(
+        !skipped
+            .iter()
+            .any(|e| matches!(e, Event::Changed { parent, .. } if parent.0.starts_with(b"a"))),
+        "stale path in {skipped:?}"
+    );
+    std::fs::write(server.root().join("b/y"), b"1").unwrap();
+    expect(&mut c, "b", Some("y"), Option::is_some).await;
+
+    // Moved out of the export: no more events under any path for it.
+    std::fs::rename(server.root().join("b"), server.outside().join("b")).unwrap();
+    expect(&mut c, "", Some("b"), Option::is_none).await;
+    std::fs::write(server.outside().join("b/sub/z"), b"1").unwrap();
+    std::fs::write(server.root().join("marker"), b"1").unwrap();
+    let skipped = expect(&mut c, "", Some("marker"), Option::is_some).await;
+    assert!(
+        !skipped
+            .iter()
+            .any(|e| changed(e, "b/sub", Some("z")).is_some()),
+        "event from outside the export: {skipped:?}"
+    );
+}
+
+#[tokio::test]
+async fn directories_nobody_looked_into_are_silent() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("seen")).unwrap();
+    std::fs::create_dir(server.root().join("unseen")).unwrap();
+    let mut c = events_client(&server).await;
+    list(&mut c, "seen").await;
+    // Changed first, so its event (if any) would come before the marker's.
+    std::fs::write(server.root().join("unseen/f"), b"x").unwrap();
+    std::fs::write(server.root().join("seen/marker"), b"x").unwrap();
+    let skipped = expect(&mut c, "seen", Some("marker"), Option::is_some).await;
+    assert!(
+        skipped
+            .iter()
+            .all(|e| matches!(e, Event::Changed { parent, .. } if parent.0 == b"seen")),
+        "unexpected events: {skipped:?}"
+    );
+}
+
+#[tokio::test]
+async fn clients_without_events_get_none() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut plain = server.client().await;
+    assert_eq!(plain.welcome.capabilities & caps::EVENTS, 0);
+    list(&mut plain, "d").await;
+    let mut listener = events_client(&server).await;
+    list(&mut listener, "d").await;
+    std::fs::write(server.root().join("d/f"), b"x").unwrap();
+    expect(&mut listener, "d", Some("f"), Option::is_some).await;
+    // The event has been broadcast by now; a subscribed writer would have it queued.
+    assert_eq!(plain.call(Request::Ping).await, Ok(Response::Pong));
+    assert!(plain.events.is_empty());
+    assert_eq!(plain.next_event(Duration::from_millis(200)).await, None);
+}
