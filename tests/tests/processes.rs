@@ -153,6 +153,32 @@ fn rm_r_removes_a_tree() {
     );
 }
 
+/// `rm -r` reads a directory while deleting from it: a listing whose offsets shift under
+/// deletions would skip entries and leave the directory non-empty.
+#[test]
+fn rm_r_of_a_big_directory() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for d in 0..3 {
+            let dir = e.join(format!("big/d{d}"));
+            fs::create_dir_all(&dir).expect("mkdir");
+            for i in 0..700 {
+                fs::write(dir.join(format!("file-{i:04}")), b"x").expect("write");
+            }
+        }
+    }) else {
+        return;
+    };
+    exec("rm", &[&"-r", &fx.mnt("big")]).assert_success();
+    assert!(!fx.exp("big").exists(), "export still has the tree");
+    // And the same for a tree made through the mount.
+    fs::create_dir(fx.mnt("again")).expect("mkdir");
+    for i in 0..600 {
+        fs::write(fx.mnt(format!("again/{i}")), b"").expect("create");
+    }
+    exec("rm", &[&"-rf", &fx.mnt("again")]).assert_success();
+    assert!(!fx.exp("again").exists());
+}
+
 #[test]
 fn cat_and_shell_redirections() {
     let Some(fx) = fixture() else { return };

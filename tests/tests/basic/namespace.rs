@@ -395,3 +395,92 @@ fn big_directory_lists_every_entry() {
     // Listing twice gives the same answer (the handle is not consumed).
     assert_eq!(names(&fx.mnt("big")).len(), N);
 }
+
+/// Names are bytes: non-UTF-8, newlines, unicode, shell metacharacters all survive.
+#[test]
+fn odd_names_round_trip() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(fx) = fixture() else { return };
+    let names: [&[u8]; 8] = [
+        b"with space",
+        b"new\nline",
+        b"tab\there",
+        "unicode-\u{e9}\u{6f22}\u{1f980}".as_bytes(),
+        b"latin1-\xe9\xff",
+        b"-leading-dash",
+        b"$(not a command);*?[]'\"\\",
+        b".hidden",
+    ];
+    for n in names {
+        let n = OsStr::from_bytes(n);
+        fs::write(fx.mnt(n), n.as_bytes()).unwrap_or_else(|e| panic!("create {n:?}: {e}"));
+        fs::create_dir(fx.mnt(n).with_extension("d"))
+            .unwrap_or_else(|e| panic!("mkdir {n:?}: {e}"));
+        assert_eq!(fs::read(fx.exp(n)).expect("export"), n.as_bytes(), "{n:?}");
+    }
+    let on_mount: BTreeSet<Vec<u8>> = fs::read_dir(fx.mnt(""))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().as_bytes().to_vec())
+        .collect();
+    let on_export: BTreeSet<Vec<u8>> = fs::read_dir(fx.exp(""))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().as_bytes().to_vec())
+        .collect();
+    assert_eq!(on_mount, on_export);
+    assert_eq!(on_mount.len(), 2 * names.len());
+}
+
+/// A path of about 4000 bytes (close to PATH_MAX with the mountpoint in front).
+#[test]
+fn deep_paths_work() {
+    let Some(fx) = fixture() else { return };
+    let budget = 4000 - fx.mount.path().as_os_str().len();
+    let component = "d".repeat(60);
+    let mut rel = std::path::PathBuf::new();
+    while rel.as_os_str().len() + component.len() + 1 + 10 < budget {
+        rel.push(&component);
+    }
+    fs::create_dir_all(fx.mnt(&rel)).expect("mkdir -p of a deep path");
+    let file = rel.join("leaf.txt");
+    fs::write(fx.mnt(&file), b"deep").expect("write at the bottom");
+    assert_eq!(fs::read(fx.exp(&file)).expect("export"), b"deep");
+    assert_eq!(fs::read(fx.mnt(&file)).expect("read back"), b"deep");
+    let renamed = rel.join("leaf2.txt");
+    fs::rename(fx.mnt(&file), fx.mnt(&renamed)).expect("rename at the bottom");
+    assert!(fx.exp(&renamed).is_file());
+}
+
+/// Hundreds of files open at once, each with its own server-side handle.
+#[test]
+fn many_open_files_at_once() {
+    let Some(fx) = fixture() else { return };
+    const N: usize = 300;
+    let mut files: Vec<File> = (0..N)
+        .map(|i| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(fx.mnt(format!("f{i}")))
+                .unwrap_or_else(|e| panic!("open #{i}: {e}"))
+        })
+        .collect();
+    for (i, f) in files.iter_mut().enumerate() {
+        write!(f, "file number {i}").expect("write");
+    }
+    for (i, f) in files.iter_mut().enumerate() {
+        f.seek(SeekFrom::Start(0)).expect("seek");
+        let mut s = String::new();
+        f.read_to_string(&mut s).expect("read");
+        assert_eq!(s, format!("file number {i}"));
+    }
+    drop(files);
+    for i in 0..N {
+        assert_eq!(
+            fs::read(fx.exp(format!("f{i}"))).expect("export"),
+            format!("file number {i}").as_bytes()
+        );
+    }
+}
