@@ -5,18 +5,19 @@
 //! each connection has its own table, dropped with the connection, which closes every
 //! descriptor it still holds. A handle id that is not in the table is EBADF.
 //!
-//! This module must never hold its lock across a system call: lookups clone an `Arc`
-//! out of the map and the I/O happens after the lock is released.
+//! This module must never hold the table's lock across a system call: lookups clone an
+//! `Arc` out of the map and the I/O happens after the lock is released.
 
 use std::collections::HashMap;
 use std::fs::ReadDir;
 use std::iter::Peekable;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_common::RelPath;
 
+use crate::staging::Staging;
 use crate::sys::Errno;
 
 /// Most handles one connection may hold open; past it `Open` fails with EMFILE so one
@@ -29,6 +30,28 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened `O_WRONLY` or `O_RDWR`: `SetAttr` may `ftruncate` through it.
     pub writable: bool,
+    /// Writes go to a staging file until `Commit` (see [`crate::staging`]). Its lock is
+    /// held for a whole operation on the handle, system calls included: that is what
+    /// keeps a commit from interleaving with a write. It serializes only this handle.
+    pub staging: Option<Mutex<Staging>>,
+}
+
+impl OpenFile {
+    pub fn new(fd: OwnedFd, writable: bool, staging: Option<Staging>) -> OpenFile {
+        OpenFile {
+            fd,
+            writable,
+            staging: staging.map(Mutex::new),
+        }
+    }
+
+    /// The staging state of a staged handle, locked.
+    pub fn staging(&self) -> Option<MutexGuard<'_, Staging>> {
+        // Poisoned: a request panicked mid-operation; the ranges and the staging file
+        // are updated in an order that keeps them usable (data first, then the range).
+        let lock = self.staging.as_ref()?;
+        Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// An open directory stream.

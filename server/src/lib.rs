@@ -4,6 +4,7 @@
 //! - [`conn`]: one task per connection: handshake, concurrent requests, one writer.
 //! - [`ops`]: one function per request, blocking system calls, errno from the OS.
 //! - [`handles`]: the per-connection table of open files and directories.
+//! - [`staging`]: staged writes of a handle, invisible in the real file until `Commit`.
 //! - [`sys`]: safe wrappers over the system calls (the only `unsafe` code).
 //! - [`watch`]: inotify watches of the directories clients look into, change events.
 //!
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod export;
 pub mod handles;
 pub mod ops;
+pub mod staging;
 pub mod sys;
 pub mod watch;
 

@@ -305,6 +305,32 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: i64) -> Result<usize, Errn
     cvt_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) })
 }
 
+/// One `copy_file_range` from `src` at `src_off` to `dst` at `dst_off` (explicit
+/// offsets: neither file position moves); may copy fewer bytes than asked. On a
+/// filesystem that supports it the data is shared (reflinked), not copied.
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> Result<usize, Errno> {
+    let mut src_off = i64::try_from(src_off).map_err(|_| libc::EINVAL)?;
+    let mut dst_off = i64::try_from(dst_off).map_err(|_| libc::EINVAL)?;
+    // SAFETY: valid pointers to two live i64 offsets, plain integers otherwise.
+    let ret = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut src_off,
+            dst.as_raw_fd(),
+            &mut dst_off,
+            len,
+            0,
+        )
+    };
+    cvt_size(ret)
+}
+
 pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> Result<(), Errno> {
     // SAFETY: plain integer argument.
     let ret = unsafe {

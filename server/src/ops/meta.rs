@@ -28,7 +28,7 @@ pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errn
 /// With a handle the open descriptor is stat'ed, so this works after unlink.
 pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
     let st = match handle {
-        Some(h) => sys::fstat(ctx.handles.get(h)?.fd().as_fd())?,
+        Some(h) => super::handle_stat(&ctx.handles.get(h)?)?,
         None => {
             let fd = ctx.export.resolve(path, libc::O_PATH)?;
             let st = sys::fstat(fd.as_fd())?;
@@ -62,7 +62,11 @@ pub fn setattr(
         }
         if let Some(size) = set.size {
             match &h {
-                Handle::File(f) if f.writable => sys::ftruncate(f.fd.as_fd(), size)?,
+                Handle::File(f) if f.writable => match f.staging() {
+                    // Staged like a write: the real file keeps its size until Commit.
+                    Some(mut staging) => staging.truncate(f.fd.as_fd(), size)?,
+                    None => sys::ftruncate(f.fd.as_fd(), size)?,
+                },
                 // A read-only handle cannot truncate; the path can (the client kernel has
                 // already checked the caller may).
                 _ => {
@@ -76,9 +80,15 @@ pub fn setattr(
         }
         if let Some(t) = times {
             sys::futimens(fd, &t)?;
+            if let (Handle::File(f), Some(_)) = (&h, set.mtime)
+                && let Some(mut staging) = f.staging()
+            {
+                // Applied to the real file now, and again at Commit, which would
+                // otherwise stamp it with the last write's time.
+                staging.set_mtime(resolved_mtime(&t[1]));
+            }
         }
-        let st = sys::fstat(fd)?;
-        return Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())));
+        return super::handle_attr(ctx, &h).map(Response::Attr);
     }
     let (dir, name) = ctx.export.entry_of(path)?;
     let dir = dir.as_fd();
@@ -95,6 +105,15 @@ pub fn setattr(
         sys::utimensat(dir, &name, &t, NOFOLLOW)?;
     }
     attr_at(ctx, dir, &name)
+}
+
+/// The concrete time a `futimens` mtime stands for (`UTIME_NOW` is now).
+fn resolved_mtime(t: &libc::timespec) -> libc::timespec {
+    if t.tv_nsec == libc::UTIME_NOW {
+        crate::staging::now()
+    } else {
+        *t
+    }
 }
 
 /// `None` when neither time is set; nanoseconds out of range are EINVAL (they would

@@ -44,14 +44,15 @@
 mod dir;
 mod io;
 mod meta;
+mod open;
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use ferry_common::{Attr, Caller, FileKind, RelPath, Request, Response, Timespec, caps};
 
 use crate::export::Export;
-use crate::handles::Handles;
+use crate::handles::{Handle, Handles};
 use crate::sys::Errno;
 use crate::watch::Watcher;
 
@@ -136,15 +137,15 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             path,
             flags,
             inline_max,
-            staged: _,
-        } => io::open(ctx, &path, flags, inline_max),
+            staged,
+        } => open::open(ctx, &path, flags, inline_max, staged),
         Request::Create {
             parent,
             name,
             mode,
             umask,
             flags,
-        } => io::create(ctx, caller, &parent, &name, mode, umask, flags),
+        } => open::create(ctx, caller, &parent, &name, mode, umask, flags),
         Request::Read {
             handle,
             offset,
@@ -156,7 +157,7 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             data,
         } => io::write(ctx, handle, offset, &data),
         Request::Fsync { handle, datasync } => io::fsync(ctx, handle, datasync),
-        Request::Commit { handle } => meta::getattr(ctx, &RelPath::root(), Some(handle)),
+        Request::Commit { handle } => io::commit(ctx, handle),
         Request::Fallocate {
             handle,
             offset,
@@ -175,6 +176,20 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
         | Request::SetXattr { .. }
         | Request::RemoveXattr { .. } => Err(libc::EOPNOTSUPP),
     }
+}
+
+/// The `stat` of an open handle; a staged one shows its staged size and mtime.
+fn handle_stat(h: &Handle) -> Result<libc::stat, Errno> {
+    if let Handle::File(f) = h
+        && let Some(staging) = f.staging()
+    {
+        return staging.stat(f.fd.as_fd());
+    }
+    crate::sys::fstat(h.fd().as_fd())
+}
+
+fn handle_attr(ctx: &Ctx, h: &Handle) -> Result<Attr, Errno> {
+    Ok(attr_of(&handle_stat(h)?, ctx.export.root_dev()))
 }
 
 /// The owner a new entry in `dir` gets when the server acts for callers (see the trust

@@ -161,21 +161,6 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
 }
 
 /// xorshift64*: a tiny deterministic generator, so a failure reproduces exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[tokio::test]
 async fn mutated_requests_never_hurt_the_server() {
     let server = Server::start().await;

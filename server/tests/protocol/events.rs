@@ -202,3 +202,20 @@ async fn clients_without_events_get_none() {
     assert!(plain.events.is_empty());
     assert_eq!(plain.next_event(Duration::from_millis(200)).await, None);
 }
+
+#[tokio::test]
+async fn staged_writes_are_announced_at_commit_only() {
+    let server = Server::start().await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    std::fs::write(server.root().join("d/f"), b"content").unwrap();
+    let mut c = events_client(&server).await;
+    list(&mut c, "d").await;
+    let (h, _) = c.open_staged("d/f", libc::O_RDWR).await.unwrap();
+    c.write(h, 0, b"CONTENT, longer").await.unwrap();
+    std::fs::write(server.root().join("d/marker"), b"x").unwrap();
+    let skipped = expect(&mut c, "d", Some("marker"), Option::is_some).await;
+    // Neither the real file nor the hidden staging file made a sound.
+    assert_eq!(skipped, vec![]);
+    c.commit(h).await.unwrap();
+    expect(&mut c, "d", Some("f"), |a| a.is_some_and(|a| a.size == 15)).await;
+}

@@ -278,6 +278,43 @@ impl Client {
         }
     }
 
+    /// `Open { staged: true }` without inline data.
+    pub async fn open_staged(&mut self, path: &str, flags: i32) -> Result<(u64, Attr), i32> {
+        opened(
+            self.call(Request::Open {
+                path: p(path),
+                flags,
+                inline_max: 0,
+                staged: true,
+            })
+            .await,
+        )
+    }
+
+    pub async fn handle_attr(&mut self, handle: u64) -> Result<Attr, i32> {
+        self.attr(Request::GetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+        })
+        .await
+    }
+
+    pub async fn commit(&mut self, handle: u64) -> Result<Attr, i32> {
+        self.attr(Request::Commit { handle }).await
+    }
+
+    pub async fn truncate_handle(&mut self, handle: u64, size: u64) -> Result<Attr, i32> {
+        self.attr(Request::SetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+            set: SetAttr {
+                size: Some(size),
+                ..Default::default()
+            },
+        })
+        .await
+    }
+
     pub async fn create(
         &mut self,
         parent: &str,
@@ -375,4 +412,20 @@ pub fn raw_frame(body: &[u8]) -> BytesMut {
     b.extend_from_slice(&(body.len() as u32).to_be_bytes());
     b.extend_from_slice(body);
     b
+}
+
+/// A small deterministic generator (xorshift*): reproducible random tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
 }

@@ -12,3 +12,4 @@ mod harness;
 mod io;
 mod meta;
 mod perf;
+mod staged;

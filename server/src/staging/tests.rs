@@ -1,0 +1,212 @@
+//! Staging against models: byte ranges against a bitmap, the staged view of a file
+//! against a `Vec<u8>` that has every operation applied directly.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[test]
+fn ranges_merge_clip_and_window() {
+    let mut r = Ranges::default();
+    r.insert(10, 20);
+    r.insert(30, 40);
+    r.insert(20, 25); // adjacent: merged
+    assert_eq!(r.iter().collect::<Vec<_>>(), vec![(10, 25), (30, 40)]);
+    r.insert(5, 35);
+    assert_eq!(r.iter().collect::<Vec<_>>(), vec![(5, 40)]);
+    r.insert(50, 50); // empty: ignored
+    assert_eq!(r.within(0, 8).collect::<Vec<_>>(), vec![(5, 8)]);
+    assert_eq!(r.within(39, 100).collect::<Vec<_>>(), vec![(39, 40)]);
+    assert_eq!(r.within(40, 100).count(), 0);
+    r.clip(12);
+    assert_eq!(r.iter().collect::<Vec<_>>(), vec![(5, 12)]);
+    r.clip(5);
+    assert!(r.is_empty());
+}
+
+proptest! {
+    #[test]
+    fn ranges_match_a_bitmap(
+        ops in proptest::collection::vec((0u64..200, 0u64..60, any::<bool>()), 1..40),
+        window in (0u64..220, 0u64..220),
+    ) {
+        let mut r = Ranges::default();
+        let mut bits = vec![false; 300];
+        for (a, len, clip) in ops {
+            if clip {
+                r.clip(a);
+                bits[a as usize..].iter_mut().for_each(|b| *b = false);
+            } else {
+                r.insert(a, a + len);
+                bits[a as usize..(a + len) as usize].iter_mut().for_each(|b| *b = true);
+            }
+        }
+        let mut seen = vec![false; 300];
+        let mut last_end = None;
+        for (s, e) in r.iter() {
+            prop_assert!(s < e);
+            // Disjoint and never adjacent.
+            prop_assert!(last_end.is_none_or(|l| l < s));
+            last_end = Some(e);
+            seen[s as usize..e as usize].iter_mut().for_each(|b| *b = true);
+        }
+        prop_assert_eq!(&seen, &bits);
+        let (a, b) = (window.0.min(window.1), window.0.max(window.1));
+        let mut in_window = vec![false; 300];
+        for (s, e) in r.within(a, b) {
+            prop_assert!(a <= s && e <= b);
+            in_window[s as usize..e as usize].iter_mut().for_each(|x| *x = true);
+        }
+        let expect: Vec<bool> = (0..300).map(|i| bits[i] && (a as usize..b as usize).contains(&i)).collect();
+        prop_assert_eq!(in_window, expect);
+    }
+}
+
+/// A directory with a real file holding `initial`, its `O_PATH` directory descriptor,
+/// and a read-write descriptor of the file.
+fn fixture(initial: &[u8]) -> (tempfile::TempDir, OwnedFd, OwnedFd) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, initial).unwrap();
+    let dirfd: OwnedFd = std::fs::File::open(dir.path()).unwrap().into();
+    let real: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .into();
+    (dir, dirfd, real)
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Truncate(u64),
+    Read(u64, usize),
+    Commit,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..600, proptest::collection::vec(any::<u8>(), 0..120))
+            .prop_map(|(o, d)| Op::Write(o, d)),
+        2 => (0u64..600).prop_map(Op::Truncate),
+        3 => (0u64..700, 0usize..300).prop_map(|(o, l)| Op::Read(o, l)),
+        1 => Just(Op::Commit),
+    ]
+}
+
+fn model_read(m: &[u8], off: u64, len: usize) -> Vec<u8> {
+    let off = (off as usize).min(m.len());
+    m[off..(off + len).min(m.len())].to_vec()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Random writes, truncates and reads: what the handle shows is always the model,
+    /// the real file stays at the last committed state, and a commit makes them equal.
+    #[test]
+    fn staged_view_matches_the_model(
+        initial in proptest::collection::vec(any::<u8>(), 1..400),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        let (dir, dirfd, real) = fixture(&initial);
+        let mut st = Staging::create(dirfd.as_fd()).unwrap().expect("O_TMPFILE in the test dir");
+        let mut model = initial.clone();
+        let mut committed = initial.clone();
+        for op in ops {
+            match op {
+                Op::Write(off, data) => {
+                    prop_assert_eq!(st.write(real.as_fd(), off, &data).unwrap(), data.len());
+                    if !data.is_empty() {
+                        let end = off as usize + data.len();
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[off as usize..end].copy_from_slice(&data);
+                    }
+                }
+                Op::Truncate(n) => {
+                    st.truncate(real.as_fd(), n).unwrap();
+                    model.resize(n as usize, 0);
+                }
+                Op::Read(off, len) => {
+                    prop_assert_eq!(st.read(real.as_fd(), off, len).unwrap(), model_read(&model, off, len));
+                }
+                Op::Commit => {
+                    st.commit(real.as_fd()).unwrap();
+                    prop_assert!(!st.has_pending());
+                    committed = model.clone();
+                }
+            }
+            prop_assert_eq!(st.stat(real.as_fd()).unwrap().st_size as usize, model.len());
+            prop_assert_eq!(st.read(real.as_fd(), 0, 1000).unwrap(), model.clone());
+            prop_assert_eq!(&std::fs::read(dir.path().join("f")).unwrap(), &committed);
+        }
+        st.commit(real.as_fd()).unwrap();
+        prop_assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), model);
+    }
+}
+
+#[test]
+fn dropping_without_commit_leaves_the_file_alone() {
+    let (dir, dirfd, real) = fixture(b"original content");
+    let before = std::fs::metadata(dir.path().join("f")).unwrap();
+    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    st.write(real.as_fd(), 0, b"CHANGED").unwrap();
+    st.truncate(real.as_fd(), 3).unwrap();
+    st.write(real.as_fd(), 100, b"far").unwrap();
+    drop(st);
+    assert_eq!(
+        std::fs::read(dir.path().join("f")).unwrap(),
+        b"original content"
+    );
+    let after = std::fs::metadata(dir.path().join("f")).unwrap();
+    assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+    // The staging file was never visible in the directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn commit_sets_the_time_of_the_last_write() {
+    let (_dir, dirfd, real) = fixture(b"0123456789");
+    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    st.write(real.as_fd(), 2, b"ab").unwrap();
+    let written = now();
+    let seen = st.stat(real.as_fd()).unwrap();
+    // Make the commit time differ measurably from the write time: without the pause
+    // both fall within the same clock tick and the test could not tell them apart.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    st.commit(real.as_fd()).unwrap();
+    let after = crate::sys::fstat(real.as_fd()).unwrap();
+    let m = (after.st_mtime, after.st_mtime_nsec);
+    assert_eq!(m, (seen.st_mtime, seen.st_mtime_nsec));
+    assert!(m <= (written.tv_sec, written.tv_nsec));
+    // An explicit mtime after the last write survives the commit.
+    st.write(real.as_fd(), 0, b"x").unwrap();
+    let explicit = libc::timespec {
+        tv_sec: 1_000_000_000,
+        tv_nsec: 5,
+    };
+    st.set_mtime(explicit);
+    st.commit(real.as_fd()).unwrap();
+    let after = crate::sys::fstat(real.as_fd()).unwrap();
+    assert_eq!((after.st_mtime, after.st_mtime_nsec), (1_000_000_000, 5));
+}
+
+#[test]
+fn copy_without_copy_file_range_matches() {
+    let (dir, _dirfd, real) = fixture(b"");
+    let src_path = dir.path().join("src");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src_path, &data).unwrap();
+    let src: OwnedFd = std::fs::File::open(&src_path).unwrap().into();
+    copy_plain(src.as_fd(), real.as_fd(), 10, 2_500_000).unwrap();
+    let got = std::fs::read(dir.path().join("f")).unwrap();
+    assert_eq!(got.len(), 2_500_000);
+    assert!(got[..10].iter().all(|&b| b == 0));
+    assert_eq!(&got[10..], &data[10..2_500_000]);
+}

@@ -1,0 +1,238 @@
+//! Staged writes: invisible in the real file (read directly from the export) until
+//! Commit or Fsync, discarded by Release or a dropped connection, exact overlay reads.
+
+use std::time::{Duration, SystemTime};
+
+use ferry_common::*;
+
+use crate::harness::*;
+
+fn mtime_of(a: &Attr) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::new(a.mtime.sec as u64, a.mtime.nsec)
+}
+
+#[tokio::test]
+async fn staged_writes_reach_the_file_only_on_commit() {
+    let server = Server::start().await;
+    let f = server.root().join("f");
+    std::fs::write(&f, b"original").unwrap();
+    let mut c = server.client().await;
+    let (h, a) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    assert_eq!(a.size, 8);
+
+    assert_eq!(c.write(h, 0, b"NEW").await, Ok(3));
+    assert_eq!(c.write(h, 10, b"tail").await, Ok(4));
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"NEWginal\0\0tail");
+    assert_eq!(c.handle_attr(h).await.unwrap().size, 14);
+    // Everyone else still sees the old file.
+    assert_eq!(std::fs::read(&f).unwrap(), b"original");
+    assert_eq!(c.getattr("f").await.unwrap().size, 8);
+    let (other, _) = c.open("f", libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.read(other, 0, 100).await.unwrap(), b"original");
+    // No staging file shows up in the directory.
+    assert_eq!(std::fs::read_dir(server.root()).unwrap().count(), 1);
+
+    let committed = c.commit(h).await.unwrap();
+    assert_eq!(committed.size, 14);
+    assert_eq!(std::fs::read(&f).unwrap(), b"NEWginal\0\0tail");
+    assert_eq!(c.read(other, 0, 100).await.unwrap(), b"NEWginal\0\0tail");
+
+    // The handle stays staged after a commit: later writes are staged again.
+    c.write(h, 0, b"again").await.unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"NEWginal\0\0tail");
+    assert_eq!(
+        c.call(Request::Fsync {
+            handle: h,
+            datasync: true
+        })
+        .await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(std::fs::read(&f).unwrap(), b"againnal\0\0tail");
+    // Nothing pending: Commit just answers the attributes.
+    assert_eq!(c.commit(h).await.unwrap().size, 14);
+}
+
+#[tokio::test]
+async fn truncates_are_staged_too() {
+    let server = Server::start().await;
+    let f = server.root().join("f");
+    std::fs::write(&f, b"0123456789").unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    assert_eq!(c.truncate_handle(h, 4).await.unwrap().size, 4);
+    assert_eq!(c.truncate_handle(h, 8).await.unwrap().size, 8);
+    // The bytes cut off by the first truncate are gone, not resurrected.
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"0123\0\0\0\0");
+    assert_eq!(std::fs::read(&f).unwrap(), b"0123456789");
+    c.commit(h).await.unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"0123\0\0\0\0");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_leaves_the_file_byte_identical() {
+    let server = Server::start().await;
+    let f = server.root().join("f");
+    let content: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    std::fs::write(&f, &content).unwrap();
+    let before = std::fs::metadata(&f).unwrap();
+    {
+        let mut c = server.client().await;
+        let (h, _) = c.open_staged("f", libc::O_WRONLY).await.unwrap();
+        c.write(h, 0, &[0xff; 70_000]).await.unwrap();
+        c.truncate_handle(h, 10).await.unwrap();
+        c.write(h, 200_000, b"beyond").await.unwrap();
+        // Dropped here without Commit or Release: the connection just dies.
+    }
+    // Released with the connection; a fresh one sees the old content.
+    let mut c = server.client().await;
+    let (h, a) = c.open("f", libc::O_RDONLY).await.unwrap();
+    assert_eq!(a.size, 100_000);
+    assert_eq!(c.read(h, 0, 200_000).await.unwrap(), content);
+    assert_eq!(std::fs::read(&f).unwrap(), content);
+    let after = std::fs::metadata(&f).unwrap();
+    assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+
+    // Release without Commit discards as well.
+    let (h, _) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    c.write(h, 5, b"xyz").await.unwrap();
+    c.call(Request::Release { handle: h }).await.unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), content);
+}
+
+#[tokio::test]
+async fn commit_stamps_the_time_of_the_last_write() {
+    let server = Server::start().await;
+    let f = server.root().join("f");
+    std::fs::write(&f, b"some data").unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    let before_write = SystemTime::now();
+    c.write(h, 0, b"SOME").await.unwrap();
+    let after_write = SystemTime::now();
+    let staged = c.handle_attr(h).await.unwrap();
+    // The only sleep in these tests: it puts the commit measurably later than the
+    // write, so a commit that stamped its own time (file timestamps come from a coarse
+    // clock, up to a tick behind) could not pass for the write's time.
+    std::thread::sleep(Duration::from_millis(50));
+    let committed = c.commit(h).await.unwrap();
+    let m = mtime_of(&committed);
+    assert!(
+        m >= before_write - Duration::from_millis(20),
+        "{m:?} < {before_write:?}"
+    );
+    assert!(
+        m <= after_write,
+        "mtime {m:?} is after the write reply {after_write:?}"
+    );
+    assert_eq!(
+        committed.mtime, staged.mtime,
+        "GetAttr showed the same mtime"
+    );
+    assert_eq!(std::fs::metadata(&f).unwrap().modified().unwrap(), m);
+}
+
+#[tokio::test]
+async fn empty_files_and_created_files_are_written_directly() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("empty"), b"").unwrap();
+    std::fs::write(server.root().join("trunc"), b"old content").unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("empty", libc::O_RDWR).await.unwrap();
+    c.write(h, 0, b"direct").await.unwrap();
+    assert_eq!(
+        std::fs::read(server.root().join("empty")).unwrap(),
+        b"direct"
+    );
+    // O_TRUNC empties the file before staging is considered.
+    let (h, _) = c
+        .open_staged("trunc", libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    c.write(h, 0, b"new").await.unwrap();
+    assert_eq!(std::fs::read(server.root().join("trunc")).unwrap(), b"new");
+    let (h, _) = c
+        .create("", "made", 0o644, libc::O_RDWR | libc::O_EXCL)
+        .await
+        .unwrap();
+    c.write(h, 0, b"at once").await.unwrap();
+    assert_eq!(
+        std::fs::read(server.root().join("made")).unwrap(),
+        b"at once"
+    );
+    // A read-only staged open is just an open.
+    let (h, _) = c.open_staged("made", libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.commit(h).await.unwrap().size, 7);
+}
+
+#[tokio::test]
+async fn read_only_exports_refuse_commit() {
+    let server = Server::start_with(true).await;
+    std::fs::write(server.root().join("f"), b"x").unwrap();
+    let mut c = server.client().await;
+    assert_eq!(
+        c.open_staged("f", libc::O_RDWR).await.map(|_| ()),
+        Err(libc::EROFS)
+    );
+    let (h, _) = c.open_staged("f", libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.commit(h).await, Err(libc::EROFS));
+}
+
+/// Random writes, truncates and reads through one staged handle against a model; the
+/// real file must not change until the commits, which make it equal to the model.
+#[tokio::test]
+async fn overlay_reads_match_a_model() {
+    let server = Server::start().await;
+    let f = server.root().join("f");
+    let mut rng = Rng(0x57a6_ed00_1234_5678);
+    let initial: Vec<u8> = (0..5000).map(|_| rng.next() as u8).collect();
+    std::fs::write(&f, &initial).unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    let mut model = initial.clone();
+    let mut committed = initial;
+    for step in 0..400 {
+        match rng.below(10) {
+            0..=4 => {
+                let off = rng.below(9000);
+                let data: Vec<u8> = (0..rng.below(3000)).map(|_| rng.next() as u8).collect();
+                assert_eq!(c.write(h, off as u64, &data).await, Ok(data.len() as u32));
+                if !data.is_empty() {
+                    if model.len() < off + data.len() {
+                        model.resize(off + data.len(), 0);
+                    }
+                    model[off..off + data.len()].copy_from_slice(&data);
+                }
+            }
+            5 | 6 => {
+                let size = rng.below(9000);
+                let a = c.truncate_handle(h, size as u64).await.unwrap();
+                assert_eq!(a.size, size as u64);
+                model.resize(size, 0);
+            }
+            7 | 8 => {
+                let off = rng.below(10_000);
+                let len = rng.below(5000);
+                let want = &model[off.min(model.len())..(off + len).min(model.len())];
+                assert_eq!(
+                    c.read(h, off as u64, len as u32).await.unwrap(),
+                    want,
+                    "step {step}"
+                );
+            }
+            _ => {
+                if rng.below(4) == 0 {
+                    c.commit(h).await.unwrap();
+                    committed = model.clone();
+                }
+            }
+        }
+        assert_eq!(c.handle_attr(h).await.unwrap().size, model.len() as u64);
+        if step % 20 == 0 {
+            assert_eq!(std::fs::read(&f).unwrap(), committed, "step {step}");
+        }
+    }
+    assert_eq!(c.read(h, 0, 20_000).await.unwrap(), model);
+    assert_eq!(c.commit(h).await.unwrap().size, model.len() as u64);
+    assert_eq!(std::fs::read(&f).unwrap(), model);
+}
