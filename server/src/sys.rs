@@ -420,6 +420,53 @@ pub fn inotify_rm_watch(inotify: BorrowedFd<'_>, wd: i32) -> Result<(), Errno> {
     cvt(unsafe { libc::inotify_rm_watch(inotify.as_raw_fd(), wd) }).map(drop)
 }
 
+/// `getxattr` of the inode behind a descriptor (through its `/proc/self/fd/N` magic
+/// link, which leads to exactly that inode, a symlink included). An empty `buf` asks
+/// for the size only. Returns the value's length.
+pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+    let p = proc_fd_path(fd);
+    let ptr = if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr()
+    };
+    // SAFETY: NUL-terminated strings; `ptr` is null with length 0 or valid for `buf.len()`.
+    cvt_size(unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), buf.len()) })
+}
+
+/// `listxattr` through the magic link, like [`getxattr_fd`].
+pub fn listxattr_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    let p = proc_fd_path(fd);
+    let ptr = if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr()
+    };
+    // SAFETY: as in `getxattr_fd`.
+    cvt_size(unsafe { libc::listxattr(p.as_ptr(), ptr.cast(), buf.len()) })
+}
+
+pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> Result<(), Errno> {
+    let p = proc_fd_path(fd);
+    // SAFETY: NUL-terminated strings; `value` is valid for reads of its length.
+    cvt(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    let p = proc_fd_path(fd);
+    // SAFETY: NUL-terminated strings.
+    cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
+}
+
 /// The host name (`gethostname(2)`), as raw bytes without the terminating NUL.
 pub fn hostname() -> Result<Vec<u8>, Errno> {
     // HOST_NAME_MAX is 64 on Linux; a larger buffer costs nothing.

@@ -12,11 +12,14 @@
 //! | a path or name with `..`, `.`, empty components, `/` in a name, NUL | EINVAL |
 //! | a path longer than 4096 bytes | ENAMETOOLONG |
 //! | resolution leaves the export (absolute symlink, `..` out of the root) | EACCES |
-//! | any mutation on a `--read-only` export (also `Open` for writing or `O_TRUNC`) | EROFS |
+//! | any mutation on a `--read-only` export (also `Open` for writing or `O_TRUNC`, `Commit` even with nothing staged, `SetXattr`, `RemoveXattr`) | EROFS |
 //! | an unknown handle, or a file handle where a directory one is needed (and back) | EBADF |
 //! | `Read` longer than `MAX_IO`; offsets beyond `i64::MAX`; open access mode 3 | EINVAL |
 //! | `Rename` flags other than NOREPLACE and EXCHANGE | EINVAL |
 //! | `SetAttr` times with nanoseconds ≥ 10⁹ | EINVAL |
+//! | `SetXattr` flags other than `XATTR_CREATE`/`XATTR_REPLACE` | EINVAL |
+//! | a staged write or truncate whose end is beyond `i64::MAX` | EFBIG |
+//! | a staged range missing from the staging file (a bug), or a commit write of 0 bytes | EIO |
 //! | `Open`/`Create` of a FIFO, socket or device (the client kernel serves those) | EOPNOTSUPP |
 //! | `Open`, or truncate by path, of a symlink (never followed) | ELOOP |
 //! | truncate by path of a directory / of a FIFO, socket or device | EISDIR / EINVAL |
@@ -31,6 +34,19 @@
 //! read-only handle, which uses the path. Only `Create`, `MkDir`, `MkNod` and `Symlink`
 //! look at the caller.
 //!
+//! The newer requests, and what they deliberately do *not* fail with:
+//! - `Open` with `inline_max`: a file too large, not regular, or that changed size while
+//!   being read gets a plain `Opened`, never an error.
+//! - `Open` with `staged`: where no staging file can be made (no `O_TMPFILE`, a
+//!   directory the server may not create in) the handle writes directly, no error; the
+//!   staging file's own failures (ENOSPC, EDQUOT) surface on `Write` and `Commit`. A
+//!   failed `Commit` keeps everything staged, so retrying it is safe. `Fallocate` on a
+//!   staged handle commits first. `Commit` of an unstaged (or directory) handle replies
+//!   its attributes.
+//! - Xattr requests: every errno is the OS's (ENODATA, ERANGE for a small `size`,
+//!   EOPNOTSUPP for an unknown namespace, EPERM for `user.*` on a symlink, E2BIG), and
+//!   a `size` above the kernel's 64 KiB limit is simply capped (no large allocation).
+//!
 //! Everything here is blocking and runs on tokio's blocking pool. It must never resolve
 //! a path except through [`crate::export::Export`], never follow a final symlink, and
 //! never panic on anything a request contains.
@@ -39,12 +55,16 @@
 //! (`default_permissions`); the server acts with its own credentials and, when it runs as
 //! root and the client negotiated [`caps::CALLER_CREDS`], gives the entries it creates the
 //! uid/gid the client claims for the caller. Export only to clients you trust with the
-//! whole tree.
+//! whole tree: a client can also set any extended attribute the server's credentials
+//! allow (for a root server that includes `trusted.*` and `security.*`, file
+//! capabilities among them), and with `EVENTS` it hears of every change in every
+//! directory any such client has looked into, not only its own.
 
 mod dir;
 mod io;
 mod meta;
 mod open;
+mod xattr;
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -171,10 +191,15 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             max_entries,
         } => dir::readdir(ctx, handle, max_entries),
         Request::ReleaseDir { handle } => ctx.handles.remove_dir(handle).map(|()| Response::Ok),
-        Request::GetXattr { .. }
-        | Request::ListXattr { .. }
-        | Request::SetXattr { .. }
-        | Request::RemoveXattr { .. } => Err(libc::EOPNOTSUPP),
+        Request::GetXattr { path, name, size } => xattr::get(ctx, &path, &name, size),
+        Request::ListXattr { path, size } => xattr::list(ctx, &path, size),
+        Request::SetXattr {
+            path,
+            name,
+            value,
+            flags,
+        } => xattr::set(ctx, &path, &name, &value, flags),
+        Request::RemoveXattr { path, name } => xattr::remove(ctx, &path, &name),
     }
 }
 

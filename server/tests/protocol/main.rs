@@ -13,3 +13,4 @@ mod io;
 mod meta;
 mod perf;
 mod staged;
+mod xattr;
