@@ -40,7 +40,8 @@
 //! - `Open` with `staged`: where no staging file can be made (no `O_TMPFILE`, a
 //!   directory the server may not create in) the handle writes directly, no error; the
 //!   staging file's own failures (ENOSPC, EDQUOT) surface on `Write` and `Commit`. A
-//!   failed `Commit` keeps everything staged, so retrying it is safe. `Fallocate` on a
+//!   failed `Commit` keeps everything staged, so retrying it is safe. `O_SYNC`/`O_DSYNC`
+//!   opens are never staged (their writes must be durable in the file on return). `Fallocate` on a
 //!   staged handle commits first. `Commit` of an unstaged (or directory) handle replies
 //!   its attributes.
 //! - Xattr requests: every errno is the OS's (ENODATA, ERANGE for a small `size`,

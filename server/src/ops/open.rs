@@ -83,9 +83,12 @@ pub fn open(
         0 => None,
         max => read_inline(ctx, fd.as_fd(), max)?,
     };
-    let staging = match staged && writable {
-        true => staging_for(ctx, path, fd.as_fd())?,
-        false => None,
+    // O_SYNC/O_DSYNC (O_SYNC includes the O_DSYNC bit) promise every write is durable
+    // in the file when it returns, which staging cannot keep: such opens write directly.
+    let staging = if staged && writable && flags & libc::O_DSYNC == 0 {
+        staging_for(ctx, path, fd.as_fd())?
+    } else {
+        None
     };
     match (opened(ctx, fd, writable, staging)?, inline) {
         (Response::Opened { handle, .. }, Some((attr, data))) => {

@@ -160,6 +160,16 @@ async fn empty_files_and_created_files_are_written_directly() {
         std::fs::read(server.root().join("made")).unwrap(),
         b"at once"
     );
+    // O_SYNC promises durability on every write, which staging could not keep.
+    let (h, _) = c
+        .open_staged("made", libc::O_RDWR | libc::O_SYNC)
+        .await
+        .unwrap();
+    c.write(h, 0, b"AT").await.unwrap();
+    assert_eq!(
+        std::fs::read(server.root().join("made")).unwrap(),
+        b"AT once"
+    );
     // A read-only staged open is just an open.
     let (h, _) = c.open_staged("made", libc::O_RDONLY).await.unwrap();
     assert_eq!(c.commit(h).await.unwrap().size, 7);

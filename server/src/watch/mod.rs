@@ -1,0 +1,293 @@
+//! Change events ([`caps::EVENTS`](ferry_common::caps::EVENTS)): one inotify instance for
+//! the whole server, watching every directory a client with `EVENTS` has looked into,
+//! and one reader task turning what the kernel reports into [`Event`]s broadcast to every
+//! such connection.
+//!
+//! ```text
+//!  ops (lookup, opendir, ...) ──ensure──► inotify watch on /proc/self/fd/N
+//!  kernel ──► reader task: read a ~10 ms window ──► coalesce by (dir, name)
+//!         ──► lstat beneath the root ──► broadcast ──► each connection's writer
+//! ```
+//!
+//! Watches are added lazily and *before* the stat or listing that prompted them, so a
+//! change can never slip between what a client was told and the first event. Each watch
+//! remembers the directory's path relative to the root; directory renames seen in a
+//! watched parent (`IN_MOVED_FROM`/`IN_MOVED_TO` paired by cookie) rewrite the paths of
+//! every watch beneath, and a watched directory that moved somewhere we cannot see is
+//! unwatched (with everything under it) until a client looks into it again.
+//!
+//! Not covered: directories past the kernel's watch limit (`ENOSPC`, logged once; their
+//! changes are simply not reported), and watches are never dropped just because no
+//! client is interested any more (they live until the directory goes away).
+//!
+//! This module must never add a watch by a network-supplied path (only through the
+//! magic link of a descriptor [`crate::export::Export`] resolved), never stat anything
+//! except through that module's resolution beneath the root, and never block a request
+//! on event delivery: a slow subscriber lags and gets [`Event::Resync`] instead.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ferry_common::{Attr, Event, Name, RelPath};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, warn};
+
+use crate::export::Export;
+use crate::sys::{self, Errno};
+
+mod state;
+
+use state::State;
+pub use state::{RawEvent, parse_events};
+
+/// What every watch reports. `IN_EXCL_UNLINK`: a file unlinked while open elsewhere
+/// stops producing events for its old directory. `IN_ONLYDIR`: refuse anything that is
+/// not a directory (the fd is one, but this costs nothing).
+pub const MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MODIFY
+    | libc::IN_ATTRIB
+    | libc::IN_CLOSE_WRITE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF
+    | libc::IN_EXCL_UNLINK
+    | libc::IN_ONLYDIR;
+
+/// How long the reader keeps collecting after the first event of a batch: a burst of
+/// writes to one file becomes one event, at a latency far below the ~100 ms target.
+pub const WINDOW: Duration = Duration::from_millis(10);
+
+/// Most kernel events in one batch; a batch that is full is processed at once.
+pub const MAX_BATCH: usize = 4096;
+
+/// Events buffered per subscriber; past it the subscriber gets `Resync`.
+pub const CHANNEL_CAPACITY: usize = 4096;
+
+/// The server's inotify instance and the subscribers of its events.
+#[derive(Debug)]
+pub struct Watcher {
+    inotify: AsyncFd<OwnedFd>,
+    export: Arc<Export>,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    /// The watch limit was hit and logged; log it once only.
+    warned_limit: AtomicBool,
+}
+
+impl Watcher {
+    /// Create the inotify instance and start the reader task (which runs until the
+    /// returned handle is aborted). Must be called inside a tokio runtime.
+    pub fn start(export: Arc<Export>) -> Result<(Arc<Watcher>, JoinHandle<()>), Errno> {
+        let fd = sys::inotify_init()?;
+        let inotify = sys::async_fd(fd).map_err(|e| sys::errno_of(&e))?;
+        let (events, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let w = Arc::new(Watcher {
+            inotify,
+            export,
+            state: Mutex::new(State::default()),
+            events,
+            warned_limit: AtomicBool::new(false),
+        });
+        let reader = tokio::spawn(Arc::clone(&w).read_loop());
+        Ok((w, reader))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update leaves the maps consistent; a panic elsewhere does not matter.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make sure the directory `dir` (a descriptor just resolved from `path`) is
+    /// watched. Call before stat'ing or listing it. Blocking (one `fstat`, maybe one
+    /// `inotify_add_watch`); never fails the request: an error only means no events.
+    pub fn ensure(&self, dir: BorrowedFd<'_>, path: &RelPath) {
+        let st = match sys::fstat(dir) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => st,
+            _ => return,
+        };
+        let mut state = self.lock();
+        if let Some(&wd) = state.by_inode.get(&(st.st_dev, st.st_ino))
+            && state.by_wd.get(&wd).is_some_and(|w| w.path == path.0)
+        {
+            return;
+        }
+        // The lock is held across the system call: an event for the new watch may be
+        // read right away, and the reader must then find its path in the map.
+        match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
+            Ok(wd) => {
+                if let Some(old) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
+                    self.unwatch(old);
+                }
+            }
+            Err(libc::ENOSPC) => {
+                if !self.warned_limit.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "inotify watch limit reached (fs.inotify.max_user_watches): changes \
+                         in directories watched from now on are not reported to clients"
+                    );
+                }
+            }
+            Err(e) => debug!(errno = e, ?path, "cannot watch directory"),
+        }
+    }
+
+    /// Like [`Watcher::ensure`] for an open directory handle, whose `path` may be
+    /// stale: a directory not watched any more is watched again only if `path` still
+    /// leads to it.
+    pub fn ensure_open_dir(&self, dir: BorrowedFd<'_>, path: &RelPath, export: &Export) {
+        let Ok(st) = sys::fstat(dir) else {
+            return;
+        };
+        if self.lock().by_inode.contains_key(&(st.st_dev, st.st_ino)) {
+            return;
+        }
+        let Ok(now) = export.resolve_dir(path) else {
+            return;
+        };
+        match sys::fstat(now.as_fd()) {
+            Ok(n) if (n.st_dev, n.st_ino) == (st.st_dev, st.st_ino) => self.ensure(dir, path),
+            _ => {}
+        }
+    }
+
+    async fn read_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut batch = Vec::new();
+            if let Err(e) = self.read_some(&mut buf, &mut batch).await {
+                error!("inotify read failed, change events stop: {e}");
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + WINDOW;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, self.read_some(&mut buf, &mut batch)).await
+                {
+                    Err(_) => break,
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        error!("inotify read failed, change events stop: {e}");
+                        return;
+                    }
+                }
+            }
+            let me = Arc::clone(&self);
+            let events = match tokio::task::spawn_blocking(move || me.process(&batch)).await {
+                Ok(events) => events,
+                Err(e) => {
+                    error!("event processing failed: {e}");
+                    vec![Event::Resync]
+                }
+            };
+            for ev in events {
+                // An error only means nobody is subscribed right now.
+                let _ = self.events.send(ev);
+            }
+        }
+    }
+
+    /// Wait for the descriptor to be readable and append what one `read` returns.
+    async fn read_some(&self, buf: &mut [u8], batch: &mut Vec<RawEvent>) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.inotify.readable().await?;
+            let read = guard.try_io(|fd| {
+                loop {
+                    match sys::read(fd.get_ref().as_fd(), buf) {
+                        Err(libc::EINTR) => continue,
+                        other => return other.map_err(std::io::Error::from_raw_os_error),
+                    }
+                }
+            });
+            match read {
+                Ok(Ok(n)) => {
+                    parse_events(&buf[..n], batch);
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Blocking: bookkeeping, then one stat per changed entry.
+    fn process(&self, batch: &[RawEvent]) -> Vec<Event> {
+        let digest = self.lock().digest(batch);
+        for (wd, path) in digest.moved_self {
+            self.check_moved(wd, &path);
+        }
+        let mut events: Vec<Event> = digest
+            .changed
+            .into_iter()
+            .map(|(dir, name)| {
+                let attr = self.stat(&dir, name.as_deref());
+                Event::Changed {
+                    parent: RelPath(dir),
+                    name: name.map(Name),
+                    attr,
+                }
+            })
+            .collect();
+        if digest.resync {
+            warn!("inotify queue overflowed; clients must revalidate everything");
+            events.push(Event::Resync);
+        }
+        events
+    }
+
+    /// A watched directory moved. If its recorded path (already rewritten when the move
+    /// happened in a watched parent) still leads to it, nothing to do; otherwise it went
+    /// where we cannot follow it, and it and everything under it are unwatched.
+    fn check_moved(&self, wd: i32, path: &[u8]) {
+        let here = self
+            .export
+            .resolve_dir(&RelPath(path.to_vec()))
+            .and_then(|fd| sys::fstat(fd.as_fd()));
+        let mut state = self.lock();
+        let Some(w) = state.by_wd.get(&wd) else {
+            return;
+        };
+        if w.path != path {
+            return; // renamed again meanwhile; a later event checks again
+        }
+        if let Ok(st) = here
+            && (st.st_dev, st.st_ino) == (w.dev, w.ino)
+        {
+            return;
+        }
+        for wd in state.under(path) {
+            state.forget(wd);
+            self.unwatch(wd);
+        }
+    }
+
+    /// Remove a watch from the kernel (already forgotten in the maps). Its IN_IGNORED
+    /// will arrive for a watch we no longer know: harmless.
+    fn unwatch(&self, wd: i32) {
+        if let Err(e) = sys::inotify_rm_watch(self.inotify.get_ref().as_fd(), wd) {
+            debug!(errno = e, "inotify_rm_watch");
+        }
+    }
+
+    /// The entry's attributes now, resolved beneath the root like any request;
+    /// `None` when it no longer exists there (or cannot be reached any more).
+    fn stat(&self, dir: &[u8], name: Option<&[u8]>) -> Option<Attr> {
+        let dir = RelPath(dir.to_vec());
+        let st = match name {
+            Some(name) => {
+                let (d, n) = self.export.entry(&dir, &Name(name.to_vec())).ok()?;
+                sys::fstatat(d.as_fd(), &n, libc::AT_SYMLINK_NOFOLLOW).ok()?
+            }
+            None => sys::fstat(self.export.resolve(&dir, libc::O_PATH).ok()?.as_fd()).ok()?,
+        };
+        Some(crate::ops::attr_of(&st, self.export.root_dev()))
+    }
+}

@@ -1,0 +1,334 @@
+//! The bookkeeping behind [`super::Watcher`], free of system calls so it can be tested
+//! with synthetic events: parsing what inotify returns, the maps between watch
+//! descriptors, directory paths and inodes, and turning a batch of kernel events into
+//! the (directory, entry) pairs that changed.
+//!
+//! Must never do I/O: everything that touches the filesystem or the inotify descriptor
+//! is the caller's, which keeps this deterministic.
+
+use std::collections::{HashMap, HashSet};
+
+/// One event as read from the inotify descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    pub wd: i32,
+    pub mask: u32,
+    pub cookie: u32,
+    /// The entry inside the watched directory; `None` for the directory itself.
+    pub name: Option<Vec<u8>>,
+}
+
+/// Parse a buffer filled by `read(2)` on an inotify descriptor; stops at anything
+/// truncated (the kernel only returns whole events, so that would be a bug, not data).
+pub fn parse_events(buf: &[u8], out: &mut Vec<RawEvent>) {
+    const HEADER: usize = 16; // wd, mask, cookie, len: four 32-bit words
+    let mut rest = buf;
+    while rest.len() >= HEADER {
+        let word = |i: usize| {
+            let b: [u8; 4] = rest[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]);
+            u32::from_ne_bytes(b)
+        };
+        let (wd, mask, cookie, len) = (word(0) as i32, word(1), word(2), word(3) as usize);
+        let Some(name) = rest.get(HEADER..HEADER + len) else {
+            break;
+        };
+        // The name is NUL-padded to an alignment boundary.
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        let name = (end > 0).then(|| name[..end].to_vec());
+        out.push(RawEvent {
+            wd,
+            mask,
+            cookie,
+            name,
+        });
+        rest = &rest[HEADER + len..];
+    }
+}
+
+/// A watched directory.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// Relative to the export root, kept current across renames we can see.
+    pub path: Vec<u8>,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The bookkeeping of watches, separate from the inotify descriptor so it can be
+/// tested with synthetic events.
+#[derive(Debug, Default)]
+pub struct State {
+    pub by_wd: HashMap<i32, Watch>,
+    pub by_path: HashMap<Vec<u8>, i32>,
+    pub by_inode: HashMap<(u64, u64), i32>,
+    /// Directory `IN_MOVED_FROM`s waiting for their `IN_MOVED_TO`: cookie → (old path,
+    /// batches waited). The pair may straddle two reads, so one extra batch is allowed.
+    moves: HashMap<u32, (Vec<u8>, u8)>,
+}
+
+/// What one batch of kernel events amounts to, before anything is stat'ed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    /// (directory, entry) pairs that changed, in first-seen order, without duplicates.
+    pub changed: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Watched directories that moved: still at their recorded path, or gone from view?
+    pub moved_self: Vec<(i32, Vec<u8>)>,
+    pub resync: bool,
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        return name.to_vec();
+    }
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
+/// `path` is `dir` or beneath it.
+fn is_under(path: &[u8], dir: &[u8]) -> bool {
+    path.starts_with(dir) && (path.len() == dir.len() || path.get(dir.len()) == Some(&b'/'))
+}
+
+impl State {
+    /// Record a watch; returns the watch this displaced from `path` (another directory
+    /// now lives there), which the caller removes from the kernel.
+    pub fn insert(&mut self, wd: i32, path: Vec<u8>, dev: u64, ino: u64) -> Option<i32> {
+        if let Some(old) = self.by_wd.get(&wd) {
+            // Same inode known under an older path: the one just resolved is current.
+            if self.by_path.get(&old.path) == Some(&wd) {
+                self.by_path.remove(&old.path);
+            }
+        }
+        let displaced = self.by_path.insert(path.clone(), wd).filter(|&o| o != wd);
+        if let Some(other) = displaced {
+            // The path now names another directory than before, and where the old one
+            // went is unknown (we missed its move): stop watching it.
+            self.by_path.insert(path.clone(), other);
+            self.forget(other);
+            self.by_path.insert(path.clone(), wd);
+        }
+        self.by_inode.insert((dev, ino), wd);
+        self.by_wd.insert(wd, Watch { path, dev, ino });
+        displaced
+    }
+
+    pub fn forget(&mut self, wd: i32) {
+        if let Some(w) = self.by_wd.remove(&wd) {
+            if self.by_path.get(&w.path) == Some(&wd) {
+                self.by_path.remove(&w.path);
+            }
+            if self.by_inode.get(&(w.dev, w.ino)) == Some(&wd) {
+                self.by_inode.remove(&(w.dev, w.ino));
+            }
+        }
+    }
+
+    /// Watches at or beneath `dir`.
+    pub fn under(&self, dir: &[u8]) -> Vec<i32> {
+        self.by_wd
+            .iter()
+            .filter(|(_, w)| is_under(&w.path, dir))
+            .map(|(&wd, _)| wd)
+            .collect()
+    }
+
+    /// A directory moved from `old` to `new`: every watch beneath follows.
+    pub fn rename(&mut self, old: &[u8], new: &[u8]) {
+        if old.is_empty() {
+            return; // the root never moves within itself
+        }
+        for wd in self.under(old) {
+            if let Some(w) = self.by_wd.get_mut(&wd) {
+                let mut path = new.to_vec();
+                path.extend_from_slice(&w.path[old.len()..]);
+                if self.by_path.get(&w.path) == Some(&wd) {
+                    self.by_path.remove(&w.path);
+                }
+                w.path = path.clone();
+                self.by_path.insert(path, wd);
+            }
+        }
+    }
+
+    /// Turn one batch into a digest, updating paths for the renames it contains.
+    pub fn digest(&mut self, batch: &[RawEvent]) -> Digest {
+        let mut d = Digest::default();
+        let mut seen = HashSet::new();
+        let mut push = |d: &mut Digest, dir: &[u8], name: Option<&[u8]>| {
+            let key = (dir.to_vec(), name.map(<[u8]>::to_vec));
+            if seen.insert(key.clone()) {
+                d.changed.push(key);
+            }
+        };
+        for m in self.moves.values_mut() {
+            m.1 += 1;
+        }
+        for ev in batch {
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                d.resync = true;
+                continue;
+            }
+            if ev.mask & libc::IN_IGNORED != 0 {
+                // The watch is gone (directory deleted, unmounted, or removed by us).
+                self.forget(ev.wd);
+                continue;
+            }
+            let Some(dir) = self.by_wd.get(&ev.wd).map(|w| w.path.clone()) else {
+                continue; // a watch we already dropped; its last events do not matter
+            };
+            let Some(name) = &ev.name else {
+                if ev.mask & libc::IN_MOVE_SELF != 0 {
+                    d.moved_self.push((ev.wd, dir.clone()));
+                }
+                push(&mut d, &dir, None);
+                continue;
+            };
+            push(&mut d, &dir, Some(name));
+            let entries =
+                libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_FROM | libc::IN_MOVED_TO;
+            if ev.mask & entries != 0 {
+                // The directory's own mtime, size and link count changed too.
+                push(&mut d, &dir, None);
+            }
+            if ev.mask & libc::IN_ISDIR != 0 {
+                if ev.mask & libc::IN_MOVED_FROM != 0 {
+                    self.moves.insert(ev.cookie, (join(&dir, name), 0));
+                } else if ev.mask & libc::IN_MOVED_TO != 0
+                    && let Some((old, _)) = self.moves.remove(&ev.cookie)
+                {
+                    self.rename(&old, &join(&dir, name));
+                }
+            }
+        }
+        // A move whose other half never came went out of our sight; the directory's
+        // own IN_MOVE_SELF (checked against the disk) takes care of its watches.
+        self.moves.retain(|_, m| m.1 < 1);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(wd: i32, mask: u32, cookie: u32, name: Option<&str>) -> RawEvent {
+        RawEvent {
+            wd,
+            mask,
+            cookie,
+            name: name.map(|n| n.as_bytes().to_vec()),
+        }
+    }
+
+    fn key(dir: &str, name: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+        (dir.as_bytes().to_vec(), name.map(|n| n.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn parses_kernel_layout() {
+        let mut buf = Vec::new();
+        for (wd, mask, cookie, name) in [(1i32, 2u32, 3u32, &b"abc"[..]), (4, 5, 6, b"")] {
+            let padded = if name.is_empty() { 0 } else { 16 };
+            buf.extend_from_slice(&wd.to_ne_bytes());
+            buf.extend_from_slice(&mask.to_ne_bytes());
+            buf.extend_from_slice(&cookie.to_ne_bytes());
+            buf.extend_from_slice(&(padded as u32).to_ne_bytes());
+            let mut n = name.to_vec();
+            n.resize(padded, 0);
+            buf.extend_from_slice(&n);
+        }
+        let mut out = Vec::new();
+        parse_events(&buf, &mut out);
+        assert_eq!(out, vec![ev(1, 2, 3, Some("abc")), ev(4, 5, 6, None)]);
+        // Truncated input stops cleanly.
+        let mut out = Vec::new();
+        parse_events(&buf[..20], &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn coalesces_and_reports_the_directory_itself() {
+        let mut s = State::default();
+        s.insert(1, b"d".to_vec(), 1, 10);
+        let d = s.digest(&[
+            ev(1, libc::IN_CREATE, 0, Some("f")),
+            ev(1, libc::IN_MODIFY, 0, Some("f")),
+            ev(1, libc::IN_MODIFY, 0, Some("f")),
+            ev(1, libc::IN_ATTRIB, 0, None),
+            ev(7, libc::IN_CREATE, 0, Some("unknown wd")),
+        ]);
+        assert_eq!(d.changed, vec![key("d", Some("f")), key("d", None)]);
+        assert!(!d.resync);
+    }
+
+    #[test]
+    fn directory_renames_move_every_watch_beneath() {
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"a".to_vec(), 1, 2);
+        s.insert(3, b"a/b".to_vec(), 1, 3);
+        s.insert(4, b"ab".to_vec(), 1, 4);
+        let dir = libc::IN_ISDIR;
+        let d = s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 9, Some("a")),
+            ev(4, libc::IN_MOVED_TO | dir, 9, Some("z")),
+            ev(3, libc::IN_CREATE, 0, Some("f")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"ab/z");
+        assert_eq!(s.by_wd[&3].path, b"ab/z/b");
+        assert_eq!(
+            s.by_wd[&4].path, b"ab",
+            "a sibling sharing the prefix stays"
+        );
+        assert_eq!(s.by_path[&b"ab/z/b"[..]], 3);
+        assert!(!s.by_path.contains_key(&b"a/b"[..]));
+        assert!(d.changed.contains(&key("ab/z/b", Some("f"))));
+        assert!(d.changed.contains(&key("", Some("a"))));
+        assert!(d.changed.contains(&key("ab", Some("z"))));
+    }
+
+    #[test]
+    fn a_move_may_straddle_two_batches_but_not_three() {
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"a".to_vec(), 1, 2);
+        let dir = libc::IN_ISDIR;
+        s.digest(&[ev(1, libc::IN_MOVED_FROM | dir, 5, Some("a"))]);
+        s.digest(&[ev(1, libc::IN_MOVED_TO | dir, 5, Some("b"))]);
+        assert_eq!(s.by_wd[&2].path, b"b");
+        s.digest(&[ev(1, libc::IN_MOVED_FROM | dir, 6, Some("b"))]);
+        s.digest(&[]);
+        s.digest(&[ev(1, libc::IN_MOVED_TO | dir, 6, Some("c"))]);
+        assert_eq!(s.by_wd[&2].path, b"b", "too late to pair");
+    }
+
+    #[test]
+    fn ignored_forgets_and_overflow_resyncs() {
+        let mut s = State::default();
+        s.insert(2, b"a".to_vec(), 1, 2);
+        let d = s.digest(&[
+            ev(2, libc::IN_DELETE_SELF, 0, None),
+            ev(2, libc::IN_IGNORED, 0, None),
+            ev(-1, libc::IN_Q_OVERFLOW, 0, None),
+        ]);
+        assert_eq!(d.changed, vec![key("a", None)]);
+        assert!(d.resync);
+        assert!(s.by_wd.is_empty() && s.by_path.is_empty() && s.by_inode.is_empty());
+    }
+
+    #[test]
+    fn same_inode_under_a_new_path_replaces_the_old() {
+        let mut s = State::default();
+        assert_eq!(s.insert(2, b"a".to_vec(), 1, 2), None);
+        assert_eq!(s.insert(2, b"b".to_vec(), 1, 2), None);
+        assert!(!s.by_path.contains_key(&b"a"[..]));
+        assert_eq!(s.by_path[&b"b"[..]], 2);
+        // A new directory at an old path replaces that path's watch.
+        assert_eq!(s.insert(3, b"b".to_vec(), 1, 3), Some(2));
+        assert_eq!(s.by_path[&b"b"[..]], 3);
+        assert!(!s.by_wd.contains_key(&2));
+    }
+}
