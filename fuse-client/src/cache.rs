@@ -254,6 +254,11 @@ impl DataCache {
             .sum()
     }
 
+    /// The file size the cache has an entry for.
+    pub fn size_of(&self, ino: u64) -> Option<u64> {
+        self.inner.lock().ok()?.files.get(&ino).map(|e| e.size)
+    }
+
     /// Whether every block of the file is cached at its current version.
     pub fn complete(&self, ino: u64) -> bool {
         let Ok(inner) = self.inner.lock() else {
@@ -263,6 +268,32 @@ impl DataCache {
             Some(e) => (0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b)),
             None => false,
         }
+    }
+
+    /// Block-aligned ranges of `[offset, offset+len)` (clipped to the file size) that are
+    /// not cached at `version`. Does not count as a use for the LRU.
+    pub fn missing(&self, ino: u64, version: u64, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let Ok(inner) = self.inner.lock() else {
+            return vec![(offset, len)];
+        };
+        let Some(e) = inner.files.get(&ino).filter(|e| e.version == version) else {
+            let start = offset / BLOCK * BLOCK;
+            return vec![(start, (offset + len).div_ceil(BLOCK) * BLOCK - start)];
+        };
+        let end = (offset + len).min(e.size);
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        if offset >= end {
+            return missing;
+        }
+        for b in offset / BLOCK..end.div_ceil(BLOCK) {
+            if !e.blocks.contains_key(&b) {
+                match missing.last_mut() {
+                    Some((s, l)) if *s + *l == b * BLOCK => *l += BLOCK,
+                    _ => missing.push((b * BLOCK, BLOCK)),
+                }
+            }
+        }
+        missing
     }
 
     /// Read `[offset, offset+len)` (clipped to the file size) if all of it is cached.

@@ -22,6 +22,8 @@ use crate::error::{FsError, errno_text};
 
 /// Requests in flight during a transfer.
 const WINDOW: usize = 8;
+/// Files up to this size come back whole with the open reply.
+const INLINE_MAX: u32 = 1024 * 1024;
 
 fn caller() -> Caller {
     // SAFETY: getuid/getgid cannot fail and touch no memory.
@@ -177,18 +179,15 @@ pub async fn get(
     let path = user_path(remote)?;
     let target = local_target(&path, local)?;
     let generation = client.connect().await?;
-    let (handle, attr) = match client
-        .call_on(
-            Some(generation),
-            caller(),
-            Request::Open {
-                path: path.clone(),
-                flags: libc::O_RDONLY,
-            },
-        )
-        .await?
-    {
-        Ok(Response::Opened { handle, attr }) => (handle, attr),
+    let open = Request::Open {
+        path: path.clone(),
+        flags: libc::O_RDONLY,
+        inline_max: INLINE_MAX,
+        staged: false,
+    };
+    let (handle, attr, inline) = match client.call_on(Some(generation), caller(), open).await? {
+        Ok(Response::Opened { handle, attr }) => (handle, attr, None),
+        Ok(Response::OpenedWithData { handle, attr, data }) => (handle, attr, Some(data)),
         Ok(_) => bail!("unexpected reply from server"),
         Err(e) => bail!("{remote}: {}", errno_text(e)),
     };
@@ -224,6 +223,14 @@ pub async fn get(
         .buffered(WINDOW);
     let mut total = 0u64;
     let result: Result<()> = async {
+        if let Some(data) = inline {
+            // Small file: it came whole with the open (one round trip).
+            file.write_all(&data).await?;
+            total = data.len() as u64;
+            file.flush().await?;
+            file.sync_all().await?;
+            return Ok(());
+        }
         while let Some(r) = offsets.next().await {
             let data = match r? {
                 Ok(Response::Data(d)) => d,

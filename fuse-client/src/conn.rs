@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::TransportError;
 
 /// Capabilities this client asks for.
-const CLIENT_CAPS: u64 = caps::CALLER_CREDS;
+const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -57,6 +57,9 @@ impl Conn {
 #[derive(Default, Debug)]
 pub struct ConnStats {
     pub requests: AtomicU64,
+    /// Requests by kind (`Request::kind`).
+    pub by_kind: Mutex<HashMap<&'static str, u64>>,
+    pub events: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub reconnects: AtomicU64,
@@ -70,9 +73,15 @@ pub struct Client {
     generation: AtomicU64,
     welcome: Mutex<Option<Welcome>>,
     events: Mutex<Option<EventSink>>,
+    connect_hook: Mutex<Option<ConnectHook>>,
+    /// Generation of the connection while it is alive, 0 when there is none.
+    live: Arc<AtomicU64>,
     pub stats: ConnStats,
     closed: AtomicBool,
 }
+
+/// Called with the new generation each time a connection is established.
+pub type ConnectHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 impl Client {
     /// A client for `addr` (`host:port`). Nothing is connected until [`Client::connect`]
@@ -85,6 +94,8 @@ impl Client {
             generation: AtomicU64::new(0),
             welcome: Mutex::new(None),
             events: Mutex::new(None),
+            connect_hook: Mutex::new(None),
+            live: Arc::new(AtomicU64::new(0)),
             stats: ConnStats::default(),
             closed: AtomicBool::new(false),
         })
@@ -98,6 +109,28 @@ impl Client {
         if let Ok(mut e) = self.events.lock() {
             *e = Some(sink);
         }
+    }
+
+    pub fn set_connect_hook(&self, hook: ConnectHook) {
+        if let Ok(mut h) = self.connect_hook.lock() {
+            *h = Some(hook);
+        }
+    }
+
+    /// The generation of the connection if one is alive right now (no waiting).
+    pub fn live_generation(&self) -> Option<u64> {
+        match self.live.load(Ordering::SeqCst) {
+            0 => None,
+            g => Some(g),
+        }
+    }
+
+    /// Whether the server pushes change events on the live connection.
+    pub fn events_live(&self) -> bool {
+        self.live_generation().is_some()
+            && self
+                .welcome()
+                .is_some_and(|w| w.capabilities & caps::EVENTS != 0)
     }
 
     /// What the server said in the last successful handshake.
@@ -146,6 +179,12 @@ impl Client {
             tracing::info!(addr = %self.addr, "reconnected");
         }
         *slot = Some(conn.clone());
+        self.live.store(conn.generation, Ordering::SeqCst);
+        drop(slot);
+        let hook = self.connect_hook.lock().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(conn.generation);
+        }
         Ok(conn)
     }
 
@@ -243,6 +282,9 @@ impl Client {
                         if let Ok(mut t) = rlast.lock() {
                             *t = Instant::now();
                         }
+                        if let Some(me) = me.upgrade() {
+                            me.stats.events.fetch_add(1, Ordering::Relaxed);
+                        }
                         let sink = me
                             .upgrade()
                             .and_then(|m| m.events.lock().ok().and_then(|e| e.clone()));
@@ -261,6 +303,11 @@ impl Client {
                 }
             }
             rdead.cancel();
+            if let Some(me) = me.upgrade() {
+                let _ = me
+                    .live
+                    .compare_exchange(generation, 0, Ordering::SeqCst, Ordering::SeqCst);
+            }
             // Dropping the senders wakes every waiter with an error.
             if let Ok(mut p) = rpending.lock() {
                 p.clear();
@@ -349,6 +396,9 @@ impl Client {
             return Err(TransportError::StaleHandle);
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut k) = self.stats.by_kind.lock() {
+            *k.entry(request.kind()).or_default() += 1;
+        }
         if let Request::Write { data, .. } = &request {
             self.stats
                 .bytes_sent

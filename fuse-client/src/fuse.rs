@@ -17,15 +17,11 @@ use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::FsError;
-use crate::fs::Core;
-
-/// How long the kernel may trust an entry or attributes without asking again. Short
-/// because nothing tells this client about changes made elsewhere yet.
-const TTL: Duration = Duration::from_secs(1);
+use crate::fs::{Core, XattrReply};
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
 const BLKSIZE: u32 = 1024 * 1024;
@@ -142,9 +138,9 @@ impl FerryFuse {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
+fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Attr, FsError>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
+        Ok(a) => reply.entry(&ttl, &fuse_attr(&a), Generation(0)),
         Err(e) => reply.error(err(&e)),
     }
 }
@@ -173,7 +169,9 @@ impl Filesystem for FerryFuse {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
-        self.spawn(async move { reply_entry(reply, core.lookup(c, parent.0, &name).await) });
+        self.spawn(
+            async move { reply_entry(reply, core.ttl(), core.lookup(c, parent.0, &name).await) },
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -184,7 +182,7 @@ impl Filesystem for FerryFuse {
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Ok(a) => reply.attr(&core.ttl(), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -222,7 +220,7 @@ impl Filesystem for FerryFuse {
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.setattr(c, ino.0, fh.map(|f| f.0), set).await {
-                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Ok(a) => reply.attr(&core.ttl(), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -252,6 +250,7 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             reply_entry(
                 reply,
+                core.ttl(),
                 core.mknod(c, parent.0, &name, mode, umask, rdev).await,
             )
         });
@@ -267,9 +266,13 @@ impl Filesystem for FerryFuse {
         reply: ReplyEntry,
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
-        self.spawn(
-            async move { reply_entry(reply, core.mkdir(c, parent.0, &name, mode, umask).await) },
-        );
+        self.spawn(async move {
+            reply_entry(
+                reply,
+                core.ttl(),
+                core.mkdir(c, parent.0, &name, mode, umask).await,
+            )
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -295,9 +298,13 @@ impl Filesystem for FerryFuse {
             link_name.as_bytes().to_vec(),
             target.as_os_str().as_bytes().to_vec(),
         );
-        self.spawn(
-            async move { reply_entry(reply, core.symlink(c, parent.0, &name, &target).await) },
-        );
+        self.spawn(async move {
+            reply_entry(
+                reply,
+                core.ttl(),
+                core.symlink(c, parent.0, &name, &target).await,
+            )
+        });
     }
 
     fn rename(
@@ -331,9 +338,13 @@ impl Filesystem for FerryFuse {
         reply: ReplyEntry,
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), newname.as_bytes().to_vec());
-        self.spawn(
-            async move { reply_entry(reply, core.link(c, ino.0, newparent.0, &name).await) },
-        );
+        self.spawn(async move {
+            reply_entry(
+                reply,
+                core.ttl(),
+                core.link(c, ino.0, newparent.0, &name).await,
+            )
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -346,7 +357,7 @@ impl Filesystem for FerryFuse {
         }
         self.spawn(async move {
             match core.open(c, ino.0, flags).await {
-                Ok((fh, _attr)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -436,7 +447,17 @@ impl Filesystem for FerryFuse {
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.opendir(c, ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok((fh, from_cache)) => {
+                    let mut flags = FopenFlags::empty();
+                    if core.client.events_live() {
+                        // The kernel may keep listings; server events invalidate them.
+                        flags |= FopenFlags::FOPEN_CACHE_DIR;
+                        if from_cache {
+                            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                        }
+                    }
+                    reply.opened(FileHandle(fh), flags)
+                }
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -481,6 +502,7 @@ impl Filesystem for FerryFuse {
     ) {
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
+            let ttl = core.ttl();
             match core.readdir(c, fh.0, offset, 256).await {
                 Ok(entries) => {
                     for e in entries {
@@ -491,7 +513,7 @@ impl Filesystem for FerryFuse {
                                     INodeNo(e.ino),
                                     e.offset,
                                     name,
-                                    &TTL,
+                                    &ttl,
                                     &fuse_attr(&a),
                                     Generation(0),
                                 ) {
@@ -579,16 +601,61 @@ impl Filesystem for FerryFuse {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(async move {
             match core.create(c, parent.0, &name, mode, umask, flags).await {
-                Ok((fh, a)) => reply.created(
-                    &TTL,
-                    &fuse_attr(&a),
+                Ok(o) => reply.created(
+                    &core.ttl(),
+                    &fuse_attr(&o.attr),
                     Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
+                    FileHandle(o.fh),
+                    open_flags(o.keep_cache),
                 ),
                 Err(e) => reply.error(err(&e)),
             }
         });
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(
+            async move { reply_xattr(reply, core.xattr_get(c, ino.0, Some(&name), size).await) },
+        );
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move { reply_xattr(reply, core.xattr_get(c, ino.0, None, size).await) });
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if let Err(e) = self.refuse_if_read_only() {
+            return reply.error(e);
+        }
+        let (core, c) = (self.core.clone(), caller(req));
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(async move {
+            reply_empty(
+                reply,
+                core.xattr_set(c, ino.0, &name, Some(&value), flags).await,
+            )
+        });
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.refuse_if_read_only() {
+            return reply.error(e);
+        }
+        let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        self.spawn(
+            async move { reply_empty(reply, core.xattr_set(c, ino.0, &name, None, 0).await) },
+        );
     }
 
     fn fallocate(
@@ -605,6 +672,22 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             reply_empty(reply, core.fallocate(c, fh.0, offset, length, mode).await)
         });
+    }
+}
+
+fn open_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, r: Result<XattrReply, FsError>) {
+    match r {
+        Ok(XattrReply::Data(d)) => reply.data(&d),
+        Ok(XattrReply::Size(n)) => reply.size(n),
+        Err(e) => reply.error(err(&e)),
     }
 }
 

@@ -6,6 +6,8 @@
 //! - [`fuse`]: the thin fuser adapter; the only module that talks to the kernel.
 //! - [`mount`]: `ferry mount`/`umount`, the background daemon.
 //! - [`cli`]: `ls`, `get`, `put`, `shell` without FUSE.
+//! - [`cache`]: the persistent on-disk data cache.
+//! - [`stats`]: `ferry stats` over a Unix socket.
 //! - [`error`]: transport vs filesystem errors, mapped to errno in one place.
 //!
 //! The client must never hang a caller forever on a dead server, never report a write as
@@ -19,6 +21,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod nodes;
+pub mod stats;
 
 /// `host`, `host:port` or `[v6]:port` → `host:port`, adding the default port.
 pub fn remote_addr(remote: &str) -> String {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_client::mount::{MountOpts, mount_background, mount_foreground, unmount};
+use ferry_client::mount::{
+    MountOpts, default_cache_dir, mount_background, mount_foreground, parse_size, unmount,
+};
 use ferry_client::{cli, conn::Client, remote_addr};
 
 #[derive(Parser)]
@@ -38,6 +40,15 @@ enum Cmd {
         /// I/O worker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Where file data is cached (default: ~/.cache/ferry); one folder per export.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Hard cap on cached file data (K, M, G, T suffixes).
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        cache_size: u64,
+        /// Do not cache file data on disk.
+        #[arg(long)]
+        no_cache: bool,
         #[arg(long, hide = true)]
         ready_pipe: bool,
     },
@@ -62,6 +73,13 @@ enum Cmd {
     },
     /// Interactive session: dir / get / put / help / close.
     Shell { remote: String },
+    /// Counters of a mount: requests, bytes, cache hits and misses, events.
+    Stats {
+        mountpoint: PathBuf,
+        /// Print JSON instead of aligned text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_tracing() {
@@ -90,8 +108,16 @@ fn run(args: Args) -> Result<()> {
             timeout,
             log,
             threads,
+            cache_dir,
+            cache_size,
+            no_cache,
             ready_pipe,
         } => {
+            let cache_dir = if no_cache {
+                None
+            } else {
+                Some(cache_dir.unwrap_or_else(default_cache_dir))
+            };
             let opts = MountOpts {
                 remote: remote_addr(&remote),
                 mountpoint,
@@ -99,6 +125,8 @@ fn run(args: Args) -> Result<()> {
                 timeout: Duration::from_secs(timeout.max(1)),
                 log,
                 threads,
+                cache_dir: cache_dir.clone(),
+                cache_size,
             };
             if foreground {
                 mount_foreground(&opts, ready_pipe)
@@ -118,10 +146,33 @@ fn run(args: Args) -> Result<()> {
                 if allow_other {
                     child.push("--allow-other".into());
                 }
+                match &cache_dir {
+                    Some(d) => {
+                        let d = std::path::absolute(d).unwrap_or(d.clone());
+                        child.extend([
+                            "--cache-dir".into(),
+                            d.into(),
+                            "--cache-size".into(),
+                            cache_size.to_string().into(),
+                        ]);
+                    }
+                    None => child.push("--no-cache".into()),
+                }
                 mount_background(&opts, &child)
             }
         }
         Cmd::Umount { mountpoint } => unmount(&mountpoint),
+        Cmd::Stats { mountpoint, json } => {
+            let stats = ferry_client::stats::query(&mountpoint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                for (k, v) in stats {
+                    println!("{k:<28} {v}");
+                }
+            }
+            Ok(())
+        }
         Cmd::Ls { remote, path } => {
             let client = Client::new(remote_addr(&remote), Duration::from_secs(10));
             let mut out = std::io::stdout().lock();

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, INodeNo, MountOption, SessionACL};
 
+use crate::cache::DataCache;
 use crate::conn::Client;
-use crate::fs::Core;
+use crate::fs::{Core, Invalidation};
 use crate::fuse::FerryFuse;
 
 /// The line the daemon prints on its readiness pipe when the mount is usable.
@@ -35,6 +36,46 @@ pub struct MountOpts {
     pub timeout: Duration,
     pub log: Option<PathBuf>,
     pub threads: usize,
+    /// `None`: no data cache.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size: u64,
+}
+
+/// Default cache location: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("ferry");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".cache").join("ferry"),
+        None => PathBuf::from("/var/cache/ferry"),
+    }
+}
+
+/// `10G`, `512M`, `4096` (bytes) → bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    if n < 0.0 {
+        return Err(format!("negative size: {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 /// Check everything that can be checked before touching the server or the kernel.
@@ -144,8 +185,22 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let client = Client::new(opts.remote.clone(), opts.timeout);
     rt.block_on(client.connect()).map_err(|e| anyhow!("{e}"))?;
     let welcome = client.welcome().ok_or_else(|| anyhow!("no handshake"))?;
-    let core = Arc::new(Core::new(client.clone(), &welcome.root, welcome.max_io));
-    let fs = FerryFuse::new(core, rt.handle().clone(), welcome.read_only);
+    let cache = match &opts.cache_dir {
+        Some(dir) => {
+            let dir = dir.join(format!("{:016x}", welcome.export_id));
+            match DataCache::open(&dir, opts.cache_size) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::warn!("data cache disabled: cannot use {}: {e}", dir.display());
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
+    core.subscribe();
+    let fs = FerryFuse::new(core.clone(), rt.handle().clone(), welcome.read_only);
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -167,6 +222,36 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?;
     let mut unmounter = session.unmount_callable();
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
+
+    // Kernel invalidations go through one thread of their own (see fs/events.rs).
+    let (inv_tx, inv_rx) = std::sync::mpsc::channel::<Invalidation>();
+    core.set_invalidator(inv_tx);
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("ferry-inval".into())
+        .spawn(move || {
+            for inv in inv_rx {
+                // ENOENT just means the kernel has nothing cached for it.
+                let _ = match inv {
+                    Invalidation::Entry { parent, name } => {
+                        notifier.inval_entry(INodeNo(parent), std::ffi::OsStr::from_bytes(&name))
+                    }
+                    Invalidation::Inode { ino, data } => {
+                        notifier.inval_inode(INodeNo(ino), if data { 0 } else { -1 }, 0)
+                    }
+                };
+            }
+        })
+        .context("cannot start the invalidation thread")?;
+    raise_readahead(&abs);
+    let _guard = rt.enter();
+    let stats_socket = match crate::stats::serve(core.clone(), &abs) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!("ferry stats unavailable: {e:#}");
+            None
+        }
+    };
 
     if ready_pipe {
         let mut out = std::io::stdout();
@@ -203,9 +288,32 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     });
 
     let run = session.run();
+    if let Some(p) = stats_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(cache) = &cache
+        && let Err(e) = cache.persist()
+    {
+        tracing::warn!("cannot save cache metadata: {e}");
+    }
     rt.block_on(client.close());
     rt.shutdown_timeout(Duration::from_secs(2));
     run.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the
+/// mount's backing device info is created with the default. Best effort (root only).
+fn raise_readahead(mp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mp) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!("cannot raise readahead ({path}): {e}");
+    }
 }
 
 fn c_path(p: &Path) -> Result<std::ffi::CString> {

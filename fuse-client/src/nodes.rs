@@ -85,6 +85,29 @@ impl Nodes {
         Ok(path)
     }
 
+    /// The kernel inode of `parent/name`, if this table knows it.
+    pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.by_name.get(&(parent, name.to_vec())).copied()
+    }
+
+    /// The kernel inode a server path refers to, if every component is known.
+    pub fn resolve(&self, path: &RelPath) -> Option<u64> {
+        if path.is_root() {
+            return Some(ROOT);
+        }
+        path.0
+            .split(|&b| b == b'/')
+            .try_fold(ROOT, |dir, comp| self.child(dir, comp))
+    }
+
+    /// Every known (parent, name, inode) triple, for a full revalidation.
+    pub fn all_entries(&self) -> Vec<(u64, Vec<u8>, u64)> {
+        self.by_name
+            .iter()
+            .map(|((p, n), i)| (*p, n.clone(), *i))
+            .collect()
+    }
+
     /// The directory `ino` was last seen in.
     pub fn parent_of(&self, ino: u64) -> Option<u64> {
         self.map.get(&ino)?.names.first().map(|(p, _)| *p)

@@ -1,0 +1,201 @@
+//! Directory listings. A listing is fetched in batches of up to `MAX_DIR_BATCH` entries,
+//! each with its attributes (one round trip lists thousands of entries, `ls -l` needs no
+//! per-entry lookups). While the server's event stream is healthy, a complete listing is
+//! kept and re-listing the directory needs no round trip at all; any change the server
+//! reports in that directory, or that this client makes, drops it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_common::proto::{Attr, Caller, DirEntry, FileKind, MAX_DIR_BATCH, Request, Response};
+
+use super::{Core, poisoned};
+use crate::error::{FsError, FsResult, TransportError};
+use crate::nodes::ROOT;
+
+/// Bumped on every directory invalidation: a listing fetched across one is not kept.
+pub(super) static DIR_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// An open directory: the entries fetched so far, in the order the server gave them.
+#[derive(Debug)]
+pub struct DirStream {
+    ino: u64,
+    parent: u64,
+    /// Server handle and connection generation; `None` when served from the cache.
+    handle: Option<(u64, u64)>,
+    entries: Arc<Vec<DirEntry>>,
+    eof: bool,
+    epoch: u64,
+}
+
+/// One directory entry as the adapter replies it: `offset` is the cookie of the next one.
+#[derive(Debug, Clone)]
+pub struct ListedEntry {
+    pub ino: u64,
+    pub offset: u64,
+    pub name: Vec<u8>,
+    pub kind: FileKind,
+    /// `None` for `.` and `..` (no lookup reference is taken for them).
+    pub attr: Option<Attr>,
+}
+
+impl Core {
+    /// Open a directory; the flag says the listing comes from the cache (and so the
+    /// kernel's cached copy, if any, is still right).
+    pub async fn opendir(&self, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
+        // `..` only needs a plausible inode number; the kernel resolves `..` itself.
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            self.nodes()?.parent_of(ino).unwrap_or(ROOT)
+        };
+        let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+        let cached = if self.client.events_live() {
+            self.dir_cache
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&ino)
+                .cloned()
+        } else {
+            None
+        };
+        let stream = match cached {
+            Some(entries) => {
+                self.stats
+                    .listings_from_cache
+                    .fetch_add(1, Ordering::Relaxed);
+                DirStream {
+                    ino,
+                    parent,
+                    handle: None,
+                    entries,
+                    eof: true,
+                    epoch,
+                }
+            }
+            None => {
+                let path = self.path(ino)?;
+                let generation = self.client.connect().await?;
+                let handle = match self
+                    .rpc_on(generation, caller, Request::OpenDir { path })
+                    .await?
+                {
+                    Response::Opened { handle, .. } => handle,
+                    _ => return Err(TransportError::Protocol.into()),
+                };
+                DirStream {
+                    ino,
+                    parent,
+                    handle: Some((handle, generation)),
+                    entries: Arc::new(Vec::new()),
+                    eof: false,
+                    epoch,
+                }
+            }
+        };
+        let from_cache = stream.handle.is_none();
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(fh, Arc::new(tokio::sync::Mutex::new(stream)));
+        Ok((fh, from_cache))
+    }
+
+    /// Entries from cookie `offset` on, fetching more from the server as needed. With
+    /// readdirplus, each real entry the kernel accepts is remembered via [`Core::listed`].
+    pub async fn readdir(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        want: usize,
+    ) -> FsResult<Vec<ListedEntry>> {
+        let stream = self
+            .dirs
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Errno(libc::EBADF))?;
+        let mut s = stream.lock().await;
+        // Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.
+        let first_real = offset.saturating_sub(2) as usize;
+        while !s.eof && s.entries.len() < first_real + want {
+            let Some((handle, generation)) = s.handle else {
+                break;
+            };
+            let req = Request::ReadDir {
+                handle,
+                max_entries: MAX_DIR_BATCH,
+            };
+            match self.rpc_on(generation, caller, req).await? {
+                Response::Dir { entries, eof } => {
+                    s.eof = eof || entries.is_empty();
+                    Arc::make_mut(&mut s.entries).extend(entries);
+                    if s.eof
+                        && self.client.events_live()
+                        && DIR_EPOCH.load(Ordering::SeqCst) == s.epoch
+                        && let Ok(mut c) = self.dir_cache.lock()
+                    {
+                        c.insert(s.ino, s.entries.clone());
+                    }
+                }
+                _ => return Err(TransportError::Protocol.into()),
+            }
+        }
+        let mut out = Vec::with_capacity(want);
+        if offset == 0 {
+            out.push(ListedEntry {
+                ino: s.ino,
+                offset: 1,
+                name: b".".to_vec(),
+                kind: FileKind::Dir,
+                attr: None,
+            });
+        }
+        if offset <= 1 {
+            out.push(ListedEntry {
+                ino: s.parent,
+                offset: 2,
+                name: b"..".to_vec(),
+                kind: FileKind::Dir,
+                attr: None,
+            });
+        }
+        for (i, e) in s.entries.iter().enumerate().skip(first_real) {
+            if out.len() >= want {
+                break;
+            }
+            let attr = self.note_attr(e.attr);
+            out.push(ListedEntry {
+                ino: attr.ino,
+                offset: 2 + i as u64 + 1,
+                name: e.name.0.clone(),
+                kind: attr.kind,
+                attr: Some(attr),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The kernel accepted a readdirplus entry: it now holds a reference to it.
+    pub fn listed(&self, dir: u64, name: &[u8], ino: u64) {
+        if let Ok(mut n) = self.nodes.lock() {
+            n.remember(dir, name, ino);
+        }
+    }
+
+    pub async fn releasedir(&self, caller: Caller, fh: u64) -> FsResult<()> {
+        let stream = self.dirs.lock().map_err(|_| poisoned())?.remove(&fh);
+        if let Some(stream) = stream {
+            let s = stream.lock().await;
+            if let Some((handle, generation)) = s.handle {
+                let _ = self
+                    .rpc_on(generation, caller, Request::ReleaseDir { handle })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! Server change events → what this client must forget.
+//!
+//! The server reports every change in the directories this client has looked into, with
+//! the entry's new attributes. A change this client made itself arrives with a version it
+//! already knows and costs nothing; anything else drops the kernel's dentry, attributes
+//! and pages for that entry (through the adapter's notifier thread), the cached listing of
+//! the directory, and lets the data cache revalidate by version on the next open. When the
+//! stream was interrupted (reconnect) or the server says events were lost, everything is
+//! revalidated.
+//!
+//! Kernel notifications are sent from one dedicated thread, never from a FUSE callback or
+//! a runtime worker: a notification can wait on kernel locks held by requests that only a
+//! runtime worker can complete.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ferry_common::proto::{Attr, Event, Name, RelPath};
+
+use super::{Core, dirs::DIR_EPOCH};
+use crate::nodes::ROOT;
+
+/// A kernel cache invalidation, carried out by the adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// Drop the dentry `parent/name`.
+    Entry { parent: u64, name: Vec<u8> },
+    /// Drop attributes, and with `data` the cached pages too.
+    Inode { ino: u64, data: bool },
+}
+
+impl Core {
+    /// Where kernel invalidations go (set once, by the adapter, after mounting).
+    pub fn set_invalidator(&self, tx: std::sync::mpsc::Sender<Invalidation>) {
+        let _ = self.invalidator.set(tx);
+    }
+
+    fn invalidate(&self, inv: Invalidation) {
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = self.invalidator.get() {
+            let _ = tx.send(inv);
+        }
+    }
+
+    fn forget_listing(&self, dir: u64) {
+        DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.dir_cache.lock() {
+            c.remove(&dir);
+        }
+    }
+
+    /// Called for every event the server pushes.
+    pub fn handle_event(&self, ev: Event) {
+        match ev {
+            Event::Resync => self.resync(),
+            Event::Changed { parent, name, attr } => self.changed(&parent, name.as_ref(), attr),
+        }
+    }
+
+    fn changed(&self, parent: &RelPath, name: Option<&Name>, attr: Option<Attr>) {
+        let Ok(nodes) = self.nodes.lock() else { return };
+        let Some(dir) = nodes.resolve(parent) else {
+            // Nothing cached under a directory this client does not know.
+            return;
+        };
+        let Some(name) = name else {
+            drop(nodes);
+            self.forget_listing(dir);
+            self.invalidate(Invalidation::Inode {
+                ino: dir,
+                data: true,
+            });
+            return;
+        };
+        let known = nodes.child(dir, &name.0);
+        let attr = attr.map(|mut a| {
+            a.ino = nodes.to_kernel(a.ino);
+            a
+        });
+        drop(nodes);
+        let (known_version, writing) = match known.zip(self.inodes.lock().ok()) {
+            Some((ino, inodes)) => {
+                let st = inodes.get(&ino);
+                (
+                    st.map(|s| s.version),
+                    st.is_some_and(|s| s.writers > 0 || s.local_size.is_some()),
+                )
+            }
+            None => (None, false),
+        };
+        match (known, attr) {
+            // Same file, a version we already have: our own change echoed back.
+            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {
+                // The listing may still hold older attributes of this entry.
+                self.forget_listing(dir);
+            }
+            // Same file, changed: attributes and pages go, the entry stays.
+            (Some(ino), Some(a)) if a.ino == ino => {
+                self.forget_listing(dir);
+                if writing {
+                    // This client is writing it: close-to-open, our pages are the truth.
+                    return;
+                }
+                if let Ok(mut inodes) = self.inodes.lock()
+                    && let Some(st) = inodes.get_mut(&ino)
+                {
+                    st.version = a.version;
+                    st.kernel_version = None;
+                }
+                self.invalidate(Invalidation::Inode { ino, data: true });
+            }
+            // Gone, replaced by another file, or new: the name must be looked up again.
+            (known, _) => {
+                self.forget_listing(dir);
+                self.invalidate(Invalidation::Entry {
+                    parent: dir,
+                    name: name.0.clone(),
+                });
+                self.invalidate(Invalidation::Inode {
+                    ino: dir,
+                    data: true,
+                });
+                if let Some(ino) = known {
+                    if let Ok(mut inodes) = self.inodes.lock()
+                        && let Some(st) = inodes.get_mut(&ino)
+                    {
+                        st.kernel_version = None;
+                    }
+                    self.invalidate(Invalidation::Inode {
+                        ino,
+                        data: !writing,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Events may have been missed: nothing cached is trusted any more.
+    pub fn resync(&self) {
+        self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.dir_cache.lock() {
+            c.clear();
+        }
+        let entries = self
+            .nodes
+            .lock()
+            .map(|n| n.all_entries())
+            .unwrap_or_default();
+        if let Ok(mut inodes) = self.inodes.lock() {
+            for st in inodes.values_mut() {
+                st.kernel_version = None;
+                st.version = 0;
+            }
+        }
+        self.invalidate(Invalidation::Inode {
+            ino: ROOT,
+            data: true,
+        });
+        for (parent, name, ino) in entries {
+            self.invalidate(Invalidation::Entry { parent, name });
+            self.invalidate(Invalidation::Inode { ino, data: true });
+        }
+    }
+
+    /// Route the connection's events here and resync after every reconnect.
+    pub fn subscribe(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        self.client.set_event_sink(Arc::new(move |ev| {
+            if let Some(core) = weak.upgrade() {
+                core.handle_event(ev);
+            }
+        }));
+        let weak = Arc::downgrade(self);
+        self.client.set_connect_hook(Arc::new(move |generation| {
+            if generation > 1
+                && let Some(core) = weak.upgrade()
+            {
+                tracing::info!("reconnected: revalidating every cached entry");
+                core.resync();
+            }
+        }));
+    }
+}

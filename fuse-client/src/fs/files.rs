@@ -1,0 +1,741 @@
+//! Open files: reads through the on-disk cache with growing readahead, writes behind with
+//! a bounded window, and close-to-open: `flush` (every `close`) waits for the writes,
+//! commits them on the server and reports any failure.
+//!
+//! Opens for reading need no round trip when the server's event stream is healthy and
+//! the whole file is cached at its current version; the server handle is then opened
+//! lazily, on the first miss. Writes to existing files are staged on the server, so a
+//! connection lost before `close` leaves the server's copy as it was.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_common::proto::{Attr, Caller, Request, Response};
+use futures::future::join_all;
+use tokio::sync::{Notify, Semaphore};
+
+use super::{Core, InodeState, errno, poisoned};
+use crate::cache::{BLOCK, Lookup};
+use crate::error::{FsError, FsResult, TransportError};
+
+/// Small files come back whole with the open reply (the seed's `get`).
+const INLINE_MAX: u32 = 1024 * 1024;
+/// Bytes of writes in flight per inode before `write` waits (backpressure).
+const WRITE_WINDOW: usize = 32 * 1024 * 1024;
+/// Sequential readahead starts here and doubles up to `MAX_WINDOW`.
+const MIN_WINDOW: u64 = 1024 * 1024;
+const MAX_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// Writes in flight for one inode, shared by all its handles.
+#[derive(Debug)]
+pub struct WriteTracker {
+    inflight: AtomicU64,
+    done: Notify,
+    /// First failure since the last flush; reported by the next write, flush or fsync.
+    error: Mutex<Option<i32>>,
+    /// Budget in bytes (one permit per byte would overflow; permits are KiB).
+    budget: Arc<Semaphore>,
+    /// Writes not yet committed on the server.
+    dirty: AtomicBool,
+}
+
+impl Default for WriteTracker {
+    fn default() -> Self {
+        WriteTracker {
+            inflight: AtomicU64::new(0),
+            done: Notify::new(),
+            error: Mutex::new(None),
+            budget: Arc::new(Semaphore::new(WRITE_WINDOW / 1024)),
+            dirty: AtomicBool::new(false),
+        }
+    }
+}
+
+impl WriteTracker {
+    async fn drain(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn fail(&self, e: i32) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+    }
+
+    fn take_error(&self) -> Option<i32> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+
+    fn peek_error(&self) -> Option<i32> {
+        self.error.lock().ok().and_then(|e| *e)
+    }
+}
+
+#[derive(Debug)]
+struct FileState {
+    /// Server handle and the connection generation it belongs to (`None`: not opened yet).
+    handle: Option<(u64, u64)>,
+    /// Server version the cached data must have.
+    version: u64,
+    size: u64,
+    /// Sequential-read detection and the readahead window.
+    next_off: u64,
+    window: u64,
+    prefetched_to: u64,
+}
+
+#[derive(Debug)]
+pub struct OpenFile {
+    ino: u64,
+    /// Server inode number: the cache key.
+    sino: u64,
+    writable: bool,
+    state: Mutex<FileState>,
+}
+
+impl OpenFile {
+    pub fn handle(&self) -> Option<(u64, u64)> {
+        self.state.lock().ok().and_then(|s| s.handle)
+    }
+}
+
+/// What the adapter needs to answer `open`/`create`.
+#[derive(Debug)]
+pub struct OpenReply {
+    pub fh: u64,
+    pub attr: Attr,
+    /// The kernel's cached pages are still this file's content (`FOPEN_KEEP_CACHE`).
+    pub keep_cache: bool,
+}
+
+impl Core {
+    pub(super) fn open_file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        self.files
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Errno(libc::EBADF))
+    }
+
+    /// Any open handle on `ino` (lets an unlinked-but-open file keep answering getattr).
+    pub(super) fn any_handle(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.files
+            .lock()
+            .ok()?
+            .values()
+            .find(|f| f.ino == ino && f.handle().is_some())
+            .cloned()
+    }
+
+    fn tracker(&self, ino: u64) -> FsResult<Arc<WriteTracker>> {
+        Ok(self.inodes()?.entry(ino).or_default().writes.clone())
+    }
+
+    fn fetch_lock(&self, ino: u64) -> FsResult<Arc<tokio::sync::Mutex<()>>> {
+        Ok(self.inodes()?.entry(ino).or_default().fetch.clone())
+    }
+
+    /// Wait until every write queued for `ino` has been answered by the server.
+    pub(super) async fn drain_writes(&self, ino: u64) -> FsResult<()> {
+        self.tracker(ino)?.drain().await;
+        Ok(())
+    }
+
+    fn register(
+        &self,
+        ino: u64,
+        sino: u64,
+        writable: bool,
+        handle: Option<(u64, u64)>,
+        attr: &Attr,
+    ) -> FsResult<u64> {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let file = OpenFile {
+            ino,
+            sino,
+            writable,
+            state: Mutex::new(FileState {
+                handle,
+                version: attr.version,
+                size: attr.size,
+                next_off: 0,
+                window: MIN_WINDOW,
+                prefetched_to: 0,
+            }),
+        };
+        self.files
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(fh, Arc::new(file));
+        if writable {
+            self.inodes()?.entry(ino).or_default().writers += 1;
+        }
+        Ok(fh)
+    }
+
+    /// Whether the kernel may keep its pages, and remember that it now holds `version`.
+    fn keep_cache(&self, ino: u64, version: u64, truncating: bool) -> bool {
+        let Ok(mut inodes) = self.inodes.lock() else {
+            return false;
+        };
+        let st: &mut InodeState = inodes.entry(ino).or_default();
+        let keep = !truncating && st.kernel_version == Some(version);
+        st.kernel_version = Some(version);
+        keep
+    }
+
+    /// Open `ino`.
+    pub async fn open(&self, caller: Caller, ino: u64, flags: i32) -> FsResult<OpenReply> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncating = flags & libc::O_TRUNC != 0;
+        let sino = self.server_ino(ino);
+
+        // Fast path: nothing to ask the server.
+        if !writable
+            && !truncating
+            && self.client.events_live()
+            && let Some(cache) = &self.cache
+        {
+            let known = self
+                .inodes()?
+                .get(&ino)
+                .map(|s| (s.version, s.kernel_version));
+            if let Some((version, _)) = known {
+                let size = cache_size_hint(cache, sino);
+                if let Some(size) = size
+                    && cache.validate(sino, version, size)
+                    && cache.complete(sino)
+                {
+                    let attr = lazy_attr(ino, version, size);
+                    let keep = self.keep_cache(ino, version, false);
+                    let fh = self.register(ino, sino, false, None, &attr)?;
+                    self.stats
+                        .opens_without_round_trip
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(OpenReply {
+                        fh,
+                        attr,
+                        keep_cache: keep,
+                    });
+                }
+            }
+        }
+
+        let path = self.path(ino)?;
+        let generation = self.client.connect().await?;
+        let inline_max = if self.cache.is_some() && !truncating {
+            INLINE_MAX
+        } else {
+            0
+        };
+        let req = Request::Open {
+            path,
+            flags,
+            inline_max,
+            staged: writable,
+        };
+        let (handle, attr, data) = match self.rpc_on(generation, caller, req).await? {
+            Response::Opened { handle, attr } => (handle, attr, None),
+            Response::OpenedWithData { handle, attr, data } => (handle, attr, Some(data)),
+            _ => return Err(TransportError::Protocol.into()),
+        };
+        let attr = self.note_attr(attr);
+        if let Some(cache) = &self.cache {
+            cache.validate(sino, attr.version, attr.size);
+            if let Some(data) = &data {
+                self.stats
+                    .bytes_read_from_server
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                let _ = cache.store(sino, attr.version, 0, data);
+            }
+        }
+        let keep = self.keep_cache(ino, attr.version, truncating);
+        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
+        Ok(OpenReply {
+            fh,
+            attr,
+            keep_cache: keep,
+        })
+    }
+
+    pub async fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<OpenReply> {
+        let (p, n) = self.child(parent, name)?;
+        let generation = self.client.connect().await?;
+        let req = Request::Create {
+            parent: p,
+            name: n,
+            mode,
+            umask,
+            flags,
+        };
+        let (handle, attr) = match self.rpc_on(generation, caller, req).await? {
+            Response::Opened { handle, attr } => (handle, attr),
+            _ => return Err(TransportError::Protocol.into()),
+        };
+        let sino = attr.ino;
+        self.dir_changed(parent);
+        let attr = self.entry(parent, name, attr)?;
+        if let Some(cache) = &self.cache {
+            cache.validate(sino, attr.version, attr.size);
+        }
+        let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
+        let fh = self.register(attr.ino, sino, true, Some((handle, generation)), &attr)?;
+        Ok(OpenReply {
+            fh,
+            attr,
+            keep_cache: keep,
+        })
+    }
+
+    /// The server handle of `f`, opening one now if the open was served from the cache.
+    async fn ensure_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
+        if let Some(h) = f.handle() {
+            return Ok(h);
+        }
+        let lock = self.fetch_lock(f.ino)?;
+        let _guard = lock.lock().await;
+        if let Some(h) = f.handle() {
+            return Ok(h);
+        }
+        let path = self.path(f.ino)?;
+        let generation = self.client.connect().await?;
+        let req = Request::Open {
+            path,
+            flags: libc::O_RDONLY,
+            inline_max: 0,
+            staged: false,
+        };
+        let (handle, attr) = match self.rpc_on(generation, caller, req).await? {
+            Response::Opened { handle, attr } | Response::OpenedWithData { handle, attr, .. } => {
+                (handle, attr)
+            }
+            _ => return Err(TransportError::Protocol.into()),
+        };
+        let mut st = f.state.lock().map_err(|_| poisoned())?;
+        st.handle = Some((handle, generation));
+        if st.version != attr.version {
+            // Changed since the open: close-to-open allows the newer content.
+            st.version = attr.version;
+            st.size = attr.size;
+            if let Some(cache) = &self.cache {
+                cache.validate(f.sino, attr.version, attr.size);
+            }
+        }
+        Ok((handle, generation))
+    }
+
+    /// Read straight from the server, `max_io` per request, all in flight at once.
+    async fn read_remote(
+        &self,
+        caller: Caller,
+        f: &OpenFile,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<Vec<u8>> {
+        let (handle, generation) = self.ensure_handle(caller, f).await?;
+        let chunk = u64::from(self.max_io);
+        let reqs = (0..len.div_ceil(chunk)).map(|i| {
+            let off = offset + i * chunk;
+            let n = chunk.min(offset + len - off) as u32;
+            self.rpc_on(
+                generation,
+                caller,
+                Request::Read {
+                    handle,
+                    offset: off,
+                    len: n,
+                },
+            )
+        });
+        let mut out = Vec::with_capacity(len as usize);
+        for r in join_all(reqs).await {
+            match r? {
+                Response::Data(d) => {
+                    let short = (d.len() as u64) < chunk;
+                    out.extend_from_slice(&d);
+                    if short {
+                        break;
+                    }
+                }
+                _ => return Err(TransportError::Protocol.into()),
+            }
+        }
+        self.stats
+            .bytes_read_from_server
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Fetch the missing blocks of `[offset, offset+len)` into the cache.
+    async fn fill(&self, caller: Caller, f: &OpenFile, offset: u64, len: u64) -> FsResult<()> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let lock = self.fetch_lock(f.ino)?;
+        let _guard = lock.lock().await;
+        let version = f.state.lock().map_err(|_| poisoned())?.version;
+        let missing = cache.missing(f.sino, version, offset, len);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        drop(_guard);
+        let (handle, generation) = self.ensure_handle(caller, f).await?;
+        let _guard = lock.lock().await;
+        let chunk = u64::from(self.max_io) / BLOCK * BLOCK;
+        let mut pieces = Vec::new();
+        for (start, l) in missing {
+            let mut off = start;
+            while off < start + l {
+                let n = chunk.min(start + l - off);
+                pieces.push((off, n));
+                off += n;
+            }
+        }
+        let reqs = pieces.iter().map(|&(off, n)| {
+            self.rpc_on(
+                generation,
+                caller,
+                Request::Read {
+                    handle,
+                    offset: off,
+                    len: n as u32,
+                },
+            )
+        });
+        for (r, (off, _)) in join_all(reqs).await.into_iter().zip(pieces) {
+            match r? {
+                Response::Data(d) => {
+                    self.stats
+                        .bytes_read_from_server
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    let _ = cache.store(f.sino, version, off, &d);
+                }
+                _ => return Err(TransportError::Protocol.into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn read(
+        self: &Arc<Self>,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>> {
+        let f = self.open_file(fh)?;
+        let len = u64::from(size);
+        let Some(cache) = self.cache.clone() else {
+            return self.read_remote(caller, &f, offset, len).await;
+        };
+        // Our own writes must have landed before the server is asked for anything.
+        if f.writable || self.tracker(f.ino)?.inflight.load(Ordering::SeqCst) > 0 {
+            self.drain_writes(f.ino).await?;
+        }
+        let (version, file_size, window, sequential) = {
+            let mut st = f.state.lock().map_err(|_| poisoned())?;
+            let sequential = offset == st.next_off && offset > 0;
+            st.window = if sequential {
+                (st.window * 2).min(MAX_WINDOW)
+            } else {
+                MIN_WINDOW
+            };
+            st.next_off = offset + len;
+            (st.version, st.size, st.window, sequential)
+        };
+        for attempt in 0..2 {
+            match cache.read(f.sino, version, offset, len) {
+                Ok(Lookup::Hit(d)) => {
+                    self.stats
+                        .bytes_served_from_cache
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    if sequential {
+                        self.prefetch(caller, &f, offset + len, window, file_size);
+                    }
+                    return Ok(d);
+                }
+                Ok(Lookup::Miss(_)) if attempt == 0 => {
+                    // Fetch what was asked plus a window ahead when reading sequentially.
+                    let ahead = if sequential { window } else { 0 };
+                    let want = (len + ahead).min(file_size.saturating_sub(offset)).max(len);
+                    self.fill(caller, &f, offset, want).await?;
+                    if let Ok(mut st) = f.state.lock() {
+                        st.prefetched_to = st.prefetched_to.max(offset + want);
+                    }
+                }
+                _ => break,
+            }
+        }
+        // The cache could not hold it (cap, disk error): serve from the network.
+        self.read_remote(caller, &f, offset, len).await
+    }
+
+    /// Start fetching the next window in the background once the reader is within half a
+    /// window of what has been fetched.
+    fn prefetch(
+        self: &Arc<Self>,
+        caller: Caller,
+        f: &Arc<OpenFile>,
+        from: u64,
+        window: u64,
+        file_size: u64,
+    ) {
+        let start = {
+            let Ok(mut st) = f.state.lock() else { return };
+            if st.prefetched_to >= file_size || from + window / 2 < st.prefetched_to {
+                return;
+            }
+            let start = st.prefetched_to.max(from);
+            st.prefetched_to = (start + window).min(file_size);
+            start
+        };
+        let (core, f) = (self.clone(), f.clone());
+        tokio::spawn(async move {
+            let _ = core.fill(caller, &f, start, window).await;
+        });
+    }
+
+    pub async fn write(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> FsResult<u32> {
+        let f = self.open_file(fh)?;
+        let tracker = self.tracker(f.ino)?;
+        if let Some(e) = tracker.peek_error() {
+            return errno(e);
+        }
+        let len = data.len();
+        let end = offset + len as u64;
+        if let Some(cache) = &self.cache
+            && cache.wrote(f.sino, offset, &data).is_err()
+        {
+            cache.invalidate(f.sino);
+        }
+        {
+            let mut inodes = self.inodes()?;
+            let st = inodes.entry(f.ino).or_default();
+            let base = st
+                .local_size
+                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
+            st.local_size = Some(base.max(end));
+        }
+        let (handle, generation) = self.ensure_handle(caller, &f).await?;
+        let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
+        let permit = tracker
+            .budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| poisoned())?;
+        tracker.inflight.fetch_add(1, Ordering::SeqCst);
+        tracker.dirty.store(true, Ordering::SeqCst);
+        let client = self.client.clone();
+        let t = tracker.clone();
+        tokio::spawn(async move {
+            let req = Request::Write {
+                handle,
+                offset,
+                data,
+            };
+            match client.call_on(Some(generation), caller, req).await {
+                Ok(Ok(Response::Written { len: n })) if n as usize == len => {}
+                Ok(Ok(_)) => t.fail(libc::EIO),
+                Ok(Err(e)) => t.fail(e),
+                Err(e) => t.fail(FsError::Transport(e).errno()),
+            }
+            drop(permit);
+            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                t.done.notify_waiters();
+            }
+        });
+        Ok(len as u32)
+    }
+
+    /// Wait for this inode's writes, then make them the file's content on the server.
+    async fn commit(&self, caller: Caller, f: &OpenFile) -> FsResult<()> {
+        let tracker = self.tracker(f.ino)?;
+        tracker.drain().await;
+        if let Some(e) = tracker.take_error() {
+            // The server never applies a failed handle's staged data: the old copy stands.
+            if let Some(cache) = &self.cache {
+                cache.invalidate(f.sino);
+            }
+            self.settle(f.ino, &tracker)?;
+            return errno(e);
+        }
+        let Some((handle, generation)) = f.handle() else {
+            return Ok(());
+        };
+        if !f.writable || !tracker.dirty.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let attr = match self
+            .rpc_on(generation, caller, Request::Commit { handle })
+            .await
+        {
+            Ok(r) => Self::expect_attr(r)?,
+            Err(e) => {
+                if let Some(cache) = &self.cache {
+                    cache.invalidate(f.sino);
+                }
+                self.settle(f.ino, &tracker)?;
+                return Err(e);
+            }
+        };
+        self.settle(f.ino, &tracker)?;
+        if let Some(cache) = &self.cache {
+            cache.adopt(f.sino, attr.version, attr.size);
+        }
+        if let Some(parent) = self.nodes()?.parent_of(f.ino) {
+            self.dir_changed(parent);
+        }
+        if let Ok(mut st) = f.state.lock() {
+            st.version = attr.version;
+            st.size = attr.size;
+        }
+        let attr = self.note_attr(attr);
+        // Our writes went through the kernel's pages: they hold this version now.
+        if let Ok(mut inodes) = self.inodes() {
+            inodes.entry(f.ino).or_default().kernel_version = Some(attr.version);
+        }
+        Ok(())
+    }
+
+    /// No writes pending any more: attributes come from the server again.
+    fn settle(&self, ino: u64, tracker: &WriteTracker) -> FsResult<()> {
+        if tracker.inflight.load(Ordering::SeqCst) == 0
+            && let Some(st) = self.inodes()?.get_mut(&ino)
+        {
+            st.local_size = None;
+        }
+        Ok(())
+    }
+
+    /// `close()` of a descriptor: the data is on the server when this returns Ok.
+    pub async fn flush(&self, caller: Caller, fh: u64) -> FsResult<()> {
+        let f = self.open_file(fh)?;
+        if !f.writable {
+            return Ok(());
+        }
+        self.commit(caller, &f).await
+    }
+
+    pub async fn fsync(&self, caller: Caller, fh: u64, datasync: bool) -> FsResult<()> {
+        let f = self.open_file(fh)?;
+        self.commit(caller, &f).await?;
+        if let Some((handle, generation)) = f.handle() {
+            self.rpc_on(generation, caller, Request::Fsync { handle, datasync })
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn fallocate(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        let f = self.open_file(fh)?;
+        self.commit(caller, &f).await?;
+        let (handle, generation) = self.ensure_handle(caller, &f).await?;
+        self.rpc_on(
+            generation,
+            caller,
+            Request::Fallocate {
+                handle,
+                offset,
+                len,
+                mode,
+            },
+        )
+        .await?;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(f.sino);
+        }
+        Ok(())
+    }
+
+    pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
+        let f = self.open_file(fh)?;
+        let result = if f.writable {
+            self.commit(caller, &f).await
+        } else {
+            Ok(())
+        };
+        self.files.lock().map_err(|_| poisoned())?.remove(&fh);
+        if f.writable
+            && let Ok(mut inodes) = self.inodes()
+            && let Some(st) = inodes.get_mut(&f.ino)
+        {
+            st.writers = st.writers.saturating_sub(1);
+        }
+        if let Some((handle, generation)) = f.handle() {
+            match self
+                .rpc_on(generation, caller, Request::Release { handle })
+                .await
+            {
+                // The connection that held the handle is gone, and the server dropped it.
+                Err(FsError::Transport(TransportError::StaleHandle)) | Ok(_) => {}
+                Err(e) => tracing::debug!("release: {e}"),
+            }
+        }
+        if let Some(cache) = &self.cache {
+            let cache = cache.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cache.persist() {
+                    tracing::warn!("cannot save cache metadata: {e}");
+                }
+            });
+        }
+        result
+    }
+}
+
+/// The size the cache believes the file has, if it has an entry.
+fn cache_size_hint(cache: &crate::cache::DataCache, sino: u64) -> Option<u64> {
+    cache.size_of(sino)
+}
+
+/// Attributes for a reply that did not ask the server (only `ino`, version and size matter
+/// to the caller; the kernel keeps its own cached attributes).
+fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
+    Attr {
+        ino,
+        size,
+        blocks: size.div_ceil(512),
+        atime: Default::default(),
+        mtime: Default::default(),
+        ctime: Default::default(),
+        kind: ferry_common::proto::FileKind::File,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        version,
+    }
+}

@@ -1,0 +1,590 @@
+//! The filesystem core: every FUSE operation as an async function over plain types.
+//!
+//! It turns kernel inode numbers and file handles into protocol requests, keeps the inode
+//! table in step with what the server did, and returns `Attr`s or an [`FsError`]. It knows
+//! nothing of fuser replies (the adapter in `fuse.rs` does the replying), so it can be
+//! driven from tests or other front ends. It must never block a thread on the network:
+//! everything waits through `Client` on the tokio runtime.
+//!
+//! - `mod.rs`: names and attributes (lookup, getattr, setattr, create-like ops, rename).
+//! - `files.rs`: open files: the data cache, readahead, write-behind, commit on close.
+//! - `dirs.rs`: listings, cached while the server's event stream is healthy.
+//! - `events.rs`: server change events → kernel and cache invalidations.
+
+mod dirs;
+mod events;
+mod files;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use ferry_common::proto::{
+    Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs,
+};
+
+use crate::cache::DataCache;
+use crate::conn::Client;
+use crate::error::{FsError, FsResult, TransportError};
+use crate::nodes::{Nodes, ROOT};
+
+pub use dirs::ListedEntry;
+pub use events::Invalidation;
+pub use files::OpenReply;
+
+/// How long the kernel may trust entries and attributes. With server events, changes are
+/// pushed and this is only a safety net; without them it bounds staleness.
+pub const TTL_WITH_EVENTS: Duration = Duration::from_secs(60);
+pub const TTL_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
+
+/// What this client knows about one inode beyond the kernel's view.
+#[derive(Debug, Default)]
+struct InodeState {
+    /// Server version of the attributes last handed to the kernel.
+    version: u64,
+    /// The version whose data the kernel's page cache may hold (for `FOPEN_KEEP_CACHE`).
+    kernel_version: Option<u64>,
+    /// Open handles of this client that may write.
+    writers: u32,
+    /// While writes are pending: the size those writes imply (attributes are patched with
+    /// it so the kernel never sees the file shrink under its own writes).
+    local_size: Option<u64>,
+    writes: Arc<files::WriteTracker>,
+    /// Serializes fetches from the server for this inode (readahead and misses).
+    fetch: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Counters shown by `ferry stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub opens_without_round_trip: AtomicU64,
+    pub listings_from_cache: AtomicU64,
+    pub bytes_read_from_server: AtomicU64,
+    pub bytes_served_from_cache: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub resyncs: AtomicU64,
+}
+
+pub struct Core {
+    pub client: Arc<Client>,
+    // std Mutexes: each is held for a map operation only, never across an await.
+    nodes: Mutex<Nodes>,
+    inodes: Mutex<HashMap<u64, InodeState>>,
+    files: Mutex<HashMap<u64, Arc<files::OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<dirs::DirStream>>>>,
+    /// Listings by directory inode, valid while the event stream is.
+    dir_cache: Mutex<HashMap<u64, Arc<Vec<ferry_common::proto::DirEntry>>>>,
+    next_fh: AtomicU64,
+    /// Largest read/write payload per request, from the handshake.
+    pub max_io: u32,
+    pub cache: Option<Arc<DataCache>>,
+    invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
+    pub stats: Stats,
+}
+
+fn errno<T>(e: i32) -> FsResult<T> {
+    Err(FsError::Errno(e))
+}
+
+fn name_of(name: &[u8]) -> FsResult<Name> {
+    Name::new(name.to_vec()).map_err(|e| FsError::Errno(e.errno()))
+}
+
+fn poisoned() -> FsError {
+    FsError::Errno(libc::EIO)
+}
+
+impl Core {
+    pub fn new(
+        client: Arc<Client>,
+        root: &Attr,
+        max_io: u32,
+        cache: Option<Arc<DataCache>>,
+    ) -> Arc<Self> {
+        Arc::new(Core {
+            client,
+            nodes: Mutex::new(Nodes::new(root.ino)),
+            inodes: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            dir_cache: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            max_io: max_io.clamp(64 * 1024, MAX_IO),
+            cache,
+            invalidator: OnceLock::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// How long the kernel may cache entries and attributes right now.
+    pub fn ttl(&self) -> Duration {
+        if self.client.events_live() {
+            TTL_WITH_EVENTS
+        } else {
+            TTL_WITHOUT_EVENTS
+        }
+    }
+
+    fn nodes(&self) -> FsResult<MutexGuard<'_, Nodes>> {
+        self.nodes.lock().map_err(|_| poisoned())
+    }
+
+    fn inodes(&self) -> FsResult<MutexGuard<'_, HashMap<u64, InodeState>>> {
+        self.inodes.lock().map_err(|_| poisoned())
+    }
+
+    /// Every attribute handed to the kernel passes here: the server inode number becomes
+    /// the kernel's, the version is remembered, and a size implied by pending writes wins.
+    pub fn note_attr(&self, mut attr: Attr) -> Attr {
+        if let Ok(n) = self.nodes.lock() {
+            attr.ino = n.to_kernel(attr.ino);
+        }
+        if let Ok(mut inodes) = self.inodes.lock() {
+            let st = inodes.entry(attr.ino).or_default();
+            st.version = attr.version;
+            if let Some(size) = st.local_size {
+                attr.size = size;
+            }
+        }
+        attr
+    }
+
+    pub fn path(&self, ino: u64) -> FsResult<RelPath> {
+        self.nodes()?.path(ino)
+    }
+
+    fn child(&self, parent: u64, name: &[u8]) -> FsResult<(RelPath, Name)> {
+        let name = name_of(name)?;
+        Ok((self.path(parent)?, name))
+    }
+
+    async fn rpc(&self, caller: Caller, req: Request) -> FsResult<Response> {
+        match self.client.call(caller, req).await? {
+            Ok(r) => Ok(r),
+            Err(e) => errno(e),
+        }
+    }
+
+    async fn rpc_on(&self, generation: u64, caller: Caller, req: Request) -> FsResult<Response> {
+        match self.client.call_on(Some(generation), caller, req).await? {
+            Ok(r) => Ok(r),
+            Err(e) => errno(e),
+        }
+    }
+
+    fn expect_attr(r: Response) -> FsResult<Attr> {
+        match r {
+            Response::Attr(a) => Ok(a),
+            _ => Err(TransportError::Protocol.into()),
+        }
+    }
+
+    /// Record that the kernel got an entry for `parent/name` and return kernel attrs.
+    fn entry(&self, parent: u64, name: &[u8], attr: Attr) -> FsResult<Attr> {
+        let attr = self.note_attr(attr);
+        self.nodes()?.remember(parent, name, attr.ino);
+        Ok(attr)
+    }
+
+    /// A change this client made in directory `dir`: its cached listing is stale.
+    fn dir_changed(&self, dir: u64) {
+        dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.dir_cache.lock() {
+            c.remove(&dir);
+        }
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.forget(ino, n);
+            if nodes.path(ino).is_err()
+                && ino != ROOT
+                && let Ok(mut inodes) = self.inodes.lock()
+                && inodes
+                    .get(&ino)
+                    .is_some_and(|s| s.writers == 0 && s.local_size.is_none())
+            {
+                inodes.remove(&ino);
+            }
+        }
+    }
+
+    pub async fn lookup(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let (parent_path, n) = self.child(parent, name)?;
+        let req = Request::Lookup {
+            parent: parent_path,
+            name: n,
+        };
+        let attr = Self::expect_attr(self.rpc(caller, req).await?)?;
+        self.entry(parent, name, attr)
+    }
+
+    pub async fn getattr(&self, caller: Caller, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let open = fh
+            .and_then(|fh| self.open_file(fh).ok())
+            .filter(|f| f.handle().is_some());
+        let path = self.path(ino);
+        let open = match (&path, open) {
+            (_, Some(o)) => Some(o),
+            (Err(_), None) => self.any_handle(ino),
+            (Ok(_), None) => None,
+        };
+        let attr = match open.as_ref().and_then(|o| o.handle().map(|h| (o, h))) {
+            Some((_, (handle, generation))) => {
+                let req = Request::GetAttr {
+                    path: RelPath::root(),
+                    handle: Some(handle),
+                };
+                Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
+            }
+            None => {
+                let req = Request::GetAttr {
+                    path: path?,
+                    handle: None,
+                };
+                Self::expect_attr(self.rpc(caller, req).await?)?
+            }
+        };
+        let attr = self.note_attr(attr);
+        if attr.ino != ino {
+            // The name now refers to another file (replaced behind our back).
+            return errno(libc::ESTALE);
+        }
+        Ok(attr)
+    }
+
+    pub async fn setattr(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> FsResult<Attr> {
+        // Pending writes land before the size or times change, as they would locally.
+        self.drain_writes(ino).await?;
+        let open = fh.and_then(|fh| self.open_file(fh).ok());
+        let handle = open.as_ref().and_then(|o| o.handle());
+        let path = match self.path(ino) {
+            Ok(p) => p,
+            // Unlinked but open: the handle is all there is (ftruncate still works).
+            Err(e) if handle.is_none() => return Err(e),
+            Err(_) => RelPath::root(),
+        };
+        let truncating = set.size;
+        let attr = match handle {
+            Some((handle, generation)) => {
+                let req = Request::SetAttr {
+                    path,
+                    handle: Some(handle),
+                    set,
+                };
+                Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
+            }
+            None => Self::expect_attr(
+                self.rpc(
+                    caller,
+                    Request::SetAttr {
+                        path,
+                        handle: None,
+                        set,
+                    },
+                )
+                .await?,
+            )?,
+        };
+        if let Some(parent) = self.nodes()?.parent_of(ino) {
+            self.dir_changed(parent);
+        }
+        if let Some(size) = truncating {
+            if let Ok(mut inodes) = self.inodes.lock()
+                && let Some(st) = inodes.get_mut(&ino)
+                && st.local_size.is_some()
+            {
+                st.local_size = Some(size);
+            }
+            if let Some(cache) = &self.cache {
+                cache.invalidate(self.server_ino(ino));
+            }
+        }
+        Ok(self.note_attr(attr))
+    }
+
+    /// Kernel inode number back to the server's (the cache is keyed by the server's).
+    fn server_ino(&self, ino: u64) -> u64 {
+        self.nodes.lock().map(|n| n.to_kernel(ino)).unwrap_or(ino)
+    }
+
+    pub async fn readlink(&self, caller: Caller, ino: u64) -> FsResult<Vec<u8>> {
+        match self
+            .rpc(
+                caller,
+                Request::ReadLink {
+                    path: self.path(ino)?,
+                },
+            )
+            .await?
+        {
+            Response::Data(d) => Ok(d),
+            _ => Err(TransportError::Protocol.into()),
+        }
+    }
+
+    pub async fn mknod(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<Attr> {
+        let (p, n) = self.child(parent, name)?;
+        let req = Request::MkNod {
+            parent: p,
+            name: n,
+            mode,
+            umask,
+            rdev,
+        };
+        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
+        self.dir_changed(parent);
+        self.entry(parent, name, a)
+    }
+
+    pub async fn mkdir(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Attr> {
+        let (p, n) = self.child(parent, name)?;
+        let a = Self::expect_attr(
+            self.rpc(
+                caller,
+                Request::MkDir {
+                    parent: p,
+                    name: n,
+                    mode,
+                    umask,
+                },
+            )
+            .await?,
+        )?;
+        self.dir_changed(parent);
+        self.entry(parent, name, a)
+    }
+
+    pub async fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Attr> {
+        let (p, n) = self.child(parent, name)?;
+        let req = Request::Symlink {
+            parent: p,
+            name: n,
+            target: target.to_vec(),
+        };
+        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
+        self.dir_changed(parent);
+        self.entry(parent, name, a)
+    }
+
+    pub async fn link(
+        &self,
+        caller: Caller,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> FsResult<Attr> {
+        let path = self.path(ino)?;
+        let (np, nn) = self.child(new_parent, new_name)?;
+        let req = Request::Link {
+            path,
+            new_parent: np,
+            new_name: nn,
+        };
+        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
+        self.dir_changed(new_parent);
+        self.entry(new_parent, new_name, a)
+    }
+
+    pub async fn unlink(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        let (p, n) = self.child(parent, name)?;
+        self.rpc(caller, Request::Unlink { parent: p, name: n })
+            .await?;
+        self.dir_changed(parent);
+        self.nodes()?.unlinked(parent, name);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        let (p, n) = self.child(parent, name)?;
+        self.rpc(caller, Request::RmDir { parent: p, name: n })
+            .await?;
+        self.dir_changed(parent);
+        self.nodes()?.unlinked(parent, name);
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let (p, n) = self.child(parent, name)?;
+        let (np, nn) = self.child(new_parent, new_name)?;
+        let req = Request::Rename {
+            parent: p,
+            name: n,
+            new_parent: np,
+            new_name: nn,
+            flags,
+        };
+        self.rpc(caller, req).await?;
+        self.dir_changed(parent);
+        self.dir_changed(new_parent);
+        let exchange = flags & ferry_common::proto::rename_flags::EXCHANGE != 0;
+        self.nodes()?
+            .renamed(parent, name, new_parent, new_name, exchange);
+        Ok(())
+    }
+
+    pub async fn statfs(&self, caller: Caller, ino: u64) -> FsResult<StatFs> {
+        let path = self.path(ino).unwrap_or_default();
+        match self.rpc(caller, Request::StatFs { path }).await? {
+            Response::StatFs(s) => Ok(s),
+            _ => Err(TransportError::Protocol.into()),
+        }
+    }
+
+    /// `getxattr`/`listxattr`: the value (or list), or its length when `size == 0`.
+    pub async fn xattr_get(
+        &self,
+        caller: Caller,
+        ino: u64,
+        name: Option<&[u8]>,
+        size: u32,
+    ) -> FsResult<XattrReply> {
+        let path = self.path(ino)?;
+        let req = match name {
+            Some(n) => Request::GetXattr {
+                path,
+                name: n.to_vec(),
+                size,
+            },
+            None => Request::ListXattr { path, size },
+        };
+        match self.rpc(caller, req).await? {
+            Response::Data(d) => Ok(XattrReply::Data(d)),
+            Response::XattrSize(n) => Ok(XattrReply::Size(n)),
+            _ => Err(TransportError::Protocol.into()),
+        }
+    }
+
+    pub async fn xattr_set(
+        &self,
+        caller: Caller,
+        ino: u64,
+        name: &[u8],
+        value: Option<&[u8]>,
+        flags: i32,
+    ) -> FsResult<()> {
+        let path = self.path(ino)?;
+        let req = match value {
+            Some(v) => Request::SetXattr {
+                path,
+                name: name.to_vec(),
+                value: v.to_vec(),
+                flags,
+            },
+            None => Request::RemoveXattr {
+                path,
+                name: name.to_vec(),
+            },
+        };
+        self.rpc(caller, req).await?;
+        Ok(())
+    }
+
+    /// Counters for `ferry stats`, as (name, value) pairs.
+    pub fn stats_snapshot(&self) -> Vec<(String, u64)> {
+        let c = &self.client.stats;
+        let mut v = vec![
+            ("requests".to_string(), c.requests.load(Ordering::Relaxed)),
+            (
+                "bytes_sent".to_string(),
+                c.bytes_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "bytes_received".to_string(),
+                c.bytes_received.load(Ordering::Relaxed),
+            ),
+            (
+                "events_received".to_string(),
+                c.events.load(Ordering::Relaxed),
+            ),
+            (
+                "reconnects".to_string(),
+                c.reconnects.load(Ordering::Relaxed),
+            ),
+            (
+                "transport_failures".to_string(),
+                c.failures.load(Ordering::Relaxed),
+            ),
+        ];
+        let s = &self.stats;
+        for (k, a) in [
+            ("opens_without_round_trip", &s.opens_without_round_trip),
+            ("listings_from_cache", &s.listings_from_cache),
+            ("bytes_read_from_server", &s.bytes_read_from_server),
+            ("bytes_served_from_cache", &s.bytes_served_from_cache),
+            ("invalidations", &s.invalidations),
+            ("resyncs", &s.resyncs),
+        ] {
+            v.push((k.to_string(), a.load(Ordering::Relaxed)));
+        }
+        if let Some(cache) = &self.cache {
+            v.push(("cache_bytes".into(), cache.used()));
+            v.push(("cache_cap".into(), cache.cap()));
+            v.push((
+                "cache_hit_bytes".into(),
+                cache.stats.hit_bytes.load(Ordering::Relaxed),
+            ));
+            v.push((
+                "cache_miss_bytes".into(),
+                cache.stats.miss_bytes.load(Ordering::Relaxed),
+            ));
+            v.push((
+                "cache_evicted_bytes".into(),
+                cache.stats.evicted_bytes.load(Ordering::Relaxed),
+            ));
+        }
+        if let Ok(k) = c.by_kind.lock() {
+            let mut kinds: Vec<_> = k.iter().collect();
+            kinds.sort();
+            for (kind, n) in kinds {
+                v.push((format!("requests.{kind}"), *n));
+            }
+        }
+        if let Ok(n) = self.nodes.lock() {
+            v.push(("inodes_known".into(), n.len() as u64));
+        }
+        v
+    }
+}
+
+#[derive(Debug)]
+pub enum XattrReply {
+    Data(Vec<u8>),
+    Size(u32),
+}
