@@ -45,10 +45,15 @@ pub fn ferry_bin() -> &'static Path {
     BIN.get_or_init(|| locate("FERRY_BIN", "ferry"))
 }
 
-/// A `Command` for `ferry`, standard input closed.
+/// A `Command` for `ferry`, standard input closed, with `XDG_CACHE_HOME` pointing into
+/// this test process's own temp dir: tests neither read nor grow the user's persistent
+/// cache in `~/.cache/ferry`. ([`crate::TestMount`] gives each mount a cache of its own.)
 pub fn ferry() -> Command {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| crate::temp_dir("cache").keep());
     let mut cmd = Command::new(ferry_bin());
-    cmd.stdin(std::process::Stdio::null());
+    cmd.stdin(std::process::Stdio::null())
+        .env("XDG_CACHE_HOME", cache);
     cmd
 }
 

@@ -27,9 +27,9 @@ use crate::sys::{kill, pid_alive, umount_detach};
 use crate::wait::poll_until;
 
 /// How long `ferry mount` may take to return.
-pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `ferry umount` may take.
-pub const UMOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const UMOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a daemon may take to exit once its mount is gone.
 pub const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -293,9 +293,13 @@ impl TestMount {
     /// `ferry mount ARGS… REMOTE MOUNTPOINT` on a fresh mountpoint; `Err` describes why
     /// there is no usable mount (everything it may have left is cleaned up already).
     pub fn try_mount(remote: &str, args: &[&str]) -> Result<Self, String> {
-        let mut m = Self::guard(crate::temp_dir("mnt"));
+        let m = Self::guard(crate::temp_dir("mnt"));
         let mut cmd = crate::bins::ferry();
-        cmd.arg("mount").args(args).arg(remote).arg(&m.path);
+        cmd.arg("mount")
+            .args(args)
+            .arg(remote)
+            .arg(&m.path)
+            .env("XDG_CACHE_HOME", m._work.path().join("cache"));
         let desc = crate::process::describe(&cmd);
         let log = File::create(&m.log_path).expect("creating the mount log");
         // The daemon inherits these: its later complaints land in the same log.
@@ -323,24 +327,25 @@ impl TestMount {
                 m.log()
             ));
         }
-        m.start_watchdog();
         Ok(m)
     }
 
     /// A mount object for `mountpoint` without mounting anything: whatever gets mounted
     /// there (a foreground `ferry mount` the test runs itself, a mount that should have
-    /// failed) is cleaned up on drop.
+    /// failed) is cleaned up on drop, and forced down by the watchdog if the test hangs.
     pub fn guard(mountpoint: TempDir) -> Self {
         cleanup_stale();
         let work = crate::temp_dir("work");
-        TestMount {
+        let mut m = TestMount {
             path: mountpoint.path().to_path_buf(),
             log_path: work.path().join("mount.log"),
             watchdog: None,
             unmounted: false,
             _work: work,
             mountpoint: Some(mountpoint),
-        }
+        };
+        m.start_watchdog();
+        m
     }
 
     fn start_watchdog(&mut self) {

@@ -139,6 +139,24 @@ pub fn drop_caches(what: u8) -> io::Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", format!("{what}\n"))
 }
 
+/// `llistxattr(path)`: the extended attribute names of `path` itself (no symlink
+/// following).
+pub fn llistxattr(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let p = cstr(path);
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid path and a buffer of the given length.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
 /// The current umask (set back right away).
 pub fn umask() -> u32 {
     // SAFETY: umask(2) cannot fail; we restore the value at once.

@@ -89,6 +89,14 @@ impl Escape {
             ["secret"],
             "something was created next to the outside file"
         );
+        for p in [self.secret(), self.outside.path().to_path_buf()] {
+            let xattrs = ferry_tests::sys::llistxattr(&p).expect("listxattr");
+            assert!(
+                xattrs.is_empty(),
+                "extended attributes appeared on {}: {xattrs:?}",
+                p.display()
+            );
+        }
     }
 }
 
@@ -392,6 +400,44 @@ fn raw_requests_cannot_escape() {
                 md.file_type().is_symlink(),
                 "Link {path} hard-linked the outside file"
             );
+        }
+    }
+    // Extended attributes: through escaping directories nothing is reached; on an
+    // escaping symlink they concern the link itself, never its target.
+    for path in [
+        "out_dir_rel/secret",
+        "out_dir_abs/secret",
+        "out_dir_rel",
+        "out_dir_abs",
+        "out_secret_rel",
+        "out_secret_abs",
+    ] {
+        let through_dir = path.contains('/');
+        for name_ in ["user.pwned", "trusted.pwned"] {
+            let r = c.call(Request::SetXattr {
+                path: rel(path),
+                name: name_.as_bytes().to_vec(),
+                value: b"x".to_vec(),
+                flags: 0,
+            });
+            if through_dir {
+                assert!(r.is_err(), "SetXattr {name_} on {path}: {r:?}");
+            }
+        }
+        let r = c.call(Request::ListXattr {
+            path: rel(path),
+            size: 4096,
+        });
+        if through_dir {
+            assert!(r.is_err(), "ListXattr {path}: {r:?}");
+        }
+        let r = c.call(Request::GetXattr {
+            path: rel(path),
+            name: b"security.selinux".to_vec(),
+            size: 4096,
+        });
+        if through_dir {
+            assert!(r.is_err(), "GetXattr {path}: {r:?}");
         }
     }
     esc.assert_secret_untouched();
