@@ -406,15 +406,15 @@ impl Filesystem for FerryFuse {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes are synchronous with the server: by the time close() flushes, every
-        // write() has already been acknowledged (or returned its error).
-        reply.ok();
+        // close(): the data is on the server when this succeeds, or close() gets the error.
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(async move { reply_empty(reply, core.flush(c, fh.0).await) });
     }
 
     fn release(

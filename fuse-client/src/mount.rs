@@ -303,17 +303,39 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 
 /// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the
 /// mount's backing device info is created with the default. Best effort (root only).
+/// The device number comes from mountinfo: a `stat` of our own mountpoint would wait for
+/// the session loop, which is not running yet.
 fn raise_readahead(mp: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mp) else {
-        return;
-    };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let want = mp.as_os_str().as_bytes();
+    let dev = info.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let point = f.nth(1)?;
+        (unescape_mountinfo(point).as_slice() == want).then(|| dev.to_string())
+    });
+    let Some(dev) = dev else { return };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, "1024") {
         tracing::debug!("cannot raise readahead ({path}): {e}");
     }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn c_path(p: &Path) -> Result<std::ffi::CString> {

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ferry_common::proto::{Attr, Caller, Request, Response};
+use ferry_common::proto::{Attr, Caller, RelPath, Request, Response, SetAttr};
 use futures::future::join_all;
 use tokio::sync::{Notify, Semaphore};
 
@@ -199,51 +199,61 @@ impl Core {
         let truncating = flags & libc::O_TRUNC != 0;
         let sino = self.server_ino(ino);
 
-        // Fast path: nothing to ask the server.
+        // Fast path: nothing to ask the server. (The version is read first: a guard
+        // taken inside an `if let` condition would live through the whole body.)
+        let known_version = self.inodes()?.get(&ino).map(|s| s.version);
         if !writable
             && !truncating
             && self.client.events_live()
             && let Some(cache) = &self.cache
+            && let Some(version) = known_version
+            && let Some(size) = cache.size_of(sino)
+            && cache.validate(sino, version, size)
+            && cache.complete(sino)
         {
-            let known = self
-                .inodes()?
-                .get(&ino)
-                .map(|s| (s.version, s.kernel_version));
-            if let Some((version, _)) = known {
-                let size = cache_size_hint(cache, sino);
-                if let Some(size) = size
-                    && cache.validate(sino, version, size)
-                    && cache.complete(sino)
-                {
-                    let attr = lazy_attr(ino, version, size);
-                    let keep = self.keep_cache(ino, version, false);
-                    let fh = self.register(ino, sino, false, None, &attr)?;
-                    self.stats
-                        .opens_without_round_trip
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Ok(OpenReply {
-                        fh,
-                        attr,
-                        keep_cache: keep,
-                    });
-                }
+            let attr = lazy_attr(ino, version, size);
+            let keep = self.keep_cache(ino, version, false);
+            let fh = self.register(ino, sino, false, None, &attr)?;
+            self.stats.opens_without_round_trip.fetch_add(1, Ordering::Relaxed);
+            return Ok(OpenReply { fh, attr, keep_cache: keep });
+        }
+
+        // All writers of an inode on this client share one staged server handle, so their
+        // writes reach the server's staging file in the order they were made.
+        if writable && let Some((handle, generation)) = self.shared_writer(ino)? {
+            if truncating {
+                self.truncate(caller, ino, None, 0).await?;
             }
+            let req = Request::GetAttr { path: RelPath::root(), handle: Some(handle) };
+            let attr = self.note_attr(Self::expect_attr(self.rpc_on(generation, caller, req).await?)?);
+            let keep = self.keep_cache(ino, attr.version, truncating);
+            let fh = self.register(ino, sino, true, Some((handle, generation)), &attr)?;
+            return Ok(OpenReply { fh, attr, keep_cache: keep });
         }
 
         let path = self.path(ino)?;
         let generation = self.client.connect().await?;
-        let inline_max = if self.cache.is_some() && !truncating {
-            INLINE_MAX
-        } else {
-            0
+        let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
+        let inline_max = if self.cache.is_some() && readable && !truncating { INLINE_MAX } else { 0 };
+        // A writer's handle is opened read-write when allowed: reads of its own staged
+        // (not yet committed) data must go through it.
+        let mut reply = None;
+        if writable && !readable {
+            let rw = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+            let req = Request::Open { path: path.clone(), flags: rw, inline_max: 0, staged: true };
+            match self.rpc_on(generation, caller, req).await {
+                Err(FsError::Errno(libc::EACCES | libc::EPERM)) => {}
+                r => reply = Some(r?),
+            }
+        }
+        let reply = match reply {
+            Some(r) => r,
+            None => {
+                let req = Request::Open { path, flags, inline_max, staged: writable };
+                self.rpc_on(generation, caller, req).await?
+            }
         };
-        let req = Request::Open {
-            path,
-            flags,
-            inline_max,
-            staged: writable,
-        };
-        let (handle, attr, data) = match self.rpc_on(generation, caller, req).await? {
+        let (handle, attr, data) = match reply {
             Response::Opened { handle, attr } => (handle, attr, None),
             Response::OpenedWithData { handle, attr, data } => (handle, attr, Some(data)),
             _ => return Err(TransportError::Protocol.into()),
@@ -252,19 +262,31 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
             if let Some(data) = &data {
-                self.stats
-                    .bytes_read_from_server
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.stats.bytes_read_from_server.fetch_add(data.len() as u64, Ordering::Relaxed);
                 let _ = cache.store(sino, attr.version, 0, data);
             }
         }
+        if writable {
+            self.inodes()?.entry(ino).or_default().writer = Some((handle, generation));
+        }
         let keep = self.keep_cache(ino, attr.version, truncating);
         let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
-        Ok(OpenReply {
-            fh,
-            attr,
-            keep_cache: keep,
-        })
+        Ok(OpenReply { fh, attr, keep_cache: keep })
+    }
+
+    /// The live shared write handle of `ino`, if this client has one.
+    fn shared_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
+        let live = self.client.live_generation();
+        Ok(self.inodes()?.get(&ino).and_then(|s| s.writer).filter(|(_, g)| Some(*g) == live))
+    }
+
+    /// The handle reads of `f` go through: the inode's writer (it sees staged data) when
+    /// there is one, else `f`'s own.
+    async fn io_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
+        if let Some(h) = self.shared_writer(f.ino)? {
+            return Ok(h);
+        }
+        self.ensure_handle(caller, f).await
     }
 
     pub async fn create(
@@ -295,6 +317,7 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
         }
+        self.inodes()?.entry(attr.ino).or_default().writer = Some((handle, generation));
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
         let fh = self.register(attr.ino, sino, true, Some((handle, generation)), &attr)?;
         Ok(OpenReply {
@@ -349,7 +372,7 @@ impl Core {
         offset: u64,
         len: u64,
     ) -> FsResult<Vec<u8>> {
-        let (handle, generation) = self.ensure_handle(caller, f).await?;
+        let (handle, generation) = self.io_handle(caller, f).await?;
         let chunk = u64::from(self.max_io);
         let reqs = (0..len.div_ceil(chunk)).map(|i| {
             let off = offset + i * chunk;
@@ -396,7 +419,7 @@ impl Core {
             return Ok(());
         }
         drop(_guard);
-        let (handle, generation) = self.ensure_handle(caller, f).await?;
+        let (handle, generation) = self.io_handle(caller, f).await?;
         let _guard = lock.lock().await;
         let chunk = u64::from(self.max_io) / BLOCK * BLOCK;
         let mut pieces = Vec::new();
@@ -572,53 +595,84 @@ impl Core {
     }
 
     /// Wait for this inode's writes, then make them the file's content on the server.
-    async fn commit(&self, caller: Caller, f: &OpenFile) -> FsResult<()> {
-        let tracker = self.tracker(f.ino)?;
+    pub(super) async fn commit(&self, caller: Caller, ino: u64) -> FsResult<()> {
+        let sino = self.server_ino(ino);
+        let tracker = self.tracker(ino)?;
         tracker.drain().await;
         if let Some(e) = tracker.take_error() {
             // The server never applies a failed handle's staged data: the old copy stands.
             if let Some(cache) = &self.cache {
-                cache.invalidate(f.sino);
+                cache.invalidate(sino);
             }
-            self.settle(f.ino, &tracker)?;
+            tracker.dirty.store(false, Ordering::SeqCst);
+            self.settle(ino, &tracker)?;
             return errno(e);
         }
-        let Some((handle, generation)) = f.handle() else {
-            return Ok(());
-        };
-        if !f.writable || !tracker.dirty.swap(false, Ordering::SeqCst) {
+        if !tracker.dirty.swap(false, Ordering::SeqCst) {
+            self.settle(ino, &tracker)?;
             return Ok(());
         }
-        let attr = match self
-            .rpc_on(generation, caller, Request::Commit { handle })
-            .await
-        {
+        let Some((handle, generation)) = self.inodes()?.get(&ino).and_then(|s| s.writer) else {
+            return errno(libc::EIO);
+        };
+        let attr = match self.rpc_on(generation, caller, Request::Commit { handle }).await {
             Ok(r) => Self::expect_attr(r)?,
             Err(e) => {
                 if let Some(cache) = &self.cache {
-                    cache.invalidate(f.sino);
+                    cache.invalidate(sino);
                 }
-                self.settle(f.ino, &tracker)?;
+                self.settle(ino, &tracker)?;
                 return Err(e);
             }
         };
-        self.settle(f.ino, &tracker)?;
+        self.settle(ino, &tracker)?;
         if let Some(cache) = &self.cache {
-            cache.adopt(f.sino, attr.version, attr.size);
+            cache.adopt(sino, attr.version, attr.size);
         }
-        if let Some(parent) = self.nodes()?.parent_of(f.ino) {
+        if let Some(parent) = self.nodes()?.parent_of(ino) {
             self.dir_changed(parent);
         }
-        if let Ok(mut st) = f.state.lock() {
-            st.version = attr.version;
-            st.size = attr.size;
+        if let Ok(files) = self.files.lock() {
+            for f in files.values().filter(|f| f.ino == ino) {
+                if let Ok(mut st) = f.state.lock() {
+                    st.version = attr.version;
+                    st.size = attr.size;
+                }
+            }
         }
         let attr = self.note_attr(attr);
         // Our writes went through the kernel's pages: they hold this version now.
-        if let Ok(mut inodes) = self.inodes() {
-            inodes.entry(f.ino).or_default().kernel_version = Some(attr.version);
-        }
+        self.inodes()?.entry(ino).or_default().kernel_version = Some(attr.version);
         Ok(())
+    }
+
+    /// Truncate (or extend) `ino` on the server right away, as truncate(2) does locally:
+    /// pending writes are committed first, then the size is set on the real file.
+    pub(super) async fn truncate(&self, caller: Caller, ino: u64, fh: Option<u64>, size: u64) -> FsResult<Attr> {
+        self.commit(caller, ino).await?;
+        let set = SetAttr { size: Some(size), ..SetAttr::default() };
+        let attr = match self.path(ino) {
+            Ok(path) => Self::expect_attr(self.rpc(caller, Request::SetAttr { path, handle: None, set }).await?)?,
+            Err(e) => {
+                // Unlinked but open: only a handle reaches it (the server stages this one).
+                let f = fh.and_then(|fh| self.open_file(fh).ok()).ok_or(e)?;
+                let (handle, generation) = self.io_handle(caller, &f).await?;
+                let req = Request::SetAttr { path: RelPath::root(), handle: Some(handle), set };
+                Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
+            }
+        };
+        if let Some(st) = self.inodes()?.get_mut(&ino)
+            && st.local_size.is_some()
+        {
+            st.local_size = Some(size);
+        }
+        if let Some(cache) = &self.cache {
+            cache.invalidate(self.server_ino(ino));
+        }
+        if let Some(parent) = self.nodes()?.parent_of(ino) {
+            self.dir_changed(parent);
+        }
+        Ok(attr)
     }
 
     /// No writes pending any more: attributes come from the server again.
@@ -637,66 +691,57 @@ impl Core {
         if !f.writable {
             return Ok(());
         }
-        self.commit(caller, &f).await
+        self.commit(caller, f.ino).await
     }
 
     pub async fn fsync(&self, caller: Caller, fh: u64, datasync: bool) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        self.commit(caller, &f).await?;
-        if let Some((handle, generation)) = f.handle() {
-            self.rpc_on(generation, caller, Request::Fsync { handle, datasync })
-                .await?;
+        self.commit(caller, f.ino).await?;
+        if f.writable
+            && let Some((handle, generation)) = self.shared_writer(f.ino)?
+        {
+            self.rpc_on(generation, caller, Request::Fsync { handle, datasync }).await?;
         }
         Ok(())
     }
 
-    pub async fn fallocate(
-        &self,
-        caller: Caller,
-        fh: u64,
-        offset: u64,
-        len: u64,
-        mode: i32,
-    ) -> FsResult<()> {
+    pub async fn fallocate(&self, caller: Caller, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        self.commit(caller, &f).await?;
-        let (handle, generation) = self.ensure_handle(caller, &f).await?;
-        self.rpc_on(
-            generation,
-            caller,
-            Request::Fallocate {
-                handle,
-                offset,
-                len,
-                mode,
-            },
-        )
-        .await?;
+        self.commit(caller, f.ino).await?;
+        let (handle, generation) = self.io_handle(caller, &f).await?;
+        self.rpc_on(generation, caller, Request::Fallocate { handle, offset, len, mode }).await?;
         if let Some(cache) = &self.cache {
             cache.invalidate(f.sino);
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0
+            && let Some(st) = self.inodes()?.get_mut(&f.ino)
+            && let Some(size) = st.local_size
+        {
+            st.local_size = Some(size.max(offset + len));
         }
         Ok(())
     }
 
     pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        let result = if f.writable {
-            self.commit(caller, &f).await
-        } else {
-            Ok(())
-        };
+        let result = if f.writable { self.commit(caller, f.ino).await } else { Ok(()) };
         self.files.lock().map_err(|_| poisoned())?.remove(&fh);
-        if f.writable
-            && let Ok(mut inodes) = self.inodes()
-            && let Some(st) = inodes.get_mut(&f.ino)
-        {
-            st.writers = st.writers.saturating_sub(1);
+        let own = f.handle();
+        let mut to_release = Vec::new();
+        if f.writable {
+            let mut inodes = self.inodes()?;
+            if let Some(st) = inodes.get_mut(&f.ino) {
+                st.writers = st.writers.saturating_sub(1);
+                if st.writers == 0 {
+                    // The last writer closes the shared handle.
+                    to_release.extend(st.writer.take());
+                }
+            }
+        } else if let Some(h) = own {
+            to_release.push(h);
         }
-        if let Some((handle, generation)) = f.handle() {
-            match self
-                .rpc_on(generation, caller, Request::Release { handle })
-                .await
-            {
+        for (handle, generation) in to_release {
+            match self.rpc_on(generation, caller, Request::Release { handle }).await {
                 // The connection that held the handle is gone, and the server dropped it.
                 Err(FsError::Transport(TransportError::StaleHandle)) | Ok(_) => {}
                 Err(e) => tracing::debug!("release: {e}"),
@@ -712,11 +757,6 @@ impl Core {
         }
         result
     }
-}
-
-/// The size the cache believes the file has, if it has an entry.
-fn cache_size_hint(cache: &crate::cache::DataCache, sino: u64) -> Option<u64> {
-    cache.size_of(sino)
 }
 
 /// Attributes for a reply that did not ask the server (only `ino`, version and size matter

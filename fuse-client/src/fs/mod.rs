@@ -47,6 +47,9 @@ struct InodeState {
     kernel_version: Option<u64>,
     /// Open handles of this client that may write.
     writers: u32,
+    /// The one staged server handle all of this client's writers of the inode share
+    /// (handle, connection generation).
+    writer: Option<(u64, u64)>,
     /// While writes are pending: the size those writes imply (attributes are patched with
     /// it so the kernel never sees the file shrink under its own writes).
     local_size: Option<u64>,
@@ -259,55 +262,39 @@ impl Core {
         caller: Caller,
         ino: u64,
         fh: Option<u64>,
-        set: SetAttr,
+        mut set: SetAttr,
     ) -> FsResult<Attr> {
         // Pending writes land before the size or times change, as they would locally.
         self.drain_writes(ino).await?;
-        let open = fh.and_then(|fh| self.open_file(fh).ok());
-        let handle = open.as_ref().and_then(|o| o.handle());
-        let path = match self.path(ino) {
-            Ok(p) => p,
-            // Unlinked but open: the handle is all there is (ftruncate still works).
-            Err(e) if handle.is_none() => return Err(e),
-            Err(_) => RelPath::root(),
-        };
-        let truncating = set.size;
-        let attr = match handle {
-            Some((handle, generation)) => {
-                let req = Request::SetAttr {
-                    path,
-                    handle: Some(handle),
-                    set,
-                };
-                Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
-            }
-            None => Self::expect_attr(
-                self.rpc(
-                    caller,
-                    Request::SetAttr {
-                        path,
-                        handle: None,
-                        set,
-                    },
-                )
-                .await?,
-            )?,
-        };
-        if let Some(parent) = self.nodes()?.parent_of(ino) {
-            self.dir_changed(parent);
+        let mut attr = None;
+        if let Some(size) = set.size.take() {
+            attr = Some(self.truncate(caller, ino, fh, size).await?);
         }
-        if let Some(size) = truncating {
-            if let Ok(mut inodes) = self.inodes.lock()
-                && let Some(st) = inodes.get_mut(&ino)
-                && st.local_size.is_some()
-            {
-                st.local_size = Some(size);
+        if set != SetAttr::default() {
+            let open = fh.and_then(|fh| self.open_file(fh).ok());
+            let handle = open.as_ref().and_then(|o| o.handle());
+            let path = match self.path(ino) {
+                Ok(p) => p,
+                // Unlinked but open: the handle is all there is.
+                Err(e) if handle.is_none() => return Err(e),
+                Err(_) => RelPath::root(),
+            };
+            let a = match handle {
+                Some((handle, generation)) => {
+                    let req = Request::SetAttr { path, handle: Some(handle), set };
+                    Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
+                }
+                None => Self::expect_attr(self.rpc(caller, Request::SetAttr { path, handle: None, set }).await?)?,
+            };
+            if let Some(parent) = self.nodes()?.parent_of(ino) {
+                self.dir_changed(parent);
             }
-            if let Some(cache) = &self.cache {
-                cache.invalidate(self.server_ino(ino));
-            }
+            attr = Some(a);
         }
-        Ok(self.note_attr(attr))
+        match attr {
+            Some(a) => Ok(self.note_attr(a)),
+            None => self.getattr(caller, ino, fh).await,
+        }
     }
 
     /// Kernel inode number back to the server's (the cache is keyed by the server's).

@@ -79,8 +79,11 @@ pub fn open(
         ctx.watch_dir(probe.as_fd(), path);
     }
     let fd = ctx.export.resolve(path, (flags & PASSED_FLAGS) | ALWAYS)?;
+    // A write-only descriptor cannot be read: such opens never carry data.
+    let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
     let inline = match inline_max {
         0 => None,
+        _ if !readable => None,
         max => read_inline(ctx, fd.as_fd(), max)?,
     };
     // O_SYNC/O_DSYNC (O_SYNC includes the O_DSYNC bit) promise every write is durable
