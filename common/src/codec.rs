@@ -105,6 +105,7 @@ pub type ClientCodec = FrameCodec<crate::proto::RequestFrame, crate::proto::Serv
 pub type ServerCodec = FrameCodec<crate::proto::ServerFrame, crate::proto::RequestFrame>;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::proto::*;

@@ -50,6 +50,55 @@ fn user_path(p: &str) -> Result<RelPath> {
     RelPath::parse_user(p).map_err(|e| anyhow!("invalid remote path {p:?}: {e}"))
 }
 
+/// Follow symlinks at the end of `path` the way a local `cat` would, staying inside the
+/// export: a target that is absolute or climbs above the export root is refused (the
+/// server never follows a final symlink itself).
+async fn resolve_links(client: &Arc<Client>, path: RelPath) -> Result<(RelPath, Attr)> {
+    let mut path = path;
+    for _ in 0..40 {
+        let attr = getattr(client, &path).await?;
+        if attr.kind != FileKind::Symlink {
+            return Ok((path, attr));
+        }
+        let target = match rpc_ctx(
+            client,
+            Request::ReadLink { path: path.clone() },
+            &format!("{path:?}"),
+        )
+        .await?
+        {
+            Response::Data(d) => d,
+            _ => bail!("unexpected reply from server"),
+        };
+        if target.first() == Some(&b'/') {
+            bail!(
+                "{path:?}: absolute symlink target {:?} is outside the export",
+                String::from_utf8_lossy(&target)
+            );
+        }
+        let mut comps: Vec<Vec<u8>> = match path.split_last() {
+            Some((parent, _)) if !parent.is_root() => {
+                parent.0.split(|&b| b == b'/').map(<[u8]>::to_vec).collect()
+            }
+            _ => Vec::new(),
+        };
+        for c in target.split(|&b| b == b'/') {
+            match c {
+                b"" | b"." => {}
+                b".." => {
+                    if comps.pop().is_none() {
+                        bail!("{path:?}: symlink target leads outside the export");
+                    }
+                }
+                c => comps.push(c.to_vec()),
+            }
+        }
+        path = RelPath(comps.join(&b'/'));
+        ferry_common::path::check_path(&path.0).map_err(|e| anyhow!("{path:?}: {e}"))?;
+    }
+    bail!("{path:?}: {}", errno_text(libc::ELOOP))
+}
+
 async fn getattr(client: &Arc<Client>, path: &RelPath) -> Result<Attr> {
     match rpc_ctx(
         client,
@@ -88,8 +137,7 @@ fn mode_string(a: &Attr) -> String {
 
 /// List a remote directory (or show one file), one line per entry, sorted by name.
 pub async fn ls(client: &Arc<Client>, path: &str, out: &mut impl Write) -> Result<()> {
-    let path = user_path(path)?;
-    let attr = getattr(client, &path).await?;
+    let (path, attr) = resolve_links(client, user_path(path)?).await?;
     if attr.kind != FileKind::Dir {
         let name = path.split_last().map(|(_, n)| n.0).unwrap_or_default();
         writeln!(
@@ -176,8 +224,9 @@ pub async fn get(
     remote: &str,
     local: Option<&Path>,
 ) -> Result<(PathBuf, u64)> {
-    let path = user_path(remote)?;
-    let target = local_target(&path, local)?;
+    let named = user_path(remote)?;
+    let target = local_target(&named, local)?;
+    let (path, _) = resolve_links(client, named).await?;
     let generation = client.connect().await?;
     let open = Request::Open {
         path: path.clone(),

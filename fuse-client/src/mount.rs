@@ -306,7 +306,9 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 /// The device number comes from mountinfo: a `stat` of our own mountpoint would wait for
 /// the session loop, which is not running yet.
 fn raise_readahead(mp: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let want = mp.as_os_str().as_bytes();
     let dev = info.lines().rev().find_map(|line| {
         let mut f = line.split(' ');
@@ -327,7 +329,10 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {

@@ -73,6 +73,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr().context("local address")?;
+    // Handlers first: a SIGTERM sent right after the address line must find them.
+    let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "ferryd: serving {} on {addr}", export.path().display())
         .and_then(|()| out.flush())
@@ -83,26 +85,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "serving {} on {addr}",
         export.path().display()
     );
-    ferry_server::run(listener, export, shutdown_signal()).await;
+    ferry_server::run(listener, export, shutdown).await;
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGINT/SIGTERM handlers now; the future completes on either signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-        (Err(e), _) | (_, Err(e)) => {
-            // Without handlers the default action (exit) still applies; wait forever.
-            tracing::warn!("cannot install signal handlers: {e}");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }

@@ -214,8 +214,14 @@ impl Core {
             let attr = lazy_attr(ino, version, size);
             let keep = self.keep_cache(ino, version, false);
             let fh = self.register(ino, sino, false, None, &attr)?;
-            self.stats.opens_without_round_trip.fetch_add(1, Ordering::Relaxed);
-            return Ok(OpenReply { fh, attr, keep_cache: keep });
+            self.stats
+                .opens_without_round_trip
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(OpenReply {
+                fh,
+                attr,
+                keep_cache: keep,
+            });
         }
 
         // All writers of an inode on this client share one staged server handle, so their
@@ -224,23 +230,41 @@ impl Core {
             if truncating {
                 self.truncate(caller, ino, None, 0).await?;
             }
-            let req = Request::GetAttr { path: RelPath::root(), handle: Some(handle) };
-            let attr = self.note_attr(Self::expect_attr(self.rpc_on(generation, caller, req).await?)?);
+            let req = Request::GetAttr {
+                path: RelPath::root(),
+                handle: Some(handle),
+            };
+            let attr = self.note_attr(Self::expect_attr(
+                self.rpc_on(generation, caller, req).await?,
+            )?);
             let keep = self.keep_cache(ino, attr.version, truncating);
             let fh = self.register(ino, sino, true, Some((handle, generation)), &attr)?;
-            return Ok(OpenReply { fh, attr, keep_cache: keep });
+            return Ok(OpenReply {
+                fh,
+                attr,
+                keep_cache: keep,
+            });
         }
 
         let path = self.path(ino)?;
         let generation = self.client.connect().await?;
         let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
-        let inline_max = if self.cache.is_some() && readable && !truncating { INLINE_MAX } else { 0 };
+        let inline_max = if self.cache.is_some() && readable && !truncating {
+            INLINE_MAX
+        } else {
+            0
+        };
         // A writer's handle is opened read-write when allowed: reads of its own staged
         // (not yet committed) data must go through it.
         let mut reply = None;
         if writable && !readable {
             let rw = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
-            let req = Request::Open { path: path.clone(), flags: rw, inline_max: 0, staged: true };
+            let req = Request::Open {
+                path: path.clone(),
+                flags: rw,
+                inline_max: 0,
+                staged: true,
+            };
             match self.rpc_on(generation, caller, req).await {
                 Err(FsError::Errno(libc::EACCES | libc::EPERM)) => {}
                 r => reply = Some(r?),
@@ -249,7 +273,12 @@ impl Core {
         let reply = match reply {
             Some(r) => r,
             None => {
-                let req = Request::Open { path, flags, inline_max, staged: writable };
+                let req = Request::Open {
+                    path,
+                    flags,
+                    inline_max,
+                    staged: writable,
+                };
                 self.rpc_on(generation, caller, req).await?
             }
         };
@@ -262,7 +291,9 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
             if let Some(data) = &data {
-                self.stats.bytes_read_from_server.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_read_from_server
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 let _ = cache.store(sino, attr.version, 0, data);
             }
         }
@@ -271,13 +302,21 @@ impl Core {
         }
         let keep = self.keep_cache(ino, attr.version, truncating);
         let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
-        Ok(OpenReply { fh, attr, keep_cache: keep })
+        Ok(OpenReply {
+            fh,
+            attr,
+            keep_cache: keep,
+        })
     }
 
     /// The live shared write handle of `ino`, if this client has one.
     fn shared_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
         let live = self.client.live_generation();
-        Ok(self.inodes()?.get(&ino).and_then(|s| s.writer).filter(|(_, g)| Some(*g) == live))
+        Ok(self
+            .inodes()?
+            .get(&ino)
+            .and_then(|s| s.writer)
+            .filter(|(_, g)| Some(*g) == live))
     }
 
     /// The handle reads of `f` go through: the inode's writer (it sees staged data) when
@@ -615,7 +654,10 @@ impl Core {
         let Some((handle, generation)) = self.inodes()?.get(&ino).and_then(|s| s.writer) else {
             return errno(libc::EIO);
         };
-        let attr = match self.rpc_on(generation, caller, Request::Commit { handle }).await {
+        let attr = match self
+            .rpc_on(generation, caller, Request::Commit { handle })
+            .await
+        {
             Ok(r) => Self::expect_attr(r)?,
             Err(e) => {
                 if let Some(cache) = &self.cache {
@@ -648,16 +690,39 @@ impl Core {
 
     /// Truncate (or extend) `ino` on the server right away, as truncate(2) does locally:
     /// pending writes are committed first, then the size is set on the real file.
-    pub(super) async fn truncate(&self, caller: Caller, ino: u64, fh: Option<u64>, size: u64) -> FsResult<Attr> {
+    pub(super) async fn truncate(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: Option<u64>,
+        size: u64,
+    ) -> FsResult<Attr> {
         self.commit(caller, ino).await?;
-        let set = SetAttr { size: Some(size), ..SetAttr::default() };
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
         let attr = match self.path(ino) {
-            Ok(path) => Self::expect_attr(self.rpc(caller, Request::SetAttr { path, handle: None, set }).await?)?,
+            Ok(path) => Self::expect_attr(
+                self.rpc(
+                    caller,
+                    Request::SetAttr {
+                        path,
+                        handle: None,
+                        set,
+                    },
+                )
+                .await?,
+            )?,
             Err(e) => {
                 // Unlinked but open: only a handle reaches it (the server stages this one).
                 let f = fh.and_then(|fh| self.open_file(fh).ok()).ok_or(e)?;
                 let (handle, generation) = self.io_handle(caller, &f).await?;
-                let req = Request::SetAttr { path: RelPath::root(), handle: Some(handle), set };
+                let req = Request::SetAttr {
+                    path: RelPath::root(),
+                    handle: Some(handle),
+                    set,
+                };
                 Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
             }
         };
@@ -700,16 +765,34 @@ impl Core {
         if f.writable
             && let Some((handle, generation)) = self.shared_writer(f.ino)?
         {
-            self.rpc_on(generation, caller, Request::Fsync { handle, datasync }).await?;
+            self.rpc_on(generation, caller, Request::Fsync { handle, datasync })
+                .await?;
         }
         Ok(())
     }
 
-    pub async fn fallocate(&self, caller: Caller, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+    pub async fn fallocate(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> FsResult<()> {
         let f = self.open_file(fh)?;
         self.commit(caller, f.ino).await?;
         let (handle, generation) = self.io_handle(caller, &f).await?;
-        self.rpc_on(generation, caller, Request::Fallocate { handle, offset, len, mode }).await?;
+        self.rpc_on(
+            generation,
+            caller,
+            Request::Fallocate {
+                handle,
+                offset,
+                len,
+                mode,
+            },
+        )
+        .await?;
         if let Some(cache) = &self.cache {
             cache.invalidate(f.sino);
         }
@@ -724,7 +807,11 @@ impl Core {
 
     pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        let result = if f.writable { self.commit(caller, f.ino).await } else { Ok(()) };
+        let result = if f.writable {
+            self.commit(caller, f.ino).await
+        } else {
+            Ok(())
+        };
         self.files.lock().map_err(|_| poisoned())?.remove(&fh);
         let own = f.handle();
         let mut to_release = Vec::new();
@@ -741,7 +828,10 @@ impl Core {
             to_release.push(h);
         }
         for (handle, generation) in to_release {
-            match self.rpc_on(generation, caller, Request::Release { handle }).await {
+            match self
+                .rpc_on(generation, caller, Request::Release { handle })
+                .await
+            {
                 // The connection that held the handle is gone, and the server dropped it.
                 Err(FsError::Transport(TransportError::StaleHandle)) | Ok(_) => {}
                 Err(e) => tracing::debug!("release: {e}"),

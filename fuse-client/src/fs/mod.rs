@@ -281,10 +281,24 @@ impl Core {
             };
             let a = match handle {
                 Some((handle, generation)) => {
-                    let req = Request::SetAttr { path, handle: Some(handle), set };
+                    let req = Request::SetAttr {
+                        path,
+                        handle: Some(handle),
+                        set,
+                    };
                     Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
                 }
-                None => Self::expect_attr(self.rpc(caller, Request::SetAttr { path, handle: None, set }).await?)?,
+                None => Self::expect_attr(
+                    self.rpc(
+                        caller,
+                        Request::SetAttr {
+                            path,
+                            handle: None,
+                            set,
+                        },
+                    )
+                    .await?,
+                )?,
             };
             if let Some(parent) = self.nodes()?.parent_of(ino) {
                 self.dir_changed(parent);
