@@ -450,16 +450,20 @@ impl Core {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
+        let version = f.state.lock().map_err(|_| poisoned())?.version;
+        if cache.missing(f.sino, version, offset, len).is_empty() {
+            return Ok(());
+        }
+        // (ensure_handle takes the fetch lock itself.)
+        let (handle, generation) = self.io_handle(caller, f).await?;
         let lock = self.fetch_lock(f.ino)?;
         let _guard = lock.lock().await;
+        // Decided under the lock: a fetch that just finished may have brought it all.
         let version = f.state.lock().map_err(|_| poisoned())?.version;
         let missing = cache.missing(f.sino, version, offset, len);
         if missing.is_empty() {
             return Ok(());
         }
-        drop(_guard);
-        let (handle, generation) = self.io_handle(caller, f).await?;
-        let _guard = lock.lock().await;
         let chunk = u64::from(self.max_io) / BLOCK * BLOCK;
         let mut pieces = Vec::new();
         for (start, l) in missing {
