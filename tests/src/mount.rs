@@ -23,7 +23,7 @@ use tempfile::TempDir;
 
 use crate::process::{run_timeout, tail, wait_timeout};
 use crate::server::TestServer;
-use crate::sys::{kill, pid_alive, umount_detach};
+use crate::sys::{kill, pid_running, umount_detach};
 use crate::wait::poll_until;
 
 /// How long `ferry mount` may take to return.
@@ -218,13 +218,16 @@ fn owner_pid(path: &Path) -> Option<i32> {
 }
 
 /// Once per process: unmount, kill and remove what earlier runs that died left behind
-/// (anything named `ferry-test-<pid>-` for a pid that is gone). Never touches what a live
-/// run (a concurrent `cargo test`) owns.
+/// (anything named `ferry-test-<pid>-` for a pid that is gone or a zombie). Never touches
+/// what a live run (a concurrent `cargo test`) owns. `FERRY_TEST_KEEP_STALE=1` skips it.
 pub fn cleanup_stale() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        if std::env::var_os("FERRY_TEST_KEEP_STALE").is_some_and(|v| v == "1") {
+            return;
+        }
         let me = std::process::id() as i32;
-        let stale = |p: &Path| owner_pid(p).is_some_and(|pid| pid != me && !pid_alive(pid));
+        let stale = |p: &Path| owner_pid(p).is_some_and(|pid| pid != me && !pid_running(pid));
         for m in mounts() {
             if stale(&m.mount_point) {
                 eprintln!("cleaning up stale mount {}", m.mount_point.display());

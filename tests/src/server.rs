@@ -8,6 +8,7 @@
 
 use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -170,6 +171,15 @@ fn spawn(export: &Path, listen: &str, args: &[String], log_path: &Path) -> (Chil
         .arg(export)
         .stdout(Stdio::piped())
         .stderr(log);
+    // If the test process dies without running its destructors (killed by a CI timeout),
+    // its servers go with it: a mount left behind then fails fast instead of serving.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let desc = crate::process::describe(&cmd);
     let mut child = cmd
         .spawn()

@@ -31,10 +31,18 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
-/// Whether a process with this pid exists (zombies included).
-pub fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
+/// Whether a process with this pid exists and is not a zombie. (A test binary killed
+/// while some of its threads are blocked in a FUSE call stays a zombie until they return:
+/// it is dead all the same, its cleanup will never run.)
+pub fn pid_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)`.
