@@ -15,9 +15,11 @@
 #   --no-install     never apt-get install missing tools (fail instead)
 #
 # Environment: FERRY_BIN_DIR (default <repo>/target/release),
-#              BENCH_TMPDIR (default /tmp), PHASE_TIMEOUT_S (default 1800),
+#              BENCH_TMPDIR (default /tmp), PHASE_TIMEOUT_S (default 1800,
+#              quick 300; a phase run longer than this is killed: FAIL),
 #              REP_BUDGET_S (default 60: after a run slower than this, that
-#              phase is not repeated for that system).
+#              phase is not repeated for that system), FERRY_LABEL (free text
+#              naming the ferry build, shown in the results).
 #
 # Needs root (drop_caches, FUSE, its own sshd). Only 127.0.0.1 traffic. All
 # mounts, daemons and temp files are removed on exit, Ctrl-C or failure.
@@ -74,7 +76,7 @@ MAX_FILE_KIB=16          # tree files are 0..16 KiB
 FILES_PER_DIR=10         # tree layout: dNN/sNN/fNNN, 10 files per leaf dir
 RAND_BS=4096
 RAND_SEED=42
-PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-1800}
+if [[ $QUICK == 1 ]]; then PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-300}; else PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-1800}; fi
 REP_BUDGET_S=${REP_BUDGET_S:-60}
 FERRY_BIN_DIR=${FERRY_BIN_DIR:-$REPO/target/release}
 FERRYD_BIN=$FERRY_BIN_DIR/ferryd
@@ -324,10 +326,25 @@ start_proxy() {  # target_port -> sets PROXY_PORT (not run in a subshell: keeps 
 FERRY_ADDR=""        # what ferry mount connects to
 FERRYD_ADDR=""
 
+FERRY_BUILT=""
+FERRY_MOUNT_OPTS=()
+FERRY_CACHE_DIR=""
 ferry_available() {
     if [[ ! -x "$FERRYD_BIN" || ! -x "$FERRY_BIN" ]]; then
         FERRY_SKIP_REASON="ferry binaries not found in $FERRY_BIN_DIR (run cargo build --release, or pass --build)"
         return 1
+    fi
+    # run private copies, so that a concurrent `cargo build` cannot swap them mid-run
+    FERRY_BUILT=$(date -u -r "$FERRY_BIN" '+%Y-%m-%d %H:%M UTC')
+    mkdir -p "$TMP/bin"
+    cp "$FERRYD_BIN" "$FERRY_BIN" "$TMP/bin/"
+    FERRYD_BIN=$TMP/bin/ferryd
+    FERRY_BIN=$TMP/bin/ferry
+    # ferry keeps file data in a disk cache (default ~/.cache/ferry): keep the
+    # benchmark's in its temp dir, so that runs are isolated and "cold" can empty it
+    if "$FERRY_BIN" mount --help 2>/dev/null | grep -q -- '--cache-dir'; then
+        FERRY_CACHE_DIR=$TMP/ferry-cache
+        FERRY_MOUNT_OPTS=(--cache-dir "$FERRY_CACHE_DIR")
     fi
     return 0
 }
@@ -367,7 +384,7 @@ mount_sys() {  # system
             # `ferry mount` should return once the mount is usable; if it stays in
             # the foreground instead, it is left running as the mount daemon.
             local pid i
-            "$FERRY_BIN" mount "$FERRY_ADDR" "$mp" >"$TMP/mount-ferry.out" 2>"$err" &
+            "$FERRY_BIN" mount "${FERRY_MOUNT_OPTS[@]}" "$FERRY_ADDR" "$mp" >"$TMP/mount-ferry.out" 2>"$err" &
             pid=$!
             for ((i = 0; i < 600; i++)); do
                 kill -0 "$pid" 2>/dev/null || break
@@ -420,10 +437,13 @@ mark_broken() {  # system reason
     log "SKIPPING $1 from now on: $2"
 }
 
-# cold = fresh mount (no client-side caches of any kind) + empty kernel caches
+# cold = fresh mount (no client-side caches of any kind: ferry's disk cache is
+# emptied too) + empty kernel caches
 make_cold() {  # system
     if [[ $1 != local ]]; then
-        remount "$1" || { mark_broken "$1" "remount failed"; return 1; }
+        unmount_sys "$1" || true
+        if [[ $1 == ferry && -n "$FERRY_CACHE_DIR" ]]; then rm -rf "$FERRY_CACHE_DIR"; fi
+        mount_sys "$1" || { mark_broken "$1" "remount failed"; return 1; }
     fi
     drop_caches
 }
@@ -498,13 +518,25 @@ wdir() { echo "${ROOT[$1]}/w/$1"; }
 
 phase_seqread() {
     local rep sys f
-    log "phase seqread (cold, warm)"
+    log "phase seqread (cold, after remount, warm)"
     for ((rep = 1; rep <= REPS; rep++)); do
         for sys in "${ACTIVE[@]}"; do
             want_run seqread_cold "$sys" "$rep" || continue
             f=${ROOT[$sys]}/data/big.bin
             make_cold "$sys" || continue
             timed seqread_cold "$sys" "$rep" -- dd if="$f" of=/dev/null bs=1M status=none || check_alive "$sys"
+        done
+    done
+    # fresh mount + dropped kernel caches, but client-side persistent caches kept
+    # (ferry's disk cache, filled by the cold reads above); local has no such state
+    for ((rep = 1; rep <= REPS; rep++)); do
+        for sys in "${ACTIVE[@]}"; do
+            [[ $sys != local ]] || continue
+            want_run seqread_remount "$sys" "$rep" || continue
+            f=${ROOT[$sys]}/data/big.bin
+            remount "$sys" || { mark_broken "$sys" "remount failed"; continue; }
+            drop_caches
+            timed seqread_remount "$sys" "$rep" -- dd if="$f" of=/dev/null bs=1M status=none || check_alive "$sys"
         done
     done
     for ((rep = 1; rep <= REPS; rep++)); do
@@ -648,8 +680,7 @@ phase_mem() {
         [[ $sys == local ]] && continue
         [[ -z "${BROKEN[$sys]:-}" ]] || continue
         mp=${MP[$sys]}
-        remount "$sys" || { mark_broken "$sys" "remount failed"; continue; }
-        drop_caches
+        make_cold "$sys" || continue
         mapfile -t pids < <(daemon_pids "$mp")
         if [[ ${#pids[@]} == 0 ]]; then
             echo "$sys,,,,,no process found with $mp in its command line" >>"$MEM_CSV"
@@ -769,7 +800,7 @@ TOTAL_S=$(secs_since "$START_NS")
 if [[ $QUICK == 1 ]]; then LABEL=quick; else LABEL=full; fi
 [[ -z "$DELAY_MS" ]] || LABEL=$LABEL-delay${DELAY_MS}ms
 META=$TMP/meta.tsv
-ferry_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+ferry_rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
 {
     printf 'title\tferry benchmark (%s)\n' "$LABEL"
     printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -793,13 +824,21 @@ ferry_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
         if [[ -n "$FERRY_SKIP_REASON" ]]; then
             printf 'ferry\tSKIPPED: %s\n' "$FERRY_SKIP_REASON"
         else
-            printf 'ferry\t%s mount %s MP; binaries %s (repo HEAD %s)\n' "$FERRY_BIN" "$FERRY_ADDR" "$FERRY_BIN_DIR" "$ferry_rev"
+            printf 'ferry\t%s mount %s %s MP (ferry defaults otherwise); binaries from %s built %s; %s\n' "$FERRY_BIN_DIR/ferry" \
+                "${FERRY_MOUNT_OPTS[*]/#$TMP/TMP}" "$FERRY_ADDR" "$FERRY_BIN_DIR" "$FERRY_BUILT" "${FERRY_LABEL:-repo HEAD at run time $ferry_rev}"
         fi
     fi
+    for f in "$TMP/ferryd.err" "$TMP/mount-ferry.err" "$TMP/umount-ferry.err"; do
+        n=$(grep -ciE 'warn|error|panic' "$f" 2>/dev/null || true)
+        if [[ ${n:-0} -gt 0 ]]; then
+            printf '%s\t%s warning/error lines, last: %s\n' "$(basename "$f")" "$n" \
+                "$(grep -iE 'warn|error|panic' "$f" | tail -n1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300)"
+        fi
+    done
     for sys in "${!BROKEN[@]}"; do printf 'problem\t%s stopped being measured: %s\n' "$sys" "${BROKEN[$sys]}"; done
     printf '_big_mib\t%s\n_tree_files\t%s\n_dir_entries\t%s\n_rand_reads\t%s\n_tree_mib\t%s\n' \
         "$BIG_MIB" "$TREE_FILES" "$DIR_ENTRIES" "$RAND_READS" "$TREE_MIB"
-    printf 'cold means\tlocal: sync + drop_caches; sshfs/ferry: fresh mount (unmount + mount) + sync + drop_caches\n'
+    printf 'cold means\tlocal: sync + drop_caches; sshfs/ferry: fresh mount (unmount + mount; ferry disk cache emptied) + sync + drop_caches. warm: same mount, read once before the timed runs\n'
     printf 'total benchmark time\t%s s\n' "$TOTAL_S"
 } >"$META"
 
@@ -810,4 +849,10 @@ cp "$MEM_CSV" "$HERE/results/$LABEL-mem.csv"
 for ext in md csv; do cp "$HERE/results/$LABEL.$ext" "$HERE/results/LATEST.$ext"; done
 cp "$RAW" "$HERE/results/LATEST-raw.csv"
 cp "$MEM_CSV" "$HERE/results/LATEST-mem.csv"
+for f in "$TMP/ferryd.err" "$TMP/mount-ferry.err" "$TMP/umount-ferry.err" "$TMP/mount-sshfs.err"; do
+    if grep -qiE 'warn|error|panic' "$f" 2>/dev/null; then
+        log "$(basename "$f"): last warning/error lines:"
+        grep -iE 'warn|error|panic' "$f" | tail -n 5 >&2
+    fi
+done
 log "wrote bench/results/LATEST.md (also $LABEL.md, .csv, -raw.csv, -mem.csv)"

@@ -25,6 +25,7 @@ def phases(meta):
     tar_mib = meta.get("_tree_mib", "?")
     return [
         ("seqread_cold", f"sequential read {big} MiB, cold (dd bs=1M)", big),
+        ("seqread_remount", f"sequential read {big} MiB after remount + drop_caches (client disk cache kept)", big),
         ("seqread_warm", f"sequential read {big} MiB, warm (dd bs=1M)", big),
         ("seqwrite", f"sequential write {big} MiB (dd bs=1M conv=fsync)", big),
         ("randread_cold", f"{nrand} random 4 KiB preads of the {big} MiB file, cold", None),
@@ -125,8 +126,8 @@ def main():
         mb = " / ".join("–" if mbps[s] is None else f"{mbps[s]:.0f}" for s in SYSTEMS) if mib else ""
         lines.append("| " + " | ".join([
             phase, desc, *cells,
-            "–" if r_sf is None else f"{r_sf:.2f}",
-            "–" if r_lf is None else f"{r_lf:.2f}",
+            "–" if r_sf is None else f"{r_sf:.3g}",
+            "–" if r_lf is None else f"{r_lf:.3g}",
             mb, " / ".join(runs)]) + " |")
         csv_rows.append([phase, desc] + ["" if m[s] is None else f"{m[s]:.4f}" for s in SYSTEMS]
                         + ["" if r_sf is None else f"{r_sf:.3f}", "" if r_lf is None else f"{r_lf:.3f}"]
