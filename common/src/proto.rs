@@ -350,6 +350,11 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
+    /// The client has applied everything up to `Event::Barrier { id }` (its caches and
+    /// its kernel's are invalidated). Replies `Ok`.
+    BarrierAck {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -384,6 +389,7 @@ impl Request {
             Request::ListXattr { .. } => "listxattr",
             Request::SetXattr { .. } => "setxattr",
             Request::RemoveXattr { .. } => "removexattr",
+            Request::BarrierAck { .. } => "barrier_ack",
         }
     }
 
@@ -487,4 +493,10 @@ pub enum Event {
     },
     /// Events may have been lost (queue overflow, a slow client): revalidate everything.
     Resync,
+    /// Another client committed new content of the file with these attributes (the
+    /// inode is `attr.ino`). Drop what is cached of it, then answer
+    /// `Request::BarrierAck { id }`: the committing client's `close()` returns only once
+    /// every other client has (or a short timeout passed), which is what makes
+    /// close-to-open hold without a round trip on open.
+    Barrier { id: u64, attr: Option<Attr> },
 }

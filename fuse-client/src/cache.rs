@@ -77,6 +77,8 @@ pub struct DataCache {
     cap: u64,
     // std Mutex: bookkeeping only; file I/O happens outside it where possible.
     inner: Mutex<Inner>,
+    /// Serializes metadata write-back (its temporary files share names).
+    persisting: Mutex<()>,
     pub stats: CacheStats,
 }
 
@@ -100,6 +102,7 @@ impl DataCache {
             dir: dir.to_path_buf(),
             cap: cap.max(BLOCK),
             inner: Mutex::new(Inner::default()),
+            persisting: Mutex::new(()),
             stats: CacheStats::default(),
         };
         cache.load()?;
@@ -540,6 +543,7 @@ impl DataCache {
 
     /// Write back metadata of changed entries (on close and at unmount).
     pub fn persist(&self) -> io::Result<()> {
+        let _one_at_a_time = self.persisting.lock().map_err(|_| lock_err())?;
         let dirty: Vec<(u64, Meta)> = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             inner

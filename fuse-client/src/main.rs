@@ -211,11 +211,21 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // A daemon reporting through its readiness pipe: the parent prints the reason.
+    let quiet = matches!(
+        args.cmd,
+        Cmd::Mount {
+            ready_pipe: true,
+            ..
+        }
+    );
     init_tracing();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            if !quiet {
+                eprintln!("ferry: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -109,7 +109,11 @@ pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result
                 .open(p)
                 .with_context(|| format!("cannot open log file {}", p.display()))?,
         ),
-        None => Stdio::null(),
+        // Keep complaints visible when stderr is a log file or pipe (scripts, tests); a
+        // terminal is left alone, as the daemon outlives the command.
+        // SAFETY: isatty only inspects the descriptor.
+        None if unsafe { libc::isatty(2) } == 1 => Stdio::null(),
+        None => Stdio::inherit(),
     };
     let mut child = Command::new(exe)
         .args(args)
@@ -227,6 +231,8 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let (inv_tx, inv_rx) = std::sync::mpsc::channel::<Invalidation>();
     core.set_invalidator(inv_tx);
     let notifier = session.notifier();
+    core.set_runtime(rt.handle().clone());
+    let acker = core.clone();
     std::thread::Builder::new()
         .name("ferry-inval".into())
         .spawn(move || {
@@ -238,6 +244,10 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
                     }
                     Invalidation::Inode { ino, data } => {
                         notifier.inval_inode(INodeNo(ino), if data { 0 } else { -1 }, 0)
+                    }
+                    Invalidation::Ack(id) => {
+                        acker.ack_barrier(id);
+                        Ok(())
                     }
                 };
             }

@@ -193,7 +193,7 @@ async fn serve_requests<T>(
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 16);
     // Subscribed before the first request runs: no event of a watch it adds is missed.
     let events = ctx.watch.as_ref().map(|w| w.subscribe());
-    let writer = tokio::spawn(write_loop(sink, rx, events));
+    let writer = tokio::spawn(write_loop(sink, rx, events, Arc::clone(&ctx)));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
 
     loop {
@@ -222,6 +222,23 @@ async fn serve_requests<T>(
             caller,
             request,
         } = frame;
+        if let Request::BarrierAck { id: barrier } = request {
+            if let Some(w) = &ctx.watch {
+                w.ack(barrier);
+            }
+            let out = Outgoing {
+                id,
+                frame: ServerFrame::Reply {
+                    id,
+                    result: Ok(ferry_common::Response::Ok),
+                },
+                _permit: None,
+            };
+            if tx.send(out).await.is_err() {
+                break;
+            }
+            continue;
+        }
         if let Request::Ping = request {
             // Answered ahead of slower work and without taking a permit.
             let out = Outgoing {
@@ -254,14 +271,22 @@ async fn serve_requests<T>(
                 let kind = request.kind();
                 let started = Instant::now();
                 let blocking_span = tracing::Span::current();
+                let ctx2 = Arc::clone(&ctx);
                 let result = tokio::task::spawn_blocking(move || {
-                    blocking_span.in_scope(|| ops::execute(&ctx, caller, request))
+                    blocking_span.in_scope(|| ops::execute(&ctx2, caller, request))
                 })
                 .await
                 .unwrap_or_else(|e| {
                     error!(kind, "request handler failed: {e}");
                     Err(libc::EIO)
                 });
+                // Close-to-open: other clients drop their copy before the committer's
+                // close() returns.
+                if kind == "commit"
+                    && let (Ok(ferry_common::Response::Attr(attr)), Some(w)) = (&result, &ctx.watch)
+                {
+                    w.barrier(*attr, &ctx.own_barriers).await;
+                }
                 match &result {
                     Ok(_) => trace!(id, kind, elapsed = ?started.elapsed(), "done"),
                     Err(errno) => debug!(id, kind, errno, elapsed = ?started.elapsed(), "failed"),
@@ -295,6 +320,7 @@ async fn write_loop<S>(
     mut sink: S,
     mut rx: mpsc::Receiver<Outgoing>,
     mut events: Option<broadcast::Receiver<Event>>,
+    ctx: Arc<Ctx>,
 ) -> io::Result<()>
 where
     S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
@@ -307,7 +333,11 @@ where
                 Some(out) => feed(&mut sink, out).await?,
                 None => break,
             },
-            ev = next_event(&mut events) => sink.feed(ServerFrame::Event(ev)).await?,
+            ev = next_event(&mut events) => {
+                if !is_own(&ctx, &ev) {
+                    sink.feed(ServerFrame::Event(ev)).await?;
+                }
+            }
         }
         // Write everything already queued before one flush: many small replies become
         // one segment instead of one system call each.
@@ -315,11 +345,25 @@ where
             feed(&mut sink, out).await?;
         }
         while let Some(ev) = try_next_event(&mut events) {
-            sink.feed(ServerFrame::Event(ev)).await?;
+            if !is_own(&ctx, &ev) {
+                sink.feed(ServerFrame::Event(ev)).await?;
+            }
         }
         sink.flush().await?;
     }
     sink.close().await
+}
+
+/// A barrier this connection started itself: its client made the change.
+fn is_own(ctx: &Ctx, ev: &Event) -> bool {
+    match ev {
+        Event::Barrier { id, .. } => ctx
+            .own_barriers
+            .lock()
+            .map(|own| own.contains(id))
+            .unwrap_or(false),
+        _ => false,
+    }
 }
 
 /// The next event for this connection; never completes without a subscription. A

@@ -27,6 +27,8 @@ pub enum Invalidation {
     Entry { parent: u64, name: Vec<u8> },
     /// Drop attributes, and with `data` the cached pages too.
     Inode { ino: u64, data: bool },
+    /// Everything queued before this is done: acknowledge server barrier `id`.
+    Ack(u64),
 }
 
 impl Core {
@@ -54,6 +56,61 @@ impl Core {
         match ev {
             Event::Resync => self.resync(),
             Event::Changed { parent, name, attr } => self.changed(&parent, name.as_ref(), attr),
+            Event::Barrier { id, attr } => {
+                if let Some(a) = attr {
+                    self.committed_elsewhere(a);
+                }
+                // Acknowledged once the kernel invalidations queued so far are done.
+                match self.invalidator.get() {
+                    Some(tx) => {
+                        let _ = tx.send(Invalidation::Ack(id));
+                    }
+                    None => self.ack_barrier(id),
+                }
+            }
+        }
+    }
+
+    /// Tell the server this client has applied everything up to barrier `id`.
+    pub fn ack_barrier(&self, id: u64) {
+        let client = self.client.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current()
+            .or_else(|_| self.runtime.get().cloned().ok_or(()))
+        else {
+            return;
+        };
+        rt.spawn(async move {
+            let _ = client
+                .call(
+                    ferry_common::proto::Caller::default(),
+                    ferry_common::proto::Request::BarrierAck { id },
+                )
+                .await;
+        });
+    }
+
+    /// Another client committed new content of a file: whatever we hold of it is old.
+    fn committed_elsewhere(&self, attr: Attr) {
+        let ino = match self.nodes.lock() {
+            Ok(n) => n.to_kernel(attr.ino),
+            Err(_) => return,
+        };
+        let known = match self.inodes.lock() {
+            Ok(mut inodes) => match inodes.get_mut(&ino) {
+                Some(st) if st.version != attr.version => {
+                    st.version = attr.version;
+                    st.kernel_version = None;
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        };
+        if known {
+            if let Some(parent) = self.nodes.lock().ok().and_then(|n| n.parent_of(ino)) {
+                self.forget_listing(parent);
+            }
+            self.invalidate(Invalidation::Inode { ino, data: true });
         }
     }
 

@@ -37,6 +37,15 @@ pub struct WriteTracker {
     budget: Arc<Semaphore>,
     /// Writes not yet committed on the server.
     dirty: AtomicBool,
+    /// Byte ranges of writes in flight. The server runs requests concurrently, so a
+    /// write waits until no in-flight write overlaps it: overlapping writes land in the
+    /// order they were made, disjoint ones (a sequential stream) stay pipelined.
+    ranges: Mutex<Vec<(u64, u64)>>,
+    range_done: Notify,
+    /// Writes hold it shared from before they are counted until the server answered;
+    /// a commit holds it exclusively, so no write can slip between "everything
+    /// acknowledged" and the Commit request (it would stay staged, uncommitted).
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Default for WriteTracker {
@@ -47,6 +56,9 @@ impl Default for WriteTracker {
             error: Mutex::new(None),
             budget: Arc::new(Semaphore::new(WRITE_WINDOW / 1024)),
             dirty: AtomicBool::new(false),
+            ranges: Mutex::new(Vec::new()),
+            range_done: Notify::new(),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         }
     }
 }
@@ -64,7 +76,39 @@ impl WriteTracker {
         }
     }
 
+    /// Wait until no write in flight overlaps `[start, end)`, then claim it.
+    async fn claim(&self, start: u64, end: u64) {
+        loop {
+            let notified = self.range_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let Ok(mut r) = self.ranges.lock() else {
+                    return;
+                };
+                if !r.iter().any(|&(s, e)| s < end && start < e) {
+                    r.push((start, end));
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn release_range(&self, start: u64, end: u64) {
+        if let Ok(mut r) = self.ranges.lock()
+            && let Some(i) = r.iter().position(|&x| x == (start, end))
+        {
+            r.swap_remove(i);
+        }
+        self.range_done.notify_waiters();
+    }
+
     fn fail(&self, e: i32) {
+        tracing::warn!(
+            "write failed on the server: {}",
+            crate::error::errno_text(e)
+        );
         if let Ok(mut slot) = self.error.lock() {
             slot.get_or_insert(e);
         }
@@ -157,6 +201,7 @@ impl Core {
         writable: bool,
         handle: Option<(u64, u64)>,
         attr: &Attr,
+        count_writer: bool,
     ) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = OpenFile {
@@ -176,7 +221,7 @@ impl Core {
             .lock()
             .map_err(|_| poisoned())?
             .insert(fh, Arc::new(file));
-        if writable {
+        if writable && count_writer {
             self.inodes()?.entry(ino).or_default().writers += 1;
         }
         Ok(fh)
@@ -213,7 +258,7 @@ impl Core {
         {
             let attr = lazy_attr(ino, version, size);
             let keep = self.keep_cache(ino, version, false);
-            let fh = self.register(ino, sino, false, None, &attr)?;
+            let fh = self.register(ino, sino, false, None, &attr, true)?;
             self.stats
                 .opens_without_round_trip
                 .fetch_add(1, Ordering::Relaxed);
@@ -225,25 +270,44 @@ impl Core {
         }
 
         // All writers of an inode on this client share one staged server handle, so their
-        // writes reach the server's staging file in the order they were made.
-        if writable && let Some((handle, generation)) = self.shared_writer(ino)? {
-            if truncating {
-                self.truncate(caller, ino, None, 0).await?;
+        // writes reach the server's staging file in the order they were made. Writable
+        // opens of one inode are serialized so two of them never open two handles.
+        let open_lock = if writable {
+            Some(self.fetch_lock(ino)?)
+        } else {
+            None
+        };
+        let _open_guard = match &open_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        if writable && let Some((handle, generation)) = self.claim_writer(ino)? {
+            let result = async {
+                if truncating {
+                    self.truncate(caller, ino, None, 0).await?;
+                }
+                let req = Request::GetAttr {
+                    path: RelPath::root(),
+                    handle: Some(handle),
+                };
+                let attr = self.note_attr(Self::expect_attr(
+                    self.rpc_on(generation, caller, req).await?,
+                )?);
+                let keep = self.keep_cache(ino, attr.version, truncating);
+                // The writer reference was taken by claim_writer.
+                let fh =
+                    self.register(ino, sino, true, Some((handle, generation)), &attr, false)?;
+                Ok(OpenReply {
+                    fh,
+                    attr,
+                    keep_cache: keep,
+                })
             }
-            let req = Request::GetAttr {
-                path: RelPath::root(),
-                handle: Some(handle),
-            };
-            let attr = self.note_attr(Self::expect_attr(
-                self.rpc_on(generation, caller, req).await?,
-            )?);
-            let keep = self.keep_cache(ino, attr.version, truncating);
-            let fh = self.register(ino, sino, true, Some((handle, generation)), &attr)?;
-            return Ok(OpenReply {
-                fh,
-                attr,
-                keep_cache: keep,
-            });
+            .await;
+            if result.is_err() {
+                self.unclaim_writer(ino)?;
+            }
+            return result;
         }
 
         let path = self.path(ino)?;
@@ -301,12 +365,34 @@ impl Core {
             self.inodes()?.entry(ino).or_default().writer = Some((handle, generation));
         }
         let keep = self.keep_cache(ino, attr.version, truncating);
-        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
+        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr, true)?;
         Ok(OpenReply {
             fh,
             attr,
             keep_cache: keep,
         })
+    }
+
+    /// Take a reference on the live shared write handle of `ino`, atomically with
+    /// finding it (a concurrent last `release` cannot close it under us).
+    fn claim_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
+        let live = self.client.live_generation();
+        let mut inodes = self.inodes()?;
+        let st = inodes.entry(ino).or_default();
+        match st.writer.filter(|(_, g)| Some(*g) == live) {
+            Some(w) => {
+                st.writers += 1;
+                Ok(Some(w))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn unclaim_writer(&self, ino: u64) -> FsResult<()> {
+        if let Some(st) = self.inodes()?.get_mut(&ino) {
+            st.writers = st.writers.saturating_sub(1);
+        }
+        Ok(())
     }
 
     /// The live shared write handle of `ino`, if this client has one.
@@ -358,7 +444,14 @@ impl Core {
         }
         self.inodes()?.entry(attr.ino).or_default().writer = Some((handle, generation));
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
-        let fh = self.register(attr.ino, sino, true, Some((handle, generation)), &attr)?;
+        let fh = self.register(
+            attr.ino,
+            sino,
+            true,
+            Some((handle, generation)),
+            &attr,
+            true,
+        )?;
         Ok(OpenReply {
             fh,
             attr,
@@ -528,6 +621,21 @@ impl Core {
         };
         for attempt in 0..2 {
             match cache.read(f.sino, version, offset, len) {
+                // A short answer before the end of the file would make the kernel zero
+                // the rest of its pages: never trust the cache for that.
+                Ok(Lookup::Hit(d))
+                    if (d.len() as u64) < len && offset + (d.len() as u64) < file_size =>
+                {
+                    tracing::warn!(
+                        offset,
+                        len,
+                        got = d.len(),
+                        file_size,
+                        cache_size = ?cache.size_of(f.sino),
+                        "short read from the cache before end of file; reading from the server"
+                    );
+                    break;
+                }
                 Ok(Lookup::Hit(d)) => {
                     self.stats
                         .bytes_served_from_cache
@@ -592,6 +700,9 @@ impl Core {
         }
         let len = data.len();
         let end = offset + len as u64;
+        // Taken before the cache sees the data: a commit must never adopt a cache that
+        // holds bytes the server has not been sent yet.
+        let gate = tracker.gate.clone().read_owned().await;
         if let Some(cache) = &self.cache
             && cache.wrote(f.sino, offset, &data).is_err()
         {
@@ -615,6 +726,7 @@ impl Core {
             .map_err(|_| poisoned())?;
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
         tracker.dirty.store(true, Ordering::SeqCst);
+        tracker.claim(offset, end.max(offset + 1)).await;
         let client = self.client.clone();
         let t = tracker.clone();
         tokio::spawn(async move {
@@ -629,7 +741,9 @@ impl Core {
                 Ok(Err(e)) => t.fail(e),
                 Err(e) => t.fail(FsError::Transport(e).errno()),
             }
+            t.release_range(offset, end.max(offset + 1));
             drop(permit);
+            drop(gate);
             if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
                 t.done.notify_waiters();
             }
@@ -641,6 +755,7 @@ impl Core {
     pub(super) async fn commit(&self, caller: Caller, ino: u64) -> FsResult<()> {
         let sino = self.server_ino(ino);
         let tracker = self.tracker(ino)?;
+        let _no_writes_meanwhile = tracker.gate.write().await;
         tracker.drain().await;
         if let Some(e) = tracker.take_error() {
             // The server never applies a failed handle's staged data: the old copy stands.
@@ -686,9 +801,10 @@ impl Core {
                 }
             }
         }
-        let attr = self.note_attr(attr);
-        // Our writes went through the kernel's pages: they hold this version now.
-        self.inodes()?.entry(ino).or_default().kernel_version = Some(attr.version);
+        self.note_attr(attr);
+        // Not kept: after a commit the next open reads through the data cache, which is
+        // exact by construction, rather than trusting pages the kernel filled during writes.
+        self.inodes()?.entry(ino).or_default().kernel_version = None;
         Ok(())
     }
 

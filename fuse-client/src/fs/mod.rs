@@ -83,6 +83,8 @@ pub struct Core {
     pub max_io: u32,
     pub cache: Option<Arc<DataCache>>,
     invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
+    /// The runtime, for work started from threads outside it (barrier acks).
+    runtime: OnceLock<tokio::runtime::Handle>,
     pub stats: Stats,
 }
 
@@ -116,8 +118,13 @@ impl Core {
             max_io: max_io.clamp(64 * 1024, MAX_IO),
             cache,
             invalidator: OnceLock::new(),
+            runtime: OnceLock::new(),
             stats: Stats::default(),
         })
+    }
+
+    pub fn set_runtime(&self, rt: tokio::runtime::Handle) {
+        let _ = self.runtime.set(rt);
     }
 
     /// How long the kernel may cache entries and attributes right now.

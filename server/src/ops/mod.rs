@@ -88,6 +88,8 @@ pub struct Ctx {
     /// Present when the client negotiated [`caps::EVENTS`]: directories it looks into
     /// are watched. Clients without it add no watches (nobody would hear of them).
     pub watch: Option<Arc<Watcher>>,
+    /// Barriers this connection started: its own writer does not send them back.
+    pub own_barriers: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Ctx {
@@ -98,6 +100,7 @@ impl Ctx {
             handles: Handles::default(),
             caller_creds,
             watch,
+            own_barriers: Default::default(),
         }
     }
 
@@ -191,6 +194,12 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             handle,
             max_entries,
         } => dir::readdir(ctx, handle, max_entries),
+        Request::BarrierAck { id } => {
+            if let Some(w) = &ctx.watch {
+                w.ack(id);
+            }
+            Ok(Response::Ok)
+        }
         Request::ReleaseDir { handle } => ctx.handles.remove_dir(handle).map(|()| Response::Ok),
         Request::GetXattr { path, name, size } => xattr::get(ctx, &path, &name, size),
         Request::ListXattr { path, size } => xattr::list(ctx, &path, size),

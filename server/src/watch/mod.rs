@@ -23,16 +23,18 @@
 //! This module must never add a watch by a network-supplied path (only through the
 //! magic link of a descriptor [`crate::export::Export`] resolved), never stat anything
 //! except through that module's resolution beneath the root, and never block a request
-//! on event delivery: a slow subscriber lags and gets [`Event::Resync`] instead.
+//! on event delivery: a slow subscriber lags and gets [`Event::Resync`] instead. The one
+//! deliberate wait is a commit's barrier ([`Watcher::barrier`]), bounded by a timeout.
 
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_common::{Attr, Event, Name, RelPath};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
@@ -78,7 +80,14 @@ pub struct Watcher {
     events: broadcast::Sender<Event>,
     /// The watch limit was hit and logged; log it once only.
     warned_limit: AtomicBool,
+    /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
+    barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
+    next_barrier: AtomicU64,
 }
+
+/// How long a commit waits for other clients to acknowledge its barrier. A client that
+/// does not answer in time (gone, stalled) only delays the committer by this much.
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Watcher {
     /// Create the inotify instance and start the reader task (which runs until the
@@ -93,6 +102,8 @@ impl Watcher {
             state: Mutex::new(State::default()),
             events,
             warned_limit: AtomicBool::new(false),
+            barriers: Mutex::new(HashMap::new()),
+            next_barrier: AtomicU64::new(1),
         });
         let reader = tokio::spawn(Arc::clone(&w).read_loop());
         Ok((w, reader))
@@ -100,6 +111,52 @@ impl Watcher {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Tell every other subscribed client that the file with `attr` has new content and
+    /// wait (at most [`BARRIER_TIMEOUT`]) until they have all dropped their cached copy.
+    /// `own` is the calling connection's set of barriers, which its writer skips.
+    pub async fn barrier(&self, attr: Attr, own: &std::sync::Mutex<HashSet<u64>>) {
+        // Every subscriber but the caller must answer.
+        let due = self.events.receiver_count().saturating_sub(1);
+        if due == 0 {
+            return;
+        }
+        let id = self.next_barrier.fetch_add(1, Ordering::Relaxed);
+        let wake = Arc::new(Notify::new());
+        self.barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (due, Arc::clone(&wake)));
+        own.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        let _ = self.events.send(Event::Barrier {
+            id,
+            attr: Some(attr),
+        });
+        if tokio::time::timeout(BARRIER_TIMEOUT, wake.notified())
+            .await
+            .is_err()
+        {
+            debug!(id, "barrier not acknowledged by every client in time");
+        }
+        self.barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        own.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// A client acknowledged barrier `id`.
+    pub fn ack(&self, id: u64) {
+        let mut barriers = self.barriers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((due, wake)) = barriers.get_mut(&id) {
+            *due = due.saturating_sub(1);
+            if *due == 0 {
+                // notify_one keeps the permit if the committer is not waiting yet.
+                wake.notify_one();
+                barriers.remove(&id);
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
