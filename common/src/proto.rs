@@ -152,7 +152,14 @@ pub struct Attr {
     /// Changes whenever content or metadata changes (derived from ctime, mtime and size):
     /// a cache holding data tagged with an older version must not serve it.
     pub version: u64,
+    /// Whether the file has extended attributes: [`XATTRS_UNKNOWN`], [`XATTRS_NONE`] or
+    /// [`XATTRS_SOME`]. Lets a client answer `ls -l`'s per-file xattr probes locally.
+    pub xattrs: u8,
 }
+
+pub const XATTRS_UNKNOWN: u8 = 0;
+pub const XATTRS_NONE: u8 = 1;
+pub const XATTRS_SOME: u8 = 2;
 
 /// Who asked: the uid/gid of the process on the client that made the call. A server
 /// running as root gives files it creates this owner (AUTH_SYS-style trust).

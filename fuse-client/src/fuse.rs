@@ -33,14 +33,19 @@ pub struct FerryFuse {
     core: Arc<Core>,
     rt: tokio::runtime::Handle,
     read_only: bool,
+    /// Forward extended attributes. Off: the first xattr call answers ENOSYS and the
+    /// kernel stops asking, which keeps `ls -l` (two xattr probes per file, never cached
+    /// by the kernel) from costing two trips through this daemon per entry.
+    xattrs: bool,
 }
 
 impl FerryFuse {
-    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, read_only: bool) -> Self {
+    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, read_only: bool, xattrs: bool) -> Self {
         FerryFuse {
             core,
             rt,
             read_only,
+            xattrs,
         }
     }
 }
@@ -614,6 +619,9 @@ impl Filesystem for FerryFuse {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(
             async move { reply_xattr(reply, core.xattr_get(c, ino.0, Some(&name), size).await) },
@@ -621,6 +629,9 @@ impl Filesystem for FerryFuse {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_xattr(reply, core.xattr_get(c, ino.0, None, size).await) });
     }
@@ -635,6 +646,9 @@ impl Filesystem for FerryFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         if let Err(e) = self.refuse_if_read_only() {
             return reply.error(e);
         }
@@ -649,6 +663,9 @@ impl Filesystem for FerryFuse {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         if let Err(e) = self.refuse_if_read_only() {
             return reply.error(e);
         }

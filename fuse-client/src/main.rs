@@ -49,6 +49,10 @@ enum Cmd {
         /// Do not cache file data on disk.
         #[arg(long)]
         no_cache: bool,
+        /// Forward extended attributes (getfattr/setfattr). Off by default: `ls -l` probes
+        /// two xattrs per file and the kernel never caches the answers.
+        #[arg(long)]
+        xattrs: bool,
         #[arg(long, hide = true)]
         ready_pipe: bool,
     },
@@ -111,6 +115,7 @@ fn run(args: Args) -> Result<()> {
             cache_dir,
             cache_size,
             no_cache,
+            xattrs,
             ready_pipe,
         } => {
             let cache_dir = if no_cache {
@@ -127,6 +132,7 @@ fn run(args: Args) -> Result<()> {
                 threads,
                 cache_dir: cache_dir.clone(),
                 cache_size,
+                xattrs,
             };
             if foreground {
                 mount_foreground(&opts, ready_pipe)
@@ -145,6 +151,9 @@ fn run(args: Args) -> Result<()> {
                 ]);
                 if allow_other {
                     child.push("--allow-other".into());
+                }
+                if xattrs {
+                    child.push("--xattrs".into());
                 }
                 match &cache_dir {
                     Some(d) => {

@@ -39,6 +39,8 @@ pub struct MountOpts {
     /// `None`: no data cache.
     pub cache_dir: Option<PathBuf>,
     pub cache_size: u64,
+    /// Forward extended attributes (see `FerryFuse`).
+    pub xattrs: bool,
 }
 
 /// Default cache location: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
@@ -204,7 +206,12 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     };
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
-    let fs = FerryFuse::new(core.clone(), rt.handle().clone(), welcome.read_only);
+    let fs = FerryFuse::new(
+        core.clone(),
+        rt.handle().clone(),
+        welcome.read_only,
+        opts.xattrs,
+    );
 
     let mut config = Config::default();
     config.mount_options = vec![

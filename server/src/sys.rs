@@ -525,3 +525,33 @@ pub fn encode_dev(dev: u64) -> u32 {
     let minor = libc::minor(dev);
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
+
+/// Whether `dir/name` has extended attributes, without following a final symlink:
+/// `ferry_common::XATTRS_NONE`/`XATTRS_SOME`, or `XATTRS_UNKNOWN` when it cannot tell.
+/// `name` is one validated component; the path goes through the dir's magic link.
+pub fn xattr_hint_at(dir: BorrowedFd<'_>, name: &CStr) -> u8 {
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    let Ok(path) = CString::new(path) else {
+        return ferry_common::XATTRS_UNKNOWN;
+    };
+    // SAFETY: valid NUL-terminated path; a NULL buffer of size 0 asks for the length.
+    let n = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    hint(n)
+}
+
+/// Like [`xattr_hint_at`] for an open descriptor.
+pub fn xattr_hint_fd(fd: BorrowedFd<'_>) -> u8 {
+    let path = proc_fd_path(fd);
+    // SAFETY: valid NUL-terminated path; size 0 asks for the length only.
+    let n = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    hint(n)
+}
+
+fn hint(n: isize) -> u8 {
+    match n {
+        0 => ferry_common::XATTRS_NONE,
+        n if n > 0 => ferry_common::XATTRS_SOME,
+        _ => ferry_common::XATTRS_UNKNOWN,
+    }
+}

@@ -163,6 +163,7 @@ impl Core {
                 {
                     st.version = a.version;
                     st.kernel_version = None;
+                    st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
                 }
                 self.invalidate(Invalidation::Inode { ino, data: true });
             }
@@ -208,6 +209,7 @@ impl Core {
             for st in inodes.values_mut() {
                 st.kernel_version = None;
                 st.version = 0;
+                st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
             }
         }
         self.invalidate(Invalidation::Inode {

@@ -987,5 +987,6 @@ fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
         rdev: 0,
         blksize: 0,
         version,
+        xattrs: ferry_common::proto::XATTRS_UNKNOWN,
     }
 }

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ferry_common::proto::{
-    Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs,
+    Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
+    XATTRS_UNKNOWN,
 };
 
 use crate::cache::DataCache;
@@ -56,6 +57,8 @@ struct InodeState {
     writes: Arc<files::WriteTracker>,
     /// Serializes fetches from the server for this inode (readahead and misses).
     fetch: Arc<tokio::sync::Mutex<()>>,
+    /// The server's hint whether the file has extended attributes (`XATTRS_*`).
+    xattrs: u8,
 }
 
 /// Counters shown by `ferry stats`.
@@ -152,6 +155,12 @@ impl Core {
         }
         if let Ok(mut inodes) = self.inodes.lock() {
             let st = inodes.entry(attr.ino).or_default();
+            if attr.xattrs != XATTRS_UNKNOWN {
+                st.xattrs = attr.xattrs;
+            } else if st.version != attr.version {
+                // Changed in some way we cannot see: xattrs may have changed too.
+                st.xattrs = XATTRS_UNKNOWN;
+            }
             st.version = attr.version;
             if let Some(size) = st.local_size {
                 attr.size = size;
@@ -476,6 +485,16 @@ impl Core {
     }
 
     /// `getxattr`/`listxattr`: the value (or list), or its length when `size == 0`.
+    /// Without a round trip: the file is known to have no extended attributes (and the
+    /// event stream would have told us otherwise). `ls -l` probes every file.
+    fn known_without_xattrs(&self, ino: u64) -> bool {
+        self.client.events_live()
+            && self
+                .inodes
+                .lock()
+                .is_ok_and(|i| i.get(&ino).is_some_and(|s| s.xattrs == XATTRS_NONE))
+    }
+
     pub async fn xattr_get(
         &self,
         caller: Caller,
@@ -483,6 +502,13 @@ impl Core {
         name: Option<&[u8]>,
         size: u32,
     ) -> FsResult<XattrReply> {
+        if self.known_without_xattrs(ino) {
+            return match name {
+                Some(_) => errno(libc::ENODATA),
+                None if size == 0 => Ok(XattrReply::Size(0)),
+                None => Ok(XattrReply::Data(Vec::new())),
+            };
+        }
         let path = self.path(ino)?;
         let req = match name {
             Some(n) => Request::GetXattr {
@@ -521,6 +547,9 @@ impl Core {
             },
         };
         self.rpc(caller, req).await?;
+        if let Ok(mut inodes) = self.inodes.lock() {
+            inodes.entry(ino).or_default().xattrs = XATTRS_UNKNOWN;
+        }
         Ok(())
     }
 

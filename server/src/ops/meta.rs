@@ -16,7 +16,9 @@ const NOFOLLOW: i32 = libc::AT_SYMLINK_NOFOLLOW;
 
 fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errno> {
     let st = sys::fstatat(dir, name, NOFOLLOW)?;
-    Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())))
+    let mut attr = attr_of(&st, ctx.export.root_dev());
+    attr.xattrs = sys::xattr_hint_at(dir, name);
+    Ok(Response::Attr(attr))
 }
 
 pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errno> {
@@ -27,21 +29,27 @@ pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errn
 
 /// With a handle the open descriptor is stat'ed, so this works after unlink.
 pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
-    let st = match handle {
-        Some(h) => super::handle_stat(&ctx.handles.get(h)?)?,
+    let (st, hint) = match handle {
+        Some(h) => (
+            super::handle_stat(&ctx.handles.get(h)?)?,
+            ferry_common::XATTRS_UNKNOWN,
+        ),
         None => {
             let fd = ctx.export.resolve(path, libc::O_PATH)?;
             let st = sys::fstat(fd.as_fd())?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && ctx.watch.is_some() {
+            let st = if st.st_mode & libc::S_IFMT == libc::S_IFDIR && ctx.watch.is_some() {
                 // Stat again once watched: a change between the two is then reported.
                 ctx.watch_dir(fd.as_fd(), path);
                 sys::fstat(fd.as_fd())?
             } else {
                 st
-            }
+            };
+            (st, sys::xattr_hint_fd(fd.as_fd()))
         }
     };
-    Ok(Response::Attr(attr_of(&st, ctx.export.root_dev())))
+    let mut attr = attr_of(&st, ctx.export.root_dev());
+    attr.xattrs = hint;
+    Ok(Response::Attr(attr))
 }
 
 /// Applied in the order chown, truncate, chmod, times: chown clears setuid/setgid bits, so

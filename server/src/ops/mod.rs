@@ -287,6 +287,7 @@ pub fn attr_of(st: &libc::stat, root_dev: u64) -> Attr {
         nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
         uid: st.st_uid,
         gid: st.st_gid,
+        xattrs: ferry_common::XATTRS_UNKNOWN,
         rdev: crate::sys::encode_dev(st.st_rdev),
         blksize: u32::try_from(st.st_blksize)
             .unwrap_or(u32::MAX)
