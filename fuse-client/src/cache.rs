@@ -456,8 +456,7 @@ impl DataCache {
     }
 
     /// This client wrote `data` at `offset`: keep the cached copy in step. Bytes land in
-    /// blocks already cached, or in blocks the write covers entirely (up to the new end of
-    /// file); a block only partly known is dropped rather than guessed.
+    /// blocks already cached; other blocks are left to be fetched when read (write-around).
     pub fn wrote(&self, ino: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -479,7 +478,10 @@ impl DataCache {
                 // this write or from a cached block; bytes past it are zeros or this write.
                 let covered = old_size <= bstart || (offset <= bstart && end >= old_size.min(bend));
                 let present = e.blocks.contains_key(&b);
-                if present || covered {
+                // Write-around: new data is not copied into the cache (that would write
+                // every byte twice on the client's disk); cached blocks are kept exact.
+                let _ = covered;
+                if present {
                     keep.push(b);
                 } else if let Some(t) = e.blocks.remove(&b) {
                     inner.lru.remove(&t);
@@ -677,22 +679,26 @@ mod tests {
     fn own_writes_keep_cache_exact() {
         let dir = tempfile::tempdir().unwrap();
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-        // New empty file, appended sequentially in odd-sized pieces.
-        c.validate(3, 1, 0);
-        let whole = data(3 * BLOCK as usize + 77, 9);
-        for piece in whole.chunks(50_000) {
-            let off = (piece.as_ptr() as usize - whole.as_ptr() as usize) as u64;
-            c.wrote(3, off, piece).unwrap();
-        }
-        c.adopt(3, 2, whole.len() as u64);
-        assert!(c.complete(3));
+        // A cached file overwritten in place (and extended inside its last block) stays
+        // exact: the written bytes land in the cached blocks.
+        let mut model = data(2 * BLOCK as usize + 100, 4);
+        c.validate(3, 1, model.len() as u64);
+        c.store(3, 1, 0, &model).unwrap();
+        let patch = data(70_000, 7);
+        c.wrote(3, 100_000, &patch).unwrap();
+        model[100_000..170_000].copy_from_slice(&patch);
+        c.wrote(3, model.len() as u64, b"tail").unwrap();
+        model.extend_from_slice(b"tail");
+        c.adopt(3, 2, model.len() as u64);
         assert_eq!(
-            c.read(3, 2, 0, whole.len() as u64).unwrap(),
-            Lookup::Hit(whole.clone())
+            c.read(3, 2, 0, model.len() as u64).unwrap(),
+            Lookup::Hit(model.clone())
         );
-        // A partial overwrite of an uncached block of an existing file drops that block.
-        c.validate(4, 1, 2 * BLOCK);
-        c.wrote(4, 10, b"xyz").unwrap();
-        assert!(matches!(c.read(4, 1, 0, 10).unwrap(), Lookup::Miss(_)));
+        // New data in blocks that were not cached is not copied in (write-around).
+        c.validate(4, 1, 0);
+        c.wrote(4, 0, &data(3 * BLOCK as usize, 9)).unwrap();
+        c.adopt(4, 2, 3 * BLOCK);
+        assert!(matches!(c.read(4, 2, 0, 10).unwrap(), Lookup::Miss(_)));
+        assert_eq!(c.used(), model.len() as u64);
     }
 }
