@@ -357,6 +357,12 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
+    /// `OpenDir` and the first `ReadDir` in one round trip: replies `Response::Listing`.
+    /// When the whole directory fits, the server keeps no handle (`handle == 0`).
+    ListDir {
+        path: RelPath,
+        max_entries: u32,
+    },
     /// The client has applied everything up to `Event::Barrier { id }` (its caches and
     /// its kernel's are invalidated). Replies `Ok`.
     BarrierAck {
@@ -397,6 +403,7 @@ impl Request {
             Request::SetXattr { .. } => "setxattr",
             Request::RemoveXattr { .. } => "removexattr",
             Request::BarrierAck { .. } => "barrier_ack",
+            Request::ListDir { .. } => "listdir",
         }
     }
 
@@ -472,6 +479,14 @@ pub enum Response {
     },
     /// Answer to a size query (`GetXattr`/`ListXattr` with `size == 0`).
     XattrSize(u32),
+    /// Answer to `ListDir`: the first entries; continue with `ReadDir { handle }` unless
+    /// `eof` (then `handle` is 0 and there is nothing to release).
+    Listing {
+        handle: u64,
+        attr: Attr,
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
 }
 
 /// A server-to-client message.

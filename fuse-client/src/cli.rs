@@ -150,20 +150,22 @@ pub async fn ls(client: &Arc<Client>, path: &str, out: &mut impl Write) -> Resul
         return Ok(());
     }
     let generation = client.connect().await?;
-    let handle = match client
-        .call_on(
-            Some(generation),
-            caller(),
-            Request::OpenDir { path: path.clone() },
-        )
-        .await?
-    {
-        Ok(Response::Opened { handle, .. }) => handle,
-        Ok(_) => bail!("unexpected reply from server"),
-        Err(e) => bail!("{path:?}: {}", errno_text(e)),
+    let req = Request::ListDir {
+        path: path.clone(),
+        max_entries: MAX_DIR_BATCH,
     };
-    let mut entries = Vec::new();
-    loop {
+    let (handle, mut entries, mut eof) =
+        match client.call_on(Some(generation), caller(), req).await? {
+            Ok(Response::Listing {
+                handle,
+                entries,
+                eof,
+                ..
+            }) => (handle, entries, eof),
+            Ok(_) => bail!("unexpected reply from server"),
+            Err(e) => bail!("{path:?}: {}", errno_text(e)),
+        };
+    while !eof {
         let req = Request::ReadDir {
             handle,
             max_entries: MAX_DIR_BATCH,
@@ -171,21 +173,20 @@ pub async fn ls(client: &Arc<Client>, path: &str, out: &mut impl Write) -> Resul
         match client.call_on(Some(generation), caller(), req).await? {
             Ok(Response::Dir {
                 entries: batch,
-                eof,
+                eof: done,
             }) => {
-                let empty = batch.is_empty();
+                eof = done || batch.is_empty();
                 entries.extend(batch);
-                if eof || empty {
-                    break;
-                }
             }
             Ok(_) => bail!("unexpected reply from server"),
             Err(e) => bail!("{path:?}: {}", errno_text(e)),
         }
     }
-    let _ = client
-        .call_on(Some(generation), caller(), Request::ReleaseDir { handle })
-        .await;
+    if handle != 0 {
+        let _ = client
+            .call_on(Some(generation), caller(), Request::ReleaseDir { handle })
+            .await;
+    }
     entries.sort_by(|a, b| a.name.0.cmp(&b.name.0));
     for e in entries {
         let suffix = if e.attr.kind == FileKind::Dir {

@@ -59,6 +59,7 @@ impl Core {
         } else {
             None
         };
+        let fetched_from_cache = cached.is_some();
         let stream = match cached {
             Some(entries) => {
                 self.stats
@@ -76,24 +77,39 @@ impl Core {
             None => {
                 let path = self.path(ino)?;
                 let generation = self.client.connect().await?;
-                let handle = match self
-                    .rpc_on(generation, caller, Request::OpenDir { path })
-                    .await?
-                {
-                    Response::Opened { handle, .. } => handle,
+                // Open and first batch in one round trip; small directories need no more.
+                let req = Request::ListDir {
+                    path,
+                    max_entries: MAX_DIR_BATCH,
+                };
+                let (handle, entries, eof) = match self.rpc_on(generation, caller, req).await? {
+                    Response::Listing {
+                        handle,
+                        entries,
+                        eof,
+                        ..
+                    } => (handle, entries, eof),
                     _ => return Err(TransportError::Protocol.into()),
                 };
+                let entries = Arc::new(entries);
+                if eof
+                    && self.client.events_live()
+                    && DIR_EPOCH.load(Ordering::SeqCst) == epoch
+                    && let Ok(mut c) = self.dir_cache.lock()
+                {
+                    c.insert(ino, entries.clone());
+                }
                 DirStream {
                     ino,
                     parent,
-                    handle: Some((handle, generation)),
-                    entries: Arc::new(Vec::new()),
-                    eof: false,
+                    handle: (!eof).then_some((handle, generation)),
+                    entries,
+                    eof,
                     epoch,
                 }
             }
         };
-        let from_cache = stream.handle.is_none();
+        let from_cache = fetched_from_cache;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs
             .lock()

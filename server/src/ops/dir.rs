@@ -37,6 +37,36 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     Ok(Response::Opened { handle, attr })
 }
 
+/// `OpenDir` plus the first `ReadDir` (one round trip for most directories). A
+/// directory read to the end in this batch leaves no handle behind.
+pub fn listdir(ctx: &Ctx, path: &RelPath, max_entries: u32) -> Result<Response, Errno> {
+    let (handle, attr) = match opendir(ctx, path)? {
+        Response::Opened { handle, attr } => (handle, attr),
+        _ => return Err(libc::EIO),
+    };
+    let batch = readdir(ctx, handle, max_entries);
+    let (entries, eof) = match batch {
+        Ok(Response::Dir { entries, eof }) => (entries, eof),
+        Ok(_) => (Vec::new(), false),
+        Err(e) => {
+            let _ = ctx.handles.remove_dir(handle);
+            return Err(e);
+        }
+    };
+    let handle = if eof {
+        let _ = ctx.handles.remove_dir(handle);
+        0
+    } else {
+        handle
+    };
+    Ok(Response::Listing {
+        handle,
+        attr,
+        entries,
+        eof,
+    })
+}
+
 /// The next entries in directory order ("." and ".." are never included). An entry
 /// that disappears between reading its name and stat'ing it is skipped, as if the
 /// unlink had happened first.

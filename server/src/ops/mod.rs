@@ -194,6 +194,7 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
             handle,
             max_entries,
         } => dir::readdir(ctx, handle, max_entries),
+        Request::ListDir { path, max_entries } => dir::listdir(ctx, &path, max_entries),
         Request::BarrierAck { id } => {
             if let Some(w) = &ctx.watch {
                 w.ack(id);
