@@ -291,6 +291,10 @@ async fn serve_requests<T>(
         tokio::spawn(
             async move {
                 let kind = request.kind();
+                // Opens that truncate change the file as visibly as a commit does.
+                let truncates = matches!(&request,
+                    Request::Open { flags, .. } | Request::Create { flags, .. }
+                        if flags & libc::O_TRUNC != 0);
                 let started = Instant::now();
                 let blocking_span = tracing::Span::current();
                 let ctx2 = Arc::clone(&ctx);
@@ -304,10 +308,20 @@ async fn serve_requests<T>(
                 });
                 // Close-to-open: other clients drop their copy before the committer's
                 // close() returns.
-                if kind == "commit"
-                    && let (Ok(ferry_common::Response::Attr(attr)), Some(w)) = (&result, &ctx.watch)
-                {
-                    w.barrier(*attr, &ctx.own_barriers).await;
+                let changed = match &result {
+                    Ok(ferry_common::Response::Attr(a))
+                        if kind == "commit" || kind == "setattr" =>
+                    {
+                        Some(*a)
+                    }
+                    Ok(
+                        ferry_common::Response::Opened { attr, .. }
+                        | ferry_common::Response::OpenedWithData { attr, .. },
+                    ) if truncates => Some(*attr),
+                    _ => None,
+                };
+                if let (Some(attr), Some(w)) = (changed, &ctx.watch) {
+                    w.barrier(attr, &ctx.own_barriers).await;
                 }
                 match &result {
                     Ok(_) => trace!(id, kind, elapsed = ?started.elapsed(), "done"),
@@ -392,7 +406,7 @@ fn runs_inline(r: &Request) -> bool {
             | Request::StatFs { .. }
             | Request::Release { .. }
             | Request::ReleaseDir { .. }
-    ) || matches!(r, Request::SetAttr { set, .. } if set.size.is_none())
+    )
 }
 
 /// A barrier this connection started itself: its client made the change.

@@ -44,6 +44,11 @@ impl Core {
         }
     }
 
+    /// Drop the kernel's cached attributes of `ino` (not its pages).
+    pub(super) fn invalidate_attrs(&self, ino: u64) {
+        self.invalidate(Invalidation::Inode { ino, data: false });
+    }
+
     fn forget_listing(&self, dir: u64) {
         DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.dir_cache.lock() {

@@ -290,7 +290,7 @@ impl Core {
                     path: RelPath::root(),
                     handle: Some(handle),
                 };
-                let attr = self.note_attr(Self::expect_attr(
+                let attr = self.note_attr_unseen(Self::expect_attr(
                     self.rpc_on(generation, caller, req).await?,
                 )?);
                 let keep = self.keep_cache(ino, attr.version, truncating);
@@ -351,7 +351,7 @@ impl Core {
             Response::OpenedWithData { handle, attr, data } => (handle, attr, Some(data)),
             _ => return Err(TransportError::Protocol.into()),
         };
-        let attr = self.note_attr(attr);
+        let attr = self.note_attr_unseen(attr);
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
             if let Some(data) = &data {
@@ -801,7 +801,7 @@ impl Core {
                 }
             }
         }
-        self.note_attr(attr);
+        self.note_attr_unseen(attr);
         // Not kept: after a commit the next open reads through the data cache, which is
         // exact by construction, rather than trusting pages the kernel filled during writes.
         self.inodes()?.entry(ino).or_default().kernel_version = None;

@@ -169,6 +169,27 @@ impl Core {
         attr
     }
 
+    /// Like [`Core::note_attr`] for attributes the kernel does not receive (open and
+    /// commit replies): if they show a change, the kernel's cached attributes are
+    /// dropped, since the event announcing that change will look like one it has seen.
+    fn note_attr_unseen(&self, attr: Attr) -> Attr {
+        let kernel_ino = self
+            .nodes
+            .lock()
+            .map(|n| n.to_kernel(attr.ino))
+            .unwrap_or(attr.ino);
+        let before = self
+            .inodes
+            .lock()
+            .ok()
+            .and_then(|i| i.get(&kernel_ino).map(|s| s.version));
+        let attr = self.note_attr(attr);
+        if before.is_some_and(|v| v != attr.version) {
+            self.invalidate_attrs(attr.ino);
+        }
+        attr
+    }
+
     pub fn path(&self, ino: u64) -> FsResult<RelPath> {
         self.nodes()?.path(ino)
     }
