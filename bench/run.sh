@@ -674,7 +674,7 @@ sum_field() {  # field pids...
 }
 
 phase_mem() {
-    local sys mp pids base hwm mx cur t0 cs sampler_out
+    local sys mp pids base hwm mx t0 cs sampler_out i
     log "phase mem (peak RSS of the mount daemon while copying ${BIG_MIB} MiB inside the mount)"
     for sys in "${ACTIVE[@]}"; do
         [[ $sys == local ]] && continue
