@@ -5,6 +5,7 @@
 //! - [`mount::TestMount`]: a `ferry mount` of a server on a fresh temp dir.
 //! - [`process`]: run a command with a timeout (killed when it runs over).
 //! - [`wait`]: poll a condition under a deadline; run a blocking call with a deadline.
+//! - [`stats`]: `ferry stats --json` of a mount, parsed.
 //! - [`sys`]: thin libc wrappers (renameat2, utimensat, …) and errno assertions.
 //! - [`tree`]: snapshot a directory tree and compare two of them.
 //! - [`wire`]: a raw protocol client over a plain `TcpStream`.
@@ -21,6 +22,7 @@ pub mod mount;
 pub mod process;
 pub mod rng;
 pub mod server;
+pub mod stats;
 pub mod sys;
 pub mod tree;
 pub mod wait;
@@ -32,6 +34,7 @@ pub use bins::{ferry, ferry_bin, ferryd, ferryd_bin};
 pub use mount::TestMount;
 pub use process::{Output, run, run_stdin, run_timeout, sh};
 pub use server::TestServer;
+pub use stats::Stats;
 pub use sys::{assert_errno, assert_errno_in, errno_name};
 pub use wait::{poll_until, wait_for, with_deadline};
 

@@ -270,6 +270,8 @@ pub struct TestMount {
     /// Dropping it stops the watchdog.
     watchdog: Option<mpsc::Sender<()>>,
     unmounted: bool,
+    /// `XDG_CACHE_HOME` of the mount's daemon: its data cache is `<this>/ferry/<export-id>/`.
+    cache_home: PathBuf,
     _work: TempDir,
     /// Taken in `drop`: removed only when nothing is mounted on it any more.
     mountpoint: Option<TempDir>,
@@ -296,13 +298,39 @@ impl TestMount {
     /// `ferry mount ARGS… REMOTE MOUNTPOINT` on a fresh mountpoint; `Err` describes why
     /// there is no usable mount (everything it may have left is cleaned up already).
     pub fn try_mount(remote: &str, args: &[&str]) -> Result<Self, String> {
-        let m = Self::guard(crate::temp_dir("mnt"));
+        Self::try_mount_in(remote, args, None)
+    }
+
+    /// `ferry mount ARGS… SERVER MOUNTPOINT` with `XDG_CACHE_HOME=cache_home`: a later
+    /// mount given the same dir finds the data cache this one leaves behind (the caller
+    /// owns the dir; it must outlive the mounts using it).
+    pub fn with_cache_home(server: &TestServer, args: &[&str], cache_home: &Path) -> Self {
+        match Self::try_mount_in(&server.remote(), args, Some(cache_home)) {
+            Ok(m) => m,
+            Err(e) => panic!(
+                "{e}\n--- ferryd stderr ---\n{}",
+                tail(server.log().as_bytes(), 8192)
+            ),
+        }
+    }
+
+    /// [`TestMount::try_mount`] with `XDG_CACHE_HOME` set to `cache_home`, or (`None`) to
+    /// a fresh dir of this mount's own.
+    pub fn try_mount_in(
+        remote: &str,
+        args: &[&str],
+        cache_home: Option<&Path>,
+    ) -> Result<Self, String> {
+        let mut m = Self::guard(crate::temp_dir("mnt"));
+        if let Some(home) = cache_home {
+            m.cache_home = home.to_path_buf();
+        }
         let mut cmd = crate::bins::ferry();
         cmd.arg("mount")
             .args(args)
             .arg(remote)
             .arg(&m.path)
-            .env("XDG_CACHE_HOME", m._work.path().join("cache"));
+            .env("XDG_CACHE_HOME", &m.cache_home);
         let desc = crate::process::describe(&cmd);
         let log = File::create(&m.log_path).expect("creating the mount log");
         // The daemon inherits these: its later complaints land in the same log.
@@ -344,6 +372,7 @@ impl TestMount {
             log_path: work.path().join("mount.log"),
             watchdog: None,
             unmounted: false,
+            cache_home: work.path().join("cache"),
             _work: work,
             mountpoint: Some(mountpoint),
         };
@@ -381,6 +410,17 @@ impl TestMount {
     pub fn log(&self) -> String {
         let bytes = std::fs::read(&self.log_path).unwrap_or_default();
         tail(&bytes, 16384)
+    }
+
+    /// The `XDG_CACHE_HOME` the mount's daemon was started with.
+    pub fn cache_home(&self) -> &Path {
+        &self.cache_home
+    }
+
+    /// `ferry stats MOUNTPOINT --json`, parsed; panics unless it succeeds.
+    #[track_caller]
+    pub fn stats(&self) -> crate::stats::Stats {
+        crate::stats::Stats::of(&self.path)
     }
 
     /// Pids of the `ferry` processes serving this mount.

@@ -1,6 +1,6 @@
 //! Thin wrappers over the libc calls std does not offer (renameat2, utimensat with
-//! nanoseconds, fallocate, mkfifo, statvfs, …), each returning `io::Result` so a test can
-//! assert on the errno, plus the errno assertions themselves.
+//! nanoseconds, fallocate, mkfifo, statvfs, a checked close, …), each returning
+//! `io::Result` so a test can assert on the errno, plus the errno assertions themselves.
 
 use std::ffi::CString;
 use std::fmt::Debug;
@@ -99,6 +99,27 @@ pub fn utimensat(path: &Path, atime: Time, mtime: Time, nofollow: bool) -> io::R
 pub fn fallocate(file: &File, mode: i32, offset: i64, len: i64) -> io::Result<()> {
     // SAFETY: the fd is open for the duration of the call.
     check(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) })
+}
+
+/// `close(2)` of `file`, with its result: dropping a `File` ignores a failed close, and
+/// on a network filesystem close is where a failed upload is reported.
+pub fn close(file: File) -> io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = file.into_raw_fd();
+    // SAFETY: we own `fd` (taken out of the File) and close it exactly once.
+    check(unsafe { libc::close(fd) })
+}
+
+/// `posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)`: drops the file's clean pages from the
+/// kernel's page cache, so the next read asks the filesystem again.
+pub fn fadvise_dontneed(file: &File) -> io::Result<()> {
+    // SAFETY: the fd is open for the duration of the call.
+    let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(ret))
+    }
 }
 
 /// `mkfifo(path, mode)`.

@@ -13,11 +13,14 @@
 //! - `escape`: symlinks and `..` cannot reach outside the export.
 //! - `read_only`: `ferryd --read-only`.
 //! - `server_killed`: a dead or frozen server makes operations fail, not hang.
-//! - `coherence`: changes behind a mount's back (server disk, another mount) show up.
+//! - `coherence`: changes behind a mount's back (server disk, another mount) show up;
+//!   close-to-open between mounts.
+//! - `cache`: the persistent data cache (cap, remount reuse, ranges) and `ferry stats`.
 //! - `cli`: `ferry ls/get/put/shell/mount/umount` and their errors.
 //! - `multi_user`: `--allow-other`, ownership and permission checks for another uid.
 
 mod basic;
+mod cache;
 mod cli;
 mod coherence;
 mod differential;

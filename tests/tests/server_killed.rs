@@ -3,12 +3,16 @@
 //! unmounted cleanly afterwards. When the server is back (SIGCONT, or restarted on the same
 //! address), the next operations reconnect (README: "The next operation reconnects").
 //!
+//! A write whose server dies before the close fails at the close and leaves the server's
+//! copy as it was (writes are staged until the close commits them).
+//!
 //! Each operation runs on its own thread with a deadline. The files and directories used
 //! are made on the export before mounting and never touched through the mount before the
 //! server goes away, so no cache can answer for the server.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -171,4 +175,165 @@ fn mount_reconnects_to_a_restarted_server() {
     fx.mount
         .unmount()
         .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}
+
+/// How a file is opened and changed before the server dies.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// `open(O_WRONLY)`, `pwrite` in the middle.
+    InPlace,
+    /// `open(O_WRONLY)`, `ftruncate(0)`, `write`.
+    Ftruncate,
+    /// `open(O_WRONLY|O_CREAT|O_TRUNC)`, `write`: how most programs rewrite a file.
+    OTrunc,
+    /// `open(O_WRONLY)`, 8 MiB `pwrite` over a 12 MiB file: writes still in flight
+    /// (written behind) when the server dies.
+    InFlight,
+}
+
+/// Files on the export (old content, cached by the mount first) are opened and changed
+/// through the mount, each its own way; the server dies before the closes. Each `close()`
+/// reports the failure, the export keeps the old content byte for byte (writes are
+/// staged until the close commits them) and gains no entry, the mount reads the old
+/// content once a restarted server is back, and it still unmounts.
+fn failed_upload_keeps_the_old_copy(changes: &[Change]) {
+    let mut rng = ferry_tests::rng::Rng::new(0xfa11);
+    let files: Vec<(String, Change, Vec<u8>)> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let len = match c {
+                Change::InFlight => 12 << 20,
+                _ => 200_000 + i * 50_000,
+            };
+            (format!("{c:?}"), c, rng.bytes(len))
+        })
+        .collect();
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "2"], |e| {
+        for (name, _, old) in &files {
+            fs::write(e.join(name), old).expect("write");
+        }
+    }) else {
+        return;
+    };
+    let mut open = Vec::new();
+    for (name, change, old) in &files {
+        let path = fx.mnt(name);
+        assert!(fs::read(&path).expect("read") == *old, "{name} before");
+        let mut f = match change {
+            Change::OTrunc => fs::File::create(&path),
+            _ => fs::OpenOptions::new().write(true).open(&path),
+        }
+        .unwrap_or_else(|e| panic!("{name}: open: {e}"));
+        match change {
+            Change::InPlace => f.write_all_at(&rng.bytes(64 * 1024), 1000),
+            Change::InFlight => f.write_all_at(&rng.bytes(8 << 20), 1 << 20),
+            Change::Ftruncate => f.set_len(0).and_then(|()| f.write_all(&rng.bytes(150_000))),
+            Change::OTrunc => f.write_all(&rng.bytes(150_000)),
+        }
+        .unwrap_or_else(|e| panic!("{name}: writing: {e}"));
+        open.push((name.clone(), f));
+    }
+    fx.server.kill();
+
+    for (name, f) in open {
+        let start = Instant::now();
+        match with_deadline(DEADLINE, move || ferry_tests::sys::close(f)) {
+            None => panic!("close of {name}: still blocked after {DEADLINE:?}"),
+            Some(Ok(())) => {
+                let old = &files.iter().find(|(n, _, _)| *n == name).expect("file").2;
+                let on_export = match fs::read(fx.exp(&name)) {
+                    Ok(d) if d == *old => "still the old content".to_string(),
+                    Ok(d) => format!("{} bytes of new content", d.len()),
+                    Err(e) => e.to_string(),
+                };
+                panic!(
+                    "close of {name} returned 0 although the server was dead (the export has \
+                     {on_export})\n--- mount log ---\n{}",
+                    fx.mount.log()
+                )
+            }
+            Some(Err(e)) => {
+                let errno = e.raw_os_error();
+                assert!(
+                    errno.is_some_and(|n| ACCEPTED.contains(&n)),
+                    "close of {name}: failed with {e}, expected EIO, ENOTCONN or ETIMEDOUT"
+                );
+                eprintln!("close of {name}: {e} after {:?}", start.elapsed());
+            }
+        }
+    }
+    let export = fx.server.export_path().to_path_buf();
+    let unchanged = |when: &str| {
+        for (name, _, old) in &files {
+            let now = fs::read(export.join(name)).expect("read the export");
+            assert!(
+                now == *old,
+                "{when}: {name} on the export has {} bytes{}, not its old {} bytes, although \
+                 its close failed",
+                now.len(),
+                if now.len() == old.len() {
+                    " of other content"
+                } else {
+                    ""
+                },
+                old.len()
+            );
+        }
+        let mut names: Vec<String> = fs::read_dir(&export)
+            .expect("list the export")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = files.iter().map(|(n, _, _)| n.clone()).collect();
+        want.sort();
+        assert_eq!(names, want, "{when}: the export's entries");
+    };
+    unchanged("server dead");
+
+    fx.server.restart();
+    for (name, _, old) in &files {
+        let path = fx.mnt(name);
+        let mut first = None;
+        let ok = ferry_tests::poll_until(DEADLINE, || {
+            let p = path.clone();
+            match with_deadline(DEADLINE, move || fs::read(p)) {
+                Some(Ok(d)) => {
+                    first = Some(d);
+                    true
+                }
+                _ => false,
+            }
+        });
+        assert!(ok, "reading {name} did not recover within {DEADLINE:?}");
+        let got = first.expect("a read");
+        assert!(
+            got == *old,
+            "{name} through the mount after the failed close: {} bytes, not the old {} \
+             (the failed writes are still visible)",
+            got.len(),
+            old.len()
+        );
+    }
+    unchanged("server restarted");
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the failed closes: {e}"));
+}
+
+#[test]
+fn a_failed_upload_with_writes_in_flight_fails_the_close() {
+    failed_upload_keeps_the_old_copy(&[Change::InFlight]);
+}
+
+#[test]
+#[ignore = "product bug: close() now and then returns 0 after a small write whose upload failed (about 1 run in 25 under load)"]
+fn a_failed_small_upload_fails_the_close_and_keeps_the_old_copy() {
+    failed_upload_keeps_the_old_copy(&[Change::InPlace]);
+}
+
+#[test]
+#[ignore = "not implemented: truncations (open(O_TRUNC), ftruncate) apply to the server file at once, as on a local disk; only writes are staged (ARCHITECTURE.md, POSIX gaps)"]
+fn a_failed_rewrite_after_a_truncation_keeps_the_old_copy() {
+    failed_upload_keeps_the_old_copy(&[Change::OTrunc, Change::Ftruncate]);
 }

@@ -288,13 +288,6 @@ fn assert_big_eq(label: &str, got: &[u8], want: &[u8]) {
         return;
     }
     let first = got.iter().zip(want).position(|(a, b)| a != b);
-    if let Some(i) = first {
-        let seg = &got[i..(i + 64).min(got.len())];
-        let zeros = seg.iter().all(|&b| b == 0);
-        let found = want.windows(seg.len()).position(|w| w == seg);
-        let last = got.iter().zip(want).rposition(|(a, b)| a != b);
-        eprintln!("DIAG first={i} last={last:?} zeros={zeros} found_at={found:?}");
-    }
     panic!(
         "{label}: {} bytes (fnv {:016x}) instead of {} (fnv {:016x}); first difference at {:?}",
         got.len(),

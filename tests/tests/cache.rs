@@ -1,0 +1,646 @@
+//! The client's persistent data cache (`$XDG_CACHE_HOME/ferry/<export-id>/`, 128 KiB
+//! blocks, validated by the server's change version, LRU under a hard cap) and what
+//! `ferry stats` says about it: the cap holds on disk and in the counters, a remount of
+//! an unchanged export transfers no file data, a small read of a large file fetches
+//! little, concurrent readers and writers on one mount never see bytes nobody wrote.
+//!
+//! Counters are read with the real `ferry stats --json` ([`ferry_tests::Stats`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use ferry_tests::rng::Rng;
+use ferry_tests::sys::{close, fadvise_dontneed};
+use ferry_tests::{
+    Stats, TestMount, TestServer, fixture_with, poll_until, require_fuse, run, temp_dir,
+};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+/// Deadline for a change on the export to show through a mount (promised: ~100 ms).
+const PUSHED: Duration = Duration::from_secs(5);
+/// What the cache may hold on disk beyond its cap: its metadata files.
+const DISK_SLACK: u64 = 256 * KIB as u64;
+
+/// Bytes allocated on disk (`st_blocks * 512`) by the regular files under `dir`; 0 when
+/// `dir` does not exist.
+fn allocated(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in entries.flatten() {
+        let Ok(md) = fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if md.is_dir() {
+            total += allocated(&e.path());
+        } else if md.is_file() {
+            total += md.blocks() * 512;
+        }
+    }
+    total
+}
+
+/// The data cache of `mount` (all exports: a test mount has one).
+fn cache_root(mount: &TestMount) -> std::path::PathBuf {
+    mount.cache_home().join("ferry")
+}
+
+#[track_caller]
+fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: got {} bytes, want {}; first difference at {:?}",
+            got.len(),
+            want.len(),
+            at.unwrap_or(got.len().min(want.len()))
+        );
+    }
+}
+
+/// `cache_bytes <= cache_cap == cap` in the counters, and the cache dir's allocation
+/// within the cap plus [`DISK_SLACK`].
+#[track_caller]
+fn assert_under_cap(mount: &TestMount, cap: u64, when: &str) -> Stats {
+    let st = mount.stats();
+    assert_eq!(st.get("cache_cap"), cap, "{when}: cache_cap\n{st}");
+    assert!(
+        st.get("cache_bytes") <= cap,
+        "{when}: cache_bytes {} over the cap {cap}\n{st}",
+        st.get("cache_bytes")
+    );
+    let disk = allocated(&cache_root(mount));
+    assert!(
+        disk <= cap + DISK_SLACK,
+        "{when}: the cache dir {} allocates {disk} bytes on disk, over the cap {cap} + {DISK_SLACK}",
+        cache_root(mount).display()
+    );
+    st
+}
+
+/// A 10 MiB file read (twice) through a mount with a 2 MiB cache: the content is right,
+/// and the cap holds in the counters and on disk while reading and after.
+#[test]
+fn the_cache_stays_under_its_cap_while_a_larger_file_is_read() {
+    let data = Rng::new(0xca9).bytes(10 * MIB);
+    let Some(fx) = fixture_with(&[], &["--cache-size", "2M"], |e| {
+        fs::write(e.join("big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    let cap = 2 * MIB as u64;
+    assert_under_cap(&fx.mount, cap, "before reading");
+    for pass in 0..2 {
+        let mut f = File::open(fx.mnt("big")).expect("open");
+        // The second pass must not be answered by the kernel's page cache alone.
+        fadvise_dontneed(&f).expect("fadvise");
+        let mut got = Vec::with_capacity(data.len());
+        let mut buf = vec![0; 256 * KIB];
+        let mut next_check = MIB;
+        loop {
+            let n = f.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() >= next_check {
+                assert_under_cap(&fx.mount, cap, &format!("pass {pass}, {} read", got.len()));
+                next_check += MIB;
+            }
+        }
+        assert_same_bytes(&got, &data, &format!("pass {pass}"));
+    }
+    let st = assert_under_cap(&fx.mount, cap, "after reading");
+    eprintln!(
+        "cache_bytes {}, cache_evicted_bytes {}, on disk {}",
+        st.get("cache_bytes"),
+        st.get("cache_evicted_bytes"),
+        allocated(&cache_root(&fx.mount))
+    );
+    assert!(
+        st.get("cache_bytes") > 0,
+        "a file was read but nothing is cached\n{st}"
+    );
+}
+
+/// Files read through one mount are read through the next mount of the same export (same
+/// cache dir) without transferring file data; a file changed on the export, while mounted
+/// or while nothing was mounted, is read anew.
+#[test]
+fn a_remount_reads_unchanged_files_from_the_cache() {
+    if !require_fuse() {
+        return;
+    }
+    let mut rng = Rng::new(0x4e_40);
+    let mut files: Vec<(&str, Vec<u8>)> = [
+        ("tiny", 10),
+        ("small", 5000),
+        ("mid", 200_000),
+        ("three", 3 * MIB + 123),
+        ("five", 5 * MIB),
+    ]
+    .into_iter()
+    .map(|(n, len)| (n, rng.bytes(len)))
+    .collect();
+    let server = TestServer::start();
+    for (name, data) in &files {
+        fs::write(server.export(name), data).expect("write");
+    }
+    let cache_home = temp_dir("cache");
+    let read_all = |mount: &TestMount, files: &[(&str, Vec<u8>)], what: &str| {
+        for (name, data) in files {
+            let got = fs::read(mount.join(name)).expect("read");
+            assert_same_bytes(&got, data, &format!("{what}: {name}"));
+        }
+    };
+
+    let mut first = TestMount::with_cache_home(&server, &[], cache_home.path());
+    read_all(&first, &files, "first mount");
+    first.unmount().expect("unmount the first mount");
+
+    let mut second = TestMount::with_cache_home(&server, &[], cache_home.path());
+    read_all(&second, &files, "remount");
+    let st = second.stats();
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(
+        st.get("bytes_read_from_server"),
+        0,
+        "the remount fetched file data for files it had cached\n{st}"
+    );
+    assert_eq!(
+        st.get_or_zero("requests.read"),
+        0,
+        "the remount sent reads for files it had cached\n{st}"
+    );
+    assert!(
+        st.get("bytes_served_from_cache") >= total as u64,
+        "the remount served less than the {total} bytes read from its cache\n{st}"
+    );
+
+    // Changed on the export while mounted: one 4 KiB page in the middle, same size.
+    let three = &mut files[3].1;
+    let patch = rng.bytes(4096);
+    three[MIB + 5..MIB + 5 + 4096].copy_from_slice(&patch);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(server.export("three"))
+        .expect("open on the export");
+    f.write_all_at(&patch, (MIB + 5) as u64).expect("pwrite");
+    drop(f);
+    let want = three.clone();
+    let mut last = 0;
+    let fresh = poll_until(PUSHED, || {
+        let got = fs::read(second.join("three")).expect("read");
+        last = got.len();
+        got == want
+    });
+    assert!(
+        fresh,
+        "a page changed on the export did not show within {PUSHED:?} (last read {last} bytes, stale)"
+    );
+    let st = second.stats();
+    assert!(
+        st.get("bytes_read_from_server") > 0 && st.get("requests.read") > 0,
+        "new content was read, yet no file data came from the server\n{st}"
+    );
+    second.unmount().expect("unmount the second mount");
+
+    // Changed on the export while nothing was mounted: same size, one byte.
+    let mid = &mut files[2].1;
+    mid[100_000] ^= 0xff;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(server.export("mid"))
+        .expect("open on the export");
+    f.write_all_at(&mid[100_000..100_001], 100_000)
+        .expect("pwrite");
+    drop(f);
+    let third = TestMount::with_cache_home(&server, &[], cache_home.path());
+    read_all(
+        &third,
+        &files,
+        "third mount, after a change while unmounted",
+    );
+    let st = third.stats();
+    let fetched = st.get("bytes_read_from_server");
+    assert!(
+        fetched >= files[2].1.len() as u64 && fetched < MIB as u64,
+        "the third mount should fetch the changed 200 kB file and nothing of the unchanged \
+         MiB-sized ones, fetched {fetched} bytes\n{st}"
+    );
+}
+
+/// A 4 KiB read at 40 MiB of a 64 MiB file transfers (and caches) well under 2 MiB.
+#[test]
+fn a_small_read_of_a_large_file_fetches_only_around_it() {
+    let marker = Rng::new(0x5a_a5).bytes(4096);
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        let f = File::create(e.join("sparse")).expect("create");
+        f.set_len(64 * MIB as u64).expect("set_len");
+        f.write_all_at(&marker, 40 * MIB as u64).expect("pwrite");
+    }) else {
+        return;
+    };
+    let f = File::open(fx.mnt("sparse")).expect("open");
+    let mut buf = vec![0; 4096];
+    f.read_exact_at(&mut buf, 40 * MIB as u64)
+        .expect("pread at 40 MiB");
+    assert_same_bytes(&buf, &marker, "4 KiB at 40 MiB");
+    let st = fx.mount.stats();
+    let limit = 2 * MIB as u64;
+    for key in ["bytes_read_from_server", "bytes_received", "cache_bytes"] {
+        assert!(
+            st.get(key) < limit,
+            "{key} = {} after one 4 KiB read (limit {limit})\n{st}",
+            st.get(key)
+        );
+    }
+    assert!(
+        st.get("bytes_read_from_server") >= 4096,
+        "the 4 KiB read did not come from the server\n{st}"
+    );
+    let disk = allocated(&cache_root(&fx.mount));
+    assert!(
+        disk < limit + DISK_SLACK,
+        "the cache allocates {disk} bytes on disk after one 4 KiB read"
+    );
+    // Another small read elsewhere (a hole): zeros, and again only a little transferred.
+    f.read_exact_at(&mut buf, 10 * MIB as u64 + 7)
+        .expect("pread at 10 MiB");
+    assert!(buf.iter().all(|&b| b == 0), "a hole read as non-zero");
+    let st = fx.mount.stats();
+    assert!(
+        st.get("bytes_read_from_server") < 2 * limit,
+        "two 4 KiB reads transferred {} bytes\n{st}",
+        st.get("bytes_read_from_server")
+    );
+}
+
+/// Regions of the file of [`concurrent_readers_and_writers_of_one_file`]: an odd length,
+/// so regions straddle pages and 128 KiB blocks.
+const REGIONS: usize = 16;
+const REGION_LEN: usize = 100_003;
+const WRITERS: usize = 4;
+const VERSIONS: u8 = 6;
+
+fn pos_hash(pos: usize) -> u32 {
+    ((pos as u32).wrapping_mul(0x9e37_79b1) >> 16) % 255
+}
+
+/// Byte `pos` of version `v` (0: the original): never 0, and different for every `v`.
+fn byte_of(pos: usize, v: u8) -> u8 {
+    (1 + (pos_hash(pos) + 41 * v as u32) % 255) as u8
+}
+
+/// The version byte `b` at `pos` belongs to, if any.
+fn version_of(pos: usize, b: u8) -> Option<u8> {
+    let d = (b as i64 - 1 - pos_hash(pos) as i64).rem_euclid(255);
+    (b != 0 && d % 41 == 0 && d / 41 <= VERSIONS as i64).then_some((d / 41) as u8)
+}
+
+fn region(r: usize, v: u8) -> Vec<u8> {
+    (r * REGION_LEN..(r + 1) * REGION_LEN)
+        .map(|p| byte_of(p, v))
+        .collect()
+}
+
+/// Writers (threads, each its own descriptor) rewrite disjoint regions of one file in
+/// versions while readers read it whole, over and over, on the same mount. Every byte a
+/// reader sees is one some writer wrote (or the original), never older than what that
+/// reader saw there before; at the end the mount and the export hold the last versions.
+#[test]
+fn concurrent_readers_and_writers_of_one_file() {
+    let size = REGIONS * REGION_LEN;
+    let original: Vec<u8> = (0..size).map(|p| byte_of(p, 0)).collect();
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::write(e.join("shared"), &original).expect("write");
+    }) else {
+        return;
+    };
+    let path = fx.mnt("shared");
+    let done = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(WRITERS + 3 + 1));
+    let readers: Vec<_> = (0..3)
+        .map(|id| {
+            let (path, done, start) = (path.clone(), done.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut seen = vec![0u8; size];
+                let mut passes = 0;
+                start.wait();
+                loop {
+                    let last = done.load(Ordering::SeqCst);
+                    let mut data = Vec::with_capacity(size);
+                    File::open(&path)
+                        .and_then(|mut f| f.read_to_end(&mut data))
+                        .unwrap_or_else(|e| panic!("reader {id}: {e}"));
+                    assert_eq!(data.len(), size, "reader {id}, pass {passes}: file size");
+                    for (pos, &b) in data.iter().enumerate() {
+                        let v = version_of(pos, b).unwrap_or_else(|| {
+                            panic!(
+                                "reader {id}, pass {passes}: byte {pos} (region {}) is {b:#04x}, \
+                                 which nobody wrote",
+                                pos / REGION_LEN
+                            )
+                        });
+                        assert!(
+                            v >= seen[pos],
+                            "reader {id}, pass {passes}: byte {pos} went back from version {} to {v}",
+                            seen[pos]
+                        );
+                        seen[pos] = v;
+                    }
+                    passes += 1;
+                    if last {
+                        return passes;
+                    }
+                }
+            })
+        })
+        .collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (path, start) = (path.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for v in 1..=VERSIONS {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .unwrap_or_else(|e| panic!("writer {w}, version {v}: open: {e}"));
+                    for r in (w..REGIONS).step_by(WRITERS) {
+                        f.write_all_at(&region(r, v), (r * REGION_LEN) as u64)
+                            .unwrap_or_else(|e| panic!("writer {w}, region {r}, v{v}: {e}"));
+                    }
+                    if v % 2 == 0 {
+                        f.sync_all()
+                            .unwrap_or_else(|e| panic!("writer {w}, v{v}: fsync: {e}"));
+                    }
+                    close(f).unwrap_or_else(|e| panic!("writer {w}, v{v}: close: {e}"));
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    for w in writers {
+        w.join().expect("a writer panicked");
+    }
+    done.store(true, Ordering::SeqCst);
+    let passes: Vec<usize> = readers
+        .into_iter()
+        .map(|r| r.join().expect("a reader panicked"))
+        .collect();
+    eprintln!("whole-file reads per reader while writing: {passes:?}");
+    let want: Vec<u8> = (0..REGIONS).flat_map(|r| region(r, VERSIONS)).collect();
+    let mount = fs::read(&path).expect("read");
+    let export = fs::read(fx.exp("shared")).expect("read the export");
+    let (m, e) = (stale_regions(&mount, &want), stale_regions(&export, &want));
+    if !m.is_empty() || !e.is_empty() {
+        // Where the stale bytes live: the kernel's page cache, or the daemon's.
+        let again = File::open(&path).and_then(|mut f| {
+            fadvise_dontneed(&f)?;
+            let mut d = Vec::new();
+            f.read_to_end(&mut d)?;
+            Ok(d)
+        });
+        let again = again.map(|d| stale_regions(&d, &want));
+        panic!(
+            "after all closes, regions not at the last version {VERSIONS}: on the mount {m:?}; \
+             on the export {e:?}; on the mount once the kernel dropped its pages: {again:?}"
+        );
+    }
+}
+
+/// `(region, versions found in it)` for each region of `got` that differs from `want`.
+fn stale_regions(got: &[u8], want: &[u8]) -> Vec<(usize, Vec<Option<u8>>)> {
+    if got.len() != want.len() {
+        return vec![(usize::MAX, vec![None])];
+    }
+    let mut out = Vec::new();
+    for r in 0..REGIONS {
+        let span = r * REGION_LEN..(r + 1) * REGION_LEN;
+        if got[span.clone()] != want[span.clone()] {
+            let mut versions: Vec<Option<u8>> = span.map(|p| version_of(p, got[p])).collect();
+            versions.sort();
+            versions.dedup();
+            out.push((r, versions));
+        }
+    }
+    out
+}
+
+/// `st_blksize` through the mount is at least 1 MiB (`cp` and friends size their buffers
+/// by it), for a file from the export, a file created through the mount, and `fstat`.
+#[test]
+fn blksize_is_at_least_one_mib() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::write(e.join("there"), b"data").expect("write");
+    }) else {
+        return;
+    };
+    let mut created = File::create(fx.mnt("created")).expect("create");
+    created.write_all(b"new").expect("write");
+    for (what, md) in [
+        (
+            "stat of a file on the export",
+            fs::metadata(fx.mnt("there")),
+        ),
+        ("stat of a created file", fs::metadata(fx.mnt("created"))),
+        ("fstat of an open file", created.metadata()),
+    ] {
+        let md = md.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            md.blksize() >= MIB as u64,
+            "{what}: st_blksize {} < 1 MiB",
+            md.blksize()
+        );
+    }
+    close(created).expect("close");
+}
+
+/// The counters `ferry stats --json` must offer, numbers all.
+const COUNTERS: [&str; 15] = [
+    "requests",
+    "bytes_received",
+    "bytes_read_from_server",
+    "bytes_served_from_cache",
+    "cache_bytes",
+    "cache_cap",
+    "cache_hit_bytes",
+    "cache_miss_bytes",
+    "cache_evicted_bytes",
+    "events_received",
+    "opens_without_round_trip",
+    "listings_from_cache",
+    "invalidations",
+    "resyncs",
+    "reconnects",
+];
+
+/// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the
+/// two, and counting what was done.
+#[test]
+fn stats_in_text_and_json() {
+    let data = Rng::new(0x57a7).bytes(2 * MIB + 1);
+    let Some(fx) = fixture_with(&[], &["--cache-size", "64M"], |e| {
+        fs::write(e.join("f"), &data).expect("write");
+    }) else {
+        return;
+    };
+    assert_same_bytes(&fs::read(fx.mnt("f")).expect("read"), &data, "read");
+    let mut st = fx.mount.stats();
+    for key in COUNTERS {
+        st.get(key);
+    }
+    assert!(
+        poll_until(PUSHED, || {
+            st = fx.mount.stats();
+            st.flag("events_live")
+        }),
+        "events_live stays false with the server up\n{st}"
+    );
+    assert_eq!(
+        st.get("cache_cap"),
+        64 * MIB as u64,
+        "--cache-size 64M\n{st}"
+    );
+    let requests = st.get("requests");
+    let mut kinds = 0;
+    for (k, v) in st.map() {
+        if k.starts_with("requests.") {
+            kinds += 1;
+            let n = v
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k} is not a u64\n{st}"));
+            assert!(n <= requests, "{k} = {n} > requests = {requests}\n{st}");
+        }
+    }
+    assert!(kinds > 0, "no requests.<kind> counter\n{st}");
+    assert!(
+        st.get("requests.read") > 0 && st.get("bytes_read_from_server") >= data.len() as u64,
+        "a 2 MiB file was read for the first time\n{st}"
+    );
+    assert!(st.get("bytes_received") >= st.get("bytes_read_from_server"));
+
+    let out = run(ferry_tests::ferry().arg("stats").arg(fx.mount.path()));
+    out.assert_success();
+    let text = out.stdout_str();
+    let mut seen = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace();
+        let (Some(key), Some(_)) = (words.next(), words.next()) else {
+            panic!("`ferry stats` line without a value: {line:?}\n{out}");
+        };
+        seen.push(key.to_string());
+    }
+    for key in COUNTERS.iter().chain(&["events_live"]) {
+        assert!(
+            seen.iter().any(|k| k == key),
+            "`ferry stats` text lacks {key}\n{out}"
+        );
+    }
+    let cap_line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cache_cap"))
+        .expect("cache_cap line");
+    assert_eq!(
+        cap_line.split_whitespace().nth(1),
+        Some((64 * MIB).to_string().as_str()),
+        "text and JSON disagree on cache_cap\n{out}"
+    );
+}
+
+/// `ferry stats` on something that is not a ferry mount fails with a message naming it.
+#[test]
+fn stats_of_a_non_ferry_directory_fails_clearly() {
+    let plain = temp_dir("plain");
+    let missing = plain.path().join("missing");
+    for dir in [plain.path(), Path::new("/proc"), missing.as_path()] {
+        let out = run(ferry_tests::ferry().arg("stats").arg(dir).arg("--json"));
+        out.assert_failure();
+        let err = out.stderr_str();
+        assert!(
+            err.contains(&*dir.to_string_lossy()),
+            "the message does not name {}\n{out}",
+            dir.display()
+        );
+        assert!(out.stdout.is_empty(), "output on stdout too\n{out}");
+        if dir != missing {
+            assert!(
+                err.contains("not a ferry mount"),
+                "the message does not say what is wrong\n{out}"
+            );
+        }
+    }
+}
+
+/// `--cache-dir DIR` puts the cache there (one folder per export), `--no-cache` writes
+/// nothing; both read correctly.
+#[test]
+fn cache_dir_and_no_cache_options() {
+    let data = Rng::new(0xd1e).bytes(MIB + 17);
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::write(e.join("f"), &data).expect("write");
+    }) else {
+        return;
+    };
+    let dir = temp_dir("cachedir");
+    let dir_arg = dir.path().to_string_lossy().into_owned();
+    let elsewhere = TestMount::with_args(
+        &fx.server,
+        &["--cache-dir", &dir_arg, "--cache-size", "512K"],
+    );
+    assert_same_bytes(
+        &fs::read(elsewhere.join("f")).expect("read"),
+        &data,
+        "--cache-dir",
+    );
+    let st = elsewhere.stats();
+    assert_eq!(
+        st.get("cache_cap"),
+        512 * KIB as u64,
+        "--cache-size 512K\n{st}"
+    );
+    let folders: Vec<_> = fs::read_dir(dir.path())
+        .expect("list the cache dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(
+        folders.len(),
+        1,
+        "one folder per export in --cache-dir: {folders:?}"
+    );
+    assert!(folders[0].is_dir(), "{folders:?}");
+    assert!(
+        allocated(dir.path()) > 0,
+        "nothing cached in --cache-dir\n{st}"
+    );
+    assert_eq!(
+        allocated(&cache_root(&elsewhere)),
+        0,
+        "--cache-dir given, yet the default cache dir got data"
+    );
+
+    let uncached = TestMount::with_args(&fx.server, &["--no-cache"]);
+    for _ in 0..2 {
+        assert_same_bytes(
+            &fs::read(uncached.join("f")).expect("read"),
+            &data,
+            "--no-cache",
+        );
+    }
+    assert_eq!(
+        allocated(uncached.cache_home()),
+        0,
+        "--no-cache, yet data landed in the cache home"
+    );
+    let st = uncached.stats();
+    assert_eq!(st.get_or_zero("cache_bytes"), 0, "--no-cache\n{st}");
+}
