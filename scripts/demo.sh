@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+bin=${CARGO_TARGET_DIR:-$root/target}/release
 state=/tmp/ferry-demo.pid
 
 if [ "${1:-}" = stop ]; then
     mp=${2:-/tmp/ferry-demo}
-    "$root/target/release/ferry" umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true
+    "$bin/ferry" umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true
     [ -f "$state" ] && kill "$(cat "$state")" 2>/dev/null || true
     rm -f "$state"
     echo "stopped"
@@ -25,10 +26,10 @@ fi
 cargo build --release --bins
 mkdir -p "$export_dir" "$mp"
 [ -e "$export_dir/hello.txt" ] || echo "hello from $(hostname) via ferryd" > "$export_dir/hello.txt"
-if mountpoint -q "$mp"; then "$root/target/release/ferry" umount "$mp" || umount -l "$mp"; fi
+if mountpoint -q "$mp"; then "$bin/ferry" umount "$mp" || umount -l "$mp"; fi
 
 log=/tmp/ferry-demo-server.log
-"$root/target/release/ferryd" --listen 127.0.0.1:0 "$export_dir" > /tmp/ferry-demo-server.out 2> "$log" &
+"$bin/ferryd" --listen 127.0.0.1:0 "$export_dir" > /tmp/ferry-demo-server.out 2> "$log" &
 echo $! > "$state"
 for _ in $(seq 100); do
     addr=$(awk '{print $NF}' /tmp/ferry-demo-server.out 2>/dev/null | head -1)
@@ -37,7 +38,7 @@ for _ in $(seq 100); do
 done
 [ -n "${addr:-}" ] || { echo "ferryd did not start; see $log"; exit 1; }
 echo "ferryd is serving $export_dir on $addr"
-"$root/target/release/ferry" mount "$addr" "$mp"
+"$bin/ferry" mount "$addr" "$mp"
 echo "mounted at $mp:"
 ls -l "$mp"
 echo "written through the mount at $(date)" > "$mp/from-the-mount.txt"
@@ -45,5 +46,5 @@ echo "the export now holds:"
 ls -l "$export_dir"
 echo
 echo "try: ls -l $mp; cp some-file $mp/; cat $mp/hello.txt"
-echo "     target/release/ferry ls $addr; target/release/ferry shell $addr"
+echo "     $bin/ferry ls $addr; $bin/ferry shell $addr"
 echo "stop: scripts/demo.sh stop $mp"
