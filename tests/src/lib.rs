@@ -3,6 +3,7 @@
 //!
 //! - [`server::TestServer`]: a `ferryd` on `127.0.0.1:0` exporting a fresh temp dir.
 //! - [`mount::TestMount`]: a `ferry mount` of a server on a fresh temp dir.
+//! - [`data`]: write-and-close with the close checked; content comparison.
 //! - [`process`]: run a command with a timeout (killed when it runs over).
 //! - [`wait`]: poll a condition under a deadline; run a blocking call with a deadline.
 //! - [`stats`]: `ferry stats --json` of a mount, parsed.
@@ -18,6 +19,7 @@
 //! sleeps to wait for something: waits poll a condition under a deadline.
 
 pub mod bins;
+pub mod data;
 pub mod mount;
 pub mod process;
 pub mod rng;
@@ -31,6 +33,7 @@ pub mod wire;
 use std::path::{Path, PathBuf};
 
 pub use bins::{ferry, ferry_bin, ferryd, ferryd_bin};
+pub use data::{assert_same_bytes, write_closed};
 pub use mount::TestMount;
 pub use process::{Output, run, run_stdin, run_timeout, sh};
 pub use server::TestServer;

@@ -337,8 +337,7 @@ impl TestMount {
         cmd.stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .process_group(0);
-        let child = cmd
-            .spawn()
+        let child = crate::process::spawn(&mut cmd)
             .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
         drop(cmd);
         match wait_timeout(child, MOUNT_TIMEOUT) {

@@ -2,14 +2,37 @@
 //! command that leaves a daemon behind (`ferry mount`) would otherwise keep the pipe open
 //! and a reader waiting for end-of-file would wait forever. We wait for the *process*.
 //! A command that runs over its timeout is killed with its whole process group.
+//!
+//! Every process the tests start is spawned through [`spawn`], under a lock that a test
+//! may hold exclusively ([`no_spawns`]): a forked child holds copies of all of this
+//! process's descriptors until its exec closes them, and on a FUSE mount each such close
+//! is a `FLUSH`, which ferry answers by committing the file's writes. A test that checks
+//! what its *own* close does (commit, or report a failure) keeps other tests' spawns out
+//! of the way while its files are open.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{PoisonError, RwLock, RwLockWriteGuard, mpsc};
 use std::time::{Duration, Instant};
+
+/// Held shared while spawning, exclusively by [`no_spawns`].
+static SPAWNING: RwLock<()> = RwLock::new(());
+
+/// `cmd.spawn()`, waiting while some test holds [`no_spawns`]. (`spawn` returns once the
+/// child has exec'd, so its copies of our descriptors are closed by then.)
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _shared = SPAWNING.read().unwrap_or_else(PoisonError::into_inner);
+    cmd.spawn()
+}
+
+/// No process is spawned through [`spawn`] (by any test of this binary) until the guard
+/// is dropped. Must not be held across a spawn of one's own: that would deadlock.
+pub fn no_spawns() -> RwLockWriteGuard<'static, ()> {
+    SPAWNING.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Timeout of [`run`] and [`run_stdin`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -167,9 +190,7 @@ pub fn run_timeout(
         })
         .process_group(0);
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
+    let mut child = spawn(cmd).unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
         let input = input.to_vec();
         // A writer thread: the child may not read all of it, or only after writing a lot.

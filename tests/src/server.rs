@@ -181,9 +181,8 @@ fn spawn(export: &Path, listen: &str, args: &[String], log_path: &Path) -> (Chil
         });
     }
     let desc = crate::process::describe(&cmd);
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
+    let mut child =
+        crate::process::spawn(&mut cmd).unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -432,7 +432,8 @@ fn foreground_mount_runs_until_unmounted() {
         .stdout(Stdio::null())
         .stderr(log_file)
         .process_group(0);
-    let mut child = KillOnDrop(cmd.spawn().expect("spawn ferry mount --foreground"));
+    let mut child =
+        KillOnDrop(ferry_tests::process::spawn(&mut cmd).expect("spawn ferry mount --foreground"));
     let show_log = || fs::read_to_string(log.path().join("fg.log")).unwrap_or_default();
     let mounted = poll_until(Duration::from_secs(20), || {
         guard.is_mounted() || child.0.try_wait().ok().flatten().is_some()
@@ -487,7 +488,8 @@ fn foreground_mount_unmounts_on_ctrl_c() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
-    let mut child = KillOnDrop(cmd.spawn().expect("spawn ferry mount --foreground"));
+    let mut child =
+        KillOnDrop(ferry_tests::process::spawn(&mut cmd).expect("spawn ferry mount --foreground"));
     wait_for(Duration::from_secs(20), "the foreground mount", || {
         guard.is_mounted()
     });

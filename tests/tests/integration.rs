@@ -13,15 +13,17 @@
 //! - `escape`: symlinks and `..` cannot reach outside the export.
 //! - `read_only`: `ferryd --read-only`.
 //! - `server_killed`: a dead or frozen server makes operations fail, not hang.
-//! - `coherence`: changes behind a mount's back (server disk, another mount) show up;
-//!   close-to-open between mounts.
-//! - `cache`: the persistent data cache (cap, remount reuse, ranges) and `ferry stats`.
+//! - `coherence`: changes behind a mount's back (server disk, another mount) show up.
+//! - `close_to_open`: a close on one mount, then an open on another sees the new content.
+//! - `cache`: the persistent data cache (cap, remount reuse, ranges, concurrent I/O).
+//! - `stats`: `ferry stats` in text and JSON.
 //! - `cli`: `ferry ls/get/put/shell/mount/umount` and their errors.
 //! - `multi_user`: `--allow-other`, ownership and permission checks for another uid.
 
 mod basic;
 mod cache;
 mod cli;
+mod close_to_open;
 mod coherence;
 mod differential;
 mod escape;
@@ -30,3 +32,4 @@ mod processes;
 mod protocol;
 mod read_only;
 mod server_killed;
+mod stats;

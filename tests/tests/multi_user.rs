@@ -14,10 +14,13 @@ use ferry_tests::{Output, fixture_with, run};
 const UID: u32 = 1234;
 
 fn have_setpriv() -> bool {
-    Command::new("setpriv")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    let mut cmd = Command::new("setpriv");
+    cmd.arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    ferry_tests::process::spawn(&mut cmd)
+        .and_then(|mut child| child.wait())
+        .is_ok_and(|s| s.success())
 }
 
 /// Runs `sh -c script` as uid/gid 1234 with no supplementary groups.

@@ -1,0 +1,130 @@
+//! `ferry stats MOUNTPOINT`, in text and `--json`: every counter the issue names is
+//! there, both forms agree, the counters count what was done; on anything but a ferry
+//! mount it fails with a message that says so.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::rng::Rng;
+use ferry_tests::{assert_same_bytes, fixture_with, poll_until, run, temp_dir};
+
+const MIB: usize = 1024 * 1024;
+/// How long the event stream may take to be reported live.
+const PUSHED: Duration = Duration::from_secs(5);
+
+/// The counters `ferry stats --json` must offer, numbers all.
+const COUNTERS: [&str; 15] = [
+    "requests",
+    "bytes_received",
+    "bytes_read_from_server",
+    "bytes_served_from_cache",
+    "cache_bytes",
+    "cache_cap",
+    "cache_hit_bytes",
+    "cache_miss_bytes",
+    "cache_evicted_bytes",
+    "events_received",
+    "opens_without_round_trip",
+    "listings_from_cache",
+    "invalidations",
+    "resyncs",
+    "reconnects",
+];
+
+/// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the
+/// two, and counting what was done.
+#[test]
+fn stats_in_text_and_json() {
+    let data = Rng::new(0x57a7).bytes(2 * MIB + 1);
+    let Some(fx) = fixture_with(&[], &["--cache-size", "64M"], |e| {
+        fs::write(e.join("f"), &data).expect("write");
+    }) else {
+        return;
+    };
+    assert_same_bytes(&fs::read(fx.mnt("f")).expect("read"), &data, "read");
+    let mut st = fx.mount.stats();
+    for key in COUNTERS {
+        st.get(key);
+    }
+    assert!(
+        poll_until(PUSHED, || {
+            st = fx.mount.stats();
+            st.flag("events_live")
+        }),
+        "events_live stays false with the server up\n{st}"
+    );
+    assert_eq!(
+        st.get("cache_cap"),
+        64 * MIB as u64,
+        "--cache-size 64M\n{st}"
+    );
+    let requests = st.get("requests");
+    let mut kinds = 0;
+    for (k, v) in st.map() {
+        if k.starts_with("requests.") {
+            kinds += 1;
+            let n = v
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k} is not a u64\n{st}"));
+            assert!(n <= requests, "{k} = {n} > requests = {requests}\n{st}");
+        }
+    }
+    assert!(kinds > 0, "no requests.<kind> counter\n{st}");
+    assert!(
+        st.get("requests.read") > 0 && st.get("bytes_read_from_server") >= data.len() as u64,
+        "a 2 MiB file was read for the first time\n{st}"
+    );
+    assert!(st.get("bytes_received") >= st.get("bytes_read_from_server"));
+
+    let out = run(ferry_tests::ferry().arg("stats").arg(fx.mount.path()));
+    out.assert_success();
+    let text = out.stdout_str();
+    let mut seen = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace();
+        let (Some(key), Some(_)) = (words.next(), words.next()) else {
+            panic!("`ferry stats` line without a value: {line:?}\n{out}");
+        };
+        seen.push(key.to_string());
+    }
+    for key in COUNTERS.iter().chain(&["events_live"]) {
+        assert!(
+            seen.iter().any(|k| k == key),
+            "`ferry stats` text lacks {key}\n{out}"
+        );
+    }
+    let cap_line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cache_cap"))
+        .expect("cache_cap line");
+    assert_eq!(
+        cap_line.split_whitespace().nth(1),
+        Some((64 * MIB).to_string().as_str()),
+        "text and JSON disagree on cache_cap\n{out}"
+    );
+}
+
+/// `ferry stats` on something that is not a ferry mount fails with a message naming it.
+#[test]
+fn stats_of_a_non_ferry_directory_fails_clearly() {
+    let plain = temp_dir("plain");
+    let missing = plain.path().join("missing");
+    for dir in [plain.path(), Path::new("/proc"), missing.as_path()] {
+        let out = run(ferry_tests::ferry().arg("stats").arg(dir).arg("--json"));
+        out.assert_failure();
+        let err = out.stderr_str();
+        assert!(
+            err.contains(&*dir.to_string_lossy()),
+            "the message does not name {}\n{out}",
+            dir.display()
+        );
+        assert!(out.stdout.is_empty(), "output on stdout too\n{out}");
+        if dir != missing {
+            assert!(
+                err.contains("not a ferry mount"),
+                "the message does not say what is wrong\n{out}"
+            );
+        }
+    }
+}
