@@ -227,6 +227,19 @@ impl Core {
         Ok(attr)
     }
 
+    /// Run a request that creates `parent/name` and hand the new entry to the kernel.
+    async fn new_entry(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        req: Request,
+    ) -> FsResult<Attr> {
+        let attr = Self::expect_attr(self.rpc(caller, req).await?)?;
+        self.dir_changed(parent);
+        self.entry(parent, name, attr)
+    }
+
     /// A change this client made in directory `dir`: its cached listing is stale.
     fn dir_changed(&self, dir: u64) {
         dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
@@ -385,9 +398,7 @@ impl Core {
             umask,
             rdev,
         };
-        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
-        self.dir_changed(parent);
-        self.entry(parent, name, a)
+        self.new_entry(caller, parent, name, req).await
     }
 
     pub async fn mkdir(
@@ -399,20 +410,13 @@ impl Core {
         umask: u32,
     ) -> FsResult<Attr> {
         let (p, n) = self.child(parent, name)?;
-        let a = Self::expect_attr(
-            self.rpc(
-                caller,
-                Request::MkDir {
-                    parent: p,
-                    name: n,
-                    mode,
-                    umask,
-                },
-            )
-            .await?,
-        )?;
-        self.dir_changed(parent);
-        self.entry(parent, name, a)
+        let req = Request::MkDir {
+            parent: p,
+            name: n,
+            mode,
+            umask,
+        };
+        self.new_entry(caller, parent, name, req).await
     }
 
     pub async fn symlink(
@@ -428,9 +432,7 @@ impl Core {
             name: n,
             target: target.to_vec(),
         };
-        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
-        self.dir_changed(parent);
-        self.entry(parent, name, a)
+        self.new_entry(caller, parent, name, req).await
     }
 
     pub async fn link(
@@ -447,9 +449,7 @@ impl Core {
             new_parent: np,
             new_name: nn,
         };
-        let a = Self::expect_attr(self.rpc(caller, req).await?)?;
-        self.dir_changed(new_parent);
-        self.entry(new_parent, new_name, a)
+        self.new_entry(caller, new_parent, new_name, req).await
     }
 
     pub async fn unlink(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
