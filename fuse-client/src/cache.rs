@@ -47,6 +47,12 @@ struct Entry {
     /// Present blocks and their LRU tick.
     blocks: HashMap<u64, u64>,
     meta_dirty: bool,
+    /// Changes whenever this client's writes touch the entry or it is re-based; a fill
+    /// stores its data only if the generation it started under is still current.
+    generation: u64,
+    /// This client wrote bytes the server has not committed yet: data fetched from the
+    /// server may lack them, so nothing fetched is stored until [`DataCache::adopt`].
+    dirty: bool,
 }
 
 impl Entry {
@@ -63,6 +69,14 @@ struct Inner {
     lru: BTreeMap<u64, (u64, u64)>,
     tick: u64,
     used: u64,
+    generations: u64,
+}
+
+impl Inner {
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
+    }
 }
 
 #[derive(Debug, Default)]
@@ -160,11 +174,14 @@ impl DataCache {
             let data_ok = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
             match (meta, data_ok) {
                 (Some(meta), Some(len)) if len >= meta.size.min(len) => {
+                    let generation = inner.next_generation();
                     let mut entry = Entry {
                         version: meta.version,
                         size: meta.size,
                         blocks: HashMap::new(),
                         meta_dirty: false,
+                        generation,
+                        dirty: false,
                     };
                     for b in meta.blocks {
                         if b * BLOCK >= meta.size && meta.size > 0 {
@@ -208,10 +225,13 @@ impl DataCache {
                 e.version = version;
                 e.size = size;
                 e.meta_dirty = true;
+                e.generation = inner.generations + 1;
+                inner.generations += 1;
                 drop_data(&self.data_path(ino));
                 false
             }
             None => {
+                let generation = inner.next_generation();
                 inner.files.insert(
                     ino,
                     Entry {
@@ -219,6 +239,8 @@ impl DataCache {
                         size,
                         blocks: HashMap::new(),
                         meta_dirty: true,
+                        generation,
+                        dirty: false,
                     },
                 );
                 false
@@ -247,7 +269,21 @@ impl DataCache {
             e.version = version;
             e.size = size;
             e.meta_dirty = true;
+            e.dirty = false;
+            e.generation = inner.generations + 1;
+            inner.generations += 1;
         }
+    }
+
+    /// What a fetch must hand to [`DataCache::store`]: `None` while this client has
+    /// uncommitted writes to `ino` (fetched data could lack them) or has no entry for it.
+    pub fn token(&self, ino: u64) -> Option<u64> {
+        let inner = self.inner.lock().ok()?;
+        inner
+            .files
+            .get(&ino)
+            .filter(|e| !e.dirty)
+            .map(|e| e.generation)
     }
 
     fn recount(files: &HashMap<u64, Entry>) -> u64 {
@@ -344,9 +380,18 @@ impl DataCache {
         Ok(Lookup::Hit(buf))
     }
 
-    /// Store data fetched from the server at `offset` (block-aligned) for `version`.
-    /// Only whole blocks (or the file's last, partial block) are recorded.
-    pub fn store(&self, ino: u64, version: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// Store data fetched from the server at `offset` (block-aligned) for `version`, by a
+    /// fetch that began when [`DataCache::token`] gave `token`. Only whole blocks (or the
+    /// file's last, partial block) are recorded, and nothing if this client wrote to the
+    /// file since the token was taken.
+    pub fn store(
+        &self,
+        ino: u64,
+        version: u64,
+        token: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
         if !offset.is_multiple_of(BLOCK) || data.is_empty() {
             return Ok(());
         }
@@ -356,7 +401,7 @@ impl DataCache {
         let size = {
             let inner = self.inner.lock().map_err(|_| lock_err())?;
             match inner.files.get(&ino) {
-                Some(e) if e.version == version => e.size,
+                Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
                 _ => return Ok(()),
             }
         };
@@ -394,9 +439,20 @@ impl DataCache {
         )?;
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
-        let Some(e) = inner.files.get_mut(&ino).filter(|e| e.version == version) else {
+        let Some(e) = inner.files.get_mut(&ino) else {
             return Ok(());
         };
+        if e.version != version || e.generation != token || e.dirty {
+            // A write (or a re-base) raced with this fill, and the bytes just written may
+            // have landed over newer ones: those blocks are not trusted any more.
+            for b in blocks {
+                if let Some(t) = e.blocks.remove(&b) {
+                    inner.lru.remove(&t);
+                    inner.used = inner.used.saturating_sub(e.block_len(b));
+                }
+            }
+            return Ok(());
+        }
         for b in blocks {
             inner.tick += 1;
             if let Some(old) = e.blocks.insert(b, inner.tick) {
@@ -462,69 +518,50 @@ impl DataCache {
             return Ok(());
         }
         let end = offset + data.len() as u64;
-        let (keep, size) = {
+        let keep = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let inner = &mut *inner;
-            let Some(e) = inner.files.get_mut(&ino) else {
-                return Ok(());
-            };
-            let old_size = e.size;
-            let new_size = old_size.max(end);
-            let mut keep = Vec::new();
-            for b in offset / BLOCK..end.div_ceil(BLOCK) {
-                let bstart = b * BLOCK;
-                let bend = ((b + 1) * BLOCK).min(new_size);
-                // Known after the write: bytes before the old end of file must come from
-                // this write or from a cached block; bytes past it are zeros or this write.
-                let covered = old_size <= bstart || (offset <= bstart && end >= old_size.min(bend));
-                let present = e.blocks.contains_key(&b);
-                // Write-around: new data is not copied into the cache (that would write
-                // every byte twice on the client's disk); cached blocks are kept exact.
-                let _ = covered;
-                if present {
-                    keep.push(b);
-                } else if let Some(t) = e.blocks.remove(&b) {
-                    inner.lru.remove(&t);
-                    inner.used = inner.used.saturating_sub(e.block_len(b));
-                }
-            }
-            // Lengths of blocks change with the size: recount the ones we keep afterwards.
-            for b in &keep {
-                if e.blocks.contains_key(b) {
-                    inner.used = inner.used.saturating_sub(e.block_len(*b));
-                }
-            }
-            e.size = new_size;
+            let generation = inner.next_generation();
+            let e = inner.files.entry(ino).or_insert_with(|| Entry {
+                // No version matches this one: nothing is served from it until a commit
+                // or an open re-bases it.
+                version: u64::MAX,
+                size: 0,
+                blocks: HashMap::new(),
+                meta_dirty: false,
+                generation,
+                dirty: true,
+            });
+            e.generation = generation;
+            e.dirty = true;
             e.meta_dirty = true;
-            (keep, new_size)
+            // Write-around: new data is not copied into the cache (that would write every
+            // byte twice on the client's disk); blocks already cached are patched so they
+            // stay exact. Growing the file lengthens its (formerly) last block.
+            if end > e.size {
+                let last = e.size / BLOCK;
+                let before = e.block_len(last);
+                e.size = end;
+                if e.blocks.contains_key(&last) {
+                    inner.used += e.block_len(last) - before;
+                }
+            }
+            (offset / BLOCK..end.div_ceil(BLOCK))
+                .filter(|b| e.blocks.contains_key(b))
+                .count()
         };
-        if keep.is_empty() {
+        if keep == 0 {
             return Ok(());
         }
-        let need: u64 = keep
-            .iter()
-            .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
-            .sum();
-        self.evict_to(need)?;
+        self.evict_to(0)?;
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(self.data_path(ino))?;
+        // A block evicted meanwhile just gets bytes nobody reads: presence is never
+        // restored here, only by a store.
         file.write_all_at(data, offset)?;
-        let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-        let inner = &mut *inner;
-        let Some(e) = inner.files.get_mut(&ino) else {
-            return Ok(());
-        };
-        for b in keep {
-            inner.tick += 1;
-            if let Some(old) = e.blocks.insert(b, inner.tick) {
-                inner.lru.remove(&old);
-            }
-            inner.used += e.block_len(b);
-            inner.lru.insert(inner.tick, (ino, b));
-        }
         Ok(())
     }
 
@@ -608,7 +645,7 @@ mod tests {
         assert!(!c.validate(7, 1, size));
         assert!(matches!(c.read(7, 1, 0, 10).unwrap(), Lookup::Miss(_)));
         let d = data(BLOCK as usize, 1);
-        c.store(7, 1, 3 * BLOCK, &d).unwrap();
+        c.store(7, 1, c.token(7).unwrap(), 3 * BLOCK, &d).unwrap();
         assert_eq!(c.used(), BLOCK);
         assert_eq!(
             c.read(7, 1, 3 * BLOCK + 5, 10).unwrap(),
@@ -620,7 +657,8 @@ mod tests {
         );
         // The last, partial block is cacheable.
         let tail = data(100, 2);
-        c.store(7, 1, 10 * BLOCK, &tail).unwrap();
+        c.store(7, 1, c.token(7).unwrap(), 10 * BLOCK, &tail)
+            .unwrap();
         assert_eq!(
             c.read(7, 1, 10 * BLOCK, 4096).unwrap(),
             Lookup::Hit(tail.clone())
@@ -629,7 +667,7 @@ mod tests {
         assert!(c.validate(7, 1, size));
         assert!(!c.validate(7, 2, size));
         assert_eq!(c.used(), 0);
-        c.store(7, 1, 0, &d).unwrap();
+        c.store(7, 1, c.token(7).unwrap(), 0, &d).unwrap();
         assert_eq!(c.used(), 0);
     }
 
@@ -640,7 +678,7 @@ mod tests {
         {
             let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
             c.validate(9, 5, 2 * BLOCK);
-            c.store(9, 5, 0, &d).unwrap();
+            c.store(9, 5, c.token(9).unwrap(), 0, &d).unwrap();
             c.persist().unwrap();
         }
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
@@ -656,8 +694,14 @@ mod tests {
         let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
         c.validate(1, 1, 100 * BLOCK);
         for i in 0..100 {
-            c.store(1, 1, i * BLOCK, &data(BLOCK as usize, i as u8))
-                .unwrap();
+            c.store(
+                1,
+                1,
+                c.token(1).unwrap(),
+                i * BLOCK,
+                &data(BLOCK as usize, i as u8),
+            )
+            .unwrap();
             assert!(c.used() <= 4 * BLOCK);
         }
         // The most recent blocks survive.
@@ -683,7 +727,7 @@ mod tests {
         // exact: the written bytes land in the cached blocks.
         let mut model = data(2 * BLOCK as usize + 100, 4);
         c.validate(3, 1, model.len() as u64);
-        c.store(3, 1, 0, &model).unwrap();
+        c.store(3, 1, c.token(3).unwrap(), 0, &model).unwrap();
         let patch = data(70_000, 7);
         c.wrote(3, 100_000, &patch).unwrap();
         model[100_000..170_000].copy_from_slice(&patch);
@@ -700,5 +744,47 @@ mod tests {
         c.adopt(4, 2, 3 * BLOCK);
         assert!(matches!(c.read(4, 2, 0, 10).unwrap(), Lookup::Miss(_)));
         assert_eq!(c.used(), model.len() as u64);
+    }
+
+    #[test]
+    fn fills_racing_own_writes_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        c.validate(5, 1, 4 * BLOCK);
+        // A fill started, then this client wrote into the block it fetches: the fetched
+        // bytes predate the write and are dropped.
+        let token = c.token(5).unwrap();
+        c.wrote(5, 10, b"new").unwrap();
+        c.store(5, 1, token, 0, &data(BLOCK as usize, 1)).unwrap();
+        assert!(matches!(c.read(5, 1, 0, 10).unwrap(), Lookup::Miss(_)));
+        // Until the writes are committed nothing fetched is stored at all.
+        assert_eq!(c.token(5), None);
+        c.adopt(5, 2, 4 * BLOCK);
+        let token = c.token(5).unwrap();
+        let fresh = data(BLOCK as usize, 2);
+        c.store(5, 2, token, 0, &fresh).unwrap();
+        assert_eq!(
+            c.read(5, 2, 0, 10).unwrap(),
+            Lookup::Hit(fresh[..10].to_vec())
+        );
+        // A patched cached block stays exact and counted once.
+        c.wrote(5, 0, b"abc").unwrap();
+        c.adopt(5, 3, 4 * BLOCK);
+        let mut want = fresh[..10].to_vec();
+        want[..3].copy_from_slice(b"abc");
+        assert_eq!(c.read(5, 3, 0, 10).unwrap(), Lookup::Hit(want));
+        assert_eq!(c.used(), BLOCK);
+    }
+
+    #[test]
+    fn writes_to_an_uncached_file_block_fills_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        c.wrote(6, 0, b"hello").unwrap();
+        // An open that re-bases the entry must not let committed-only bytes in.
+        c.validate(6, 1, 5);
+        assert_eq!(c.token(6), None);
+        c.adopt(6, 2, 5);
+        assert!(c.token(6).is_some());
     }
 }

@@ -358,7 +358,9 @@ impl Core {
                 self.stats
                     .bytes_read_from_server
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                let _ = cache.store(sino, attr.version, 0, data);
+                if let Some(token) = cache.token(sino) {
+                    let _ = cache.store(sino, attr.version, token, 0, data);
+                }
             }
         }
         if writable {
@@ -557,6 +559,11 @@ impl Core {
         if missing.is_empty() {
             return Ok(());
         }
+        // Uncommitted writes of ours: the server's bytes may lack them, the caller reads
+        // past the cache instead.
+        let Some(token) = cache.token(f.sino) else {
+            return Ok(());
+        };
         let chunk = u64::from(self.max_io) / BLOCK * BLOCK;
         let mut pieces = Vec::new();
         for (start, l) in missing {
@@ -584,7 +591,7 @@ impl Core {
                     self.stats
                         .bytes_read_from_server
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    let _ = cache.store(f.sino, version, off, &d);
+                    let _ = cache.store(f.sino, version, token, off, &d);
                 }
                 _ => return Err(TransportError::Protocol.into()),
             }
