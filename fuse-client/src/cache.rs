@@ -565,6 +565,35 @@ impl DataCache {
         Ok(())
     }
 
+    /// This client truncated `ino` to `size` in its staged (uncommitted) copy: nothing
+    /// cached stays, and nothing fetched is stored until the commit is adopted.
+    pub fn truncated(&self, ino: u64, size: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let inner = &mut *inner;
+        let generation = inner.next_generation();
+        let e = inner.files.entry(ino).or_insert_with(|| Entry {
+            version: u64::MAX,
+            size,
+            blocks: HashMap::new(),
+            meta_dirty: false,
+            generation,
+            dirty: true,
+        });
+        let mut freed = 0;
+        for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
+            inner.lru.remove(&t);
+            freed += e.block_len(b);
+        }
+        inner.used = inner.used.saturating_sub(freed);
+        e.size = size;
+        e.generation = generation;
+        e.dirty = true;
+        e.meta_dirty = true;
+        drop_data(&self.data_path(ino));
+    }
+
     /// Forget everything about `ino` (deleted, or changed in a way we cannot track).
     pub fn invalidate(&self, ino: u64) {
         if let Ok(mut inner) = self.inner.lock() {

@@ -336,7 +336,6 @@ fn a_failed_upload_fails_the_close_and_keeps_the_old_copy() {
 }
 
 #[test]
-#[ignore = "not implemented: truncations (open(O_TRUNC), ftruncate) apply to the server file at once, as on a local disk; only writes are staged (ARCHITECTURE.md, POSIX gaps)"]
 fn a_failed_rewrite_after_a_truncation_keeps_the_old_copy() {
     failed_upload_keeps_the_old_copy(&[Change::OTrunc, Change::Ftruncate]);
 }

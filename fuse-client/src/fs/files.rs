@@ -283,7 +283,7 @@ impl Core {
         };
         if writable && let Some((handle, generation)) = self.claim_writer(ino)? {
             let result = async {
-                if truncating {
+                if truncating && self.truncate_staged(caller, ino, 0).await?.is_none() {
                     self.truncate(caller, ino, None, 0).await?;
                 }
                 let req = Request::GetAttr {
@@ -365,6 +365,9 @@ impl Core {
         }
         if writable {
             self.inodes()?.entry(ino).or_default().writer = Some((handle, generation));
+            if truncating {
+                self.truncated_in_stage(ino, sino)?;
+            }
         }
         let keep = self.keep_cache(ino, attr.version, truncating);
         let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr, true)?;
@@ -445,6 +448,10 @@ impl Core {
             cache.validate(sino, attr.version, attr.size);
         }
         self.inodes()?.entry(attr.ino).or_default().writer = Some((handle, generation));
+        if flags & libc::O_TRUNC != 0 {
+            // The name may have been an existing file, truncated in the server's stage.
+            self.truncated_in_stage(attr.ino, sino)?;
+        }
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
         let fh = self.register(
             attr.ino,
@@ -815,8 +822,54 @@ impl Core {
         Ok(())
     }
 
-    /// Truncate (or extend) `ino` on the server right away, as truncate(2) does locally:
-    /// pending writes are committed first, then the size is set on the real file.
+    /// The server truncated `ino` to nothing in the stage of this client's write handle
+    /// (an `O_TRUNC` open): the next close must commit even if nothing is written.
+    fn truncated_in_stage(&self, ino: u64, sino: u64) -> FsResult<()> {
+        let tracker = self.tracker(ino)?;
+        tracker.dirty.store(true, Ordering::SeqCst);
+        self.inodes()?.entry(ino).or_default().local_size = Some(0);
+        if let Some(cache) = &self.cache {
+            cache.truncated(sino, 0);
+        }
+        Ok(())
+    }
+
+    /// ftruncate(2), or the `O_TRUNC` of an open that joins this client's write handle:
+    /// through that handle, so the server stages it like a write and the real file keeps
+    /// its content until the commit at close (a failure before it loses nothing).
+    /// `None` when this client has no write handle on `ino`.
+    async fn truncate_staged(&self, caller: Caller, ino: u64, size: u64) -> FsResult<Option<Attr>> {
+        let Some((handle, generation)) = self.shared_writer(ino)? else {
+            return Ok(None);
+        };
+        let tracker = self.tracker(ino)?;
+        // Like a write: a commit cannot run between the cache learning of it and the
+        // server having it, and earlier writes land first.
+        let _gate = tracker.gate.clone().read_owned().await;
+        tracker.drain().await;
+        if let Some(e) = tracker.peek_error() {
+            return errno(e);
+        }
+        tracker.dirty.store(true, Ordering::SeqCst);
+        if let Some(cache) = &self.cache {
+            cache.truncated(self.server_ino(ino), size);
+        }
+        self.inodes()?.entry(ino).or_default().local_size = Some(size);
+        let req = Request::SetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+            set: SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            },
+        };
+        let attr = Self::expect_attr(self.rpc_on(generation, caller, req).await?)?;
+        Ok(Some(attr))
+    }
+
+    /// Truncate (or extend) `ino`. Through an open descriptor (ftruncate) it is staged
+    /// with the writes; by path (truncate(2)) it applies on the server right away, as
+    /// locally: pending writes are committed first, then the size is set on the real file.
     pub(super) async fn truncate(
         &self,
         caller: Caller,
@@ -824,6 +877,11 @@ impl Core {
         fh: Option<u64>,
         size: u64,
     ) -> FsResult<Attr> {
+        if fh.is_some()
+            && let Some(attr) = self.truncate_staged(caller, ino, size).await?
+        {
+            return Ok(attr);
+        }
         self.commit(caller, ino).await?;
         let set = SetAttr {
             size: Some(size),

@@ -54,8 +54,12 @@ fn opened(
     writable: bool,
     staging: Option<Staging>,
 ) -> Result<Response, Errno> {
-    let st = sys::fstat(fd.as_fd())?;
-    check_openable(&st)?;
+    check_openable(&sys::fstat(fd.as_fd())?)?;
+    // As seen through the handle: a staged truncation shows.
+    let st = match &staging {
+        Some(s) => s.stat(fd.as_fd())?,
+        None => sys::fstat(fd.as_fd())?,
+    };
     let attr = attr_of(&st, ctx.export.root_dev());
     let file = OpenFile::new(fd, writable, staging);
     let handle = ctx.handles.insert(Handle::File(Arc::new(file)))?;
@@ -78,18 +82,32 @@ pub fn open(
         // Before the open whose fstat the client gets (see `Ctx::watch_dir`).
         ctx.watch_dir(probe.as_fd(), path);
     }
-    let fd = ctx.export.resolve(path, (flags & PASSED_FLAGS) | ALWAYS)?;
-    // A write-only descriptor cannot be read: such opens never carry data.
+    // O_SYNC/O_DSYNC (O_SYNC includes the O_DSYNC bit) promise every write is durable
+    // in the file when it returns, which staging cannot keep: such opens write directly.
+    let stage = staged && writable && flags & libc::O_DSYNC == 0;
+    let truncating = flags & libc::O_TRUNC != 0;
+    // A staged open truncates in its staging file, not the real one.
+    let passed = if stage {
+        flags & PASSED_FLAGS & !libc::O_TRUNC
+    } else {
+        flags & PASSED_FLAGS
+    };
+    let fd = ctx.export.resolve(path, passed | ALWAYS)?;
+    // A write-only descriptor cannot be read: such opens never carry data, nor do
+    // staged truncating ones (the real file still has the old content).
     let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
     let inline = match inline_max {
         0 => None,
-        _ if !readable => None,
+        _ if !readable || (stage && truncating) => None,
         max => read_inline(ctx, fd.as_fd(), max)?,
     };
-    // O_SYNC/O_DSYNC (O_SYNC includes the O_DSYNC bit) promise every write is durable
-    // in the file when it returns, which staging cannot keep: such opens write directly.
-    let staging = if staged && writable && flags & libc::O_DSYNC == 0 {
-        staging_for(ctx, path, fd.as_fd())?
+    let staging = if stage {
+        let staging = staging_for(ctx, path, fd.as_fd())?;
+        if truncating {
+            truncate_staged(fd.as_fd(), staging)?
+        } else {
+            staging
+        }
     } else {
         None
     };
@@ -115,6 +133,23 @@ fn staging_for(ctx: &Ctx, path: &RelPath, fd: BorrowedFd<'_>) -> Result<Option<S
     match ctx.export.entry_of(path) {
         Ok((dir, _)) => Staging::create(dir.as_fd()),
         Err(_) => Ok(None),
+    }
+}
+
+/// Apply an open's `O_TRUNC` to `staging`, or, where there is none (the file is empty
+/// or cannot be staged), to the real file at once.
+fn truncate_staged(fd: BorrowedFd<'_>, staging: Option<Staging>) -> Result<Option<Staging>, Errno> {
+    match staging {
+        Some(mut s) => {
+            s.truncate(fd, 0)?;
+            Ok(Some(s))
+        }
+        None => {
+            if sys::fstat(fd)?.st_mode & libc::S_IFMT == libc::S_IFREG {
+                sys::ftruncate(fd, 0)?;
+            }
+            Ok(None)
+        }
     }
 }
 
@@ -151,8 +186,9 @@ fn read_inline(ctx: &Ctx, fd: BorrowedFd<'_>, max: u32) -> Result<Option<(Attr, 
 
 /// Create-or-open. Without `O_EXCL` from the client an existing file is opened (and
 /// truncated with `O_TRUNC`), as `open(O_CREAT)` does; only a file this call actually
-/// created is given the caller's ownership. Never staged: the protocol has no flag for
-/// it, and a new file has no previous content to protect.
+/// created is given the caller's ownership. A new file is never staged (it has no
+/// previous content to protect); an existing one opened for writing is, like a staged
+/// `Open`, its truncation included, so the client must `Commit` such a handle.
 pub fn create(
     ctx: &Ctx,
     caller: Caller,
@@ -177,11 +213,30 @@ pub fn create(
                 give_to_caller(ctx, caller, dir, &fd, perm);
                 return opened(ctx, fd, writable, None);
             }
-            Err(libc::EEXIST) if !excl => match open_existing(dir, &name, base) {
-                Err(libc::ENOENT) => continue,
-                Ok(fd) => return opened(ctx, fd, writable, None),
-                Err(e) => return Err(e),
-            },
+            Err(libc::EEXIST) if !excl => {
+                let stage = writable && flags & libc::O_DSYNC == 0;
+                let passed = if stage { base & !libc::O_TRUNC } else { base };
+                let fd = match open_existing(dir, &name, passed) {
+                    Err(libc::ENOENT) => continue,
+                    r => r?,
+                };
+                let staging = if stage {
+                    let st = sys::fstat(fd.as_fd())?;
+                    let staging = if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 {
+                        Staging::create(dir)?
+                    } else {
+                        None
+                    };
+                    if flags & libc::O_TRUNC != 0 {
+                        truncate_staged(fd.as_fd(), staging)?
+                    } else {
+                        staging
+                    }
+                } else {
+                    None
+                };
+                return opened(ctx, fd, writable, staging);
+            }
             Err(e) => return Err(e),
         }
     }

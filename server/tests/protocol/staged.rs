@@ -136,7 +136,6 @@ async fn commit_stamps_the_time_of_the_last_write() {
 async fn empty_files_and_created_files_are_written_directly() {
     let server = Server::start().await;
     std::fs::write(server.root().join("empty"), b"").unwrap();
-    std::fs::write(server.root().join("trunc"), b"old content").unwrap();
     let mut c = server.client().await;
     let (h, _) = c.open_staged("empty", libc::O_RDWR).await.unwrap();
     c.write(h, 0, b"direct").await.unwrap();
@@ -144,13 +143,18 @@ async fn empty_files_and_created_files_are_written_directly() {
         std::fs::read(server.root().join("empty")).unwrap(),
         b"direct"
     );
-    // O_TRUNC empties the file before staging is considered.
-    let (h, _) = c
-        .open_staged("trunc", libc::O_WRONLY | libc::O_TRUNC)
+    // O_TRUNC of an empty file has nothing to protect either.
+    std::fs::write(server.root().join("empty"), b"").unwrap();
+    let (h, a) = c
+        .open_staged("empty", libc::O_WRONLY | libc::O_TRUNC)
         .await
         .unwrap();
-    c.write(h, 0, b"new").await.unwrap();
-    assert_eq!(std::fs::read(server.root().join("trunc")).unwrap(), b"new");
+    assert_eq!(a.size, 0);
+    c.write(h, 0, b"again").await.unwrap();
+    assert_eq!(
+        std::fs::read(server.root().join("empty")).unwrap(),
+        b"again"
+    );
     let (h, _) = c
         .create("", "made", 0o644, libc::O_RDWR | libc::O_EXCL)
         .await
@@ -245,4 +249,43 @@ async fn overlay_reads_match_a_model() {
     assert_eq!(c.read(h, 0, 20_000).await.unwrap(), model);
     assert_eq!(c.commit(h).await.unwrap().size, model.len() as u64);
     assert_eq!(std::fs::read(&f).unwrap(), model);
+}
+
+#[tokio::test]
+async fn truncating_opens_are_staged_until_commit() {
+    let server = Server::start().await;
+    let real = server.root().join("f");
+    std::fs::write(&real, b"old content").unwrap();
+    let mut c = server.client().await;
+    // open(O_TRUNC): the handle sees an empty file, the real one keeps its bytes.
+    let (h, a) = c
+        .open_staged("f", libc::O_RDWR | libc::O_TRUNC)
+        .await
+        .unwrap();
+    assert_eq!(a.size, 0);
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"");
+    c.write(h, 0, b"new").await.unwrap();
+    assert_eq!(c.read(h, 0, 100).await.unwrap(), b"new");
+    assert_eq!(std::fs::read(&real).unwrap(), b"old content");
+    // A connection lost now changes nothing.
+    drop(c);
+    let mut c = server.client().await;
+    assert_eq!(std::fs::read(&real).unwrap(), b"old content");
+    let (h, _) = c
+        .open_staged("f", libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    c.write(h, 0, b"new").await.unwrap();
+    assert_eq!(c.commit(h).await.unwrap().size, 3);
+    assert_eq!(std::fs::read(&real).unwrap(), b"new");
+    // Create of an existing file with O_TRUNC is staged the same way; a truncation with
+    // nothing written still needs the commit.
+    let (h, a) = c
+        .create("", "f", 0o644, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    assert_eq!(a.size, 0);
+    assert_eq!(std::fs::read(&real).unwrap(), b"new");
+    assert_eq!(c.commit(h).await.unwrap().size, 0);
+    assert_eq!(std::fs::read(&real).unwrap(), b"");
 }

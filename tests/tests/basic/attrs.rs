@@ -119,9 +119,14 @@ fn truncate_grows_and_shrinks() {
         .open(&p)
         .expect("open");
     f.set_len(3 << 20).expect("ftruncate grow");
-    assert_eq!(fs::metadata(fx.exp("f")).expect("export").len(), 3 << 20);
     assert_eq!(f.metadata().expect("fstat").len(), 3 << 20);
+    // Staged like a write: the export changes at fsync (or close), not before.
+    assert_eq!(fs::metadata(fx.exp("f")).expect("export").len(), 8);
+    f.sync_all().expect("fsync");
+    assert_eq!(fs::metadata(fx.exp("f")).expect("export").len(), 3 << 20);
     f.set_len(2).expect("ftruncate shrink");
+    assert_eq!(f.metadata().expect("fstat").len(), 2);
+    assert_eq!(fs::metadata(&p).expect("stat").len(), 2);
     f.write_all(b"!").expect("write at the handle's offset (0)");
     drop(f);
     assert_eq!(fs::read(fx.exp("f")).expect("export"), b"!1");

@@ -290,6 +290,7 @@ fn renames_keep_open_files_and_children_reachable() {
     open.write_all_at(b"CH", 0)
         .expect("write through the handle after the rename");
     open.set_len(3).expect("ftruncate after the rename");
+    open.sync_all().expect("fsync after the rename");
     assert_eq!(fs::read(fx.exp("moved/sub/f")).expect("export"), b"CHi");
     fs::rename(fx.mnt("moved/sub/f"), fx.mnt("moved/g")).expect("rename file");
     open.write_all_at(b"!", 3)
