@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"FERRY\r\n\x1a";
 
 /// Bumped on any incompatible change of the messages in this module.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default TCP port of `ferryd`.
 pub const DEFAULT_PORT: u16 = 7420;
@@ -487,6 +487,24 @@ pub enum Response {
         entries: Vec<DirEntry>,
         eof: bool,
     },
+    /// The reply to a request that changed entries of directory `dir` (create, mkdir,
+    /// mknod, symlink, link, unlink, rmdir), with the directory's attributes after the
+    /// change: the kernel drops its copy of them after such a call, and the client can
+    /// answer the `GetAttr` that follows without a round trip.
+    InDir {
+        dir: Attr,
+        reply: Box<Response>,
+    },
+}
+
+impl Response {
+    /// The reply without a [`Response::InDir`] wrapper.
+    pub fn inner(&self) -> &Response {
+        match self {
+            Response::InDir { reply, .. } => reply.inner(),
+            r => r,
+        }
+    }
 }
 
 /// A server-to-client message.

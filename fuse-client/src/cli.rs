@@ -358,10 +358,11 @@ pub async fn put(
         umask: 0,
         flags: libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
     };
-    let handle = match client.call_on(Some(generation), caller(), create).await? {
-        Ok(Response::Opened { handle, .. }) => handle,
+    let reply = client.call_on(Some(generation), caller(), create).await?;
+    let handle = match reply.as_ref().map(Response::inner) {
+        Ok(Response::Opened { handle, .. }) => *handle,
         Ok(_) => bail!("unexpected reply from server"),
-        Err(e) => bail!("{:?}: {}", parent.join(&tmp_name.0), errno_text(e)),
+        Err(e) => bail!("{:?}: {}", parent.join(&tmp_name.0), errno_text(*e)),
     };
     let upload: Result<u64> = async {
         let file = std::fs::File::open(local)?;

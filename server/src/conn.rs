@@ -291,10 +291,11 @@ async fn serve_requests<T>(
         tokio::spawn(
             async move {
                 let kind = request.kind();
-                // Opens that truncate change the file as visibly as a commit does.
+                // Unstaged opens that truncate change the file as visibly as a commit
+                // does. (A staged truncation, also of an existing file met by Create, is
+                // applied by the commit, which has its own barrier.)
                 let truncates = matches!(&request,
-                    Request::Open { flags, .. } | Request::Create { flags, .. }
-                        if flags & libc::O_TRUNC != 0);
+                    Request::Open { flags, staged: false, .. } if flags & libc::O_TRUNC != 0);
                 let started = Instant::now();
                 let blocking_span = tracing::Span::current();
                 let ctx2 = Arc::clone(&ctx);
@@ -308,7 +309,7 @@ async fn serve_requests<T>(
                 });
                 // Close-to-open: other clients drop their copy before the committer's
                 // close() returns.
-                let changed = match &result {
+                let changed = match result.as_ref().map(|r| r.inner()) {
                     Ok(ferry_common::Response::Attr(a))
                         if kind == "commit" || kind == "setattr" =>
                     {

@@ -372,3 +372,68 @@ fn truncations_without_writes_show_on_every_side() {
         }
     }
 }
+
+/// A directory this mount created, filled through it: the kernel's lookups of new names
+/// and its GETATTRs of the directory after each change are answered without a round trip
+/// (ferry stats counts them), yet the directory's attributes are current after each
+/// change, and names created behind the mount's back (on the export, through another
+/// mount) still appear.
+#[test]
+fn names_and_attributes_known_locally_stay_true() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(fx) = fixture_with(&[], &[], |_| {}) else {
+        return;
+    };
+    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
+    let other = TestMount::new(&fx.server);
+    let before = fx.mount.stats();
+    fs::create_dir(fx.mnt("made")).expect("mkdir");
+    for i in 0..20 {
+        fs::write(fx.mnt(format!("made/f{i}")), b"x").expect("create");
+        let (m, e) = (
+            fs::metadata(fx.mnt("made")).expect("stat mount"),
+            fs::metadata(fx.exp("made")).expect("stat export"),
+        );
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec(), m.nlink()),
+            (e.mtime(), e.mtime_nsec(), e.nlink()),
+            "directory attributes after creating f{i}"
+        );
+    }
+    fs::create_dir(fx.mnt("made/sub")).expect("mkdir sub");
+    assert_eq!(
+        fs::metadata(fx.mnt("made")).expect("stat").nlink(),
+        fs::metadata(fx.exp("made")).expect("stat").nlink(),
+        "link count after mkdir"
+    );
+    fs::remove_file(fx.mnt("made/f0")).expect("unlink");
+    assert_eq!(
+        fs::metadata(fx.mnt("made")).expect("stat").mtime_nsec(),
+        fs::metadata(fx.exp("made")).expect("stat").mtime_nsec(),
+        "mtime after unlink"
+    );
+    let after = fx.mount.stats();
+    assert!(
+        after.get("lookups_without_round_trip") >= before.get("lookups_without_round_trip") + 20,
+        "new names were looked up on the server\n{after}"
+    );
+    assert!(
+        after.get("getattrs_without_round_trip") > before.get("getattrs_without_round_trip"),
+        "the directory's attributes were fetched after every change\n{after}"
+    );
+    assert!(absent(&fx.mnt("made/f0")));
+    // Names that appear behind the mount's back are found.
+    fs::write(fx.exp("made/from_export"), b"e").expect("write on the export");
+    eventually("a name created on the export", || {
+        fs::read(fx.mnt("made/from_export")).is_ok_and(|d| d == b"e")
+    });
+    fs::write(other.path().join("made/from_other"), b"o").expect("write through B");
+    eventually("a name created through another mount", || {
+        fs::read(fx.mnt("made/from_other")).is_ok_and(|d| d == b"o")
+    });
+    fs::create_dir(fx.mnt("made/sub/deeper")).expect("mkdir deeper");
+    fs::write(fx.exp("made/sub/deeper/x"), b"x").expect("write on the export");
+    eventually("a name in a fresh directory created on the export", || {
+        fs::metadata(fx.mnt("made/sub/deeper/x")).is_ok()
+    });
+}

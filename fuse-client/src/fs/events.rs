@@ -104,6 +104,7 @@ impl Core {
             Ok(mut inodes) => match inodes.get_mut(&ino) {
                 Some(st) if st.version != attr.version => {
                     st.version = attr.version;
+                    st.attr = None;
                     st.kernel_version = None;
                     true
                 }
@@ -126,7 +127,26 @@ impl Core {
             return;
         };
         let Some(name) = name else {
+            // The directory itself (its entries changed, or its attributes). The entries
+            // come as events of their own; here only its attributes matter.
+            let attr = attr.map(|mut a| {
+                a.ino = nodes.to_kernel(a.ino);
+                a
+            });
             drop(nodes);
+            if let Some(a) = attr
+                && let Ok(mut inodes) = self.inodes.lock()
+                && let Some(st) = inodes.get_mut(&dir)
+            {
+                let known = st.attr.map_or(st.version, |(k, _)| k.version);
+                if a.ino == dir && known == a.version {
+                    return; // our own change, whose reply carried these attributes
+                }
+                st.attr = Some((a, std::time::Instant::now()));
+            } else {
+                self.forget_attr(dir);
+                self.forget_names(dir);
+            }
             self.forget_listing(dir);
             self.invalidate(Invalidation::Inode {
                 ino: dir,
@@ -169,12 +189,23 @@ impl Core {
                     st.version = a.version;
                     st.kernel_version = None;
                     st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
+                    // The event's attributes are the newest: the kernel's next GETATTR
+                    // is answered from them.
+                    st.attr = Some((a, std::time::Instant::now()));
                 }
                 self.invalidate(Invalidation::Inode { ino, data: true });
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
-            (known, _) => {
+            (known, a) => {
                 self.forget_listing(dir);
+                self.forget_attr(dir);
+                // The event says exactly whether the name exists now: a directory whose
+                // every name we know stays known (this also covers our own new entries
+                // whose event overtook the reply).
+                self.names_changed(dir, &name.0, a.is_some());
+                if let Some(ino) = known {
+                    self.forget_attr(ino);
+                }
                 self.invalidate(Invalidation::Entry {
                     parent: dir,
                     name: name.0.clone(),
@@ -214,6 +245,8 @@ impl Core {
             for st in inodes.values_mut() {
                 st.kernel_version = None;
                 st.version = 0;
+                st.attr = None;
+                st.names = None;
                 st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
             }
         }

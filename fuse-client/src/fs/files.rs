@@ -443,6 +443,7 @@ impl Core {
         };
         let sino = attr.ino;
         self.dir_changed(parent);
+        self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
@@ -981,6 +982,7 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.invalidate(f.sino);
         }
+        self.forget_attr(f.ino);
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0
             && let Some(st) = self.inodes()?.get_mut(&f.ino)
             && let Some(size) = st.local_size

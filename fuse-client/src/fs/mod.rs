@@ -15,10 +15,10 @@ mod dirs;
 mod events;
 mod files;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_common::proto::{
     Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
@@ -59,12 +59,25 @@ struct InodeState {
     fetch: Arc<tokio::sync::Mutex<()>>,
     /// The server's hint whether the file has extended attributes (`XATTRS_*`).
     xattrs: u8,
+    /// The server's attributes as last received (kernel inode number) and when: a
+    /// `GETATTR` is answered from them while the event stream vouches that nothing
+    /// changed since (an event that changes them replaces or drops them).
+    attr: Option<(Attr, Instant)>,
+    /// For a directory this client created: every name in it, as long as every change
+    /// in it was this client's own. A lookup of any other name is ENOENT without a round
+    /// trip (the kernel looks up each name before creating it).
+    names: Option<HashSet<Vec<u8>>>,
+    /// When `names` started: trusted no longer than the kernel's own entry TTL (a server
+    /// that could not watch the directory sends no events for it).
+    names_since: Option<Instant>,
 }
 
 /// Counters shown by `ferry stats`.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub opens_without_round_trip: AtomicU64,
+    pub getattrs_without_round_trip: AtomicU64,
+    pub lookups_without_round_trip: AtomicU64,
     pub listings_from_cache: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
@@ -162,11 +175,89 @@ impl Core {
                 st.xattrs = XATTRS_UNKNOWN;
             }
             st.version = attr.version;
+            st.attr = Some((attr, Instant::now()));
             if let Some(size) = st.local_size {
                 attr.size = size;
             }
         }
         attr
+    }
+
+    /// Attributes from a reply the kernel does not get yet (a changed directory's): kept
+    /// for the `GETATTR` that follows.
+    fn remember_attr(&self, mut attr: Attr) {
+        if let Ok(n) = self.nodes.lock() {
+            attr.ino = n.to_kernel(attr.ino);
+        }
+        if let Ok(mut inodes) = self.inodes.lock() {
+            inodes.entry(attr.ino).or_default().attr = Some((attr, Instant::now()));
+        }
+    }
+
+    /// Attributes of `ino` known current without asking the server: received since the
+    /// last change the server reported, while the event stream is healthy, within the
+    /// kernel's own TTL, and with no writes of ours pending.
+    fn known_attr(&self, ino: u64) -> Option<Attr> {
+        if !self.client.events_live() {
+            return None;
+        }
+        let mut inodes = self.inodes.lock().ok()?;
+        let st = inodes.get_mut(&ino)?;
+        if st.writers > 0 || st.local_size.is_some() {
+            return None;
+        }
+        let (attr, when) = st.attr?;
+        if when.elapsed() >= TTL_WITH_EVENTS {
+            st.attr = None;
+            return None;
+        }
+        st.version = attr.version;
+        if attr.xattrs != XATTRS_UNKNOWN {
+            st.xattrs = attr.xattrs;
+        }
+        Some(attr)
+    }
+
+    /// Forget what we know of `ino`'s attributes (the next `GETATTR` asks the server).
+    fn forget_attr(&self, ino: u64) {
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(st) = inodes.get_mut(&ino)
+        {
+            st.attr = None;
+        }
+    }
+
+    /// Forget that this client knows every name in `dir`.
+    fn forget_names(&self, dir: u64) {
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(st) = inodes.get_mut(&dir)
+        {
+            st.names = None;
+        }
+    }
+
+    /// Whether `dir` is known not to hold `name` (no need to ask the server).
+    fn knows_absent(&self, dir: u64, name: &[u8]) -> bool {
+        self.client.events_live()
+            && self.inodes.lock().is_ok_and(|i| {
+                i.get(&dir).is_some_and(|s| {
+                    s.names_since.is_some_and(|t| t.elapsed() < TTL_WITH_EVENTS)
+                        && s.names.as_ref().is_some_and(|n| !n.contains(name))
+                })
+            })
+    }
+
+    /// This client added (`true`) or removed `name` in `dir`.
+    fn names_changed(&self, dir: u64, name: &[u8], added: bool) {
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(names) = inodes.get_mut(&dir).and_then(|s| s.names.as_mut())
+        {
+            if added {
+                names.insert(name.to_vec());
+            } else {
+                names.remove(name);
+            }
+        }
     }
 
     /// Like [`Core::note_attr`] for attributes the kernel does not receive (open and
@@ -201,15 +292,27 @@ impl Core {
 
     async fn rpc(&self, caller: Caller, req: Request) -> FsResult<Response> {
         match self.client.call(caller, req).await? {
-            Ok(r) => Ok(r),
+            Ok(r) => Ok(self.unwrap_reply(r)),
             Err(e) => errno(e),
         }
     }
 
     async fn rpc_on(&self, generation: u64, caller: Caller, req: Request) -> FsResult<Response> {
         match self.client.call_on(Some(generation), caller, req).await? {
-            Ok(r) => Ok(r),
+            Ok(r) => Ok(self.unwrap_reply(r)),
             Err(e) => errno(e),
+        }
+    }
+
+    /// A reply with a changed directory's attributes: remember them (the kernel asks for
+    /// them next), hand back the reply itself.
+    fn unwrap_reply(&self, r: Response) -> Response {
+        match r {
+            Response::InDir { dir, reply } => {
+                self.remember_attr(dir);
+                self.unwrap_reply(*reply)
+            }
+            r => r,
         }
     }
 
@@ -235,9 +338,19 @@ impl Core {
         name: &[u8],
         req: Request,
     ) -> FsResult<Attr> {
+        let is_dir = matches!(req, Request::MkDir { .. });
         let attr = Self::expect_attr(self.rpc(caller, req).await?)?;
         self.dir_changed(parent);
-        self.entry(parent, name, attr)
+        self.names_changed(parent, name, true);
+        let attr = self.entry(parent, name, attr)?;
+        if is_dir {
+            // Empty, and every change in it will be ours until an event says otherwise.
+            let mut inodes = self.inodes()?;
+            let st = inodes.entry(attr.ino).or_default();
+            st.names = Some(HashSet::new());
+            st.names_since = Some(Instant::now());
+        }
+        Ok(attr)
     }
 
     /// A change this client made in directory `dir`: its cached listing is stale.
@@ -265,6 +378,12 @@ impl Core {
 
     pub async fn lookup(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<Attr> {
         let (parent_path, n) = self.child(parent, name)?;
+        if self.knows_absent(parent, name) {
+            self.stats
+                .lookups_without_round_trip
+                .fetch_add(1, Ordering::Relaxed);
+            return errno(libc::ENOENT);
+        }
         let req = Request::Lookup {
             parent: parent_path,
             name: n,
@@ -274,6 +393,12 @@ impl Core {
     }
 
     pub async fn getattr(&self, caller: Caller, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(attr) = self.known_attr(ino) {
+            self.stats
+                .getattrs_without_round_trip
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(attr);
+        }
         let open = fh
             .and_then(|fh| self.open_file(fh).ok())
             .filter(|f| f.handle().is_some());
@@ -457,6 +582,12 @@ impl Core {
         self.rpc(caller, Request::Unlink { parent: p, name: n })
             .await?;
         self.dir_changed(parent);
+        self.names_changed(parent, name, false);
+        let gone = self.nodes()?.child(parent, name);
+        if let Some(ino) = gone {
+            // Its link count and ctime changed.
+            self.forget_attr(ino);
+        }
         self.nodes()?.unlinked(parent, name);
         Ok(())
     }
@@ -466,6 +597,12 @@ impl Core {
         self.rpc(caller, Request::RmDir { parent: p, name: n })
             .await?;
         self.dir_changed(parent);
+        self.names_changed(parent, name, false);
+        let gone = self.nodes()?.child(parent, name);
+        if let Some(ino) = gone {
+            // Its link count and ctime changed.
+            self.forget_attr(ino);
+        }
         self.nodes()?.unlinked(parent, name);
         Ok(())
     }
@@ -492,6 +629,17 @@ impl Core {
         self.dir_changed(parent);
         self.dir_changed(new_parent);
         let exchange = flags & ferry_common::proto::rename_flags::EXCHANGE != 0;
+        let touched = {
+            let nodes = self.nodes()?;
+            [nodes.child(parent, name), nodes.child(new_parent, new_name)]
+        };
+        for ino in touched.into_iter().flatten().chain([parent, new_parent]) {
+            self.forget_attr(ino);
+        }
+        if !exchange {
+            self.names_changed(parent, name, false);
+            self.names_changed(new_parent, new_name, true);
+        }
         self.nodes()?
             .renamed(parent, name, new_parent, new_name, exchange);
         Ok(())
@@ -603,6 +751,11 @@ impl Core {
         let s = &self.stats;
         for (k, a) in [
             ("opens_without_round_trip", &s.opens_without_round_trip),
+            (
+                "getattrs_without_round_trip",
+                &s.getattrs_without_round_trip,
+            ),
+            ("lookups_without_round_trip", &s.lookups_without_round_trip),
             ("listings_from_cache", &s.listings_from_cache),
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),

@@ -239,12 +239,24 @@ pub fn mkdir(
     mode: u32,
     umask: u32,
 ) -> Result<Response, Errno> {
-    let (dir, name) = ctx.export.entry(parent, name)?;
+    let (dir, cname) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
     ctx.watch_dir(dir, parent);
-    sys::mkdirat(dir, &name, new_mode(mode, umask))?;
-    chown_new(ctx, caller, dir, &name);
-    attr_at(ctx, dir, &name)
+    sys::mkdirat(dir, &cname, new_mode(mode, umask))?;
+    chown_new(ctx, caller, dir, &cname);
+    // Watched from birth: the client knows it is empty and may answer lookups in it
+    // itself until an event says otherwise (before the stat the client gets).
+    if ctx.watch.is_some()
+        && let Ok(new) = sys::openat(
+            dir,
+            &cname,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+        )
+    {
+        ctx.watch_dir(new.as_fd(), &parent.join(&name.0));
+    }
+    attr_at(ctx, dir, &cname)
 }
 
 pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<Response, Errno> {

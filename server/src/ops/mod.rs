@@ -118,6 +118,28 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
     if ctx.export.read_only() && req.is_mutation() {
         return Err(libc::EROFS);
     }
+    // Requests that change a directory's entries answer with its new attributes too.
+    let changed_dir = match &req {
+        Request::MkNod { parent, .. }
+        | Request::MkDir { parent, .. }
+        | Request::Unlink { parent, .. }
+        | Request::RmDir { parent, .. }
+        | Request::Symlink { parent, .. }
+        | Request::Create { parent, .. } => Some(parent.clone()),
+        Request::Link { new_parent, .. } => Some(new_parent.clone()),
+        _ => None,
+    };
+    let reply = execute_plain(ctx, caller, req)?;
+    match changed_dir.map(|d| meta::getattr(ctx, &d, None)) {
+        Some(Ok(Response::Attr(dir))) => Ok(Response::InDir {
+            dir,
+            reply: Box::new(reply),
+        }),
+        _ => Ok(reply),
+    }
+}
+
+fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
     match req {
         Request::Ping => Ok(Response::Pong),
         Request::Lookup { parent, name } => meta::lookup(ctx, &parent, &name),

@@ -214,7 +214,13 @@ impl Client {
         }
     }
 
+    /// The reply, without the changed directory's attributes that namespace changes
+    /// carry (see [`Client::call_raw`]).
     pub async fn call(&mut self, request: Request) -> Result<Response, i32> {
+        self.call_raw(request).await.map(|r| r.inner().clone())
+    }
+
+    pub async fn call_raw(&mut self, request: Request) -> Result<Response, i32> {
         let id = self.send(request).await;
         let (got, result) = self.recv().await.expect("connection open");
         assert_eq!(got, id);

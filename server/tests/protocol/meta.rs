@@ -473,3 +473,77 @@ async fn new_entries_belong_to_the_caller_when_root() {
     let a = plain.mkdir("", "d2").await.unwrap();
     assert_eq!(a.uid, 0);
 }
+
+/// Every change to a directory's entries answers with the directory's attributes after
+/// it (the client answers the kernel's next GETATTR of the directory from them).
+#[tokio::test]
+async fn entry_changes_carry_the_directory_attributes() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    c.mkdir("", "d").await.unwrap();
+    let dir_now = |server: &Server| std::fs::metadata(server.root().join("d")).unwrap();
+    let requests = [
+        Request::MkDir {
+            parent: p("d"),
+            name: n("sub"),
+            mode: 0o755,
+            umask: 0,
+        },
+        Request::Create {
+            parent: p("d"),
+            name: n("f"),
+            mode: 0o644,
+            umask: 0,
+            flags: libc::O_WRONLY,
+        },
+        Request::Symlink {
+            parent: p("d"),
+            name: n("l"),
+            target: b"f".to_vec(),
+        },
+        Request::Link {
+            path: p("d/f"),
+            new_parent: p("d"),
+            new_name: n("g"),
+        },
+        Request::Unlink {
+            parent: p("d"),
+            name: n("g"),
+        },
+        Request::RmDir {
+            parent: p("d"),
+            name: n("sub"),
+        },
+    ];
+    for req in requests {
+        let kind = req.kind();
+        let Ok(Response::InDir { dir, reply }) = c.call_raw(req).await else {
+            panic!("{kind}: no directory attributes");
+        };
+        let m = dir_now(&server);
+        assert_eq!(dir.ino, m.ino(), "{kind}");
+        assert_eq!(
+            (dir.nlink, dir.mtime.sec, dir.mtime.nsec),
+            (m.nlink() as u32, m.mtime(), m.mtime_nsec() as u32),
+            "{kind}"
+        );
+        assert!(!matches!(*reply, Response::InDir { .. }), "{kind}");
+    }
+    // Failed changes are plain errors; other requests are not wrapped.
+    assert_eq!(
+        c.call_raw(Request::Unlink {
+            parent: p("d"),
+            name: n("missing"),
+        })
+        .await,
+        Err(libc::ENOENT)
+    );
+    assert!(matches!(
+        c.call_raw(Request::GetAttr {
+            path: p("d"),
+            handle: None
+        })
+        .await,
+        Ok(Response::Attr(_))
+    ));
+}
