@@ -183,7 +183,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         None => preflight(&opts.mountpoint)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(opts.threads.max(2))
+        .worker_threads(opts.threads.max(1))
         .thread_name("ferry-io")
         .enable_all()
         .build()

@@ -310,6 +310,7 @@ async fn serve_requests<T>(
                 // Close-to-open: other clients drop their copy before the committer's
                 // close() returns.
                 let changed = match result.as_ref().map(|r| r.inner()) {
+                    // (Only size changes of SetAttr come here; see `runs_inline`.)
                     Ok(ferry_common::Response::Attr(a))
                         if kind == "commit" || kind == "setattr" =>
                     {
@@ -407,8 +408,22 @@ fn runs_inline(r: &Request) -> bool {
             | Request::StatFs { .. }
             | Request::Release { .. }
             | Request::ReleaseDir { .. }
-    )
+            // Creating cannot block (O_NONBLOCK, never a FIFO); an existing file it meets
+            // is truncated in a staging file, not freed.
+            | Request::Create { .. }
+    ) || match r {
+        // Small writes land in the page cache in microseconds; large ones stream on the
+        // blocking pool, where a writer throttled by the kernel stalls nobody else.
+        Request::Write { data, .. } => data.len() <= INLINE_WRITE_MAX,
+        // Attribute changes other than the size (which may free or zero a large file, and
+        // waits for a barrier like a commit).
+        Request::SetAttr { set, .. } => set.size.is_none(),
+        _ => false,
+    }
 }
+
+/// Largest write run on the connection task.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
 
 /// A barrier this connection started itself: its client made the change.
 fn is_own(ctx: &Ctx, ev: &Event) -> bool {

@@ -660,6 +660,13 @@ impl Core {
                     }
                     return Ok(d);
                 }
+                // A small random read (the kernel's own readahead asks for far more, and
+                // not always in order) fetches just what was asked: a whole block would
+                // move up to 32 times the bytes for nothing. The kernel's page cache
+                // still keeps what it gets.
+                Ok(Lookup::Miss(_)) if attempt == 0 && !sequential && offset > 0 && len < BLOCK => {
+                    break;
+                }
                 Ok(Lookup::Miss(_)) if attempt == 0 => {
                     // Fetch what was asked plus a window ahead when reading sequentially.
                     let ahead = if sequential { window } else { 0 };
