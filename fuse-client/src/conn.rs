@@ -389,6 +389,20 @@ impl Client {
         caller: Caller,
         request: Request,
     ) -> Result<Result<Response, i32>, TransportError> {
+        self.start_on(generation, caller, request)
+            .await?
+            .reply()
+            .await
+    }
+
+    /// Queue one request for sending and return without waiting for its reply: requests
+    /// queued one after the other reach the server in that order.
+    pub async fn start_on(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+    ) -> Result<Sent, TransportError> {
         let conn = self.current().await?;
         if let Some(g) = generation
             && g != conn.generation
@@ -424,10 +438,10 @@ impl Client {
         {
             return Err(self.failed(TransportError::Disconnected));
         }
-        match rx.await {
-            Ok(r) => Ok(r),
-            Err(_) => Err(self.failed(TransportError::Disconnected)),
-        }
+        Ok(Sent {
+            rx,
+            client: Arc::clone(self),
+        })
     }
 
     fn failed(&self, e: TransportError) -> TransportError {
@@ -463,5 +477,20 @@ async fn handshake(
         HelloReply::Refused { version, reason } => Err(TransportError::Refused(format!(
             "{reason} (server protocol {version}, client protocol {PROTOCOL_VERSION})"
         ))),
+    }
+}
+
+/// A request on its way; [`Sent::reply`] waits for the answer.
+pub struct Sent {
+    rx: oneshot::Receiver<Result<Response, i32>>,
+    client: Arc<Client>,
+}
+
+impl Sent {
+    pub async fn reply(self) -> Result<Result<Response, i32>, TransportError> {
+        match self.rx.await {
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.client.failed(TransportError::Disconnected)),
+        }
     }
 }

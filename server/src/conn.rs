@@ -17,6 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -261,7 +262,13 @@ async fn serve_requests<T>(
             // opens that may meet a FIFO) still goes to the blocking pool below.
             let kind = request.kind();
             let started = Instant::now();
+            let written = written_handle(&request);
             let result = ops::execute(&ctx, caller, request);
+            if let (Some(h), Err(e)) = (written, &result)
+                && let Ok(f) = ctx.handles.file(h)
+            {
+                f.write_failed(*e);
+            }
             match &result {
                 Ok(_) => trace!(id, kind, elapsed = ?started.elapsed(), "done inline"),
                 Err(errno) => debug!(id, kind, errno, elapsed = ?started.elapsed(), "failed"),
@@ -285,11 +292,23 @@ async fn serve_requests<T>(
                 Err(_) => break, // never closed; treat as end of connection
             },
         };
+        // A write in progress holds back a commit of its handle that arrives meanwhile.
+        let writing = written_handle(&request).and_then(|h| ctx.handles.file(h).ok());
+        if let Some(f) = &writing {
+            f.writes_running.fetch_add(1, Ordering::SeqCst);
+        }
+        let committing = match &request {
+            Request::Commit { handle } => ctx.handles.file(*handle).ok(),
+            _ => None,
+        };
         let ctx = Arc::clone(&ctx);
         let tx = tx.clone();
         let span = tracing::Span::current();
         tokio::spawn(
             async move {
+                if let Some(f) = &committing {
+                    f.writes_settled().await;
+                }
                 let kind = request.kind();
                 // Unstaged opens that truncate change the file as visibly as a commit
                 // does. (A staged truncation, also of an existing file met by Create, is
@@ -307,6 +326,13 @@ async fn serve_requests<T>(
                     error!(kind, "request handler failed: {e}");
                     Err(libc::EIO)
                 });
+                if let Some(f) = &writing {
+                    if let Err(e) = &result {
+                        f.write_failed(*e);
+                    }
+                    f.writes_running.fetch_sub(1, Ordering::SeqCst);
+                    f.writes_done.notify_waiters();
+                }
                 // Close-to-open: other clients drop their copy before the committer's
                 // close() returns.
                 let changed = match result.as_ref().map(|r| r.inner()) {
@@ -419,6 +445,14 @@ fn runs_inline(r: &Request) -> bool {
         // waits for a barrier like a commit).
         Request::SetAttr { set, .. } => set.size.is_none(),
         _ => false,
+    }
+}
+
+/// The handle a `Write` goes through.
+fn written_handle(r: &Request) -> Option<u64> {
+    match r {
+        Request::Write { handle, .. } => Some(*handle),
+        _ => None,
     }
 }
 

@@ -34,6 +34,14 @@ pub struct OpenFile {
     /// held for a whole operation on the handle, system calls included: that is what
     /// keeps a commit from interleaving with a write. It serializes only this handle.
     pub staging: Option<Mutex<Staging>>,
+    /// Writes through this handle running on the blocking pool. A client may send its
+    /// `Commit` right behind its writes without waiting for their answers: the commit
+    /// waits until these are done, so it applies every write sent before it.
+    pub writes_running: AtomicU64,
+    pub writes_done: tokio::sync::Notify,
+    /// The first write that failed since the last commit: that commit fails with it and
+    /// applies nothing (the client reports it to `close`).
+    write_failed: Mutex<Option<Errno>>,
 }
 
 impl OpenFile {
@@ -42,6 +50,35 @@ impl OpenFile {
             fd,
             writable,
             staging: staging.map(Mutex::new),
+            writes_running: AtomicU64::new(0),
+            writes_done: tokio::sync::Notify::new(),
+            write_failed: Mutex::new(None),
+        }
+    }
+
+    pub fn write_failed(&self, e: Errno) {
+        let mut slot = self.write_failed.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+
+    /// The failure a commit must report, if a write failed since the last one.
+    pub fn take_write_failure(&self) -> Option<Errno> {
+        self.write_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Wait until no write of this handle is running.
+    pub async fn writes_settled(&self) {
+        loop {
+            let done = self.writes_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.writes_running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
         }
     }
 

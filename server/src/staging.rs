@@ -295,6 +295,15 @@ impl Staging {
         Ok(buf)
     }
 
+    /// Drop everything pending (a write through the handle failed): the real file stays
+    /// as it was, and the handle starts over from it.
+    pub fn discard(&mut self) {
+        self.pending = None;
+        if let Err(e) = sys::ftruncate(self.file.as_fd(), 0) {
+            tracing::debug!(errno = e, "emptying the staging file failed");
+        }
+    }
+
     /// Apply everything pending to the real file, give it the mtime of the last
     /// change, and start over with an empty staging file. On failure the pending state
     /// is kept: applying it again is idempotent, so a retried commit completes it.

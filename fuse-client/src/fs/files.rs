@@ -134,6 +134,9 @@ struct FileState {
     next_off: u64,
     window: u64,
     prefetched_to: u64,
+    /// Small reads out of sequence in a row: from the second on, the file is being read
+    /// at random.
+    random_streak: u32,
 }
 
 #[derive(Debug)]
@@ -215,6 +218,7 @@ impl Core {
                 next_off: 0,
                 window: MIN_WINDOW,
                 prefetched_to: 0,
+                random_streak: 0,
             }),
         };
         self.files
@@ -623,16 +627,27 @@ impl Core {
         if f.writable || self.tracker(f.ino)?.inflight.load(Ordering::SeqCst) > 0 {
             self.drain_writes(f.ino).await?;
         }
-        let (version, file_size, window, sequential) = {
+        let (version, file_size, window, sequential, random) = {
             let mut st = f.state.lock().map_err(|_| poisoned())?;
             let sequential = offset == st.next_off && offset > 0;
+            if sequential || len >= BLOCK || offset == 0 {
+                st.random_streak = 0;
+            } else {
+                st.random_streak = st.random_streak.saturating_add(1);
+            }
             st.window = if sequential {
                 (st.window * 2).min(MAX_WINDOW)
             } else {
                 MIN_WINDOW
             };
             st.next_off = offset + len;
-            (st.version, st.size, st.window, sequential)
+            (
+                st.version,
+                st.size,
+                st.window,
+                sequential,
+                st.random_streak >= 2,
+            )
         };
         for attempt in 0..2 {
             match cache.read(f.sino, version, offset, len) {
@@ -660,13 +675,11 @@ impl Core {
                     }
                     return Ok(d);
                 }
-                // A small random read (the kernel's own readahead asks for far more, and
-                // not always in order) fetches just what was asked: a whole block would
-                // move up to 32 times the bytes for nothing. The kernel's page cache
-                // still keeps what it gets.
-                Ok(Lookup::Miss(_)) if attempt == 0 && !sequential && offset > 0 && len < BLOCK => {
-                    break;
-                }
+                // Small reads at random (the kernel's own readahead asks for far more,
+                // though not always in order) fetch just what was asked: a whole block
+                // would move up to 32 times the bytes for nothing. The kernel's page
+                // cache still keeps what it gets.
+                Ok(Lookup::Miss(_)) if attempt == 0 && random => break,
                 Ok(Lookup::Miss(_)) if attempt == 0 => {
                     // Fetch what was asked plus a window ahead when reading sequentially.
                     let ahead = if sequential { window } else { 0 };
@@ -749,15 +762,23 @@ impl Core {
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
         tracker.dirty.store(true, Ordering::SeqCst);
         tracker.claim(offset, end.max(offset + 1)).await;
-        let client = self.client.clone();
+        let req = Request::Write {
+            handle,
+            offset,
+            data,
+        };
+        // Queued before `write` returns and before the gate opens: a commit queued after
+        // it reaches the server after it (the server applies a handle's writes before a
+        // commit that follows them).
+        let sent = self.client.start_on(Some(generation), caller, req).await;
+        drop(gate);
         let t = tracker.clone();
         tokio::spawn(async move {
-            let req = Request::Write {
-                handle,
-                offset,
-                data,
+            let reply = match sent {
+                Ok(sent) => sent.reply().await,
+                Err(e) => Err(e),
             };
-            match client.call_on(Some(generation), caller, req).await {
+            match reply {
                 Ok(Ok(Response::Written { len: n })) if n as usize == len => {}
                 Ok(Ok(_)) => t.fail(libc::EIO),
                 Ok(Err(e)) => t.fail(e),
@@ -765,7 +786,6 @@ impl Core {
             }
             t.release_range(offset, end.max(offset + 1));
             drop(permit);
-            drop(gate);
             if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
                 t.done.notify_waiters();
             }
@@ -777,28 +797,48 @@ impl Core {
     pub(super) async fn commit(&self, caller: Caller, ino: u64) -> FsResult<()> {
         let sino = self.server_ino(ino);
         let tracker = self.tracker(ino)?;
+        // Every write made so far is queued once this is held, and no other starts.
         let _no_writes_meanwhile = tracker.gate.write().await;
-        tracker.drain().await;
-        if let Some(e) = tracker.take_error() {
+        let fail = |e: i32| -> FsResult<()> {
             // The server never applies a failed handle's staged data: the old copy stands.
             if let Some(cache) = &self.cache {
                 cache.invalidate(sino);
             }
             tracker.dirty.store(false, Ordering::SeqCst);
             self.settle(ino, &tracker)?;
-            return errno(e);
-        }
+            errno(e)
+        };
         if !tracker.dirty.swap(false, Ordering::SeqCst) {
+            tracker.drain().await;
+            if let Some(e) = tracker.take_error() {
+                return fail(e);
+            }
             self.settle(ino, &tracker)?;
             return Ok(());
         }
         let Some((handle, generation)) = self.inodes()?.get(&ino).and_then(|s| s.writer) else {
+            tracker.drain().await;
             return errno(libc::EIO);
         };
-        let attr = match self
-            .rpc_on(generation, caller, Request::Commit { handle })
-            .await
-        {
+        // Sent behind the writes without waiting for their answers: the server applies
+        // them first and refuses the commit if one of them failed.
+        let committed = async {
+            match self
+                .client
+                .start_on(Some(generation), caller, Request::Commit { handle })
+                .await?
+                .reply()
+                .await?
+            {
+                Ok(r) => Ok(self.unwrap_reply(r)),
+                Err(e) => errno(e),
+            }
+        };
+        let (committed, ()) = tokio::join!(committed, tracker.drain());
+        if let Some(e) = tracker.take_error() {
+            return fail(e);
+        }
+        let attr = match committed {
             Ok(r) => Self::expect_attr(r)?,
             Err(e) => {
                 if let Some(cache) = &self.cache {

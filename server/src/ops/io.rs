@@ -95,6 +95,13 @@ pub fn commit(ctx: &Ctx, handle: u64) -> Result<Response, Errno> {
 
 fn commit_handle(h: &Handle) -> Result<(), Errno> {
     match h {
+        Handle::File(f) if let Some(e) = f.take_write_failure() => {
+            // What the failed write was part of must not become the file's content.
+            if let Some(mut staging) = f.staging() {
+                staging.discard();
+            }
+            Err(e)
+        }
         Handle::File(f) => match f.staging() {
             Some(mut staging) => staging.commit(f.fd.as_fd()),
             None => Ok(()),

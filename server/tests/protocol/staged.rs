@@ -289,3 +289,90 @@ async fn truncating_opens_are_staged_until_commit() {
     assert_eq!(c.commit(h).await.unwrap().size, 0);
     assert_eq!(std::fs::read(&real).unwrap(), b"");
 }
+
+/// A client may send its commit right behind its writes, without waiting for their
+/// answers: the commit applies every write sent before it (large ones run concurrently
+/// on the server) and fails, applying nothing, if one of them failed.
+#[tokio::test]
+async fn a_commit_sent_behind_writes_applies_them_or_none() {
+    let server = Server::start().await;
+    let real = server.root().join("f");
+    let old: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&real, &old).unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("f", libc::O_WRONLY).await.unwrap();
+    let mut want = old.clone();
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        // 1 MiB each (run on the blocking pool) and a small one (run inline).
+        let big = vec![b'a' + i as u8; 1 << 20];
+        want[(i << 20) as usize..((i + 1) << 20) as usize].copy_from_slice(&big);
+        ids.push(
+            c.send(Request::Write {
+                handle: h,
+                offset: i << 20,
+                data: big,
+            })
+            .await,
+        );
+    }
+    let commit = c.send(Request::Commit { handle: h }).await;
+    let mut committed = None;
+    for _ in 0..5 {
+        let (id, r) = c.recv().await.expect("reply");
+        if id == commit {
+            committed = Some(r);
+        } else {
+            assert!(ids.contains(&id));
+            assert!(matches!(r, Ok(Response::Written { len }) if len == 1 << 20));
+        }
+    }
+    assert!(
+        matches!(committed, Some(Ok(Response::Attr(_)))),
+        "{committed:?}"
+    );
+    assert!(
+        std::fs::read(&real).unwrap() == want,
+        "not every write was applied"
+    );
+
+    // A failing write (past the largest offset) poisons what was sent with it.
+    let good = c
+        .send(Request::Write {
+            handle: h,
+            offset: 0,
+            data: b"lost".to_vec(),
+        })
+        .await;
+    let bad = c
+        .send(Request::Write {
+            handle: h,
+            offset: i64::MAX as u64,
+            data: b"x".to_vec(),
+        })
+        .await;
+    let commit = c.send(Request::Commit { handle: h }).await;
+    let mut results = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let (id, r) = c.recv().await.expect("reply");
+        results.insert(id, r);
+    }
+    assert!(results[&good].is_ok());
+    let failed = results[&bad]
+        .clone()
+        .expect_err("a write past the end of time");
+    assert_eq!(
+        results[&commit],
+        Err(failed),
+        "the commit must report the failed write"
+    );
+    assert!(
+        std::fs::read(&real).unwrap() == want,
+        "a poisoned commit changed the file"
+    );
+    // The handle starts over: the next commit applies only what follows.
+    c.write(h, 1, b"ok").await.unwrap();
+    c.commit(h).await.unwrap();
+    want[1..3].copy_from_slice(b"ok");
+    assert!(std::fs::read(&real).unwrap() == want);
+}
