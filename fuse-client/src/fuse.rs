@@ -173,6 +173,11 @@ impl Filesystem for FerryFuse {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // Answers known here go back at once: a hop to a runtime worker costs more than
+        // the work on this machine's scale (tens of microseconds).
+        if let Some(r) = self.core.lookup_now(parent.0, name.as_bytes()) {
+            return reply_entry(reply, self.core.ttl(), r);
+        }
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(
             async move { reply_entry(reply, core.ttl(), core.lookup(c, parent.0, &name).await) },
@@ -184,6 +189,9 @@ impl Filesystem for FerryFuse {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(a) = self.core.getattr_now(ino.0) {
+            return reply.attr(&self.core.ttl(), &fuse_attr(&a));
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
@@ -379,6 +387,9 @@ impl Filesystem for FerryFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(d) = self.core.read_now(fh.0, offset, size) {
+            return reply.data(&d);
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.read(c, fh.0, offset, size).await {

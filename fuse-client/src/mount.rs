@@ -308,13 +308,14 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     if let Some(p) = stats_socket {
         let _ = std::fs::remove_file(p);
     }
+    rt.block_on(client.close());
+    // Lets background cache writes finish first, so the metadata saved next covers them.
+    rt.shutdown_timeout(Duration::from_secs(2));
     if let Some(cache) = &cache
         && let Err(e) = cache.persist()
     {
         tracing::warn!("cannot save cache metadata: {e}");
     }
-    rt.block_on(client.close());
-    rt.shutdown_timeout(Duration::from_secs(2));
     run.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
 }
 

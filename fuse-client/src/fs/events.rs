@@ -113,6 +113,7 @@ impl Core {
             Err(_) => false,
         };
         if known {
+            self.drop_inline(ino);
             if let Some(parent) = self.nodes.lock().ok().and_then(|n| n.parent_of(ino)) {
                 self.forget_listing(parent);
             }
@@ -193,6 +194,7 @@ impl Core {
                     // is answered from them.
                     st.attr = Some((a, std::time::Instant::now()));
                 }
+                self.drop_inline(ino);
                 self.invalidate(Invalidation::Inode { ino, data: true });
             }
             // Gone, replaced by another file, or new: the name must be looked up again.

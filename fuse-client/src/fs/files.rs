@@ -22,6 +22,8 @@ use crate::error::{FsError, FsResult, TransportError};
 const INLINE_MAX: u32 = 1024 * 1024;
 /// Bytes of writes in flight per inode before `write` waits (backpressure).
 const WRITE_WINDOW: usize = 32 * 1024 * 1024;
+/// How often cache metadata is written back while files are being closed.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Sequential readahead starts here and doubles up to `MAX_WINDOW`.
 const MIN_WINDOW: u64 = 1024 * 1024;
 const MAX_WINDOW: u64 = 32 * 1024 * 1024;
@@ -137,6 +139,9 @@ struct FileState {
     /// Small reads out of sequence in a row: from the second on, the file is being read
     /// at random.
     random_streak: u32,
+    /// The whole content, when it came with the open reply (at `version`): reads are
+    /// served from it while it is written to the disk cache in the background.
+    inline: Option<Arc<Vec<u8>>>,
 }
 
 #[derive(Debug)]
@@ -183,6 +188,18 @@ impl Core {
             .cloned()
     }
 
+    /// `ino` changed (a write of ours, a commit, an event): open handles stop serving the
+    /// content their open reply carried and read through the cache and the server.
+    pub(super) fn drop_inline(&self, ino: u64) {
+        if let Ok(files) = self.files.lock() {
+            for f in files.values().filter(|f| f.ino == ino) {
+                if let Ok(mut st) = f.state.lock() {
+                    st.inline = None;
+                }
+            }
+        }
+    }
+
     fn tracker(&self, ino: u64) -> FsResult<Arc<WriteTracker>> {
         Ok(self.inodes()?.entry(ino).or_default().writes.clone())
     }
@@ -219,6 +236,7 @@ impl Core {
                 window: MIN_WINDOW,
                 prefetched_to: 0,
                 random_streak: 0,
+                inline: None,
             }),
         };
         self.files
@@ -356,14 +374,19 @@ impl Core {
             _ => return Err(TransportError::Protocol.into()),
         };
         let attr = self.note_attr_unseen(attr);
+        let data = data.map(Arc::new);
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
             if let Some(data) = &data {
                 self.stats
                     .bytes_read_from_server
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                // Written to disk off the reply path: reads use the copy in memory.
                 if let Some(token) = cache.token(sino) {
-                    let _ = cache.store(sino, attr.version, token, 0, data);
+                    let (cache, data, version) = (cache.clone(), data.clone(), attr.version);
+                    tokio::task::spawn_blocking(move || {
+                        let _ = cache.store(sino, version, token, 0, &data);
+                    });
                 }
             }
         }
@@ -375,6 +398,13 @@ impl Core {
         }
         let keep = self.keep_cache(ino, attr.version, truncating);
         let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr, true)?;
+        if let Some(data) = data
+            && !writable
+            && let Ok(f) = self.open_file(fh)
+            && let Ok(mut st) = f.state.lock()
+        {
+            st.inline = Some(data);
+        }
         Ok(OpenReply {
             fh,
             attr,
@@ -611,6 +641,57 @@ impl Core {
         Ok(())
     }
 
+    /// A read answerable at once, on the calling (FUSE session) thread, without the hop
+    /// to a runtime worker: from the open reply's data, or from the disk cache when
+    /// nothing needs to be fetched or prefetched. `None`: take the full path.
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let f = self.open_file(fh).ok()?;
+        let cache = self.cache.as_ref()?;
+        if f.writable || self.tracker(f.ino).ok()?.inflight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let len = u64::from(size);
+        let mut st = f.state.lock().ok()?;
+        if let Some(data) = &st.inline {
+            let start = (offset as usize).min(data.len());
+            let end = (offset.saturating_add(len) as usize).min(data.len());
+            self.stats
+                .bytes_served_from_cache
+                .fetch_add((end - start) as u64, Ordering::Relaxed);
+            return Some(data[start..end].to_vec());
+        }
+        let sequential = offset == st.next_off && offset > 0;
+        let window = if sequential {
+            (st.window * 2).min(MAX_WINDOW)
+        } else {
+            MIN_WINDOW
+        };
+        let from = offset + len;
+        let prefetch_due =
+            sequential && st.prefetched_to < st.size && from + window / 2 >= st.prefetched_to;
+        if prefetch_due {
+            return None;
+        }
+        let d = match cache.read(f.sino, st.version, offset, len) {
+            Ok(Lookup::Hit(d)) if (d.len() as u64) == len || offset + d.len() as u64 >= st.size => {
+                d
+            }
+            _ => return None,
+        };
+        // The same bookkeeping as the full path.
+        if sequential || len >= BLOCK || offset == 0 {
+            st.random_streak = 0;
+        } else {
+            st.random_streak = st.random_streak.saturating_add(1);
+        }
+        st.window = window;
+        st.next_off = from;
+        self.stats
+            .bytes_served_from_cache
+            .fetch_add(d.len() as u64, Ordering::Relaxed);
+        Some(d)
+    }
+
     pub async fn read(
         self: &Arc<Self>,
         caller: Caller,
@@ -629,6 +710,14 @@ impl Core {
         }
         let (version, file_size, window, sequential, random) = {
             let mut st = f.state.lock().map_err(|_| poisoned())?;
+            if let Some(data) = &st.inline {
+                let start = (offset as usize).min(data.len());
+                let end = (offset.saturating_add(len) as usize).min(data.len());
+                self.stats
+                    .bytes_served_from_cache
+                    .fetch_add((end - start) as u64, Ordering::Relaxed);
+                return Ok(data[start..end].to_vec());
+            }
             let sequential = offset == st.next_off && offset > 0;
             if sequential || len >= BLOCK || offset == 0 {
                 st.random_streak = 0;
@@ -738,6 +827,7 @@ impl Core {
         // Taken before the cache sees the data: a commit must never adopt a cache that
         // holds bytes the server has not been sent yet.
         let gate = tracker.gate.clone().read_owned().await;
+        self.drop_inline(f.ino);
         if let Some(cache) = &self.cache
             && cache.wrote(f.sino, offset, &data).is_err()
         {
@@ -860,6 +950,7 @@ impl Core {
                 if let Ok(mut st) = f.state.lock() {
                     st.version = attr.version;
                     st.size = attr.size;
+                    st.inline = None;
                 }
             }
         }
@@ -873,6 +964,7 @@ impl Core {
     /// The server truncated `ino` to nothing in the stage of this client's write handle
     /// (an `O_TRUNC` open): the next close must commit even if nothing is written.
     fn truncated_in_stage(&self, ino: u64, sino: u64) -> FsResult<()> {
+        self.drop_inline(ino);
         let tracker = self.tracker(ino)?;
         tracker.dirty.store(true, Ordering::SeqCst);
         self.inodes()?.entry(ino).or_default().local_size = Some(0);
@@ -899,6 +991,7 @@ impl Core {
             return errno(e);
         }
         tracker.dirty.store(true, Ordering::SeqCst);
+        self.drop_inline(ino);
         if let Some(cache) = &self.cache {
             cache.truncated(self.server_ino(ino), size);
         }
@@ -964,6 +1057,7 @@ impl Core {
         {
             st.local_size = Some(size);
         }
+        self.drop_inline(ino);
         if let Some(cache) = &self.cache {
             cache.invalidate(self.server_ino(ino));
         }
@@ -1026,6 +1120,7 @@ impl Core {
             },
         )
         .await?;
+        self.drop_inline(f.ino);
         if let Some(cache) = &self.cache {
             cache.invalidate(f.sino);
         }
@@ -1071,12 +1166,21 @@ impl Core {
                 Err(e) => tracing::debug!("release: {e}"),
             }
         }
-        if let Some(cache) = &self.cache {
-            let cache = cache.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = cache.persist() {
-                    tracing::warn!("cannot save cache metadata: {e}");
-                }
+        if let Some(cache) = &self.cache
+            && !self.persist_due.swap(true, Ordering::SeqCst)
+        {
+            // At most once a second (and at unmount): closing 5,000 small files must not
+            // rewrite the cache's metadata 5,000 times.
+            let (cache, due) = (cache.clone(), self.persist_due.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(PERSIST_EVERY).await;
+                due.store(false, Ordering::SeqCst);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = cache.persist() {
+                        tracing::warn!("cannot save cache metadata: {e}");
+                    }
+                })
+                .await;
             });
         }
         result

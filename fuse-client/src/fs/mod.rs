@@ -99,6 +99,8 @@ pub struct Core {
     pub max_io: u32,
     pub cache: Option<Arc<DataCache>>,
     invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
+    /// A write-back of the cache metadata is scheduled.
+    persist_due: Arc<std::sync::atomic::AtomicBool>,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     pub stats: Stats,
@@ -134,6 +136,7 @@ impl Core {
             max_io: max_io.clamp(64 * 1024, MAX_IO),
             cache,
             invalidator: OnceLock::new(),
+            persist_due: Arc::default(),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -374,6 +377,26 @@ impl Core {
                 inodes.remove(&ino);
             }
         }
+    }
+
+    /// A lookup answerable without the server (a name known absent), for the FUSE thread.
+    pub fn lookup_now(&self, parent: u64, name: &[u8]) -> Option<FsResult<Attr>> {
+        if self.knows_absent(parent, name) {
+            self.stats
+                .lookups_without_round_trip
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(errno(libc::ENOENT));
+        }
+        None
+    }
+
+    /// Attributes answerable without the server, for the FUSE thread.
+    pub fn getattr_now(&self, ino: u64) -> Option<Attr> {
+        let attr = self.known_attr(ino)?;
+        self.stats
+            .getattrs_without_round_trip
+            .fetch_add(1, Ordering::Relaxed);
+        Some(attr)
     }
 
     pub async fn lookup(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<Attr> {
