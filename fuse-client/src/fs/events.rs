@@ -102,8 +102,9 @@ impl Core {
         };
         let known = match self.inodes.lock() {
             Ok(mut inodes) => match inodes.get_mut(&ino) {
-                Some(st) if st.version != attr.version => {
+                Some(st) if st.version != attr.version && st.is_current(&attr) => {
                     st.version = attr.version;
+                    st.seen_ctime = Some(attr.ctime);
                     st.attr = None;
                     st.kernel_version = None;
                     true
@@ -143,7 +144,9 @@ impl Core {
                 if a.ino == dir && known == a.version {
                     return; // our own change, whose reply carried these attributes
                 }
-                st.attr = Some((a, std::time::Instant::now()));
+                if !st.take_if_current(&a) {
+                    return; // older than what a reply already told us
+                }
             } else {
                 self.forget_attr(dir);
                 self.forget_names(dir);
@@ -187,12 +190,14 @@ impl Core {
                 if let Ok(mut inodes) = self.inodes.lock()
                     && let Some(st) = inodes.get_mut(&ino)
                 {
+                    // The event's attributes, if the newest, answer the kernel's next
+                    // GETATTR; an event older than a reply we had changes nothing.
+                    if !st.take_if_current(&a) {
+                        return;
+                    }
                     st.version = a.version;
                     st.kernel_version = None;
                     st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
-                    // The event's attributes are the newest: the kernel's next GETATTR
-                    // is answered from them.
-                    st.attr = Some((a, std::time::Instant::now()));
                 }
                 self.drop_inline(ino);
                 self.invalidate(Invalidation::Inode { ino, data: true });
@@ -248,6 +253,7 @@ impl Core {
                 st.kernel_version = None;
                 st.version = 0;
                 st.attr = None;
+                st.seen_ctime = None;
                 st.names = None;
                 st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
             }

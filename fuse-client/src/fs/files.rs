@@ -961,6 +961,97 @@ impl Core {
         Ok(())
     }
 
+    /// `futimens` (or `utimensat` of an open file) by a writer, as `tar` does before every
+    /// close: answered at once from the attributes we hold, and sent behind the writes
+    /// before it; a failure is reported by the next write, fsync or close, like a write's.
+    /// `None` when it cannot be done that way (the caller sets them synchronously).
+    pub(super) async fn times_behind(
+        &self,
+        caller: Caller,
+        ino: u64,
+        fh: u64,
+        set: &SetAttr,
+    ) -> FsResult<Option<Attr>> {
+        let only_times = set.size.is_none()
+            && set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && (set.atime.is_some() || set.mtime.is_some());
+        let f = self.open_file(fh)?;
+        if !only_times || !f.writable || !self.client.events_live() {
+            return Ok(None);
+        }
+        let Some((handle, generation)) = self.shared_writer(ino)? else {
+            return Ok(None);
+        };
+        let (known, local_size) = match self.inodes()?.get(&ino) {
+            Some(st) => (st.attr.map(|(a, _)| a), st.local_size),
+            None => (None, None),
+        };
+        let Some(mut attr) = known else {
+            return Ok(None);
+        };
+        let tracker = self.tracker(ino)?;
+        if let Some(e) = tracker.peek_error() {
+            return errno(e);
+        }
+        // Held until the request is queued: no write or commit of this inode is queued
+        // between the writes before it and it.
+        let gate = tracker.gate.clone().write_owned().await;
+        let now = {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            ferry_common::proto::Timespec {
+                sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nsec: d.subsec_nanos(),
+            }
+        };
+        let at = |t: ferry_common::proto::TimeSet| match t {
+            ferry_common::proto::TimeSet::Now => now,
+            ferry_common::proto::TimeSet::At(t) => t,
+        };
+        if let Some(t) = set.atime {
+            attr.atime = at(t);
+        }
+        if let Some(t) = set.mtime {
+            attr.mtime = at(t);
+        }
+        attr.ctime = now;
+        if let Some(size) = local_size {
+            attr.size = size;
+        }
+        let request = Request::SetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+            set: set.clone(),
+        };
+        let (client, t) = (self.client.clone(), tracker.clone());
+        tokio::spawn(async move {
+            // The writes before it land first (the server may run them concurrently).
+            t.drain().await;
+            t.inflight.fetch_add(1, Ordering::SeqCst);
+            let sent = client.start_on(Some(generation), caller, request).await;
+            drop(gate);
+            let reply = match sent {
+                Ok(sent) => sent.reply().await,
+                Err(e) => Err(e),
+            };
+            match reply {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => t.fail(e),
+                Err(e) => t.fail(FsError::Transport(e).errno()),
+            }
+            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                t.done.notify_waiters();
+            }
+        });
+        // What the server will report differs (ctime, a `Now` time): the kernel asks again
+        // once the commit brings the real attributes.
+        self.forget_attr(ino);
+        Ok(Some(attr))
+    }
+
     /// The server truncated `ino` to nothing in the stage of this client's write handle
     /// (an `O_TRUNC` open): the next close must commit even if nothing is written.
     fn truncated_in_stage(&self, ino: u64, sino: u64) -> FsResult<()> {

@@ -70,6 +70,28 @@ struct InodeState {
     /// When `names` started: trusted no longer than the kernel's own entry TTL (a server
     /// that could not watch the directory sends no events for it).
     names_since: Option<Instant>,
+    /// ctime of the newest attributes seen for the inode. Replies and events can arrive
+    /// out of order (an event stat'ed before a change delivered after its reply): older
+    /// attributes never replace newer ones, nor does their version.
+    seen_ctime: Option<ferry_common::proto::Timespec>,
+}
+
+impl InodeState {
+    /// Whether `attr` is at least as recent as anything seen for this inode.
+    fn is_current(&self, attr: &Attr) -> bool {
+        self.seen_ctime
+            .is_none_or(|c| (attr.ctime.sec, attr.ctime.nsec) >= (c.sec, c.nsec))
+    }
+
+    /// Take `attr` as the inode's newest attributes if it is; returns whether it was.
+    fn take_if_current(&mut self, attr: &Attr) -> bool {
+        if !self.is_current(attr) {
+            return false;
+        }
+        self.seen_ctime = Some(attr.ctime);
+        self.attr = Some((*attr, Instant::now()));
+        true
+    }
 }
 
 /// Counters shown by `ferry stats`.
@@ -177,8 +199,12 @@ impl Core {
                 // Changed in some way we cannot see: xattrs may have changed too.
                 st.xattrs = XATTRS_UNKNOWN;
             }
-            st.version = attr.version;
-            st.attr = Some((attr, Instant::now()));
+            if st.take_if_current(&attr) {
+                st.version = attr.version;
+            } else if let Some((newer, _)) = st.attr {
+                // A reply overtaken by a newer event: the kernel gets the newer state.
+                attr = newer;
+            }
             if let Some(size) = st.local_size {
                 attr.size = size;
             }
@@ -193,7 +219,7 @@ impl Core {
             attr.ino = n.to_kernel(attr.ino);
         }
         if let Ok(mut inodes) = self.inodes.lock() {
-            inodes.entry(attr.ino).or_default().attr = Some((attr, Instant::now()));
+            inodes.entry(attr.ino).or_default().take_if_current(&attr);
         }
     }
 
@@ -462,6 +488,11 @@ impl Core {
         fh: Option<u64>,
         mut set: SetAttr,
     ) -> FsResult<Attr> {
+        if let Some(fh) = fh
+            && let Some(attr) = self.times_behind(caller, ino, fh, &set).await?
+        {
+            return Ok(attr);
+        }
         // Pending writes land before the size or times change, as they would locally.
         self.drain_writes(ino).await?;
         let mut attr = None;
