@@ -437,3 +437,57 @@ fn names_and_attributes_known_locally_stay_true() {
         fs::metadata(fx.mnt("made/sub/deeper/x")).is_ok()
     });
 }
+
+/// Listing a directory prefetches its subdirectories' listings (a tree walk then waits
+/// for no round trip per directory); changes on the export to a prefetched directory
+/// still show in the next walk.
+#[test]
+fn prefetched_listings_serve_a_walk_and_follow_changes() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for d in 0..6 {
+            let dir = e.join(format!("tree/d{d}"));
+            fs::create_dir_all(&dir).expect("mkdir");
+            for f in 0..3 {
+                fs::write(dir.join(format!("f{f}")), b"x").expect("write");
+            }
+        }
+    }) else {
+        return;
+    };
+    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
+    let walk = || {
+        let out = ferry_tests::run(
+            std::process::Command::new("ls")
+                .arg("-lR")
+                .arg(fx.mnt("tree")),
+        );
+        assert!(out.status.success(), "ls -lR failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = walk();
+    for d in 0..6 {
+        assert!(
+            listing.contains(&format!("d{d}:")),
+            "d{d} missing:\n{listing}"
+        );
+    }
+    let st = fx.mount.stats();
+    assert!(
+        st.get("listings_prefetched") >= 6,
+        "the subdirectories were not prefetched\n{st}"
+    );
+    assert!(
+        st.get("listings_from_cache") >= 1,
+        "the walk listed every subdirectory itself\n{st}"
+    );
+    fs::write(fx.exp("tree/d3/added"), b"new").expect("write on the export");
+    fs::remove_file(fx.exp("tree/d4/f1")).expect("rm on the export");
+    eventually("changes to prefetched directories in a new walk", || {
+        let l = walk();
+        let d3 = l.split("d3:").nth(1).unwrap_or("");
+        let d3 = d3.split("d4:").next().unwrap_or("");
+        let d4 = l.split("d4:").nth(1).unwrap_or("");
+        let d4 = d4.split("d5:").next().unwrap_or("");
+        d3.contains("added") && !d4.contains("f1")
+    });
+}

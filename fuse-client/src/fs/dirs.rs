@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_common::proto::{Attr, Caller, DirEntry, FileKind, MAX_DIR_BATCH, Request, Response};
+use ferry_common::proto::{
+    Attr, Caller, DirEntry, FileKind, MAX_DIR_BATCH, RelPath, Request, Response,
+};
 
 use super::{Core, poisoned};
 use crate::error::{FsError, FsResult, TransportError};
@@ -15,6 +17,11 @@ use crate::nodes::ROOT;
 
 /// Bumped on every directory invalidation: a listing fetched across one is not kept.
 pub(super) static DIR_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Most subdirectories whose listings one listing prefetches.
+pub(super) const PREFETCH_DIRS: usize = 64;
+/// Prefetched listings in flight at once (per mount).
+pub(super) const PREFETCH_PARALLEL: usize = 16;
 
 /// An open directory: the entries fetched so far, in the order the server gave them.
 #[derive(Debug)]
@@ -42,7 +49,7 @@ pub struct ListedEntry {
 impl Core {
     /// Open a directory; the flag says the listing comes from the cache (and so the
     /// kernel's cached copy, if any, is still right).
-    pub async fn opendir(&self, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
+    pub async fn opendir(self: &Arc<Self>, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
         // `..` only needs a plausible inode number; the kernel resolves `..` itself.
         let parent = if ino == ROOT {
             ROOT
@@ -65,6 +72,10 @@ impl Core {
                 self.stats
                     .listings_from_cache
                     .fetch_add(1, Ordering::Relaxed);
+                // A walk (ls -R, find, du) goes on into the subdirectories next.
+                if let Ok(path) = self.path(ino) {
+                    self.prefetch_children(caller, path, &entries);
+                }
                 DirStream {
                     ino,
                     parent,
@@ -79,7 +90,7 @@ impl Core {
                 let generation = self.client.connect().await?;
                 // Open and first batch in one round trip; small directories need no more.
                 let req = Request::ListDir {
-                    path,
+                    path: path.clone(),
                     max_entries: MAX_DIR_BATCH,
                 };
                 let (handle, entries, eof) = match self.rpc_on(generation, caller, req).await? {
@@ -98,6 +109,9 @@ impl Core {
                     && let Ok(mut c) = self.dir_cache.lock()
                 {
                     c.insert(ino, entries.clone());
+                }
+                if eof {
+                    self.prefetch_children(caller, path, &entries);
                 }
                 DirStream {
                     ino,
@@ -193,6 +207,75 @@ impl Core {
             });
         }
         Ok(out)
+    }
+
+    /// Fetch the listings of (up to [`PREFETCH_DIRS`] of) the subdirectories of `path`
+    /// in the background, several at a time, into the listing cache: a tree walk then
+    /// finds each directory already listed instead of waiting a round trip for it, which
+    /// over a WAN link is most of its time. Only while events keep the cache honest.
+    fn prefetch_children(self: &Arc<Self>, caller: Caller, path: RelPath, entries: &[DirEntry]) {
+        if !self.client.events_live() {
+            return;
+        }
+        let children: Vec<(u64, RelPath)> = {
+            let (Ok(nodes), Ok(cache)) = (self.nodes.lock(), self.dir_cache.lock()) else {
+                return;
+            };
+            entries
+                .iter()
+                .filter(|e| e.attr.kind == FileKind::Dir)
+                .map(|e| (nodes.to_kernel(e.attr.ino), path.join(&e.name.0)))
+                .filter(|(ino, _)| !cache.contains_key(ino))
+                .take(PREFETCH_DIRS)
+                .collect()
+        };
+        for (ino, child) in children {
+            let core = Arc::clone(self);
+            tokio::spawn(async move {
+                let Ok(_slot) = core.prefetching.acquire().await else {
+                    return;
+                };
+                let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+                if core
+                    .dir_cache
+                    .lock()
+                    .map(|c| c.contains_key(&ino))
+                    .unwrap_or(true)
+                {
+                    return;
+                }
+                let req = Request::ListDir {
+                    path: child,
+                    max_entries: MAX_DIR_BATCH,
+                };
+                let Ok(Ok(Response::Listing {
+                    handle,
+                    entries,
+                    eof,
+                    ..
+                })) = core.client.call(caller, req).await
+                else {
+                    return;
+                };
+                core.stats
+                    .listings_prefetched
+                    .fetch_add(1, Ordering::Relaxed);
+                if !eof {
+                    // Too big to prefetch whole: the walk will list it itself.
+                    let _ = core
+                        .client
+                        .call(caller, Request::ReleaseDir { handle })
+                        .await;
+                    return;
+                }
+                if core.client.events_live()
+                    && DIR_EPOCH.load(Ordering::SeqCst) == epoch
+                    && let Ok(mut c) = core.dir_cache.lock()
+                {
+                    c.entry(ino).or_insert_with(|| Arc::new(entries));
+                }
+            });
+        }
     }
 
     /// The kernel accepted a readdirplus entry: it now holds a reference to it.

@@ -101,6 +101,7 @@ pub struct Stats {
     pub getattrs_without_round_trip: AtomicU64,
     pub lookups_without_round_trip: AtomicU64,
     pub listings_from_cache: AtomicU64,
+    pub listings_prefetched: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
     pub invalidations: AtomicU64,
@@ -123,6 +124,8 @@ pub struct Core {
     invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
     /// A write-back of the cache metadata is scheduled.
     persist_due: Arc<std::sync::atomic::AtomicBool>,
+    /// Bounds the listings prefetched at once.
+    prefetching: tokio::sync::Semaphore,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     pub stats: Stats,
@@ -159,6 +162,7 @@ impl Core {
             cache,
             invalidator: OnceLock::new(),
             persist_due: Arc::default(),
+            prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -811,6 +815,7 @@ impl Core {
             ),
             ("lookups_without_round_trip", &s.lookups_without_round_trip),
             ("listings_from_cache", &s.listings_from_cache),
+            ("listings_prefetched", &s.listings_prefetched),
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
             ("invalidations", &s.invalidations),
