@@ -255,7 +255,12 @@ async fn serve_requests<T>(
             }
             continue;
         }
-        if runs_inline(&request) {
+        // A request ordered behind its handle's writes (see `ordered_after_writes`) waits
+        // off the connection task while any of them still runs.
+        let behind_writes = ordered_after_writes(&request)
+            .and_then(|h| ctx.handles.file(h).ok())
+            .filter(|f| f.writes_running.load(Ordering::SeqCst) > 0);
+        if runs_inline(&request) && behind_writes.is_none() {
             // Metadata calls on the export take microseconds: running them here saves
             // two thread hand-offs per request, which is most of a loopback round trip.
             // Anything that moves data or may wait (I/O, fsync, commit, listings,
@@ -297,9 +302,9 @@ async fn serve_requests<T>(
         if let Some(f) = &writing {
             f.writes_running.fetch_add(1, Ordering::SeqCst);
         }
-        let committing = match &request {
-            Request::Commit { handle } => ctx.handles.file(*handle).ok(),
-            _ => None,
+        let committing = match behind_writes {
+            Some(f) => Some(f),
+            None => ordered_after_writes(&request).and_then(|h| ctx.handles.file(h).ok()),
         };
         let ctx = Arc::clone(&ctx);
         let tx = tx.clone();
@@ -310,11 +315,12 @@ async fn serve_requests<T>(
                     f.writes_settled().await;
                 }
                 let kind = request.kind();
-                // Unstaged opens that truncate change the file as visibly as a commit
-                // does. (A staged truncation, also of an existing file met by Create, is
-                // applied by the commit, which has its own barrier.)
+                // Unstaged opens that truncate, and size changes, change the file as
+                // visibly as a commit does. (A staged truncation, also of an existing
+                // file met by Create, is applied by the commit, which has its own barrier.)
                 let truncates = matches!(&request,
-                    Request::Open { flags, staged: false, .. } if flags & libc::O_TRUNC != 0);
+                    Request::Open { flags, staged: false, .. } if flags & libc::O_TRUNC != 0)
+                    || matches!(&request, Request::SetAttr { set, .. } if set.size.is_some());
                 let started = Instant::now();
                 let blocking_span = tracing::Span::current();
                 let ctx2 = Arc::clone(&ctx);
@@ -336,10 +342,7 @@ async fn serve_requests<T>(
                 // Close-to-open: other clients drop their copy before the committer's
                 // close() returns.
                 let changed = match result.as_ref().map(|r| r.inner()) {
-                    // (Only size changes of SetAttr come here; see `runs_inline`.)
-                    Ok(ferry_common::Response::Attr(a))
-                        if kind == "commit" || kind == "setattr" =>
-                    {
+                    Ok(ferry_common::Response::Attr(a)) if kind == "commit" || truncates => {
                         Some(*a)
                     }
                     Ok(
@@ -445,6 +448,20 @@ fn runs_inline(r: &Request) -> bool {
         // waits for a barrier like a commit).
         Request::SetAttr { set, .. } => set.size.is_none(),
         _ => false,
+    }
+}
+
+/// Requests a client may send right behind writes of the same handle without waiting
+/// for their answers, and that must apply after them: `Commit`, and attribute changes
+/// through the handle (`futimens` before `close`, as `tar` does).
+fn ordered_after_writes(r: &Request) -> Option<u64> {
+    match r {
+        Request::Commit { handle } => Some(*handle),
+        Request::SetAttr {
+            handle: Some(handle),
+            ..
+        } => Some(*handle),
+        _ => None,
     }
 }
 

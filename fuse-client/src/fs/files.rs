@@ -1026,13 +1026,16 @@ impl Core {
             handle: Some(handle),
             set: set.clone(),
         };
-        let (client, t) = (self.client.clone(), tracker.clone());
+        // Queued behind every write before it (the gate is held), ahead of any later
+        // write or commit; the server applies it after those writes.
+        tracker.inflight.fetch_add(1, Ordering::SeqCst);
+        let sent = self
+            .client
+            .start_on(Some(generation), caller, request)
+            .await;
+        drop(gate);
+        let t = tracker.clone();
         tokio::spawn(async move {
-            // The writes before it land first (the server may run them concurrently).
-            t.drain().await;
-            t.inflight.fetch_add(1, Ordering::SeqCst);
-            let sent = client.start_on(Some(generation), caller, request).await;
-            drop(gate);
             let reply = match sent {
                 Ok(sent) => sent.reply().await,
                 Err(e) => Err(e),

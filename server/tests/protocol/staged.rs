@@ -376,3 +376,52 @@ async fn a_commit_sent_behind_writes_applies_them_or_none() {
     want[1..3].copy_from_slice(b"ok");
     assert!(std::fs::read(&real).unwrap() == want);
 }
+
+/// `futimens` sent right behind a large write (which runs on the blocking pool) applies
+/// after it: the write does not bump the mtime the client set.
+#[tokio::test]
+async fn times_sent_behind_a_write_apply_after_it() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let (h, _) = c
+        .create("", "new", 0o644, libc::O_WRONLY | libc::O_EXCL)
+        .await
+        .unwrap();
+    let stamp = Timespec {
+        sec: 1_000_000_000,
+        nsec: 5,
+    };
+    for round in 0..5u64 {
+        let w = c
+            .send(Request::Write {
+                handle: h,
+                offset: round << 20,
+                data: vec![round as u8; 1 << 20],
+            })
+            .await;
+        let t = c
+            .send(Request::SetAttr {
+                path: p(""),
+                handle: Some(h),
+                set: SetAttr {
+                    mtime: Some(TimeSet::At(stamp)),
+                    ..SetAttr::default()
+                },
+            })
+            .await;
+        let mut done = 0;
+        while done < 2 {
+            let (id, r) = c.recv().await.expect("reply");
+            assert!(id == w || id == t);
+            r.unwrap();
+            done += 1;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(server.root().join("new")).unwrap();
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec()),
+            (1_000_000_000, 5),
+            "round {round}: the write landed after the times"
+        );
+    }
+}
