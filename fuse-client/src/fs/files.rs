@@ -961,15 +961,14 @@ impl Core {
         Ok(())
     }
 
-    /// `futimens` (or `utimensat` of an open file) by a writer, as `tar` does before every
-    /// close: answered at once from the attributes we hold, and sent behind the writes
+    /// `futimens` (or `utimensat`) of a file this client has open for writing, as `tar`
+    /// does before every close: answered at once from the attributes we hold, and sent behind the writes
     /// before it; a failure is reported by the next write, fsync or close, like a write's.
     /// `None` when it cannot be done that way (the caller sets them synchronously).
     pub(super) async fn times_behind(
         &self,
         caller: Caller,
         ino: u64,
-        fh: u64,
         set: &SetAttr,
     ) -> FsResult<Option<Attr>> {
         let only_times = set.size.is_none()
@@ -977,8 +976,9 @@ impl Core {
             && set.uid.is_none()
             && set.gid.is_none()
             && (set.atime.is_some() || set.mtime.is_some());
-        let f = self.open_file(fh)?;
-        if !only_times || !f.writable || !self.client.events_live() {
+        // (The kernel names no handle for futimens: any writer of ours will do, the
+        // ordering that matters is behind this client's writes to the inode.)
+        if !only_times || !self.client.events_live() {
             return Ok(None);
         }
         let Some((handle, generation)) = self.shared_writer(ino)? else {
@@ -992,6 +992,12 @@ impl Core {
             return Ok(None);
         };
         let tracker = self.tracker(ino)?;
+        // Only with writes not yet committed: their close (or fsync) is what reports a
+        // failure. Otherwise (also right after a close, its release still on the way)
+        // the change must be on the server when the call returns.
+        if !tracker.dirty.load(Ordering::SeqCst) && tracker.inflight.load(Ordering::SeqCst) == 0 {
+            return Ok(None);
+        }
         if let Some(e) = tracker.peek_error() {
             return errno(e);
         }

@@ -492,9 +492,7 @@ impl Core {
         fh: Option<u64>,
         mut set: SetAttr,
     ) -> FsResult<Attr> {
-        if let Some(fh) = fh
-            && let Some(attr) = self.times_behind(caller, ino, fh, &set).await?
-        {
+        if let Some(attr) = self.times_behind(caller, ino, &set).await? {
             return Ok(attr);
         }
         // Pending writes land before the size or times change, as they would locally.
