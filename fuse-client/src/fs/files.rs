@@ -21,12 +21,12 @@ use crate::error::{FsError, FsResult, TransportError};
 /// Small files come back whole with the open reply (the seed's `get`).
 const INLINE_MAX: u32 = 1024 * 1024;
 /// Bytes of writes in flight per inode before `write` waits (backpressure).
-const WRITE_WINDOW: usize = 32 * 1024 * 1024;
+const WRITE_WINDOW: usize = 16 * 1024 * 1024;
 /// How often cache metadata is written back while files are being closed.
 const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Sequential readahead starts here and doubles up to `MAX_WINDOW`.
 const MIN_WINDOW: u64 = 1024 * 1024;
-const MAX_WINDOW: u64 = 32 * 1024 * 1024;
+const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Writes in flight for one inode, shared by all its handles.
 #[derive(Debug)]
