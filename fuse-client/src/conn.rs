@@ -404,6 +404,34 @@ impl Client {
         request: Request,
     ) -> Result<Sent, TransportError> {
         let conn = self.current().await?;
+        self.enqueue(&conn, generation, caller, request)
+    }
+
+    /// [`Client::start_on`] without waiting for anything: `None` (the request dropped)
+    /// when that would mean waiting (no live connection at hand, or its slot busy).
+    pub fn try_start_on(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+    ) -> Option<Result<Sent, TransportError>> {
+        let conn = {
+            let slot = self.conn.try_lock().ok()?;
+            match slot.as_ref() {
+                Some(c) if !c.is_dead() && !self.closed.load(Ordering::SeqCst) => c.clone(),
+                _ => return None,
+            }
+        };
+        Some(self.enqueue(&conn, generation, caller, request))
+    }
+
+    fn enqueue(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+    ) -> Result<Sent, TransportError> {
         if let Some(g) = generation
             && g != conn.generation
         {

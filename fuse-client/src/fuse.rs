@@ -411,6 +411,12 @@ impl Filesystem for FerryFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some(r) = self.core.write_now(caller(req), fh.0, offset, data) {
+            return match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(err(&e)),
+            };
+        }
         let (core, c, data) = (self.core.clone(), caller(req), data.to_vec());
         self.spawn(async move {
             match core.write(c, fh.0, offset, data).await {
@@ -428,6 +434,9 @@ impl Filesystem for FerryFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.core.flush_now(fh.0) {
+            return reply.ok();
+        }
         // close(): the data is on the server when this succeeds, or close() gets the error.
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_empty(reply, core.flush(c, fh.0).await) });
@@ -443,6 +452,9 @@ impl Filesystem for FerryFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if self.core.release_now(caller(req), fh.0) {
+            return reply.ok();
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_empty(reply, core.release(c, fh.0).await) });
     }

@@ -97,6 +97,18 @@ impl WriteTracker {
         }
     }
 
+    /// [`WriteTracker::claim`] if no write in flight overlaps, without waiting.
+    fn try_claim(&self, start: u64, end: u64) -> bool {
+        let Ok(mut r) = self.ranges.lock() else {
+            return false;
+        };
+        if r.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        r.push((start, end));
+        true
+    }
+
     fn release_range(&self, start: u64, end: u64) {
         if let Ok(mut r) = self.ranges.lock()
             && let Some(i) = r.iter().position(|&x| x == (start, end))
@@ -104,6 +116,27 @@ impl WriteTracker {
             r.swap_remove(i);
         }
         self.range_done.notify_waiters();
+    }
+
+    /// A write's answer arrived: record a failure, free its range and budget.
+    fn settle_write(
+        &self,
+        reply: Result<Result<Response, i32>, TransportError>,
+        len: usize,
+        range: (u64, u64),
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        match reply {
+            Ok(Ok(Response::Written { len: n })) if n as usize == len => {}
+            Ok(Ok(_)) => self.fail(libc::EIO),
+            Ok(Err(e)) => self.fail(e),
+            Err(e) => self.fail(FsError::Transport(e).errno()),
+        }
+        self.release_range(range.0, range.1);
+        drop(permit);
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.notify_waiters();
+        }
     }
 
     fn fail(&self, e: i32) {
@@ -810,6 +843,76 @@ impl Core {
         });
     }
 
+    /// A write queued at once, on the calling (FUSE session) thread, when nothing has to
+    /// be waited for: the write gate, the window budget and the byte range are free and
+    /// the connection is at hand. `None`: take the full path ([`Core::write`]).
+    pub fn write_now(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<FsResult<u32>> {
+        let rt = self.runtime.get()?;
+        let f = self.open_file(fh).ok()?;
+        let tracker = self.tracker(f.ino).ok()?;
+        if let Some(e) = tracker.peek_error() {
+            return Some(errno(e));
+        }
+        let (handle, generation) = f.handle()?;
+        let len = data.len();
+        let end = offset + len as u64;
+        let gate = tracker.gate.clone().try_read_owned().ok()?;
+        let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
+        let permit = tracker.budget.clone().try_acquire_many_owned(kib).ok()?;
+        let range = (offset, end.max(offset + 1));
+        if !tracker.try_claim(range.0, range.1) {
+            return None;
+        }
+        let request = Request::Write {
+            handle,
+            offset,
+            data: data.to_vec(),
+        };
+        // Counted before it is queued: its answer may come back at once.
+        tracker.inflight.fetch_add(1, Ordering::SeqCst);
+        let sent = match self.client.try_start_on(Some(generation), caller, request) {
+            Some(sent) => sent,
+            None => {
+                tracker.release_range(range.0, range.1);
+                if tracker.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    tracker.done.notify_waiters();
+                }
+                return None;
+            }
+        };
+        tracker.dirty.store(true, Ordering::SeqCst);
+        // The rest of what `write` does; the gate keeps any commit out until it is done.
+        self.drop_inline(f.ino);
+        if let Some(cache) = &self.cache
+            && cache.wrote(f.sino, offset, data).is_err()
+        {
+            cache.invalidate(f.sino);
+        }
+        if let Ok(mut inodes) = self.inodes.lock() {
+            let st = inodes.entry(f.ino).or_default();
+            let base = st
+                .local_size
+                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
+            st.local_size = Some(base.max(end));
+        }
+        drop(gate);
+        let t = tracker.clone();
+        rt.spawn(async move {
+            let reply = match sent {
+                Ok(sent) => sent.reply().await,
+                Err(e) => Err(e),
+            };
+            t.settle_write(reply, len, range, permit);
+        });
+        Some(Ok(len as u32))
+    }
+
     pub async fn write(
         &self,
         caller: Caller,
@@ -868,17 +971,7 @@ impl Core {
                 Ok(sent) => sent.reply().await,
                 Err(e) => Err(e),
             };
-            match reply {
-                Ok(Ok(Response::Written { len: n })) if n as usize == len => {}
-                Ok(Ok(_)) => t.fail(libc::EIO),
-                Ok(Err(e)) => t.fail(e),
-                Err(e) => t.fail(FsError::Transport(e).errno()),
-            }
-            t.release_range(offset, end.max(offset + 1));
-            drop(permit);
-            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                t.done.notify_waiters();
-            }
+            t.settle_write(reply, len, (offset, end.max(offset + 1)), permit);
         });
         Ok(len as u32)
     }
@@ -1266,24 +1359,63 @@ impl Core {
                 Err(e) => tracing::debug!("release: {e}"),
             }
         }
-        if let Some(cache) = &self.cache
-            && !self.persist_due.swap(true, Ordering::SeqCst)
-        {
-            // At most once a second (and at unmount): closing 5,000 small files must not
-            // rewrite the cache's metadata 5,000 times.
-            let (cache, due) = (cache.clone(), self.persist_due.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(PERSIST_EVERY).await;
-                due.store(false, Ordering::SeqCst);
-                let _ = tokio::task::spawn_blocking(move || {
-                    if let Err(e) = cache.persist() {
-                        tracing::warn!("cannot save cache metadata: {e}");
-                    }
-                })
-                .await;
+        self.schedule_persist();
+        result
+    }
+
+    /// Write the cache metadata back soon: at most once a second (and at unmount), so
+    /// closing 5,000 small files does not rewrite it 5,000 times.
+    fn schedule_persist(&self) {
+        let (Some(cache), Some(rt)) = (&self.cache, self.runtime.get()) else {
+            return;
+        };
+        if self.persist_due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (cache, due) = (cache.clone(), self.persist_due.clone());
+        rt.spawn(async move {
+            tokio::time::sleep(PERSIST_EVERY).await;
+            due.store(false, Ordering::SeqCst);
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = cache.persist() {
+                    tracing::warn!("cannot save cache metadata: {e}");
+                }
+            })
+            .await;
+        });
+    }
+
+    /// `close` of a read-only descriptor: nothing to wait for, answered on the calling
+    /// (FUSE session) thread. `false` for a writer (see [`Core::flush`]).
+    pub fn flush_now(&self, fh: u64) -> bool {
+        self.open_file(fh).is_ok_and(|f| !f.writable)
+    }
+
+    /// The last reference to a read-only descriptor went away: forgotten at once, its
+    /// server handle closed in the background. `false`: take [`Core::release`].
+    pub fn release_now(&self, caller: Caller, fh: u64) -> bool {
+        let Some(rt) = self.runtime.get() else {
+            return false;
+        };
+        let Ok(f) = self.open_file(fh) else {
+            return false;
+        };
+        if f.writable {
+            return false;
+        }
+        if let Ok(mut files) = self.files.lock() {
+            files.remove(&fh);
+        }
+        if let Some((handle, generation)) = f.handle() {
+            let client = self.client.clone();
+            rt.spawn(async move {
+                let _ = client
+                    .call_on(Some(generation), caller, Request::Release { handle })
+                    .await;
             });
         }
-        result
+        self.schedule_persist();
+        true
     }
 }
 
