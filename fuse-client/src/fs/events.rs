@@ -205,7 +205,8 @@ impl Core {
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
                 self.forget_listing(dir);
-                self.forget_attr(dir);
+                // (The directory's own attributes come with its own event, which the
+                // server sends with every entry change.)
                 // The event says exactly whether the name exists now: a directory whose
                 // every name we know stays known (this also covers our own new entries
                 // whose event overtook the reply).
