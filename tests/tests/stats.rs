@@ -14,7 +14,7 @@ const MIB: usize = 1024 * 1024;
 const PUSHED: Duration = Duration::from_secs(5);
 
 /// The counters `ferry stats --json` must offer, numbers all.
-const COUNTERS: [&str; 15] = [
+const COUNTERS: [&str; 18] = [
     "requests",
     "bytes_received",
     "bytes_read_from_server",
@@ -26,7 +26,10 @@ const COUNTERS: [&str; 15] = [
     "cache_evicted_bytes",
     "events_received",
     "opens_without_round_trip",
+    "getattrs_without_round_trip",
+    "lookups_without_round_trip",
     "listings_from_cache",
+    "listings_prefetched",
     "invalidations",
     "resyncs",
     "reconnects",
