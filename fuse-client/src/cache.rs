@@ -60,6 +60,30 @@ impl Entry {
         let start = block * BLOCK;
         self.size.saturating_sub(start).min(BLOCK)
     }
+
+    /// An entry for a file this client changed before knowing its server version: no
+    /// version matches it, so nothing is served from it until a commit or an open
+    /// re-bases it.
+    fn changed_locally(size: u64, generation: u64) -> Entry {
+        Entry {
+            version: u64::MAX,
+            size,
+            blocks: HashMap::new(),
+            meta_dirty: false,
+            generation,
+            dirty: true,
+        }
+    }
+
+    /// Drop every cached block of the entry from the LRU and the byte count.
+    fn drop_blocks(&mut self, lru: &mut BTreeMap<u64, (u64, u64)>, used: &mut u64) {
+        let mut freed = 0;
+        for (b, t) in self.blocks.drain().collect::<Vec<_>>() {
+            lru.remove(&t);
+            freed += self.block_len(b);
+        }
+        *used = used.saturating_sub(freed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -216,12 +240,7 @@ impl DataCache {
         match inner.files.get_mut(&ino) {
             Some(e) if e.version == version && e.size == size => !e.blocks.is_empty(),
             Some(e) => {
-                let mut freed = 0;
-                for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
-                    inner.lru.remove(&t);
-                    freed += e.block_len(b);
-                }
-                inner.used = inner.used.saturating_sub(freed);
+                e.drop_blocks(&mut inner.lru, &mut inner.used);
                 e.version = version;
                 e.size = size;
                 e.meta_dirty = true;
@@ -258,12 +277,7 @@ impl DataCache {
         if let Some(e) = inner.files.get_mut(&ino) {
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
-                let mut freed = 0;
-                for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
-                    inner.lru.remove(&t);
-                    freed += e.block_len(b);
-                }
-                inner.used = inner.used.saturating_sub(freed);
+                e.drop_blocks(&mut inner.lru, &mut inner.used);
                 drop_data(&self.data_path(ino));
             }
             e.version = version;
@@ -522,16 +536,10 @@ impl DataCache {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let inner = &mut *inner;
             let generation = inner.next_generation();
-            let e = inner.files.entry(ino).or_insert_with(|| Entry {
-                // No version matches this one: nothing is served from it until a commit
-                // or an open re-bases it.
-                version: u64::MAX,
-                size: 0,
-                blocks: HashMap::new(),
-                meta_dirty: false,
-                generation,
-                dirty: true,
-            });
+            let e = inner
+                .files
+                .entry(ino)
+                .or_insert_with(|| Entry::changed_locally(0, generation));
             e.generation = generation;
             e.dirty = true;
             e.meta_dirty = true;
@@ -573,20 +581,11 @@ impl DataCache {
         };
         let inner = &mut *inner;
         let generation = inner.next_generation();
-        let e = inner.files.entry(ino).or_insert_with(|| Entry {
-            version: u64::MAX,
-            size,
-            blocks: HashMap::new(),
-            meta_dirty: false,
-            generation,
-            dirty: true,
-        });
-        let mut freed = 0;
-        for (b, t) in e.blocks.drain().collect::<Vec<_>>() {
-            inner.lru.remove(&t);
-            freed += e.block_len(b);
-        }
-        inner.used = inner.used.saturating_sub(freed);
+        let e = inner
+            .files
+            .entry(ino)
+            .or_insert_with(|| Entry::changed_locally(size, generation));
+        e.drop_blocks(&mut inner.lru, &mut inner.used);
         e.size = size;
         e.generation = generation;
         e.dirty = true;

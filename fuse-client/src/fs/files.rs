@@ -177,6 +177,42 @@ struct FileState {
     inline: Option<Arc<Vec<u8>>>,
 }
 
+impl FileState {
+    /// Whether a read at `offset` continues the previous one, and the readahead window
+    /// it would get. Changes nothing (see [`FileState::record_read`]).
+    fn next_window(&self, offset: u64) -> (bool, u64) {
+        let sequential = offset == self.next_off && offset > 0;
+        let window = if sequential {
+            (self.window * 2).min(MAX_WINDOW)
+        } else {
+            MIN_WINDOW
+        };
+        (sequential, window)
+    }
+
+    /// Account for a read of `len` bytes at `offset`; returns whether the file is being
+    /// read at random (a second small out-of-order read in a row).
+    fn record_read(&mut self, offset: u64, len: u64) -> bool {
+        let (sequential, window) = self.next_window(offset);
+        if sequential || len >= BLOCK || offset == 0 {
+            self.random_streak = 0;
+        } else {
+            self.random_streak = self.random_streak.saturating_add(1);
+        }
+        self.window = window;
+        self.next_off = offset + len;
+        self.random_streak >= 2
+    }
+
+    /// `[offset, offset+len)` of the content the open reply carried, if it did.
+    fn inline_slice(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let data = self.inline.as_ref()?;
+        let start = (offset as usize).min(data.len());
+        let end = (offset.saturating_add(len) as usize).min(data.len());
+        Some(data[start..end].to_vec())
+    }
+}
+
 #[derive(Debug)]
 pub struct OpenFile {
     ino: u64,
@@ -685,20 +721,13 @@ impl Core {
         }
         let len = u64::from(size);
         let mut st = f.state.lock().ok()?;
-        if let Some(data) = &st.inline {
-            let start = (offset as usize).min(data.len());
-            let end = (offset.saturating_add(len) as usize).min(data.len());
+        if let Some(d) = st.inline_slice(offset, len) {
             self.stats
                 .bytes_served_from_cache
-                .fetch_add((end - start) as u64, Ordering::Relaxed);
-            return Some(data[start..end].to_vec());
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            return Some(d);
         }
-        let sequential = offset == st.next_off && offset > 0;
-        let window = if sequential {
-            (st.window * 2).min(MAX_WINDOW)
-        } else {
-            MIN_WINDOW
-        };
+        let (sequential, window) = st.next_window(offset);
         let from = offset + len;
         let prefetch_due =
             sequential && st.prefetched_to < st.size && from + window / 2 >= st.prefetched_to;
@@ -711,14 +740,7 @@ impl Core {
             }
             _ => return None,
         };
-        // The same bookkeeping as the full path.
-        if sequential || len >= BLOCK || offset == 0 {
-            st.random_streak = 0;
-        } else {
-            st.random_streak = st.random_streak.saturating_add(1);
-        }
-        st.window = window;
-        st.next_off = from;
+        st.record_read(offset, len);
         self.stats
             .bytes_served_from_cache
             .fetch_add(d.len() as u64, Ordering::Relaxed);
@@ -743,33 +765,15 @@ impl Core {
         }
         let (version, file_size, window, sequential, random) = {
             let mut st = f.state.lock().map_err(|_| poisoned())?;
-            if let Some(data) = &st.inline {
-                let start = (offset as usize).min(data.len());
-                let end = (offset.saturating_add(len) as usize).min(data.len());
+            if let Some(d) = st.inline_slice(offset, len) {
                 self.stats
                     .bytes_served_from_cache
-                    .fetch_add((end - start) as u64, Ordering::Relaxed);
-                return Ok(data[start..end].to_vec());
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                return Ok(d);
             }
-            let sequential = offset == st.next_off && offset > 0;
-            if sequential || len >= BLOCK || offset == 0 {
-                st.random_streak = 0;
-            } else {
-                st.random_streak = st.random_streak.saturating_add(1);
-            }
-            st.window = if sequential {
-                (st.window * 2).min(MAX_WINDOW)
-            } else {
-                MIN_WINDOW
-            };
-            st.next_off = offset + len;
-            (
-                st.version,
-                st.size,
-                st.window,
-                sequential,
-                st.random_streak >= 2,
-            )
+            let (sequential, _) = st.next_window(offset);
+            let random = st.record_read(offset, len);
+            (st.version, st.size, st.window, sequential, random)
         };
         for attempt in 0..2 {
             match cache.read(f.sino, version, offset, len) {
@@ -843,6 +847,24 @@ impl Core {
         });
     }
 
+    /// What a write changes locally: inline copies, cached blocks, the size the kernel
+    /// is shown while writes are pending. Called with the write gate held.
+    fn note_write(&self, f: &OpenFile, offset: u64, data: &[u8]) {
+        self.drop_inline(f.ino);
+        if let Some(cache) = &self.cache
+            && cache.wrote(f.sino, offset, data).is_err()
+        {
+            cache.invalidate(f.sino);
+        }
+        if let Ok(mut inodes) = self.inodes.lock() {
+            let st = inodes.entry(f.ino).or_default();
+            let base = st
+                .local_size
+                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
+            st.local_size = Some(base.max(offset + data.len() as u64));
+        }
+    }
+
     /// A write queued at once, on the calling (FUSE session) thread, when nothing has to
     /// be waited for: the write gate, the window budget and the byte range are free and
     /// the connection is at hand. `None`: take the full path ([`Core::write`]).
@@ -887,20 +909,8 @@ impl Core {
             }
         };
         tracker.dirty.store(true, Ordering::SeqCst);
-        // The rest of what `write` does; the gate keeps any commit out until it is done.
-        self.drop_inline(f.ino);
-        if let Some(cache) = &self.cache
-            && cache.wrote(f.sino, offset, data).is_err()
-        {
-            cache.invalidate(f.sino);
-        }
-        if let Ok(mut inodes) = self.inodes.lock() {
-            let st = inodes.entry(f.ino).or_default();
-            let base = st
-                .local_size
-                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
-            st.local_size = Some(base.max(end));
-        }
+        // The gate keeps any commit out until the cache and the size know of it.
+        self.note_write(&f, offset, data);
         drop(gate);
         let t = tracker.clone();
         rt.spawn(async move {
@@ -930,20 +940,7 @@ impl Core {
         // Taken before the cache sees the data: a commit must never adopt a cache that
         // holds bytes the server has not been sent yet.
         let gate = tracker.gate.clone().read_owned().await;
-        self.drop_inline(f.ino);
-        if let Some(cache) = &self.cache
-            && cache.wrote(f.sino, offset, &data).is_err()
-        {
-            cache.invalidate(f.sino);
-        }
-        {
-            let mut inodes = self.inodes()?;
-            let st = inodes.entry(f.ino).or_default();
-            let base = st
-                .local_size
-                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
-            st.local_size = Some(base.max(end));
-        }
+        self.note_write(&f, offset, &data);
         let (handle, generation) = self.ensure_handle(caller, &f).await?;
         let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
         let permit = tracker
