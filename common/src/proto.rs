@@ -23,6 +23,10 @@ pub const DEFAULT_PORT: u16 = 7420;
 /// Largest read or write payload a single request may carry. Both ends refuse more.
 pub const MAX_IO: u32 = 4 * 1024 * 1024;
 
+/// Most bytes one `CopyRange` copies: the answer fits `Response::Written`, and one
+/// request keeps its handles busy for a bounded time (callers loop, as `cp` does).
+pub const MAX_COPY: u64 = 256 * 1024 * 1024;
+
 /// Largest number of directory entries in one `ReadDir` reply.
 pub const MAX_DIR_BATCH: u32 = 4096;
 
@@ -38,6 +42,8 @@ pub mod caps {
     pub const EVENTS: u64 = 1 << 0;
     /// Server may be asked to create files on behalf of the caller's uid/gid.
     pub const CALLER_CREDS: u64 = 1 << 1;
+    /// Server copies between two open handles itself ([`super::Request::CopyRange`]).
+    pub const COPY_RANGE: u64 = 1 << 2;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the
@@ -368,6 +374,19 @@ pub enum Request {
     BarrierAck {
         id: u64,
     },
+    /// `copy_file_range(2)` done by the server: copies up to `len` bytes (at most
+    /// [`MAX_COPY`] per request) from `src` at `src_offset` to `dst` at `dst_offset`,
+    /// through the handles as their reads and writes would go (a staged `dst` gets the
+    /// bytes in its staging file, a staged `src` gives its staged bytes). Replies
+    /// `Response::Written` with the bytes copied; fewer than asked means `src` ended.
+    /// Only with [`caps::COPY_RANGE`].
+    CopyRange {
+        src: u64,
+        src_offset: u64,
+        dst: u64,
+        dst_offset: u64,
+        len: u64,
+    },
 }
 
 impl Request {
@@ -404,6 +423,7 @@ impl Request {
             Request::RemoveXattr { .. } => "removexattr",
             Request::BarrierAck { .. } => "barrier_ack",
             Request::ListDir { .. } => "listdir",
+            Request::CopyRange { .. } => "copy_range",
         }
     }
 
@@ -422,6 +442,7 @@ impl Request {
             | Request::Write { .. }
             | Request::Commit { .. }
             | Request::Fallocate { .. }
+            | Request::CopyRange { .. }
             | Request::SetXattr { .. }
             | Request::RemoveXattr { .. } => true,
             Request::Open { flags, .. } => {

@@ -507,22 +507,27 @@ impl DataCache {
             }
         }
         for (ino, off, len) in punched {
-            if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino)) {
-                // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
-                unsafe {
-                    libc::fallocate(
-                        f.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off as libc::off_t,
-                        len as libc::off_t,
-                    );
-                }
-            }
+            self.punch(ino, off, len);
         }
         for ino in emptied {
             drop_data(&self.data_path(ino));
         }
         Ok(())
+    }
+
+    /// Free the disk blocks of `[off, off+len)` in the data file of `ino`.
+    fn punch(&self, ino: u64, off: u64, len: u64) {
+        if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino)) {
+            // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                );
+            }
+        }
     }
 
     /// This client wrote `data` at `offset`: keep the cached copy in step. Bytes land in
@@ -534,26 +539,10 @@ impl DataCache {
         let end = offset + data.len() as u64;
         let keep = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let inner = &mut *inner;
-            let generation = inner.next_generation();
-            let e = inner
-                .files
-                .entry(ino)
-                .or_insert_with(|| Entry::changed_locally(0, generation));
-            e.generation = generation;
-            e.dirty = true;
-            e.meta_dirty = true;
+            let e = Self::changing(&mut inner, ino, end);
             // Write-around: new data is not copied into the cache (that would write every
             // byte twice on the client's disk); blocks already cached are patched so they
-            // stay exact. Growing the file lengthens its (formerly) last block.
-            if end > e.size {
-                let last = e.size / BLOCK;
-                let before = e.block_len(last);
-                e.size = end;
-                if e.blocks.contains_key(&last) {
-                    inner.used += e.block_len(last) - before;
-                }
-            }
+            // stay exact.
             (offset / BLOCK..end.div_ceil(BLOCK))
                 .filter(|b| e.blocks.contains_key(b))
                 .count()
@@ -571,6 +560,61 @@ impl DataCache {
         // restored here, only by a store.
         file.write_all_at(data, offset)?;
         Ok(())
+    }
+
+    /// This client changed `[offset, offset+len)` without the bytes passing through here
+    /// (the server copied them): the blocks it touches are dropped, the others kept.
+    pub fn overwritten(&self, ino: u64, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = offset + len;
+        let dropped: Vec<(u64, u64)> = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return;
+            };
+            let inner = &mut *inner;
+            Self::changing(inner, ino, end);
+            let Some(e) = inner.files.get_mut(&ino) else {
+                return;
+            };
+            let mut dropped = Vec::new();
+            for b in offset / BLOCK..end.div_ceil(BLOCK) {
+                if let Some(t) = e.blocks.remove(&b) {
+                    let len = e.block_len(b);
+                    dropped.push((b * BLOCK, len));
+                    inner.lru.remove(&t);
+                    inner.used = inner.used.saturating_sub(len);
+                }
+            }
+            dropped
+        };
+        for (off, len) in dropped {
+            self.punch(ino, off, len);
+        }
+    }
+
+    /// The entry of `ino` about to be changed by this client up to `end`: nothing fetched
+    /// before is stored into it any more, nothing fetched is until the commit is adopted,
+    /// and a growing file lengthens its (formerly) last block.
+    fn changing(inner: &mut Inner, ino: u64, end: u64) -> &mut Entry {
+        let generation = inner.next_generation();
+        let e = inner
+            .files
+            .entry(ino)
+            .or_insert_with(|| Entry::changed_locally(0, generation));
+        e.generation = generation;
+        e.dirty = true;
+        e.meta_dirty = true;
+        if end > e.size {
+            let last = e.size / BLOCK;
+            let before = e.block_len(last);
+            e.size = end;
+            if e.blocks.contains_key(&last) {
+                inner.used += e.block_len(last) - before;
+            }
+        }
+        e
     }
 
     /// This client truncated `ino` to `size` in its staged (uncommitted) copy: nothing

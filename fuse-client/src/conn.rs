@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::TransportError;
 
 /// Capabilities this client asks for.
-const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS;
+const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -131,6 +131,12 @@ impl Client {
             && self
                 .welcome()
                 .is_some_and(|w| w.capabilities & caps::EVENTS != 0)
+    }
+
+    /// Whether the server copies between handles itself (`Request::CopyRange`).
+    pub fn copies_ranges(&self) -> bool {
+        self.welcome()
+            .is_some_and(|w| w.capabilities & caps::COPY_RANGE != 0)
     }
 
     /// What the server said in the last successful handshake.

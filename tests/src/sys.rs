@@ -1,5 +1,5 @@
 //! Thin wrappers over the libc calls std does not offer (renameat2, utimensat with
-//! nanoseconds, fallocate, mkfifo, statvfs, a checked close, …), each returning
+//! nanoseconds, fallocate, copy_file_range, mkfifo, statvfs, a checked close, …), each returning
 //! `io::Result` so a test can assert on the errno, plus the errno assertions themselves.
 
 use std::ffi::CString;
@@ -246,6 +246,31 @@ fn describe_err(e: &io::Error) -> String {
 #[track_caller]
 pub fn assert_errno<T: Debug>(r: io::Result<T>, expected: i32) {
     assert_errno_in(r, &[expected]);
+}
+
+/// `copy_file_range(2)` with explicit offsets (neither file position moves); returns the
+/// bytes copied, which may be fewer than `len`.
+pub fn copy_file_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut src_off = libc::loff_t::try_from(src_off).map_err(|_| io::Error::other("offset"))?;
+    let mut dst_off = libc::loff_t::try_from(dst_off).map_err(|_| io::Error::other("offset"))?;
+    // SAFETY: valid descriptors and pointers to two live offsets.
+    let ret = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut src_off,
+            dst.as_raw_fd(),
+            &mut dst_off,
+            len,
+            0,
+        )
+    };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 /// Asserts `r` failed with one of the `expected` errno values.

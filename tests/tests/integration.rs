@@ -15,6 +15,7 @@
 //! - `server_killed`: a dead or frozen server makes operations fail, not hang.
 //! - `coherence`: changes behind a mount's back (server disk, another mount) show up.
 //! - `close_to_open`: a close on one mount, then an open on another sees the new content.
+//! - `copy`: `copy_file_range` (what `cp` uses) done by the server, staged until close.
 //! - `cache`: the persistent data cache (cap, remount reuse, ranges, concurrent I/O).
 //! - `stats`: `ferry stats` in text and JSON.
 //! - `cli`: `ferry ls/get/put/shell/mount/umount` and their errors.
@@ -25,6 +26,7 @@ mod cache;
 mod cli;
 mod close_to_open;
 mod coherence;
+mod copy;
 mod differential;
 mod escape;
 mod multi_user;

@@ -189,6 +189,9 @@ enum Change {
     /// `open(O_WRONLY)`, 8 MiB `pwrite` over a 12 MiB file: writes still in flight
     /// (written behind) when the server dies.
     InFlight,
+    /// `open(O_WRONLY)`, then `copy_file_range` from the file itself (opened read-only)
+    /// to past its end: a copy the server makes into the staging file.
+    CopyInto,
 }
 
 /// Files on the export (old content, cached by the mount first) are opened and changed
@@ -238,6 +241,12 @@ fn failed_upload_keeps_the_old_copy(changes: &[Change]) {
             Change::InFlight => f.write_all_at(&rng.bytes(8 << 20), 1 << 20),
             Change::Ftruncate => f.set_len(0).and_then(|()| f.write_all(&rng.bytes(150_000))),
             Change::OTrunc => f.write_all(&rng.bytes(150_000)),
+            Change::CopyInto => fs::File::open(&path).and_then(|src| {
+                let len = src.metadata()?.len();
+                let n = ferry_tests::sys::copy_file_range(&src, 0, &f, len, len as usize)?;
+                assert_eq!(n as u64, len, "{name}: bytes copied");
+                Ok(())
+            }),
         }
         .unwrap_or_else(|e| panic!("{name}: writing: {e}"));
         open.push((name.clone(), f));
@@ -338,4 +347,9 @@ fn a_failed_upload_fails_the_close_and_keeps_the_old_copy() {
 #[test]
 fn a_failed_rewrite_after_a_truncation_keeps_the_old_copy() {
     failed_upload_keeps_the_old_copy(&[Change::OTrunc, Change::Ftruncate]);
+}
+
+#[test]
+fn a_failed_close_after_a_server_side_copy_keeps_the_old_copy() {
+    failed_upload_keeps_the_old_copy(&[Change::CopyInto]);
 }

@@ -973,6 +973,79 @@ impl Core {
         Ok(len as u32)
     }
 
+    /// `copy_file_range(2)` between two files of this mount: the server copies between
+    /// the two handles, so no byte crosses the network. Into a file opened for writing it
+    /// is staged like a write (the server's copy changes at close). `EXDEV` when the
+    /// server cannot do it (the kernel then copies through read and write).
+    pub async fn copy_range(
+        &self,
+        caller: Caller,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u32> {
+        if !self.client.copies_ranges() {
+            return errno(libc::EXDEV);
+        }
+        let src = self.open_file(fh_in)?;
+        let dst = self.open_file(fh_out)?;
+        if !dst.writable {
+            return errno(libc::EBADF);
+        }
+        let len = len.min(ferry_common::MAX_COPY);
+        let out = self.tracker(dst.ino)?;
+        // Like a write: no commit between the cache learning of it and the server
+        // having it.
+        let _gate = out.gate.clone().read_owned().await;
+        // Earlier writes to either file are applied first: the server runs large ones
+        // concurrently with other requests.
+        out.drain().await;
+        if src.ino != dst.ino {
+            self.tracker(src.ino)?.drain().await;
+        }
+        if let Some(e) = out.peek_error() {
+            return errno(e);
+        }
+        let (dst_handle, generation) = self.ensure_handle(caller, &dst).await?;
+        let (src_handle, src_generation) = self.io_handle(caller, &src).await?;
+        if src_generation != generation {
+            // Handles of two connections (one opened before a reconnect).
+            return errno(libc::EXDEV);
+        }
+        out.dirty.store(true, Ordering::SeqCst);
+        // Whatever the outcome, cached bytes of the range may be stale from here on.
+        self.drop_inline(dst.ino);
+        if let Some(cache) = &self.cache {
+            cache.overwritten(dst.sino, off_out, len);
+        }
+        let req = Request::CopyRange {
+            src: src_handle,
+            src_offset: off_in,
+            dst: dst_handle,
+            dst_offset: off_out,
+            len,
+        };
+        let copied = match self.rpc_on(generation, caller, req).await? {
+            Response::Written { len } => len,
+            _ => return Err(TransportError::Protocol.into()),
+        };
+        self.stats
+            .bytes_copied_on_server
+            .fetch_add(u64::from(copied), Ordering::Relaxed);
+        if copied > 0
+            && let Ok(mut inodes) = self.inodes.lock()
+        {
+            let st = inodes.entry(dst.ino).or_default();
+            let base = st
+                .local_size
+                .unwrap_or_else(|| dst.state.lock().map(|s| s.size).unwrap_or(0));
+            st.local_size = Some(base.max(off_out + u64::from(copied)));
+        }
+        Ok(copied)
+    }
+
     /// Wait for this inode's writes, then make them the file's content on the server.
     pub(super) async fn commit(&self, caller: Caller, ino: u64) -> FsResult<()> {
         let sino = self.server_ino(ino);

@@ -104,6 +104,8 @@ pub struct Stats {
     pub listings_prefetched: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
+    /// Bytes `copy_file_range` had the server copy (never sent over the network).
+    pub bytes_copied_on_server: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
 }
@@ -825,6 +827,7 @@ impl Core {
             ("listings_prefetched", &s.listings_prefetched),
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
+            ("bytes_copied_on_server", &s.bytes_copied_on_server),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
         ] {

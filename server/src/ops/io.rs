@@ -1,12 +1,12 @@
-//! I/O on open files: read, write, fsync, commit, fallocate.
+//! I/O on open files: read, write, copy, fsync, commit, fallocate.
 //!
 //! A staged handle (see [`crate::staging`]) reads and writes through its staging state;
 //! everything else goes straight to the descriptor. Must never touch a file by path:
 //! only handles reach here.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use ferry_common::{MAX_IO, Response};
+use ferry_common::{MAX_COPY, MAX_IO, Response};
 
 use super::{Ctx, handle_attr};
 use crate::handles::Handle;
@@ -25,27 +25,51 @@ pub fn read(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Result<Response, Errn
         return Err(libc::EINVAL);
     }
     let f = ctx.handles.file(handle)?;
-    let start = offset(off)?;
+    offset(off)?;
     if let Some(staging) = f.staging() {
         return staging
             .read(f.fd.as_fd(), off, len as usize)
             .map(Response::Data);
     }
-    let mut buf = vec![0u8; len as usize];
+    read_full(f.fd.as_fd(), off, len as usize).map(Response::Data)
+}
+
+/// `pread` until `len` bytes or end of file. Bytes already read are returned when an
+/// error follows them (the error repeats on the next call).
+fn read_full(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    let start = offset(off)?;
+    let mut buf = vec![0u8; len];
     let mut done = 0usize;
     while done < buf.len() {
         let pos = start.checked_add(done as i64).ok_or(libc::EINVAL)?;
-        match sys::pread(f.fd.as_fd(), &mut buf[done..], pos) {
+        match sys::pread(fd, &mut buf[done..], pos) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(libc::EINTR) => {}
-            // Bytes already read are returned; the error will repeat on the next call.
             Err(_) if done > 0 => break,
             Err(e) => return Err(e),
         }
     }
     buf.truncate(done);
-    Ok(Response::Data(buf))
+    Ok(buf)
+}
+
+/// `pwrite` all of `data` at `off`; a failure after a partial write reports the bytes
+/// written, as `write(2)` does.
+fn write_full(fd: BorrowedFd<'_>, off: u64, data: &[u8]) -> Result<usize, Errno> {
+    let start = offset(off)?;
+    let mut done = 0usize;
+    while done < data.len() {
+        let pos = start.checked_add(done as i64).ok_or(libc::EFBIG)?;
+        match sys::pwrite(fd, &data[done..], pos) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(libc::EINTR) => {}
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Writes all bytes at `off` (never appending, see [`PASSED_FLAGS`]). A failure after a
@@ -55,23 +79,13 @@ pub fn write(ctx: &Ctx, handle: u64, off: u64, data: &[u8]) -> Result<Response, 
         return Err(libc::EINVAL);
     }
     let f = ctx.handles.file(handle)?;
-    let start = offset(off)?;
+    offset(off)?;
     if let Some(mut staging) = f.staging() {
         let done = staging.write(f.fd.as_fd(), off, data)?;
         // `done` ≤ MAX_IO, checked above.
         return Ok(Response::Written { len: done as u32 });
     }
-    let mut done = 0usize;
-    while done < data.len() {
-        let pos = start.checked_add(done as i64).ok_or(libc::EFBIG)?;
-        match sys::pwrite(f.fd.as_fd(), &data[done..], pos) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(libc::EINTR) => {}
-            Err(_) if done > 0 => break,
-            Err(e) => return Err(e),
-        }
-    }
+    let done = write_full(f.fd.as_fd(), off, data)?;
     // `done` ≤ MAX_IO, checked above.
     Ok(Response::Written { len: done as u32 })
 }
@@ -121,4 +135,92 @@ pub fn fallocate(ctx: &Ctx, handle: u64, off: u64, len: u64, mode: i32) -> Resul
     }
     sys::fallocate(f.fd.as_fd(), mode, off, len)?;
     Ok(Response::Ok)
+}
+
+/// Chunk of a copy that goes through a staging file (read, then written, in memory).
+const COPY_CHUNK: usize = 1024 * 1024;
+
+/// `copy_file_range` between two handles of this connection, done here so the bytes
+/// never cross the network. Each side behaves as its reads and writes do: a staged source
+/// gives its staged bytes, a staged destination gets the bytes in its staging file (the
+/// real file changes at commit, as with writes). Copies until `len` (at most
+/// [`MAX_COPY`]) or the source's end; a failure after some bytes reports those bytes.
+pub fn copy_range(
+    ctx: &Ctx,
+    src: u64,
+    src_off: u64,
+    dst: u64,
+    dst_off: u64,
+    len: u64,
+) -> Result<Response, Errno> {
+    let from = ctx.handles.file(src)?;
+    let to = ctx.handles.file(dst)?;
+    if !to.writable {
+        return Err(libc::EBADF);
+    }
+    let len = len.min(MAX_COPY);
+    // Both ranges must be addressable as signed offsets, as for pread/pwrite.
+    offset(src_off.checked_add(len).ok_or(libc::EINVAL)?)?;
+    offset(dst_off.checked_add(len).ok_or(libc::EFBIG)?).map_err(|_| libc::EFBIG)?;
+    let mut done = 0u64;
+    let result = if from.staging.is_none() && to.staging.is_none() {
+        // Plain descriptors: the kernel copies (or shares the blocks, where it can).
+        loop {
+            if done == len {
+                break Ok(());
+            }
+            let want = usize::try_from(len - done).unwrap_or(usize::MAX);
+            match sys::copy_file_range(
+                from.fd.as_fd(),
+                src_off + done,
+                to.fd.as_fd(),
+                dst_off + done,
+                want,
+            ) {
+                Ok(0) => break Ok(()),
+                Ok(n) => done += n as u64,
+                Err(libc::EINTR) => {}
+                Err(e) => break Err(e),
+            }
+        }
+    } else {
+        loop {
+            if done == len {
+                break Ok(());
+            }
+            let want = COPY_CHUNK.min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            let chunk = match from.staging() {
+                Some(staging) => staging.read(from.fd.as_fd(), src_off + done, want),
+                None => read_full(from.fd.as_fd(), src_off + done, want),
+            };
+            let chunk = match chunk {
+                Ok(c) if c.is_empty() => break Ok(()),
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            };
+            // Neither staging lock is held across both calls: source and destination may
+            // be the same handle.
+            let wrote = match to.staging() {
+                Some(mut staging) => staging.write(to.fd.as_fd(), dst_off + done, &chunk),
+                None => write_full(to.fd.as_fd(), dst_off + done, &chunk),
+            };
+            match wrote {
+                Ok(n) => done += n as u64,
+                Err(e) => break Err(e),
+            }
+            if chunk.len() < want {
+                break Ok(());
+            }
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if done == 0 => return Err(e),
+        // Reported as a short copy; the error repeats on the caller's next call.
+        Err(_) => {}
+    }
+    // `done` ≤ MAX_COPY < 4 GiB.
+    Ok(Response::Written {
+        len: u32::try_from(done).map_err(|_| libc::EIO)?,
+    })
 }

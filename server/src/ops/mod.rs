@@ -210,6 +210,13 @@ fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Er
             len,
             mode,
         } => io::fallocate(ctx, handle, offset, len, mode),
+        Request::CopyRange {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            len,
+        } => io::copy_range(ctx, src, src_offset, dst, dst_offset, len),
         Request::Release { handle } => ctx.handles.remove_file(handle).map(|()| Response::Ok),
         Request::OpenDir { path } => dir::opendir(ctx, &path),
         Request::ReadDir {

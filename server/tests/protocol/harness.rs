@@ -63,7 +63,7 @@ impl Server {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.addr, caps::CALLER_CREDS).await
+        Client::connect(self.addr, caps::CALLER_CREDS | caps::COPY_RANGE).await
     }
 
     /// Trigger shutdown; `run` must then return within the deadline.

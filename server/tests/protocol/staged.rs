@@ -425,3 +425,83 @@ async fn times_sent_behind_a_write_apply_after_it() {
         );
     }
 }
+
+fn copy(src: u64, src_offset: u64, dst: u64, dst_offset: u64, len: u64) -> Request {
+    Request::CopyRange {
+        src,
+        src_offset,
+        dst,
+        dst_offset,
+        len,
+    }
+}
+
+#[tokio::test]
+async fn copy_range_between_plain_and_staged_handles() {
+    let server = Server::start().await;
+    let root = server.root();
+    std::fs::write(root.join("src"), b"0123456789").unwrap();
+    std::fs::write(root.join("dst"), b"abcdefghij").unwrap();
+    let mut c = server.client().await;
+    assert!(c.welcome.capabilities & caps::COPY_RANGE != 0);
+    let (src, _) = c.open("src", libc::O_RDONLY).await.unwrap();
+
+    // Plain descriptors: the real file changes at once; a short count at the source's end.
+    let (plain, _) = c.open("dst", libc::O_RDWR).await.unwrap();
+    assert_eq!(
+        c.call(copy(src, 2, plain, 8, 100)).await,
+        Ok(Response::Written { len: 8 })
+    );
+    assert_eq!(
+        std::fs::read(root.join("dst")).unwrap(),
+        b"abcdefgh23456789"
+    );
+    assert_eq!(
+        c.call(copy(src, 50, plain, 0, 10)).await,
+        Ok(Response::Written { len: 0 })
+    );
+
+    // Staged destination: the copy waits for the commit; a staged source gives its
+    // staged bytes.
+    let (staged, _) = c.open_staged("dst", libc::O_RDWR).await.unwrap();
+    assert_eq!(
+        c.call(copy(src, 0, staged, 0, 3)).await,
+        Ok(Response::Written { len: 3 })
+    );
+    assert_eq!(
+        std::fs::read(root.join("dst")).unwrap(),
+        b"abcdefgh23456789"
+    );
+    assert_eq!(c.read(staged, 0, 4).await.unwrap(), b"012d");
+    assert_eq!(
+        c.call(copy(staged, 0, staged, 20, 2)).await,
+        Ok(Response::Written { len: 2 })
+    );
+    assert_eq!(c.commit(staged).await.unwrap().size, 22);
+    assert_eq!(
+        std::fs::read(root.join("dst")).unwrap(),
+        b"012defgh23456789\x00\x00\x00\x0001"
+    );
+
+    // Errors: unknown handles, a read-only destination, offsets past what a file can hold.
+    assert_eq!(c.call(copy(src, 0, 9999, 0, 1)).await, Err(libc::EBADF));
+    assert_eq!(c.call(copy(9999, 0, plain, 0, 1)).await, Err(libc::EBADF));
+    assert_eq!(c.call(copy(plain, 0, src, 0, 1)).await, Err(libc::EBADF));
+    assert_eq!(
+        c.call(copy(src, 0, plain, u64::MAX - 1, 10)).await,
+        Err(libc::EFBIG)
+    );
+    assert_eq!(
+        c.call(copy(src, u64::MAX - 1, plain, 0, 10)).await,
+        Err(libc::EINVAL)
+    );
+}
+
+#[tokio::test]
+async fn copy_range_is_refused_on_a_read_only_export() {
+    let server = Server::start_with(true).await;
+    std::fs::write(server.root().join("f"), b"data").unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open("f", libc::O_RDONLY).await.unwrap();
+    assert_eq!(c.call(copy(h, 0, h, 10, 4)).await, Err(libc::EROFS));
+}
