@@ -94,6 +94,10 @@ struct Inner {
     tick: u64,
     used: u64,
     generations: u64,
+    /// Entries a passthrough open reads directly (by server inode, with a count): their
+    /// data file is never punched or replaced, only rewritten in place (see
+    /// [`DataCache::pin`]).
+    pins: HashMap<u64, u32>,
 }
 
 impl Inner {
@@ -246,7 +250,7 @@ impl DataCache {
                 e.meta_dirty = true;
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
-                drop_data(&self.data_path(ino));
+                self.reset_data(ino, inner.pins.contains_key(&ino), size);
                 false
             }
             None => {
@@ -278,7 +282,7 @@ impl DataCache {
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
-                drop_data(&self.data_path(ino));
+                self.reset_data(ino, inner.pins.contains_key(&ino), size);
             }
             e.version = version;
             e.size = size;
@@ -321,6 +325,24 @@ impl DataCache {
             Some(e) => (0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b)),
             None => false,
         }
+    }
+
+    /// The data file of `ino` opened for reading, when it holds exactly the file: every
+    /// block cached at `version`, `size` bytes long, no uncommitted change of this client.
+    pub fn open_complete(&self, ino: u64, version: u64, size: u64) -> Option<File> {
+        let inner = self.inner.lock().ok()?;
+        let e = inner.files.get(&ino)?;
+        if e.version != version
+            || e.size != size
+            || e.dirty
+            || !(0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b))
+        {
+            return None;
+        }
+        // Opened under the lock: no reset can cut the file between the check and here.
+        let file = File::open(self.data_path(ino)).ok()?;
+        file.metadata().ok().filter(|m| m.len() == size)?;
+        Some(file)
     }
 
     /// Block-aligned ranges of `[offset, offset+len)` (clipped to the file size) that are
@@ -436,10 +458,9 @@ impl DataCache {
             .iter()
             .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
             .sum();
-        if need > self.cap {
+        if need > self.cap || !self.evict_to(need)? {
             return Ok(());
         }
-        self.evict_to(need)?;
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -480,17 +501,23 @@ impl DataCache {
         Ok(())
     }
 
-    /// Evict least recently used blocks until `extra` more bytes fit under the cap.
-    fn evict_to(&self, extra: u64) -> io::Result<()> {
+    /// Evict least recently used blocks until `extra` more bytes fit under the cap;
+    /// returns whether they fit. Blocks of pinned entries are never evicted.
+    fn evict_to(&self, extra: u64) -> io::Result<bool> {
         let mut punched: Vec<(u64, u64, u64)> = Vec::new();
         let mut emptied = Vec::new();
-        {
+        let fits = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let inner = &mut *inner;
+            let mut from = 0;
             while inner.used + extra > self.cap {
-                let Some((&t, &(ino, b))) = inner.lru.iter().next() else {
+                let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                     break;
                 };
+                if inner.pins.contains_key(&ino) {
+                    from = t + 1;
+                    continue;
+                }
                 inner.lru.remove(&t);
                 if let Some(e) = inner.files.get_mut(&ino)
                     && e.blocks.remove(&b).is_some()
@@ -505,14 +532,54 @@ impl DataCache {
                     }
                 }
             }
-        }
+            inner.used + extra <= self.cap
+        };
         for (ino, off, len) in punched {
             self.punch(ino, off, len);
         }
         for ino in emptied {
             drop_data(&self.data_path(ino));
         }
-        Ok(())
+        Ok(fits)
+    }
+
+    /// A passthrough open reads the data file of `ino` directly: until the matching
+    /// [`DataCache::unpin`], none of its blocks is evicted, and a new version is written
+    /// over the old bytes in place (the file is only cut to the new size), so the reader
+    /// sees the new content as it is fetched, never holes.
+    pub fn pin(&self, ino: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            *inner.pins.entry(ino).or_default() += 1;
+        }
+    }
+
+    pub fn unpin(&self, ino: u64) {
+        if let Ok(mut inner) = self.inner.lock()
+            && let Some(n) = inner.pins.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                inner.pins.remove(&ino);
+            }
+        }
+    }
+
+    pub fn pinned(&self, ino: u64) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|inner| inner.pins.contains_key(&ino))
+    }
+
+    /// The data file of `ino` no longer holds valid blocks: emptied, or for a pinned
+    /// entry only cut to `size` (its bytes are overwritten as the new ones arrive).
+    fn reset_data(&self, ino: u64, pinned: bool, size: u64) {
+        if !pinned {
+            drop_data(&self.data_path(ino));
+        } else if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino))
+            && f.metadata().is_ok_and(|m| m.len() > size)
+        {
+            let _ = f.set_len(size);
+        }
     }
 
     /// Free the disk blocks of `[off, off+len)` in the data file of `ino`.
@@ -634,11 +701,12 @@ impl DataCache {
         e.generation = generation;
         e.dirty = true;
         e.meta_dirty = true;
-        drop_data(&self.data_path(ino));
+        self.reset_data(ino, inner.pins.contains_key(&ino), size);
     }
 
     /// Forget everything about `ino` (deleted, or changed in a way we cannot track).
     pub fn invalidate(&self, ino: u64) {
+        let mut pinned = false;
         if let Ok(mut inner) = self.inner.lock() {
             let inner = &mut *inner;
             if let Some(e) = inner.files.remove(&ino) {
@@ -647,8 +715,9 @@ impl DataCache {
                 }
                 inner.used = Self::recount(&inner.files);
             }
+            pinned = inner.pins.contains_key(&ino);
         }
-        drop_data(&self.data_path(ino));
+        self.reset_data(ino, pinned, u64::MAX);
         let _ = std::fs::remove_file(self.meta_path(ino));
     }
 
@@ -758,6 +827,40 @@ mod tests {
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert!(c.complete(9));
         assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d));
+    }
+
+    #[test]
+    fn pinned_entries_are_never_evicted_and_change_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        c.validate(1, 1, 2 * BLOCK);
+        c.store(1, 1, c.token(1).unwrap(), 0, &data(2 * BLOCK as usize, 1))
+            .unwrap();
+        let reader = c.open_complete(1, 1, 2 * BLOCK).unwrap();
+        c.pin(1);
+        // Another file wants more than the cap leaves: it gets what fits, the pinned
+        // blocks stay, and the cap holds.
+        c.validate(2, 1, 4 * BLOCK);
+        for i in 0..4 {
+            c.store(2, 1, c.token(2).unwrap(), i * BLOCK, &data(BLOCK as usize, 2))
+                .unwrap();
+            assert!(c.used() <= 4 * BLOCK);
+        }
+        assert!(c.complete(1));
+        // A new, shorter version: the same file is cut and rewritten, never replaced.
+        assert!(!c.validate(1, 2, BLOCK + 10));
+        assert_eq!(c.open_complete(1, 2, BLOCK + 10).map(|_| ()), None);
+        let new = data(BLOCK as usize + 10, 9);
+        c.store(1, 2, c.token(1).unwrap(), 0, &new).unwrap();
+        let again = c.open_complete(1, 2, BLOCK + 10).unwrap();
+        let (a, b) = (reader.metadata().unwrap(), again.metadata().unwrap());
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "same data file");
+        let mut got = vec![0u8; new.len()];
+        reader.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, new, "the pinned reader sees the new version");
+        c.unpin(1);
+        assert!(!c.pinned(1));
     }
 
     #[test]

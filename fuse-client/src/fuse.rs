@@ -22,6 +22,7 @@ use fuser::{
 
 use crate::error::FsError;
 use crate::fs::{Core, XattrReply};
+use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
 const BLKSIZE: u32 = 1024 * 1024;
@@ -37,15 +38,24 @@ pub struct FerryFuse {
     /// kernel stops asking, which keeps `ls -l` (two xattr probes per file, never cached
     /// by the kernel) from costing two trips through this daemon per entry.
     xattrs: bool,
+    /// The I/O mode of every open file, and passthrough (see [`crate::passthrough`]).
+    modes: Arc<IoModes>,
 }
 
 impl FerryFuse {
-    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, read_only: bool, xattrs: bool) -> Self {
+    pub fn new(
+        core: Arc<Core>,
+        rt: tokio::runtime::Handle,
+        read_only: bool,
+        xattrs: bool,
+        passthrough: bool,
+    ) -> Self {
         FerryFuse {
             core,
             rt,
             read_only,
             xattrs,
+            modes: Arc::new(IoModes::new(passthrough)),
         }
     }
 }
@@ -169,6 +179,14 @@ impl Filesystem for FerryFuse {
         let _ = config.set_max_readahead(MAX_REQUEST);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Passthrough: the kernel reads fully cached files from the data cache itself.
+        // Backing files on a stacked filesystem are refused; ferry stays stackable.
+        if self.modes.enabled()
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            let _ = config.set_max_stack_depth(1);
+        }
         Ok(())
     }
 
@@ -361,18 +379,46 @@ impl Filesystem for FerryFuse {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (core, c) = (self.core.clone(), caller(req));
+        let (core, c, modes) = (self.core.clone(), caller(req), self.modes.clone());
         let flags = flags.0;
         if self.read_only
             && (flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0)
         {
             return reply.error(Errno::EROFS);
         }
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         self.spawn(async move {
-            match core.open(c, ino.0, flags).await {
-                Ok(o) => reply.opened(FileHandle(o.fh), open_flags(o.keep_cache)),
-                Err(e) => reply.error(err(&e)),
+            // Held until answered: no passthrough begins under a writer's open.
+            let _writer = match read_only {
+                true => None,
+                false => match modes.writer_opening(ino.0) {
+                    Ok(w) => Some(w),
+                    Err(e) => return reply.error(e),
+                },
+            };
+            let mut reply = reply;
+            for _ in 0..4 {
+                if read_only && modes.passing_through(ino.0) {
+                    // It must share the passthrough readers' file: wait until a new
+                    // version being fetched into it is complete.
+                    core.complete_pinned(c, ino.0).await;
+                }
+                let o = match core.open(c, ino.0, flags).await {
+                    Ok(o) => o,
+                    Err(e) => return reply.error(err(&e)),
+                };
+                match modes.reply_open(&core, ino.0, o.fh, flags, o.keep_cache, reply) {
+                    Ok(()) => return,
+                    Err((r, refused)) => {
+                        let _ = core.release(c, o.fh).await;
+                        if let Some(e) = refused {
+                            return r.error(e);
+                        }
+                        reply = r;
+                    }
+                }
             }
+            reply.error(Errno::EIO)
         });
     }
 
@@ -452,6 +498,8 @@ impl Filesystem for FerryFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The kernel dropped the open from its I/O modes before sending this.
+        self.modes.released(&self.core, fh.0);
         if self.core.release_now(caller(req), fh.0) {
             return reply.ok();
         }
@@ -627,15 +675,22 @@ impl Filesystem for FerryFuse {
         reply: ReplyCreate,
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
+        let modes = self.modes.clone();
         self.spawn(async move {
             match core.create(c, parent.0, &name, mode, umask, flags).await {
-                Ok(o) => reply.created(
-                    &core.ttl(),
-                    &fuse_attr(&o.attr),
-                    Generation(0),
-                    FileHandle(o.fh),
-                    open_flags(o.keep_cache),
-                ),
+                Ok(o) => match modes.create_flags(o.attr.ino, o.fh, o.keep_cache) {
+                    Ok(flags) => reply.created(
+                        &core.ttl(),
+                        &fuse_attr(&o.attr),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        flags,
+                    ),
+                    Err(e) => {
+                        let _ = core.release(c, o.fh).await;
+                        reply.error(e)
+                    }
+                },
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -737,14 +792,6 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             reply_empty(reply, core.fallocate(c, fh.0, offset, length, mode).await)
         });
-    }
-}
-
-fn open_flags(keep_cache: bool) -> FopenFlags {
-    if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
-    } else {
-        FopenFlags::empty()
     }
 }
 

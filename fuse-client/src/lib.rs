@@ -21,6 +21,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod nodes;
+pub mod passthrough;
 pub mod stats;
 
 /// `host`, `host:port` or `[v6]:port` → `host:port`, adding the default port.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ferry_client::mount::{
-    MountOpts, default_cache_dir, mount_background, mount_foreground, parse_size, unmount,
+    MountOpts, Passthrough, default_cache_dir, mount_background, mount_foreground, parse_size,
+    unmount,
 };
 use ferry_client::{cli, conn::Client, remote_addr};
 
@@ -53,6 +54,12 @@ enum Cmd {
         /// two xattrs per file and the kernel never caches the answers.
         #[arg(long)]
         xattrs: bool,
+        /// Let the kernel read fully cached files (1 MiB and up) straight from the data
+        /// cache, at local-disk speed (FUSE passthrough; needs root). While a file is read
+        /// that way, opening it for writing on this mount fails with ETXTBSY. `auto`: only
+        /// for a read-only export.
+        #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
+        passthrough: Passthrough,
         #[arg(long, hide = true)]
         ready_pipe: bool,
     },
@@ -116,6 +123,7 @@ fn run(args: Args) -> Result<()> {
             cache_size,
             no_cache,
             xattrs,
+            passthrough,
             ready_pipe,
         } => {
             let cache_dir = if no_cache {
@@ -133,6 +141,7 @@ fn run(args: Args) -> Result<()> {
                 cache_dir: cache_dir.clone(),
                 cache_size,
                 xattrs,
+                passthrough,
             };
             if foreground {
                 mount_foreground(&opts, ready_pipe)
@@ -155,6 +164,7 @@ fn run(args: Args) -> Result<()> {
                 if xattrs {
                     child.push("--xattrs".into());
                 }
+                child.extend(["--passthrough".into(), passthrough.to_string().into()]);
                 match &cache_dir {
                     Some(d) => {
                         let d = std::path::absolute(d).unwrap_or(d.clone());

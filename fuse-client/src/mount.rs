@@ -41,6 +41,28 @@ pub struct MountOpts {
     pub cache_size: u64,
     /// Forward extended attributes (see `FerryFuse`).
     pub xattrs: bool,
+    /// When the kernel may read fully cached files from the data cache (FUSE
+    /// passthrough; needs root, see `crate::passthrough`).
+    pub passthrough: Passthrough,
+}
+
+/// `ferry mount --passthrough`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Passthrough {
+    /// On for a read-only export (nothing on the mount can write), off otherwise.
+    Auto,
+    On,
+    Off,
+}
+
+impl std::fmt::Display for Passthrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Passthrough::Auto => "auto",
+            Passthrough::On => "on",
+            Passthrough::Off => "off",
+        })
+    }
 }
 
 /// Default cache location: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
@@ -224,6 +246,13 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         rt.handle().clone(),
         welcome.read_only,
         opts.xattrs,
+        // Registering a backing file needs CAP_SYS_ADMIN.
+        match opts.passthrough {
+            Passthrough::On => true,
+            Passthrough::Auto => welcome.read_only,
+            Passthrough::Off => false,
+        } && cache.is_some()
+            && running_as_root(),
     );
 
     let mut config = Config::default();
@@ -403,4 +432,9 @@ pub fn unmount(mp: &Path) -> Result<()> {
         }
     }
     Err(anyhow!("cannot unmount {}: {err}", mp.display()))
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

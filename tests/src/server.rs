@@ -99,9 +99,19 @@ impl TestServer {
     }
 
     /// Sends a signal (SIGSTOP, SIGCONT, …) without waiting for anything.
+    /// Sends `sig`; for SIGSTOP, returns once every thread of the server is stopped (a
+    /// thread running on another CPU finishes what it is doing first, and could still
+    /// answer a request sent right after `kill` returned).
     pub fn signal(&self, sig: i32) {
-        if self.exited.is_none() {
-            kill(self.pid(), sig);
+        if self.exited.is_some() {
+            return;
+        }
+        kill(self.pid(), sig);
+        if sig == libc::SIGSTOP {
+            let stopped = crate::poll_until(std::time::Duration::from_secs(10), || {
+                all_threads_stopped(self.pid())
+            });
+            assert!(stopped, "ferryd {} did not stop after SIGSTOP", self.pid());
         }
     }
 
@@ -243,4 +253,18 @@ impl Drop for TestServer {
             );
         }
     }
+}
+
+/// Whether every thread of `pid` is in state T (stopped), from `/proc/PID/task/*/stat`.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }

@@ -149,6 +149,7 @@ fn a_remount_reads_unchanged_files_from_the_cache() {
         }
     };
 
+    // Without passthrough: the daemon serves every byte, and counts it.
     let mut first = TestMount::with_cache_home(&server, &[], cache_home.path());
     read_all(&first, &files, "first mount");
     first.unmount().expect("unmount the first mount");
@@ -515,4 +516,148 @@ fn cache_dir_and_no_cache_options() {
     );
     let st = uncached.stats();
     assert_eq!(st.get_or_zero("cache_bytes"), 0, "--no-cache\n{st}");
+}
+
+/// Reads `len` bytes at `off` through `f` (short only at the end of the file).
+fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => panic!("pread at {}: {e}", off + done as u64),
+        }
+    }
+    buf.truncate(done);
+    buf
+}
+
+/// With `--passthrough on`, a read-only open of a large file whose bytes are all in the
+/// cache is served by FUSE passthrough (the mount runs as root here): its reads never
+/// reach the daemon, memory maps read the same bytes. While it is open, another reader on
+/// the mount shares it, a writer on the mount gets ETXTBSY (its writes could not reach
+/// the server), and changes made through another mount or on the export reach the open
+/// reader; after the close, a writer works again and a new open sees the newest content.
+#[test]
+fn fully_cached_files_are_read_through_passthrough() {
+    let mut rng = Rng::new(0x9a55);
+    let mut data = rng.bytes(4 * MIB + 77);
+    let Some(fx) = fixture_with(&[], &["--passthrough", "on"], |e| {
+        fs::write(e.join("big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    // The first read fills the cache (the open cannot pass through yet).
+    assert_same_bytes(&fs::read(fx.mnt("big")).expect("read"), &data, "first read");
+    let before = fx.mount.stats();
+    let reader = File::open(fx.mnt("big")).expect("open for reading");
+    let after_open = fx.mount.stats();
+    if after_open.get("passthrough_opens") == before.get("passthrough_opens") {
+        // Only where the kernel offers passthrough (Linux 6.9+ with
+        // CONFIG_FUSE_PASSTHROUGH); the mount log says why not.
+        eprintln!(
+            "skipping fully_cached_files_are_read_through_passthrough: no passthrough here\n{}",
+            fx.mount.log()
+        );
+        return;
+    }
+    let _ = fadvise_dontneed(&reader);
+    assert_same_bytes(&pread(&reader, 0, data.len()), &data, "passthrough read");
+    let st = fx.mount.stats();
+    for key in [
+        "requests.read",
+        "bytes_served_from_cache",
+        "bytes_read_from_server",
+    ] {
+        assert_eq!(
+            st.get_or_zero(key),
+            after_open.get_or_zero(key),
+            "{key} changed while reading through passthrough\n{st}"
+        );
+    }
+    // SAFETY: plain read-only shared mapping of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&reader),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap of the passthrough file");
+    // SAFETY: the mapping covers data.len() readable bytes.
+    let mapped = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), data.len()) };
+    assert!(mapped == &data[..], "bytes through mmap");
+    // SAFETY: unmapping what was mapped above.
+    unsafe { libc::munmap(map, data.len()) };
+
+    let other = File::open(fx.mnt("big")).expect("second open for reading");
+    assert_same_bytes(
+        &pread(&other, 1000, 5000),
+        &data[1000..6000],
+        "second reader",
+    );
+    ferry_tests::assert_errno(
+        OpenOptions::new().write(true).open(fx.mnt("big")),
+        libc::ETXTBSY,
+    );
+
+    // Written through another mount: the open readers follow.
+    let second = TestMount::new(&fx.server);
+    let patch = rng.bytes(10_000);
+    {
+        let w = OpenOptions::new()
+            .write(true)
+            .open(second.join("big"))
+            .expect("open for writing on another mount");
+        w.write_all_at(&patch, 2 * MIB as u64).expect("write");
+        close(w).expect("close the writer");
+    }
+    data[2 * MIB..2 * MIB + patch.len()].copy_from_slice(&patch);
+    for (f, which) in [(&reader, "first"), (&other, "second")] {
+        assert!(
+            poll_until(PUSHED, || pread(f, 0, data.len()) == data),
+            "the {which} passthrough reader does not see a write made through another mount"
+        );
+    }
+    // Appended on the export.
+    let tail = rng.bytes(300_000);
+    {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(fx.exp("big"))
+            .expect("open on the export");
+        f.write_all(&tail).expect("append on the export");
+    }
+    data.extend_from_slice(&tail);
+    assert!(
+        poll_until(PUSHED, || pread(&reader, 0, data.len()) == data),
+        "the passthrough reader does not follow an append on the export"
+    );
+    // A new reader opened now sees all of it at once (close-to-open).
+    let third = File::open(fx.mnt("big")).expect("third open for reading");
+    assert_same_bytes(
+        &pread(&third, 0, data.len()),
+        &data,
+        "a reader opened after the append",
+    );
+    drop((reader, other, third));
+
+    // Nothing passes through any more: writing on this mount works again.
+    let w = OpenOptions::new()
+        .write(true)
+        .open(fx.mnt("big"))
+        .expect("open for writing after the readers closed");
+    w.write_all_at(b"end", 0).expect("write");
+    close(w).expect("close");
+    data[..3].copy_from_slice(b"end");
+    assert_same_bytes(
+        &fs::read(fx.exp("big")).expect("export"),
+        &data,
+        "the export",
+    );
+    assert_same_bytes(&fs::read(fx.mnt("big")).expect("mount"), &data, "the mount");
 }

@@ -491,3 +491,83 @@ fn prefetched_listings_serve_a_walk_and_follow_changes() {
         d3.contains("added") && !d4.contains("f1")
     });
 }
+
+/// Bytes `fd` reads from offset 0 (up to 1 MiB).
+fn pread_all(f: &fs::File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let n = f
+        .read_at(&mut buf, 0)
+        .expect("pread through the open descriptor");
+    buf.truncate(n);
+    buf
+}
+
+/// A descriptor kept open (as `tail -f` keeps its file) while the file changes on the
+/// export: after the change event its reads give the new content, appended bytes
+/// included, for a small file (served from the open reply) and a larger one (served from
+/// the disk cache). And what the old descriptor read never makes a new open of the file
+/// see less than the whole of it (a short read through it must not shrink the kernel's
+/// idea of the file's size).
+#[test]
+fn an_open_descriptor_follows_changes_on_the_export() {
+    let big = Rng::new(0x7a11).bytes(3 << 20);
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::write(e.join("small.log"), b"line 1\n").expect("write");
+        fs::write(e.join("big.log"), &big).expect("write");
+    }) else {
+        return;
+    };
+    for (name, old) in [
+        ("small.log", b"line 1\n".to_vec()),
+        ("big.log", big.clone()),
+    ] {
+        // Cached first, then kept open.
+        assert!(
+            fs::read(fx.mnt(name)).expect("read") == old,
+            "{name} before"
+        );
+        let f = fs::File::open(fx.mnt(name)).expect("open");
+        assert!(pread_all(&f)[..old.len().min(1 << 20)] == old[..old.len().min(1 << 20)]);
+
+        let mut appended = old.clone();
+        appended.extend_from_slice(b"line 2, appended on the server\n");
+        fs::write(fx.exp(name), &appended).expect("append on the export");
+        let want = |d: &[u8]| {
+            d == &appended[..appended.len().min(1 << 20)]
+                || (appended.len() > 1 << 20 && d.len() == 1 << 20)
+        };
+        eventually(
+            &format!("{name}: the append through the open descriptor"),
+            || {
+                let got = pread_all(&f);
+                let end = f.metadata().map(|m| m.len()).unwrap_or(0);
+                end == appended.len() as u64 && want(&got)
+            },
+        );
+        if appended.len() > 1 << 20 {
+            use std::os::unix::fs::FileExt;
+            let at = appended.len() as u64 - 100;
+            eventually(&format!("{name}: the appended tail"), || {
+                let mut tail = vec![0u8; 100];
+                f.read_at(&mut tail, at)
+                    .is_ok_and(|n| tail[..n] == appended[appended.len() - 100..])
+            });
+        }
+
+        // Same size, other bytes: a new open must see all of it, while the old
+        // descriptor is still open and has read.
+        let mut rewritten = appended.clone();
+        rewritten[..6].copy_from_slice(b"LINE 1");
+        fs::write(fx.exp(name), &rewritten).expect("rewrite on the export");
+        let _ = pread_all(&f);
+        eventually(&format!("{name}: the rewrite through a new open"), || {
+            fs::read(fx.mnt(name)).is_ok_and(|d| d == rewritten)
+        });
+        eventually(
+            &format!("{name}: the rewrite through the old descriptor"),
+            || pread_all(&f)[..6] == *b"LINE 1",
+        );
+        drop(f);
+    }
+}

@@ -171,3 +171,43 @@ fn ferry_put_and_raw_writes_are_refused() {
         1
     );
 }
+
+/// On a read-only export nothing on the mount can write, so fully cached large files are
+/// read through FUSE passthrough by default (where the kernel offers it), and a file
+/// changed on the server's disk still reads new through the mount.
+#[test]
+fn a_read_only_export_reads_cached_files_through_passthrough() {
+    let data = ferry_tests::rng::Rng::new(0x40a5).bytes(3 << 20);
+    let Some(fx) = fixture_with(&["--read-only"], &[], |e| {
+        fs::write(e.join("big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    assert!(fs::read(fx.mnt("big")).expect("first read") == data);
+    let before = fx.mount.stats();
+    assert!(fs::read(fx.mnt("big")).expect("second read") == data);
+    let after = fx.mount.stats();
+    if after.get("passthrough_opens") == before.get("passthrough_opens") {
+        let log = fx.mount.log();
+        assert!(
+            log.contains("passthrough"),
+            "no passthrough open on a read-only export, and the mount log does not say why:\n{log}"
+        );
+        eprintln!("passthrough unavailable here:\n{log}");
+        return;
+    }
+    assert_eq!(
+        after.get_or_zero("requests.read"),
+        before.get_or_zero("requests.read"),
+        "the second read went through the daemon\n{after}"
+    );
+    let mut changed = data.clone();
+    changed[12345] ^= 0x5a;
+    fs::write(fx.exp("big"), &changed).expect("change on the server's disk");
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(5), || {
+            fs::read(fx.mnt("big")).is_ok_and(|d| d == changed)
+        }),
+        "a change on the server's disk does not show through the mount"
+    );
+}

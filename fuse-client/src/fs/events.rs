@@ -114,7 +114,7 @@ impl Core {
             Err(_) => false,
         };
         if known {
-            self.drop_inline(ino);
+            self.changed_on_server(ino, &attr);
             if let Some(parent) = self.nodes.lock().ok().and_then(|n| n.parent_of(ino)) {
                 self.forget_listing(parent);
             }
@@ -199,7 +199,7 @@ impl Core {
                     st.kernel_version = None;
                     st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
                 }
-                self.drop_inline(ino);
+                self.changed_on_server(ino, &a);
                 self.invalidate(Invalidation::Inode { ino, data: true });
             }
             // Gone, replaced by another file, or new: the name must be looked up again.

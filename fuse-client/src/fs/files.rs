@@ -269,6 +269,30 @@ impl Core {
         }
     }
 
+    /// `ino` has new content on the server (`attr`, from an event): descriptors already
+    /// open read it from now on, as they would a local file, instead of what was current
+    /// when they were opened (their server handles read the file as it is now, and a
+    /// short read of the old length would make the kernel shrink the file's size for
+    /// every opener).
+    pub(super) fn changed_on_server(&self, ino: u64, attr: &Attr) {
+        let open: Vec<Arc<OpenFile>> = match self.files.lock() {
+            Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
+            Err(_) => return,
+        };
+        for f in &open {
+            if let Ok(mut st) = f.state.lock() {
+                st.version = attr.version;
+                st.size = attr.size;
+                st.inline = None;
+                st.prefetched_to = 0;
+            }
+        }
+        if let (Some(cache), Some(f)) = (&self.cache, open.first()) {
+            cache.validate(f.sino, attr.version, attr.size);
+            self.refresh_pinned(f);
+        }
+    }
+
     fn tracker(&self, ino: u64) -> FsResult<Arc<WriteTracker>> {
         Ok(self.inodes()?.entry(ino).or_default().writes.clone())
     }
@@ -1046,6 +1070,96 @@ impl Core {
         Ok(copied)
     }
 
+    /// The cache's data file for a passthrough open of `fh` (see `crate::passthrough`),
+    /// with the server inode: `fh` is read-only, the file is at least
+    /// [`crate::passthrough::MIN_SIZE`] long and wholly cached at the version `fh` reads,
+    /// and this client has no write of it pending or open.
+    pub fn passthrough_file(&self, fh: u64) -> Option<(std::fs::File, u64)> {
+        let f = self.open_file(fh).ok()?;
+        if f.writable {
+            return None;
+        }
+        let (version, size) = {
+            let st = f.state.lock().ok()?;
+            (st.version, st.size)
+        };
+        if size < crate::passthrough::MIN_SIZE {
+            return None;
+        }
+        {
+            let inodes = self.inodes.lock().ok()?;
+            if let Some(st) = inodes.get(&f.ino)
+                && (st.writers > 0
+                    || st.local_size.is_some()
+                    || st.writes.dirty.load(Ordering::SeqCst)
+                    || st.writes.inflight.load(Ordering::SeqCst) > 0)
+            {
+                return None;
+            }
+        }
+        let file = self.cache.as_ref()?.open_complete(f.sino, version, size)?;
+        Some((file, f.sino))
+    }
+
+    /// A passthrough open now reads the data file of server inode `sino`.
+    pub fn passthrough_pin(&self, sino: u64) {
+        if let Some(cache) = &self.cache {
+            cache.pin(sino);
+        }
+    }
+
+    pub fn passthrough_unpin(&self, sino: u64) {
+        if let Some(cache) = &self.cache {
+            cache.unpin(sino);
+        }
+    }
+
+    pub fn passthrough_opened(&self) {
+        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wait until the pinned data file of `ino` (read through passthrough) holds the
+    /// current version whole again, fetching what is missing.
+    pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
+        let Some(f) = self
+            .files
+            .lock()
+            .ok()
+            .and_then(|files| files.values().find(|f| f.ino == ino).cloned())
+        else {
+            return;
+        };
+        let mut off = 0;
+        loop {
+            let size = match f.state.lock() {
+                Ok(st) => st.size,
+                Err(_) => return,
+            };
+            if off >= size || self.fill(caller, &f, off, MAX_WINDOW).await.is_err() {
+                return;
+            }
+            off += MAX_WINDOW;
+        }
+    }
+
+    /// `f`'s cache entry lost blocks to a new version (a change on the server, a commit
+    /// of ours) while passthrough opens read its data file: fetch the whole file again,
+    /// into that file, in the background. Those readers see the new bytes as they arrive;
+    /// new opens read through this daemon until the entry is complete again.
+    fn refresh_pinned(&self, f: &OpenFile) {
+        let (Some(cache), Some(rt)) = (&self.cache, self.runtime.get()) else {
+            return;
+        };
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        if !cache.pinned(f.sino) {
+            return;
+        }
+        let ino = f.ino;
+        rt.spawn(async move { core.complete_pinned(Caller::default(), ino).await });
+    }
+
     /// Wait for this inode's writes, then make them the file's content on the server.
     pub(super) async fn commit(&self, caller: Caller, ino: u64) -> FsResult<()> {
         let sino = self.server_ino(ino);
@@ -1108,14 +1222,19 @@ impl Core {
         if let Some(parent) = self.nodes()?.parent_of(ino) {
             self.dir_changed(parent);
         }
-        if let Ok(files) = self.files.lock() {
-            for f in files.values().filter(|f| f.ino == ino) {
-                if let Ok(mut st) = f.state.lock() {
-                    st.version = attr.version;
-                    st.size = attr.size;
-                    st.inline = None;
-                }
+        let open: Vec<Arc<OpenFile>> = match self.files.lock() {
+            Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        for f in &open {
+            if let Ok(mut st) = f.state.lock() {
+                st.version = attr.version;
+                st.size = attr.size;
+                st.inline = None;
             }
+        }
+        if let Some(f) = open.first() {
+            self.refresh_pinned(f);
         }
         self.note_attr_unseen(attr);
         // Not kept: after a commit the next open reads through the data cache, which is

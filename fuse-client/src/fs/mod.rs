@@ -106,6 +106,8 @@ pub struct Stats {
     pub bytes_served_from_cache: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
     pub bytes_copied_on_server: AtomicU64,
+    /// Opens served by FUSE passthrough from the data cache (see `crate::passthrough`).
+    pub passthrough_opens: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
 }
@@ -130,6 +132,8 @@ pub struct Core {
     prefetching: tokio::sync::Semaphore,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
+    /// This core, for work it starts in the background on its own.
+    me: std::sync::Weak<Core>,
     pub stats: Stats,
 }
 
@@ -152,7 +156,8 @@ impl Core {
         max_io: u32,
         cache: Option<Arc<DataCache>>,
     ) -> Arc<Self> {
-        Arc::new(Core {
+        Arc::new_cyclic(|me| Core {
+            me: me.clone(),
             client,
             nodes: Mutex::new(Nodes::new(root.ino)),
             inodes: Mutex::new(HashMap::new()),
@@ -828,6 +833,7 @@ impl Core {
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
+            ("passthrough_opens", &s.passthrough_opens),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
         ] {
