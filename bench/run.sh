@@ -19,7 +19,10 @@
 #              quick 300; a phase run longer than this is killed: FAIL),
 #              REP_BUDGET_S (default 60: after a run slower than this, that
 #              phase is not repeated for that system), FERRY_LABEL (free text
-#              naming the ferry build, shown in the results).
+#              naming the ferry build, shown in the results), FERRY_MOUNT_ARGS
+#              (extra `ferry mount` arguments, e.g. "--passthrough on"; shown in
+#              the results), RESULTS_SUFFIX (appended to the results' label, so a
+#              variant run does not overwrite bench/results/full.*).
 #
 # Needs root (drop_caches, FUSE, its own sshd). Only 127.0.0.1 traffic. All
 # mounts, daemons and temp files are removed on exit, Ctrl-C or failure.
@@ -345,6 +348,8 @@ ferry_available() {
     if "$FERRY_BIN" mount --help 2>/dev/null | grep -q -- '--cache-dir'; then
         FERRY_CACHE_DIR=$TMP/ferry-cache
         FERRY_MOUNT_OPTS=(--cache-dir "$FERRY_CACHE_DIR")
+        # shellcheck disable=SC2206 # word splitting of the extra arguments is wanted
+        [[ -z "${FERRY_MOUNT_ARGS:-}" ]] || FERRY_MOUNT_OPTS+=(${FERRY_MOUNT_ARGS})
     fi
     return 0
 }
@@ -799,6 +804,7 @@ TOTAL_S=$(secs_since "$START_NS")
 # ---------------------------------------------------------------- report
 if [[ $QUICK == 1 ]]; then LABEL=quick; else LABEL=full; fi
 [[ -z "$DELAY_MS" ]] || LABEL=$LABEL-delay${DELAY_MS}ms
+LABEL=$LABEL${RESULTS_SUFFIX:-}
 META=$TMP/meta.tsv
 ferry_rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
 {

@@ -27,6 +27,9 @@ pub const MAX_IO: u32 = 4 * 1024 * 1024;
 /// request keeps its handles busy for a bounded time (callers loop, as `cp` does).
 pub const MAX_COPY: u64 = 256 * 1024 * 1024;
 
+/// Most names one `ReadSmall` may ask for.
+pub const MAX_SMALL_FILES: usize = 256;
+
 /// Largest number of directory entries in one `ReadDir` reply.
 pub const MAX_DIR_BATCH: u32 = 4096;
 
@@ -44,6 +47,8 @@ pub mod caps {
     pub const CALLER_CREDS: u64 = 1 << 1;
     /// Server copies between two open handles itself ([`super::Request::CopyRange`]).
     pub const COPY_RANGE: u64 = 1 << 2;
+    /// Server answers [`super::Request::ReadSmall`].
+    pub const READ_SMALL: u64 = 1 << 3;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the
@@ -387,6 +392,16 @@ pub enum Request {
         dst_offset: u64,
         len: u64,
     },
+    /// The whole content of small regular files of directory `dir` (at most
+    /// [`MAX_SMALL_FILES`] names; files larger than `max_size` are left out, and so is
+    /// anything that is not a regular file, cannot be opened, or changed while read;
+    /// at most [`MAX_IO`] bytes of data in all). Replies `Response::SmallFiles`. For a
+    /// client reading its way through a directory. Only with [`caps::READ_SMALL`].
+    ReadSmall {
+        dir: RelPath,
+        names: Vec<Name>,
+        max_size: u32,
+    },
 }
 
 impl Request {
@@ -424,6 +439,7 @@ impl Request {
             Request::BarrierAck { .. } => "barrier_ack",
             Request::ListDir { .. } => "listdir",
             Request::CopyRange { .. } => "copy_range",
+            Request::ReadSmall { .. } => "read_small",
         }
     }
 
@@ -516,6 +532,18 @@ pub enum Response {
         dir: Attr,
         reply: Box<Response>,
     },
+    /// Answer to `ReadSmall`: the files read, each with its attributes taken after the
+    /// read (data and attributes agree).
+    SmallFiles(Vec<SmallFile>),
+}
+
+/// One file of `Response::SmallFiles`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmallFile {
+    pub name: Name,
+    pub attr: Attr,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 impl Response {

@@ -843,8 +843,14 @@ mod tests {
         // blocks stay, and the cap holds.
         c.validate(2, 1, 4 * BLOCK);
         for i in 0..4 {
-            c.store(2, 1, c.token(2).unwrap(), i * BLOCK, &data(BLOCK as usize, 2))
-                .unwrap();
+            c.store(
+                2,
+                1,
+                c.token(2).unwrap(),
+                i * BLOCK,
+                &data(BLOCK as usize, 2),
+            )
+            .unwrap();
             assert!(c.used() <= 4 * BLOCK);
         }
         assert!(c.complete(1));

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::TransportError;
 
 /// Capabilities this client asks for.
-const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE;
+const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -137,6 +137,12 @@ impl Client {
     pub fn copies_ranges(&self) -> bool {
         self.welcome()
             .is_some_and(|w| w.capabilities & caps::COPY_RANGE != 0)
+    }
+
+    /// Whether the server reads small files of a directory whole (`Request::ReadSmall`).
+    pub fn reads_small(&self) -> bool {
+        self.welcome()
+            .is_some_and(|w| w.capabilities & caps::READ_SMALL != 0)
     }
 
     /// What the server said in the last successful handshake.

@@ -661,3 +661,64 @@ fn fully_cached_files_are_read_through_passthrough() {
     );
     assert_same_bytes(&fs::read(fx.mnt("big")).expect("mount"), &data, "the mount");
 }
+
+/// Reading the files of a directory one after another (here `cat` of each, as a build
+/// or `grep -r` does): the first open of a directory fetches its other small files with
+/// it, in one request, so the rest open without a round trip each; every byte is right,
+/// and a file changed on the export after it was fetched that way reads new.
+#[test]
+fn reading_through_a_directory_fetches_its_small_files_together() {
+    let mut rng = Rng::new(0x51b5);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for d in 0..3 {
+        for f in 0..20 {
+            let len = (rng.bytes(2)[0] as usize) * 60;
+            files.push((format!("d{d}/f{f:02}"), rng.bytes(len + 1)));
+        }
+    }
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for (name, data) in &files {
+            let p = e.join(name);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, data).expect("write");
+        }
+    }) else {
+        return;
+    };
+    // Listed first (as `find` or a build's scan does), then read in order.
+    let before = fx.mount.stats();
+    let mut names: Vec<String> = Vec::new();
+    for d in 0..3 {
+        let mut entries: Vec<String> = fs::read_dir(fx.mnt(format!("d{d}")))
+            .expect("list")
+            .map(|e| format!("d{d}/{}", e.expect("entry").file_name().to_string_lossy()))
+            .collect();
+        entries.sort();
+        names.extend(entries);
+    }
+    let out = ferry_tests::run(
+        std::process::Command::new("cat")
+            .args(&names)
+            .current_dir(fx.mount.path()),
+    );
+    out.assert_success();
+    let want: Vec<u8> = files.iter().flat_map(|(_, d)| d.clone()).collect();
+    assert_same_bytes(&out.stdout, &want, "cat of every file");
+    let after = fx.mount.stats();
+    let opens = after.get_or_zero("requests.open") - before.get_or_zero("requests.open");
+    let fetched = after.get("files_prefetched") - before.get("files_prefetched");
+    assert!(
+        fetched >= 3 * 19 && opens <= 3 * 2,
+        "60 files in 3 directories: {opens} opens went to the server and {fetched} files \
+         came with their directories (want at most 6 and at least 57)\n{after}"
+    );
+
+    // Changed on the export after it came with its directory: read new.
+    let (name, _) = &files[25];
+    let new = rng.bytes(777);
+    fs::write(fx.exp(name), &new).expect("change on the export");
+    assert!(
+        poll_until(PUSHED, || fs::read(fx.mnt(name)).is_ok_and(|d| d == new)),
+        "{name} changed on the export does not read new"
+    );
+}

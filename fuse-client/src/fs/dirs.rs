@@ -22,6 +22,8 @@ pub(super) static DIR_EPOCH: AtomicU64 = AtomicU64::new(0);
 pub(super) const PREFETCH_DIRS: usize = 64;
 /// Prefetched listings in flight at once (per mount).
 pub(super) const PREFETCH_PARALLEL: usize = 16;
+/// Largest file fetched with its siblings (`ReadSmall`): one cache block.
+const SIBLING_MAX: u64 = crate::cache::BLOCK;
 
 /// An open directory: the entries fetched so far, in the order the server gave them.
 #[derive(Debug)]
@@ -276,6 +278,110 @@ impl Core {
                 }
             });
         }
+    }
+
+    /// A file of `dir` is being opened for reading and was not in the data cache: fetch
+    /// the directory's other small regular files that are not cached at their listed
+    /// version, whole, in one `ReadSmall` round trip, into the data cache. A program
+    /// reading its way through a directory (`cat *`, `grep -r`, a compiler) then opens
+    /// the rest without a round trip each. Only with a listing vouched for by events.
+    pub(super) fn prefetch_siblings(self: &Arc<Self>, caller: Caller, dir: u64, opening: u64) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.client.events_live() || !self.client.reads_small() {
+            return;
+        }
+        let Some(entries) = self
+            .dir_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&dir).cloned())
+        else {
+            return;
+        };
+        let Ok(path) = self.path(dir) else {
+            return;
+        };
+        let mut names = Vec::new();
+        let mut inos = std::collections::HashSet::new();
+        let mut total = 0u64;
+        for e in entries.iter() {
+            if e.attr.kind != FileKind::File
+                || e.attr.ino == opening
+                || e.attr.size == 0
+                || e.attr.size > SIBLING_MAX
+                || total + e.attr.size > u64::from(ferry_common::MAX_IO)
+                || names.len() == ferry_common::MAX_SMALL_FILES
+            {
+                continue;
+            }
+            if cache.validate(e.attr.ino, e.attr.version, e.attr.size) && cache.complete(e.attr.ino)
+            {
+                continue;
+            }
+            total += e.attr.size;
+            names.push(e.name.clone());
+            inos.insert(e.attr.ino);
+        }
+        if names.is_empty() {
+            return;
+        }
+        let (done, watch) = tokio::sync::watch::channel(false);
+        {
+            let Ok(mut s) = self.siblings.lock() else {
+                return;
+            };
+            if s.contains_key(&dir) {
+                return;
+            }
+            s.insert(dir, (inos, watch));
+        }
+        let core = Arc::clone(self);
+        tokio::spawn(async move {
+            let req = Request::ReadSmall {
+                dir: path,
+                names,
+                max_size: SIBLING_MAX as u32,
+            };
+            if let Ok(Ok(Response::SmallFiles(files))) = core.client.call(caller, req).await {
+                let n = files.len() as u64;
+                let bytes: u64 = files.iter().map(|f| f.data.len() as u64).sum();
+                let cache = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for f in files {
+                        let (sino, version) = (f.attr.ino, f.attr.version);
+                        cache.validate(sino, version, f.attr.size);
+                        if let Some(token) = cache.token(sino) {
+                            let _ = cache.store(sino, version, token, 0, &f.data);
+                        }
+                    }
+                })
+                .await;
+                core.stats.files_prefetched.fetch_add(n, Ordering::Relaxed);
+                core.stats
+                    .bytes_read_from_server
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+            if let Ok(mut s) = core.siblings.lock() {
+                s.remove(&dir);
+            }
+            let _ = done.send(true);
+        });
+    }
+
+    /// If `sino` (in directory `dir`) is among small files being fetched, wait until
+    /// they are in the data cache.
+    pub(super) async fn sibling_fetched(&self, dir: u64, sino: u64) {
+        let watch = match self.siblings.lock() {
+            Ok(s) => match s.get(&dir) {
+                Some((inos, watch)) if inos.contains(&sino) => watch.clone(),
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        let mut watch = watch;
+        let _ = watch.wait_for(|done| *done).await;
     }
 
     /// The kernel accepted a readdirplus entry: it now holds a reference to it.

@@ -358,6 +358,15 @@ impl Core {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let truncating = flags & libc::O_TRUNC != 0;
         let sino = self.server_ino(ino);
+        let parent = self.nodes()?.parent_of(ino);
+        if !writable
+            && !truncating
+            && let Some(dir) = parent
+        {
+            // Being fetched with its directory's small files: wait for that instead of
+            // asking on our own.
+            self.sibling_fetched(dir, sino).await;
+        }
 
         // Fast path: nothing to ask the server. (The version is read first: a guard
         // taken inside an `if let` condition would live through the whole body.)
@@ -427,6 +436,13 @@ impl Core {
 
         let path = self.path(ino)?;
         let generation = self.client.connect().await?;
+        if !writable
+            && !truncating
+            && let (Some(dir), Some(core)) = (parent, self.me.upgrade())
+        {
+            // Read next, most likely: the directory's other small files.
+            core.prefetch_siblings(caller, dir, sino);
+        }
         let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
         let inline_max = if self.cache.is_some() && readable && !truncating {
             INLINE_MAX

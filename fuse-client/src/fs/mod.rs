@@ -94,6 +94,13 @@ impl InodeState {
     }
 }
 
+/// Small files of one directory being fetched (`ReadSmall`): the server inodes asked
+/// for, and a flag set once they are in the data cache (or the fetch failed).
+type SiblingFetch = (
+    std::collections::HashSet<u64>,
+    tokio::sync::watch::Receiver<bool>,
+);
+
 /// Counters shown by `ferry stats`.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -106,6 +113,8 @@ pub struct Stats {
     pub bytes_served_from_cache: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
     pub bytes_copied_on_server: AtomicU64,
+    /// Small files fetched whole with their directory's siblings (`ReadSmall`).
+    pub files_prefetched: AtomicU64,
     /// Opens served by FUSE passthrough from the data cache (see `crate::passthrough`).
     pub passthrough_opens: AtomicU64,
     pub invalidations: AtomicU64,
@@ -130,6 +139,9 @@ pub struct Core {
     persist_due: Arc<std::sync::atomic::AtomicBool>,
     /// Bounds the listings prefetched at once.
     prefetching: tokio::sync::Semaphore,
+    /// Small files being fetched by directory (`ReadSmall`): directory → the server
+    /// inodes asked for, and a flag set when they are in the data cache (or failed).
+    siblings: Mutex<HashMap<u64, SiblingFetch>>,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     /// This core, for work it starts in the background on its own.
@@ -170,6 +182,7 @@ impl Core {
             invalidator: OnceLock::new(),
             persist_due: Arc::default(),
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
+            siblings: Mutex::new(HashMap::new()),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -833,6 +846,7 @@ impl Core {
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
+            ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),

@@ -217,6 +217,11 @@ fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Er
             dst_offset,
             len,
         } => io::copy_range(ctx, src, src_offset, dst, dst_offset, len),
+        Request::ReadSmall {
+            dir,
+            names,
+            max_size,
+        } => open::read_small(ctx, &dir, &names, max_size),
         Request::Release { handle } => ctx.handles.remove_file(handle).map(|()| Response::Ok),
         Request::OpenDir { path } => dir::opendir(ctx, &path),
         Request::ReadDir {

@@ -1,5 +1,5 @@
 //! Opening files: open (with inline data for small files, staged for writers that ask),
-//! create.
+//! create, and reading small files of a directory whole (`ReadSmall`).
 //!
 //! Files are opened only through [`crate::export::Export`] (beneath the root, final
 //! component not followed) or with `openat` of one validated name on a resolved parent.
@@ -11,7 +11,10 @@ use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use ferry_common::{Attr, Caller, MAX_IO, Name, OpenFlags, RelPath, Response};
+use ferry_common::path::check_name;
+use ferry_common::{
+    Attr, Caller, MAX_IO, MAX_SMALL_FILES, Name, OpenFlags, RelPath, Response, SmallFile,
+};
 
 use super::{Ctx, attr_of, new_owner};
 use crate::handles::{Handle, OpenFile};
@@ -151,6 +154,55 @@ fn truncate_staged(fd: BorrowedFd<'_>, staging: Option<Staging>) -> Result<Optio
             Ok(None)
         }
     }
+}
+
+/// `ReadSmall`: whole small regular files of one directory (see the request). Every
+/// entry is checked to be a regular file before it is opened (opening a device or FIFO
+/// may have effects), opened by its single name beneath the resolved directory, read
+/// and checked unchanged as an inline open's data is.
+pub fn read_small(
+    ctx: &Ctx,
+    dir: &RelPath,
+    names: &[Name],
+    max_size: u32,
+) -> Result<Response, Errno> {
+    if names.len() > MAX_SMALL_FILES {
+        return Err(libc::EINVAL);
+    }
+    let dirfd = ctx.export.resolve_dir(dir)?;
+    let mut files = Vec::new();
+    let mut left = MAX_IO as usize;
+    for name in names {
+        if check_name(&name.0).is_err() {
+            return Err(libc::EINVAL);
+        }
+        let Ok(c) = sys::cstring(&name.0) else {
+            return Err(libc::EINVAL);
+        };
+        let regular_and_small = sys::fstatat(dirfd.as_fd(), &c, libc::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| {
+                st.st_mode & libc::S_IFMT == libc::S_IFREG
+                    && u64::try_from(st.st_size).is_ok_and(|n| n <= u64::from(max_size))
+                    && usize::try_from(st.st_size).is_ok_and(|n| n <= left)
+            });
+        if !regular_and_small {
+            continue;
+        }
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let Ok(fd) = sys::openat(dirfd.as_fd(), &c, flags | libc::O_CLOEXEC, 0) else {
+            continue;
+        };
+        let cap = u32::try_from(left).unwrap_or(u32::MAX).min(max_size);
+        if let Ok(Some((attr, data))) = read_inline(ctx, fd.as_fd(), cap) {
+            left -= data.len();
+            files.push(SmallFile {
+                name: name.clone(),
+                attr,
+                data,
+            });
+        }
+    }
+    Ok(Response::SmallFiles(files))
 }
 
 /// The whole content of a regular file of at most `max` bytes, with its attributes

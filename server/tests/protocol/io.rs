@@ -245,3 +245,53 @@ async fn small_files_open_with_their_data() {
     let (_, a, data) = c.open_inline("d", libc::O_RDONLY, 1 << 20).await.unwrap();
     assert_eq!((a.kind, data), (FileKind::Dir, None));
 }
+
+fn read_small(dir: &str, names: &[&str], max_size: u32) -> Request {
+    Request::ReadSmall {
+        dir: RelPath::root().join(dir.as_bytes()),
+        names: names.iter().map(|n| Name(n.as_bytes().to_vec())).collect(),
+        max_size,
+    }
+}
+
+#[tokio::test]
+async fn read_small_returns_small_regular_files_only() {
+    let server = Server::start().await;
+    let d = server.root().join("d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("a"), b"alpha").unwrap();
+    std::fs::write(d.join("b"), vec![7u8; 5000]).unwrap();
+    std::fs::write(d.join("big"), vec![1u8; 70_000]).unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::os::unix::fs::symlink("a", d.join("link")).unwrap();
+    let fifo = std::ffi::CString::new(d.join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let mut c = server.client().await;
+    let names = ["a", "b", "big", "sub", "link", "fifo", "missing"];
+    let files = match c.call(read_small("d", &names, 65_536)).await {
+        Ok(Response::SmallFiles(f)) => f,
+        other => panic!("ReadSmall: {other:?}"),
+    };
+    let got: Vec<(&[u8], u64, usize)> = files
+        .iter()
+        .map(|f| (&f.name.0[..], f.attr.size, f.data.len()))
+        .collect();
+    assert_eq!(got, vec![(&b"a"[..], 5, 5), (&b"b"[..], 5000, 5000)]);
+    assert_eq!(files[0].data, b"alpha");
+    let a = c.getattr("d/a").await.unwrap();
+    assert_eq!(
+        (files[0].attr.ino, files[0].attr.version),
+        (a.ino, a.version)
+    );
+
+    // Bad requests: too many names, a name with a slash, a path out of the export.
+    let many: Vec<String> = (0..=MAX_SMALL_FILES).map(|i| format!("f{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(c.call(read_small("d", &many, 100)).await, Err(libc::EINVAL));
+    assert_eq!(
+        c.call(read_small("d", &["x/y"], 100)).await,
+        Err(libc::EINVAL)
+    );
+    assert!(c.call(read_small("d/a", &["b"], 100)).await.is_err());
+}
