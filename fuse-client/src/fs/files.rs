@@ -1259,31 +1259,34 @@ impl Core {
         Ok(())
     }
 
-    /// `futimens` (or `utimensat`) of a file this client has open for writing, as `tar`
-    /// does before every close: answered at once from the attributes we hold, and sent behind the writes
-    /// before it; a failure is reported by the next write, fsync or close, like a write's.
-    /// `None` when it cannot be done that way (the caller sets them synchronously).
-    pub(super) async fn times_behind(
+    /// An attribute change (times, mode, owner; not the size) of a file this client has
+    /// open for writing with writes not yet committed, as `tar` makes before every close
+    /// (`fchown`, `fchmod`, `futimens`): answered at once from the attributes we hold,
+    /// and sent behind the writes before it; a failure is reported by the next write,
+    /// fsync or close, like a write's. (The kernel has checked the caller's permission
+    /// for the change already.) `None` when it cannot be done that way (the caller sets
+    /// them synchronously).
+    pub(super) async fn attrs_behind(
         &self,
         caller: Caller,
         ino: u64,
         set: &SetAttr,
     ) -> FsResult<Option<Attr>> {
-        let only_times = set.size.is_none()
-            && set.mode.is_none()
-            && set.uid.is_none()
-            && set.gid.is_none()
-            && (set.atime.is_some() || set.mtime.is_some());
+        let anything = set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some();
         // (The kernel names no handle for futimens: any writer of ours will do, the
         // ordering that matters is behind this client's writes to the inode.)
-        if !only_times || !self.client.events_live() {
+        if set.size.is_some() || !anything || !self.client.events_live() {
             return Ok(None);
         }
         let Some((handle, generation)) = self.shared_writer(ino)? else {
             return Ok(None);
         };
         let (known, local_size) = match self.inodes()?.get(&ino) {
-            Some(st) => (st.attr.map(|(a, _)| a), st.local_size),
+            Some(st) => (st.behind.or(st.attr.map(|(a, _)| a)), st.local_size),
             None => (None, None),
         };
         let Some(mut attr) = known else {
@@ -1321,6 +1324,15 @@ impl Core {
         if let Some(t) = set.mtime {
             attr.mtime = at(t);
         }
+        if let Some(mode) = set.mode {
+            attr.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            attr.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            attr.gid = gid;
+        }
         attr.ctime = now;
         if let Some(size) = local_size {
             attr.size = size;
@@ -1354,8 +1366,11 @@ impl Core {
             }
         });
         // What the server will report differs (ctime, a `Now` time): the kernel asks again
-        // once the commit brings the real attributes.
+        // once the commit brings the real attributes; further changes start from these.
         self.forget_attr(ino);
+        if let Some(st) = self.inodes()?.get_mut(&ino) {
+            st.behind = Some(attr);
+        }
         Ok(Some(attr))
     }
 
@@ -1467,10 +1482,11 @@ impl Core {
 
     /// No writes pending any more: attributes come from the server again.
     fn settle(&self, ino: u64, tracker: &WriteTracker) -> FsResult<()> {
-        if tracker.inflight.load(Ordering::SeqCst) == 0
-            && let Some(st) = self.inodes()?.get_mut(&ino)
-        {
-            st.local_size = None;
+        if let Some(st) = self.inodes()?.get_mut(&ino) {
+            st.behind = None;
+            if tracker.inflight.load(Ordering::SeqCst) == 0 {
+                st.local_size = None;
+            }
         }
         Ok(())
     }

@@ -74,6 +74,10 @@ struct InodeState {
     /// out of order (an event stat'ed before a change delivered after its reply): older
     /// attributes never replace newer ones, nor does their version.
     seen_ctime: Option<ferry_common::proto::Timespec>,
+    /// Attributes this client answered for changes queued behind its uncommitted
+    /// writes (see `Core::attrs_behind`): the base for the next such change, until the
+    /// commit brings the server's.
+    behind: Option<Attr>,
 }
 
 impl InodeState {
@@ -521,7 +525,7 @@ impl Core {
         fh: Option<u64>,
         mut set: SetAttr,
     ) -> FsResult<Attr> {
-        if let Some(attr) = self.times_behind(caller, ino, &set).await? {
+        if let Some(attr) = self.attrs_behind(caller, ino, &set).await? {
             return Ok(attr);
         }
         // Pending writes land before the size or times change, as they would locally.

@@ -339,3 +339,45 @@ fn inode_numbers_are_the_servers() {
         "inode number of the mount's root"
     );
 }
+
+/// What `tar` does for every file it extracts: write, `fchown`, `fchmod`, `futimens`,
+/// close. The changes show through the open descriptor at once and on the export after
+/// the close, with the data; the mtime is the one set, not the time of the commit.
+#[test]
+fn owner_mode_and_times_set_before_close_land_with_the_data() {
+    let Some(fx) = fixture() else { return };
+    let f = File::create(fx.mnt("f")).expect("create");
+    (&f).write_all(b"payload").expect("write");
+    std::os::unix::fs::fchown(&f, Some(1234), Some(5678)).expect("fchown");
+    f.set_permissions(Permissions::from_mode(0o640))
+        .expect("fchmod");
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 5);
+    f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+        .expect("futimens");
+    let m = f.metadata().expect("fstat");
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777, m.mtime(), m.len()),
+        (1234, 5678, 0o640, 1_000_000_000, 7),
+        "through the open descriptor"
+    );
+    ferry_tests::sys::close(f).expect("close");
+    let e = fs::metadata(fx.exp("f")).expect("export");
+    assert_eq!(
+        (
+            e.uid(),
+            e.gid(),
+            e.mode() & 0o7777,
+            e.mtime(),
+            e.mtime_nsec()
+        ),
+        (1234, 5678, 0o640, 1_000_000_000, 5),
+        "on the export"
+    );
+    assert_eq!(fs::read(fx.exp("f")).expect("export"), b"payload");
+    let m = fs::metadata(fx.mnt("f")).expect("stat");
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777, m.mtime()),
+        (1234, 5678, 0o640, 1_000_000_000),
+        "through the mount after the close"
+    );
+}
