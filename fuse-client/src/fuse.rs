@@ -396,6 +396,14 @@ impl Filesystem for FerryFuse {
                     Err(e) => return reply.error(e),
                 },
             };
+            if read_only && modes.releases_pending(ino.0) && core.may_pass_through(ino.0) {
+                // Closed caching opens of the file are about to be released: a file
+                // read again right away can then pass through.
+                let deadline = std::time::Instant::now() + crate::passthrough::RELEASE_WAIT;
+                while modes.releases_pending(ino.0) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+            }
             let mut reply = reply;
             for _ in 0..4 {
                 if read_only && modes.passing_through(ino.0) {
@@ -480,6 +488,7 @@ impl Filesystem for FerryFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.modes.flushed(fh.0);
         if self.core.flush_now(fh.0) {
             return reply.ok();
         }

@@ -58,9 +58,15 @@ struct InodeModes {
 #[derive(Debug, Default)]
 struct State {
     inodes: HashMap<u64, InodeModes>,
-    /// Open handle → (inode, mode it was opened in).
-    handles: HashMap<u64, (u64, Mode)>,
+    /// Open handle → (inode, mode it was opened in, closed by some descriptor: a
+    /// `FLUSH` came, so its `RELEASE` is most likely on its way).
+    handles: HashMap<u64, (u64, Mode, bool)>,
 }
+
+/// How long a read-only open that could pass through waits for the `RELEASE`s of
+/// caching opens already closed: the kernel sends them in the background, so a file
+/// read twice in a row would otherwise never leave caching mode.
+pub const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Debug)]
 pub struct IoModes {
@@ -94,6 +100,34 @@ impl IoModes {
             modes: self.clone(),
             ino,
         })
+    }
+
+    /// A descriptor of `fh` was closed.
+    pub fn flushed(&self, fh: u64) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(h) = state.handles.get_mut(&fh)
+        {
+            h.2 = true;
+        }
+    }
+
+    /// Whether a read-only open of `ino` should wait (at most [`RELEASE_WAIT`]) before
+    /// asking for passthrough: the inode's caching opens have all been closed and only
+    /// their `RELEASE`s are missing.
+    pub fn releases_pending(&self, ino: u64) -> bool {
+        let Ok(state) = self.state.lock() else {
+            return false;
+        };
+        self.enabled()
+            && state.inodes.get(&ino).is_some_and(|m| {
+                m.caching > 0
+                    && m.writers_opening == 0
+                    && state
+                        .handles
+                        .values()
+                        .filter(|(i, mode, _)| *i == ino && *mode == Mode::Caching)
+                        .all(|(_, _, flushed)| *flushed)
+            })
     }
 
     /// Whether `ino` is being read through passthrough right now.
@@ -136,7 +170,7 @@ impl IoModes {
                 return Err((reply, None));
             }
             modes.passthrough += 1;
-            state.handles.insert(fh, (ino, Mode::Passthrough));
+            state.handles.insert(fh, (ino, Mode::Passthrough, false));
             core.passthrough_opened();
             reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
             return Ok(());
@@ -152,7 +186,7 @@ impl IoModes {
                 Ok(backing) => {
                     core.passthrough_pin(sino);
                     modes.passthrough += 1;
-                    state.handles.insert(fh, (ino, Mode::Passthrough));
+                    state.handles.insert(fh, (ino, Mode::Passthrough, false));
                     core.passthrough_opened();
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
                     modes.backing = Some((backing, (meta.dev(), meta.ino()), sino));
@@ -167,7 +201,7 @@ impl IoModes {
             }
         }
         modes.caching += 1;
-        state.handles.insert(fh, (ino, Mode::Caching));
+        state.handles.insert(fh, (ino, Mode::Caching, false));
         reply.opened(FileHandle(fh), caching_flags(keep_cache));
         Ok(())
     }
@@ -184,7 +218,7 @@ impl IoModes {
             return Err(Errno::ETXTBSY);
         }
         modes.caching += 1;
-        state.handles.insert(fh, (ino, Mode::Caching));
+        state.handles.insert(fh, (ino, Mode::Caching, false));
         Ok(caching_flags(keep_cache))
     }
 
@@ -194,7 +228,7 @@ impl IoModes {
             return;
         };
         let state = &mut *state;
-        let Some((ino, mode)) = state.handles.remove(&fh) else {
+        let Some((ino, mode, _)) = state.handles.remove(&fh) else {
             return;
         };
         let Some(modes) = state.inodes.get_mut(&ino) else {

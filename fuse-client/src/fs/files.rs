@@ -1117,6 +1117,25 @@ impl Core {
         Some((file, f.sino))
     }
 
+    /// Whether an open of `ino` for reading would likely be given passthrough: the file
+    /// is large enough and wholly cached, and this client is not writing it.
+    pub fn may_pass_through(&self, ino: u64) -> bool {
+        let sino = self.server_ino(ino);
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let writing = self.inodes.lock().map_or(true, |inodes| {
+            inodes
+                .get(&ino)
+                .is_some_and(|st| st.writers > 0 || st.local_size.is_some())
+        });
+        !writing
+            && cache
+                .size_of(sino)
+                .is_some_and(|n| n >= crate::passthrough::MIN_SIZE)
+            && cache.complete(sino)
+    }
+
     /// A passthrough open now reads the data file of server inode `sino`.
     pub fn passthrough_pin(&self, sino: u64) {
         if let Some(cache) = &self.cache {
