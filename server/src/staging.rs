@@ -130,7 +130,9 @@ fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize, Err
     Ok(done)
 }
 
-fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize, Errno> {
+/// `pwrite` all of `buf` at `off`; a failure after a partial write reports the bytes
+/// written, as `write(2)` does.
+pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize, Errno> {
     let mut done = 0;
     while done < buf.len() {
         let pos = i64::try_from(off + done as u64).map_err(|_| libc::EFBIG)?;

@@ -10,6 +10,7 @@ use ferry_common::{MAX_COPY, MAX_IO, Response};
 
 use super::{Ctx, handle_attr};
 use crate::handles::Handle;
+use crate::staging::pwrite_full;
 use crate::sys::{self, Errno};
 
 fn offset(offset: u64) -> Result<i64, Errno> {
@@ -54,24 +55,6 @@ fn read_full(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno>
     Ok(buf)
 }
 
-/// `pwrite` all of `data` at `off`; a failure after a partial write reports the bytes
-/// written, as `write(2)` does.
-fn write_full(fd: BorrowedFd<'_>, off: u64, data: &[u8]) -> Result<usize, Errno> {
-    let start = offset(off)?;
-    let mut done = 0usize;
-    while done < data.len() {
-        let pos = start.checked_add(done as i64).ok_or(libc::EFBIG)?;
-        match sys::pwrite(fd, &data[done..], pos) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(libc::EINTR) => {}
-            Err(_) if done > 0 => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 /// Writes all bytes at `off` (never appending, see [`PASSED_FLAGS`]). A failure after a
 /// partial write reports the bytes written, as `write(2)` does.
 pub fn write(ctx: &Ctx, handle: u64, off: u64, data: &[u8]) -> Result<Response, Errno> {
@@ -85,7 +68,7 @@ pub fn write(ctx: &Ctx, handle: u64, off: u64, data: &[u8]) -> Result<Response, 
         // `done` ≤ MAX_IO, checked above.
         return Ok(Response::Written { len: done as u32 });
     }
-    let done = write_full(f.fd.as_fd(), off, data)?;
+    let done = pwrite_full(f.fd.as_fd(), data, off)?;
     // `done` ≤ MAX_IO, checked above.
     Ok(Response::Written { len: done as u32 })
 }
@@ -202,7 +185,7 @@ pub fn copy_range(
             // be the same handle.
             let wrote = match to.staging() {
                 Some(mut staging) => staging.write(to.fd.as_fd(), dst_off + done, &chunk),
-                None => write_full(to.fd.as_fd(), dst_off + done, &chunk),
+                None => pwrite_full(to.fd.as_fd(), &chunk, dst_off + done),
             };
             match wrote {
                 Ok(n) => done += n as u64,
