@@ -329,8 +329,10 @@ impl DataCache {
 
     /// The data file of `ino` opened for reading, when it holds exactly the file: every
     /// block cached at `version`, `size` bytes long, no uncommitted change of this client.
-    pub fn open_complete(&self, ino: u64, version: u64, size: u64) -> Option<File> {
-        let inner = self.inner.lock().ok()?;
+    /// With `pin`, the entry is pinned (see [`DataCache::pin`]) in the same step, so no
+    /// eviction or reset can come between the check and the pin.
+    pub fn open_complete(&self, ino: u64, version: u64, size: u64, pin: bool) -> Option<File> {
+        let mut inner = self.inner.lock().ok()?;
         let e = inner.files.get(&ino)?;
         if e.version != version
             || e.size != size
@@ -342,6 +344,9 @@ impl DataCache {
         // Opened under the lock: no reset can cut the file between the check and here.
         let file = File::open(self.data_path(ino)).ok()?;
         file.metadata().ok().filter(|m| m.len() == size)?;
+        if pin {
+            *inner.pins.entry(ino).or_default() += 1;
+        }
         Some(file)
     }
 
@@ -479,12 +484,17 @@ impl DataCache {
         };
         if e.version != version || e.generation != token || e.dirty {
             // A write (or a re-base) raced with this fill, and the bytes just written may
-            // have landed over newer ones: those blocks are not trusted any more.
+            // have landed over newer ones: those blocks are not trusted any more (a
+            // refresh of a pinned entry fetches them again), and the file must not
+            // outgrow the current version.
             for b in blocks {
                 if let Some(t) = e.blocks.remove(&b) {
                     inner.lru.remove(&t);
                     inner.used = inner.used.saturating_sub(e.block_len(b));
                 }
+            }
+            if file.metadata().is_ok_and(|m| m.len() > e.size) {
+                let _ = file.set_len(e.size);
             }
             return Ok(());
         }
@@ -629,19 +639,21 @@ impl DataCache {
         Ok(())
     }
 
-    /// This client changed `[offset, offset+len)` without the bytes passing through here
-    /// (the server copied them): the blocks it touches are dropped, the others kept.
+    /// This client is changing `[offset, offset+len)` without the bytes passing through
+    /// here (the server copies them): the blocks it touches are dropped, the others
+    /// kept. The size grows only with [`DataCache::extended`], once the server said how
+    /// much it changed.
     pub fn overwritten(&self, ino: u64, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         let dropped: Vec<(u64, u64)> = {
             let Ok(mut inner) = self.inner.lock() else {
                 return;
             };
             let inner = &mut *inner;
-            Self::changing(inner, ino, end);
+            Self::changing(inner, ino, 0);
             let Some(e) = inner.files.get_mut(&ino) else {
                 return;
             };
@@ -658,6 +670,13 @@ impl DataCache {
         };
         for (off, len) in dropped {
             self.punch(ino, off, len);
+        }
+    }
+
+    /// This client's change made `ino` at least `end` bytes long.
+    pub fn extended(&self, ino: u64, end: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            Self::changing(&mut inner, ino, end);
         }
     }
 
@@ -837,8 +856,7 @@ mod tests {
         c.validate(1, 1, 2 * BLOCK);
         c.store(1, 1, c.token(1).unwrap(), 0, &data(2 * BLOCK as usize, 1))
             .unwrap();
-        let reader = c.open_complete(1, 1, 2 * BLOCK).unwrap();
-        c.pin(1);
+        let reader = c.open_complete(1, 1, 2 * BLOCK, true).unwrap();
         // Another file wants more than the cap leaves: it gets what fits, the pinned
         // blocks stay, and the cap holds.
         c.validate(2, 1, 4 * BLOCK);
@@ -856,10 +874,10 @@ mod tests {
         assert!(c.complete(1));
         // A new, shorter version: the same file is cut and rewritten, never replaced.
         assert!(!c.validate(1, 2, BLOCK + 10));
-        assert_eq!(c.open_complete(1, 2, BLOCK + 10).map(|_| ()), None);
+        assert_eq!(c.open_complete(1, 2, BLOCK + 10, false).map(|_| ()), None);
         let new = data(BLOCK as usize + 10, 9);
         c.store(1, 2, c.token(1).unwrap(), 0, &new).unwrap();
-        let again = c.open_complete(1, 2, BLOCK + 10).unwrap();
+        let again = c.open_complete(1, 2, BLOCK + 10, false).unwrap();
         let (a, b) = (reader.metadata().unwrap(), again.metadata().unwrap());
         assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "same data file");
         let mut got = vec![0u8; new.len()];

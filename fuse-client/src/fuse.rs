@@ -248,8 +248,18 @@ impl Filesystem for FerryFuse {
             atime: atime.map(time_set),
             mtime: mtime.map(time_set),
         };
+        // A size change is a write: the passthrough readers' file could not follow it
+        // (and none can begin meanwhile).
+        let writer = match size {
+            Some(_) => match self.modes.writer_opening(ino.0) {
+                Ok(w) => Some(w),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
+            let _writer = writer;
             match core.setattr(c, ino.0, fh.map(|f| f.0), set).await {
                 Ok(a) => reply.attr(&core.ttl(), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
@@ -405,7 +415,7 @@ impl Filesystem for FerryFuse {
                 }
             }
             let mut reply = reply;
-            for _ in 0..4 {
+            for attempt in 0..3 {
                 if read_only && modes.passing_through(ino.0) {
                     // It must share the passthrough readers' file: wait until a new
                     // version being fetched into it is complete.
@@ -415,7 +425,9 @@ impl Filesystem for FerryFuse {
                     Ok(o) => o,
                     Err(e) => return reply.error(err(&e)),
                 };
-                match modes.reply_open(&core, ino.0, o.fh, flags, o.keep_cache, reply) {
+                // The last attempt shares the readers' file as it is (never EIO).
+                let share_anyway = attempt == 2;
+                match modes.reply_open(&core, ino.0, &o, flags, share_anyway, reply) {
                     Ok(()) => return,
                     Err((r, refused)) => {
                         let _ = core.release(c, o.fh).await;
@@ -685,7 +697,18 @@ impl Filesystem for FerryFuse {
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         let modes = self.modes.clone();
+        // An existing file met by the create is opened for writing (and maybe
+        // truncated): refused while it is read through passthrough, and no passthrough
+        // begins while the create runs.
+        let writer = match core.child_of(parent.0, &name) {
+            Some(ino) => match modes.writer_opening(ino) {
+                Ok(w) => Some(w),
+                Err(e) => return reply.error(e),
+            },
+            None => None,
+        };
         self.spawn(async move {
+            let _writer = writer;
             match core.create(c, parent.0, &name, mode, umask, flags).await {
                 Ok(o) => match modes.create_flags(o.attr.ino, o.fh, o.keep_cache) {
                     Ok(flags) => reply.created(

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyOpen};
 
-use crate::fs::Core;
+use crate::fs::{Core, OpenReply};
 
 /// Smaller files gain nothing: their pages stay in the kernel's cache across opens.
 pub const MIN_SIZE: u64 = 1024 * 1024;
@@ -137,21 +137,24 @@ impl IoModes {
             .is_ok_and(|s| s.inodes.get(&ino).is_some_and(|m| m.backing.is_some()))
     }
 
-    /// Answer an open of `ino` (`flags` as given to `open`) that `core` registered as
-    /// `fh`. Gives the reply back unanswered when the open cannot go ahead: with `None`
+    /// Answer an open of `ino` (`flags` as given to `open`) that `core` answered with
+    /// `opened`. Gives the reply back unanswered when the open cannot go ahead: with `None`
     /// when it can later (a read-only open while passthrough readers exist and the data
-    /// file is not complete yet: a new version is being fetched into it), with the error
-    /// to answer when it cannot (`ETXTBSY`: a writer while passthrough readers exist).
+    /// file does not hold the current version whole yet: it is being fetched into it),
+    /// with the error to answer when it cannot (`ETXTBSY`: a writer while passthrough
+    /// readers exist). With `share_anyway`, such a read-only open shares the readers'
+    /// file as it is rather than wait longer (the kernel allows no other kind of open).
     /// Either way `fh` is not open for the kernel: the caller releases it.
     pub fn reply_open(
         &self,
         core: &Core,
         ino: u64,
-        fh: u64,
+        opened: &OpenReply,
         flags: i32,
-        keep_cache: bool,
+        share_anyway: bool,
         reply: ReplyOpen,
     ) -> Result<(), (ReplyOpen, Option<Errno>)> {
+        let (fh, keep_cache) = (opened.fh, opened.keep_cache);
         let Ok(mut state) = self.state.lock() else {
             reply.opened(FileHandle(fh), caching_flags(keep_cache));
             return Ok(());
@@ -163,10 +166,11 @@ impl IoModes {
             if !read_only {
                 return Err((reply, Some(Errno::ETXTBSY)));
             }
-            // Every passthrough open of the inode reads the same file, the pinned one.
-            let file = core.passthrough_file(fh);
+            // Every passthrough open of the inode reads the same file, the pinned one
+            // (never replaced while pinned), and a new open should find it whole.
+            let file = core.passthrough_file(fh, false);
             let id = file.and_then(|(f, _)| f.metadata().ok().map(|m| (m.dev(), m.ino())));
-            if id != Some(*backing_file) {
+            if id != Some(*backing_file) && !share_anyway {
                 return Err((reply, None));
             }
             modes.passthrough += 1;
@@ -179,12 +183,11 @@ impl IoModes {
             && read_only
             && modes.caching == 0
             && modes.writers_opening == 0
-            && let Some((file, sino)) = core.passthrough_file(fh)
-            && let Ok(meta) = file.metadata()
+            && let Some((file, sino)) = core.passthrough_file(fh, true)
         {
-            match reply.open_backing(&file) {
-                Ok(backing) => {
-                    core.passthrough_pin(sino);
+            // Pinned from here: give the pin back unless the open passes through.
+            match (file.metadata(), reply.open_backing(&file)) {
+                (Ok(meta), Ok(backing)) => {
                     modes.passthrough += 1;
                     state.handles.insert(fh, (ino, Mode::Passthrough, false));
                     core.passthrough_opened();
@@ -192,12 +195,14 @@ impl IoModes {
                     modes.backing = Some((backing, (meta.dev(), meta.ino()), sino));
                     return Ok(());
                 }
-                Err(e) => {
+                (_, Err(e)) => {
+                    core.passthrough_unpin(sino);
                     tracing::warn!(
                         "FUSE passthrough unavailable, reads go through this daemon: {e}"
                     );
                     self.enabled.store(false, Ordering::Relaxed);
                 }
+                (Err(_), Ok(_)) => core.passthrough_unpin(sino),
             }
         }
         modes.caching += 1;

@@ -644,7 +644,26 @@ fn fully_cached_files_are_read_through_passthrough() {
         &data,
         "a reader opened after the append",
     );
-    drop((reader, other, third));
+    // Size changes by path are writes too.
+    ferry_tests::assert_errno(
+        ferry_tests::sys::truncate(&fx.mnt("big"), 10),
+        libc::ETXTBSY,
+    );
+    // Cut on the export below the size passthrough starts at: the open readers follow,
+    // and a new open still works (it shares their file).
+    data.truncate(1000);
+    fs::write(fx.exp("big"), &data).expect("rewrite on the export");
+    assert!(
+        poll_until(PUSHED, || pread(&reader, 0, 2 * MIB) == data),
+        "the passthrough reader does not follow a shrink on the export"
+    );
+    let fourth = File::open(fx.mnt("big")).expect("open after the shrink");
+    assert_same_bytes(
+        &pread(&fourth, 0, 2 * MIB),
+        &data,
+        "a reader opened after the shrink",
+    );
+    drop((reader, other, third, fourth));
 
     // Nothing passes through any more: writing on this mount works again.
     let w = OpenOptions::new()

@@ -310,6 +310,9 @@ impl Core {
         };
         let mut names = Vec::new();
         let mut inos = std::collections::HashSet::new();
+        // Server inode → (listed version, cache token): a reply is stored only for the
+        // version listed and if nothing re-based the entry meanwhile.
+        let mut expect = std::collections::HashMap::new();
         let mut total = 0u64;
         for e in entries.iter() {
             if e.attr.kind != FileKind::File
@@ -318,6 +321,7 @@ impl Core {
                 || e.attr.size > SIBLING_MAX
                 || total + e.attr.size > SIBLINGS_BYTES
                 || names.len() == SIBLINGS_FILES
+                || self.writing(e.attr.ino)
             {
                 continue;
             }
@@ -325,9 +329,13 @@ impl Core {
             {
                 continue;
             }
+            let Some(token) = cache.token(e.attr.ino) else {
+                continue;
+            };
             total += e.attr.size;
             names.push(e.name.clone());
             inos.insert(e.attr.ino);
+            expect.insert(e.attr.ino, (e.attr.version, token));
         }
         if names.is_empty() {
             return;
@@ -355,10 +363,12 @@ impl Core {
                 let cache = cache.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     for f in files {
-                        let (sino, version) = (f.attr.ino, f.attr.version);
-                        cache.validate(sino, version, f.attr.size);
-                        if let Some(token) = cache.token(sino) {
-                            let _ = cache.store(sino, version, token, 0, &f.data);
+                        // Another version than listed: the file changed since, and its
+                        // event says so; not worth keeping.
+                        if let Some(&(version, token)) = expect.get(&f.attr.ino)
+                            && version == f.attr.version
+                        {
+                            let _ = cache.store(f.attr.ino, version, token, 0, &f.data);
                         }
                     }
                 })

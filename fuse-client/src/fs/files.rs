@@ -1075,6 +1075,11 @@ impl Core {
             .bytes_copied_on_server
             .fetch_add(u64::from(copied), Ordering::Relaxed);
         if copied > 0
+            && let Some(cache) = &self.cache
+        {
+            cache.extended(dst.sino, off_out + u64::from(copied));
+        }
+        if copied > 0
             && let Ok(mut inodes) = self.inodes.lock()
         {
             let st = inodes.entry(dst.ino).or_default();
@@ -1090,7 +1095,7 @@ impl Core {
     /// with the server inode: `fh` is read-only, the file is at least
     /// [`crate::passthrough::MIN_SIZE`] long and wholly cached at the version `fh` reads,
     /// and this client has no write of it pending or open.
-    pub fn passthrough_file(&self, fh: u64) -> Option<(std::fs::File, u64)> {
+    pub fn passthrough_file(&self, fh: u64, pin: bool) -> Option<(std::fs::File, u64)> {
         let f = self.open_file(fh).ok()?;
         if f.writable {
             return None;
@@ -1113,7 +1118,10 @@ impl Core {
                 return None;
             }
         }
-        let file = self.cache.as_ref()?.open_complete(f.sino, version, size)?;
+        let file = self
+            .cache
+            .as_ref()?
+            .open_complete(f.sino, version, size, pin)?;
         Some((file, f.sino))
     }
 
@@ -1124,23 +1132,11 @@ impl Core {
         let Some(cache) = &self.cache else {
             return false;
         };
-        let writing = self.inodes.lock().map_or(true, |inodes| {
-            inodes
-                .get(&ino)
-                .is_some_and(|st| st.writers > 0 || st.local_size.is_some())
-        });
-        !writing
+        !self.writing(sino)
             && cache
                 .size_of(sino)
                 .is_some_and(|n| n >= crate::passthrough::MIN_SIZE)
             && cache.complete(sino)
-    }
-
-    /// A passthrough open now reads the data file of server inode `sino`.
-    pub fn passthrough_pin(&self, sino: u64) {
-        if let Some(cache) = &self.cache {
-            cache.pin(sino);
-        }
     }
 
     pub fn passthrough_unpin(&self, sino: u64) {
@@ -1192,7 +1188,31 @@ impl Core {
             return;
         }
         let ino = f.ino;
-        rt.spawn(async move { core.complete_pinned(Caller::default(), ino).await });
+        match self.refreshing.lock() {
+            Ok(mut r) => {
+                if let Some(again) = r.get_mut(&ino) {
+                    *again = true;
+                    return;
+                }
+                r.insert(ino, false);
+            }
+            Err(_) => return,
+        }
+        rt.spawn(async move {
+            loop {
+                core.complete_pinned(Caller::default(), ino).await;
+                let Ok(mut r) = core.refreshing.lock() else {
+                    return;
+                };
+                match r.get_mut(&ino) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        r.remove(&ino);
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Wait for this inode's writes, then make them the file's content on the server.
@@ -1278,9 +1298,9 @@ impl Core {
         Ok(())
     }
 
-    /// An attribute change (times, mode, owner; not the size) of a file this client has
-    /// open for writing with writes not yet committed, as `tar` makes before every close
-    /// (`fchown`, `fchmod`, `futimens`): answered at once from the attributes we hold,
+    /// An attribute change (times, mode; not the size or the owner) of a file this
+    /// client has open for writing with writes not yet committed, as `tar` makes before
+    /// every close (`fchmod`, `futimens`): answered at once from the attributes we hold,
     /// and sent behind the writes before it; a failure is reported by the next write,
     /// fsync or close, like a write's. (The kernel has checked the caller's permission
     /// for the change already.) `None` when it cannot be done that way (the caller sets
@@ -1291,14 +1311,13 @@ impl Core {
         ino: u64,
         set: &SetAttr,
     ) -> FsResult<Option<Attr>> {
-        let anything = set.mode.is_some()
-            || set.uid.is_some()
-            || set.gid.is_some()
-            || set.atime.is_some()
-            || set.mtime.is_some();
+        // Not the owner: a server that may not give the file away (not root, or root
+        // squashed) refuses it, and that refusal belongs to `fchown`, not to `close`.
+        let anything = set.mode.is_some() || set.atime.is_some() || set.mtime.is_some();
+        let owner = set.uid.is_some() || set.gid.is_some();
         // (The kernel names no handle for futimens: any writer of ours will do, the
         // ordering that matters is behind this client's writes to the inode.)
-        if set.size.is_some() || !anything || !self.client.events_live() {
+        if set.size.is_some() || owner || !anything || !self.client.events_live() {
             return Ok(None);
         }
         let Some((handle, generation)) = self.shared_writer(ino)? else {
@@ -1324,6 +1343,13 @@ impl Core {
         // Held until the request is queued: no write or commit of this inode is queued
         // between the writes before it and it.
         let gate = tracker.gate.clone().write_owned().await;
+        // A close may have committed (and released the handle) while we waited: then
+        // there is nothing to queue behind.
+        let still_writing =
+            tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0;
+        if !still_writing || self.shared_writer(ino)? != Some((handle, generation)) {
+            return Ok(None);
+        }
         let now = {
             let d = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1345,12 +1371,6 @@ impl Core {
         }
         if let Some(mode) = set.mode {
             attr.perm = (mode & 0o7777) as u16;
-        }
-        if let Some(uid) = set.uid {
-            attr.uid = uid;
-        }
-        if let Some(gid) = set.gid {
-            attr.gid = gid;
         }
         attr.ctime = now;
         if let Some(size) = local_size {

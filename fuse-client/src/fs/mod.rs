@@ -146,6 +146,9 @@ pub struct Core {
     /// Small files being fetched by directory (`ReadSmall`): directory → the server
     /// inodes asked for, and a flag set when they are in the data cache (or failed).
     siblings: Mutex<HashMap<u64, SiblingFetch>>,
+    /// Pinned entries being fetched again (by inode), and whether another change came
+    /// meanwhile (the fetch then runs once more): one refresh per file at a time.
+    refreshing: Mutex<HashMap<u64, bool>>,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     /// This core, for work it starts in the background on its own.
@@ -187,6 +190,7 @@ impl Core {
             persist_due: Arc::default(),
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
             siblings: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -235,6 +239,12 @@ impl Core {
             }
             if let Some(size) = st.local_size {
                 attr.size = size;
+            }
+            // Changes answered ahead of the server (queued behind uncommitted writes).
+            if let Some(b) = st.behind {
+                attr.perm = b.perm;
+                attr.atime = b.atime;
+                attr.mtime = b.mtime;
             }
         }
         attr
@@ -336,6 +346,22 @@ impl Core {
             self.invalidate_attrs(attr.ino);
         }
         attr
+    }
+
+    /// Whether this client has the file of server inode `sino` open for writing or
+    /// writes to it pending.
+    fn writing(&self, sino: u64) -> bool {
+        let ino = self.nodes.lock().map(|n| n.to_kernel(sino)).unwrap_or(sino);
+        self.inodes.lock().map_or(true, |inodes| {
+            inodes
+                .get(&ino)
+                .is_some_and(|st| st.writers > 0 || st.local_size.is_some())
+        })
+    }
+
+    /// The inode this client knows under `parent/name`, if any.
+    pub fn child_of(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.nodes.lock().ok()?.child(parent, name)
     }
 
     pub fn path(&self, ino: u64) -> FsResult<RelPath> {

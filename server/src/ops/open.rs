@@ -157,9 +157,10 @@ fn truncate_staged(fd: BorrowedFd<'_>, staging: Option<Staging>) -> Result<Optio
 }
 
 /// `ReadSmall`: whole small regular files of one directory (see the request). Every
-/// entry is checked to be a regular file before it is opened (opening a device or FIFO
-/// may have effects), opened by its single name beneath the resolved directory, read
-/// and checked unchanged as an inline open's data is.
+/// entry is pinned by its single name beneath the resolved directory with `O_PATH` and
+/// checked to be a regular file before that inode is opened for reading (opening a
+/// device or FIFO may have effects), then read and checked unchanged as an inline
+/// open's data is.
 pub fn read_small(
     ctx: &Ctx,
     dir: &RelPath,
@@ -179,17 +180,27 @@ pub fn read_small(
         let Ok(c) = sys::cstring(&name.0) else {
             return Err(libc::EINVAL);
         };
-        let regular_and_small = sys::fstatat(dirfd.as_fd(), &c, libc::AT_SYMLINK_NOFOLLOW)
-            .is_ok_and(|st| {
-                st.st_mode & libc::S_IFMT == libc::S_IFREG
-                    && u64::try_from(st.st_size).is_ok_and(|n| n <= u64::from(max_size))
-                    && usize::try_from(st.st_size).is_ok_and(|n| n <= left)
-            });
+        // Pinned down with O_PATH (opens nothing), checked, then opened for reading
+        // through that very inode: a name swapped for a device meanwhile is never opened.
+        let Ok(path_fd) = sys::openat(
+            dirfd.as_fd(),
+            &c,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+        ) else {
+            continue;
+        };
+        let regular_and_small = sys::fstat(path_fd.as_fd()).is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && u64::try_from(st.st_size).is_ok_and(|n| n <= u64::from(max_size))
+                && usize::try_from(st.st_size).is_ok_and(|n| n <= left)
+        });
         if !regular_and_small {
             continue;
         }
-        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-        let Ok(fd) = sys::openat(dirfd.as_fd(), &c, flags | libc::O_CLOEXEC, 0) else {
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let proc_path = sys::proc_fd_path(path_fd.as_fd());
+        let Ok(fd) = sys::openat(dirfd.as_fd(), &proc_path, flags, 0) else {
             continue;
         };
         let cap = u32::try_from(left).unwrap_or(u32::MAX).min(max_size);
