@@ -49,6 +49,11 @@ pub mod caps {
     pub const COPY_RANGE: u64 = 1 << 2;
     /// Server answers [`super::Request::ReadSmall`].
     pub const READ_SMALL: u64 = 1 << 3;
+    /// Server fills [`super::Attr::xattrs`] (whether a file has extended attributes) in
+    /// lookups, attributes and listings: one more system call per entry listed, worth
+    /// it only to a client that forwards extended attributes. Without it the field is
+    /// [`super::XATTRS_UNKNOWN`].
+    pub const XATTR_HINTS: u64 = 1 << 4;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the

@@ -78,6 +78,8 @@ pub struct Client {
     live: Arc<AtomicU64>,
     pub stats: ConnStats,
     closed: AtomicBool,
+    /// Capabilities asked for besides [`CLIENT_CAPS`] (set before connecting).
+    extra_caps: AtomicU64,
 }
 
 /// Called with the new generation each time a connection is established.
@@ -98,6 +100,7 @@ impl Client {
             live: Arc::new(AtomicU64::new(0)),
             stats: ConnStats::default(),
             closed: AtomicBool::new(false),
+            extra_caps: AtomicU64::new(0),
         })
     }
 
@@ -131,6 +134,13 @@ impl Client {
             && self
                 .welcome()
                 .is_some_and(|w| w.capabilities & caps::EVENTS != 0)
+    }
+
+    /// Ask servers to tell whether files have extended attributes (only worth its cost
+    /// to a mount that forwards them). Takes effect at the next connection.
+    pub fn want_xattr_hints(&self, want: bool) {
+        let bits = if want { caps::XATTR_HINTS } else { 0 };
+        self.extra_caps.store(bits, Ordering::Relaxed);
     }
 
     /// Whether the server copies between handles itself (`Request::CopyRange`).
@@ -208,10 +218,16 @@ impl Client {
             .map_err(|e| TransportError::Connect(self.addr.clone(), e))?;
         // Small requests (lookups, getattr) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (framed, welcome) =
-            tokio::time::timeout(connect_timeout, handshake(stream, &self.client_name()))
-                .await
-                .map_err(|_| TransportError::HandshakeTimeout)??;
+        let (framed, welcome) = tokio::time::timeout(
+            connect_timeout,
+            handshake(
+                stream,
+                &self.client_name(),
+                CLIENT_CAPS | self.extra_caps.load(Ordering::Relaxed),
+            ),
+        )
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout)??;
         if let Ok(mut w) = self.welcome.lock() {
             *w = Some(welcome);
         }
@@ -494,10 +510,11 @@ impl Client {
 async fn handshake(
     stream: TcpStream,
     client: &str,
+    capabilities: u64,
 ) -> Result<(Framed<TcpStream, ClientCodec>, Welcome), TransportError> {
     let mut framed = Framed::new(stream, FrameCodec::<Hello, HelloReply>::new());
     framed
-        .send(Hello::new(client, CLIENT_CAPS))
+        .send(Hello::new(client, capabilities))
         .await
         .map_err(TransportError::Io)?;
     let reply = match framed.next().await {

@@ -224,6 +224,8 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         .build()
         .context("cannot start the I/O runtime")?;
     let client = Client::new(opts.remote.clone(), opts.timeout);
+    // Whether a file has xattrs matters only to a mount that forwards them.
+    client.want_xattr_hints(opts.xattrs);
     rt.block_on(client.connect()).map_err(|e| anyhow!("{e}"))?;
     let welcome = client.welcome().ok_or_else(|| anyhow!("no handshake"))?;
     let cache = match &opts.cache_dir {

@@ -49,7 +49,8 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const MAX_HELLO: usize = 64 * 1024;
 
 /// Capabilities this server implements; `EVENTS` only when it has a [`Watcher`].
-const SERVER_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL;
+const SERVER_CAPS: u64 =
+    caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL | caps::XATTR_HINTS;
 
 /// A reply on its way to the writer, holding the request's in-flight permit so the limit
 /// also bounds replies waiting to be written.

@@ -17,7 +17,7 @@ const NOFOLLOW: i32 = libc::AT_SYMLINK_NOFOLLOW;
 fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errno> {
     let st = sys::fstatat(dir, name, NOFOLLOW)?;
     let mut attr = attr_of(&st, ctx.export.root_dev());
-    attr.xattrs = sys::xattr_hint_at(dir, name);
+    attr.xattrs = ctx.xattr_hint_at(dir, name);
     Ok(Response::Attr(attr))
 }
 
@@ -44,7 +44,7 @@ pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Respons
             } else {
                 st
             };
-            (st, sys::xattr_hint_fd(fd.as_fd()))
+            (st, ctx.xattr_hint_fd(fd.as_fd()))
         }
     };
     let mut attr = attr_of(&st, ctx.export.root_dev());

@@ -90,6 +90,8 @@ pub struct Ctx {
     pub watch: Option<Arc<Watcher>>,
     /// Barriers this connection started: its own writer does not send them back.
     pub own_barriers: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The client negotiated [`caps::XATTR_HINTS`].
+    pub xattr_hints: bool,
 }
 
 impl Ctx {
@@ -101,6 +103,26 @@ impl Ctx {
             caller_creds,
             watch,
             own_barriers: Default::default(),
+            xattr_hints: capabilities & caps::XATTR_HINTS != 0,
+        }
+    }
+
+    /// Whether the file behind `dir`/`name` has extended attributes, for a client that
+    /// asked ([`caps::XATTR_HINTS`]); unknown otherwise.
+    pub fn xattr_hint_at(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
+        if self.xattr_hints {
+            crate::sys::xattr_hint_at(dir, name)
+        } else {
+            ferry_common::XATTRS_UNKNOWN
+        }
+    }
+
+    /// [`Ctx::xattr_hint_at`] for an open descriptor.
+    pub fn xattr_hint_fd(&self, fd: BorrowedFd<'_>) -> u8 {
+        if self.xattr_hints {
+            crate::sys::xattr_hint_fd(fd)
+        } else {
+            ferry_common::XATTRS_UNKNOWN
         }
     }
 

@@ -63,7 +63,11 @@ impl Server {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.addr, caps::CALLER_CREDS | caps::COPY_RANGE).await
+        Client::connect(
+            self.addr,
+            caps::CALLER_CREDS | caps::COPY_RANGE | caps::XATTR_HINTS,
+        )
+        .await
     }
 
     /// Trigger shutdown; `run` must then return within the deadline.

@@ -174,3 +174,47 @@ async fn read_only_exports_allow_reading_only() {
     assert_eq!(c.call(remove).await, Err(libc::EROFS));
     assert_eq!(local_get(&f, "user.k").unwrap(), b"v");
 }
+
+/// Attributes say whether a file has extended attributes only to a client that asked
+/// (`XATTR_HINTS`): for the others the server spends no system call on it.
+#[tokio::test]
+async fn xattr_hints_only_for_clients_that_ask() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("plain"), b"x").unwrap();
+    std::fs::write(server.root().join("tagged"), b"x").unwrap();
+    let path = CString::new(server.root().join("tagged").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid C strings and buffer.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.k".as_ptr(),
+            b"v".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if rc != 0 {
+        eprintln!("skipping: user xattrs not supported on this filesystem");
+        return;
+    }
+    let mut asks = server.client().await;
+    assert_eq!(asks.lookup("", "plain").await.unwrap().xattrs, XATTRS_NONE);
+    assert_eq!(asks.lookup("", "tagged").await.unwrap().xattrs, XATTRS_SOME);
+    assert_eq!(asks.getattr("tagged").await.unwrap().xattrs, XATTRS_SOME);
+    let mut plain = Client::connect(server.addr, caps::CALLER_CREDS).await;
+    for name in ["plain", "tagged"] {
+        assert_eq!(plain.lookup("", name).await.unwrap().xattrs, XATTRS_UNKNOWN);
+        assert_eq!(plain.getattr(name).await.unwrap().xattrs, XATTRS_UNKNOWN);
+    }
+    let listed = match plain
+        .call(Request::ListDir {
+            path: RelPath::root(),
+            max_entries: 100,
+        })
+        .await
+    {
+        Ok(Response::Listing { entries, .. }) => entries,
+        other => panic!("ListDir: {other:?}"),
+    };
+    assert!(listed.iter().all(|e| e.attr.xattrs == XATTRS_UNKNOWN));
+}
