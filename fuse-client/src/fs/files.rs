@@ -260,12 +260,53 @@ impl Core {
     /// `ino` changed (a write of ours, a commit, an event): open handles stop serving the
     /// content their open reply carried and read through the cache and the server.
     pub(super) fn drop_inline(&self, ino: u64) {
-        if let Ok(files) = self.files.lock() {
-            for f in files.values().filter(|f| f.ino == ino) {
-                if let Ok(mut st) = f.state.lock() {
-                    st.inline = None;
+        for f in self.open_of(ino) {
+            if let Ok(mut st) = f.state.lock() {
+                st.inline = None;
+            }
+        }
+    }
+
+    /// The open files of `ino`.
+    fn open_of(&self, ino: u64) -> Vec<Arc<OpenFile>> {
+        match self.files.lock() {
+            Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Every open file of `ino` reads version `attr` from now on (and no longer the
+    /// content its open reply carried); `restart_readahead` also forgets how far ahead
+    /// they fetched. Returns one of them, if any.
+    fn move_open_files(
+        &self,
+        ino: u64,
+        attr: &Attr,
+        restart_readahead: bool,
+    ) -> Option<Arc<OpenFile>> {
+        let open = self.open_of(ino);
+        for f in &open {
+            if let Ok(mut st) = f.state.lock() {
+                st.version = attr.version;
+                st.size = attr.size;
+                st.inline = None;
+                if restart_readahead {
+                    st.prefetched_to = 0;
                 }
             }
+        }
+        open.into_iter().next()
+    }
+
+    /// While writes (or a server-side copy) are pending: the size they imply, which
+    /// attributes handed to the kernel carry.
+    fn grow_local_size(&self, f: &OpenFile, end: u64) {
+        if let Ok(mut inodes) = self.inodes.lock() {
+            let st = inodes.entry(f.ino).or_default();
+            let base = st
+                .local_size
+                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
+            st.local_size = Some(base.max(end));
         }
     }
 
@@ -275,21 +316,10 @@ impl Core {
     /// short read of the old length would make the kernel shrink the file's size for
     /// every opener).
     pub(super) fn changed_on_server(&self, ino: u64, attr: &Attr) {
-        let open: Vec<Arc<OpenFile>> = match self.files.lock() {
-            Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
-            Err(_) => return,
-        };
-        for f in &open {
-            if let Ok(mut st) = f.state.lock() {
-                st.version = attr.version;
-                st.size = attr.size;
-                st.inline = None;
-                st.prefetched_to = 0;
-            }
-        }
-        if let (Some(cache), Some(f)) = (&self.cache, open.first()) {
+        let moved = self.move_open_files(ino, attr, true);
+        if let (Some(cache), Some(f)) = (&self.cache, moved) {
             cache.validate(f.sino, attr.version, attr.size);
-            self.refresh_pinned(f);
+            self.refresh_pinned(&f);
         }
     }
 
@@ -896,13 +926,7 @@ impl Core {
         {
             cache.invalidate(f.sino);
         }
-        if let Ok(mut inodes) = self.inodes.lock() {
-            let st = inodes.entry(f.ino).or_default();
-            let base = st
-                .local_size
-                .unwrap_or_else(|| f.state.lock().map(|s| s.size).unwrap_or(0));
-            st.local_size = Some(base.max(offset + data.len() as u64));
-        }
+        self.grow_local_size(f, offset + data.len() as u64);
     }
 
     /// A write queued at once, on the calling (FUSE session) thread, when nothing has to
@@ -1074,19 +1098,12 @@ impl Core {
         self.stats
             .bytes_copied_on_server
             .fetch_add(u64::from(copied), Ordering::Relaxed);
-        if copied > 0
-            && let Some(cache) = &self.cache
-        {
-            cache.extended(dst.sino, off_out + u64::from(copied));
-        }
-        if copied > 0
-            && let Ok(mut inodes) = self.inodes.lock()
-        {
-            let st = inodes.entry(dst.ino).or_default();
-            let base = st
-                .local_size
-                .unwrap_or_else(|| dst.state.lock().map(|s| s.size).unwrap_or(0));
-            st.local_size = Some(base.max(off_out + u64::from(copied)));
+        if copied > 0 {
+            let end = off_out + u64::from(copied);
+            if let Some(cache) = &self.cache {
+                cache.extended(dst.sino, end);
+            }
+            self.grow_local_size(&dst, end);
         }
         Ok(copied)
     }
@@ -1107,16 +1124,12 @@ impl Core {
         if size < crate::passthrough::MIN_SIZE {
             return None;
         }
+        let tracker = self.tracker(f.ino).ok()?;
+        if self.writing(f.sino)
+            || tracker.dirty.load(Ordering::SeqCst)
+            || tracker.inflight.load(Ordering::SeqCst) > 0
         {
-            let inodes = self.inodes.lock().ok()?;
-            if let Some(st) = inodes.get(&f.ino)
-                && (st.writers > 0
-                    || st.local_size.is_some()
-                    || st.writes.dirty.load(Ordering::SeqCst)
-                    || st.writes.inflight.load(Ordering::SeqCst) > 0)
-            {
-                return None;
-            }
+            return None;
         }
         let file = self
             .cache
@@ -1152,12 +1165,7 @@ impl Core {
     /// Wait until the pinned data file of `ino` (read through passthrough) holds the
     /// current version whole again, fetching what is missing.
     pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
-        let Some(f) = self
-            .files
-            .lock()
-            .ok()
-            .and_then(|files| files.values().find(|f| f.ino == ino).cloned())
-        else {
+        let Some(f) = self.open_of(ino).into_iter().next() else {
             return;
         };
         let mut off = 0;
@@ -1277,19 +1285,8 @@ impl Core {
         if let Some(parent) = self.nodes()?.parent_of(ino) {
             self.dir_changed(parent);
         }
-        let open: Vec<Arc<OpenFile>> = match self.files.lock() {
-            Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
-            Err(_) => Vec::new(),
-        };
-        for f in &open {
-            if let Ok(mut st) = f.state.lock() {
-                st.version = attr.version;
-                st.size = attr.size;
-                st.inline = None;
-            }
-        }
-        if let Some(f) = open.first() {
-            self.refresh_pinned(f);
+        if let Some(f) = self.move_open_files(ino, &attr, false) {
+            self.refresh_pinned(&f);
         }
         self.note_attr_unseen(attr);
         // Not kept: after a commit the next open reads through the data cache, which is
