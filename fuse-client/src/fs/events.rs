@@ -207,10 +207,17 @@ impl Core {
                 self.forget_listing(dir);
                 // (The directory's own attributes come with its own event, which the
                 // server sends with every entry change.)
-                // The event says exactly whether the name exists now: a directory whose
-                // every name we know stays known (this also covers our own new entries
-                // whose event overtook the reply).
-                self.names_changed(dir, &name.0, a.is_some());
+                // A name that exists now joins the directory's known names (this also
+                // covers our own new entries whose event overtook the reply). A name
+                // reported gone is not trusted to be gone from *this* directory: the
+                // event names it by path, stat'ed on the server maybe after a rename
+                // this client has not applied yet (`d/inside` is gone once `d` was
+                // exchanged with a file), so the directory's names are no longer known.
+                if a.is_some() {
+                    self.names_changed(dir, &name.0, true);
+                } else {
+                    self.forget_names(dir);
+                }
                 if let Some(ino) = known {
                     self.forget_attr(ino);
                 }
