@@ -160,6 +160,14 @@ fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Attr, FsError>) {
     }
 }
 
+/// How long the kernel may keep the entry a lookup answered.
+fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
+    match r {
+        Ok(a) => core.attr_ttl(a.ino),
+        Err(_) => core.ttl(),
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
     match r {
         Ok(()) => reply.ok(),
@@ -194,12 +202,13 @@ impl Filesystem for FerryFuse {
         // Answers known here go back at once: a hop to a runtime worker costs more than
         // the work on this machine's scale (tens of microseconds).
         if let Some(r) = self.core.lookup_now(parent.0, name.as_bytes()) {
-            return reply_entry(reply, self.core.ttl(), r);
+            return reply_entry(reply, entry_ttl(&self.core, &r), r);
         }
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
-        self.spawn(
-            async move { reply_entry(reply, core.ttl(), core.lookup(c, parent.0, &name).await) },
-        );
+        self.spawn(async move {
+            let r = core.lookup(c, parent.0, &name).await;
+            reply_entry(reply, entry_ttl(&core, &r), r)
+        });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -208,12 +217,12 @@ impl Filesystem for FerryFuse {
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some(a) = self.core.getattr_now(ino.0) {
-            return reply.attr(&self.core.ttl(), &fuse_attr(&a));
+            return reply.attr(&self.core.attr_ttl(ino.0), &fuse_attr(&a));
         }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&core.ttl(), &fuse_attr(&a)),
+                Ok(a) => reply.attr(&core.attr_ttl(ino.0), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -317,6 +326,10 @@ impl Filesystem for FerryFuse {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        // An unlink answered ahead of the server (`fs/unlinks.rs`) needs no worker either.
+        if let Some(r) = self.core.unlink_now(caller(req), parent.0, name.as_bytes()) {
+            return reply_empty(reply, r);
+        }
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(async move { reply_empty(reply, core.unlink(c, parent.0, &name).await) });
     }
@@ -656,12 +669,13 @@ impl Filesystem for FerryFuse {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let core = self.core.clone();
+        self.spawn(async move { reply_empty(reply, core.fsyncdir(ino.0).await) });
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {

@@ -60,6 +60,13 @@ enum Cmd {
         /// for a read-only export.
         #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
         passthrough: Passthrough,
+        /// Wait for the server before `unlink` returns. By default an unlink this mount
+        /// can tell will succeed returns at once and the server applies it in order with
+        /// everything after it (`rm -rf` does not wait one round trip per file); if the
+        /// server refuses it after all, the file reappears and the next `fsync` of its
+        /// directory reports the error.
+        #[arg(long)]
+        sync_unlink: bool,
         #[arg(long, hide = true)]
         ready_pipe: bool,
     },
@@ -124,6 +131,7 @@ fn run(args: Args) -> Result<()> {
             no_cache,
             xattrs,
             passthrough,
+            sync_unlink,
             ready_pipe,
         } => {
             let cache_dir = if no_cache {
@@ -142,6 +150,7 @@ fn run(args: Args) -> Result<()> {
                 cache_size,
                 xattrs,
                 passthrough,
+                sync_unlink,
             };
             if foreground {
                 mount_foreground(&opts, ready_pipe)
@@ -163,6 +172,9 @@ fn run(args: Args) -> Result<()> {
                 }
                 if xattrs {
                     child.push("--xattrs".into());
+                }
+                if sync_unlink {
+                    child.push("--sync-unlink".into());
                 }
                 child.extend(["--passthrough".into(), passthrough.to_string().into()]);
                 match &cache_dir {

@@ -44,6 +44,8 @@ pub struct MountOpts {
     /// When the kernel may read fully cached files from the data cache (FUSE
     /// passthrough; needs root, see `crate::passthrough`).
     pub passthrough: Passthrough,
+    /// Every unlink waits for the server (see `Core::unlink`).
+    pub sync_unlink: bool,
 }
 
 /// `ferry mount --passthrough`.
@@ -243,6 +245,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     };
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
+    core.set_unlink_behind(!opts.sync_unlink);
     let fs = FerryFuse::new(
         core.clone(),
         rt.handle().clone(),
@@ -352,6 +355,8 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     if let Some(p) = stats_socket {
         let _ = std::fs::remove_file(p);
     }
+    // Unlinks answered ahead of the server reach it before the connection closes.
+    rt.block_on(core.settle_unlinks(opts.timeout));
     rt.block_on(client.close());
     // Lets background cache writes finish first, so the metadata saved next covers them.
     rt.shutdown_timeout(Duration::from_secs(2));

@@ -422,7 +422,10 @@ where
     sink.close().await
 }
 
-/// Requests cheap enough to run on the connection task (see `serve_requests`).
+/// Requests cheap enough to run on the connection task (see `serve_requests`). They run
+/// in the order they arrived, before the next request is read: clients rely on that for
+/// `Unlink`, which they answer before its reply comes (`fuse-client/src/fs/unlinks.rs`),
+/// so it must stay here.
 fn runs_inline(r: &Request) -> bool {
     matches!(
         r,

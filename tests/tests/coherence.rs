@@ -407,6 +407,10 @@ fn names_and_attributes_known_locally_stay_true() {
         "link count after mkdir"
     );
     fs::remove_file(fx.mnt("made/f0")).expect("unlink");
+    // Answered before the server confirmed it; fsync of the directory waits for that.
+    fs::File::open(fx.mnt("made"))
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
     assert_eq!(
         fs::metadata(fx.mnt("made")).expect("stat").mtime_nsec(),
         fs::metadata(fx.exp("made")).expect("stat").mtime_nsec(),

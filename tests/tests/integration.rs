@@ -35,3 +35,4 @@ mod protocol;
 mod read_only;
 mod server_killed;
 mod stats;
+mod unlinks;

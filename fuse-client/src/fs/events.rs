@@ -37,7 +37,7 @@ impl Core {
         let _ = self.invalidator.set(tx);
     }
 
-    fn invalidate(&self, inv: Invalidation) {
+    pub(super) fn invalidate(&self, inv: Invalidation) {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         if let Some(tx) = self.invalidator.get() {
             let _ = tx.send(inv);

@@ -268,7 +268,7 @@ impl Core {
     }
 
     /// The open files of `ino`.
-    fn open_of(&self, ino: u64) -> Vec<Arc<OpenFile>> {
+    pub(super) fn open_of(&self, ino: u64) -> Vec<Arc<OpenFile>> {
         match self.files.lock() {
             Ok(files) => files.values().filter(|f| f.ino == ino).cloned().collect(),
             Err(_) => Vec::new(),

@@ -14,6 +14,7 @@
 mod dirs;
 mod events;
 mod files;
+mod unlinks;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,6 +124,10 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Unlinks answered before the server confirmed them (see `fs/unlinks.rs`), and
+    /// those of them the server then refused.
+    pub unlinks_behind: AtomicU64,
+    pub unlinks_behind_failed: AtomicU64,
 }
 
 pub struct Core {
@@ -149,6 +154,8 @@ pub struct Core {
     /// Pinned entries being fetched again (by inode), and whether another change came
     /// meanwhile (the fetch then runs once more): one refresh per file at a time.
     refreshing: Mutex<HashMap<u64, bool>>,
+    /// Unlinks answered before the server confirmed them.
+    unlinks: unlinks::Behind,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     /// This core, for work it starts in the background on its own.
@@ -191,6 +198,7 @@ impl Core {
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
             siblings: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
+            unlinks: unlinks::Behind::default(),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -694,32 +702,19 @@ impl Core {
 
     pub async fn unlink(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
         let (p, n) = self.child(parent, name)?;
-        self.rpc(caller, Request::Unlink { parent: p, name: n })
-            .await?;
-        self.dir_changed(parent);
-        self.names_changed(parent, name, false);
-        let gone = self.nodes()?.child(parent, name);
-        if let Some(ino) = gone {
-            // Its link count and ctime changed.
-            self.forget_attr(ino);
+        let req = Request::Unlink { parent: p, name: n };
+        if let Some(done) = self.unlink_behind(caller, parent, name, &req).await {
+            return done;
         }
-        self.nodes()?.unlinked(parent, name);
-        Ok(())
+        self.rpc(caller, req).await?;
+        self.unlinked_here(parent, name)
     }
 
     pub async fn rmdir(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
         let (p, n) = self.child(parent, name)?;
         self.rpc(caller, Request::RmDir { parent: p, name: n })
             .await?;
-        self.dir_changed(parent);
-        self.names_changed(parent, name, false);
-        let gone = self.nodes()?.child(parent, name);
-        if let Some(ino) = gone {
-            // Its link count and ctime changed.
-            self.forget_attr(ino);
-        }
-        self.nodes()?.unlinked(parent, name);
-        Ok(())
+        self.unlinked_here(parent, name)
     }
 
     pub async fn rename(
@@ -880,6 +875,8 @@ impl Core {
             ("passthrough_opens", &s.passthrough_opens),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
+            ("unlinks_behind", &s.unlinks_behind),
+            ("unlinks_behind_failed", &s.unlinks_behind_failed),
         ] {
             v.push((k.to_string(), a.load(Ordering::Relaxed)));
         }

@@ -52,6 +52,11 @@ fn unlink_removes_the_name() {
     let Some(fx) = fixture() else { return };
     fs::write(fx.mnt("f"), b"data").expect("write");
     fs::remove_file(fx.mnt("f")).expect("unlink");
+    // The unlink may still be on its way to the server (`fs/unlinks.rs` in the client);
+    // an fsync of the directory waits for it.
+    File::open(fx.mnt(""))
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
     assert!(!fx.exp("f").exists(), "export still has f");
     assert_errno(fs::metadata(fx.mnt("f")), libc::ENOENT);
     assert_errno(File::open(fx.mnt("f")), libc::ENOENT);

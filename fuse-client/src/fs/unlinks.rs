@@ -1,0 +1,249 @@
+//! Unlinks answered before the server confirms them.
+//!
+//! `rm -rf` of a tree waits one round trip per file when every unlink waits for the
+//! server: 5,000 files at 40 ms RTT are 200 s. But most unlinks cannot fail: the kernel
+//! has already checked the directory's permissions (`default_permissions`) against
+//! attributes the server's events vouch for, and this client knows the file, that it is
+//! not a directory, has no other name and is not open here. Such an unlink is queued on
+//! the connection and answered at once; the reply is handled in the background.
+//!
+//! Why later requests cannot overtake it: requests on one connection are sent in the
+//! order they were queued, and `ferryd` runs an `Unlink` on the connection's own task
+//! before it reads the next request (see `runs_inline` in the server's `conn.rs`). So the
+//! `rmdir` that ends `rm -rf`, a create of the same name, a listing of the directory: all
+//! of this mount's requests see the unlink done. Other clients see it a round trip later
+//! than the program did.
+//!
+//! If the server refuses it after all (the export changed under a stale view, a
+//! reconnect lost it), the file reappears: the kernel entry, the listing and the known
+//! names of the directory are dropped, a warning is logged, `unlinks_behind_failed`
+//! counts it, and the next `fsync` of the directory returns the error. `fsync` of a
+//! directory and unmount wait for every unlink in flight. `--sync-unlink` turns this off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_common::proto::{Caller, FileKind, Request, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::{Core, Invalidation, errno};
+use crate::conn::Sent;
+use crate::error::{FsError, FsResult, TransportError};
+
+/// Unlinks in flight at most; the next one waits for a slot.
+const IN_FLIGHT: usize = 256;
+
+/// Directories whose failed unlink is remembered for `fsync`, at most.
+const MAX_ERRORS: usize = 1024;
+
+#[derive(Debug)]
+pub(super) struct Behind {
+    enabled: AtomicBool,
+    slots: Arc<Semaphore>,
+    /// The first error of a failed unlink, by directory, until an `fsync` reports it.
+    errors: Mutex<HashMap<u64, i32>>,
+    /// Unlinks in flight by directory: its attributes from before them are handed to
+    /// the kernel for no longer than the call (see [`Core::attr_ttl`]).
+    in_dirs: Mutex<HashMap<u64, u32>>,
+}
+
+impl Default for Behind {
+    fn default() -> Self {
+        Behind {
+            enabled: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            errors: Mutex::new(HashMap::new()),
+            in_dirs: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Core {
+    /// Answer unlinks that cannot fail before the server confirms them (the default of
+    /// `ferry mount`; off when the mount was asked for `--sync-unlink`).
+    pub fn set_unlink_behind(&self, on: bool) {
+        self.unlinks.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether this client can tell that unlinking `parent/name` will succeed.
+    fn may_unlink_behind(&self, parent: u64, name: &[u8]) -> bool {
+        // (The runtime is where replies are waited for.)
+        if !self.unlinks.enabled.load(Ordering::Relaxed) || self.runtime.get().is_none() {
+            return false;
+        }
+        let Some(ino) = self.child_of(parent, name) else {
+            return false;
+        };
+        // Current by the event stream, and no writes of ours pending.
+        let Some(attr) = self.known_attr(ino) else {
+            return false;
+        };
+        attr.kind != FileKind::Dir && attr.nlink == 1 && self.open_of(ino).is_empty()
+    }
+
+    /// [`Core::unlink_behind`] for the FUSE thread: `None` also when it would have to
+    /// wait (no free slot, the connection busy being replaced).
+    pub fn unlink_now(&self, caller: Caller, parent: u64, name: &[u8]) -> Option<FsResult<()>> {
+        if !self.may_unlink_behind(parent, name) {
+            return None;
+        }
+        let slot = Arc::clone(&self.unlinks.slots).try_acquire_owned().ok()?;
+        let (p, n) = self.child(parent, name).ok()?;
+        let req = Request::Unlink { parent: p, name: n };
+        let sent = self.client.try_start_on(None, caller, req)?;
+        Some(self.unlink_sent(parent, name, sent, slot))
+    }
+
+    /// Unlink `parent/name` without waiting for the server, if this client can tell it
+    /// will succeed; `None` means the caller must unlink it the ordinary way.
+    pub(super) async fn unlink_behind(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        req: &Request,
+    ) -> Option<FsResult<()>> {
+        if !self.may_unlink_behind(parent, name) {
+            return None;
+        }
+        let slot = Arc::clone(&self.unlinks.slots).acquire_owned().await.ok()?;
+        // Waiting for the slot may have taken a while.
+        if !self.may_unlink_behind(parent, name) {
+            return None;
+        }
+        let sent = self.client.start_on(None, caller, req.clone()).await;
+        Some(self.unlink_sent(parent, name, sent, slot))
+    }
+
+    /// The unlink is queued: update what this client knows, handle the reply later.
+    fn unlink_sent(
+        &self,
+        parent: u64,
+        name: &[u8],
+        sent: Result<Sent, TransportError>,
+        slot: OwnedSemaphorePermit,
+    ) -> FsResult<()> {
+        let sent = sent?;
+        let (Some(me), Some(rt)) = (self.me.upgrade(), self.runtime.get()) else {
+            return Err(TransportError::Closed.into());
+        };
+        self.unlinked_here(parent, name)?;
+        if let Ok(mut d) = self.unlinks.in_dirs.lock() {
+            *d.entry(parent).or_default() += 1;
+        }
+        self.stats.unlinks_behind.fetch_add(1, Ordering::Relaxed);
+        let name = name.to_vec();
+        rt.spawn(async move {
+            let outcome = sent.reply().await;
+            me.unlink_settled(parent, &name, outcome);
+            if let Ok(mut d) = me.unlinks.in_dirs.lock()
+                && let Some(n) = d.get_mut(&parent)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    d.remove(&parent);
+                }
+            }
+            drop(slot);
+        });
+        Ok(())
+    }
+
+    fn unlink_settled(
+        &self,
+        parent: u64,
+        name: &[u8],
+        outcome: Result<Result<Response, i32>, TransportError>,
+    ) {
+        let e = match outcome {
+            Ok(Ok(reply)) => {
+                // The directory's new attributes, for the kernel's next `GETATTR`.
+                self.unwrap_reply(reply);
+                return;
+            }
+            // Someone else removed it first: what was asked for is done.
+            Ok(Err(libc::ENOENT)) => {
+                self.forget_attr(parent);
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(t) => FsError::from(t).errno(),
+        };
+        self.stats
+            .unlinks_behind_failed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            dir = ?self.path(parent).unwrap_or_default(),
+            name = %String::from_utf8_lossy(name),
+            "unlink already answered failed on the server: {}; the file stays",
+            crate::error::errno_text(e)
+        );
+        if let Ok(mut errors) = self.unlinks.errors.lock()
+            && errors.len() < MAX_ERRORS
+        {
+            errors.entry(parent).or_insert(e);
+        }
+        // Whatever this client believed about the directory is wrong now.
+        self.forget_names(parent);
+        self.dir_changed(parent);
+        self.forget_attr(parent);
+        self.invalidate(Invalidation::Entry {
+            parent,
+            name: name.to_vec(),
+        });
+        self.invalidate_attrs(parent);
+    }
+
+    /// How long the kernel may keep the attributes of `ino` it is given now: not at all
+    /// for a directory with unlinks in flight (its times are about to change; `stat` a
+    /// moment later gets the server's), the usual TTL otherwise.
+    pub fn attr_ttl(&self, ino: u64) -> Duration {
+        let busy = self
+            .unlinks
+            .in_dirs
+            .lock()
+            .is_ok_and(|d| d.contains_key(&ino));
+        if busy { Duration::ZERO } else { self.ttl() }
+    }
+
+    /// `fsync` of directory `dir`: every unlink in flight has reached the server, and
+    /// the first one in `dir` that failed since the last `fsync` is reported.
+    pub async fn fsyncdir(&self, dir: u64) -> FsResult<()> {
+        // Fair: unlinks started after this call wait behind it.
+        drop(self.unlinks.slots.acquire_many(IN_FLIGHT as u32).await);
+        let failed = self
+            .unlinks
+            .errors
+            .lock()
+            .ok()
+            .and_then(|mut e| e.remove(&dir));
+        match failed {
+            Some(e) => errno(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait (at most `limit`) until no unlink is in flight. Each one ends within the
+    /// connection's timeout, so this cannot hang on a dead server.
+    pub async fn settle_unlinks(&self, limit: Duration) {
+        let all = self.unlinks.slots.acquire_many(IN_FLIGHT as u32);
+        drop(tokio::time::timeout(limit, all).await);
+    }
+
+    /// What this client knows changes when `parent/name` is gone (its own unlink or
+    /// rmdir, done or on its way).
+    pub(super) fn unlinked_here(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.dir_changed(parent);
+        self.names_changed(parent, name, false);
+        let gone = self.nodes()?.child(parent, name);
+        if let Some(ino) = gone {
+            // Its link count and ctime changed.
+            self.forget_attr(ino);
+        }
+        self.nodes()?.unlinked(parent, name);
+        Ok(())
+    }
+}
