@@ -266,6 +266,15 @@ impl Filesystem for FerryFuse {
             },
             None => None,
         };
+        // Times and mode queued behind uncommitted writes need no worker either.
+        if writer.is_none()
+            && let Some(r) = self.core.setattr_now(caller(req), ino.0, &set)
+        {
+            return match r {
+                Ok(a) => reply.attr(&self.core.ttl(), &fuse_attr(&a)),
+                Err(e) => reply.error(err(&e)),
+            };
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
             let _writer = writer;

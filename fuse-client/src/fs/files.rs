@@ -1308,6 +1308,47 @@ impl Core {
         ino: u64,
         set: &SetAttr,
     ) -> FsResult<Option<Attr>> {
+        let Some(tracker) = self.behind_candidate(ino, set)? else {
+            return Ok(None);
+        };
+        // Held until the request is queued: no write or commit of this inode is queued
+        // between the writes before it and it.
+        let gate = tracker.gate.clone().write_owned().await;
+        let Some((generation, request, attr)) = self.behind_request(ino, set)? else {
+            return Ok(None);
+        };
+        let sent = self
+            .client
+            .start_on(Some(generation), caller, request)
+            .await;
+        self.attrs_queued(ino, set, &tracker, gate, attr, sent)
+            .map(Some)
+    }
+
+    /// [`Core::attrs_behind`] on the FUSE session thread: `None` also when it would
+    /// have to wait (the write gate or the connection busy).
+    pub fn setattr_now(&self, caller: Caller, ino: u64, set: &SetAttr) -> Option<FsResult<Attr>> {
+        self.runtime.get()?;
+        let tracker = match self.behind_candidate(ino, set) {
+            Ok(Some(t)) => t,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let gate = tracker.gate.clone().try_write_owned().ok()?;
+        let (generation, request, attr) = match self.behind_request(ino, set) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let sent = self
+            .client
+            .try_start_on(Some(generation), caller, request)?;
+        Some(self.attrs_queued(ino, set, &tracker, gate, attr, sent))
+    }
+
+    /// Whether `set` on `ino` may be queued behind this client's uncommitted writes:
+    /// their tracker if so (checked again under the gate by `behind_request`).
+    fn behind_candidate(&self, ino: u64, set: &SetAttr) -> FsResult<Option<Arc<WriteTracker>>> {
         // Not the owner: a server that may not give the file away (not root, or root
         // squashed) refuses it, and that refusal belongs to `fchown`, not to `close`.
         let anything = set.mode.is_some() || set.atime.is_some() || set.mtime.is_some();
@@ -1317,16 +1358,9 @@ impl Core {
         if set.size.is_some() || owner || !anything || !self.client.events_live() {
             return Ok(None);
         }
-        let Some((handle, generation)) = self.shared_writer(ino)? else {
+        if self.shared_writer(ino)?.is_none() {
             return Ok(None);
-        };
-        let (known, local_size) = match self.inodes()?.get(&ino) {
-            Some(st) => (st.behind.or(st.attr.map(|(a, _)| a)), st.local_size),
-            None => (None, None),
-        };
-        let Some(mut attr) = known else {
-            return Ok(None);
-        };
+        }
         let tracker = self.tracker(ino)?;
         // Only with writes not yet committed: their close (or fsync) is what reports a
         // failure. Otherwise (also right after a close, its release still on the way)
@@ -1337,16 +1371,66 @@ impl Core {
         if let Some(e) = tracker.peek_error() {
             return errno(e);
         }
-        // Held until the request is queued: no write or commit of this inode is queued
-        // between the writes before it and it.
-        let gate = tracker.gate.clone().write_owned().await;
-        // A close may have committed (and released the handle) while we waited: then
-        // there is nothing to queue behind.
+        Ok(Some(tracker))
+    }
+
+    /// Under the write gate: the request that sets `set` behind the writes, if there are
+    /// still writes to queue it behind (a close may have committed and released the
+    /// handle meanwhile) and attributes to answer from: (connection generation, request,
+    /// the attributes the change applies to).
+    fn behind_request(&self, ino: u64, set: &SetAttr) -> FsResult<Option<(u64, Request, Attr)>> {
+        let tracker = self.tracker(ino)?;
         let still_writing =
             tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0;
-        if !still_writing || self.shared_writer(ino)? != Some((handle, generation)) {
+        let Some((handle, generation)) = self.shared_writer(ino)? else {
             return Ok(None);
+        };
+        let known = self
+            .inodes()?
+            .get(&ino)
+            .and_then(|st| st.behind.or(st.attr.map(|(a, _)| a)));
+        let (true, Some(attr)) = (still_writing, known) else {
+            return Ok(None);
+        };
+        let request = Request::SetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+            set: set.clone(),
+        };
+        Ok(Some((generation, request, attr)))
+    }
+
+    /// The change is queued (or failed to be): answer it from the attributes we hold.
+    fn attrs_queued(
+        &self,
+        ino: u64,
+        set: &SetAttr,
+        tracker: &Arc<WriteTracker>,
+        gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+        mut attr: Attr,
+        sent: Result<crate::conn::Sent, TransportError>,
+    ) -> FsResult<Attr> {
+        let sent = sent?;
+        // Queued behind every write before it (the gate is held), ahead of any later
+        // write or commit; the server applies it after those writes.
+        tracker.inflight.fetch_add(1, Ordering::SeqCst);
+        drop(gate);
+        let t = tracker.clone();
+        let settle = async move {
+            match sent.reply().await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => t.fail(e),
+                Err(e) => t.fail(FsError::Transport(e).errno()),
+            }
+            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                t.done.notify_waiters();
+            }
+        };
+        match self.runtime.get() {
+            Some(rt) => drop(rt.spawn(settle)),
+            None => drop(tokio::spawn(settle)),
         }
+        let local_size = self.inodes()?.get(&ino).and_then(|st| st.local_size);
         let now = {
             let d = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1373,41 +1457,13 @@ impl Core {
         if let Some(size) = local_size {
             attr.size = size;
         }
-        let request = Request::SetAttr {
-            path: RelPath::root(),
-            handle: Some(handle),
-            set: set.clone(),
-        };
-        // Queued behind every write before it (the gate is held), ahead of any later
-        // write or commit; the server applies it after those writes.
-        tracker.inflight.fetch_add(1, Ordering::SeqCst);
-        let sent = self
-            .client
-            .start_on(Some(generation), caller, request)
-            .await;
-        drop(gate);
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            let reply = match sent {
-                Ok(sent) => sent.reply().await,
-                Err(e) => Err(e),
-            };
-            match reply {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => t.fail(e),
-                Err(e) => t.fail(FsError::Transport(e).errno()),
-            }
-            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                t.done.notify_waiters();
-            }
-        });
         // What the server will report differs (ctime, a `Now` time): the kernel asks again
         // once the commit brings the real attributes; further changes start from these.
         self.forget_attr(ino);
         if let Some(st) = self.inodes()?.get_mut(&ino) {
             st.behind = Some(attr);
         }
-        Ok(Some(attr))
+        Ok(attr)
     }
 
     /// The server truncated `ino` to nothing in the stage of this client's write handle
