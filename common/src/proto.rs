@@ -54,6 +54,10 @@ pub mod caps {
     /// it only to a client that forwards extended attributes. Without it the field is
     /// [`super::XATTRS_UNKNOWN`].
     pub const XATTR_HINTS: u64 = 1 << 4;
+    /// Server runs each `Unlink` before it reads the connection's next request, and may
+    /// remove any entry the client's kernel let the caller remove (it runs as root, on a
+    /// writable export): a client may answer an unlink before its reply comes.
+    pub const ORDERED_UNLINK: u64 = 1 << 5;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the

@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::TransportError;
 
 /// Capabilities this client asks for.
-const CLIENT_CAPS: u64 = caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL;
+const CLIENT_CAPS: u64 =
+    caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL | caps::ORDERED_UNLINK;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -153,6 +154,13 @@ impl Client {
     pub fn reads_small(&self) -> bool {
         self.welcome()
             .is_some_and(|w| w.capabilities & caps::READ_SMALL != 0)
+    }
+
+    /// Whether the server applies an unlink before anything sent after it, wherever the
+    /// client's kernel allowed it (`caps::ORDERED_UNLINK`).
+    pub fn orders_unlinks(&self) -> bool {
+        self.welcome()
+            .is_some_and(|w| w.capabilities & caps::ORDERED_UNLINK != 0)
     }
 
     /// What the server said in the last successful handshake.

@@ -216,13 +216,15 @@ impl Filesystem for FerryFuse {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.core.attr_ttl(ino.0);
         if let Some(a) = self.core.getattr_now(ino.0) {
-            return reply.attr(&self.core.attr_ttl(ino.0), &fuse_attr(&a));
+            return reply.attr(&ttl, &fuse_attr(&a));
         }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
+            let ttl = core.attr_ttl(ino.0);
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&core.attr_ttl(ino.0), &fuse_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });

@@ -77,11 +77,16 @@ pub async fn serve<T>(
             .max_frame_length(MAX_HELLO)
             .new_codec(),
     );
-    let offered = if watcher.is_some() {
+    let mut offered = if watcher.is_some() {
         SERVER_CAPS
     } else {
         SERVER_CAPS & !caps::EVENTS
     };
+    // (`Unlink` always runs inline; whether it can fail where the client's kernel said
+    // yes depends on who we are.)
+    if crate::sys::geteuid() == 0 && !export.read_only() {
+        offered |= caps::ORDERED_UNLINK;
+    }
     let capabilities = tokio::select! {
         _ = shutdown.cancelled() => return,
         res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export, offered)) => match res {
@@ -423,9 +428,9 @@ where
 }
 
 /// Requests cheap enough to run on the connection task (see `serve_requests`). They run
-/// in the order they arrived, before the next request is read: clients rely on that for
-/// `Unlink`, which they answer before its reply comes (`fuse-client/src/fs/unlinks.rs`),
-/// so it must stay here.
+/// in the order they arrived, before the next request is read: `caps::ORDERED_UNLINK`
+/// promises that for `Unlink` (clients answer it before its reply comes), so it must
+/// stay here.
 fn runs_inline(r: &Request) -> bool {
     matches!(
         r,

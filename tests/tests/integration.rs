@@ -20,6 +20,7 @@
 //! - `stats`: `ferry stats` in text and JSON.
 //! - `cli`: `ferry ls/get/put/shell/mount/umount` and their errors.
 //! - `multi_user`: `--allow-other`, ownership and permission checks for another uid.
+//! - `unlinks`: unlinks answered before the server confirms them, and their failures.
 
 mod basic;
 mod cache;

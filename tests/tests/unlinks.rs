@@ -5,12 +5,12 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{Fixture, assert_errno, fixture_with, poll_until, run};
+use ferry_tests::{Fixture, assert_errno, fixture_with, poll_until, run, with_deadline};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -63,6 +63,7 @@ fn what_cannot_be_predicted_is_unlinked_synchronously() {
         fs::write(e.join("open"), b"still readable").expect("write");
         fs::write(e.join("linked"), b"two names").expect("write");
         fs::hard_link(e.join("linked"), e.join("other-name")).expect("link");
+        fs::write(e.join("plain"), b"plain").expect("write");
     }) else {
         return;
     };
@@ -84,6 +85,11 @@ fn what_cannot_be_predicted_is_unlinked_synchronously() {
     assert_eq!(fs::metadata(fx.mnt("other-name")).expect("stat").nlink(), 1);
 
     assert_eq!(fx.mount.stats().get("unlinks_behind"), before);
+
+    // A plain file beside them is (the checks above are not vacuous).
+    fs::metadata(fx.mnt("plain")).expect("stat");
+    fs::remove_file(fx.mnt("plain")).expect("unlink plain file");
+    assert_eq!(fx.mount.stats().get("unlinks_behind"), before + 1);
 }
 
 #[test]
@@ -133,20 +139,27 @@ fn an_unlink_the_server_refuses_later_brings_the_file_back() {
     };
     events_live(&fx);
     // Made through the mount: the client knows every name in `d`, and answers lookups
-    // of others itself, which must stop once it is proven wrong.
+    // of others itself, which must stop once it is proven wrong. The file comes from
+    // the export (nothing of ours is being written or released), announced by its event.
     fs::create_dir(fx.mnt("d")).expect("mkdir");
-    ferry_tests::write_closed(&fx.mnt("d/f"), b"precious").expect("write");
-    let ctime = |p: &Path| fs::metadata(p).map(|m| (m.ctime(), m.ctime_nsec())).ok();
-    let before = ctime(&fx.mnt("d/f"));
-    // The client cannot know: to it the file is a plain one it may delete.
+    fs::write(fx.exp("d/f"), b"precious").expect("write on the export");
+    assert!(
+        poll_until(DEADLINE, || fx.mnt("d/f").exists()),
+        "the new file never showed through the mount"
+    );
+    // Every event about it has been delivered once this last one shows (a late one
+    // would bring the name back by itself and hide what is tested below).
+    fs::set_permissions(fx.exp("d/f"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert!(
+        poll_until(DEADLINE, || fs::metadata(fx.mnt("d/f"))
+            .is_ok_and(|m| m.mode() & 0o777 == 0o600)),
+        "the mode change never showed through the mount"
+    );
+    // The client cannot know (the flag change makes no event): to it the file is a
+    // plain one it may delete.
     let Some(_flag) = Immutable::set(&fx.exp("d/f")) else {
         return;
     };
-    // Its event has come (and cannot bring the name back after the unlink below).
-    assert!(
-        poll_until(DEADLINE, || ctime(&fx.mnt("d/f")) != before),
-        "the flag change never showed through the mount"
-    );
     fs::remove_file(fx.mnt("d/f")).expect("answered before the server refused");
     assert_eq!(fx.mount.stats().get("unlinks_behind"), 1);
     assert_errno(fsync_dir(&fx.mnt("d")), libc::EPERM);
@@ -165,4 +178,57 @@ fn an_unlink_the_server_refuses_later_brings_the_file_back() {
         "no warning in the mount's log:\n{}",
         fx.mount.log()
     );
+}
+
+/// The unlink returns while the server cannot answer anything; `fsync` of the directory
+/// returns only once the server has applied it.
+#[test]
+fn unlink_returns_at_once_and_fsync_of_the_directory_waits_for_the_server() {
+    // A long timeout: the frozen server must not be given up on.
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "60"], |e| {
+        fs::write(e.join("f"), b"x").expect("write");
+    }) else {
+        return;
+    };
+    events_live(&fx);
+    fs::metadata(fx.mnt("f")).expect("stat");
+    // Opened before: opening it asks the server, which would wait for it as well.
+    let dir = File::open(fx.mnt("")).expect("open the directory");
+    fx.server.signal(libc::SIGSTOP);
+    let mnt = fx.mount.path().to_path_buf();
+    let unlinked = with_deadline(DEADLINE, move || fs::remove_file(mnt.join("f")));
+    let frozen_export_has_it = fx.exp("f").exists();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let synced = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tid_tx.send(unsafe { libc::gettid() });
+        dir.sync_all()
+    });
+    let tid = tid_rx.recv().expect("fsync thread id");
+    // It must be waiting inside fsync while the server cannot answer.
+    let in_fsync = || {
+        fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+            .is_ok_and(|s| s.split_whitespace().next() == Some(&libc::SYS_fsync.to_string()))
+    };
+    let waited = poll_until(DEADLINE, in_fsync);
+    fx.server.signal(libc::SIGCONT);
+    assert!(
+        waited,
+        "fsync of the directory did not wait for the stopped server"
+    );
+    let synced = synced.join().expect("fsync thread");
+    match unlinked {
+        Some(r) => r.expect("unlink while the server is stopped"),
+        None => panic!("unlink waited for a stopped server"),
+    }
+    assert!(
+        frozen_export_has_it,
+        "a stopped server cannot have applied it"
+    );
+    synced.expect("fsync of the directory");
+    assert!(
+        !fx.exp("f").exists(),
+        "fsync returned before the server applied it"
+    );
+    assert!(fx.server.is_running());
 }

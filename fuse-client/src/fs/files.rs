@@ -1400,7 +1400,8 @@ impl Core {
         Ok(Some((generation, request, attr)))
     }
 
-    /// The change is queued (or failed to be): answer it from the attributes we hold.
+    /// The change is queued (or failed to be, which the close will report like a failed
+    /// write): answer it from the attributes we hold.
     fn attrs_queued(
         &self,
         ino: u64,
@@ -1410,26 +1411,30 @@ impl Core {
         mut attr: Attr,
         sent: Result<crate::conn::Sent, TransportError>,
     ) -> FsResult<Attr> {
-        let sent = sent?;
-        // Queued behind every write before it (the gate is held), ahead of any later
-        // write or commit; the server applies it after those writes.
-        tracker.inflight.fetch_add(1, Ordering::SeqCst);
-        drop(gate);
-        let t = tracker.clone();
-        let settle = async move {
-            match sent.reply().await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => t.fail(e),
-                Err(e) => t.fail(FsError::Transport(e).errno()),
+        match sent {
+            Ok(sent) => {
+                // Queued behind every write before it (the gate is held), ahead of any
+                // later write or commit; the server applies it after those writes.
+                tracker.inflight.fetch_add(1, Ordering::SeqCst);
+                let t = tracker.clone();
+                let settle = async move {
+                    match sent.reply().await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => t.fail(e),
+                        Err(e) => t.fail(FsError::Transport(e).errno()),
+                    }
+                    if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        t.done.notify_waiters();
+                    }
+                };
+                match self.runtime.get() {
+                    Some(rt) => drop(rt.spawn(settle)),
+                    None => drop(tokio::spawn(settle)),
+                }
             }
-            if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                t.done.notify_waiters();
-            }
-        };
-        match self.runtime.get() {
-            Some(rt) => drop(rt.spawn(settle)),
-            None => drop(tokio::spawn(settle)),
+            Err(e) => tracker.fail(FsError::Transport(e).errno()),
         }
+        drop(gate);
         let local_size = self.inodes()?.get(&ino).and_then(|st| st.local_size);
         let now = {
             let d = std::time::SystemTime::now()

@@ -701,11 +701,10 @@ impl Core {
     }
 
     pub async fn unlink(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
-        let (p, n) = self.child(parent, name)?;
-        let req = Request::Unlink { parent: p, name: n };
-        if let Some(done) = self.unlink_behind(caller, parent, name, &req).await {
+        if let Some(done) = self.unlink_behind(caller, parent, name).await {
             return done;
         }
+        let req = self.unlink_request(parent, name)?;
         self.rpc(caller, req).await?;
         self.unlinked_here(parent, name)
     }

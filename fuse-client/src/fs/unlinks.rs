@@ -3,19 +3,22 @@
 //! `rm -rf` of a tree waits one round trip per file when every unlink waits for the
 //! server: 5,000 files at 40 ms RTT are 200 s. But most unlinks cannot fail: the kernel
 //! has already checked the directory's permissions (`default_permissions`) against
-//! attributes the server's events vouch for, and this client knows the file, that it is
-//! not a directory, has no other name and is not open here. Such an unlink is queued on
-//! the connection and answered at once; the reply is handled in the background.
+//! attributes the server's events vouch for, the server can do whatever the kernel
+//! allowed (it promises so with `caps::ORDERED_UNLINK`: it runs as root on a writable
+//! export), and this client knows the file, that it is not a directory, has no other
+//! name and is not open here. Such an unlink is queued on the connection and answered at
+//! once; the reply is handled in the background.
 //!
 //! Why later requests cannot overtake it: requests on one connection are sent in the
 //! order they were queued, and `ferryd` runs an `Unlink` on the connection's own task
-//! before it reads the next request (see `runs_inline` in the server's `conn.rs`). So the
+//! before it reads the next request (`runs_inline` in the server's `conn.rs`; part of
+//! the capability's promise). So the
 //! `rmdir` that ends `rm -rf`, a create of the same name, a listing of the directory: all
 //! of this mount's requests see the unlink done. Other clients see it a round trip later
 //! than the program did.
 //!
-//! If the server refuses it after all (the export changed under a stale view, a
-//! reconnect lost it), the file reappears: the kernel entry, the listing and the known
+//! If the server refuses it after all (an immutable file, the export changed under a
+//! stale view), or the connection is lost with it on the way, the file reappears: the kernel entry, the listing and the known
 //! names of the directory are dropped, a warning is logged, `unlinks_behind_failed`
 //! counts it, and the next `fsync` of the directory returns the error. `fsync` of a
 //! directory and unmount wait for every unlink in flight. `--sync-unlink` turns this off.
@@ -70,8 +73,13 @@ impl Core {
 
     /// Whether this client can tell that unlinking `parent/name` will succeed.
     fn may_unlink_behind(&self, parent: u64, name: &[u8]) -> bool {
-        // (The runtime is where replies are waited for.)
-        if !self.unlinks.enabled.load(Ordering::Relaxed) || self.runtime.get().is_none() {
+        // (The runtime is where replies are waited for.) The server's promise covers
+        // the order and that it may do whatever the kernel allowed (it runs as root on
+        // a writable export).
+        if !self.unlinks.enabled.load(Ordering::Relaxed)
+            || self.runtime.get().is_none()
+            || !self.client.orders_unlinks()
+        {
             return false;
         }
         let Some(ino) = self.child_of(parent, name) else {
@@ -85,16 +93,22 @@ impl Core {
     }
 
     /// [`Core::unlink_behind`] for the FUSE thread: `None` also when it would have to
-    /// wait (no free slot, the connection busy being replaced).
+    /// wait (no free slot, no live connection at hand).
     pub fn unlink_now(&self, caller: Caller, parent: u64, name: &[u8]) -> Option<FsResult<()>> {
         if !self.may_unlink_behind(parent, name) {
             return None;
         }
         let slot = Arc::clone(&self.unlinks.slots).try_acquire_owned().ok()?;
-        let (p, n) = self.child(parent, name).ok()?;
-        let req = Request::Unlink { parent: p, name: n };
-        let sent = self.client.try_start_on(None, caller, req)?;
-        Some(self.unlink_sent(parent, name, sent, slot))
+        let req = self.unlink_request(parent, name).ok()?;
+        self.dir_busy(parent, true);
+        match self.client.try_start_on(None, caller, req) {
+            Some(Ok(sent)) => Some(self.unlink_sent(parent, name, sent, slot)),
+            // The worker path waits for (or makes) a connection.
+            _ => {
+                self.dir_busy(parent, false);
+                None
+            }
+        }
     }
 
     /// Unlink `parent/name` without waiting for the server, if this client can tell it
@@ -104,18 +118,50 @@ impl Core {
         caller: Caller,
         parent: u64,
         name: &[u8],
-        req: &Request,
     ) -> Option<FsResult<()>> {
         if !self.may_unlink_behind(parent, name) {
             return None;
         }
         let slot = Arc::clone(&self.unlinks.slots).acquire_owned().await.ok()?;
-        // Waiting for the slot may have taken a while.
+        // Waiting for the slot may have taken a while (and the directory moved: the
+        // path is taken only now).
         if !self.may_unlink_behind(parent, name) {
             return None;
         }
-        let sent = self.client.start_on(None, caller, req.clone()).await;
-        Some(self.unlink_sent(parent, name, sent, slot))
+        let req = match self.unlink_request(parent, name) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        self.dir_busy(parent, true);
+        match self.client.start_on(None, caller, req).await {
+            Ok(sent) => Some(self.unlink_sent(parent, name, sent, slot)),
+            Err(e) => {
+                self.dir_busy(parent, false);
+                Some(Err(e.into()))
+            }
+        }
+    }
+
+    pub(super) fn unlink_request(&self, parent: u64, name: &[u8]) -> FsResult<Request> {
+        let (p, n) = self.child(parent, name)?;
+        Ok(Request::Unlink { parent: p, name: n })
+    }
+
+    /// Count an unlink in flight in `dir` (`busy`) or one that ended. Counted before
+    /// it is queued: its directory's attributes must not be handed out with a TTL once
+    /// the request may have run.
+    fn dir_busy(&self, dir: u64, busy: bool) {
+        let Ok(mut d) = self.unlinks.in_dirs.lock() else {
+            return;
+        };
+        if busy {
+            *d.entry(dir).or_default() += 1;
+        } else if let Some(n) = d.get_mut(&dir) {
+            *n -= 1;
+            if *n == 0 {
+                d.remove(&dir);
+            }
+        }
     }
 
     /// The unlink is queued: update what this client knows, handle the reply later.
@@ -123,33 +169,23 @@ impl Core {
         &self,
         parent: u64,
         name: &[u8],
-        sent: Result<Sent, TransportError>,
+        sent: Sent,
         slot: OwnedSemaphorePermit,
     ) -> FsResult<()> {
-        let sent = sent?;
-        let (Some(me), Some(rt)) = (self.me.upgrade(), self.runtime.get()) else {
-            return Err(TransportError::Closed.into());
-        };
-        self.unlinked_here(parent, name)?;
-        if let Ok(mut d) = self.unlinks.in_dirs.lock() {
-            *d.entry(parent).or_default() += 1;
-        }
         self.stats.unlinks_behind.fetch_add(1, Ordering::Relaxed);
+        let here = self.unlinked_here(parent, name);
         let name = name.to_vec();
-        rt.spawn(async move {
-            let outcome = sent.reply().await;
-            me.unlink_settled(parent, &name, outcome);
-            if let Ok(mut d) = me.unlinks.in_dirs.lock()
-                && let Some(n) = d.get_mut(&parent)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    d.remove(&parent);
-                }
-            }
-            drop(slot);
-        });
-        Ok(())
+        match (self.me.upgrade(), self.runtime.get()) {
+            (Some(me), Some(rt)) => drop(rt.spawn(async move {
+                let outcome = sent.reply().await;
+                me.unlink_settled(parent, &name, outcome);
+                me.dir_busy(parent, false);
+                drop(slot);
+            })),
+            // Shutting down: nobody is left to hear the answer.
+            _ => self.dir_busy(parent, false),
+        }
+        here
     }
 
     fn unlink_settled(
@@ -158,19 +194,24 @@ impl Core {
         name: &[u8],
         outcome: Result<Result<Response, i32>, TransportError>,
     ) {
-        let e = match outcome {
+        let (e, what) = match outcome {
             Ok(Ok(reply)) => {
                 // The directory's new attributes, for the kernel's next `GETATTR`.
                 self.unwrap_reply(reply);
                 return;
             }
-            // Someone else removed it first: what was asked for is done.
+            // Someone else removed it first (what was asked for is done), or the path
+            // named another directory by the time it arrived: either way this client's
+            // view of the directory is not to be trusted.
             Ok(Err(libc::ENOENT)) => {
-                self.forget_attr(parent);
+                self.forget_view(parent, name);
                 return;
             }
-            Ok(Err(e)) => e,
-            Err(t) => FsError::from(t).errno(),
+            Ok(Err(e)) => (e, "refused by the server"),
+            Err(t) => (
+                FsError::from(t).errno(),
+                "lost with the connection (it may or may not have been applied)",
+            ),
         };
         self.stats
             .unlinks_behind_failed
@@ -178,7 +219,7 @@ impl Core {
         tracing::warn!(
             dir = ?self.path(parent).unwrap_or_default(),
             name = %String::from_utf8_lossy(name),
-            "unlink already answered failed on the server: {}; the file stays",
+            "unlink answered ahead {what}: {}; the file stays",
             crate::error::errno_text(e)
         );
         if let Ok(mut errors) = self.unlinks.errors.lock()
@@ -186,21 +227,27 @@ impl Core {
         {
             errors.entry(parent).or_insert(e);
         }
-        // Whatever this client believed about the directory is wrong now.
-        self.forget_names(parent);
-        self.dir_changed(parent);
-        self.forget_attr(parent);
+        self.forget_view(parent, name);
+    }
+
+    /// Whatever this client believed about `dir` and `name` in it is wrong now.
+    fn forget_view(&self, dir: u64, name: &[u8]) {
+        self.forget_names(dir);
+        self.dir_changed(dir);
+        self.forget_attr(dir);
         self.invalidate(Invalidation::Entry {
-            parent,
+            parent: dir,
             name: name.to_vec(),
         });
-        self.invalidate_attrs(parent);
+        self.invalidate_attrs(dir);
     }
 
     /// How long the kernel may keep the attributes of `ino` it is given now: not at all
     /// for a directory with unlinks in flight (its times are about to change; `stat` a
     /// moment later gets the server's), the usual TTL otherwise.
     pub fn attr_ttl(&self, ino: u64) -> Duration {
+        // (Asked before the attributes are read: a reply landing in between then costs
+        // one more GETATTR, never a stale answer kept for the TTL.)
         let busy = self
             .unlinks
             .in_dirs
