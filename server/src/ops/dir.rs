@@ -17,6 +17,10 @@ use crate::sys::{self, Errno, errno_of};
 /// Conservative encoded size of one entry besides its name (attributes are varints).
 const ENTRY_OVERHEAD: usize = 160;
 
+/// Batches of at least this many entries are stat'ed by up to `STAT_THREADS` threads.
+const PARALLEL_STAT_MIN: usize = 512;
+const STAT_THREADS: usize = 4;
+
 pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     let fd = ctx
         .export
@@ -80,33 +84,67 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
     let max = max_entries.clamp(1, MAX_DIR_BATCH) as usize;
     // Poisoning only means a previous request panicked; the iterator is still usable.
     let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-    let mut entries = Vec::new();
+    let mut names = Vec::new();
     let mut bytes = 0usize;
     // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
     // byte budget is a second guard for filesystems with longer names.
-    while entries.len() < max && bytes < MAX_FRAME / 2 {
+    while names.len() < max && bytes < MAX_FRAME / 2 {
         let ent = match it.next() {
             None => break,
             Some(Ok(ent)) => ent,
             Some(Err(e)) => return Err(errno_of(&e)),
         };
         let name = ent.file_name().into_vec();
-        let cname = sys::cstring(&name)?;
-        let st = match sys::fstatat(d.fd.as_fd(), &cname, libc::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(libc::ENOENT) => continue,
-            Err(e) => return Err(e),
-        };
         bytes += name.len() + ENTRY_OVERHEAD;
-        let mut attr = attr_of(&st, ctx.export.root_dev());
-        // For a client that forwards xattrs, one more syscall per entry saves it a round
-        // trip per `ls -l` probe (others do not ask: ~2 µs per entry saved).
-        attr.xattrs = ctx.xattr_hint_at(d.fd.as_fd(), &cname);
-        entries.push(DirEntry {
-            name: Name(name),
-            attr,
-        });
+        names.push(name);
     }
     let eof = it.peek().is_none();
+    drop(it);
+    let dir = d.fd.as_fd();
+    let stat_all = |names: &[Vec<u8>]| -> Result<Vec<DirEntry>, Errno> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let cname = sys::cstring(name)?;
+            let st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut attr = attr_of(&st, ctx.export.root_dev());
+            // For a client that forwards xattrs, one more syscall per entry saves it a
+            // round trip per `ls -l` probe (others do not ask: ~2 µs per entry saved).
+            attr.xattrs = ctx.xattr_hint_at(dir, &cname);
+            out.push(DirEntry {
+                name: Name(name.clone()),
+                attr,
+            });
+        }
+        Ok(out)
+    };
+    // A cold directory's entries cost a name lookup and an inode read each: big batches
+    // are stat'ed by a few threads at once (their order kept).
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(STAT_THREADS);
+    let entries = if names.len() < PARALLEL_STAT_MIN || threads < 2 {
+        stat_all(&names)?
+    } else {
+        let chunk = names.len().div_ceil(threads);
+        let parts: Vec<Result<Vec<DirEntry>, Errno>> = std::thread::scope(|scope| {
+            let running: Vec<_> = names
+                .chunks(chunk)
+                .map(|part| scope.spawn(|| stat_all(part)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| t.join().unwrap_or(Err(libc::EIO)))
+                .collect()
+        });
+        let mut entries = Vec::with_capacity(names.len());
+        for part in parts {
+            entries.extend(part?);
+        }
+        entries
+    };
     Ok(Response::Dir { entries, eof })
 }

@@ -386,9 +386,11 @@ fn big_directory_lists_every_entry() {
     let Some(fx) = fixture_with(&[], &[], |export| {
         fs::create_dir(export.join("big")).expect("mkdir");
         for i in 0..N {
+            // Sizes tell the entries' attributes apart (a batch is stat'ed in parallel
+            // on the server; each name must keep its own).
             fs::write(
                 export.join(format!("big/entry-with-a-longish-name-{i:05}")),
-                b"",
+                vec![b'x'; i % 251],
             )
             .expect("create entry");
         }
@@ -398,6 +400,16 @@ fn big_directory_lists_every_entry() {
     let got = names(&fx.mnt("big"));
     assert_eq!(got.len(), N, "entries listed through the mount");
     assert_eq!(got, names(&fx.exp("big")));
+    for e in fs::read_dir(fx.mnt("big")).expect("read_dir") {
+        let e = e.expect("entry");
+        let want = fs::metadata(fx.exp("big").join(e.file_name())).expect("export stat");
+        assert_eq!(
+            e.metadata().expect("stat").len(),
+            want.len(),
+            "size of {:?}",
+            e.file_name()
+        );
+    }
     // Listing twice gives the same answer (the handle is not consumed).
     assert_eq!(names(&fx.mnt("big")).len(), N);
 }
