@@ -30,6 +30,10 @@ const SIBLING_MAX: u64 = crate::cache::BLOCK;
 const SIBLINGS_BYTES: u64 = 1024 * 1024;
 const SIBLINGS_FILES: usize = 128;
 
+/// A batch of a server directory stream being fetched: its entries and whether the
+/// stream ended with them.
+type Batch = tokio::task::JoinHandle<FsResult<(Vec<DirEntry>, bool)>>;
+
 /// An open directory: the entries fetched so far, in the order the server gave them.
 #[derive(Debug)]
 pub struct DirStream {
@@ -40,6 +44,18 @@ pub struct DirStream {
     entries: Arc<Vec<DirEntry>>,
     eof: bool,
     epoch: u64,
+    /// The next batch, asked for as soon as the previous one came: the server lists
+    /// and stats it while the kernel takes in the entries already here. At most one
+    /// per stream, so batches arrive in order.
+    next: Option<Batch>,
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        if let Some(t) = self.next.take() {
+            t.abort();
+        }
+    }
 }
 
 /// One directory entry as the adapter replies it: `offset` is the cookie of the next one.
@@ -90,6 +106,7 @@ impl Core {
                     entries,
                     eof: true,
                     epoch,
+                    next: None,
                 }
             }
             None => {
@@ -120,13 +137,15 @@ impl Core {
                 if eof {
                     self.prefetch_children(caller, path, &entries);
                 }
+                let handle = (!eof).then_some((handle, generation));
                 DirStream {
                     ino,
                     parent,
-                    handle: (!eof).then_some((handle, generation)),
+                    handle,
                     entries,
                     eof,
                     epoch,
+                    next: handle.and_then(|h| self.fetch_batch(caller, h)),
                 }
             }
         };
@@ -159,26 +178,25 @@ impl Core {
         // Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.
         let first_real = offset.saturating_sub(2) as usize;
         while !s.eof && s.entries.len() < first_real + want {
-            let Some((handle, generation)) = s.handle else {
+            let Some(h) = s.handle else {
                 break;
             };
-            let req = Request::ReadDir {
-                handle,
-                max_entries: MAX_DIR_BATCH,
+            let batch = match s.next.take() {
+                Some(t) => t.await.unwrap_or(Err(FsError::Errno(libc::EIO))),
+                None => self.read_batch(caller, h).await,
             };
-            match self.rpc_on(generation, caller, req).await? {
-                Response::Dir { entries, eof } => {
-                    s.eof = eof || entries.is_empty();
-                    Arc::make_mut(&mut s.entries).extend(entries);
-                    if s.eof
-                        && self.client.events_live()
-                        && DIR_EPOCH.load(Ordering::SeqCst) == s.epoch
-                        && let Ok(mut c) = self.dir_cache.lock()
-                    {
-                        c.insert(s.ino, s.entries.clone());
-                    }
-                }
-                _ => return Err(TransportError::Protocol.into()),
+            let (entries, eof) = batch?;
+            s.eof = eof || entries.is_empty();
+            Arc::make_mut(&mut s.entries).extend(entries);
+            if s.eof
+                && self.client.events_live()
+                && DIR_EPOCH.load(Ordering::SeqCst) == s.epoch
+                && let Ok(mut c) = self.dir_cache.lock()
+            {
+                c.insert(s.ino, s.entries.clone());
+            }
+            if !s.eof {
+                s.next = self.fetch_batch(caller, h);
             }
         }
         let mut out = Vec::with_capacity(want);
@@ -214,6 +232,30 @@ impl Core {
             });
         }
         Ok(out)
+    }
+
+    /// The next batch of the server's directory stream `handle`.
+    async fn read_batch(
+        &self,
+        caller: Caller,
+        (handle, generation): (u64, u64),
+    ) -> FsResult<(Vec<DirEntry>, bool)> {
+        let req = Request::ReadDir {
+            handle,
+            max_entries: MAX_DIR_BATCH,
+        };
+        match self.rpc_on(generation, caller, req).await? {
+            Response::Dir { entries, eof } => Ok((entries, eof)),
+            _ => Err(TransportError::Protocol.into()),
+        }
+    }
+
+    /// [`Core::read_batch`] started in the background.
+    fn fetch_batch(&self, caller: Caller, handle: (u64, u64)) -> Option<Batch> {
+        let me = self.me.upgrade()?;
+        Some(tokio::spawn(
+            async move { me.read_batch(caller, handle).await },
+        ))
     }
 
     /// Fetch the listings of (up to [`PREFETCH_DIRS`] of) the subdirectories of `path`
