@@ -451,7 +451,11 @@ impl Core {
     pub async fn releasedir(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let stream = self.dirs.lock().map_err(|_| poisoned())?.remove(&fh);
         if let Some(stream) = stream {
-            let s = stream.lock().await;
+            let mut s = stream.lock().await;
+            // A batch nobody will read: not worth the server's work.
+            if let Some(t) = s.next.take() {
+                t.abort();
+            }
             if let Some((handle, generation)) = s.handle {
                 let _ = self
                     .rpc_on(generation, caller, Request::ReleaseDir { handle })

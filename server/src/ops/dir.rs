@@ -82,24 +82,6 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         w.ensure_open_dir(d.fd.as_fd(), &d.path, &ctx.export);
     }
     let max = max_entries.clamp(1, MAX_DIR_BATCH) as usize;
-    // Poisoning only means a previous request panicked; the iterator is still usable.
-    let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-    let mut names = Vec::new();
-    let mut bytes = 0usize;
-    // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
-    // byte budget is a second guard for filesystems with longer names.
-    while names.len() < max && bytes < MAX_FRAME / 2 {
-        let ent = match it.next() {
-            None => break,
-            Some(Ok(ent)) => ent,
-            Some(Err(e)) => return Err(errno_of(&e)),
-        };
-        let name = ent.file_name().into_vec();
-        bytes += name.len() + ENTRY_OVERHEAD;
-        names.push(name);
-    }
-    let eof = it.peek().is_none();
-    drop(it);
     let dir = d.fd.as_fd();
     let stat_all = |names: &[Vec<u8>]| -> Result<Vec<DirEntry>, Errno> {
         let mut out = Vec::with_capacity(names.len());
@@ -121,30 +103,70 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         }
         Ok(out)
     };
-    // A cold directory's entries cost a name lookup and an inode read each: big batches
-    // are stat'ed by a few threads at once (their order kept).
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(STAT_THREADS);
-    let entries = if names.len() < PARALLEL_STAT_MIN || threads < 2 {
-        stat_all(&names)?
-    } else {
-        let chunk = names.len().div_ceil(threads);
-        let parts: Vec<Result<Vec<DirEntry>, Errno>> = std::thread::scope(|scope| {
-            let running: Vec<_> = names
-                .chunks(chunk)
-                .map(|part| scope.spawn(|| stat_all(part)))
-                .collect();
-            running
-                .into_iter()
-                .map(|t| t.join().unwrap_or(Err(libc::EIO)))
-                .collect()
-        });
-        let mut entries = Vec::with_capacity(names.len());
-        for part in parts {
-            entries.extend(part?);
+    loop {
+        // Poisoning only means a previous request panicked; the iterator is still usable.
+        let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names = Vec::new();
+        let mut bytes = 0usize;
+        // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
+        // byte budget is a second guard for filesystems with longer names.
+        while names.len() < max && bytes < MAX_FRAME / 2 {
+            let ent = match it.next() {
+                None => break,
+                Some(Ok(ent)) => ent,
+                Some(Err(e)) => return Err(errno_of(&e)),
+            };
+            let name = ent.file_name().into_vec();
+            bytes += name.len() + ENTRY_OVERHEAD;
+            names.push(name);
         }
-        entries
-    };
-    Ok(Response::Dir { entries, eof })
+        let eof = it.peek().is_none();
+        drop(it);
+        // A cold directory's entries cost a name lookup and an inode read each: big
+        // batches are stat'ed by a few threads at once (their order kept).
+        let threads = stat_threads();
+        let entries = if names.len() < PARALLEL_STAT_MIN || threads < 2 {
+            stat_all(&names)?
+        } else {
+            let chunk = names.len().div_ceil(threads);
+            let parts: Vec<Result<Vec<DirEntry>, Errno>> = std::thread::scope(|scope| {
+                let running: Vec<_> = names
+                    .chunks(chunk)
+                    .map(|part| {
+                        std::thread::Builder::new()
+                            .spawn_scoped(scope, || stat_all(part))
+                            .map_err(|_| part)
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| match t {
+                        Ok(t) => t.join().unwrap_or(Err(libc::EIO)),
+                        // No thread to be had: this part here, in order.
+                        Err(part) => stat_all(part),
+                    })
+                    .collect()
+            });
+            let mut entries = Vec::with_capacity(names.len());
+            for part in parts {
+                entries.extend(part?);
+            }
+            entries
+        };
+        // Every name of the batch gone meanwhile: an empty batch would read as the end
+        // of the directory, so go on with the next names.
+        if !entries.is_empty() || eof {
+            return Ok(Response::Dir { entries, eof });
+        }
+    }
+}
+
+/// Threads that stat a big batch: the machine's parallelism, at most `STAT_THREADS`.
+fn stat_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(STAT_THREADS)
+    })
 }
