@@ -697,7 +697,9 @@ impl Core {
             new_parent: np,
             new_name: nn,
         };
-        self.new_entry(caller, new_parent, new_name, req).await
+        let attr = self.new_entry(caller, new_parent, new_name, req).await?;
+        self.link_count_changed(self.server_ino(attr.ino));
+        Ok(attr)
     }
 
     pub async fn unlink(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
@@ -705,7 +707,11 @@ impl Core {
             return done;
         }
         let req = self.unlink_request(parent, name)?;
+        let shared = self.other_names_of(parent, name);
         self.rpc(caller, req).await?;
+        if let Some(sino) = shared {
+            self.link_count_changed(sino);
+        }
         self.unlinked_here(parent, name)
     }
 

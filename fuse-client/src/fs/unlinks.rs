@@ -280,6 +280,32 @@ impl Core {
         drop(tokio::time::timeout(limit, all).await);
     }
 
+    /// Before unlinking `parent/name`: its server inode if it may have other names (its
+    /// link count is above one, or not known).
+    pub(super) fn other_names_of(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let ino = self.child_of(parent, name)?;
+        let attr = self
+            .inodes()
+            .ok()?
+            .get(&ino)
+            .and_then(|st| st.attr.map(|(a, _)| a));
+        match attr {
+            Some(a) if a.kind == FileKind::Dir || a.nlink <= 1 => None,
+            _ => Some(self.server_ino(ino)),
+        }
+    }
+
+    /// The link count of server inode `sino` changed through a name this client added or
+    /// removed. Cached listings that show it under its other names carry the old count,
+    /// and no event will correct them: the server watches directories, and a link count
+    /// change is reported to none of them.
+    pub(super) fn link_count_changed(&self, sino: u64) {
+        super::dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.dir_cache.lock() {
+            c.retain(|_, entries| !entries.iter().any(|e| e.attr.ino == sino));
+        }
+    }
+
     /// What this client knows changes when `parent/name` is gone (its own unlink or
     /// rmdir, done or on its way).
     pub(super) fn unlinked_here(&self, parent: u64, name: &[u8]) -> FsResult<()> {

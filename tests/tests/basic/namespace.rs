@@ -513,3 +513,35 @@ fn many_open_files_at_once() {
         );
     }
 }
+
+/// A file with names in two directories: removing or adding one name changes the link
+/// count the other directory's listing shows (no event says so: the server watches
+/// directories, and a link count change is reported to none of them).
+#[test]
+fn link_counts_stay_true_in_listings_of_other_names() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d1")).expect("mkdir");
+        fs::create_dir(e.join("d2")).expect("mkdir");
+        fs::write(e.join("d1/f"), b"shared").expect("write");
+        fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
+    }) else {
+        return;
+    };
+    let listed_nlink = |dir: &str, name: &str| -> u64 {
+        fs::read_dir(fx.mnt(dir))
+            .expect("read_dir")
+            .map(|e| e.expect("entry"))
+            .find(|e| e.file_name() == name)
+            .unwrap_or_else(|| panic!("{dir}/{name} not listed"))
+            .metadata()
+            .expect("stat")
+            .nlink()
+    };
+    assert_eq!(listed_nlink("d2", "g"), 2);
+    fs::remove_file(fx.mnt("d1/f")).expect("unlink one name");
+    assert_eq!(listed_nlink("d2", "g"), 1, "after removing the other name");
+    fs::hard_link(fx.mnt("d2/g"), fx.mnt("d1/h")).expect("link");
+    assert_eq!(listed_nlink("d1", "h"), 2);
+    fs::remove_file(fx.mnt("d1/h")).expect("unlink the new name");
+    assert_eq!(listed_nlink("d2", "g"), 1, "after removing the new name");
+}
