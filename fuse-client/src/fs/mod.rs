@@ -740,10 +740,19 @@ impl Core {
             new_name: nn,
             flags,
         };
+        let exchange = flags & ferry_common::proto::rename_flags::EXCHANGE != 0;
+        // A file replaced by the rename loses a name.
+        let replaced = if exchange {
+            None
+        } else {
+            self.other_names_of(new_parent, new_name)
+        };
         self.rpc(caller, req).await?;
+        if let Some(sino) = replaced {
+            self.link_count_changed(sino);
+        }
         self.dir_changed(parent);
         self.dir_changed(new_parent);
-        let exchange = flags & ferry_common::proto::rename_flags::EXCHANGE != 0;
         let touched = {
             let nodes = self.nodes()?;
             [nodes.child(parent, name), nodes.child(new_parent, new_name)]

@@ -544,4 +544,14 @@ fn link_counts_stay_true_in_listings_of_other_names() {
     assert_eq!(listed_nlink("d1", "h"), 2);
     fs::remove_file(fx.mnt("d1/h")).expect("unlink the new name");
     assert_eq!(listed_nlink("d2", "g"), 1, "after removing the new name");
+    // A name replaced by a rename is removed as well.
+    fs::hard_link(fx.mnt("d2/g"), fx.mnt("d1/h")).expect("link");
+    assert_eq!(listed_nlink("d2", "g"), 2);
+    fs::write(fx.mnt("d1/other"), b"other").expect("write");
+    fs::rename(fx.mnt("d1/other"), fx.mnt("d1/h")).expect("rename over a name");
+    assert_eq!(
+        listed_nlink("d2", "g"),
+        1,
+        "after a rename replaced the other name"
+    );
 }
