@@ -131,10 +131,7 @@ impl Client {
 
     /// Whether the server pushes change events on the live connection.
     pub fn events_live(&self) -> bool {
-        self.live_generation().is_some()
-            && self
-                .welcome()
-                .is_some_and(|w| w.capabilities & caps::EVENTS != 0)
+        self.live_generation().is_some() && self.granted(caps::EVENTS)
     }
 
     /// Ask servers to tell whether files have extended attributes (only worth its cost
@@ -146,21 +143,26 @@ impl Client {
 
     /// Whether the server copies between handles itself (`Request::CopyRange`).
     pub fn copies_ranges(&self) -> bool {
-        self.welcome()
-            .is_some_and(|w| w.capabilities & caps::COPY_RANGE != 0)
+        self.granted(caps::COPY_RANGE)
     }
 
     /// Whether the server reads small files of a directory whole (`Request::ReadSmall`).
     pub fn reads_small(&self) -> bool {
-        self.welcome()
-            .is_some_and(|w| w.capabilities & caps::READ_SMALL != 0)
+        self.granted(caps::READ_SMALL)
     }
 
     /// Whether the server applies an unlink before anything sent after it, wherever the
     /// client's kernel allowed it (`caps::ORDERED_UNLINK`).
     pub fn orders_unlinks(&self) -> bool {
-        self.welcome()
-            .is_some_and(|w| w.capabilities & caps::ORDERED_UNLINK != 0)
+        self.granted(caps::ORDERED_UNLINK)
+    }
+
+    /// Whether the last handshake granted capability `bit` (asked on hot paths: every
+    /// locally answered lookup checks the event stream, so no copy of the welcome).
+    fn granted(&self, bit: u64) -> bool {
+        self.welcome
+            .lock()
+            .is_ok_and(|w| w.as_ref().is_some_and(|w| w.capabilities & bit != 0))
     }
 
     /// What the server said in the last successful handshake.

@@ -248,11 +248,14 @@ impl Core {
     pub fn attr_ttl(&self, ino: u64) -> Duration {
         // (Asked before the attributes are read: a reply landing in between then costs
         // one more GETATTR, never a stale answer kept for the TTL.)
-        let busy = self
-            .unlinks
-            .in_dirs
-            .lock()
-            .is_ok_and(|d| d.contains_key(&ino));
+        // Every slot free: no unlink in flight anywhere (a slot is taken before its
+        // directory is counted and given back after), so no lock on this hot path.
+        let busy = self.unlinks.slots.available_permits() < IN_FLIGHT
+            && self
+                .unlinks
+                .in_dirs
+                .lock()
+                .is_ok_and(|d| d.contains_key(&ino));
         if busy { Duration::ZERO } else { self.ttl() }
     }
 
