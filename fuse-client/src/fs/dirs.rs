@@ -127,12 +127,8 @@ impl Core {
                     _ => return Err(TransportError::Protocol.into()),
                 };
                 let entries = Arc::new(entries);
-                if eof
-                    && self.client.events_live()
-                    && DIR_EPOCH.load(Ordering::SeqCst) == epoch
-                    && let Ok(mut c) = self.dir_cache.lock()
-                {
-                    c.insert(ino, entries.clone());
+                if eof {
+                    self.keep_listing(ino, epoch, &entries);
                 }
                 if eof {
                     self.prefetch_children(caller, path, &entries);
@@ -188,12 +184,8 @@ impl Core {
             let (entries, eof) = batch?;
             s.eof = eof || entries.is_empty();
             Arc::make_mut(&mut s.entries).extend(entries);
-            if s.eof
-                && self.client.events_live()
-                && DIR_EPOCH.load(Ordering::SeqCst) == s.epoch
-                && let Ok(mut c) = self.dir_cache.lock()
-            {
-                c.insert(s.ino, s.entries.clone());
+            if s.eof {
+                self.keep_listing(s.ino, s.epoch, &s.entries);
             }
             if !s.eof {
                 s.next = self.fetch_batch(caller, h);
@@ -232,6 +224,21 @@ impl Core {
             });
         }
         Ok(out)
+    }
+
+    /// Keep the complete listing of `ino`, fetched since `epoch`, if no directory was
+    /// invalidated meanwhile and events vouch for it. The epoch is checked under the
+    /// cache's lock: an invalidation (epoch bumped, then the entry removed under the
+    /// lock) cannot slip between the check and the insert.
+    fn keep_listing(&self, ino: u64, epoch: u64, entries: &Arc<Vec<DirEntry>>) {
+        if !self.client.events_live() {
+            return;
+        }
+        if let Ok(mut c) = self.dir_cache.lock()
+            && DIR_EPOCH.load(Ordering::SeqCst) == epoch
+        {
+            c.entry(ino).or_insert_with(|| Arc::clone(entries));
+        }
     }
 
     /// The next batch of the server's directory stream `handle`.
@@ -317,12 +324,7 @@ impl Core {
                         .await;
                     return;
                 }
-                if core.client.events_live()
-                    && DIR_EPOCH.load(Ordering::SeqCst) == epoch
-                    && let Ok(mut c) = core.dir_cache.lock()
-                {
-                    c.entry(ino).or_insert_with(|| Arc::new(entries));
-                }
+                core.keep_listing(ino, epoch, &Arc::new(entries));
             });
         }
     }
