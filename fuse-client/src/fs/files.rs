@@ -28,6 +28,35 @@ const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const MIN_WINDOW: u64 = 1024 * 1024;
 const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
+/// The server handle an inode's writers on this client share.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Writer {
+    handle: u64,
+    generation: u64,
+    /// The server may write through it directly rather than staging: it opened a new or
+    /// empty file (the server stages only files with content to protect) or was opened
+    /// `O_DSYNC`. A guess on the safe side: a staged handle may be counted here.
+    direct: bool,
+    /// A commit (close, fsync) succeeded through it since it was opened: the server's
+    /// file now holds content a later writer's failed upload must not destroy.
+    committed: bool,
+}
+
+impl Writer {
+    fn new(handle: u64, generation: u64, attr: &Attr, flags: i32) -> Self {
+        Writer {
+            handle,
+            generation,
+            direct: attr.size == 0 || flags & libc::O_DSYNC != 0,
+            committed: false,
+        }
+    }
+
+    fn pair(&self) -> (u64, u64) {
+        (self.handle, self.generation)
+    }
+}
+
 /// Writes in flight for one inode, shared by all its handles.
 #[derive(Debug)]
 pub struct WriteTracker {
@@ -530,7 +559,7 @@ impl Core {
             }
         }
         if writable {
-            self.inodes()?.entry(ino).or_default().writer = Some((handle, generation));
+            self.set_writer(ino, Writer::new(handle, generation, &attr, flags))?;
             if truncating {
                 self.truncated_in_stage(ino, sino)?;
             }
@@ -553,17 +582,44 @@ impl Core {
 
     /// Take a reference on the live shared write handle of `ino`, atomically with
     /// finding it (a concurrent last `release` cannot close it under us).
+    ///
+    /// A handle that may write directly and has had a commit is not shared: the file
+    /// now has content to protect, so the new writer gets a staged handle of its own
+    /// (which then serves all writers; see [`Core::set_writer`]). This also covers the
+    /// writer of a file just created and closed whose `RELEASE` the kernel has not
+    /// delivered yet (it is sent asynchronously, after `close` returns).
     fn claim_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
         let live = self.client.live_generation();
         let mut inodes = self.inodes()?;
         let st = inodes.entry(ino).or_default();
-        match st.writer.filter(|(_, g)| Some(*g) == live) {
+        match st
+            .writer
+            .filter(|w| Some(w.generation) == live && !(w.direct && w.committed))
+        {
             Some(w) => {
                 st.writers += 1;
-                Ok(Some(w))
+                Ok(Some(w.pair()))
             }
             None => Ok(None),
         }
+    }
+
+    /// `w` becomes the handle every writer of `ino` on this client uses. Descriptors
+    /// open with one it replaces move to `w`; the old one is closed on the server with
+    /// the last writer.
+    fn set_writer(&self, ino: u64, w: Writer) -> FsResult<()> {
+        {
+            let mut inodes = self.inodes()?;
+            let st = inodes.entry(ino).or_default();
+            match st.writer.replace(w) {
+                Some(old) => st.retired.push(old.pair()),
+                None => return Ok(()),
+            }
+        }
+        for f in self.open_of(ino).iter().filter(|f| f.writable) {
+            f.state.lock().map_err(|_| poisoned())?.handle = Some(w.pair());
+        }
+        Ok(())
     }
 
     fn unclaim_writer(&self, ino: u64) -> FsResult<()> {
@@ -580,6 +636,7 @@ impl Core {
             .inodes()?
             .get(&ino)
             .and_then(|s| s.writer)
+            .map(|w| w.pair())
             .filter(|(_, g)| Some(*g) == live))
     }
 
@@ -621,7 +678,7 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
         }
-        self.inodes()?.entry(attr.ino).or_default().writer = Some((handle, generation));
+        self.set_writer(attr.ino, Writer::new(handle, generation, &attr, flags))?;
         if flags & libc::O_TRUNC != 0 {
             // The name may have been an existing file, truncated in the server's stage.
             self.truncated_in_stage(attr.ino, sino)?;
@@ -1244,9 +1301,14 @@ impl Core {
                 return fail(e);
             }
             self.settle(ino, &tracker)?;
+            self.committed(ino)?;
             return Ok(());
         }
-        let Some((handle, generation)) = self.inodes()?.get(&ino).and_then(|s| s.writer) else {
+        let Some((handle, generation)) = self
+            .inodes()?
+            .get(&ino)
+            .and_then(|s| s.writer.map(|w| w.pair()))
+        else {
             tracker.drain().await;
             return errno(libc::EIO);
         };
@@ -1279,6 +1341,7 @@ impl Core {
             }
         };
         self.settle(ino, &tracker)?;
+        self.committed(ino)?;
         if let Some(cache) = &self.cache {
             cache.adopt(sino, attr.version, attr.size);
         }
@@ -1577,6 +1640,14 @@ impl Core {
         Ok(attr)
     }
 
+    /// The writer of `ino` has had a commit (see [`Core::claim_writer`]).
+    fn committed(&self, ino: u64) -> FsResult<()> {
+        if let Some(w) = self.inodes()?.get_mut(&ino).and_then(|s| s.writer.as_mut()) {
+            w.committed = true;
+        }
+        Ok(())
+    }
+
     /// No writes pending any more: attributes come from the server again.
     fn settle(&self, ino: u64, tracker: &WriteTracker) -> FsResult<()> {
         if let Some(st) = self.inodes()?.get_mut(&ino) {
@@ -1660,8 +1731,9 @@ impl Core {
             if let Some(st) = inodes.get_mut(&f.ino) {
                 st.writers = st.writers.saturating_sub(1);
                 if st.writers == 0 {
-                    // The last writer closes the shared handle.
-                    to_release.extend(st.writer.take());
+                    // The last writer closes the shared handle and any it replaced.
+                    to_release.extend(st.writer.take().map(|w| w.pair()));
+                    to_release.append(&mut st.retired);
                 }
             }
         } else if let Some(h) = own {

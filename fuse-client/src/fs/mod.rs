@@ -49,9 +49,11 @@ struct InodeState {
     kernel_version: Option<u64>,
     /// Open handles of this client that may write.
     writers: u32,
-    /// The one staged server handle all of this client's writers of the inode share
-    /// (handle, connection generation).
-    writer: Option<(u64, u64)>,
+    /// The one server handle all of this client's writers of the inode share.
+    writer: Option<files::Writer>,
+    /// Writer handles replaced by a newer one while descriptors that used them were still
+    /// open (see `Core::claim_writer`): closed on the server with the last writer.
+    retired: Vec<(u64, u64)>,
     /// While writes are pending: the size those writes imply (attributes are patched with
     /// it so the kernel never sees the file shrink under its own writes).
     local_size: Option<u64>,

@@ -112,6 +112,46 @@ fn truncate_on_open() {
     assert_eq!(fs::metadata(&p).expect("mount").len(), 0);
 }
 
+/// A new file is written directly on the server (it has no old content to protect), but
+/// once a close or fsync committed it, a second writer must be staged like any writer of
+/// an existing file: its ftruncate and writes reach the export at its fsync or close,
+/// not before. The creator's descriptor is kept open: the client is then in the state of
+/// a file created and closed whose RELEASE the kernel has not delivered yet (it is sent
+/// after `close` returns), in which a reopen once reused the direct handle.
+#[test]
+fn a_committed_new_file_gets_a_staged_writer() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.mnt("f");
+    let first = File::create(&p).expect("create");
+    first.write_all_at(b"first", 0).expect("write");
+    first.sync_all().expect("fsync");
+    assert_eq!(fs::read(fx.exp("f")).expect("export"), b"first");
+    let second = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("second open for writing");
+    second.set_len(0).expect("ftruncate");
+    second.write_all_at(b"second", 0).expect("write");
+    // The creator's later writes go the same (staged) way.
+    first.write_all_at(b"!", 6).expect("creator writes after");
+    assert_eq!(
+        fs::read(fx.exp("f")).expect("export"),
+        b"first",
+        "uncommitted writes of a second writer reached the export"
+    );
+    let mut got = Vec::new();
+    (&second)
+        .read_to_end(&mut got)
+        .expect("read back through the second");
+    assert_eq!(got, b"second!");
+    second.sync_all().expect("fsync of the second");
+    assert_eq!(fs::read(fx.exp("f")).expect("export"), b"second!");
+    drop(second);
+    drop(first);
+    assert_eq!(fs::read(&p).expect("mount"), b"second!");
+}
+
 #[test]
 fn exclusive_create() {
     let Some(fx) = fixture() else { return };
