@@ -266,7 +266,7 @@ async fn serve_requests<T>(
         let behind_writes = ordered_after_writes(&request)
             .and_then(|h| ctx.handles.file(h).ok())
             .filter(|f| f.writes_running.load(Ordering::SeqCst) > 0);
-        if runs_inline(&request) && behind_writes.is_none() {
+        if (runs_inline(&request) || quick_commit(&ctx, &request)) && behind_writes.is_none() {
             // Metadata calls on the export take microseconds: running them here saves
             // two thread hand-offs per request, which is most of a loopback round trip.
             // Anything that moves data or may wait (I/O, fsync, commit, listings,
@@ -458,6 +458,28 @@ fn runs_inline(r: &Request) -> bool {
         Request::SetAttr { set, .. } => set.size.is_none(),
         _ => false,
     }
+}
+
+/// A `Commit` that can run on the connection task: of an unstaged handle (a new file,
+/// whose writes went to it directly) or one with little staged, and with no other
+/// client a barrier would have to wait for. (Writes still running on the blocking
+/// pool keep it off the task too: see `behind_writes`.) Saves the two thread hand-offs
+/// of the blocking pool on every `close` of a small file.
+fn quick_commit(ctx: &Ctx, r: &Request) -> bool {
+    let Request::Commit { handle } = r else {
+        return false;
+    };
+    if ctx
+        .watch
+        .as_ref()
+        .is_some_and(|w| w.others_subscribed() > 0)
+    {
+        return false;
+    }
+    ctx.handles.file(*handle).is_ok_and(|f| {
+        f.staging()
+            .is_none_or(|s| s.commit_is_small(INLINE_WRITE_MAX as u64))
+    })
 }
 
 /// Requests a client may send right behind writes of the same handle without waiting

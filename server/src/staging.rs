@@ -297,6 +297,18 @@ impl Staging {
         Ok(buf)
     }
 
+    /// Whether a commit of what is pending is quick: nothing, or a few small ranges and
+    /// no truncation (which may free a large file's blocks).
+    pub fn commit_is_small(&self, max_bytes: u64) -> bool {
+        match &self.pending {
+            None => true,
+            Some(p) => {
+                p.truncate_to.is_none()
+                    && p.ranges.iter().map(|(s, e)| e - s).sum::<u64>() <= max_bytes
+            }
+        }
+    }
+
     /// Drop everything pending (a write through the handle failed): the real file stays
     /// as it was, and the handle starts over from it.
     pub fn discard(&mut self) {

@@ -210,3 +210,18 @@ fn copy_without_copy_file_range_matches() {
     assert!(got[..10].iter().all(|&b| b == 0));
     assert_eq!(&got[10..], &data[10..2_500_000]);
 }
+
+#[test]
+fn a_commit_is_small_without_truncation_and_with_few_bytes() {
+    let (_dir, dirfd, real) = fixture(b"0123456789");
+    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    assert!(st.commit_is_small(0), "nothing staged");
+    st.write(real.as_fd(), 0, b"ab").unwrap();
+    st.write(real.as_fd(), 5, b"cd").unwrap();
+    assert!(st.commit_is_small(4));
+    assert!(!st.commit_is_small(3));
+    st.truncate(real.as_fd(), 8).unwrap();
+    assert!(!st.commit_is_small(u64::MAX), "a truncation may free a large file");
+    st.commit(real.as_fd()).unwrap();
+    assert!(st.commit_is_small(0), "nothing left after the commit");
+}

@@ -118,7 +118,7 @@ impl Watcher {
     /// `own` is the calling connection's set of barriers, which its writer skips.
     pub async fn barrier(&self, attr: Attr, own: &std::sync::Mutex<HashSet<u64>>) {
         // Every subscriber but the caller must answer.
-        let due = self.events.receiver_count().saturating_sub(1);
+        let due = self.others_subscribed();
         if due == 0 {
             return;
         }
@@ -144,6 +144,11 @@ impl Watcher {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         own.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Subscribers other than the caller (one of them): those a barrier waits for.
+    pub fn others_subscribed(&self) -> usize {
+        self.events.receiver_count().saturating_sub(1)
     }
 
     /// A client acknowledged barrier `id`.
