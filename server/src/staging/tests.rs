@@ -221,7 +221,10 @@ fn a_commit_is_small_without_truncation_and_with_few_bytes() {
     assert!(st.commit_is_small(4));
     assert!(!st.commit_is_small(3));
     st.truncate(real.as_fd(), 8).unwrap();
-    assert!(!st.commit_is_small(u64::MAX), "a truncation may free a large file");
+    assert!(
+        !st.commit_is_small(u64::MAX),
+        "a truncation may free a large file"
+    );
     st.commit(real.as_fd()).unwrap();
     assert!(st.commit_is_small(0), "nothing left after the commit");
 }
