@@ -93,6 +93,10 @@ struct Inner {
     lru: BTreeMap<u64, (u64, u64)>,
     tick: u64,
     used: u64,
+    /// Bytes stores have made room for and are writing (see [`DataCache::evict_to`]):
+    /// counted against the cap until their blocks are recorded, so two stores at once
+    /// cannot both fill the same free space.
+    reserved: u64,
     generations: u64,
     /// Entries a passthrough open reads directly (by server inode, with a count): their
     /// data file is never punched or replaced, only rewritten in place (see
@@ -466,19 +470,25 @@ impl DataCache {
         if need > self.cap || !self.evict_to(need)? {
             return Ok(());
         }
-        let file = OpenOptions::new()
+        let first = blocks[0] * BLOCK;
+        let last_end = ((blocks[blocks.len() - 1] + 1) * BLOCK).min(size);
+        let written = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .open(self.data_path(ino))?;
-        let first = blocks[0] * BLOCK;
-        let last_end = ((blocks[blocks.len() - 1] + 1) * BLOCK).min(size);
-        file.write_all_at(
-            &data[(first - offset) as usize..(last_end - offset) as usize],
-            first,
-        )?;
+            .open(self.data_path(ino))
+            .and_then(|file| {
+                file.write_all_at(
+                    &data[(first - offset) as usize..(last_end - offset) as usize],
+                    first,
+                )?;
+                Ok(file)
+            });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
+        // The room made for these blocks is theirs now, or nobody's.
+        inner.reserved = inner.reserved.saturating_sub(need);
+        let file = written?;
         let Some(e) = inner.files.get_mut(&ino) else {
             return Ok(());
         };
@@ -512,7 +522,9 @@ impl DataCache {
     }
 
     /// Evict least recently used blocks until `extra` more bytes fit under the cap;
-    /// returns whether they fit. Blocks of pinned entries are never evicted.
+    /// returns whether they fit, and if so reserves them: the caller must take
+    /// `extra` off `reserved` once its blocks are recorded (or not). Blocks of pinned
+    /// entries are never evicted.
     fn evict_to(&self, extra: u64) -> io::Result<bool> {
         let mut punched: Vec<(u64, u64, u64)> = Vec::new();
         let mut emptied = Vec::new();
@@ -520,7 +532,7 @@ impl DataCache {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let inner = &mut *inner;
             let mut from = 0;
-            while inner.used + extra > self.cap {
+            while inner.used + inner.reserved + extra > self.cap {
                 let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                     break;
                 };
@@ -542,7 +554,11 @@ impl DataCache {
                     }
                 }
             }
-            inner.used + extra <= self.cap
+            let fits = inner.used + inner.reserved + extra <= self.cap;
+            if fits {
+                inner.reserved += extra;
+            }
+            fits
         };
         for (ino, off, len) in punched {
             self.punch(ino, off, len);
@@ -795,6 +811,40 @@ mod tests {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// Stores running at once (fills of different files, a read's own fetch beside a
+    /// prefetch) never take the cache over its cap together: room made by one store
+    /// is not handed to another while its bytes are being written.
+    #[test]
+    fn concurrent_stores_stay_under_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 4 * BLOCK;
+        let c = std::sync::Arc::new(DataCache::open(dir.path(), cap).unwrap());
+        let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads: Vec<_> = (0..6u64)
+            .map(|t| {
+                let (c, over) = (std::sync::Arc::clone(&c), std::sync::Arc::clone(&over));
+                std::thread::spawn(move || {
+                    let d = data(2 * BLOCK as usize, t as u8);
+                    for round in 0..60u64 {
+                        let ino = 100 + t;
+                        c.validate(ino, 1, 64 * BLOCK);
+                        let Some(token) = c.token(ino) else { continue };
+                        c.store(ino, 1, token, (round % 30) * 2 * BLOCK, &d)
+                            .unwrap();
+                        if c.used() > cap {
+                            over.store(true, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!over.load(Ordering::SeqCst), "the cache went over its cap");
+        assert!(c.used() <= cap);
     }
 
     #[test]
