@@ -945,8 +945,20 @@ impl Core {
                 _ => break,
             }
         }
-        // The cache could not hold it (cap, disk error): serve from the network.
-        self.read_remote(caller, &f, offset, len).await
+        // The cache could not hold it (cap, disk error), or a fill lost a race with an
+        // event that moved the file to a new version (its bytes were not kept): serve
+        // from the network, and keep what came if the version still stands.
+        let keep = cache
+            .token(f.sino)
+            .and_then(|t| Some((f.state.lock().ok()?.version, t)));
+        let data = self.read_remote(caller, &f, offset, len).await?;
+        if let Some((version, token)) = keep {
+            let skip = offset.next_multiple_of(BLOCK) - offset;
+            if let Some(rest) = data.get(skip as usize..) {
+                let _ = cache.store(f.sino, version, token, offset + skip, rest);
+            }
+        }
+        Ok(data)
     }
 
     /// Start fetching the next window in the background once the reader is within half a
