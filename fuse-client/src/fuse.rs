@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, XattrReply};
+use crate::fs::{Core, ListedEntry, XattrReply};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -166,6 +166,88 @@ fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
         Ok(a) => core.attr_ttl(a.ino),
         Err(_) => core.ttl(),
     }
+}
+
+fn reply_opendir(core: &Core, reply: ReplyOpen, r: Result<(u64, bool), FsError>) {
+    match r {
+        Ok((fh, from_cache)) => {
+            let mut flags = FopenFlags::empty();
+            if core.client.events_live() {
+                // The kernel may keep listings; server events invalidate them.
+                flags |= FopenFlags::FOPEN_CACHE_DIR;
+                if from_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+            }
+            reply.opened(FileHandle(fh), flags)
+        }
+        Err(e) => reply.error(err(&e)),
+    }
+}
+
+fn reply_readdir(mut reply: ReplyDirectory, r: Result<Vec<ListedEntry>, FsError>) {
+    match r {
+        Ok(entries) => {
+            for e in entries {
+                if reply.add(
+                    INodeNo(e.ino),
+                    e.offset,
+                    file_type(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    break;
+                }
+            }
+            reply.ok();
+        }
+        Err(e) => reply.error(err(&e)),
+    }
+}
+
+fn reply_readdirplus(
+    core: &Core,
+    dir: u64,
+    mut reply: ReplyDirectoryPlus,
+    r: Result<Vec<ListedEntry>, FsError>,
+) {
+    let entries = match r {
+        Ok(entries) => entries,
+        Err(e) => return reply.error(err(&e)),
+    };
+    let ttl = core.ttl();
+    for e in entries {
+        let name = OsStr::from_bytes(&e.name);
+        match e.attr {
+            Some(a) => {
+                if reply.add(
+                    INodeNo(e.ino),
+                    e.offset,
+                    name,
+                    &ttl,
+                    &fuse_attr(&a),
+                    Generation(0),
+                ) {
+                    break;
+                }
+                // Accepted: the kernel now holds a lookup reference.
+                core.listed(dir, &e.name, e.ino);
+            }
+            None => {
+                let a = dot_attr(e.ino);
+                if reply.add(
+                    INodeNo(e.ino),
+                    e.offset,
+                    name,
+                    &Duration::ZERO,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+            }
+        }
+    }
+    reply.ok();
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
@@ -566,21 +648,12 @@ impl Filesystem for FerryFuse {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let (core, c) = (self.core.clone(), caller(req));
+        if let Some(r) = core.opendir_now(c, ino.0) {
+            return reply_opendir(&core, reply, r.map(|fh| (fh, true)));
+        }
         self.spawn(async move {
-            match core.opendir(c, ino.0).await {
-                Ok((fh, from_cache)) => {
-                    let mut flags = FopenFlags::empty();
-                    if core.client.events_live() {
-                        // The kernel may keep listings; server events invalidate them.
-                        flags |= FopenFlags::FOPEN_CACHE_DIR;
-                        if from_cache {
-                            flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                        }
-                    }
-                    reply.opened(FileHandle(fh), flags)
-                }
-                Err(e) => reply.error(err(&e)),
-            }
+            let r = core.opendir(c, ino.0).await;
+            reply_opendir(&core, reply, r);
         });
     }
 
@@ -590,27 +663,13 @@ impl Filesystem for FerryFuse {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        if let Some(entries) = self.core.readdir_now(fh.0, offset, 512) {
+            return reply_readdir(reply, Ok(entries));
+        }
         let (core, c) = (self.core.clone(), caller(req));
-        self.spawn(async move {
-            match core.readdir(c, fh.0, offset, 512).await {
-                Ok(entries) => {
-                    for e in entries {
-                        if reply.add(
-                            INodeNo(e.ino),
-                            e.offset,
-                            file_type(e.kind),
-                            OsStr::from_bytes(&e.name),
-                        ) {
-                            break;
-                        }
-                    }
-                    reply.ok();
-                }
-                Err(e) => reply.error(err(&e)),
-            }
-        });
+        self.spawn(async move { reply_readdir(reply, core.readdir(c, fh.0, offset, 512).await) });
     }
 
     fn readdirplus(
@@ -619,49 +678,15 @@ impl Filesystem for FerryFuse {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
+        if let Some(entries) = self.core.readdir_now(fh.0, offset, 256) {
+            return reply_readdirplus(&self.core, ino.0, reply, Ok(entries));
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
-            let ttl = core.ttl();
-            match core.readdir(c, fh.0, offset, 256).await {
-                Ok(entries) => {
-                    for e in entries {
-                        let name = OsStr::from_bytes(&e.name);
-                        match e.attr {
-                            Some(a) => {
-                                if reply.add(
-                                    INodeNo(e.ino),
-                                    e.offset,
-                                    name,
-                                    &ttl,
-                                    &fuse_attr(&a),
-                                    Generation(0),
-                                ) {
-                                    break;
-                                }
-                                // Accepted: the kernel now holds a lookup reference.
-                                core.listed(ino.0, &e.name, e.ino);
-                            }
-                            None => {
-                                let a = dot_attr(e.ino);
-                                if reply.add(
-                                    INodeNo(e.ino),
-                                    e.offset,
-                                    name,
-                                    &Duration::ZERO,
-                                    &a,
-                                    Generation(0),
-                                ) {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    reply.ok();
-                }
-                Err(e) => reply.error(err(&e)),
-            }
+            let r = core.readdir(c, fh.0, offset, 256).await;
+            reply_readdirplus(&core, ino.0, reply, r);
         });
     }
 
@@ -673,6 +698,9 @@ impl Filesystem for FerryFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        if self.core.releasedir_now(fh.0) {
+            return reply.ok();
+        }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_empty(reply, core.releasedir(c, fh.0).await) });
     }

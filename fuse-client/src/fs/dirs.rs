@@ -73,12 +73,7 @@ impl Core {
     /// Open a directory; the flag says the listing comes from the cache (and so the
     /// kernel's cached copy, if any, is still right).
     pub async fn opendir(self: &Arc<Self>, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
-        // `..` only needs a plausible inode number; the kernel resolves `..` itself.
-        let parent = if ino == ROOT {
-            ROOT
-        } else {
-            self.nodes()?.parent_of(ino).unwrap_or(ROOT)
-        };
+        let parent = self.dot_dot(ino)?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
         let cached = if self.client.events_live() {
             self.dir_cache
@@ -91,24 +86,7 @@ impl Core {
         };
         let fetched_from_cache = cached.is_some();
         let stream = match cached {
-            Some(entries) => {
-                self.stats
-                    .listings_from_cache
-                    .fetch_add(1, Ordering::Relaxed);
-                // A walk (ls -R, find, du) goes on into the subdirectories next.
-                if let Ok(path) = self.path(ino) {
-                    self.prefetch_children(caller, path, &entries);
-                }
-                DirStream {
-                    ino,
-                    parent,
-                    handle: None,
-                    entries,
-                    eof: true,
-                    epoch,
-                    next: None,
-                }
-            }
+            Some(entries) => self.cached_stream(caller, ino, parent, epoch, entries),
             None => {
                 let path = self.path(ino)?;
                 let generation = self.client.connect().await?;
@@ -145,13 +123,65 @@ impl Core {
                 }
             }
         };
-        let from_cache = fetched_from_cache;
+        Ok((self.keep_stream(stream)?, fetched_from_cache))
+    }
+
+    /// [`Core::opendir`] on the FUSE session thread, for a listing kept in the cache
+    /// (the usual case deep in a tree walk, whose listings were prefetched). `None`:
+    /// take the full path.
+    pub fn opendir_now(self: &Arc<Self>, caller: Caller, ino: u64) -> Option<FsResult<u64>> {
+        if !self.client.events_live() || self.runtime.get().is_none() {
+            return None;
+        }
+        let parent = self.dot_dot(ino).ok()?;
+        let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+        let entries = self.dir_cache.lock().ok()?.get(&ino).cloned()?;
+        let stream = self.cached_stream(caller, ino, parent, epoch, entries);
+        Some(self.keep_stream(stream))
+    }
+
+    /// `..` only needs a plausible inode number; the kernel resolves `..` itself.
+    fn dot_dot(&self, ino: u64) -> FsResult<u64> {
+        Ok(if ino == ROOT {
+            ROOT
+        } else {
+            self.nodes()?.parent_of(ino).unwrap_or(ROOT)
+        })
+    }
+
+    fn cached_stream(
+        self: &Arc<Self>,
+        caller: Caller,
+        ino: u64,
+        parent: u64,
+        epoch: u64,
+        entries: Arc<Vec<DirEntry>>,
+    ) -> DirStream {
+        self.stats
+            .listings_from_cache
+            .fetch_add(1, Ordering::Relaxed);
+        // A walk (ls -R, find, du) goes on into the subdirectories next.
+        if let Ok(path) = self.path(ino) {
+            self.prefetch_children(caller, path, &entries);
+        }
+        DirStream {
+            ino,
+            parent,
+            handle: None,
+            entries,
+            eof: true,
+            epoch,
+            next: None,
+        }
+    }
+
+    fn keep_stream(&self, stream: DirStream) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs
             .lock()
             .map_err(|_| poisoned())?
             .insert(fh, Arc::new(tokio::sync::Mutex::new(stream)));
-        Ok((fh, from_cache))
+        Ok(fh)
     }
 
     /// Entries from cookie `offset` on, fetching more from the server as needed. With
@@ -191,6 +221,25 @@ impl Core {
                 s.next = self.fetch_batch(caller, h);
             }
         }
+        Ok(self.listed_from(&s, offset, want))
+    }
+
+    /// [`Core::readdir`] on the FUSE session thread when every entry asked for is
+    /// already here (a cached listing, or batches fetched ahead). `None`: take the full
+    /// path.
+    pub fn readdir_now(&self, fh: u64, offset: u64, want: usize) -> Option<Vec<ListedEntry>> {
+        let stream = self.dirs.lock().ok()?.get(&fh).cloned()?;
+        let s = stream.try_lock().ok()?;
+        let first_real = offset.saturating_sub(2) as usize;
+        if !s.eof && s.entries.len() < first_real + want {
+            return None;
+        }
+        Some(self.listed_from(&s, offset, want))
+    }
+
+    /// Up to `want` entries of `s` from cookie `offset` on, `.` and `..` included.
+    fn listed_from(&self, s: &DirStream, offset: u64, want: usize) -> Vec<ListedEntry> {
+        let first_real = offset.saturating_sub(2) as usize;
         let mut out = Vec::with_capacity(want);
         if offset == 0 {
             out.push(ListedEntry {
@@ -223,7 +272,7 @@ impl Core {
                 attr: Some(attr),
             });
         }
-        Ok(out)
+        out
     }
 
     /// Keep the complete listing of `ino`, fetched since `epoch`, if no directory was
@@ -285,9 +334,13 @@ impl Core {
                 .take(PREFETCH_DIRS)
                 .collect()
         };
+        // (Also called on the FUSE session thread, which is outside the runtime.)
+        let Some(rt) = self.runtime.get() else {
+            return;
+        };
         for (ino, child) in children {
             let core = Arc::clone(self);
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 let Ok(_slot) = core.prefetching.acquire().await else {
                     return;
                 };
@@ -448,6 +501,24 @@ impl Core {
         if let Ok(mut n) = self.nodes.lock() {
             n.remember(dir, name, ino);
         }
+    }
+
+    /// [`Core::releasedir`] on the FUSE session thread for a stream with nothing open
+    /// or in flight on the server (a cached listing, or one read to its end).
+    pub fn releasedir_now(&self, fh: u64) -> bool {
+        let Ok(mut dirs) = self.dirs.lock() else {
+            return false;
+        };
+        let idle = dirs.get(&fh).and_then(|s| {
+            s.try_lock()
+                .ok()
+                .map(|s| s.handle.is_none() && s.next.is_none())
+        });
+        if idle == Some(true) {
+            dirs.remove(&fh);
+            return true;
+        }
+        false
     }
 
     pub async fn releasedir(&self, caller: Caller, fh: u64) -> FsResult<()> {
