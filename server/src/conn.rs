@@ -266,11 +266,12 @@ async fn serve_requests<T>(
         let behind_writes = ordered_after_writes(&request)
             .and_then(|h| ctx.handles.file(h).ok())
             .filter(|f| f.writes_running.load(Ordering::SeqCst) > 0);
-        if (runs_inline(&request) || quick_commit(&ctx, &request)) && behind_writes.is_none() {
+        if behind_writes.is_none() && (runs_inline(&request) || quick_commit(&ctx, &request)) {
             // Metadata calls on the export take microseconds: running them here saves
             // two thread hand-offs per request, which is most of a loopback round trip.
-            // Anything that moves data or may wait (I/O, fsync, commit, listings,
-            // opens that may meet a FIFO) still goes to the blocking pool below.
+            // Anything that moves data or may wait (I/O, fsync, listings, opens that
+            // may meet a FIFO, commits with much staged or another client's barrier to
+            // wait for) still goes to the blocking pool below.
             let kind = request.kind();
             let started = Instant::now();
             let written = written_handle(&request);
@@ -476,10 +477,9 @@ fn quick_commit(ctx: &Ctx, r: &Request) -> bool {
     {
         return false;
     }
-    ctx.handles.file(*handle).is_ok_and(|f| {
-        f.staging()
-            .is_none_or(|s| s.commit_is_small(INLINE_WRITE_MAX as u64))
-    })
+    ctx.handles
+        .file(*handle)
+        .is_ok_and(|f| f.commit_is_quick(INLINE_WRITE_MAX as u64))
 }
 
 /// Requests a client may send right behind writes of the same handle without waiting

@@ -82,6 +82,22 @@ impl OpenFile {
         }
     }
 
+    /// Whether the handle stages nothing or would commit quickly (see
+    /// `Staging::commit_is_small`), checked without waiting: a staging state another
+    /// request holds counts as not quick.
+    pub fn commit_is_quick(&self, max_bytes: u64) -> bool {
+        match &self.staging {
+            None => true,
+            Some(lock) => match lock.try_lock() {
+                Ok(s) => s.commit_is_small(max_bytes),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    p.into_inner().commit_is_small(max_bytes)
+                }
+                Err(std::sync::TryLockError::WouldBlock) => false,
+            },
+        }
+    }
+
     /// The staging state of a staged handle, locked.
     pub fn staging(&self) -> Option<MutexGuard<'_, Staging>> {
         // Poisoned: a request panicked mid-operation; the ranges and the staging file

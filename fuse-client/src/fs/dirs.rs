@@ -504,7 +504,8 @@ impl Core {
     }
 
     /// [`Core::releasedir`] on the FUSE session thread for a stream with nothing open
-    /// or in flight on the server (a cached listing, or one read to its end).
+    /// or in flight on the server (a listing served from the cache, or one that came
+    /// whole with its `ListDir`).
     pub fn releasedir_now(&self, fh: u64) -> bool {
         let Ok(mut dirs) = self.dirs.lock() else {
             return false;

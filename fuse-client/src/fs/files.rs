@@ -34,8 +34,10 @@ pub(super) struct Writer {
     handle: u64,
     generation: u64,
     /// The server may write through it directly rather than staging: it opened a new or
-    /// empty file (the server stages only files with content to protect) or was opened
-    /// `O_DSYNC`. A guess on the safe side: a staged handle may be counted here.
+    /// empty file (the server stages only files with content to protect). A guess on
+    /// the safe side: a staged handle truncated at open (`O_TRUNC`) is counted too. (An
+    /// `O_DSYNC` handle, never staged, is not: moving its writers to a staged handle
+    /// would break their `O_DSYNC`.)
     direct: bool,
     /// A commit (close, fsync) succeeded through it since it was opened: the server's
     /// file now holds content a later writer's failed upload must not destroy.
@@ -43,11 +45,12 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    fn new(handle: u64, generation: u64, attr: &Attr, flags: i32) -> Self {
+    /// `size`: the file's size in the server's open reply, before any local patching.
+    fn new(handle: u64, generation: u64, size: u64) -> Self {
         Writer {
             handle,
             generation,
-            direct: attr.size == 0 || flags & libc::O_DSYNC != 0,
+            direct: size == 0,
             committed: false,
         }
     }
@@ -373,7 +376,6 @@ impl Core {
         writable: bool,
         handle: Option<(u64, u64)>,
         attr: &Attr,
-        count_writer: bool,
     ) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = OpenFile {
@@ -395,9 +397,6 @@ impl Core {
             .lock()
             .map_err(|_| poisoned())?
             .insert(fh, Arc::new(file));
-        if writable && count_writer {
-            self.inodes()?.entry(ino).or_default().writers += 1;
-        }
         Ok(fh)
     }
 
@@ -441,7 +440,7 @@ impl Core {
         {
             let attr = lazy_attr(ino, version, size);
             let keep = self.keep_cache(ino, version, false);
-            let fh = self.register(ino, sino, false, None, &attr, true)?;
+            let fh = self.register(ino, sino, false, None, &attr)?;
             self.stats
                 .opens_without_round_trip
                 .fetch_add(1, Ordering::Relaxed);
@@ -464,7 +463,19 @@ impl Core {
             Some(l) => Some(l.lock().await),
             None => None,
         };
-        if writable && let Some((handle, generation)) = self.claim_writer(ino)? {
+        // Replacing a direct writer (see `claim_writer`) happens with the inode's writes
+        // held off until the new handle is in place: none can land on the old handle
+        // after the check that it has nothing uncommitted.
+        let replacing = match writable && self.writer_replaceable(ino)? {
+            true => Some(self.tracker(ino)?.gate.clone().write_owned().await),
+            false => None,
+        };
+        let claimed = match writable {
+            true => self.claim_writer(ino, replacing.is_some())?,
+            false => None,
+        };
+        if let Some((handle, generation)) = claimed {
+            drop(replacing);
             let result = async {
                 if truncating && self.truncate_staged(caller, ino, 0).await?.is_none() {
                     self.truncate(caller, ino, None, 0).await?;
@@ -478,8 +489,7 @@ impl Core {
                 )?);
                 let keep = self.keep_cache(ino, attr.version, truncating);
                 // The writer reference was taken by claim_writer.
-                let fh =
-                    self.register(ino, sino, true, Some((handle, generation)), &attr, false)?;
+                let fh = self.register(ino, sino, true, Some((handle, generation)), &attr)?;
                 Ok(OpenReply {
                     fh,
                     attr,
@@ -541,6 +551,7 @@ impl Core {
             Response::OpenedWithData { handle, attr, data } => (handle, attr, Some(data)),
             _ => return Err(TransportError::Protocol.into()),
         };
+        let served_size = attr.size;
         let attr = self.note_attr_unseen(attr);
         let data = data.map(Arc::new);
         if let Some(cache) = &self.cache {
@@ -559,13 +570,15 @@ impl Core {
             }
         }
         if writable {
-            self.set_writer(ino, Writer::new(handle, generation, &attr, flags))?;
+            self.set_writer(ino, Writer::new(handle, generation, served_size))?;
             if truncating {
                 self.truncated_in_stage(ino, sino)?;
             }
         }
+        drop(replacing);
         let keep = self.keep_cache(ino, attr.version, truncating);
-        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr, true)?;
+        // (A writer was counted by set_writer.)
+        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
         if let Some(data) = data
             && !writable
             && let Ok(f) = self.open_file(fh)
@@ -583,18 +596,25 @@ impl Core {
     /// Take a reference on the live shared write handle of `ino`, atomically with
     /// finding it (a concurrent last `release` cannot close it under us).
     ///
-    /// A handle that may write directly and has had a commit is not shared: the file
-    /// now has content to protect, so the new writer gets a staged handle of its own
-    /// (which then serves all writers; see [`Core::set_writer`]). This also covers the
-    /// writer of a file just created and closed whose `RELEASE` the kernel has not
-    /// delivered yet (it is sent asynchronously, after `close` returns).
-    fn claim_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
+    /// With `may_replace` (the caller holds the inode's write gate), a handle that may
+    /// write directly, has had a commit and has nothing uncommitted since is not
+    /// shared: the file now has content to protect, so the new writer gets a staged
+    /// handle of its own (which then serves all writers; see [`Core::set_writer`]).
+    /// This also covers the writer of a file just created and closed whose `RELEASE`
+    /// the kernel has not delivered yet (it is sent asynchronously, after `close`
+    /// returns). A handle with writes not yet committed is shared as before: replacing
+    /// it could strand them (it may be staged after all, see [`Writer::direct`]).
+    fn claim_writer(&self, ino: u64, may_replace: bool) -> FsResult<Option<(u64, u64)>> {
         let live = self.client.live_generation();
+        let clean = may_replace && {
+            let t = self.tracker(ino)?;
+            !t.dirty.load(Ordering::SeqCst) && t.inflight.load(Ordering::SeqCst) == 0
+        };
         let mut inodes = self.inodes()?;
         let st = inodes.entry(ino).or_default();
         match st
             .writer
-            .filter(|w| Some(w.generation) == live && !(w.direct && w.committed))
+            .filter(|w| Some(w.generation) == live && !(clean && w.direct && w.committed))
         {
             Some(w) => {
                 st.writers += 1;
@@ -604,13 +624,25 @@ impl Core {
         }
     }
 
-    /// `w` becomes the handle every writer of `ino` on this client uses. Descriptors
-    /// open with one it replaces move to `w`; the old one is closed on the server with
-    /// the last writer.
+    /// Whether the live writer of `ino` is one [`Core::claim_writer`] may replace.
+    fn writer_replaceable(&self, ino: u64) -> FsResult<bool> {
+        let live = self.client.live_generation();
+        Ok(self
+            .inodes()?
+            .get(&ino)
+            .and_then(|s| s.writer)
+            .is_some_and(|w| Some(w.generation) == live && w.direct && w.committed))
+    }
+
+    /// `w` becomes the handle every writer of `ino` on this client uses, and the
+    /// caller's open is counted as a writer (in the same step: a `RELEASE` of the last
+    /// other writer must not close `w`). Descriptors open with one it replaces move to
+    /// `w`; the old one is closed on the server with the last writer.
     fn set_writer(&self, ino: u64, w: Writer) -> FsResult<()> {
         {
             let mut inodes = self.inodes()?;
             let st = inodes.entry(ino).or_default();
+            st.writers += 1;
             match st.writer.replace(w) {
                 Some(old) => st.retired.push(old.pair()),
                 None => return Ok(()),
@@ -672,26 +704,21 @@ impl Core {
             _ => return Err(TransportError::Protocol.into()),
         };
         let sino = attr.ino;
+        let served_size = attr.size;
         self.dir_changed(parent);
         self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
         }
-        self.set_writer(attr.ino, Writer::new(handle, generation, &attr, flags))?;
+        self.set_writer(attr.ino, Writer::new(handle, generation, served_size))?;
         if flags & libc::O_TRUNC != 0 {
             // The name may have been an existing file, truncated in the server's stage.
             self.truncated_in_stage(attr.ino, sino)?;
         }
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
-        let fh = self.register(
-            attr.ino,
-            sino,
-            true,
-            Some((handle, generation)),
-            &attr,
-            true,
-        )?;
+        // (The writer was counted by set_writer.)
+        let fh = self.register(attr.ino, sino, true, Some((handle, generation)), &attr)?;
         Ok(OpenReply {
             fh,
             attr,
@@ -945,9 +972,10 @@ impl Core {
                 _ => break,
             }
         }
-        // The cache could not hold it (cap, disk error), or a fill lost a race with an
-        // event that moved the file to a new version (its bytes were not kept): serve
-        // from the network, and keep what came if the version still stands.
+        // A small read at random, a short answer from the cache, a cache that could
+        // not hold it (cap, disk error), or a fill that lost a race with an event that
+        // moved the file to a new version (its bytes were not kept): serve from the
+        // network, and keep the whole blocks that came if the version still stands.
         let keep = cache
             .token(f.sino)
             .and_then(|t| Some((f.state.lock().ok()?.version, t)));
@@ -1730,7 +1758,11 @@ impl Core {
 
     pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        let result = if f.writable {
+        // Another writer still open commits at its own close: a `RELEASE` that arrives
+        // late (the kernel sends it after `close` returned, which has committed) must
+        // not commit that writer's writes early.
+        let others = f.writable && self.inodes()?.get(&f.ino).is_some_and(|st| st.writers > 1);
+        let result = if f.writable && !others {
             self.commit(caller, f.ino).await
         } else {
             Ok(())

@@ -150,6 +150,31 @@ fn a_committed_new_file_gets_a_staged_writer() {
     drop(second);
     drop(first);
     assert_eq!(fs::read(&p).expect("mount"), b"second!");
+
+    // An O_TRUNC open of a file with content is staged although it starts empty: a
+    // second writer arriving after its fsync, with writes made since, must not strand
+    // those writes on a handle nobody commits.
+    let first = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .expect("O_TRUNC open");
+    first.write_all_at(b"abc", 0).expect("write");
+    first.sync_all().expect("fsync");
+    first
+        .write_all_at(b"def", 3)
+        .expect("write after the fsync");
+    let second = OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .expect("second open for writing");
+    second
+        .write_all_at(b"g", 6)
+        .expect("write through the second");
+    drop(first);
+    drop(second);
+    assert_eq!(fs::read(fx.exp("f")).expect("export"), b"abcdefg");
+    assert_eq!(fs::read(&p).expect("mount"), b"abcdefg");
 }
 
 #[test]
