@@ -1758,10 +1758,16 @@ impl Core {
 
     pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        // Another writer still open commits at its own close: a `RELEASE` that arrives
-        // late (the kernel sends it after `close` returned, which has committed) must
-        // not commit that writer's writes early.
-        let others = f.writable && self.inodes()?.get(&f.ino).is_some_and(|st| st.writers > 1);
+        // Another writer still open (and not being released itself) commits at its own
+        // close: a `RELEASE` that arrives late (the kernel sends it after `close`
+        // returned, which has committed) must not commit that writer's writes early.
+        // Of writers released at once, the last to start commits.
+        let others = f.writable && {
+            let mut inodes = self.inodes()?;
+            let st = inodes.entry(f.ino).or_default();
+            st.closing += 1;
+            st.writers.saturating_sub(st.closing) > 0
+        };
         let result = if f.writable && !others {
             self.commit(caller, f.ino).await
         } else {
@@ -1774,6 +1780,7 @@ impl Core {
             let mut inodes = self.inodes()?;
             if let Some(st) = inodes.get_mut(&f.ino) {
                 st.writers = st.writers.saturating_sub(1);
+                st.closing = st.closing.saturating_sub(1);
                 if st.writers == 0 {
                     // The last writer closes the shared handle and any it replaced.
                     to_release.extend(st.writer.take().map(|w| w.pair()));

@@ -49,6 +49,8 @@ struct InodeState {
     kernel_version: Option<u64>,
     /// Open handles of this client that may write.
     writers: u32,
+    /// Of those, how many are being released (see `Core::release`).
+    closing: u32,
     /// The one server handle all of this client's writers of the inode share.
     writer: Option<files::Writer>,
     /// Writer handles replaced by a newer one while descriptors that used them were still
