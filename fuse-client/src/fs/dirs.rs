@@ -50,6 +50,14 @@ pub struct DirStream {
     next: Option<Batch>,
 }
 
+impl DirStream {
+    /// Whether `want` entries from cookie `offset` on need more from the server.
+    /// (Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.)
+    fn lacks(&self, offset: u64, want: usize) -> bool {
+        !self.eof && self.entries.len() < offset.saturating_sub(2) as usize + want
+    }
+}
+
 impl Drop for DirStream {
     fn drop(&mut self) {
         if let Some(t) = self.next.take() {
@@ -75,15 +83,7 @@ impl Core {
     pub async fn opendir(self: &Arc<Self>, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
         let parent = self.dot_dot(ino)?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
-        let cached = if self.client.events_live() {
-            self.dir_cache
-                .lock()
-                .map_err(|_| poisoned())?
-                .get(&ino)
-                .cloned()
-        } else {
-            None
-        };
+        let cached = self.cached_listing(ino)?;
         let fetched_from_cache = cached.is_some();
         let stream = match cached {
             Some(entries) => self.cached_stream(caller, ino, parent, epoch, entries),
@@ -107,8 +107,6 @@ impl Core {
                 let entries = Arc::new(entries);
                 if eof {
                     self.keep_listing(ino, epoch, &entries);
-                }
-                if eof {
                     self.prefetch_children(caller, path, &entries);
                 }
                 let handle = (!eof).then_some((handle, generation));
@@ -135,9 +133,22 @@ impl Core {
         }
         let parent = self.dot_dot(ino).ok()?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
-        let entries = self.dir_cache.lock().ok()?.get(&ino).cloned()?;
+        let entries = self.cached_listing(ino).ok()??;
         let stream = self.cached_stream(caller, ino, parent, epoch, entries);
         Some(self.keep_stream(stream))
+    }
+
+    /// The kept listing of `ino`, while events vouch for kept listings.
+    fn cached_listing(&self, ino: u64) -> FsResult<Option<Arc<Vec<DirEntry>>>> {
+        if !self.client.events_live() {
+            return Ok(None);
+        }
+        Ok(self
+            .dir_cache
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&ino)
+            .cloned())
     }
 
     /// `..` only needs a plausible inode number; the kernel resolves `..` itself.
@@ -201,9 +212,7 @@ impl Core {
             .cloned()
             .ok_or(FsError::Errno(libc::EBADF))?;
         let mut s = stream.lock().await;
-        // Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.
-        let first_real = offset.saturating_sub(2) as usize;
-        while !s.eof && s.entries.len() < first_real + want {
+        while s.lacks(offset, want) {
             let Some(h) = s.handle else {
                 break;
             };
@@ -216,8 +225,7 @@ impl Core {
             Arc::make_mut(&mut s.entries).extend(entries);
             if s.eof {
                 self.keep_listing(s.ino, s.epoch, &s.entries);
-            }
-            if !s.eof {
+            } else {
                 s.next = self.fetch_batch(caller, h);
             }
         }
@@ -230,8 +238,7 @@ impl Core {
     pub fn readdir_now(&self, fh: u64, offset: u64, want: usize) -> Option<Vec<ListedEntry>> {
         let stream = self.dirs.lock().ok()?.get(&fh).cloned()?;
         let s = stream.try_lock().ok()?;
-        let first_real = offset.saturating_sub(2) as usize;
-        if !s.eof && s.entries.len() < first_real + want {
+        if s.lacks(offset, want) {
             return None;
         }
         Some(self.listed_from(&s, offset, want))

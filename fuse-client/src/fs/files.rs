@@ -58,6 +58,12 @@ impl Writer {
     fn pair(&self) -> (u64, u64) {
         (self.handle, self.generation)
     }
+
+    /// Not to be shared with a new writer once nothing is uncommitted (see
+    /// `Core::claim_writer`).
+    fn replaceable(&self) -> bool {
+        self.direct && self.committed
+    }
 }
 
 /// Writes in flight for one inode, shared by all its handles.
@@ -614,7 +620,7 @@ impl Core {
         let st = inodes.entry(ino).or_default();
         match st
             .writer
-            .filter(|w| Some(w.generation) == live && !(clean && w.direct && w.committed))
+            .filter(|w| Some(w.generation) == live && !(clean && w.replaceable()))
         {
             Some(w) => {
                 st.writers += 1;
@@ -631,7 +637,7 @@ impl Core {
             .inodes()?
             .get(&ino)
             .and_then(|s| s.writer)
-            .is_some_and(|w| Some(w.generation) == live && w.direct && w.committed))
+            .is_some_and(|w| Some(w.generation) == live && w.replaceable()))
     }
 
     /// `w` becomes the handle every writer of `ino` on this client uses, and the

@@ -124,34 +124,10 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         drop(it);
         // A cold directory's entries cost a name lookup and an inode read each: big
         // batches are stat'ed by a few threads at once (their order kept).
-        let threads = stat_threads();
-        let entries = if names.len() < PARALLEL_STAT_MIN || threads < 2 {
+        let entries = if names.len() < PARALLEL_STAT_MIN {
             stat_all(&names)?
         } else {
-            let chunk = names.len().div_ceil(threads);
-            let parts: Vec<Result<Vec<DirEntry>, Errno>> = std::thread::scope(|scope| {
-                let running: Vec<_> = names
-                    .chunks(chunk)
-                    .map(|part| {
-                        std::thread::Builder::new()
-                            .spawn_scoped(scope, || stat_all(part))
-                            .map_err(|_| part)
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|t| match t {
-                        Ok(t) => t.join().unwrap_or(Err(libc::EIO)),
-                        // No thread to be had: this part here, in order.
-                        Err(part) => stat_all(part),
-                    })
-                    .collect()
-            });
-            let mut entries = Vec::with_capacity(names.len());
-            for part in parts {
-                entries.extend(part?);
-            }
-            entries
+            in_parallel(&names, &stat_all)?
         };
         // Every name of the batch gone meanwhile: an empty batch would read as the end
         // of the directory, so go on with the next names.
@@ -159,6 +135,41 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
             return Ok(Response::Dir { entries, eof });
         }
     }
+}
+
+/// `stat_all` of `names` split among [`stat_threads`] threads, the results in the order
+/// of `names`. A part whose thread cannot be started is done by the calling thread.
+fn in_parallel<F>(names: &[Vec<u8>], stat_all: &F) -> Result<Vec<DirEntry>, Errno>
+where
+    F: Fn(&[Vec<u8>]) -> Result<Vec<DirEntry>, Errno> + Sync,
+{
+    let threads = stat_threads();
+    if threads < 2 {
+        return stat_all(names);
+    }
+    let chunk = names.len().div_ceil(threads);
+    let parts: Vec<Result<Vec<DirEntry>, Errno>> = std::thread::scope(|scope| {
+        let running: Vec<_> = names
+            .chunks(chunk)
+            .map(|part| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, || stat_all(part))
+                    .map_err(|_| part)
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| match t {
+                Ok(t) => t.join().unwrap_or(Err(libc::EIO)),
+                Err(part) => stat_all(part),
+            })
+            .collect()
+    });
+    let mut entries = Vec::with_capacity(names.len());
+    for part in parts {
+        entries.extend(part?);
+    }
+    Ok(entries)
 }
 
 /// Threads that stat a big batch: the machine's parallelism, at most `STAT_THREADS`.
