@@ -36,7 +36,36 @@ const CLIENT_CAPS: u64 =
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Response, i32>>>>;
+/// What became of one request: the transport failed, or the server's reply (its errno
+/// on failure).
+pub type Outcome = Result<Result<Response, i32>, TransportError>;
+
+/// Code run on the connection's reader with a request's outcome ([`Sent::then`]).
+pub type OnReply = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Who is waiting for each request's reply, by id.
+type Pending = Mutex<HashMap<u64, Waiter>>;
+
+enum Waiter {
+    /// A task awaiting [`Sent::reply`].
+    Task(oneshot::Sender<Result<Response, i32>>),
+    /// Code to run with the reply; no task waits.
+    Then(OnReply),
+}
+
+/// Take every waiter out (the connection is gone) and tell each: tasks see their
+/// sender dropped, handlers run here, outside the lock.
+fn abandon(pending: &Pending) {
+    let waiters = match pending.lock() {
+        Ok(mut p) => std::mem::take(&mut *p),
+        Err(_) => return,
+    };
+    for (_, w) in waiters {
+        if let Waiter::Then(f) = w {
+            f(Err(TransportError::Disconnected));
+        }
+    }
+}
 
 /// A live connection. Dropped (and its tasks stopped) once it is declared dead.
 struct Conn {
@@ -311,9 +340,21 @@ impl Client {
                             };
                             me.stats.bytes_received.fetch_add(n, Ordering::Relaxed);
                         }
-                        let waiter = rpending.lock().ok().and_then(|mut p| p.remove(&id));
-                        if let Some(w) = waiter {
-                            let _ = w.send(result);
+                        // A task's answer is handed over under the lock, so `Sent::then`
+                        // finds either the waiter or the answer.
+                        let handler = match rpending.lock() {
+                            Ok(mut p) => match p.remove(&id) {
+                                Some(Waiter::Task(w)) => {
+                                    let _ = w.send(result);
+                                    None
+                                }
+                                Some(Waiter::Then(f)) => Some((f, result)),
+                                None => None,
+                            },
+                            Err(_) => None,
+                        };
+                        if let Some((f, result)) = handler {
+                            f(Ok(result));
                         }
                     }
                     Some(Ok(ServerFrame::Event(ev))) => {
@@ -347,9 +388,7 @@ impl Client {
                     .compare_exchange(generation, 0, Ordering::SeqCst, Ordering::SeqCst);
             }
             // Dropping the senders wakes every waiter with an error.
-            if let Ok(mut p) = rpending.lock() {
-                p.clear();
-            }
+            abandon(&rpending);
         });
 
         let conn = Arc::new(Conn {
@@ -385,9 +424,7 @@ impl Client {
                 if quiet >= timeout {
                     tracing::warn!("server silent for {:?}; dropping the connection", quiet);
                     dead.cancel();
-                    if let Ok(mut p) = conn.pending.lock() {
-                        p.clear();
-                    }
+                    abandon(&conn.pending);
                     break;
                 }
                 if quiet >= Duration::from_secs(1) && last_ping.elapsed() >= Duration::from_secs(1)
@@ -396,7 +433,7 @@ impl Client {
                     let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
                     let (ptx, _prx) = oneshot::channel();
                     if let Ok(mut p) = conn.pending.lock() {
-                        p.insert(id, ptx);
+                        p.insert(id, Waiter::Task(ptx));
                     }
                     let _ = conn.tx.send(RequestFrame {
                         id,
@@ -489,7 +526,7 @@ impl Client {
         conn.pending
             .lock()
             .map_err(|_| TransportError::Disconnected)?
-            .insert(id, tx);
+            .insert(id, Waiter::Task(tx));
         if conn.is_dead() {
             return Err(self.failed(TransportError::Disconnected));
         }
@@ -506,6 +543,8 @@ impl Client {
         }
         Ok(Sent {
             rx,
+            id,
+            pending: Arc::clone(&conn.pending),
             client: Arc::clone(self),
         })
     }
@@ -550,14 +589,50 @@ async fn handshake(
 /// A request on its way; [`Sent::reply`] waits for the answer.
 pub struct Sent {
     rx: oneshot::Receiver<Result<Response, i32>>,
+    id: u64,
+    pending: Arc<Pending>,
     client: Arc<Client>,
 }
 
 impl Sent {
-    pub async fn reply(self) -> Result<Result<Response, i32>, TransportError> {
+    pub async fn reply(self) -> Outcome {
         match self.rx.await {
             Ok(r) => Ok(r),
             Err(_) => Err(self.client.failed(TransportError::Disconnected)),
+        }
+    }
+
+    /// Run `f` with the outcome instead of waiting for it: on the connection's reader
+    /// when the reply arrives, or here and now if it already has (or the connection is
+    /// gone). Saves a task, and its wake-ups, per request whose answer only updates
+    /// bookkeeping. `f` must be quick and must not wait.
+    pub fn then(self, f: impl FnOnce(Outcome) + Send + 'static) {
+        let Sent {
+            mut rx,
+            id,
+            pending,
+            client,
+        } = self;
+        // Counted as `Sent::reply` counts a lost connection.
+        let f: OnReply = Box::new(move |outcome| match outcome {
+            Err(e) => f(Err(client.failed(e))),
+            ok => f(ok),
+        });
+        let f = match pending.lock() {
+            Ok(mut p) => match p.get_mut(&id) {
+                Some(w) => {
+                    *w = Waiter::Then(f);
+                    return;
+                }
+                None => f,
+            },
+            Err(_) => f,
+        };
+        // The reader hands a task's answer over under the lock: it is in `rx` by now,
+        // or was dropped with the connection.
+        match rx.try_recv() {
+            Ok(r) => f(Ok(r)),
+            Err(_) => f(Err(TransportError::Disconnected)),
         }
     }
 }

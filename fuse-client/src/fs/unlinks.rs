@@ -73,7 +73,7 @@ impl Core {
 
     /// Whether this client can tell that unlinking `parent/name` will succeed.
     fn may_unlink_behind(&self, parent: u64, name: &[u8]) -> bool {
-        // (The runtime is where replies are waited for.) The server's promise covers
+        // (Only once the adapter has set up the runtime.) The server's promise covers
         // the order and that it may do whatever the kernel allowed (it runs as root on
         // a writable export).
         if !self.unlinks.enabled.load(Ordering::Relaxed)
@@ -175,16 +175,15 @@ impl Core {
         self.stats.unlinks_behind.fetch_add(1, Ordering::Relaxed);
         let here = self.unlinked_here(parent, name);
         let name = name.to_vec();
-        match (self.me.upgrade(), self.runtime.get()) {
-            (Some(me), Some(rt)) => drop(rt.spawn(async move {
-                let outcome = sent.reply().await;
+        // Handled on the connection's reader: no task (and no wake-up) per unlink.
+        let me = self.me.clone();
+        sent.then(move |outcome| {
+            if let Some(me) = me.upgrade() {
                 me.unlink_settled(parent, &name, outcome);
                 me.dir_busy(parent, false);
-                drop(slot);
-            })),
-            // Shutting down: nobody is left to hear the answer.
-            _ => self.dir_busy(parent, false),
-        }
+            }
+            drop(slot);
+        });
         here
     }
 
