@@ -303,6 +303,10 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
                         acker.ack_barrier(id);
                         Ok(())
                     }
+                    Invalidation::Applied(done) => {
+                        let _ = done.send(());
+                        Ok(())
+                    }
                 };
             }
         })

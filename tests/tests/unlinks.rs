@@ -232,3 +232,49 @@ fn unlink_returns_at_once_and_fsync_of_the_directory_waits_for_the_server() {
     );
     assert!(fx.server.is_running());
 }
+
+/// While an unlink is on its way, the kernel may keep the directory's attributes from
+/// before it for a clock tick; `fsync` of the directory drops them, so a `stat` after it
+/// shows the times the server gave the directory.
+#[test]
+fn fsync_of_the_directory_shows_its_times_after_the_unlinks() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir");
+        for i in 0..10 {
+            fs::write(e.join(format!("d/f{i}")), b"x").expect("write");
+        }
+    }) else {
+        return;
+    };
+    events_live(&fx);
+    for i in 0..10 {
+        fs::metadata(fx.mnt(format!("d/f{i}"))).expect("stat");
+    }
+    let before = fx.mount.stats().get("unlinks_behind");
+    for i in 0..10 {
+        fs::remove_file(fx.mnt(format!("d/f{i}"))).expect("unlink");
+        // Right after the unlink: the attributes of before it, kept for a tick.
+        fs::metadata(fx.mnt("d")).expect("stat the directory");
+        fsync_dir(&fx.mnt("d")).expect("fsync the directory");
+        let (seen, server) = (
+            fs::metadata(fx.mnt("d")).expect("stat the directory"),
+            fs::metadata(fx.exp("d")).expect("stat the export's directory"),
+        );
+        assert_eq!(
+            (
+                seen.mtime(),
+                seen.mtime_nsec(),
+                seen.ctime(),
+                seen.ctime_nsec()
+            ),
+            (
+                server.mtime(),
+                server.mtime_nsec(),
+                server.ctime(),
+                server.ctime_nsec()
+            ),
+            "after unlinking f{i} and fsync of the directory"
+        );
+    }
+    assert_eq!(fx.mount.stats().get("unlinks_behind") - before, 10);
+}

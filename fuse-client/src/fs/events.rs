@@ -21,7 +21,7 @@ use super::{Core, dirs::DIR_EPOCH};
 use crate::nodes::ROOT;
 
 /// A kernel cache invalidation, carried out by the adapter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Invalidation {
     /// Drop the dentry `parent/name`.
     Entry { parent: u64, name: Vec<u8> },
@@ -29,6 +29,8 @@ pub enum Invalidation {
     Inode { ino: u64, data: bool },
     /// Everything queued before this is done: acknowledge server barrier `id`.
     Ack(u64),
+    /// Everything queued before this is done: tell the waiter.
+    Applied(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Core {
@@ -41,6 +43,18 @@ impl Core {
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         if let Some(tx) = self.invalidator.get() {
             let _ = tx.send(inv);
+        }
+    }
+
+    /// Wait until the kernel has applied every invalidation queued so far (at once
+    /// when there is no invalidation thread).
+    pub(super) async fn invalidations_applied(&self) {
+        let Some(tx) = self.invalidator.get() else {
+            return;
+        };
+        let (done, applied) = tokio::sync::oneshot::channel();
+        if tx.send(Invalidation::Applied(done)).is_ok() {
+            let _ = applied.await;
         }
     }
 

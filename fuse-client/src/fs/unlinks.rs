@@ -39,6 +39,11 @@ use crate::error::{FsError, FsResult, TransportError};
 /// Unlinks in flight at most; the next one waits for a slot.
 const IN_FLIGHT: usize = 256;
 
+/// How long the kernel keeps the attributes of a directory with unlinks in flight. It
+/// rounds this up to one clock tick (4 ms at `HZ=250`); `fsync` of the directory drops
+/// them, so after it `stat` sees every unlink that came before.
+const BUSY_DIR_TTL: Duration = Duration::from_nanos(1);
+
 /// Directories whose failed unlink is remembered for `fsync`, at most.
 const MAX_ERRORS: usize = 1024;
 
@@ -241,9 +246,12 @@ impl Core {
         self.invalidate_attrs(dir);
     }
 
-    /// How long the kernel may keep the attributes of `ino` it is given now: not at all
-    /// for a directory with unlinks in flight (its times are about to change; `stat` a
-    /// moment later gets the server's), the usual TTL otherwise.
+    /// How long the kernel may keep the attributes of `ino` it is given now: the usual
+    /// TTL, but only a moment for a directory with unlinks in flight (its times are
+    /// about to change; `stat` a moment later gets the server's). The kernel drops a
+    /// directory's attributes after every unlink in it and, under
+    /// `default_permissions`, checks the directory twice in the next `unlinkat`: with
+    /// no TTL at all each check asked again; [`BUSY_DIR_TTL`] lets them share one.
     pub fn attr_ttl(&self, ino: u64) -> Duration {
         // (Asked before the attributes are read: a reply landing in between then costs
         // one more GETATTR, never a stale answer kept for the TTL.)
@@ -255,7 +263,7 @@ impl Core {
                 .in_dirs
                 .lock()
                 .is_ok_and(|d| d.contains_key(&ino));
-        if busy { Duration::ZERO } else { self.ttl() }
+        if busy { BUSY_DIR_TTL } else { self.ttl() }
     }
 
     /// `fsync` of directory `dir`: every unlink in flight has reached the server, and
@@ -263,6 +271,10 @@ impl Core {
     pub async fn fsyncdir(&self, dir: u64) -> FsResult<()> {
         // Fair: unlinks started after this call wait behind it.
         drop(self.unlinks.slots.acquire_many(IN_FLIGHT as u32).await);
+        // Attributes handed out while unlinks were in flight may still be cached for a
+        // tick: drop them, and return once the kernel has.
+        self.invalidate_attrs(dir);
+        self.invalidations_applied().await;
         let failed = self
             .unlinks
             .errors
