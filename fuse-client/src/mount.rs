@@ -283,8 +283,14 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 
     // Kernel invalidations go through one thread of their own (see fs/events.rs).
     let (inv_tx, inv_rx) = std::sync::mpsc::channel::<Invalidation>();
-    core.set_invalidator(inv_tx);
     let notifier = session.notifier();
+    let now = notifier.clone();
+    core.set_invalidator(
+        inv_tx,
+        Box::new(move |ino| {
+            let _ = now.inval_inode(INodeNo(ino), -1, 0);
+        }),
+    );
     core.set_runtime(rt.handle().clone());
     let acker = core.clone();
     std::thread::Builder::new()
@@ -301,10 +307,6 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
                     }
                     Invalidation::Ack(id) => {
                         acker.ack_barrier(id);
-                        Ok(())
-                    }
-                    Invalidation::Applied(done) => {
-                        let _ = done.send(());
                         Ok(())
                     }
                 };

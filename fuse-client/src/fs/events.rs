@@ -21,7 +21,7 @@ use super::{Core, dirs::DIR_EPOCH};
 use crate::nodes::ROOT;
 
 /// A kernel cache invalidation, carried out by the adapter.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
     /// Drop the dentry `parent/name`.
     Entry { parent: u64, name: Vec<u8> },
@@ -29,14 +29,17 @@ pub enum Invalidation {
     Inode { ino: u64, data: bool },
     /// Everything queued before this is done: acknowledge server barrier `id`.
     Ack(u64),
-    /// Everything queued before this is done: tell the waiter.
-    Applied(tokio::sync::oneshot::Sender<()>),
 }
 
+/// Drops the kernel's cached attributes of an inode on the calling thread.
+pub type AttrInvalidator = Box<dyn Fn(u64) + Send + Sync>;
+
 impl Core {
-    /// Where kernel invalidations go (set once, by the adapter, after mounting).
-    pub fn set_invalidator(&self, tx: std::sync::mpsc::Sender<Invalidation>) {
+    /// Where kernel invalidations go (set once, by the adapter, after mounting): `tx`
+    /// queues them for the invalidation thread; `now` drops an inode's attributes at once.
+    pub fn set_invalidator(&self, tx: std::sync::mpsc::Sender<Invalidation>, now: AttrInvalidator) {
         let _ = self.invalidator.set(tx);
+        let _ = self.attrs_invalidator.set(now);
     }
 
     pub(super) fn invalidate(&self, inv: Invalidation) {
@@ -46,15 +49,15 @@ impl Core {
         }
     }
 
-    /// Wait until the kernel has applied every invalidation queued so far (at once
-    /// when there is no invalidation thread).
-    pub(super) async fn invalidations_applied(&self) {
-        let Some(tx) = self.invalidator.get() else {
-            return;
-        };
-        let (done, applied) = tokio::sync::oneshot::channel();
-        if tx.send(Invalidation::Applied(done)).is_ok() {
-            let _ = applied.await;
+    /// Drop the kernel's cached attributes of `ino` before returning, for an answer the
+    /// kernel must not follow with attributes from before it. Not queued, and safe to
+    /// do while the kernel waits for this daemon: unlike dropping an entry (which takes
+    /// the directory's lock, possibly held by the very caller being answered), the
+    /// kernel takes no inode lock for it.
+    pub(super) fn invalidate_attrs_now(&self, ino: u64) {
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        if let Some(now) = self.attrs_invalidator.get() {
+            now(ino);
         }
     }
 

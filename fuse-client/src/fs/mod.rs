@@ -148,6 +148,7 @@ pub struct Core {
     pub max_io: u32,
     pub cache: Option<Arc<DataCache>>,
     invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
+    attrs_invalidator: OnceLock<events::AttrInvalidator>,
     /// A write-back of the cache metadata is scheduled.
     persist_due: Arc<std::sync::atomic::AtomicBool>,
     /// Bounds the listings prefetched at once.
@@ -198,6 +199,7 @@ impl Core {
             max_io: max_io.clamp(64 * 1024, MAX_IO),
             cache,
             invalidator: OnceLock::new(),
+            attrs_invalidator: OnceLock::new(),
             persist_due: Arc::default(),
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
             siblings: Mutex::new(HashMap::new()),

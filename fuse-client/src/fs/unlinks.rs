@@ -272,9 +272,8 @@ impl Core {
         // Fair: unlinks started after this call wait behind it.
         drop(self.unlinks.slots.acquire_many(IN_FLIGHT as u32).await);
         // Attributes handed out while unlinks were in flight may still be cached for a
-        // tick: drop them, and return once the kernel has.
-        self.invalidate_attrs(dir);
-        self.invalidations_applied().await;
+        // tick: the kernel drops them before this returns.
+        self.invalidate_attrs_now(dir);
         let failed = self
             .unlinks
             .errors
