@@ -177,6 +177,21 @@ impl WriteTracker {
         }
     }
 
+    /// Settle a queued write when its answer comes, on the connection's reader (no task
+    /// per write).
+    fn settle_later(
+        self: Arc<Self>,
+        sent: Result<crate::conn::Sent, TransportError>,
+        len: usize,
+        range: (u64, u64),
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        match sent {
+            Ok(sent) => sent.then(move |reply| self.settle_write(reply, len, range, permit)),
+            Err(e) => self.settle_write(Err(e), len, range, permit),
+        }
+    }
+
     fn fail(&self, e: i32) {
         tracing::warn!(
             "write failed on the server: {}",
@@ -1042,7 +1057,6 @@ impl Core {
         offset: u64,
         data: &[u8],
     ) -> Option<FsResult<u32>> {
-        let rt = self.runtime.get()?;
         let f = self.open_file(fh).ok()?;
         let tracker = self.tracker(f.ino).ok()?;
         if let Some(e) = tracker.peek_error() {
@@ -1079,14 +1093,7 @@ impl Core {
         // The gate keeps any commit out until the cache and the size know of it.
         self.note_write(&f, offset, data);
         drop(gate);
-        let t = tracker.clone();
-        rt.spawn(async move {
-            let reply = match sent {
-                Ok(sent) => sent.reply().await,
-                Err(e) => Err(e),
-            };
-            t.settle_write(reply, len, range, permit);
-        });
+        tracker.clone().settle_later(sent, len, range, permit);
         Some(Ok(len as u32))
     }
 
@@ -1129,14 +1136,7 @@ impl Core {
         // commit that follows them).
         let sent = self.client.start_on(Some(generation), caller, req).await;
         drop(gate);
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            let reply = match sent {
-                Ok(sent) => sent.reply().await,
-                Err(e) => Err(e),
-            };
-            t.settle_write(reply, len, (offset, end.max(offset + 1)), permit);
-        });
+        tracker.settle_later(sent, len, (offset, end.max(offset + 1)), permit);
         Ok(len as u32)
     }
 
@@ -1526,8 +1526,8 @@ impl Core {
                 // later write or commit; the server applies it after those writes.
                 tracker.inflight.fetch_add(1, Ordering::SeqCst);
                 let t = tracker.clone();
-                let settle = async move {
-                    match sent.reply().await {
+                sent.then(move |outcome| {
+                    match outcome {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => t.fail(e),
                         Err(e) => t.fail(FsError::Transport(e).errno()),
@@ -1535,11 +1535,7 @@ impl Core {
                     if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
                         t.done.notify_waiters();
                     }
-                };
-                match self.runtime.get() {
-                    Some(rt) => drop(rt.spawn(settle)),
-                    None => drop(tokio::spawn(settle)),
-                }
+                });
             }
             Err(e) => tracker.fail(FsError::Transport(e).errno()),
         }
