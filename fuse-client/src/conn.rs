@@ -1,8 +1,10 @@
 //! One multiplexed connection to `ferryd`, with liveness and lazy reconnect.
 //!
-//! Any number of tasks call [`Client::call`] concurrently; each request gets an id, goes
-//! out through a single writer task, and its reply is routed back by id whenever the
-//! server finishes it (replies arrive out of order). A watchdog declares the connection
+//! Any number of tasks call [`Client::call`] concurrently; each request gets an id, is
+//! written to the socket in queueing order (by the queueing thread itself when it can,
+//! see `Outbox`), and its reply is routed back by id whenever the server finishes it
+//! (replies arrive out of order; [`Sent::then`] handles one on the reader, no task
+//! waiting). A watchdog declares the connection
 //! dead when requests are outstanding and nothing has arrived for `timeout` (pings keep
 //! a slow but healthy link alive), so no caller waits forever: a dead server costs an
 //! error within seconds, never a frozen `ls`. The next call reconnects.
@@ -15,16 +17,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 use ferry_common::codec::{ClientCodec, FrameCodec};
 use ferry_common::proto::{
     Caller, Event, Hello, HelloReply, PROTOCOL_VERSION, Request, RequestFrame, Response,
     ServerFrame, Welcome, caps,
 };
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Framed;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::codec::{Encoder, Framed, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::TransportError;
@@ -70,7 +73,7 @@ fn abandon(pending: &Pending) {
 /// A live connection. Dropped (and its tasks stopped) once it is declared dead.
 struct Conn {
     generation: u64,
-    tx: mpsc::UnboundedSender<RequestFrame>,
+    out: Arc<Outbox>,
     // std Mutex: held for a map insert/remove only, never across an await.
     pending: Arc<Pending>,
     next_id: AtomicU64,
@@ -80,6 +83,123 @@ struct Conn {
 impl Conn {
     fn is_dead(&self) -> bool {
         self.dead.is_cancelled()
+    }
+}
+
+/// The sending side of a connection. A request is encoded and written to the socket by
+/// the thread that queues it, FUSE session thread or runtime worker alike, as long as
+/// nothing is waiting to go out before it; only what the socket does not take at once
+/// is left to the writer task. Most requests thus cost no hand-off to another thread
+/// (on a 2-CPU machine, waking the writer was one context switch per request). Order
+/// is kept: bytes leave in the order frames were queued, under one lock.
+struct Outbox {
+    half: OwnedWriteHalf,
+    // std Mutex: held to encode a frame and for non-blocking writes, never across an
+    // await.
+    queue: Mutex<Outgoing>,
+    /// Tells the writer task there are bytes the socket did not take.
+    wake: Notify,
+    dead: CancellationToken,
+}
+
+/// Largest frame the queueing thread writes itself; larger ones (writes carrying data)
+/// go to the writer task.
+const WRITE_HERE_MAX: usize = 4096;
+
+#[derive(Default)]
+struct Outgoing {
+    /// Encoded frames not yet written, oldest first.
+    buf: BytesMut,
+    codec: ClientCodec,
+    /// The writer task owns the rest of `buf`: nobody else writes until it is empty.
+    writer_has_it: bool,
+}
+
+impl Outbox {
+    /// Queue one frame and write whatever the socket takes now. `Err`: the connection
+    /// is broken (and now declared dead).
+    fn push(&self, frame: RequestFrame) -> Result<(), ()> {
+        let mut q = self.queue.lock().map_err(|_| ())?;
+        if self.dead.is_cancelled() {
+            return Err(());
+        }
+        let Outgoing { buf, codec, .. } = &mut *q;
+        let before = buf.len();
+        if let Err(e) = codec.encode(frame, buf) {
+            tracing::warn!("cannot send a request: {e}");
+            self.dead.cancel();
+            return Err(());
+        }
+        if q.writer_has_it {
+            return Ok(());
+        }
+        if q.buf.len() - before > WRITE_HERE_MAX {
+            // Copying it into the socket (and, on loopback, through the server's side
+            // of it) would hold up the caller: the writer does that in parallel.
+            q.writer_has_it = true;
+            drop(q);
+            self.wake.notify_one();
+            return Ok(());
+        }
+        if let Err(e) = self.write_some(&mut q.buf) {
+            tracing::warn!("connection to server broken: {e}");
+            self.dead.cancel();
+            return Err(());
+        }
+        if !q.buf.is_empty() {
+            q.writer_has_it = true;
+            drop(q);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Write from the front of `buf` until it is empty or the socket is full.
+    fn write_some(&self, buf: &mut BytesMut) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.half.try_write(buf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The writer task: whenever `push` left bytes behind, write them as the socket
+    /// drains, then hand writing back to `push`.
+    async fn drain(&self) {
+        loop {
+            tokio::select! {
+                _ = self.dead.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            loop {
+                tokio::select! {
+                    _ = self.dead.cancelled() => return,
+                    r = self.half.writable() => if let Err(e) = r {
+                        tracing::warn!("connection to server broken: {e}");
+                        self.dead.cancel();
+                        return;
+                    },
+                }
+                let Ok(mut q) = self.queue.lock() else {
+                    self.dead.cancel();
+                    return;
+                };
+                if let Err(e) = self.write_some(&mut q.buf) {
+                    tracing::warn!("connection to server broken: {e}");
+                    self.dead.cancel();
+                    return;
+                }
+                if q.buf.is_empty() {
+                    q.writer_has_it = false;
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -278,44 +398,30 @@ impl Client {
         format!("ferry {}", env!("CARGO_PKG_VERSION"))
     }
 
-    fn spawn_tasks<S>(
+    fn spawn_tasks(
         self: &Arc<Self>,
-        framed: Framed<S, ClientCodec>,
+        framed: Framed<TcpStream, ClientCodec>,
         generation: u64,
-    ) -> Arc<Conn>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (tx, mut rx) = mpsc::unbounded_channel::<RequestFrame>();
+    ) -> Arc<Conn> {
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let dead = CancellationToken::new();
         let last_rx = Arc::new(Mutex::new(Instant::now()));
-        let (mut sink, mut stream) = framed.split();
-
-        // Writer: feed frames as they come, flush when the queue is momentarily empty so
-        // bursts of small requests share a syscall.
-        let wdead = dead.clone();
-        tokio::spawn(async move {
-            loop {
-                let frame = tokio::select! {
-                    _ = wdead.cancelled() => break,
-                    f = rx.recv() => match f { Some(f) => f, None => break },
-                };
-                if sink.feed(frame).await.is_err() {
-                    break;
-                }
-                while let Ok(f) = rx.try_recv() {
-                    if sink.feed(f).await.is_err() {
-                        wdead.cancel();
-                        return;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    break;
-                }
-            }
-            wdead.cancel();
+        // The halves go separate ways: replies are read by a task, requests are written
+        // by whoever queues them (see `Outbox`). Bytes the handshake read ahead stay.
+        let parts = framed.into_parts();
+        let (read_half, write_half) = parts.io.into_split();
+        let mut stream = FramedRead::new(read_half, parts.codec);
+        stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let out = Arc::new(Outbox {
+            half: write_half,
+            queue: Mutex::new(Outgoing::default()),
+            wake: Notify::new(),
+            dead: dead.clone(),
         });
+
+        // Writer: only for what the socket did not take at once.
+        let wout = out.clone();
+        tokio::spawn(async move { wout.drain().await });
 
         // Reader: route replies by id, hand events to the sink.
         let rdead = dead.clone();
@@ -393,7 +499,7 @@ impl Client {
 
         let conn = Arc::new(Conn {
             generation,
-            tx,
+            out,
             pending,
             next_id: AtomicU64::new(1),
             dead: dead.clone(),
@@ -435,7 +541,7 @@ impl Client {
                     if let Ok(mut p) = conn.pending.lock() {
                         p.insert(id, Waiter::Task(ptx));
                     }
-                    let _ = conn.tx.send(RequestFrame {
+                    let _ = conn.out.push(RequestFrame {
                         id,
                         caller: Caller::default(),
                         request: Request::Ping,
@@ -531,8 +637,8 @@ impl Client {
             return Err(self.failed(TransportError::Disconnected));
         }
         if conn
-            .tx
-            .send(RequestFrame {
+            .out
+            .push(RequestFrame {
                 id,
                 caller,
                 request,
