@@ -611,8 +611,12 @@ impl Filesystem for FerryFuse {
             return reply.ok();
         }
         // close(): the data is on the server when this succeeds, or close() gets the error.
-        let (core, c) = (self.core.clone(), caller(req));
-        self.spawn(async move { reply_empty(reply, core.flush(c, fh.0).await) });
+        let c = caller(req);
+        let done = move |r| reply_empty(reply, r);
+        if let Err(done) = self.core.flush_writer_now(c, fh.0, done) {
+            let core = self.core.clone();
+            self.spawn(async move { done(core.flush(c, fh.0).await) });
+        }
     }
 
     fn release(
@@ -629,6 +633,9 @@ impl Filesystem for FerryFuse {
         self.modes.released(&self.core, fh.0);
         if self.core.release_now(caller(req), fh.0) {
             return reply.ok();
+        }
+        if let Some(r) = self.core.release_writer_now(caller(req), fh.0) {
+            return reply_empty(reply, r);
         }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_empty(reply, core.release(c, fh.0).await) });

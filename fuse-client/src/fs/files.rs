@@ -1332,61 +1332,127 @@ impl Core {
         let tracker = self.tracker(ino)?;
         // Every write made so far is queued once this is held, and no other starts.
         let _no_writes_meanwhile = tracker.gate.write().await;
-        let fail = |e: i32| -> FsResult<()> {
-            // The server never applies a failed handle's staged data: the old copy stands.
-            if let Some(cache) = &self.cache {
-                cache.invalidate(sino);
-            }
-            tracker.dirty.store(false, Ordering::SeqCst);
-            self.settle(ino, &tracker)?;
-            errno(e)
-        };
         if !tracker.dirty.swap(false, Ordering::SeqCst) {
             tracker.drain().await;
-            if let Some(e) = tracker.take_error() {
-                return fail(e);
-            }
-            self.settle(ino, &tracker)?;
-            self.committed(ino)?;
-            return Ok(());
+            return self.clean_commit(ino, sino, &tracker);
         }
-        let Some((handle, generation)) = self
-            .inodes()?
-            .get(&ino)
-            .and_then(|s| s.writer.map(|w| w.pair()))
-        else {
+        let Some((handle, generation)) = self.writer_pair(ino)? else {
             tracker.drain().await;
             return errno(libc::EIO);
         };
         // Sent behind the writes without waiting for their answers: the server applies
         // them first and refuses the commit if one of them failed.
         let committed = async {
-            match self
-                .client
+            self.client
                 .start_on(Some(generation), caller, Request::Commit { handle })
                 .await?
                 .reply()
-                .await?
-            {
-                Ok(r) => Ok(self.unwrap_reply(r)),
-                Err(e) => errno(e),
-            }
+                .await
         };
         let (committed, ()) = tokio::join!(committed, tracker.drain());
-        if let Some(e) = tracker.take_error() {
-            return fail(e);
+        self.commit_done(ino, sino, &tracker, committed)
+    }
+
+    /// [`Core::commit`] for the `close` of a writer on the FUSE session thread, when
+    /// nothing has to be waited for before the commit is queued (the write gate free,
+    /// the connection at hand): `done` runs with the outcome, on the connection's reader
+    /// once the server answers, or here. `Err(done)`: nothing was done, take
+    /// [`Core::flush`].
+    pub fn flush_writer_now<F>(&self, caller: Caller, fh: u64, done: F) -> Result<(), F>
+    where
+        F: FnOnce(FsResult<()>) + Send + 'static,
+    {
+        let (Ok(f), Some(me)) = (self.open_file(fh), self.me.upgrade()) else {
+            return Err(done);
+        };
+        if !f.writable {
+            done(Ok(()));
+            return Ok(());
         }
+        let Ok(tracker) = self.tracker(f.ino) else {
+            return Err(done);
+        };
+        let Ok(gate) = tracker.gate.clone().try_write_owned() else {
+            return Err(done);
+        };
+        let (ino, sino) = (f.ino, f.sino);
+        if !tracker.dirty.load(Ordering::SeqCst) {
+            if tracker.inflight.load(Ordering::SeqCst) > 0 {
+                return Err(done);
+            }
+            done(self.clean_commit(ino, sino, &tracker));
+            return Ok(());
+        }
+        let Ok(Some((handle, generation))) = self.writer_pair(ino) else {
+            return Err(done);
+        };
+        let commit = Request::Commit { handle };
+        let Some(Ok(sent)) = self.client.try_start_on(Some(generation), caller, commit) else {
+            return Err(done);
+        };
+        // Queued under the gate: every write before it is ahead of it on the wire.
+        tracker.dirty.store(false, Ordering::SeqCst);
+        sent.then(move |committed| {
+            // The writes' answers come before the commit's; should one still be out
+            // (the connection lost: handlers run in any order), wait for it elsewhere.
+            if tracker.inflight.load(Ordering::SeqCst) == 0 {
+                done(me.commit_done(ino, sino, &tracker, committed));
+                drop(gate);
+            } else if let Some(rt) = me.runtime.get().cloned() {
+                rt.spawn(async move {
+                    tracker.drain().await;
+                    done(me.commit_done(ino, sino, &tracker, committed));
+                    drop(gate);
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// The inode's shared writer, whichever connection it was opened on.
+    fn writer_pair(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
+        Ok(self
+            .inodes()?
+            .get(&ino)
+            .and_then(|s| s.writer.map(|w| w.pair())))
+    }
+
+    /// The end of a commit that had nothing to send: report a write that failed.
+    fn clean_commit(&self, ino: u64, sino: u64, tracker: &WriteTracker) -> FsResult<()> {
+        if let Some(e) = tracker.take_error() {
+            return self.commit_failed(ino, sino, tracker, e);
+        }
+        self.settle(ino, tracker)?;
+        self.committed(ino)
+    }
+
+    /// The server's answer to a commit, every write before it answered too.
+    fn commit_done(
+        &self,
+        ino: u64,
+        sino: u64,
+        tracker: &WriteTracker,
+        committed: Result<Result<Response, i32>, TransportError>,
+    ) -> FsResult<()> {
+        if let Some(e) = tracker.take_error() {
+            return self.commit_failed(ino, sino, tracker, e);
+        }
+        let committed = match committed {
+            Ok(Ok(r)) => Ok(self.unwrap_reply(r)),
+            Ok(Err(e)) => errno(e),
+            Err(e) => Err(e.into()),
+        };
         let attr = match committed {
             Ok(r) => Self::expect_attr(r)?,
             Err(e) => {
                 if let Some(cache) = &self.cache {
                     cache.invalidate(sino);
                 }
-                self.settle(ino, &tracker)?;
+                self.settle(ino, tracker)?;
                 return Err(e);
             }
         };
-        self.settle(ino, &tracker)?;
+        self.settle(ino, tracker)?;
         self.committed(ino)?;
         if let Some(cache) = &self.cache {
             cache.adopt(sino, attr.version, attr.size);
@@ -1402,6 +1468,17 @@ impl Core {
         // exact by construction, rather than trusting pages the kernel filled during writes.
         self.inodes()?.entry(ino).or_default().kernel_version = None;
         Ok(())
+    }
+
+    /// A write of the commit failed: the server never applies a failed handle's staged
+    /// data, so the old copy stands.
+    fn commit_failed(&self, ino: u64, sino: u64, tracker: &WriteTracker, e: i32) -> FsResult<()> {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(sino);
+        }
+        tracker.dirty.store(false, Ordering::SeqCst);
+        self.settle(ino, tracker)?;
+        errno(e)
     }
 
     /// An attribute change (times, mode; not the size or the owner) of a file this
@@ -1760,39 +1837,13 @@ impl Core {
 
     pub async fn release(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
-        // Another writer still open (and not being released itself) commits at its own
-        // close: a `RELEASE` that arrives late (the kernel sends it after `close`
-        // returned, which has committed) must not commit that writer's writes early.
-        // Of writers released at once, the last to start commits.
-        let others = f.writable && {
-            let mut inodes = self.inodes()?;
-            let st = inodes.entry(f.ino).or_default();
-            st.closing += 1;
-            st.writers.saturating_sub(st.closing) > 0
-        };
+        let others = self.closing_writer(&f)?;
         let result = if f.writable && !others {
             self.commit(caller, f.ino).await
         } else {
             Ok(())
         };
-        self.files.lock().map_err(|_| poisoned())?.remove(&fh);
-        let own = f.handle();
-        let mut to_release = Vec::new();
-        if f.writable {
-            let mut inodes = self.inodes()?;
-            if let Some(st) = inodes.get_mut(&f.ino) {
-                st.writers = st.writers.saturating_sub(1);
-                st.closing = st.closing.saturating_sub(1);
-                if st.writers == 0 {
-                    // The last writer closes the shared handle and any it replaced.
-                    to_release.extend(st.writer.take().map(|w| w.pair()));
-                    to_release.append(&mut st.retired);
-                }
-            }
-        } else if let Some(h) = own {
-            to_release.push(h);
-        }
-        for (handle, generation) in to_release {
+        for (handle, generation) in self.released(fh, &f)? {
             match self
                 .rpc_on(generation, caller, Request::Release { handle })
                 .await
@@ -1804,6 +1855,100 @@ impl Core {
         }
         self.schedule_persist();
         result
+    }
+
+    /// [`Core::release`] of a writer on the FUSE session thread, when its commit has
+    /// nothing to send (as after a `close` that committed): `None` when it has, or must
+    /// wait for the write gate or a write in flight. The handles it closes are closed in
+    /// the background.
+    pub fn release_writer_now(&self, caller: Caller, fh: u64) -> Option<FsResult<()>> {
+        let rt = self.runtime.get()?;
+        let f = self.open_file(fh).ok()?;
+        if !f.writable {
+            return None;
+        }
+        let tracker = self.tracker(f.ino).ok()?;
+        let gate = tracker.gate.clone().try_write_owned().ok()?;
+        if tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let result = match self.closing_writer(&f) {
+            Ok(false) => self.clean_commit(f.ino, f.sino, &tracker),
+            Ok(true) => Ok(()),
+            Err(e) => return Some(Err(e)),
+        };
+        drop(gate);
+        let to_release = match self.released(fh, &f) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        for (handle, generation) in to_release {
+            self.release_in_background(rt, caller, handle, generation);
+        }
+        self.schedule_persist();
+        Some(result)
+    }
+
+    /// Close server handle `handle` without waiting: nobody needs the answer (a
+    /// refusal only means the handle is gone already).
+    fn release_in_background(
+        &self,
+        rt: &tokio::runtime::Handle,
+        caller: Caller,
+        handle: u64,
+        generation: u64,
+    ) {
+        let release = Request::Release { handle };
+        match self
+            .client
+            .try_start_on(Some(generation), caller, release.clone())
+        {
+            Some(Ok(sent)) => sent.then(|_| {}),
+            // The connection that held the handle is gone, and the server dropped it.
+            Some(Err(_)) => {}
+            // No connection at hand without waiting.
+            None => {
+                let client = self.client.clone();
+                rt.spawn(async move {
+                    let _ = client.call_on(Some(generation), caller, release).await;
+                });
+            }
+        }
+    }
+
+    /// A descriptor of `f` is being released: whether other writers of its inode stay
+    /// open (they commit at their own close; a `RELEASE` that arrives late, after a
+    /// `close` that committed, must not commit their writes early). Of writers released
+    /// at once, the last to start commits. Counts this one as closing.
+    fn closing_writer(&self, f: &OpenFile) -> FsResult<bool> {
+        if !f.writable {
+            return Ok(false);
+        }
+        let mut inodes = self.inodes()?;
+        let st = inodes.entry(f.ino).or_default();
+        st.closing += 1;
+        Ok(st.writers.saturating_sub(st.closing) > 0)
+    }
+
+    /// Forget descriptor `fh` of `f`: the server handles to close now (the last writer
+    /// closes the shared one and any it replaced).
+    fn released(&self, fh: u64, f: &OpenFile) -> FsResult<Vec<(u64, u64)>> {
+        self.files.lock().map_err(|_| poisoned())?.remove(&fh);
+        let mut to_release = Vec::new();
+        if f.writable {
+            let mut inodes = self.inodes()?;
+            if let Some(st) = inodes.get_mut(&f.ino) {
+                st.writers = st.writers.saturating_sub(1);
+                st.closing = st.closing.saturating_sub(1);
+                if st.writers == 0 {
+                    to_release.extend(st.writer.take().map(|w| w.pair()));
+                    to_release.append(&mut st.retired);
+                }
+            }
+        } else if let Some(h) = f.handle() {
+            to_release.push(h);
+        }
+        Ok(to_release)
     }
 
     /// Write the cache metadata back soon: at most once a second (and at unmount), so
@@ -1850,12 +1995,7 @@ impl Core {
             files.remove(&fh);
         }
         if let Some((handle, generation)) = f.handle() {
-            let client = self.client.clone();
-            rt.spawn(async move {
-                let _ = client
-                    .call_on(Some(generation), caller, Request::Release { handle })
-                    .await;
-            });
+            self.release_in_background(rt, caller, handle, generation);
         }
         self.schedule_persist();
         true
