@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_common::proto::{Attr, Caller, RelPath, Request, Response, SetAttr};
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, Semaphore};
 
 use super::{Core, InodeState, errno, poisoned};
@@ -281,6 +283,93 @@ impl OpenFile {
     }
 }
 
+/// The block ranges of one file being fetched into the cache, so that fills running at
+/// once (a reader's miss, readahead windows) split the work instead of repeating it.
+#[derive(Debug, Default)]
+pub(super) struct Fetching {
+    // std Mutex: held to compare and edit the list, never across an await.
+    ranges: Mutex<Vec<InFlight>>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    start: u64,
+    end: u64,
+    /// Closed when the fetch ends (however it ends): waiting is acquiring from it.
+    done: Arc<Semaphore>,
+}
+
+/// Ranges a fill fetches itself; dropping it ends them (their waiters then look at the
+/// cache, and fetch what is still missing through their own read).
+pub(super) struct Claim<'a> {
+    fetching: &'a Fetching,
+    ranges: Vec<(u64, u64)>,
+    done: Arc<Semaphore>,
+}
+
+impl Fetching {
+    /// Split block ranges `missing` into those fetched by nobody yet (claimed for the
+    /// caller) and the fetches already bringing the others.
+    fn claim(&self, missing: Vec<(u64, u64)>) -> (Option<Claim<'_>>, Vec<Arc<Semaphore>>) {
+        let Ok(mut inflight) = self.ranges.lock() else {
+            return (None, Vec::new());
+        };
+        let mut mine: Vec<(u64, u64)> = Vec::new();
+        let mut others: Vec<Arc<Semaphore>> = Vec::new();
+        for (start, len) in missing {
+            let mut b = start;
+            while b < start + len {
+                match inflight.iter().find(|r| r.start <= b && b < r.end) {
+                    Some(r) => {
+                        if !others.iter().any(|o| Arc::ptr_eq(o, &r.done)) {
+                            others.push(r.done.clone());
+                        }
+                    }
+                    None => match mine.last_mut() {
+                        Some((s, l)) if *s + *l == b => *l += BLOCK,
+                        _ => mine.push((b, BLOCK)),
+                    },
+                }
+                b += BLOCK;
+            }
+        }
+        if mine.is_empty() {
+            return (None, others);
+        }
+        let done = Arc::new(Semaphore::new(0));
+        for &(s, l) in &mine {
+            inflight.push(InFlight {
+                start: s,
+                end: s + l,
+                done: done.clone(),
+            });
+        }
+        let claim = Claim {
+            fetching: self,
+            ranges: mine,
+            done,
+        };
+        (Some(claim), others)
+    }
+
+    /// Until the given fetches have ended.
+    async fn wait(&self, others: Vec<Arc<Semaphore>>) {
+        for done in others {
+            // Closed when the fetch ends: the error is the wake-up.
+            let _ = done.acquire().await;
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.fetching.ranges.lock() {
+            inflight.retain(|r| !Arc::ptr_eq(&r.done, &self.done));
+        }
+        self.done.close();
+    }
+}
+
 /// What the adapter needs to answer `open`/`create`.
 #[derive(Debug)]
 pub struct OpenReply {
@@ -382,6 +471,10 @@ impl Core {
 
     fn fetch_lock(&self, ino: u64) -> FsResult<Arc<tokio::sync::Mutex<()>>> {
         Ok(self.inodes()?.entry(ino).or_default().fetch.clone())
+    }
+
+    fn fetching(&self, ino: u64) -> FsResult<Arc<Fetching>> {
+        Ok(self.inodes()?.entry(ino).or_default().fetching.clone())
     }
 
     /// Wait until every write queued for `ino` has been answered by the server.
@@ -835,24 +928,25 @@ impl Core {
         if cache.missing(f.sino, version, offset, len).is_empty() {
             return Ok(());
         }
-        // (ensure_handle takes the fetch lock itself.)
         let (handle, generation) = self.io_handle(caller, f).await?;
-        let lock = self.fetch_lock(f.ino)?;
-        let _guard = lock.lock().await;
-        // Decided under the lock: a fetch that just finished may have brought it all.
-        let version = f.state.lock().map_err(|_| poisoned())?.version;
-        let missing = cache.missing(f.sino, version, offset, len);
-        if missing.is_empty() {
-            return Ok(());
-        }
         // Uncommitted writes of ours: the server's bytes may lack them, the caller reads
         // past the cache instead.
         let Some(token) = cache.token(f.sino) else {
             return Ok(());
         };
+        // Decided with the in-flight ranges in hand: what another fill is bringing is
+        // waited for, not fetched twice; the rest is fetched here, at the same time as
+        // theirs (readahead keeps the next window coming while this one is stored).
+        let fetching = self.fetching(f.ino)?;
+        let version = f.state.lock().map_err(|_| poisoned())?.version;
+        let (mine, others) = fetching.claim(cache.missing(f.sino, version, offset, len));
+        let Some(mine) = mine else {
+            fetching.wait(others).await;
+            return Ok(());
+        };
         let chunk = u64::from(self.max_io) / BLOCK * BLOCK;
         let mut pieces = Vec::new();
-        for (start, l) in missing {
+        for &(start, l) in &mine.ranges {
             let mut off = start;
             while off < start + l {
                 let n = chunk.min(start + l - off);
@@ -860,18 +954,20 @@ impl Core {
                 off += n;
             }
         }
-        let reqs = pieces.iter().map(|&(off, n)| {
-            self.rpc_on(
-                generation,
-                caller,
-                Request::Read {
+        let mut replies: FuturesUnordered<_> = pieces
+            .into_iter()
+            .map(|(off, n)| async move {
+                let read = Request::Read {
                     handle,
                     offset: off,
                     len: n as u32,
-                },
-            )
-        });
-        for (r, (off, _)) in join_all(reqs).await.into_iter().zip(pieces) {
+                };
+                (off, self.rpc_on(generation, caller, read).await)
+            })
+            .collect();
+        // Each piece is stored as it arrives: a reader waiting for the first one is
+        // not held up by the last.
+        while let Some((off, r)) = replies.next().await {
             match r? {
                 Response::Data(d) => {
                     self.stats
@@ -882,6 +978,8 @@ impl Core {
                 _ => return Err(TransportError::Protocol.into()),
             }
         }
+        drop(mine);
+        fetching.wait(others).await;
         Ok(())
     }
 
@@ -2021,5 +2119,46 @@ fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
         blksize: 0,
         version,
         xattrs: ferry_common::proto::XATTRS_UNKNOWN,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fills_at_once_split_the_blocks_and_wait_for_each_other() {
+        let fetching = Fetching::default();
+        let (first, others) = fetching.claim(vec![(0, 4 * BLOCK)]);
+        let first = first.unwrap();
+        assert!(others.is_empty());
+        assert_eq!(first.ranges, vec![(0, 4 * BLOCK)]);
+        // Overlapping the first: only the blocks nobody fetches are claimed.
+        let (second, others) = fetching.claim(vec![(2 * BLOCK, 4 * BLOCK), (8 * BLOCK, BLOCK)]);
+        let second = second.unwrap();
+        assert_eq!(
+            second.ranges,
+            vec![(4 * BLOCK, 2 * BLOCK), (8 * BLOCK, BLOCK)]
+        );
+        assert_eq!(others.len(), 1);
+        // All of it in flight: nothing to claim, two fetches to wait for.
+        let (third, waits) = fetching.claim(vec![(0, 6 * BLOCK), (8 * BLOCK, BLOCK)]);
+        assert!(third.is_none());
+        assert_eq!(waits.len(), 2);
+        let waiting = tokio::spawn(async move {
+            for w in waits {
+                let _ = w.acquire().await;
+            }
+        });
+        drop(first);
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        // Ended fetches are forgotten: the blocks can be claimed again.
+        let (again, others) = fetching.claim(vec![(0, BLOCK)]);
+        assert!(again.is_some() && others.is_empty());
     }
 }

@@ -60,8 +60,10 @@ struct InodeState {
     /// it so the kernel never sees the file shrink under its own writes).
     local_size: Option<u64>,
     writes: Arc<files::WriteTracker>,
-    /// Serializes fetches from the server for this inode (readahead and misses).
+    /// Serializes writable opens and server handle opens of this inode.
     fetch: Arc<tokio::sync::Mutex<()>>,
+    /// Block ranges being fetched into the cache (readahead and misses).
+    fetching: Arc<files::Fetching>,
     /// The server's hint whether the file has extended attributes (`XATTRS_*`).
     xattrs: u8,
     /// The server's attributes as last received (kernel inode number) and when: a
