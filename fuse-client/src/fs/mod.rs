@@ -359,7 +359,9 @@ impl Core {
             .and_then(|i| i.get(&kernel_ino).map(|s| s.version));
         let attr = self.note_attr(attr);
         if before.is_some_and(|v| v != attr.version) {
-            self.invalidate_attrs(attr.ino);
+            // On this thread: a commit of every file `tar` writes would otherwise cost a
+            // wake-up of the invalidation thread each.
+            self.invalidate_attrs_now(attr.ino);
         }
         attr
     }
