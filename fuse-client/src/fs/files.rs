@@ -308,12 +308,18 @@ pub(super) struct Claim<'a> {
 }
 
 impl Fetching {
-    /// Split block ranges `missing` into those fetched by nobody yet (claimed for the
-    /// caller) and the fetches already bringing the others.
-    fn claim(&self, missing: Vec<(u64, u64)>) -> (Option<Claim<'_>>, Vec<Arc<Semaphore>>) {
+    /// Split the block ranges `missing()` returns (asked with the list locked, so a
+    /// fetch that ends meanwhile has stored its blocks or is still listed) into those
+    /// fetched by nobody yet (claimed for the caller) and the fetches already bringing
+    /// the others.
+    fn claim(
+        &self,
+        missing: impl FnOnce() -> Vec<(u64, u64)>,
+    ) -> (Option<Claim<'_>>, Vec<Arc<Semaphore>>) {
         let Ok(mut inflight) = self.ranges.lock() else {
             return (None, Vec::new());
         };
+        let missing = missing();
         let mut mine: Vec<(u64, u64)> = Vec::new();
         let mut others: Vec<Arc<Semaphore>> = Vec::new();
         for (start, len) in missing {
@@ -939,7 +945,7 @@ impl Core {
         // theirs (readahead keeps the next window coming while this one is stored).
         let fetching = self.fetching(f.ino)?;
         let version = f.state.lock().map_err(|_| poisoned())?.version;
-        let (mine, others) = fetching.claim(cache.missing(f.sino, version, offset, len));
+        let (mine, others) = fetching.claim(|| cache.missing(f.sino, version, offset, len));
         let Some(mine) = mine else {
             fetching.wait(others).await;
             return Ok(());
@@ -1502,6 +1508,9 @@ impl Core {
                     done(me.commit_done(ino, sino, &tracker, committed));
                     drop(gate);
                 });
+            } else {
+                // Shutting down: nowhere to wait.
+                done(errno(libc::EIO));
             }
         });
         Ok(())
@@ -2130,12 +2139,12 @@ mod tests {
     #[tokio::test]
     async fn fills_at_once_split_the_blocks_and_wait_for_each_other() {
         let fetching = Fetching::default();
-        let (first, others) = fetching.claim(vec![(0, 4 * BLOCK)]);
+        let (first, others) = fetching.claim(|| vec![(0, 4 * BLOCK)]);
         let first = first.unwrap();
         assert!(others.is_empty());
         assert_eq!(first.ranges, vec![(0, 4 * BLOCK)]);
         // Overlapping the first: only the blocks nobody fetches are claimed.
-        let (second, others) = fetching.claim(vec![(2 * BLOCK, 4 * BLOCK), (8 * BLOCK, BLOCK)]);
+        let (second, others) = fetching.claim(|| vec![(2 * BLOCK, 4 * BLOCK), (8 * BLOCK, BLOCK)]);
         let second = second.unwrap();
         assert_eq!(
             second.ranges,
@@ -2143,7 +2152,7 @@ mod tests {
         );
         assert_eq!(others.len(), 1);
         // All of it in flight: nothing to claim, two fetches to wait for.
-        let (third, waits) = fetching.claim(vec![(0, 6 * BLOCK), (8 * BLOCK, BLOCK)]);
+        let (third, waits) = fetching.claim(|| vec![(0, 6 * BLOCK), (8 * BLOCK, BLOCK)]);
         assert!(third.is_none());
         assert_eq!(waits.len(), 2);
         let waiting = tokio::spawn(async move {
@@ -2158,7 +2167,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // Ended fetches are forgotten: the blocks can be claimed again.
-        let (again, others) = fetching.claim(vec![(0, BLOCK)]);
+        let (again, others) = fetching.claim(|| vec![(0, BLOCK)]);
         assert!(again.is_some() && others.is_empty());
     }
 }
