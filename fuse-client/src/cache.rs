@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -416,9 +416,16 @@ impl DataCache {
         if !missing.is_empty() {
             return Ok(Lookup::Miss(missing));
         }
-        let file = File::open(self.data_path(ino))?;
-        let mut buf = vec![0u8; (end - offset) as usize];
-        file.read_exact_at(&mut buf, offset)?;
+        // Read into fresh capacity: zeroing the buffer first cost a tenth of the
+        // daemon's CPU when a file is read from the cache at disk speed.
+        let want = end - offset;
+        let mut file = File::open(self.data_path(ino))?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::with_capacity(want as usize);
+        file.take(want).read_to_end(&mut buf)?;
+        if buf.len() as u64 != want {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
         self.stats
             .hit_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
