@@ -133,15 +133,12 @@ impl Outbox {
         if q.writer_has_it {
             return Ok(());
         }
-        if q.buf.len() - before > WRITE_HERE_MAX {
-            // Copying it into the socket (and, on loopback, through the server's side
-            // of it) would hold up the caller: the writer does that in parallel.
-            q.writer_has_it = true;
-            drop(q);
-            self.wake.notify_one();
-            return Ok(());
-        }
-        if let Err(e) = self.write_some(&mut q.buf) {
+        // A larger frame is left to the writer: copying it into the socket (and, on
+        // loopback, through the server's side of it) would hold up the caller, where the
+        // writer does it in parallel.
+        if q.buf.len() - before <= WRITE_HERE_MAX
+            && let Err(e) = self.write_some(&mut q.buf)
+        {
             tracing::warn!("connection to server broken: {e}");
             self.dead.cancel();
             return Err(());

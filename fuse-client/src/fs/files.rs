@@ -784,12 +784,15 @@ impl Core {
     /// The live shared write handle of `ino`, if this client has one.
     fn shared_writer(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
         let live = self.client.live_generation();
+        Ok(self.writer_pair(ino)?.filter(|(_, g)| Some(*g) == live))
+    }
+
+    /// The inode's shared writer, whichever connection it was opened on.
+    fn writer_pair(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
         Ok(self
             .inodes()?
             .get(&ino)
-            .and_then(|s| s.writer)
-            .map(|w| w.pair())
-            .filter(|(_, g)| Some(*g) == live))
+            .and_then(|s| s.writer.map(|w| w.pair())))
     }
 
     /// The handle reads of `f` go through: the inode's writer (it sees staged data) when
@@ -1516,14 +1519,6 @@ impl Core {
         Ok(())
     }
 
-    /// The inode's shared writer, whichever connection it was opened on.
-    fn writer_pair(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
-        Ok(self
-            .inodes()?
-            .get(&ino)
-            .and_then(|s| s.writer.map(|w| w.pair())))
-    }
-
     /// The end of a commit that had nothing to send: report a write that failed.
     fn clean_commit(&self, ino: u64, sino: u64, tracker: &WriteTracker) -> FsResult<()> {
         if let Some(e) = tracker.take_error() {
@@ -2098,10 +2093,10 @@ impl Core {
         if f.writable {
             return false;
         }
-        if let Ok(mut files) = self.files.lock() {
-            files.remove(&fh);
-        }
-        if let Some((handle, generation)) = f.handle() {
+        let Ok(to_release) = self.released(fh, &f) else {
+            return false;
+        };
+        for (handle, generation) in to_release {
             self.release_in_background(rt, caller, handle, generation);
         }
         self.schedule_persist();
