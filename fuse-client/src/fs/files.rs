@@ -472,15 +472,27 @@ impl Core {
     }
 
     fn tracker(&self, ino: u64) -> FsResult<Arc<WriteTracker>> {
-        Ok(self.inodes()?.entry(ino).or_default().writes.clone())
+        self.inode_part(ino, |st| &mut st.writes)
     }
 
     fn fetch_lock(&self, ino: u64) -> FsResult<Arc<tokio::sync::Mutex<()>>> {
-        Ok(self.inodes()?.entry(ino).or_default().fetch.clone())
+        self.inode_part(ino, |st| &mut st.fetch)
     }
 
     fn fetching(&self, ino: u64) -> FsResult<Arc<Fetching>> {
-        Ok(self.inodes()?.entry(ino).or_default().fetching.clone())
+        self.inode_part(ino, |st| &mut st.fetching)
+    }
+
+    /// One of the shared parts of `ino`'s state, made on first use.
+    fn inode_part<T: Default>(
+        &self,
+        ino: u64,
+        part: impl FnOnce(&mut InodeState) -> &mut Option<Arc<T>>,
+    ) -> FsResult<Arc<T>> {
+        let mut inodes = self.inodes()?;
+        Ok(part(inodes.entry(ino).or_default())
+            .get_or_insert_default()
+            .clone())
     }
 
     /// Wait until every write queued for `ino` has been answered by the server.

@@ -59,11 +59,13 @@ struct InodeState {
     /// While writes are pending: the size those writes imply (attributes are patched with
     /// it so the kernel never sees the file shrink under its own writes).
     local_size: Option<u64>,
-    writes: Arc<files::WriteTracker>,
+    /// Writes queued for the server. This and the next two are made on first use: a
+    /// listing of 10,000 names creates 10,000 of these states, most never opened.
+    writes: Option<Arc<files::WriteTracker>>,
     /// Serializes writable opens and server handle opens of this inode.
-    fetch: Arc<tokio::sync::Mutex<()>>,
+    fetch: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Block ranges being fetched into the cache (readahead and misses).
-    fetching: Arc<files::Fetching>,
+    fetching: Option<Arc<files::Fetching>>,
     /// The server's hint whether the file has extended attributes (`XATTRS_*`).
     xattrs: u8,
     /// The server's attributes as last received (kernel inode number) and when: a
