@@ -7,7 +7,9 @@
 use std::io;
 use std::marker::PhantomData;
 
-use bytes::{BufMut, BytesMut};
+use std::cell::RefCell;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
@@ -93,10 +95,49 @@ impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
 
     fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<In>> {
         match self.framing.decode(src)? {
-            Some(body) => decode_body(&body).map(Some),
+            Some(body) => {
+                let body = body.freeze();
+                let _frame = FrameInDecode::set(&body);
+                decode_body(&body).map(Some)
+            }
             None => Ok(None),
         }
     }
+}
+
+thread_local! {
+    /// The frame [`FrameCodec::decode`] is decoding on this thread, if any.
+    static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Marks a frame as being decoded on this thread until dropped.
+struct FrameInDecode;
+
+impl FrameInDecode {
+    fn set(body: &Bytes) -> FrameInDecode {
+        FRAME.with(|f| *f.borrow_mut() = Some(body.clone()));
+        FrameInDecode
+    }
+}
+
+impl Drop for FrameInDecode {
+    fn drop(&mut self) {
+        FRAME.with(|f| *f.borrow_mut() = None);
+    }
+}
+
+/// `bytes` as a `Bytes`: a view into the frame being decoded when it lies inside it
+/// (no copy), a copy otherwise.
+pub(crate) fn share_of_frame(bytes: &[u8]) -> Bytes {
+    FRAME.with(|f| match f.borrow().as_ref() {
+        Some(frame) if contains(frame, bytes) => frame.slice_ref(bytes),
+        _ => Bytes::copy_from_slice(bytes),
+    })
+}
+
+fn contains(outer: &[u8], inner: &[u8]) -> bool {
+    let (o, i) = (outer.as_ptr() as usize, inner.as_ptr() as usize);
+    !inner.is_empty() && i >= o && i + inner.len() <= o + outer.len()
 }
 
 /// What a client uses: sends requests, receives server frames.
@@ -122,6 +163,37 @@ mod tests {
         let got = ServerCodec::new().decode(&mut buf).unwrap().unwrap();
         assert_eq!(got, frame);
         assert!(buf.is_empty());
+    }
+
+    /// A read reply's data is a view into the received frame, not a copy of it.
+    #[test]
+    fn data_is_not_copied_out_of_its_frame() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+        let mut buf = BytesMut::new();
+        ServerCodec::new()
+            .encode(
+                ServerFrame::Reply {
+                    id: 3,
+                    result: Ok(Response::data(data.clone())),
+                },
+                &mut buf,
+            )
+            .unwrap();
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let got = ClientCodec::new().decode(&mut buf).unwrap().unwrap();
+        let ServerFrame::Reply {
+            result: Ok(Response::Data(d)),
+            ..
+        } = got
+        else {
+            panic!("not a data reply: {got:?}");
+        };
+        assert_eq!(d, data);
+        assert!(range.contains(&(d.as_ptr() as usize)));
+        // Outside a decode, bytes are copied.
+        let copy = share_of_frame(&data[..10]);
+        assert_eq!(copy, data[..10]);
+        assert_ne!(copy.as_ptr(), data.as_ptr());
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod byte_vec {
         d.deserialize_bytes(ByteVec)
     }
 
-    struct ByteVec;
+    pub(super) struct ByteVec;
 
     impl<'de> Visitor<'de> for ByteVec {
         type Value = Vec<u8>;
@@ -52,6 +52,51 @@ mod byte_vec {
                 v.push(b);
             }
             Ok(v)
+        }
+    }
+}
+
+/// Serde for file data: written as bytes, read as a view into the frame it came in
+/// (`codec::share_of_frame`), so a 4 MiB read reply is not copied again after the
+/// socket. Same encoding as [`byte_vec`].
+mod shared_bytes {
+    use std::fmt;
+
+    use bytes::Bytes;
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        d.deserialize_bytes(Shared)
+    }
+
+    struct Shared;
+
+    impl<'de> Visitor<'de> for Shared {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            Ok(crate::codec::share_of_frame(v))
+        }
+
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Bytes, A::Error> {
+            super::byte_vec::ByteVec.visit_seq(seq).map(Bytes::from)
         }
     }
 }
@@ -551,7 +596,7 @@ pub enum Response {
         handle: u64,
         attr: Attr,
     },
-    Data(#[serde(with = "byte_vec")] Vec<u8>),
+    Data(#[serde(with = "shared_bytes")] bytes::Bytes),
     Written {
         len: u32,
     },
@@ -589,6 +634,13 @@ pub enum Response {
     /// Answer to `ReadSmall`: the files read, each with its attributes taken after the
     /// read (data and attributes agree).
     SmallFiles(Vec<SmallFile>),
+}
+
+impl Response {
+    /// File data (`Data`) from the bytes read.
+    pub fn data(bytes: Vec<u8>) -> Response {
+        Response::Data(bytes.into())
+    }
 }
 
 /// One file of `Response::SmallFiles`.

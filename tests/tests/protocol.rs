@@ -97,7 +97,7 @@ fn handshake_and_basic_requests() {
             offset: 3,
             len: 4
         }),
-        Ok(Response::Data(b"3456".to_vec()))
+        Ok(Response::data(b"3456".to_vec()))
     );
     assert_eq!(c.call(Request::Release { handle }), Ok(Response::Ok));
     // Unknown handles and invalid paths are errors, not crashes.

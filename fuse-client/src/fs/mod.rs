@@ -636,7 +636,7 @@ impl Core {
             )
             .await?
         {
-            Response::Data(d) => Ok(d),
+            Response::Data(d) => Ok(Vec::from(d)),
             _ => Err(TransportError::Protocol.into()),
         }
     }
@@ -824,7 +824,7 @@ impl Core {
             None => Request::ListXattr { path, size },
         };
         match self.rpc(caller, req).await? {
-            Response::Data(d) => Ok(XattrReply::Data(d)),
+            Response::Data(d) => Ok(XattrReply::Data(Vec::from(d))),
             Response::XattrSize(n) => Ok(XattrReply::Size(n)),
             _ => Err(TransportError::Protocol.into()),
         }

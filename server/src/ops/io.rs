@@ -30,9 +30,9 @@ pub fn read(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Result<Response, Errn
     if let Some(staging) = f.staging() {
         return staging
             .read(f.fd.as_fd(), off, len as usize)
-            .map(Response::Data);
+            .map(Response::data);
     }
-    read_full(f.fd.as_fd(), off, len as usize).map(Response::Data)
+    read_full(f.fd.as_fd(), off, len as usize).map(Response::data)
 }
 
 /// `pread` until `len` bytes or end of file. Bytes already read are returned when an

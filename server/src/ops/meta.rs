@@ -192,7 +192,7 @@ pub fn readlink(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
         return Err(libc::EINVAL); // what readlink(2) says for a non-symlink
     }
-    sys::readlink_fd(fd.as_fd()).map(Response::Data)
+    sys::readlink_fd(fd.as_fd()).map(Response::data)
 }
 
 /// Give a freshly created entry the caller's ownership (see [`super::new_owner`]). A

@@ -42,7 +42,7 @@ fn reply(mut buf: Vec<u8>, n: usize, size: u32) -> Result<Response, Errno> {
         ));
     }
     buf.truncate(n);
-    Ok(Response::Data(buf))
+    Ok(Response::data(buf))
 }
 
 /// Only `XATTR_CREATE` and `XATTR_REPLACE` are passed on; other flag bits are EINVAL,

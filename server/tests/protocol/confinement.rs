@@ -215,7 +215,7 @@ async fn final_symlinks_are_never_followed_by_changes() {
     // Reading the link is fine and returns the stored target.
     assert_eq!(
         c.call(Request::ReadLink { path: p("esc") }).await,
-        Ok(Response::Data(b"../outside/secret".to_vec()))
+        Ok(Response::data(b"../outside/secret".to_vec()))
     );
     // Removing it removes the link, not the target.
     let unlink = Request::Unlink {

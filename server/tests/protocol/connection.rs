@@ -35,7 +35,7 @@ async fn many_requests_in_flight_each_get_their_own_reply() {
                         offset: off,
                         len: 4096,
                     },
-                    Box::new(move |r| r == &Ok(Response::Data(want.clone()))),
+                    Box::new(move |r| r == &Ok(Response::data(want.clone()))),
                 )
             }
             1 => (Request::Ping, Box::new(|r| r == &Ok(Response::Pong))),
@@ -121,7 +121,7 @@ async fn shutdown_answers_requests_in_flight_then_closes() {
     let mut answered = 0;
     while let Some((id, r)) = c.recv().await {
         assert!(ids.contains(&id));
-        assert_eq!(r, Ok(Response::Data(data.clone())));
+        assert_eq!(r, Ok(Response::data(data.clone())));
         answered += 1;
     }
     assert!(answered <= ids.len());

@@ -353,7 +353,7 @@ impl Client {
             })
             .await?
         {
-            Response::Data(d) => Ok(d),
+            Response::Data(d) => Ok(Vec::from(d)),
             other => panic!("expected Data, got {other:?}"),
         }
     }

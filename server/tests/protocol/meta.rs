@@ -85,7 +85,7 @@ async fn symlink_readlink_link() {
     assert_eq!(a.size, 18);
     assert_eq!(
         c.call(Request::ReadLink { path: p("l") }).await,
-        Ok(Response::Data(b"some/where/../else".to_vec()))
+        Ok(Response::data(b"some/where/../else".to_vec()))
     );
     assert_eq!(
         c.call(Request::ReadLink { path: p("f") }).await,

@@ -59,13 +59,13 @@ async fn set_get_list_remove() {
     );
     assert_eq!(
         c.call(get("f", "user.color", 100)).await,
-        Ok(Response::Data(b"blue".to_vec()))
+        Ok(Response::data(b"blue".to_vec()))
     );
     assert_eq!(c.call(get("f", "user.color", 2)).await, Err(libc::ERANGE));
     // A huge size asks for no huge buffer, and still gets the value.
     assert_eq!(
         c.call(get("f", "user.color", u32::MAX)).await,
-        Ok(Response::Data(b"blue".to_vec()))
+        Ok(Response::data(b"blue".to_vec()))
     );
     assert_eq!(c.call(get("f", "user.none", 100)).await, Err(libc::ENODATA));
 
@@ -164,7 +164,7 @@ async fn read_only_exports_allow_reading_only() {
     let mut c = server.client().await;
     assert_eq!(
         c.call(get("f", "user.k", 10)).await,
-        Ok(Response::Data(b"v".to_vec()))
+        Ok(Response::data(b"v".to_vec()))
     );
     assert_eq!(c.call(set("f", "user.k", b"w", 0)).await, Err(libc::EROFS));
     let remove = Request::RemoveXattr {
