@@ -165,7 +165,7 @@ mod tests {
         assert!(buf.is_empty());
     }
 
-    /// A read reply's data is a view into the received frame, not a copy of it.
+    /// A read reply's or a write's data is a view into the received frame, not a copy.
     #[test]
     fn data_is_not_copied_out_of_its_frame() {
         let data: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
@@ -190,6 +190,29 @@ mod tests {
         };
         assert_eq!(d, data);
         assert!(range.contains(&(d.as_ptr() as usize)));
+        // The same for the data of a write, on the server's side.
+        let mut buf = BytesMut::new();
+        ClientCodec::new()
+            .encode(
+                RequestFrame {
+                    id: 4,
+                    caller: Caller::default(),
+                    request: Request::Write {
+                        handle: 1,
+                        offset: 0,
+                        data: data.clone().into(),
+                    },
+                },
+                &mut buf,
+            )
+            .unwrap();
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let got = ServerCodec::new().decode(&mut buf).unwrap().unwrap();
+        let Request::Write { data: w, .. } = got.request else {
+            panic!("not a write: {got:?}");
+        };
+        assert_eq!(w, data);
+        assert!(range.contains(&(w.as_ptr() as usize)));
         // Outside a decode, bytes are copied.
         let copy = share_of_frame(&data[..10]);
         assert_eq!(copy, data[..10]);
@@ -202,7 +225,7 @@ mod tests {
         roundtrip(Request::Write {
             handle: 3,
             offset: 1 << 40,
-            data: vec![9; 100_000],
+            data: vec![9; 100_000].into(),
         });
         roundtrip(Request::Rename {
             parent: RelPath(b"a/b".to_vec()),

@@ -57,8 +57,8 @@ mod byte_vec {
 }
 
 /// Serde for file data: written as bytes, read as a view into the frame it came in
-/// (`codec::share_of_frame`), so a 4 MiB read reply is not copied again after the
-/// socket. Same encoding as [`byte_vec`].
+/// (`codec::share_of_frame`), so a 4 MiB read reply or write is not copied again after
+/// the socket. Same encoding as [`byte_vec`].
 mod shared_bytes {
     use std::fmt;
 
@@ -403,8 +403,8 @@ pub enum Request {
     Write {
         handle: u64,
         offset: u64,
-        #[serde(with = "byte_vec")]
-        data: Vec<u8>,
+        #[serde(with = "shared_bytes")]
+        data: bytes::Bytes,
     },
     /// Commits staged writes first (see `Open`), then fsync/fdatasync.
     Fsync {

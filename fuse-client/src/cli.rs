@@ -385,7 +385,7 @@ pub async fn put(
                     let req = Request::Write {
                         handle,
                         offset: off,
-                        data,
+                        data: data.into(),
                     };
                     match client.call_on(Some(generation), caller(), req).await? {
                         Ok(Response::Written { len: n }) if n as usize == len => Ok(len as u64),

@@ -162,7 +162,7 @@ fn ferry_put_and_raw_writes_are_refused() {
     let r = c.call(Request::Write {
         handle,
         offset: 0,
-        data: b"evil".to_vec(),
+        data: b"evil".to_vec().into(),
     });
     assert!(r.is_err(), "Write on a read-only export: {r:?}");
     assert_eq!(fs::read(server.export("f")).expect("export"), b"original");

@@ -1194,7 +1194,7 @@ impl Core {
         let request = Request::Write {
             handle,
             offset,
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
         };
         // Counted before it is queued: its answer may come back at once.
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
@@ -1248,7 +1248,7 @@ impl Core {
         let req = Request::Write {
             handle,
             offset,
-            data,
+            data: data.into(),
         };
         // Queued before `write` returns and before the gate opens: a commit queued after
         // it reaches the server after it (the server applies a handle's writes before a

@@ -190,7 +190,7 @@ async fn mutated_requests_never_hurt_the_server() {
         Request::Write {
             handle: 1,
             offset: 2,
-            data: b"xyz".to_vec(),
+            data: b"xyz".to_vec().into(),
         },
         Request::Rename {
             parent: p("d"),

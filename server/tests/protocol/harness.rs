@@ -363,7 +363,7 @@ impl Client {
             .call(Request::Write {
                 handle,
                 offset,
-                data: data.to_vec(),
+                data: data.to_vec().into(),
             })
             .await?
         {

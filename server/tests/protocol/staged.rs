@@ -311,7 +311,7 @@ async fn a_commit_sent_behind_writes_applies_them_or_none() {
             c.send(Request::Write {
                 handle: h,
                 offset: i << 20,
-                data: big,
+                data: big.into(),
             })
             .await,
         );
@@ -341,14 +341,14 @@ async fn a_commit_sent_behind_writes_applies_them_or_none() {
         .send(Request::Write {
             handle: h,
             offset: 0,
-            data: b"lost".to_vec(),
+            data: b"lost".to_vec().into(),
         })
         .await;
     let bad = c
         .send(Request::Write {
             handle: h,
             offset: i64::MAX as u64,
-            data: b"x".to_vec(),
+            data: b"x".to_vec().into(),
         })
         .await;
     let commit = c.send(Request::Commit { handle: h }).await;
@@ -396,7 +396,7 @@ async fn times_sent_behind_a_write_apply_after_it() {
             .send(Request::Write {
                 handle: h,
                 offset: round << 20,
-                data: vec![round as u8; 1 << 20],
+                data: vec![round as u8; 1 << 20].into(),
             })
             .await;
         let t = c
