@@ -4,10 +4,9 @@
 //! allocation; a body that does not decode is an `InvalidData` error. Either way the
 //! caller drops that one connection.
 
+use std::cell::RefCell;
 use std::io;
 use std::marker::PhantomData;
-
-use std::cell::RefCell;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
