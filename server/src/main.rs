@@ -1,6 +1,6 @@
-//! `ferryd [--listen ADDR] [--read-only] [--threads N] DIR`: parse arguments, set up the process, bind,
-//! announce the address on stdout, and hand over to [`ferry_server::run`]. Nothing else
-//! belongs here; in particular no request handling.
+//! `ferryd [--listen ADDR] [--read-only] [--threads N] DIR`: parse arguments, set up the
+//! process, bind, announce the address on stdout, and hand over to [`ferry_server::run`].
+//! Nothing else belongs here; in particular no request handling.
 
 use std::io::Write;
 use std::path::PathBuf;
