@@ -12,11 +12,17 @@
 //! out until it fits, including blocks of the file being copied when that file alone is
 //! larger than the cap.
 //!
+//! The last fetched pieces of sequential reads are also kept in memory (up to
+//! `KEEP_CAP` bytes in all) and answer the reads they were fetched for, so data that just
+//! came from the network is not read back from the data file. A kept piece is served only
+//! while its blocks are present at the entry's generation: every change of the entry
+//! (a new version, this client's writes, a truncation, a re-base) drops them.
+//!
 //! This module owns only the cache directory; it never talks to the network and never
 //! blocks on anything but local disk I/O (callers run it on blocking-friendly threads or
 //! accept short local I/O).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -25,10 +31,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Unit of caching and eviction.
 pub const BLOCK: u64 = 128 * 1024;
+
+/// Bytes of fetched pieces kept in memory for the reads they were fetched for, in all.
+/// A sequential reader's readahead runs up to 1.5 windows (24 MiB) ahead of it.
+const KEEP_CAP: u64 = 32 * 1024 * 1024;
+
+/// Entries of `Inner::kept_order` beyond which those of pieces already gone are swept.
+const KEEP_ORDER_MAX: usize = 1024;
 
 /// Largest metadata file accepted when loading (a corrupt one is dropped, not trusted).
 const MAX_META: usize = 16 * 1024 * 1024;
@@ -53,6 +67,22 @@ struct Entry {
     /// This client wrote bytes the server has not committed yet: data fetched from the
     /// server may lack them, so nothing fetched is stored until [`DataCache::adopt`].
     dirty: bool,
+    /// Fetched pieces kept in memory (see [`DataCache::store_and_keep`]), by offset.
+    kept: Vec<Kept>,
+}
+
+/// A piece of a file as fetched and stored, kept in memory for the reads about to ask
+/// for it.
+#[derive(Debug)]
+struct Kept {
+    offset: u64,
+    data: Bytes,
+    /// The entry's generation when it was stored: served only while it is current.
+    generation: u64,
+    /// Bytes read from it so far: a piece read through is dropped.
+    served: u64,
+    /// Order of keeping, for the cap (`Inner::kept_order`).
+    seq: u64,
 }
 
 impl Entry {
@@ -72,6 +102,7 @@ impl Entry {
             meta_dirty: false,
             generation,
             dirty: true,
+            kept: Vec::new(),
         }
     }
 
@@ -98,6 +129,12 @@ struct Inner {
     /// cannot both fill the same free space.
     reserved: u64,
     generations: u64,
+    /// Bytes of all kept pieces, and (ino, seq) of each in the order they were kept:
+    /// the oldest go first when the cap is reached (entries of pieces already gone
+    /// are skipped).
+    kept_bytes: u64,
+    kept_order: VecDeque<(u64, u64)>,
+    kept_seq: u64,
     /// Entries a passthrough open reads directly (by server inode, with a count): their
     /// data file is never punched or replaced, only rewritten in place (see
     /// [`DataCache::pin`]).
@@ -108,6 +145,129 @@ impl Inner {
     fn next_generation(&mut self) -> u64 {
         self.generations += 1;
         self.generations
+    }
+
+    /// Drop the kept pieces of `ino` (its entry changed).
+    fn forget_kept(&mut self, ino: u64) {
+        if let Some(e) = self.files.get_mut(&ino) {
+            let freed: u64 = e.kept.drain(..).map(|k| k.data.len() as u64).sum();
+            self.kept_bytes = self.kept_bytes.saturating_sub(freed);
+        }
+    }
+
+    /// Keep `data` (stored at `offset` under `generation`) in memory, dropping the
+    /// oldest pieces beyond the cap.
+    fn keep(&mut self, ino: u64, offset: u64, data: Bytes, generation: u64) {
+        let len = data.len() as u64;
+        if len == 0 || len > KEEP_CAP {
+            return;
+        }
+        while let Some(&(oldest, seq)) = self.kept_order.front() {
+            let gone = self
+                .files
+                .get(&oldest)
+                .is_none_or(|e| e.kept.iter().all(|k| k.seq != seq));
+            if !gone && self.kept_bytes + len <= KEEP_CAP {
+                break;
+            }
+            self.kept_order.pop_front();
+            if let Some(e) = self.files.get_mut(&oldest)
+                && let Some(i) = e.kept.iter().position(|k| k.seq == seq)
+            {
+                let k = e.kept.remove(i);
+                self.kept_bytes = self.kept_bytes.saturating_sub(k.data.len() as u64);
+            }
+        }
+        let Some(e) = self.files.get_mut(&ino) else {
+            return;
+        };
+        // A piece fetched again replaces the one it overlaps.
+        let end = offset + len;
+        let mut freed = 0;
+        e.kept.retain(|k| {
+            let overlaps = k.offset < end && offset < k.offset + k.data.len() as u64;
+            if overlaps {
+                freed += k.data.len() as u64;
+            }
+            !overlaps
+        });
+        self.kept_seq += 1;
+        let at = e.kept.partition_point(|k| k.offset < offset);
+        e.kept.insert(
+            at,
+            Kept {
+                offset,
+                data,
+                generation,
+                served: 0,
+                seq: self.kept_seq,
+            },
+        );
+        self.kept_bytes = self.kept_bytes.saturating_sub(freed) + len;
+        self.kept_order.push_back((ino, self.kept_seq));
+        // Pieces read through leave their entries behind; an old piece never read at
+        // the front would keep them from being skipped: sweep now and then.
+        if self.kept_order.len() > KEEP_ORDER_MAX {
+            let files = &self.files;
+            self.kept_order.retain(|&(ino, seq)| {
+                files
+                    .get(&ino)
+                    .is_some_and(|e| e.kept.iter().any(|k| k.seq == seq))
+            });
+        }
+    }
+}
+
+impl Entry {
+    /// `[offset, end)` from the kept pieces, if they hold all of it at the entry's
+    /// generation (the caller checked that its blocks are present). A single piece
+    /// gives a view into itself; a range across pieces is copied. Pieces read to
+    /// their end are dropped; returns the bytes freed with them.
+    fn take_kept(&mut self, offset: u64, end: u64) -> Option<(Bytes, u64)> {
+        let first = self
+            .kept
+            .iter()
+            .position(|k| k.offset <= offset && offset < k.offset + k.data.len() as u64)?;
+        let mut at = offset;
+        let mut last = first;
+        while at < end {
+            let k = self.kept.get(last)?;
+            if k.offset > at || k.generation != self.generation {
+                return None;
+            }
+            at = k.offset + k.data.len() as u64;
+            if at < end {
+                last += 1;
+            }
+        }
+        let data = if first == last {
+            let k = &self.kept[first];
+            k.data
+                .slice((offset - k.offset) as usize..(end - k.offset) as usize)
+        } else {
+            let mut v = Vec::with_capacity((end - offset) as usize);
+            for k in &self.kept[first..=last] {
+                let from = offset.max(k.offset) - k.offset;
+                let to = end.min(k.offset + k.data.len() as u64) - k.offset;
+                v.extend_from_slice(&k.data[from as usize..to as usize]);
+            }
+            Bytes::from(v)
+        };
+        let mut freed = 0;
+        let mut i = first;
+        for _ in first..=last {
+            let k = &mut self.kept[i];
+            let from = offset.max(k.offset);
+            let to = end.min(k.offset + k.data.len() as u64);
+            k.served += to - from;
+            if k.served >= k.data.len() as u64 {
+                freed += k.data.len() as u64;
+                self.kept.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Some((data, freed))
     }
 }
 
@@ -131,7 +291,7 @@ pub struct DataCache {
 /// Result of asking the cache for a range.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
-    Hit(Vec<u8>),
+    Hit(Bytes),
     /// Block-aligned ranges `(offset, len)` that must be fetched first.
     Miss(Vec<(u64, u64)>),
 }
@@ -214,6 +374,7 @@ impl DataCache {
                         meta_dirty: false,
                         generation,
                         dirty: false,
+                        kept: Vec::new(),
                     };
                     for b in meta.blocks {
                         if b * BLOCK >= meta.size && meta.size > 0 {
@@ -249,6 +410,8 @@ impl DataCache {
             Some(e) if e.version == version && e.size == size => !e.blocks.is_empty(),
             Some(e) => {
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
+                let freed: u64 = e.kept.drain(..).map(|k| k.data.len() as u64).sum();
+                inner.kept_bytes = inner.kept_bytes.saturating_sub(freed);
                 e.version = version;
                 e.size = size;
                 e.meta_dirty = true;
@@ -268,6 +431,7 @@ impl DataCache {
                         meta_dirty: true,
                         generation,
                         dirty: false,
+                        kept: Vec::new(),
                     },
                 );
                 false
@@ -294,6 +458,7 @@ impl DataCache {
             e.dirty = false;
             e.generation = inner.generations + 1;
             inner.generations += 1;
+            inner.forget_kept(ino);
         }
     }
 
@@ -380,7 +545,8 @@ impl DataCache {
         missing
     }
 
-    /// Read `[offset, offset+len)` (clipped to the file size) if all of it is cached.
+    /// Read `[offset, offset+len)` (clipped to the file size) if all of it is cached:
+    /// from the kept pieces when they hold it, else from the data file.
     pub fn read(&self, ino: u64, version: u64, offset: u64, len: u64) -> io::Result<Lookup> {
         let (end, missing) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
@@ -394,7 +560,7 @@ impl DataCache {
             };
             let end = (offset + len).min(e.size);
             if offset >= end {
-                return Ok(Lookup::Hit(Vec::new()));
+                return Ok(Lookup::Hit(Bytes::new()));
             }
             let mut missing: Vec<(u64, u64)> = Vec::new();
             for b in offset / BLOCK..end.div_ceil(BLOCK) {
@@ -410,6 +576,15 @@ impl DataCache {
                         _ => missing.push((b * BLOCK, BLOCK)),
                     },
                 }
+            }
+            if missing.is_empty()
+                && let Some((data, freed)) = e.take_kept(offset, end)
+            {
+                inner.kept_bytes = inner.kept_bytes.saturating_sub(freed);
+                self.stats
+                    .hit_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                return Ok(Lookup::Hit(data));
             }
             (end, missing)
         };
@@ -429,7 +604,7 @@ impl DataCache {
         self.stats
             .hit_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(Lookup::Hit(buf))
+        Ok(Lookup::Hit(Bytes::from(buf)))
     }
 
     /// Store data fetched from the server at `offset` (block-aligned) for `version`, by a
@@ -443,6 +618,31 @@ impl DataCache {
         token: u64,
         offset: u64,
         data: &[u8],
+    ) -> io::Result<()> {
+        self.store_inner(ino, version, token, offset, data, None)
+    }
+
+    /// [`DataCache::store`], and keep the stored blocks of `data` in memory to answer
+    /// the reads about to ask for them (a sequential reader's fills).
+    pub fn store_and_keep(
+        &self,
+        ino: u64,
+        version: u64,
+        token: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> io::Result<()> {
+        self.store_inner(ino, version, token, offset, &data, Some(&data))
+    }
+
+    fn store_inner(
+        &self,
+        ino: u64,
+        version: u64,
+        token: u64,
+        offset: u64,
+        data: &[u8],
+        keep: Option<&Bytes>,
     ) -> io::Result<()> {
         if !offset.is_multiple_of(BLOCK) || data.is_empty() {
             return Ok(());
@@ -525,6 +725,10 @@ impl DataCache {
             inner.lru.insert(inner.tick, (ino, b));
         }
         e.meta_dirty = true;
+        if let Some(data) = keep {
+            let piece = data.slice((first - offset) as usize..(last_end - offset) as usize);
+            inner.keep(ino, first, piece, token);
+        }
         Ok(())
     }
 
@@ -708,6 +912,7 @@ impl DataCache {
     /// and a growing file lengthens its (formerly) last block.
     fn changing(inner: &mut Inner, ino: u64, end: u64) -> &mut Entry {
         let generation = inner.next_generation();
+        inner.forget_kept(ino);
         let e = inner
             .files
             .entry(ino)
@@ -734,6 +939,7 @@ impl DataCache {
         };
         let inner = &mut *inner;
         let generation = inner.next_generation();
+        inner.forget_kept(ino);
         let e = inner
             .files
             .entry(ino)
@@ -751,6 +957,7 @@ impl DataCache {
         let mut pinned = false;
         if let Ok(mut inner) = self.inner.lock() {
             let inner = &mut *inner;
+            inner.forget_kept(ino);
             if let Some(e) = inner.files.remove(&ino) {
                 for (_, t) in e.blocks {
                     inner.lru.remove(&t);
@@ -866,7 +1073,7 @@ mod tests {
         assert_eq!(c.used(), BLOCK);
         assert_eq!(
             c.read(7, 1, 3 * BLOCK + 5, 10).unwrap(),
-            Lookup::Hit(d[5..15].to_vec())
+            Lookup::Hit(d[5..15].to_vec().into())
         );
         assert_eq!(
             c.read(7, 1, 3 * BLOCK + 5, BLOCK).unwrap(),
@@ -878,7 +1085,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             c.read(7, 1, 10 * BLOCK, 4096).unwrap(),
-            Lookup::Hit(tail.clone())
+            Lookup::Hit(tail.clone().into())
         );
         // A stale fill for an old version is ignored; a new version drops everything.
         assert!(c.validate(7, 1, size));
@@ -902,7 +1109,7 @@ mod tests {
         assert_eq!(c.used(), 2 * BLOCK);
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert!(c.complete(9));
-        assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d));
+        assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
     }
 
     #[test]
@@ -992,7 +1199,7 @@ mod tests {
         c.adopt(3, 2, model.len() as u64);
         assert_eq!(
             c.read(3, 2, 0, model.len() as u64).unwrap(),
-            Lookup::Hit(model.clone())
+            Lookup::Hit(model.clone().into())
         );
         // New data in blocks that were not cached is not copied in (write-around).
         c.validate(4, 1, 0);
@@ -1021,14 +1228,14 @@ mod tests {
         c.store(5, 2, token, 0, &fresh).unwrap();
         assert_eq!(
             c.read(5, 2, 0, 10).unwrap(),
-            Lookup::Hit(fresh[..10].to_vec())
+            Lookup::Hit(fresh[..10].to_vec().into())
         );
         // A patched cached block stays exact and counted once.
         c.wrote(5, 0, b"abc").unwrap();
         c.adopt(5, 3, 4 * BLOCK);
         let mut want = fresh[..10].to_vec();
         want[..3].copy_from_slice(b"abc");
-        assert_eq!(c.read(5, 3, 0, 10).unwrap(), Lookup::Hit(want));
+        assert_eq!(c.read(5, 3, 0, 10).unwrap(), Lookup::Hit(want.into()));
         assert_eq!(c.used(), BLOCK);
     }
 
@@ -1042,5 +1249,134 @@ mod tests {
         assert_eq!(c.token(6), None);
         c.adopt(6, 2, 5);
         assert!(c.token(6).is_some());
+    }
+
+    /// The data file of `ino` emptied behind the cache's back: what is read after this
+    /// can only have come from memory.
+    fn empty_data_file(c: &DataCache, ino: u64) {
+        File::options()
+            .write(true)
+            .open(c.data_path(ino))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+
+    #[test]
+    fn kept_pieces_answer_reads_until_read_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        c.validate(2, 1, 8 * BLOCK);
+        let d = data(4 * BLOCK as usize, 4);
+        c.store_and_keep(2, 1, c.token(2).unwrap(), 0, Bytes::from(d.clone()))
+            .unwrap();
+        let e = data(4 * BLOCK as usize, 5);
+        c.store_and_keep(2, 1, c.token(2).unwrap(), 4 * BLOCK, Bytes::from(e.clone()))
+            .unwrap();
+        empty_data_file(&c, 2);
+        let piece = |from: u64, to: u64| -> Bytes {
+            [d.as_slice(), e.as_slice()].concat()[from as usize..to as usize]
+                .to_vec()
+                .into()
+        };
+        // Within one piece, then across the two.
+        assert_eq!(
+            c.read(2, 1, 0, 3 * BLOCK).unwrap(),
+            Lookup::Hit(piece(0, 3 * BLOCK))
+        );
+        assert_eq!(
+            c.read(2, 1, 3 * BLOCK, 2 * BLOCK).unwrap(),
+            Lookup::Hit(piece(3 * BLOCK, 5 * BLOCK))
+        );
+        // The first piece was read through and dropped: its bytes now come from the
+        // (emptied) data file.
+        assert!(c.read(2, 1, 0, BLOCK).is_err());
+        assert_eq!(
+            c.read(2, 1, 5 * BLOCK, 3 * BLOCK).unwrap(),
+            Lookup::Hit(piece(5 * BLOCK, 8 * BLOCK))
+        );
+        assert!(c.read(2, 1, 7 * BLOCK, 10).is_err());
+    }
+
+    /// Every change of an entry (own writes, truncation, a new version, eviction)
+    /// stops its kept pieces from being served: reads then see the data file.
+    #[test]
+    fn kept_pieces_never_outlive_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 8 * BLOCK).unwrap();
+        let d = data(2 * BLOCK as usize, 6);
+        let keep = |ino: u64, version: u64| {
+            c.validate(ino, version, 2 * BLOCK);
+            let token = c.token(ino).unwrap();
+            c.store_and_keep(ino, version, token, 0, Bytes::from(d.clone()))
+                .unwrap();
+        };
+
+        // This client's write patches the data file; the piece must not hide it.
+        keep(1, 1);
+        c.wrote(1, 5, b"new").unwrap();
+        c.adopt(1, 2, 2 * BLOCK);
+        let mut want = d.clone();
+        want[5..8].copy_from_slice(b"new");
+        assert_eq!(
+            c.read(1, 2, 0, 16).unwrap(),
+            Lookup::Hit(want[..16].to_vec().into())
+        );
+
+        // A new version on the server.
+        keep(2, 1);
+        assert!(!c.validate(2, 2, 2 * BLOCK));
+        assert!(matches!(c.read(2, 2, 0, 16).unwrap(), Lookup::Miss(_)));
+
+        // A staged truncation, then its commit.
+        keep(3, 1);
+        c.truncated(3, 0);
+        c.adopt(3, 2, 0);
+        assert_eq!(c.read(3, 2, 0, 16).unwrap(), Lookup::Hit(Bytes::new()));
+
+        // Eviction of a block: the piece does not bring it back.
+        keep(4, 1);
+        c.validate(5, 1, 8 * BLOCK);
+        c.store(5, 1, c.token(5).unwrap(), 0, &data(8 * BLOCK as usize, 7))
+            .unwrap();
+        assert!(matches!(c.read(4, 1, 0, 16).unwrap(), Lookup::Miss(_)));
+        assert!(c.inner.lock().unwrap().kept_bytes <= KEEP_CAP);
+    }
+
+    #[test]
+    fn kept_pieces_stay_under_their_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let piece = 4 * 1024 * 1024;
+        let n = 3 * KEEP_CAP / piece;
+        let c = DataCache::open(dir.path(), 2 * n * piece).unwrap();
+        c.validate(1, 1, n * piece);
+        for i in 0..n {
+            let token = c.token(1).unwrap();
+            c.store_and_keep(
+                1,
+                1,
+                token,
+                i * piece,
+                Bytes::from(vec![i as u8; piece as usize]),
+            )
+            .unwrap();
+            let inner = c.inner.lock().unwrap();
+            assert!(inner.kept_bytes <= KEEP_CAP);
+            let held: u64 = inner.files[&1]
+                .kept
+                .iter()
+                .map(|k| k.data.len() as u64)
+                .sum();
+            assert_eq!(held, inner.kept_bytes);
+            assert!(inner.kept_order.len() as u64 <= KEEP_CAP / piece + 1);
+        }
+        // The newest are the ones kept.
+        empty_data_file(&c, 1);
+        let last = n - 1;
+        assert_eq!(
+            c.read(1, 1, last * piece, 16).unwrap(),
+            Lookup::Hit(vec![last as u8; 16].into())
+        );
+        assert!(c.read(1, 1, 0, 16).is_err());
     }
 }

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use ferry_common::proto::{Attr, Caller, RelPath, Request, Response, SetAttr};
 use futures::StreamExt;
 use futures::future::join_all;
@@ -229,7 +230,7 @@ struct FileState {
     random_streak: u32,
     /// The whole content, when it came with the open reply (at `version`): reads are
     /// served from it while it is written to the disk cache in the background.
-    inline: Option<Arc<Vec<u8>>>,
+    inline: Option<Bytes>,
 }
 
 impl FileState {
@@ -260,11 +261,11 @@ impl FileState {
     }
 
     /// `[offset, offset+len)` of the content the open reply carried, if it did.
-    fn inline_slice(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+    fn inline_slice(&self, offset: u64, len: u64) -> Option<Bytes> {
         let data = self.inline.as_ref()?;
         let start = (offset as usize).min(data.len());
         let end = (offset.saturating_add(len) as usize).min(data.len());
-        Some(data[start..end].to_vec())
+        Some(data.slice(start..end))
     }
 }
 
@@ -685,7 +686,7 @@ impl Core {
         };
         let served_size = attr.size;
         let attr = self.note_attr_unseen(attr);
-        let data = data.map(Arc::new);
+        let data = data.map(Bytes::from);
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
             if let Some(data) = &data {
@@ -905,7 +906,7 @@ impl Core {
         f: &OpenFile,
         offset: u64,
         len: u64,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<Bytes> {
         let (handle, generation) = self.io_handle(caller, f).await?;
         let chunk = u64::from(self.max_io);
         let reqs = (0..len.div_ceil(chunk)).map(|i| {
@@ -921,12 +922,12 @@ impl Core {
                 },
             )
         });
-        let mut out = Vec::with_capacity(len as usize);
+        let mut pieces = Vec::new();
         for r in join_all(reqs).await {
             match r? {
                 Response::Data(d) => {
                     let short = (d.len() as u64) < chunk;
-                    out.extend_from_slice(&d);
+                    pieces.push(d);
                     if short {
                         break;
                     }
@@ -934,6 +935,11 @@ impl Core {
                 _ => return Err(TransportError::Protocol.into()),
             }
         }
+        // One piece (a read up to `max_io`) is answered as received, without a copy.
+        let out = match <[Bytes; 1]>::try_from(pieces) {
+            Ok([one]) => one,
+            Err(pieces) => Bytes::from(pieces.concat()),
+        };
         self.stats
             .bytes_read_from_server
             .fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -994,7 +1000,8 @@ impl Core {
                     self.stats
                         .bytes_read_from_server
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    let _ = cache.store(f.sino, version, token, off, &d);
+                    // Kept in memory too: the reader asks for these bytes next.
+                    let _ = cache.store_and_keep(f.sino, version, token, off, d);
                 }
                 _ => return Err(TransportError::Protocol.into()),
             }
@@ -1007,7 +1014,7 @@ impl Core {
     /// A read answerable at once, on the calling (FUSE session) thread, without the hop
     /// to a runtime worker: from the open reply's data, or from the disk cache when
     /// nothing needs to be fetched or prefetched. `None`: take the full path.
-    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<Bytes> {
         let f = self.open_file(fh).ok()?;
         let cache = self.cache.as_ref()?;
         if f.writable || self.tracker(f.ino).ok()?.inflight.load(Ordering::SeqCst) > 0 {
@@ -1047,7 +1054,7 @@ impl Core {
         fh: u64,
         offset: u64,
         size: u32,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<Bytes> {
         let f = self.open_file(fh)?;
         let len = u64::from(size);
         let Some(cache) = self.cache.clone() else {
