@@ -685,10 +685,13 @@ impl DataCache {
             .truncate(false)
             .open(self.data_path(ino))
             .and_then(|file| {
-                file.write_all_at(
-                    &data[(first - offset) as usize..(last_end - offset) as usize],
-                    first,
-                )?;
+                let bytes = &data[(first - offset) as usize..(last_end - offset) as usize];
+                // A sequential fill's pieces are read from memory, not from this file.
+                if keep.is_some() {
+                    write_dontcache(&file, bytes, first)?;
+                } else {
+                    file.write_all_at(bytes, first)?;
+                }
                 Ok(file)
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
@@ -1008,6 +1011,44 @@ impl DataCache {
         }
         Ok(())
     }
+}
+
+/// Write `buf` at `off` with `RWF_DONTCACHE` (Linux 6.14+): the page cache lets go of
+/// the pages once they are on disk, so a big sequential fill keeps recycling the same
+/// few pages instead of taking fresh ones for every byte (the reads it was fetched for
+/// take the data from memory, see [`DataCache::store_and_keep`]). Where the kernel or
+/// the filesystem does not support it, a plain write.
+fn write_dontcache(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over a live slice, a valid fd; the kernel only reads it.
+        let n = unsafe {
+            libc::pwritev2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                off as libc::off_t,
+                libc::RWF_DONTCACHE,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP | libc::EINVAL) => file.write_all_at(buf, off),
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n as usize..];
+        off += n as u64;
+    }
+    Ok(())
 }
 
 fn drop_data(path: &Path) {
