@@ -130,6 +130,26 @@ fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize, Err
     Ok(done)
 }
 
+/// `pread` until `len` bytes or end of file. Bytes already read are returned when an
+/// error follows them (the error repeats on the next call).
+pub(crate) fn pread_vec(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    let start = i64::try_from(off).map_err(|_| libc::EINVAL)?;
+    // Read into fresh capacity: zeroing 4 MiB first cost a tenth of the server's CPU
+    // in a cold sequential read.
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let pos = start.checked_add(buf.len() as i64).ok_or(libc::EINVAL)?;
+        match sys::pread_spare(fd, &mut buf, pos) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(libc::EINTR) => {}
+            Err(_) if !buf.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
 /// `pwrite` all of `buf` at `off`; a failure after a partial write reports the bytes
 /// written, as `write(2)` does.
 pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<usize, Errno> {
@@ -272,10 +292,7 @@ impl Staging {
     /// shorter or was truncated), staged ranges on top. Short only at the staged end.
     pub fn read(&self, real: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let Some(p) = &self.pending else {
-            let mut buf = vec![0u8; len];
-            let n = pread_full(real, &mut buf, off)?;
-            buf.truncate(n);
-            return Ok(buf);
+            return pread_vec(real, off, len);
         };
         let end = off.saturating_add(len as u64).min(p.size);
         if off >= end {

@@ -299,6 +299,26 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: i64) -> Result<usize, E
     cvt_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) })
 }
 
+/// One `pread` into the spare capacity of `buf` (up to all of it), which grows by the
+/// bytes read: no zeroing of a buffer the read overwrites anyway. May read fewer bytes
+/// than there is room for.
+pub fn pread_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, offset: i64) -> Result<usize, Errno> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; the kernel writes
+    // only initialized bytes, and only the `n` it reports.
+    let n = cvt_size(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            offset,
+        )
+    })?;
+    // SAFETY: the first `n` bytes of the spare capacity were just written.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// One `pwrite`; may write fewer bytes than given.
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: i64) -> Result<usize, Errno> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes.

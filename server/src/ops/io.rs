@@ -4,13 +4,13 @@
 //! everything else goes straight to the descriptor. Must never touch a file by path:
 //! only handles reach here.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 
 use ferry_common::{MAX_COPY, MAX_IO, Response};
 
 use super::{Ctx, handle_attr};
 use crate::handles::Handle;
-use crate::staging::pwrite_full;
+use crate::staging::{pread_vec, pwrite_full};
 use crate::sys::{self, Errno};
 
 fn offset(offset: u64) -> Result<i64, Errno> {
@@ -32,27 +32,7 @@ pub fn read(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Result<Response, Errn
             .read(f.fd.as_fd(), off, len as usize)
             .map(Response::data);
     }
-    read_full(f.fd.as_fd(), off, len as usize).map(Response::data)
-}
-
-/// `pread` until `len` bytes or end of file. Bytes already read are returned when an
-/// error follows them (the error repeats on the next call).
-fn read_full(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
-    let start = offset(off)?;
-    let mut buf = vec![0u8; len];
-    let mut done = 0usize;
-    while done < buf.len() {
-        let pos = start.checked_add(done as i64).ok_or(libc::EINVAL)?;
-        match sys::pread(fd, &mut buf[done..], pos) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(libc::EINTR) => {}
-            Err(_) if done > 0 => break,
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
+    pread_vec(f.fd.as_fd(), off, len as usize).map(Response::data)
 }
 
 /// Writes all bytes at `off` (never appending, see [`PASSED_FLAGS`]). A failure after a
@@ -174,7 +154,7 @@ pub fn copy_range(
             let want = COPY_CHUNK.min(usize::try_from(len - done).unwrap_or(usize::MAX));
             let chunk = match from.staging() {
                 Some(staging) => staging.read(from.fd.as_fd(), src_off + done, want),
-                None => read_full(from.fd.as_fd(), src_off + done, want),
+                None => pread_vec(from.fd.as_fd(), src_off + done, want),
             };
             let chunk = match chunk {
                 Ok(c) if c.is_empty() => break Ok(()),
