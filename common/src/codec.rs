@@ -67,25 +67,52 @@ impl<Out: Serialize, In> Encoder<Out> for FrameCodec<Out, In> {
     type Error = io::Error;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> io::Result<()> {
-        // Reserve the length prefix, serialize in place, then patch the length: avoids
-        // copying multi-megabyte write payloads through an intermediate Vec.
-        let start = dst.len();
-        dst.put_u32(0);
-        let mut writer = dst.writer();
-        bincode::serde::encode_into_std_write(&item, &mut writer, bincode_config())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("encode: {e}")))?;
-        let dst = writer.into_inner();
-        let body_len = dst.len() - start - 4;
-        if body_len > MAX_FRAME {
-            dst.truncate(start);
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("frame of {body_len} bytes exceeds the {MAX_FRAME}-byte limit"),
-            ));
-        }
-        dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
-        Ok(())
+        encode_frame(&item, 0, dst)
     }
+}
+
+/// Encode `item` as the head of one frame into `dst`: length prefix, then the body,
+/// serialized in place (no multi-megabyte payload goes through an intermediate `Vec`).
+///
+/// With `tail_len > 0`, `item`'s encoding must end with an empty byte string that
+/// stands for `tail_len` bytes sent right after the head, as they are (see
+/// [`ServerFrame::split_data`](crate::proto::ServerFrame::split_data)): the head then
+/// carries that string's real length and the frame's length counts the tail.
+pub fn encode_frame<T: Serialize>(item: &T, tail_len: usize, dst: &mut BytesMut) -> io::Result<()> {
+    let start = dst.len();
+    dst.put_u32(0);
+    let mut writer = dst.writer();
+    let encoded = bincode::serde::encode_into_std_write(item, &mut writer, bincode_config());
+    let dst = writer.into_inner();
+    let refuse = |dst: &mut BytesMut, why: String| {
+        dst.truncate(start);
+        Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+    };
+    if let Err(e) = encoded {
+        return refuse(dst, format!("encode: {e}"));
+    }
+    if tail_len > 0 {
+        // The empty string's length (a one-byte varint 0) becomes the tail's length.
+        if dst.len() == start + 4 || dst[dst.len() - 1] != 0 {
+            return refuse(dst, "encode: no empty byte string at the end".into());
+        }
+        dst.truncate(dst.len() - 1);
+        let mut writer = dst.writer();
+        let encoded =
+            bincode::encode_into_std_write(tail_len as u64, &mut writer, bincode_config());
+        if let Err(e) = encoded {
+            return refuse(writer.into_inner(), format!("encode: {e}"));
+        }
+    }
+    let body_len = dst.len() - start - 4 + tail_len;
+    if body_len > MAX_FRAME {
+        return refuse(
+            dst,
+            format!("frame of {body_len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        );
+    }
+    dst[start..start + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+    Ok(())
 }
 
 impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
@@ -161,6 +188,45 @@ mod tests {
         ClientCodec::new().encode(frame.clone(), &mut buf).unwrap();
         let got = ServerCodec::new().decode(&mut buf).unwrap().unwrap();
         assert_eq!(got, frame);
+        assert!(buf.is_empty());
+    }
+
+    /// A `Data` reply sent as a head plus its data is byte for byte the frame the codec
+    /// makes of it whole, at every varint width of the length.
+    #[test]
+    fn a_split_data_reply_is_the_same_frame() {
+        for len in [1usize, 250, 251, 65_535, 65_536, 4 << 20] {
+            let data: Bytes = (0..len).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into();
+            let frame = ServerFrame::Reply {
+                id: 1 << 40,
+                result: Ok(Response::Data(data.clone())),
+            };
+            let mut whole = BytesMut::new();
+            ServerCodec::new()
+                .encode(frame.clone(), &mut whole)
+                .unwrap();
+            let (head, tail) = frame.split_data(1);
+            let tail = tail.unwrap();
+            assert_eq!(tail, data);
+            let mut split = BytesMut::new();
+            encode_frame(&head, tail.len(), &mut split).unwrap();
+            split.extend_from_slice(&tail);
+            assert_eq!(split, whole, "len {len}");
+        }
+        // Below the threshold, or not data: whole.
+        let small = ServerFrame::Reply {
+            id: 1,
+            result: Ok(Response::Data(Bytes::from_static(b"abc"))),
+        };
+        assert_eq!(small.clone().split_data(4), (small, None));
+        let err = ServerFrame::Reply {
+            id: 1,
+            result: Err(5),
+        };
+        assert_eq!(err.clone().split_data(0), (err.clone(), None));
+        // A frame that does not end with an empty byte string is refused, not mangled.
+        let mut buf = BytesMut::new();
+        assert!(encode_frame(&err, 10, &mut buf).is_err());
         assert!(buf.is_empty());
     }
 

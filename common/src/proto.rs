@@ -674,6 +674,29 @@ pub enum ServerFrame {
     Event(Event),
 }
 
+impl ServerFrame {
+    /// A `Data` reply of at least `min` bytes, split into the reply with its data left
+    /// empty and the data: the reply's encoding then ends with that empty byte string,
+    /// so the data can be sent after it from its own buffer
+    /// ([`encode_frame`](crate::codec::encode_frame) with the data's length). Any other
+    /// frame comes back whole.
+    pub fn split_data(self, min: usize) -> (ServerFrame, Option<bytes::Bytes>) {
+        match self {
+            ServerFrame::Reply {
+                id,
+                result: Ok(Response::Data(data)),
+            } if data.len() >= min && !data.is_empty() => (
+                ServerFrame::Reply {
+                    id,
+                    result: Ok(Response::Data(bytes::Bytes::new())),
+                },
+                Some(data),
+            ),
+            frame => (frame, None),
+        }
+    }
+}
+
 /// Server-pushed notifications (only with [`caps::EVENTS`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {

@@ -29,12 +29,13 @@ use ferry_common::{
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, trace, warn};
 
 use crate::export::Export;
 use crate::ops::{self, Ctx};
+use crate::send::FrameSink;
 use crate::watch::Watcher;
 
 /// A client must complete the handshake within this time or is dropped: a connection
@@ -196,7 +197,15 @@ async fn serve_requests<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, mut stream) = framed.split();
+    // Requests are read through the codec (with whatever was read past the handshake);
+    // replies go out through a sink that sends file data from its own buffer.
+    let parts = framed.into_parts();
+    let (read_half, write_half) = tokio::io::split(parts.io);
+    let mut read_parts = FramedParts::new::<ServerFrame>(read_half, parts.codec);
+    // (Built from parts, a reader decodes what its buffer holds before reading more.)
+    read_parts.read_buf = parts.read_buf;
+    let mut stream = Framed::from_parts(read_parts);
+    let sink = FrameSink::new(write_half, parts.write_buf);
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 16);
     // Subscribed before the first request runs: no event of a watch it adds is missed.
     let events = ctx.watch.as_ref().map(|w| w.subscribe());
@@ -390,14 +399,14 @@ async fn serve_requests<T>(
     info!(open_handles = ctx.handles.len(), "connection closed");
 }
 
-async fn write_loop<S>(
-    mut sink: S,
+async fn write_loop<W>(
+    mut sink: FrameSink<W>,
     mut rx: mpsc::Receiver<Outgoing>,
     mut events: Option<broadcast::Receiver<Event>>,
     ctx: Arc<Ctx>,
 ) -> io::Result<()>
 where
-    S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     loop {
         tokio::select! {
@@ -555,9 +564,9 @@ fn try_next_event(events: &mut Option<broadcast::Receiver<Event>>) -> Option<Eve
     }
 }
 
-async fn feed<S>(sink: &mut S, out: Outgoing) -> io::Result<()>
+async fn feed<W>(sink: &mut FrameSink<W>, out: Outgoing) -> io::Result<()>
 where
-    S: futures::Sink<ServerFrame, Error = io::Error> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     match sink.feed(out.frame).await {
         // The codec refuses a reply it cannot encode (too large) before writing any of

@@ -22,6 +22,7 @@ pub mod conn;
 pub mod export;
 pub mod handles;
 pub mod ops;
+pub mod send;
 pub mod staging;
 pub mod sys;
 pub mod watch;
