@@ -353,3 +353,66 @@ fn a_failed_rewrite_after_a_truncation_keeps_the_old_copy() {
 fn a_failed_close_after_a_server_side_copy_keeps_the_old_copy() {
     failed_upload_keeps_the_old_copy(&[Change::CopyInto]);
 }
+
+/// A file open for reading when the server restarts goes on reading through the same
+/// descriptor: the mount opens it again on the new connection (`handles_reopened`). A
+/// descriptor whose name leads to another file by then fails with `ESTALE` rather than
+/// reading the other file's bytes.
+#[test]
+fn a_reader_keeps_reading_across_a_restart() {
+    const MIB: usize = 1 << 20;
+    let data = ferry_tests::rng::Rng::new(0x7e0).bytes(16 * MIB);
+    // No data cache: every read the kernel does not have goes to the server.
+    let Some(mut fx) = fixture_with(&[], &["--no-cache"], |e| {
+        populate(e);
+        fs::write(e.join("big"), &data).expect("write");
+        fs::write(e.join("replaced"), &data[..MIB]).expect("write");
+    }) else {
+        return;
+    };
+    let big = fs::File::open(fx.mnt("big")).expect("open big");
+    let replaced = fs::File::open(fx.mnt("replaced")).expect("open replaced");
+    let mut buf = vec![0u8; 64 * 1024];
+    big.read_exact_at(&mut buf, 0)
+        .expect("read before the restart");
+    assert!(buf == data[..buf.len()], "bytes before the restart");
+
+    fx.server.kill();
+    // Replaced by another file (another inode) while the server is away.
+    fs::write(fx.exp("replaced.new"), b"another file").expect("write");
+    fs::rename(fx.exp("replaced.new"), fx.exp("replaced")).expect("rename");
+    fx.server.restart();
+    // Once the mount works again (the reconnect), the old descriptors are used.
+    assert_recovers(fx.mount.path(), "top", b"top");
+
+    let before = fx.mount.stats().get("handles_reopened");
+    // Far past what the kernel can have read ahead: these bytes come from the server.
+    let at = 12 * MIB;
+    let got = with_deadline(DEADLINE, move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        big.read_exact_at(&mut buf, at as u64).map(|()| buf)
+    })
+    .expect("read through the old descriptor hung")
+    .expect("read through a descriptor opened before the restart");
+    assert!(got == data[at..at + got.len()], "bytes after the restart");
+    assert_eq!(
+        fx.mount.stats().get("handles_reopened"),
+        before + 1,
+        "the reader's handle was opened again once"
+    );
+
+    let err = with_deadline(DEADLINE, move || {
+        let mut buf = vec![0u8; 4096];
+        replaced.read_exact_at(&mut buf, 0)
+    })
+    .expect("read of the replaced file hung")
+    .expect_err("a descriptor of a replaced file read something");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ESTALE),
+        "read of a file replaced while the server was away: {err}"
+    );
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}

@@ -14,7 +14,7 @@ const MIB: usize = 1024 * 1024;
 const PUSHED: Duration = Duration::from_secs(5);
 
 /// The counters `ferry stats --json` must offer, numbers all.
-const COUNTERS: [&str; 18] = [
+const COUNTERS: [&str; 19] = [
     "requests",
     "bytes_received",
     "bytes_read_from_server",
@@ -33,6 +33,7 @@ const COUNTERS: [&str; 18] = [
     "invalidations",
     "resyncs",
     "reconnects",
+    "handles_reopened",
 ];
 
 /// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the

@@ -862,18 +862,36 @@ impl Core {
         })
     }
 
-    /// The server handle of `f`, opening one now if the open was served from the cache.
+    /// `f`'s server handle if it can be used as it is: any handle of a writer (its staged
+    /// writes live and die with the connection that holds them), a reader's only while
+    /// its connection is the live one.
+    fn usable_handle(&self, f: &OpenFile) -> Option<(u64, u64)> {
+        f.handle()
+            .filter(|&(_, g)| f.writable || self.client.live_generation() == Some(g))
+    }
+
+    /// The server handle of `f`, opening one now if the open was served from the cache,
+    /// or if `f` is a reader whose handle was lost with an earlier connection: a reader
+    /// open across a reconnect (a restarted server, a network outage) goes on reading.
     async fn ensure_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
-        if let Some(h) = f.handle() {
+        if let Some(h) = self.usable_handle(f) {
             return Ok(h);
         }
         let lock = self.fetch_lock(f.ino)?;
         let _guard = lock.lock().await;
-        if let Some(h) = f.handle() {
+        if let Some(h) = self.usable_handle(f) {
             return Ok(h);
         }
-        let path = self.path(f.ino)?;
+        let reopening = f.handle().is_some();
+        let path = match self.path(f.ino) {
+            // The file has no name here any more: it cannot be found again.
+            Err(_) if reopening => return Err(FsError::Errno(libc::ESTALE)),
+            r => r?,
+        };
         let generation = self.client.connect().await?;
+        if let Some(h) = f.handle().filter(|&(_, g)| f.writable || g == generation) {
+            return Ok(h);
+        }
         let req = Request::Open {
             path,
             flags: libc::O_RDONLY,
@@ -886,6 +904,18 @@ impl Core {
             }
             _ => return Err(TransportError::Protocol.into()),
         };
+        if attr.ino != f.sino {
+            // The name leads to another file now: the one this descriptor had open is
+            // gone (or renamed away) and cannot be found again. As NFS says it.
+            let _ = self
+                .rpc_on(generation, caller, Request::Release { handle })
+                .await;
+            return Err(FsError::Errno(libc::ESTALE));
+        }
+        if reopening {
+            self.stats.handles_reopened.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(ino = f.ino, "reopened a reader's handle after a reconnect");
+        }
         let mut st = f.state.lock().map_err(|_| poisoned())?;
         st.handle = Some((handle, generation));
         if st.version != attr.version {

@@ -130,6 +130,8 @@ pub struct Stats {
     pub files_prefetched: AtomicU64,
     /// Opens served by FUSE passthrough from the data cache (see `crate::passthrough`).
     pub passthrough_opens: AtomicU64,
+    /// Readers' server handles opened again after a reconnect.
+    pub handles_reopened: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
     /// Unlinks answered before the server confirmed them (see `fs/unlinks.rs`), and
@@ -899,6 +901,7 @@ impl Core {
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
+            ("handles_reopened", &s.handles_reopened),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
             ("unlinks_behind", &s.unlinks_behind),
