@@ -155,13 +155,17 @@ impl IoModes {
         reply: ReplyOpen,
     ) -> Result<(), (ReplyOpen, Option<Errno>)> {
         let (fh, keep_cache) = (opened.fh, opened.keep_cache);
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
+        // A reader's close has nothing to commit: the kernel need not send its FLUSH,
+        // which saves a trip through the daemon per file read. (With passthrough on, the
+        // FLUSH tells `releases_pending` that a caching reader is closing.)
+        let no_flush = read_only && !self.enabled();
         let Ok(mut state) = self.state.lock() else {
-            reply.opened(FileHandle(fh), caching_flags(keep_cache));
+            reply.opened(FileHandle(fh), caching_flags(keep_cache, no_flush));
             return Ok(());
         };
         let state = &mut *state;
         let modes = state.inodes.entry(ino).or_default();
-        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         if let Some((backing, backing_file, _)) = &modes.backing {
             if !read_only {
                 return Err((reply, Some(Errno::ETXTBSY)));
@@ -207,7 +211,7 @@ impl IoModes {
         }
         modes.caching += 1;
         state.handles.insert(fh, (ino, Mode::Caching, false));
-        reply.opened(FileHandle(fh), caching_flags(keep_cache));
+        reply.opened(FileHandle(fh), caching_flags(keep_cache, no_flush));
         Ok(())
     }
 
@@ -215,7 +219,7 @@ impl IoModes {
     /// written); `ETXTBSY` when the file is being read through passthrough.
     pub fn create_flags(&self, ino: u64, fh: u64, keep_cache: bool) -> Result<FopenFlags, Errno> {
         let Ok(mut state) = self.state.lock() else {
-            return Ok(caching_flags(keep_cache));
+            return Ok(caching_flags(keep_cache, false));
         };
         let state = &mut *state;
         let modes = state.inodes.entry(ino).or_default();
@@ -224,7 +228,7 @@ impl IoModes {
         }
         modes.caching += 1;
         state.handles.insert(fh, (ino, Mode::Caching, false));
-        Ok(caching_flags(keep_cache))
+        Ok(caching_flags(keep_cache, false))
     }
 
     /// The kernel released `fh` (after dropping it from its own mode counts).
@@ -278,10 +282,13 @@ impl Drop for WriterOpening {
     }
 }
 
-fn caching_flags(keep_cache: bool) -> FopenFlags {
+fn caching_flags(keep_cache: bool, no_flush: bool) -> FopenFlags {
+    let mut flags = FopenFlags::empty();
     if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
-    } else {
-        FopenFlags::empty()
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if no_flush {
+        flags |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    flags
 }
