@@ -14,9 +14,12 @@
 //!
 //! The last fetched pieces of sequential reads are also kept in memory (up to
 //! `KEEP_CAP` bytes in all) and answer the reads they were fetched for, so data that just
-//! came from the network is not read back from the data file. A kept piece is served only
+//! came from the network is not read back from the data file, and the data file is
+//! written without keeping the bytes in the page cache. A kept piece is served only
 //! while its blocks are present at the entry's generation: every change of the entry
-//! (a new version, this client's writes, a truncation, a re-base) drops them.
+//! (a new version, this client's writes, a truncation, a re-base) drops them. A piece
+//! goes once read through, at the file's last close, or when abandoned; one that finds
+//! no room is not kept, and its bytes stay in the page cache as any other store's.
 //!
 //! This module owns only the cache directory; it never talks to the network and never
 //! blocks on anything but local disk I/O (callers run it on blocking-friendly threads or
@@ -29,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,10 @@ const KEEP_CAP: u64 = 32 * 1024 * 1024;
 
 /// Entries of `Inner::kept_order` beyond which those of pieces already gone are swept.
 const KEEP_ORDER_MAX: usize = 1024;
+
+/// A kept piece not read through while this many newer pieces were kept (1 GiB of
+/// 4 MiB pieces) was abandoned by its reader and is dropped.
+const KEEP_ABANDONED: u64 = 256;
 
 /// Largest metadata file accepted when loading (a corrupt one is dropped, not trusted).
 const MAX_META: usize = 16 * 1024 * 1024;
@@ -155,19 +162,19 @@ impl Inner {
         }
     }
 
-    /// Keep `data` (stored at `offset` under `generation`) in memory, dropping the
-    /// oldest pieces beyond the cap.
-    fn keep(&mut self, ino: u64, offset: u64, data: Bytes, generation: u64) {
-        let len = data.len() as u64;
-        if len == 0 || len > KEEP_CAP {
-            return;
-        }
+    /// Whether a piece of `len` bytes can be kept: room under the cap once pieces
+    /// read through or abandoned are dropped. Pieces still to be read are never pushed
+    /// out for a newer one (they are what their readers ask for next, and their bytes
+    /// are no longer in the page cache): a piece that does not fit is simply not kept.
+    fn room_to_keep(&mut self, len: u64) -> bool {
         while let Some(&(oldest, seq)) = self.kept_order.front() {
-            let gone = self
+            let live = self
                 .files
                 .get(&oldest)
-                .is_none_or(|e| e.kept.iter().all(|k| k.seq != seq));
-            if !gone && self.kept_bytes + len <= KEEP_CAP {
+                .is_some_and(|e| e.kept.iter().any(|k| k.seq == seq));
+            // Its reader stopped: this many pieces were kept since.
+            let abandoned = seq + KEEP_ABANDONED < self.kept_seq;
+            if live && !abandoned {
                 break;
             }
             self.kept_order.pop_front();
@@ -178,6 +185,12 @@ impl Inner {
                 self.kept_bytes = self.kept_bytes.saturating_sub(k.data.len() as u64);
             }
         }
+        len > 0 && self.kept_bytes + len <= KEEP_CAP
+    }
+
+    /// Keep `data` (stored at `offset` under `generation`) in memory, if there is room.
+    fn keep(&mut self, ino: u64, offset: u64, data: Bytes, generation: u64) {
+        let len = data.len() as u64;
         let Some(e) = self.files.get_mut(&ino) else {
             return;
         };
@@ -191,6 +204,13 @@ impl Inner {
             }
             !overlaps
         });
+        self.kept_bytes = self.kept_bytes.saturating_sub(freed);
+        if !self.room_to_keep(len) {
+            return;
+        }
+        let Some(e) = self.files.get_mut(&ino) else {
+            return;
+        };
         self.kept_seq += 1;
         let at = e.kept.partition_point(|k| k.offset < offset);
         e.kept.insert(
@@ -203,10 +223,10 @@ impl Inner {
                 seq: self.kept_seq,
             },
         );
-        self.kept_bytes = self.kept_bytes.saturating_sub(freed) + len;
+        self.kept_bytes += len;
         self.kept_order.push_back((ino, self.kept_seq));
-        // Pieces read through leave their entries behind; an old piece never read at
-        // the front would keep them from being skipped: sweep now and then.
+        // Pieces read through leave their entries behind; a live piece at the front
+        // keeps them from being skipped: sweep now and then.
         if self.kept_order.len() > KEEP_ORDER_MAX {
             let files = &self.files;
             self.kept_order.retain(|&(ino, seq)| {
@@ -410,13 +430,12 @@ impl DataCache {
             Some(e) if e.version == version && e.size == size => !e.blocks.is_empty(),
             Some(e) => {
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
-                let freed: u64 = e.kept.drain(..).map(|k| k.data.len() as u64).sum();
-                inner.kept_bytes = inner.kept_bytes.saturating_sub(freed);
                 e.version = version;
                 e.size = size;
                 e.meta_dirty = true;
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
+                inner.forget_kept(ino);
                 self.reset_data(ino, inner.pins.contains_key(&ino), size);
                 false
             }
@@ -650,12 +669,18 @@ impl DataCache {
         self.stats
             .miss_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let size = {
-            let inner = self.inner.lock().map_err(|_| lock_err())?;
-            match inner.files.get(&ino) {
+        let (size, keeping) = {
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let size = match inner.files.get(&ino) {
                 Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
                 _ => return Ok(()),
-            }
+            };
+            // (A store racing this one may take the room first: then this piece is not
+            // kept after all, and its bytes are read back from the disk.)
+            (
+                size,
+                keep.is_some() && inner.room_to_keep(data.len() as u64),
+            )
         };
         let end = offset + data.len() as u64;
         let mut blocks = Vec::new();
@@ -686,8 +711,8 @@ impl DataCache {
             .open(self.data_path(ino))
             .and_then(|file| {
                 let bytes = &data[(first - offset) as usize..(last_end - offset) as usize];
-                // A sequential fill's pieces are read from memory, not from this file.
-                if keep.is_some() {
+                // A kept piece is read from memory, not from this file.
+                if keeping {
                     write_dontcache(&file, bytes, first)?;
                 } else {
                     file.write_all_at(bytes, first)?;
@@ -728,7 +753,7 @@ impl DataCache {
             inner.lru.insert(inner.tick, (ino, b));
         }
         e.meta_dirty = true;
-        if let Some(data) = keep {
+        if let Some(data) = keep.filter(|_| keeping) {
             let piece = data.slice((first - offset) as usize..(last_end - offset) as usize);
             inner.keep(ino, first, piece, token);
         }
@@ -955,6 +980,13 @@ impl DataCache {
         self.reset_data(ino, inner.pins.contains_key(&ino), size);
     }
 
+    /// Nobody reads `ino` any more: its kept pieces go.
+    pub fn forget_kept(&self, ino: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.forget_kept(ino);
+        }
+    }
+
     /// Forget everything about `ino` (deleted, or changed in a way we cannot track).
     pub fn invalidate(&self, ino: u64) {
         let mut pinned = false;
@@ -1013,12 +1045,18 @@ impl DataCache {
     }
 }
 
+/// Set once `RWF_DONTCACHE` was refused (an older kernel, a filesystem without it).
+static NO_DONTCACHE: AtomicBool = AtomicBool::new(false);
+
 /// Write `buf` at `off` with `RWF_DONTCACHE` (Linux 6.14+): the page cache lets go of
 /// the pages once they are on disk, so a big sequential fill keeps recycling the same
 /// few pages instead of taking fresh ones for every byte (the reads it was fetched for
 /// take the data from memory, see [`DataCache::store_and_keep`]). Where the kernel or
 /// the filesystem does not support it, a plain write.
 fn write_dontcache(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    if NO_DONTCACHE.load(Ordering::Relaxed) {
+        return file.write_all_at(buf, off);
+    }
     while !buf.is_empty() {
         let iov = libc::iovec {
             iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -1038,7 +1076,10 @@ fn write_dontcache(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> 
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP | libc::EINVAL) => file.write_all_at(buf, off),
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => {
+                    NO_DONTCACHE.store(true, Ordering::Relaxed);
+                    file.write_all_at(buf, off)
+                }
                 _ => Err(e),
             };
         }
@@ -1384,6 +1425,9 @@ mod tests {
         assert!(c.inner.lock().unwrap().kept_bytes <= KEEP_CAP);
     }
 
+    /// Over the cap, a new piece is not kept (the kept ones are what their readers ask
+    /// for next), and it is written to the page cache as usual, so its read-back is
+    /// from memory too.
     #[test]
     fn kept_pieces_stay_under_their_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -1409,15 +1453,53 @@ mod tests {
                 .map(|k| k.data.len() as u64)
                 .sum();
             assert_eq!(held, inner.kept_bytes);
-            assert!(inner.kept_order.len() as u64 <= KEEP_CAP / piece + 1);
+            assert!(inner.kept_order.len() as u64 <= KEEP_CAP / piece);
         }
-        // The newest are the ones kept.
-        empty_data_file(&c, 1);
+        // The oldest are the ones kept: the first from memory, the last from the file.
         let last = n - 1;
         assert_eq!(
             c.read(1, 1, last * piece, 16).unwrap(),
             Lookup::Hit(vec![last as u8; 16].into())
         );
-        assert!(c.read(1, 1, 0, 16).is_err());
+        empty_data_file(&c, 1);
+        assert_eq!(
+            c.read(1, 1, 0, 16).unwrap(),
+            Lookup::Hit(vec![0u8; 16].into())
+        );
+        assert!(c.read(1, 1, last * piece, 16).is_err());
+    }
+
+    /// A piece its reader never came back for does not hold its room for ever.
+    #[test]
+    fn abandoned_pieces_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 1024 * BLOCK).unwrap();
+        c.validate(1, 1, BLOCK);
+        c.store_and_keep(
+            1,
+            1,
+            c.token(1).unwrap(),
+            0,
+            Bytes::from(data(BLOCK as usize, 1)),
+        )
+        .unwrap();
+        let size = (KEEP_ABANDONED + 2) * BLOCK;
+        c.validate(2, 1, size);
+        for i in 0..KEEP_ABANDONED + 2 {
+            let token = c.token(2).unwrap();
+            c.store_and_keep(2, 1, token, i * BLOCK, Bytes::from(data(BLOCK as usize, 2)))
+                .unwrap();
+            // Read through: dropped at once.
+            assert!(matches!(
+                c.read(2, 1, i * BLOCK, BLOCK).unwrap(),
+                Lookup::Hit(_)
+            ));
+        }
+        let inner = c.inner.lock().unwrap();
+        assert!(
+            inner.files[&1].kept.is_empty(),
+            "the abandoned piece is still kept"
+        );
+        assert_eq!(inner.kept_bytes, 0);
     }
 }
