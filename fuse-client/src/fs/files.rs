@@ -231,6 +231,11 @@ struct FileState {
     /// The whole content, when it came with the open reply (at `version`): reads are
     /// served from it while it is written to the disk cache in the background.
     inline: Option<Bytes>,
+    /// Released by the kernel: a handle opened for it now (by a background fill) is
+    /// closed again at once.
+    released: bool,
+    /// Its file could not be found again after a reconnect: reads fail with `ESTALE`.
+    lost: bool,
 }
 
 impl FileState {
@@ -275,6 +280,9 @@ pub struct OpenFile {
     /// Server inode number: the cache key.
     sino: u64,
     writable: bool,
+    /// Who opened it: a handle opened later for it (lazily, or again after a reconnect)
+    /// is opened with the opener's credentials, not those of whoever reads.
+    opener: Caller,
     state: Mutex<FileState>,
 }
 
@@ -504,6 +512,7 @@ impl Core {
 
     fn register(
         &self,
+        opener: Caller,
         ino: u64,
         sino: u64,
         writable: bool,
@@ -515,6 +524,7 @@ impl Core {
             ino,
             sino,
             writable,
+            opener,
             state: Mutex::new(FileState {
                 handle,
                 version: attr.version,
@@ -524,6 +534,8 @@ impl Core {
                 prefetched_to: 0,
                 random_streak: 0,
                 inline: None,
+                released: false,
+                lost: false,
             }),
         };
         self.files
@@ -573,7 +585,7 @@ impl Core {
         {
             let attr = lazy_attr(ino, version, size);
             let keep = self.keep_cache(ino, version, false);
-            let fh = self.register(ino, sino, false, None, &attr)?;
+            let fh = self.register(caller, ino, sino, false, None, &attr)?;
             self.stats
                 .opens_without_round_trip
                 .fetch_add(1, Ordering::Relaxed);
@@ -622,7 +634,8 @@ impl Core {
                 )?);
                 let keep = self.keep_cache(ino, attr.version, truncating);
                 // The writer reference was taken by claim_writer.
-                let fh = self.register(ino, sino, true, Some((handle, generation)), &attr)?;
+                let fh =
+                    self.register(caller, ino, sino, true, Some((handle, generation)), &attr)?;
                 Ok(OpenReply {
                     fh,
                     attr,
@@ -711,7 +724,14 @@ impl Core {
         drop(replacing);
         let keep = self.keep_cache(ino, attr.version, truncating);
         // (A writer was counted by set_writer.)
-        let fh = self.register(ino, sino, writable, Some((handle, generation)), &attr)?;
+        let fh = self.register(
+            caller,
+            ino,
+            sino,
+            writable,
+            Some((handle, generation)),
+            &attr,
+        )?;
         if let Some(data) = data
             && !writable
             && let Ok(f) = self.open_file(fh)
@@ -810,11 +830,11 @@ impl Core {
 
     /// The handle reads of `f` go through: the inode's writer (it sees staged data) when
     /// there is one, else `f`'s own.
-    async fn io_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
+    async fn io_handle(&self, f: &OpenFile) -> FsResult<(u64, u64)> {
         if let Some(h) = self.shared_writer(f.ino)? {
             return Ok(h);
         }
-        self.ensure_handle(caller, f).await
+        self.ensure_handle(f).await
     }
 
     pub async fn create(
@@ -854,7 +874,14 @@ impl Core {
         }
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
         // (The writer was counted by set_writer.)
-        let fh = self.register(attr.ino, sino, true, Some((handle, generation)), &attr)?;
+        let fh = self.register(
+            caller,
+            attr.ino,
+            sino,
+            true,
+            Some((handle, generation)),
+            &attr,
+        )?;
         Ok(OpenReply {
             fh,
             attr,
@@ -873,7 +900,7 @@ impl Core {
     /// The server handle of `f`, opening one now if the open was served from the cache,
     /// or if `f` is a reader whose handle was lost with an earlier connection: a reader
     /// open across a reconnect (a restarted server, a network outage) goes on reading.
-    async fn ensure_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
+    async fn ensure_handle(&self, f: &OpenFile) -> FsResult<(u64, u64)> {
         if let Some(h) = self.usable_handle(f) {
             return Ok(h);
         }
@@ -882,10 +909,20 @@ impl Core {
         if let Some(h) = self.usable_handle(f) {
             return Ok(h);
         }
-        let reopening = f.handle().is_some();
+        let (reopening, lost, released) = {
+            let st = f.state.lock().map_err(|_| poisoned())?;
+            (st.handle.is_some(), st.lost, st.released)
+        };
+        if lost {
+            return Err(FsError::Errno(libc::ESTALE));
+        }
+        if released {
+            return Err(FsError::Errno(libc::EBADF));
+        }
+        let caller = f.opener;
         let path = match self.path(f.ino) {
             // The file has no name here any more: it cannot be found again.
-            Err(_) if reopening => return Err(FsError::Errno(libc::ESTALE)),
+            Err(_) if reopening => return Err(self.lost(f)),
             r => r?,
         };
         let generation = self.client.connect().await?;
@@ -904,29 +941,49 @@ impl Core {
             }
             _ => return Err(TransportError::Protocol.into()),
         };
-        if attr.ino != f.sino {
-            // The name leads to another file now: the one this descriptor had open is
-            // gone (or renamed away) and cannot be found again. As NFS says it.
+        // The name may lead to another file now (the one this descriptor had open was
+        // removed or renamed away): it cannot be found again, as NFS says it. (A new file
+        // that got the same inode number is not told apart.) Or the kernel released
+        // the descriptor while a background fill of it was opening this.
+        let refused = {
+            let mut st = f.state.lock().map_err(|_| poisoned())?;
+            if attr.ino != f.sino {
+                st.lost = true;
+                Some(libc::ESTALE)
+            } else if st.released {
+                Some(libc::EBADF)
+            } else {
+                st.handle = Some((handle, generation));
+                if st.version != attr.version {
+                    // Changed since the open: close-to-open allows the newer content.
+                    st.version = attr.version;
+                    st.size = attr.size;
+                    if let Some(cache) = &self.cache {
+                        cache.validate(f.sino, attr.version, attr.size);
+                    }
+                }
+                None
+            }
+        };
+        if let Some(e) = refused {
             let _ = self
                 .rpc_on(generation, caller, Request::Release { handle })
                 .await;
-            return Err(FsError::Errno(libc::ESTALE));
+            return Err(FsError::Errno(e));
         }
         if reopening {
             self.stats.handles_reopened.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(ino = f.ino, "reopened a reader's handle after a reconnect");
         }
-        let mut st = f.state.lock().map_err(|_| poisoned())?;
-        st.handle = Some((handle, generation));
-        if st.version != attr.version {
-            // Changed since the open: close-to-open allows the newer content.
-            st.version = attr.version;
-            st.size = attr.size;
-            if let Some(cache) = &self.cache {
-                cache.validate(f.sino, attr.version, attr.size);
-            }
-        }
         Ok((handle, generation))
+    }
+
+    /// `f`'s file cannot be found again: this and every later read of it fail.
+    fn lost(&self, f: &OpenFile) -> FsError {
+        if let Ok(mut st) = f.state.lock() {
+            st.lost = true;
+        }
+        FsError::Errno(libc::ESTALE)
     }
 
     /// Read straight from the server, `max_io` per request, all in flight at once.
@@ -937,7 +994,7 @@ impl Core {
         offset: u64,
         len: u64,
     ) -> FsResult<Bytes> {
-        let (handle, generation) = self.io_handle(caller, f).await?;
+        let (handle, generation) = self.io_handle(f).await?;
         let chunk = u64::from(self.max_io);
         let reqs = (0..len.div_ceil(chunk)).map(|i| {
             let off = offset + i * chunk;
@@ -976,8 +1033,16 @@ impl Core {
         Ok(out)
     }
 
-    /// Fetch the missing blocks of `[offset, offset+len)` into the cache.
-    async fn fill(&self, caller: Caller, f: &OpenFile, offset: u64, len: u64) -> FsResult<()> {
+    /// Fetch the missing blocks of `[offset, offset+len)` into the cache; with `keep`,
+    /// for reads about to come through this daemon (their pieces are kept in memory).
+    async fn fill(
+        &self,
+        caller: Caller,
+        f: &OpenFile,
+        offset: u64,
+        len: u64,
+        keep: bool,
+    ) -> FsResult<()> {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
@@ -985,7 +1050,7 @@ impl Core {
         if cache.missing(f.sino, version, offset, len).is_empty() {
             return Ok(());
         }
-        let (handle, generation) = self.io_handle(caller, f).await?;
+        let (handle, generation) = self.io_handle(f).await?;
         // Uncommitted writes of ours: the server's bytes may lack them, the caller reads
         // past the cache instead.
         let Some(token) = cache.token(f.sino) else {
@@ -1031,7 +1096,11 @@ impl Core {
                         .bytes_read_from_server
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
                     // Kept in memory too: the reader asks for these bytes next.
-                    let _ = cache.store_and_keep(f.sino, version, token, off, d);
+                    let _ = if keep {
+                        cache.store_and_keep(f.sino, version, token, off, d)
+                    } else {
+                        cache.store(f.sino, version, token, off, &d)
+                    };
                 }
                 _ => return Err(TransportError::Protocol.into()),
             }
@@ -1141,7 +1210,7 @@ impl Core {
                     // Fetch what was asked plus a window ahead when reading sequentially.
                     let ahead = if sequential { window } else { 0 };
                     let want = (len + ahead).min(file_size.saturating_sub(offset)).max(len);
-                    self.fill(caller, &f, offset, want).await?;
+                    self.fill(caller, &f, offset, want, true).await?;
                     if let Ok(mut st) = f.state.lock() {
                         st.prefetched_to = st.prefetched_to.max(offset + want);
                     }
@@ -1187,7 +1256,7 @@ impl Core {
         };
         let (core, f) = (self.clone(), f.clone());
         tokio::spawn(async move {
-            let _ = core.fill(caller, &f, start, window).await;
+            let _ = core.fill(caller, &f, start, window, true).await;
         });
     }
 
@@ -1271,7 +1340,7 @@ impl Core {
         // holds bytes the server has not been sent yet.
         let gate = tracker.gate.clone().read_owned().await;
         self.note_write(&f, offset, &data);
-        let (handle, generation) = self.ensure_handle(caller, &f).await?;
+        let (handle, generation) = self.ensure_handle(&f).await?;
         let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
         let permit = tracker
             .budget
@@ -1331,8 +1400,8 @@ impl Core {
         if let Some(e) = out.peek_error() {
             return errno(e);
         }
-        let (dst_handle, generation) = self.ensure_handle(caller, &dst).await?;
-        let (src_handle, src_generation) = self.io_handle(caller, &src).await?;
+        let (dst_handle, generation) = self.ensure_handle(&dst).await?;
+        let (src_handle, src_generation) = self.io_handle(&src).await?;
         if src_generation != generation {
             // Handles of two connections (one opened before a reconnect).
             return errno(libc::EXDEV);
@@ -1433,7 +1502,8 @@ impl Core {
                 Ok(st) => st.size,
                 Err(_) => return,
             };
-            if off >= size || self.fill(caller, &f, off, MAX_WINDOW).await.is_err() {
+            // Passthrough readers read the data file itself: nothing to keep.
+            if off >= size || self.fill(caller, &f, off, MAX_WINDOW, false).await.is_err() {
                 return;
             }
             off += MAX_WINDOW;
@@ -1886,7 +1956,7 @@ impl Core {
             Err(e) => {
                 // Unlinked but open: only a handle reaches it (the server stages this one).
                 let f = fh.and_then(|fh| self.open_file(fh).ok()).ok_or(e)?;
-                let (handle, generation) = self.io_handle(caller, &f).await?;
+                let (handle, generation) = self.io_handle(&f).await?;
                 let req = Request::SetAttr {
                     path: RelPath::root(),
                     handle: Some(handle),
@@ -1960,7 +2030,7 @@ impl Core {
     ) -> FsResult<()> {
         let f = self.open_file(fh)?;
         self.commit(caller, f.ino).await?;
-        let (handle, generation) = self.io_handle(caller, &f).await?;
+        let (handle, generation) = self.io_handle(&f).await?;
         self.rpc_on(
             generation,
             caller,
@@ -2096,8 +2166,21 @@ impl Core {
                     to_release.append(&mut st.retired);
                 }
             }
-        } else if let Some(h) = f.handle() {
-            to_release.push(h);
+        } else {
+            let mut st = f.state.lock().map_err(|_| poisoned())?;
+            st.released = true;
+            to_release.extend(st.handle.take());
+        }
+        if let Some(cache) = &self.cache
+            && !self
+                .files
+                .lock()
+                .map_err(|_| poisoned())?
+                .values()
+                .any(|o| o.ino == f.ino)
+        {
+            // Kept pieces answer reads of open files only.
+            cache.forget_kept(f.sino);
         }
         Ok(to_release)
     }
