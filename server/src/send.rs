@@ -41,8 +41,8 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
     }
 
     /// Queue `frame`, writing to the socket when enough is queued. A frame that cannot
-    /// be encoded (too large) is an `InvalidInput` error before anything of it is
-    /// queued.
+    /// be encoded (too large) is an `InvalidInput` error, and nothing of it is queued;
+    /// socket errors are never of that kind.
     pub async fn feed(&mut self, frame: ServerFrame) -> io::Result<()> {
         let (head, data) = frame.split_data(SPLIT_MIN);
         let before = self.buf.len();
@@ -54,15 +54,15 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
             self.chunks.push_back(data);
         }
         if self.queued >= FLUSH_AT {
-            self.write_out().await?;
+            self.write_out().await.map_err(not_invalid_input)?;
         }
         Ok(())
     }
 
     /// Write everything queued and flush the socket.
     pub async fn flush(&mut self) -> io::Result<()> {
-        self.write_out().await?;
-        self.io.flush().await
+        self.write_out().await.map_err(not_invalid_input)?;
+        self.io.flush().await.map_err(not_invalid_input)
     }
 
     /// Flush, then shut the write side down.
@@ -101,6 +101,16 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
         }
         self.queued = 0;
         Ok(())
+    }
+}
+
+/// A socket error told apart from a frame that could not be encoded (`InvalidInput`,
+/// which the caller answers with an error reply instead).
+fn not_invalid_input(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::InvalidInput {
+        io::Error::other(e)
+    } else {
+        e
     }
 }
 

@@ -130,24 +130,35 @@ fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize, Err
     Ok(done)
 }
 
-/// `pread` until `len` bytes or end of file. Bytes already read are returned when an
-/// error follows them (the error repeats on the next call).
-pub(crate) fn pread_vec(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+/// `pread` until `len` bytes or end of file, into fresh capacity (zeroing 4 MiB first
+/// cost a tenth of the server's CPU in a cold sequential read). An error after some
+/// bytes is returned beside them: the caller decides whether those bytes are an answer.
+pub(crate) fn pread_vec(
+    fd: BorrowedFd<'_>,
+    off: u64,
+    len: usize,
+) -> Result<(Vec<u8>, Option<Errno>), Errno> {
     let start = i64::try_from(off).map_err(|_| libc::EINVAL)?;
-    // Read into fresh capacity: zeroing 4 MiB first cost a tenth of the server's CPU
-    // in a cold sequential read.
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
         let pos = start.checked_add(buf.len() as i64).ok_or(libc::EINVAL)?;
-        match sys::pread_spare(fd, &mut buf, pos) {
+        match sys::pread_spare(fd, &mut buf, len, pos) {
             Ok(0) => break,
             Ok(_) => {}
             Err(libc::EINTR) => {}
-            Err(_) if !buf.is_empty() => break,
-            Err(e) => return Err(e),
+            Err(e) => return Ok((buf, Some(e))),
         }
     }
-    Ok(buf)
+    Ok((buf, None))
+}
+
+/// [`pread_vec`], an error after some bytes giving those bytes (the error repeats on the
+/// next call).
+pub(crate) fn pread_some(fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    match pread_vec(fd, off, len)? {
+        (buf, Some(e)) if buf.is_empty() => Err(e),
+        (buf, _) => Ok(buf),
+    }
 }
 
 /// `pwrite` all of `buf` at `off`; a failure after a partial write reports the bytes
@@ -292,7 +303,10 @@ impl Staging {
     /// shorter or was truncated), staged ranges on top. Short only at the staged end.
     pub fn read(&self, real: BorrowedFd<'_>, off: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let Some(p) = &self.pending else {
-            return pread_vec(real, off, len);
+            return match pread_vec(real, off, len)? {
+                (_, Some(e)) => Err(e),
+                (buf, None) => Ok(buf),
+            };
         };
         let end = off.saturating_add(len as u64).min(p.size);
         if off >= end {

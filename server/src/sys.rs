@@ -299,13 +299,20 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: i64) -> Result<usize, E
     cvt_size(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) })
 }
 
-/// One `pread` into the spare capacity of `buf` (up to all of it), which grows by the
-/// bytes read: no zeroing of a buffer the read overwrites anyway. May read fewer bytes
-/// than there is room for.
-pub fn pread_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, offset: i64) -> Result<usize, Errno> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; the kernel writes
-    // only initialized bytes, and only the `n` it reports.
+/// One `pread` into the spare capacity of `buf`, up to `buf.len()` reaching `max`; `buf`
+/// grows by the bytes read. No zeroing of a buffer the read overwrites anyway. May read
+/// fewer bytes than there is room for.
+pub fn pread_spare(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    offset: i64,
+) -> Result<usize, Errno> {
+    let want = max.saturating_sub(buf.len());
+    buf.reserve(want);
+    let spare = &mut buf.spare_capacity_mut()[..want];
+    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; the kernel writes at
+    // most that many and reports how many it wrote.
     let n = cvt_size(unsafe {
         libc::pread(
             fd.as_raw_fd(),
@@ -314,7 +321,7 @@ pub fn pread_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>, offset: i64) -> Result
             offset,
         )
     })?;
-    // SAFETY: the first `n` bytes of the spare capacity were just written.
+    // SAFETY: the kernel initialized the first `n <= want` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }

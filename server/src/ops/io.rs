@@ -10,7 +10,7 @@ use ferry_common::{MAX_COPY, MAX_IO, Response};
 
 use super::{Ctx, handle_attr};
 use crate::handles::Handle;
-use crate::staging::{pread_vec, pwrite_full};
+use crate::staging::{pread_some, pwrite_full};
 use crate::sys::{self, Errno};
 
 fn offset(offset: u64) -> Result<i64, Errno> {
@@ -32,7 +32,7 @@ pub fn read(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Result<Response, Errn
             .read(f.fd.as_fd(), off, len as usize)
             .map(Response::data);
     }
-    pread_vec(f.fd.as_fd(), off, len as usize).map(Response::data)
+    pread_some(f.fd.as_fd(), off, len as usize).map(Response::data)
 }
 
 /// Writes all bytes at `off` (never appending, see [`PASSED_FLAGS`]). A failure after a
@@ -154,7 +154,7 @@ pub fn copy_range(
             let want = COPY_CHUNK.min(usize::try_from(len - done).unwrap_or(usize::MAX));
             let chunk = match from.staging() {
                 Some(staging) => staging.read(from.fd.as_fd(), src_off + done, want),
-                None => pread_vec(from.fd.as_fd(), src_off + done, want),
+                None => pread_some(from.fd.as_fd(), src_off + done, want),
             };
             let chunk = match chunk {
                 Ok(c) if c.is_empty() => break Ok(()),
