@@ -47,8 +47,8 @@ const KEEP_CAP: u64 = 32 * 1024 * 1024;
 /// Entries of `Inner::kept_order` beyond which those of pieces already gone are swept.
 const KEEP_ORDER_MAX: usize = 1024;
 
-/// A kept piece not read through while this many newer pieces were kept (1 GiB of
-/// 4 MiB pieces) was abandoned by its reader and is dropped.
+/// A kept piece not read through while this many newer pieces were offered for
+/// keeping (1 GiB of 4 MiB pieces) was abandoned by its reader and is dropped.
 const KEEP_ABANDONED: u64 = 256;
 
 /// Largest metadata file accepted when loading (a corrupt one is dropped, not trusted).
@@ -90,6 +90,8 @@ struct Kept {
     served: u64,
     /// Order of keeping, for the cap (`Inner::kept_order`).
     seq: u64,
+    /// `Inner::keep_clock` when it was kept.
+    born: u64,
 }
 
 impl Entry {
@@ -142,6 +144,8 @@ struct Inner {
     kept_bytes: u64,
     kept_order: VecDeque<(u64, u64)>,
     kept_seq: u64,
+    /// Pieces offered for keeping (kept or not): the age of kept pieces.
+    keep_clock: u64,
     /// Entries a passthrough open reads directly (by server inode, with a count): their
     /// data file is never punched or replaced, only rewritten in place (see
     /// [`DataCache::pin`]).
@@ -168,13 +172,14 @@ impl Inner {
     /// are no longer in the page cache): a piece that does not fit is simply not kept.
     fn room_to_keep(&mut self, len: u64) -> bool {
         while let Some(&(oldest, seq)) = self.kept_order.front() {
-            let live = self
+            let born = self
                 .files
                 .get(&oldest)
-                .is_some_and(|e| e.kept.iter().any(|k| k.seq == seq));
-            // Its reader stopped: this many pieces were kept since.
-            let abandoned = seq + KEEP_ABANDONED < self.kept_seq;
-            if live && !abandoned {
+                .and_then(|e| e.kept.iter().find(|k| k.seq == seq))
+                .map(|k| k.born);
+            // Its reader stopped: this many pieces were offered since.
+            let abandoned = born.is_some_and(|b| b + KEEP_ABANDONED < self.keep_clock);
+            if born.is_some() && !abandoned {
                 break;
             }
             self.kept_order.pop_front();
@@ -221,6 +226,7 @@ impl Inner {
                 generation,
                 served: 0,
                 seq: self.kept_seq,
+                born: self.keep_clock,
             },
         );
         self.kept_bytes += len;
@@ -241,9 +247,31 @@ impl Inner {
 impl Entry {
     /// `[offset, end)` from the kept pieces, if they hold all of it at the entry's
     /// generation (the caller checked that its blocks are present). A single piece
-    /// gives a view into itself; a range across pieces is copied. Pieces read to
-    /// their end are dropped; returns the bytes freed with them.
-    fn take_kept(&mut self, offset: u64, end: u64) -> Option<(Bytes, u64)> {
+    /// gives a view into itself; a range across pieces is copied. Whether they answer
+    /// or not, the pieces count the range as read, and those read to their end are
+    /// dropped (a read the data file answered does not leave them behind); the second
+    /// value is the bytes freed with them.
+    fn take_kept(&mut self, offset: u64, end: u64) -> (Option<Bytes>, u64) {
+        let data = self.kept_range(offset, end);
+        let mut freed = 0;
+        self.kept.retain_mut(|k| {
+            let (from, to) = (
+                offset.max(k.offset),
+                end.min(k.offset + k.data.len() as u64),
+            );
+            if from < to {
+                k.served += to - from;
+            }
+            let done = k.served >= k.data.len() as u64;
+            if done {
+                freed += k.data.len() as u64;
+            }
+            !done
+        });
+        (data, freed)
+    }
+
+    fn kept_range(&self, offset: u64, end: u64) -> Option<Bytes> {
         let first = self
             .kept
             .iter()
@@ -260,34 +288,20 @@ impl Entry {
                 last += 1;
             }
         }
-        let data = if first == last {
+        if first == last {
             let k = &self.kept[first];
-            k.data
-                .slice((offset - k.offset) as usize..(end - k.offset) as usize)
-        } else {
-            let mut v = Vec::with_capacity((end - offset) as usize);
-            for k in &self.kept[first..=last] {
-                let from = offset.max(k.offset) - k.offset;
-                let to = end.min(k.offset + k.data.len() as u64) - k.offset;
-                v.extend_from_slice(&k.data[from as usize..to as usize]);
-            }
-            Bytes::from(v)
-        };
-        let mut freed = 0;
-        let mut i = first;
-        for _ in first..=last {
-            let k = &mut self.kept[i];
-            let from = offset.max(k.offset);
-            let to = end.min(k.offset + k.data.len() as u64);
-            k.served += to - from;
-            if k.served >= k.data.len() as u64 {
-                freed += k.data.len() as u64;
-                self.kept.remove(i);
-            } else {
-                i += 1;
-            }
+            return Some(
+                k.data
+                    .slice((offset - k.offset) as usize..(end - k.offset) as usize),
+            );
         }
-        Some((data, freed))
+        let mut v = Vec::with_capacity((end - offset) as usize);
+        for k in &self.kept[first..=last] {
+            let from = offset.max(k.offset) - k.offset;
+            let to = end.min(k.offset + k.data.len() as u64) - k.offset;
+            v.extend_from_slice(&k.data[from as usize..to as usize]);
+        }
+        Some(Bytes::from(v))
     }
 }
 
@@ -596,14 +610,15 @@ impl DataCache {
                     },
                 }
             }
-            if missing.is_empty()
-                && let Some((data, freed)) = e.take_kept(offset, end)
-            {
+            if missing.is_empty() {
+                let (data, freed) = e.take_kept(offset, end);
                 inner.kept_bytes = inner.kept_bytes.saturating_sub(freed);
-                self.stats
-                    .hit_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                return Ok(Lookup::Hit(data));
+                if let Some(data) = data {
+                    self.stats
+                        .hit_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return Ok(Lookup::Hit(data));
+                }
             }
             (end, missing)
         };
@@ -677,10 +692,11 @@ impl DataCache {
             };
             // (A store racing this one may take the room first: then this piece is not
             // kept after all, and its bytes are read back from the disk.)
-            (
-                size,
-                keep.is_some() && inner.room_to_keep(data.len() as u64),
-            )
+            let keeping = keep.is_some() && {
+                inner.keep_clock += 1;
+                inner.room_to_keep(data.len() as u64)
+            };
+            (size, keeping)
         };
         let end = offset + data.len() as u64;
         let mut blocks = Vec::new();
@@ -1467,6 +1483,40 @@ mod tests {
             Lookup::Hit(vec![0u8; 16].into())
         );
         assert!(c.read(1, 1, last * piece, 16).is_err());
+    }
+
+    /// A read the data file answers (part of it was not kept) still counts against the
+    /// pieces it covers: they do not linger once read.
+    #[test]
+    fn pieces_read_past_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        c.validate(1, 1, 8 * BLOCK);
+        let d = data(8 * BLOCK as usize, 3);
+        let token = c.token(1).unwrap();
+        c.store_and_keep(
+            1,
+            1,
+            token,
+            0,
+            Bytes::copy_from_slice(&d[..4 * BLOCK as usize]),
+        )
+        .unwrap();
+        c.store(1, 1, token, 4 * BLOCK, &d[4 * BLOCK as usize..])
+            .unwrap();
+        assert_eq!(
+            c.read(1, 1, 0, 2 * BLOCK).unwrap(),
+            Lookup::Hit(d[..2 * BLOCK as usize].to_vec().into())
+        );
+        assert_eq!(c.inner.lock().unwrap().kept_bytes, 4 * BLOCK);
+        // Half from the kept piece, half only in the file: the file answers.
+        assert_eq!(
+            c.read(1, 1, 2 * BLOCK, 4 * BLOCK).unwrap(),
+            Lookup::Hit(d[2 * BLOCK as usize..6 * BLOCK as usize].to_vec().into())
+        );
+        let inner = c.inner.lock().unwrap();
+        assert!(inner.files[&1].kept.is_empty(), "a piece read past lingers");
+        assert_eq!(inner.kept_bytes, 0);
     }
 
     /// A piece its reader never came back for does not hold its room for ever.
