@@ -64,6 +64,9 @@ for r in $(seq "$RUNS"); do
     MP=$MNT bash -c "$CMD"
     wall=$(ms_since "$t0"); s1=$(ticks "$SPID"); c1=$(ticks "$CPID")
     umount "$MNT"
+    # The daemon writes the cache's metadata back as it exits: let it finish before
+    # the next run (or the cleanup) removes the cache directory.
+    for _ in $(seq 100); do kill -0 "$CPID" 2>/dev/null || break; sleep 0.05; done
     line="$r $wall $((c1 - c0)) $((s1 - s0))"
     if ((LOCAL)); then
         drop
