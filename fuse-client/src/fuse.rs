@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, ListedEntry, XattrReply};
+use crate::fs::{Core, ListedEntry, OpenReply, XattrReply};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -165,6 +165,37 @@ fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
     match r {
         Ok(a) => core.attr_ttl(a.ino),
         Err(_) => core.ttl(),
+    }
+}
+
+/// Answer a `create`: the file's attributes and handle, with the I/O mode the
+/// passthrough rules allow (on refusal the new handle is released in the background).
+fn reply_created(
+    core: &Arc<Core>,
+    modes: &IoModes,
+    rt: &tokio::runtime::Handle,
+    c: Caller,
+    r: Result<OpenReply, FsError>,
+    reply: ReplyCreate,
+) {
+    match r {
+        Ok(o) => match modes.create_flags(o.attr.ino, o.fh, o.keep_cache) {
+            Ok(flags) => reply.created(
+                &core.ttl(),
+                &fuse_attr(&o.attr),
+                Generation(0),
+                FileHandle(o.fh),
+                flags,
+            ),
+            Err(e) => {
+                let core = core.clone();
+                rt.spawn(async move {
+                    let _ = core.release(c, o.fh).await;
+                });
+                reply.error(e)
+            }
+        },
+        Err(e) => reply.error(err(&e)),
     }
 }
 
@@ -767,25 +798,21 @@ impl Filesystem for FerryFuse {
             },
             None => None,
         };
-        self.spawn(async move {
-            let _writer = writer;
-            match core.create(c, parent.0, &name, mode, umask, flags).await {
-                Ok(o) => match modes.create_flags(o.attr.ino, o.fh, o.keep_cache) {
-                    Ok(flags) => reply.created(
-                        &core.ttl(),
-                        &fuse_attr(&o.attr),
-                        Generation(0),
-                        FileHandle(o.fh),
-                        flags,
-                    ),
-                    Err(e) => {
-                        let _ = core.release(c, o.fh).await;
-                        reply.error(e)
-                    }
-                },
-                Err(e) => reply.error(err(&e)),
+        // Answered from the connection's reader when the request can be queued at once
+        // (no task to wake on the way); otherwise from a task.
+        let answer = {
+            let (core, rt) = (core.clone(), self.rt.clone());
+            move |r: Result<OpenReply, FsError>| {
+                let _writer = writer;
+                reply_created(&core, &modes, &rt, c, r, reply)
             }
-        });
+        };
+        if let Err(answer) = core.create_now(c, parent.0, &name, mode, umask, flags, answer) {
+            self.spawn(async move {
+                let r = core.create(c, parent.0, &name, mode, umask, flags).await;
+                answer(r)
+            });
+        }
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -846,16 +846,81 @@ impl Core {
         umask: u32,
         flags: i32,
     ) -> FsResult<OpenReply> {
-        let (p, n) = self.child(parent, name)?;
+        let req = self.create_request(parent, name, mode, umask, flags)?;
         let generation = self.client.connect().await?;
-        let req = Request::Create {
+        let reply = self.rpc_on(generation, caller, req).await;
+        self.created(caller, parent, name, flags, generation, reply)
+    }
+
+    /// [`Core::create`] without a task, for the FUSE session thread: queued from the
+    /// calling thread, and finished (`done` called) on the connection's reader when
+    /// the server answers, before the frames after it. `Err(done)`: it would have to
+    /// wait (no live connection at hand, or its slot busy); take [`Core::create`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_now<F>(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        done: F,
+    ) -> Result<(), F>
+    where
+        F: FnOnce(FsResult<OpenReply>) + Send + 'static,
+    {
+        let (Some(me), Some(generation)) = (self.me.upgrade(), self.client.live_generation())
+        else {
+            return Err(done);
+        };
+        let Ok(req) = self.create_request(parent, name, mode, umask, flags) else {
+            return Err(done);
+        };
+        let Some(Ok(sent)) = self.client.try_start_on(Some(generation), caller, req) else {
+            return Err(done);
+        };
+        let name = name.to_vec();
+        sent.then(move |outcome| {
+            let reply = match outcome {
+                Ok(Ok(r)) => Ok(me.unwrap_reply(r)),
+                Ok(Err(e)) => errno(e),
+                Err(e) => Err(e.into()),
+            };
+            done(me.created(caller, parent, &name, flags, generation, reply));
+        });
+        Ok(())
+    }
+
+    fn create_request(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<Request> {
+        let (p, n) = self.child(parent, name)?;
+        Ok(Request::Create {
             parent: p,
             name: n,
             mode,
             umask,
             flags,
-        };
-        let (handle, attr) = match self.rpc_on(generation, caller, req).await? {
+        })
+    }
+
+    /// The end of a create: the server's reply to it taken in.
+    fn created(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        flags: i32,
+        generation: u64,
+        reply: FsResult<Response>,
+    ) -> FsResult<OpenReply> {
+        let (handle, attr) = match reply? {
             Response::Opened { handle, attr } => (handle, attr),
             _ => return Err(TransportError::Protocol.into()),
         };
