@@ -47,9 +47,10 @@ const KEEP_CAP: u64 = 32 * 1024 * 1024;
 /// Entries of `Inner::kept_order` beyond which those of pieces already gone are swept.
 const KEEP_ORDER_MAX: usize = 1024;
 
-/// A kept piece not read through while this many newer pieces were offered for
-/// keeping (1 GiB of 4 MiB pieces) was abandoned by its reader and is dropped.
-const KEEP_ABANDONED: u64 = 256;
+/// A kept piece not read through while this many bytes of newer pieces were offered
+/// for keeping (8 times the cap: room for several readers' readahead) was abandoned by
+/// its reader and is dropped. (Half that in unit tests, which write it all to disk.)
+const KEEP_ABANDONED: u64 = if cfg!(test) { 4 } else { 8 } * KEEP_CAP;
 
 /// Largest metadata file accepted when loading (a corrupt one is dropped, not trusted).
 const MAX_META: usize = 16 * 1024 * 1024;
@@ -144,7 +145,7 @@ struct Inner {
     kept_bytes: u64,
     kept_order: VecDeque<(u64, u64)>,
     kept_seq: u64,
-    /// Pieces offered for keeping (kept or not): the age of kept pieces.
+    /// Bytes of pieces offered for keeping (kept or not): the age of kept pieces.
     keep_clock: u64,
     /// Entries a passthrough open reads directly (by server inode, with a count): their
     /// data file is never punched or replaced, only rewritten in place (see
@@ -693,7 +694,7 @@ impl DataCache {
             // (A store racing this one may take the room first: then this piece is not
             // kept after all, and its bytes are read back from the disk.)
             let keeping = keep.is_some() && {
-                inner.keep_clock += 1;
+                inner.keep_clock += data.len() as u64;
                 inner.room_to_keep(data.len() as u64)
             };
             (size, keeping)
@@ -1523,7 +1524,8 @@ mod tests {
     #[test]
     fn abandoned_pieces_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DataCache::open(dir.path(), 1024 * BLOCK).unwrap();
+        let piece = 4 << 20;
+        let c = DataCache::open(dir.path(), 2 * piece).unwrap();
         c.validate(1, 1, BLOCK);
         c.store_and_keep(
             1,
@@ -1533,15 +1535,15 @@ mod tests {
             Bytes::from(data(BLOCK as usize, 1)),
         )
         .unwrap();
-        let size = (KEEP_ABANDONED + 2) * BLOCK;
-        c.validate(2, 1, size);
-        for i in 0..KEEP_ABANDONED + 2 {
+        // Read through one after the other (each dropped at once), past the age limit.
+        let n = KEEP_ABANDONED / piece + 2;
+        c.validate(2, 1, n * piece);
+        let d = Bytes::from(data(piece as usize, 2));
+        for i in 0..n {
             let token = c.token(2).unwrap();
-            c.store_and_keep(2, 1, token, i * BLOCK, Bytes::from(data(BLOCK as usize, 2)))
-                .unwrap();
-            // Read through: dropped at once.
+            c.store_and_keep(2, 1, token, i * piece, d.clone()).unwrap();
             assert!(matches!(
-                c.read(2, 1, i * BLOCK, BLOCK).unwrap(),
+                c.read(2, 1, i * piece, piece).unwrap(),
                 Lookup::Hit(_)
             ));
         }
