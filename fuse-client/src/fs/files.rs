@@ -874,6 +874,12 @@ impl Core {
         else {
             return Err(done);
         };
+        // A create that meets a file this client may cache can cut its data file (a
+        // truncation, a new version): local I/O the connection's reader should not
+        // wait for. New names, the common case, have nothing cached.
+        if self.child_of(parent, name).is_some() {
+            return Err(done);
+        }
         let Ok(req) = self.create_request(parent, name, mode, umask, flags) else {
             return Err(done);
         };
