@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, ListedEntry, OpenReply, XattrReply};
+use crate::fs::{Core, ListedEntry, NewFile, OpenReply, XattrReply};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -807,11 +807,15 @@ impl Filesystem for FerryFuse {
                 reply_created(&core, &modes, &rt, c, r, reply)
             }
         };
-        if let Err(answer) = core.create_now(c, parent.0, &name, mode, umask, flags, answer) {
-            self.spawn(async move {
-                let r = core.create(c, parent.0, &name, mode, umask, flags).await;
-                answer(r)
-            });
+        let file = NewFile {
+            parent: parent.0,
+            name,
+            mode,
+            umask,
+            flags,
+        };
+        if let Err(answer) = core.create_now(c, &file, answer) {
+            self.spawn(async move { answer(core.create(c, &file).await) });
         }
     }
 

@@ -385,6 +385,16 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// A `create` as the kernel asked for it.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub mode: u32,
+    pub umask: u32,
+    pub flags: i32,
+}
+
 /// What the adapter needs to answer `open`/`create`.
 #[derive(Debug)]
 pub struct OpenReply {
@@ -837,36 +847,18 @@ impl Core {
         self.ensure_handle(f).await
     }
 
-    pub async fn create(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-        umask: u32,
-        flags: i32,
-    ) -> FsResult<OpenReply> {
-        let req = self.create_request(parent, name, mode, umask, flags)?;
+    pub async fn create(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
+        let req = self.create_request(file)?;
         let generation = self.client.connect().await?;
         let reply = self.rpc_on(generation, caller, req).await;
-        self.created(caller, parent, name, flags, generation, reply)
+        self.created(caller, file, generation, reply)
     }
 
     /// [`Core::create`] without a task, for the FUSE session thread: queued from the
     /// calling thread, and finished (`done` called) on the connection's reader when
     /// the server answers, before the frames after it. `Err(done)`: it would have to
     /// wait (no live connection at hand, or its slot busy); take [`Core::create`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn create_now<F>(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        done: F,
-    ) -> Result<(), F>
+    pub fn create_now<F>(&self, caller: Caller, file: &NewFile, done: F) -> Result<(), F>
     where
         F: FnOnce(FsResult<OpenReply>) + Send + 'static,
     {
@@ -877,42 +869,35 @@ impl Core {
         // A create that meets a file this client may cache can cut its data file (a
         // truncation, a new version): local I/O the connection's reader should not
         // wait for. New names, the common case, have nothing cached.
-        if self.child_of(parent, name).is_some() {
+        if self.child_of(file.parent, &file.name).is_some() {
             return Err(done);
         }
-        let Ok(req) = self.create_request(parent, name, mode, umask, flags) else {
+        let Ok(req) = self.create_request(file) else {
             return Err(done);
         };
         let Some(Ok(sent)) = self.client.try_start_on(Some(generation), caller, req) else {
             return Err(done);
         };
-        let name = name.to_vec();
+        let file = file.clone();
         sent.then(move |outcome| {
             let reply = match outcome {
                 Ok(Ok(r)) => Ok(me.unwrap_reply(r)),
                 Ok(Err(e)) => errno(e),
                 Err(e) => Err(e.into()),
             };
-            done(me.created(caller, parent, &name, flags, generation, reply));
+            done(me.created(caller, &file, generation, reply));
         });
         Ok(())
     }
 
-    fn create_request(
-        &self,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-        umask: u32,
-        flags: i32,
-    ) -> FsResult<Request> {
-        let (p, n) = self.child(parent, name)?;
+    fn create_request(&self, file: &NewFile) -> FsResult<Request> {
+        let (parent, name) = self.child(file.parent, &file.name)?;
         Ok(Request::Create {
-            parent: p,
-            name: n,
-            mode,
-            umask,
-            flags,
+            parent,
+            name,
+            mode: file.mode,
+            umask: file.umask,
+            flags: file.flags,
         })
     }
 
@@ -920,12 +905,11 @@ impl Core {
     fn created(
         &self,
         caller: Caller,
-        parent: u64,
-        name: &[u8],
-        flags: i32,
+        file: &NewFile,
         generation: u64,
         reply: FsResult<Response>,
     ) -> FsResult<OpenReply> {
+        let (parent, name, flags) = (file.parent, file.name.as_slice(), file.flags);
         let (handle, attr) = match reply? {
             Response::Opened { handle, attr } => (handle, attr),
             _ => return Err(TransportError::Protocol.into()),

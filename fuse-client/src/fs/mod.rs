@@ -33,7 +33,7 @@ use crate::nodes::{Nodes, ROOT};
 
 pub use dirs::ListedEntry;
 pub use events::Invalidation;
-pub use files::OpenReply;
+pub use files::{NewFile, OpenReply};
 
 /// How long the kernel may trust entries and attributes. With server events, changes are
 /// pushed and this is only a safety net; without them it bounds staleness.
