@@ -76,13 +76,14 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
             self.chunks.push_back(self.buf.split().freeze());
         }
         while !self.chunks.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .chunks
-                .iter()
-                .take(MAX_SLICES)
-                .map(|c| IoSlice::new(c))
-                .collect();
-            let mut n = self.io.write_vectored(&slices).await?;
+            // On the stack: this runs for every batch of replies.
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (slot, chunk) in slices.iter_mut().zip(&self.chunks) {
+                *slot = IoSlice::new(chunk);
+                count += 1;
+            }
+            let mut n = self.io.write_vectored(&slices[..count]).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
