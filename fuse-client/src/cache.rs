@@ -140,8 +140,7 @@ struct Inner {
     reserved: u64,
     generations: u64,
     /// Bytes of all kept pieces, and (ino, seq) of each in the order they were kept:
-    /// the oldest go first when the cap is reached (entries of pieces already gone
-    /// are skipped).
+    /// the oldest are looked at first for pieces gone or abandoned.
     kept_bytes: u64,
     kept_order: VecDeque<(u64, u64)>,
     kept_seq: u64,
@@ -178,7 +177,7 @@ impl Inner {
                 .get(&oldest)
                 .and_then(|e| e.kept.iter().find(|k| k.seq == seq))
                 .map(|k| k.born);
-            // Its reader stopped: this many pieces were offered since.
+            // Its reader stopped: `KEEP_ABANDONED` bytes were offered since.
             let abandoned = born.is_some_and(|b| b + KEEP_ABANDONED < self.keep_clock);
             if born.is_some() && !abandoned {
                 break;
