@@ -211,6 +211,9 @@ pub struct ConnStats {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Attempts to connect that failed (each try while a restarting server is waited
+    /// for counts).
+    pub connect_failures: AtomicU64,
     pub failures: AtomicU64,
 }
 
@@ -228,7 +231,19 @@ pub struct Client {
     closed: AtomicBool,
     /// Capabilities asked for besides [`CLIENT_CAPS`] (set before connecting).
     extra_caps: AtomicU64,
+    /// A connection was made once: from then on a server that cannot be reached is
+    /// waited for, up to `timeout`, before the call fails (see [`Client::current`]).
+    ever_connected: AtomicBool,
+    /// The last attempt to connect failed, when, and how; cleared by a connection.
+    gave_up: Mutex<Option<(Instant, TransportError)>>,
+    /// The last connection lost was dropped by the watchdog (the server went silent
+    /// for `timeout`), not closed or reset by the other end.
+    lost_silent: Arc<AtomicBool>,
 }
+
+/// Pauses between connection attempts while a restarting server is waited for.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// Called with the new generation each time a connection is established.
 pub type ConnectHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -249,6 +264,9 @@ impl Client {
             stats: ConnStats::default(),
             closed: AtomicBool::new(false),
             extra_caps: AtomicU64::new(0),
+            ever_connected: AtomicBool::new(false),
+            gave_up: Mutex::new(None),
+            lost_silent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -340,20 +358,74 @@ impl Client {
             .map(|c| c.generation)
     }
 
+    /// Whether the last connection lost was dropped because the server went silent for
+    /// `timeout` (a call that lost it has waited that long already), rather than
+    /// closed or reset by the other end (a restarting server, a broken route).
+    pub fn lost_silently(&self) -> bool {
+        self.lost_silent.load(Ordering::SeqCst)
+    }
+
+    /// The live connection, or a new one.
+    ///
+    /// Once a connection has existed, a server that cannot be reached (refused, reset,
+    /// no route) is tried again for up to `timeout`: a server restarting, or a network
+    /// gone for a moment, costs a short wait instead of failed calls. Only the first
+    /// attempt after a working connection waits: once it gave up, later calls try once
+    /// each (a server that is away fails them at once, not after `timeout` each), and
+    /// calls that waited for their turn meanwhile fail with the same error.
     async fn current(self: &Arc<Self>) -> Result<Arc<Conn>, TransportError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(TransportError::Closed);
         }
+        let asked = Instant::now();
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_dead()
         {
             return Ok(c.clone());
         }
-        let had_one = slot.is_some();
+        let patient = {
+            let gave_up = self.gave_up.lock().map_err(|_| TransportError::Closed)?;
+            match gave_up.as_ref() {
+                Some((at, e)) if *at >= asked => return Err(self.failed(e.again())),
+                Some(_) => false,
+                None => self.ever_connected.load(Ordering::SeqCst),
+            }
+        };
         *slot = None;
-        let conn = self.open_conn().await?;
-        if had_one {
+        let deadline = asked + self.timeout;
+        let mut pause = RETRY_FIRST;
+        let conn = loop {
+            // No attempt runs much past the caller's wait (a connect that hangs).
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = self.open_conn(left.max(RETRY_MAX)).await;
+            if attempt.is_err() {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            match attempt {
+                Ok(c) => break c,
+                Err(e)
+                    if patient
+                        && e.transient()
+                        && Instant::now() + pause < deadline
+                        && !self.closed.load(Ordering::SeqCst) =>
+                {
+                    tracing::debug!(addr = %self.addr, "server not reachable ({e}); trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+                Err(e) => {
+                    if let Ok(mut g) = self.gave_up.lock() {
+                        *g = Some((Instant::now(), e.again()));
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        if let Ok(mut g) = self.gave_up.lock() {
+            *g = None;
+        }
+        if self.ever_connected.swap(true, Ordering::SeqCst) {
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             tracing::info!(addr = %self.addr, "reconnected");
         }
@@ -367,8 +439,8 @@ impl Client {
         Ok(conn)
     }
 
-    async fn open_conn(self: &Arc<Self>) -> Result<Arc<Conn>, TransportError> {
-        let connect_timeout = self.timeout.min(Duration::from_secs(10));
+    async fn open_conn(self: &Arc<Self>, limit: Duration) -> Result<Arc<Conn>, TransportError> {
+        let connect_timeout = self.timeout.min(Duration::from_secs(10)).min(limit);
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| TransportError::ConnectTimeout(self.addr.clone()))?
@@ -426,6 +498,7 @@ impl Client {
         let rpending = pending.clone();
         let rlast = last_rx.clone();
         let me = Arc::downgrade(self);
+        let lost_silent = self.lost_silent.clone();
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -477,10 +550,12 @@ impl Client {
                     }
                     Some(Err(e)) => {
                         tracing::warn!("connection to server broken: {e}");
+                        lost_silent.store(false, Ordering::SeqCst);
                         break;
                     }
                     None => {
                         tracing::warn!("server closed the connection");
+                        lost_silent.store(false, Ordering::SeqCst);
                         break;
                     }
                 }
@@ -508,6 +583,7 @@ impl Client {
         // dead one.
         let timeout = self.timeout;
         let wconn = Arc::downgrade(&conn);
+        let lost_silent = self.lost_silent.clone();
         tokio::spawn(async move {
             let tick = Duration::from_millis(250).min(timeout / 4);
             let mut last_ping = Instant::now();
@@ -527,6 +603,7 @@ impl Client {
                 let quiet = last_rx.lock().map(|t| t.elapsed()).unwrap_or_default();
                 if quiet >= timeout {
                     tracing::warn!("server silent for {:?}; dropping the connection", quiet);
+                    lost_silent.store(true, Ordering::SeqCst);
                     dead.cancel();
                     abandon(&conn.pending);
                     break;

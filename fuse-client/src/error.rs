@@ -28,6 +28,58 @@ pub enum TransportError {
     Protocol,
 }
 
+impl TransportError {
+    /// The same failure for another caller (I/O errors keep their kind and text).
+    pub fn again(&self) -> TransportError {
+        fn io_again(e: &io::Error) -> io::Error {
+            io::Error::new(e.kind(), e.to_string())
+        }
+        match self {
+            TransportError::Connect(a, e) => TransportError::Connect(a.clone(), io_again(e)),
+            TransportError::ConnectTimeout(a) => TransportError::ConnectTimeout(a.clone()),
+            TransportError::HandshakeTimeout => TransportError::HandshakeTimeout,
+            TransportError::Refused(r) => TransportError::Refused(r.clone()),
+            TransportError::Disconnected => TransportError::Disconnected,
+            TransportError::StaleHandle => TransportError::StaleHandle,
+            TransportError::Closed => TransportError::Closed,
+            TransportError::Io(e) => TransportError::Io(io_again(e)),
+            TransportError::Protocol => TransportError::Protocol,
+        }
+    }
+
+    /// A failure to reach a server that may be back in a moment (restarting, or the
+    /// network briefly gone): worth another attempt while the caller can still wait.
+    /// Timeouts are not: they used up the wait already.
+    pub fn transient(&self) -> bool {
+        use io::ErrorKind as K;
+        match self {
+            TransportError::Connect(_, e) | TransportError::Io(e) => matches!(
+                e.kind(),
+                K::ConnectionRefused
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::NotConnected
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+                    | K::NetworkUnreachable
+                    | K::HostUnreachable
+                    | K::NetworkDown
+                    | K::AddrNotAvailable
+            ),
+            _ => false,
+        }
+    }
+
+    /// The connection broke under a request already sent (or about to be): it may or
+    /// may not have run.
+    pub fn dropped(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Disconnected | TransportError::StaleHandle
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("{}", errno_text(*.0))]

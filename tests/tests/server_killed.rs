@@ -421,3 +421,85 @@ fn a_reader_keeps_reading_across_a_restart() {
         .unmount()
         .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
 }
+
+/// A read in flight when the server dies is sent again once the server is back: the
+/// reader gets its bytes, not `EIO`. The server is stopped first so that the read is
+/// surely on the wire, unanswered, when it is killed.
+#[test]
+fn a_read_in_flight_is_sent_again_after_a_restart() {
+    const MIB: usize = 1 << 20;
+    let data = ferry_tests::rng::Rng::new(0x1f11).bytes(16 * MIB);
+    // No data cache: the read goes to the server. A long timeout: the connection is
+    // lost by the kill, never by the watchdog.
+    let Some(mut fx) = fixture_with(&[], &["--no-cache", "--timeout", "60"], |e| {
+        populate(e);
+        fs::write(e.join("big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    let big = fs::File::open(fx.mnt("big")).expect("open big");
+    let before = fx.mount.stats();
+    fx.server.signal(libc::SIGSTOP);
+    let at = 12 * MIB;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        let _ = tx.send(big.read_exact_at(&mut buf, at as u64).map(|()| buf));
+    });
+    let sent = ferry_tests::poll_until(DEADLINE, || {
+        fx.mount.stats().get_or_zero("requests.read") > before.get_or_zero("requests.read")
+    });
+    assert!(sent, "the read never reached the server's connection");
+    // SIGKILL ends a stopped process too; a new server takes the same address.
+    fx.server.restart();
+    let got = rx
+        .recv_timeout(DEADLINE)
+        .expect("the read in flight hung")
+        .expect("a read in flight when the server was restarted");
+    assert!(got == data[at..at + got.len()], "bytes after the restart");
+    let after = fx.mount.stats();
+    assert!(
+        after.get("sent_again") > before.get("sent_again"),
+        "the read was sent again: {after}"
+    );
+    assert_eq!(
+        after.get("handles_reopened"),
+        before.get("handles_reopened") + 1,
+        "the reader's handle was opened again once"
+    );
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}
+
+/// An operation that finds the server gone waits for it (up to `--timeout`) instead of
+/// failing: a server restarted meanwhile answers it. The mount must have been trying to
+/// reach the server (`connect_failures`) before the server comes back.
+#[test]
+fn an_operation_waits_for_a_restarting_server() {
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "60"], populate) else {
+        return;
+    };
+    assert_eq!(fs::read(fx.mnt("top")).expect("read"), b"top");
+    let before = fx.mount.stats();
+    fx.server.kill();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = fx.mnt("d2/file");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(p));
+    });
+    let trying = ferry_tests::poll_until(DEADLINE, || {
+        fx.mount.stats().get("connect_failures") > before.get("connect_failures")
+    });
+    assert!(trying, "the mount never tried to reach the dead server");
+    fx.server.restart();
+    let got = rx
+        .recv_timeout(DEADLINE)
+        .expect("the read hung")
+        .expect("a read while the server restarted");
+    assert_eq!(got, b"content");
+    assert!(fx.mount.stats().get("reconnects") > before.get("reconnects"));
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}

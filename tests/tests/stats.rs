@@ -14,7 +14,7 @@ const MIB: usize = 1024 * 1024;
 const PUSHED: Duration = Duration::from_secs(5);
 
 /// The counters `ferry stats --json` must offer, numbers all.
-const COUNTERS: [&str; 19] = [
+const COUNTERS: [&str; 21] = [
     "requests",
     "bytes_received",
     "bytes_read_from_server",
@@ -33,7 +33,9 @@ const COUNTERS: [&str; 19] = [
     "invalidations",
     "resyncs",
     "reconnects",
+    "connect_failures",
     "handles_reopened",
+    "sent_again",
 ];
 
 /// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the

@@ -89,13 +89,20 @@ impl Core {
             Some(entries) => self.cached_stream(caller, ino, parent, epoch, entries),
             None => {
                 let path = self.path(ino)?;
-                let generation = self.client.connect().await?;
                 // Open and first batch in one round trip; small directories need no more.
-                let req = Request::ListDir {
-                    path: path.clone(),
-                    max_entries: MAX_DIR_BATCH,
-                };
-                let (handle, entries, eof) = match self.rpc_on(generation, caller, req).await? {
+                let (generation, listing) = self
+                    .once_more(|| {
+                        let req = Request::ListDir {
+                            path: path.clone(),
+                            max_entries: MAX_DIR_BATCH,
+                        };
+                        async move {
+                            let generation = self.client.connect().await?;
+                            Ok((generation, self.rpc_on(generation, caller, req).await?))
+                        }
+                    })
+                    .await?;
+                let (handle, entries, eof) = match listing {
                     Response::Listing {
                         handle,
                         entries,

@@ -660,14 +660,30 @@ impl Core {
         }
 
         let path = self.path(ino)?;
-        let generation = self.client.connect().await?;
-        if !writable
-            && !truncating
-            && let (Some(dir), Some(core)) = (parent, self.me.upgrade())
-        {
-            // Read next, most likely: the directory's other small files.
-            core.prefetch_siblings(caller, dir, sino);
+        if !writable && !truncating {
+            if let (Some(dir), Some(core)) = (parent, self.me.upgrade()) {
+                // Read next, most likely: the directory's other small files.
+                core.prefetch_siblings(caller, dir, sino);
+            }
+            // Opening to read changes nothing on the server: asked again on a new
+            // connection if the old one breaks under it.
+            let (generation, reply) = self
+                .once_more(|| {
+                    let req = Request::Open {
+                        path: path.clone(),
+                        flags,
+                        inline_max: if self.cache.is_some() { INLINE_MAX } else { 0 },
+                        staged: false,
+                    };
+                    async move {
+                        let generation = self.client.connect().await?;
+                        Ok((generation, self.rpc_on(generation, caller, req).await?))
+                    }
+                })
+                .await?;
+            return self.opened(caller, ino, sino, flags, generation, reply, None);
         }
+        let generation = self.client.connect().await?;
         let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
         let inline_max = if self.cache.is_some() && readable && !truncating {
             INLINE_MAX
@@ -702,6 +718,24 @@ impl Core {
                 self.rpc_on(generation, caller, req).await?
             }
         };
+        self.opened(caller, ino, sino, flags, generation, reply, replacing)
+    }
+
+    /// The server answered an open (`reply`, on connection `generation`): register it.
+    /// `replacing` holds the inode's writes off while a writer's handle is replaced.
+    #[allow(clippy::too_many_arguments)]
+    fn opened(
+        &self,
+        caller: Caller,
+        ino: u64,
+        sino: u64,
+        flags: i32,
+        generation: u64,
+        reply: Response,
+        replacing: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
+    ) -> FsResult<OpenReply> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncating = flags & libc::O_TRUNC != 0;
         let (handle, attr, data) = match reply {
             Response::Opened { handle, attr } => (handle, attr, None),
             Response::OpenedWithData { handle, attr, data } => (handle, attr, Some(data)),
@@ -947,7 +981,7 @@ impl Core {
     /// `f`'s server handle if it can be used as it is: any handle of a writer (its staged
     /// writes live and die with the connection that holds them), a reader's only while
     /// its connection is the live one.
-    fn usable_handle(&self, f: &OpenFile) -> Option<(u64, u64)> {
+    pub(super) fn usable_handle(&self, f: &OpenFile) -> Option<(u64, u64)> {
         f.handle()
             .filter(|&(_, g)| f.writable || self.client.live_generation() == Some(g))
     }
@@ -1210,9 +1244,26 @@ impl Core {
         size: u32,
     ) -> FsResult<Bytes> {
         let f = self.open_file(fh)?;
+        if f.writable {
+            // Its reads may see staged writes, which died with the connection.
+            return self.read_once(caller, &f, offset, size).await;
+        }
+        // A reader's handle is opened again on the new connection (`ensure_handle`).
+        let f = &f;
+        self.once_more(|| self.read_once(caller, f, offset, size))
+            .await
+    }
+
+    async fn read_once(
+        self: &Arc<Self>,
+        caller: Caller,
+        f: &Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Bytes> {
         let len = u64::from(size);
         let Some(cache) = self.cache.clone() else {
-            return self.read_remote(caller, &f, offset, len).await;
+            return self.read_remote(caller, f, offset, len).await;
         };
         // Our own writes must have landed before the server is asked for anything.
         if f.writable || self.tracker(f.ino)?.inflight.load(Ordering::SeqCst) > 0 {
@@ -1252,7 +1303,7 @@ impl Core {
                         .bytes_served_from_cache
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
                     if sequential {
-                        self.prefetch(caller, &f, offset + len, window, file_size);
+                        self.prefetch(caller, f, offset + len, window, file_size);
                     }
                     return Ok(d);
                 }
@@ -1265,7 +1316,7 @@ impl Core {
                     // Fetch what was asked plus a window ahead when reading sequentially.
                     let ahead = if sequential { window } else { 0 };
                     let want = (len + ahead).min(file_size.saturating_sub(offset)).max(len);
-                    self.fill(caller, &f, offset, want, true).await?;
+                    self.fill(caller, f, offset, want, true).await?;
                     if let Ok(mut st) = f.state.lock() {
                         st.prefetched_to = st.prefetched_to.max(offset + want);
                     }
@@ -1280,7 +1331,7 @@ impl Core {
         let keep = cache
             .token(f.sino)
             .and_then(|t| Some((f.state.lock().ok()?.version, t)));
-        let data = self.read_remote(caller, &f, offset, len).await?;
+        let data = self.read_remote(caller, f, offset, len).await?;
         if let Some((version, token)) = keep {
             let skip = offset.next_multiple_of(BLOCK) - offset;
             if let Some(rest) = data.get(skip as usize..) {

@@ -132,6 +132,8 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     /// Readers' server handles opened again after a reconnect.
     pub handles_reopened: AtomicU64,
+    /// Requests sent again because the connection broke under them (`Core::once_more`).
+    pub sent_again: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
     /// Unlinks answered before the server confirmed them (see `fs/unlinks.rs`), and
@@ -402,6 +404,27 @@ impl Core {
         }
     }
 
+    /// Run `op`, and once more if the connection broke under it (closed or reset by the
+    /// other end; a server gone silent has had its `--timeout` already). Only for
+    /// operations that change nothing on the server, so a second run is harmless: the
+    /// second run reconnects, waiting for a restarting server (`Client::current`), and
+    /// a reader's handle is opened again on the new connection (`ensure_handle`). A
+    /// server restart then costs a `stat`, `open` or `read` in flight a short wait, not
+    /// an `EIO`.
+    async fn once_more<T, F>(&self, op: impl Fn() -> F) -> FsResult<T>
+    where
+        F: Future<Output = FsResult<T>>,
+    {
+        match op().await {
+            Err(FsError::Transport(e)) if e.dropped() && !self.client.lost_silently() => {
+                self.stats.sent_again.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("connection lost under a request; sending it again");
+                op().await
+            }
+            r => r,
+        }
+    }
+
     async fn rpc_on(&self, generation: u64, caller: Caller, req: Request) -> FsResult<Response> {
         match self.client.call_on(Some(generation), caller, req).await? {
             Ok(r) => Ok(self.unwrap_reply(r)),
@@ -518,11 +541,15 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             return errno(libc::ENOENT);
         }
-        let req = Request::Lookup {
-            parent: parent_path,
-            name: n,
-        };
-        let attr = Self::expect_attr(self.rpc(caller, req).await?)?;
+        let attr = self
+            .once_more(|| {
+                let req = Request::Lookup {
+                    parent: parent_path.clone(),
+                    name: n.clone(),
+                };
+                async move { Self::expect_attr(self.rpc(caller, req).await?) }
+            })
+            .await?;
         self.entry(parent, name, attr)
     }
 
@@ -533,9 +560,11 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(attr);
         }
+        // An open file's handle answers for it, unless it is a reader's from a lost
+        // connection: then its path does.
         let open = fh
             .and_then(|fh| self.open_file(fh).ok())
-            .filter(|f| f.handle().is_some());
+            .filter(|f| self.usable_handle(f).is_some());
         let path = self.path(ino);
         let open = match (&path, open) {
             (_, Some(o)) => Some(o),
@@ -551,11 +580,15 @@ impl Core {
                 Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
             }
             None => {
-                let req = Request::GetAttr {
-                    path: path?,
-                    handle: None,
-                };
-                Self::expect_attr(self.rpc(caller, req).await?)?
+                let path = path?;
+                self.once_more(|| {
+                    let req = Request::GetAttr {
+                        path: path.clone(),
+                        handle: None,
+                    };
+                    async move { Self::expect_attr(self.rpc(caller, req).await?) }
+                })
+                .await?
             }
         };
         let attr = self.note_attr(attr);
@@ -629,15 +662,9 @@ impl Core {
     }
 
     pub async fn readlink(&self, caller: Caller, ino: u64) -> FsResult<Vec<u8>> {
-        match self
-            .rpc(
-                caller,
-                Request::ReadLink {
-                    path: self.path(ino)?,
-                },
-            )
-            .await?
-        {
+        let path = self.path(ino)?;
+        let req = || self.rpc(caller, Request::ReadLink { path: path.clone() });
+        match self.once_more(req).await? {
             Response::Data(d) => Ok(Vec::from(d)),
             _ => Err(TransportError::Protocol.into()),
         }
@@ -785,7 +812,8 @@ impl Core {
 
     pub async fn statfs(&self, caller: Caller, ino: u64) -> FsResult<StatFs> {
         let path = self.path(ino).unwrap_or_default();
-        match self.rpc(caller, Request::StatFs { path }).await? {
+        let req = || self.rpc(caller, Request::StatFs { path: path.clone() });
+        match self.once_more(req).await? {
             Response::StatFs(s) => Ok(s),
             _ => Err(TransportError::Protocol.into()),
         }
@@ -817,15 +845,21 @@ impl Core {
             };
         }
         let path = self.path(ino)?;
-        let req = match name {
-            Some(n) => Request::GetXattr {
-                path,
-                name: n.to_vec(),
-                size,
-            },
-            None => Request::ListXattr { path, size },
+        let req = || {
+            let path = path.clone();
+            self.rpc(
+                caller,
+                match name {
+                    Some(n) => Request::GetXattr {
+                        path,
+                        name: n.to_vec(),
+                        size,
+                    },
+                    None => Request::ListXattr { path, size },
+                },
+            )
         };
-        match self.rpc(caller, req).await? {
+        match self.once_more(req).await? {
             Response::Data(d) => Ok(XattrReply::Data(Vec::from(d))),
             Response::XattrSize(n) => Ok(XattrReply::Size(n)),
             _ => Err(TransportError::Protocol.into()),
@@ -882,6 +916,10 @@ impl Core {
                 c.reconnects.load(Ordering::Relaxed),
             ),
             (
+                "connect_failures".to_string(),
+                c.connect_failures.load(Ordering::Relaxed),
+            ),
+            (
                 "transport_failures".to_string(),
                 c.failures.load(Ordering::Relaxed),
             ),
@@ -902,6 +940,7 @@ impl Core {
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
             ("handles_reopened", &s.handles_reopened),
+            ("sent_again", &s.sent_again),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
             ("unlinks_behind", &s.unlinks_behind),
