@@ -71,7 +71,7 @@ run() {
     start_server
     wait "$reader" || rc=$?
     local counters
-    counters=$("$bin/ferry" stats "$mp" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(f"{k}={s.get(k, 0)}" for k in ("reconnects", "connect_failures", "sent_again", "handles_reopened")))')
+    counters=$("$bin/ferry" stats "$mp" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(f"{k}={s.get(k, 0)}" for k in ("reconnects", "connect_failures", "retried", "handles_reopened")))')
     "$bin/ferry" umount "$mp"
     # The daemon exits after the unmount returns; its cache goes once it is gone.
     for _ in $(seq 200); do pgrep -f "ferry mount .*$mp" >/dev/null || break; sleep 0.05; done

@@ -58,15 +58,24 @@ enum Waiter {
 
 /// Take every waiter out (the connection is gone) and tell each: tasks see their
 /// sender dropped, handlers run here, outside the lock.
-fn abandon(pending: &Pending) {
+fn abandon(pending: &Pending, silent: &AtomicBool) {
     let waiters = match pending.lock() {
         Ok(mut p) => std::mem::take(&mut *p),
         Err(_) => return,
     };
     for (_, w) in waiters {
         if let Waiter::Then(f) = w {
-            f(Err(TransportError::Disconnected));
+            f(Err(lost(silent)));
         }
+    }
+}
+
+/// How a request learns its connection is gone: dropped by the watchdog (`silent`), or
+/// closed or reset.
+fn lost(silent: &AtomicBool) -> TransportError {
+    match silent.load(Ordering::SeqCst) {
+        true => TransportError::Silent,
+        false => TransportError::Disconnected,
     }
 }
 
@@ -78,6 +87,8 @@ struct Conn {
     pending: Arc<Pending>,
     next_id: AtomicU64,
     dead: CancellationToken,
+    /// Dropped by the watchdog: the server said nothing for `timeout`.
+    silent: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -236,9 +247,6 @@ pub struct Client {
     ever_connected: AtomicBool,
     /// The last attempt to connect failed, when, and how; cleared by a connection.
     gave_up: Mutex<Option<(Instant, TransportError)>>,
-    /// The last connection lost was dropped by the watchdog (the server went silent
-    /// for `timeout`), not closed or reset by the other end.
-    lost_silent: Arc<AtomicBool>,
 }
 
 /// Pauses between connection attempts while a restarting server is waited for.
@@ -266,7 +274,6 @@ impl Client {
             extra_caps: AtomicU64::new(0),
             ever_connected: AtomicBool::new(false),
             gave_up: Mutex::new(None),
-            lost_silent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -358,13 +365,6 @@ impl Client {
             .map(|c| c.generation)
     }
 
-    /// Whether the last connection lost was dropped because the server went silent for
-    /// `timeout` (a call that lost it has waited that long already), rather than
-    /// closed or reset by the other end (a restarting server, a broken route).
-    pub fn lost_silently(&self) -> bool {
-        self.lost_silent.load(Ordering::SeqCst)
-    }
-
     /// The live connection, or a new one.
     ///
     /// Once a connection has existed, a server that cannot be reached (refused, reset,
@@ -379,6 +379,9 @@ impl Client {
         }
         let asked = Instant::now();
         let mut slot = self.conn.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(TransportError::Closed);
+        }
         if let Some(c) = slot.as_ref()
             && !c.is_dead()
         {
@@ -418,7 +421,7 @@ impl Client {
                     if let Ok(mut g) = self.gave_up.lock() {
                         *g = Some((Instant::now(), e.again()));
                     }
-                    return Err(e);
+                    return Err(self.failed(e));
                 }
             }
         };
@@ -440,15 +443,17 @@ impl Client {
     }
 
     async fn open_conn(self: &Arc<Self>, limit: Duration) -> Result<Arc<Conn>, TransportError> {
-        let connect_timeout = self.timeout.min(Duration::from_secs(10)).min(limit);
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
+        // One deadline for the connect and the handshake together.
+        let deadline =
+            tokio::time::Instant::now() + self.timeout.min(Duration::from_secs(10)).min(limit);
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| TransportError::ConnectTimeout(self.addr.clone()))?
             .map_err(|e| TransportError::Connect(self.addr.clone(), e))?;
         // Small requests (lookups, getattr) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (framed, welcome) = tokio::time::timeout(
-            connect_timeout,
+        let (framed, welcome) = tokio::time::timeout_at(
+            deadline,
             handshake(
                 stream,
                 &self.client_name(),
@@ -498,7 +503,8 @@ impl Client {
         let rpending = pending.clone();
         let rlast = last_rx.clone();
         let me = Arc::downgrade(self);
-        let lost_silent = self.lost_silent.clone();
+        let silent = Arc::new(AtomicBool::new(false));
+        let rsilent = silent.clone();
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -550,12 +556,10 @@ impl Client {
                     }
                     Some(Err(e)) => {
                         tracing::warn!("connection to server broken: {e}");
-                        lost_silent.store(false, Ordering::SeqCst);
                         break;
                     }
                     None => {
                         tracing::warn!("server closed the connection");
-                        lost_silent.store(false, Ordering::SeqCst);
                         break;
                     }
                 }
@@ -567,7 +571,7 @@ impl Client {
                     .compare_exchange(generation, 0, Ordering::SeqCst, Ordering::SeqCst);
             }
             // Dropping the senders wakes every waiter with an error.
-            abandon(&rpending);
+            abandon(&rpending, &rsilent);
         });
 
         let conn = Arc::new(Conn {
@@ -576,6 +580,7 @@ impl Client {
             pending,
             next_id: AtomicU64::new(1),
             dead: dead.clone(),
+            silent,
         });
 
         // Watchdog: while anything is outstanding, the server must say something at least
@@ -583,7 +588,6 @@ impl Client {
         // dead one.
         let timeout = self.timeout;
         let wconn = Arc::downgrade(&conn);
-        let lost_silent = self.lost_silent.clone();
         tokio::spawn(async move {
             let tick = Duration::from_millis(250).min(timeout / 4);
             let mut last_ping = Instant::now();
@@ -603,9 +607,9 @@ impl Client {
                 let quiet = last_rx.lock().map(|t| t.elapsed()).unwrap_or_default();
                 if quiet >= timeout {
                     tracing::warn!("server silent for {:?}; dropping the connection", quiet);
-                    lost_silent.store(true, Ordering::SeqCst);
+                    conn.silent.store(true, Ordering::SeqCst);
                     dead.cancel();
-                    abandon(&conn.pending);
+                    abandon(&conn.pending, &conn.silent);
                     break;
                 }
                 if quiet >= Duration::from_secs(1) && last_ping.elapsed() >= Duration::from_secs(1)
@@ -659,6 +663,12 @@ impl Client {
         caller: Caller,
         request: Request,
     ) -> Result<Sent, TransportError> {
+        // A handle of a connection already gone stays void: no reconnect to learn that.
+        if let Some(g) = generation
+            && self.live_generation() != Some(g)
+        {
+            return Err(self.failed(TransportError::StaleHandle));
+        }
         let conn = self.current().await?;
         self.enqueue(&conn, generation, caller, request)
     }
@@ -709,7 +719,7 @@ impl Client {
             .map_err(|_| TransportError::Disconnected)?
             .insert(id, Waiter::Task(tx));
         if conn.is_dead() {
-            return Err(self.failed(TransportError::Disconnected));
+            return Err(self.failed(lost(&conn.silent)));
         }
         if conn
             .out
@@ -727,6 +737,7 @@ impl Client {
             id,
             pending: Arc::clone(&conn.pending),
             client: Arc::clone(self),
+            silent: Arc::clone(&conn.silent),
         })
     }
 
@@ -773,13 +784,14 @@ pub struct Sent {
     id: u64,
     pending: Arc<Pending>,
     client: Arc<Client>,
+    silent: Arc<AtomicBool>,
 }
 
 impl Sent {
     pub async fn reply(self) -> Outcome {
         match self.rx.await {
             Ok(r) => Ok(r),
-            Err(_) => Err(self.client.failed(TransportError::Disconnected)),
+            Err(_) => Err(self.client.failed(lost(&self.silent))),
         }
     }
 
@@ -793,6 +805,7 @@ impl Sent {
             id,
             pending,
             client,
+            silent,
         } = self;
         // Counted as `Sent::reply` counts a lost connection.
         let f: OnReply = Box::new(move |outcome| match outcome {
@@ -813,7 +826,7 @@ impl Sent {
         // or was dropped with the connection.
         match rx.try_recv() {
             Ok(r) => f(Ok(r)),
-            Err(_) => f(Err(TransportError::Disconnected)),
+            Err(_) => f(Err(lost(&silent))),
         }
     }
 }

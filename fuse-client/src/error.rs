@@ -18,6 +18,8 @@ pub enum TransportError {
     Refused(String),
     #[error("connection to the server lost")]
     Disconnected,
+    #[error("server silent for longer than the timeout; connection dropped")]
+    Silent,
     #[error("file handle belongs to a connection that was lost")]
     StaleHandle,
     #[error("client is shutting down")]
@@ -40,6 +42,7 @@ impl TransportError {
             TransportError::HandshakeTimeout => TransportError::HandshakeTimeout,
             TransportError::Refused(r) => TransportError::Refused(r.clone()),
             TransportError::Disconnected => TransportError::Disconnected,
+            TransportError::Silent => TransportError::Silent,
             TransportError::StaleHandle => TransportError::StaleHandle,
             TransportError::Closed => TransportError::Closed,
             TransportError::Io(e) => TransportError::Io(io_again(e)),
@@ -70,8 +73,9 @@ impl TransportError {
         }
     }
 
-    /// The connection broke under a request already sent (or about to be): it may or
-    /// may not have run.
+    /// The connection was closed or reset under a request already sent (or about to
+    /// be): it may or may not have run. Not one dropped for silence: its caller has
+    /// waited `--timeout` already.
     pub fn dropped(&self) -> bool {
         matches!(
             self,

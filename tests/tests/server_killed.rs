@@ -426,7 +426,7 @@ fn a_reader_keeps_reading_across_a_restart() {
 /// reader gets its bytes, not `EIO`. The server is stopped first so that the read is
 /// surely on the wire, unanswered, when it is killed.
 #[test]
-fn a_read_in_flight_is_sent_again_after_a_restart() {
+fn a_read_in_flight_is_retried_after_a_restart() {
     const MIB: usize = 1 << 20;
     let data = ferry_tests::rng::Rng::new(0x1f11).bytes(16 * MIB);
     // No data cache: the read goes to the server. A long timeout: the connection is
@@ -459,7 +459,7 @@ fn a_read_in_flight_is_sent_again_after_a_restart() {
     assert!(got == data[at..at + got.len()], "bytes after the restart");
     let after = fx.mount.stats();
     assert!(
-        after.get("sent_again") > before.get("sent_again"),
+        after.get("retried") > before.get("retried"),
         "the read was sent again: {after}"
     );
     assert_eq!(

@@ -35,7 +35,7 @@ const COUNTERS: [&str; 21] = [
     "reconnects",
     "connect_failures",
     "handles_reopened",
-    "sent_again",
+    "retried",
 ];
 
 /// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the

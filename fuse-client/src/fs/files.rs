@@ -254,6 +254,10 @@ impl FileState {
     /// Account for a read of `len` bytes at `offset`; returns whether the file is being
     /// read at random (a second small out-of-order read in a row).
     fn record_read(&mut self, offset: u64, len: u64) -> bool {
+        if self.next_off == offset + len && len > 0 {
+            // The same read again (run once more after a broken connection).
+            return self.random_streak >= 2;
+        }
         let (sequential, window) = self.next_window(offset);
         if sequential || len >= BLOCK || offset == 0 {
             self.random_streak = 0;
@@ -279,7 +283,7 @@ pub struct OpenFile {
     ino: u64,
     /// Server inode number: the cache key.
     sino: u64,
-    writable: bool,
+    pub(super) writable: bool,
     /// Who opened it: a handle opened later for it (lazily, or again after a reconnect)
     /// is opened with the opener's credentials, not those of whoever reads.
     opener: Caller,
@@ -661,10 +665,6 @@ impl Core {
 
         let path = self.path(ino)?;
         if !writable && !truncating {
-            if let (Some(dir), Some(core)) = (parent, self.me.upgrade()) {
-                // Read next, most likely: the directory's other small files.
-                core.prefetch_siblings(caller, dir, sino);
-            }
             // Opening to read changes nothing on the server: asked again on a new
             // connection if the old one breaks under it.
             let (generation, reply) = self
@@ -677,6 +677,10 @@ impl Core {
                     };
                     async move {
                         let generation = self.client.connect().await?;
+                        if let (Some(dir), Some(core)) = (parent, self.me.upgrade()) {
+                            // Read next, most likely: the directory's other small files.
+                            core.prefetch_siblings(caller, dir, sino);
+                        }
                         Ok((generation, self.rpc_on(generation, caller, req).await?))
                     }
                 })
@@ -1244,8 +1248,9 @@ impl Core {
         size: u32,
     ) -> FsResult<Bytes> {
         let f = self.open_file(fh)?;
-        if f.writable {
-            // Its reads may see staged writes, which died with the connection.
+        if f.writable || self.shared_writer(f.ino)?.is_some() {
+            // Its reads see staged writes (through the writer's handle), which died
+            // with the connection: read again, it would see the old content instead.
             return self.read_once(caller, &f, offset, size).await;
         }
         // A reader's handle is opened again on the new connection (`ensure_handle`).

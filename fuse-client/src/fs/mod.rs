@@ -132,8 +132,9 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     /// Readers' server handles opened again after a reconnect.
     pub handles_reopened: AtomicU64,
-    /// Requests sent again because the connection broke under them (`Core::once_more`).
-    pub sent_again: AtomicU64,
+    /// Operations run again because their connection was closed or reset under them
+    /// (`Core::once_more`).
+    pub retried: AtomicU64,
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
     /// Unlinks answered before the server confirmed them (see `fs/unlinks.rs`), and
@@ -416,8 +417,8 @@ impl Core {
         F: Future<Output = FsResult<T>>,
     {
         match op().await {
-            Err(FsError::Transport(e)) if e.dropped() && !self.client.lost_silently() => {
-                self.stats.sent_again.fetch_add(1, Ordering::Relaxed);
+            Err(FsError::Transport(e)) if e.dropped() => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("connection lost under a request; sending it again");
                 op().await
             }
@@ -571,14 +572,24 @@ impl Core {
             (Err(_), None) => self.any_handle(ino),
             (Ok(_), None) => None,
         };
-        let attr = match open.as_ref().and_then(|o| o.handle().map(|h| (o, h))) {
-            Some((_, (handle, generation))) => {
+        let by_handle = match open.as_ref().and_then(|o| o.handle().map(|h| (o, h))) {
+            Some((o, (handle, generation))) => {
                 let req = Request::GetAttr {
                     path: RelPath::root(),
                     handle: Some(handle),
                 };
-                Self::expect_attr(self.rpc_on(generation, caller, req).await?)?
+                match self.rpc_on(generation, caller, req).await {
+                    // A reader's connection broke under it: its path answers.
+                    Err(FsError::Transport(e)) if e.dropped() && !o.writable && path.is_ok() => {
+                        None
+                    }
+                    r => Some(Self::expect_attr(r?)?),
+                }
             }
+            None => None,
+        };
+        let attr = match by_handle {
+            Some(attr) => attr,
             None => {
                 let path = path?;
                 self.once_more(|| {
@@ -940,7 +951,7 @@ impl Core {
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
             ("handles_reopened", &s.handles_reopened),
-            ("sent_again", &s.sent_again),
+            ("retried", &s.retried),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
             ("unlinks_behind", &s.unlinks_behind),
