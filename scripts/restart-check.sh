@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Readers across a server restart, by hand: copies a big file out of a ferry mount, and
-# reads a tree of small files, while ferryd is killed and started again on the same
-# address. Prints whether each reader finished with the right bytes, and the mount's
-# reconnect counters.
+# Readers and writers across a server restart, by hand: copies a big file out of a ferry
+# mount, reads a tree of small files, and untars that tree into the mount, while ferryd
+# is killed and started again on the same address. Prints whether each finished with the
+# right bytes, and the mount's reconnect counters.
 #
 #   sudo scripts/restart-check.sh [--signal KILL|TERM] [--down SECS] [--at SECS]
 #                                 [--timeout SECS] [--bin DIR]
@@ -43,6 +43,7 @@ for d in $(seq -w 20); do
     mkdir "$exp/tree/d$d"
     for f in $(seq -w 100); do head -c $((RANDOM % 16384)) /dev/urandom >"$exp/tree/d$d/f$f"; done
 done
+tar -cf "$work/tree.tar" -C "$exp/tree" .
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 start_server() {
@@ -71,7 +72,7 @@ run() {
     start_server
     wait "$reader" || rc=$?
     local counters
-    counters=$("$bin/ferry" stats "$mp" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(f"{k}={s.get(k, 0)}" for k in ("reconnects", "connect_failures", "retried", "handles_reopened")))')
+    counters=$("$bin/ferry" stats "$mp" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(f"{k}={s.get(k, 0)}" for k in ("reconnects", "connect_failures", "retried", "handles_reopened", "uploads_replayed")))')
     "$bin/ferry" umount "$mp"
     # The daemon exits after the unmount returns; its cache goes once it is gone.
     for _ in $(seq 200); do pgrep -f "ferry mount .*$mp" >/dev/null || break; sleep 0.05; done
@@ -90,3 +91,8 @@ rm -f "$work/copy"
 run "cat of 2,000 small files" bash -c "set -o pipefail; $(declare -f sum_tree); sum_tree '$mp/tree'"
 want=$(sum_tree "$exp/tree")
 [ "$want" = "$(cat "$work/out")" ] && echo "  bytes identical" || echo "  BYTES DIFFER"
+mkdir "$exp/untar"
+run "untar of 2,000 small files into the mount" tar --no-same-owner -xf "$work/tree.tar" -C "$mp/untar"
+if diff -r "$exp/tree" "$exp/untar" >"$work/diff"; then echo "  tree identical"; else
+    echo "  TREE DIFFERS: $(grep -c . "$work/diff") lines of diff -r; first: $(head -n1 "$work/diff")"
+fi

@@ -76,6 +76,41 @@ impl TestServer {
         self.exited = None;
     }
 
+    /// The process of the next server, forked now and started by
+    /// [`TestServer::restart_prepared`]: for a test that restarts the server while it
+    /// has files of the mount open. A fork then would copy those descriptors, and the
+    /// child's exec would close the copies: each close of a descriptor on a FUSE mount is
+    /// a `FLUSH`, which commits the file's writes behind the test's back. (Hold
+    /// [`crate::process::no_spawns`] meanwhile so that other tests do not fork either.)
+    pub fn prepare_restart(&self) -> PreparedServer {
+        let listen = self.addr.to_string();
+        let (child, line, desc) = launch(
+            self.export.path(),
+            &listen,
+            &self.args,
+            &self.log_path,
+            true,
+        );
+        PreparedServer { child, line, desc }
+    }
+
+    /// [`TestServer::restart`] with a process forked earlier ([`TestServer::prepare_restart`]).
+    pub fn restart_prepared(&mut self, mut next: PreparedServer) {
+        use std::io::Write;
+        self.kill();
+        let go = next
+            .child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(b"go\n");
+        go.unwrap_or_else(|e| panic!("starting the prepared ferryd: {e}"));
+        let (child, addr) = wait_addr(next.child, next.line, &next.desc, &self.log_path);
+        assert_eq!(addr, self.addr, "restarted ferryd reports another address");
+        self.child = child;
+        self.exited = None;
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -166,15 +201,46 @@ impl TestServer {
     }
 }
 
+/// A `ferryd` process forked but not started yet ([`TestServer::prepare_restart`]):
+/// a shell that waits for a line on its standard input, then becomes `ferryd`.
+pub struct PreparedServer {
+    child: Child,
+    line: mpsc::Receiver<Option<String>>,
+    desc: String,
+}
+
 /// Starts `ferryd --listen LISTEN ARGS… EXPORT` (stderr appended to `log_path`) and
 /// returns it with the address it printed; panics (showing the log) if it prints none.
 fn spawn(export: &Path, listen: &str, args: &[String], log_path: &Path) -> (Child, SocketAddr) {
+    let (child, line, desc) = launch(export, listen, args, log_path, false);
+    wait_addr(child, line, &desc, log_path)
+}
+
+/// Forks `ferryd` (`held`: a shell that execs it once a line arrives on its stdin), and
+/// a thread that hands over the first line it prints.
+fn launch(
+    export: &Path,
+    listen: &str,
+    args: &[String],
+    log_path: &Path,
+    held: bool,
+) -> (Child, mpsc::Receiver<Option<String>>, String) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .expect("opening the ferryd log file");
-    let mut cmd = crate::bins::ferryd();
+    let mut cmd = if held {
+        let mut sh = std::process::Command::new("sh");
+        sh.arg("-c")
+            .arg("read -r _ && exec \"$@\" </dev/null")
+            .arg("sh")
+            .arg(crate::bins::ferryd_bin())
+            .stdin(Stdio::piped());
+        sh
+    } else {
+        crate::bins::ferryd()
+    };
     cmd.arg("--listen")
         .arg(listen)
         .args(args)
@@ -205,6 +271,16 @@ fn spawn(export: &Path, listen: &str, args: &[String], log_path: &Path) -> (Chil
         let _ = tx.send(first);
         let _ = io::copy(&mut reader, &mut io::sink());
     });
+    (child, rx, desc)
+}
+
+/// The address `child` ([`launch`]) printed; panics (showing the log) if it prints none.
+fn wait_addr(
+    mut child: Child,
+    rx: mpsc::Receiver<Option<String>>,
+    desc: &str,
+    log_path: &Path,
+) -> (Child, SocketAddr) {
     let fail = |child: &mut Child, why: String| -> ! {
         let _ = child.kill();
         let _ = child.wait();

@@ -503,3 +503,152 @@ fn an_operation_waits_for_a_restarting_server() {
         .unmount()
         .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
 }
+
+/// `data` written at `off` of the model `buf`.
+fn put(buf: &mut Vec<u8>, off: usize, data: &[u8]) {
+    if buf.len() < off + data.len() {
+        buf.resize(off + data.len(), 0);
+    }
+    buf[off..off + data.len()].copy_from_slice(data);
+}
+
+/// Closes `f` with [`DEADLINE`].
+#[track_caller]
+fn close_in_time(name: &str, f: fs::File) -> io::Result<()> {
+    with_deadline(DEADLINE, move || ferry_tests::sys::close(f))
+        .unwrap_or_else(|| panic!("close of {name}: still blocked after {DEADLINE:?}"))
+}
+
+/// Files are opened and changed through the mount, each its own way; the server is
+/// killed and started again before the closes, and more is written after it is back.
+/// Each `close()` returns 0 and the export has the new content byte for byte: the mount
+/// sent again what the killed server's staging files lost (`uploads_replayed`).
+#[test]
+fn writers_survive_a_restart() {
+    const MIB: usize = 1 << 20;
+    let mut rng = ferry_tests::rng::Rng::new(0x5e5e);
+    let old_small = rng.bytes(300_000);
+    let old_big = rng.bytes(6 * MIB);
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
+        for name in ["in_place", "o_trunc", "ftruncate"] {
+            fs::write(e.join(name), &old_small).expect("write");
+        }
+        fs::write(e.join("in_flight"), &old_big).expect("write");
+    }) else {
+        return;
+    };
+    let before = fx.mount.stats();
+    // Forked before any file is open: nothing forks while they are.
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    // (name, open file, what the export must hold after the close)
+    let mut open: Vec<(&str, fs::File, Vec<u8>)> = Vec::new();
+    let opened = |name: &str, create: bool, trunc: bool| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(create)
+            .truncate(trunc)
+            .open(fx.mnt(name))
+            .unwrap_or_else(|e| panic!("{name}: open: {e}"))
+    };
+    {
+        let (f, mut want) = (opened("in_place", false, false), old_small.clone());
+        let d = rng.bytes(64 * 1024);
+        f.write_all_at(&d, 1000).expect("in_place: write");
+        put(&mut want, 1000, &d);
+        open.push(("in_place", f, want));
+    }
+    {
+        let mut f = opened("o_trunc", false, true);
+        let d = rng.bytes(150_000);
+        f.write_all(&d).expect("o_trunc: write");
+        open.push(("o_trunc", f, d));
+    }
+    {
+        let f = opened("ftruncate", false, false);
+        f.set_len(100).expect("ftruncate: set_len");
+        let d = rng.bytes(20_000);
+        f.write_all_at(&d, 100).expect("ftruncate: write");
+        let mut want = old_small[..100].to_vec();
+        put(&mut want, 100, &d);
+        open.push(("ftruncate", f, want));
+    }
+    {
+        let mut f = opened("new", true, false);
+        let d = rng.bytes(100_000);
+        f.write_all(&d).expect("new: write");
+        open.push(("new", f, d));
+    }
+    {
+        // Written behind: still on the way when the server dies.
+        let (f, mut want) = (opened("in_flight", false, false), old_big.clone());
+        let d = rng.bytes(4 * MIB);
+        f.write_all_at(&d, MIB as u64).expect("in_flight: write");
+        put(&mut want, MIB, &d);
+        open.push(("in_flight", f, want));
+    }
+
+    fx.server.restart_prepared(next);
+    // More changes once the server is back, through the same descriptors.
+    for (name, f, want) in &mut open {
+        let d = rng.bytes(10_000);
+        let at = want.len() / 2;
+        f.write_all_at(&d, at as u64)
+            .unwrap_or_else(|e| panic!("{name}: write after the restart: {e}"));
+        put(want, at, &d);
+    }
+    let n = open.len() as u64;
+    for (name, f, want) in open {
+        close_in_time(name, f).unwrap_or_else(|e| {
+            panic!(
+                "close of {name} after a restart: {e}\n--- mount log ---\n{}",
+                fx.mount.log()
+            )
+        });
+        let got = fs::read(fx.exp(name)).expect("read the export");
+        ferry_tests::data::assert_same_bytes(&got, &want, &format!("{name} on the export"));
+        let through = fs::read(fx.mnt(name)).expect("read through the mount");
+        ferry_tests::data::assert_same_bytes(&through, &want, &format!("{name} through the mount"));
+    }
+    drop(no_spawns);
+    let after = fx.mount.stats();
+    assert_eq!(
+        after.get("uploads_replayed") - before.get("uploads_replayed"),
+        n,
+        "one replay per file: {after}"
+    );
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}
+
+/// More uncommitted data than the mount keeps for sending again (8 MiB per file) when
+/// the server restarts: the close fails and the export keeps its old content.
+#[test]
+fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
+    const MIB: usize = 1 << 20;
+    let mut rng = ferry_tests::rng::Rng::new(0xb16);
+    let old = rng.bytes(12 * MIB);
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
+        fs::write(e.join("big"), &old).expect("write");
+    }) else {
+        return;
+    };
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(fx.mnt("big"))
+        .expect("open");
+    f.write_all_at(&rng.bytes(10 * MIB), 0).expect("write");
+    fx.server.restart_prepared(next);
+    let err = close_in_time("big", f).expect_err("close after losing 10 MiB of staged writes");
+    drop(no_spawns);
+    assert!(
+        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
+        "close failed with {err}, expected EIO"
+    );
+    let now = fs::read(fx.exp("big")).expect("read the export");
+    assert!(now == old, "the export changed although the close failed");
+    assert_eq!(fx.mount.stats().get("uploads_replayed"), 0);
+}

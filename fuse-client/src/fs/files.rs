@@ -69,6 +69,88 @@ impl Writer {
     }
 }
 
+/// Bytes of uncommitted writes one inode keeps for sending again ([`Journal`]).
+const JOURNAL_MAX: u64 = 8 * 1024 * 1024;
+/// The same for all inodes of this process together.
+const JOURNALS_MAX: u64 = 32 * 1024 * 1024;
+static JOURNALS: AtomicU64 = AtomicU64::new(0);
+
+/// A change of an inode's content not yet committed, as it was sent.
+#[derive(Debug, Clone)]
+enum Replay {
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    /// A staged truncation: `ftruncate`, an `O_TRUNC` open or create.
+    Truncate(u64),
+    /// Times or mode sent behind the writes.
+    Attrs(SetAttr),
+}
+
+/// Every change made through an inode's write handle since its last commit, in order,
+/// so that a lost connection (the server's staging file went with it) does not lose
+/// them: at the close they are sent again through a new handle, then committed
+/// ([`Core::replay`]). Up to [`JOURNAL_MAX`] bytes per inode and [`JOURNALS_MAX`] in
+/// all; past that, or after a change that cannot be sent again (a server-side copy into
+/// the file, `fallocate`), the journal is not `whole` until the next commit, and a lost
+/// connection fails the close as before.
+#[derive(Debug)]
+struct Journal {
+    ops: Vec<Replay>,
+    bytes: u64,
+    whole: bool,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            ops: Vec::new(),
+            bytes: 0,
+            whole: true,
+        }
+    }
+}
+
+impl Journal {
+    fn push(&mut self, op: Replay) {
+        if !self.whole {
+            return;
+        }
+        let n = match &op {
+            Replay::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        let all = JOURNALS.fetch_add(n, Ordering::SeqCst) + n;
+        self.bytes += n;
+        self.ops.push(op);
+        if self.bytes > JOURNAL_MAX || all > JOURNALS_MAX {
+            self.broken();
+        }
+    }
+
+    /// Changes were made that cannot be sent again: nothing is kept until the next
+    /// commit.
+    fn broken(&mut self) {
+        self.reset();
+        self.whole = false;
+    }
+
+    /// Committed (or dropped by the server): start afresh.
+    fn reset(&mut self) {
+        JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.ops = Vec::new();
+        self.bytes = 0;
+        self.whole = true;
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// Writes in flight for one inode, shared by all its handles.
 #[derive(Debug)]
 pub struct WriteTracker {
@@ -89,6 +171,11 @@ pub struct WriteTracker {
     /// a commit holds it exclusively, so no write can slip between "everything
     /// acknowledged" and the Commit request (it would stay staged, uncommitted).
     gate: Arc<tokio::sync::RwLock<()>>,
+    /// The uncommitted changes, kept for sending again.
+    journal: Mutex<Journal>,
+    /// A change (or the commit) met a lost connection while the journal was whole:
+    /// the next commit sends the journal again first.
+    lost: AtomicBool,
 }
 
 impl Default for WriteTracker {
@@ -102,6 +189,8 @@ impl Default for WriteTracker {
             ranges: Mutex::new(Vec::new()),
             range_done: Notify::new(),
             gate: Arc::new(tokio::sync::RwLock::new(())),
+            journal: Mutex::new(Journal::default()),
+            lost: AtomicBool::new(false),
         }
     }
 }
@@ -171,7 +260,7 @@ impl WriteTracker {
             Ok(Ok(Response::Written { len: n })) if n as usize == len => {}
             Ok(Ok(_)) => self.fail(libc::EIO),
             Ok(Err(e)) => self.fail(e),
-            Err(e) => self.fail(FsError::Transport(e).errno()),
+            Err(e) => self.lost_or_fail(e),
         }
         self.release_range(range.0, range.1);
         drop(permit);
@@ -193,6 +282,43 @@ impl WriteTracker {
             Ok(sent) => sent.then(move |reply| self.settle_write(reply, len, range, permit)),
             Err(e) => self.settle_write(Err(e), len, range, permit),
         }
+    }
+
+    /// The connection failed under a change: it is sent again with the journal at the
+    /// commit if the journal holds everything, else the commit fails.
+    fn lost_or_fail(&self, e: TransportError) {
+        if self.journal.lock().is_ok_and(|j| j.whole) {
+            tracing::debug!("connection lost under a write ({e}); kept for sending again");
+            self.lost.store(true, Ordering::SeqCst);
+        } else {
+            self.fail(FsError::Transport(e).errno());
+        }
+    }
+
+    fn record(&self, op: Replay) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.push(op);
+        }
+    }
+
+    fn journal_broken(&self) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.broken();
+        }
+    }
+
+    /// Committed, or the stage dropped by the server: nothing to send again.
+    fn journal_reset(&self) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.reset();
+        }
+        self.lost.store(false, Ordering::SeqCst);
+    }
+
+    /// What to send again, if the journal holds every change since the last commit.
+    fn journal_ops(&self) -> Option<Vec<Replay>> {
+        let j = self.journal.lock().ok()?;
+        j.whole.then(|| j.ops.clone())
     }
 
     fn fail(&self, e: i32) {
@@ -1408,10 +1534,11 @@ impl Core {
         if !tracker.try_claim(range.0, range.1) {
             return None;
         }
+        let data = Bytes::copy_from_slice(data);
         let request = Request::Write {
             handle,
             offset,
-            data: bytes::Bytes::copy_from_slice(data),
+            data: data.clone(),
         };
         // Counted before it is queued: its answer may come back at once.
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
@@ -1427,7 +1554,8 @@ impl Core {
         };
         tracker.dirty.store(true, Ordering::SeqCst);
         // The gate keeps any commit out until the cache and the size know of it.
-        self.note_write(&f, offset, data);
+        self.note_write(&f, offset, &data);
+        tracker.record(Replay::Write { offset, data });
         drop(gate);
         tracker.clone().settle_later(sent, len, range, permit);
         Some(Ok(len as u32))
@@ -1462,10 +1590,15 @@ impl Core {
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
         tracker.dirty.store(true, Ordering::SeqCst);
         tracker.claim(offset, end.max(offset + 1)).await;
+        let data = Bytes::from(data);
+        tracker.record(Replay::Write {
+            offset,
+            data: data.clone(),
+        });
         let req = Request::Write {
             handle,
             offset,
-            data: data.into(),
+            data,
         };
         // Queued before `write` returns and before the gate opens: a commit queued after
         // it reaches the server after it (the server applies a handle's writes before a
@@ -1518,6 +1651,7 @@ impl Core {
             return errno(libc::EXDEV);
         }
         out.dirty.store(true, Ordering::SeqCst);
+        out.journal_broken();
         // Whatever the outcome, cached bytes of the range may be stale from here on.
         self.drop_inline(dst.ino);
         if let Some(cache) = &self.cache {
@@ -1673,21 +1807,168 @@ impl Core {
             tracker.drain().await;
             return self.clean_commit(ino, sino, &tracker);
         }
-        let Some((handle, generation)) = self.writer_pair(ino)? else {
-            tracker.drain().await;
-            return errno(libc::EIO);
+        for again in [false, true] {
+            let live = self.client.live_generation();
+            let Some((mut handle, mut generation)) = self.writer_pair(ino)? else {
+                tracker.drain().await;
+                return errno(libc::EIO);
+            };
+            if again || tracker.lost.load(Ordering::SeqCst) || Some(generation) != live {
+                // The writer's handle, and what it staged, went with a connection.
+                tracker.drain().await;
+                if tracker.peek_error().is_none() && tracker.journal_ops().is_some() {
+                    match self.replay(caller, ino, sino, &tracker).await {
+                        Ok(pair) => (handle, generation) = pair,
+                        Err(e) => return self.upload_failed(ino, sino, &tracker, e),
+                    }
+                }
+            }
+            // Sent behind the writes without waiting for their answers: the server
+            // applies them first and refuses the commit if one of them failed.
+            let committed = async {
+                self.client
+                    .start_on(Some(generation), caller, Request::Commit { handle })
+                    .await?
+                    .reply()
+                    .await
+            };
+            let (committed, ()) = tokio::join!(committed, tracker.drain());
+            match committed {
+                // Lost on the way: it may or may not have run; running it again on
+                // the same changes gives the same content.
+                Err(e) if !again && tracker.journal_ops().is_some() => {
+                    tracing::debug!("connection lost under a commit ({e}); sending it again");
+                }
+                committed => return self.commit_done(ino, sino, &tracker, committed),
+            }
+        }
+        errno(libc::EIO)
+    }
+
+    /// Send again, through a new staged handle on the live connection (connecting if
+    /// need be), every change of `ino` made since its last commit: the writers' handle
+    /// and what it staged went with the connection it was opened on. Every writer of
+    /// `ino` moves to the new handle, which is returned. The handle's file must still be
+    /// `sino` (`ESTALE` otherwise: the name leads to another file now).
+    async fn replay(
+        &self,
+        caller: Caller,
+        ino: u64,
+        sino: u64,
+        tracker: &WriteTracker,
+    ) -> FsResult<(u64, u64)> {
+        let ops = tracker.journal_ops().ok_or(FsError::Errno(libc::EIO))?;
+        let path = self.path(ino)?;
+        let generation = self.client.connect().await?;
+        let req = Request::Open {
+            path,
+            flags: libc::O_RDWR,
+            inline_max: 0,
+            staged: true,
         };
-        // Sent behind the writes without waiting for their answers: the server applies
-        // them first and refuses the commit if one of them failed.
-        let committed = async {
-            self.client
-                .start_on(Some(generation), caller, Request::Commit { handle })
-                .await?
-                .reply()
-                .await
+        let (handle, attr) = match self.rpc_on(generation, caller, req).await? {
+            Response::Opened { handle, attr } | Response::OpenedWithData { handle, attr, .. } => {
+                (handle, attr)
+            }
+            _ => return Err(TransportError::Protocol.into()),
         };
-        let (committed, ()) = tokio::join!(committed, tracker.drain());
-        self.commit_done(ino, sino, &tracker, committed)
+        let sent = async {
+            if attr.ino != sino {
+                return errno(libc::ESTALE);
+            }
+            // Pipelined, but a change never overtakes one it overlaps or follows: the
+            // server runs requests of one handle concurrently.
+            let mut inflight: Vec<(u64, u64)> = Vec::new();
+            let mut replies = FuturesUnordered::new();
+            for op in ops {
+                let (req, range) = match op {
+                    Replay::Write { offset, data } => {
+                        let end = offset + data.len() as u64;
+                        let req = Request::Write {
+                            handle,
+                            offset,
+                            data,
+                        };
+                        (req, Some((offset, end)))
+                    }
+                    Replay::Truncate(size) => {
+                        let set = SetAttr {
+                            size: Some(size),
+                            ..SetAttr::default()
+                        };
+                        (Self::set_through(handle, set), None)
+                    }
+                    Replay::Attrs(set) => (Self::set_through(handle, set), None),
+                };
+                let overlaps = match range {
+                    Some((s, e)) => inflight.iter().any(|&(a, b)| a < e && s < b),
+                    None => !inflight.is_empty(),
+                };
+                if overlaps {
+                    while let Some(r) = replies.next().await {
+                        Self::replayed(r)?;
+                    }
+                    inflight.clear();
+                }
+                inflight.push(range.unwrap_or((0, u64::MAX)));
+                let want = match &req {
+                    Request::Write { data, .. } => Some(data.len()),
+                    _ => None,
+                };
+                replies.push(async move { (want, self.rpc_on(generation, caller, req).await) });
+            }
+            while let Some(r) = replies.next().await {
+                Self::replayed(r)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = sent {
+            let _ = self
+                .rpc_on(generation, caller, Request::Release { handle })
+                .await;
+            return Err(e);
+        }
+        // Every writer moves to the new handle; one opened on the live connection
+        // meanwhile (its changes are in the journal too) is closed with the last writer.
+        let pair = (handle, generation);
+        {
+            let mut inodes = self.inodes()?;
+            let st = inodes.entry(ino).or_default();
+            let old = st
+                .writer
+                .replace(Writer::new(handle, generation, attr.size));
+            if let Some(old) = old.filter(|w| self.client.live_generation() == Some(w.generation)) {
+                st.retired.push(old.pair());
+            }
+        }
+        for f in self.open_of(ino).iter().filter(|f| f.writable) {
+            f.state.lock().map_err(|_| poisoned())?.handle = Some(pair);
+        }
+        tracker.lost.store(false, Ordering::SeqCst);
+        self.stats.uploads_replayed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            ino,
+            "sent a file's uncommitted changes again after a reconnect"
+        );
+        Ok(pair)
+    }
+
+    fn set_through(handle: u64, set: SetAttr) -> Request {
+        Request::SetAttr {
+            path: RelPath::root(),
+            handle: Some(handle),
+            set,
+        }
+    }
+
+    /// One answer of [`Core::replay`]: a write must have been taken whole.
+    fn replayed((want, reply): (Option<usize>, FsResult<Response>)) -> FsResult<()> {
+        match (want, reply?) {
+            (Some(n), Response::Written { len }) if len as usize == n => Ok(()),
+            (Some(_), _) => errno(libc::EIO),
+            (None, _) => Ok(()),
+        }
     }
 
     /// [`Core::commit`] for the `close` of a writer on the FUSE session thread, when
@@ -1709,6 +1990,10 @@ impl Core {
         let Ok(tracker) = self.tracker(f.ino) else {
             return Err(done);
         };
+        if tracker.lost.load(Ordering::SeqCst) {
+            // Its changes are sent again first (`Core::commit`).
+            return Err(done);
+        }
         let Ok(gate) = tracker.gate.clone().try_write_owned() else {
             return Err(done);
         };
@@ -1730,6 +2015,18 @@ impl Core {
         // Queued under the gate: every write before it is ahead of it on the wire.
         tracker.dirty.store(false, Ordering::SeqCst);
         sent.then(move |committed| {
+            if committed.is_err()
+                && tracker.journal_ops().is_some()
+                && let Some(rt) = me.runtime.get().cloned()
+            {
+                // The connection went with the commit: the changes are sent again
+                // and committed on a new one (`Core::commit`).
+                tracker.lost.store(true, Ordering::SeqCst);
+                tracker.dirty.store(true, Ordering::SeqCst);
+                drop(gate);
+                rt.spawn(async move { done(me.commit(caller, ino).await) });
+                return;
+            }
             // The writes' answers come before the commit's; should one still be out
             // (the connection lost: handlers run in any order), wait for it elsewhere.
             if tracker.inflight.load(Ordering::SeqCst) == 0 {
@@ -1755,6 +2052,7 @@ impl Core {
             return self.commit_failed(ino, sino, tracker, e);
         }
         self.settle(ino, tracker)?;
+        tracker.journal_reset();
         self.committed(ino)
     }
 
@@ -1776,15 +2074,10 @@ impl Core {
         };
         let attr = match committed {
             Ok(r) => Self::expect_attr(r)?,
-            Err(e) => {
-                if let Some(cache) = &self.cache {
-                    cache.invalidate(sino);
-                }
-                self.settle(ino, tracker)?;
-                return Err(e);
-            }
+            Err(e) => return self.upload_failed(ino, sino, tracker, e),
         };
         self.settle(ino, tracker)?;
+        tracker.journal_reset();
         self.committed(ino)?;
         if let Some(cache) = &self.cache {
             cache.adopt(sino, attr.version, attr.size);
@@ -1802,6 +2095,22 @@ impl Core {
         Ok(())
     }
 
+    /// The commit failed, or could not be sent: what the server has is what it had.
+    fn upload_failed(
+        &self,
+        ino: u64,
+        sino: u64,
+        tracker: &WriteTracker,
+        e: FsError,
+    ) -> FsResult<()> {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(sino);
+        }
+        self.settle(ino, tracker)?;
+        tracker.journal_reset();
+        Err(e)
+    }
+
     /// A write of the commit failed: the server never applies a failed handle's staged
     /// data, so the old copy stands.
     fn commit_failed(&self, ino: u64, sino: u64, tracker: &WriteTracker, e: i32) -> FsResult<()> {
@@ -1810,6 +2119,7 @@ impl Core {
         }
         tracker.dirty.store(false, Ordering::SeqCst);
         self.settle(ino, tracker)?;
+        tracker.journal_reset();
         errno(e)
     }
 
@@ -1935,18 +2245,22 @@ impl Core {
                 // later write or commit; the server applies it after those writes.
                 tracker.inflight.fetch_add(1, Ordering::SeqCst);
                 let t = tracker.clone();
+                tracker.record(Replay::Attrs(set.clone()));
                 sent.then(move |outcome| {
                     match outcome {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => t.fail(e),
-                        Err(e) => t.fail(FsError::Transport(e).errno()),
+                        Err(e) => t.lost_or_fail(e),
                     }
                     if t.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
                         t.done.notify_waiters();
                     }
                 });
             }
-            Err(e) => tracker.fail(FsError::Transport(e).errno()),
+            Err(e) => {
+                tracker.record(Replay::Attrs(set.clone()));
+                tracker.lost_or_fail(e);
+            }
         }
         drop(gate);
         let local_size = self.inodes()?.get(&ino).and_then(|st| st.local_size);
@@ -1991,6 +2305,7 @@ impl Core {
         self.drop_inline(ino);
         let tracker = self.tracker(ino)?;
         tracker.dirty.store(true, Ordering::SeqCst);
+        tracker.record(Replay::Truncate(0));
         self.inodes()?.entry(ino).or_default().local_size = Some(0);
         if let Some(cache) = &self.cache {
             cache.truncated(sino, 0);
@@ -2015,6 +2330,7 @@ impl Core {
             return errno(e);
         }
         tracker.dirty.store(true, Ordering::SeqCst);
+        tracker.record(Replay::Truncate(size));
         self.drop_inline(ino);
         if let Some(cache) = &self.cache {
             cache.truncated(self.server_ino(ino), size);
@@ -2141,6 +2457,7 @@ impl Core {
     ) -> FsResult<()> {
         let f = self.open_file(fh)?;
         self.commit(caller, f.ino).await?;
+        self.tracker(f.ino)?.journal_broken();
         let (handle, generation) = self.io_handle(&f).await?;
         self.rpc_on(
             generation,

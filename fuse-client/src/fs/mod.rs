@@ -132,6 +132,9 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     /// Readers' server handles opened again after a reconnect.
     pub handles_reopened: AtomicU64,
+    /// Files whose uncommitted changes were sent again after a reconnect
+    /// (`Core::replay`).
+    pub uploads_replayed: AtomicU64,
     /// Operations run again because their connection was closed or reset under them
     /// (`Core::once_more`).
     pub retried: AtomicU64,
@@ -951,6 +954,7 @@ impl Core {
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
             ("handles_reopened", &s.handles_reopened),
+            ("uploads_replayed", &s.uploads_replayed),
             ("retried", &s.retried),
             ("invalidations", &s.invalidations),
             ("resyncs", &s.resyncs),
