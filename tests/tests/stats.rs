@@ -14,7 +14,7 @@ const MIB: usize = 1024 * 1024;
 const PUSHED: Duration = Duration::from_secs(5);
 
 /// The counters `ferry stats --json` must offer, numbers all.
-const COUNTERS: [&str; 21] = [
+const COUNTERS: [&str; 22] = [
     "requests",
     "bytes_received",
     "bytes_read_from_server",
@@ -36,6 +36,7 @@ const COUNTERS: [&str; 21] = [
     "connect_failures",
     "handles_reopened",
     "retried",
+    "uploads_replayed",
 ];
 
 /// `ferry stats MOUNTPOINT` in text and `--json`: every counter, consistent between the
