@@ -597,6 +597,13 @@ fn writers_survive_a_restart() {
             .unwrap_or_else(|e| panic!("{name}: write after the restart: {e}"));
         put(want, at, &d);
     }
+    // A time set after the restart (as `tar` does before each close) is the file's
+    // mtime once it is committed.
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let (_, new_file, _) = open.iter().find(|(n, _, _)| *n == "new").expect("new");
+    new_file
+        .set_modified(mtime)
+        .expect("futimens after the restart");
     let n = open.len() as u64;
     for (name, f, want) in open {
         close_in_time(name, f).unwrap_or_else(|e| {
@@ -611,6 +618,14 @@ fn writers_survive_a_restart() {
         ferry_tests::data::assert_same_bytes(&through, &want, &format!("{name} through the mount"));
     }
     drop(no_spawns);
+    assert_eq!(
+        fs::metadata(fx.exp("new"))
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        mtime,
+        "the mtime set after the restart"
+    );
     let after = fx.mount.stats();
     assert_eq!(
         after.get("uploads_replayed") - before.get("uploads_replayed"),
@@ -651,4 +666,89 @@ fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
     let now = fs::read(fx.exp("big")).expect("read the export");
     assert!(now == old, "the export changed although the close failed");
     assert_eq!(fx.mount.stats().get("uploads_replayed"), 0);
+}
+
+/// Two descriptors write one file; the server restarts in between, and the second is
+/// opened after it (getting a handle on the new connection). Both closes return 0 and
+/// the export has both writes: the first descriptor's, staged on the killed server, are
+/// sent again although no request of theirs failed.
+#[test]
+fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
+    let mut rng = ferry_tests::rng::Rng::new(0x2f11);
+    let old = rng.bytes(200_000);
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
+        fs::write(e.join("f"), &old).expect("write");
+    }) else {
+        return;
+    };
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    let path = fx.mnt("f");
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+    };
+    let mut want = old.clone();
+    let a = open();
+    let d = rng.bytes(30_000);
+    a.write_all_at(&d, 10_000).expect("first write");
+    put(&mut want, 10_000, &d);
+    // A read waits for the writes of the file in flight: this one is answered (staged
+    // on the server) before the server dies, so no request of it fails.
+    fs::read(&path).expect("read before the restart");
+    fx.server.restart_prepared(next);
+    let b = open();
+    let d = rng.bytes(30_000);
+    b.write_all_at(&d, 100_000).expect("second write");
+    put(&mut want, 100_000, &d);
+    close_in_time("the first descriptor", a).expect("close of the first descriptor");
+    close_in_time("the second descriptor", b).expect("close of the second descriptor");
+    drop(no_spawns);
+    let got = fs::read(fx.exp("f")).expect("read the export");
+    ferry_tests::data::assert_same_bytes(&got, &want, "the export");
+}
+
+/// A close whose upload failed for good (the server away longer than `--timeout`)
+/// takes the changes with it: a descriptor of the same file that writes again once the
+/// server is back must not commit its new writes alone on top of the old content. Its
+/// close fails too, and the export keeps the old content.
+#[test]
+fn writes_after_a_failed_upload_fail_too() {
+    let mut rng = ferry_tests::rng::Rng::new(0xfa12);
+    let old = rng.bytes(200_000);
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "2"], |e| {
+        fs::write(e.join("f"), &old).expect("write");
+    }) else {
+        return;
+    };
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    let path = fx.mnt("f");
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open")
+    };
+    let (a, b) = (open(), open());
+    a.write_all_at(&rng.bytes(30_000), 0)
+        .expect("write through the first");
+    b.write_all_at(&rng.bytes(30_000), 50_000)
+        .expect("write through the second");
+    fx.server.kill();
+    close_in_time("the first descriptor", a).expect_err("close with the server away");
+    fx.server.restart_prepared(next);
+    // Answered before the server has it, like every write: the close reports it.
+    let _ = b.write_all_at(&rng.bytes(30_000), 100_000);
+    let err = close_in_time("the second descriptor", b)
+        .expect_err("close of a descriptor whose earlier writes were lost");
+    drop(no_spawns);
+    assert!(
+        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
+        "close failed with {err}, expected EIO"
+    );
+    let now = fs::read(fx.exp("f")).expect("read the export");
+    assert!(now == old, "the export changed although the uploads failed");
 }

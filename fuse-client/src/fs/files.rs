@@ -45,6 +45,9 @@ pub(super) struct Writer {
     /// A commit (close, fsync) succeeded through it since it was opened: the server's
     /// file now holds content a later writer's failed upload must not destroy.
     committed: bool,
+    /// Opened `O_SYNC`/`O_DSYNC`: its writes are never sent again through a staged
+    /// handle after a reconnect (they were made durable one by one).
+    sync: bool,
 }
 
 impl Writer {
@@ -55,6 +58,7 @@ impl Writer {
             generation,
             direct: size == 0,
             committed: false,
+            sync: false,
         }
     }
 
@@ -69,11 +73,14 @@ impl Writer {
     }
 }
 
-/// Bytes of uncommitted writes one inode keeps for sending again ([`Journal`]).
+/// Bytes of uncommitted changes one inode keeps for sending again ([`Journal`]).
 const JOURNAL_MAX: u64 = 8 * 1024 * 1024;
 /// The same for all inodes of this process together.
 const JOURNALS_MAX: u64 = 32 * 1024 * 1024;
 static JOURNALS: AtomicU64 = AtomicU64::new(0);
+/// What each kept change costs besides its data (a million 1-byte writes must not
+/// fit).
+const ENTRY_COST: u64 = 64;
 
 /// A change of an inode's content not yet committed, as it was sent.
 #[derive(Debug, Clone)]
@@ -88,18 +95,25 @@ enum Replay {
     Attrs(SetAttr),
 }
 
-/// Every change made through an inode's write handle since its last commit, in order,
-/// so that a lost connection (the server's staging file went with it) does not lose
-/// them: at the close they are sent again through a new handle, then committed
-/// ([`Core::replay`]). Up to [`JOURNAL_MAX`] bytes per inode and [`JOURNALS_MAX`] in
-/// all; past that, or after a change that cannot be sent again (a server-side copy into
-/// the file, `fallocate`), the journal is not `whole` until the next commit, and a lost
-/// connection fails the close as before.
+/// Every change made through an inode's write handles since its last commit, in order,
+/// with the connection generation of the handle each went through, so that a lost
+/// connection (the server's staging file went with it) does not lose them: the commit
+/// sends them again through a new handle first ([`Core::replay`]). Up to
+/// [`JOURNAL_MAX`] per inode and [`JOURNALS_MAX`] in all; past that, or after a change
+/// that cannot be sent again (a server-side copy into the file, `fallocate`), it is not
+/// `whole` until the next commit, and a lost connection fails the commit as before.
 #[derive(Debug)]
 struct Journal {
-    ops: Vec<Replay>,
+    ops: Vec<(u64, Replay)>,
     bytes: u64,
     whole: bool,
+    /// A change (or the commit) met a lost connection.
+    lost: bool,
+    /// Connection generation of the oldest uncommitted change, also of one not kept.
+    oldest: Option<u64>,
+    /// Changes offered since the inode's first: tells a commit whether changes came
+    /// while it ran, which it did not cover.
+    offered: u64,
 }
 
 impl Default for Journal {
@@ -108,40 +122,48 @@ impl Default for Journal {
             ops: Vec::new(),
             bytes: 0,
             whole: true,
+            lost: false,
+            oldest: None,
+            offered: 0,
         }
     }
 }
 
+fn op_cost(op: &Replay) -> u64 {
+    ENTRY_COST
+        + match op {
+            Replay::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+}
+
 impl Journal {
-    fn push(&mut self, op: Replay) {
+    fn push(&mut self, generation: u64, op: Replay) {
+        self.offered += 1;
+        self.oldest = Some(self.oldest.map_or(generation, |g| g.min(generation)));
         if !self.whole {
             return;
         }
-        let n = match &op {
-            Replay::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        };
+        let n = op_cost(&op);
         let all = JOURNALS.fetch_add(n, Ordering::SeqCst) + n;
         self.bytes += n;
-        self.ops.push(op);
+        self.ops.push((generation, op));
         if self.bytes > JOURNAL_MAX || all > JOURNALS_MAX {
             self.broken();
         }
     }
 
     /// Changes were made that cannot be sent again: nothing is kept until the next
-    /// commit.
+    /// commit (which remembers what went through which connection).
     fn broken(&mut self) {
-        self.reset();
+        self.clear();
         self.whole = false;
     }
 
-    /// Committed (or dropped by the server): start afresh.
-    fn reset(&mut self) {
+    fn clear(&mut self) {
         JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
         self.ops = Vec::new();
         self.bytes = 0;
-        self.whole = true;
     }
 }
 
@@ -149,6 +171,13 @@ impl Drop for Journal {
     fn drop(&mut self) {
         JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
     }
+}
+
+/// Where a commit found the journal once it held the write gate ([`WriteTracker::mark`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct JournalMark {
+    offered: u64,
+    kept: usize,
 }
 
 /// Writes in flight for one inode, shared by all its handles.
@@ -173,9 +202,6 @@ pub struct WriteTracker {
     gate: Arc<tokio::sync::RwLock<()>>,
     /// The uncommitted changes, kept for sending again.
     journal: Mutex<Journal>,
-    /// A change (or the commit) met a lost connection while the journal was whole:
-    /// the next commit sends the journal again first.
-    lost: AtomicBool,
 }
 
 impl Default for WriteTracker {
@@ -190,7 +216,6 @@ impl Default for WriteTracker {
             range_done: Notify::new(),
             gate: Arc::new(tokio::sync::RwLock::new(())),
             journal: Mutex::new(Journal::default()),
-            lost: AtomicBool::new(false),
         }
     }
 }
@@ -287,38 +312,123 @@ impl WriteTracker {
     /// The connection failed under a change: it is sent again with the journal at the
     /// commit if the journal holds everything, else the commit fails.
     fn lost_or_fail(&self, e: TransportError) {
-        if self.journal.lock().is_ok_and(|j| j.whole) {
-            tracing::debug!("connection lost under a write ({e}); kept for sending again");
-            self.lost.store(true, Ordering::SeqCst);
+        let kept = match self.journal.lock() {
+            Ok(mut j) if j.whole => {
+                j.lost = true;
+                true
+            }
+            _ => false,
+        };
+        if kept {
+            tracing::debug!("connection lost under a change ({e}); kept for sending again");
         } else {
             self.fail(FsError::Transport(e).errno());
         }
     }
 
-    fn record(&self, op: Replay) {
+    /// A change sent through a handle of connection `generation`.
+    fn record(&self, generation: u64, op: Replay) {
         if let Ok(mut j) = self.journal.lock() {
-            j.push(op);
+            j.push(generation, op);
         }
     }
 
-    fn journal_broken(&self) {
+    /// A change that cannot be sent again, through a handle of `generation`.
+    fn journal_broken(&self, generation: u64) {
         if let Ok(mut j) = self.journal.lock() {
+            j.offered += 1;
+            j.oldest = Some(j.oldest.map_or(generation, |g| g.min(generation)));
             j.broken();
         }
     }
 
-    /// Committed, or the stage dropped by the server: nothing to send again.
-    fn journal_reset(&self) {
-        if let Ok(mut j) = self.journal.lock() {
-            j.reset();
+    /// Taken by a commit under the write gate.
+    fn mark(&self) -> JournalMark {
+        match self.journal.lock() {
+            Ok(j) => JournalMark {
+                offered: j.offered,
+                kept: j.ops.len(),
+            },
+            Err(_) => JournalMark {
+                offered: 0,
+                kept: 0,
+            },
         }
-        self.lost.store(false, Ordering::SeqCst);
+    }
+
+    /// The commit that took `mark` succeeded, or the server refused it and dropped the
+    /// stage: what it covered is no longer pending. Changes that came while it ran
+    /// (an `O_TRUNC` open on another descriptor) stay.
+    fn journal_committed(&self, mark: JournalMark) {
+        if let Ok(mut j) = self.journal.lock() {
+            let later = j.offered > mark.offered;
+            if j.whole {
+                let done = mark.kept.min(j.ops.len());
+                let freed: u64 = j.ops.drain(..done).map(|(_, op)| op_cost(&op)).sum();
+                JOURNALS.fetch_sub(freed, Ordering::SeqCst);
+                j.bytes -= freed;
+                j.oldest = j.ops.iter().map(|(g, _)| *g).min();
+            } else if later {
+                // Not kept, and not covered: the next commit cannot send them again.
+                return;
+            } else {
+                j.whole = true;
+                j.oldest = None;
+            }
+            j.lost = false;
+        }
+    }
+
+    /// The upload failed and its close said so: the changes are gone, and later ones
+    /// through the same handles could not be sent again without them.
+    fn journal_failed(&self) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.broken();
+            j.lost = true;
+        }
+    }
+
+    /// No writer of the inode is open: whatever happened before concerns nobody now.
+    fn journal_fresh(&self) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.clear();
+            j.whole = true;
+            j.lost = false;
+            j.oldest = None;
+        }
+    }
+
+    /// Whether the changes since the last commit must be sent again before it: one met
+    /// a lost connection, or went through (or the writer's handle belongs to) a
+    /// connection that is not the live one.
+    fn needs_replay(&self, live: Option<u64>, writer: Option<u64>) -> bool {
+        let Ok(j) = self.journal.lock() else {
+            return true;
+        };
+        j.lost || j.oldest.is_some_and(|g| Some(g) != live) || writer != live
+    }
+
+    /// A commit met a lost connection: whether its changes can be sent again (then the
+    /// next commit does).
+    fn commit_lost(&self) -> bool {
+        match self.journal.lock() {
+            Ok(mut j) if j.whole => {
+                j.lost = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        self.journal.lock().is_ok_and(|j| j.whole)
     }
 
     /// What to send again, if the journal holds every change since the last commit.
     fn journal_ops(&self) -> Option<Vec<Replay>> {
         let j = self.journal.lock().ok()?;
-        j.whole.then(|| j.ops.clone())
+        j.whole
+            .then(|| j.ops.iter().map(|(_, op)| op.clone()).collect())
     }
 
     fn fail(&self, e: i32) {
@@ -890,9 +1000,13 @@ impl Core {
             }
         }
         if writable {
-            self.set_writer(ino, Writer::new(handle, generation, served_size))?;
+            let w = Writer {
+                sync: flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
+                ..Writer::new(handle, generation, served_size)
+            };
+            self.set_writer(ino, w)?;
             if truncating {
-                self.truncated_in_stage(ino, sino)?;
+                self.truncated_in_stage(ino, sino, generation)?;
             }
         }
         drop(replacing);
@@ -966,9 +1080,14 @@ impl Core {
     /// other writer must not close `w`). Descriptors open with one it replaces move to
     /// `w`; the old one is closed on the server with the last writer.
     fn set_writer(&self, ino: u64, w: Writer) -> FsResult<()> {
+        let tracker = self.tracker(ino)?;
         {
             let mut inodes = self.inodes()?;
             let st = inodes.entry(ino).or_default();
+            if st.writers == 0 {
+                // The first writer: what earlier ones left (a failed upload) is theirs.
+                tracker.journal_fresh();
+            }
             st.writers += 1;
             match st.writer.replace(w) {
                 Some(old) => st.retired.push(old.pair()),
@@ -1086,10 +1205,14 @@ impl Core {
         if let Some(cache) = &self.cache {
             cache.validate(sino, attr.version, attr.size);
         }
-        self.set_writer(attr.ino, Writer::new(handle, generation, served_size))?;
+        let w = Writer {
+            sync: flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
+            ..Writer::new(handle, generation, served_size)
+        };
+        self.set_writer(attr.ino, w)?;
         if flags & libc::O_TRUNC != 0 {
             // The name may have been an existing file, truncated in the server's stage.
-            self.truncated_in_stage(attr.ino, sino)?;
+            self.truncated_in_stage(attr.ino, sino, generation)?;
         }
         let keep = self.keep_cache(attr.ino, attr.version, flags & libc::O_TRUNC != 0);
         // (The writer was counted by set_writer.)
@@ -1555,7 +1678,7 @@ impl Core {
         tracker.dirty.store(true, Ordering::SeqCst);
         // The gate keeps any commit out until the cache and the size know of it.
         self.note_write(&f, offset, &data);
-        tracker.record(Replay::Write { offset, data });
+        tracker.record(generation, Replay::Write { offset, data });
         drop(gate);
         tracker.clone().settle_later(sent, len, range, permit);
         Some(Ok(len as u32))
@@ -1591,10 +1714,13 @@ impl Core {
         tracker.dirty.store(true, Ordering::SeqCst);
         tracker.claim(offset, end.max(offset + 1)).await;
         let data = Bytes::from(data);
-        tracker.record(Replay::Write {
-            offset,
-            data: data.clone(),
-        });
+        tracker.record(
+            generation,
+            Replay::Write {
+                offset,
+                data: data.clone(),
+            },
+        );
         let req = Request::Write {
             handle,
             offset,
@@ -1651,7 +1777,7 @@ impl Core {
             return errno(libc::EXDEV);
         }
         out.dirty.store(true, Ordering::SeqCst);
-        out.journal_broken();
+        out.journal_broken(generation);
         // Whatever the outcome, cached bytes of the range may be stale from here on.
         self.drop_inline(dst.ino);
         if let Some(cache) = &self.cache {
@@ -1803,9 +1929,10 @@ impl Core {
         let tracker = self.tracker(ino)?;
         // Every write made so far is queued once this is held, and no other starts.
         let _no_writes_meanwhile = tracker.gate.write().await;
+        let mark = tracker.mark();
         if !tracker.dirty.swap(false, Ordering::SeqCst) {
             tracker.drain().await;
-            return self.clean_commit(ino, sino, &tracker);
+            return self.clean_commit(ino, sino, &tracker, mark);
         }
         for again in [false, true] {
             let live = self.client.live_generation();
@@ -1813,14 +1940,19 @@ impl Core {
                 tracker.drain().await;
                 return errno(libc::EIO);
             };
-            if again || tracker.lost.load(Ordering::SeqCst) || Some(generation) != live {
-                // The writer's handle, and what it staged, went with a connection.
+            if again || tracker.needs_replay(live, Some(generation)) {
+                // Changes went through a handle, or the writer's handle is one, of a
+                // connection that is gone, and what it staged went with it.
                 tracker.drain().await;
-                if tracker.peek_error().is_none() && tracker.journal_ops().is_some() {
-                    match self.replay(caller, ino, sino, &tracker).await {
-                        Ok(pair) => (handle, generation) = pair,
-                        Err(e) => return self.upload_failed(ino, sino, &tracker, e),
-                    }
+                if let Some(e) = tracker.take_error() {
+                    return self.commit_failed(ino, sino, &tracker, e, mark);
+                }
+                if !tracker.replayable() {
+                    return self.upload_failed(ino, sino, &tracker, FsError::Errno(libc::EIO));
+                }
+                match self.replay(caller, ino, sino, &tracker).await {
+                    Ok(pair) => (handle, generation) = pair,
+                    Err(e) => return self.upload_failed(ino, sino, &tracker, e),
                 }
             }
             // Sent behind the writes without waiting for their answers: the server
@@ -1836,10 +1968,10 @@ impl Core {
             match committed {
                 // Lost on the way: it may or may not have run; running it again on
                 // the same changes gives the same content.
-                Err(e) if !again && tracker.journal_ops().is_some() => {
+                Err(e) if !again && tracker.replayable() => {
                     tracing::debug!("connection lost under a commit ({e}); sending it again");
                 }
-                committed => return self.commit_done(ino, sino, &tracker, committed),
+                committed => return self.commit_done(ino, sino, &tracker, committed, mark),
             }
         }
         errno(libc::EIO)
@@ -1848,8 +1980,11 @@ impl Core {
     /// Send again, through a new staged handle on the live connection (connecting if
     /// need be), every change of `ino` made since its last commit: the writers' handle
     /// and what it staged went with the connection it was opened on. Every writer of
-    /// `ino` moves to the new handle, which is returned. The handle's file must still be
-    /// `sino` (`ESTALE` otherwise: the name leads to another file now).
+    /// `ino` moves to the new handle, which is returned (unless a writable open
+    /// installed one of its own meanwhile: that one stays the writers', and the new
+    /// handle is closed with the last writer). The handle's file must still be `sino`
+    /// (`ESTALE` otherwise: the name leads to another file now). Called with the
+    /// inode's write gate held and its writes drained.
     async fn replay(
         &self,
         caller: Caller,
@@ -1857,19 +1992,36 @@ impl Core {
         sino: u64,
         tracker: &WriteTracker,
     ) -> FsResult<(u64, u64)> {
+        let before = self.inodes()?.get(&ino).and_then(|s| s.writer);
+        if before.is_some_and(|w| w.sync) {
+            // Its writes were made durable one by one; a staged copy would not be.
+            return errno(libc::EIO);
+        }
         let ops = tracker.journal_ops().ok_or(FsError::Errno(libc::EIO))?;
         let path = self.path(ino)?;
         let generation = self.client.connect().await?;
-        let req = Request::Open {
-            path,
-            flags: libc::O_RDWR,
-            inline_max: 0,
-            staged: true,
-        };
-        let (handle, attr) = match self.rpc_on(generation, caller, req).await? {
-            Response::Opened { handle, attr } | Response::OpenedWithData { handle, attr, .. } => {
-                (handle, attr)
+        let mut reply = None;
+        // Read-write if allowed, as `open` does; a file the caller may only write
+        // (created 0200, or 0444 by a process that holds it open) otherwise.
+        for flags in [libc::O_RDWR, libc::O_WRONLY] {
+            let req = Request::Open {
+                path: path.clone(),
+                flags,
+                inline_max: 0,
+                staged: true,
+            };
+            match self.rpc_on(generation, caller, req).await {
+                Err(FsError::Errno(libc::EACCES | libc::EPERM)) if flags == libc::O_RDWR => {}
+                r => {
+                    reply = Some(r?);
+                    break;
+                }
             }
+        }
+        let (handle, attr) = match reply {
+            Some(
+                Response::Opened { handle, attr } | Response::OpenedWithData { handle, attr, .. },
+            ) => (handle, attr),
             _ => return Err(TransportError::Protocol.into()),
         };
         let sent = async {
@@ -1929,23 +2081,33 @@ impl Core {
                 .await;
             return Err(e);
         }
-        // Every writer moves to the new handle; one opened on the live connection
-        // meanwhile (its changes are in the journal too) is closed with the last writer.
         let pair = (handle, generation);
-        {
+        let moved = {
             let mut inodes = self.inodes()?;
             let st = inodes.entry(ino).or_default();
-            let old = st
-                .writer
-                .replace(Writer::new(handle, generation, attr.size));
-            if let Some(old) = old.filter(|w| self.client.live_generation() == Some(w.generation)) {
-                st.retired.push(old.pair());
+            let now = st.writer.map(|w| w.pair());
+            if now == before.map(|w| w.pair()) {
+                let old = st
+                    .writer
+                    .replace(Writer::new(handle, generation, attr.size));
+                if let Some(old) =
+                    old.filter(|w| self.client.live_generation() == Some(w.generation))
+                {
+                    st.retired.push(old.pair());
+                }
+                true
+            } else {
+                // A writable open installed its own handle meanwhile: the writers are
+                // on it already. This one is committed, then closed with them.
+                st.retired.push(pair);
+                false
+            }
+        };
+        if moved {
+            for f in self.open_of(ino).iter().filter(|f| f.writable) {
+                f.state.lock().map_err(|_| poisoned())?.handle = Some(pair);
             }
         }
-        for f in self.open_of(ino).iter().filter(|f| f.writable) {
-            f.state.lock().map_err(|_| poisoned())?.handle = Some(pair);
-        }
-        tracker.lost.store(false, Ordering::SeqCst);
         self.stats.uploads_replayed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             ino,
@@ -1990,24 +2152,25 @@ impl Core {
         let Ok(tracker) = self.tracker(f.ino) else {
             return Err(done);
         };
-        if tracker.lost.load(Ordering::SeqCst) {
-            // Its changes are sent again first (`Core::commit`).
-            return Err(done);
-        }
         let Ok(gate) = tracker.gate.clone().try_write_owned() else {
             return Err(done);
         };
+        let mark = tracker.mark();
         let (ino, sino) = (f.ino, f.sino);
         if !tracker.dirty.load(Ordering::SeqCst) {
             if tracker.inflight.load(Ordering::SeqCst) > 0 {
                 return Err(done);
             }
-            done(self.clean_commit(ino, sino, &tracker));
+            done(self.clean_commit(ino, sino, &tracker, mark));
             return Ok(());
         }
         let Ok(Some((handle, generation))) = self.writer_pair(ino) else {
             return Err(done);
         };
+        if tracker.needs_replay(self.client.live_generation(), Some(generation)) {
+            // Its changes are sent again first (`Core::commit`).
+            return Err(done);
+        }
         let commit = Request::Commit { handle };
         let Some(Ok(sent)) = self.client.try_start_on(Some(generation), caller, commit) else {
             return Err(done);
@@ -2016,12 +2179,11 @@ impl Core {
         tracker.dirty.store(false, Ordering::SeqCst);
         sent.then(move |committed| {
             if committed.is_err()
-                && tracker.journal_ops().is_some()
                 && let Some(rt) = me.runtime.get().cloned()
+                && tracker.commit_lost()
             {
                 // The connection went with the commit: the changes are sent again
                 // and committed on a new one (`Core::commit`).
-                tracker.lost.store(true, Ordering::SeqCst);
                 tracker.dirty.store(true, Ordering::SeqCst);
                 drop(gate);
                 rt.spawn(async move { done(me.commit(caller, ino).await) });
@@ -2030,12 +2192,12 @@ impl Core {
             // The writes' answers come before the commit's; should one still be out
             // (the connection lost: handlers run in any order), wait for it elsewhere.
             if tracker.inflight.load(Ordering::SeqCst) == 0 {
-                done(me.commit_done(ino, sino, &tracker, committed));
+                done(me.commit_done(ino, sino, &tracker, committed, mark));
                 drop(gate);
             } else if let Some(rt) = me.runtime.get().cloned() {
                 rt.spawn(async move {
                     tracker.drain().await;
-                    done(me.commit_done(ino, sino, &tracker, committed));
+                    done(me.commit_done(ino, sino, &tracker, committed, mark));
                     drop(gate);
                 });
             } else {
@@ -2047,12 +2209,18 @@ impl Core {
     }
 
     /// The end of a commit that had nothing to send: report a write that failed.
-    fn clean_commit(&self, ino: u64, sino: u64, tracker: &WriteTracker) -> FsResult<()> {
+    fn clean_commit(
+        &self,
+        ino: u64,
+        sino: u64,
+        tracker: &WriteTracker,
+        mark: JournalMark,
+    ) -> FsResult<()> {
         if let Some(e) = tracker.take_error() {
-            return self.commit_failed(ino, sino, tracker, e);
+            return self.commit_failed(ino, sino, tracker, e, mark);
         }
         self.settle(ino, tracker)?;
-        tracker.journal_reset();
+        tracker.journal_committed(mark);
         self.committed(ino)
     }
 
@@ -2063,9 +2231,10 @@ impl Core {
         sino: u64,
         tracker: &WriteTracker,
         committed: Result<Result<Response, i32>, TransportError>,
+        mark: JournalMark,
     ) -> FsResult<()> {
         if let Some(e) = tracker.take_error() {
-            return self.commit_failed(ino, sino, tracker, e);
+            return self.commit_failed(ino, sino, tracker, e, mark);
         }
         let committed = match committed {
             Ok(Ok(r)) => Ok(self.unwrap_reply(r)),
@@ -2074,10 +2243,11 @@ impl Core {
         };
         let attr = match committed {
             Ok(r) => Self::expect_attr(r)?,
+            Err(FsError::Errno(e)) => return self.commit_failed(ino, sino, tracker, e, mark),
             Err(e) => return self.upload_failed(ino, sino, tracker, e),
         };
         self.settle(ino, tracker)?;
-        tracker.journal_reset();
+        tracker.journal_committed(mark);
         self.committed(ino)?;
         if let Some(cache) = &self.cache {
             cache.adopt(sino, attr.version, attr.size);
@@ -2107,19 +2277,26 @@ impl Core {
             cache.invalidate(sino);
         }
         self.settle(ino, tracker)?;
-        tracker.journal_reset();
+        tracker.journal_failed();
         Err(e)
     }
 
     /// A write of the commit failed: the server never applies a failed handle's staged
     /// data, so the old copy stands.
-    fn commit_failed(&self, ino: u64, sino: u64, tracker: &WriteTracker, e: i32) -> FsResult<()> {
+    fn commit_failed(
+        &self,
+        ino: u64,
+        sino: u64,
+        tracker: &WriteTracker,
+        e: i32,
+        mark: JournalMark,
+    ) -> FsResult<()> {
         if let Some(cache) = &self.cache {
             cache.invalidate(sino);
         }
         tracker.dirty.store(false, Ordering::SeqCst);
         self.settle(ino, tracker)?;
-        tracker.journal_reset();
+        tracker.journal_committed(mark);
         errno(e)
     }
 
@@ -2149,7 +2326,7 @@ impl Core {
             .client
             .start_on(Some(generation), caller, request)
             .await;
-        self.attrs_queued(ino, set, &tracker, gate, attr, sent)
+        self.attrs_queued(ino, set, &tracker, gate, (generation, attr), sent)
             .map(Some)
     }
 
@@ -2171,7 +2348,31 @@ impl Core {
         let sent = self
             .client
             .try_start_on(Some(generation), caller, request)?;
-        Some(self.attrs_queued(ino, set, &tracker, gate, attr, sent))
+        Some(self.attrs_queued(ino, set, &tracker, gate, (generation, attr), sent))
+    }
+
+    /// A change of times or mode just made on the server while this client's
+    /// uncommitted changes of `ino` wait to be sent again (their connection was lost):
+    /// kept with them, so that the commit applies it after them once more (it would
+    /// otherwise stamp the time of its own last write, and `tar`'s `futimens` before
+    /// `close` would be lost).
+    pub(super) fn keep_attrs_for_replay(&self, ino: u64, set: &SetAttr) {
+        let (Ok(tracker), Ok(Some((_, generation)))) = (self.tracker(ino), self.writer_pair(ino))
+        else {
+            return;
+        };
+        let attrs = SetAttr {
+            mode: set.mode,
+            atime: set.atime,
+            mtime: set.mtime,
+            ..SetAttr::default()
+        };
+        if attrs != SetAttr::default()
+            && tracker.dirty.load(Ordering::SeqCst)
+            && tracker.needs_replay(self.client.live_generation(), Some(generation))
+        {
+            tracker.record(generation, Replay::Attrs(attrs));
+        }
     }
 
     /// Whether `set` on `ino` may be queued behind this client's uncommitted writes:
@@ -2186,7 +2387,9 @@ impl Core {
         if set.size.is_some() || owner || !anything || !self.client.events_live() {
             return Ok(None);
         }
-        if self.shared_writer(ino)?.is_none() {
+        // A writer of a lost connection too: the change is then kept in the journal
+        // with the writes, and sent again with them.
+        if self.writer_pair(ino)?.is_none() {
             return Ok(None);
         }
         let tracker = self.tracker(ino)?;
@@ -2210,7 +2413,7 @@ impl Core {
         let tracker = self.tracker(ino)?;
         let still_writing =
             tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0;
-        let Some((handle, generation)) = self.shared_writer(ino)? else {
+        let Some((handle, generation)) = self.writer_pair(ino)? else {
             return Ok(None);
         };
         let known = self
@@ -2236,7 +2439,7 @@ impl Core {
         set: &SetAttr,
         tracker: &Arc<WriteTracker>,
         gate: tokio::sync::OwnedRwLockWriteGuard<()>,
-        mut attr: Attr,
+        (generation, mut attr): (u64, Attr),
         sent: Result<crate::conn::Sent, TransportError>,
     ) -> FsResult<Attr> {
         match sent {
@@ -2245,7 +2448,7 @@ impl Core {
                 // later write or commit; the server applies it after those writes.
                 tracker.inflight.fetch_add(1, Ordering::SeqCst);
                 let t = tracker.clone();
-                tracker.record(Replay::Attrs(set.clone()));
+                tracker.record(generation, Replay::Attrs(set.clone()));
                 sent.then(move |outcome| {
                     match outcome {
                         Ok(Ok(_)) => {}
@@ -2258,7 +2461,7 @@ impl Core {
                 });
             }
             Err(e) => {
-                tracker.record(Replay::Attrs(set.clone()));
+                tracker.record(generation, Replay::Attrs(set.clone()));
                 tracker.lost_or_fail(e);
             }
         }
@@ -2301,11 +2504,11 @@ impl Core {
 
     /// The server truncated `ino` to nothing in the stage of this client's write handle
     /// (an `O_TRUNC` open): the next close must commit even if nothing is written.
-    fn truncated_in_stage(&self, ino: u64, sino: u64) -> FsResult<()> {
+    fn truncated_in_stage(&self, ino: u64, sino: u64, generation: u64) -> FsResult<()> {
         self.drop_inline(ino);
         let tracker = self.tracker(ino)?;
         tracker.dirty.store(true, Ordering::SeqCst);
-        tracker.record(Replay::Truncate(0));
+        tracker.record(generation, Replay::Truncate(0));
         self.inodes()?.entry(ino).or_default().local_size = Some(0);
         if let Some(cache) = &self.cache {
             cache.truncated(sino, 0);
@@ -2330,7 +2533,6 @@ impl Core {
             return errno(e);
         }
         tracker.dirty.store(true, Ordering::SeqCst);
-        tracker.record(Replay::Truncate(size));
         self.drop_inline(ino);
         if let Some(cache) = &self.cache {
             cache.truncated(self.server_ino(ino), size);
@@ -2345,6 +2547,8 @@ impl Core {
             },
         };
         let attr = Self::expect_attr(self.rpc_on(generation, caller, req).await?)?;
+        // (Kept once done: one that failed was reported to `ftruncate` itself.)
+        tracker.record(generation, Replay::Truncate(size));
         Ok(Some(attr))
     }
 
@@ -2457,8 +2661,8 @@ impl Core {
     ) -> FsResult<()> {
         let f = self.open_file(fh)?;
         self.commit(caller, f.ino).await?;
-        self.tracker(f.ino)?.journal_broken();
         let (handle, generation) = self.io_handle(&f).await?;
+        self.tracker(f.ino)?.journal_broken(generation);
         self.rpc_on(
             generation,
             caller,
@@ -2521,8 +2725,9 @@ impl Core {
         if tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0 {
             return None;
         }
+        let mark = tracker.mark();
         let result = match self.closing_writer(&f) {
-            Ok(false) => self.clean_commit(f.ino, f.sino, &tracker),
+            Ok(false) => self.clean_commit(f.ino, f.sino, &tracker, mark),
             Ok(true) => Ok(()),
             Err(e) => return Some(Err(e)),
         };

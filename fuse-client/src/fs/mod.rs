@@ -630,6 +630,7 @@ impl Core {
             attr = Some(self.truncate(caller, ino, fh, size).await?);
         }
         if set != SetAttr::default() {
+            let kept = set.clone();
             let open = fh.and_then(|fh| self.open_file(fh).ok());
             let handle = open.as_ref().and_then(|o| o.handle());
             let path = match self.path(ino) {
@@ -662,6 +663,7 @@ impl Core {
             if let Some(parent) = self.nodes()?.parent_of(ino) {
                 self.dir_changed(parent);
             }
+            self.keep_attrs_for_replay(ino, &kept);
             attr = Some(a);
         }
         match attr {
