@@ -96,3 +96,8 @@ run "untar of 2,000 small files into the mount" tar --no-same-owner -xf "$work/t
 if diff -r "$exp/tree" "$exp/untar" >"$work/diff"; then echo "  tree identical"; else
     echo "  TREE DIFFERS: $(grep -c . "$work/diff") lines of diff -r; first: $(head -n1 "$work/diff")"
 fi
+# (whole seconds: a tar archive keeps no more)
+times() { (cd "$1" && find . -type f -printf '%p %T@\n' | awk '{ printf "%s %d\n", $1, $2 }' | sort); }
+if diff <(times "$exp/tree") <(times "$exp/untar") >"$work/diff"; then echo "  file mtimes identical"; else
+    echo "  MTIMES DIFFER: $(grep -c '^>' "$work/diff") files; first: $(grep -m1 '^>' "$work/diff")"
+fi
