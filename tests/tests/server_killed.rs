@@ -752,3 +752,51 @@ fn writes_after_a_failed_upload_fail_too() {
     let now = fs::read(fx.exp("f")).expect("read the export");
     assert!(now == old, "the export changed although the uploads failed");
 }
+
+/// A create and a `mkdir` on their way when the server dies did not run (the names are
+/// still free once a new server is up): they are sent again and succeed.
+#[test]
+fn creates_in_flight_are_sent_again_when_their_names_are_free() {
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "60"], populate) else {
+        return;
+    };
+    // Made through the mount: names in it are known free without asking the server,
+    // so the create and the mkdir themselves are what is on the way.
+    // (Two: a create holds its directory's lock until it is answered.)
+    fs::create_dir(fx.mnt("made")).expect("mkdir");
+    fs::create_dir(fx.mnt("made2")).expect("mkdir");
+    let before = fx.mount.stats();
+    fx.server.signal(libc::SIGSTOP);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (file, dir) = (fx.mnt("made/new"), fx.mnt("made2/newdir"));
+    let txf = tx.clone();
+    std::thread::spawn(move || {
+        let r = fs::File::create_new(&file).and_then(|mut f| f.write_all(b"new"));
+        let _ = txf.send(("create", r));
+    });
+    std::thread::spawn(move || {
+        let _ = tx.send(("mkdir", fs::create_dir(&dir)));
+    });
+    let sent = ferry_tests::poll_until(DEADLINE, || {
+        let st = fx.mount.stats();
+        st.get_or_zero("requests.create") > before.get_or_zero("requests.create")
+            && st.get_or_zero("requests.mkdir") > before.get_or_zero("requests.mkdir")
+    });
+    assert!(
+        sent,
+        "the create and the mkdir never reached the connection"
+    );
+    // SIGKILL ends the stopped server: neither request ran.
+    fx.server.restart();
+    for _ in 0..2 {
+        let (what, r) = rx.recv_timeout(DEADLINE).expect("an operation hung");
+        r.unwrap_or_else(|e| panic!("{what} across the restart: {e}"));
+    }
+    assert_eq!(fs::read(fx.exp("made/new")).expect("the new file"), b"new");
+    assert!(fx.exp("made2/newdir").is_dir(), "the new directory");
+    let after = fx.mount.stats();
+    assert!(
+        after.get("retried") >= before.get("retried") + 2,
+        "both were sent again: {after}"
+    );
+}

@@ -1133,8 +1133,23 @@ impl Core {
     pub async fn create(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
         let req = self.create_request(file)?;
         let generation = self.client.connect().await?;
-        let reply = self.rpc_on(generation, caller, req).await;
-        self.created(caller, file, generation, reply)
+        match self.rpc_on(generation, caller, req).await {
+            Err(FsError::Transport(e)) if e.dropped() => self.create_again(caller, file).await,
+            reply => self.created(caller, file, generation, reply),
+        }
+    }
+
+    /// A create whose connection broke under it, sent again if its name is still free
+    /// (`Core::again_if_absent_on`).
+    async fn create_again(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
+        let req = self.create_request(file)?;
+        match self
+            .again_if_absent_on(caller, file.parent, &file.name, req)
+            .await
+        {
+            Ok((generation, reply)) => self.created(caller, file, generation, Ok(reply)),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Core::create`] without a task, for the FUSE session thread: queued from the
@@ -1166,7 +1181,16 @@ impl Core {
             let reply = match outcome {
                 Ok(Ok(r)) => Ok(me.unwrap_reply(r)),
                 Ok(Err(e)) => errno(e),
-                Err(e) => Err(e.into()),
+                Err(e) => {
+                    if e.dropped()
+                        && let Some(rt) = me.runtime.get().cloned()
+                    {
+                        // Sent again (if its name is still free), off the reader.
+                        rt.spawn(async move { done(me.create_again(caller, &file).await) });
+                        return;
+                    }
+                    Err(e.into())
+                }
             };
             done(me.created(caller, &file, generation, reply));
         });

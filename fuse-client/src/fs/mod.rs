@@ -429,6 +429,44 @@ impl Core {
         }
     }
 
+    /// A request that makes `parent/name` (create, mkdir, mknod, symlink, link) lost its
+    /// connection on the way: it may or may not have run. If the name is still absent
+    /// on the server (looked up on a new connection), it did not, and `req` is sent
+    /// again there; if it exists, `EIO` (an exclusive create cannot tell its own file
+    /// from one made by someone else). Returns the reply and the connection it came on.
+    async fn again_if_absent_on(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        req: Request,
+    ) -> FsResult<(u64, Response)> {
+        let (parent_path, n) = self.child(parent, name)?;
+        let generation = self.client.connect().await?;
+        let lookup = Request::Lookup {
+            parent: parent_path,
+            name: n,
+        };
+        match self.rpc_on(generation, caller, lookup).await {
+            Err(FsError::Errno(libc::ENOENT)) => {}
+            Ok(_) => return errno(libc::EIO),
+            Err(e) => return Err(e),
+        }
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("connection lost under a create; the name is still free: sending it again");
+        Ok((generation, self.rpc_on(generation, caller, req).await?))
+    }
+
+    async fn again_if_absent(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        req: Request,
+    ) -> FsResult<Response> {
+        Ok(self.again_if_absent_on(caller, parent, name, req).await?.1)
+    }
+
     async fn rpc_on(&self, generation: u64, caller: Caller, req: Request) -> FsResult<Response> {
         match self.client.call_on(Some(generation), caller, req).await? {
             Ok(r) => Ok(self.unwrap_reply(r)),
@@ -471,7 +509,14 @@ impl Core {
         req: Request,
     ) -> FsResult<Attr> {
         let is_dir = matches!(req, Request::MkDir { .. });
-        let attr = Self::expect_attr(self.rpc(caller, req).await?)?;
+        let again = req.clone();
+        let reply = match self.rpc(caller, req).await {
+            Err(FsError::Transport(e)) if e.dropped() => {
+                self.again_if_absent(caller, parent, name, again).await
+            }
+            r => r,
+        };
+        let attr = Self::expect_attr(reply?)?;
         self.dir_changed(parent);
         self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
