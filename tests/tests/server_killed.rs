@@ -712,8 +712,9 @@ fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
 
 /// A close whose upload failed for good (the server away longer than `--timeout`)
 /// takes the changes with it: a descriptor of the same file that writes again once the
-/// server is back must not commit its new writes alone on top of the old content. Its
-/// close fails too, and the export keeps the old content.
+/// server is back must not commit its new writes alone on top of the old content, and
+/// one that wrote before must not report success. Both closes fail too, and the export
+/// keeps the old content.
 #[test]
 fn writes_after_a_failed_upload_fail_too() {
     let mut rng = ferry_tests::rng::Rng::new(0xfa12);
@@ -732,14 +733,18 @@ fn writes_after_a_failed_upload_fail_too() {
             .open(&path)
             .expect("open")
     };
-    let (a, b) = (open(), open());
+    let (a, b, c) = (open(), open(), open());
     a.write_all_at(&rng.bytes(30_000), 0)
         .expect("write through the first");
     b.write_all_at(&rng.bytes(30_000), 50_000)
         .expect("write through the second");
+    c.write_all_at(&rng.bytes(30_000), 150_000)
+        .expect("write through the third");
     fx.server.kill();
     close_in_time("the first descriptor", a).expect_err("close with the server away");
     fx.server.restart_prepared(next);
+    close_in_time("the third descriptor", c)
+        .expect_err("close of a descriptor whose writes were lost, writing nothing after");
     // Answered before the server has it, like every write: the close reports it.
     let _ = b.write_all_at(&rng.bytes(30_000), 100_000);
     let err = close_in_time("the second descriptor", b)

@@ -114,6 +114,10 @@ struct Journal {
     /// Changes offered since the inode's first: tells a commit whether changes came
     /// while it ran, which it did not cover.
     offered: u64,
+    /// An upload of these handles' changes failed: every later change and commit
+    /// through them fails too (none may be committed without the lost ones), until no
+    /// writer of the inode is open.
+    failed: bool,
 }
 
 impl Default for Journal {
@@ -125,6 +129,7 @@ impl Default for Journal {
             lost: false,
             oldest: None,
             offered: 0,
+            failed: false,
         }
     }
 }
@@ -313,11 +318,15 @@ impl WriteTracker {
     /// commit if the journal holds everything, else the commit fails.
     fn lost_or_fail(&self, e: TransportError) {
         let kept = match self.journal.lock() {
-            Ok(mut j) if j.whole => {
+            Ok(mut j) if j.whole && !j.failed => {
                 j.lost = true;
                 true
             }
-            _ => false,
+            Ok(mut j) => {
+                j.failed = true;
+                false
+            }
+            Err(_) => false,
         };
         if kept {
             tracing::debug!("connection lost under a change ({e}); kept for sending again");
@@ -361,6 +370,9 @@ impl WriteTracker {
     /// (an `O_TRUNC` open on another descriptor) stay.
     fn journal_committed(&self, mark: JournalMark) {
         if let Ok(mut j) = self.journal.lock() {
+            if j.failed {
+                return;
+            }
             let later = j.offered > mark.offered;
             if j.whole {
                 let done = mark.kept.min(j.ops.len());
@@ -385,7 +397,13 @@ impl WriteTracker {
         if let Ok(mut j) = self.journal.lock() {
             j.broken();
             j.lost = true;
+            j.failed = true;
         }
+    }
+
+    /// See [`Journal::failed`].
+    fn upload_lost(&self) -> bool {
+        self.journal.lock().map_or(true, |j| j.failed)
     }
 
     /// No writer of the inode is open: whatever happened before concerns nobody now.
@@ -395,6 +413,7 @@ impl WriteTracker {
             j.whole = true;
             j.lost = false;
             j.oldest = None;
+            j.failed = false;
         }
     }
 
@@ -426,9 +445,14 @@ impl WriteTracker {
 
     /// What to send again, if the journal holds every change since the last commit.
     fn journal_ops(&self) -> Option<Vec<Replay>> {
+        self.journal_ops_from(0)
+    }
+
+    /// [`WriteTracker::journal_ops`] from the `n`th on.
+    fn journal_ops_from(&self, n: usize) -> Option<Vec<Replay>> {
         let j = self.journal.lock().ok()?;
         j.whole
-            .then(|| j.ops.iter().map(|(_, op)| op.clone()).collect())
+            .then(|| j.ops.iter().skip(n).map(|(_, op)| op.clone()).collect())
     }
 
     fn fail(&self, e: i32) {
@@ -445,8 +469,11 @@ impl WriteTracker {
         self.error.lock().ok().and_then(|mut e| e.take())
     }
 
+    /// The error the next change or commit reports: a failed write's, or `EIO` after
+    /// an upload of these handles was lost ([`Journal::failed`]).
     fn peek_error(&self) -> Option<i32> {
-        self.error.lock().ok().and_then(|e| *e)
+        let e = self.error.lock().ok().and_then(|e| *e);
+        e.or_else(|| self.upload_lost().then_some(libc::EIO))
     }
 }
 
@@ -1796,8 +1823,9 @@ impl Core {
         }
         let (dst_handle, generation) = self.ensure_handle(&dst).await?;
         let (src_handle, src_generation) = self.io_handle(&src).await?;
-        if src_generation != generation {
-            // Handles of two connections (one opened before a reconnect).
+        if src_generation != generation || self.client.live_generation() != Some(generation) {
+            // Handles of two connections (one opened before a reconnect), or of a lost
+            // one: the kernel copies through read and write instead.
             return errno(libc::EXDEV);
         }
         out.dirty.store(true, Ordering::SeqCst);
@@ -1954,6 +1982,11 @@ impl Core {
         // Every write made so far is queued once this is held, and no other starts.
         let _no_writes_meanwhile = tracker.gate.write().await;
         let mark = tracker.mark();
+        if tracker.upload_lost() {
+            tracker.dirty.store(false, Ordering::SeqCst);
+            tracker.drain().await;
+            return self.upload_failed(ino, sino, &tracker, FsError::Errno(libc::EIO));
+        }
         if !tracker.dirty.swap(false, Ordering::SeqCst) {
             tracker.drain().await;
             return self.clean_commit(ino, sino, &tracker, mark);
@@ -1969,7 +2002,9 @@ impl Core {
                 // connection that is gone, and what it staged went with it.
                 tracker.drain().await;
                 if let Some(e) = tracker.take_error() {
-                    return self.commit_failed(ino, sino, &tracker, e, mark);
+                    // What the dead handle staged is gone: not one of the server's
+                    // refusals, after which the changes are dropped and done with.
+                    return self.upload_failed(ino, sino, &tracker, FsError::Errno(e));
                 }
                 if !tracker.replayable() {
                     return self.upload_failed(ino, sino, &tracker, FsError::Errno(libc::EIO));
@@ -2048,55 +2083,12 @@ impl Core {
             ) => (handle, attr),
             _ => return Err(TransportError::Protocol.into()),
         };
+        let count = ops.len();
         let sent = async {
             if attr.ino != sino {
                 return errno(libc::ESTALE);
             }
-            // Pipelined, but a change never overtakes one it overlaps or follows: the
-            // server runs requests of one handle concurrently.
-            let mut inflight: Vec<(u64, u64)> = Vec::new();
-            let mut replies = FuturesUnordered::new();
-            for op in ops {
-                let (req, range) = match op {
-                    Replay::Write { offset, data } => {
-                        let end = offset + data.len() as u64;
-                        let req = Request::Write {
-                            handle,
-                            offset,
-                            data,
-                        };
-                        (req, Some((offset, end)))
-                    }
-                    Replay::Truncate(size) => {
-                        let set = SetAttr {
-                            size: Some(size),
-                            ..SetAttr::default()
-                        };
-                        (Self::set_through(handle, set), None)
-                    }
-                    Replay::Attrs(set) => (Self::set_through(handle, set), None),
-                };
-                let overlaps = match range {
-                    Some((s, e)) => inflight.iter().any(|&(a, b)| a < e && s < b),
-                    None => !inflight.is_empty(),
-                };
-                if overlaps {
-                    while let Some(r) = replies.next().await {
-                        Self::replayed(r)?;
-                    }
-                    inflight.clear();
-                }
-                inflight.push(range.unwrap_or((0, u64::MAX)));
-                let want = match &req {
-                    Request::Write { data, .. } => Some(data.len()),
-                    _ => None,
-                };
-                replies.push(async move { (want, self.rpc_on(generation, caller, req).await) });
-            }
-            while let Some(r) = replies.next().await {
-                Self::replayed(r)?;
-            }
-            Ok(())
+            self.send_again(caller, handle, generation, ops).await
         }
         .await;
         if let Err(e) = sent {
@@ -2132,12 +2124,73 @@ impl Core {
                 f.state.lock().map_err(|_| poisoned())?.handle = Some(pair);
             }
         }
+        // A writable open may have staged its O_TRUNC on the handle just retired and
+        // kept it after the copy above was taken (it does not wait for the write gate
+        // held here): sent too. (Sent twice at worst: each change is idempotent.)
+        let late = tracker.journal_ops_from(count).unwrap_or_default();
+        if !late.is_empty() {
+            self.send_again(caller, handle, generation, late).await?;
+        }
         self.stats.uploads_replayed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             ino,
             "sent a file's uncommitted changes again after a reconnect"
         );
         Ok(pair)
+    }
+
+    /// `ops` through `handle`, pipelined, but a change never overtakes one it overlaps
+    /// or follows: the server runs requests of one handle concurrently.
+    async fn send_again(
+        &self,
+        caller: Caller,
+        handle: u64,
+        generation: u64,
+        ops: Vec<Replay>,
+    ) -> FsResult<()> {
+        let mut inflight: Vec<(u64, u64)> = Vec::new();
+        let mut replies = FuturesUnordered::new();
+        for op in ops {
+            let (req, range) = match op {
+                Replay::Write { offset, data } => {
+                    let end = offset + data.len() as u64;
+                    let req = Request::Write {
+                        handle,
+                        offset,
+                        data,
+                    };
+                    (req, Some((offset, end)))
+                }
+                Replay::Truncate(size) => {
+                    let set = SetAttr {
+                        size: Some(size),
+                        ..SetAttr::default()
+                    };
+                    (Self::set_through(handle, set), None)
+                }
+                Replay::Attrs(set) => (Self::set_through(handle, set), None),
+            };
+            let overlaps = match range {
+                Some((s, e)) => inflight.iter().any(|&(a, b)| a < e && s < b),
+                None => !inflight.is_empty(),
+            };
+            if overlaps {
+                while let Some(r) = replies.next().await {
+                    Self::replayed(r)?;
+                }
+                inflight.clear();
+            }
+            inflight.push(range.unwrap_or((0, u64::MAX)));
+            let want = match &req {
+                Request::Write { data, .. } => Some(data.len()),
+                _ => None,
+            };
+            replies.push(async move { (want, self.rpc_on(generation, caller, req).await) });
+        }
+        while let Some(r) = replies.next().await {
+            Self::replayed(r)?;
+        }
+        Ok(())
     }
 
     fn set_through(handle: u64, set: SetAttr) -> Request {
@@ -2176,6 +2229,9 @@ impl Core {
         let Ok(tracker) = self.tracker(f.ino) else {
             return Err(done);
         };
+        if tracker.upload_lost() {
+            return Err(done);
+        }
         let Ok(gate) = tracker.gate.clone().try_write_owned() else {
             return Err(done);
         };
@@ -2240,6 +2296,9 @@ impl Core {
         tracker: &WriteTracker,
         mark: JournalMark,
     ) -> FsResult<()> {
+        if tracker.upload_lost() {
+            return self.upload_failed(ino, sino, tracker, FsError::Errno(libc::EIO));
+        }
         if let Some(e) = tracker.take_error() {
             return self.commit_failed(ino, sino, tracker, e, mark);
         }
@@ -2375,11 +2434,11 @@ impl Core {
         Some(self.attrs_queued(ino, set, &tracker, gate, (generation, attr), sent))
     }
 
-    /// A change of times or mode just made on the server while this client's
-    /// uncommitted changes of `ino` wait to be sent again (their connection was lost):
-    /// kept with them, so that the commit applies it after them once more (it would
-    /// otherwise stamp the time of its own last write, and `tar`'s `futimens` before
-    /// `close` would be lost).
+    /// A change of times or mode just made on the server (by path) while this client
+    /// has uncommitted changes of `ino`: kept with them, so that a commit that has to
+    /// send them again applies it after them once more (it would otherwise stamp the
+    /// time of its own last write, and `tar`'s `futimens` before `close` would be lost
+    /// when the connection was). Harmless otherwise: a commit drops it.
     pub(super) fn keep_attrs_for_replay(&self, ino: u64, set: &SetAttr) {
         let (Ok(tracker), Ok(Some((_, generation)))) = (self.tracker(ino), self.writer_pair(ino))
         else {
@@ -2391,10 +2450,7 @@ impl Core {
             mtime: set.mtime,
             ..SetAttr::default()
         };
-        if attrs != SetAttr::default()
-            && tracker.dirty.load(Ordering::SeqCst)
-            && tracker.needs_replay(self.client.live_generation(), Some(generation))
-        {
+        if attrs != SetAttr::default() && tracker.dirty.load(Ordering::SeqCst) {
             tracker.record(generation, Replay::Attrs(attrs));
         }
     }
@@ -2411,9 +2467,9 @@ impl Core {
         if set.size.is_some() || owner || !anything || !self.client.events_live() {
             return Ok(None);
         }
-        // A writer of a lost connection too: the change is then kept in the journal
-        // with the writes, and sent again with them.
-        if self.writer_pair(ino)?.is_none() {
+        // (A writer of a lost connection does not do: the change goes by path now,
+        // and is kept to be applied again after the writes, `keep_attrs_for_replay`.)
+        if self.shared_writer(ino)?.is_none() {
             return Ok(None);
         }
         let tracker = self.tracker(ino)?;
@@ -2437,7 +2493,7 @@ impl Core {
         let tracker = self.tracker(ino)?;
         let still_writing =
             tracker.dirty.load(Ordering::SeqCst) || tracker.inflight.load(Ordering::SeqCst) > 0;
-        let Some((handle, generation)) = self.writer_pair(ino)? else {
+        let Some((handle, generation)) = self.shared_writer(ino)? else {
             return Ok(None);
         };
         let known = self
