@@ -675,21 +675,11 @@ fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
 #[test]
 fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
     let mut rng = ferry_tests::rng::Rng::new(0x2f11);
-    let old = rng.bytes(200_000);
-    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
-        fs::write(e.join("f"), &old).expect("write");
-    }) else {
+    let Some((mut fx, old, next, no_spawns)) = one_file_for_restart(&mut rng, "10") else {
         return;
     };
-    let next = fx.server.prepare_restart();
-    let no_spawns = ferry_tests::process::no_spawns();
     let path = fx.mnt("f");
-    let open = || {
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open")
-    };
+    let open = || open_to_write(&path);
     let mut want = old.clone();
     let a = open();
     let d = rng.bytes(30_000);
@@ -718,21 +708,11 @@ fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
 #[test]
 fn writes_after_a_failed_upload_fail_too() {
     let mut rng = ferry_tests::rng::Rng::new(0xfa12);
-    let old = rng.bytes(200_000);
-    let Some(mut fx) = fixture_with(&[], &["--timeout", "2"], |e| {
-        fs::write(e.join("f"), &old).expect("write");
-    }) else {
+    let Some((mut fx, old, next, no_spawns)) = one_file_for_restart(&mut rng, "2") else {
         return;
     };
-    let next = fx.server.prepare_restart();
-    let no_spawns = ferry_tests::process::no_spawns();
     let path = fx.mnt("f");
-    let open = || {
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open")
-    };
+    let open = || open_to_write(&path);
     let (a, b, c) = (open(), open(), open());
     a.write_all_at(&rng.bytes(30_000), 0)
         .expect("write through the first");
@@ -804,4 +784,30 @@ fn creates_in_flight_are_sent_again_when_their_names_are_free() {
         after.get("retried") >= before.get("retried") + 2,
         "both were sent again: {after}"
     );
+}
+
+/// For tests that restart the server while they hold file `f` open for writing: a mount
+/// of an export holding `f` (200,000 random bytes, returned), the next server forked
+/// now ([`ferry_tests::server::TestServer::prepare_restart`]) and a guard that keeps
+/// every test from forking until dropped.
+fn one_file_for_restart(
+    rng: &mut ferry_tests::rng::Rng,
+    timeout: &str,
+) -> Option<(
+    ferry_tests::Fixture,
+    Vec<u8>,
+    ferry_tests::server::PreparedServer,
+    std::sync::RwLockWriteGuard<'static, ()>,
+)> {
+    let old = rng.bytes(200_000);
+    let fx = fixture_with(&[], &["--timeout", timeout], |e| {
+        fs::write(e.join("f"), &old).expect("write");
+    })?;
+    let next = fx.server.prepare_restart();
+    Some((fx, old, next, ferry_tests::process::no_spawns()))
+}
+
+/// `path` opened for writing.
+fn open_to_write(path: &std::path::Path) -> fs::File {
+    fs::OpenOptions::new().write(true).open(path).expect("open")
 }
