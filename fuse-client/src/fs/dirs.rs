@@ -11,7 +11,7 @@ use ferry_common::proto::{
     Attr, Caller, DirEntry, FileKind, MAX_DIR_BATCH, RelPath, Request, Response,
 };
 
-use super::{Core, poisoned};
+use super::{Core, Invalidation, poisoned};
 use crate::error::{FsError, FsResult, TransportError};
 use crate::nodes::ROOT;
 
@@ -293,14 +293,46 @@ impl Core {
     /// invalidated meanwhile and events vouch for it. The epoch is checked under the
     /// cache's lock: an invalidation (epoch bumped, then the entry removed under the
     /// lock) cannot slip between the check and the insert.
+    ///
+    /// Events find a directory by its path through the inode table, so a listing kept
+    /// for a directory whose path the table does not know (a prefetch that came back
+    /// before the kernel took the subdirectory's entry) is recorded as unplaced: an event
+    /// under an unknown path drops every such listing still unplaced
+    /// ([`Core::drop_unplaced_listings`]), and [`Core::forget`] drops a listing with its
+    /// path. All under the table's lock, so an event is placed (or not) either before
+    /// the listing is kept or after it is recorded.
     fn keep_listing(&self, ino: u64, epoch: u64, entries: &Arc<Vec<DirEntry>>) {
         if !self.client.events_live() {
             return;
         }
+        let Ok(nodes) = self.nodes.lock() else {
+            return;
+        };
         if let Ok(mut c) = self.dir_cache.lock()
             && DIR_EPOCH.load(Ordering::SeqCst) == epoch
         {
             c.entry(ino).or_insert_with(|| Arc::clone(entries));
+            if nodes.path(ino).is_err()
+                && let Ok(mut unplaced) = self.unplaced_listings.lock()
+            {
+                unplaced.insert(ino);
+            }
+        }
+    }
+
+    /// An event came for a directory whose path the inode table does not know: a
+    /// listing kept for an unplaced directory may be that one's. Called with the
+    /// table's lock held.
+    pub(super) fn drop_unplaced_listings(&self, nodes: &crate::nodes::Nodes) {
+        DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
+        let (Ok(mut c), Ok(mut unplaced)) = (self.dir_cache.lock(), self.unplaced_listings.lock())
+        else {
+            return;
+        };
+        for ino in unplaced.drain() {
+            if nodes.path(ino).is_err() {
+                c.remove(&ino);
+            }
         }
     }
 
@@ -527,19 +559,49 @@ impl Core {
         let idle = dirs.get(&fh).and_then(|s| {
             s.try_lock()
                 .ok()
-                .map(|s| s.handle.is_none() && s.next.is_none())
+                .filter(|s| s.handle.is_none() && s.next.is_none())
+                .map(|s| self.stream_done(&s))
         });
-        if idle == Some(true) {
+        if idle.is_some() {
             dirs.remove(&fh);
             return true;
         }
         false
     }
 
+    /// A directory stream is released. The kernel (`FOPEN_CACHE_DIR`) may have filled its
+    /// own copy of the listing from it *after* an event's invalidation of that copy went
+    /// through: the stream's entries were taken when it was opened, and the kernel reads
+    /// (and stores) them whenever the process gets to its `getdents`, which may be after
+    /// the event (glibc's `opendir` alone puts an `fstat` in between, whose `GETATTR`
+    /// also hands the kernel the new mtime its cache is later checked against). Nothing
+    /// would drop that copy again: later opens answered from a fresh kept listing say
+    /// `FOPEN_KEEP_CACHE`, and the kernel serves the old names until the next change in
+    /// the directory. So when the stream's entries are no longer the directory's kept
+    /// listing and some listing was dropped since it was opened, drop the kernel's copy
+    /// once more. Release comes after every `getdents` through the descriptor is done,
+    /// so after any fill from this stream.
+    fn stream_done(&self, s: &DirStream) {
+        if DIR_EPOCH.load(Ordering::SeqCst) == s.epoch {
+            return;
+        }
+        let vouched = self
+            .dir_cache
+            .lock()
+            .is_ok_and(|c| c.get(&s.ino).is_some_and(|e| Arc::ptr_eq(e, &s.entries)));
+        if !vouched {
+            self.invalidate(Invalidation::Inode {
+                ino: s.ino,
+                data: true,
+            });
+        }
+    }
+
     pub async fn releasedir(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let stream = self.dirs.lock().map_err(|_| poisoned())?.remove(&fh);
         if let Some(stream) = stream {
             let mut s = stream.lock().await;
+            self.stream_done(&s);
             // A batch nobody will read: not worth the server's work.
             if let Some(t) = s.next.take() {
                 t.abort();

@@ -142,7 +142,10 @@ impl Core {
     fn changed(&self, parent: &RelPath, name: Option<&Name>, attr: Option<Attr>) {
         let Ok(nodes) = self.nodes.lock() else { return };
         let Some(dir) = nodes.resolve(parent) else {
-            // Nothing cached under a directory this client does not know.
+            // A directory this client does not know: nothing cached under it, except
+            // listings prefetched ahead of the kernel taking their entries (kept or
+            // being fetched). Those go.
+            self.drop_unplaced_listings(&nodes);
             return;
         };
         let Some(name) = name else {
