@@ -462,16 +462,6 @@ impl Core {
         Ok((generation, self.rpc_on(generation, caller, req).await?))
     }
 
-    async fn again_if_absent(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &[u8],
-        req: Request,
-    ) -> FsResult<Response> {
-        Ok(self.again_if_absent_on(caller, parent, name, req).await?.1)
-    }
-
     async fn rpc_on(&self, generation: u64, caller: Caller, req: Request) -> FsResult<Response> {
         match self.client.call_on(Some(generation), caller, req).await? {
             Ok(r) => Ok(self.unwrap_reply(r)),
@@ -517,7 +507,7 @@ impl Core {
         let again = req.clone();
         let reply = match self.rpc(caller, req).await {
             Err(FsError::Transport(e)) if e.dropped() => {
-                self.again_if_absent(caller, parent, name, again).await
+                (self.again_if_absent_on(caller, parent, name, again).await).map(|(_, r)| r)
             }
             r => r,
         };
