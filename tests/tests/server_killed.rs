@@ -700,6 +700,71 @@ fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
     ferry_tests::data::assert_same_bytes(&got, &want, "the export");
 }
 
+/// A descriptor open for reading and writing (a database's) goes on reading after a
+/// restart, and it and a reader of the file read what it wrote before: its uncommitted
+/// writes are staged again on the new server before a read goes there. Staged once:
+/// the close then commits without sending them a third time.
+#[test]
+fn a_writer_reads_its_own_writes_after_a_restart() {
+    const MIB: usize = 1 << 20;
+    let mut rng = ferry_tests::rng::Rng::new(0x4ead);
+    // Larger than what an open brings along: reads go to the server.
+    let old = rng.bytes(4 * MIB);
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
+        fs::write(e.join("db"), &old).expect("write");
+    }) else {
+        return;
+    };
+    let before = fx.mount.stats();
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt("db"))
+        .expect("open");
+    let reader = fs::File::open(fx.mnt("db")).expect("open to read");
+    let mut want = old.clone();
+    let d = rng.bytes(64 * 1024);
+    f.write_all_at(&d, MIB as u64).expect("write");
+    put(&mut want, MIB, &d);
+    fx.server.restart_prepared(next);
+    let read_at = |through: &fs::File, at: usize, len: usize, what: &str| {
+        let mut buf = vec![0u8; len];
+        through
+            .read_exact_at(&mut buf, at as u64)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n--- mount log ---\n{}", fx.mount.log()));
+        ferry_tests::data::assert_same_bytes(&buf, &want[at..at + len], what);
+    };
+    // Never read before: the kernel has none of it, the mount asks the server.
+    read_at(&f, 3 * MIB, 128 * 1024, "a read after the restart");
+    // The write, with the kernel's copy of it dropped: what the server staged again.
+    ferry_tests::sys::fadvise_dontneed(&f).expect("fadvise");
+    let (at, len) = (MIB - 32 * 1024, 128 * 1024);
+    read_at(
+        &reader,
+        at,
+        len,
+        "the write, read through another descriptor",
+    );
+    read_at(&f, at, len, "the write, read through its own descriptor");
+    drop(reader);
+    let d = rng.bytes(10_000);
+    f.write_all_at(&d, 2 * MIB as u64 + 5)
+        .expect("write after the restart");
+    put(&mut want, 2 * MIB + 5, &d);
+    close_in_time("db", f).expect("close after the restart");
+    drop(no_spawns);
+    let got = fs::read(fx.exp("db")).expect("read the export");
+    ferry_tests::data::assert_same_bytes(&got, &want, "the export");
+    let after = fx.mount.stats();
+    assert_eq!(
+        after.get("uploads_replayed") - before.get("uploads_replayed"),
+        1,
+        "staged again once: {after}"
+    );
+}
+
 /// A close whose upload failed for good (the server away longer than `--timeout`)
 /// takes the changes with it: a descriptor of the same file that writes again once the
 /// server is back must not commit its new writes alone on top of the old content, and

@@ -391,6 +391,21 @@ impl WriteTracker {
         }
     }
 
+    /// The first `sent` changes were staged again through a handle of connection
+    /// `generation`, with every writer moved to it ([`Core::restage`]): what went
+    /// through dead connections is there now. Called under the write gate, with no
+    /// change in flight.
+    fn journal_restaged(&self, generation: u64, sent: usize) {
+        if let Ok(mut j) = self.journal.lock() {
+            let n = sent.min(j.ops.len());
+            for (g, _) in &mut j.ops[..n] {
+                *g = generation;
+            }
+            j.oldest = j.ops.iter().map(|(g, _)| *g).min();
+            j.lost = false;
+        }
+    }
+
     /// The upload failed and its close said so: the changes are gone, and later ones
     /// through the same handles could not be sent again without them.
     fn journal_failed(&self) {
@@ -669,6 +684,16 @@ pub struct OpenReply {
     pub attr: Attr,
     /// The kernel's cached pages are still this file's content (`FOPEN_KEEP_CACHE`).
     pub keep_cache: bool,
+}
+
+/// What [`Core::replay`] did.
+struct Staged {
+    /// The new staged handle and its connection generation.
+    pair: (u64, u64),
+    /// The writers moved to it (no writable open installed a handle of its own).
+    moved: bool,
+    /// How many of the journal's changes (from its start) went through it.
+    sent: usize,
 }
 
 impl Core {
@@ -1157,6 +1182,56 @@ impl Core {
         self.ensure_handle(f).await
     }
 
+    /// [`Core::io_handle`] for reading file data. A writers' handle of a connection
+    /// that is gone took this client's staged changes with it: they are staged again
+    /// first ([`Core::restage`]), or the read would miss them. Never called holding
+    /// the inode's write gate.
+    async fn read_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
+        if self.shared_writer(f.ino)?.is_none()
+            && self.writer_pair(f.ino)?.is_some()
+            && let Some(h) = self.restage(caller, f.ino).await?
+        {
+            return Ok(h);
+        }
+        self.io_handle(f).await
+    }
+
+    /// Stage again, on the live connection, the uncommitted changes of `ino` whose
+    /// writers' handle belongs to a connection that is gone ([`Core::replay`]), and
+    /// return the writers' new handle; `None` when `ino` has no writer any more. The
+    /// journal then counts the changes as staged on the new connection: the commit
+    /// sends only what comes after. Fails (the changes stay kept for the commit to try
+    /// again) when they cannot be staged now.
+    async fn restage(&self, caller: Caller, ino: u64) -> FsResult<Option<(u64, u64)>> {
+        let sino = self.server_ino(ino);
+        let tracker = self.tracker(ino)?;
+        let _no_writes_meanwhile = tracker.gate.write().await;
+        tracker.drain().await;
+        for _ in 0..2 {
+            let Some((_, generation)) = self.writer_pair(ino)? else {
+                return Ok(None);
+            };
+            if tracker.peek_error().is_some() {
+                // A change failed: the close reports its error; nothing is staged.
+                return errno(libc::EIO);
+            }
+            if !tracker.needs_replay(self.client.live_generation(), Some(generation)) {
+                return self.writer_pair(ino);
+            }
+            if !tracker.replayable() {
+                return errno(libc::EIO);
+            }
+            let staged = self.replay(caller, ino, sino, &tracker).await?;
+            if staged.moved {
+                tracker.journal_restaged(staged.pair.1, staged.sent);
+                return Ok(Some(staged.pair));
+            }
+            // A writable open installed a handle of its own meanwhile, which lacks
+            // the earlier changes: staged again through a handle they all move to.
+        }
+        errno(libc::EIO)
+    }
+
     pub async fn create(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
         let req = self.create_request(file)?;
         let generation = self.client.connect().await?;
@@ -1387,7 +1462,7 @@ impl Core {
         offset: u64,
         len: u64,
     ) -> FsResult<Bytes> {
-        let (handle, generation) = self.io_handle(f).await?;
+        let (handle, generation) = self.read_handle(caller, f).await?;
         let chunk = u64::from(self.max_io);
         let reqs = (0..len.div_ceil(chunk)).map(|i| {
             let off = offset + i * chunk;
@@ -1443,7 +1518,7 @@ impl Core {
         if cache.missing(f.sino, version, offset, len).is_empty() {
             return Ok(());
         }
-        let (handle, generation) = self.io_handle(f).await?;
+        let (handle, generation) = self.read_handle(caller, f).await?;
         // Uncommitted writes of ours: the server's bytes may lack them, the caller reads
         // past the cache instead.
         let Some(token) = cache.token(f.sino) else {
@@ -1548,12 +1623,9 @@ impl Core {
         size: u32,
     ) -> FsResult<Bytes> {
         let f = self.open_file(fh)?;
-        if f.writable || self.shared_writer(f.ino)?.is_some() {
-            // Its reads see staged writes (through the writer's handle), which died
-            // with the connection: read again, it would see the old content instead.
-            return self.read_once(caller, &f, offset, size).await;
-        }
-        // A reader's handle is opened again on the new connection (`ensure_handle`).
+        // A reader's handle is opened again on the new connection (`ensure_handle`);
+        // reads through the writers' handle find this client's changes staged again
+        // there first (`restage`).
         let f = &f;
         self.once_more(|| self.read_once(caller, f, offset, size))
             .await
@@ -2010,7 +2082,7 @@ impl Core {
                     return self.upload_failed(ino, sino, &tracker, FsError::Errno(libc::EIO));
                 }
                 match self.replay(caller, ino, sino, &tracker).await {
-                    Ok(pair) => (handle, generation) = pair,
+                    Ok(staged) => (handle, generation) = staged.pair,
                     Err(e) => return self.upload_failed(ino, sino, &tracker, e),
                 }
             }
@@ -2050,7 +2122,7 @@ impl Core {
         ino: u64,
         sino: u64,
         tracker: &WriteTracker,
-    ) -> FsResult<(u64, u64)> {
+    ) -> FsResult<Staged> {
         let before = self.inodes()?.get(&ino).and_then(|s| s.writer);
         if before.is_some_and(|w| w.sync) {
             // Its writes were made durable one by one; a staged copy would not be.
@@ -2128,6 +2200,7 @@ impl Core {
         // kept it after the copy above was taken (it does not wait for the write gate
         // held here): sent too. (Sent twice at worst: each change is idempotent.)
         let late = tracker.journal_ops_from(count).unwrap_or_default();
+        let sent = count + late.len();
         if !late.is_empty() {
             self.send_again(caller, handle, generation, late).await?;
         }
@@ -2136,7 +2209,7 @@ impl Core {
             ino,
             "sent a file's uncommitted changes again after a reconnect"
         );
-        Ok(pair)
+        Ok(Staged { pair, moved, sent })
     }
 
     /// `ops` through `handle`, pipelined, but a change never overtakes one it overlaps
