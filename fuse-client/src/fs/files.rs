@@ -2572,7 +2572,7 @@ impl Core {
         let known = self
             .inodes()?
             .get(&ino)
-            .and_then(|st| st.behind.or(st.attr.map(|(a, _)| a)));
+            .and_then(|st| st.behind.as_deref().copied().or(st.attr.map(|(a, _)| a)));
         let (true, Some(attr)) = (still_writing, known) else {
             return Ok(None);
         };
@@ -2650,7 +2650,7 @@ impl Core {
         // once the commit brings the real attributes; further changes start from these.
         self.forget_attr(ino);
         if let Some(st) = self.inodes()?.get_mut(&ino) {
-            st.behind = Some(attr);
+            st.behind = Some(Box::new(attr));
         }
         Ok(attr)
     }
