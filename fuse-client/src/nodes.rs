@@ -17,6 +17,16 @@ use ferry_common::proto::RelPath;
 
 use crate::error::{FsError, FsResult};
 
+/// Give memory back once a table is mostly empty: the kernel forgets the inodes of a
+/// huge listing when it needs the memory (or on `drop_caches`), and a table keeps its
+/// peak capacity otherwise. Shrinking to twice what is left, below a quarter, keeps
+/// the cost per removal constant on average.
+pub fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 4096 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 pub const ROOT: u64 = 1;
 
 /// Deepest path the table will build (guards against a corrupted parent cycle).
@@ -157,6 +167,8 @@ impl Nodes {
                     self.by_name.remove(&key);
                 }
             }
+            shrink_if_sparse(&mut self.map);
+            shrink_if_sparse(&mut self.by_name);
         }
     }
 
@@ -256,5 +268,22 @@ mod tests {
         n.forget(10, 1);
         assert!(n.path(10).is_err());
         assert!(n.is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_huge_listing_gives_its_memory_back() {
+        let mut n = Nodes::new(2);
+        for ino in 10..100_010u64 {
+            n.remember(ROOT, format!("file{ino}").as_bytes(), ino);
+        }
+        let peak = n.map.capacity() + n.by_name.capacity();
+        assert!(peak >= 200_000);
+        for ino in 10..99_910u64 {
+            n.forget(ino, 1);
+        }
+        assert_eq!(n.len(), 100);
+        let now = n.map.capacity() + n.by_name.capacity();
+        assert!(now <= 2 * 4096, "capacity {now} left of {peak}");
+        assert!(n.path(100_000).is_ok());
     }
 }

@@ -561,6 +561,7 @@ impl Core {
                     .is_some_and(|s| s.writers == 0 && s.local_size.is_none())
             {
                 inodes.remove(&ino);
+                crate::nodes::shrink_if_sparse(&mut inodes);
             }
         }
     }
