@@ -300,6 +300,40 @@ fn region(r: usize, v: u8) -> Vec<u8> {
         .collect()
 }
 
+/// A file this mount is writing, opened and read by another process of the same mount
+/// after the kernel dropped its pages: the reader sees the writes not yet closed, as it
+/// would on a local disk (they share the writer's staged copy), for a small file (which
+/// an open would otherwise bring along whole, as the server last committed it) and a
+/// large one.
+#[test]
+fn a_reader_sees_uncommitted_writes_of_its_own_mount() {
+    let mut rng = Rng::new(0x5a3e);
+    let small = rng.bytes(200_000);
+    let large = rng.bytes(3 << 20);
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::write(e.join("small"), &small).expect("write");
+        fs::write(e.join("large"), &large).expect("write");
+    }) else {
+        return;
+    };
+    for (name, old) in [("small", &small), ("large", &large)] {
+        let mut want = old.clone();
+        let w = OpenOptions::new()
+            .write(true)
+            .open(fx.mnt(name))
+            .expect("open to write");
+        let d = rng.bytes(10_000);
+        let at = old.len() / 3;
+        w.write_all_at(&d, at as u64).expect("write");
+        want[at..at + d.len()].copy_from_slice(&d);
+        fadvise_dontneed(&w).expect("fadvise");
+        let got = fs::read(fx.mnt(name)).expect("read while it is written");
+        assert_same_bytes(&got, &want, &format!("{name}, read while written"));
+        close(w).expect("close");
+        assert_same_bytes(&fs::read(fx.exp(name)).expect("read"), &want, name);
+    }
+}
+
 /// Writers (threads, each its own descriptor) rewrite disjoint regions of one file in
 /// versions while readers read it whole, over and over, on the same mount. Every byte a
 /// reader sees is one some writer wrote (or the original), never older than what that

@@ -953,6 +953,13 @@ impl Core {
 
         let path = self.path(ino)?;
         if !writable && !truncating {
+            // The content an open brings along is what the server last committed: of
+            // a file this client is writing, reads must go through the writers'
+            // staged copy instead.
+            let inline_max = match self.cache.is_some() && self.writer_pair(ino)?.is_none() {
+                true => INLINE_MAX,
+                false => 0,
+            };
             // Opening to read changes nothing on the server: asked again on a new
             // connection if the old one breaks under it.
             let (generation, reply) = self
