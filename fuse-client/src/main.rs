@@ -67,6 +67,11 @@ enum Cmd {
         /// directory reports the error.
         #[arg(long)]
         sync_unlink: bool,
+        /// Keep a file's uncommitted writes past 8 MiB in the cache directory (up to
+        /// --cache-size), so that its close still succeeds after a server restart during
+        /// a large copy. Costs a local copy of those bytes (CPU, page cache).
+        #[arg(long)]
+        spool_writes: bool,
         #[arg(long, hide = true)]
         ready_pipe: bool,
     },
@@ -132,6 +137,7 @@ fn run(args: Args) -> Result<()> {
             xattrs,
             passthrough,
             sync_unlink,
+            spool_writes,
             ready_pipe,
         } => {
             let cache_dir = if no_cache {
@@ -151,6 +157,7 @@ fn run(args: Args) -> Result<()> {
                 xattrs,
                 passthrough,
                 sync_unlink,
+                spool_writes,
             };
             if foreground {
                 mount_foreground(&opts, ready_pipe)
@@ -175,6 +182,9 @@ fn run(args: Args) -> Result<()> {
                 }
                 if sync_unlink {
                     child.push("--sync-unlink".into());
+                }
+                if spool_writes {
+                    child.push("--spool-writes".into());
                 }
                 child.extend(["--passthrough".into(), passthrough.to_string().into()]);
                 match &cache_dir {

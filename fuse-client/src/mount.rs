@@ -46,6 +46,9 @@ pub struct MountOpts {
     pub passthrough: Passthrough,
     /// Every unlink waits for the server (see `Core::unlink`).
     pub sync_unlink: bool,
+    /// Uncommitted writes past what memory keeps go to spool files (see
+    /// `Core::spool_writes`).
+    pub spool_writes: bool,
 }
 
 /// `ferry mount --passthrough`.
@@ -246,6 +249,9 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
     core.set_unlink_behind(!opts.sync_unlink);
+    if opts.spool_writes {
+        core.spool_writes();
+    }
     let fs = FerryFuse::new(
         core.clone(),
         rt.handle().clone(),

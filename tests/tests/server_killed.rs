@@ -637,15 +637,108 @@ fn writers_survive_a_restart() {
         .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
 }
 
-/// More uncommitted data than the mount keeps for sending again (8 MiB per file) when
-/// the server restarts: the close fails and the export keeps its old content.
+/// With `--spool-writes`, a large copy into the mount, far past what memory keeps for
+/// sending again (8 MiB per file; the rest goes to a spool file in the cache directory),
+/// when the server restarts: the close returns 0 and the export has every byte. The
+/// spool leaves nothing behind in the cache directory.
+#[test]
+fn a_large_writer_survives_a_restart() {
+    const MIB: usize = 1 << 20;
+    let mut rng = ferry_tests::rng::Rng::new(0x1a76e);
+    let old = rng.bytes(12 * MIB);
+    let cache = tempfile::tempdir().expect("cache dir");
+    let cache_arg = cache.path().to_string_lossy().into_owned();
+    let Some(mut fx) = fixture_with(
+        &[],
+        &[
+            "--timeout",
+            "10",
+            "--cache-dir",
+            &cache_arg,
+            "--spool-writes",
+        ],
+        |e| {
+            fs::write(e.join("big"), &old).expect("write");
+        },
+    ) else {
+        return;
+    };
+    let files_before = files_under(cache.path());
+    let next = fx.server.prepare_restart();
+    let no_spawns = ferry_tests::process::no_spawns();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(fx.mnt("big"))
+        .expect("open");
+    // Sequential, as `cp` writes, then a change in the middle of it.
+    let mut want = rng.bytes(40 * MIB);
+    for (i, piece) in want.chunks(MIB).enumerate() {
+        f.write_all_at(piece, (i * MIB) as u64).expect("write");
+    }
+    let d = rng.bytes(100_000);
+    f.write_all_at(&d, 20 * MIB as u64 + 7).expect("write");
+    put(&mut want, 20 * MIB + 7, &d);
+    fx.server.restart_prepared(next);
+    let d = rng.bytes(MIB);
+    f.write_all_at(&d, 40 * MIB as u64)
+        .expect("write after the restart");
+    put(&mut want, 40 * MIB, &d);
+    close_in_time("big", f).unwrap_or_else(|e| {
+        panic!(
+            "close after a restart with 41 MiB uncommitted: {e}\n--- mount log ---\n{}",
+            fx.mount.log()
+        )
+    });
+    drop(no_spawns);
+    let got = fs::read(fx.exp("big")).expect("read the export");
+    ferry_tests::data::assert_same_bytes(&got, &want, "the export");
+    assert_eq!(fx.mount.stats().get("uploads_replayed"), 1);
+    assert_eq!(
+        files_under(cache.path()),
+        files_before,
+        "files left in the cache directory"
+    );
+}
+
+/// Names of the files under `dir`, recursively, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap_or(&p).display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// More uncommitted data than the mount keeps for sending again (8 MiB in memory; with
+/// `--spool-writes` also up to `--cache-size` spooled) when the server restarts: the
+/// close fails and the export keeps its old content.
 #[test]
 fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
     const MIB: usize = 1 << 20;
     let mut rng = ferry_tests::rng::Rng::new(0xb16);
     let old = rng.bytes(12 * MIB);
-    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
-        fs::write(e.join("big"), &old).expect("write");
+    for spool in [false, true] {
+        let mut args = vec!["--timeout", "10"];
+        if spool {
+            args.extend(["--spool-writes", "--cache-size", "4M"]);
+        }
+        past_what_is_kept(&old, &args, &mut rng);
+    }
+}
+
+fn past_what_is_kept(old: &[u8], args: &[&str], rng: &mut ferry_tests::rng::Rng) {
+    const MIB: usize = 1 << 20;
+    let Some(mut fx) = fixture_with(&[], args, |e| {
+        fs::write(e.join("big"), old).expect("write");
     }) else {
         return;
     };
@@ -655,22 +748,25 @@ fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
         .write(true)
         .open(fx.mnt("big"))
         .expect("open");
-    f.write_all_at(&rng.bytes(10 * MIB), 0).expect("write");
+    f.write_all_at(&rng.bytes(16 * MIB), 0).expect("write");
     fx.server.restart_prepared(next);
-    let err = close_in_time("big", f).expect_err("close after losing 10 MiB of staged writes");
+    let err = close_in_time("big", f).expect_err("close after losing 16 MiB of staged writes");
     drop(no_spawns);
     assert!(
         err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
-        "close failed with {err}, expected EIO"
+        "{args:?}: close failed with {err}, expected EIO"
     );
     let now = fs::read(fx.exp("big")).expect("read the export");
-    assert!(now == old, "the export changed although the close failed");
+    assert!(
+        now == old,
+        "{args:?}: the export changed although the close failed"
+    );
     assert_eq!(fx.mount.stats().get("uploads_replayed"), 0);
 }
 
 /// Two descriptors write one file; the server restarts in between, and the second is
-/// opened after it (getting a handle on the new connection). Both closes return 0 and
-/// the export has both writes: the first descriptor's, staged on the killed server, are
+/// opened after it (getting a handle on the new connection). A reader sees both writes
+/// before the closes; both closes return 0 and the export has both writes: the first descriptor's, staged on the killed server, are
 /// sent again although no request of theirs failed.
 #[test]
 fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
@@ -693,6 +789,11 @@ fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
     let d = rng.bytes(30_000);
     b.write_all_at(&d, 100_000).expect("second write");
     put(&mut want, 100_000, &d);
+    // With the kernel's copy dropped, a reader of this mount reads both writes: the
+    // second descriptor's new handle lacks the first's, which are staged again first.
+    ferry_tests::sys::fadvise_dontneed(&b).expect("fadvise");
+    let got = fs::read(&path).expect("read between the writes and the closes");
+    ferry_tests::data::assert_same_bytes(&got, &want, "read before the closes");
     close_in_time("the first descriptor", a).expect("close of the first descriptor");
     close_in_time("the second descriptor", b).expect("close of the second descriptor");
     drop(no_spawns);

@@ -17,6 +17,7 @@ use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, Semaphore};
 
+use super::spool::{Spool, SpoolReader, Spools};
 use super::{Core, InodeState, errno, poisoned};
 use crate::cache::{BLOCK, Lookup};
 use crate::error::{FsError, FsResult, TransportError};
@@ -73,7 +74,8 @@ impl Writer {
     }
 }
 
-/// Bytes of uncommitted changes one inode keeps for sending again ([`Journal`]).
+/// Bytes of uncommitted changes one inode keeps in memory for sending again
+/// ([`Journal`]); written data past that goes to the inode's spool file.
 const JOURNAL_MAX: u64 = 8 * 1024 * 1024;
 /// The same for all inodes of this process together.
 const JOURNALS_MAX: u64 = 32 * 1024 * 1024;
@@ -89,6 +91,12 @@ enum Replay {
         offset: u64,
         data: Bytes,
     },
+    /// Written data kept in the inode's spool file: `len` bytes at `at` there.
+    Spooled {
+        offset: u64,
+        at: u64,
+        len: u64,
+    },
     /// A staged truncation: `ftruncate`, an `O_TRUNC` open or create.
     Truncate(u64),
     /// Times or mode sent behind the writes.
@@ -99,9 +107,11 @@ enum Replay {
 /// with the connection generation of the handle each went through, so that a lost
 /// connection (the server's staging file went with it) does not lose them: the commit
 /// sends them again through a new handle first ([`Core::replay`]). Up to
-/// [`JOURNAL_MAX`] per inode and [`JOURNALS_MAX`] in all; past that, or after a change
-/// that cannot be sent again (a server-side copy into the file, `fallocate`), it is not
-/// `whole` until the next commit, and a lost connection fails the commit as before.
+/// [`JOURNAL_MAX`] per inode and [`JOURNALS_MAX`] in all in memory; written data past
+/// that goes to a spool file in the cache directory (up to the cache's size for all
+/// files together). Past that, or after a change that cannot be sent again (a
+/// server-side copy into the file, `fallocate`), it is not `whole` until the next
+/// commit, and a lost connection fails the commit as before.
 #[derive(Debug)]
 struct Journal {
     ops: Vec<(u64, Replay)>,
@@ -118,6 +128,8 @@ struct Journal {
     /// through them fails too (none may be committed without the lost ones), until no
     /// writer of the inode is open.
     failed: bool,
+    /// Where written data goes once memory holds no more ([`Replay::Spooled`]).
+    spool: Option<Spool>,
 }
 
 impl Default for Journal {
@@ -130,6 +142,7 @@ impl Default for Journal {
             oldest: None,
             offered: 0,
             failed: false,
+            spool: None,
         }
     }
 }
@@ -143,12 +156,30 @@ fn op_cost(op: &Replay) -> u64 {
 }
 
 impl Journal {
-    fn push(&mut self, generation: u64, op: Replay) {
+    /// Keep `op`; a write goes to the spool (with `spools`, the mount's) once this
+    /// inode or all of them hold their most in memory, or the spool is in use already.
+    fn push(&mut self, generation: u64, op: Replay, spools: Option<&Arc<Spools>>) {
         self.offered += 1;
         self.oldest = Some(self.oldest.map_or(generation, |g| g.min(generation)));
         if !self.whole {
             return;
         }
+        let op = match (op, spools) {
+            (Replay::Write { offset, data }, Some(spools))
+                if self.spool.is_some() || self.memory_full(ENTRY_COST + data.len() as u64) =>
+            {
+                match self.spooled(spools, generation, offset, &data) {
+                    Ok(Some(op)) => op,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!("uncommitted writes past what is kept: {e}");
+                        self.broken();
+                        return;
+                    }
+                }
+            }
+            (op, _) => op,
+        };
         let n = op_cost(&op);
         let all = JOURNALS.fetch_add(n, Ordering::SeqCst) + n;
         self.bytes += n;
@@ -156,6 +187,44 @@ impl Journal {
         if self.bytes > JOURNAL_MAX || all > JOURNALS_MAX {
             self.broken();
         }
+    }
+
+    fn memory_full(&self, n: u64) -> bool {
+        self.bytes + n > JOURNAL_MAX || JOURNALS.load(Ordering::SeqCst) + n > JOURNALS_MAX
+    }
+
+    /// `data`, written at `offset` through connection `generation`, appended to the
+    /// spool: the entry to keep for it, or `None` when it continues the last entry
+    /// (a sequential write), which now covers it.
+    fn spooled(
+        &mut self,
+        spools: &Arc<Spools>,
+        generation: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<Option<Replay>> {
+        let spool = match &mut self.spool {
+            Some(s) => s,
+            None => self.spool.insert(Spool::create(spools)?),
+        };
+        let at = spool.append(data)?;
+        let n = data.len() as u64;
+        if let Some((
+            g,
+            Replay::Spooled {
+                offset: o,
+                at: a,
+                len,
+            },
+        )) = self.ops.last_mut()
+            && *g == generation
+            && *o + *len == offset
+            && *a + *len == at
+        {
+            *len += n;
+            return Ok(None);
+        }
+        Ok(Some(Replay::Spooled { offset, at, len: n }))
     }
 
     /// Changes were made that cannot be sent again: nothing is kept until the next
@@ -169,6 +238,7 @@ impl Journal {
         JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
         self.ops = Vec::new();
         self.bytes = 0;
+        self.spool = None;
     }
 }
 
@@ -176,6 +246,16 @@ impl Drop for Journal {
     fn drop(&mut self) {
         JOURNALS.fetch_sub(self.bytes, Ordering::SeqCst);
     }
+}
+
+/// A copy of the journal's changes ([`WriteTracker::journal_ops`]).
+#[derive(Default)]
+struct Kept {
+    ops: Vec<Replay>,
+    /// To read spooled data from.
+    spool: Option<SpoolReader>,
+    /// [`Journal::offered`] when the copy was taken.
+    offered: u64,
 }
 
 /// Where a commit found the journal once it held the write gate ([`WriteTracker::mark`]).
@@ -337,8 +417,14 @@ impl WriteTracker {
 
     /// A change sent through a handle of connection `generation`.
     fn record(&self, generation: u64, op: Replay) {
+        self.record_spooling(None, generation, op);
+    }
+
+    /// [`WriteTracker::record`], with the mount's spool files for written data that
+    /// memory does not keep.
+    fn record_spooling(&self, spools: Option<&Arc<Spools>>, generation: u64, op: Replay) {
         if let Ok(mut j) = self.journal.lock() {
-            j.push(generation, op);
+            j.push(generation, op, spools);
         }
     }
 
@@ -380,6 +466,13 @@ impl WriteTracker {
                 JOURNALS.fetch_sub(freed, Ordering::SeqCst);
                 j.bytes -= freed;
                 j.oldest = j.ops.iter().map(|(g, _)| *g).min();
+                if !j
+                    .ops
+                    .iter()
+                    .any(|(_, op)| matches!(op, Replay::Spooled { .. }))
+                {
+                    j.spool = None;
+                }
             } else if later {
                 // Not kept, and not covered: the next commit cannot send them again.
                 return;
@@ -394,15 +487,30 @@ impl WriteTracker {
     /// The first `sent` changes were staged again through a handle of connection
     /// `generation`, with every writer moved to it ([`Core::restage`]): what went
     /// through dead connections is there now. Called under the write gate, with no
-    /// change in flight.
-    fn journal_restaged(&self, generation: u64, sent: usize) {
+    /// write in flight. Nothing is retagged if a change was offered since the copy
+    /// sent was taken (`offered` then: an `O_TRUNC` open, times kept after going by
+    /// path, a change that cannot be sent again): the commit then sends it all again.
+    fn journal_restaged(&self, generation: u64, sent: usize, offered: u64) {
         if let Ok(mut j) = self.journal.lock() {
+            if !j.whole || j.offered != offered {
+                return;
+            }
             let n = sent.min(j.ops.len());
             for (g, _) in &mut j.ops[..n] {
                 *g = generation;
             }
             j.oldest = j.ops.iter().map(|(g, _)| *g).min();
             j.lost = false;
+        }
+    }
+
+    /// A writable open installed a new handle for the inode's writers: it holds none of
+    /// the kept changes, so the commit must send them again through a handle that does.
+    fn journal_handle_replaced(&self) {
+        if let Ok(mut j) = self.journal.lock()
+            && !j.ops.is_empty()
+        {
+            j.lost = true;
         }
     }
 
@@ -459,15 +567,18 @@ impl WriteTracker {
     }
 
     /// What to send again, if the journal holds every change since the last commit.
-    fn journal_ops(&self) -> Option<Vec<Replay>> {
+    fn journal_ops(&self) -> Option<Kept> {
         self.journal_ops_from(0)
     }
 
     /// [`WriteTracker::journal_ops`] from the `n`th on.
-    fn journal_ops_from(&self, n: usize) -> Option<Vec<Replay>> {
+    fn journal_ops_from(&self, n: usize) -> Option<Kept> {
         let j = self.journal.lock().ok()?;
-        j.whole
-            .then(|| j.ops.iter().skip(n).map(|(_, op)| op.clone()).collect())
+        j.whole.then(|| Kept {
+            ops: j.ops.iter().skip(n).map(|(_, op)| op.clone()).collect(),
+            spool: j.spool.as_ref().map(Spool::reader),
+            offered: j.offered,
+        })
     }
 
     fn fail(&self, e: i32) {
@@ -694,6 +805,8 @@ struct Staged {
     moved: bool,
     /// How many of the journal's changes (from its start) went through it.
     sent: usize,
+    /// [`Journal::offered`] when the last of them were taken.
+    offered: u64,
 }
 
 impl Core {
@@ -967,7 +1080,7 @@ impl Core {
                     let req = Request::Open {
                         path: path.clone(),
                         flags,
-                        inline_max: if self.cache.is_some() { INLINE_MAX } else { 0 },
+                        inline_max,
                         staged: false,
                     };
                     async move {
@@ -1149,7 +1262,12 @@ impl Core {
             }
             st.writers += 1;
             match st.writer.replace(w) {
-                Some(old) => st.retired.push(old.pair()),
+                Some(old) => {
+                    st.retired.push(old.pair());
+                    // Under the inode table's lock: a restage retags the journal
+                    // only while the writers' handle is still the one it staged.
+                    tracker.journal_handle_replaced();
+                }
                 None => return Ok(()),
             }
         }
@@ -1173,7 +1291,7 @@ impl Core {
     }
 
     /// The inode's shared writer, whichever connection it was opened on.
-    fn writer_pair(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
+    pub(super) fn writer_pair(&self, ino: u64) -> FsResult<Option<(u64, u64)>> {
         Ok(self
             .inodes()?
             .get(&ino)
@@ -1189,13 +1307,13 @@ impl Core {
         self.ensure_handle(f).await
     }
 
-    /// [`Core::io_handle`] for reading file data. A writers' handle of a connection
-    /// that is gone took this client's staged changes with it: they are staged again
-    /// first ([`Core::restage`]), or the read would miss them. Never called holding
-    /// the inode's write gate.
+    /// [`Core::io_handle`] for reading file data. The writers' handle may lack this
+    /// client's uncommitted changes: it belongs to a connection that is gone (they
+    /// went with it), or a writable open installed it after a reconnect. They are
+    /// staged again first ([`Core::restage`]), or the read would miss them. Never
+    /// called holding the inode's write gate.
     async fn read_handle(&self, caller: Caller, f: &OpenFile) -> FsResult<(u64, u64)> {
-        if self.shared_writer(f.ino)?.is_none()
-            && self.writer_pair(f.ino)?.is_some()
+        if self.writer_needs_restage(f.ino)?
             && let Some(h) = self.restage(caller, f.ino).await?
         {
             return Ok(h);
@@ -1203,12 +1321,26 @@ impl Core {
         self.io_handle(f).await
     }
 
-    /// Stage again, on the live connection, the uncommitted changes of `ino` whose
-    /// writers' handle belongs to a connection that is gone ([`Core::replay`]), and
-    /// return the writers' new handle; `None` when `ino` has no writer any more. The
-    /// journal then counts the changes as staged on the new connection: the commit
-    /// sends only what comes after. Fails (the changes stay kept for the commit to try
-    /// again) when they cannot be staged now.
+    /// Whether `ino`'s writers' handle lacks changes the journal holds. Never for an
+    /// `O_SYNC`/`O_DSYNC` writer: its writes are not moved to a staged handle (a
+    /// reader then reads the server's file through a handle of its own).
+    fn writer_needs_restage(&self, ino: u64) -> FsResult<bool> {
+        let Some(w) = self.inodes()?.get(&ino).and_then(|s| s.writer) else {
+            return Ok(false);
+        };
+        if w.sync {
+            return Ok(false);
+        }
+        let live = self.client.live_generation();
+        Ok(self.tracker(ino)?.needs_replay(live, Some(w.generation)))
+    }
+
+    /// Stage again, on the live connection, the uncommitted changes of `ino` that its
+    /// writers' handle lacks ([`Core::replay`]), and return the writers' new handle;
+    /// `None` when `ino` has no writer any more. The journal then counts the changes as
+    /// staged on the new connection: the commit sends only what comes after. Fails
+    /// (the changes stay kept for the commit to try again) when they cannot be staged
+    /// now.
     async fn restage(&self, caller: Caller, ino: u64) -> FsResult<Option<(u64, u64)>> {
         let sino = self.server_ino(ino);
         let tracker = self.tracker(ino)?;
@@ -1230,8 +1362,15 @@ impl Core {
             }
             let staged = self.replay(caller, ino, sino, &tracker).await?;
             if staged.moved {
-                tracker.journal_restaged(staged.pair.1, staged.sent);
-                return Ok(Some(staged.pair));
+                // Under the inode table's lock: a writable open that installs a handle
+                // of its own after this sees the journal retagged and flags it
+                // (`set_writer`); one that did before is seen here.
+                let inodes = self.inodes()?;
+                let writer = inodes.get(&ino).and_then(|s| s.writer).map(|w| w.pair());
+                if writer == Some(staged.pair) {
+                    tracker.journal_restaged(staged.pair.1, staged.sent, staged.offered);
+                    return Ok(Some(staged.pair));
+                }
             }
             // A writable open installed a handle of its own meanwhile, which lacks
             // the earlier changes: staged again through a handle they all move to.
@@ -1808,7 +1947,8 @@ impl Core {
         tracker.dirty.store(true, Ordering::SeqCst);
         // The gate keeps any commit out until the cache and the size know of it.
         self.note_write(&f, offset, &data);
-        tracker.record(generation, Replay::Write { offset, data });
+        let spools = self.spools.get();
+        tracker.record_spooling(spools, generation, Replay::Write { offset, data });
         drop(gate);
         tracker.clone().settle_later(sent, len, range, permit);
         Some(Ok(len as u32))
@@ -1844,7 +1984,8 @@ impl Core {
         tracker.dirty.store(true, Ordering::SeqCst);
         tracker.claim(offset, end.max(offset + 1)).await;
         let data = Bytes::from(data);
-        tracker.record(
+        tracker.record_spooling(
+            self.spools.get(),
             generation,
             Replay::Write {
                 offset,
@@ -2135,7 +2276,7 @@ impl Core {
             // Its writes were made durable one by one; a staged copy would not be.
             return errno(libc::EIO);
         }
-        let ops = tracker.journal_ops().ok_or(FsError::Errno(libc::EIO))?;
+        let Kept { ops, spool, .. } = tracker.journal_ops().ok_or(FsError::Errno(libc::EIO))?;
         let path = self.path(ino)?;
         let generation = self.client.connect().await?;
         let mut reply = None;
@@ -2167,7 +2308,8 @@ impl Core {
             if attr.ino != sino {
                 return errno(libc::ESTALE);
             }
-            self.send_again(caller, handle, generation, ops).await
+            self.send_again(caller, handle, generation, ops, spool)
+                .await
         }
         .await;
         if let Err(e) = sent {
@@ -2207,30 +2349,66 @@ impl Core {
         // kept it after the copy above was taken (it does not wait for the write gate
         // held here): sent too. (Sent twice at worst: each change is idempotent.)
         let late = tracker.journal_ops_from(count).unwrap_or_default();
-        let sent = count + late.len();
-        if !late.is_empty() {
-            self.send_again(caller, handle, generation, late).await?;
+        let sent = count + late.ops.len();
+        if !late.ops.is_empty() {
+            self.send_again(caller, handle, generation, late.ops, late.spool)
+                .await?;
         }
         self.stats.uploads_replayed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             ino,
             "sent a file's uncommitted changes again after a reconnect"
         );
-        Ok(Staged { pair, moved, sent })
+        Ok(Staged {
+            pair,
+            moved,
+            sent,
+            offered: late.offered,
+        })
     }
 
-    /// `ops` through `handle`, pipelined, but a change never overtakes one it overlaps
-    /// or follows: the server runs requests of one handle concurrently.
+    /// `ops` through `handle`, pipelined ([`WRITE_WINDOW`] bytes in flight at most), but
+    /// a change never overtakes one it overlaps or follows: the server runs requests of
+    /// one handle concurrently. Spooled data is read from `spool` as it is sent.
     async fn send_again(
         &self,
         caller: Caller,
         handle: u64,
         generation: u64,
         ops: Vec<Replay>,
+        spool: Option<SpoolReader>,
     ) -> FsResult<()> {
+        let chunk = u64::from(self.max_io);
+        let mut ops = std::collections::VecDeque::from(ops);
         let mut inflight: Vec<(u64, u64)> = Vec::new();
+        let mut inflight_bytes = 0u64;
         let mut replies = FuturesUnordered::new();
-        for op in ops {
+        while let Some(op) = ops.pop_front() {
+            let op = match op {
+                Replay::Spooled { offset, at, len } => {
+                    let n = chunk.min(len);
+                    if n < len {
+                        ops.push_front(Replay::Spooled {
+                            offset: offset + n,
+                            at: at + n,
+                            len: len - n,
+                        });
+                    }
+                    let data = spool
+                        .as_ref()
+                        .ok_or(FsError::Errno(libc::EIO))?
+                        .read(at, n)
+                        .map_err(|e| {
+                            tracing::warn!("reading back spooled writes: {e}");
+                            FsError::Errno(libc::EIO)
+                        })?;
+                    Replay::Write {
+                        offset,
+                        data: Bytes::from(data),
+                    }
+                }
+                op => op,
+            };
             let (req, range) = match op {
                 Replay::Write { offset, data } => {
                     let end = offset + data.len() as u64;
@@ -2249,25 +2427,38 @@ impl Core {
                     (Self::set_through(handle, set), None)
                 }
                 Replay::Attrs(set) => (Self::set_through(handle, set), None),
+                Replay::Spooled { .. } => return errno(libc::EIO),
             };
-            let overlaps = match range {
-                Some((s, e)) => inflight.iter().any(|&(a, b)| a < e && s < b),
-                None => !inflight.is_empty(),
-            };
-            if overlaps {
-                while let Some(r) = replies.next().await {
-                    Self::replayed(r)?;
-                }
-                inflight.clear();
-            }
-            inflight.push(range.unwrap_or((0, u64::MAX)));
             let want = match &req {
                 Request::Write { data, .. } => Some(data.len()),
                 _ => None,
             };
-            replies.push(async move { (want, self.rpc_on(generation, caller, req).await) });
+            let size = want.unwrap_or(0) as u64;
+            let span = range.unwrap_or((0, u64::MAX));
+            // Wait for answers until this one may go.
+            while inflight.iter().any(|&(a, b)| a < span.1 && span.0 < b)
+                || (inflight_bytes + size > WRITE_WINDOW as u64 && !inflight.is_empty())
+            {
+                let Some((done, n, r)) = replies.next().await else {
+                    break;
+                };
+                if let Some(i) = inflight.iter().position(|&x| x == done) {
+                    inflight.swap_remove(i);
+                }
+                inflight_bytes -= n;
+                Self::replayed(r)?;
+            }
+            inflight.push(span);
+            inflight_bytes += size;
+            replies.push(async move {
+                (
+                    span,
+                    size,
+                    (want, self.rpc_on(generation, caller, req).await),
+                )
+            });
         }
-        while let Some(r) = replies.next().await {
+        while let Some((_, _, r)) = replies.next().await {
             Self::replayed(r)?;
         }
         Ok(())
@@ -2519,9 +2710,11 @@ impl Core {
     /// send them again applies it after them once more (it would otherwise stamp the
     /// time of its own last write, and `tar`'s `futimens` before `close` would be lost
     /// when the connection was). Harmless otherwise: a commit drops it.
-    pub(super) fn keep_attrs_for_replay(&self, ino: u64, set: &SetAttr) {
-        let (Ok(tracker), Ok(Some((_, generation)))) = (self.tracker(ino), self.writer_pair(ino))
-        else {
+    ///
+    /// `generation`: the connection of the writers' handle when the change was
+    /// decided on (a restage meanwhile must not count it as sent through the new one).
+    pub(super) fn keep_attrs_for_replay(&self, ino: u64, set: &SetAttr, generation: Option<u64>) {
+        let (Ok(tracker), Some(generation)) = (self.tracker(ino), generation) else {
             return;
         };
         let attrs = SetAttr {

@@ -14,6 +14,7 @@
 mod dirs;
 mod events;
 mod files;
+pub mod spool;
 mod unlinks;
 
 use std::collections::{HashMap, HashSet};
@@ -170,6 +171,10 @@ pub struct Core {
     /// Largest read/write payload per request, from the handshake.
     pub max_io: u32,
     pub cache: Option<Arc<DataCache>>,
+    /// Spool files for uncommitted writes past what memory keeps, in the cache's
+    /// directory and within its size (`ferry mount --spool-writes`; none without a
+    /// cache).
+    spools: OnceLock<Arc<spool::Spools>>,
     invalidator: OnceLock<std::sync::mpsc::Sender<Invalidation>>,
     attrs_invalidator: OnceLock<events::AttrInvalidator>,
     /// A write-back of the cache metadata is scheduled.
@@ -221,6 +226,7 @@ impl Core {
             unplaced_listings: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             max_io: max_io.clamp(64 * 1024, MAX_IO),
+            spools: OnceLock::new(),
             cache,
             invalidator: OnceLock::new(),
             attrs_invalidator: OnceLock::new(),
@@ -232,6 +238,17 @@ impl Core {
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
+    }
+
+    /// Keep uncommitted writes past what memory holds in spool files in the cache's
+    /// directory (up to its size), so they can be sent again after a reconnect. It
+    /// costs every byte written past 8 MiB before a commit a copy into a local file.
+    pub fn spool_writes(&self) {
+        if let Some(c) = &self.cache {
+            let _ = self
+                .spools
+                .set(spool::Spools::new(c.dir().to_path_buf(), c.cap()));
+        }
     }
 
     pub fn set_runtime(&self, rt: tokio::runtime::Handle) {
@@ -689,6 +706,7 @@ impl Core {
         }
         if set != SetAttr::default() {
             let kept = set.clone();
+            let writer = self.writer_pair(ino)?.map(|(_, g)| g);
             let open = fh.and_then(|fh| self.open_file(fh).ok());
             let handle = open.as_ref().and_then(|o| o.handle());
             let path = match self.path(ino) {
@@ -721,7 +739,7 @@ impl Core {
             if let Some(parent) = self.nodes()?.parent_of(ino) {
                 self.dir_changed(parent);
             }
-            self.keep_attrs_for_replay(ino, &kept);
+            self.keep_attrs_for_replay(ino, &kept, writer);
             attr = Some(a);
         }
         match attr {
