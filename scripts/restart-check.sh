@@ -2,7 +2,9 @@
 # Readers and writers across a server restart, by hand: copies a big file out of a ferry
 # mount, reads a tree of small files, and untars that tree into the mount, while ferryd
 # is killed and started again on the same address. Prints whether each finished with the
-# right bytes, and the mount's reconnect counters.
+# right bytes, and the mount's reconnect counters. Last, copies a big file into the
+# mount, with the default journal (8 MiB kept: that copy fails with EIO, the export
+# keeping its old content) and with `--spool-writes` (it finishes, identical).
 #
 #   sudo scripts/restart-check.sh [--signal KILL|TERM] [--down SECS] [--at SECS]
 #                                 [--timeout SECS] [--bin DIR]
@@ -58,10 +60,13 @@ start_server() {
 }
 
 # run NAME COMMAND...: COMMAND reads through the mount (cold) while the server restarts.
+# $mount_extra: more `ferry mount` arguments.
+mount_extra=()
 run() {
     local name=$1; shift
     start_server
-    "$bin/ferry" mount --timeout "$timeout" --cache-dir "$cache" "127.0.0.1:$port" "$mp" 2>/dev/null
+    "$bin/ferry" mount --timeout "$timeout" --cache-dir "$cache" "${mount_extra[@]}" \
+        "127.0.0.1:$port" "$mp" 2>/dev/null
     sync; echo 3 >/proc/sys/vm/drop_caches
     local rc=0
     "$@" >"$work/out" 2>"$work/err" &
@@ -101,3 +106,14 @@ times() { (cd "$1" && find . -type f -printf '%p %T@\n' | awk '{ printf "%s %d\n
 if diff <(times "$exp/tree") <(times "$exp/untar") >"$work/diff"; then echo "  file mtimes identical"; else
     echo "  MTIMES DIFFER: $(grep -c '^>' "$work/diff") files; first: $(grep -m1 '^>' "$work/diff")"
 fi
+cp "$exp/big" "$work/src"
+head -c $((512 << 20)) /dev/urandom >"$exp/into"
+cp "$exp/into" "$work/old"
+run "cp of a 512 MiB file into the mount" cp "$work/src" "$mp/into"
+if cmp -s "$work/src" "$exp/into"; then echo "  copy identical"
+elif cmp -s "$work/old" "$exp/into"; then echo "  old content kept"
+else echo "  EXPORT CHANGED (neither old nor new)"; fi
+cp "$work/old" "$exp/into"
+mount_extra=(--spool-writes)
+run "cp of a 512 MiB file into the mount, --spool-writes" cp "$work/src" "$mp/into"
+cmp -s "$work/src" "$exp/into" && echo "  copy identical" || echo "  COPY DIFFERS"
