@@ -720,7 +720,7 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 
 /// More uncommitted data than the mount keeps for sending again (8 MiB in memory; with
 /// `--spool-writes` also up to `--cache-size` spooled) when the server restarts: the
-/// close fails and the export keeps its old content.
+/// close fails and the export keeps its old content, which a reader reads meanwhile.
 #[test]
 fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
     const MIB: usize = 1 << 20;
@@ -750,6 +750,19 @@ fn past_what_is_kept(old: &[u8], args: &[&str], rng: &mut ferry_tests::rng::Rng)
         .expect("open");
     f.write_all_at(&rng.bytes(16 * MIB), 0).expect("write");
     fx.server.restart_prepared(next);
+    // A reader of the file still reads, what the server has: the writes it cannot
+    // stage again are lost anyway.
+    let reader = fs::File::open(fx.mnt("big")).expect("open to read");
+    ferry_tests::sys::fadvise_dontneed(&reader).expect("fadvise");
+    let mut buf = vec![0u8; 256 * 1024];
+    reader
+        .read_exact_at(&mut buf, 4 * MIB as u64)
+        .unwrap_or_else(|e| panic!("{args:?}: a read after the restart: {e}"));
+    assert!(
+        buf == old[4 * MIB..4 * MIB + buf.len()],
+        "{args:?}: the reader's bytes"
+    );
+    drop(reader);
     let err = close_in_time("big", f).expect_err("close after losing 16 MiB of staged writes");
     drop(no_spawns);
     assert!(

@@ -83,6 +83,9 @@ static JOURNALS: AtomicU64 = AtomicU64::new(0);
 /// What each kept change costs besides its data (a million 1-byte writes must not
 /// fit).
 const ENTRY_COST: u64 = 64;
+/// Entries of spooled data one inode keeps (their data is on disk; sequential writes
+/// make one entry): 4 MiB of memory at most.
+const SPOOLED_ENTRIES_MAX: u64 = 65_536;
 
 /// A change of an inode's content not yet committed, as it was sent.
 #[derive(Debug, Clone)]
@@ -130,6 +133,8 @@ struct Journal {
     failed: bool,
     /// Where written data goes once memory holds no more ([`Replay::Spooled`]).
     spool: Option<Spool>,
+    /// Entries of `ops` that are [`Replay::Spooled`] (counted apart from `bytes`).
+    spooled: u64,
 }
 
 impl Default for Journal {
@@ -143,16 +148,18 @@ impl Default for Journal {
             offered: 0,
             failed: false,
             spool: None,
+            spooled: 0,
         }
     }
 }
 
+/// What `op` counts against the memory limits (spooled entries are counted apart).
 fn op_cost(op: &Replay) -> u64 {
-    ENTRY_COST
-        + match op {
-            Replay::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        }
+    match op {
+        Replay::Write { data, .. } => ENTRY_COST + data.len() as u64,
+        Replay::Spooled { .. } => 0,
+        _ => ENTRY_COST,
+    }
 }
 
 impl Journal {
@@ -164,13 +171,24 @@ impl Journal {
         if !self.whole {
             return;
         }
+        let n = op_cost(&op);
+        let all = JOURNALS.fetch_add(n, Ordering::SeqCst) + n;
+        let fits = self.bytes + n <= JOURNAL_MAX && all <= JOURNALS_MAX;
         let op = match (op, spools) {
-            (Replay::Write { offset, data }, Some(spools))
-                if self.spool.is_some() || self.memory_full(ENTRY_COST + data.len() as u64) =>
-            {
+            (Replay::Write { offset, data }, Some(spools)) if self.spool.is_some() || !fits => {
+                JOURNALS.fetch_sub(n, Ordering::SeqCst);
                 match self.spooled(spools, generation, offset, &data) {
-                    Ok(Some(op)) => op,
                     Ok(None) => return,
+                    Ok(Some(op)) if self.spooled < SPOOLED_ENTRIES_MAX => {
+                        self.spooled += 1;
+                        self.ops.push((generation, op));
+                        return;
+                    }
+                    Ok(Some(_)) => {
+                        tracing::debug!("too many uncommitted pieces to keep");
+                        self.broken();
+                        return;
+                    }
                     Err(e) => {
                         tracing::debug!("uncommitted writes past what is kept: {e}");
                         self.broken();
@@ -180,17 +198,11 @@ impl Journal {
             }
             (op, _) => op,
         };
-        let n = op_cost(&op);
-        let all = JOURNALS.fetch_add(n, Ordering::SeqCst) + n;
         self.bytes += n;
         self.ops.push((generation, op));
-        if self.bytes > JOURNAL_MAX || all > JOURNALS_MAX {
+        if !fits {
             self.broken();
         }
-    }
-
-    fn memory_full(&self, n: u64) -> bool {
-        self.bytes + n > JOURNAL_MAX || JOURNALS.load(Ordering::SeqCst) + n > JOURNALS_MAX
     }
 
     /// `data`, written at `offset` through connection `generation`, appended to the
@@ -239,6 +251,7 @@ impl Journal {
         self.ops = Vec::new();
         self.bytes = 0;
         self.spool = None;
+        self.spooled = 0;
     }
 }
 
@@ -462,15 +475,16 @@ impl WriteTracker {
             let later = j.offered > mark.offered;
             if j.whole {
                 let done = mark.kept.min(j.ops.len());
-                let freed: u64 = j.ops.drain(..done).map(|(_, op)| op_cost(&op)).sum();
+                let (mut freed, mut spooled) = (0, 0);
+                for (_, op) in j.ops.drain(..done) {
+                    freed += op_cost(&op);
+                    spooled += u64::from(matches!(op, Replay::Spooled { .. }));
+                }
                 JOURNALS.fetch_sub(freed, Ordering::SeqCst);
                 j.bytes -= freed;
+                j.spooled -= spooled;
                 j.oldest = j.ops.iter().map(|(g, _)| *g).min();
-                if !j
-                    .ops
-                    .iter()
-                    .any(|(_, op)| matches!(op, Replay::Spooled { .. }))
-                {
+                if j.spooled == 0 {
                     j.spool = None;
                 }
             } else if later {
@@ -576,7 +590,7 @@ impl WriteTracker {
         let j = self.journal.lock().ok()?;
         j.whole.then(|| Kept {
             ops: j.ops.iter().skip(n).map(|(_, op)| op.clone()).collect(),
-            spool: j.spool.as_ref().map(Spool::reader),
+            spool: j.spool.as_ref().and_then(Spool::reader),
             offered: j.offered,
         })
     }
@@ -1199,6 +1213,12 @@ impl Core {
         {
             st.inline = Some(data);
         }
+        // A writer that opened while this open was on its way: its writes may have
+        // dropped the inline content of the opens registered then, not this one's.
+        // (One that opens from here on finds this open registered.)
+        if !writable && self.writer_pair(ino)?.is_some() {
+            self.drop_inline(ino);
+        }
         Ok(OpenReply {
             fh,
             attr,
@@ -1337,10 +1357,11 @@ impl Core {
 
     /// Stage again, on the live connection, the uncommitted changes of `ino` that its
     /// writers' handle lacks ([`Core::replay`]), and return the writers' new handle;
-    /// `None` when `ino` has no writer any more. The journal then counts the changes as
-    /// staged on the new connection: the commit sends only what comes after. Fails
-    /// (the changes stay kept for the commit to try again) when they cannot be staged
-    /// now.
+    /// `None` when `ino` has no writer any more, or the changes cannot be sent again
+    /// (not all kept, or one failed: the close reports it). The journal then counts the
+    /// changes as staged on the new connection: the commit sends only what comes after.
+    /// Fails (the changes stay kept for the commit to try again) when they cannot be
+    /// staged now.
     async fn restage(&self, caller: Caller, ino: u64) -> FsResult<Option<(u64, u64)>> {
         let sino = self.server_ino(ino);
         let tracker = self.tracker(ino)?;
@@ -1350,15 +1371,13 @@ impl Core {
             let Some((_, generation)) = self.writer_pair(ino)? else {
                 return Ok(None);
             };
-            if tracker.peek_error().is_some() {
-                // A change failed: the close reports its error; nothing is staged.
-                return errno(libc::EIO);
+            if tracker.peek_error().is_some() || !tracker.replayable() {
+                // A change failed, or not all of them are kept: the close fails, and
+                // reads go through whatever handle there is (the writers' if live).
+                return Ok(None);
             }
             if !tracker.needs_replay(self.client.live_generation(), Some(generation)) {
                 return self.writer_pair(ino);
-            }
-            if !tracker.replayable() {
-                return errno(libc::EIO);
             }
             let staged = self.replay(caller, ino, sino, &tracker).await?;
             if staged.moved {
@@ -3282,5 +3301,66 @@ mod tests {
         // Ended fetches are forgotten: the blocks can be claimed again.
         let (again, others) = fetching.claim(|| vec![(0, BLOCK)]);
         assert!(again.is_some() && others.is_empty());
+    }
+
+    /// Past what memory keeps, written data goes to the spool: a sequential stream as
+    /// one entry, scattered writes as one entry each; all of it read back in order.
+    #[test]
+    fn the_journal_spools_what_memory_does_not_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::new(dir.path().to_path_buf(), 1 << 30);
+        let mut j = Journal::default();
+        let mib = 1u64 << 20;
+        for i in 0..12 {
+            let data = Bytes::from(vec![i as u8; mib as usize]);
+            j.push(
+                1,
+                Replay::Write {
+                    offset: i * mib,
+                    data,
+                },
+                Some(&spools),
+            );
+        }
+        assert!(j.whole);
+        assert!(j.bytes <= JOURNAL_MAX);
+        // Scattered 4 KiB writes: one spooled entry each, far past the memory limit.
+        for i in 0..3000u64 {
+            let data = Bytes::from(vec![(i % 251) as u8; 4096]);
+            let offset = 100 * mib + i * 8192;
+            j.push(1, Replay::Write { offset, data }, Some(&spools));
+        }
+        assert!(j.whole, "scattered writes fit in the spool");
+        assert_eq!(j.spooled, 3001);
+        // 7 MiB in memory (each entry costs 64 bytes more), 5 MiB spooled.
+        assert_eq!(spools.used(), 5 * mib + 3000 * 4096);
+        let mut want = std::collections::BTreeMap::new();
+        for i in 0..12u64 {
+            want.insert(i * mib, vec![i as u8; mib as usize]);
+        }
+        for i in 0..3000u64 {
+            want.insert(100 * mib + i * 8192, vec![(i % 251) as u8; 4096]);
+        }
+        let spool = j.spool.as_ref().and_then(Spool::reader).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for (_, op) in &j.ops {
+            match op {
+                Replay::Write { offset, data } => {
+                    got.insert(*offset, data.to_vec());
+                }
+                Replay::Spooled { offset, at, len } => {
+                    let all = spool.read(*at, *len).unwrap();
+                    // A coalesced entry: split into the pieces written.
+                    let piece = if *len > 4096 { mib } else { 4096 };
+                    for (k, c) in all.chunks(piece as usize).enumerate() {
+                        got.insert(offset + k as u64 * piece, c.to_vec());
+                    }
+                }
+                _ => panic!("unexpected entry"),
+            }
+        }
+        assert!(got == want, "the journal read back differs");
+        j.clear();
+        assert_eq!(spools.used(), 0);
     }
 }

@@ -37,7 +37,8 @@ impl Spools {
 /// One file's spool: data appended in order, read back by offset.
 #[derive(Debug)]
 pub struct Spool {
-    file: Arc<File>,
+    /// Always `Some` until dropped.
+    file: Option<Arc<File>>,
     len: u64,
     spools: Arc<Spools>,
 }
@@ -45,7 +46,7 @@ pub struct Spool {
 impl Spool {
     pub fn create(spools: &Arc<Spools>) -> io::Result<Spool> {
         Ok(Spool {
-            file: Arc::new(tempfile::tempfile_in(&spools.dir)?),
+            file: Some(Arc::new(tempfile::tempfile_in(&spools.dir)?)),
             len: 0,
             spools: spools.clone(),
         })
@@ -60,7 +61,11 @@ impl Spool {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let at = self.len;
-        if let Err(e) = self.file.write_all_at(data, at) {
+        let written = match &self.file {
+            Some(f) => f.write_all_at(data, at),
+            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        if let Err(e) = written {
             self.spools.used.fetch_sub(n, Ordering::SeqCst);
             return Err(e);
         }
@@ -69,14 +74,22 @@ impl Spool {
     }
 
     /// A handle to read the spool with while the journal goes on changing.
-    pub fn reader(&self) -> SpoolReader {
-        SpoolReader(self.file.clone())
+    pub fn reader(&self) -> Option<SpoolReader> {
+        self.file.clone().map(SpoolReader)
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
         self.spools.used.fetch_sub(self.len, Ordering::SeqCst);
+        // Closing the last reference frees every page of the file (up to
+        // `--cache-size`): not on the caller's thread, which may hold the journal's
+        // lock or be the connection's reader.
+        if let Some(file) = self.file.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn_blocking(move || drop(file));
+        }
     }
 }
 
@@ -104,7 +117,8 @@ mod tests {
         let mut s = Spool::create(&spools).expect("create");
         assert_eq!(s.append(b"hello").expect("append"), 0);
         assert_eq!(s.append(b"abc").expect("append"), 5);
-        assert_eq!(s.reader().read(4, 3).expect("read"), b"oab");
+        let reader = s.reader().expect("reader");
+        assert_eq!(reader.read(4, 3).expect("read"), b"oab");
         let e = s.append(b"toolong").expect_err("past the budget");
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(spools.used(), 8);
