@@ -692,7 +692,9 @@ fn a_large_writer_survives_a_restart() {
     drop(no_spawns);
     let got = fs::read(fx.exp("big")).expect("read the export");
     ferry_tests::data::assert_same_bytes(&got, &want, "the export");
-    assert_eq!(fx.mount.stats().get("uploads_replayed"), 1);
+    let after = fx.mount.stats();
+    assert_eq!(after.get("uploads_replayed"), 1);
+    assert_eq!(after.get("spool_bytes"), 0, "spool kept after the commit");
     assert_eq!(
         files_under(cache.path()),
         files_before,

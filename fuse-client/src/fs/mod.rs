@@ -1044,6 +1044,9 @@ impl Core {
         if let Some(cache) = &self.cache {
             v.push(("cache_bytes".into(), cache.used()));
             v.push(("cache_cap".into(), cache.cap()));
+            if let Some(spools) = self.spools.get() {
+                v.push(("spool_bytes".into(), spools.used()));
+            }
             v.push((
                 "cache_hit_bytes".into(),
                 cache.stats.hit_bytes.load(Ordering::Relaxed),
