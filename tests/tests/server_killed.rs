@@ -645,31 +645,20 @@ fn writers_survive_a_restart() {
 fn a_large_writer_survives_a_restart() {
     const MIB: usize = 1 << 20;
     let mut rng = ferry_tests::rng::Rng::new(0x1a76e);
-    let old = rng.bytes(12 * MIB);
     let cache = tempfile::tempdir().expect("cache dir");
     let cache_arg = cache.path().to_string_lossy().into_owned();
-    let Some(mut fx) = fixture_with(
-        &[],
-        &[
-            "--timeout",
-            "10",
-            "--cache-dir",
-            &cache_arg,
-            "--spool-writes",
-        ],
-        |e| {
-            fs::write(e.join("big"), &old).expect("write");
-        },
-    ) else {
+    let args = [
+        "--timeout",
+        "10",
+        "--cache-dir",
+        &cache_arg,
+        "--spool-writes",
+    ];
+    let Some((mut fx, _, next, no_spawns)) = file_for_restart(&mut rng, 12 * MIB, &args) else {
         return;
     };
     let files_before = files_under(cache.path());
-    let next = fx.server.prepare_restart();
-    let no_spawns = ferry_tests::process::no_spawns();
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(fx.mnt("big"))
-        .expect("open");
+    let f = open_to_write(&fx.mnt("f"));
     // Sequential, as `cp` writes, then a change in the middle of it.
     let mut want = rng.bytes(40 * MIB);
     for (i, piece) in want.chunks(MIB).enumerate() {
@@ -683,14 +672,14 @@ fn a_large_writer_survives_a_restart() {
     f.write_all_at(&d, 40 * MIB as u64)
         .expect("write after the restart");
     put(&mut want, 40 * MIB, &d);
-    close_in_time("big", f).unwrap_or_else(|e| {
+    close_in_time("f", f).unwrap_or_else(|e| {
         panic!(
             "close after a restart with 41 MiB uncommitted: {e}\n--- mount log ---\n{}",
             fx.mount.log()
         )
     });
     drop(no_spawns);
-    let got = fs::read(fx.exp("big")).expect("read the export");
+    let got = fs::read(fx.exp("f")).expect("read the export");
     ferry_tests::data::assert_same_bytes(&got, &want, "the export");
     let after = fx.mount.stats();
     assert_eq!(after.get("uploads_replayed"), 1);
@@ -725,36 +714,27 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 /// close fails and the export keeps its old content, which a reader reads meanwhile.
 #[test]
 fn a_writer_past_what_is_kept_fails_its_close_after_a_restart() {
-    const MIB: usize = 1 << 20;
     let mut rng = ferry_tests::rng::Rng::new(0xb16);
-    let old = rng.bytes(12 * MIB);
     for spool in [false, true] {
         let mut args = vec!["--timeout", "10"];
         if spool {
             args.extend(["--spool-writes", "--cache-size", "4M"]);
         }
-        past_what_is_kept(&old, &args, &mut rng);
+        past_what_is_kept(&args, &mut rng);
     }
 }
 
-fn past_what_is_kept(old: &[u8], args: &[&str], rng: &mut ferry_tests::rng::Rng) {
+fn past_what_is_kept(args: &[&str], rng: &mut ferry_tests::rng::Rng) {
     const MIB: usize = 1 << 20;
-    let Some(mut fx) = fixture_with(&[], args, |e| {
-        fs::write(e.join("big"), old).expect("write");
-    }) else {
+    let Some((mut fx, old, next, no_spawns)) = file_for_restart(rng, 12 * MIB, args) else {
         return;
     };
-    let next = fx.server.prepare_restart();
-    let no_spawns = ferry_tests::process::no_spawns();
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(fx.mnt("big"))
-        .expect("open");
+    let f = open_to_write(&fx.mnt("f"));
     f.write_all_at(&rng.bytes(16 * MIB), 0).expect("write");
     fx.server.restart_prepared(next);
     // A reader of the file still reads, what the server has: the writes it cannot
     // stage again are lost anyway.
-    let reader = fs::File::open(fx.mnt("big")).expect("open to read");
+    let reader = fs::File::open(fx.mnt("f")).expect("open to read");
     ferry_tests::sys::fadvise_dontneed(&reader).expect("fadvise");
     let mut buf = vec![0u8; 256 * 1024];
     reader
@@ -765,13 +745,13 @@ fn past_what_is_kept(old: &[u8], args: &[&str], rng: &mut ferry_tests::rng::Rng)
         "{args:?}: the reader's bytes"
     );
     drop(reader);
-    let err = close_in_time("big", f).expect_err("close after losing 16 MiB of staged writes");
+    let err = close_in_time("f", f).expect_err("close after losing 16 MiB of staged writes");
     drop(no_spawns);
     assert!(
         err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
         "{args:?}: close failed with {err}, expected EIO"
     );
-    let now = fs::read(fx.exp("big")).expect("read the export");
+    let now = fs::read(fx.exp("f")).expect("read the export");
     assert!(
         now == old,
         "{args:?}: the export changed although the close failed"
@@ -781,8 +761,9 @@ fn past_what_is_kept(old: &[u8], args: &[&str], rng: &mut ferry_tests::rng::Rng)
 
 /// Two descriptors write one file; the server restarts in between, and the second is
 /// opened after it (getting a handle on the new connection). A reader sees both writes
-/// before the closes; both closes return 0 and the export has both writes: the first descriptor's, staged on the killed server, are
-/// sent again although no request of theirs failed.
+/// before the closes; both closes return 0 and the export has both writes: the first
+/// descriptor's, staged on the killed server, are sent again although no request of
+/// theirs failed.
 #[test]
 fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
     let mut rng = ferry_tests::rng::Rng::new(0x2f11);
@@ -819,27 +800,23 @@ fn a_writer_opened_after_a_restart_does_not_hide_earlier_writes() {
 /// A descriptor open for reading and writing (a database's) goes on reading after a
 /// restart, and it and a reader of the file read what it wrote before: its uncommitted
 /// writes are staged again on the new server before a read goes there. Staged once:
-/// the close then commits without sending them a third time.
+/// the close then commits without sending them again.
 #[test]
 fn a_writer_reads_its_own_writes_after_a_restart() {
     const MIB: usize = 1 << 20;
     let mut rng = ferry_tests::rng::Rng::new(0x4ead);
     // Larger than what an open brings along: reads go to the server.
-    let old = rng.bytes(4 * MIB);
-    let Some(mut fx) = fixture_with(&[], &["--timeout", "10"], |e| {
-        fs::write(e.join("db"), &old).expect("write");
-    }) else {
+    let Some((mut fx, old, next, no_spawns)) =
+        file_for_restart(&mut rng, 4 * MIB, &["--timeout", "10"])
+    else {
         return;
     };
-    let before = fx.mount.stats();
-    let next = fx.server.prepare_restart();
-    let no_spawns = ferry_tests::process::no_spawns();
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(fx.mnt("db"))
+        .open(fx.mnt("f"))
         .expect("open");
-    let reader = fs::File::open(fx.mnt("db")).expect("open to read");
+    let reader = fs::File::open(fx.mnt("f")).expect("open to read");
     let mut want = old.clone();
     let d = rng.bytes(64 * 1024);
     f.write_all_at(&d, MIB as u64).expect("write");
@@ -869,13 +846,13 @@ fn a_writer_reads_its_own_writes_after_a_restart() {
     f.write_all_at(&d, 2 * MIB as u64 + 5)
         .expect("write after the restart");
     put(&mut want, 2 * MIB + 5, &d);
-    close_in_time("db", f).expect("close after the restart");
+    close_in_time("f", f).expect("close after the restart");
     drop(no_spawns);
-    let got = fs::read(fx.exp("db")).expect("read the export");
+    let got = fs::read(fx.exp("f")).expect("read the export");
     ferry_tests::data::assert_same_bytes(&got, &want, "the export");
     let after = fx.mount.stats();
     assert_eq!(
-        after.get("uploads_replayed") - before.get("uploads_replayed"),
+        after.get("uploads_replayed"),
         1,
         "staged again once: {after}"
     );
@@ -967,21 +944,31 @@ fn creates_in_flight_are_sent_again_when_their_names_are_free() {
     );
 }
 
-/// For tests that restart the server while they hold file `f` open for writing: a mount
-/// of an export holding `f` (200,000 random bytes, returned), the next server forked
-/// now ([`ferry_tests::server::TestServer::prepare_restart`]) and a guard that keeps
-/// every test from forking until dropped.
-fn one_file_for_restart(
-    rng: &mut ferry_tests::rng::Rng,
-    timeout: &str,
-) -> Option<(
+/// [`file_for_restart`] of 200,000 bytes, mounted with `--timeout timeout`.
+fn one_file_for_restart(rng: &mut ferry_tests::rng::Rng, timeout: &str) -> Option<ForRestart> {
+    file_for_restart(rng, 200_000, &["--timeout", timeout])
+}
+
+/// A mount, its export holding `f` (random bytes, returned), the next server forked
+/// ([`ferry_tests::server::TestServer::prepare_restart`]), and a guard that keeps every
+/// test from forking until dropped (a fork with files open would commit them).
+type ForRestart = (
     ferry_tests::Fixture,
     Vec<u8>,
     ferry_tests::server::PreparedServer,
     std::sync::RwLockWriteGuard<'static, ()>,
-)> {
-    let old = rng.bytes(200_000);
-    let fx = fixture_with(&[], &["--timeout", timeout], |e| {
+);
+
+/// For tests that restart the server while they hold file `f` open for writing: `f` of
+/// `size` random bytes, mounted with `args` (see [`ForRestart`]). No process may be
+/// started (`ferry stats` included) until the guard is dropped.
+fn file_for_restart(
+    rng: &mut ferry_tests::rng::Rng,
+    size: usize,
+    args: &[&str],
+) -> Option<ForRestart> {
+    let old = rng.bytes(size);
+    let fx = fixture_with(&[], args, |e| {
         fs::write(e.join("f"), &old).expect("write");
     })?;
     let next = fx.server.prepare_restart();
