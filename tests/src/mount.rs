@@ -435,12 +435,28 @@ impl TestMount {
     /// `ferry umount MOUNTPOINT`, checked: it must exit 0, the mount must be gone from
     /// mountinfo and the daemon must exit. `Err` says what went wrong (`Drop` still cleans).
     pub fn unmount(&mut self) -> Result<(), String> {
-        let mut cmd = crate::bins::ferry();
-        cmd.arg("umount").arg(&self.path);
-        let out = run_timeout(&mut cmd, None, UMOUNT_TIMEOUT).map_err(|t| t.to_string())?;
-        if !out.success() {
-            return Err(format!("{out}"));
-        }
+        // A process another test forks holds copies of this test's descriptors until
+        // it execs: the mount can be busy for that moment, and is tried again.
+        let mut last = Err("`ferry umount` did not run".to_string());
+        poll_until(UMOUNT_TIMEOUT, || {
+            let mut cmd = crate::bins::ferry();
+            cmd.arg("umount").arg(&self.path);
+            match run_timeout(&mut cmd, None, UMOUNT_TIMEOUT) {
+                Ok(out) if out.success() => {
+                    last = Ok(());
+                    true
+                }
+                Ok(out) => {
+                    last = Err(format!("{out}"));
+                    !out.stderr_str().contains("busy")
+                }
+                Err(t) => {
+                    last = Err(t.to_string());
+                    true
+                }
+            }
+        });
+        last?;
         if !poll_until(Duration::from_secs(5), || !self.is_mounted()) {
             return Err(format!(
                 "`ferry umount` exited 0 but {} is still in mountinfo",
