@@ -482,7 +482,7 @@ impl WriteTracker {
                 }
                 JOURNALS.fetch_sub(freed, Ordering::SeqCst);
                 j.bytes -= freed;
-                j.spooled -= spooled;
+                j.spooled = j.spooled.saturating_sub(spooled);
                 j.oldest = j.ops.iter().map(|(g, _)| *g).min();
                 if j.spooled == 0 {
                     j.spool = None;
