@@ -54,6 +54,9 @@ pub struct Export {
     root_dev: u64,
     /// See [`export_id`].
     id: u64,
+    /// Undo records of commits in progress (see [`crate::undo`]); unset when the
+    /// server has no state directory.
+    undo: std::sync::OnceLock<crate::undo::UndoDir>,
 }
 
 impl Export {
@@ -89,7 +92,17 @@ impl Export {
             read_only,
             root_dev: st.st_dev,
             id,
+            undo: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keep undo records of commits in `undo` from now on.
+    pub fn set_undo(&self, undo: crate::undo::UndoDir) {
+        let _ = self.undo.set(undo);
+    }
+
+    pub fn undo(&self) -> Option<&crate::undo::UndoDir> {
+        self.undo.get()
     }
 
     pub fn path(&self) -> &Path {

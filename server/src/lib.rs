@@ -25,6 +25,7 @@ pub mod ops;
 pub mod send;
 pub mod staging;
 pub mod sys;
+pub mod undo;
 pub mod watch;
 
 use std::future::Future;

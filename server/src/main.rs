@@ -28,8 +28,25 @@ struct Args {
     /// and commits run on a separate pool. Default: half the CPUs, at least one.
     #[arg(long)]
     threads: Option<usize>,
+    /// Where undo records of commits in progress are kept, so that a commit a crash
+    /// interrupts is rolled back at the next start (one folder per export; default:
+    /// /run/ferryd as root, else $XDG_RUNTIME_DIR/ferryd or /tmp/ferryd-UID).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// The directory to export.
     dir: PathBuf,
+}
+
+/// `--state-dir`'s default: a runtime directory (records guard against the process
+/// dying, not the machine, so they need not outlive a reboot).
+fn default_state_dir() -> PathBuf {
+    if sys::geteuid() == 0 {
+        return PathBuf::from("/run/ferryd");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("ferryd"),
+        None => std::env::temp_dir().join(format!("ferryd-{}", sys::geteuid())),
+    }
 }
 
 /// Half the CPUs: the request threads' work is microseconds long, and on a machine as
@@ -81,6 +98,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
     }
     let export = Arc::new(Export::open(&args.dir, args.read_only)?);
+    if !args.read_only {
+        let base = args.state_dir.clone().unwrap_or_else(default_state_dir);
+        match ferry_server::undo::UndoDir::open(&base, export.id()) {
+            Ok(undo) => {
+                let rolled = undo.recover(&export);
+                if rolled > 0 {
+                    tracing::warn!("rolled back {rolled} commit(s) a crash interrupted");
+                }
+                export.set_undo(undo);
+            }
+            Err(e) => tracing::warn!(
+                "no undo records in {}: {e}; a crash during a commit can leave a file torn",
+                base.display()
+            ),
+        }
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -97,7 +130,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "serving {} on {addr}",
         export.path().display()
     );
-    ferry_server::run(listener, export, shutdown).await;
+    ferry_server::run(listener, Arc::clone(&export), shutdown).await;
+    if let Some(undo) = export.undo() {
+        undo.close();
+    }
     Ok(())
 }
 

@@ -20,7 +20,10 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ferry_common::RelPath;
+
 use crate::sys::{self, Errno};
+use crate::undo::UndoDir;
 
 /// Half-open byte ranges `[start, end)`, disjoint and never adjacent (merged).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -100,7 +103,15 @@ struct Pending {
 pub struct Staging {
     file: OwnedFd,
     pending: Option<Pending>,
+    /// The real file's path when it was opened: where an undo record finds it again
+    /// (with its inode number, checked).
+    path: RelPath,
 }
+
+/// Most bytes of a file's old content a commit saves in an undo record (see
+/// [`crate::undo`]): saving them costs reading them (cold, often) and keeping them in
+/// the state directory (RAM, by default). A larger rewrite is applied without one.
+pub const UNDO_MAX: u64 = 64 * 1024 * 1024;
 
 /// `O_TMPFILE` is missing on this filesystem (or kernel): warn once, not per open.
 static WARNED_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
@@ -178,9 +189,17 @@ pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<us
     Ok(done)
 }
 
+/// `pread` of exactly `buf.len()` bytes; `EIO` if the file is shorter.
+pub(crate) fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<(), Errno> {
+    match pread_full(fd, buf, off)? {
+        n if n == buf.len() => Ok(()),
+        _ => Err(libc::EIO),
+    }
+}
+
 /// Like [`pwrite_full`] but every error counts, even after a partial write: a commit
 /// that could not write everything must fail with the reason (ENOSPC, EDQUOT, ...).
-fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<(), Errno> {
+pub(crate) fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<(), Errno> {
     let mut done = 0;
     while done < buf.len() {
         let pos = i64::try_from(off + done as u64).map_err(|_| libc::EFBIG)?;
@@ -194,7 +213,7 @@ fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<(), Errno> {
     Ok(())
 }
 
-fn size_of(real: BorrowedFd<'_>) -> Result<u64, Errno> {
+pub(crate) fn size_of(real: BorrowedFd<'_>) -> Result<u64, Errno> {
     Ok(u64::try_from(sys::fstat(real)?.st_size).unwrap_or(0))
 }
 
@@ -202,12 +221,13 @@ impl Staging {
     /// A staging file in `dir` (the real file's directory). `Ok(None)` when the
     /// filesystem cannot make one (no `O_TMPFILE`, or no right to create in `dir`): the
     /// handle then writes directly, as an unstaged one does.
-    pub fn create(dir: BorrowedFd<'_>) -> Result<Option<Staging>, Errno> {
+    pub fn create(dir: BorrowedFd<'_>, path: &RelPath) -> Result<Option<Staging>, Errno> {
         let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC | libc::O_EXCL;
         match sys::openat(dir, c".", flags, 0o600) {
             Ok(file) => Ok(Some(Staging {
                 file,
                 pending: None,
+                path: path.clone(),
             })),
             // EISDIR: kernels without O_TMPFILE see only O_DIRECTORY in the flags.
             Err(e @ (libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
@@ -350,9 +370,45 @@ impl Staging {
     }
 
     /// Apply everything pending to the real file, give it the mtime of the last
-    /// change, and start over with an empty staging file. On failure the pending state
-    /// is kept: applying it again is idempotent, so a retried commit completes it.
-    pub fn commit(&mut self, real: BorrowedFd<'_>) -> Result<(), Errno> {
+    /// change, and start over with an empty staging file. With `undo`, what the apply
+    /// changes is saved first and the record dropped once it is done, so that neither a
+    /// crash (see [`crate::undo`]) nor a failed apply leaves the file torn: a failed
+    /// apply is rolled back at once. On failure the pending state is kept: applying it
+    /// again is idempotent, so a retried commit completes it.
+    pub fn commit(&mut self, real: BorrowedFd<'_>, undo: Option<&UndoDir>) -> Result<(), Errno> {
+        let Some(p) = &self.pending else {
+            return Ok(());
+        };
+        let regions = match undo {
+            Some(_) => changed_regions(p, size_of(real)?),
+            None => Vec::new(),
+        };
+        let saved: u64 = regions.iter().map(|(s, e)| e - s).sum();
+        let record = match undo {
+            Some(u) if saved <= UNDO_MAX => Some(u.save(real, &self.path, &regions)?),
+            Some(_) => {
+                tracing::debug!(saved, "commit too large for an undo record");
+                None
+            }
+            None => None,
+        };
+        let applied = self.apply(real);
+        match (applied, record) {
+            (Ok(()), Some(r)) => r.done(),
+            (Err(e), Some(r)) => {
+                match r.roll_back(real) {
+                    Ok(()) => r.done(),
+                    // Kept: the next start rolls it back.
+                    Err(re) => tracing::warn!(errno = re, "rolling back a failed commit"),
+                }
+                return Err(e);
+            }
+            (r, None) => r?,
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, real: BorrowedFd<'_>) -> Result<(), Errno> {
         let Some(p) = &self.pending else {
             return Ok(());
         };
@@ -379,6 +435,18 @@ impl Staging {
         }
         Ok(())
     }
+}
+
+/// The byte ranges of the real file (now `old_size` long) that applying `p` changes or
+/// cuts: its staged ranges, and everything past a truncation or a shrink.
+fn changed_regions(p: &Pending, old_size: u64) -> Vec<(u64, u64)> {
+    let mut r = p.ranges.clone();
+    if let Some(t) = p.truncate_to {
+        r.insert(t, old_size);
+    }
+    r.insert(p.size, old_size);
+    r.clip(old_size);
+    r.iter().collect()
 }
 
 /// Copy `[start, end)` from the staging file to the same offsets of the real file:

@@ -52,7 +52,12 @@ impl TestServer {
         crate::mount::cleanup_stale();
         let work = crate::temp_dir("work");
         let log_path = work.path().join("ferryd.log");
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        // Undo records in the test's own folder (removed with it), kept across restarts.
+        if !args.iter().any(|a| a == "--state-dir") {
+            let state = work.path().join("state");
+            args.extend(["--state-dir".to_string(), state.display().to_string()]);
+        }
         let (child, addr) = spawn(export.path(), "127.0.0.1:0", &args, &log_path);
         TestServer {
             child,

@@ -134,7 +134,7 @@ fn staging_for(ctx: &Ctx, path: &RelPath, fd: BorrowedFd<'_>) -> Result<Option<S
     // The parent as it is now; if it was renamed away meanwhile the staging file may
     // land on another filesystem, which only makes the commit copy instead of share.
     match ctx.export.entry_of(path) {
-        Ok((dir, _)) => Staging::create(dir.as_fd()),
+        Ok((dir, _)) => Staging::create(dir.as_fd(), path),
         Err(_) => Ok(None),
     }
 }
@@ -262,6 +262,7 @@ pub fn create(
     flags: OpenFlags,
 ) -> Result<Response, Errno> {
     let (_, writable) = access_mode(flags)?;
+    let path = parent.join(&name.0);
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
     ctx.watch_dir(dir, parent);
@@ -286,7 +287,7 @@ pub fn create(
                 let staging = if stage {
                     let st = sys::fstat(fd.as_fd())?;
                     let staging = if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size > 0 {
-                        Staging::create(dir)?
+                        Staging::create(dir, &path)?
                     } else {
                         None
                     };

@@ -66,6 +66,11 @@ proptest! {
 
 /// A directory with a real file holding `initial`, its `O_PATH` directory descriptor,
 /// and a read-write descriptor of the file.
+/// The fixture's file, as the export (its directory) names it.
+fn f_path() -> RelPath {
+    RelPath(b"f".to_vec())
+}
+
 fn fixture(initial: &[u8]) -> (tempfile::TempDir, OwnedFd, OwnedFd) {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("f");
@@ -114,7 +119,9 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..40),
     ) {
         let (dir, dirfd, real) = fixture(&initial);
-        let mut st = Staging::create(dirfd.as_fd()).unwrap().expect("O_TMPFILE in the test dir");
+        let state = tempfile::TempDir::new().unwrap();
+        let undo = UndoDir::open(state.path(), 1).unwrap();
+        let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().expect("O_TMPFILE in the test dir");
         let mut model = initial.clone();
         let mut committed = initial.clone();
         for op in ops {
@@ -137,8 +144,10 @@ proptest! {
                     prop_assert_eq!(st.read(real.as_fd(), off, len).unwrap(), model_read(&model, off, len));
                 }
                 Op::Commit => {
-                    st.commit(real.as_fd()).unwrap();
+                    st.commit(real.as_fd(), Some(&undo)).unwrap();
                     prop_assert!(!st.has_pending());
+                    // A commit that completed leaves no record behind.
+                    prop_assert_eq!(std::fs::read_dir(undo.dir()).unwrap().count(), 0);
                     committed = model.clone();
                 }
             }
@@ -146,7 +155,7 @@ proptest! {
             prop_assert_eq!(st.read(real.as_fd(), 0, 1000).unwrap(), model.clone());
             prop_assert_eq!(&std::fs::read(dir.path().join("f")).unwrap(), &committed);
         }
-        st.commit(real.as_fd()).unwrap();
+        st.commit(real.as_fd(), None).unwrap();
         prop_assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), model);
     }
 }
@@ -155,7 +164,7 @@ proptest! {
 fn dropping_without_commit_leaves_the_file_alone() {
     let (dir, dirfd, real) = fixture(b"original content");
     let before = std::fs::metadata(dir.path().join("f")).unwrap();
-    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
     st.write(real.as_fd(), 0, b"CHANGED").unwrap();
     st.truncate(real.as_fd(), 3).unwrap();
     st.write(real.as_fd(), 100, b"far").unwrap();
@@ -173,14 +182,14 @@ fn dropping_without_commit_leaves_the_file_alone() {
 #[test]
 fn commit_sets_the_time_of_the_last_write() {
     let (_dir, dirfd, real) = fixture(b"0123456789");
-    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
     st.write(real.as_fd(), 2, b"ab").unwrap();
     let written = now();
     let seen = st.stat(real.as_fd()).unwrap();
     // Make the commit time differ measurably from the write time: without the pause
     // both fall within the same clock tick and the test could not tell them apart.
     std::thread::sleep(std::time::Duration::from_millis(30));
-    st.commit(real.as_fd()).unwrap();
+    st.commit(real.as_fd(), None).unwrap();
     let after = crate::sys::fstat(real.as_fd()).unwrap();
     let m = (after.st_mtime, after.st_mtime_nsec);
     assert_eq!(m, (seen.st_mtime, seen.st_mtime_nsec));
@@ -192,7 +201,7 @@ fn commit_sets_the_time_of_the_last_write() {
         tv_nsec: 5,
     };
     st.set_mtime(explicit);
-    st.commit(real.as_fd()).unwrap();
+    st.commit(real.as_fd(), None).unwrap();
     let after = crate::sys::fstat(real.as_fd()).unwrap();
     assert_eq!((after.st_mtime, after.st_mtime_nsec), (1_000_000_000, 5));
 }
@@ -214,7 +223,7 @@ fn copy_without_copy_file_range_matches() {
 #[test]
 fn a_commit_is_small_without_truncation_and_with_few_bytes() {
     let (_dir, dirfd, real) = fixture(b"0123456789");
-    let mut st = Staging::create(dirfd.as_fd()).unwrap().unwrap();
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
     assert!(st.commit_is_small(0), "nothing staged");
     st.write(real.as_fd(), 0, b"ab").unwrap();
     st.write(real.as_fd(), 5, b"cd").unwrap();
@@ -225,6 +234,76 @@ fn a_commit_is_small_without_truncation_and_with_few_bytes() {
         !st.commit_is_small(u64::MAX),
         "a truncation may free a large file"
     );
-    st.commit(real.as_fd()).unwrap();
+    st.commit(real.as_fd(), None).unwrap();
     assert!(st.commit_is_small(0), "nothing left after the commit");
+}
+
+/// A server that dies while applying a commit leaves the undo record; the next start
+/// (`UndoDir::recover`) puts the old content, size and mtime back, whether the apply had
+/// only cut the file or had finished.
+#[test]
+fn a_commit_a_crash_interrupts_is_rolled_back() {
+    let old: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for finished in [false, true] {
+        let (dir, dirfd, real) = fixture(&old);
+        let before = std::fs::metadata(dir.path().join("f")).unwrap();
+        let state = tempfile::TempDir::new().unwrap();
+        let undo = UndoDir::open(state.path(), 7).unwrap();
+        let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
+        // A rewrite as `cp` makes it: cut to nothing, then new bytes, shorter.
+        st.truncate(real.as_fd(), 0).unwrap();
+        st.write(real.as_fd(), 0, &vec![7u8; 200_000]).unwrap();
+        st.write(real.as_fd(), 250_000, b"tail").unwrap();
+        // What `commit` does, up to the crash.
+        let p = st.pending.as_ref().unwrap();
+        let regions = changed_regions(p, size_of(real.as_fd()).unwrap());
+        let record = undo.save(real.as_fd(), &f_path(), &regions).unwrap();
+        if finished {
+            st.apply(real.as_fd()).unwrap();
+        } else {
+            sys::ftruncate(real.as_fd(), 0).unwrap();
+        }
+        std::mem::forget(record);
+        drop(st);
+        let export = crate::export::Export::open(dir.path(), false).unwrap();
+        assert_eq!(undo.recover(&export), 1, "finished {finished}");
+        assert!(
+            std::fs::read(dir.path().join("f")).unwrap() == old,
+            "finished {finished}"
+        );
+        let after = std::fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+        assert_eq!(
+            std::fs::read_dir(undo.dir()).unwrap().count(),
+            0,
+            "records left"
+        );
+    }
+}
+
+/// A record whose path leads to another file by the next start is not applied to it.
+#[test]
+fn a_record_never_rolls_back_another_file() {
+    let (dir, dirfd, real) = fixture(b"old content of f");
+    let state = tempfile::TempDir::new().unwrap();
+    let undo = UndoDir::open(state.path(), 8).unwrap();
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
+    st.write(real.as_fd(), 0, b"NEW").unwrap();
+    let p = st.pending.as_ref().unwrap();
+    let regions = changed_regions(p, size_of(real.as_fd()).unwrap());
+    std::mem::forget(undo.save(real.as_fd(), &f_path(), &regions).unwrap());
+    // Replaced by another file (another inode) before the server comes back.
+    std::fs::write(dir.path().join("g"), b"another file").unwrap();
+    std::fs::rename(dir.path().join("g"), dir.path().join("f")).unwrap();
+    let export = crate::export::Export::open(dir.path(), false).unwrap();
+    assert_eq!(undo.recover(&export), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("f")).unwrap(),
+        b"another file"
+    );
+    assert_eq!(
+        std::fs::read_dir(undo.dir()).unwrap().count(),
+        0,
+        "records left"
+    );
 }

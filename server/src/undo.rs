@@ -1,0 +1,350 @@
+//! Commits that a crash cannot tear. [`crate::staging::Staging::commit`] changes the real
+//! file in place (truncation, then the staged ranges): if `ferryd` died half way, the
+//! file would be neither the old content nor the new while the client, whose commit
+//! got no answer, reports `EIO`. So before it changes anything, the commit saves here
+//! the bytes it will overwrite or cut, the old size and mtime, and the file's path and
+//! inode number (an undo record), and removes the record once the file is whole again
+//! (before the reply). A record found at startup, or after an apply that failed, is
+//! rolled back: the file gets its old content, which is what the client was told.
+//!
+//! Records protect against the server process dying (a kill, a crash, a restart), not
+//! against the machine losing power: nothing is flushed to disk, so they live in a
+//! runtime directory (`/run/ferryd` for root) by default. A file opened empty or
+//! created is written directly and needs none (nothing to protect).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_common::RelPath;
+
+use crate::export::Export;
+use crate::staging::{pread_exact, pwrite_all, size_of};
+use crate::sys::{self, Errno, errno_of};
+
+const MAGIC: &str = "ferryd-undo 1";
+const CHUNK: usize = 1 << 20;
+
+/// The records of one export.
+#[derive(Debug)]
+pub struct UndoDir {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+/// What an undo record holds besides the saved bytes.
+#[derive(Debug, PartialEq)]
+struct Header {
+    path: Vec<u8>,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    /// Saved byte ranges `[start, end)`, in the order their bytes follow in the data file.
+    regions: Vec<(u64, u64)>,
+}
+
+/// A record written for a commit in progress ([`UndoDir::save`]).
+#[derive(Debug)]
+pub struct Undo {
+    rec: PathBuf,
+    data: PathBuf,
+    header: Header,
+}
+
+fn io_errno(e: &io::Error) -> Errno {
+    errno_of(e)
+}
+
+impl UndoDir {
+    /// The records of the export with id `export_id` under `base` (made 0700 if
+    /// missing).
+    pub fn open(base: &Path, export_id: u64) -> io::Result<UndoDir> {
+        let dir = base.join(format!("{export_id:016x}"));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(UndoDir {
+            dir,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Save what a commit of `real` (opened as `path`) is about to change: the bytes of
+    /// `regions` (within the file's current size), its size and mtime.
+    pub fn save(
+        &self,
+        real: BorrowedFd<'_>,
+        path: &RelPath,
+        regions: &[(u64, u64)],
+    ) -> Result<Undo, Errno> {
+        let st = sys::fstat(real)?;
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let stem = format!("{}-{n}", std::process::id());
+        let data_path = self.dir.join(format!("{stem}.data"));
+        let rec_path = self.dir.join(format!("{stem}.rec"));
+        let tmp_path = self.dir.join(format!("{stem}.rec.tmp"));
+        let data = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&data_path)
+            .map_err(|e| io_errno(&e))?;
+        let header = Header {
+            path: path.0.clone(),
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            regions: regions.to_vec(),
+        };
+        let written = (|| -> Result<(), Errno> {
+            let mut buf = vec![0u8; CHUNK];
+            let mut at = 0u64;
+            for &(start, end) in regions {
+                let mut pos = start;
+                while pos < end {
+                    let len = CHUNK.min((end - pos) as usize);
+                    pread_exact(real, &mut buf[..len], pos)?;
+                    pwrite_all(data.as_fd(), &buf[..len], at)?;
+                    pos += len as u64;
+                    at += len as u64;
+                }
+            }
+            let mut rec = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp_path)
+                .map_err(|e| io_errno(&e))?;
+            rec.write_all(header.encode().as_bytes())
+                .map_err(|e| io_errno(&e))?;
+            // The record counts from here on, whole.
+            std::fs::rename(&tmp_path, &rec_path).map_err(|e| io_errno(&e))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp_path);
+            let _ = std::fs::remove_file(&data_path);
+            return Err(e);
+        }
+        Ok(Undo {
+            rec: rec_path,
+            data: data_path,
+            header,
+        })
+    }
+
+    /// Roll back every record left by a server that died in a commit. Returns how many
+    /// files were rolled back; a record whose path no longer leads to its file is
+    /// dropped with a warning.
+    pub fn recover(&self, export: &Export) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut recs = BTreeMap::new();
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".rec") {
+                recs.insert(stem.to_string(), p);
+            } else if name.ends_with(".rec.tmp") {
+                // Never whole: the commit had not begun.
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        let mut done = 0;
+        for (stem, rec) in recs {
+            let data = self.dir.join(format!("{stem}.data"));
+            match Undo::load(&rec, &data).and_then(|u| u.roll_back_by_path(export)) {
+                Ok(()) => {
+                    done += 1;
+                    tracing::warn!(record = %rec.display(), "rolled back a commit a crash interrupted");
+                }
+                Err(e) => tracing::warn!(
+                    record = %rec.display(),
+                    "cannot roll back an interrupted commit: {e}"
+                ),
+            }
+            let _ = std::fs::remove_file(&rec);
+            let _ = std::fs::remove_file(&data);
+        }
+        // Data files whose record was never written: their commits never began.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".data") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        done
+    }
+
+    /// Remove the directory if nothing is in it (at a clean shutdown).
+    pub fn close(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Undo {
+    fn load(rec: &Path, data: &Path) -> io::Result<Undo> {
+        let mut text = String::new();
+        File::open(rec)?.read_to_string(&mut text)?;
+        let header = Header::decode(&text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed undo record"))?;
+        Ok(Undo {
+            rec: rec.to_path_buf(),
+            data: data.to_path_buf(),
+            header,
+        })
+    }
+
+    fn roll_back_by_path(&self, export: &Export) -> io::Result<()> {
+        let path = RelPath(self.header.path.clone());
+        let real = export
+            .resolve(&path, libc::O_WRONLY)
+            .map_err(io::Error::from_raw_os_error)?;
+        let st = sys::fstat(real.as_fd()).map_err(io::Error::from_raw_os_error)?;
+        if st.st_ino != self.header.ino {
+            return Err(io::Error::other("the path leads to another file now"));
+        }
+        self.roll_back(real.as_fd())
+            .map_err(io::Error::from_raw_os_error)
+    }
+
+    /// Put the saved bytes, size and mtime back into `real`.
+    pub fn roll_back(&self, real: BorrowedFd<'_>) -> Result<(), Errno> {
+        let data = File::open(&self.data).map_err(|e| io_errno(&e))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = 0u64;
+        for &(start, end) in &self.header.regions {
+            let mut pos = start;
+            while pos < end {
+                let len = CHUNK.min((end - pos) as usize);
+                data.read_exact_at(&mut buf[..len], at)
+                    .map_err(|e| io_errno(&e))?;
+                pwrite_all(real, &buf[..len], pos)?;
+                pos += len as u64;
+                at += len as u64;
+            }
+        }
+        if size_of(real)? != self.header.size {
+            sys::ftruncate(real, self.header.size)?;
+        }
+        let omit = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        };
+        let mtime = libc::timespec {
+            tv_sec: self.header.mtime.0,
+            tv_nsec: self.header.mtime.1,
+        };
+        sys::futimens(real, &[omit, mtime])
+    }
+
+    /// The commit is applied (or rolled back): the record goes.
+    pub fn done(self) {
+        let _ = std::fs::remove_file(&self.rec);
+        let _ = std::fs::remove_file(&self.data);
+    }
+}
+
+impl Header {
+    fn encode(&self) -> String {
+        let mut s = format!(
+            "{MAGIC}\nino {}\nsize {}\nmtime {} {}\npath {}\n",
+            self.ino,
+            self.size,
+            self.mtime.0,
+            self.mtime.1,
+            hex(&self.path)
+        );
+        for (a, b) in &self.regions {
+            s.push_str(&format!("region {a} {b}\n"));
+        }
+        s.push_str("end\n");
+        s
+    }
+
+    fn decode(text: &str) -> Option<Header> {
+        let mut lines = text.lines();
+        if lines.next()? != MAGIC {
+            return None;
+        }
+        let mut field = |name: &str| -> Option<Vec<String>> {
+            let line = lines.next()?;
+            let mut words = line.split(' ');
+            (words.next()? == name).then(|| words.map(str::to_string).collect())
+        };
+        let ino = field("ino")?.first()?.parse().ok()?;
+        let size = field("size")?.first()?.parse().ok()?;
+        let m = field("mtime")?;
+        let mtime = (m.first()?.parse().ok()?, m.get(1)?.parse().ok()?);
+        let path = unhex(field("path")?.first().map_or("", String::as_str))?;
+        let mut regions = Vec::new();
+        for line in lines {
+            if line == "end" {
+                return Some(Header {
+                    path,
+                    ino,
+                    size,
+                    mtime,
+                    regions,
+                });
+            }
+            let mut w = line.split(' ');
+            if w.next()? != "region" {
+                return None;
+            }
+            let a: u64 = w.next()?.parse().ok()?;
+            let b: u64 = w.next()?.parse().ok()?;
+            if a > b {
+                return None;
+            }
+            regions.push((a, b));
+        }
+        // No end line: not whole.
+        None
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_reject_damage() {
+        let h = Header {
+            path: b"dir/a b\xff".to_vec(),
+            ino: 42,
+            size: 1 << 33,
+            mtime: (1_700_000_000, 5),
+            regions: vec![(0, 10), (4096, 1 << 20)],
+        };
+        let text = h.encode();
+        assert_eq!(Header::decode(&text), Some(h));
+        // Cut short (a record being written): never taken.
+        assert_eq!(Header::decode(&text[..text.len() - 4]), None);
+        assert_eq!(Header::decode("garbage"), None);
+    }
+}
