@@ -385,7 +385,15 @@ impl Staging {
         };
         let saved: u64 = regions.iter().map(|(s, e)| e - s).sum();
         let record = match undo {
-            Some(u) if saved <= UNDO_MAX => Some(u.save(real, &self.path, &regions)?),
+            // A state directory that cannot take the record (full, say) must not make
+            // every close fail: the commit goes on without one, as a larger one does.
+            Some(u) if saved <= UNDO_MAX => match u.save(real, &self.path, &regions) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(errno = e, "cannot save an undo record; committing without");
+                    None
+                }
+            },
             Some(_) => {
                 tracing::debug!(saved, "commit too large for an undo record");
                 None
