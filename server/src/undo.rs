@@ -148,19 +148,25 @@ impl UndoDir {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
+        // Newest first: two commits of one file interrupted together are undone in the
+        // reverse of the order they were made (stems are `PID-N`).
         let mut recs = BTreeMap::new();
         for e in entries.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_suffix(".rec") {
-                recs.insert(stem.to_string(), p);
+                let n = stem
+                    .rsplit_once('-')
+                    .and_then(|(_, n)| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                recs.insert((std::cmp::Reverse(n), stem.to_string()), p);
             } else if name.ends_with(".rec.tmp") {
                 // Never whole: the commit had not begun.
                 let _ = std::fs::remove_file(&p);
             }
         }
         let mut done = 0;
-        for (stem, rec) in recs {
+        for ((_, stem), rec) in recs {
             let data = self.dir.join(format!("{stem}.data"));
             match Undo::load(&rec, &data).and_then(|u| u.roll_back_by_path(export)) {
                 Ok(()) => {
