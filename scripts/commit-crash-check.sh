@@ -32,14 +32,21 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$work/export" "$work/mnt" "$work/cache" "$work/state"
+: >"$work/ferryd.log"
 head -c $((size << 20)) /dev/urandom >"$work/new"
 head -c $((size << 20)) /dev/urandom >"$work/old"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Started once it printed its address: after any rollback (it listens before that).
 start_server() {
+    local before
+    before=$(grep -c "serving" "$work/ferryd.log" || true)
     "$bin/ferryd" --listen "127.0.0.1:$port" --state-dir "$work/state" "$work/export" \
         >/dev/null 2>>"$work/ferryd.log" &
     srv=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0; sleep 0.05; done
+    for _ in $(seq 200); do
+        [ "$(grep -c "serving" "$work/ferryd.log" || true)" -gt "$before" ] && return 0
+        sleep 0.05
+    done
     echo "ferryd did not start; see $work/ferryd.log" >&2
     exit 1
 }
@@ -54,8 +61,8 @@ for at in "$@"; do
     copier=$!
     sleep "$at"
     kill -KILL "$srv"; wait "$srv" 2>/dev/null || true
-    start_server
     wait "$copier" || rc=$?
+    start_server
     if cmp -s "$work/export/f" "$work/new"; then got=new
     elif cmp -s "$work/export/f" "$work/old"; then got=old
     else got="TORN ($(stat -c %s "$work/export/f") bytes)"; fi

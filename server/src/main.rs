@@ -98,6 +98,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
     }
     let export = Arc::new(Export::open(&args.dir, args.read_only)?);
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    // After the bind: a second start that cannot serve must not touch the records.
     if !args.read_only {
         let base = args.state_dir.clone().unwrap_or_else(default_state_dir);
         match ferry_server::undo::UndoDir::open(&base, export.id()) {
@@ -114,10 +119,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             ),
         }
     }
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr().context("local address")?;
     // Handlers first: a SIGTERM sent right after the address line must find them.
     let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();

@@ -404,11 +404,14 @@ impl Staging {
         match (applied, record) {
             (Ok(()), Some(r)) => r.done(),
             (Err(e), Some(r)) => {
-                match r.roll_back(real) {
-                    Ok(()) => r.done(),
-                    // Kept: the next start rolls it back.
-                    Err(re) => tracing::warn!(errno = re, "rolling back a failed commit"),
+                if let Err(re) = r.roll_back(real) {
+                    tracing::error!(
+                        errno = re,
+                        "a failed commit could not be rolled back: the file may be torn"
+                    );
                 }
+                // Never kept: a later start must not undo commits acknowledged since.
+                r.done();
                 return Err(e);
             }
             (r, None) => r?,

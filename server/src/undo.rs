@@ -15,8 +15,9 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,12 +35,31 @@ const CHUNK: usize = 1 << 20;
 pub struct UndoDir {
     dir: PathBuf,
     next: AtomicU64,
+    /// Held (`flock`) while this process uses the folder: a second `ferryd` on the
+    /// same export must not roll back the first one's commits in progress.
+    _lock: File,
+}
+
+/// `path` must be a real directory (no symlink) of this user that nobody else can
+/// write to: the records in it are applied to exported files.
+fn check_owned(path: &Path, private: bool) -> io::Result<()> {
+    let m = std::fs::symlink_metadata(path)?;
+    let mode = m.mode();
+    let others = if private { 0o077 } else { 0o022 };
+    if !m.file_type().is_dir() || m.uid() != sys::geteuid() || mode & others != 0 {
+        return Err(io::Error::other(format!(
+            "{} is not a directory of this user that only it can write",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// What an undo record holds besides the saved bytes.
 #[derive(Debug, PartialEq)]
 struct Header {
     path: Vec<u8>,
+    dev: u64,
     ino: u64,
     size: u64,
     mtime: (i64, i64),
@@ -62,15 +82,34 @@ fn io_errno(e: &io::Error) -> Errno {
 impl UndoDir {
     /// The records of the export with id `export_id` under `base` (made 0700 if
     /// missing).
+    /// Fails if the folders belong to someone else or can be written by others, or
+    /// if another process holds the export's folder.
     pub fn open(base: &Path, export_id: u64) -> io::Result<UndoDir> {
         let dir = base.join(format!("{export_id:016x}"));
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
+        check_owned(base, false)?;
+        check_owned(&dir, true)?;
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join("lock"))?;
+        // SAFETY: a valid descriptor; flock only takes an advisory lock on it.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::other(format!(
+                "another ferryd serves this export ({} is locked)",
+                dir.display()
+            )));
+        }
         Ok(UndoDir {
             dir,
             next: AtomicU64::new(0),
+            _lock: lock,
         })
     }
 
@@ -100,11 +139,18 @@ impl UndoDir {
             .map_err(|e| io_errno(&e))?;
         let header = Header {
             path: path.0.clone(),
+            dev: st.st_dev,
             ino: st.st_ino,
             size: u64::try_from(st.st_size).unwrap_or(0),
             mtime: (st.st_mtime, st.st_mtime_nsec),
             regions: regions.to_vec(),
         };
+        // The handle may be write-only (a file its client may not read): the old bytes
+        // are read through a read-only descriptor of the same inode.
+        let reader = File::open(std::ffi::OsStr::from_bytes(
+            sys::proc_fd_path(real).as_bytes(),
+        ))
+        .map_err(|e| io_errno(&e))?;
         let written = (|| -> Result<(), Errno> {
             let mut buf = vec![0u8; CHUNK];
             let mut at = 0u64;
@@ -112,7 +158,7 @@ impl UndoDir {
                 let mut pos = start;
                 while pos < end {
                     let len = CHUNK.min((end - pos) as usize);
-                    pread_exact(real, &mut buf[..len], pos)?;
+                    pread_exact(reader.as_fd(), &mut buf[..len], pos)?;
                     pwrite_all(data.as_fd(), &buf[..len], at)?;
                     pos += len as u64;
                     at += len as u64;
@@ -134,6 +180,7 @@ impl UndoDir {
             let _ = std::fs::remove_file(&data_path);
             return Err(e);
         }
+        tracing::debug!(record = %rec_path.display(), "undo record saved");
         Ok(Undo {
             rec: rec_path,
             data: data_path,
@@ -192,9 +239,15 @@ impl UndoDir {
         done
     }
 
-    /// Remove the directory if nothing is in it (at a clean shutdown).
+    /// Remove the directory if no record is in it (at a clean shutdown).
     pub fn close(&self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        let only_lock = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().all(|e| e.file_name() == "lock"))
+            .unwrap_or(false);
+        if only_lock {
+            let _ = std::fs::remove_file(self.dir.join("lock"));
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 }
 
@@ -213,13 +266,24 @@ impl Undo {
 
     fn roll_back_by_path(&self, export: &Export) -> io::Result<()> {
         let path = RelPath(self.header.path.clone());
-        let real = export
-            .resolve(&path, libc::O_WRONLY)
+        // Looked at before it is opened for writing: a FIFO or a device there now
+        // must not be opened (it could block, or act).
+        let at = export
+            .resolve(&path, libc::O_PATH)
             .map_err(io::Error::from_raw_os_error)?;
-        let st = sys::fstat(real.as_fd()).map_err(io::Error::from_raw_os_error)?;
-        if st.st_ino != self.header.ino {
+        let st = sys::fstat(at.as_fd()).map_err(io::Error::from_raw_os_error)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || st.st_ino != self.header.ino
+            || st.st_dev != self.header.dev
+        {
             return Err(io::Error::other("the path leads to another file now"));
         }
+        let real = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(std::ffi::OsStr::from_bytes(
+                sys::proc_fd_path(at.as_fd()).as_bytes(),
+            ))?;
         self.roll_back(real.as_fd())
             .map_err(io::Error::from_raw_os_error)
     }
@@ -264,7 +328,8 @@ impl Undo {
 impl Header {
     fn encode(&self) -> String {
         let mut s = format!(
-            "{MAGIC}\nino {}\nsize {}\nmtime {} {}\npath {}\n",
+            "{MAGIC}\ndev {}\nino {}\nsize {}\nmtime {} {}\npath {}\n",
+            self.dev,
             self.ino,
             self.size,
             self.mtime.0,
@@ -288,6 +353,7 @@ impl Header {
             let mut words = line.split(' ');
             (words.next()? == name).then(|| words.map(str::to_string).collect())
         };
+        let dev = field("dev")?.first()?.parse().ok()?;
         let ino = field("ino")?.first()?.parse().ok()?;
         let size = field("size")?.first()?.parse().ok()?;
         let m = field("mtime")?;
@@ -298,6 +364,7 @@ impl Header {
             if line == "end" {
                 return Some(Header {
                     path,
+                    dev,
                     ino,
                     size,
                     mtime,
@@ -342,6 +409,7 @@ mod tests {
     fn headers_round_trip_and_reject_damage() {
         let h = Header {
             path: b"dir/a b\xff".to_vec(),
+            dev: 2049,
             ino: 42,
             size: 1 << 33,
             mtime: (1_700_000_000, 5),
@@ -352,5 +420,24 @@ mod tests {
         // Cut short (a record being written): never taken.
         assert_eq!(Header::decode(&text[..text.len() - 4]), None);
         assert_eq!(Header::decode("garbage"), None);
+    }
+
+    #[test]
+    fn one_process_per_export_and_only_private_folders() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let first = UndoDir::open(base.path(), 1).unwrap();
+        let second = UndoDir::open(base.path(), 1).expect_err("a second ferryd on the export");
+        assert!(second.to_string().contains("another ferryd"), "{second}");
+        drop(first);
+        let again = UndoDir::open(base.path(), 1).expect("free once the first is gone");
+        again.close();
+        assert!(
+            !base.path().join(format!("{:016x}", 1)).exists(),
+            "closed empty"
+        );
+        // A folder others can write to (a planted one in /tmp, say) is refused.
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(UndoDir::open(base.path(), 2).is_err());
     }
 }
