@@ -22,19 +22,9 @@ while [ $# -gt 0 ]; do
         *) echo "usage: $0 [--bin DIR] [--disk DEV] [-- MOUNT_ARGS...]" >&2; exit 2 ;;
     esac
 done
-work=$(mktemp -d /tmp/ferry-abwrite.XXXXXX)
-srv=
-cleanup() {
-    mountpoint -q "$work/mnt" 2>/dev/null && { "$bin/ferry" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; }
-    [ -n "$srv" ] && kill "$srv" 2>/dev/null && wait "$srv" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/export" "$work/mnt" "$work/cache"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$bin/ferryd" --listen "127.0.0.1:$port" "$work/export" >/dev/null 2>"$work/ferryd.log" &
-srv=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+. scripts/lib.sh
+ferry_work abwrite
+ferry_start_server
 "$bin/ferry" mount --cache-dir "$work/cache" "$@" "127.0.0.1:$port" "$work/mnt" 2>/dev/null
 client=$(pgrep -f "ferry mount .*$work/mnt" | head -1)
 sync

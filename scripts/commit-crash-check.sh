@@ -23,33 +23,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -gt 0 ] || { echo "usage: $0 [--size MIB] [--bin DIR] AT..." >&2; exit 2; }
-work=$(mktemp -d /tmp/ferry-commit-crash.XXXXXX)
-srv=
-cleanup() {
-    mountpoint -q "$work/mnt" 2>/dev/null && { "$bin/ferry" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; }
-    [ -n "$srv" ] && kill "$srv" 2>/dev/null && wait "$srv" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/export" "$work/mnt" "$work/cache" "$work/state"
-: >"$work/ferryd.log"
+. scripts/lib.sh
+ferry_work commit-crash
+mkdir "$work/state"
 head -c $((size << 20)) /dev/urandom >"$work/new"
 head -c $((size << 20)) /dev/urandom >"$work/old"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# Started once it printed its address: after any rollback (it listens before that).
-start_server() {
-    local before
-    before=$(grep -c "serving" "$work/ferryd.log" || true)
-    "$bin/ferryd" --listen "127.0.0.1:$port" --state-dir "$work/state" "$work/export" \
-        >/dev/null 2>>"$work/ferryd.log" &
-    srv=$!
-    for _ in $(seq 200); do
-        [ "$(grep -c "serving" "$work/ferryd.log" || true)" -gt "$before" ] && return 0
-        sleep 0.05
-    done
-    echo "ferryd did not start; see $work/ferryd.log" >&2
-    exit 1
-}
+start_server() { ferry_start_server --state-dir "$work/state"; }
 for at in "$@"; do
     cp "$work/old" "$work/export/f"
     : >"$work/ferryd.log"

@@ -30,16 +30,10 @@ done
 [ -x "$bin/ferryd" ] && [ -x "$bin/ferry" ] || cargo build --release --bins
 bin=$(realpath "$bin")
 
-work=$(mktemp -d /tmp/ferry-restart.XXXXXX)
+. scripts/lib.sh
+ferry_work restart
 exp=$work/export mp=$work/mnt cache=$work/cache
-srv=
-cleanup() {
-    mountpoint -q "$mp" 2>/dev/null && { "$bin/ferry" umount "$mp" 2>/dev/null || umount -l "$mp"; }
-    [ -n "$srv" ] && kill "$srv" 2>/dev/null && wait "$srv" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$exp/tree" "$mp" "$cache"
+mkdir "$exp/tree"
 head -c $((512 << 20)) /dev/urandom >"$exp/big"
 for d in $(seq -w 20); do
     mkdir "$exp/tree/d$d"
@@ -47,17 +41,7 @@ for d in $(seq -w 20); do
 done
 tar -cf "$work/tree.tar" -C "$exp/tree" .
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-start_server() {
-    "$bin/ferryd" --listen "127.0.0.1:$port" "$exp" >/dev/null 2>>"$work/ferryd.log" &
-    srv=$!
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "ferryd did not start; see $work/ferryd.log" >&2
-    exit 1
-}
+start_server() { ferry_start_server; }
 
 # run NAME COMMAND...: COMMAND reads through the mount (cold) while the server restarts.
 # $mount_extra: more `ferry mount` arguments.
