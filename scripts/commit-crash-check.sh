@@ -2,13 +2,14 @@
 # What a `ferryd` killed while a client's commit runs leaves behind, by hand: copies a
 # file over an existing one in a ferry mount, SIGKILLs ferryd AT seconds after the copy
 # starts, starts it again on the same export (which rolls back an interrupted commit
-# from its undo record) and says whether the export holds the old content, the new one,
-# or neither (torn). Repeat over a range of times to land in the commit.
+# from its undo record, or finishes one from its redo record) and says whether the
+# export holds the old content, the new one, or neither (torn), and whether the hidden
+# .ferryd folder was left behind. Repeat over a range of times to land in the commit.
 #
 #   sudo scripts/commit-crash-check.sh [--size MIB] [--bin DIR] AT...
 #   sudo scripts/commit-crash-check.sh --size 60 0.17 0.18 0.19 0.20
 #
-# --size: the file's size (default 60 MiB; commits over 64 MiB have no undo record);
+# --size: the file's size (default 60 MiB; commits over 64 MiB keep a redo record);
 # --bin: where ferryd and ferry are (default target/release). Needs root (drop_caches)
 # and /dev/fuse. Everything it makes is removed on exit.
 set -euo pipefail
@@ -46,7 +47,9 @@ for at in "$@"; do
     elif cmp -s "$work/export/f" "$work/old"; then got=old
     else got="TORN ($(stat -c %s "$work/export/f") bytes)"; fi
     rolled=$(grep -c "rolled back a commit" "$work/ferryd.log" || true)
-    echo "killed at $at s: cp exit $rc; export: $got; commits rolled back at restart: $rolled"
+    finished=$(grep -c "finished a commit" "$work/ferryd.log" || true)
+    left=; [ -e "$work/export/.ferryd" ] && left="; .ferryd LEFT"
+    echo "killed at $at s: cp exit $rc; export: $got; at restart: $rolled rolled back, $finished finished$left"
     "$bin/ferry" umount "$work/mnt"
     for _ in $(seq 200); do pgrep -f "ferry mount .*$work/mnt" >/dev/null || break; sleep 0.05; done
     kill "$srv"; wait "$srv" 2>/dev/null || true

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use ferry_common::path::{check_name, check_path};
 use ferry_common::{Name, RelPath};
 
+use crate::redo::{AREA_NAME, Area};
+use crate::staging::Records;
 use crate::sys::{self, Errno};
 
 /// How every network path is resolved: beneath the root, no `/proc` magic links.
@@ -57,6 +59,10 @@ pub struct Export {
     /// Undo records of commits in progress (see [`crate::undo`]); unset when the
     /// server has no state directory.
     undo: std::sync::OnceLock<crate::undo::UndoDir>,
+    /// The hidden folder of redo records (see [`crate::redo`]): refused to clients.
+    area: Area,
+    /// Inode number of the root (on `root_dev`).
+    root_ino: u64,
 }
 
 impl Export {
@@ -86,6 +92,9 @@ impl Export {
         // Without a host name the id still distinguishes exports on this host.
         let host = sys::hostname().unwrap_or_default();
         let id = export_id(&host, path.as_os_str().as_bytes(), st.st_dev, st.st_ino);
+        let area_root = root
+            .try_clone()
+            .map_err(|e| open_err(std::io::Error::from_raw_os_error(sys::errno_of(&e))))?;
         Ok(Export {
             root,
             path,
@@ -93,6 +102,8 @@ impl Export {
             root_dev: st.st_dev,
             id,
             undo: std::sync::OnceLock::new(),
+            area: Area::new(area_root),
+            root_ino: st.st_ino,
         })
     }
 
@@ -103,6 +114,36 @@ impl Export {
 
     pub fn undo(&self) -> Option<&crate::undo::UndoDir> {
         self.undo.get()
+    }
+
+    /// Where commits keep their crash records, if the server has a state directory.
+    pub fn records(&self) -> Option<Records<'_>> {
+        self.undo.get().map(|undo| Records {
+            undo,
+            area: &self.area,
+        })
+    }
+
+    pub fn area(&self) -> &Area {
+        &self.area
+    }
+
+    /// Whether a file with device `dev` and inode number `ino` is the hidden folder,
+    /// which listings leave out.
+    pub fn is_hidden(&self, dev: u64, ino: u64) -> bool {
+        self.area.identity() == Some((dev, ino))
+    }
+
+    /// `EACCES` if `fd` is the hidden folder.
+    fn refuse_hidden(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        if self.area.identity().is_none() {
+            return Ok(());
+        }
+        let st = sys::fstat(fd)?;
+        if self.is_hidden(st.st_dev, st.st_ino) {
+            return Err(libc::EACCES);
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -130,20 +171,37 @@ impl Export {
     /// component is never followed (with `O_PATH` a final symlink yields a descriptor of
     /// the symlink itself; with any other access it is ELOOP).
     pub fn resolve(&self, path: &RelPath, flags: i32) -> Result<OwnedFd, Errno> {
-        self.open_beneath(path, flags | libc::O_NOFOLLOW)
+        let fd = self.open_beneath(path, flags | libc::O_NOFOLLOW)?;
+        // The final component is not followed: only its own name can be the folder.
+        if path.0.rsplit(|&b| b == b'/').next() == Some(AREA_NAME) {
+            self.refuse_hidden(fd.as_fd())?;
+        }
+        Ok(fd)
     }
 
     /// An `O_PATH` descriptor of the directory `path`. The last component of a parent
     /// path is itself in the middle of the full path, so a symlink there is followed as
     /// long as it stays beneath the root.
     pub fn resolve_dir(&self, path: &RelPath) -> Result<OwnedFd, Errno> {
-        self.open_beneath(path, libc::O_PATH | libc::O_DIRECTORY)
+        let fd = self.open_beneath(path, libc::O_PATH | libc::O_DIRECTORY)?;
+        // A symlink, final or not, may lead into the hidden folder. (Beneath it, only
+        // names nobody knows: see [`crate::redo`].)
+        self.refuse_hidden(fd.as_fd())?;
+        Ok(fd)
     }
 
     /// The parent directory of an entry and its validated name, for the `*at` calls.
     pub fn entry(&self, parent: &RelPath, name: &Name) -> Result<(OwnedFd, CString), Errno> {
         check_name(&name.0).map_err(|e| e.errno())?;
         let dir = self.resolve_dir(parent)?;
+        // The hidden folder's own name at the root: not to be looked up, made, renamed
+        // or removed while it exists.
+        if name.0 == AREA_NAME && self.area.identity().is_some() {
+            let st = sys::fstat(dir.as_fd())?;
+            if (st.st_dev, st.st_ino) == (self.root_dev, self.root_ino) {
+                return Err(libc::EACCES);
+            }
+        }
         Ok((dir, sys::cstring(&name.0)?))
     }
 

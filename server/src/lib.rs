@@ -5,6 +5,7 @@
 //! - [`ops`]: one function per request, blocking system calls, errno from the OS.
 //! - [`handles`]: the per-connection table of open files and directories.
 //! - [`staging`]: staged writes of a handle, invisible in the real file until `Commit`.
+//! - [`undo`], [`redo`]: records that keep a commit a crash interrupts from tearing a file.
 //! - [`sys`]: safe wrappers over the system calls (the only `unsafe` code).
 //! - [`watch`]: inotify watches of the directories clients look into, change events.
 //!
@@ -22,6 +23,7 @@ pub mod conn;
 pub mod export;
 pub mod handles;
 pub mod ops;
+pub mod redo;
 pub mod send;
 pub mod staging;
 pub mod sys;

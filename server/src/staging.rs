@@ -11,7 +11,8 @@
 //!
 //! The staging file lives in the same directory (so the same filesystem) as the real one,
 //! which lets `copy_file_range` share the data instead of copying it where the
-//! filesystem can. It is created `O_EXCL`, so it can never be linked into the tree.
+//! filesystem can. Only `ferryd` itself ever links it anywhere: into its hidden folder,
+//! for the redo record of a large commit (see [`crate::redo`]).
 //!
 //! This module must never write to the real file except in [`Staging::commit`], and
 //! never read or write the staging file anywhere but at the offsets it records.
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_common::RelPath;
 
+use crate::redo::Area;
 use crate::sys::{self, Errno};
 use crate::undo::UndoDir;
 
@@ -110,7 +112,8 @@ pub struct Staging {
 
 /// Most bytes of a file's old content a commit saves in an undo record (see
 /// [`crate::undo`]): saving them costs reading them (cold, often) and keeping them in
-/// the state directory (RAM, by default). A larger rewrite is applied without one.
+/// the state directory (RAM, by default). A larger rewrite keeps a redo record instead
+/// (see [`crate::redo`]).
 pub const UNDO_MAX: u64 = 64 * 1024 * 1024;
 
 /// `O_TMPFILE` is missing on this filesystem (or kernel): warn once, not per open.
@@ -222,7 +225,9 @@ impl Staging {
     /// filesystem cannot make one (no `O_TMPFILE`, or no right to create in `dir`): the
     /// handle then writes directly, as an unstaged one does.
     pub fn create(dir: BorrowedFd<'_>, path: &RelPath) -> Result<Option<Staging>, Errno> {
-        let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC | libc::O_EXCL;
+        // Without `O_EXCL`: a commit too large for an undo record links it (see
+        // [`crate::redo`]).
+        let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
         match sys::openat(dir, c".", flags, 0o600) {
             Ok(file) => Ok(Some(Staging {
                 file,
@@ -369,41 +374,44 @@ impl Staging {
         }
     }
 
+    /// What applying everything pending does to the real file.
+    fn plan(&self) -> Option<Plan> {
+        self.pending.as_ref().map(|p| Plan {
+            truncate_to: p.truncate_to,
+            ranges: p.ranges.iter().collect(),
+            size: p.size,
+            mtime: {
+                let m = p.mtime.unwrap_or(p.changed);
+                (m.tv_sec, m.tv_nsec)
+            },
+        })
+    }
+
     /// Apply everything pending to the real file, give it the mtime of the last
-    /// change, and start over with an empty staging file. With `undo`, what the apply
-    /// changes is saved first and the record dropped once it is done, so that neither a
-    /// crash (see [`crate::undo`]) nor a failed apply leaves the file torn: a failed
-    /// apply is rolled back at once. On failure the pending state is kept: applying it
-    /// again is idempotent, so a retried commit completes it.
-    pub fn commit(&mut self, real: BorrowedFd<'_>, undo: Option<&UndoDir>) -> Result<(), Errno> {
-        let Some(p) = &self.pending else {
+    /// change, and start over with an empty staging file. With `records`, a crash (see
+    /// [`crate::undo`], [`crate::redo`]) or a failed apply cannot leave the file torn:
+    /// what the apply changes is saved first (an undo record: a failed apply is rolled
+    /// back at once, a crash at the next start), or, for a rewrite too large to save,
+    /// the staging file is linked where the next start finds it to finish the apply (a
+    /// redo record). The record goes once the apply is done. On failure the pending
+    /// state is kept: applying it again is idempotent, so a retried commit completes it.
+    pub fn commit(
+        &mut self,
+        real: BorrowedFd<'_>,
+        records: Option<Records<'_>>,
+    ) -> Result<(), Errno> {
+        let Some(plan) = self.plan() else {
             return Ok(());
         };
-        let regions = match undo {
-            Some(_) => changed_regions(p, size_of(real)?),
-            None => Vec::new(),
+        let record = match (records, &self.pending) {
+            (Some(rec), Some(p)) => self.save_record(real, rec, p, &plan),
+            _ => None,
         };
-        let saved: u64 = regions.iter().map(|(s, e)| e - s).sum();
-        let record = match undo {
-            // A state directory that cannot take the record (full, say) must not make
-            // every close fail: the commit goes on without one, as a larger one does.
-            Some(u) if saved <= UNDO_MAX => match u.save(real, &self.path, &regions) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(errno = e, "cannot save an undo record; committing without");
-                    None
-                }
-            },
-            Some(_) => {
-                tracing::debug!(saved, "commit too large for an undo record");
-                None
-            }
-            None => None,
-        };
-        let applied = self.apply(real);
+        let applied = apply_plan(self.file.as_fd(), real, &plan);
         match (applied, record) {
-            (Ok(()), Some(r)) => r.done(),
-            (Err(e), Some(r)) => {
+            (Ok(()), Some(Record::Undo(r))) => r.done(),
+            (Ok(()), Some(Record::Redo(r))) => r.done(),
+            (Err(e), Some(Record::Undo(r))) => {
                 if let Err(re) = r.roll_back(real) {
                     tracing::error!(
                         errno = re,
@@ -414,38 +422,132 @@ impl Staging {
                 r.done();
                 return Err(e);
             }
+            (Err(e), Some(Record::Redo(r))) => {
+                // Nor redone: what failed now (ENOSPC, say) would fail again, and a
+                // later start must not overwrite commits acknowledged since.
+                r.done();
+                return Err(e);
+            }
             (r, None) => r?,
+        }
+        // Only now: a redo record's data is the staging file itself.
+        self.finished();
+        Ok(())
+    }
+
+    /// The record that makes this commit crash-safe, if one can be kept: a failure to
+    /// keep one (a full state directory, say) must not make every close fail, so the
+    /// commit then goes on without.
+    fn save_record<'a>(
+        &self,
+        real: BorrowedFd<'_>,
+        rec: Records<'a>,
+        p: &Pending,
+        plan: &Plan,
+    ) -> Option<Record<'a>> {
+        let regions = match size_of(real) {
+            Ok(old_size) => changed_regions(p, old_size),
+            Err(e) => {
+                tracing::warn!(
+                    errno = e,
+                    "cannot stat the file; committing without a record"
+                );
+                return None;
+            }
+        };
+        let saved: u64 = regions.iter().map(|(s, e)| e - s).sum();
+        let kept = if saved <= rec.undo.undo_max() {
+            rec.undo.save(real, &self.path, &regions).map(Record::Undo)
+        } else {
+            rec.undo
+                .save_redo(rec.area, real, &self.path, self.file.as_fd(), plan)
+                .map(Record::Redo)
+        };
+        match kept {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(
+                    errno = e,
+                    saved,
+                    "cannot keep a commit record; committing without"
+                );
+                None
+            }
+        }
+    }
+
+    /// Apply without records (tests: a crash half way).
+    #[cfg(test)]
+    fn apply(&mut self, real: BorrowedFd<'_>) -> Result<(), Errno> {
+        if let Some(plan) = self.plan() {
+            apply_plan(self.file.as_fd(), real, &plan)?;
+            self.finished();
         }
         Ok(())
     }
 
-    fn apply(&mut self, real: BorrowedFd<'_>) -> Result<(), Errno> {
-        let Some(p) = &self.pending else {
-            return Ok(());
-        };
-        if let Some(t) = p.truncate_to
-            && t < size_of(real)?
-        {
-            sys::ftruncate(real, t)?;
-        }
-        for (s, e) in p.ranges.iter() {
-            copy_range(self.file.as_fd(), real, s, e)?;
-        }
-        if size_of(real)? != p.size {
-            sys::ftruncate(real, p.size)?;
-        }
-        let omit = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        };
-        sys::futimens(real, &[omit, p.mtime.unwrap_or(p.changed)])?;
+    /// Everything pending is in the real file: reuse the staging file for later
+    /// writes, its old blocks released now.
+    fn finished(&mut self) {
         self.pending = None;
-        // Reuse the staging file for later writes; its old blocks are released now.
         if let Err(e) = sys::ftruncate(self.file.as_fd(), 0) {
             tracing::debug!(errno = e, "emptying the staging file failed");
         }
-        Ok(())
     }
+}
+
+/// Where a commit keeps its crash record: the export's state directory and its hidden
+/// folder (see [`crate::redo`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Records<'a> {
+    pub undo: &'a UndoDir,
+    pub area: &'a Area,
+}
+
+enum Record<'a> {
+    Undo(crate::undo::Undo),
+    Redo(crate::redo::Redo<'a>),
+}
+
+/// What a commit does to the real file, in order: cut it to `truncate_to` (if shorter
+/// than now), copy `ranges` from the staging file to the same offsets, set the size to
+/// `size` and the mtime to `mtime`. Applying it again, whole or after a partial apply,
+/// gives the same file: the recovery of a redo record relies on this.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub truncate_to: Option<u64>,
+    pub ranges: Vec<(u64, u64)>,
+    pub size: u64,
+    /// Seconds and nanoseconds.
+    pub mtime: (i64, i64),
+}
+
+/// Apply `plan` to `real` with the staged bytes of `src`.
+pub(crate) fn apply_plan(
+    src: BorrowedFd<'_>,
+    real: BorrowedFd<'_>,
+    plan: &Plan,
+) -> Result<(), Errno> {
+    if let Some(t) = plan.truncate_to
+        && t < size_of(real)?
+    {
+        sys::ftruncate(real, t)?;
+    }
+    for &(s, e) in &plan.ranges {
+        copy_range(src, real, s, e)?;
+    }
+    if size_of(real)? != plan.size {
+        sys::ftruncate(real, plan.size)?;
+    }
+    let omit = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_OMIT,
+    };
+    let mtime = libc::timespec {
+        tv_sec: plan.mtime.0,
+        tv_nsec: plan.mtime.1,
+    };
+    sys::futimens(real, &[omit, mtime])
 }
 
 /// The byte ranges of the real file (now `old_size` long) that applying `p` changes or

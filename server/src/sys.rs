@@ -230,6 +230,46 @@ pub fn linkat(
     .map(drop)
 }
 
+/// Give the open file `fd` (an `O_TMPFILE` made without `O_EXCL`) the name `name` in
+/// `dir`: `linkat` of its `/proc/self/fd` link with `AT_SYMLINK_FOLLOW`, which needs no
+/// capability (`AT_EMPTY_PATH` would).
+pub fn link_open_file(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    let from = proc_fd_path(fd);
+    // SAFETY: NUL-terminated names.
+    cvt(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// 16 random bytes from the kernel (`getrandom`), for names nobody can guess.
+pub fn random_128() -> Result<[u8; 16], Errno> {
+    let mut buf = [0u8; 16];
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most the remaining length into `buf`.
+        let n = unsafe {
+            libc::getrandom(
+                buf[done..].as_mut_ptr().cast::<libc::c_void>(),
+                buf.len() - done,
+                0,
+            )
+        };
+        match cvt_size(n) {
+            Ok(n) => done += n,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
 /// `fchownat`; `None` leaves that id unchanged (-1).
 pub fn fchownat(
     dir: BorrowedFd<'_>,

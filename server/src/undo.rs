@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ferry_common::RelPath;
 
 use crate::export::Export;
-use crate::staging::{pread_exact, pwrite_all, size_of};
+use crate::staging::{UNDO_MAX, pread_exact, pwrite_all, size_of};
 use crate::sys::{self, Errno, errno_of};
 
 const MAGIC: &str = "ferryd-undo 1";
@@ -35,6 +35,8 @@ const CHUNK: usize = 1 << 20;
 pub struct UndoDir {
     dir: PathBuf,
     next: AtomicU64,
+    /// Commits saving more than this keep a redo record instead ([`UNDO_MAX`]).
+    undo_max: AtomicU64,
     /// Held (`flock`) while this process uses the folder: a second `ferryd` on the
     /// same export must not roll back the first one's commits in progress.
     _lock: File,
@@ -109,12 +111,34 @@ impl UndoDir {
         Ok(UndoDir {
             dir,
             next: AtomicU64::new(0),
+            undo_max: AtomicU64::new(UNDO_MAX),
             _lock: lock,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Most bytes a commit saves in an undo record; a larger one keeps a redo record.
+    pub fn undo_max(&self) -> u64 {
+        self.undo_max.load(Ordering::Relaxed)
+    }
+
+    /// Change [`UndoDir::undo_max`] (tests: redo records for small commits).
+    pub fn set_undo_max(&self, bytes: u64) {
+        self.undo_max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A new record's path (`PID-N.<ext>`, N counting up) and the temporary path it is
+    /// written at before it is renamed whole into place.
+    pub(crate) fn record_paths(&self, ext: &str) -> (PathBuf, PathBuf) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let stem = format!("{}-{n}", std::process::id());
+        (
+            self.dir.join(format!("{stem}.{ext}")),
+            self.dir.join(format!("{stem}.{ext}.tmp")),
+        )
     }
 
     /// Save what a commit of `real` (opened as `path`) is about to change: the bytes of
@@ -126,11 +150,8 @@ impl UndoDir {
         regions: &[(u64, u64)],
     ) -> Result<Undo, Errno> {
         let st = sys::fstat(real)?;
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let stem = format!("{}-{n}", std::process::id());
-        let data_path = self.dir.join(format!("{stem}.data"));
-        let rec_path = self.dir.join(format!("{stem}.rec"));
-        let tmp_path = self.dir.join(format!("{stem}.rec.tmp"));
+        let (rec_path, tmp_path) = self.record_paths("rec");
+        let data_path = rec_path.with_extension("data");
         let data = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -188,9 +209,10 @@ impl UndoDir {
         })
     }
 
-    /// Roll back every record left by a server that died in a commit. Returns how many
-    /// files were rolled back; a record whose path no longer leads to its file is
-    /// dropped with a warning.
+    /// Roll back every undo record left by a server that died in a commit, then
+    /// finish every redo record's commit (see [`crate::redo`]). Returns how many files
+    /// were rolled back or finished; a record whose path no longer leads to its file
+    /// is dropped with a warning.
     pub fn recover(&self, export: &Export) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
@@ -202,11 +224,7 @@ impl UndoDir {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_suffix(".rec") {
-                let n = stem
-                    .rsplit_once('-')
-                    .and_then(|(_, n)| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-                recs.insert((std::cmp::Reverse(n), stem.to_string()), p);
+                recs.insert((std::cmp::Reverse(stem_order(stem)), stem.to_string()), p);
             } else if name.ends_with(".rec.tmp") {
                 // Never whole: the commit had not begun.
                 let _ = std::fs::remove_file(&p);
@@ -236,7 +254,7 @@ impl UndoDir {
                 }
             }
         }
-        done
+        done + crate::redo::recover(&self.dir, export)
     }
 
     /// Remove the directory if no record is in it (at a clean shutdown).
@@ -265,25 +283,8 @@ impl Undo {
     }
 
     fn roll_back_by_path(&self, export: &Export) -> io::Result<()> {
-        let path = RelPath(self.header.path.clone());
-        // Looked at before it is opened for writing: a FIFO or a device there now
-        // must not be opened (it could block, or act).
-        let at = export
-            .resolve(&path, libc::O_PATH)
-            .map_err(io::Error::from_raw_os_error)?;
-        let st = sys::fstat(at.as_fd()).map_err(io::Error::from_raw_os_error)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG
-            || st.st_ino != self.header.ino
-            || st.st_dev != self.header.dev
-        {
-            return Err(io::Error::other("the path leads to another file now"));
-        }
-        let real = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-            .open(std::ffi::OsStr::from_bytes(
-                sys::proc_fd_path(at.as_fd()).as_bytes(),
-            ))?;
+        let h = &self.header;
+        let real = open_target(export, &h.path, h.dev, h.ino)?;
         self.roll_back(real.as_fd())
             .map_err(io::Error::from_raw_os_error)
     }
@@ -323,6 +324,33 @@ impl Undo {
         let _ = std::fs::remove_file(&self.rec);
         let _ = std::fs::remove_file(&self.data);
     }
+}
+
+/// The order of records by their stem (`PID-N`): N.
+pub(crate) fn stem_order(stem: &str) -> u64 {
+    stem.rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// The file a record was made for, opened for writing: `path` must still lead to a
+/// regular file with device `dev` and inode number `ino`. It is looked at before it is
+/// opened for writing: a FIFO or a device there now must not be opened (it could
+/// block, or act).
+pub(crate) fn open_target(export: &Export, path: &[u8], dev: u64, ino: u64) -> io::Result<File> {
+    let at = export
+        .resolve(&RelPath(path.to_vec()), libc::O_PATH)
+        .map_err(io::Error::from_raw_os_error)?;
+    let st = sys::fstat(at.as_fd()).map_err(io::Error::from_raw_os_error)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_ino != ino || st.st_dev != dev {
+        return Err(io::Error::other("the path leads to another file now"));
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(std::ffi::OsStr::from_bytes(
+            sys::proc_fd_path(at.as_fd()).as_bytes(),
+        ))
 }
 
 impl Header {
@@ -387,11 +415,11 @@ impl Header {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

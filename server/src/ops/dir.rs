@@ -92,6 +92,9 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
                 Err(libc::ENOENT) => continue,
                 Err(e) => return Err(e),
             };
+            if name == crate::redo::AREA_NAME && ctx.export.is_hidden(st.st_dev, st.st_ino) {
+                continue;
+            }
             let mut attr = attr_of(&st, ctx.export.root_dev());
             // For a client that forwards xattrs, one more syscall per entry saves it a
             // round trip per `ls -l` probe (others do not ask: ~2 µs per entry saved).

@@ -10,9 +10,9 @@ use ferry_common::{MAX_COPY, MAX_IO, Response};
 
 use super::{Ctx, handle_attr};
 use crate::handles::Handle;
+use crate::staging::Records;
 use crate::staging::{pread_some, pwrite_full};
 use crate::sys::{self, Errno};
-use crate::undo::UndoDir;
 
 fn offset(offset: u64) -> Result<i64, Errno> {
     // pread/pwrite take a signed offset; beyond it is what the kernel says for a
@@ -58,7 +58,7 @@ pub fn write(ctx: &Ctx, handle: u64, off: u64, data: &[u8]) -> Result<Response, 
 /// Works on directory handles too (a client's `fsyncdir`).
 pub fn fsync(ctx: &Ctx, handle: u64, datasync: bool) -> Result<Response, Errno> {
     let h = ctx.handles.get(handle)?;
-    commit_handle(&h, ctx.export.undo())?;
+    commit_handle(&h, ctx.export.records())?;
     sys::fsync(h.fd().as_fd(), datasync)?;
     Ok(Response::Ok)
 }
@@ -67,11 +67,11 @@ pub fn fsync(ctx: &Ctx, handle: u64, datasync: bool) -> Result<Response, Errno> 
 /// attributes (the protocol's "nothing pending" answer).
 pub fn commit(ctx: &Ctx, handle: u64) -> Result<Response, Errno> {
     let h = ctx.handles.get(handle)?;
-    commit_handle(&h, ctx.export.undo())?;
+    commit_handle(&h, ctx.export.records())?;
     handle_attr(ctx, &h).map(Response::Attr)
 }
 
-fn commit_handle(h: &Handle, undo: Option<&UndoDir>) -> Result<(), Errno> {
+fn commit_handle(h: &Handle, records: Option<Records<'_>>) -> Result<(), Errno> {
     match h {
         Handle::File(f) if let Some(e) = f.take_write_failure() => {
             // What the failed write was part of must not become the file's content.
@@ -81,7 +81,7 @@ fn commit_handle(h: &Handle, undo: Option<&UndoDir>) -> Result<(), Errno> {
             Err(e)
         }
         Handle::File(f) => match f.staging() {
-            Some(mut staging) => staging.commit(f.fd.as_fd(), undo),
+            Some(mut staging) => staging.commit(f.fd.as_fd(), records),
             None => Ok(()),
         },
         Handle::Dir(_) => Ok(()),
@@ -95,7 +95,7 @@ pub fn fallocate(ctx: &Ctx, handle: u64, off: u64, len: u64, mode: i32) -> Resul
     let f = ctx.handles.file(handle)?;
     let mut staging = f.staging();
     if let Some(staging) = &mut staging {
-        staging.commit(f.fd.as_fd(), ctx.export.undo())?;
+        staging.commit(f.fd.as_fd(), ctx.export.records())?;
     }
     sys::fallocate(f.fd.as_fd(), mode, off, len)?;
     Ok(Response::Ok)

@@ -126,10 +126,17 @@ proptest! {
     fn staged_view_matches_the_model(
         initial in proptest::collection::vec(any::<u8>(), 1..400),
         ops in proptest::collection::vec(op(), 1..40),
+        redo in any::<bool>(),
     ) {
         let (dir, dirfd, real) = fixture(&initial);
         let state = tempfile::TempDir::new().unwrap();
-        let undo = UndoDir::open(state.path(), 1).unwrap();
+        let export = crate::export::Export::open(dir.path(), false).unwrap();
+        export.set_undo(UndoDir::open(state.path(), 1).unwrap());
+        let undo = export.undo().unwrap();
+        if redo {
+            // Every commit that changes existing bytes keeps a redo record.
+            undo.set_undo_max(0);
+        }
         let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().expect("O_TMPFILE in the test dir");
         let mut model = initial.clone();
         let mut committed = initial.clone();
@@ -153,10 +160,12 @@ proptest! {
                     prop_assert_eq!(st.read(real.as_fd(), off, len).unwrap(), model_read(&model, off, len));
                 }
                 Op::Commit => {
-                    st.commit(real.as_fd(), Some(&undo)).unwrap();
+                    st.commit(real.as_fd(), export.records()).unwrap();
                     prop_assert!(!st.has_pending());
-                    // A commit that completed leaves no record behind.
-                    prop_assert_eq!(records(&undo), 0);
+                    // A commit that completed leaves no record behind, nor the
+                    // hidden folder.
+                    prop_assert_eq!(records(undo), 0);
+                    prop_assert!(!dir.path().join(".ferryd").exists());
                     committed = model.clone();
                 }
             }
@@ -307,4 +316,148 @@ fn a_record_never_rolls_back_another_file() {
         b"another file"
     );
     assert_eq!(records(&undo), 0, "records left");
+}
+
+/// A server that dies while applying a commit too large for an undo record leaves a
+/// redo record and the staging file linked in the hidden folder; the next start
+/// finishes the apply: new content and mtime, whether the apply had only cut the file,
+/// had finished, or had not begun. The folder is gone afterwards.
+#[test]
+fn a_large_commit_a_crash_interrupts_is_finished() {
+    let old: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut new = vec![7u8; 200_000];
+    new.resize(250_000, 0);
+    new.extend_from_slice(b"tail");
+    for crash in ["cut", "finished", "not begun"] {
+        let (dir, dirfd, real) = fixture(&old);
+        let state = tempfile::TempDir::new().unwrap();
+        let undo = UndoDir::open(state.path(), 9).unwrap();
+        let export = crate::export::Export::open(dir.path(), false).unwrap();
+        let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
+        st.truncate(real.as_fd(), 0).unwrap();
+        st.write(real.as_fd(), 0, &new[..200_000]).unwrap();
+        st.write(real.as_fd(), 250_000, b"tail").unwrap();
+        let plan = st.plan().unwrap();
+        // What `commit` does, up to the crash.
+        let redo = undo
+            .save_redo(
+                export.area(),
+                real.as_fd(),
+                &f_path(),
+                st.file.as_fd(),
+                &plan,
+            )
+            .unwrap();
+        assert!(dir.path().join(".ferryd").is_dir(), "{crash}");
+        match crash {
+            "cut" => sys::ftruncate(real.as_fd(), 0).unwrap(),
+            "finished" => apply_plan(st.file.as_fd(), real.as_fd(), &plan).unwrap(),
+            _ => {}
+        }
+        std::mem::forget(redo);
+        // The staging file lives on through its link only.
+        drop(st);
+        let restarted = crate::export::Export::open(dir.path(), false).unwrap();
+        assert_eq!(undo.recover(&restarted), 1, "{crash}");
+        assert!(
+            std::fs::read(dir.path().join("f")).unwrap() == new,
+            "{crash}"
+        );
+        let mtime = std::fs::metadata(dir.path().join("f"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let want = std::time::UNIX_EPOCH
+            + std::time::Duration::new(plan.mtime.0 as u64, plan.mtime.1 as u32);
+        assert_eq!(mtime, want, "{crash}");
+        assert!(!dir.path().join(".ferryd").exists(), "{crash}: folder left");
+        assert_eq!(records(&undo), 0, "{crash}: records left");
+    }
+}
+
+/// A redo record whose path leads to another file by the next start is not applied
+/// to it, and its link goes with the folder.
+#[test]
+fn a_redo_record_never_touches_another_file() {
+    let (dir, dirfd, real) = fixture(b"old content of f");
+    let state = tempfile::TempDir::new().unwrap();
+    let undo = UndoDir::open(state.path(), 10).unwrap();
+    let export = crate::export::Export::open(dir.path(), false).unwrap();
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
+    st.write(real.as_fd(), 0, b"NEW").unwrap();
+    let plan = st.plan().unwrap();
+    std::mem::forget(
+        undo.save_redo(
+            export.area(),
+            real.as_fd(),
+            &f_path(),
+            st.file.as_fd(),
+            &plan,
+        )
+        .unwrap(),
+    );
+    drop(st);
+    std::fs::write(dir.path().join("g"), b"another file").unwrap();
+    std::fs::rename(dir.path().join("g"), dir.path().join("f")).unwrap();
+    let restarted = crate::export::Export::open(dir.path(), false).unwrap();
+    assert_eq!(undo.recover(&restarted), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("f")).unwrap(),
+        b"another file"
+    );
+    assert!(!dir.path().join(".ferryd").exists(), "folder left");
+    assert_eq!(records(&undo), 0, "records left");
+}
+
+/// While the hidden folder exists, no path reaches it: not its name, not a symlink to
+/// it, not a name made, renamed or removed over it at the root.
+#[test]
+fn the_hidden_folder_is_out_of_reach() {
+    let (dir, _dirfd, _real) = fixture(b"x");
+    let export = crate::export::Export::open(dir.path(), false).unwrap();
+    std::os::unix::fs::symlink(".ferryd", dir.path().join("l")).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink("..", dir.path().join("sub/up")).unwrap();
+    let p = |s: &str| RelPath(s.as_bytes().to_vec());
+    let n = |s: &str| ferry_common::Name(s.as_bytes().to_vec());
+    {
+        let _held = export.area().enter().unwrap();
+        assert!(dir.path().join(".ferryd").is_dir());
+        for path in [".ferryd", "l", "sub/up/.ferryd"] {
+            assert_eq!(
+                export.resolve_dir(&p(path)).err(),
+                Some(libc::EACCES),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            export.resolve(&p(".ferryd"), libc::O_RDONLY).err(),
+            Some(libc::EACCES)
+        );
+        assert_eq!(
+            export.resolve(&p("sub/up/.ferryd"), libc::O_PATH).err(),
+            Some(libc::EACCES)
+        );
+        assert_eq!(
+            export.entry(&p(""), &n(".ferryd")).err(),
+            Some(libc::EACCES)
+        );
+        assert_eq!(
+            export.entry(&p("sub/up"), &n(".ferryd")).err(),
+            Some(libc::EACCES)
+        );
+        assert_eq!(export.entry(&p("l"), &n("x")).err(), Some(libc::EACCES));
+        // The name elsewhere is anybody's.
+        assert!(export.entry(&p("sub"), &n(".ferryd")).is_ok());
+        // A symlink itself (not followed) is only a symlink.
+        assert!(export.resolve(&p("l"), libc::O_PATH).is_ok());
+    }
+    // Gone with the last user, and the name is free again.
+    assert!(!dir.path().join(".ferryd").exists());
+    assert!(export.entry(&p(""), &n(".ferryd")).is_ok());
+    // A `.ferryd` that is not ours is never taken.
+    std::fs::create_dir(dir.path().join(".ferryd")).unwrap();
+    std::fs::write(dir.path().join(".ferryd/mine"), b"a user's").unwrap();
+    assert!(export.area().enter().is_err());
+    assert!(export.resolve_dir(&p(".ferryd")).is_ok());
 }

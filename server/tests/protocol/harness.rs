@@ -24,6 +24,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Holds `export/` (what is served) and `outside/` (what must stay untouchable).
     pub dir: TempDir,
+    /// What is served (tests reach its commit records and hidden folder).
+    pub export: Arc<ferry_server::Export>,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<()>>,
 }
@@ -43,12 +45,17 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ferry_server::run(listener, export, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(ferry_server::run(
+            listener,
+            Arc::clone(&export),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Server {
             addr,
             dir,
+            export,
             stop: Some(stop),
             task: Some(task),
         }

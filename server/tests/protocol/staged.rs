@@ -1,6 +1,7 @@
 //! Staged writes: invisible in the real file (read directly from the export) until
 //! Commit or Fsync, discarded by Release or a dropped connection, exact overlay reads.
 
+use std::os::unix::fs::symlink;
 use std::time::{Duration, SystemTime};
 
 use ferry_common::*;
@@ -504,4 +505,78 @@ async fn copy_range_is_refused_on_a_read_only_export() {
     let mut c = server.client().await;
     let (h, _) = c.open("f", libc::O_RDONLY).await.unwrap();
     assert_eq!(c.call(copy(h, 0, h, 10, 4)).await, Err(libc::EROFS));
+}
+
+/// A commit too large for an undo record (here every one: the limit is 0) keeps a redo
+/// record while it runs, and leaves neither record nor hidden folder behind.
+#[tokio::test]
+async fn a_commit_with_a_redo_record_leaves_nothing_behind() {
+    let server = Server::start().await;
+    let state = server.dir.path().join("state");
+    let undo = ferry_server::undo::UndoDir::open(&state, server.export.id()).unwrap();
+    undo.set_undo_max(0);
+    server.export.set_undo(undo);
+    let f = server.root().join("f");
+    std::fs::write(&f, b"old content").unwrap();
+    let mut c = server.client().await;
+    let (h, _) = c.open_staged("f", libc::O_RDWR).await.unwrap();
+    c.truncate_handle(h, 0).await.unwrap();
+    assert_eq!(c.write(h, 0, b"new").await, Ok(3));
+    c.commit(h).await.unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"new");
+    assert!(!server.root().join(".ferryd").exists());
+    let left: Vec<_> = std::fs::read_dir(server.export.undo().unwrap().dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "lock")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// While a large commit holds the hidden folder, clients neither see nor reach it.
+#[tokio::test]
+async fn the_hidden_folder_is_not_listed_or_reachable() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("a"), b"a").unwrap();
+    symlink(".ferryd", server.root().join("l")).unwrap();
+    let held = server.export.area().enter().unwrap();
+    assert!(server.root().join(".ferryd").is_dir());
+    let mut c = server.client().await;
+    let names = match c
+        .call(Request::ListDir {
+            path: RelPath::root(),
+            max_entries: 100,
+        })
+        .await
+    {
+        Ok(Response::Listing { entries, .. }) => entries
+            .into_iter()
+            .map(|e| String::from_utf8(e.name.0).unwrap())
+            .collect::<Vec<_>>(),
+        other => panic!("ListDir: {other:?}"),
+    };
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.contains(&".ferryd".to_string()), "{names:?}");
+    assert_eq!(c.lookup("", ".ferryd").await, Err(libc::EACCES));
+    assert_eq!(c.lookup("l", "x").await, Err(libc::EACCES));
+    // A path through it to a name in it: only its random names are there.
+    assert_eq!(c.getattr("l/x").await, Err(libc::ENOENT));
+    assert_eq!(c.mkdir("", ".ferryd").await, Err(libc::EACCES));
+    assert_eq!(c.mkdir("l", "x").await, Err(libc::EACCES));
+    assert_eq!(
+        c.call(Request::Rename {
+            parent: p(""),
+            name: n("a"),
+            new_parent: p(""),
+            new_name: n(".ferryd"),
+            flags: 0
+        })
+        .await,
+        Err(libc::EACCES)
+    );
+    drop(held);
+    assert!(!server.root().join(".ferryd").exists());
+    // Once it is gone, the name is an ordinary one.
+    c.mkdir("", ".ferryd").await.unwrap();
 }
