@@ -45,12 +45,29 @@ pub fn ferry_bin() -> &'static Path {
     BIN.get_or_init(|| locate("FERRY_BIN", "ferry"))
 }
 
+/// The cache folder of every `ferry` command of this test process (see [`ferry`]).
+static CACHE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Removes [`CACHE`] when the test process exits (statics are never dropped).
+extern "C" fn remove_cache() {
+    if let Some(dir) = CACHE.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A `Command` for `ferry`, standard input closed, with `XDG_CACHE_HOME` pointing into
 /// this test process's own temp dir: tests neither read nor grow the user's persistent
 /// cache in `~/.cache/ferry`. ([`crate::TestMount`] gives each mount a cache of its own.)
+/// The folder is removed at the process's exit; a crashed run's is removed by the next
+/// run's [`crate::mount::cleanup_stale`].
 pub fn ferry() -> Command {
-    static CACHE: OnceLock<PathBuf> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| crate::temp_dir("cache").keep());
+    let cache = CACHE.get_or_init(|| {
+        let dir = crate::temp_dir("cache").keep();
+        // SAFETY: registers a plain function without arguments, which only reads
+        // the static (set by the time the process exits).
+        unsafe { libc::atexit(remove_cache) };
+        dir
+    });
     let mut cmd = Command::new(ferry_bin());
     cmd.stdin(std::process::Stdio::null())
         .env("XDG_CACHE_HOME", cache);
