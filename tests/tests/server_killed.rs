@@ -896,6 +896,51 @@ fn writes_after_a_failed_upload_fail_too() {
     assert!(now == old, "the export changed although the uploads failed");
 }
 
+/// A writer that opens once an upload of the file's other writers has failed starts
+/// afresh: its own writes commit at its close, while the descriptors that lost their
+/// changes keep failing (and commit nothing of theirs).
+#[test]
+fn a_writer_opened_after_a_failed_upload_starts_afresh() {
+    let mut rng = ferry_tests::rng::Rng::new(0xfa13);
+    let Some((mut fx, old, next, no_spawns)) = one_file_for_restart(&mut rng, "2") else {
+        return;
+    };
+    let path = fx.mnt("f");
+    let (a, b) = (open_to_write(&path), open_to_write(&path));
+    a.write_all_at(&rng.bytes(30_000), 0)
+        .expect("write through the first");
+    b.write_all_at(&rng.bytes(30_000), 50_000)
+        .expect("write through the second");
+    fx.server.kill();
+    close_in_time("the first descriptor", a).expect_err("close with the server away");
+    fx.server.restart_prepared(next);
+    // `b` is still open: its changes were lost with the upload.
+    let fresh = rng.bytes(20_000);
+    let d = open_to_write(&path);
+    d.write_all_at(&fresh, 120_000)
+        .expect("write through a descriptor opened after the failure");
+    close_in_time("the descriptor opened after the failure", d)
+        .expect("close of a writer that lost nothing");
+    let mut want = old.clone();
+    want[120_000..140_000].copy_from_slice(&fresh);
+    let now = fs::read(fx.exp("f")).expect("read the export");
+    assert!(now == want, "the export lacks the fresh writer's bytes");
+    // Answered before the server has it, like every write: the close reports it.
+    let _ = b.write_all_at(&rng.bytes(30_000), 100_000);
+    let err = close_in_time("the second descriptor", b)
+        .expect_err("close of a descriptor whose earlier writes were lost");
+    drop(no_spawns);
+    assert!(
+        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
+        "close failed with {err}, expected EIO"
+    );
+    let now = fs::read(fx.exp("f")).expect("read the export");
+    assert!(
+        now == want,
+        "the failed descriptor's writes reached the export"
+    );
+}
+
 /// A create and a `mkdir` on their way when the server dies did not run (the names are
 /// still free once a new server is up): they are sent again and succeed.
 #[test]

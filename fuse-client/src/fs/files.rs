@@ -129,7 +129,8 @@ struct Journal {
     offered: u64,
     /// An upload of these handles' changes failed: every later change and commit
     /// through them fails too (none may be committed without the lost ones), until no
-    /// writer of the inode is open.
+    /// writer of the inode is open or a new one opens (it starts afresh; the
+    /// descriptors open before keep failing: [`WriteTracker::epoch`]).
     failed: bool,
     /// Where written data goes once memory holds no more ([`Replay::Spooled`]).
     spool: Option<Spool>,
@@ -300,6 +301,10 @@ pub struct WriteTracker {
     gate: Arc<tokio::sync::RwLock<()>>,
     /// The uncommitted changes, kept for sending again.
     journal: Mutex<Journal>,
+    /// Bumped when a writer opens after an upload of the others failed (it starts
+    /// afresh): a writable descriptor opened before ([`OpenFile::epoch`]) lost its
+    /// changes, and its writes, fsyncs and close keep failing.
+    epoch: AtomicU64,
 }
 
 impl Default for WriteTracker {
@@ -314,6 +319,7 @@ impl Default for WriteTracker {
             range_done: Notify::new(),
             gate: Arc::new(tokio::sync::RwLock::new(())),
             journal: Mutex::new(Journal::default()),
+            epoch: AtomicU64::new(0),
         }
     }
 }
@@ -543,6 +549,13 @@ impl WriteTracker {
         self.journal.lock().map_or(true, |j| j.failed)
     }
 
+    /// A writer opens after an upload of the others failed: it starts afresh, and the
+    /// descriptors open now stay failed (see [`WriteTracker::epoch`]).
+    fn fresh_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.journal_fresh();
+    }
+
     /// No writer of the inode is open: whatever happened before concerns nobody now.
     fn journal_fresh(&self) {
         if let Ok(mut j) = self.journal.lock() {
@@ -690,12 +703,28 @@ pub struct OpenFile {
     /// Who opened it: a handle opened later for it (lazily, or again after a reconnect)
     /// is opened with the opener's credentials, not those of whoever reads.
     opener: Caller,
+    /// Of a writable descriptor: [`WriteTracker::epoch`] when it was opened.
+    epoch: u64,
     state: Mutex<FileState>,
 }
 
 impl OpenFile {
     pub fn handle(&self) -> Option<(u64, u64)> {
         self.state.lock().ok().and_then(|s| s.handle)
+    }
+
+    /// A writable descriptor whose changes an upload lost, while a writer opened since
+    /// started afresh: its writes, fsyncs and close fail.
+    fn lost_changes(&self, tracker: &WriteTracker) -> bool {
+        self.writable && self.epoch < tracker.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The error a change or commit through this descriptor reports, if any.
+    fn change_error(&self, tracker: &WriteTracker) -> Option<i32> {
+        match self.lost_changes(tracker) {
+            true => Some(libc::EIO),
+            false => tracker.peek_error(),
+        }
     }
 }
 
@@ -949,11 +978,16 @@ impl Core {
         attr: &Attr,
     ) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let epoch = match writable {
+            true => self.tracker(ino)?.epoch.load(Ordering::SeqCst),
+            false => 0,
+        };
         let file = OpenFile {
             ino,
             sino,
             writable,
             opener,
+            epoch,
             state: Mutex::new(FileState {
                 handle,
                 version: attr.version,
@@ -1243,6 +1277,10 @@ impl Core {
             let t = self.tracker(ino)?;
             !t.dirty.load(Ordering::SeqCst) && t.inflight.load(Ordering::SeqCst) == 0
         };
+        // After a failed upload, a new open (`set_writer`) starts afresh.
+        if self.tracker(ino)?.upload_lost() {
+            return Ok(None);
+        }
         let mut inodes = self.inodes()?;
         let st = inodes.entry(ino).or_default();
         match st
@@ -1279,6 +1317,9 @@ impl Core {
             if st.writers == 0 {
                 // The first writer: what earlier ones left (a failed upload) is theirs.
                 tracker.journal_fresh();
+            } else if tracker.upload_lost() {
+                // The others lost their changes; this one has none to lose.
+                tracker.fresh_epoch();
             }
             st.writers += 1;
             match st.writer.replace(w) {
@@ -1932,7 +1973,7 @@ impl Core {
     ) -> Option<FsResult<u32>> {
         let f = self.open_file(fh).ok()?;
         let tracker = self.tracker(f.ino).ok()?;
-        if let Some(e) = tracker.peek_error() {
+        if let Some(e) = f.change_error(&tracker) {
             return Some(errno(e));
         }
         let (handle, generation) = f.handle()?;
@@ -1982,7 +2023,7 @@ impl Core {
     ) -> FsResult<u32> {
         let f = self.open_file(fh)?;
         let tracker = self.tracker(f.ino)?;
-        if let Some(e) = tracker.peek_error() {
+        if let Some(e) = f.change_error(&tracker) {
             return errno(e);
         }
         let len = data.len();
@@ -2057,7 +2098,7 @@ impl Core {
         if src.ino != dst.ino {
             self.tracker(src.ino)?.drain().await;
         }
-        if let Some(e) = out.peek_error() {
+        if let Some(e) = dst.change_error(&out) {
             return errno(e);
         }
         let (dst_handle, generation) = self.ensure_handle(&dst).await?;
@@ -2519,6 +2560,10 @@ impl Core {
         let Ok(tracker) = self.tracker(f.ino) else {
             return Err(done);
         };
+        if f.lost_changes(&tracker) {
+            done(errno(libc::EIO));
+            return Ok(());
+        }
         if tracker.upload_lost() {
             return Err(done);
         }
@@ -2934,6 +2979,12 @@ impl Core {
         fh: Option<u64>,
         size: u64,
     ) -> FsResult<Attr> {
+        // `ftruncate` through a descriptor that lost its changes fails like its writes.
+        if let Some(f) = fh.and_then(|fh| self.open_file(fh).ok())
+            && f.lost_changes(&*self.tracker(ino)?)
+        {
+            return errno(libc::EIO);
+        }
         if fh.is_some()
             && let Some(attr) = self.truncate_staged(caller, ino, size).await?
         {
@@ -3008,11 +3059,18 @@ impl Core {
         if !f.writable {
             return Ok(());
         }
+        // Its changes are gone: nothing of the others' may be committed in its name.
+        if f.lost_changes(&*self.tracker(f.ino)?) {
+            return errno(libc::EIO);
+        }
         self.commit(caller, f.ino).await
     }
 
     pub async fn fsync(&self, caller: Caller, fh: u64, datasync: bool) -> FsResult<()> {
         let f = self.open_file(fh)?;
+        if f.lost_changes(&*self.tracker(f.ino)?) {
+            return errno(libc::EIO);
+        }
         self.commit(caller, f.ino).await?;
         if f.writable
             && let Some((handle, generation)) = self.shared_writer(f.ino)?
