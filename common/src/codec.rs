@@ -183,6 +183,7 @@ mod tests {
             id: 7,
             caller: Caller { uid: 1, gid: 2 },
             request: req,
+            once: None,
         };
         let mut buf = BytesMut::new();
         ClientCodec::new().encode(frame.clone(), &mut buf).unwrap();
@@ -267,6 +268,7 @@ mod tests {
                         offset: 0,
                         data: data.clone().into(),
                     },
+                    once: None,
                 },
                 &mut buf,
             )
@@ -335,6 +337,7 @@ mod tests {
                     id: 1,
                     caller: Caller::default(),
                     request: Request::Ping,
+                    once: None,
                 },
                 &mut full,
             )
@@ -349,6 +352,7 @@ mod tests {
             id: 1,
             caller: Caller::default(),
             request: Request::Ping,
+            once: None,
         })
         .unwrap();
         body.push(0);

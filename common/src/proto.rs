@@ -105,7 +105,7 @@ mod shared_bytes {
 pub const MAGIC: [u8; 8] = *b"FERRY\r\n\x1a";
 
 /// Bumped on any incompatible change of the messages in this module.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default TCP port of `ferryd`.
 pub const DEFAULT_PORT: u16 = 7420;
@@ -313,6 +313,28 @@ pub struct RequestFrame {
     pub id: u64,
     pub caller: Caller,
     pub request: Request,
+    /// Set on a change the client may send again after its connection broke (see
+    /// [`OnceKey`]); `None` on everything else.
+    pub once: Option<OnceKey>,
+}
+
+/// Names one change of a client (`MkNod`, `MkDir`, `Unlink`, `RmDir`, `Symlink`,
+/// `Rename`, `Link`: any other request with a key is `EINVAL`), so that it runs at most
+/// once however often it is sent. A client whose connection broke before the answer
+/// cannot know whether the change ran; it sends it again with the same key and
+/// `repeat`. The server remembers the answers of recent keys for a while (in memory:
+/// not across its own restart) and answers a repeat of one it ran from that record, or
+/// waits for the first run if it is still running. A repeat the server does not
+/// remember is answered [`Response::NotRemembered`] without running, unless the server
+/// knows the session and has forgotten none of its keys from then on (the first never
+/// arrived: it runs now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OnceKey {
+    /// Random, chosen by the client once (per mount).
+    pub session: u64,
+    /// Counts up within the session.
+    pub seq: u64,
+    pub repeat: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -634,6 +656,9 @@ pub enum Response {
     /// Answer to `ReadSmall`: the files read, each with its attributes taken after the
     /// read (data and attributes agree).
     SmallFiles(Vec<SmallFile>),
+    /// Answer to a repeat ([`OnceKey::repeat`]) the server does not remember: it may
+    /// have run before (on a server since restarted, say); it did not run now.
+    NotRemembered,
 }
 
 impl Response {

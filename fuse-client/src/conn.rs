@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use ferry_common::codec::{ClientCodec, FrameCodec};
 use ferry_common::proto::{
-    Caller, Event, Hello, HelloReply, PROTOCOL_VERSION, Request, RequestFrame, Response,
+    Caller, Event, Hello, HelloReply, OnceKey, PROTOCOL_VERSION, Request, RequestFrame, Response,
     ServerFrame, Welcome, caps,
 };
 use futures::{SinkExt, StreamExt};
@@ -247,6 +247,9 @@ pub struct Client {
     ever_connected: AtomicBool,
     /// The last attempt to connect failed, when, and how; cleared by a connection.
     gave_up: Mutex<Option<(Instant, TransportError)>>,
+    /// This client's [`OnceKey::session`] (random) and its last key.
+    session: u64,
+    once_seq: AtomicU64,
 }
 
 /// Pauses between connection attempts while a restarting server is waited for.
@@ -274,7 +277,37 @@ impl Client {
             extra_caps: AtomicU64::new(0),
             ever_connected: AtomicBool::new(false),
             gave_up: Mutex::new(None),
+            session: {
+                use std::hash::BuildHasher;
+                // RandomState's keys come from the OS's randomness, per process.
+                std::collections::hash_map::RandomState::new()
+                    .hash_one((std::process::id(), std::time::SystemTime::now()))
+            },
+            once_seq: AtomicU64::new(0),
         })
+    }
+
+    /// A new key for a change that must run at most once ([`Client::call_keyed`]).
+    pub fn once_key(&self) -> OnceKey {
+        OnceKey {
+            session: self.session,
+            seq: self.once_seq.fetch_add(1, Ordering::Relaxed),
+            repeat: false,
+        }
+    }
+
+    /// [`Client::call`] of a change named by `key`: the server runs it at most once
+    /// for that key (see [`OnceKey`]).
+    pub async fn call_keyed(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: Request,
+        key: OnceKey,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        let conn = self.current().await?;
+        self.enqueue(&conn, None, caller, request, Some(key))?
+            .reply()
+            .await
     }
 
     pub fn addr(&self) -> &str {
@@ -624,6 +657,7 @@ impl Client {
                         id,
                         caller: Caller::default(),
                         request: Request::Ping,
+                        once: None,
                     });
                 }
             }
@@ -670,7 +704,7 @@ impl Client {
             return Err(self.failed(TransportError::StaleHandle));
         }
         let conn = self.current().await?;
-        self.enqueue(&conn, generation, caller, request)
+        self.enqueue(&conn, generation, caller, request, None)
     }
 
     /// [`Client::start_on`] without waiting for anything: `None` (the request dropped)
@@ -688,7 +722,7 @@ impl Client {
                 _ => return None,
             }
         };
-        Some(self.enqueue(&conn, generation, caller, request))
+        Some(self.enqueue(&conn, generation, caller, request, None))
     }
 
     fn enqueue(
@@ -697,6 +731,7 @@ impl Client {
         generation: Option<u64>,
         caller: Caller,
         request: Request,
+        once: Option<OnceKey>,
     ) -> Result<Sent, TransportError> {
         if let Some(g) = generation
             && g != conn.generation
@@ -727,6 +762,7 @@ impl Client {
                 id,
                 caller,
                 request,
+                once,
             })
             .is_err()
         {

@@ -237,6 +237,7 @@ async fn serve_requests<T>(
             id,
             caller,
             request,
+            once,
         } = frame;
         if let Request::BarrierAck { id: barrier } = request {
             if let Some(w) = &ctx.watch {
@@ -284,7 +285,7 @@ async fn serve_requests<T>(
             let kind = request.kind();
             let started = Instant::now();
             let written = written_handle(&request);
-            let result = ops::execute(&ctx, caller, request);
+            let result = ops::execute_keyed(&ctx, caller, request, once);
             if let (Some(h), Err(e)) = (written, &result)
                 && let Ok(f) = ctx.handles.file(h)
             {
@@ -341,7 +342,7 @@ async fn serve_requests<T>(
                 let blocking_span = tracing::Span::current();
                 let ctx2 = Arc::clone(&ctx);
                 let result = tokio::task::spawn_blocking(move || {
-                    blocking_span.in_scope(|| ops::execute(&ctx2, caller, request))
+                    blocking_span.in_scope(|| ops::execute_keyed(&ctx2, caller, request, once))
                 })
                 .await
                 .unwrap_or_else(|e| {

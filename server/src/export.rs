@@ -63,6 +63,8 @@ pub struct Export {
     area: Area,
     /// Inode number of the root (on `root_dev`).
     root_ino: u64,
+    /// Answers of recent keyed changes (see [`crate::once`]).
+    answers: crate::once::Answers,
 }
 
 impl Export {
@@ -104,6 +106,7 @@ impl Export {
             undo: std::sync::OnceLock::new(),
             area: Area::new(area_root),
             root_ino: st.st_ino,
+            answers: crate::once::Answers::default(),
         })
     }
 
@@ -126,6 +129,10 @@ impl Export {
 
     pub fn area(&self) -> &Area {
         &self.area
+    }
+
+    pub fn answers(&self) -> &crate::once::Answers {
+        &self.answers
     }
 
     /// Whether a file with device `dev` and inode number `ino` is the hidden folder,

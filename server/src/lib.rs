@@ -3,6 +3,7 @@
 //! - [`export`]: the export root and the confinement of every network path beneath it.
 //! - [`conn`]: one task per connection: handshake, concurrent requests, one writer.
 //! - [`ops`]: one function per request, blocking system calls, errno from the OS.
+//! - [`once`]: the answers of recent keyed changes, so a change sent again runs once.
 //! - [`handles`]: the per-connection table of open files and directories.
 //! - [`staging`]: staged writes of a handle, invisible in the real file until `Commit`.
 //! - [`undo`], [`redo`]: records that keep a commit a crash interrupts from tearing a file.
@@ -22,6 +23,7 @@
 pub mod conn;
 pub mod export;
 pub mod handles;
+pub mod once;
 pub mod ops;
 pub mod redo;
 pub mod send;

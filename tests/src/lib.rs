@@ -22,6 +22,7 @@ pub mod bins;
 pub mod data;
 pub mod mount;
 pub mod process;
+pub mod proxy;
 pub mod rng;
 pub mod server;
 pub mod stats;

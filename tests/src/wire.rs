@@ -101,6 +101,7 @@ impl RawConn {
             id,
             caller: self.caller,
             request,
+            once: None,
         })?;
         self.write_frame(&body)?;
         Ok(id)

@@ -13,6 +13,7 @@
 //! - `escape`: symlinks and `..` cannot reach outside the export.
 //! - `read_only`: `ferryd --read-only`.
 //! - `server_killed`: a dead or frozen server makes operations fail, not hang.
+//! - `lost_answers`: changes whose answer the network lost run once and succeed.
 //! - `coherence`: changes behind a mount's back (server disk, another mount) show up.
 //! - `close_to_open`: a close on one mount, then an open on another sees the new content.
 //! - `copy`: `copy_file_range` (what `cp` uses) done by the server, staged until close.
@@ -30,6 +31,7 @@ mod coherence;
 mod copy;
 mod differential;
 mod escape;
+mod lost_answers;
 mod multi_user;
 mod processes;
 mod protocol;

@@ -289,6 +289,7 @@ fn truncated_frame_then_close() {
             path: rel("canary"),
             handle: None,
         },
+        once: None,
     })
     .expect("encode");
     let mut bytes = (body.len() as u32 + 100).to_be_bytes().to_vec();
@@ -331,6 +332,7 @@ fn garbage_closes_the_connection() {
         id: 9,
         caller: c.caller,
         request: Request::Ping,
+        once: None,
     })
     .expect("encode");
     body.extend_from_slice(b"junk");

@@ -460,6 +460,42 @@ impl Core {
         }
     }
 
+    /// A change of names (mkdir, mknod, symlink, link, unlink, rmdir, rename) that runs
+    /// at most once: if its connection breaks under it (closed or reset; a server gone
+    /// silent has had its `--timeout` already), it is sent again with the same key on a
+    /// new connection, and a server that ran it answers with its first answer instead
+    /// of running it again (`OnceKey`). `Ok(None)`: the server does not remember it (it
+    /// restarted meanwhile, say), so whether it ran is unknown.
+    async fn rpc_once(&self, caller: Caller, req: Request) -> FsResult<Option<Response>> {
+        let key = self.client.once_key();
+        let answer = match self.client.call_keyed(caller, req.clone(), key).await {
+            Err(e) if e.dropped() => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("connection lost under a change; sending it again with its key");
+                let repeat = ferry_common::OnceKey {
+                    repeat: true,
+                    ..key
+                };
+                self.client.call_keyed(caller, req, repeat).await?
+            }
+            r => r?,
+        };
+        match answer {
+            Ok(Response::NotRemembered) => Ok(None),
+            Ok(r) => Ok(Some(self.unwrap_reply(r))),
+            Err(e) => errno(e),
+        }
+    }
+
+    /// [`Core::rpc_once`] of a change that creates, renames or removes nothing a second
+    /// look could tell apart: `EIO` when the server does not remember it.
+    async fn rpc_once_or_eio(&self, caller: Caller, req: Request) -> FsResult<Response> {
+        match self.rpc_once(caller, req).await? {
+            Some(r) => Ok(r),
+            None => errno(libc::EIO),
+        }
+    }
+
     /// A request that makes `parent/name` (create, mkdir, mknod, symlink, link) lost its
     /// connection on the way: it may or may not have run. If the name is still absent
     /// on the server (looked up on a new connection), it did not, and `req` is sent
@@ -531,11 +567,14 @@ impl Core {
     ) -> FsResult<Attr> {
         let is_dir = matches!(req, Request::MkDir { .. });
         let again = req.clone();
-        let reply = match self.rpc(caller, req).await {
-            Err(FsError::Transport(e)) if e.dropped() => {
+        let reply = match self.rpc_once(caller, req).await {
+            Ok(Some(r)) => Ok(r),
+            // Not remembered: made by the change itself before a restart, or by someone
+            // else? Only a free name tells.
+            Ok(None) => {
                 (self.again_if_absent_on(caller, parent, name, again).await).map(|(_, r)| r)
             }
-            r => r,
+            Err(e) => Err(e),
         };
         let attr = Self::expect_attr(reply?)?;
         self.dir_changed(parent);
@@ -841,7 +880,7 @@ impl Core {
         }
         let req = self.unlink_request(parent, name)?;
         let shared = self.other_names_of(parent, name);
-        self.rpc(caller, req).await?;
+        self.rpc_once_or_eio(caller, req).await?;
         if let Some(sino) = shared {
             self.link_count_changed(sino);
         }
@@ -850,7 +889,7 @@ impl Core {
 
     pub async fn rmdir(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
         let (p, n) = self.child(parent, name)?;
-        self.rpc(caller, Request::RmDir { parent: p, name: n })
+        self.rpc_once_or_eio(caller, Request::RmDir { parent: p, name: n })
             .await?;
         self.unlinked_here(parent, name)
     }
@@ -880,7 +919,7 @@ impl Core {
         } else {
             self.other_names_of(new_parent, new_name)
         };
-        self.rpc(caller, req).await?;
+        self.rpc_once_or_eio(caller, req).await?;
         if let Some(sino) = replaced {
             self.link_count_changed(sino);
         }

@@ -70,7 +70,7 @@ mod xattr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use ferry_common::{Attr, Caller, FileKind, RelPath, Request, Response, Timespec, caps};
+use ferry_common::{Attr, Caller, FileKind, OnceKey, RelPath, Request, Response, Timespec, caps};
 
 use crate::export::Export;
 use crate::handles::{Handle, Handles};
@@ -132,6 +132,22 @@ impl Ctx {
         if let Some(w) = &self.watch {
             w.ensure(dir, path);
         }
+    }
+}
+
+/// Execute one request with its [`OnceKey`], if it has one: a change already run
+/// under that key gets its first answer (see [`crate::once`]). A key on a request
+/// that takes none is `EINVAL`. Blocking; call from `spawn_blocking`.
+pub fn execute_keyed(
+    ctx: &Ctx,
+    caller: Caller,
+    req: Request,
+    once: Option<OnceKey>,
+) -> Result<Response, Errno> {
+    match once {
+        None => execute(ctx, caller, req),
+        Some(_) if !crate::once::takes_key(&req) => Err(libc::EINVAL),
+        Some(key) => ctx.export.answers().run(key, || execute(ctx, caller, req)),
     }
 }
 

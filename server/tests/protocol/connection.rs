@@ -245,6 +245,7 @@ async fn mutated_requests_never_hurt_the_server() {
             id: round as u64,
             caller: Caller::default(),
             request: req,
+            once: None,
         })
         .unwrap();
         for _ in 0..1 + rng.below(3) {

@@ -117,6 +117,7 @@ async fn requests_pipelined_behind_the_hello_are_served() {
         id: 42,
         caller: Caller::default(),
         request: Request::Ping,
+        once: None,
     })
     .unwrap();
     let mut bytes = raw_frame(&hello).to_vec();

@@ -164,6 +164,10 @@ impl Client {
     }
 
     pub async fn send(&mut self, request: Request) -> u64 {
+        self.send_keyed(request, None).await
+    }
+
+    pub async fn send_keyed(&mut self, request: Request, once: Option<OnceKey>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let caller = self.caller;
@@ -172,10 +176,19 @@ impl Client {
                 id,
                 caller,
                 request,
+                once,
             })
             .await
             .unwrap();
         id
+    }
+
+    /// [`Client::call`] of a change named by `once`.
+    pub async fn call_keyed(&mut self, request: Request, once: OnceKey) -> Result<Response, i32> {
+        let id = self.send_keyed(request, Some(once)).await;
+        let (got, result) = self.recv().await.expect("connection open");
+        assert_eq!(got, id);
+        result.map(|r| r.inner().clone())
     }
 
     /// Next reply; None if the server closed the connection. Events arriving meanwhile

@@ -547,3 +547,66 @@ async fn entry_changes_carry_the_directory_attributes() {
         Ok(Response::Attr(_))
     ));
 }
+
+/// A keyed change sent again (on another connection, as after a lost answer) gets its
+/// first answer and does not run twice; a key on a request that takes none is refused;
+/// a repeat the server never saw the session of is not run.
+#[tokio::test]
+async fn a_keyed_change_runs_once() {
+    let server = Server::start().await;
+    std::fs::write(server.root().join("f"), b"f").unwrap();
+    let rename = || Request::Rename {
+        parent: p(""),
+        name: n("f"),
+        new_parent: p(""),
+        new_name: n("g"),
+        flags: 0,
+    };
+    let key = OnceKey {
+        session: 77,
+        seq: 1,
+        repeat: false,
+    };
+    let mut c = server.client().await;
+    assert_eq!(c.call_keyed(rename(), key).await, Ok(Response::Ok));
+    let mut again = server.client().await;
+    let repeat = OnceKey {
+        repeat: true,
+        ..key
+    };
+    // Run again, it would fail with ENOENT.
+    assert_eq!(again.call_keyed(rename(), repeat).await, Ok(Response::Ok));
+    assert!(server.root().join("g").exists());
+    // A new key runs: the name is gone now.
+    let next = OnceKey { seq: 2, ..key };
+    assert_eq!(again.call_keyed(rename(), next).await, Err(libc::ENOENT));
+    assert_eq!(
+        again
+            .call_keyed(
+                Request::GetAttr {
+                    path: p("g"),
+                    handle: None
+                },
+                OnceKey { seq: 3, ..key }
+            )
+            .await,
+        Err(libc::EINVAL)
+    );
+    // Unknown session: not run (the directory is not made).
+    let stranger = OnceKey {
+        session: 78,
+        seq: 1,
+        repeat: true,
+    };
+    let mkdir = Request::MkDir {
+        parent: p(""),
+        name: n("d"),
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        again.call_keyed(mkdir, stranger).await,
+        Ok(Response::NotRemembered)
+    );
+    assert!(!server.root().join("d").exists());
+}

@@ -1,0 +1,316 @@
+//! Changes that run at most once however often a client sends them ([`OnceKey`]).
+//!
+//! A client whose connection broke before an answer cannot tell whether its change ran:
+//! a `rename` that ran and is sent again fails with `ENOENT`, a `mkdir` with `EEXIST`.
+//! So it names each such change with a key and sends it again with the same key; this
+//! table remembers the answers of recent keys and gives a repeat the first answer (or
+//! waits for it, while the first run is still running) instead of running it twice.
+//!
+//! It lives in memory, shared by all connections of this process: a server restart
+//! forgets it, and a repeat it does not remember is answered `NotRemembered` without
+//! running, unless the server knows the session and has forgotten none of its keys
+//! since (then the first send never arrived, and the repeat runs). Bounded: at most
+//! [`MAX_SESSIONS`] sessions (the least recently used one goes) of at most
+//! [`MAX_PER_SESSION`] answers each (the oldest goes, and the session remembers the
+//! highest key it forgot).
+//!
+//! Invariant: a slot is `Running` only while one thread is inside the change's
+//! synchronous run (it is set just before, replaced right after, also on unwinding), so
+//! a repeat that waits for it waits for a system call or two, never for another request.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use ferry_common::{OnceKey, Request, Response};
+
+use crate::sys::Errno;
+
+/// Most sessions (client mounts) remembered at once.
+pub const MAX_SESSIONS: usize = 256;
+/// Most answers remembered per session.
+pub const MAX_PER_SESSION: usize = 1024;
+
+type Answer = Result<Response, Errno>;
+
+#[derive(Debug)]
+enum Slot {
+    Running,
+    Done(Answer),
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    slots: HashMap<u64, Slot>,
+    /// Keys of finished slots, oldest first.
+    done: VecDeque<u64>,
+    /// Highest key whose answer was forgotten.
+    forgotten: Option<u64>,
+    /// For choosing the least recently used session.
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    sessions: HashMap<u64, Session>,
+    clock: u64,
+}
+
+/// The answers of one server process.
+#[derive(Debug, Default)]
+pub struct Answers {
+    table: Mutex<Table>,
+    changed: Condvar,
+    /// Repeats waiting for a first run (for tests).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether `r` may carry a key: a change of names that must not run twice.
+pub fn takes_key(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::MkNod { .. }
+            | Request::MkDir { .. }
+            | Request::Unlink { .. }
+            | Request::RmDir { .. }
+            | Request::Symlink { .. }
+            | Request::Rename { .. }
+            | Request::Link { .. }
+    )
+}
+
+/// Marks the slot finished if `run` unwinds, so that nobody waits for it forever.
+struct Finish<'a> {
+    answers: &'a Answers,
+    key: OnceKey,
+    answer: Option<Answer>,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        let answer = self.answer.take();
+        let mut t = self.answers.lock();
+        let Some(s) = t.sessions.get_mut(&self.key.session) else {
+            return;
+        };
+        match answer {
+            Some(a) => {
+                s.slots.insert(self.key.seq, Slot::Done(a));
+                s.done.push_back(self.key.seq);
+                while s.done.len() > MAX_PER_SESSION {
+                    if let Some(old) = s.done.pop_front() {
+                        s.slots.remove(&old);
+                        s.forgotten = Some(s.forgotten.map_or(old, |f| f.max(old)));
+                    }
+                }
+            }
+            // Unwound: nothing is known of the change; a repeat is told so.
+            None => {
+                s.slots.remove(&self.key.seq);
+                s.forgotten = Some(s.forgotten.map_or(self.key.seq, |f| f.max(self.key.seq)));
+            }
+        }
+        drop(t);
+        self.answers.changed.notify_all();
+    }
+}
+
+impl Answers {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run the change named `key` with `run`, unless it ran (or runs) already: then
+    /// its first answer.
+    pub fn run(&self, key: OnceKey, run: impl FnOnce() -> Answer) -> Answer {
+        let mut t = self.lock();
+        t.clock += 1;
+        let now = t.clock;
+        loop {
+            match t
+                .sessions
+                .get(&key.session)
+                .and_then(|s| s.slots.get(&key.seq))
+            {
+                Some(Slot::Running) => {
+                    self.waiting
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+                    self.waiting
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Some(Slot::Done(answer)) => {
+                    let answer = answer.clone();
+                    if let Some(s) = t.sessions.get_mut(&key.session) {
+                        s.used = now;
+                    }
+                    return answer;
+                }
+                None => break,
+            }
+        }
+        if key.repeat {
+            let never_arrived = t
+                .sessions
+                .get(&key.session)
+                .is_some_and(|s| s.forgotten.is_none_or(|f| key.seq > f));
+            if !never_arrived {
+                return Ok(Response::NotRemembered);
+            }
+        }
+        if !t.sessions.contains_key(&key.session) && t.sessions.len() >= MAX_SESSIONS {
+            // The least recently used session goes, unless a change of it is running
+            // (then the new one is not remembered at all... rare enough: run it).
+            let oldest = t
+                .sessions
+                .iter()
+                .filter(|(_, s)| !s.slots.values().any(|v| matches!(v, Slot::Running)))
+                .min_by_key(|(_, s)| s.used)
+                .map(|(&id, _)| id);
+            if let Some(id) = oldest {
+                t.sessions.remove(&id);
+            }
+        }
+        let s = t.sessions.entry(key.session).or_default();
+        s.used = now;
+        s.slots.insert(key.seq, Slot::Running);
+        drop(t);
+        let mut finish = Finish {
+            answers: self,
+            key,
+            answer: None,
+        };
+        let answer = run();
+        finish.answer = Some(answer.clone());
+        drop(finish);
+        answer
+    }
+
+    /// Remembered answers in all (for tests of the bounds).
+    pub fn remembered(&self) -> usize {
+        self.lock().sessions.values().map(|s| s.slots.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn key(session: u64, seq: u64, repeat: bool) -> OnceKey {
+        OnceKey {
+            session,
+            seq,
+            repeat,
+        }
+    }
+
+    #[test]
+    fn a_repeat_gets_the_first_answer_without_running() {
+        let a = Answers::default();
+        let runs = Cell::new(0);
+        let run = || {
+            runs.set(runs.get() + 1);
+            Ok(Response::Ok)
+        };
+        assert_eq!(a.run(key(1, 1, false), run), Ok(Response::Ok));
+        let again = || {
+            runs.set(runs.get() + 1);
+            Err(libc::ENOENT)
+        };
+        assert_eq!(a.run(key(1, 1, true), again), Ok(Response::Ok));
+        assert_eq!(runs.get(), 1);
+        // Another key of the session runs.
+        assert_eq!(
+            a.run(key(1, 2, false), || Err(libc::EEXIST)),
+            Err(libc::EEXIST)
+        );
+        assert_eq!(
+            a.run(key(1, 2, true), || Ok(Response::Ok)),
+            Err(libc::EEXIST)
+        );
+    }
+
+    #[test]
+    fn a_repeat_nobody_remembers_does_not_run() {
+        let a = Answers::default();
+        let ran = Cell::new(false);
+        let r = a.run(key(9, 1, true), || {
+            ran.set(true);
+            Ok(Response::Ok)
+        });
+        assert_eq!(r, Ok(Response::NotRemembered));
+        assert!(!ran.get(), "a repeat of an unknown session ran");
+        // A known session whose key never arrived: it runs.
+        a.run(key(9, 2, false), || Ok(Response::Ok)).unwrap();
+        assert_eq!(
+            a.run(key(9, 3, true), || Err(libc::EXDEV)),
+            Err(libc::EXDEV)
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_and_forgotten_keys_are_not_run_again() {
+        let a = Answers::default();
+        for seq in 0..(MAX_PER_SESSION as u64 + 10) {
+            a.run(key(5, seq, false), || Ok(Response::Ok)).unwrap();
+        }
+        assert_eq!(a.remembered(), MAX_PER_SESSION);
+        let ran = Cell::new(false);
+        let r = a.run(key(5, 3, true), || {
+            ran.set(true);
+            Ok(Response::Ok)
+        });
+        assert_eq!(r, Ok(Response::NotRemembered));
+        assert!(!ran.get());
+        for session in 100..(100 + MAX_SESSIONS as u64 + 5) {
+            a.run(key(session, 0, false), || Ok(Response::Ok)).unwrap();
+        }
+        assert!(a.lock().sessions.len() <= MAX_SESSIONS);
+    }
+
+    #[test]
+    fn a_repeat_waits_for_a_first_run_in_progress() {
+        let a = std::sync::Arc::new(Answers::default());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                a.run(key(3, 1, false), || {
+                    started_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    Ok(Response::Ok)
+                })
+            })
+        };
+        started_rx.recv().unwrap();
+        let repeat = {
+            let a = a.clone();
+            std::thread::spawn(move || a.run(key(3, 1, true), || Err(libc::ENOENT)))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while a.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the repeat never waited"
+            );
+            std::thread::yield_now();
+        }
+        go_tx.send(()).unwrap();
+        assert_eq!(first.join().unwrap(), Ok(Response::Ok));
+        assert_eq!(repeat.join().unwrap(), Ok(Response::Ok));
+    }
+
+    #[test]
+    fn a_run_that_unwinds_leaves_no_waiter_behind() {
+        let a = Answers::default();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a.run(key(4, 1, false), || panic!("a bug in a handler"))
+        }));
+        assert!(r.is_err());
+        assert_eq!(
+            a.run(key(4, 1, true), || Ok(Response::Ok)),
+            Ok(Response::NotRemembered)
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! Changes whose answer the network lost: the server ran them, the connection dropped
+//! before the reply reached the mount (a proxy in between cuts it there,
+//! `ferry_tests::proxy`). The mount sends the change again with its key on a new
+//! connection, and the server answers from its record of the first run: the change
+//! reports success and ran once (`server/src/once.rs`). Before, `mv`, `mkdir` and
+//! friends failed with `EIO` although the server had done the work.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::time::Duration;
+
+use ferry_tests::proxy::CutProxy;
+use ferry_tests::{TestMount, TestServer, require_fuse, with_deadline};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `op` on the mount with the reply to its `kind` request lost: it must succeed, and the
+/// proxy must have lost exactly one more reply.
+fn lose_answer_of<T: Send + 'static>(
+    proxy: &CutProxy,
+    kind: &str,
+    op: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> T {
+    let before = proxy.cuts();
+    proxy.lose_reply_to(kind);
+    let r = with_deadline(DEADLINE, op).unwrap_or_else(|| panic!("{kind}: hung"));
+    let r = r.unwrap_or_else(|e| panic!("{kind} whose answer was lost: {e}"));
+    assert_eq!(proxy.cuts(), before + 1, "{kind}: no answer was lost");
+    r
+}
+
+#[test]
+fn changes_whose_answer_was_lost_succeed_once() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let e = |p: &str| server.export(p);
+    fs::write(e("f"), b"content of f").expect("write");
+    fs::create_dir(e("empty")).expect("mkdir");
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    let m = |p: &str| mount.join(p);
+    // Known to the mount first: the changes below are one request each.
+    for name in ["f", "empty"] {
+        fs::symlink_metadata(m(name)).expect("stat");
+    }
+
+    let (from, to) = (m("f"), m("g"));
+    lose_answer_of(&proxy, "rename", move || fs::rename(from, to));
+    assert_eq!(fs::read(e("g")).expect("renamed"), b"content of f");
+    assert!(!e("f").exists(), "the old name is still there");
+
+    let dir = m("made");
+    lose_answer_of(&proxy, "mkdir", move || fs::create_dir(dir));
+    assert!(e("made").is_dir(), "the new directory");
+
+    let dir = m("empty");
+    lose_answer_of(&proxy, "rmdir", move || fs::remove_dir(dir));
+    assert!(!e("empty").exists(), "the removed directory");
+
+    let link = m("l");
+    lose_answer_of(&proxy, "symlink", move || symlink("g", link));
+    assert_eq!(
+        fs::read_link(e("l")).expect("symlink"),
+        std::path::Path::new("g")
+    );
+
+    let (from, to) = (m("g"), m("g2"));
+    lose_answer_of(&proxy, "link", move || fs::hard_link(from, to));
+    assert_eq!(fs::metadata(e("g")).expect("stat").nlink(), 2);
+
+    // Through the mount, all of it as the server has it.
+    let mut names: Vec<String> = fs::read_dir(mount.path())
+        .expect("list the mount")
+        .map(|d| d.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["g", "g2", "l", "made"]);
+}
