@@ -304,10 +304,18 @@ impl Client {
         request: Request,
         key: OnceKey,
     ) -> Result<Result<Response, i32>, TransportError> {
+        self.start_keyed(caller, request, key).await?.reply().await
+    }
+
+    /// [`Client::start_on`] (any connection) of a change named by `key`.
+    pub async fn start_keyed(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: Request,
+        key: OnceKey,
+    ) -> Result<Sent, TransportError> {
         let conn = self.current().await?;
-        self.enqueue(&conn, None, caller, request, Some(key))?
-            .reply()
-            .await
+        self.enqueue(&conn, None, caller, request, Some(key))
     }
 
     pub fn addr(&self) -> &str {
@@ -715,6 +723,26 @@ impl Client {
         caller: Caller,
         request: Request,
     ) -> Option<Result<Sent, TransportError>> {
+        self.try_start(generation, caller, request, None)
+    }
+
+    /// [`Client::try_start_on`] (any connection) of a change named by `key`.
+    pub fn try_start_keyed(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: Request,
+        key: OnceKey,
+    ) -> Option<Result<Sent, TransportError>> {
+        self.try_start(None, caller, request, Some(key))
+    }
+
+    fn try_start(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+        once: Option<OnceKey>,
+    ) -> Option<Result<Sent, TransportError>> {
         let conn = {
             let slot = self.conn.try_lock().ok()?;
             match slot.as_ref() {
@@ -722,7 +750,7 @@ impl Client {
                 _ => return None,
             }
         };
-        Some(self.enqueue(&conn, generation, caller, request, None))
+        Some(self.enqueue(&conn, generation, caller, request, once))
     }
 
     fn enqueue(

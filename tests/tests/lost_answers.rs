@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::time::Duration;
 
 use ferry_tests::proxy::CutProxy;
-use ferry_tests::{TestMount, TestServer, require_fuse, with_deadline};
+use ferry_tests::{TestMount, TestServer, poll_until, require_fuse, with_deadline};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -25,7 +25,11 @@ fn lose_answer_of<T: Send + 'static>(
     proxy.lose_reply_to(kind);
     let r = with_deadline(DEADLINE, op).unwrap_or_else(|| panic!("{kind}: hung"));
     let r = r.unwrap_or_else(|e| panic!("{kind} whose answer was lost: {e}"));
-    assert_eq!(proxy.cuts(), before + 1, "{kind}: no answer was lost");
+    // (An unlink answered ahead returns before its answer comes.)
+    assert!(
+        poll_until(DEADLINE, || proxy.cuts() == before + 1),
+        "{kind}: no answer was lost"
+    );
     r
 }
 
@@ -77,4 +81,41 @@ fn changes_whose_answer_was_lost_succeed_once() {
         .collect();
     names.sort();
     assert_eq!(names, ["g", "g2", "l", "made"]);
+}
+
+/// `rm` of a file the mount answers before the server does (`unlinks.rs`), with the
+/// server's answer lost: sent again with its key, the unlink counts as done, and the
+/// directory's `fsync` (which reports unlinks answered ahead that failed) succeeds.
+#[test]
+fn an_unlink_answered_ahead_whose_answer_was_lost_is_done() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("gone"), b"bye").expect("write");
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    assert!(
+        poll_until(DEADLINE, || mount.stats().flag("events_live")),
+        "the event stream never came up"
+    );
+    fs::symlink_metadata(mount.join("gone")).expect("stat");
+    let before = mount.stats();
+    let file = mount.join("gone");
+    lose_answer_of(&proxy, "unlink", move || fs::remove_file(file));
+    let dir = mount.path().to_path_buf();
+    with_deadline(DEADLINE, move || fs::File::open(dir)?.sync_all())
+        .expect("fsync of the directory hung")
+        .expect("fsync of the directory: no unlink failed");
+    assert!(
+        !server.export("gone").exists(),
+        "the file is still on the server"
+    );
+    let after = mount.stats();
+    assert_eq!(
+        after.get_or_zero("unlinks_behind"),
+        before.get_or_zero("unlinks_behind") + 1,
+        "not answered ahead: {after}"
+    );
+    assert_eq!(after.get_or_zero("unlinks_behind_failed"), 0, "{after}");
 }

@@ -29,7 +29,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_common::proto::{Caller, FileKind, Request, Response};
+use ferry_common::proto::{Caller, FileKind, OnceKey, Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Core, Invalidation, errno};
@@ -106,8 +106,9 @@ impl Core {
         let slot = Arc::clone(&self.unlinks.slots).try_acquire_owned().ok()?;
         let req = self.unlink_request(parent, name).ok()?;
         self.dir_busy(parent, true);
-        match self.client.try_start_on(None, caller, req) {
-            Some(Ok(sent)) => Some(self.unlink_sent(parent, name, sent, slot)),
+        let key = self.client.once_key();
+        match self.client.try_start_keyed(caller, req.clone(), key) {
+            Some(Ok(sent)) => Some(self.unlink_sent(parent, name, sent, slot, (caller, req, key))),
             // The worker path waits for (or makes) a connection.
             _ => {
                 self.dir_busy(parent, false);
@@ -138,8 +139,9 @@ impl Core {
             Err(e) => return Some(Err(e)),
         };
         self.dir_busy(parent, true);
-        match self.client.start_on(None, caller, req).await {
-            Ok(sent) => Some(self.unlink_sent(parent, name, sent, slot)),
+        let key = self.client.once_key();
+        match self.client.start_keyed(caller, req.clone(), key).await {
+            Ok(sent) => Some(self.unlink_sent(parent, name, sent, slot, (caller, req, key))),
             Err(e) => {
                 self.dir_busy(parent, false);
                 Some(Err(e.into()))
@@ -170,12 +172,16 @@ impl Core {
     }
 
     /// The unlink is queued: update what this client knows, handle the reply later.
+    /// One whose connection broke under it is sent again with its key (`again`: the
+    /// caller, the request and its key), on a task: a server that ran it answers with
+    /// its first answer.
     fn unlink_sent(
         &self,
         parent: u64,
         name: &[u8],
         sent: Sent,
         slot: OwnedSemaphorePermit,
+        again: (Caller, Request, OnceKey),
     ) -> FsResult<()> {
         self.stats.unlinks_behind.fetch_add(1, Ordering::Relaxed);
         let here = self.unlinked_here(parent, name);
@@ -183,10 +189,33 @@ impl Core {
         // Handled on the connection's reader: no task (and no wake-up) per unlink.
         let me = self.me.clone();
         sent.then(move |outcome| {
-            if let Some(me) = me.upgrade() {
-                me.unlink_settled(parent, &name, outcome);
-                me.dir_busy(parent, false);
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            if let Err(t) = &outcome
+                && t.dropped()
+                && let Some(rt) = me.runtime.get().cloned()
+            {
+                rt.spawn(async move {
+                    let (caller, req, key) = again;
+                    me.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    let repeat = OnceKey {
+                        repeat: true,
+                        ..key
+                    };
+                    let outcome = match me.client.call_keyed(caller, req, repeat).await {
+                        // Not remembered (the server restarted): as lost as before.
+                        Ok(Ok(Response::NotRemembered)) => Err(TransportError::Disconnected),
+                        r => r,
+                    };
+                    me.unlink_settled(parent, &name, outcome);
+                    me.dir_busy(parent, false);
+                    drop(slot);
+                });
+                return;
             }
+            me.unlink_settled(parent, &name, outcome);
+            me.dir_busy(parent, false);
             drop(slot);
         });
         here
