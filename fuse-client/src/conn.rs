@@ -300,22 +300,32 @@ impl Client {
     /// for that key (see [`OnceKey`]).
     pub async fn call_keyed(
         self: &Arc<Self>,
+        generation: Option<u64>,
         caller: Caller,
         request: Request,
         key: OnceKey,
     ) -> Result<Result<Response, i32>, TransportError> {
-        self.start_keyed(caller, request, key).await?.reply().await
+        self.start_keyed(generation, caller, request, key)
+            .await?
+            .reply()
+            .await
     }
 
-    /// [`Client::start_on`] (any connection) of a change named by `key`.
+    /// [`Client::start_on`] of a change named by `key`.
     pub async fn start_keyed(
         self: &Arc<Self>,
+        generation: Option<u64>,
         caller: Caller,
         request: Request,
         key: OnceKey,
     ) -> Result<Sent, TransportError> {
+        if let Some(g) = generation
+            && self.live_generation() != Some(g)
+        {
+            return Err(self.failed(TransportError::StaleHandle));
+        }
         let conn = self.current().await?;
-        self.enqueue(&conn, None, caller, request, Some(key))
+        self.enqueue(&conn, generation, caller, request, Some(key))
     }
 
     pub fn addr(&self) -> &str {
@@ -726,14 +736,15 @@ impl Client {
         self.try_start(generation, caller, request, None)
     }
 
-    /// [`Client::try_start_on`] (any connection) of a change named by `key`.
+    /// [`Client::try_start_on`] of a change named by `key`.
     pub fn try_start_keyed(
         self: &Arc<Self>,
+        generation: Option<u64>,
         caller: Caller,
         request: Request,
         key: OnceKey,
     ) -> Option<Result<Sent, TransportError>> {
-        self.try_start(None, caller, request, Some(key))
+        self.try_start(generation, caller, request, Some(key))
     }
 
     fn try_start(

@@ -68,7 +68,8 @@ pub struct Answers {
 pub fn takes_key(r: &Request) -> bool {
     matches!(
         r,
-        Request::MkNod { .. }
+        Request::Create { .. }
+            | Request::MkNod { .. }
             | Request::MkDir { .. }
             | Request::Unlink { .. }
             | Request::RmDir { .. }
@@ -122,6 +123,18 @@ impl Answers {
     /// Run the change named `key` with `run`, unless it ran (or runs) already: then
     /// its first answer.
     pub fn run(&self, key: OnceKey, run: impl FnOnce() -> Answer) -> Answer {
+        self.run_or_replay(key, run, |first| first)
+    }
+
+    /// [`Answers::run`], a repeat answered with `replay` of the first answer (a
+    /// `Create`'s names a handle of the connection that broke: its repeat opens the file
+    /// again on its own).
+    pub fn run_or_replay(
+        &self,
+        key: OnceKey,
+        run: impl FnOnce() -> Answer,
+        replay: impl FnOnce(Answer) -> Answer,
+    ) -> Answer {
         let mut t = self.lock();
         t.clock += 1;
         let now = t.clock;
@@ -143,7 +156,8 @@ impl Answers {
                     if let Some(s) = t.sessions.get_mut(&key.session) {
                         s.used = now;
                     }
-                    return answer;
+                    drop(t);
+                    return replay(answer);
                 }
                 None => break,
             }

@@ -119,3 +119,35 @@ fn an_unlink_answered_ahead_whose_answer_was_lost_is_done() {
     );
     assert_eq!(after.get_or_zero("unlinks_behind_failed"), 0, "{after}");
 }
+
+/// A create whose answer was lost (`File::create_new`, and `File::create` of a new
+/// name): sent again with its key, it gets the file the first run made, on a handle of
+/// the new connection; what is written through it is what the server has after the
+/// close. (`File::create` of a name the kernel knows is an `OPEN` with `O_TRUNC`.)
+#[test]
+fn a_create_whose_answer_was_lost_opens_its_own_file() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    for (name, exclusive) in [("new", true), ("plain", false)] {
+        let path = mount.join(name);
+        lose_answer_of(&proxy, "create", move || {
+            use std::io::Write;
+            let mut f = if exclusive {
+                fs::File::create_new(&path)?
+            } else {
+                fs::File::create(&path)?
+            };
+            f.write_all(b"written after the lost answer")?;
+            f.sync_all()
+        });
+        assert_eq!(
+            fs::read(server.export(name)).expect("read the export"),
+            b"written after the lost answer",
+            "{name}"
+        );
+    }
+}

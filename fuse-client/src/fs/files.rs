@@ -1440,17 +1440,50 @@ impl Core {
 
     pub async fn create(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
         let req = self.create_request(file)?;
+        let key = self.client.once_key();
         let generation = self.client.connect().await?;
-        match self.rpc_on(generation, caller, req).await {
-            Err(FsError::Transport(e)) if e.dropped() => self.create_again(caller, file).await,
-            reply => self.created(caller, file, generation, reply),
+        let reply = self
+            .client
+            .call_keyed(Some(generation), caller, req, key)
+            .await;
+        match reply {
+            Err(e) if e.dropped() => self.create_again(caller, file, key).await,
+            reply => {
+                let reply = match reply? {
+                    Ok(r) => Ok(self.unwrap_reply(r)),
+                    Err(e) => errno(e),
+                };
+                self.created(caller, file, generation, reply)
+            }
         }
     }
 
-    /// A create whose connection broke under it, sent again if its name is still free
-    /// (`Core::again_if_absent_on`).
-    async fn create_again(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
+    /// A create whose connection broke under it: sent again with its key, which a
+    /// server that ran it answers with the file opened again on the new connection
+    /// (`OnceKey`); a server that does not remember it gets it once more only if its
+    /// name is still free (`Core::again_if_absent_on`).
+    async fn create_again(
+        &self,
+        caller: Caller,
+        file: &NewFile,
+        key: ferry_common::OnceKey,
+    ) -> FsResult<OpenReply> {
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
         let req = self.create_request(file)?;
+        let generation = self.client.connect().await?;
+        let repeat = ferry_common::OnceKey {
+            repeat: true,
+            ..key
+        };
+        let answer = self
+            .client
+            .call_keyed(Some(generation), caller, req.clone(), repeat)
+            .await?;
+        match answer {
+            Ok(Response::NotRemembered) => {}
+            Ok(r) => return self.created(caller, file, generation, Ok(self.unwrap_reply(r))),
+            Err(e) => return errno(e),
+        }
         match self
             .again_if_absent_on(caller, file.parent, &file.name, req)
             .await
@@ -1481,7 +1514,11 @@ impl Core {
         let Ok(req) = self.create_request(file) else {
             return Err(done);
         };
-        let Some(Ok(sent)) = self.client.try_start_on(Some(generation), caller, req) else {
+        let key = self.client.once_key();
+        let Some(Ok(sent)) = self
+            .client
+            .try_start_keyed(Some(generation), caller, req, key)
+        else {
             return Err(done);
         };
         let file = file.clone();
@@ -1493,8 +1530,8 @@ impl Core {
                     if e.dropped()
                         && let Some(rt) = me.runtime.get().cloned()
                     {
-                        // Sent again (if its name is still free), off the reader.
-                        rt.spawn(async move { done(me.create_again(caller, &file).await) });
+                        // Sent again, off the reader.
+                        rt.spawn(async move { done(me.create_again(caller, &file, key).await) });
                         return;
                     }
                     Err(e.into())

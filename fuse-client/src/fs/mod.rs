@@ -468,7 +468,7 @@ impl Core {
     /// restarted meanwhile, say), so whether it ran is unknown.
     async fn rpc_once(&self, caller: Caller, req: Request) -> FsResult<Option<Response>> {
         let key = self.client.once_key();
-        let answer = match self.client.call_keyed(caller, req.clone(), key).await {
+        let answer = match self.client.call_keyed(None, caller, req.clone(), key).await {
             Err(e) if e.dropped() => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("connection lost under a change; sending it again with its key");
@@ -476,7 +476,7 @@ impl Core {
                     repeat: true,
                     ..key
                 };
-                self.client.call_keyed(caller, req, repeat).await?
+                self.client.call_keyed(None, caller, req, repeat).await?
             }
             r => r?,
         };

@@ -107,7 +107,7 @@ impl Core {
         let req = self.unlink_request(parent, name).ok()?;
         self.dir_busy(parent, true);
         let key = self.client.once_key();
-        match self.client.try_start_keyed(caller, req.clone(), key) {
+        match self.client.try_start_keyed(None, caller, req.clone(), key) {
             Some(Ok(sent)) => Some(self.unlink_sent(parent, name, sent, slot, (caller, req, key))),
             // The worker path waits for (or makes) a connection.
             _ => {
@@ -140,7 +140,11 @@ impl Core {
         };
         self.dir_busy(parent, true);
         let key = self.client.once_key();
-        match self.client.start_keyed(caller, req.clone(), key).await {
+        match self
+            .client
+            .start_keyed(None, caller, req.clone(), key)
+            .await
+        {
             Ok(sent) => Some(self.unlink_sent(parent, name, sent, slot, (caller, req, key))),
             Err(e) => {
                 self.dir_busy(parent, false);
@@ -203,7 +207,7 @@ impl Core {
                         repeat: true,
                         ..key
                     };
-                    let outcome = match me.client.call_keyed(caller, req, repeat).await {
+                    let outcome = match me.client.call_keyed(None, caller, req, repeat).await {
                         // Not remembered (the server restarted): as lost as before.
                         Ok(Ok(Response::NotRemembered)) => Err(TransportError::Disconnected),
                         r => r,

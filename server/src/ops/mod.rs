@@ -147,7 +147,62 @@ pub fn execute_keyed(
     match once {
         None => execute(ctx, caller, req),
         Some(_) if !crate::once::takes_key(&req) => Err(libc::EINVAL),
-        Some(key) => ctx.export.answers().run(key, || execute(ctx, caller, req)),
+        Some(key) => {
+            let again = match &req {
+                Request::Create { .. } => Some(req.clone()),
+                _ => None,
+            };
+            ctx.export.answers().run_or_replay(
+                key,
+                || execute(ctx, caller, req),
+                |first| match again {
+                    Some(create) => create_again(ctx, caller, create, first),
+                    None => first,
+                },
+            )
+        }
+    }
+}
+
+/// The repeat of a `Create` that ran: its handle belonged to the connection that broke,
+/// so the file is opened again (as a create that is not exclusive: a staged `O_TRUNC`
+/// is staged again on the new handle), and must be the file the first run answered
+/// with, else `EIO` (replaced meanwhile).
+fn create_again(
+    ctx: &Ctx,
+    caller: Caller,
+    create: Request,
+    first: Result<Response, Errno>,
+) -> Result<Response, Errno> {
+    let first_ino = match first.as_ref().map(Response::inner) {
+        Ok(Response::Opened { attr, .. }) => attr.ino,
+        _ => return first,
+    };
+    let Request::Create {
+        parent,
+        name,
+        mode,
+        umask,
+        flags,
+    } = create
+    else {
+        return first;
+    };
+    let again = Request::Create {
+        parent,
+        name,
+        mode,
+        umask,
+        flags: flags & !libc::O_EXCL,
+    };
+    let reply = execute(ctx, caller, again)?;
+    match reply.inner() {
+        Response::Opened { attr, .. } if attr.ino == first_ino => Ok(reply),
+        Response::Opened { handle, .. } => {
+            let _ = ctx.handles.remove_file(*handle);
+            Err(libc::EIO)
+        }
+        _ => Err(libc::EIO),
     }
 }
 

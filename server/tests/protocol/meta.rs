@@ -610,3 +610,58 @@ async fn a_keyed_change_runs_once() {
     );
     assert!(!server.root().join("d").exists());
 }
+
+/// The repeat of a keyed exclusive create that ran opens the file it made on the
+/// repeating connection (the first handle went with its connection); a create that
+/// failed repeats its failure.
+#[tokio::test]
+async fn a_keyed_create_repeated_opens_the_same_file_again() {
+    let server = Server::start().await;
+    let create = |name: &str| Request::Create {
+        parent: p(""),
+        name: n(name),
+        mode: 0o644,
+        umask: 0o022,
+        flags: libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+    };
+    let key = OnceKey {
+        session: 5,
+        seq: 1,
+        repeat: false,
+    };
+    let mut first = server.client().await;
+    let ino = match first.call_keyed(create("f"), key).await {
+        Ok(Response::Opened { attr, .. }) => attr.ino,
+        other => panic!("create: {other:?}"),
+    };
+    drop(first);
+    let mut again = server.client().await;
+    let repeat = OnceKey {
+        repeat: true,
+        ..key
+    };
+    let handle = match again.call_keyed(create("f"), repeat).await {
+        Ok(Response::Opened { handle, attr }) => {
+            assert_eq!(attr.ino, ino, "another file");
+            handle
+        }
+        other => panic!("repeated create (EEXIST if run again): {other:?}"),
+    };
+    assert_eq!(again.write(handle, 0, b"mine").await, Ok(4));
+    again.commit(handle).await.unwrap();
+    assert_eq!(std::fs::read(server.root().join("f")).unwrap(), b"mine");
+    // A create that failed: its repeat fails the same way, without running.
+    std::fs::write(server.root().join("taken"), b"x").unwrap();
+    let k2 = OnceKey { seq: 2, ..key };
+    assert_eq!(
+        again.call_keyed(create("taken"), k2).await,
+        Err(libc::EEXIST)
+    );
+    std::fs::remove_file(server.root().join("taken")).unwrap();
+    let r2 = OnceKey { repeat: true, ..k2 };
+    assert_eq!(
+        again.call_keyed(create("taken"), r2).await,
+        Err(libc::EEXIST)
+    );
+    assert!(!server.root().join("taken").exists());
+}
