@@ -26,7 +26,7 @@ use ferry_common::{OnceKey, Request, Response};
 use crate::sys::Errno;
 
 /// Most sessions (client mounts) remembered at once.
-pub const MAX_SESSIONS: usize = 256;
+pub const MAX_SESSIONS: usize = 64;
 /// Most answers remembered per session.
 pub const MAX_PER_SESSION: usize = 1024;
 
