@@ -318,16 +318,15 @@ pub struct RequestFrame {
     pub once: Option<OnceKey>,
 }
 
-/// Names one change of a client (`MkNod`, `MkDir`, `Unlink`, `RmDir`, `Symlink`,
-/// `Rename`, `Link`: any other request with a key is `EINVAL`), so that it runs at most
-/// once however often it is sent. A client whose connection broke before the answer
-/// cannot know whether the change ran; it sends it again with the same key and
-/// `repeat`. The server remembers the answers of recent keys for a while (in memory:
-/// not across its own restart) and answers a repeat of one it ran from that record, or
+/// Names one change of a client (`Create`, `MkNod`, `MkDir`, `Unlink`, `RmDir`,
+/// `Symlink`, `Rename`, `Link`: any other request with a key is `EINVAL`), so that it
+/// runs at most once however often it is sent. A client whose connection broke before
+/// the answer cannot know whether the change ran; it sends it again with the same key
+/// and `repeat`. The server remembers the answers of recent keys for a while (in
+/// memory: not across its own restart) and answers a repeat of one it ran from that
+/// record (a `Create`'s with the file opened again on the repeat's connection), or
 /// waits for the first run if it is still running. A repeat the server does not
-/// remember is answered [`Response::NotRemembered`] without running, unless the server
-/// knows the session and has forgotten none of its keys from then on (the first never
-/// arrived: it runs now).
+/// remember is answered [`Response::NotRemembered`] without running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct OnceKey {
     /// Random, chosen by the client once (per mount).

@@ -8,11 +8,10 @@
 //!
 //! It lives in memory, shared by all connections of this process: a server restart
 //! forgets it, and a repeat it does not remember is answered `NotRemembered` without
-//! running, unless the server knows the session and has forgotten none of its keys
-//! since (then the first send never arrived, and the repeat runs). Bounded: at most
-//! [`MAX_SESSIONS`] sessions (the least recently used one goes) of at most
-//! [`MAX_PER_SESSION`] answers each (the oldest goes, and the session remembers the
-//! highest key it forgot).
+//! running. (Even when its first send may never have arrived: a server cannot tell
+//! that from a first send to the server it replaced, which may have run it.)
+//! Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used one goes) of at
+//! most [`MAX_PER_SESSION`] answers each (the oldest goes).
 //!
 //! Invariant: a slot is `Running` only while one thread is inside the change's
 //! synchronous run (it is set just before, replaced right after, also on unwinding), so
@@ -43,8 +42,6 @@ struct Session {
     slots: HashMap<u64, Slot>,
     /// Keys of finished slots, oldest first.
     done: VecDeque<u64>,
-    /// Highest key whose answer was forgotten.
-    forgotten: Option<u64>,
     /// For choosing the least recently used session.
     used: u64,
 }
@@ -100,14 +97,12 @@ impl Drop for Finish<'_> {
                 while s.done.len() > MAX_PER_SESSION {
                     if let Some(old) = s.done.pop_front() {
                         s.slots.remove(&old);
-                        s.forgotten = Some(s.forgotten.map_or(old, |f| f.max(old)));
                     }
                 }
             }
             // Unwound: nothing is known of the change; a repeat is told so.
             None => {
                 s.slots.remove(&self.key.seq);
-                s.forgotten = Some(s.forgotten.map_or(self.key.seq, |f| f.max(self.key.seq)));
             }
         }
         drop(t);
@@ -163,13 +158,9 @@ impl Answers {
             }
         }
         if key.repeat {
-            let never_arrived = t
-                .sessions
-                .get(&key.session)
-                .is_some_and(|s| s.forgotten.is_none_or(|f| key.seq > f));
-            if !never_arrived {
-                return Ok(Response::NotRemembered);
-            }
+            // Not remembered: it ran on a server this one replaced, or its answer was
+            // forgotten, or its first send never arrived; nobody can tell which.
+            return Ok(Response::NotRemembered);
         }
         if !t.sessions.contains_key(&key.session) && t.sessions.len() >= MAX_SESSIONS {
             // The least recently used session goes, unless a change of it is running
@@ -254,11 +245,12 @@ mod tests {
         });
         assert_eq!(r, Ok(Response::NotRemembered));
         assert!(!ran.get(), "a repeat of an unknown session ran");
-        // A known session whose key never arrived: it runs.
+        // Nor of a key of a known session it never saw (that key may have run on a
+        // server this one replaced).
         a.run(key(9, 2, false), || Ok(Response::Ok)).unwrap();
         assert_eq!(
             a.run(key(9, 3, true), || Err(libc::EXDEV)),
-            Err(libc::EXDEV)
+            Ok(Response::NotRemembered)
         );
     }
 
