@@ -38,7 +38,7 @@ use ferry_common::RelPath;
 use crate::export::Export;
 use crate::staging::{Plan, apply_plan, size_of};
 use crate::sys::{self, Errno, errno_of};
-use crate::undo::{UndoDir, hex, open_target, unhex};
+use crate::undo::{RecordText, UndoDir, hex, open_target, unhex};
 
 const MAGIC: &str = "ferryd-redo 1";
 
@@ -394,69 +394,39 @@ impl Header {
     }
 
     fn decode(text: &str) -> Option<Header> {
-        let mut lines = text.lines();
-        if lines.next()? != MAGIC {
-            return None;
-        }
-        let mut field = |name: &str| -> Option<Vec<String>> {
-            let line = lines.next()?;
-            let mut words = line.split(' ');
-            (words.next()? == name).then(|| words.map(str::to_string).collect())
-        };
-        let num = |w: &[String], i: usize| -> Option<u64> { w.get(i)?.parse().ok() };
-        let dev = num(&field("dev")?, 0)?;
-        let ino = num(&field("ino")?, 0)?;
-        let path = unhex(field("path")?.first().map_or("", String::as_str))?;
-        let a = field("area")?;
-        let area = (num(&a, 0)?, num(&a, 1)?);
-        let l = field("link")?;
-        let link = l.first()?.clone();
+        let mut r = RecordText::open(text, MAGIC)?;
+        let dev = r.num("dev")?;
+        let ino = r.num("ino")?;
+        let path = unhex(r.field("path")?.first().copied().unwrap_or(""))?;
+        let a = r.field("area")?;
+        let area = (a.first()?.parse().ok()?, a.get(1)?.parse().ok()?);
+        let l = r.field("link")?;
+        let link = l.first()?.to_string();
         if !is_link_name(link.as_bytes()) {
             return None;
         }
-        let link_ino = num(&l, 1)?;
-        let t = field("truncate")?;
-        let truncate_to = match t.first()?.as_str() {
+        let link_ino = l.get(1)?.parse().ok()?;
+        let truncate_to = match *r.field("truncate")?.first()? {
             "-" => None,
             v => Some(v.parse().ok()?),
         };
-        let size = num(&field("size")?, 0)?;
-        let m = field("mtime")?;
-        let mtime = (m.first()?.parse().ok()?, m.get(1)?.parse().ok()?);
-        let mut ranges = Vec::new();
-        let mut last_end = 0;
-        for line in lines {
-            if line == "end" {
-                return Some(Header {
-                    path,
-                    dev,
-                    ino,
-                    area,
-                    link,
-                    link_ino,
-                    plan: Plan {
-                        truncate_to,
-                        ranges,
-                        size,
-                        mtime,
-                    },
-                });
-            }
-            let mut w = line.split(' ');
-            if w.next()? != "range" {
-                return None;
-            }
-            let a: u64 = w.next()?.parse().ok()?;
-            let b: u64 = w.next()?.parse().ok()?;
-            // Sorted and disjoint, as `Ranges` keeps them.
-            if a >= b || a < last_end {
-                return None;
-            }
-            last_end = b;
-            ranges.push((a, b));
-        }
-        // No end line: not whole.
-        None
+        let size = r.num("size")?;
+        let mtime = r.time("mtime")?;
+        let ranges = r.ranges("range")?;
+        Some(Header {
+            path,
+            dev,
+            ino,
+            area,
+            link,
+            link_ino,
+            plan: Plan {
+                truncate_to,
+                ranges,
+                size,
+                mtime,
+            },
+        })
     }
 }
 

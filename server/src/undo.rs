@@ -372,45 +372,74 @@ impl Header {
     }
 
     fn decode(text: &str) -> Option<Header> {
+        let mut r = RecordText::open(text, MAGIC)?;
+        let dev = r.num("dev")?;
+        let ino = r.num("ino")?;
+        let size = r.num("size")?;
+        let mtime = r.time("mtime")?;
+        let path = unhex(r.field("path")?.first().copied().unwrap_or(""))?;
+        let regions = r.ranges("region")?;
+        Some(Header {
+            path,
+            dev,
+            ino,
+            size,
+            mtime,
+            regions,
+        })
+    }
+}
+
+/// The text of a record (undo or redo): a magic line, `name value...` lines in a fixed
+/// order, byte ranges (`kind start end`, sorted, disjoint, not empty), then `end`. A
+/// record cut short (being written when the server died) has no `end` and is refused.
+pub(crate) struct RecordText<'a> {
+    lines: std::str::Lines<'a>,
+}
+
+impl<'a> RecordText<'a> {
+    pub(crate) fn open(text: &'a str, magic: &str) -> Option<RecordText<'a>> {
         let mut lines = text.lines();
-        if lines.next()? != MAGIC {
-            return None;
-        }
-        let mut field = |name: &str| -> Option<Vec<String>> {
-            let line = lines.next()?;
-            let mut words = line.split(' ');
-            (words.next()? == name).then(|| words.map(str::to_string).collect())
-        };
-        let dev = field("dev")?.first()?.parse().ok()?;
-        let ino = field("ino")?.first()?.parse().ok()?;
-        let size = field("size")?.first()?.parse().ok()?;
-        let m = field("mtime")?;
-        let mtime = (m.first()?.parse().ok()?, m.get(1)?.parse().ok()?);
-        let path = unhex(field("path")?.first().map_or("", String::as_str))?;
-        let mut regions = Vec::new();
-        for line in lines {
+        (lines.next()? == magic).then_some(RecordText { lines })
+    }
+
+    /// The words after `name` on the next line.
+    pub(crate) fn field(&mut self, name: &str) -> Option<Vec<&'a str>> {
+        let mut words = self.lines.next()?.split(' ');
+        (words.next()? == name).then(|| words.collect())
+    }
+
+    /// The number after `name` on the next line.
+    pub(crate) fn num(&mut self, name: &str) -> Option<u64> {
+        self.field(name)?.first()?.parse().ok()
+    }
+
+    /// Seconds and nanoseconds after `name` on the next line.
+    pub(crate) fn time(&mut self, name: &str) -> Option<(i64, i64)> {
+        let w = self.field(name)?;
+        Some((w.first()?.parse().ok()?, w.get(1)?.parse().ok()?))
+    }
+
+    /// The `kind start end` lines up to `end`.
+    pub(crate) fn ranges(self, kind: &str) -> Option<Vec<(u64, u64)>> {
+        let mut ranges = Vec::new();
+        let mut last_end = 0;
+        for line in self.lines {
             if line == "end" {
-                return Some(Header {
-                    path,
-                    dev,
-                    ino,
-                    size,
-                    mtime,
-                    regions,
-                });
+                return Some(ranges);
             }
             let mut w = line.split(' ');
-            if w.next()? != "region" {
+            if w.next()? != kind {
                 return None;
             }
             let a: u64 = w.next()?.parse().ok()?;
             let b: u64 = w.next()?.parse().ok()?;
-            if a > b {
+            if a >= b || a < last_end {
                 return None;
             }
-            regions.push((a, b));
+            last_end = b;
+            ranges.push((a, b));
         }
-        // No end line: not whole.
         None
     }
 }

@@ -885,13 +885,8 @@ fn writes_after_a_failed_upload_fail_too() {
         .expect_err("close of a descriptor whose writes were lost, writing nothing after");
     // Answered before the server has it, like every write: the close reports it.
     let _ = b.write_all_at(&rng.bytes(30_000), 100_000);
-    let err = close_in_time("the second descriptor", b)
-        .expect_err("close of a descriptor whose earlier writes were lost");
+    close_fails("the second descriptor", b);
     drop(no_spawns);
-    assert!(
-        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
-        "close failed with {err}, expected EIO"
-    );
     let now = fs::read(fx.exp("f")).expect("read the export");
     assert!(now == old, "the export changed although the uploads failed");
 }
@@ -927,13 +922,8 @@ fn a_writer_opened_after_a_failed_upload_starts_afresh() {
     assert!(now == want, "the export lacks the fresh writer's bytes");
     // Answered before the server has it, like every write: the close reports it.
     let _ = b.write_all_at(&rng.bytes(30_000), 100_000);
-    let err = close_in_time("the second descriptor", b)
-        .expect_err("close of a descriptor whose earlier writes were lost");
+    close_fails("the second descriptor", b);
     drop(no_spawns);
-    assert!(
-        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
-        "close failed with {err}, expected EIO"
-    );
     let now = fs::read(fx.exp("f")).expect("read the export");
     assert!(
         now == want,
@@ -1018,6 +1008,17 @@ fn file_for_restart(
     })?;
     let next = fx.server.prepare_restart();
     Some((fx, old, next, ferry_tests::process::no_spawns()))
+}
+
+/// The close of `f`, whose earlier writes were lost, fails in time with `EIO` (or
+/// another of [`ACCEPTED`]).
+fn close_fails(what: &str, f: fs::File) {
+    let err =
+        close_in_time(what, f).expect_err("close of a descriptor whose earlier writes were lost");
+    assert!(
+        err.raw_os_error().is_some_and(|n| ACCEPTED.contains(&n)),
+        "close of {what} failed with {err}, expected EIO"
+    );
 }
 
 /// `path` opened for writing.
