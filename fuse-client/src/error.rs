@@ -82,6 +82,13 @@ impl TransportError {
             TransportError::Disconnected | TransportError::StaleHandle
         )
     }
+
+    /// Like [`TransportError::dropped`], a dropped for silence included: for a keyed
+    /// change, which is sent again with its key (the server runs it at most once, so a
+    /// repeat costs only the wait).
+    pub fn may_have_run(&self) -> bool {
+        self.dropped() || matches!(self, TransportError::Silent)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -44,6 +44,20 @@ struct Session {
     done: VecDeque<u64>,
     /// For choosing the least recently used session.
     used: u64,
+    /// Slots `Running` (such a session is never forgotten).
+    running: usize,
+}
+
+impl Session {
+    /// `seq` has its answer: remembered, and the oldest answers past the bound go.
+    fn remember_done(&mut self, seq: u64) {
+        self.done.push_back(seq);
+        while self.done.len() > MAX_PER_SESSION {
+            if let Some(old) = self.done.pop_front() {
+                self.slots.remove(&old);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -87,22 +101,18 @@ impl Drop for Finish<'_> {
     fn drop(&mut self) {
         let answer = self.answer.take();
         let mut t = self.answers.lock();
-        let Some(s) = t.sessions.get_mut(&self.key.session) else {
-            return;
-        };
-        match answer {
-            Some(a) => {
-                s.slots.insert(self.key.seq, Slot::Done(a));
-                s.done.push_back(self.key.seq);
-                while s.done.len() > MAX_PER_SESSION {
-                    if let Some(old) = s.done.pop_front() {
-                        s.slots.remove(&old);
-                    }
+        // (A session with a change running is never forgotten.)
+        if let Some(s) = t.sessions.get_mut(&self.key.session) {
+            s.running = s.running.saturating_sub(1);
+            match answer {
+                Some(a) => {
+                    s.slots.insert(self.key.seq, Slot::Done(a));
+                    s.remember_done(self.key.seq);
                 }
-            }
-            // Unwound: nothing is known of the change; a repeat is told so.
-            None => {
-                s.slots.remove(&self.key.seq);
+                // Unwound: nothing is known of the change; a repeat is told so.
+                None => {
+                    s.slots.remove(&self.key.seq);
+                }
             }
         }
         drop(t);
@@ -159,25 +169,19 @@ impl Answers {
         }
         if key.repeat {
             // Not remembered: it ran on a server this one replaced, or its answer was
-            // forgotten, or its first send never arrived; nobody can tell which.
+            // forgotten, or its first send never arrived; nobody can tell which. So
+            // that a first send still on its way (behind other requests of a
+            // connection the client gave up on) does not run after this answer, the
+            // key is remembered with it.
+            let s = self.session(&mut t, key.session, now);
+            s.slots
+                .insert(key.seq, Slot::Done(Ok(Response::NotRemembered)));
+            s.remember_done(key.seq);
             return Ok(Response::NotRemembered);
         }
-        if !t.sessions.contains_key(&key.session) && t.sessions.len() >= MAX_SESSIONS {
-            // The least recently used session goes, unless a change of it is running
-            // (then the new one is not remembered at all... rare enough: run it).
-            let oldest = t
-                .sessions
-                .iter()
-                .filter(|(_, s)| !s.slots.values().any(|v| matches!(v, Slot::Running)))
-                .min_by_key(|(_, s)| s.used)
-                .map(|(&id, _)| id);
-            if let Some(id) = oldest {
-                t.sessions.remove(&id);
-            }
-        }
-        let s = t.sessions.entry(key.session).or_default();
-        s.used = now;
+        let s = self.session(&mut t, key.session, now);
         s.slots.insert(key.seq, Slot::Running);
+        s.running += 1;
         drop(t);
         let mut finish = Finish {
             answers: self,
@@ -188,6 +192,25 @@ impl Answers {
         finish.answer = Some(answer.clone());
         drop(finish);
         answer
+    }
+
+    /// The record of `session`, made if new; when that makes one too many, the least
+    /// recently used other session with no change running is forgotten first.
+    fn session<'t>(&self, t: &'t mut Table, session: u64, now: u64) -> &'t mut Session {
+        if !t.sessions.contains_key(&session) && t.sessions.len() >= MAX_SESSIONS {
+            let oldest = t
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.running == 0)
+                .min_by_key(|(_, s)| s.used)
+                .map(|(&id, _)| id);
+            if let Some(id) = oldest {
+                t.sessions.remove(&id);
+            }
+        }
+        let s = t.sessions.entry(session).or_default();
+        s.used = now;
+        s
     }
 
     /// Remembered answers in all (for tests of the bounds).
@@ -245,6 +268,17 @@ mod tests {
         });
         assert_eq!(r, Ok(Response::NotRemembered));
         assert!(!ran.get(), "a repeat of an unknown session ran");
+        // Its first send, late (still queued on a connection the client gave up on),
+        // does not run after that answer either.
+        let late = a.run(key(9, 1, false), || {
+            ran.set(true);
+            Ok(Response::Ok)
+        });
+        assert_eq!(late, Ok(Response::NotRemembered));
+        assert!(
+            !ran.get(),
+            "a late first send ran after its repeat was answered"
+        );
         // Nor of a key of a known session it never saw (that key may have run on a
         // server this one replaced).
         a.run(key(9, 2, false), || Ok(Response::Ok)).unwrap();

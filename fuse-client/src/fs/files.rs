@@ -1439,15 +1439,30 @@ impl Core {
     }
 
     pub async fn create(&self, caller: Caller, file: &NewFile) -> FsResult<OpenReply> {
-        let req = self.create_request(file)?;
         let key = self.client.once_key();
-        let generation = self.client.connect().await?;
-        let reply = self
-            .client
-            .call_keyed(Some(generation), caller, req, key)
-            .await;
-        match reply {
-            Err(e) if e.dropped() => self.create_again(caller, file, key).await,
+        let mut queued = None;
+        // Not queued (the connection went just before): once more, as a first send.
+        for _ in 0..2 {
+            let generation = self.client.connect().await?;
+            let req = self.create_request(file)?;
+            match self
+                .client
+                .start_keyed(Some(generation), caller, req, key)
+                .await
+            {
+                Ok(sent) => {
+                    queued = Some((generation, sent));
+                    break;
+                }
+                Err(e) if e.may_have_run() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some((generation, sent)) = queued else {
+            return errno(libc::EIO);
+        };
+        match sent.reply().await {
+            Err(e) if e.may_have_run() => self.create_again(caller, file, key).await,
             reply => {
                 let reply = match reply? {
                     Ok(r) => Ok(self.unwrap_reply(r)),
@@ -1527,7 +1542,7 @@ impl Core {
                 Ok(Ok(r)) => Ok(me.unwrap_reply(r)),
                 Ok(Err(e)) => errno(e),
                 Err(e) => {
-                    if e.dropped()
+                    if e.may_have_run()
                         && let Some(rt) = me.runtime.get().cloned()
                     {
                         // Sent again, off the reader.
@@ -3127,6 +3142,9 @@ impl Core {
         mode: i32,
     ) -> FsResult<()> {
         let f = self.open_file(fh)?;
+        if f.lost_changes(&*self.tracker(f.ino)?) {
+            return errno(libc::EIO);
+        }
         self.commit(caller, f.ino).await?;
         let (handle, generation) = self.io_handle(&f).await?;
         self.tracker(f.ino)?.journal_broken(generation);

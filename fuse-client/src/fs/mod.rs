@@ -461,15 +461,28 @@ impl Core {
     }
 
     /// A change of names (mkdir, mknod, symlink, link, unlink, rmdir, rename) that runs
-    /// at most once: if its connection breaks under it (closed or reset; a server gone
-    /// silent has had its `--timeout` already), it is sent again with the same key on a
-    /// new connection, and a server that ran it answers with its first answer instead
-    /// of running it again (`OnceKey`). `Ok(None)`: the server does not remember it (it
-    /// restarted meanwhile, say), so whether it ran is unknown.
+    /// at most once: if its connection breaks under it (closed, reset, or silent past
+    /// `--timeout`), it is sent again with the same key on a new connection, and a
+    /// server that ran it answers with its first answer instead of running it again
+    /// (`OnceKey`). One that could not even be queued goes once more as a first send.
+    /// `Ok(None)`: the server does not remember it (it restarted meanwhile, say), so
+    /// whether it ran is unknown.
     async fn rpc_once(&self, caller: Caller, req: Request) -> FsResult<Option<Response>> {
         let key = self.client.once_key();
-        let answer = match self.client.call_keyed(None, caller, req.clone(), key).await {
-            Err(e) if e.dropped() => {
+        let sent = match self
+            .client
+            .start_keyed(None, caller, req.clone(), key)
+            .await
+        {
+            Err(e) if e.may_have_run() => {
+                self.client
+                    .start_keyed(None, caller, req.clone(), key)
+                    .await
+            }
+            sent => sent,
+        };
+        let answer = match sent?.reply().await {
+            Err(e) if e.may_have_run() => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("connection lost under a change; sending it again with its key");
                 let repeat = ferry_common::OnceKey {

@@ -197,7 +197,7 @@ impl Core {
                 return;
             };
             if let Err(t) = &outcome
-                && t.dropped()
+                && t.may_have_run()
                 && let Some(rt) = me.runtime.get().cloned()
             {
                 rt.spawn(async move {

@@ -156,7 +156,7 @@ pub fn execute_keyed(
                 key,
                 || execute(ctx, caller, req),
                 |first| match again {
-                    Some(create) => create_again(ctx, caller, create, first),
+                    Some(create) => create_again(ctx, create, first),
                     None => first,
                 },
             )
@@ -165,39 +165,47 @@ pub fn execute_keyed(
 }
 
 /// The repeat of a `Create` that ran: its handle belonged to the connection that broke,
-/// so the file is opened again (as a create that is not exclusive: a staged `O_TRUNC`
-/// is staged again on the new handle), and must be the file the first run answered
-/// with, else `EIO` (replaced meanwhile).
+/// so the file is opened again by its name, without `O_CREAT` (gone meanwhile: `EIO`,
+/// never a new file), staged as the create was (a staged `O_TRUNC` is staged again),
+/// and must be the file the first run answered with: the same inode number and
+/// `ctime` (a new file that got a freed inode number has another), else `EIO`.
 fn create_again(
     ctx: &Ctx,
-    caller: Caller,
     create: Request,
     first: Result<Response, Errno>,
 ) -> Result<Response, Errno> {
-    let first_ino = match first.as_ref().map(Response::inner) {
-        Ok(Response::Opened { attr, .. }) => attr.ino,
+    let made = match first.as_ref().map(Response::inner) {
+        Ok(Response::Opened { attr, .. }) => *attr,
         _ => return first,
     };
     let Request::Create {
         parent,
         name,
-        mode,
-        umask,
         flags,
+        ..
     } = create
     else {
         return first;
     };
-    let again = Request::Create {
-        parent,
-        name,
-        mode,
-        umask,
-        flags: flags & !libc::O_EXCL,
+    let path = parent.join(&name.0);
+    // Looked at before it is opened: the open may truncate (an empty file's `O_TRUNC`
+    // is not staged), which changes its `ctime`.
+    let now = match ctx.export.resolve(&path, libc::O_PATH) {
+        Ok(probe) => attr_of(&crate::sys::fstat(probe.as_fd())?, ctx.export.root_dev()),
+        Err(libc::ENOENT) => return Err(libc::EIO),
+        Err(e) => return Err(e),
     };
-    let reply = execute(ctx, caller, again)?;
-    match reply.inner() {
-        Response::Opened { attr, .. } if attr.ino == first_ino => Ok(reply),
+    if now.ino != made.ino || now.ctime != made.ctime {
+        return Err(libc::EIO);
+    }
+    let flags = flags & !(libc::O_CREAT | libc::O_EXCL);
+    let reply = match open::open(ctx, &path, flags, 0, true) {
+        Ok(r) => r,
+        Err(libc::ENOENT) => return Err(libc::EIO),
+        Err(e) => return Err(e),
+    };
+    match &reply {
+        Response::Opened { attr, .. } if attr.ino == made.ino => Ok(reply),
         Response::Opened { handle, .. } => {
             let _ = ctx.handles.remove_file(*handle);
             Err(libc::EIO)
