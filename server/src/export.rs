@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use ferry_common::path::{check_name, check_path};
 use ferry_common::{Name, RelPath};
 
-use crate::redo::{AREA_NAME, Area};
+use crate::redo::{AREA_NAME, Area, reserved};
 use crate::staging::Records;
 use crate::sys::{self, Errno};
 
@@ -135,10 +135,14 @@ impl Export {
         &self.answers
     }
 
-    /// Whether a file with device `dev` and inode number `ino` is the hidden folder,
-    /// which listings leave out.
+    /// Whether a file with device `dev` and inode number `ino` is the hidden folder.
     pub fn is_hidden(&self, dev: u64, ino: u64) -> bool {
         self.area.identity() == Some((dev, ino))
+    }
+
+    /// Whether directory `dir` is the export root.
+    pub fn is_root(&self, dir: BorrowedFd<'_>) -> bool {
+        sys::fstat(dir).is_ok_and(|st| (st.st_dev, st.st_ino) == (self.root_dev, self.root_ino))
     }
 
     /// `EACCES` if `fd` is the hidden folder.
@@ -201,13 +205,10 @@ impl Export {
     pub fn entry(&self, parent: &RelPath, name: &Name) -> Result<(OwnedFd, CString), Errno> {
         check_name(&name.0).map_err(|e| e.errno())?;
         let dir = self.resolve_dir(parent)?;
-        // The hidden folder's own name at the root: not to be looked up, made, renamed
-        // or removed while it exists.
-        if name.0 == AREA_NAME && self.area.identity().is_some() {
-            let st = sys::fstat(dir.as_fd())?;
-            if (st.st_dev, st.st_ino) == (self.root_dev, self.root_ino) {
-                return Err(libc::EACCES);
-            }
+        // A name reserved at the root (however the root was reached): not to be
+        // looked up, made, renamed or removed.
+        if reserved(&name.0) && self.is_root(dir.as_fd()) {
+            return Err(libc::EACCES);
         }
         Ok((dir, sys::cstring(&name.0)?))
     }
@@ -224,6 +225,12 @@ impl Export {
 
     fn open_beneath(&self, path: &RelPath, flags: i32) -> Result<OwnedFd, Errno> {
         check_path(&path.0).map_err(|e| e.errno())?;
+        // A name reserved at the root, and anything beneath it. (Reached through a
+        // symlink, the folder itself is refused by its identity; names beneath it are
+        // random and never sent.)
+        if reserved(path.0.split(|&b| b == b'/').next().unwrap_or_default()) {
+            return Err(libc::EACCES);
+        }
         let c = if path.is_root() {
             c".".to_owned()
         } else {

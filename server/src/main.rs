@@ -109,7 +109,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Ok(undo) => {
                 let rolled = undo.recover(&export);
                 if rolled > 0 {
-                    tracing::warn!("rolled back {rolled} commit(s) a crash interrupted");
+                    tracing::warn!(
+                        "rolled back or finished {rolled} commit(s) a crash interrupted"
+                    );
                 }
                 export.set_undo(undo);
             }

@@ -45,6 +45,14 @@ const MAGIC: &str = "ferryd-redo 1";
 /// The hidden folder's name at the export root.
 pub const AREA_NAME: &[u8] = b".ferryd";
 
+/// Whether `name`, at the export root, is reserved to `ferryd`: `.ferryd`, and the
+/// `.ferryd.<random>` names it is made under. No client may reach, make, rename or
+/// remove such a name there, whether the folder exists or not, and listings leave it
+/// out.
+pub fn reserved(name: &[u8]) -> bool {
+    name == AREA_NAME || name.starts_with(b".ferryd.")
+}
+
 fn area_name() -> CString {
     CString::new(AREA_NAME).unwrap_or_default()
 }
@@ -118,30 +126,16 @@ impl Area {
         }
     }
 
-    /// The folder for one commit, made if no other commit holds it. A `.ferryd` this
-    /// process did not make (a client's, say) is never used, unless it is an empty
-    /// folder of ours (left by a crash).
+    /// The folder for one commit, made if no other commit holds it. It is made under
+    /// a random name, known by its identity, and only then renamed to `.ferryd`, so no
+    /// client path can reach it before it is refused; a `.ferryd` already there (not
+    /// removed at start: not only ours) is never used.
     pub fn enter(&self) -> Result<InArea<'_>, Errno> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let dir = match &state.dir {
             Some(dir) => Arc::clone(dir),
             None => {
-                let name = area_name();
-                let made = match sys::mkdirat(self.root.as_fd(), &name, 0o700) {
-                    Ok(()) => true,
-                    Err(libc::EEXIST) => false,
-                    Err(e) => return Err(e),
-                };
-                let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-                let dir = sys::openat(self.root.as_fd(), &name, flags, 0)?;
-                let st = sys::fstat(dir.as_fd())?;
-                let empty = names_in(dir.as_fd()).map(|n| n.is_empty()).unwrap_or(false);
-                if !looks_ours(&st) || (!made && !empty) {
-                    return Err(libc::EEXIST);
-                }
-                self.dev.store(st.st_dev, Ordering::Release);
-                self.ino.store(st.st_ino, Ordering::Release);
-                let dir = Arc::new(dir);
+                let dir = Arc::new(self.make()?);
                 state.dir = Some(Arc::clone(&dir));
                 dir
             }
@@ -156,6 +150,33 @@ impl Area {
         })
     }
 
+    /// Make the folder (see [`Area::enter`]); its identity is set when this returns.
+    fn make(&self) -> Result<OwnedFd, Errno> {
+        let tmp = CString::new(format!(".ferryd.{}", hex(&sys::random_128()?)))
+            .map_err(|_| libc::EINVAL)?;
+        sys::mkdirat(self.root.as_fd(), &tmp, 0o700)?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let made = sys::openat(self.root.as_fd(), &tmp, flags, 0).and_then(|dir| {
+            let st = sys::fstat(dir.as_fd())?;
+            self.dev.store(st.st_dev, Ordering::Release);
+            self.ino.store(st.st_ino, Ordering::Release);
+            sys::renameat2(
+                self.root.as_fd(),
+                &tmp,
+                self.root.as_fd(),
+                &area_name(),
+                libc::RENAME_NOREPLACE,
+            )?;
+            Ok(dir)
+        });
+        if made.is_err() {
+            self.ino.store(0, Ordering::Release);
+            self.dev.store(0, Ordering::Release);
+            let _ = sys::unlinkat(self.root.as_fd(), &tmp, libc::AT_REMOVEDIR);
+        }
+        made
+    }
+
     fn leave(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.users = state.users.saturating_sub(1);
@@ -164,9 +185,12 @@ impl Area {
         }
         // Hidden until it is gone: nobody may slip into it in between. If it cannot go
         // (a link in it could not be removed), it stays, hidden, for the next commit.
-        if let Err(e) = sys::unlinkat(self.root.as_fd(), &area_name(), libc::AT_REMOVEDIR) {
-            tracing::warn!(errno = e, "cannot remove the export's .ferryd folder");
-            return;
+        match sys::unlinkat(self.root.as_fd(), &area_name(), libc::AT_REMOVEDIR) {
+            Ok(()) | Err(libc::ENOENT) => {}
+            Err(e) => {
+                tracing::warn!(errno = e, "cannot remove the export's .ferryd folder");
+                return;
+            }
         }
         state.dir = None;
         self.ino.store(0, Ordering::Release);
@@ -175,9 +199,23 @@ impl Area {
 
     /// At start, after the records are done: remove a `.ferryd` of ours left by a
     /// crash (its links have no record left, so their commits never began or had
-    /// finished). Anything in it that is not one of our links keeps it in place.
+    /// finished), and any `.ferryd.<random>` one being made. Anything in it that is
+    /// not one of our links keeps it in place.
     fn tidy(&self) {
-        let name = area_name();
+        if let Ok(names) = names_in(self.root.as_fd()) {
+            for n in names {
+                if n.starts_with(b".ferryd.")
+                    && let Ok(c) = CString::new(n)
+                {
+                    self.tidy_one(&c);
+                }
+            }
+        }
+        self.tidy_one(&area_name());
+    }
+
+    fn tidy_one(&self, name: &CString) {
+        let name = name.clone();
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         let Ok(dir) = sys::openat(self.root.as_fd(), &name, flags, 0) else {
             return;
@@ -229,6 +267,15 @@ pub struct Redo<'a> {
 }
 
 impl Redo<'_> {
+    /// A new staging file for the handle whose file this record linked: an `O_TMPFILE`
+    /// can be given a name only once, so the next large commit of the handle could
+    /// keep no record with the old one. Made in the hidden folder (the filesystem of
+    /// the real file, as the link showed), still unnamed.
+    pub fn fresh_staging(&self) -> Result<OwnedFd, Errno> {
+        let flags = libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC;
+        sys::openat(self.area.dir.as_fd(), c".", flags, 0o600)
+    }
+
     /// The apply is done (or failed and will not be redone): the link goes, then the
     /// record, then (for the last commit) the folder.
     pub fn done(self) {
@@ -288,6 +335,7 @@ impl UndoDir {
             return Err(e);
         }
         tracing::debug!(record = %rec.display(), "redo record saved");
+        self.redo_kept.fetch_add(1, Ordering::Relaxed);
         Ok(Redo { rec, link, area })
     }
 }

@@ -12,7 +12,8 @@
 //! The staging file lives in the same directory (so the same filesystem) as the real one,
 //! which lets `copy_file_range` share the data instead of copying it where the
 //! filesystem can. Only `ferryd` itself ever links it anywhere: into its hidden folder,
-//! for the redo record of a large commit (see [`crate::redo`]).
+//! for the redo record of a large commit (see [`crate::redo`]); the handle then goes on
+//! with a new unnamed one made there (the same filesystem too).
 //!
 //! This module must never write to the real file except in [`Staging::commit`], and
 //! never read or write the staging file anywhere but at the offsets it records.
@@ -410,7 +411,15 @@ impl Staging {
         let applied = apply_plan(self.file.as_fd(), real, &plan);
         match (applied, record) {
             (Ok(()), Some(Record::Undo(r))) => r.done(),
-            (Ok(()), Some(Record::Redo(r))) => r.done(),
+            (Ok(()), Some(Record::Redo(r))) => {
+                // The linked file cannot be linked again: the next large commit gets a
+                // fresh one (without, it would go without a record).
+                match r.fresh_staging() {
+                    Ok(fresh) => self.file = fresh,
+                    Err(e) => tracing::warn!(errno = e, "cannot make a new staging file"),
+                }
+                r.done();
+            }
             (Err(e), Some(Record::Undo(r))) => {
                 if let Err(re) = r.roll_back(real) {
                     tracing::error!(

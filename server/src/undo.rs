@@ -37,6 +37,8 @@ pub struct UndoDir {
     next: AtomicU64,
     /// Commits saving more than this keep a redo record instead ([`UNDO_MAX`]).
     undo_max: AtomicU64,
+    /// Redo records kept so far (tests check that a commit kept one).
+    pub(crate) redo_kept: AtomicU64,
     /// Held (`flock`) while this process uses the folder: a second `ferryd` on the
     /// same export must not roll back the first one's commits in progress.
     _lock: File,
@@ -112,6 +114,7 @@ impl UndoDir {
             dir,
             next: AtomicU64::new(0),
             undo_max: AtomicU64::new(UNDO_MAX),
+            redo_kept: AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -128,6 +131,12 @@ impl UndoDir {
     /// Change [`UndoDir::undo_max`] (tests: redo records for small commits).
     pub fn set_undo_max(&self, bytes: u64) {
         self.undo_max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// How many redo records commits have kept (a commit that could not keep one
+    /// only logs it).
+    pub fn redo_records_kept(&self) -> u64 {
+        self.redo_kept.load(Ordering::Relaxed)
     }
 
     /// A new record's path (`PID-N.<ext>`, N counting up) and the temporary path it is

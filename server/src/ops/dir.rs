@@ -92,7 +92,11 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
                 Err(libc::ENOENT) => continue,
                 Err(e) => return Err(e),
             };
-            if name == crate::redo::AREA_NAME && ctx.export.is_hidden(st.st_dev, st.st_ino) {
+            // `ferryd`'s own names at the root (see `redo::reserved`), and its folder
+            // wherever a listing meets it.
+            if crate::redo::reserved(name)
+                && (ctx.export.is_hidden(st.st_dev, st.st_ino) || ctx.export.is_root(dir))
+            {
                 continue;
             }
             let mut attr = attr_of(&st, ctx.export.root_dev());

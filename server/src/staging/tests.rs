@@ -160,7 +160,13 @@ proptest! {
                     prop_assert_eq!(st.read(real.as_fd(), off, len).unwrap(), model_read(&model, off, len));
                 }
                 Op::Commit => {
+                    // With redo records on, a commit that changes old bytes must keep one.
+                    let saves = st.pending.as_ref().is_some_and(|p| {
+                        !changed_regions(p, size_of(real.as_fd()).unwrap()).is_empty()
+                    });
+                    let kept = undo.redo_records_kept();
                     st.commit(real.as_fd(), export.records()).unwrap();
+                    prop_assert_eq!(undo.redo_records_kept(), kept + u64::from(redo && saves));
                     prop_assert!(!st.has_pending());
                     // A commit that completed leaves no record behind, nor the
                     // hidden folder.
@@ -452,12 +458,67 @@ fn the_hidden_folder_is_out_of_reach() {
         // A symlink itself (not followed) is only a symlink.
         assert!(export.resolve(&p("l"), libc::O_PATH).is_ok());
     }
-    // Gone with the last user, and the name is free again.
+    // Gone with the last user; the names stay reserved (a client's `.ferryd` could
+    // otherwise be adopted, or keep every large commit from its record).
     assert!(!dir.path().join(".ferryd").exists());
-    assert!(export.entry(&p(""), &n(".ferryd")).is_ok());
-    // A `.ferryd` that is not ours is never taken.
+    assert_eq!(
+        export.entry(&p(""), &n(".ferryd")).err(),
+        Some(libc::EACCES)
+    );
+    assert_eq!(
+        export.entry(&p(""), &n(".ferryd.0123")).err(),
+        Some(libc::EACCES)
+    );
+    assert_eq!(
+        export.resolve(&p(".ferryd/x"), libc::O_PATH).err(),
+        Some(libc::EACCES)
+    );
+    // No folder made under its random name is left at the root.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".ferryd"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A `.ferryd` that ferryd did not make (even an empty private one) is never taken.
     std::fs::create_dir(dir.path().join(".ferryd")).unwrap();
-    std::fs::write(dir.path().join(".ferryd/mine"), b"a user's").unwrap();
-    assert!(export.area().enter().is_err());
-    assert!(export.resolve_dir(&p(".ferryd")).is_ok());
+    std::fs::set_permissions(
+        dir.path().join(".ferryd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    assert_eq!(export.area().enter().err(), Some(libc::EEXIST));
+    assert!(
+        dir.path().join(".ferryd").is_dir(),
+        "someone else's folder removed"
+    );
+}
+
+/// Every large commit of a handle keeps a redo record, not only its first: the
+/// linked staging file (which cannot be linked twice) is replaced after each.
+#[test]
+fn every_large_commit_of_a_handle_keeps_a_redo_record() {
+    let (dir, dirfd, real) = fixture(&[5u8; 100_000]);
+    let state = tempfile::TempDir::new().unwrap();
+    let export = crate::export::Export::open(dir.path(), false).unwrap();
+    export.set_undo(UndoDir::open(state.path(), 11).unwrap());
+    let undo = export.undo().unwrap();
+    undo.set_undo_max(0);
+    let mut st = Staging::create(dirfd.as_fd(), &f_path()).unwrap().unwrap();
+    for round in 1..=3u8 {
+        st.write(real.as_fd(), 1000, &[round; 50_000]).unwrap();
+        st.commit(real.as_fd(), export.records()).unwrap();
+        assert_eq!(undo.redo_records_kept(), u64::from(round), "round {round}");
+        let now = std::fs::read(dir.path().join("f")).unwrap();
+        assert!(
+            now[1000..51_000].iter().all(|&b| b == round),
+            "round {round}"
+        );
+        assert_eq!(records(undo), 0, "round {round}: records left");
+        assert!(!dir.path().join(".ferryd").exists(), "round {round}");
+    }
+    // Staged reads after the swap see the file.
+    st.write(real.as_fd(), 0, b"AB").unwrap();
+    assert_eq!(st.read(real.as_fd(), 0, 4).unwrap(), b"AB\x05\x05");
 }

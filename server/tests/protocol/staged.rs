@@ -524,6 +524,7 @@ async fn a_commit_with_a_redo_record_leaves_nothing_behind() {
     assert_eq!(c.write(h, 0, b"new").await, Ok(3));
     c.commit(h).await.unwrap();
     assert_eq!(std::fs::read(&f).unwrap(), b"new");
+    assert_eq!(server.export.undo().unwrap().redo_records_kept(), 1);
     assert!(!server.root().join(".ferryd").exists());
     let left: Vec<_> = std::fs::read_dir(server.export.undo().unwrap().dir())
         .unwrap()
@@ -577,6 +578,24 @@ async fn the_hidden_folder_is_not_listed_or_reachable() {
     );
     drop(held);
     assert!(!server.root().join(".ferryd").exists());
-    // Once it is gone, the name is an ordinary one.
-    c.mkdir("", ".ferryd").await.unwrap();
+    // The names stay ferryd's: a client's `.ferryd` could be taken for ferryd's, or
+    // keep every large commit from its record.
+    assert_eq!(c.mkdir("", ".ferryd").await, Err(libc::EACCES));
+    assert_eq!(c.mkdir("", ".ferryd.1").await, Err(libc::EACCES));
+    // One made on the server's disk is neither listed nor reachable either.
+    std::fs::create_dir(server.root().join(".ferryd")).unwrap();
+    std::fs::write(server.root().join(".ferryd/x"), b"x").unwrap();
+    assert_eq!(c.lookup("", ".ferryd").await, Err(libc::EACCES));
+    assert_eq!(c.getattr(".ferryd/x").await, Err(libc::EACCES));
+    let listed = match c
+        .call(Request::ListDir {
+            path: RelPath::root(),
+            max_entries: 100,
+        })
+        .await
+    {
+        Ok(Response::Listing { entries, .. }) => entries.len(),
+        other => panic!("ListDir: {other:?}"),
+    };
+    assert_eq!(listed, 2);
 }
