@@ -977,11 +977,26 @@ impl Core {
         handle: Option<(u64, u64)>,
         attr: &Attr,
     ) -> FsResult<u64> {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let epoch = match writable {
             true => self.tracker(ino)?.epoch.load(Ordering::SeqCst),
             false => 0,
         };
+        self.register_in(opener, ino, sino, writable, handle, attr, epoch)
+    }
+
+    /// [`Core::register`] in writer epoch `epoch`, read when the writer was counted.
+    #[allow(clippy::too_many_arguments)]
+    fn register_in(
+        &self,
+        opener: Caller,
+        ino: u64,
+        sino: u64,
+        writable: bool,
+        handle: Option<(u64, u64)>,
+        attr: &Attr,
+        epoch: u64,
+    ) -> FsResult<u64> {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = OpenFile {
             ino,
             sino,
@@ -1082,7 +1097,9 @@ impl Core {
             true => self.claim_writer(ino, replacing.is_some())?,
             false => None,
         };
-        if let Some((handle, generation)) = claimed {
+        // The epoch is the one it was counted in: a failure and a fresh writer while
+        // this open waits for its attributes must leave it in the failed one.
+        if let Some(((handle, generation), epoch)) = claimed {
             drop(replacing);
             let result = async {
                 if truncating && self.truncate_staged(caller, ino, 0).await?.is_none() {
@@ -1097,8 +1114,15 @@ impl Core {
                 )?);
                 let keep = self.keep_cache(ino, attr.version, truncating);
                 // The writer reference was taken by claim_writer.
-                let fh =
-                    self.register(caller, ino, sino, true, Some((handle, generation)), &attr)?;
+                let fh = self.register_in(
+                    caller,
+                    ino,
+                    sino,
+                    true,
+                    Some((handle, generation)),
+                    &attr,
+                    epoch,
+                )?;
                 Ok(OpenReply {
                     fh,
                     attr,
@@ -1271,14 +1295,16 @@ impl Core {
     /// the kernel has not delivered yet (it is sent asynchronously, after `close`
     /// returns). A handle with writes not yet committed is shared as before: replacing
     /// it could strand them (it may be staged after all, see [`Writer::direct`]).
-    fn claim_writer(&self, ino: u64, may_replace: bool) -> FsResult<Option<(u64, u64)>> {
+    /// The writers' handle, and the writer epoch the caller is counted in (read under
+    /// the inode table's lock, as `set_writer` changes it).
+    fn claim_writer(&self, ino: u64, may_replace: bool) -> FsResult<Option<((u64, u64), u64)>> {
         let live = self.client.live_generation();
-        let clean = may_replace && {
-            let t = self.tracker(ino)?;
-            !t.dirty.load(Ordering::SeqCst) && t.inflight.load(Ordering::SeqCst) == 0
-        };
+        let tracker = self.tracker(ino)?;
+        let clean = may_replace
+            && !tracker.dirty.load(Ordering::SeqCst)
+            && tracker.inflight.load(Ordering::SeqCst) == 0;
         // After a failed upload, a new open (`set_writer`) starts afresh.
-        if self.tracker(ino)?.upload_lost() {
+        if tracker.upload_lost() {
             return Ok(None);
         }
         let mut inodes = self.inodes()?;
@@ -1289,7 +1315,7 @@ impl Core {
         {
             Some(w) => {
                 st.writers += 1;
-                Ok(Some(w.pair()))
+                Ok(Some((w.pair(), tracker.epoch.load(Ordering::SeqCst))))
             }
             None => Ok(None),
         }
