@@ -195,6 +195,9 @@ pub struct Welcome {
     /// Identifies the export (server host, export directory) across server restarts, so a
     /// client can key its persistent cache by it.
     pub export_id: u64,
+    /// Random, chosen by the server process at its start: a client repeats a keyed
+    /// change ([`OnceKey`]) only to the process it first sent it to.
+    pub instance: u64,
 }
 
 /// A path relative to the export root as raw bytes: components separated by `/`, no
@@ -325,8 +328,12 @@ pub struct RequestFrame {
 /// and `repeat`. The server remembers the answers of recent keys for a while (in
 /// memory: not across its own restart) and answers a repeat of one it ran from that
 /// record (a `Create`'s with the file opened again on the repeat's connection), or
-/// waits for the first run if it is still running. A repeat the server does not
-/// remember is answered [`Response::NotRemembered`] without running.
+/// waits for the first run if it is still running. A repeat it has no record of runs
+/// only if its first send cannot have arrived: the server knows the session from a key
+/// no newer than this one and has forgotten none of its answers since. Otherwise it is
+/// answered [`Response::NotRemembered`] without running. A client sends a repeat only
+/// to the server process ([`Welcome::instance`]) it sent the first to: another
+/// process may have run it and forgotten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct OnceKey {
     /// Random, chosen by the client once (per mount).

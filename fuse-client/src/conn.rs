@@ -89,6 +89,8 @@ struct Conn {
     dead: CancellationToken,
     /// Dropped by the watchdog: the server said nothing for `timeout`.
     silent: Arc<AtomicBool>,
+    /// The server process's `Welcome::instance`.
+    instance: u64,
 }
 
 impl Conn {
@@ -311,6 +313,35 @@ impl Client {
             .await
     }
 
+    /// The repeat of a change named by `key` whose first send went to server process
+    /// `instance` and lost its connection: sent (marked `repeat`) only to that
+    /// process; another may have run it and cannot know (`NotRemembered`, at once).
+    pub async fn repeat_keyed(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+        key: OnceKey,
+        instance: u64,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        if let Some(g) = generation
+            && self.live_generation() != Some(g)
+        {
+            return Err(self.failed(TransportError::StaleHandle));
+        }
+        let conn = self.current().await?;
+        if conn.instance != instance {
+            return Ok(Ok(Response::NotRemembered));
+        }
+        let repeat = OnceKey {
+            repeat: true,
+            ..key
+        };
+        self.enqueue(&conn, generation, caller, request, Some(repeat))?
+            .reply()
+            .await
+    }
+
     /// [`Client::start_on`] of a change named by `key`.
     pub async fn start_keyed(
         self: &Arc<Self>,
@@ -513,11 +544,12 @@ impl Client {
         )
         .await
         .map_err(|_| TransportError::HandshakeTimeout)??;
+        let instance = welcome.instance;
         if let Ok(mut w) = self.welcome.lock() {
             *w = Some(welcome);
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(self.spawn_tasks(framed, generation))
+        Ok(self.spawn_tasks(framed, generation, instance))
     }
 
     fn client_name(&self) -> String {
@@ -528,6 +560,7 @@ impl Client {
         self: &Arc<Self>,
         framed: Framed<TcpStream, ClientCodec>,
         generation: u64,
+        instance: u64,
     ) -> Arc<Conn> {
         let pending: Arc<Pending> = Arc::new(Mutex::new(HashMap::new()));
         let dead = CancellationToken::new();
@@ -632,6 +665,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             dead: dead.clone(),
             silent,
+            instance,
         });
 
         // Watchdog: while anything is outstanding, the server must say something at least
@@ -813,6 +847,7 @@ impl Client {
             pending: Arc::clone(&conn.pending),
             client: Arc::clone(self),
             silent: Arc::clone(&conn.silent),
+            instance: conn.instance,
         })
     }
 
@@ -860,9 +895,15 @@ pub struct Sent {
     pending: Arc<Pending>,
     client: Arc<Client>,
     silent: Arc<AtomicBool>,
+    instance: u64,
 }
 
 impl Sent {
+    /// The `Welcome::instance` of the server process it was sent to.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
     pub async fn reply(self) -> Outcome {
         match self.rx.await {
             Ok(r) => Ok(r),
@@ -881,6 +922,7 @@ impl Sent {
             pending,
             client,
             silent,
+            ..
         } = self;
         // Counted as `Sent::reply` counts a lost connection.
         let f: OnReply = Box::new(move |outcome| match outcome {

@@ -170,6 +170,7 @@ where
         max_io: MAX_IO,
         server: format!("ferryd {}", env!("CARGO_PKG_VERSION")),
         export_id: export.id(),
+        instance: export.instance(),
     });
     framed.send(Bytes::from(encode_body(&welcome)?)).await?;
     info!(client = ?hello.client, capabilities, "client connected");

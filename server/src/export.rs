@@ -65,6 +65,8 @@ pub struct Export {
     root_ino: u64,
     /// Answers of recent keyed changes (see [`crate::once`]).
     answers: crate::once::Answers,
+    /// `Welcome::instance`: this process's, random.
+    instance: u64,
 }
 
 impl Export {
@@ -107,6 +109,9 @@ impl Export {
             area: Area::new(area_root),
             root_ino: st.st_ino,
             answers: crate::once::Answers::default(),
+            instance: sys::random_128()
+                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .unwrap_or_else(|_| std::process::id().into()),
         })
     }
 
@@ -133,6 +138,11 @@ impl Export {
 
     pub fn answers(&self) -> &crate::once::Answers {
         &self.answers
+    }
+
+    /// See `Welcome::instance`.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// Whether a file with device `dev` and inode number `ino` is the hidden folder.

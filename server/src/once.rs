@@ -7,17 +7,22 @@
 //! waits for it, while the first run is still running) instead of running it twice.
 //!
 //! It lives in memory, shared by all connections of this process: a server restart
-//! forgets it, and a repeat it does not remember is answered `NotRemembered` without
-//! running. (Even when its first send may never have arrived: a server cannot tell
-//! that from a first send to the server it replaced, which may have run it.)
-//! Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used one goes) of at
-//! most [`MAX_PER_SESSION`] answers each (the oldest goes).
+//! forgets it. A repeat it has no record of runs only if its first send cannot have
+//! arrived: the session's record was made by a key no newer than this one (so this
+//! key, had it arrived, would be in it) and none of its answers newer than this key
+//! was forgotten. Otherwise it is answered `NotRemembered` without running, and that
+//! answer is remembered under the key, so a first send still on its way does not run
+//! after it. This is safe because a client repeats a key only to the process it first
+//! sent it to (`Welcome::instance`): a first send to a process since replaced could
+//! have run there. Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used
+//! one goes) of at most [`MAX_PER_SESSION`] answers each (the oldest goes, and the
+//! session remembers the newest key it forgot).
 //!
 //! Invariant: a slot is `Running` only while one thread is inside the change's
 //! synchronous run (it is set just before, replaced right after, also on unwinding), so
 //! a repeat that waits for it waits for a system call or two, never for another request.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use ferry_common::{OnceKey, Request, Response};
@@ -46,6 +51,10 @@ struct Session {
     used: u64,
     /// Slots `Running` (such a session is never forgotten).
     running: usize,
+    /// The key that made this record: older ones may have arrived before it.
+    first: u64,
+    /// The newest key whose answer was forgotten.
+    forgotten: Option<u64>,
 }
 
 impl Session {
@@ -55,8 +64,14 @@ impl Session {
         while self.done.len() > MAX_PER_SESSION {
             if let Some(old) = self.done.pop_front() {
                 self.slots.remove(&old);
+                self.forgotten = Some(self.forgotten.map_or(old, |f| f.max(old)));
             }
         }
+    }
+
+    /// Whether `seq`, of which there is no record, cannot have arrived before.
+    fn never_arrived(&self, seq: u64) -> bool {
+        seq >= self.first && self.forgotten.is_none_or(|f| seq > f)
     }
 }
 
@@ -64,7 +79,14 @@ impl Session {
 struct Table {
     sessions: HashMap<u64, Session>,
     clock: u64,
+    /// Sessions forgotten whole (the newest [`MAX_EVICTED`]): made again, their record
+    /// does not know which of their keys arrived before.
+    evicted: HashSet<u64>,
+    evicted_order: VecDeque<u64>,
 }
+
+/// Most forgotten sessions remembered as such.
+const MAX_EVICTED: usize = 4096;
 
 /// The answers of one server process.
 #[derive(Debug, Default)]
@@ -109,9 +131,12 @@ impl Drop for Finish<'_> {
                     s.slots.insert(self.key.seq, Slot::Done(a));
                     s.remember_done(self.key.seq);
                 }
-                // Unwound: nothing is known of the change; a repeat is told so.
+                // Unwound: nothing is known of the change (it may have run in part);
+                // a repeat is told so.
                 None => {
-                    s.slots.remove(&self.key.seq);
+                    s.slots
+                        .insert(self.key.seq, Slot::Done(Ok(Response::NotRemembered)));
+                    s.remember_done(self.key.seq);
                 }
             }
         }
@@ -167,19 +192,23 @@ impl Answers {
                 None => break,
             }
         }
-        if key.repeat {
-            // Not remembered: it ran on a server this one replaced, or its answer was
-            // forgotten, or its first send never arrived; nobody can tell which. So
-            // that a first send still on its way (behind other requests of a
-            // connection the client gave up on) does not run after this answer, the
-            // key is remembered with it.
-            let s = self.session(&mut t, key.session, now);
+        let arrived_maybe = key.repeat
+            && !t
+                .sessions
+                .get(&key.session)
+                .is_some_and(|s| s.never_arrived(key.seq));
+        if arrived_maybe {
+            // Its answer was forgotten, or it came before this record was made: it
+            // may have run. So that a first send still on its way (behind other
+            // requests of a connection the client gave up on) does not run after this
+            // answer, the key is remembered with it.
+            let s = self.session(&mut t, key.session, key.seq, now);
             s.slots
                 .insert(key.seq, Slot::Done(Ok(Response::NotRemembered)));
             s.remember_done(key.seq);
             return Ok(Response::NotRemembered);
         }
-        let s = self.session(&mut t, key.session, now);
+        let s = self.session(&mut t, key.session, key.seq, now);
         s.slots.insert(key.seq, Slot::Running);
         s.running += 1;
         drop(t);
@@ -196,7 +225,7 @@ impl Answers {
 
     /// The record of `session`, made if new; when that makes one too many, the least
     /// recently used other session with no change running is forgotten first.
-    fn session<'t>(&self, t: &'t mut Table, session: u64, now: u64) -> &'t mut Session {
+    fn session<'t>(&self, t: &'t mut Table, session: u64, seq: u64, now: u64) -> &'t mut Session {
         if !t.sessions.contains_key(&session) && t.sessions.len() >= MAX_SESSIONS {
             let oldest = t
                 .sessions
@@ -206,9 +235,25 @@ impl Answers {
                 .map(|(&id, _)| id);
             if let Some(id) = oldest {
                 t.sessions.remove(&id);
+                if t.evicted.insert(id) {
+                    t.evicted_order.push_back(id);
+                }
+                while t.evicted_order.len() > MAX_EVICTED {
+                    if let Some(old) = t.evicted_order.pop_front() {
+                        t.evicted.remove(&old);
+                    }
+                }
             }
         }
-        let s = t.sessions.entry(session).or_default();
+        // A session forgotten before: no key of it is known never to have arrived.
+        let first = match t.evicted.contains(&session) {
+            true => u64::MAX,
+            false => seq,
+        };
+        let s = t.sessions.entry(session).or_insert_with(|| Session {
+            first,
+            ..Session::default()
+        });
         s.used = now;
         s
     }
@@ -279,12 +324,16 @@ mod tests {
             !ran.get(),
             "a late first send ran after its repeat was answered"
         );
-        // Nor of a key of a known session it never saw (that key may have run on a
-        // server this one replaced).
-        a.run(key(9, 2, false), || Ok(Response::Ok)).unwrap();
+        // A known session: a key older than its record does not run either; a newer
+        // one it has no record of never arrived, and runs.
+        a.run(key(10, 5, false), || Ok(Response::Ok)).unwrap();
         assert_eq!(
-            a.run(key(9, 3, true), || Err(libc::EXDEV)),
+            a.run(key(10, 4, true), || Err(libc::EXDEV)),
             Ok(Response::NotRemembered)
+        );
+        assert_eq!(
+            a.run(key(10, 6, true), || Err(libc::EXDEV)),
+            Err(libc::EXDEV)
         );
     }
 
@@ -303,9 +352,19 @@ mod tests {
         assert_eq!(r, Ok(Response::NotRemembered));
         assert!(!ran.get());
         for session in 100..(100 + MAX_SESSIONS as u64 + 5) {
-            a.run(key(session, 0, false), || Ok(Response::Ok)).unwrap();
+            a.run(key(session, 10, false), || Ok(Response::Ok)).unwrap();
         }
         assert!(a.lock().sessions.len() <= MAX_SESSIONS);
+        // Session 100 was forgotten whole: made again by an older key arriving late,
+        // it does not take a newer key it has no record of for one never sent.
+        a.run(key(100, 3, false), || Ok(Response::Ok)).unwrap();
+        let ran = Cell::new(false);
+        let r = a.run(key(100, 10, true), || {
+            ran.set(true);
+            Ok(Response::Ok)
+        });
+        assert_eq!(r, Ok(Response::NotRemembered));
+        assert!(!ran.get(), "a forgotten session's key ran twice");
     }
 
     #[test]

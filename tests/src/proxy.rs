@@ -19,6 +19,8 @@ use ferry_common::proto::{MAX_FRAME, RequestFrame, ServerFrame};
 struct Shared {
     /// The kind whose next request loses its reply.
     armed: Mutex<Option<String>>,
+    /// The kind whose next request is lost itself (never reaches the server).
+    armed_request: Mutex<Option<String>>,
     /// Replies lost so far.
     cuts: AtomicUsize,
     stopping: AtomicBool,
@@ -71,7 +73,15 @@ impl CutProxy {
         }
     }
 
-    /// Replies lost so far.
+    /// Lose the next request of `kind` itself: the connection is cut before it reaches
+    /// the server.
+    pub fn lose_request(&self, kind: &str) {
+        if let Ok(mut a) = self.shared.armed_request.lock() {
+            *a = Some(kind.to_string());
+        }
+    }
+
+    /// Replies (or requests) lost so far.
     pub fn cuts(&self) -> usize {
         self.shared.cuts.load(Ordering::SeqCst)
     }
@@ -135,8 +145,19 @@ fn cut(a: &TcpStream, b: &TcpStream) {
 fn to_server(sh: &Shared, mut from: TcpStream, mut to: TcpStream, target: &Mutex<Option<u64>>) {
     let mut first = true;
     while let Ok(frame) = read_frame(&mut from) {
-        if !first
-            && let Ok(req) = decode_body::<RequestFrame>(&frame[4..])
+        let request = match first {
+            true => None,
+            false => decode_body::<RequestFrame>(&frame[4..]).ok(),
+        };
+        if let Some(req) = &request
+            && let Ok(mut armed) = sh.armed_request.lock()
+            && armed.as_deref() == Some(req.request.kind())
+        {
+            *armed = None;
+            sh.cuts.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if let Some(req) = request
             && let Ok(mut armed) = sh.armed.lock()
             && armed.as_deref() == Some(req.request.kind())
             && let Ok(mut t) = target.lock()

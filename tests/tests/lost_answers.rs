@@ -151,3 +151,30 @@ fn a_create_whose_answer_was_lost_opens_its_own_file() {
         );
     }
 }
+
+/// A rename that never reached the server (the network dropped it on the way): sent
+/// again with its key to the same server, which knows the mount's session and has
+/// no record of the key, so it runs it now. (A server that restarted in between would
+/// not be sent the repeat: another process may have run it.)
+#[test]
+fn a_change_that_never_arrived_runs_when_sent_again() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("a"), b"a").expect("write");
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    // The server learns the mount's session from a first keyed change.
+    fs::create_dir(mount.join("d")).expect("mkdir");
+    fs::symlink_metadata(mount.join("a")).expect("stat");
+    let before = proxy.cuts();
+    proxy.lose_request("rename");
+    let (from, to) = (mount.join("a"), mount.join("b"));
+    with_deadline(DEADLINE, move || fs::rename(from, to))
+        .expect("rename hung")
+        .expect("rename whose request was lost");
+    assert_eq!(proxy.cuts(), before + 1, "no request was lost");
+    assert_eq!(fs::read(server.export("b")).expect("renamed"), b"a");
+    assert!(!server.export("a").exists());
+}

@@ -1487,8 +1487,9 @@ impl Core {
         let Some((generation, sent)) = queued else {
             return errno(libc::EIO);
         };
+        let instance = sent.instance();
         match sent.reply().await {
-            Err(e) if e.may_have_run() => self.create_again(caller, file, key).await,
+            Err(e) if e.may_have_run() => self.create_again(caller, file, key, instance).await,
             reply => {
                 let reply = match reply? {
                     Ok(r) => Ok(self.unwrap_reply(r)),
@@ -1508,17 +1509,14 @@ impl Core {
         caller: Caller,
         file: &NewFile,
         key: ferry_common::OnceKey,
+        instance: u64,
     ) -> FsResult<OpenReply> {
         self.stats.retried.fetch_add(1, Ordering::Relaxed);
         let req = self.create_request(file)?;
         let generation = self.client.connect().await?;
-        let repeat = ferry_common::OnceKey {
-            repeat: true,
-            ..key
-        };
         let answer = self
             .client
-            .call_keyed(Some(generation), caller, req.clone(), repeat)
+            .repeat_keyed(Some(generation), caller, req.clone(), key, instance)
             .await?;
         match answer {
             Ok(Response::NotRemembered) => {}
@@ -1563,6 +1561,7 @@ impl Core {
             return Err(done);
         };
         let file = file.clone();
+        let instance = sent.instance();
         sent.then(move |outcome| {
             let reply = match outcome {
                 Ok(Ok(r)) => Ok(me.unwrap_reply(r)),
@@ -1572,7 +1571,9 @@ impl Core {
                         && let Some(rt) = me.runtime.get().cloned()
                     {
                         // Sent again, off the reader.
-                        rt.spawn(async move { done(me.create_again(caller, &file, key).await) });
+                        rt.spawn(async move {
+                            done(me.create_again(caller, &file, key, instance).await)
+                        });
                         return;
                     }
                     Err(e.into())

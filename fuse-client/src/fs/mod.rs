@@ -481,15 +481,15 @@ impl Core {
             }
             sent => sent,
         };
-        let answer = match sent?.reply().await {
+        let sent = sent?;
+        let instance = sent.instance();
+        let answer = match sent.reply().await {
             Err(e) if e.may_have_run() => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("connection lost under a change; sending it again with its key");
-                let repeat = ferry_common::OnceKey {
-                    repeat: true,
-                    ..key
-                };
-                self.client.call_keyed(None, caller, req, repeat).await?
+                self.client
+                    .repeat_keyed(None, caller, req, key, instance)
+                    .await?
             }
             r => r?,
         };

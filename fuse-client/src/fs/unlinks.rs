@@ -192,6 +192,7 @@ impl Core {
         let name = name.to_vec();
         // Handled on the connection's reader: no task (and no wake-up) per unlink.
         let me = self.me.clone();
+        let instance = sent.instance();
         sent.then(move |outcome| {
             let Some(me) = me.upgrade() else {
                 return;
@@ -203,11 +204,8 @@ impl Core {
                 rt.spawn(async move {
                     let (caller, req, key) = again;
                     me.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    let repeat = OnceKey {
-                        repeat: true,
-                        ..key
-                    };
-                    let outcome = match me.client.call_keyed(None, caller, req, repeat).await {
+                    let again = me.client.repeat_keyed(None, caller, req, key, instance);
+                    let outcome = match again.await {
                         // Not remembered (the server restarted): as lost as before.
                         Ok(Ok(Response::NotRemembered)) => Err(TransportError::Disconnected),
                         r => r,
