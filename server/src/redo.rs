@@ -434,10 +434,7 @@ impl Header {
             p.mtime.0,
             p.mtime.1,
         );
-        for (a, b) in &p.ranges {
-            s.push_str(&format!("range {a} {b}\n"));
-        }
-        s.push_str("end\n");
+        RecordText::end(&mut s, "range", &p.ranges);
         s
     }
 

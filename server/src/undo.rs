@@ -373,10 +373,7 @@ impl Header {
             self.mtime.1,
             hex(&self.path)
         );
-        for (a, b) in &self.regions {
-            s.push_str(&format!("region {a} {b}\n"));
-        }
-        s.push_str("end\n");
+        RecordText::end(&mut s, "region", &self.regions);
         s
     }
 
@@ -407,6 +404,14 @@ pub(crate) struct RecordText<'a> {
 }
 
 impl<'a> RecordText<'a> {
+    /// Append the `kind start end` lines of `ranges` and the `end` line to `s`.
+    pub(crate) fn end(s: &mut String, kind: &str, ranges: &[(u64, u64)]) {
+        for (a, b) in ranges {
+            s.push_str(&format!("{kind} {a} {b}\n"));
+        }
+        s.push_str("end\n");
+    }
+
     pub(crate) fn open(text: &'a str, magic: &str) -> Option<RecordText<'a>> {
         let mut lines = text.lines();
         (lines.next()? == magic).then_some(RecordText { lines })

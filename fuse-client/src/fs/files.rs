@@ -968,6 +968,9 @@ impl Core {
         Ok(())
     }
 
+    /// A new descriptor of `ino`. A writable one is counted in writer epoch `epoch`
+    /// (the one it joined the writers' handle in), or in the current one.
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
         opener: Caller,
@@ -976,26 +979,13 @@ impl Core {
         writable: bool,
         handle: Option<(u64, u64)>,
         attr: &Attr,
+        epoch: Option<u64>,
     ) -> FsResult<u64> {
-        let epoch = match writable {
-            true => self.tracker(ino)?.epoch.load(Ordering::SeqCst),
-            false => 0,
+        let epoch = match (writable, epoch) {
+            (false, _) => 0,
+            (true, Some(e)) => e,
+            (true, None) => self.tracker(ino)?.epoch.load(Ordering::SeqCst),
         };
-        self.register_in(opener, ino, sino, writable, handle, attr, epoch)
-    }
-
-    /// [`Core::register`] in writer epoch `epoch`, read when the writer was counted.
-    #[allow(clippy::too_many_arguments)]
-    fn register_in(
-        &self,
-        opener: Caller,
-        ino: u64,
-        sino: u64,
-        writable: bool,
-        handle: Option<(u64, u64)>,
-        attr: &Attr,
-        epoch: u64,
-    ) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = OpenFile {
             ino,
@@ -1063,7 +1053,7 @@ impl Core {
         {
             let attr = lazy_attr(ino, version, size);
             let keep = self.keep_cache(ino, version, false);
-            let fh = self.register(caller, ino, sino, false, None, &attr)?;
+            let fh = self.register(caller, ino, sino, false, None, &attr, None)?;
             self.stats
                 .opens_without_round_trip
                 .fetch_add(1, Ordering::Relaxed);
@@ -1114,14 +1104,14 @@ impl Core {
                 )?);
                 let keep = self.keep_cache(ino, attr.version, truncating);
                 // The writer reference was taken by claim_writer.
-                let fh = self.register_in(
+                let fh = self.register(
                     caller,
                     ino,
                     sino,
                     true,
                     Some((handle, generation)),
                     &attr,
-                    epoch,
+                    Some(epoch),
                 )?;
                 Ok(OpenReply {
                     fh,
@@ -1263,6 +1253,7 @@ impl Core {
             writable,
             Some((handle, generation)),
             &attr,
+            None,
         )?;
         if let Some(data) = data
             && !writable
@@ -1634,6 +1625,7 @@ impl Core {
             true,
             Some((handle, generation)),
             &attr,
+            None,
         )?;
         Ok(OpenReply {
             fh,
