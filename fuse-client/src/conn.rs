@@ -298,21 +298,6 @@ impl Client {
         }
     }
 
-    /// [`Client::call`] of a change named by `key`: the server runs it at most once
-    /// for that key (see [`OnceKey`]).
-    pub async fn call_keyed(
-        self: &Arc<Self>,
-        generation: Option<u64>,
-        caller: Caller,
-        request: Request,
-        key: OnceKey,
-    ) -> Result<Result<Response, i32>, TransportError> {
-        self.start_keyed(generation, caller, request, key)
-            .await?
-            .reply()
-            .await
-    }
-
     /// The repeat of a change named by `key` whose first send went to server process
     /// `instance` and lost its connection: sent (marked `repeat`) only to that
     /// process; another may have run it and cannot know (`NotRemembered`, at once).
