@@ -195,8 +195,10 @@ pub struct Welcome {
     /// Identifies the export (server host, export directory) across server restarts, so a
     /// client can key its persistent cache by it.
     pub export_id: u64,
-    /// Random, chosen by the server process at its start: a client repeats a keyed
-    /// change ([`OnceKey`]) only to the process it first sent it to.
+    /// Names the server's table of answers to keyed changes ([`OnceKey`]): a client
+    /// repeats a keyed change only to the instance it first sent it to. Random at a
+    /// server's start, unless the server took over the table a process before it kept
+    /// in its state directory (a restart): then that process's.
     pub instance: u64,
 }
 

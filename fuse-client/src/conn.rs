@@ -89,7 +89,7 @@ struct Conn {
     dead: CancellationToken,
     /// Dropped by the watchdog: the server said nothing for `timeout`.
     silent: Arc<AtomicBool>,
-    /// The server process's `Welcome::instance`.
+    /// The server's `Welcome::instance` (its table of answers to keyed changes).
     instance: u64,
 }
 
@@ -298,9 +298,10 @@ impl Client {
         }
     }
 
-    /// The repeat of a change named by `key` whose first send went to server process
-    /// `instance` and lost its connection: sent (marked `repeat`) only to that
-    /// process; another may have run it and cannot know (`NotRemembered`, at once).
+    /// The repeat of a change named by `key` whose first send went to the server with
+    /// `instance` and lost its connection: sent (marked `repeat`) only to a server with
+    /// that instance (the same process, or one restarted that took over its answers);
+    /// another may have run it and cannot know (`NotRemembered`, at once).
     pub async fn repeat_keyed(
         self: &Arc<Self>,
         generation: Option<u64>,
@@ -884,7 +885,7 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// The `Welcome::instance` of the server process it was sent to.
+    /// The `Welcome::instance` of the server it was sent to.
     pub fn instance(&self) -> u64 {
         self.instance
     }

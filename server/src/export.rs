@@ -63,10 +63,9 @@ pub struct Export {
     area: Area,
     /// Inode number of the root (on `root_dev`).
     root_ino: u64,
-    /// Answers of recent keyed changes (see [`crate::once`]).
+    /// Answers of recent keyed changes (see [`crate::once`]); also names the
+    /// `Welcome::instance`.
     answers: crate::once::Answers,
-    /// `Welcome::instance`: this process's, random.
-    instance: u64,
 }
 
 impl Export {
@@ -109,9 +108,6 @@ impl Export {
             area: Area::new(area_root),
             root_ino: st.st_ino,
             answers: crate::once::Answers::default(),
-            instance: sys::random_128()
-                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                .unwrap_or_else(|_| std::process::id().into()),
         })
     }
 
@@ -142,7 +138,7 @@ impl Export {
 
     /// See `Welcome::instance`.
     pub fn instance(&self) -> u64 {
-        self.instance
+        self.answers.instance()
     }
 
     /// Whether a file with device `dev` and inode number `ino` is the hidden folder.

@@ -29,8 +29,10 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where undo records of commits in progress are kept, so that a commit a crash
-    /// interrupts is rolled back at the next start (one folder per export; default:
-    /// /run/ferryd as root, else $XDG_RUNTIME_DIR/ferryd or /tmp/ferryd-UID).
+    /// interrupts is rolled back at the next start, and the answers of recent changes,
+    /// so that a client repeating one after a restart is answered instead of running it
+    /// twice (one folder per export; default: /run/ferryd as root, else
+    /// $XDG_RUNTIME_DIR/ferryd or /tmp/ferryd-UID).
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// The directory to export.
@@ -112,6 +114,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     tracing::warn!(
                         "rolled back or finished {rolled} commit(s) a crash interrupted"
                     );
+                }
+                // Before serving: the first `Welcome` names the table's instance.
+                match export.answers().keep_in(undo.dir()) {
+                    Ok(r) if r.answers > 0 => tracing::info!(
+                        torn = r.torn,
+                        "took over {} answer(s) of keyed changes from the last run",
+                        r.answers
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        "cannot keep the answers of keyed changes in {}: {e}; a restart \
+                         will forget them",
+                        undo.dir().display()
+                    ),
                 }
                 export.set_undo(undo);
             }

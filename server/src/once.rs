@@ -6,28 +6,43 @@
 //! table remembers the answers of recent keys and gives a repeat the first answer (or
 //! waits for it, while the first run is still running) instead of running it twice.
 //!
-//! It lives in memory, shared by all connections of this process: a server restart
-//! forgets it. A repeat it has no record of runs only if its first send cannot have
-//! arrived: the session's record was made by a key no newer than this one (so this
-//! key, had it arrived, would be in it) and none of its answers newer than this key
-//! was forgotten. Otherwise it is answered `NotRemembered` without running, and that
-//! answer is remembered under the key, so a first send still on its way does not run
-//! after it. This is safe because a client repeats a key only to the process it first
-//! sent it to (`Welcome::instance`): a first send to a process since replaced could
-//! have run there. Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used
-//! one goes) of at most [`MAX_PER_SESSION`] answers each (the oldest goes, and the
-//! session remembers the newest key it forgot).
+//! It is shared by all connections of this process and, when the server has a state
+//! directory, kept there too ([`log`]): every change of the table is appended to a log
+//! before the change it records runs (or before its answer leaves), and the next
+//! process on the export replays it and takes over its `Welcome::instance`. So a
+//! repeat that reaches a server restarted since its first send is answered as if the
+//! process had not changed; a change the dead process was running (begun, never
+//! answered) is answered `NotRemembered`. Without a state directory (or once the log
+//! cannot be written: it is then removed) the table lives in memory only and a restart
+//! forgets it, with a new instance.
+//!
+//! A repeat it has no record of runs only if its first send cannot have arrived: the
+//! session's record was made by a key no newer than this one (so this key, had it
+//! arrived, would be in it) and none of its answers newer than this key was forgotten.
+//! Otherwise it is answered `NotRemembered` without running, and that answer is
+//! remembered under the key, so a first send still on its way does not run after it.
+//! This is safe because a client repeats a key only to the table it first sent it to
+//! (`Welcome::instance`): a first send to a process whose table is lost could have run
+//! there. Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used one goes)
+//! of at most [`MAX_PER_SESSION`] answers each (the oldest goes, and the session
+//! remembers the newest key it forgot).
 //!
 //! Invariant: a slot is `Running` only while one thread is inside the change's
 //! synchronous run (it is set just before, replaced right after, also on unwinding), so
 //! a repeat that waits for it waits for a system call or two, never for another request.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use ferry_common::{OnceKey, Request, Response};
 
 use crate::sys::Errno;
+
+mod log;
+use log::Event;
 
 /// Most sessions (client mounts) remembered at once.
 pub const MAX_SESSIONS: usize = 64;
@@ -83,18 +98,219 @@ struct Table {
     /// does not know which of their keys arrived before.
     evicted: HashSet<u64>,
     evicted_order: VecDeque<u64>,
+    /// Where every change of the table is also written, if anywhere.
+    log: Option<log::Log>,
+}
+
+impl Table {
+    /// Write `e` to the log; a log that cannot be written is removed (it would no
+    /// longer tell a later start all that ran) and the table lives on in memory.
+    fn note(&mut self, e: &Event<'_>) {
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        if let Err(err) = log.append(e) {
+            tracing::warn!(
+                "cannot write the answers log: {err}; a restart will forget the answers"
+            );
+            if let Some(log) = self.log.take() {
+                log.discard();
+            }
+            return;
+        }
+        if log.wants_compaction() {
+            self.compact();
+        }
+    }
+
+    /// Write the log anew with only what the table holds.
+    fn compact(&mut self) {
+        let Some((dir, instance)) = self
+            .log
+            .as_ref()
+            .map(|l| (l.dir().to_path_buf(), l.instance()))
+        else {
+            return;
+        };
+        let made = log::Log::create(&dir, instance, &self.snapshot());
+        match made {
+            Ok(new) => self.log = Some(new),
+            Err(err) => {
+                tracing::warn!(
+                    "cannot compact the answers log: {err}; a restart will forget the answers"
+                );
+                if let Some(log) = self.log.take() {
+                    log.discard();
+                }
+            }
+        }
+    }
+
+    /// The events that make a table like this one: forgotten sessions, then each
+    /// session (least recently used first) with its answers, oldest first, and its
+    /// changes running.
+    fn snapshot(&self) -> Vec<Event<'_>> {
+        let mut events: Vec<Event<'_>> = self
+            .evicted_order
+            .iter()
+            .map(|&id| Event::Evict { id })
+            .collect();
+        let mut sessions: Vec<_> = self.sessions.iter().collect();
+        sessions.sort_by_key(|(_, s)| s.used);
+        for (&id, s) in sessions {
+            events.push(Event::Session {
+                id,
+                first: s.first,
+                forgotten: s.forgotten,
+            });
+            for seq in &s.done {
+                if let Some(Slot::Done(answer)) = s.slots.get(seq) {
+                    events.push(Event::Done {
+                        session: id,
+                        seq: *seq,
+                        answer: Cow::Borrowed(answer),
+                    });
+                }
+            }
+            for (&seq, slot) in &s.slots {
+                if matches!(slot, Slot::Running) {
+                    events.push(Event::Begin { session: id, seq });
+                }
+            }
+        }
+        events
+    }
+
+    /// `id` was forgotten whole: remembered as such (the newest [`MAX_EVICTED`]).
+    fn evicted(&mut self, id: u64) {
+        if self.evicted.insert(id) {
+            self.evicted_order.push_back(id);
+        }
+        while self.evicted_order.len() > MAX_EVICTED {
+            if let Some(old) = self.evicted_order.pop_front() {
+                self.evicted.remove(&old);
+            }
+        }
+    }
+
+    /// Replay one event of an earlier process's log.
+    fn apply(&mut self, e: Event<'static>) {
+        self.clock += 1;
+        let now = self.clock;
+        match e {
+            Event::Session {
+                id,
+                first,
+                forgotten,
+            } => {
+                self.sessions.insert(
+                    id,
+                    Session {
+                        first,
+                        forgotten,
+                        used: now,
+                        ..Session::default()
+                    },
+                );
+            }
+            Event::Evict { id } => {
+                self.sessions.remove(&id);
+                self.evicted(id);
+            }
+            Event::Begin { session, seq } => {
+                let s = self.replayed(session, now);
+                if let std::collections::hash_map::Entry::Vacant(v) = s.slots.entry(seq) {
+                    v.insert(Slot::Running);
+                    s.running += 1;
+                }
+            }
+            Event::Done {
+                session,
+                seq,
+                answer,
+            } => {
+                let s = self.replayed(session, now);
+                match s.slots.get(&seq) {
+                    Some(Slot::Done(_)) => {}
+                    was => {
+                        if matches!(was, Some(Slot::Running)) {
+                            s.running = s.running.saturating_sub(1);
+                        }
+                        s.slots.insert(seq, Slot::Done(answer.into_owned()));
+                        s.remember_done(seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The record of `id` a replayed event names, touched at `now`. (A log always
+    /// makes a session before using it; if not, nothing is known of its keys.)
+    fn replayed(&mut self, id: u64, now: u64) -> &mut Session {
+        let s = self.sessions.entry(id).or_insert_with(|| Session {
+            first: u64::MAX,
+            ..Session::default()
+        });
+        s.used = now;
+        s
+    }
+
+    /// After a replay: the changes the dead process was running have no answer, and
+    /// nobody is running them any more. Whether they ran is unknown.
+    fn settle_replayed(&mut self) {
+        for s in self.sessions.values_mut() {
+            let running: Vec<u64> = s
+                .slots
+                .iter()
+                .filter(|(_, slot)| matches!(slot, Slot::Running))
+                .map(|(&seq, _)| seq)
+                .collect();
+            for seq in running {
+                s.slots.insert(seq, Slot::Done(Ok(Response::NotRemembered)));
+                s.remember_done(seq);
+            }
+            s.running = 0;
+        }
+    }
+}
+
+/// What [`Answers::keep_in`] found of an earlier process.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Answers taken over (including those of changes it was running when it died,
+    /// now `NotRemembered`).
+    pub answers: usize,
+    /// Its log ended in an event cut short (the process died writing it).
+    pub torn: bool,
 }
 
 /// Most forgotten sessions remembered as such.
 const MAX_EVICTED: usize = 4096;
 
-/// The answers of one server process.
-#[derive(Debug, Default)]
+/// The answers of one server process (and of those before it, when kept in a state
+/// directory).
+#[derive(Debug)]
 pub struct Answers {
     table: Mutex<Table>,
     changed: Condvar,
+    /// `Welcome::instance`: random, or the one of the log taken over.
+    instance: AtomicU64,
     /// Repeats waiting for a first run (for tests).
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        let instance = crate::sys::random_128()
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .unwrap_or_else(|_| std::process::id().into());
+        Answers {
+            table: Mutex::default(),
+            changed: Condvar::new(),
+            instance: AtomicU64::new(instance),
+            waiting: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// Whether `r` may carry a key: a change of names that must not run twice.
@@ -121,24 +337,21 @@ struct Finish<'a> {
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        let answer = self.answer.take();
+        // Unwound: nothing is known of the change (it may have run in part); a repeat
+        // is told so.
+        let answer = self.answer.take().unwrap_or(Ok(Response::NotRemembered));
         let mut t = self.answers.lock();
         // (A session with a change running is never forgotten.)
         if let Some(s) = t.sessions.get_mut(&self.key.session) {
             s.running = s.running.saturating_sub(1);
-            match answer {
-                Some(a) => {
-                    s.slots.insert(self.key.seq, Slot::Done(a));
-                    s.remember_done(self.key.seq);
-                }
-                // Unwound: nothing is known of the change (it may have run in part);
-                // a repeat is told so.
-                None => {
-                    s.slots
-                        .insert(self.key.seq, Slot::Done(Ok(Response::NotRemembered)));
-                    s.remember_done(self.key.seq);
-                }
-            }
+            s.slots.insert(self.key.seq, Slot::Done(answer.clone()));
+            s.remember_done(self.key.seq);
+            // Logged before the answer leaves: the caller sends it after this.
+            t.note(&Event::Done {
+                session: self.key.session,
+                seq: self.key.seq,
+                answer: Cow::Owned(answer),
+            });
         }
         drop(t);
         self.answers.changed.notify_all();
@@ -175,11 +388,9 @@ impl Answers {
                 .and_then(|s| s.slots.get(&key.seq))
             {
                 Some(Slot::Running) => {
-                    self.waiting
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    self.waiting.fetch_add(1, Ordering::SeqCst);
                     t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
-                    self.waiting
-                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
                 }
                 Some(Slot::Done(answer)) => {
                     let answer = answer.clone();
@@ -206,11 +417,21 @@ impl Answers {
             s.slots
                 .insert(key.seq, Slot::Done(Ok(Response::NotRemembered)));
             s.remember_done(key.seq);
+            t.note(&Event::Done {
+                session: key.session,
+                seq: key.seq,
+                answer: Cow::Owned(Ok(Response::NotRemembered)),
+            });
             return Ok(Response::NotRemembered);
         }
         let s = self.session(&mut t, key.session, key.seq, now);
         s.slots.insert(key.seq, Slot::Running);
         s.running += 1;
+        // Logged before it runs: a process that dies in it leaves a change begun.
+        t.note(&Event::Begin {
+            session: key.session,
+            seq: key.seq,
+        });
         drop(t);
         let mut finish = Finish {
             answers: self,
@@ -226,32 +447,41 @@ impl Answers {
     /// The record of `session`, made if new; when that makes one too many, the least
     /// recently used other session with no change running is forgotten first.
     fn session<'t>(&self, t: &'t mut Table, session: u64, seq: u64, now: u64) -> &'t mut Session {
-        if !t.sessions.contains_key(&session) && t.sessions.len() >= MAX_SESSIONS {
-            let oldest = t
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.running == 0)
-                .min_by_key(|(_, s)| s.used)
-                .map(|(&id, _)| id);
-            if let Some(id) = oldest {
-                t.sessions.remove(&id);
-                if t.evicted.insert(id) {
-                    t.evicted_order.push_back(id);
-                }
-                while t.evicted_order.len() > MAX_EVICTED {
-                    if let Some(old) = t.evicted_order.pop_front() {
-                        t.evicted.remove(&old);
-                    }
+        if !t.sessions.contains_key(&session) {
+            if t.sessions.len() >= MAX_SESSIONS {
+                let oldest = t
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.running == 0)
+                    .min_by_key(|(_, s)| s.used)
+                    .map(|(&id, _)| id);
+                if let Some(id) = oldest {
+                    t.sessions.remove(&id);
+                    t.evicted(id);
+                    t.note(&Event::Evict { id });
                 }
             }
+            // A session forgotten before: no key of it is known never to have arrived.
+            let first = match t.evicted.contains(&session) {
+                true => u64::MAX,
+                false => seq,
+            };
+            t.sessions.insert(
+                session,
+                Session {
+                    first,
+                    ..Session::default()
+                },
+            );
+            t.note(&Event::Session {
+                id: session,
+                first,
+                forgotten: None,
+            });
         }
-        // A session forgotten before: no key of it is known never to have arrived.
-        let first = match t.evicted.contains(&session) {
-            true => u64::MAX,
-            false => seq,
-        };
+        // (Made above if new; the fallback knows nothing of any key.)
         let s = t.sessions.entry(session).or_insert_with(|| Session {
-            first,
+            first: u64::MAX,
             ..Session::default()
         });
         s.used = now;
@@ -261,6 +491,56 @@ impl Answers {
     /// Remembered answers in all (for tests of the bounds).
     pub fn remembered(&self) -> usize {
         self.lock().sessions.values().map(|s| s.slots.len()).sum()
+    }
+
+    /// `Welcome::instance`: names this table for clients, which repeat a key only to
+    /// the table they first sent it to.
+    pub fn instance(&self) -> u64 {
+        self.instance.load(Ordering::Relaxed)
+    }
+
+    /// Keep this table in `dir` (the export's state folder, held by this process) from
+    /// now on. A log an earlier process left there is replayed first and its instance
+    /// taken over, so repeats of the changes it ran get their answers. Call before
+    /// serving. On error the table stays in memory only, with its own instance (the
+    /// earlier log, if unreadable, is left alone: it names another instance).
+    pub fn keep_in(&self, dir: &Path) -> std::io::Result<Restored> {
+        let loaded = match log::load(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the answers log in {}: {e}; starting a new one",
+                    dir.display()
+                );
+                None
+            }
+        };
+        let mut t = self.lock();
+        let mut restored = Restored::default();
+        let mut instance = self.instance();
+        if let Some(l) = loaded {
+            for e in l.events {
+                t.apply(e);
+            }
+            t.settle_replayed();
+            instance = l.instance;
+            restored = Restored {
+                answers: t.sessions.values().map(|s| s.slots.len()).sum(),
+                torn: l.torn,
+            };
+        }
+        let log = log::Log::create(dir, instance, &t.snapshot())?;
+        t.log = Some(log);
+        self.instance.store(instance, Ordering::Relaxed);
+        Ok(restored)
+    }
+
+    /// Compact the log past `bytes` instead (for tests of compaction).
+    #[cfg(test)]
+    fn compact_sooner(&self, bytes: u64) {
+        if let Some(log) = self.lock().log.as_mut() {
+            log.compact_sooner(bytes);
+        }
     }
 }
 
@@ -411,5 +691,179 @@ mod tests {
             a.run(key(4, 1, true), || Ok(Response::Ok)),
             Ok(Response::NotRemembered)
         );
+    }
+
+    /// Every remembered (session, key) and its slot, for comparing tables.
+    fn contents(a: &Answers) -> std::collections::BTreeMap<(u64, u64), String> {
+        let t = a.lock();
+        let mut out = std::collections::BTreeMap::new();
+        for (&id, s) in &t.sessions {
+            for (&seq, slot) in &s.slots {
+                out.insert((id, seq), format!("{slot:?}"));
+            }
+            out.insert(
+                (id, u64::MAX),
+                format!("first {} forgot {:?}", s.first, s.forgotten),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn answers_outlive_the_process_that_kept_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = Answers::default();
+        assert_eq!(a.keep_in(dir.path()).expect("keep"), Restored::default());
+        a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+        assert_eq!(
+            a.run(key(1, 2, false), || Err(libc::EEXIST)),
+            Err(libc::EEXIST)
+        );
+        // The process dies while it runs key 3: the next one starts from its log.
+        let later = std::cell::RefCell::new(None);
+        a.run(key(1, 3, false), || {
+            let b = Answers::default();
+            let restored = b.keep_in(dir.path()).expect("take over");
+            *later.borrow_mut() = Some((b, restored));
+            Ok(Response::Ok)
+        })
+        .unwrap();
+        let (b, restored) = later.into_inner().expect("the run ran");
+        assert_eq!(
+            b.instance(),
+            a.instance(),
+            "the instance was not taken over"
+        );
+        assert_eq!(
+            restored,
+            Restored {
+                answers: 3,
+                torn: false
+            }
+        );
+        let runs = Cell::new(0);
+        let run = |r: Answer| {
+            runs.set(runs.get() + 1);
+            r
+        };
+        assert_eq!(
+            b.run(key(1, 1, true), || run(Err(libc::ENOENT))),
+            Ok(Response::Ok)
+        );
+        assert_eq!(
+            b.run(key(1, 2, true), || run(Ok(Response::Ok))),
+            Err(libc::EEXIST)
+        );
+        // Begun, never answered: whether it ran is unknown.
+        assert_eq!(
+            b.run(key(1, 3, true), || run(Ok(Response::Ok))),
+            Ok(Response::NotRemembered)
+        );
+        assert_eq!(runs.get(), 0, "a change the log knows of ran again");
+        // A key the dead process never got runs; a session it never knew does not.
+        assert_eq!(
+            b.run(key(1, 4, true), || run(Err(libc::EXDEV))),
+            Err(libc::EXDEV)
+        );
+        assert_eq!(
+            b.run(key(2, 1, true), || run(Ok(Response::Ok))),
+            Ok(Response::NotRemembered)
+        );
+        assert_eq!(runs.get(), 1);
+        // And the next process again, from the log the second one kept.
+        let c = Answers::default();
+        c.keep_in(dir.path()).expect("take over again");
+        assert_eq!(c.instance(), a.instance());
+        assert_eq!(contents(&c), contents(&b));
+        // Without a log, a table is another instance.
+        let other = tempfile::tempdir().expect("temp dir");
+        let d = Answers::default();
+        d.keep_in(other.path()).expect("keep");
+        assert_ne!(d.instance(), a.instance());
+    }
+
+    #[test]
+    fn a_log_cut_short_keeps_what_is_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = Answers::default();
+        a.keep_in(dir.path()).expect("keep");
+        for seq in 1..=3 {
+            a.run(key(7, seq, false), || Ok(Response::Ok)).unwrap();
+        }
+        // The process died writing an event: its length promises more than is there.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("answers"))
+            .expect("open the log");
+        std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3]).expect("append");
+        let b = Answers::default();
+        let restored = b.keep_in(dir.path()).expect("take over");
+        assert_eq!(
+            restored,
+            Restored {
+                answers: 3,
+                torn: true
+            }
+        );
+        assert_eq!(contents(&b), contents(&a));
+        assert_eq!(b.run(key(7, 2, true), || Err(libc::EIO)), Ok(Response::Ok));
+        // Not a log at all: a new table, with its own instance.
+        std::fs::write(dir.path().join("answers"), b"something else").expect("write");
+        let c = Answers::default();
+        assert_eq!(c.keep_in(dir.path()).expect("keep"), Restored::default());
+        assert_ne!(c.instance(), a.instance());
+    }
+
+    #[test]
+    fn a_compacted_log_keeps_what_the_table_holds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = Answers::default();
+        a.keep_in(dir.path()).expect("keep");
+        let ino = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dir.path().join("answers"))
+                .expect("log")
+                .ino()
+        };
+        let first_log = ino();
+        a.compact_sooner(4096);
+        // One session past its bound, then enough sessions to forget some whole.
+        for seq in 0..(MAX_PER_SESSION as u64 + 20) {
+            a.run(key(5, seq, false), || Err(libc::EEXIST)).unwrap_err();
+        }
+        let second_log = ino();
+        assert_ne!(second_log, first_log, "the log was not compacted");
+        a.compact_sooner(4096);
+        for session in 100..(100 + MAX_SESSIONS as u64 + 3) {
+            a.run(key(session, 10, false), || Ok(Response::Ok)).unwrap();
+            a.run(key(session, 11, false), || Ok(Response::Ok)).unwrap();
+        }
+        let third_log = ino();
+        assert_ne!(third_log, second_log, "the log was not compacted again");
+        // Compacted last, with the table as it ends.
+        a.compact_sooner(4096);
+        a.run(key(100 + MAX_SESSIONS as u64 + 2, 12, false), || {
+            Ok(Response::Ok)
+        })
+        .unwrap();
+        assert_ne!(ino(), third_log, "the log was not compacted a third time");
+        let b = Answers::default();
+        b.keep_in(dir.path()).expect("take over");
+        assert_eq!(contents(&b), contents(&a));
+        assert_eq!(b.lock().evicted, a.lock().evicted);
+        // What was forgotten before stays unknown, and does not run.
+        let ran = Cell::new(false);
+        let mark = || {
+            ran.set(true);
+            Ok(Response::Ok)
+        };
+        assert_eq!(b.run(key(5, 2, true), mark), Ok(Response::NotRemembered));
+        assert_eq!(b.run(key(100, 12, true), mark), Ok(Response::NotRemembered));
+        assert!(!ran.get(), "a forgotten key ran");
+        assert_eq!(
+            b.run(key(100 + MAX_SESSIONS as u64 + 2, 11, true), mark),
+            Ok(Response::Ok)
+        );
+        assert!(!ran.get());
     }
 }

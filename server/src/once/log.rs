@@ -1,0 +1,197 @@
+//! The answers table's log in the state directory: every change of the table is
+//! appended as it happens (before the change it records runs, or before its answer
+//! leaves), so that a server started again after its process died rebuilds the table
+//! and answers repeats of changes the dead process ran.
+//!
+//! File `answers` in the export's state folder: a header (magic, format, the table's
+//! `Welcome::instance`), then frames of a 4-byte little-endian length and one
+//! [`Event`] (bincode, as on the wire, bounded by `MAX_FRAME`). A frame cut short by
+//! the process dying in its `write` ends the log there. When the log has grown past
+//! [`COMPACT_BYTES`] (and four times its last compaction) it is written anew with only
+//! what the table holds (`answers.new`, then renamed over it).
+//!
+//! Not fsynced: like the undo and redo records, it guards against the process dying,
+//! not the machine.
+
+use std::borrow::Cow;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ferry_common::codec::{decode_body, encode_body};
+use ferry_common::proto::MAX_FRAME;
+use serde::{Deserialize, Serialize};
+
+use super::Answer;
+
+const MAGIC: &[u8; 16] = b"ferryd answers\n\0";
+const FORMAT: u32 = 1;
+const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
+const NAME: &str = "answers";
+const NEW_NAME: &str = "answers.new";
+
+/// Size past which the log is compacted (if also four times its last compaction).
+pub(super) const COMPACT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// One change of the table.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Event<'a> {
+    /// A session's record was made (or, in a compacted log, is as given).
+    Session {
+        id: u64,
+        first: u64,
+        forgotten: Option<u64>,
+    },
+    /// A session's record was forgotten whole.
+    Evict { id: u64 },
+    /// A change is about to run.
+    Begin { session: u64, seq: u64 },
+    /// A key's answer.
+    Done {
+        session: u64,
+        seq: u64,
+        answer: Cow<'a, Answer>,
+    },
+}
+
+/// The open log of a running server.
+#[derive(Debug)]
+pub(super) struct Log {
+    file: File,
+    dir: PathBuf,
+    instance: u64,
+    bytes: u64,
+    compact_at: u64,
+}
+
+/// What an earlier process left: its instance and its events, in order.
+pub(super) struct Loaded {
+    pub instance: u64,
+    pub events: Vec<Event<'static>>,
+    /// A frame at the end was cut short or unreadable (the rest was kept).
+    pub torn: bool,
+}
+
+/// The log left in `dir`, if any. `Ok(None)`: there is none (or only an unfinished
+/// compaction, removed). An unreadable header is an error: nothing of it can be used.
+pub(super) fn load(dir: &Path) -> io::Result<Option<Loaded>> {
+    let _ = std::fs::remove_file(dir.join(NEW_NAME));
+    let mut bytes = Vec::new();
+    match File::open(dir.join(NAME)) {
+        Ok(mut f) => f.read_to_end(&mut bytes)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    if bytes.len() < HEADER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(bad("not an answers log"));
+    }
+    let word = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(|| bad("short header"));
+    let format = u32::from_le_bytes(word(16, 4)?.try_into().map_err(|_| bad("header"))?);
+    if format != FORMAT {
+        return Err(bad("another format of answers log"));
+    }
+    let instance = u64::from_le_bytes(word(20, 8)?.try_into().map_err(|_| bad("header"))?);
+    let mut events = Vec::new();
+    let mut at = HEADER_LEN;
+    let mut torn = false;
+    while at < bytes.len() {
+        let Some(len) = bytes.get(at..at + 4) else {
+            torn = true;
+            break;
+        };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let body = match bytes.get(at + 4..at + 4 + len) {
+            Some(body) if len <= MAX_FRAME => body,
+            _ => {
+                torn = true;
+                break;
+            }
+        };
+        match decode_body::<Event<'static>>(body) {
+            Ok(e) => events.push(e),
+            Err(_) => {
+                torn = true;
+                break;
+            }
+        }
+        at += 4 + len;
+    }
+    Ok(Some(Loaded {
+        instance,
+        events,
+        torn,
+    }))
+}
+
+fn frame(e: &Event<'_>, out: &mut Vec<u8>) -> io::Result<()> {
+    let body = encode_body(e)?;
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("event too large"))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+impl Log {
+    /// A new log in `dir` holding `events` under `instance`, in place of any other
+    /// (written aside, then renamed over it: a crash meanwhile leaves the old one).
+    pub(super) fn create(dir: &Path, instance: u64, events: &[Event<'_>]) -> io::Result<Log> {
+        let mut buf = Vec::with_capacity(HEADER_LEN + 64 * events.len());
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&FORMAT.to_le_bytes());
+        buf.extend_from_slice(&instance.to_le_bytes());
+        for e in events {
+            frame(e, &mut buf)?;
+        }
+        let new = dir.join(NEW_NAME);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&new)?;
+        file.write_all(&buf)?;
+        std::fs::rename(&new, dir.join(NAME))?;
+        let bytes = buf.len() as u64;
+        Ok(Log {
+            file,
+            dir: dir.to_path_buf(),
+            instance,
+            bytes,
+            compact_at: COMPACT_BYTES.max(4 * bytes),
+        })
+    }
+
+    pub(super) fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Append `e` (one `write`: a process that dies has written it whole or cut short).
+    pub(super) fn append(&mut self, e: &Event<'_>) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(64);
+        frame(e, &mut buf)?;
+        self.file.write_all(&buf)?;
+        self.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Whether the log has grown enough to be written anew.
+    pub(super) fn wants_compaction(&self) -> bool {
+        self.bytes > self.compact_at
+    }
+
+    #[cfg(test)]
+    pub(super) fn compact_sooner(&mut self, bytes: u64) {
+        self.compact_at = bytes;
+    }
+
+    /// Remove the log: what it would tell a later start is no longer all that ran.
+    pub(super) fn discard(self) {
+        let _ = std::fs::remove_file(self.dir.join(NAME));
+    }
+}
