@@ -4,13 +4,17 @@
 //! of passing the reply on. What a client sees when the network drops right after the
 //! server did the work. Other connections, and new ones after the cut, pass unchanged.
 //!
+//! With [`CutProxy::hold_after_cut`], connections made after the next cut wait until
+//! [`CutProxy::release`]: time for a test to restart the server before the client can
+//! send anything again.
+//!
 //! Frames are read whole (4-byte big-endian length, then the body) and decoded only to
 //! learn request kinds and reply ids; the bytes forwarded are the bytes read.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use ferry_common::codec::decode_body;
 use ferry_common::proto::{MAX_FRAME, RequestFrame, ServerFrame};
@@ -23,6 +27,11 @@ struct Shared {
     armed_request: Mutex<Option<String>>,
     /// Replies lost so far.
     cuts: AtomicUsize,
+    /// The next cut holds new connections.
+    hold_next: AtomicBool,
+    /// New connections wait while this is true.
+    held: Mutex<bool>,
+    released: Condvar,
     stopping: AtomicBool,
     /// Every socket made, shut down when the proxy goes.
     sockets: Mutex<Vec<TcpStream>>,
@@ -46,6 +55,10 @@ impl CutProxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                sh.wait_released();
+                if sh.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
                 let Ok(upstream) = TcpStream::connect(server) else {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
@@ -85,11 +98,54 @@ impl CutProxy {
     pub fn cuts(&self) -> usize {
         self.shared.cuts.load(Ordering::SeqCst)
     }
+
+    /// Connections made after the next cut wait (accepted, not yet passed on to the
+    /// server) until [`CutProxy::release`].
+    pub fn hold_after_cut(&self) {
+        self.shared.hold_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Let held connections through to the server.
+    pub fn release(&self) {
+        self.shared.release();
+    }
+}
+
+impl Shared {
+    /// A reply or request was lost (the connection is cut right after).
+    fn lost(&self) {
+        if self.hold_next.swap(false, Ordering::SeqCst)
+            && let Ok(mut held) = self.held.lock()
+        {
+            *held = true;
+        }
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn wait_released(&self) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        while *held && !self.stopping.load(Ordering::SeqCst) {
+            held = match self.released.wait(held) {
+                Ok(h) => h,
+                Err(_) => return,
+            };
+        }
+    }
+
+    fn release(&self) {
+        if let Ok(mut held) = self.held.lock() {
+            *held = false;
+        }
+        self.released.notify_all();
+    }
 }
 
 impl Drop for CutProxy {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.release();
         // Wakes the accepting thread, which then sees `stopping`.
         let _ = TcpStream::connect(self.addr);
         if let Ok(socks) = self.shared.sockets.lock() {
@@ -154,7 +210,7 @@ fn to_server(sh: &Shared, mut from: TcpStream, mut to: TcpStream, target: &Mutex
             && armed.as_deref() == Some(req.request.kind())
         {
             *armed = None;
-            sh.cuts.fetch_add(1, Ordering::SeqCst);
+            sh.lost();
             break;
         }
         if let Some(req) = request
@@ -183,7 +239,7 @@ fn to_client(sh: &Shared, mut from: TcpStream, mut to: TcpStream, target: &Mutex
             && let Ok(ServerFrame::Reply { id, .. }) = decode_body::<ServerFrame>(&frame[4..])
             && target.lock().is_ok_and(|t| *t == Some(id))
         {
-            sh.cuts.fetch_add(1, Ordering::SeqCst);
+            sh.lost();
             break;
         }
         first = false;

@@ -178,3 +178,76 @@ fn a_change_that_never_arrived_runs_when_sent_again() {
     assert_eq!(fs::read(server.export("b")).expect("renamed"), b"a");
     assert!(!server.export("a").exists());
 }
+
+/// `op` on the mount with the reply to its `kind` request lost, and the server killed
+/// and started again before the mount can send anything more: the restarted server
+/// took over the answers the killed one kept in its state directory
+/// (`server/src/once/log.rs`), so the repeat is answered and `op` succeeds. Before,
+/// a restarted server was another instance: `EIO`.
+fn lose_answer_in_a_restart<T: Send + 'static>(
+    server: &mut TestServer,
+    proxy: &CutProxy,
+    kind: &str,
+    op: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> T {
+    let before = proxy.cuts();
+    proxy.hold_after_cut();
+    proxy.lose_reply_to(kind);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(op());
+    });
+    let lost = poll_until(DEADLINE, || proxy.cuts() == before + 1);
+    if lost {
+        server.restart();
+    }
+    proxy.release();
+    assert!(lost, "{kind}: no answer was lost");
+    let r = rx
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("{kind}: hung"));
+    r.unwrap_or_else(|e| panic!("{kind} whose answer was lost in a restart: {e}"))
+}
+
+#[test]
+fn changes_whose_answer_was_lost_in_a_server_restart_succeed_once() {
+    if !require_fuse() {
+        return;
+    }
+    let mut server = TestServer::start();
+    fs::write(server.export("f"), b"content of f").expect("write");
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    let m = |p: &str| mount.join(p);
+    fs::symlink_metadata(m("f")).expect("stat");
+
+    // Run again, each would fail: the old name is gone, the new one taken.
+    let (from, to) = (m("f"), m("g"));
+    lose_answer_in_a_restart(&mut server, &proxy, "rename", move || fs::rename(from, to));
+    assert_eq!(
+        fs::read(server.export("g")).expect("renamed"),
+        b"content of f"
+    );
+    assert!(!server.export("f").exists(), "the old name is still there");
+
+    let dir = m("made");
+    lose_answer_in_a_restart(&mut server, &proxy, "mkdir", move || fs::create_dir(dir));
+    assert!(server.export("made").is_dir(), "the new directory");
+
+    let path = m("new");
+    lose_answer_in_a_restart(&mut server, &proxy, "create", move || {
+        use std::io::Write;
+        let mut f = fs::File::create_new(&path)?;
+        f.write_all(b"written after the restart")?;
+        f.sync_all()
+    });
+    assert_eq!(
+        fs::read(server.export("new")).expect("created"),
+        b"written after the restart"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("took over"),
+        "the restarted server did not take over the answers:\n{log}"
+    );
+}
