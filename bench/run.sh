@@ -356,7 +356,8 @@ ferry_available() {
 
 start_ferryd() {
     local i line=""
-    "$FERRYD_BIN" "$TMP/export" --listen 127.0.0.1:0 >"$TMP/ferryd.out" 2>"$TMP/ferryd.err" &
+    # Its own state folder: records and answers of a temp export go with the run.
+    "$FERRYD_BIN" "$TMP/export" --listen 127.0.0.1:0 --state-dir "$TMP/state" >"$TMP/ferryd.out" 2>"$TMP/ferryd.err" &
     FERRYD_PID=$!
     for ((i = 0; i < 150; i++)); do
         line=$(head -n1 "$TMP/ferryd.out" 2>/dev/null || true)

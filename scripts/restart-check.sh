@@ -41,7 +41,7 @@ for d in $(seq -w 20); do
 done
 tar -cf "$work/tree.tar" -C "$exp/tree" .
 
-start_server() { ferry_start_server; }
+start_server() { ferry_start_server --state-dir "$work/state"; }
 
 # run NAME COMMAND...: COMMAND reads through the mount (cold) while the server restarts.
 # $mount_extra: more `ferry mount` arguments.
