@@ -251,3 +251,72 @@ fn changes_whose_answer_was_lost_in_a_server_restart_succeed_once() {
         "the restarted server did not take over the answers:\n{log}"
     );
 }
+
+/// `op` on the mount with the reply to its `kind` request lost, and then the reply to
+/// its repeat lost too (a link that drops twice in a row): the mount sends it a third
+/// time, with the same key, and `op` succeeds. Before, the second loss was `EIO`.
+fn lose_two_answers_of<T: Send + 'static>(
+    proxy: &CutProxy,
+    kind: &str,
+    op: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> T {
+    let before = proxy.cuts();
+    // Held after the first cut: the repeat waits until the second loss is armed.
+    proxy.hold_after_cut();
+    proxy.lose_reply_to(kind);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(op());
+    });
+    let first = poll_until(DEADLINE, || proxy.cuts() == before + 1);
+    proxy.lose_reply_to(kind);
+    proxy.release();
+    assert!(first, "{kind}: no answer was lost");
+    let r = rx
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("{kind}: hung"));
+    let r = r.unwrap_or_else(|e| panic!("{kind} whose answer was lost twice: {e}"));
+    assert_eq!(
+        proxy.cuts(),
+        before + 2,
+        "{kind}: the repeat's answer was not lost"
+    );
+    r
+}
+
+#[test]
+fn changes_whose_answer_was_lost_twice_succeed_once() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"content of f").expect("write");
+    let proxy = CutProxy::start(server.addr());
+    let mount = TestMount::try_mount(&proxy.remote(), &[]).expect("mount through the proxy");
+    let m = |p: &str| mount.join(p);
+    fs::symlink_metadata(m("f")).expect("stat");
+
+    let (from, to) = (m("f"), m("g"));
+    lose_two_answers_of(&proxy, "rename", move || fs::rename(from, to));
+    assert_eq!(
+        fs::read(server.export("g")).expect("renamed"),
+        b"content of f"
+    );
+    assert!(!server.export("f").exists(), "the old name is still there");
+
+    let dir = m("made");
+    lose_two_answers_of(&proxy, "mkdir", move || fs::create_dir(dir));
+    assert!(server.export("made").is_dir(), "the new directory");
+
+    let path = m("new");
+    lose_two_answers_of(&proxy, "create", move || {
+        use std::io::Write;
+        let mut f = fs::File::create_new(&path)?;
+        f.write_all(b"written after two losses")?;
+        f.sync_all()
+    });
+    assert_eq!(
+        fs::read(server.export("new")).expect("created"),
+        b"written after two losses"
+    );
+}

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use ferry_common::OnceKey;
 use ferry_common::proto::{
     Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
     XATTRS_UNKNOWN,
@@ -40,6 +41,10 @@ pub use files::{NewFile, OpenReply};
 /// pushed and this is only a safety net; without them it bounds staleness.
 pub const TTL_WITH_EVENTS: Duration = Duration::from_secs(300);
 pub const TTL_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
+
+/// Most times one keyed change is sent again after its connection broke under it
+/// ([`Core::repeat_keyed`]). Each waits at most `--timeout` for a server to answer.
+pub const MAX_REPEATS: u32 = 3;
 
 /// Every name in a directory this client created (`InodeState::names`).
 #[derive(Debug)]
@@ -484,19 +489,43 @@ impl Core {
         let sent = sent?;
         let instance = sent.instance();
         let answer = match sent.reply().await {
-            Err(e) if e.may_have_run() => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("connection lost under a change; sending it again with its key");
-                self.client
-                    .repeat_keyed(None, caller, req, key, instance)
-                    .await?
-            }
+            Err(e) if e.may_have_run() => self.repeat_keyed(caller, req, key, instance).await?,
             r => r?,
         };
         match answer {
             Ok(Response::NotRemembered) => Ok(None),
             Ok(r) => Ok(Some(self.unwrap_reply(r))),
             Err(e) => errno(e),
+        }
+    }
+
+    /// A keyed change whose connection broke under it, sent again with its key
+    /// (`Client::repeat_keyed`), and again each time the connection breaks under the
+    /// repeat too (a link that keeps dropping), at most [`MAX_REPEATS`] times: the
+    /// server runs it at most once however often it comes.
+    pub(super) async fn repeat_keyed(
+        &self,
+        caller: Caller,
+        req: Request,
+        key: OnceKey,
+        instance: u64,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        let mut repeats = 0;
+        loop {
+            repeats += 1;
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                repeats,
+                "connection lost under a change; sending it again with its key"
+            );
+            match self
+                .client
+                .repeat_keyed(None, caller, req.clone(), key, instance)
+                .await
+            {
+                Err(e) if e.may_have_run() && repeats < MAX_REPEATS => {}
+                r => return r,
+            }
         }
     }
 

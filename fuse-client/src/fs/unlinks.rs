@@ -203,8 +203,7 @@ impl Core {
             {
                 rt.spawn(async move {
                     let (caller, req, key) = again;
-                    me.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    let again = me.client.repeat_keyed(None, caller, req, key, instance);
+                    let again = me.repeat_keyed(caller, req, key, instance);
                     let outcome = match again.await {
                         // Not remembered (the server restarted): as lost as before.
                         Ok(Ok(Response::NotRemembered)) => Err(TransportError::Disconnected),
