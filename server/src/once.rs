@@ -73,6 +73,21 @@ struct Session {
 }
 
 impl Session {
+    /// A record that knows nothing of which keys arrived before.
+    fn unknown() -> Session {
+        Session {
+            first: u64::MAX,
+            ..Session::default()
+        }
+    }
+
+    /// `seq` is answered with `answer`: remembered, and the oldest answers past the
+    /// bound go.
+    fn finish(&mut self, seq: u64, answer: Answer) {
+        self.slots.insert(seq, Slot::Done(answer));
+        self.remember_done(seq);
+    }
+
     /// `seq` has its answer: remembered, and the oldest answers past the bound go.
     fn remember_done(&mut self, seq: u64) {
         self.done.push_back(seq);
@@ -236,8 +251,7 @@ impl Table {
                         if matches!(was, Some(Slot::Running)) {
                             s.running = s.running.saturating_sub(1);
                         }
-                        s.slots.insert(seq, Slot::Done(answer.into_owned()));
-                        s.remember_done(seq);
+                        s.finish(seq, answer.into_owned());
                     }
                 }
             }
@@ -247,10 +261,7 @@ impl Table {
     /// The record of `id` a replayed event names, touched at `now`. (A log always
     /// makes a session before using it; if not, nothing is known of its keys.)
     fn replayed(&mut self, id: u64, now: u64) -> &mut Session {
-        let s = self.sessions.entry(id).or_insert_with(|| Session {
-            first: u64::MAX,
-            ..Session::default()
-        });
+        let s = self.sessions.entry(id).or_insert_with(Session::unknown);
         s.used = now;
         s
     }
@@ -266,8 +277,7 @@ impl Table {
                 .map(|(&seq, _)| seq)
                 .collect();
             for seq in running {
-                s.slots.insert(seq, Slot::Done(Ok(Response::NotRemembered)));
-                s.remember_done(seq);
+                s.finish(seq, Ok(Response::NotRemembered));
             }
             s.running = 0;
         }
@@ -344,8 +354,7 @@ impl Drop for Finish<'_> {
         // (A session with a change running is never forgotten.)
         if let Some(s) = t.sessions.get_mut(&self.key.session) {
             s.running = s.running.saturating_sub(1);
-            s.slots.insert(self.key.seq, Slot::Done(answer.clone()));
-            s.remember_done(self.key.seq);
+            s.finish(self.key.seq, answer.clone());
             // Logged before the answer leaves: the caller sends it after this.
             t.note(&Event::Done {
                 session: self.key.session,
@@ -414,9 +423,7 @@ impl Answers {
             // requests of a connection the client gave up on) does not run after this
             // answer, the key is remembered with it.
             let s = self.session(&mut t, key.session, key.seq, now);
-            s.slots
-                .insert(key.seq, Slot::Done(Ok(Response::NotRemembered)));
-            s.remember_done(key.seq);
+            s.finish(key.seq, Ok(Response::NotRemembered));
             t.note(&Event::Done {
                 session: key.session,
                 seq: key.seq,
@@ -480,10 +487,7 @@ impl Answers {
             });
         }
         // (Made above if new; the fallback knows nothing of any key.)
-        let s = t.sessions.entry(session).or_insert_with(|| Session {
-            first: u64::MAX,
-            ..Session::default()
-        });
+        let s = t.sessions.entry(session).or_insert_with(Session::unknown);
         s.used = now;
         s
     }
@@ -501,9 +505,10 @@ impl Answers {
 
     /// Keep this table in `dir` (the export's state folder, held by this process) from
     /// now on. A log an earlier process left there is replayed first and its instance
-    /// taken over, so repeats of the changes it ran get their answers. Call before
-    /// serving. On error the table stays in memory only, with its own instance (the
-    /// earlier log, if unreadable, is left alone: it names another instance).
+    /// taken over, so repeats of the changes it ran get their answers; one that cannot
+    /// be used whole (see [`log::load`]) is replaced, and the table keeps its own new
+    /// instance. Call before serving. On error the table stays in memory only, with
+    /// its own instance (the earlier log may be left: it names another instance).
     pub fn keep_in(&self, dir: &Path) -> std::io::Result<Restored> {
         let loaded = match log::load(dir) {
             Ok(l) => l,
@@ -812,6 +817,60 @@ mod tests {
         let c = Answers::default();
         assert_eq!(c.keep_in(dir.path()).expect("keep"), Restored::default());
         assert_ne!(c.instance(), a.instance());
+    }
+
+    /// A log that cannot be used whole is not taken over: what it lacks could be a
+    /// change that ran, which a repeat would then run again.
+    #[test]
+    fn a_log_not_whole_is_not_taken_over() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("answers");
+        let a = Answers::default();
+        a.keep_in(dir.path()).expect("keep");
+        a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+        let middle = std::fs::metadata(&path).expect("log").len() as usize;
+        a.run(key(1, 2, false), || Ok(Response::Ok)).unwrap();
+        let good = std::fs::read(&path).expect("read the log");
+        // (magic 16, format 4, protocol 4, boot id 36, instance 8)
+        type Spoil = Box<dyn Fn(&mut Vec<u8>)>;
+        let spoilt: [(&str, Spoil); 4] = [
+            (
+                "an unreadable event in the middle",
+                Box::new(move |b: &mut Vec<u8>| {
+                    b.splice(middle..middle, [3, 0, 0, 0, 0xff, 0xff, 0xff]);
+                }),
+            ),
+            ("another protocol", Box::new(|b: &mut Vec<u8>| b[20] ^= 1)),
+            ("another boot", Box::new(|b: &mut Vec<u8>| b[24] ^= 1)),
+            (
+                "an oversized event",
+                Box::new(|b: &mut Vec<u8>| b.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f])),
+            ),
+        ];
+        for (what, spoil) in spoilt {
+            let mut bytes = good.clone();
+            spoil(&mut bytes);
+            std::fs::write(&path, &bytes).expect("write the log");
+            let b = Answers::default();
+            assert_eq!(
+                b.keep_in(dir.path()).expect("keep"),
+                Restored::default(),
+                "{what}"
+            );
+            assert_ne!(b.instance(), a.instance(), "{what}: taken over");
+            let ran = Cell::new(false);
+            let r = b.run(key(1, 2, true), || {
+                ran.set(true);
+                Ok(Response::Ok)
+            });
+            assert_eq!(r, Ok(Response::NotRemembered), "{what}");
+            assert!(!ran.get(), "{what}: a change ran twice");
+        }
+        // The good one is.
+        std::fs::write(&path, &good).expect("write the log");
+        let c = Answers::default();
+        c.keep_in(dir.path()).expect("keep");
+        assert_eq!(c.instance(), a.instance());
     }
 
     #[test]

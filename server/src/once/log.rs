@@ -3,15 +3,19 @@
 //! leaves), so that a server started again after its process died rebuilds the table
 //! and answers repeats of changes the dead process ran.
 //!
-//! File `answers` in the export's state folder: a header (magic, format, the table's
-//! `Welcome::instance`), then frames of a 4-byte little-endian length and one
-//! [`Event`] (bincode, as on the wire, bounded by `MAX_FRAME`). A frame cut short by
-//! the process dying in its `write` ends the log there. When the log has grown past
-//! [`COMPACT_BYTES`] (and four times its last compaction) it is written anew with only
-//! what the table holds (`answers.new`, then renamed over it).
+//! File `answers` in the export's state folder: a header (magic, format, the protocol
+//! version its answers are encoded in, the machine's boot id, the table's
+//! `Welcome::instance`), then frames of a 4-byte little-endian length and one [`Event`]
+//! (bincode, as on the wire, bounded by `MAX_FRAME`). Only the last frame can be cut
+//! short (the process died in its `write`): it is dropped. Anything else unreadable
+//! makes the whole log unusable (a new table, with a new instance): a log missing
+//! events in the middle would take a change that ran for one that never arrived. When
+//! the log has grown past [`COMPACT_BYTES`] (and twice its last compaction) it is
+//! written anew with only what the table holds (`answers.new`, then renamed over it).
 //!
 //! Not fsynced: like the undo and redo records, it guards against the process dying,
-//! not the machine.
+//! not the machine. A log written before the machine's last boot is not taken over (its
+//! last events may never have reached the disk).
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
@@ -20,18 +24,20 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ferry_common::codec::{decode_body, encode_body};
-use ferry_common::proto::MAX_FRAME;
+use ferry_common::proto::{MAX_FRAME, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
 use super::Answer;
 
 const MAGIC: &[u8; 16] = b"ferryd answers\n\0";
-const FORMAT: u32 = 1;
-const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
+const FORMAT: u32 = 2;
+/// `/proc/sys/kernel/random/boot_id`: a UUID in text.
+const BOOT_ID_LEN: usize = 36;
+const HEADER_LEN: usize = MAGIC.len() + 4 + 4 + BOOT_ID_LEN + 8;
 const NAME: &str = "answers";
 const NEW_NAME: &str = "answers.new";
 
-/// Size past which the log is compacted (if also four times its last compaction). The
+/// Size past which the log is compacted (if also twice its last compaction). The
 /// state folder is often in `/run`, a tmpfs: memory. One busy mount's table compacts
 /// to ~150 KiB (1,024 answers of ~150 bytes), written every ~5,000 changes of names.
 pub(super) const COMPACT_BYTES: u64 = 1024 * 1024;
@@ -71,12 +77,19 @@ pub(super) struct Log {
 pub(super) struct Loaded {
     pub instance: u64,
     pub events: Vec<Event<'static>>,
-    /// A frame at the end was cut short or unreadable (the rest was kept).
+    /// The last frame was cut short (the process died writing it): dropped.
     pub torn: bool,
 }
 
+/// This boot of the machine, or `None` if unknown (then no log is taken over).
+fn boot_id() -> Option<[u8; BOOT_ID_LEN]> {
+    let text = std::fs::read("/proc/sys/kernel/random/boot_id").ok()?;
+    text.get(..BOOT_ID_LEN)?.try_into().ok()
+}
+
 /// The log left in `dir`, if any. `Ok(None)`: there is none (or only an unfinished
-/// compaction, removed). An unreadable header is an error: nothing of it can be used.
+/// compaction, removed). An error: there is one, but it cannot be used whole (not a
+/// log, another format or protocol, another boot, an unreadable event before its end).
 pub(super) fn load(dir: &Path) -> io::Result<Option<Loaded>> {
     let _ = std::fs::remove_file(dir.join(NEW_NAME));
     let mut bytes = Vec::new();
@@ -86,38 +99,43 @@ pub(super) fn load(dir: &Path) -> io::Result<Option<Loaded>> {
         Err(e) => return Err(e),
     };
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-    if bytes.len() < HEADER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+    let header = bytes
+        .get(..HEADER_LEN)
+        .ok_or_else(|| bad("not an answers log"))?;
+    let (magic, rest) = header.split_at(MAGIC.len());
+    let (format, rest) = rest.split_at(4);
+    let (protocol, rest) = rest.split_at(4);
+    let (boot, instance) = rest.split_at(BOOT_ID_LEN);
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != MAGIC {
         return Err(bad("not an answers log"));
     }
-    let word = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(|| bad("short header"));
-    let format = u32::from_le_bytes(word(16, 4)?.try_into().map_err(|_| bad("header"))?);
-    if format != FORMAT {
-        return Err(bad("another format of answers log"));
+    if word(format) != FORMAT || word(protocol) != PROTOCOL_VERSION {
+        return Err(bad("written by another version of ferryd"));
     }
-    let instance = u64::from_le_bytes(word(20, 8)?.try_into().map_err(|_| bad("header"))?);
+    if boot_id().is_none_or(|now| now != boot) {
+        return Err(bad("written before this machine's last boot"));
+    }
+    let instance = u64::from_le_bytes(instance.try_into().map_err(|_| bad("header"))?);
     let mut events = Vec::new();
     let mut at = HEADER_LEN;
     let mut torn = false;
     while at < bytes.len() {
+        // Cut short: the length, or the event it announces, runs past the end.
         let Some(len) = bytes.get(at..at + 4) else {
             torn = true;
             break;
         };
-        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let body = match bytes.get(at + 4..at + 4 + len) {
-            Some(body) if len <= MAX_FRAME => body,
-            _ => {
-                torn = true;
-                break;
-            }
-        };
-        match decode_body::<Event<'static>>(body) {
-            Ok(e) => events.push(e),
-            Err(_) => {
-                torn = true;
-                break;
-            }
+        let len = word(len) as usize;
+        if len > MAX_FRAME {
+            return Err(bad("an event too large"));
         }
+        let Some(body) = bytes.get(at + 4..at + 4 + len) else {
+            torn = true;
+            break;
+        };
+        let event = decode_body::<Event<'static>>(body).map_err(|_| bad("an unreadable event"))?;
+        events.push(event);
         at += 4 + len;
     }
     Ok(Some(Loaded {
@@ -142,6 +160,9 @@ impl Log {
         let mut buf = Vec::with_capacity(HEADER_LEN + 64 * events.len());
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&FORMAT.to_le_bytes());
+        buf.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        // Unknown: zeros, which no later start takes for its own boot.
+        buf.extend_from_slice(&boot_id().unwrap_or([0; BOOT_ID_LEN]));
         buf.extend_from_slice(&instance.to_le_bytes());
         for e in events {
             frame(e, &mut buf)?;
@@ -161,7 +182,7 @@ impl Log {
             dir: dir.to_path_buf(),
             instance,
             bytes,
-            compact_at: COMPACT_BYTES.max(4 * bytes),
+            compact_at: COMPACT_BYTES.max(2 * bytes),
         })
     }
 
@@ -193,7 +214,19 @@ impl Log {
     }
 
     /// Remove the log: what it would tell a later start is no longer all that ran.
+    /// If it cannot be removed, it is emptied (no later start takes over a log without
+    /// its header).
     pub(super) fn discard(self) {
-        let _ = std::fs::remove_file(self.dir.join(NAME));
+        let path = self.dir.join(NAME);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+            && let Err(e) = self.file.set_len(0)
+        {
+            tracing::error!(
+                "cannot remove or empty the answers log {}: {e}; remove it before the next \
+                 start, which could otherwise run a change twice",
+                path.display()
+            );
+        }
     }
 }
