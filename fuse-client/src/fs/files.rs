@@ -1503,22 +1503,17 @@ impl Core {
         instance: u64,
     ) -> FsResult<OpenReply> {
         let req = self.create_request(file)?;
-        // As `Core::repeat_keyed`, but each repeat on a connection of its own: the
-        // answer names a handle of it.
-        let mut repeats = 0;
-        let (generation, answer) = loop {
-            repeats += 1;
-            self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            let generation = self.client.connect().await?;
-            match self
-                .client
-                .repeat_keyed(Some(generation), caller, req.clone(), key, instance)
-                .await
-            {
-                Err(e) if e.may_have_run() && repeats < super::MAX_REPEATS => {}
-                r => break (generation, r?),
-            }
-        };
+        // Each repeat on a connection of its own: the answer names a handle of it.
+        let (generation, answer) = self
+            .repeating(|| async {
+                let generation = self.client.connect().await?;
+                let answer = self
+                    .client
+                    .repeat_keyed(Some(generation), caller, req.clone(), key, instance)
+                    .await?;
+                Ok((generation, answer))
+            })
+            .await?;
         match answer {
             Ok(Response::NotRemembered) => {}
             Ok(r) => return self.created(caller, file, generation, Ok(self.unwrap_reply(r))),

@@ -499,17 +499,17 @@ impl Core {
         }
     }
 
-    /// A keyed change whose connection broke under it, sent again with its key
-    /// (`Client::repeat_keyed`), and again each time the connection breaks under the
-    /// repeat too (a link that keeps dropping), at most [`MAX_REPEATS`] times: the
-    /// server runs it at most once however often it comes.
-    pub(super) async fn repeat_keyed(
+    /// Run `repeat` (sending a keyed change again, `Client::repeat_keyed`), and again
+    /// each time the connection breaks under it too (a link that keeps dropping), at
+    /// most [`MAX_REPEATS`] times: the server runs the change at most once however
+    /// often it comes.
+    pub(super) async fn repeating<T, F>(
         &self,
-        caller: Caller,
-        req: Request,
-        key: OnceKey,
-        instance: u64,
-    ) -> Result<Result<Response, i32>, TransportError> {
+        mut repeat: impl FnMut() -> F,
+    ) -> Result<T, TransportError>
+    where
+        F: Future<Output = Result<T, TransportError>>,
+    {
         let mut repeats = 0;
         loop {
             repeats += 1;
@@ -518,15 +518,26 @@ impl Core {
                 repeats,
                 "connection lost under a change; sending it again with its key"
             );
-            match self
-                .client
-                .repeat_keyed(None, caller, req.clone(), key, instance)
-                .await
-            {
+            match repeat().await {
                 Err(e) if e.may_have_run() && repeats < MAX_REPEATS => {}
                 r => return r,
             }
         }
+    }
+
+    /// [`Core::repeating`] of a keyed change on whichever connection is live.
+    pub(super) async fn repeat_keyed(
+        &self,
+        caller: Caller,
+        req: Request,
+        key: OnceKey,
+        instance: u64,
+    ) -> Result<Result<Response, i32>, TransportError> {
+        self.repeating(|| {
+            self.client
+                .repeat_keyed(None, caller, req.clone(), key, instance)
+        })
+        .await
     }
 
     /// [`Core::rpc_once`] of a change that creates, renames or removes nothing a second
