@@ -116,7 +116,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     );
                 }
                 // Before serving: the first `Welcome` names the table's instance.
-                match export.answers().keep_in(undo.dir()) {
+                // A change the last process died in is looked at again where it can be.
+                let judge = |p: &_| ferry_server::ops::judge(&export, p);
+                match export.answers().keep_in(undo.dir(), &judge) {
                     Ok(r) if r.answers > 0 => tracing::info!(
                         torn = r.torn,
                         "took over {} answer(s) of keyed changes from the last run",

@@ -37,7 +37,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use ferry_common::proto::{Name, RelPath};
 use ferry_common::{OnceKey, Request, Response};
+use serde::{Deserialize, Serialize};
 
 use crate::sys::Errno;
 
@@ -53,8 +55,65 @@ type Answer = Result<Response, Errno>;
 
 #[derive(Debug)]
 enum Slot {
-    Running,
+    /// With what the change looked at before it ran, if it can be checked afterwards.
+    Running(Option<Box<Probe>>),
     Done(Answer),
+}
+
+/// A file's (device, inode number).
+pub type FileId = (u64, u64);
+
+/// What a change found before it ran, logged with its `Begin`: a start after the
+/// process died in it looks again and can tell whether it ran (see [`Verdict`]).
+/// Only renames have one: an atomic save's last step, and a change whose repeat
+/// cannot fall back on a look at the name (as a create's does).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// `from` was the file with (device, inode) `from_id`; `to` was `to_id`'s, or
+    /// nothing.
+    Rename {
+        from: (RelPath, Name),
+        from_id: FileId,
+        to: (RelPath, Name),
+        to_id: Option<FileId>,
+        exchange: bool,
+    },
+}
+
+/// What a [`Probe`] finds after the process died in its change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// As the change leaves things: it ran (its answer is success).
+    Ran,
+    /// As it found them: it never ran, and runs if sent again.
+    NotRun,
+    /// Neither (someone else changed the names since): whether it ran is unknown.
+    Unknown,
+}
+
+impl Verdict {
+    /// The verdict on a rename whose names hold `now` (`from`'s and `to`'s ids; `None`:
+    /// no entry) that found `before`.
+    pub fn of_rename(
+        before: FileId,
+        to_before: Option<FileId>,
+        exchange: bool,
+        now: (Option<FileId>, Option<FileId>),
+    ) -> Verdict {
+        let (from_now, to_now) = now;
+        if from_now == Some(before) && to_now == to_before {
+            return Verdict::NotRun;
+        }
+        let from_after_ok = match exchange {
+            true => from_now == to_before,
+            false => from_now != Some(before),
+        };
+        if to_now == Some(before) && from_after_ok {
+            Verdict::Ran
+        } else {
+            Verdict::Unknown
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -188,8 +247,12 @@ impl Table {
                 }
             }
             for (&seq, slot) in &s.slots {
-                if matches!(slot, Slot::Running) {
-                    events.push(Event::Begin { session: id, seq });
+                if let Slot::Running(probe) = slot {
+                    events.push(Event::Begin {
+                        session: id,
+                        seq,
+                        probe: probe.as_deref().cloned(),
+                    });
                 }
             }
         }
@@ -232,10 +295,14 @@ impl Table {
                 self.sessions.remove(&id);
                 self.evicted(id);
             }
-            Event::Begin { session, seq } => {
+            Event::Begin {
+                session,
+                seq,
+                probe,
+            } => {
                 let s = self.replayed(session, now);
                 if let std::collections::hash_map::Entry::Vacant(v) = s.slots.entry(seq) {
-                    v.insert(Slot::Running);
+                    v.insert(Slot::Running(probe.map(Box::new)));
                     s.running += 1;
                 }
             }
@@ -248,7 +315,7 @@ impl Table {
                 match s.slots.get(&seq) {
                     Some(Slot::Done(_)) => {}
                     was => {
-                        if matches!(was, Some(Slot::Running)) {
+                        if matches!(was, Some(Slot::Running(_))) {
                             s.running = s.running.saturating_sub(1);
                         }
                         s.finish(seq, answer.into_owned());
@@ -267,17 +334,27 @@ impl Table {
     }
 
     /// After a replay: the changes the dead process was running have no answer, and
-    /// nobody is running them any more. Whether they ran is unknown.
-    fn settle_replayed(&mut self) {
+    /// nobody is running them any more. One with a probe is looked at again (`judge`):
+    /// done if it ran, forgotten if it never did (its repeat runs, as a first send
+    /// that never arrived would); whether the others ran is unknown.
+    fn settle_replayed(&mut self, judge: &dyn Fn(&Probe) -> Verdict) {
         for s in self.sessions.values_mut() {
-            let running: Vec<u64> = s
+            let running: Vec<(u64, Option<Box<Probe>>)> = s
                 .slots
-                .iter()
-                .filter(|(_, slot)| matches!(slot, Slot::Running))
-                .map(|(&seq, _)| seq)
+                .iter_mut()
+                .filter_map(|(&seq, slot)| match slot {
+                    Slot::Running(probe) => Some((seq, probe.take())),
+                    Slot::Done(_) => None,
+                })
                 .collect();
-            for seq in running {
-                s.finish(seq, Ok(Response::NotRemembered));
+            for (seq, probe) in running {
+                match probe.map(|p| judge(&p)) {
+                    Some(Verdict::Ran) => s.finish(seq, Ok(Response::Ok)),
+                    Some(Verdict::NotRun) => {
+                        s.slots.remove(&seq);
+                    }
+                    Some(Verdict::Unknown) | None => s.finish(seq, Ok(Response::NotRemembered)),
+                }
             }
             s.running = 0;
         }
@@ -375,15 +452,17 @@ impl Answers {
     /// Run the change named `key` with `run`, unless it ran (or runs) already: then
     /// its first answer.
     pub fn run(&self, key: OnceKey, run: impl FnOnce() -> Answer) -> Answer {
-        self.run_or_replay(key, run, |first| first)
+        self.run_or_replay(key, None, run, |first| first)
     }
 
-    /// [`Answers::run`], a repeat answered with `replay` of the first answer (a
+    /// [`Answers::run`] with what the change found before it runs (logged with its
+    /// `Begin`, see [`Probe`]), a repeat answered with `replay` of the first answer (a
     /// `Create`'s names a handle of the connection that broke: its repeat opens the file
     /// again on its own).
     pub fn run_or_replay(
         &self,
         key: OnceKey,
+        probe: Option<Probe>,
         run: impl FnOnce() -> Answer,
         replay: impl FnOnce(Answer) -> Answer,
     ) -> Answer {
@@ -396,7 +475,7 @@ impl Answers {
                 .get(&key.session)
                 .and_then(|s| s.slots.get(&key.seq))
             {
-                Some(Slot::Running) => {
+                Some(Slot::Running(_)) => {
                     self.waiting.fetch_add(1, Ordering::SeqCst);
                     t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
                     self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -432,12 +511,14 @@ impl Answers {
             return Ok(Response::NotRemembered);
         }
         let s = self.session(&mut t, key.session, key.seq, now);
-        s.slots.insert(key.seq, Slot::Running);
+        s.slots
+            .insert(key.seq, Slot::Running(probe.clone().map(Box::new)));
         s.running += 1;
         // Logged before it runs: a process that dies in it leaves a change begun.
         t.note(&Event::Begin {
             session: key.session,
             seq: key.seq,
+            probe,
         });
         drop(t);
         let mut finish = Finish {
@@ -509,7 +590,11 @@ impl Answers {
     /// be used whole (see [`log::load`]) is replaced, and the table keeps its own new
     /// instance. Call before serving. On error the table stays in memory only, with
     /// its own instance (the earlier log may be left: it names another instance).
-    pub fn keep_in(&self, dir: &Path) -> std::io::Result<Restored> {
+    pub fn keep_in(
+        &self,
+        dir: &Path,
+        judge: &dyn Fn(&Probe) -> Verdict,
+    ) -> std::io::Result<Restored> {
         let loaded = match log::load(dir) {
             Ok(l) => l,
             Err(e) => {
@@ -527,7 +612,7 @@ impl Answers {
             for e in l.events {
                 t.apply(e);
             }
-            t.settle_replayed();
+            t.settle_replayed(judge);
             instance = l.instance;
             restored = Restored {
                 answers: t.sessions.values().map(|s| s.slots.len()).sum(),
@@ -698,6 +783,11 @@ mod tests {
         );
     }
 
+    /// A judge that can tell nothing.
+    fn unknown(_: &Probe) -> Verdict {
+        Verdict::Unknown
+    }
+
     /// Every remembered (session, key) and its slot, for comparing tables.
     fn contents(a: &Answers) -> std::collections::BTreeMap<(u64, u64), String> {
         let t = a.lock();
@@ -718,7 +808,10 @@ mod tests {
     fn answers_outlive_the_process_that_kept_them() {
         let dir = tempfile::tempdir().expect("temp dir");
         let a = Answers::default();
-        assert_eq!(a.keep_in(dir.path()).expect("keep"), Restored::default());
+        assert_eq!(
+            a.keep_in(dir.path(), &unknown).expect("keep"),
+            Restored::default()
+        );
         a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
         assert_eq!(
             a.run(key(1, 2, false), || Err(libc::EEXIST)),
@@ -728,7 +821,7 @@ mod tests {
         let later = std::cell::RefCell::new(None);
         a.run(key(1, 3, false), || {
             let b = Answers::default();
-            let restored = b.keep_in(dir.path()).expect("take over");
+            let restored = b.keep_in(dir.path(), &unknown).expect("take over");
             *later.borrow_mut() = Some((b, restored));
             Ok(Response::Ok)
         })
@@ -777,13 +870,13 @@ mod tests {
         assert_eq!(runs.get(), 1);
         // And the next process again, from the log the second one kept.
         let c = Answers::default();
-        c.keep_in(dir.path()).expect("take over again");
+        c.keep_in(dir.path(), &unknown).expect("take over again");
         assert_eq!(c.instance(), a.instance());
         assert_eq!(contents(&c), contents(&b));
         // Without a log, a table is another instance.
         let other = tempfile::tempdir().expect("temp dir");
         let d = Answers::default();
-        d.keep_in(other.path()).expect("keep");
+        d.keep_in(other.path(), &unknown).expect("keep");
         assert_ne!(d.instance(), a.instance());
     }
 
@@ -791,7 +884,7 @@ mod tests {
     fn a_log_cut_short_keeps_what_is_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
         let a = Answers::default();
-        a.keep_in(dir.path()).expect("keep");
+        a.keep_in(dir.path(), &unknown).expect("keep");
         for seq in 1..=3 {
             a.run(key(7, seq, false), || Ok(Response::Ok)).unwrap();
         }
@@ -802,7 +895,7 @@ mod tests {
             .expect("open the log");
         std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3]).expect("append");
         let b = Answers::default();
-        let restored = b.keep_in(dir.path()).expect("take over");
+        let restored = b.keep_in(dir.path(), &unknown).expect("take over");
         assert_eq!(
             restored,
             Restored {
@@ -815,7 +908,10 @@ mod tests {
         // Not a log at all: a new table, with its own instance.
         std::fs::write(dir.path().join("answers"), b"something else").expect("write");
         let c = Answers::default();
-        assert_eq!(c.keep_in(dir.path()).expect("keep"), Restored::default());
+        assert_eq!(
+            c.keep_in(dir.path(), &unknown).expect("keep"),
+            Restored::default()
+        );
         assert_ne!(c.instance(), a.instance());
     }
 
@@ -826,7 +922,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("answers");
         let a = Answers::default();
-        a.keep_in(dir.path()).expect("keep");
+        a.keep_in(dir.path(), &unknown).expect("keep");
         a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
         let middle = std::fs::metadata(&path).expect("log").len() as usize;
         a.run(key(1, 2, false), || Ok(Response::Ok)).unwrap();
@@ -853,7 +949,7 @@ mod tests {
             std::fs::write(&path, &bytes).expect("write the log");
             let b = Answers::default();
             assert_eq!(
-                b.keep_in(dir.path()).expect("keep"),
+                b.keep_in(dir.path(), &unknown).expect("keep"),
                 Restored::default(),
                 "{what}"
             );
@@ -869,7 +965,7 @@ mod tests {
         // The good one is.
         std::fs::write(&path, &good).expect("write the log");
         let c = Answers::default();
-        c.keep_in(dir.path()).expect("keep");
+        c.keep_in(dir.path(), &unknown).expect("keep");
         assert_eq!(c.instance(), a.instance());
     }
 
@@ -877,7 +973,7 @@ mod tests {
     fn a_compacted_log_keeps_what_the_table_holds() {
         let dir = tempfile::tempdir().expect("temp dir");
         let a = Answers::default();
-        a.keep_in(dir.path()).expect("keep");
+        a.keep_in(dir.path(), &unknown).expect("keep");
         let ino = || {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(dir.path().join("answers"))
@@ -907,7 +1003,7 @@ mod tests {
         .unwrap();
         assert_ne!(ino(), third_log, "the log was not compacted a third time");
         let b = Answers::default();
-        b.keep_in(dir.path()).expect("take over");
+        b.keep_in(dir.path(), &unknown).expect("take over");
         assert_eq!(contents(&b), contents(&a));
         assert_eq!(b.lock().evicted, a.lock().evicted);
         // What was forgotten before stays unknown, and does not run.
@@ -924,5 +1020,78 @@ mod tests {
             Ok(Response::Ok)
         );
         assert!(!ran.get());
+    }
+
+    /// A change the process died in (begun, never answered), with a probe: the next
+    /// start asks the judge, and answers its repeat as the verdict says.
+    #[test]
+    fn a_change_the_process_died_in_is_judged() {
+        let probe = Probe::Rename {
+            from: (RelPath(b"d".to_vec()), Name(b"a".to_vec())),
+            from_id: (1, 2),
+            to: (RelPath(Vec::new()), Name(b"b".to_vec())),
+            to_id: None,
+            exchange: false,
+        };
+        for (verdict, want, runs) in [
+            (Verdict::Ran, Ok(Response::Ok), 0),
+            (Verdict::NotRun, Err(libc::EXDEV), 1),
+            (Verdict::Unknown, Ok(Response::NotRemembered), 0),
+        ] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let a = Answers::default();
+            a.keep_in(dir.path(), &unknown).expect("keep");
+            a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+            let later = std::cell::RefCell::new(None);
+            let judged = Cell::new(0);
+            a.run_or_replay(
+                key(1, 2, false),
+                Some(probe.clone()),
+                || {
+                    let b = Answers::default();
+                    let judge = |p: &Probe| {
+                        assert_eq!(p, &probe, "another probe was judged");
+                        judged.set(judged.get() + 1);
+                        verdict
+                    };
+                    b.keep_in(dir.path(), &judge).expect("take over");
+                    *later.borrow_mut() = Some(b);
+                    Ok(Response::Ok)
+                },
+                |first| first,
+            )
+            .unwrap();
+            let b = later.into_inner().expect("the run ran");
+            assert_eq!(judged.get(), 1, "{verdict:?}: not judged once");
+            let ran = Cell::new(0);
+            let r = b.run(key(1, 2, true), || {
+                ran.set(ran.get() + 1);
+                Err(libc::EXDEV)
+            });
+            assert_eq!(r, want, "{verdict:?}");
+            assert_eq!(ran.get(), runs, "{verdict:?}");
+        }
+    }
+
+    #[test]
+    fn a_rename_verdict_needs_its_names_as_it_left_them() {
+        let (a, b, c) = ((1, 1), (1, 2), (1, 3));
+        let v = Verdict::of_rename;
+        // a -> empty name
+        assert_eq!(v(a, None, false, (Some(a), None)), Verdict::NotRun);
+        assert_eq!(v(a, None, false, (None, Some(a))), Verdict::Ran);
+        assert_eq!(v(a, None, false, (Some(c), Some(a))), Verdict::Ran);
+        assert_eq!(v(a, None, false, (None, None)), Verdict::Unknown);
+        assert_eq!(v(a, None, false, (Some(a), Some(c))), Verdict::Unknown);
+        // a over b
+        assert_eq!(v(a, Some(b), false, (Some(a), Some(b))), Verdict::NotRun);
+        assert_eq!(v(a, Some(b), false, (None, Some(a))), Verdict::Ran);
+        assert_eq!(v(a, Some(b), false, (None, Some(b))), Verdict::Unknown);
+        // a and b exchanged
+        assert_eq!(v(a, Some(b), true, (Some(a), Some(b))), Verdict::NotRun);
+        assert_eq!(v(a, Some(b), true, (Some(b), Some(a))), Verdict::Ran);
+        assert_eq!(v(a, Some(b), true, (None, Some(a))), Verdict::Unknown);
+        // Two links to one file: a rename between them changes nothing, and runs again.
+        assert_eq!(v(a, Some(a), false, (Some(a), Some(a))), Verdict::NotRun);
     }
 }

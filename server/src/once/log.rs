@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::Answer;
 
 const MAGIC: &[u8; 16] = b"ferryd answers\n\0";
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 /// `/proc/sys/kernel/random/boot_id`: a UUID in text.
 const BOOT_ID_LEN: usize = 36;
 const HEADER_LEN: usize = MAGIC.len() + 4 + 4 + BOOT_ID_LEN + 8;
@@ -53,8 +53,12 @@ pub(super) enum Event<'a> {
     },
     /// A session's record was forgotten whole.
     Evict { id: u64 },
-    /// A change is about to run.
-    Begin { session: u64, seq: u64 },
+    /// A change is about to run, having found what `probe` says.
+    Begin {
+        session: u64,
+        seq: u64,
+        probe: Option<super::Probe>,
+    },
     /// A key's answer.
     Done {
         session: u64,

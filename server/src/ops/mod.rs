@@ -70,11 +70,13 @@ mod xattr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
+use ferry_common::proto::{Name, rename_flags};
 use ferry_common::{Attr, Caller, FileKind, OnceKey, RelPath, Request, Response, Timespec, caps};
 
 use crate::export::Export;
 use crate::handles::{Handle, Handles};
-use crate::sys::Errno;
+use crate::once::{FileId, Probe, Verdict};
+use crate::sys::{self, Errno};
 use crate::watch::Watcher;
 
 /// What the operations of one connection share.
@@ -152,14 +154,74 @@ pub fn execute_keyed(
                 Request::Create { .. } => Some(req.clone()),
                 _ => None,
             };
+            let probe = probe(&ctx.export, &req);
             ctx.export.answers().run_or_replay(
                 key,
+                probe,
                 || execute(ctx, caller, req),
                 |first| match again {
                     Some(create) => create_again(ctx, create, first),
                     None => first,
                 },
             )
+        }
+    }
+}
+
+/// What a keyed change finds before it runs, for a start after the process died in it
+/// to tell whether it ran (`once::Probe`): the file a rename moves and the one it
+/// replaces. `None` for other changes, and when the names cannot be looked at (the
+/// change then fails the same way, or nothing is known of it).
+fn probe(export: &Export, req: &Request) -> Option<Probe> {
+    let Request::Rename {
+        parent,
+        name,
+        new_parent,
+        new_name,
+        flags,
+    } = req
+    else {
+        return None;
+    };
+    let from_id = entry_id(export, parent, name).ok()??;
+    let to_id = entry_id(export, new_parent, new_name).ok()?;
+    Some(Probe::Rename {
+        from: (parent.clone(), name.clone()),
+        from_id,
+        to: (new_parent.clone(), new_name.clone()),
+        to_id,
+        exchange: flags & rename_flags::EXCHANGE != 0,
+    })
+}
+
+/// The (device, inode) of `parent/name` (not following a symlink), `None` if absent.
+fn entry_id(export: &Export, parent: &RelPath, name: &Name) -> Result<Option<FileId>, Errno> {
+    let (dir, name) = export.entry(parent, name)?;
+    match sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
+        Err(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the change that found `probe` ran, by looking at its names again (at a
+/// start after the process died in it: nothing else runs meanwhile).
+pub fn judge(export: &Export, probe: &Probe) -> Verdict {
+    match probe {
+        Probe::Rename {
+            from,
+            from_id,
+            to,
+            to_id,
+            exchange,
+        } => {
+            let (Ok(from_now), Ok(to_now)) = (
+                entry_id(export, &from.0, &from.1),
+                entry_id(export, &to.0, &to.1),
+            ) else {
+                return Verdict::Unknown;
+            };
+            Verdict::of_rename(*from_id, *to_id, *exchange, (from_now, to_now))
         }
     }
 }
@@ -456,6 +518,57 @@ fn version_of(words: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rename's probe, looked at again before it ran, after it ran, and after someone
+    /// else changed its names, on a real directory.
+    #[test]
+    fn a_rename_is_judged_by_its_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let export = Export::open(root, false).expect("export");
+        let rel = |p: &str| RelPath(p.as_bytes().to_vec());
+        let nm = |n: &str| Name(n.as_bytes().to_vec());
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+        std::fs::write(root.join("d/a"), b"a").expect("write");
+        std::fs::write(root.join("b"), b"b").expect("write");
+        let rename = |flags| Request::Rename {
+            parent: rel("d"),
+            name: nm("a"),
+            new_parent: rel(""),
+            new_name: nm("b"),
+            flags,
+        };
+        // Over an existing file.
+        let p = probe(&export, &rename(0)).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
+        assert_eq!(judge(&export, &p), Verdict::Ran);
+        std::fs::write(root.join("d/a"), b"a again").expect("write");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::Ran,
+            "a new file at the old name"
+        );
+        std::fs::remove_file(root.join("b")).expect("rm");
+        assert_eq!(judge(&export, &p), Verdict::Unknown);
+        // An exchange: both names stay.
+        std::fs::write(root.join("b"), b"b").expect("write");
+        let p = probe(&export, &rename(rename_flags::EXCHANGE)).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        std::fs::rename(root.join("b"), root.join("tmp")).expect("rename");
+        std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
+        std::fs::rename(root.join("tmp"), root.join("d/a")).expect("rename");
+        assert_eq!(judge(&export, &p), Verdict::Ran);
+        // Nothing to move: no probe (the rename fails the same way when sent again).
+        std::fs::remove_file(root.join("d/a")).expect("rm");
+        assert_eq!(probe(&export, &rename(0)), None);
+        // Other changes have none.
+        let unlink = Request::Unlink {
+            parent: rel(""),
+            name: nm("b"),
+        };
+        assert_eq!(probe(&export, &unlink), None);
+    }
 
     #[test]
     fn version_changes_with_every_word() {
