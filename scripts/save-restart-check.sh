@@ -42,7 +42,7 @@ start_server
 (
     failed=0 last=0
     for i in $(seq "$saves"); do
-        if printf 'save %d\n' "$i" >"$mp/doc.tmp" 2>>"$work/err" &&
+        if { printf 'save %d\n' "$i" >"$mp/doc.tmp"; } 2>>"$work/err" &&
             mv -f "$mp/doc.tmp" "$mp/doc" 2>>"$work/err"; then
             last=$i
         else
