@@ -65,8 +65,9 @@ pub type FileId = (u64, u64);
 
 /// What a change found before it ran, logged with its `Begin`: a start after the
 /// process died in it looks again and can tell whether it ran (see [`Verdict`]).
-/// Only renames have one: an atomic save's last step, and a change whose repeat
-/// cannot fall back on a look at the name (as a create's does).
+/// Renames and creates have one: an atomic save's steps. (A removal or another
+/// name-making change has none: a removal's repeat is answered ahead, its failure only
+/// logged; the others fall back on a look at the name, on the client.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Probe {
     /// `from` was the file with (device, inode) `from_id`; `to` was `to_id`'s, or
@@ -78,14 +79,20 @@ pub enum Probe {
         to_id: Option<FileId>,
         exchange: bool,
     },
+    /// `entry` held a file (whichever: a create of it only opens it), or nothing.
+    Create {
+        entry: (RelPath, Name),
+        existed: bool,
+    },
 }
 
 /// What a [`Probe`] finds after the process died in its change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// As the change leaves things: it ran (its answer is success).
-    Ran,
-    /// As it found them: it never ran, and runs if sent again.
+    /// As the change leaves things: it ran, and this is its answer.
+    Ran(Response),
+    /// As it found them: it never ran (or running it again is the same), and it runs
+    /// if sent again.
     NotRun,
     /// Neither (someone else changed the names since): whether it ran is unknown.
     Unknown,
@@ -109,7 +116,7 @@ impl Verdict {
             false => from_now != Some(before),
         };
         if to_now == Some(before) && from_after_ok {
-            Verdict::Ran
+            Verdict::Ran(Response::Ok)
         } else {
             Verdict::Unknown
         }
@@ -349,7 +356,7 @@ impl Table {
                 .collect();
             for (seq, probe) in running {
                 match probe.map(|p| judge(&p)) {
-                    Some(Verdict::Ran) => s.finish(seq, Ok(Response::Ok)),
+                    Some(Verdict::Ran(answer)) => s.finish(seq, Ok(answer)),
                     Some(Verdict::NotRun) => {
                         s.slots.remove(&seq);
                     }
@@ -1034,7 +1041,7 @@ mod tests {
             exchange: false,
         };
         for (verdict, want, runs) in [
-            (Verdict::Ran, Ok(Response::Ok), 0),
+            (Verdict::Ran(Response::Ok), Ok(Response::Ok), 0),
             (Verdict::NotRun, Err(libc::EXDEV), 1),
             (Verdict::Unknown, Ok(Response::NotRemembered), 0),
         ] {
@@ -1052,7 +1059,7 @@ mod tests {
                     let judge = |p: &Probe| {
                         assert_eq!(p, &probe, "another probe was judged");
                         judged.set(judged.get() + 1);
-                        verdict
+                        verdict.clone()
                     };
                     b.keep_in(dir.path(), &judge).expect("take over");
                     *later.borrow_mut() = Some(b);
@@ -1079,17 +1086,29 @@ mod tests {
         let v = Verdict::of_rename;
         // a -> empty name
         assert_eq!(v(a, None, false, (Some(a), None)), Verdict::NotRun);
-        assert_eq!(v(a, None, false, (None, Some(a))), Verdict::Ran);
-        assert_eq!(v(a, None, false, (Some(c), Some(a))), Verdict::Ran);
+        assert_eq!(
+            v(a, None, false, (None, Some(a))),
+            Verdict::Ran(Response::Ok)
+        );
+        assert_eq!(
+            v(a, None, false, (Some(c), Some(a))),
+            Verdict::Ran(Response::Ok)
+        );
         assert_eq!(v(a, None, false, (None, None)), Verdict::Unknown);
         assert_eq!(v(a, None, false, (Some(a), Some(c))), Verdict::Unknown);
         // a over b
         assert_eq!(v(a, Some(b), false, (Some(a), Some(b))), Verdict::NotRun);
-        assert_eq!(v(a, Some(b), false, (None, Some(a))), Verdict::Ran);
+        assert_eq!(
+            v(a, Some(b), false, (None, Some(a))),
+            Verdict::Ran(Response::Ok)
+        );
         assert_eq!(v(a, Some(b), false, (None, Some(b))), Verdict::Unknown);
         // a and b exchanged
         assert_eq!(v(a, Some(b), true, (Some(a), Some(b))), Verdict::NotRun);
-        assert_eq!(v(a, Some(b), true, (Some(b), Some(a))), Verdict::Ran);
+        assert_eq!(
+            v(a, Some(b), true, (Some(b), Some(a))),
+            Verdict::Ran(Response::Ok)
+        );
         assert_eq!(v(a, Some(b), true, (None, Some(a))), Verdict::Unknown);
         // Two links to one file: a rename between them changes nothing, and runs again.
         assert_eq!(v(a, Some(a), false, (Some(a), Some(a))), Verdict::NotRun);

@@ -169,29 +169,34 @@ pub fn execute_keyed(
 }
 
 /// What a keyed change finds before it runs, for a start after the process died in it
-/// to tell whether it ran (`once::Probe`): the file a rename moves and the one it
-/// replaces. `None` for other changes, and when the names cannot be looked at (the
-/// change then fails the same way, or nothing is known of it).
+/// to tell whether it ran (`once::Probe`): the files a rename moves and replaces, the
+/// one a create opens (or none). `None` for other changes, and when the names cannot
+/// be looked at (the change then fails the same way, or nothing is known of it).
 fn probe(export: &Export, req: &Request) -> Option<Probe> {
-    let Request::Rename {
-        parent,
-        name,
-        new_parent,
-        new_name,
-        flags,
-    } = req
-    else {
-        return None;
-    };
-    let from_id = entry_id(export, parent, name).ok()??;
-    let to_id = entry_id(export, new_parent, new_name).ok()?;
-    Some(Probe::Rename {
-        from: (parent.clone(), name.clone()),
-        from_id,
-        to: (new_parent.clone(), new_name.clone()),
-        to_id,
-        exchange: flags & rename_flags::EXCHANGE != 0,
-    })
+    match req {
+        Request::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } => {
+            let from_id = entry_id(export, parent, name).ok()??;
+            let to_id = entry_id(export, new_parent, new_name).ok()?;
+            Some(Probe::Rename {
+                from: (parent.clone(), name.clone()),
+                from_id,
+                to: (new_parent.clone(), new_name.clone()),
+                to_id,
+                exchange: flags & rename_flags::EXCHANGE != 0,
+            })
+        }
+        Request::Create { parent, name, .. } => Some(Probe::Create {
+            entry: (parent.clone(), name.clone()),
+            existed: entry_id(export, parent, name).ok()?.is_some(),
+        }),
+        _ => None,
+    }
 }
 
 /// The (device, inode) of `parent/name` (not following a symlink), `None` if absent.
@@ -222,6 +227,28 @@ pub fn judge(export: &Export, probe: &Probe) -> Verdict {
                 return Verdict::Unknown;
             };
             Verdict::of_rename(*from_id, *to_id, *exchange, (from_now, to_now))
+        }
+        // Of a name that held a file, the create only opened it (a truncation is staged
+        // until a commit): opening what is there again is the same. A name that was
+        // free and now holds a regular file holds the one it made: its answer names it,
+        // and the repeat opens it again (`create_again` checks inode number and ctime).
+        Probe::Create { entry, existed } => {
+            let Ok((dir, name)) = export.entry(&entry.0, &entry.1) else {
+                return Verdict::Unknown;
+            };
+            match (
+                sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW),
+                existed,
+            ) {
+                (Err(libc::ENOENT), false) | (Ok(_), true) => Verdict::NotRun,
+                (Ok(st), false) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                    Verdict::Ran(Response::Opened {
+                        handle: 0,
+                        attr: attr_of(&st, export.root_dev()),
+                    })
+                }
+                _ => Verdict::Unknown,
+            }
         }
     }
 }
@@ -519,10 +546,10 @@ fn version_of(words: &[u64]) -> u64 {
 mod tests {
     use super::*;
 
-    /// A rename's probe, looked at again before it ran, after it ran, and after someone
-    /// else changed its names, on a real directory.
+    /// A rename's and a create's probes, looked at again before the change ran, after
+    /// it ran, and after someone else changed its names, on a real directory.
     #[test]
-    fn a_rename_is_judged_by_its_names() {
+    fn a_change_is_judged_by_its_names() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         let export = Export::open(root, false).expect("export");
@@ -542,11 +569,11 @@ mod tests {
         let p = probe(&export, &rename(0)).expect("a probe");
         assert_eq!(judge(&export, &p), Verdict::NotRun);
         std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
-        assert_eq!(judge(&export, &p), Verdict::Ran);
+        assert_eq!(judge(&export, &p), Verdict::Ran(Response::Ok));
         std::fs::write(root.join("d/a"), b"a again").expect("write");
         assert_eq!(
             judge(&export, &p),
-            Verdict::Ran,
+            Verdict::Ran(Response::Ok),
             "a new file at the old name"
         );
         std::fs::remove_file(root.join("b")).expect("rm");
@@ -558,10 +585,44 @@ mod tests {
         std::fs::rename(root.join("b"), root.join("tmp")).expect("rename");
         std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
         std::fs::rename(root.join("tmp"), root.join("d/a")).expect("rename");
-        assert_eq!(judge(&export, &p), Verdict::Ran);
+        assert_eq!(judge(&export, &p), Verdict::Ran(Response::Ok));
         // Nothing to move: no probe (the rename fails the same way when sent again).
         std::fs::remove_file(root.join("d/a")).expect("rm");
         assert_eq!(probe(&export, &rename(0)), None);
+        // A create: a new file is the one it made; a file there before, or nothing, it
+        // may make or open again.
+        let create = Request::Create {
+            parent: rel("d"),
+            name: nm("new"),
+            mode: 0o644,
+            umask: 0,
+            flags: libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        };
+        let p = probe(&export, &create).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        std::fs::write(root.join("d/new"), b"").expect("create");
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(root.join("d/new")).expect("stat"),
+        );
+        match judge(&export, &p) {
+            Verdict::Ran(Response::Opened { attr, .. }) => assert_eq!(attr.ino, ino),
+            other => panic!("a create that made its file: {other:?}"),
+        }
+        let p = probe(&export, &create).expect("a probe");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::NotRun,
+            "opened a file already there"
+        );
+        std::fs::remove_file(root.join("d/new")).expect("rm");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::Unknown,
+            "the file it opened is gone"
+        );
+        let p = probe(&export, &create).expect("a probe");
+        std::fs::create_dir(root.join("d/new")).expect("mkdir");
+        assert_eq!(judge(&export, &p), Verdict::Unknown, "a directory");
         // Other changes have none.
         let unlink = Request::Unlink {
             parent: rel(""),
