@@ -12,9 +12,9 @@
 //! process on the export replays it and takes over its `Welcome::instance`. So a
 //! repeat that reaches a server restarted since its first send is answered as if the
 //! process had not changed; a change the dead process was running (begun, never
-//! answered) is answered `NotRemembered`. Without a state directory (or once the log
-//! cannot be written: it is then removed) the table lives in memory only and a restart
-//! forgets it, with a new instance.
+//! answered) is answered `NotRemembered`, unless its [`Probe`] tells whether it ran.
+//! Without a state directory (or once the log cannot be written: it is then removed)
+//! the table lives in memory only and a restart forgets it, with a new instance.
 //!
 //! A repeat it has no record of runs only if its first send cannot have arrived: the
 //! session's record was made by a key no newer than this one (so this key, had it
@@ -56,9 +56,29 @@ type Answer = Result<Response, Errno>;
 #[derive(Debug)]
 enum Slot {
     /// With what the change looked at before it ran, if it can be checked afterwards.
-    Running(Option<Box<Probe>>),
+    Running(Option<Box<Begun>>),
     Done(Answer),
 }
+
+/// A change running with a [`Probe`].
+#[derive(Debug)]
+struct Begun {
+    probe: Probe,
+    /// [`Table::changes`] once its `Begin` was noted: a change noted after it (or
+    /// running with it) may have touched its names.
+    at: u64,
+}
+
+/// A [`Probe`] taken for a change about to run ([`Answers::look`]).
+#[derive(Debug)]
+pub struct Look {
+    probe: Probe,
+    /// [`Table::changes`] before it was taken.
+    mark: u64,
+}
+
+/// A directory's `ctime` (seconds, nanoseconds): every change of its entries moves it.
+pub type Ctime = (i64, i64);
 
 /// A file's (device, inode number).
 pub type FileId = (u64, u64);
@@ -68,21 +88,29 @@ pub type FileId = (u64, u64);
 /// Renames and creates have one: an atomic save's steps. (A removal or another
 /// name-making change has none: a removal's repeat is answered ahead, its failure only
 /// logged; the others fall back on a look at the name, on the client.)
+///
+/// It is judged only if nothing else can have touched its names since it was taken:
+/// no other keyed change was noted after it, or was running with it, when the process
+/// died ([`Table::settle_replayed`]), and its directories' `ctime`s show whether
+/// anything outside ferryd changed them (while it was down, say).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Probe {
     /// `from` was the file with (device, inode) `from_id`; `to` was `to_id`'s, or
-    /// nothing.
+    /// nothing; their directories had `ctimes`.
     Rename {
         from: (RelPath, Name),
         from_id: FileId,
         to: (RelPath, Name),
         to_id: Option<FileId>,
         exchange: bool,
+        ctimes: (Ctime, Ctime),
     },
-    /// `entry` held a file (whichever: a create of it only opens it), or nothing.
+    /// `entry` held a file (whichever: a create of it only opens it), or nothing; its
+    /// directory had `ctime`.
     Create {
         entry: (RelPath, Name),
         existed: bool,
+        ctime: Ctime,
     },
 }
 
@@ -91,8 +119,9 @@ pub enum Probe {
 pub enum Verdict {
     /// As the change leaves things: it ran, and this is its answer.
     Ran(Response),
-    /// As it found them: it never ran (or running it again is the same), and it runs
-    /// if sent again.
+    /// As it found them: it never ran (or running it again is the same). Its key is
+    /// forgotten, so a repeat runs it if the table can tell it never arrived (as for
+    /// any first send lost on its way), else is answered `NotRemembered`.
     NotRun,
     /// Neither (someone else changed the names since): whether it ran is unknown.
     Unknown,
@@ -100,16 +129,21 @@ pub enum Verdict {
 
 impl Verdict {
     /// The verdict on a rename whose names hold `now` (`from`'s and `to`'s ids; `None`:
-    /// no entry) that found `before`.
+    /// no entry) that found `before`; `dirs_as_before`: their directories' `ctime`s are
+    /// as it found them (else the names may have changed and changed back).
     pub fn of_rename(
         before: FileId,
         to_before: Option<FileId>,
         exchange: bool,
         now: (Option<FileId>, Option<FileId>),
+        dirs_as_before: bool,
     ) -> Verdict {
         let (from_now, to_now) = now;
         if from_now == Some(before) && to_now == to_before {
-            return Verdict::NotRun;
+            return match dirs_as_before {
+                true => Verdict::NotRun,
+                false => Verdict::Unknown,
+            };
         }
         let from_after_ok = match exchange {
             true => from_now == to_before,
@@ -181,12 +215,17 @@ struct Table {
     evicted_order: VecDeque<u64>,
     /// Where every change of the table is also written, if anywhere.
     log: Option<log::Log>,
+    /// Changes begun or answered (`Begin` and `Done` events noted or replayed).
+    changes: u64,
 }
 
 impl Table {
     /// Write `e` to the log; a log that cannot be written is removed (it would no
     /// longer tell a later start all that ran) and the table lives on in memory.
     fn note(&mut self, e: &Event<'_>) {
+        if matches!(e, Event::Begin { .. } | Event::Done { .. }) {
+            self.changes += 1;
+        }
         let Some(log) = self.log.as_mut() else {
             return;
         };
@@ -228,8 +267,9 @@ impl Table {
     }
 
     /// The events that make a table like this one: forgotten sessions, then each
-    /// session (least recently used first) with its answers, oldest first, and its
-    /// changes running.
+    /// session (least recently used first) with its answers, oldest first, then the
+    /// changes running. A running change keeps its probe only if nothing was noted
+    /// after its `Begin` (a compacted log no longer tells what came after it).
     fn snapshot(&self) -> Vec<Event<'_>> {
         let mut events: Vec<Event<'_>> = self
             .evicted_order
@@ -253,12 +293,17 @@ impl Table {
                     });
                 }
             }
+        }
+        for (&id, s) in &self.sessions {
             for (&seq, slot) in &s.slots {
-                if let Slot::Running(probe) = slot {
+                if let Slot::Running(begun) = slot {
                     events.push(Event::Begin {
                         session: id,
                         seq,
-                        probe: probe.as_deref().cloned(),
+                        probe: begun
+                            .as_deref()
+                            .filter(|b| b.at == self.changes)
+                            .map(|b| b.probe.clone()),
                     });
                 }
             }
@@ -282,6 +327,10 @@ impl Table {
     fn apply(&mut self, e: Event<'static>) {
         self.clock += 1;
         let now = self.clock;
+        if matches!(e, Event::Begin { .. } | Event::Done { .. }) {
+            self.changes += 1;
+        }
+        let changes = self.changes;
         match e {
             Event::Session {
                 id,
@@ -309,7 +358,8 @@ impl Table {
             } => {
                 let s = self.replayed(session, now);
                 if let std::collections::hash_map::Entry::Vacant(v) = s.slots.entry(seq) {
-                    v.insert(Slot::Running(probe.map(Box::new)));
+                    let begun = probe.map(|probe| Box::new(Begun { probe, at: changes }));
+                    v.insert(Slot::Running(begun));
                     s.running += 1;
                 }
             }
@@ -341,26 +391,39 @@ impl Table {
     }
 
     /// After a replay: the changes the dead process was running have no answer, and
-    /// nobody is running them any more. One with a probe is looked at again (`judge`):
-    /// done if it ran, forgotten if it never did (its repeat runs, as a first send
-    /// that never arrived would); whether the others ran is unknown.
+    /// nobody is running them any more. One with a probe is looked at again (`judge`)
+    /// if it was the only one running and nothing was noted after its `Begin` (no
+    /// other change can have touched its names since its probe): done if it ran,
+    /// forgotten if it never did (see [`Verdict::NotRun`]). Whether the others ran is
+    /// unknown. (`judge` runs under the table's lock: nothing else runs yet.)
     fn settle_replayed(&mut self, judge: &dyn Fn(&Probe) -> Verdict) {
+        let last = self.changes;
+        let running = self
+            .sessions
+            .values()
+            .flat_map(|s| s.slots.values())
+            .filter(|slot| matches!(slot, Slot::Running(_)))
+            .count();
         for s in self.sessions.values_mut() {
-            let running: Vec<(u64, Option<Box<Probe>>)> = s
+            let begun: Vec<(u64, Option<Box<Begun>>)> = s
                 .slots
                 .iter_mut()
                 .filter_map(|(&seq, slot)| match slot {
-                    Slot::Running(probe) => Some((seq, probe.take())),
+                    Slot::Running(begun) => Some((seq, begun.take())),
                     Slot::Done(_) => None,
                 })
                 .collect();
-            for (seq, probe) in running {
-                match probe.map(|p| judge(&p)) {
-                    Some(Verdict::Ran(answer)) => s.finish(seq, Ok(answer)),
-                    Some(Verdict::NotRun) => {
+            for (seq, begun) in begun {
+                let verdict = match begun {
+                    Some(b) if running == 1 && b.at == last => judge(&b.probe),
+                    _ => Verdict::Unknown,
+                };
+                match verdict {
+                    Verdict::Ran(answer) => s.finish(seq, Ok(answer)),
+                    Verdict::NotRun => {
                         s.slots.remove(&seq);
                     }
-                    Some(Verdict::Unknown) | None => s.finish(seq, Ok(Response::NotRemembered)),
+                    Verdict::Unknown => s.finish(seq, Ok(Response::NotRemembered)),
                 }
             }
             s.running = 0;
@@ -371,8 +434,9 @@ impl Table {
 /// What [`Answers::keep_in`] found of an earlier process.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Restored {
-    /// Answers taken over (including those of changes it was running when it died,
-    /// now `NotRemembered`).
+    /// Answers taken over (including those of changes it was running when it died:
+    /// `NotRemembered`, or as their probes were judged; one judged never run is not
+    /// counted).
     pub answers: usize,
     /// Its log ended in an event cut short (the process died writing it).
     pub torn: bool,
@@ -462,14 +526,25 @@ impl Answers {
         self.run_or_replay(key, None, run, |first| first)
     }
 
+    /// What a change about to run finds (`probe`), for a start after the process died
+    /// in it (see [`Probe`]); taken only while there is a log to keep it in.
+    pub fn look(&self, probe: impl FnOnce() -> Option<Probe>) -> Option<Look> {
+        let mark = {
+            let t = self.lock();
+            t.log.as_ref()?;
+            t.changes
+        };
+        probe().map(|probe| Look { probe, mark })
+    }
+
     /// [`Answers::run`] with what the change found before it runs (logged with its
-    /// `Begin`, see [`Probe`]), a repeat answered with `replay` of the first answer (a
-    /// `Create`'s names a handle of the connection that broke: its repeat opens the file
-    /// again on its own).
+    /// `Begin`, see [`Answers::look`]), a repeat answered with `replay` of the first
+    /// answer (a `Create`'s names a handle of the connection that broke: its repeat
+    /// opens the file again on its own).
     pub fn run_or_replay(
         &self,
         key: OnceKey,
-        probe: Option<Probe>,
+        look: Option<Look>,
         run: impl FnOnce() -> Answer,
         replay: impl FnOnce(Answer) -> Answer,
     ) -> Answer {
@@ -517,9 +592,19 @@ impl Answers {
             });
             return Ok(Response::NotRemembered);
         }
+        // A probe taken before another change was noted may no longer be what this
+        // change finds: none, then.
+        let changes = t.changes;
+        let probe = look.filter(|l| l.mark == changes).map(|l| l.probe);
         let s = self.session(&mut t, key.session, key.seq, now);
-        s.slots
-            .insert(key.seq, Slot::Running(probe.clone().map(Box::new)));
+        let begun = probe.clone().map(|probe| {
+            Box::new(Begun {
+                probe,
+                // (Its `Begin`, noted next.)
+                at: changes + 1,
+            })
+        });
+        s.slots.insert(key.seq, Slot::Running(begun));
         s.running += 1;
         // Logged before it runs: a process that dies in it leaves a change begun.
         t.note(&Event::Begin {
@@ -630,6 +715,21 @@ impl Answers {
         t.log = Some(log);
         self.instance.store(instance, Ordering::Relaxed);
         Ok(restored)
+    }
+
+    /// The probes the `Begin` events of the log in `dir` carry, in order (for tests of
+    /// what changes log).
+    #[cfg(test)]
+    pub fn logged_probes(dir: &Path) -> Vec<Option<Probe>> {
+        let loaded = log::load(dir).ok().flatten().expect("a log");
+        loaded
+            .events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Begin { probe, .. } => Some(probe),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Compact the log past `bytes` instead (for tests of compaction).
@@ -1029,61 +1129,194 @@ mod tests {
         assert!(!ran.get());
     }
 
-    /// A change the process died in (begun, never answered), with a probe: the next
-    /// start asks the judge, and answers its repeat as the verdict says.
-    #[test]
-    fn a_change_the_process_died_in_is_judged() {
-        let probe = Probe::Rename {
+    fn a_probe() -> Probe {
+        Probe::Rename {
             from: (RelPath(b"d".to_vec()), Name(b"a".to_vec())),
             from_id: (1, 2),
             to: (RelPath(Vec::new()), Name(b"b".to_vec())),
             to_id: None,
             exchange: false,
+            ctimes: ((5, 6), (7, 8)),
+        }
+    }
+
+    /// A new table takes over the log in `dir` (the process "died" while something ran),
+    /// judging with `verdict` and counting its calls in `judged`.
+    fn take_over(dir: &Path, verdict: &Verdict, judged: &Cell<u32>) -> Answers {
+        let b = Answers::default();
+        let judge = |p: &Probe| {
+            assert_eq!(p, &a_probe(), "another probe was judged");
+            judged.set(judged.get() + 1);
+            verdict.clone()
         };
-        for (verdict, want, runs) in [
-            (Verdict::Ran(Response::Ok), Ok(Response::Ok), 0),
-            (Verdict::NotRun, Err(libc::EXDEV), 1),
-            (Verdict::Unknown, Ok(Response::NotRemembered), 0),
-        ] {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let a = Answers::default();
-            a.keep_in(dir.path(), &unknown).expect("keep");
-            a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+        b.keep_in(dir, &judge).expect("take over");
+        b
+    }
+
+    /// A change the process died in (begun, never answered), with a probe: the next
+    /// start asks the judge, and answers its repeat as the verdict says.
+    #[test]
+    fn a_change_the_process_died_in_is_judged() {
+        for compacted in [false, true] {
+            for (verdict, want, runs) in [
+                (Verdict::Ran(Response::Ok), Ok(Response::Ok), 0),
+                (Verdict::NotRun, Err(libc::EXDEV), 1),
+                (Verdict::Unknown, Ok(Response::NotRemembered), 0),
+            ] {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let a = Answers::default();
+                a.keep_in(dir.path(), &unknown).expect("keep");
+                a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+                let look = a.look(|| Some(a_probe()));
+                assert!(look.is_some(), "no probe taken with a log");
+                if compacted {
+                    // At its own `Begin`: the compacted log keeps its probe.
+                    a.compact_sooner(0);
+                }
+                let later = std::cell::RefCell::new(None);
+                let judged = Cell::new(0);
+                a.run_or_replay(
+                    key(1, 2, false),
+                    look,
+                    || {
+                        *later.borrow_mut() = Some(take_over(dir.path(), &verdict, &judged));
+                        Ok(Response::Ok)
+                    },
+                    |first| first,
+                )
+                .unwrap();
+                let b = later.into_inner().expect("the run ran");
+                let what = format!("{verdict:?}, compacted {compacted}");
+                assert_eq!(judged.get(), 1, "{what}: not judged once");
+                let ran = Cell::new(0);
+                let r = b.run(key(1, 2, true), || {
+                    ran.set(ran.get() + 1);
+                    Err(libc::EXDEV)
+                });
+                assert_eq!(r, want, "{what}");
+                assert_eq!(ran.get(), runs, "{what}");
+            }
+        }
+        // Without a log, no probe is taken.
+        let a = Answers::default();
+        assert!(a.look(|| Some(a_probe())).is_none());
+    }
+
+    /// A probe is judged only if no other change can have touched its names since it
+    /// was taken (that change could have undone this one: "not run" would run it
+    /// twice).
+    #[test]
+    fn a_probe_another_change_may_have_touched_is_not_judged() {
+        type Scenario = Box<dyn Fn(&Answers, &Path, &Cell<u32>) -> Answers>;
+        const NOT_RUN: &Verdict = &Verdict::NotRun;
+        let die_in = |a: &Answers, look: Option<Look>, die: &dyn Fn() -> Answers| {
             let later = std::cell::RefCell::new(None);
-            let judged = Cell::new(0);
             a.run_or_replay(
                 key(1, 2, false),
-                Some(probe.clone()),
+                look,
                 || {
-                    let b = Answers::default();
-                    let judge = |p: &Probe| {
-                        assert_eq!(p, &probe, "another probe was judged");
-                        judged.set(judged.get() + 1);
-                        verdict.clone()
-                    };
-                    b.keep_in(dir.path(), &judge).expect("take over");
-                    *later.borrow_mut() = Some(b);
+                    *later.borrow_mut() = Some(die());
                     Ok(Response::Ok)
                 },
                 |first| first,
             )
             .unwrap();
-            let b = later.into_inner().expect("the run ran");
-            assert_eq!(judged.get(), 1, "{verdict:?}: not judged once");
-            let ran = Cell::new(0);
+            later.into_inner().expect("the run ran")
+        };
+        let scenarios: [(&str, Scenario); 5] = [
+            (
+                "another change between its probe and its run",
+                Box::new(move |a, dir, judged| {
+                    let look = a.look(|| Some(a_probe()));
+                    a.run(key(2, 1, false), || Ok(Response::Ok)).unwrap();
+                    die_in(a, look, &|| take_over(dir, NOT_RUN, judged))
+                }),
+            ),
+            (
+                "another change answered while it ran",
+                Box::new(move |a, dir, judged| {
+                    let look = a.look(|| Some(a_probe()));
+                    die_in(a, look, &|| {
+                        a.run(key(2, 1, false), || Ok(Response::Ok)).unwrap();
+                        take_over(dir, NOT_RUN, judged)
+                    })
+                }),
+            ),
+            (
+                "another change running with it",
+                Box::new(move |a, dir, judged| {
+                    let look = a.look(|| Some(a_probe()));
+                    die_in(a, look, &|| {
+                        let later = std::cell::RefCell::new(None);
+                        a.run(key(2, 1, false), || {
+                            *later.borrow_mut() = Some(take_over(dir, NOT_RUN, judged));
+                            Ok(Response::Ok)
+                        })
+                        .unwrap();
+                        later.into_inner().expect("ran")
+                    })
+                }),
+            ),
+            (
+                "another change running since before it",
+                Box::new(move |a, dir, judged| {
+                    let later = std::cell::RefCell::new(None);
+                    a.run(key(2, 1, false), || {
+                        let look = a.look(|| Some(a_probe()));
+                        *later.borrow_mut() =
+                            Some(die_in(a, look, &|| take_over(dir, NOT_RUN, judged)));
+                        Ok(Response::Ok)
+                    })
+                    .unwrap();
+                    later.into_inner().expect("ran")
+                }),
+            ),
+            (
+                "the log compacted at another change's answer while it ran",
+                Box::new(move |a, dir, judged| {
+                    let look = a.look(|| Some(a_probe()));
+                    die_in(a, look, &|| {
+                        a.run(key(2, 1, false), || {
+                            a.compact_sooner(0);
+                            Ok(Response::Ok)
+                        })
+                        .unwrap();
+                        take_over(dir, NOT_RUN, judged)
+                    })
+                }),
+            ),
+        ];
+        for (what, scenario) in scenarios {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let a = Answers::default();
+            a.keep_in(dir.path(), &unknown).expect("keep");
+            a.run(key(1, 1, false), || Ok(Response::Ok)).unwrap();
+            let judged = Cell::new(0);
+            let b = scenario(&a, dir.path(), &judged);
+            assert_eq!(judged.get(), 0, "{what}: judged");
+            let ran = Cell::new(false);
             let r = b.run(key(1, 2, true), || {
-                ran.set(ran.get() + 1);
-                Err(libc::EXDEV)
+                ran.set(true);
+                Ok(Response::Ok)
             });
-            assert_eq!(r, want, "{verdict:?}");
-            assert_eq!(ran.get(), runs, "{verdict:?}");
+            assert_eq!(r, Ok(Response::NotRemembered), "{what}");
+            assert!(!ran.get(), "{what}: ran again");
         }
     }
 
     #[test]
     fn a_rename_verdict_needs_its_names_as_it_left_them() {
         let (a, b, c) = ((1, 1), (1, 2), (1, 3));
-        let v = Verdict::of_rename;
+        let v = |before, to_before, exchange, now| {
+            let verdict = Verdict::of_rename(before, to_before, exchange, now, true);
+            // Directories changed since: never "not run", the rest the same.
+            let changed = Verdict::of_rename(before, to_before, exchange, now, false);
+            match &verdict {
+                Verdict::NotRun => assert_eq!(changed, Verdict::Unknown),
+                other => assert_eq!(&changed, other),
+            }
+            verdict
+        };
         // a -> empty name
         assert_eq!(v(a, None, false, (Some(a), None)), Verdict::NotRun);
         assert_eq!(

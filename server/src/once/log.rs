@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::Answer;
 
 const MAGIC: &[u8; 16] = b"ferryd answers\n\0";
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 /// `/proc/sys/kernel/random/boot_id`: a UUID in text.
 const BOOT_ID_LEN: usize = 36;
 const HEADER_LEN: usize = MAGIC.len() + 4 + 4 + BOOT_ID_LEN + 8;

@@ -75,7 +75,7 @@ use ferry_common::{Attr, Caller, FileKind, OnceKey, RelPath, Request, Response, 
 
 use crate::export::Export;
 use crate::handles::{Handle, Handles};
-use crate::once::{FileId, Probe, Verdict};
+use crate::once::{Ctime, FileId, Probe, Verdict};
 use crate::sys::{self, Errno};
 use crate::watch::Watcher;
 
@@ -154,10 +154,11 @@ pub fn execute_keyed(
                 Request::Create { .. } => Some(req.clone()),
                 _ => None,
             };
-            let probe = probe(&ctx.export, &req);
-            ctx.export.answers().run_or_replay(
+            let answers = ctx.export.answers();
+            let look = answers.look(|| probe(&ctx.export, &req));
+            answers.run_or_replay(
                 key,
-                probe,
+                look,
                 || execute(ctx, caller, req),
                 |first| match again {
                     Some(create) => create_again(ctx, create, first),
@@ -170,8 +171,9 @@ pub fn execute_keyed(
 
 /// What a keyed change finds before it runs, for a start after the process died in it
 /// to tell whether it ran (`once::Probe`): the files a rename moves and replaces, the
-/// one a create opens (or none). `None` for other changes, and when the names cannot
-/// be looked at (the change then fails the same way, or nothing is known of it).
+/// one a create opens (or none), and their directories' `ctime`s. `None` for other
+/// changes, and when the names cannot be looked at (the change then fails the same
+/// way, or nothing is known of it).
 fn probe(export: &Export, req: &Request) -> Option<Probe> {
     match req {
         Request::Rename {
@@ -181,30 +183,42 @@ fn probe(export: &Export, req: &Request) -> Option<Probe> {
             new_name,
             flags,
         } => {
-            let from_id = entry_id(export, parent, name).ok()??;
-            let to_id = entry_id(export, new_parent, new_name).ok()?;
+            let (from_id, from_dir) = look_at(export, parent, name).ok()?;
+            let (to_id, to_dir) = look_at(export, new_parent, new_name).ok()?;
             Some(Probe::Rename {
                 from: (parent.clone(), name.clone()),
-                from_id,
+                from_id: from_id?,
                 to: (new_parent.clone(), new_name.clone()),
                 to_id,
                 exchange: flags & rename_flags::EXCHANGE != 0,
+                ctimes: (from_dir, to_dir),
             })
         }
-        Request::Create { parent, name, .. } => Some(Probe::Create {
-            entry: (parent.clone(), name.clone()),
-            existed: entry_id(export, parent, name).ok()?.is_some(),
-        }),
+        Request::Create { parent, name, .. } => {
+            let (id, ctime) = look_at(export, parent, name).ok()?;
+            Some(Probe::Create {
+                entry: (parent.clone(), name.clone()),
+                existed: id.is_some(),
+                ctime,
+            })
+        }
         _ => None,
     }
 }
 
-/// The (device, inode) of `parent/name` (not following a symlink), `None` if absent.
-fn entry_id(export: &Export, parent: &RelPath, name: &Name) -> Result<Option<FileId>, Errno> {
+/// The (device, inode) of `parent/name` (not following a symlink; `None` if absent),
+/// and its directory's `ctime`.
+fn look_at(
+    export: &Export,
+    parent: &RelPath,
+    name: &Name,
+) -> Result<(Option<FileId>, Ctime), Errno> {
     let (dir, name) = export.entry(parent, name)?;
+    let d = sys::fstat(dir.as_fd())?;
+    let ctime = (d.st_ctime, d.st_ctime_nsec);
     match sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
-        Err(libc::ENOENT) => Ok(None),
+        Ok(st) => Ok((Some((st.st_dev, st.st_ino)), ctime)),
+        Err(libc::ENOENT) => Ok((None, ctime)),
         Err(e) => Err(e),
     }
 }
@@ -219,28 +233,44 @@ pub fn judge(export: &Export, probe: &Probe) -> Verdict {
             to,
             to_id,
             exchange,
+            ctimes,
         } => {
-            let (Ok(from_now), Ok(to_now)) = (
-                entry_id(export, &from.0, &from.1),
-                entry_id(export, &to.0, &to.1),
+            let (Ok((from_now, from_dir)), Ok((to_now, to_dir))) = (
+                look_at(export, &from.0, &from.1),
+                look_at(export, &to.0, &to.1),
             ) else {
                 return Verdict::Unknown;
             };
-            Verdict::of_rename(*from_id, *to_id, *exchange, (from_now, to_now))
+            let dirs_as_before = (from_dir, to_dir) == *ctimes;
+            Verdict::of_rename(
+                *from_id,
+                *to_id,
+                *exchange,
+                (from_now, to_now),
+                dirs_as_before,
+            )
         }
         // Of a name that held a file, the create only opened it (a truncation is staged
         // until a commit): opening what is there again is the same. A name that was
         // free and now holds a regular file holds the one it made: its answer names it,
         // and the repeat opens it again (`create_again` checks inode number and ctime).
-        Probe::Create { entry, existed } => {
+        // A name still free, in a directory nothing changed, was never made.
+        Probe::Create {
+            entry,
+            existed,
+            ctime,
+        } => {
             let Ok((dir, name)) = export.entry(&entry.0, &entry.1) else {
                 return Verdict::Unknown;
             };
+            let dir_as_before =
+                sys::fstat(dir.as_fd()).is_ok_and(|d| (d.st_ctime, d.st_ctime_nsec) == *ctime);
             match (
                 sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW),
                 existed,
             ) {
-                (Err(libc::ENOENT), false) | (Ok(_), true) => Verdict::NotRun,
+                (Err(libc::ENOENT), false) if dir_as_before => Verdict::NotRun,
+                (Ok(_), true) => Verdict::NotRun,
                 (Ok(st), false) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
                     Verdict::Ran(Response::Opened {
                         handle: 0,
@@ -546,13 +576,42 @@ fn version_of(words: &[u64]) -> u64 {
 mod tests {
     use super::*;
 
+    /// Returns once the clock is past the ctimes of `dirs`, so that their next change
+    /// moves them (timestamps can be as coarse as a clock tick). Looks at a scratch
+    /// file's ctime next to them (not in them: that would change them).
+    fn past_ctimes_of(dirs: &[&std::path::Path], next_to: &std::path::Path) {
+        use std::os::unix::fs::MetadataExt;
+        let ctime = |p: &std::path::Path| {
+            let m = std::fs::metadata(p).expect("stat");
+            (m.ctime(), m.ctime_nsec())
+        };
+        let then = dirs.iter().map(|d| ctime(d)).max().expect("a directory");
+        let scratch = tempfile::NamedTempFile::new_in(next_to).expect("scratch file");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut mode = 0o600;
+        loop {
+            mode ^= 0o040;
+            let perm = std::os::unix::fs::PermissionsExt::from_mode(mode);
+            scratch.as_file().set_permissions(perm).expect("chmod");
+            if ctime(scratch.path()) > then {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock stands still"
+            );
+        }
+    }
+
     /// A rename's and a create's probes, looked at again before the change ran, after
     /// it ran, and after someone else changed its names, on a real directory.
     #[test]
     fn a_change_is_judged_by_its_names() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
+        let top = tempfile::tempdir().expect("temp dir");
+        let root = &top.path().join("export");
+        std::fs::create_dir(root).expect("mkdir");
         let export = Export::open(root, false).expect("export");
+        let tick = || past_ctimes_of(&[root, &root.join("d")], top.path());
         let rel = |p: &str| RelPath(p.as_bytes().to_vec());
         let nm = |n: &str| Name(n.as_bytes().to_vec());
         std::fs::create_dir(root.join("d")).expect("mkdir");
@@ -568,6 +627,16 @@ mod tests {
         // Over an existing file.
         let p = probe(&export, &rename(0)).expect("a probe");
         assert_eq!(judge(&export, &p), Verdict::NotRun);
+        // Run and undone (by someone else, say): the names hold what they held, but
+        // their directories changed. It may have run: unknown.
+        std::fs::hard_link(root.join("b"), root.join("keep")).expect("link");
+        let p = probe(&export, &rename(0)).expect("a probe");
+        tick();
+        std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
+        std::fs::rename(root.join("b"), root.join("d/a")).expect("rename");
+        std::fs::rename(root.join("keep"), root.join("b")).expect("rename");
+        assert_eq!(judge(&export, &p), Verdict::Unknown, "renamed and back");
+        let p = probe(&export, &rename(0)).expect("a probe");
         std::fs::rename(root.join("d/a"), root.join("b")).expect("rename");
         assert_eq!(judge(&export, &p), Verdict::Ran(Response::Ok));
         std::fs::write(root.join("d/a"), b"a again").expect("write");
@@ -600,6 +669,15 @@ mod tests {
         };
         let p = probe(&export, &create).expect("a probe");
         assert_eq!(judge(&export, &p), Verdict::NotRun);
+        tick();
+        std::fs::write(root.join("d/other"), b"").expect("create");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::Unknown,
+            "a free name in a directory that changed"
+        );
+        std::fs::remove_file(root.join("d/other")).expect("rm");
+        let p = probe(&export, &create).expect("a probe");
         std::fs::write(root.join("d/new"), b"").expect("create");
         let ino = std::os::unix::fs::MetadataExt::ino(
             &std::fs::metadata(root.join("d/new")).expect("stat"),
@@ -629,6 +707,75 @@ mod tests {
             name: nm("b"),
         };
         assert_eq!(probe(&export, &unlink), None);
+    }
+
+    /// A keyed rename or create logs what it found with its `Begin`; other changes,
+    /// and a change with no log to keep it in, take no probe.
+    #[test]
+    fn keyed_changes_log_their_probes() {
+        let top = tempfile::tempdir().expect("temp dir");
+        let root = &top.path().join("export");
+        let state = &top.path().join("state");
+        std::fs::create_dir(root).expect("mkdir");
+        std::fs::create_dir(state).expect("mkdir");
+        std::fs::write(root.join("a"), b"a").expect("write");
+        let export = Arc::new(Export::open(root, false).expect("export"));
+        let ctx = Ctx::new(export.clone(), 0, None);
+        let caller = Caller { uid: 0, gid: 0 };
+        let nm = |n: &str| Name(n.as_bytes().to_vec());
+        let rename = Request::Rename {
+            parent: RelPath::default(),
+            name: nm("a"),
+            new_parent: RelPath::default(),
+            new_name: nm("b"),
+            flags: 0,
+        };
+        let key = |seq| {
+            Some(OnceKey {
+                session: 1,
+                seq,
+                repeat: false,
+            })
+        };
+        // No log yet: no probe, and the change runs.
+        execute_keyed(&ctx, caller, rename.clone(), key(1)).expect("rename");
+        std::fs::rename(root.join("b"), root.join("a")).expect("rename back");
+        let id =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(root.join("a")).expect("stat"));
+        export
+            .answers()
+            .keep_in(state, &|_: &Probe| Verdict::Unknown)
+            .expect("keep");
+        execute_keyed(&ctx, caller, rename, key(2)).expect("rename");
+        let create = Request::Create {
+            parent: RelPath::default(),
+            name: nm("c"),
+            mode: 0o644,
+            umask: 0,
+            flags: libc::O_RDWR | libc::O_CREAT,
+        };
+        execute_keyed(&ctx, caller, create, key(3)).expect("create");
+        let mkdir = Request::MkDir {
+            parent: RelPath::default(),
+            name: nm("d"),
+            mode: 0o755,
+            umask: 0,
+        };
+        execute_keyed(&ctx, caller, mkdir, key(4)).expect("mkdir");
+        let probes = crate::once::Answers::logged_probes(state);
+        assert_eq!(probes.len(), 3, "{probes:?}");
+        match &probes[0] {
+            Some(Probe::Rename { from_id, to_id, .. }) => {
+                assert_eq!(from_id.1, id);
+                assert_eq!(*to_id, None);
+            }
+            other => panic!("a rename's probe: {other:?}"),
+        }
+        match &probes[1] {
+            Some(Probe::Create { existed, .. }) => assert!(!existed),
+            other => panic!("a create's probe: {other:?}"),
+        }
+        assert_eq!(probes[2], None, "a mkdir has no probe");
     }
 
     #[test]
