@@ -9,6 +9,7 @@
 //! - [`undo`], [`redo`]: records that keep a commit a crash interrupts from tearing a file.
 //! - [`sys`]: safe wrappers over the system calls (the only `unsafe` code).
 //! - [`watch`]: inotify watches of the directories clients look into, change events.
+//! - [`failpoint`]: a crash at a chosen point, for tests (`--die-at`).
 //!
 //! What the server must never do, whatever a client sends:
 //! - open, stat or modify anything outside the export root (paths are re-validated and
@@ -22,6 +23,7 @@
 
 pub mod conn;
 pub mod export;
+pub mod failpoint;
 pub mod handles;
 pub mod once;
 pub mod ops;

@@ -35,6 +35,10 @@ struct Args {
     /// $XDG_RUNTIME_DIR/ferryd or /tmp/ferryd-UID).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// For tests: die (SIGKILL) at the first keyed change of KIND, before or after it
+    /// runs: `before-rename`, `after-create`, ... (see `failpoint.rs`).
+    #[arg(long, hide = true, value_name = "POINT")]
+    die_at: Option<String>,
     /// The directory to export.
     dir: PathBuf,
 }
@@ -98,6 +102,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!("open file limit: {n}"),
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
+    if let Some(point) = args.die_at.clone() {
+        ferry_server::failpoint::set(point);
     }
     let export = Arc::new(Export::open(&args.dir, args.read_only)?);
     let listener = TcpListener::bind(&args.listen)

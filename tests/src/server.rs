@@ -81,6 +81,15 @@ impl TestServer {
         self.exited = None;
     }
 
+    /// [`TestServer::restart`] without the option `flag` and its value (a `--die-at`
+    /// the next process must not inherit).
+    pub fn restart_without(&mut self, flag: &str) {
+        if let Some(i) = self.args.iter().position(|a| a == flag) {
+            self.args.drain(i..(i + 2).min(self.args.len()));
+        }
+        self.restart();
+    }
+
     /// The process of the next server, forked now and started by
     /// [`TestServer::restart_prepared`]: for a test that restarts the server while it
     /// has files of the mount open. A fork then would copy those descriptors, and the

@@ -156,10 +156,16 @@ pub fn execute_keyed(
             };
             let answers = ctx.export.answers();
             let look = answers.look(|| probe(&ctx.export, &req));
+            let kind = req.kind();
             answers.run_or_replay(
                 key,
                 look,
-                || execute(ctx, caller, req),
+                || {
+                    crate::failpoint::reached("before", kind);
+                    let answer = execute(ctx, caller, req);
+                    crate::failpoint::reached("after", kind);
+                    answer
+                },
                 |first| match again {
                     Some(create) => create_again(ctx, create, first),
                     None => first,
