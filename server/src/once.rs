@@ -85,9 +85,9 @@ pub type FileId = (u64, u64);
 
 /// What a change found before it ran, logged with its `Begin`: a start after the
 /// process died in it looks again and can tell whether it ran (see [`Verdict`]).
-/// Renames and creates have one: an atomic save's steps. (A removal or another
-/// name-making change has none: a removal's repeat is answered ahead, its failure only
-/// logged; the others fall back on a look at the name, on the client.)
+/// Every keyed change has one, if its names could be looked at and it could succeed
+/// (a name-making change at a name already taken fails the same way when run again:
+/// none then).
 ///
 /// It is judged only if nothing else can have touched its names since it was taken:
 /// no other keyed change was noted after it, or was running with it, when the process
@@ -110,6 +110,25 @@ pub enum Probe {
     Create {
         entry: (RelPath, Name),
         existed: bool,
+        ctime: Ctime,
+    },
+    /// A mkdir, mknod or symlink: `entry` was free, and the change makes a file of type
+    /// `kind` (`S_IFDIR`, ...) there; its directory had `ctime`.
+    Make {
+        entry: (RelPath, Name),
+        kind: u32,
+        ctime: Ctime,
+    },
+    /// A link: `entry` was free, and the change makes it a name of `id`.
+    Link {
+        entry: (RelPath, Name),
+        id: FileId,
+        ctime: Ctime,
+    },
+    /// An unlink or rmdir: `entry` held `id`.
+    Remove {
+        entry: (RelPath, Name),
+        id: FileId,
         ctime: Ctime,
     },
 }

@@ -324,70 +324,115 @@ fn changes_whose_answer_was_lost_twice_succeed_once() {
 /// `ferryd` dies inside a change (`--die-at`: `SIGKILL` once the change's `Begin` is
 /// logged, before or after its system calls, before its answer is) and is started
 /// again on its state folder: it looks at the change's names again (`ops::judge`). A
-/// rename or create that ran is answered as done (the create's file is opened again),
-/// one that never ran runs when the mount sends it again. So an atomic save's `mv`
-/// and its temp file's create succeed, and each ran once. Before the probes, both
-/// repeats were answered `NotRemembered`: `EIO`.
+/// change that ran is answered as done (a create's file is opened again), one that
+/// never ran runs when the mount sends it again. So `mv`, an atomic save's temp file,
+/// `mkdir`, `ln -s`, `ln`, `rm` and `rmdir` succeed, and each ran once. Before the
+/// probes, every such repeat was answered `NotRemembered`: `EIO` (for `rm`, answered
+/// ahead, at the directory's `fsync`).
 #[test]
 fn changes_a_server_died_in_succeed_once_after_its_restart() {
     if !require_fuse() {
         return;
     }
-    for point in [
-        "before-rename",
-        "after-rename",
-        "before-create",
-        "after-create",
-    ] {
-        let mut server = TestServer::start_with(&["--die-at", point]);
-        fs::write(server.export("doc"), b"old").expect("write");
-        fs::write(server.export("doc.tmp"), b"saved").expect("write");
-        let mount = TestMount::try_mount(&server.remote(), &[]).expect("mount");
-        let m = |p: &str| mount.join(p);
-        for name in ["doc", "doc.tmp"] {
-            fs::symlink_metadata(m(name)).expect("stat");
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (tmp, doc, new) = (m("doc.tmp"), m("doc"), m("new"));
-        let renames = point.ends_with("rename");
-        std::thread::spawn(move || {
-            let r = match renames {
-                true => fs::rename(tmp, doc),
-                false => (|| {
-                    use std::io::Write;
-                    let mut f = fs::File::create_new(&new)?;
-                    f.write_all(b"written after the restart")?;
-                    f.sync_all()
-                })(),
-            };
-            let _ = tx.send(r);
-        });
-        let died = poll_until(DEADLINE, || !server.is_running());
-        if died {
-            server.restart_without("--die-at");
-        }
-        assert!(died, "{point}: ferryd did not die there");
-        let r = rx
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("{point}: hung"));
-        r.unwrap_or_else(|e| panic!("{point}: failed after the restart: {e}\n{}", server.log()));
-        if renames {
-            assert_eq!(fs::read(server.export("doc")).expect("doc"), b"saved");
-            assert!(
-                !server.export("doc.tmp").exists(),
-                "{point}: temp file left"
-            );
-        } else {
+    type Op = fn(&std::path::Path) -> std::io::Result<()>;
+    type Check = fn(&std::path::Path);
+    let save: Op = |m| {
+        use std::io::Write;
+        let mut f = fs::File::create_new(m.join("new"))?;
+        f.write_all(b"written after the restart")?;
+        f.sync_all()
+    };
+    let cases: [(&str, Op, Check); 7] = [
+        (
+            "rename",
+            |m| fs::rename(m.join("doc.tmp"), m.join("doc")),
+            |e| {
+                assert_eq!(fs::read(e.join("doc")).expect("doc"), b"saved");
+                assert!(!e.join("doc.tmp").exists(), "temp file left");
+            },
+        ),
+        ("create", save, |e| {
             assert_eq!(
-                fs::read(server.export("new")).expect("created"),
-                b"written after the restart",
-                "{point}"
+                fs::read(e.join("new")).expect("created"),
+                b"written after the restart"
+            );
+        }),
+        (
+            "mkdir",
+            |m| fs::create_dir(m.join("made")),
+            |e| {
+                assert!(e.join("made").is_dir());
+            },
+        ),
+        (
+            "symlink",
+            |m| symlink("doc", m.join("ln")),
+            |e| {
+                assert_eq!(
+                    fs::read_link(e.join("ln")).expect("symlink"),
+                    std::path::Path::new("doc")
+                );
+            },
+        ),
+        (
+            "link",
+            |m| fs::hard_link(m.join("doc"), m.join("doc2")),
+            |e| {
+                assert_eq!(fs::metadata(e.join("doc")).expect("doc").nlink(), 2);
+            },
+        ),
+        (
+            "unlink",
+            |m| {
+                // Answered ahead: a failure would come at the directory's fsync.
+                fs::remove_file(m.join("doc.tmp"))?;
+                fs::File::open(m)?.sync_all()
+            },
+            |e| {
+                assert!(!e.join("doc.tmp").exists());
+            },
+        ),
+        (
+            "rmdir",
+            |m| fs::remove_dir(m.join("empty")),
+            |e| {
+                assert!(!e.join("empty").exists());
+            },
+        ),
+    ];
+    for (kind, op, check) in cases {
+        for stage in ["before", "after"] {
+            let point = format!("{stage}-{kind}");
+            let mut server = TestServer::start_with(&["--die-at", &point]);
+            fs::write(server.export("doc"), b"old").expect("write");
+            fs::write(server.export("doc.tmp"), b"saved").expect("write");
+            fs::create_dir(server.export("empty")).expect("mkdir");
+            let mount = TestMount::try_mount(&server.remote(), &[]).expect("mount");
+            for name in ["doc", "doc.tmp", "empty"] {
+                fs::symlink_metadata(mount.join(name)).expect("stat");
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let m = mount.path().to_path_buf();
+            std::thread::spawn(move || {
+                let _ = tx.send(op(&m));
+            });
+            let died = poll_until(DEADLINE, || !server.is_running());
+            if died {
+                server.restart_without("--die-at");
+            }
+            assert!(died, "{point}: ferryd did not die there");
+            let r = rx
+                .recv_timeout(DEADLINE)
+                .unwrap_or_else(|_| panic!("{point}: hung"));
+            r.unwrap_or_else(|e| {
+                panic!("{point}: failed after the restart: {e}\n{}", server.log())
+            });
+            check(server.export_path());
+            assert!(
+                server.log().contains(&format!("dying at {point}")),
+                "{point}: died elsewhere:\n{}",
+                server.log()
             );
         }
-        assert!(
-            server.log().contains(&format!("dying at {point}")),
-            "{point}: died elsewhere:\n{}",
-            server.log()
-        );
     }
 }

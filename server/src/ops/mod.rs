@@ -208,7 +208,55 @@ fn probe(export: &Export, req: &Request) -> Option<Probe> {
                 ctime,
             })
         }
+        Request::MkDir { parent, name, .. } => make(export, parent, name, libc::S_IFDIR),
+        Request::Symlink { parent, name, .. } => make(export, parent, name, libc::S_IFLNK),
+        Request::MkNod {
+            parent, name, mode, ..
+        } => {
+            let kind = match mode & libc::S_IFMT {
+                0 => libc::S_IFREG,
+                kind => kind,
+            };
+            make(export, parent, name, kind)
+        }
+        Request::Link {
+            path,
+            new_parent,
+            new_name,
+        } => {
+            let (dir, name) = export.entry_of(path).ok()?;
+            let st = sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW).ok()?;
+            let (taken, ctime) = look_at(export, new_parent, new_name).ok()?;
+            match taken {
+                Some(_) => None,
+                None => Some(Probe::Link {
+                    entry: (new_parent.clone(), new_name.clone()),
+                    id: (st.st_dev, st.st_ino),
+                    ctime,
+                }),
+            }
+        }
+        Request::Unlink { parent, name } | Request::RmDir { parent, name } => {
+            let (id, ctime) = look_at(export, parent, name).ok()?;
+            Some(Probe::Remove {
+                entry: (parent.clone(), name.clone()),
+                id: id?,
+                ctime,
+            })
+        }
         _ => None,
+    }
+}
+
+/// The probe of a change that makes a file of type `kind` at `parent/name`, if free.
+fn make(export: &Export, parent: &RelPath, name: &Name, kind: u32) -> Option<Probe> {
+    match look_at(export, parent, name).ok()? {
+        (Some(_), _) => None,
+        (None, ctime) => Some(Probe::Make {
+            entry: (parent.clone(), name.clone()),
+            kind,
+            ctime,
+        }),
     }
 }
 
@@ -286,6 +334,44 @@ pub fn judge(export: &Export, probe: &Probe) -> Verdict {
                 _ => Verdict::Unknown,
             }
         }
+        // A name that was free: holding what the change makes, it ran (its answer is
+        // the entry's attributes); still free in a directory nothing changed, it never
+        // ran.
+        Probe::Make { entry, kind, ctime } => made(export, entry, *ctime, |st| {
+            st.st_mode & libc::S_IFMT == *kind
+        }),
+        Probe::Link { entry, id, ctime } => {
+            made(export, entry, *ctime, |st| (st.st_dev, st.st_ino) == *id)
+        }
+        // A name that held `id`: free now, it ran; holding `id` in a directory nothing
+        // changed, it never ran.
+        Probe::Remove { entry, id, ctime } => match look_at(export, &entry.0, &entry.1) {
+            Ok((None, _)) => Verdict::Ran(Response::Ok),
+            Ok((Some(now), dir)) if now == *id && dir == *ctime => Verdict::NotRun,
+            _ => Verdict::Unknown,
+        },
+    }
+}
+
+/// The verdict on a change that makes `entry` (free before, in a directory with
+/// `ctime`): ran if it holds a file that is what it makes (`is_it`).
+fn made(
+    export: &Export,
+    entry: &(RelPath, Name),
+    ctime: Ctime,
+    is_it: impl Fn(&libc::stat) -> bool,
+) -> Verdict {
+    let Ok((dir, name)) = export.entry(&entry.0, &entry.1) else {
+        return Verdict::Unknown;
+    };
+    match sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if is_it(&st) => Verdict::Ran(Response::Attr(attr_of(&st, export.root_dev()))),
+        Err(libc::ENOENT)
+            if sys::fstat(dir.as_fd()).is_ok_and(|d| (d.st_ctime, d.st_ctime_nsec) == ctime) =>
+        {
+            Verdict::NotRun
+        }
+        _ => Verdict::Unknown,
     }
 }
 
@@ -609,7 +695,7 @@ mod tests {
         }
     }
 
-    /// A rename's and a create's probes, looked at again before the change ran, after
+    /// Each keyed change's probe, looked at again before the change ran, after
     /// it ran, and after someone else changed its names, on a real directory.
     #[test]
     fn a_change_is_judged_by_its_names() {
@@ -707,16 +793,90 @@ mod tests {
         let p = probe(&export, &create).expect("a probe");
         std::fs::create_dir(root.join("d/new")).expect("mkdir");
         assert_eq!(judge(&export, &p), Verdict::Unknown, "a directory");
-        // Other changes have none.
-        let unlink = Request::Unlink {
-            parent: rel(""),
-            name: nm("b"),
+        // A mkdir (mknod and symlink alike): the name holds what it makes, it ran.
+        let mkdir = Request::MkDir {
+            parent: rel("d"),
+            name: nm("sub"),
+            mode: 0o755,
+            umask: 0,
         };
-        assert_eq!(probe(&export, &unlink), None);
+        let p = probe(&export, &mkdir).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        std::fs::write(root.join("d/sub"), b"").expect("write");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::Unknown,
+            "a file, not a directory"
+        );
+        std::fs::remove_file(root.join("d/sub")).expect("rm");
+        let p = probe(&export, &mkdir).expect("a probe");
+        std::fs::create_dir(root.join("d/sub")).expect("mkdir");
+        let ino = |p: &str| {
+            std::os::unix::fs::MetadataExt::ino(
+                &std::fs::symlink_metadata(root.join(p)).expect("stat"),
+            )
+        };
+        match judge(&export, &p) {
+            Verdict::Ran(Response::Attr(attr)) => assert_eq!(attr.ino, ino("d/sub")),
+            other => panic!("a mkdir that ran: {other:?}"),
+        }
+        assert_eq!(probe(&export, &mkdir), None, "a name taken: fails again");
+        let symlink = Request::Symlink {
+            parent: rel("d"),
+            name: nm("ln"),
+            target: b"sub".to_vec(),
+        };
+        let p = probe(&export, &symlink).expect("a probe");
+        std::os::unix::fs::symlink("sub", root.join("d/ln")).expect("symlink");
+        assert!(matches!(
+            judge(&export, &p),
+            Verdict::Ran(Response::Attr(_))
+        ));
+        // A link: the name holds the file linked.
+        let link = Request::Link {
+            path: rel("b"),
+            new_parent: rel("d"),
+            new_name: nm("b2"),
+        };
+        let p = probe(&export, &link).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        std::fs::hard_link(root.join("b"), root.join("d/b2")).expect("link");
+        match judge(&export, &p) {
+            Verdict::Ran(Response::Attr(attr)) => assert_eq!(attr.ino, ino("b")),
+            other => panic!("a link that ran: {other:?}"),
+        }
+        // An unlink (or rmdir): the name free, it ran; its file there still, not.
+        let unlink = Request::Unlink {
+            parent: rel("d"),
+            name: nm("b2"),
+        };
+        let p = probe(&export, &unlink).expect("a probe");
+        assert_eq!(judge(&export, &p), Verdict::NotRun);
+        tick();
+        std::fs::rename(root.join("d/b2"), root.join("b3")).expect("rename");
+        std::fs::hard_link(root.join("b3"), root.join("d/b2")).expect("link");
+        assert_eq!(
+            judge(&export, &p),
+            Verdict::Unknown,
+            "its file there again, after a change of the directory"
+        );
+        let p = probe(&export, &unlink).expect("a probe");
+        std::fs::remove_file(root.join("d/b2")).expect("rm");
+        assert_eq!(judge(&export, &p), Verdict::Ran(Response::Ok));
+        std::fs::write(root.join("d/b2"), b"another").expect("write");
+        assert_eq!(judge(&export, &p), Verdict::Unknown, "another file there");
+        let rmdir = Request::RmDir {
+            parent: rel("d"),
+            name: nm("sub"),
+        };
+        let p = probe(&export, &rmdir).expect("a probe");
+        std::fs::remove_dir(root.join("d/sub")).expect("rmdir");
+        assert_eq!(judge(&export, &p), Verdict::Ran(Response::Ok));
+        assert_eq!(probe(&export, &rmdir), None, "nothing to remove");
     }
 
-    /// A keyed rename or create logs what it found with its `Begin`; other changes,
-    /// and a change with no log to keep it in, take no probe.
+    /// A keyed change logs what it found with its `Begin`; one that cannot succeed, and
+    /// a change with no log to keep it in, take no probe.
     #[test]
     fn keyed_changes_log_their_probes() {
         let top = tempfile::tempdir().expect("temp dir");
@@ -767,9 +927,11 @@ mod tests {
             mode: 0o755,
             umask: 0,
         };
-        execute_keyed(&ctx, caller, mkdir, key(4)).expect("mkdir");
+        execute_keyed(&ctx, caller, mkdir.clone(), key(4)).expect("mkdir");
+        let again = execute_keyed(&ctx, caller, mkdir, key(5));
+        assert_eq!(again, Err(libc::EEXIST));
         let probes = crate::once::Answers::logged_probes(state);
-        assert_eq!(probes.len(), 3, "{probes:?}");
+        assert_eq!(probes.len(), 4, "{probes:?}");
         match &probes[0] {
             Some(Probe::Rename { from_id, to_id, .. }) => {
                 assert_eq!(from_id.1, id);
@@ -781,7 +943,11 @@ mod tests {
             Some(Probe::Create { existed, .. }) => assert!(!existed),
             other => panic!("a create's probe: {other:?}"),
         }
-        assert_eq!(probes[2], None, "a mkdir has no probe");
+        match &probes[2] {
+            Some(Probe::Make { kind, .. }) => assert_eq!(*kind, libc::S_IFDIR),
+            other => panic!("a mkdir's probe: {other:?}"),
+        }
+        assert_eq!(probes[3], None, "a mkdir at a name taken has none");
     }
 
     #[test]
