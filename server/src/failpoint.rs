@@ -11,9 +11,25 @@ use std::sync::OnceLock;
 
 static POINT: OnceLock<String> = OnceLock::new();
 
-/// Die at `point` (set once, before serving).
-pub fn set(point: String) {
+/// Die at `point` (set once, before serving); an error names the points there are.
+pub fn set(point: String) -> Result<(), String> {
+    const KINDS: [&str; 8] = [
+        "create", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+    ];
+    let known = ["before", "after"].iter().any(|stage| {
+        point
+            .strip_prefix(stage)
+            .and_then(|p| p.strip_prefix('-'))
+            .is_some_and(|kind| KINDS.contains(&kind))
+    });
+    if !known {
+        return Err(format!(
+            "unknown --die-at point {point:?}: before-KIND or after-KIND, KIND one of {}",
+            KINDS.join(", ")
+        ));
+    }
     let _ = POINT.set(point);
+    Ok(())
 }
 
 /// The change `kind` is at `stage` (`before` or `after`): die here if told to.

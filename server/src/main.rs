@@ -104,7 +104,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
     }
     if let Some(point) = args.die_at.clone() {
-        ferry_server::failpoint::set(point);
+        ferry_server::failpoint::set(point).map_err(anyhow::Error::msg)?;
     }
     let export = Arc::new(Export::open(&args.dir, args.read_only)?);
     let listener = TcpListener::bind(&args.listen)
@@ -126,12 +126,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 // A change the last process died in is looked at again where it can be.
                 let judge = |p: &_| ferry_server::ops::judge(&export, p);
                 match export.answers().keep_in(undo.dir(), &judge) {
-                    Ok(r) if r.answers > 0 => tracing::info!(
-                        torn = r.torn,
-                        "took over {} answer(s) of keyed changes from the last run",
-                        r.answers
-                    ),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        if r.answers > 0 {
+                            tracing::info!(
+                                torn = r.torn,
+                                "took over {} answer(s) of keyed changes from the last run",
+                                r.answers
+                            );
+                        }
+                        let d = r.died_in;
+                        if d != Default::default() {
+                            tracing::info!(
+                                "of the changes the last run died in, {} had run, {} had not \
+                                 run, {} cannot be told",
+                                d.ran,
+                                d.not_run,
+                                d.unknown
+                            );
+                        }
+                    }
                     Err(e) => tracing::warn!(
                         "cannot keep the answers of keyed changes in {}: {e}; a restart \
                          will forget them",

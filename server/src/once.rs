@@ -89,10 +89,12 @@ pub type FileId = (u64, u64);
 /// (a name-making change at a name already taken fails the same way when run again:
 /// none then).
 ///
-/// It is judged only if nothing else can have touched its names since it was taken:
-/// no other keyed change was noted after it, or was running with it, when the process
-/// died ([`Table::settle_replayed`]), and its directories' `ctime`s show whether
-/// anything outside ferryd changed them (while it was down, say).
+/// It is judged only if no other change of names through this server can have
+/// touched its names since it was taken: none was noted after it, or was running with
+/// it, when the process died ([`Table::settle_replayed`]; changes without a key
+/// included, [`Answers::unkeyed`]). For "never ran", its directories' `ctime`s must
+/// also be unchanged (anything outside ferryd, while it was down, say); a name as the
+/// change leaves it counts as done whoever made it so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Probe {
     /// `from` was the file with (device, inode) `from_id`; `to` was `to_id`'s, or
@@ -234,15 +236,18 @@ struct Table {
     evicted_order: VecDeque<u64>,
     /// Where every change of the table is also written, if anywhere.
     log: Option<log::Log>,
-    /// Changes begun or answered (`Begin` and `Done` events noted or replayed).
+    /// Changes begun or answered (`Begin`, `Done` and `Other` events noted or
+    /// replayed).
     changes: u64,
+    /// Changes of names without a key running ([`Answers::unkeyed`]).
+    others_running: usize,
 }
 
 impl Table {
     /// Write `e` to the log; a log that cannot be written is removed (it would no
     /// longer tell a later start all that ran) and the table lives on in memory.
     fn note(&mut self, e: &Event<'_>) {
-        if matches!(e, Event::Begin { .. } | Event::Done { .. }) {
+        if e.is_change() {
             self.changes += 1;
         }
         let Some(log) = self.log.as_mut() else {
@@ -327,6 +332,7 @@ impl Table {
                 }
             }
         }
+        events.extend((0..self.others_running).map(|_| Event::Other { begun: true }));
         events
     }
 
@@ -346,7 +352,7 @@ impl Table {
     fn apply(&mut self, e: Event<'static>) {
         self.clock += 1;
         let now = self.clock;
-        if matches!(e, Event::Begin { .. } | Event::Done { .. }) {
+        if e.is_change() {
             self.changes += 1;
         }
         let changes = self.changes;
@@ -369,6 +375,10 @@ impl Table {
             Event::Evict { id } => {
                 self.sessions.remove(&id);
                 self.evicted(id);
+            }
+            Event::Other { begun: true } => self.others_running += 1,
+            Event::Other { begun: false } => {
+                self.others_running = self.others_running.saturating_sub(1);
             }
             Event::Begin {
                 session,
@@ -415,14 +425,16 @@ impl Table {
     /// other change can have touched its names since its probe): done if it ran,
     /// forgotten if it never did (see [`Verdict::NotRun`]). Whether the others ran is
     /// unknown. (`judge` runs under the table's lock: nothing else runs yet.)
-    fn settle_replayed(&mut self, judge: &dyn Fn(&Probe) -> Verdict) {
+    fn settle_replayed(&mut self, judge: &dyn Fn(&Probe) -> Verdict) -> DiedIn {
         let last = self.changes;
         let running = self
             .sessions
             .values()
             .flat_map(|s| s.slots.values())
             .filter(|slot| matches!(slot, Slot::Running(_)))
-            .count();
+            .count()
+            + self.others_running;
+        let mut died_in = DiedIn::default();
         for s in self.sessions.values_mut() {
             let begun: Vec<(u64, Option<Box<Begun>>)> = s
                 .slots
@@ -438,15 +450,24 @@ impl Table {
                     _ => Verdict::Unknown,
                 };
                 match verdict {
-                    Verdict::Ran(answer) => s.finish(seq, Ok(answer)),
+                    Verdict::Ran(answer) => {
+                        died_in.ran += 1;
+                        s.finish(seq, Ok(answer));
+                    }
                     Verdict::NotRun => {
+                        died_in.not_run += 1;
                         s.slots.remove(&seq);
                     }
-                    Verdict::Unknown => s.finish(seq, Ok(Response::NotRemembered)),
+                    Verdict::Unknown => {
+                        died_in.unknown += 1;
+                        s.finish(seq, Ok(Response::NotRemembered));
+                    }
                 }
             }
             s.running = 0;
         }
+        self.others_running = 0;
+        died_in
     }
 }
 
@@ -459,6 +480,17 @@ pub struct Restored {
     pub answers: usize,
     /// Its log ended in an event cut short (the process died writing it).
     pub torn: bool,
+    /// Of the changes it died in: how many had run, had not run, or cannot be told
+    /// (see [`Verdict`]).
+    pub died_in: DiedIn,
+}
+
+/// How the changes a process died in were judged ([`Restored::died_in`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiedIn {
+    pub ran: usize,
+    pub not_run: usize,
+    pub unknown: usize,
 }
 
 /// Most forgotten sessions remembered as such.
@@ -543,6 +575,27 @@ impl Answers {
     /// its first answer.
     pub fn run(&self, key: OnceKey, run: impl FnOnce() -> Answer) -> Answer {
         self.run_or_replay(key, None, run, |first| first)
+    }
+
+    /// Run `run`, a change of names sent without a key (`ferry put`, an older client):
+    /// noted before and after (`Event::Other`), so that a probe of a keyed change it
+    /// may have touched is not judged ([`Table::settle_replayed`]).
+    pub fn unkeyed<T>(&self, run: impl FnOnce() -> T) -> T {
+        struct Ended<'a>(&'a Answers);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                let mut t = self.0.lock();
+                t.others_running = t.others_running.saturating_sub(1);
+                t.note(&Event::Other { begun: false });
+            }
+        }
+        {
+            let mut t = self.lock();
+            t.others_running += 1;
+            t.note(&Event::Other { begun: true });
+        }
+        let _ended = Ended(self);
+        run()
     }
 
     /// What a change about to run finds (`probe`), for a start after the process died
@@ -723,11 +776,12 @@ impl Answers {
             for e in l.events {
                 t.apply(e);
             }
-            t.settle_replayed(judge);
+            let died_in = t.settle_replayed(judge);
             instance = l.instance;
             restored = Restored {
                 answers: t.sessions.values().map(|s| s.slots.len()).sum(),
                 torn: l.torn,
+                died_in,
             };
         }
         let log = log::Log::create(dir, instance, &t.snapshot())?;
@@ -962,7 +1016,11 @@ mod tests {
             restored,
             Restored {
                 answers: 3,
-                torn: false
+                torn: false,
+                died_in: DiedIn {
+                    unknown: 1,
+                    ..DiedIn::default()
+                },
             }
         );
         let runs = Cell::new(0);
@@ -1026,7 +1084,8 @@ mod tests {
             restored,
             Restored {
                 answers: 3,
-                torn: true
+                torn: true,
+                died_in: DiedIn::default(),
             }
         );
         assert_eq!(contents(&b), contents(&a));
@@ -1242,7 +1301,7 @@ mod tests {
             .unwrap();
             later.into_inner().expect("the run ran")
         };
-        let scenarios: [(&str, Scenario); 5] = [
+        let scenarios: [(&str, Scenario); 7] = [
             (
                 "another change between its probe and its run",
                 Box::new(move |a, dir, judged| {
@@ -1288,6 +1347,25 @@ mod tests {
                     })
                     .unwrap();
                     later.into_inner().expect("ran")
+                }),
+            ),
+            (
+                "a change without a key while it ran",
+                Box::new(move |a, dir, judged| {
+                    let look = a.look(|| Some(a_probe()));
+                    die_in(a, look, &|| {
+                        a.unkeyed(|| ());
+                        take_over(dir, NOT_RUN, judged)
+                    })
+                }),
+            ),
+            (
+                "a change without a key running since before it",
+                Box::new(move |a, dir, judged| {
+                    a.unkeyed(|| {
+                        let look = a.look(|| Some(a_probe()));
+                        die_in(a, look, &|| take_over(dir, NOT_RUN, judged))
+                    })
                 }),
             ),
             (

@@ -323,19 +323,22 @@ fn changes_whose_answer_was_lost_twice_succeed_once() {
 
 /// `ferryd` dies inside a change (`--die-at`: `SIGKILL` once the change's `Begin` is
 /// logged, before or after its system calls, before its answer is) and is started
-/// again on its state folder: it looks at the change's names again (`ops::judge`). A
-/// change that ran is answered as done (a create's file is opened again), one that
-/// never ran runs when the mount sends it again. So `mv`, an atomic save's temp file,
-/// `mkdir`, `ln -s`, `ln`, `rm` and `rmdir` succeed, and each ran once. Before the
-/// probes, every such repeat was answered `NotRemembered`: `EIO` (for `rm`, answered
-/// ahead, at the directory's `fsync`).
+/// again on its state folder: it looks at the change's names again (`ops::judge`, its
+/// verdict logged). A change that ran is answered as done (a create's file is opened
+/// again), one that never ran runs when the mount sends it again. So `mv`, an atomic
+/// save's temp file, `mkdir`, `ln -s`, `ln`, `rm` and `rmdir` succeed, and each ran
+/// once. Before the probes, every such repeat was answered `NotRemembered`: `EIO` (for
+/// `rm`, answered ahead, at the directory's `fsync`), except that a change making a
+/// name that was never made got through the mount's own fallback (sent again once a
+/// lookup finds the name free).
 #[test]
 fn changes_a_server_died_in_succeed_once_after_its_restart() {
     if !require_fuse() {
         return;
     }
     type Op = fn(&std::path::Path) -> std::io::Result<()>;
-    type Check = fn(&std::path::Path);
+    // (The export, then the mount.)
+    type Check = fn(&std::path::Path, &std::path::Path);
     let save: Op = |m| {
         use std::io::Write;
         let mut f = fs::File::create_new(m.join("new"))?;
@@ -346,12 +349,12 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
         (
             "rename",
             |m| fs::rename(m.join("doc.tmp"), m.join("doc")),
-            |e| {
+            |e, _| {
                 assert_eq!(fs::read(e.join("doc")).expect("doc"), b"saved");
                 assert!(!e.join("doc.tmp").exists(), "temp file left");
             },
         ),
-        ("create", save, |e| {
+        ("create", save, |e, _| {
             assert_eq!(
                 fs::read(e.join("new")).expect("created"),
                 b"written after the restart"
@@ -360,14 +363,21 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
         (
             "mkdir",
             |m| fs::create_dir(m.join("made")),
-            |e| {
+            |e, m| {
                 assert!(e.join("made").is_dir());
+                // The mount takes the new directory for neither empty nor watched:
+                // what appears in it on the server shows.
+                fs::write(e.join("made/x"), b"x").expect("write on the server");
+                assert!(
+                    poll_until(DEADLINE, || m.join("made/x").exists()),
+                    "a file made on the server in the new directory never showed"
+                );
             },
         ),
         (
             "symlink",
             |m| symlink("doc", m.join("ln")),
-            |e| {
+            |e, _| {
                 assert_eq!(
                     fs::read_link(e.join("ln")).expect("symlink"),
                     std::path::Path::new("doc")
@@ -377,7 +387,7 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
         (
             "link",
             |m| fs::hard_link(m.join("doc"), m.join("doc2")),
-            |e| {
+            |e, _| {
                 assert_eq!(fs::metadata(e.join("doc")).expect("doc").nlink(), 2);
             },
         ),
@@ -388,14 +398,14 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
                 fs::remove_file(m.join("doc.tmp"))?;
                 fs::File::open(m)?.sync_all()
             },
-            |e| {
+            |e, _| {
                 assert!(!e.join("doc.tmp").exists());
             },
         ),
         (
             "rmdir",
             |m| fs::remove_dir(m.join("empty")),
-            |e| {
+            |e, _| {
                 assert!(!e.join("empty").exists());
             },
         ),
@@ -427,11 +437,19 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
             r.unwrap_or_else(|e| {
                 panic!("{point}: failed after the restart: {e}\n{}", server.log())
             });
-            check(server.export_path());
+            check(server.export_path(), mount.path());
+            let log = server.log();
             assert!(
-                server.log().contains(&format!("dying at {point}")),
-                "{point}: died elsewhere:\n{}",
-                server.log()
+                log.contains(&format!("dying at {point}")),
+                "{point}: died elsewhere:\n{log}"
+            );
+            let verdict = match stage {
+                "before" => "0 had run, 1 had not run, 0 cannot be told",
+                _ => "1 had run, 0 had not run, 0 cannot be told",
+            };
+            assert!(
+                log.contains(verdict),
+                "{point}: not judged \"{verdict}\":\n{log}"
             );
         }
     }

@@ -473,6 +473,17 @@ impl Core {
     /// `Ok(None)`: the server does not remember it (it restarted meanwhile, say), so
     /// whether it ran is unknown.
     async fn rpc_once(&self, caller: Caller, req: Request) -> FsResult<Option<Response>> {
+        Ok(self.rpc_once_told(caller, req).await?.0)
+    }
+
+    /// [`Core::rpc_once`], also telling whether the answer came to a repeat (the first
+    /// send's connection broke): then it may be old (a server that restarted since
+    /// told what it found, not what it did).
+    async fn rpc_once_told(
+        &self,
+        caller: Caller,
+        req: Request,
+    ) -> FsResult<(Option<Response>, bool)> {
         let key = self.client.once_key();
         let sent = match self
             .client
@@ -488,13 +499,15 @@ impl Core {
         };
         let sent = sent?;
         let instance = sent.instance();
-        let answer = match sent.reply().await {
-            Err(e) if e.may_have_run() => self.repeat_keyed(caller, req, key, instance).await?,
-            r => r?,
+        let (answer, repeated) = match sent.reply().await {
+            Err(e) if e.may_have_run() => {
+                (self.repeat_keyed(caller, req, key, instance).await?, true)
+            }
+            r => (r?, false),
         };
         match answer {
-            Ok(Response::NotRemembered) => Ok(None),
-            Ok(r) => Ok(Some(self.unwrap_reply(r))),
+            Ok(Response::NotRemembered) => Ok((None, repeated)),
+            Ok(r) => Ok((Some(self.unwrap_reply(r)), repeated)),
             Err(e) => errno(e),
         }
     }
@@ -620,21 +633,24 @@ impl Core {
     ) -> FsResult<Attr> {
         let is_dir = matches!(req, Request::MkDir { .. });
         let again = req.clone();
-        let reply = match self.rpc_once(caller, req).await {
-            Ok(Some(r)) => Ok(r),
+        let (reply, repeated) = match self.rpc_once_told(caller, req).await {
+            Ok((Some(r), repeated)) => (Ok(r), repeated),
             // Not remembered: made by the change itself before a restart, or by someone
             // else? Only a free name tells.
-            Ok(None) => {
-                (self.again_if_absent_on(caller, parent, name, again).await).map(|(_, r)| r)
-            }
-            Err(e) => Err(e),
+            Ok((None, _)) => (
+                (self.again_if_absent_on(caller, parent, name, again).await).map(|(_, r)| r),
+                false,
+            ),
+            Err(e) => (Err(e), false),
         };
         let attr = Self::expect_attr(reply?)?;
         self.dir_changed(parent);
         self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
-        if is_dir {
+        if is_dir && !repeated {
             // Empty, and every change in it will be ours until an event says otherwise.
+            // (Not from a repeat's answer: a server restarted since found it made, and
+            // may have let others into it before it watched it.)
             let mut inodes = self.inodes()?;
             let st = inodes.entry(attr.ino).or_default();
             st.names = Some(Box::new(KnownNames {

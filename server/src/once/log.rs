@@ -65,6 +65,18 @@ pub(super) enum Event<'a> {
         seq: u64,
         answer: Cow<'a, Answer>,
     },
+    /// A change of names without a key is about to run (`begun`), or ran.
+    Other { begun: bool },
+}
+
+impl Event<'_> {
+    /// Whether it is a change's beginning or end (they order the probes).
+    pub(super) fn is_change(&self) -> bool {
+        matches!(
+            self,
+            Event::Begin { .. } | Event::Done { .. } | Event::Other { .. }
+        )
+    }
 }
 
 /// The open log of a running server.

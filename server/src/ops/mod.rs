@@ -147,6 +147,9 @@ pub fn execute_keyed(
     once: Option<OnceKey>,
 ) -> Result<Response, Errno> {
     match once {
+        None if crate::once::takes_key(&req) => {
+            ctx.export.answers().unkeyed(|| execute(ctx, caller, req))
+        }
         None => execute(ctx, caller, req),
         Some(_) if !crate::once::takes_key(&req) => Err(libc::EINVAL),
         Some(key) => {
@@ -191,12 +194,17 @@ fn probe(export: &Export, req: &Request) -> Option<Probe> {
         } => {
             let (from_id, from_dir) = look_at(export, parent, name).ok()?;
             let (to_id, to_dir) = look_at(export, new_parent, new_name).ok()?;
+            let exchange = flags & rename_flags::EXCHANGE != 0;
+            if exchange && to_id.is_none() {
+                // Fails (`ENOENT`) the same way when run again.
+                return None;
+            }
             Some(Probe::Rename {
                 from: (parent.clone(), name.clone()),
                 from_id: from_id?,
                 to: (new_parent.clone(), new_name.clone()),
                 to_id,
-                exchange: flags & rename_flags::EXCHANGE != 0,
+                exchange,
                 ctimes: (from_dir, to_dir),
             })
         }
