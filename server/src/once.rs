@@ -1231,6 +1231,23 @@ mod tests {
         b
     }
 
+    /// Key (1, 2) runs on `a` with `look`, and the process "dies" in it: `die` makes
+    /// the table that takes over. Returns that table.
+    fn die_in(a: &Answers, look: Option<Look>, die: &dyn Fn() -> Answers) -> Answers {
+        let later = std::cell::RefCell::new(None);
+        a.run_or_replay(
+            key(1, 2, false),
+            look,
+            || {
+                *later.borrow_mut() = Some(die());
+                Ok(Response::Ok)
+            },
+            |first| first,
+        )
+        .unwrap();
+        later.into_inner().expect("the run ran")
+    }
+
     /// A change the process died in (begun, never answered), with a probe: the next
     /// start asks the judge, and answers its repeat as the verdict says.
     #[test]
@@ -1251,19 +1268,8 @@ mod tests {
                     // At its own `Begin`: the compacted log keeps its probe.
                     a.compact_sooner(0);
                 }
-                let later = std::cell::RefCell::new(None);
                 let judged = Cell::new(0);
-                a.run_or_replay(
-                    key(1, 2, false),
-                    look,
-                    || {
-                        *later.borrow_mut() = Some(take_over(dir.path(), &verdict, &judged));
-                        Ok(Response::Ok)
-                    },
-                    |first| first,
-                )
-                .unwrap();
-                let b = later.into_inner().expect("the run ran");
+                let b = die_in(&a, look, &|| take_over(dir.path(), &verdict, &judged));
                 let what = format!("{verdict:?}, compacted {compacted}");
                 assert_eq!(judged.get(), 1, "{what}: not judged once");
                 let ran = Cell::new(0);
@@ -1287,20 +1293,6 @@ mod tests {
     fn a_probe_another_change_may_have_touched_is_not_judged() {
         type Scenario = Box<dyn Fn(&Answers, &Path, &Cell<u32>) -> Answers>;
         const NOT_RUN: &Verdict = &Verdict::NotRun;
-        let die_in = |a: &Answers, look: Option<Look>, die: &dyn Fn() -> Answers| {
-            let later = std::cell::RefCell::new(None);
-            a.run_or_replay(
-                key(1, 2, false),
-                look,
-                || {
-                    *later.borrow_mut() = Some(die());
-                    Ok(Response::Ok)
-                },
-                |first| first,
-            )
-            .unwrap();
-            later.into_inner().expect("the run ran")
-        };
         let scenarios: [(&str, Scenario); 7] = [
             (
                 "another change between its probe and its run",

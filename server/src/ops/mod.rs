@@ -319,38 +319,40 @@ pub fn judge(export: &Export, probe: &Probe) -> Verdict {
         // A name still free, in a directory nothing changed, was never made.
         Probe::Create {
             entry,
-            existed,
+            existed: true,
+            ..
+        } => match look_at(export, &entry.0, &entry.1) {
+            Ok((Some(_), _)) => Verdict::NotRun,
+            _ => Verdict::Unknown,
+        },
+        Probe::Create {
+            entry,
+            existed: false,
             ctime,
-        } => {
-            let Ok((dir, name)) = export.entry(&entry.0, &entry.1) else {
-                return Verdict::Unknown;
-            };
-            let dir_as_before =
-                sys::fstat(dir.as_fd()).is_ok_and(|d| (d.st_ctime, d.st_ctime_nsec) == *ctime);
-            match (
-                sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW),
-                existed,
-            ) {
-                (Err(libc::ENOENT), false) if dir_as_before => Verdict::NotRun,
-                (Ok(_), true) => Verdict::NotRun,
-                (Ok(st), false) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                    Verdict::Ran(Response::Opened {
-                        handle: 0,
-                        attr: attr_of(&st, export.root_dev()),
-                    })
-                }
-                _ => Verdict::Unknown,
-            }
-        }
+        } => made(
+            export,
+            entry,
+            *ctime,
+            |st| st.st_mode & libc::S_IFMT == libc::S_IFREG,
+            |attr| Response::Opened { handle: 0, attr },
+        ),
         // A name that was free: holding what the change makes, it ran (its answer is
         // the entry's attributes); still free in a directory nothing changed, it never
         // ran.
-        Probe::Make { entry, kind, ctime } => made(export, entry, *ctime, |st| {
-            st.st_mode & libc::S_IFMT == *kind
-        }),
-        Probe::Link { entry, id, ctime } => {
-            made(export, entry, *ctime, |st| (st.st_dev, st.st_ino) == *id)
-        }
+        Probe::Make { entry, kind, ctime } => made(
+            export,
+            entry,
+            *ctime,
+            |st| st.st_mode & libc::S_IFMT == *kind,
+            Response::Attr,
+        ),
+        Probe::Link { entry, id, ctime } => made(
+            export,
+            entry,
+            *ctime,
+            |st| (st.st_dev, st.st_ino) == *id,
+            Response::Attr,
+        ),
         // A name that held `id`: free now, it ran; holding `id` in a directory nothing
         // changed, it never ran.
         Probe::Remove { entry, id, ctime } => match look_at(export, &entry.0, &entry.1) {
@@ -362,18 +364,20 @@ pub fn judge(export: &Export, probe: &Probe) -> Verdict {
 }
 
 /// The verdict on a change that makes `entry` (free before, in a directory with
-/// `ctime`): ran if it holds a file that is what it makes (`is_it`).
+/// `ctime`): ran if it holds a file that is what it makes (`is_it`), with the `answer`
+/// its attributes make.
 fn made(
     export: &Export,
     entry: &(RelPath, Name),
     ctime: Ctime,
     is_it: impl Fn(&libc::stat) -> bool,
+    answer: impl Fn(Attr) -> Response,
 ) -> Verdict {
     let Ok((dir, name)) = export.entry(&entry.0, &entry.1) else {
         return Verdict::Unknown;
     };
     match sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) if is_it(&st) => Verdict::Ran(Response::Attr(attr_of(&st, export.root_dev()))),
+        Ok(st) if is_it(&st) => Verdict::Ran(answer(attr_of(&st, export.root_dev()))),
         Err(libc::ENOENT)
             if sys::fstat(dir.as_fd()).is_ok_and(|d| (d.st_ctime, d.st_ctime_nsec) == ctime) =>
         {
