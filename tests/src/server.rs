@@ -209,6 +209,13 @@ impl TestServer {
         self.exited.is_none()
     }
 
+    /// Its `--state-dir` (undo and redo records, the answers log).
+    pub fn state_dir(&self) -> PathBuf {
+        let at = self.args.iter().position(|a| a == "--state-dir");
+        let dir = at.and_then(|i| self.args.get(i + 1));
+        PathBuf::from(dir.expect("a --state-dir"))
+    }
+
     /// What `ferryd` wrote to stderr so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()

@@ -454,3 +454,64 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
         }
     }
 }
+
+/// A rename whose answer nobody kept: `ferryd` dies right after running it, and the
+/// next one starts without its state folder (lost with its tmpfs, say), so the
+/// mount's repeat gets no answer. The server's names show the rename done (the old
+/// name free, the new one holding the file the old one held), so `mv` succeeds, and
+/// the mount shows the names as the server has them: the next save works. Before,
+/// `mv` failed with `EIO`, and a stale entry for the old name could make the next
+/// `> doc.tmp` fail with `ENOENT`. An `rmdir` likewise: its name free shows it done.
+#[test]
+fn a_change_nobody_remembers_is_done_if_the_names_show_it() {
+    if !require_fuse() {
+        return;
+    }
+    for point in ["after-rename", "after-rmdir"] {
+        let mut server = TestServer::start_with(&["--die-at", point]);
+        fs::write(server.export("doc"), b"old").expect("write");
+        fs::write(server.export("doc.tmp"), b"saved").expect("write");
+        fs::create_dir(server.export("empty")).expect("mkdir");
+        let mount = TestMount::try_mount(&server.remote(), &[]).expect("mount");
+        let m = |p: &str| mount.join(p);
+        // Known to the mount: its listing, the entries, their contents.
+        fs::read_dir(mount.path()).expect("list").for_each(drop);
+        assert_eq!(fs::read(m("doc")).expect("read"), b"old");
+        assert_eq!(fs::read(m("doc.tmp")).expect("read"), b"saved");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tmp, doc, empty) = (m("doc.tmp"), m("doc"), m("empty"));
+        let renames = point == "after-rename";
+        std::thread::spawn(move || {
+            let _ = tx.send(match renames {
+                true => fs::rename(tmp, doc),
+                false => fs::remove_dir(empty),
+            });
+        });
+        let died = poll_until(DEADLINE, || !server.is_running());
+        if died {
+            let _ = fs::remove_dir_all(server.state_dir());
+            server.restart_without("--die-at");
+        }
+        assert!(died, "{point}: ferryd did not die there");
+        let r = rx.recv_timeout(DEADLINE).expect("hung");
+        r.unwrap_or_else(|e| panic!("{point}: {e}\n{}", server.log()));
+        assert!(
+            !server.log().contains("took over"),
+            "{point}: the restarted server knew the answer"
+        );
+        if renames {
+            assert!(!m("doc.tmp").exists(), "the old name is still shown");
+            assert_eq!(fs::read(m("doc")).expect("read"), b"saved");
+            // The next save: a new temp file, renamed over the document.
+            fs::write(m("doc.tmp"), b"saved again").expect("write the next temp file");
+            fs::rename(m("doc.tmp"), m("doc")).expect("the next rename");
+            assert_eq!(
+                fs::read(server.export("doc")).expect("read"),
+                b"saved again"
+            );
+        } else {
+            assert!(!m("empty").exists(), "the directory is still shown");
+            assert!(!server.export("empty").exists());
+        }
+    }
+}

@@ -555,11 +555,56 @@ impl Core {
 
     /// [`Core::rpc_once`] of a change that creates, renames or removes nothing a second
     /// look could tell apart: `EIO` when the server does not remember it.
-    async fn rpc_once_or_eio(&self, caller: Caller, req: Request) -> FsResult<Response> {
-        match self.rpc_once(caller, req).await? {
-            Some(r) => Ok(r),
-            None => errno(libc::EIO),
+    /// A removal or rename (see [`Core::rpc_once`]) that the server does not remember
+    /// is done if the server's names show it (`shown`): `gone` is free and, for a
+    /// rename, its new name holds the file the old one held (it ran, or someone did the
+    /// same: either way it is done, and nothing runs twice). Else `EIO`: it may or may
+    /// not have run.
+    async fn rpc_once_or_shown(
+        &self,
+        caller: Caller,
+        req: Request,
+        shown: Shown<'_>,
+    ) -> FsResult<()> {
+        if self.rpc_once(caller, req).await?.is_some() {
+            return Ok(());
         }
+        if self.names_show(caller, shown).await {
+            tracing::debug!("a change the server does not remember shows done in its names");
+            return Ok(());
+        }
+        errno(libc::EIO)
+    }
+
+    /// Whether the server's names are as `shown` says, looked up on a connection of
+    /// their own.
+    async fn names_show(&self, caller: Caller, shown: Shown<'_>) -> bool {
+        let Ok(generation) = self.client.connect().await else {
+            return false;
+        };
+        let lookup = |parent: u64, name: &[u8]| {
+            self.child(parent, name)
+                .map(|(parent, name)| Request::Lookup { parent, name })
+        };
+        let Ok(gone) = lookup(shown.gone.0, shown.gone.1) else {
+            return false;
+        };
+        if !matches!(
+            self.rpc_on(generation, caller, gone).await,
+            Err(FsError::Errno(libc::ENOENT))
+        ) {
+            return false;
+        }
+        let Some((parent, name, ino)) = shown.holds else {
+            return true;
+        };
+        let Ok(holds) = lookup(parent, name) else {
+            return false;
+        };
+        matches!(
+            self.rpc_on(generation, caller, holds).await,
+            Ok(Response::Attr(a)) if a.ino == ino
+        )
     }
 
     /// A request that makes `parent/name` (create, mkdir, mknod, symlink, link) lost its
@@ -949,7 +994,11 @@ impl Core {
         }
         let req = self.unlink_request(parent, name)?;
         let shared = self.other_names_of(parent, name);
-        self.rpc_once_or_eio(caller, req).await?;
+        let shown = Shown {
+            gone: (parent, name),
+            holds: None,
+        };
+        self.rpc_once_or_shown(caller, req, shown).await?;
         if let Some(sino) = shared {
             self.link_count_changed(sino);
         }
@@ -958,7 +1007,11 @@ impl Core {
 
     pub async fn rmdir(&self, caller: Caller, parent: u64, name: &[u8]) -> FsResult<()> {
         let (p, n) = self.child(parent, name)?;
-        self.rpc_once_or_eio(caller, Request::RmDir { parent: p, name: n })
+        let shown = Shown {
+            gone: (parent, name),
+            holds: None,
+        };
+        self.rpc_once_or_shown(caller, Request::RmDir { parent: p, name: n }, shown)
             .await?;
         self.unlinked_here(parent, name)
     }
@@ -988,7 +1041,22 @@ impl Core {
         } else {
             self.other_names_of(new_parent, new_name)
         };
-        self.rpc_once_or_eio(caller, req).await?;
+        // (An exchange leaves both names taken: nothing shows it done.)
+        let moved = match exchange {
+            true => None,
+            false => self.nodes()?.child(parent, name),
+        };
+        let shown = Shown {
+            gone: (parent, name),
+            holds: moved.map(|ino| (new_parent, new_name, self.server_ino(ino))),
+        };
+        if exchange {
+            self.rpc_once(caller, req)
+                .await?
+                .map_or_else(|| errno(libc::EIO), |_| Ok(()))?;
+        } else {
+            self.rpc_once_or_shown(caller, req, shown).await?;
+        }
         if let Some(sino) = replaced {
             self.link_count_changed(sino);
         }
@@ -1186,4 +1254,12 @@ impl Core {
 pub enum XattrReply {
     Data(Vec<u8>),
     Size(u32),
+}
+
+/// What the names of a removal or rename look like once it is done
+/// ([`Core::rpc_once_or_shown`]): `gone` (a directory and a name in it) is free, and
+/// `holds` (a directory, a name, a server inode number), if any, holds that file.
+struct Shown<'a> {
+    gone: (u64, &'a [u8]),
+    holds: Option<(u64, &'a [u8], u64)>,
 }
