@@ -455,63 +455,101 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
     }
 }
 
-/// A rename whose answer nobody kept: `ferryd` dies right after running it, and the
-/// next one starts without its state folder (lost with its tmpfs, say), so the
-/// mount's repeat gets no answer. The server's names show the rename done (the old
-/// name free, the new one holding the file the old one held), so `mv` succeeds, and
-/// the mount shows the names as the server has them: the next save works. Before,
-/// `mv` failed with `EIO`, and a stale entry for the old name could make the next
-/// `> doc.tmp` fail with `ENOENT`. An `rmdir` likewise: its name free shows it done.
+/// Changes whose answer nobody kept: `ferryd` dies in them, and the next one starts
+/// without its state folder (lost with its tmpfs, say), so the mount's repeat gets no
+/// answer and the mount looks at the names itself. A rename whose old name is free and
+/// whose new name holds the renamed file, or a removal whose name is free, in the
+/// directories they were in, is done: `mv`, `rmdir` and `rm` succeed, and the mount
+/// shows the names as the server has them (the next save works). Before, they failed
+/// with `EIO` (`rm` at the directory's `fsync`), and a stale entry for the old name
+/// could make the next `> doc.tmp` fail with `ENOENT`. Names that show nothing (the
+/// change never ran; a directory renamed away meanwhile) are still `EIO`.
 #[test]
 fn a_change_nobody_remembers_is_done_if_the_names_show_it() {
     if !require_fuse() {
         return;
     }
-    for point in ["after-rename", "after-rmdir"] {
+    type Op = fn(&std::path::Path) -> std::io::Result<()>;
+    // (The export, then the mount.)
+    type Check = fn(&std::path::Path, &std::path::Path);
+    let rename: Op = |m| fs::rename(m.join("doc.tmp"), m.join("doc"));
+    let rmdir: Op = |m| fs::remove_dir(m.join("d/empty"));
+    // What happens on the server while it is down.
+    type Meanwhile = fn(&std::path::Path);
+    let nothing: Meanwhile = |_| {};
+    let cases: [(&str, Meanwhile, Op, bool, Check); 5] = [
+        ("after-rename", nothing, rename, true, |e, m| {
+            assert!(!m.join("doc.tmp").exists(), "the old name is still shown");
+            assert_eq!(fs::read(m.join("doc")).expect("read"), b"saved");
+            // The next save: a new temp file, renamed over the document.
+            fs::write(m.join("doc.tmp"), b"saved again").expect("write the next temp file");
+            fs::rename(m.join("doc.tmp"), m.join("doc")).expect("the next rename");
+            assert_eq!(fs::read(e.join("doc")).expect("read"), b"saved again");
+        }),
+        ("after-rmdir", nothing, rmdir, true, |e, m| {
+            assert!(!m.join("d/empty").exists(), "the directory is still shown");
+            assert!(!e.join("d/empty").exists());
+        }),
+        (
+            "after-unlink",
+            nothing,
+            |m| {
+                // Answered ahead: a failure would come at the directory's fsync.
+                fs::remove_file(m.join("doc.tmp"))?;
+                fs::File::open(m)?.sync_all()
+            },
+            true,
+            |e, _| assert!(!e.join("doc.tmp").exists()),
+        ),
+        ("before-rename", nothing, rename, false, |e, m| {
+            assert_eq!(fs::read(e.join("doc.tmp")).expect("read"), b"saved");
+            assert_eq!(fs::read(m.join("doc")).expect("read"), b"old");
+        }),
+        (
+            "before-rmdir",
+            |e| fs::rename(e.join("d"), e.join("d2")).expect("rename on the server"),
+            rmdir,
+            false,
+            |e, _| assert!(e.join("d2/empty").is_dir(), "removed after all"),
+        ),
+    ];
+    for (point, while_down, op, done, check) in cases {
         let mut server = TestServer::start_with(&["--die-at", point]);
         fs::write(server.export("doc"), b"old").expect("write");
         fs::write(server.export("doc.tmp"), b"saved").expect("write");
-        fs::create_dir(server.export("empty")).expect("mkdir");
+        fs::create_dir_all(server.export("d/empty")).expect("mkdir");
         let mount = TestMount::try_mount(&server.remote(), &[]).expect("mount");
         let m = |p: &str| mount.join(p);
-        // Known to the mount: its listing, the entries, their contents.
+        // Known to the mount: its listings, the entries, their contents.
         fs::read_dir(mount.path()).expect("list").for_each(drop);
+        fs::read_dir(m("d")).expect("list").for_each(drop);
         assert_eq!(fs::read(m("doc")).expect("read"), b"old");
         assert_eq!(fs::read(m("doc.tmp")).expect("read"), b"saved");
         let (tx, rx) = std::sync::mpsc::channel();
-        let (tmp, doc, empty) = (m("doc.tmp"), m("doc"), m("empty"));
-        let renames = point == "after-rename";
+        let at = mount.path().to_path_buf();
         std::thread::spawn(move || {
-            let _ = tx.send(match renames {
-                true => fs::rename(tmp, doc),
-                false => fs::remove_dir(empty),
-            });
+            let _ = tx.send(op(&at));
         });
         let died = poll_until(DEADLINE, || !server.is_running());
         if died {
             let _ = fs::remove_dir_all(server.state_dir());
+            while_down(server.export_path());
             server.restart_without("--die-at");
         }
         assert!(died, "{point}: ferryd did not die there");
         let r = rx.recv_timeout(DEADLINE).expect("hung");
-        r.unwrap_or_else(|e| panic!("{point}: {e}\n{}", server.log()));
+        match done {
+            true => r.unwrap_or_else(|e| panic!("{point}: {e}\n{}", server.log())),
+            false => assert_eq!(
+                r.map_err(|e| e.raw_os_error()),
+                Err(Some(libc::EIO)),
+                "{point}: names that show nothing"
+            ),
+        }
         assert!(
             !server.log().contains("took over"),
             "{point}: the restarted server knew the answer"
         );
-        if renames {
-            assert!(!m("doc.tmp").exists(), "the old name is still shown");
-            assert_eq!(fs::read(m("doc")).expect("read"), b"saved");
-            // The next save: a new temp file, renamed over the document.
-            fs::write(m("doc.tmp"), b"saved again").expect("write the next temp file");
-            fs::rename(m("doc.tmp"), m("doc")).expect("the next rename");
-            assert_eq!(
-                fs::read(server.export("doc")).expect("read"),
-                b"saved again"
-            );
-        } else {
-            assert!(!m("empty").exists(), "the directory is still shown");
-            assert!(!server.export("empty").exists());
-        }
+        check(server.export_path(), mount.path());
     }
 }

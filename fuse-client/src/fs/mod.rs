@@ -345,6 +345,11 @@ impl Core {
         Some(attr)
     }
 
+    /// The attributes this client last had of `ino`, however old.
+    fn last_attr(&self, ino: u64) -> Option<Attr> {
+        Some(self.inodes.lock().ok()?.get(&ino)?.attr?.0)
+    }
+
     /// Forget what we know of `ino`'s attributes (the next `GETATTR` asks the server).
     fn forget_attr(&self, ino: u64) {
         if let Ok(mut inodes) = self.inodes.lock()
@@ -556,10 +561,10 @@ impl Core {
     /// [`Core::rpc_once`] of a change that creates, renames or removes nothing a second
     /// look could tell apart: `EIO` when the server does not remember it.
     /// A removal or rename (see [`Core::rpc_once`]) that the server does not remember
-    /// is done if the server's names show it (`shown`): `gone` is free and, for a
-    /// rename, its new name holds the file the old one held (it ran, or someone did the
-    /// same: either way it is done, and nothing runs twice). Else `EIO`: it may or may
-    /// not have run.
+    /// is done if the server's names show it (`shown`): `gone` is free in its
+    /// directory (still the one it was) and, for a rename, the new name holds the file
+    /// the old one held (it ran, or someone did the same: either way it is done, and
+    /// nothing runs twice). Else `EIO`: it may or may not have run.
     async fn rpc_once_or_shown(
         &self,
         caller: Caller,
@@ -569,42 +574,58 @@ impl Core {
         if self.rpc_once(caller, req).await?.is_some() {
             return Ok(());
         }
-        if self.names_show(caller, shown).await {
+        if self.names_show(caller, &shown).await {
             tracing::debug!("a change the server does not remember shows done in its names");
             return Ok(());
         }
         errno(libc::EIO)
     }
 
-    /// Whether the server's names are as `shown` says, looked up on a connection of
-    /// their own.
-    async fn names_show(&self, caller: Caller, shown: Shown<'_>) -> bool {
-        let Ok(generation) = self.client.connect().await else {
-            return false;
-        };
-        let lookup = |parent: u64, name: &[u8]| {
-            self.child(parent, name)
+    /// Whether the server's names are as `shown` says. Any doubt (a lookup that
+    /// fails otherwise, a directory that is another now) is a no.
+    pub(super) async fn names_show(&self, caller: Caller, shown: &Shown<'_>) -> bool {
+        let ask = |req: Request| self.once_more(move || self.rpc(caller, req.clone()));
+        // The directories are the ones the names were in (a directory renamed away
+        // while the server was down leaves a free name behind that proves nothing).
+        let mut dirs = vec![shown.gone.0];
+        dirs.extend(shown.holds.as_ref().map(|h| h.dir));
+        for dir in dirs {
+            let Ok(path) = self.path(dir) else {
+                return false;
+            };
+            let req = Request::GetAttr { path, handle: None };
+            match ask(req).await {
+                Ok(Response::Attr(a)) if a.ino == self.server_ino(dir) => {}
+                _ => return false,
+            }
+        }
+        let lookup = |dir: u64, name: &[u8]| {
+            self.child(dir, name)
                 .map(|(parent, name)| Request::Lookup { parent, name })
         };
         let Ok(gone) = lookup(shown.gone.0, shown.gone.1) else {
             return false;
         };
-        if !matches!(
-            self.rpc_on(generation, caller, gone).await,
-            Err(FsError::Errno(libc::ENOENT))
-        ) {
+        if !matches!(ask(gone).await, Err(FsError::Errno(libc::ENOENT))) {
             return false;
         }
-        let Some((parent, name, ino)) = shown.holds else {
+        let Some(holds) = &shown.holds else {
             return true;
         };
-        let Ok(holds) = lookup(parent, name) else {
+        let Ok(req) = lookup(holds.dir, holds.name) else {
             return false;
         };
-        matches!(
-            self.rpc_on(generation, caller, holds).await,
-            Ok(Response::Attr(a)) if a.ino == ino
-        )
+        // The same inode number, and (a number can be reused) what a rename leaves as
+        // it was: type, size, mtime.
+        match ask(req).await {
+            Ok(Response::Attr(a)) => {
+                a.ino == holds.ino
+                    && holds
+                        .was
+                        .is_none_or(|w| (w.kind, w.size, w.mtime) == (a.kind, a.size, a.mtime))
+            }
+            _ => false,
+        }
     }
 
     /// A request that makes `parent/name` (create, mkdir, mknod, symlink, link) lost its
@@ -1041,21 +1062,32 @@ impl Core {
         } else {
             self.other_names_of(new_parent, new_name)
         };
-        // (An exchange leaves both names taken: nothing shows it done.)
+        // The file renamed, as this client knows it: a rename the server does not
+        // remember is done if the names show it moved. (An exchange leaves both names
+        // taken, and an unknown file shows nothing: those are `EIO`.)
         let moved = match exchange {
             true => None,
             false => self.nodes()?.child(parent, name),
         };
-        let shown = Shown {
-            gone: (parent, name),
-            holds: moved.map(|ino| (new_parent, new_name, self.server_ino(ino))),
-        };
-        if exchange {
-            self.rpc_once(caller, req)
-                .await?
-                .map_or_else(|| errno(libc::EIO), |_| Ok(()))?;
-        } else {
-            self.rpc_once_or_shown(caller, req, shown).await?;
+        match moved {
+            Some(ino) => {
+                let holds = Holds {
+                    dir: new_parent,
+                    name: new_name,
+                    ino: self.server_ino(ino),
+                    was: self.last_attr(ino),
+                };
+                let shown = Shown {
+                    gone: (parent, name),
+                    holds: Some(holds),
+                };
+                self.rpc_once_or_shown(caller, req, shown).await?;
+            }
+            None => {
+                self.rpc_once(caller, req)
+                    .await?
+                    .map_or_else(|| errno(libc::EIO), |_| Ok(()))?;
+            }
         }
         if let Some(sino) = replaced {
             self.link_count_changed(sino);
@@ -1258,8 +1290,17 @@ pub enum XattrReply {
 
 /// What the names of a removal or rename look like once it is done
 /// ([`Core::rpc_once_or_shown`]): `gone` (a directory and a name in it) is free, and
-/// `holds` (a directory, a name, a server inode number), if any, holds that file.
-struct Shown<'a> {
-    gone: (u64, &'a [u8]),
-    holds: Option<(u64, &'a [u8], u64)>,
+/// for a rename `holds` holds the file renamed.
+pub(super) struct Shown<'a> {
+    pub gone: (u64, &'a [u8]),
+    pub holds: Option<Holds<'a>>,
+}
+
+/// The new name of a rename and the file it must hold: the server's inode number and
+/// the attributes this client last had of it, if any.
+pub(super) struct Holds<'a> {
+    pub dir: u64,
+    pub name: &'a [u8],
+    pub ino: u64,
+    pub was: Option<Attr>,
 }

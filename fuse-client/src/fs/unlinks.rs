@@ -32,7 +32,7 @@ use std::time::Duration;
 use ferry_common::proto::{Caller, FileKind, OnceKey, Request, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Core, Invalidation, errno};
+use super::{Core, Invalidation, Shown, errno};
 use crate::conn::Sent;
 use crate::error::{FsError, FsResult, TransportError};
 
@@ -205,8 +205,18 @@ impl Core {
                     let (caller, req, key) = again;
                     let again = me.repeat_keyed(caller, req, key, instance);
                     let outcome = match again.await {
-                        // Not remembered (the server restarted): as lost as before.
-                        Ok(Ok(Response::NotRemembered)) => Err(TransportError::Disconnected),
+                        // Not remembered (the server restarted): done if the name is
+                        // free (`Core::names_show`), else as lost as before.
+                        Ok(Ok(Response::NotRemembered)) => {
+                            let shown = Shown {
+                                gone: (parent, &name),
+                                holds: None,
+                            };
+                            match me.names_show(caller, &shown).await {
+                                true => Ok(Ok(Response::Ok)),
+                                false => Err(TransportError::Disconnected),
+                            }
+                        }
                         r => r,
                     };
                     me.unlink_settled(parent, &name, outcome);
