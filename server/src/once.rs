@@ -1293,7 +1293,7 @@ mod tests {
     fn a_probe_another_change_may_have_touched_is_not_judged() {
         type Scenario = Box<dyn Fn(&Answers, &Path, &Cell<u32>) -> Answers>;
         const NOT_RUN: &Verdict = &Verdict::NotRun;
-        let scenarios: [(&str, Scenario); 7] = [
+        let scenarios: [(&str, Scenario); 8] = [
             (
                 "another change between its probe and its run",
                 Box::new(move |a, dir, judged| {
@@ -1356,6 +1356,18 @@ mod tests {
                 Box::new(move |a, dir, judged| {
                     a.unkeyed(|| {
                         let look = a.look(|| Some(a_probe()));
+                        die_in(a, look, &|| take_over(dir, NOT_RUN, judged))
+                    })
+                }),
+            ),
+            (
+                "a change without a key running at a compaction",
+                Box::new(move |a, dir, judged| {
+                    a.unkeyed(|| {
+                        let look = a.look(|| Some(a_probe()));
+                        // At its own `Begin`: the compacted log must still say that
+                        // a change without a key was running.
+                        a.compact_sooner(0);
                         die_in(a, look, &|| take_over(dir, NOT_RUN, judged))
                     })
                 }),
