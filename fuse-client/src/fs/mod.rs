@@ -558,8 +558,6 @@ impl Core {
         .await
     }
 
-    /// [`Core::rpc_once`] of a change that creates, renames or removes nothing a second
-    /// look could tell apart: `EIO` when the server does not remember it.
     /// A removal or rename (see [`Core::rpc_once`]) that the server does not remember
     /// is done if the server's names show it (`shown`): `gone` is free in its
     /// directory (still the one it was) and, for a rename, the new name holds the file
