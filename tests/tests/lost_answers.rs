@@ -473,12 +473,17 @@ fn a_change_nobody_remembers_is_done_if_the_names_show_it() {
     // (The export, then the mount.)
     type Check = fn(&std::path::Path, &std::path::Path);
     let rename: Op = |m| fs::rename(m.join("doc.tmp"), m.join("doc"));
+    // An editor's save: the temp file written through the mount, then renamed.
+    let save: Op = |m| {
+        fs::write(m.join("doc.tmp"), b"saved")?;
+        fs::rename(m.join("doc.tmp"), m.join("doc"))
+    };
     let rmdir: Op = |m| fs::remove_dir(m.join("d/empty"));
     // What happens on the server while it is down.
     type Meanwhile = fn(&std::path::Path);
     let nothing: Meanwhile = |_| {};
     let cases: [(&str, Meanwhile, Op, bool, Check); 5] = [
-        ("after-rename", nothing, rename, true, |e, m| {
+        ("after-rename", nothing, save, true, |e, m| {
             assert!(!m.join("doc.tmp").exists(), "the old name is still shown");
             assert_eq!(fs::read(m.join("doc")).expect("read"), b"saved");
             // The next save: a new temp file, renamed over the document.
