@@ -572,57 +572,63 @@ impl Core {
         if self.rpc_once(caller, req).await?.is_some() {
             return Ok(());
         }
-        if self.names_show(caller, &shown).await {
-            tracing::debug!("a change the server does not remember shows done in its names");
-            return Ok(());
+        match self.names_show(caller, &shown).await {
+            Ok(()) => {
+                tracing::debug!("a change the server does not remember shows done in its names");
+                Ok(())
+            }
+            Err(why) => {
+                tracing::debug!("a change the server does not remember: {why}");
+                errno(libc::EIO)
+            }
         }
-        errno(libc::EIO)
     }
 
-    /// Whether the server's names are as `shown` says. Any doubt (a lookup that
-    /// fails otherwise, a directory that is another now) is a no.
-    pub(super) async fn names_show(&self, caller: Caller, shown: &Shown<'_>) -> bool {
+    /// Whether the server's names are as `shown` says; if not, why not. Any doubt (a
+    /// lookup that fails otherwise, a directory that is another now) is a no.
+    pub(super) async fn names_show(
+        &self,
+        caller: Caller,
+        shown: &Shown<'_>,
+    ) -> Result<(), &'static str> {
         let ask = |req: Request| self.once_more(move || self.rpc(caller, req.clone()));
         // The directories are the ones the names were in (a directory renamed away
         // while the server was down leaves a free name behind that proves nothing).
         let mut dirs = vec![shown.gone.0];
         dirs.extend(shown.holds.as_ref().map(|h| h.dir));
         for dir in dirs {
-            let Ok(path) = self.path(dir) else {
-                return false;
-            };
-            let req = Request::GetAttr { path, handle: None };
-            match ask(req).await {
+            let path = self.path(dir).map_err(|_| "a directory with no path")?;
+            match ask(Request::GetAttr { path, handle: None }).await {
                 Ok(Response::Attr(a)) if a.ino == self.server_ino(dir) => {}
-                _ => return false,
+                _ => return Err("its directory is not the one it was"),
             }
         }
         let lookup = |dir: u64, name: &[u8]| {
             self.child(dir, name)
                 .map(|(parent, name)| Request::Lookup { parent, name })
+                .map_err(|_| "a name with no path")
         };
-        let Ok(gone) = lookup(shown.gone.0, shown.gone.1) else {
-            return false;
-        };
-        if !matches!(ask(gone).await, Err(FsError::Errno(libc::ENOENT))) {
-            return false;
+        match ask(lookup(shown.gone.0, shown.gone.1)?).await {
+            Err(FsError::Errno(libc::ENOENT)) => {}
+            Ok(_) => return Err("the name is still there: it may never have run"),
+            Err(_) => return Err("the name cannot be looked up"),
         }
         let Some(holds) = &shown.holds else {
-            return true;
-        };
-        let Ok(req) = lookup(holds.dir, holds.name) else {
-            return false;
+            return Ok(());
         };
         // The same inode number, and (a number can be reused) what a rename leaves as
         // it was: type, size, mtime.
-        match ask(req).await {
-            Ok(Response::Attr(a)) => {
-                a.ino == holds.ino
+        match ask(lookup(holds.dir, holds.name)?).await {
+            Ok(Response::Attr(a))
+                if a.ino == holds.ino
                     && holds
                         .was
-                        .is_none_or(|w| (w.kind, w.size, w.mtime) == (a.kind, a.size, a.mtime))
+                        .is_none_or(|w| (w.kind, w.size, w.mtime) == (a.kind, a.size, a.mtime)) =>
+            {
+                Ok(())
             }
-            _ => false,
+            Ok(_) => Err("the new name holds another file"),
+            Err(_) => Err("the new name cannot be looked up"),
         }
     }
 

@@ -213,8 +213,8 @@ impl Core {
                                 holds: None,
                             };
                             match me.names_show(caller, &shown).await {
-                                true => Ok(Ok(Response::Ok)),
-                                false => Err(TransportError::Disconnected),
+                                Ok(()) => Ok(Ok(Response::Ok)),
+                                Err(_) => Err(TransportError::Disconnected),
                             }
                         }
                         r => r,
