@@ -321,6 +321,31 @@ fn changes_whose_answer_was_lost_twice_succeed_once() {
     );
 }
 
+/// `op` on the mount, with `server` started with `--die-at POINT`: once it died there,
+/// `meanwhile` (what happens while it is down) and a restart without `--die-at`, on
+/// the same address. Returns what `op` returned.
+fn across_a_death(
+    server: &mut TestServer,
+    mount: &TestMount,
+    point: &str,
+    op: fn(&std::path::Path) -> std::io::Result<()>,
+    meanwhile: impl FnOnce(&TestServer),
+) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let at = mount.path().to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(op(&at));
+    });
+    let died = poll_until(DEADLINE, || !server.is_running());
+    if died {
+        meanwhile(server);
+        server.restart_without("--die-at");
+    }
+    assert!(died, "{point}: ferryd did not die there");
+    rx.recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("{point}: hung"))
+}
+
 /// `ferryd` dies inside a change (`--die-at`: `SIGKILL` once the change's `Begin` is
 /// logged, before or after its system calls, before its answer is) and is started
 /// again on its state folder: it looks at the change's names again (`ops::judge`, its
@@ -421,19 +446,7 @@ fn changes_a_server_died_in_succeed_once_after_its_restart() {
             for name in ["doc", "doc.tmp", "empty"] {
                 fs::symlink_metadata(mount.join(name)).expect("stat");
             }
-            let (tx, rx) = std::sync::mpsc::channel();
-            let m = mount.path().to_path_buf();
-            std::thread::spawn(move || {
-                let _ = tx.send(op(&m));
-            });
-            let died = poll_until(DEADLINE, || !server.is_running());
-            if died {
-                server.restart_without("--die-at");
-            }
-            assert!(died, "{point}: ferryd did not die there");
-            let r = rx
-                .recv_timeout(DEADLINE)
-                .unwrap_or_else(|_| panic!("{point}: hung"));
+            let r = across_a_death(&mut server, &mount, &point, op, |_| {});
             r.unwrap_or_else(|e| {
                 panic!("{point}: failed after the restart: {e}\n{}", server.log())
             });
@@ -530,19 +543,10 @@ fn a_change_nobody_remembers_is_done_if_the_names_show_it() {
         fs::read_dir(m("d")).expect("list").for_each(drop);
         assert_eq!(fs::read(m("doc")).expect("read"), b"old");
         assert_eq!(fs::read(m("doc.tmp")).expect("read"), b"saved");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let at = mount.path().to_path_buf();
-        std::thread::spawn(move || {
-            let _ = tx.send(op(&at));
-        });
-        let died = poll_until(DEADLINE, || !server.is_running());
-        if died {
+        let r = across_a_death(&mut server, &mount, point, op, |server| {
             let _ = fs::remove_dir_all(server.state_dir());
             while_down(server.export_path());
-            server.restart_without("--die-at");
-        }
-        assert!(died, "{point}: ferryd did not die there");
-        let r = rx.recv_timeout(DEADLINE).expect("hung");
+        });
         match done {
             true => r.unwrap_or_else(|e| panic!("{point}: {e}\n{}", server.log())),
             false => assert_eq!(

@@ -562,16 +562,20 @@ impl Core {
     /// is done if the server's names show it (`shown`): `gone` is free in its
     /// directory (still the one it was) and, for a rename, the new name holds the file
     /// the old one held (it ran, or someone did the same: either way it is done, and
-    /// nothing runs twice). Else `EIO`: it may or may not have run.
+    /// nothing runs twice). Else, and with no `shown` (an exchange, a file this client
+    /// did not know), `EIO`: it may or may not have run.
     async fn rpc_once_or_shown(
         &self,
         caller: Caller,
         req: Request,
-        shown: Shown<'_>,
+        shown: Option<Shown<'_>>,
     ) -> FsResult<()> {
         if self.rpc_once(caller, req).await?.is_some() {
             return Ok(());
         }
+        let Some(shown) = shown else {
+            return errno(libc::EIO);
+        };
         match self.names_show(caller, &shown).await {
             Ok(()) => {
                 tracing::debug!("a change the server does not remember shows done in its names");
@@ -1023,7 +1027,7 @@ impl Core {
             gone: (parent, name),
             holds: None,
         };
-        self.rpc_once_or_shown(caller, req, shown).await?;
+        self.rpc_once_or_shown(caller, req, Some(shown)).await?;
         if let Some(sino) = shared {
             self.link_count_changed(sino);
         }
@@ -1036,7 +1040,7 @@ impl Core {
             gone: (parent, name),
             holds: None,
         };
-        self.rpc_once_or_shown(caller, Request::RmDir { parent: p, name: n }, shown)
+        self.rpc_once_or_shown(caller, Request::RmDir { parent: p, name: n }, Some(shown))
             .await?;
         self.unlinked_here(parent, name)
     }
@@ -1073,26 +1077,16 @@ impl Core {
             true => None,
             false => self.nodes()?.child(parent, name),
         };
-        match moved {
-            Some(ino) => {
-                let holds = Holds {
-                    dir: new_parent,
-                    name: new_name,
-                    ino: self.server_ino(ino),
-                    was: self.last_attr(ino),
-                };
-                let shown = Shown {
-                    gone: (parent, name),
-                    holds: Some(holds),
-                };
-                self.rpc_once_or_shown(caller, req, shown).await?;
-            }
-            None => {
-                self.rpc_once(caller, req)
-                    .await?
-                    .map_or_else(|| errno(libc::EIO), |_| Ok(()))?;
-            }
-        }
+        let shown = moved.map(|ino| Shown {
+            gone: (parent, name),
+            holds: Some(Holds {
+                dir: new_parent,
+                name: new_name,
+                ino: self.server_ino(ino),
+                was: self.last_attr(ino),
+            }),
+        });
+        self.rpc_once_or_shown(caller, req, shown).await?;
         if let Some(sino) = replaced {
             self.link_count_changed(sino);
         }

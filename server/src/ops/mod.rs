@@ -716,6 +716,11 @@ mod tests {
         std::fs::create_dir(root).expect("mkdir");
         let export = Export::open(root, false).expect("export");
         let tick = || past_ctimes_of(&[root, &root.join("d")], top.path());
+        let ino = |p: &str| {
+            std::os::unix::fs::MetadataExt::ino(
+                &std::fs::symlink_metadata(root.join(p)).expect("stat"),
+            )
+        };
         let rel = |p: &str| RelPath(p.as_bytes().to_vec());
         let nm = |n: &str| Name(n.as_bytes().to_vec());
         std::fs::create_dir(root.join("d")).expect("mkdir");
@@ -783,11 +788,8 @@ mod tests {
         std::fs::remove_file(root.join("d/other")).expect("rm");
         let p = probe(&export, &create).expect("a probe");
         std::fs::write(root.join("d/new"), b"").expect("create");
-        let ino = std::os::unix::fs::MetadataExt::ino(
-            &std::fs::metadata(root.join("d/new")).expect("stat"),
-        );
         match judge(&export, &p) {
-            Verdict::Ran(Response::Opened { attr, .. }) => assert_eq!(attr.ino, ino),
+            Verdict::Ran(Response::Opened { attr, .. }) => assert_eq!(attr.ino, ino("d/new")),
             other => panic!("a create that made its file: {other:?}"),
         }
         let p = probe(&export, &create).expect("a probe");
@@ -823,11 +825,6 @@ mod tests {
         std::fs::remove_file(root.join("d/sub")).expect("rm");
         let p = probe(&export, &mkdir).expect("a probe");
         std::fs::create_dir(root.join("d/sub")).expect("mkdir");
-        let ino = |p: &str| {
-            std::os::unix::fs::MetadataExt::ino(
-                &std::fs::symlink_metadata(root.join(p)).expect("stat"),
-            )
-        };
         match judge(&export, &p) {
             Verdict::Ran(Response::Attr(attr)) => assert_eq!(attr.ino, ino("d/sub")),
             other => panic!("a mkdir that ran: {other:?}"),
