@@ -169,32 +169,10 @@ fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
 }
 
 /// Answer a `create`: the file's attributes and handle, with the I/O mode the
-/// passthrough rules allow (on refusal the new handle is released in the background).
-fn reply_created(
-    core: &Arc<Core>,
-    modes: &IoModes,
-    rt: &tokio::runtime::Handle,
-    c: Caller,
-    r: Result<OpenReply, FsError>,
-    reply: ReplyCreate,
-) {
+/// passthrough rules give it.
+fn reply_created(core: &Core, modes: &IoModes, r: Result<OpenReply, FsError>, reply: ReplyCreate) {
     match r {
-        Ok(o) => match modes.create_flags(o.attr.ino, o.fh, o.keep_cache) {
-            Ok(flags) => reply.created(
-                &core.ttl(),
-                &fuse_attr(&o.attr),
-                Generation(0),
-                FileHandle(o.fh),
-                flags,
-            ),
-            Err(e) => {
-                let core = core.clone();
-                rt.spawn(async move {
-                    let _ = core.release(c, o.fh).await;
-                });
-                reply.error(e)
-            }
-        },
+        Ok(o) => modes.reply_create(&core.ttl(), &fuse_attr(&o.attr), o.fh, o.keep_cache, reply),
         Err(e) => reply.error(err(&e)),
     }
 }
@@ -302,11 +280,15 @@ impl Filesystem for FerryFuse {
         let _ = config.set_congestion_threshold(48);
         // Passthrough: the kernel reads fully cached files from the data cache itself.
         // Backing files on a stacked filesystem are refused; ferry stays stackable.
-        if self.modes.enabled()
-            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
-            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-        {
-            let _ = config.set_max_stack_depth(1);
+        if self.modes.enabled() {
+            if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            {
+                let _ = config.set_max_stack_depth(1);
+            } else {
+                tracing::info!("this kernel offers no FUSE passthrough: reads go through ferry");
+                self.modes.disable();
+            }
         }
         Ok(())
     }
@@ -372,15 +354,8 @@ impl Filesystem for FerryFuse {
             atime: atime.map(time_set),
             mtime: mtime.map(time_set),
         };
-        // A size change is a write: the passthrough readers' file could not follow it
-        // (and none can begin meanwhile).
-        let writer = match size {
-            Some(_) => match self.modes.writer_opening(ino.0) {
-                Ok(w) => Some(w),
-                Err(e) => return reply.error(e),
-            },
-            None => None,
-        };
+        // A size change is a write: no passthrough begins meanwhile.
+        let writer = size.map(|_| self.modes.writer_opening(ino.0));
         // Times and mode queued behind uncommitted writes need no worker either.
         if writer.is_none()
             && let Some(r) = self.core.setattr_now(caller(req), ino.0, &set)
@@ -536,13 +511,7 @@ impl Filesystem for FerryFuse {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         self.spawn(async move {
             // Held until answered: no passthrough begins under a writer's open.
-            let _writer = match read_only {
-                true => None,
-                false => match modes.writer_opening(ino.0) {
-                    Ok(w) => Some(w),
-                    Err(e) => return reply.error(e),
-                },
-            };
+            let _writer = (!read_only).then(|| modes.writer_opening(ino.0));
             if read_only && modes.releases_pending(ino.0) && core.may_pass_through(ino.0) {
                 // Closed caching opens of the file are about to be released: a file
                 // read again right away can then pass through.
@@ -566,11 +535,8 @@ impl Filesystem for FerryFuse {
                 let share_anyway = attempt == 2;
                 match modes.reply_open(&core, ino.0, &o, flags, share_anyway, reply) {
                     Ok(()) => return,
-                    Err((r, refused)) => {
+                    Err(r) => {
                         let _ = core.release(c, o.fh).await;
-                        if let Some(e) = refused {
-                            return r.error(e);
-                        }
                         reply = r;
                     }
                 }
@@ -789,22 +755,17 @@ impl Filesystem for FerryFuse {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         let modes = self.modes.clone();
         // An existing file met by the create is opened for writing (and maybe
-        // truncated): refused while it is read through passthrough, and no passthrough
-        // begins while the create runs.
-        let writer = match core.child_of(parent.0, &name) {
-            Some(ino) => match modes.writer_opening(ino) {
-                Ok(w) => Some(w),
-                Err(e) => return reply.error(e),
-            },
-            None => None,
-        };
+        // truncated): no passthrough of it begins while the create runs.
+        let writer = core
+            .child_of(parent.0, &name)
+            .map(|ino| modes.writer_opening(ino));
         // Answered from the connection's reader when the request can be queued at once
         // (no task to wake on the way); otherwise from a task.
         let answer = {
-            let (core, rt) = (core.clone(), self.rt.clone());
+            let core = core.clone();
             move |r: Result<OpenReply, FsError>| {
                 let _writer = writer;
-                reply_created(&core, &modes, &rt, c, r, reply)
+                reply_created(&core, &modes, r, reply)
             }
         };
         let file = NewFile {

@@ -55,9 +55,8 @@ enum Cmd {
         #[arg(long)]
         xattrs: bool,
         /// Let the kernel read fully cached files (1 MiB and up) straight from the data
-        /// cache, at local-disk speed (FUSE passthrough; needs root). While a file is read
-        /// that way, opening it for writing on this mount fails with ETXTBSY. `auto`: only
-        /// for a read-only export.
+        /// cache, at local-disk speed (FUSE passthrough; needs root and Linux 6.9+).
+        /// `auto`: wherever available; `on`: the same, with a warning where it is not.
         #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
         passthrough: Passthrough,
         /// Wait for the server before `unlink` returns. By default an unlink this mount

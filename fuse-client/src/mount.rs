@@ -54,8 +54,9 @@ pub struct MountOpts {
 /// `ferry mount --passthrough`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Passthrough {
-    /// On for a read-only export (nothing on the mount can write), off otherwise.
+    /// On wherever the kernel offers it to this process (root, Linux 6.9+, a data cache).
     Auto,
+    /// As `auto`, and says so (a warning) where it cannot be on.
     On,
     Off,
 }
@@ -257,13 +258,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         rt.handle().clone(),
         welcome.read_only,
         opts.xattrs,
-        // Registering a backing file needs CAP_SYS_ADMIN.
-        match opts.passthrough {
-            Passthrough::On => true,
-            Passthrough::Auto => welcome.read_only,
-            Passthrough::Off => false,
-        } && cache.is_some()
-            && running_as_root(),
+        passthrough_wanted(opts.passthrough, cache.is_some()),
     );
 
     let mut config = Config::default();
@@ -451,6 +446,19 @@ pub fn unmount(mp: &Path) -> Result<()> {
         }
     }
     Err(anyhow!("cannot unmount {}: {err}", mp.display()))
+}
+
+/// Whether to offer passthrough opens: the kernel reads the data cache's files, and
+/// registering one needs CAP_SYS_ADMIN.
+fn passthrough_wanted(want: Passthrough, cache: bool) -> bool {
+    let root = running_as_root();
+    if want == Passthrough::On && !(root && cache) {
+        tracing::warn!(
+            "--passthrough on: unavailable ({}), reads go through ferry",
+            if cache { "not root" } else { "no data cache" }
+        );
+    }
+    want != Passthrough::Off && root && cache
 }
 
 fn running_as_root() -> bool {

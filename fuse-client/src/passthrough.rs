@@ -9,18 +9,25 @@
 //! place, so a passthrough reader follows changes like any other open descriptor.
 //!
 //! The kernel keeps one I/O mode per inode (`fs/fuse/iomode.c`): while an open of it uses
-//! passthrough, every other open of it must use passthrough too, with the same backing
-//! file (or it fails with EIO), and a passthrough open is refused while the inode has
-//! opens in caching mode. Writes through passthrough would go to the cache file, never
-//! to the server, so while a file is read through passthrough:
+//! passthrough, every other open of it must name the same backing file (or it fails with
+//! EIO), and a passthrough open is refused while the inode has opens in caching mode. So
+//! while a file is read through passthrough:
 //! - another read-only open of it waits until the data file is complete at the current
 //!   version, then shares it;
-//! - an open of it for writing on this mount fails with `ETXTBSY` (other mounts and the
-//!   server itself can change it; the readers here follow).
+//! - an open of it for writing (a create meeting it, a truncate) is a passthrough open
+//!   with `FOPEN_DIRECT_IO`: its reads and writes come to this daemon like any writer's
+//!   (the kernel's page cache is bypassed, the server gets every byte at `close`), and
+//!   its writes land in the shared data file's cached blocks as they are made, so the
+//!   readers on this mount see them at once, as on a local disk.
 //!
-//! Because of that last rule passthrough is used only where it cannot surprise: by
-//! default on mounts of a read-only export (no open can write), and on read-write mounts
-//! with `ferry mount --passthrough`.
+//! Only a memory map of such a writer escapes this daemon: the kernel maps the data file
+//! itself, so bytes stored through a `MAP_SHARED` writable map reach the readers here but
+//! never the server. Those bytes are never taken for the server's either: once a writer
+//! has opened beside passthrough readers, the data file leaves the cache when the last of
+//! them closes (see [`IoModes::released`]).
+//!
+//! Passthrough is on by default wherever the kernel offers it to this process (root,
+//! Linux 6.9+); `ferry mount --passthrough off` turns it off.
 //!
 //! The counts are raised before the kernel learns of an open and lowered when its
 //! `RELEASE` arrives, after the kernel dropped it: they never undercount the kernel's.
@@ -30,7 +37,9 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyOpen};
+use std::time::Duration;
+
+use fuser::{BackingId, FileAttr, FileHandle, FopenFlags, Generation, ReplyCreate, ReplyOpen};
 
 use crate::fs::{Core, OpenReply};
 
@@ -41,12 +50,19 @@ pub const MIN_SIZE: u64 = 1024 * 1024;
 enum Mode {
     Caching,
     Passthrough,
+    /// A writer beside passthrough readers: a passthrough open whose reads and writes
+    /// come through this daemon (`FOPEN_DIRECT_IO`).
+    Writer,
 }
 
 #[derive(Debug, Default)]
 struct InodeModes {
     caching: u32,
+    /// Passthrough opens, writers among them.
     passthrough: u32,
+    /// Whether a writer opened while passthrough lasted: its memory maps (if any) wrote
+    /// the data file itself, so the file is not trusted once passthrough ends.
+    written_beside: bool,
     /// Opens for writing between their start and their answer: no passthrough begins
     /// meanwhile (the writer, once answered, is a caching open).
     writers_opening: u32,
@@ -82,24 +98,25 @@ impl IoModes {
         }
     }
 
+    pub fn disable(&self) {
+        self.enabled.store(false, Ordering::Relaxed);
+    }
+
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// An open of `ino` for writing begins: until the guard is dropped (after the open
-    /// was answered) no passthrough open of `ino` begins. `Err(ETXTBSY)` when one is
-    /// going on.
-    pub fn writer_opening(self: &Arc<Self>, ino: u64) -> Result<WriterOpening, Errno> {
-        let mut state = self.state.lock().map_err(|_| Errno::EIO)?;
-        let modes = state.inodes.entry(ino).or_default();
-        if modes.backing.is_some() {
-            return Err(Errno::ETXTBSY);
+    /// An open of `ino` for writing (or a size change) begins: until the guard is
+    /// dropped (after it was answered) no passthrough of `ino` begins. One going on
+    /// already goes on: the writer joins it (see the module's notes).
+    pub fn writer_opening(self: &Arc<Self>, ino: u64) -> WriterOpening {
+        if let Ok(mut state) = self.state.lock() {
+            state.inodes.entry(ino).or_default().writers_opening += 1;
         }
-        modes.writers_opening += 1;
-        Ok(WriterOpening {
+        WriterOpening {
             modes: self.clone(),
             ino,
-        })
+        }
     }
 
     /// A descriptor of `fh` was closed.
@@ -138,13 +155,11 @@ impl IoModes {
     }
 
     /// Answer an open of `ino` (`flags` as given to `open`) that `core` answered with
-    /// `opened`. Gives the reply back unanswered when the open cannot go ahead: with `None`
-    /// when it can later (a read-only open while passthrough readers exist and the data
-    /// file does not hold the current version whole yet: it is being fetched into it),
-    /// with the error to answer when it cannot (`ETXTBSY`: a writer while passthrough
-    /// readers exist). With `share_anyway`, such a read-only open shares the readers'
-    /// file as it is rather than wait longer (the kernel allows no other kind of open).
-    /// Either way `fh` is not open for the kernel: the caller releases it.
+    /// `opened`. Gives the reply back unanswered when the open should wait: a read-only
+    /// open while passthrough readers exist and the data file does not hold the current
+    /// version whole yet (it is being fetched into it). With `share_anyway`, such an open
+    /// shares the readers' file as it is rather than wait longer (the kernel allows no
+    /// other kind of open). Then `fh` is not open for the kernel: the caller releases it.
     pub fn reply_open(
         &self,
         core: &Core,
@@ -153,13 +168,13 @@ impl IoModes {
         flags: i32,
         share_anyway: bool,
         reply: ReplyOpen,
-    ) -> Result<(), (ReplyOpen, Option<Errno>)> {
+    ) -> Result<(), ReplyOpen> {
         let (fh, keep_cache) = (opened.fh, opened.keep_cache);
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0;
         // A reader's close has nothing to commit: the kernel need not send its FLUSH,
-        // which saves a trip through the daemon per file read. (With passthrough on, the
-        // FLUSH tells `releases_pending` that a caching reader is closing.)
-        let no_flush = read_only && !self.enabled();
+        // which saves a trip through the daemon per file read. (Of a file that may pass
+        // through, the FLUSH tells `releases_pending` that a caching reader is closing.)
+        let no_flush = read_only && (!self.enabled() || opened.attr.size < MIN_SIZE);
         let Ok(mut state) = self.state.lock() else {
             reply.opened(FileHandle(fh), caching_flags(keep_cache, no_flush));
             return Ok(());
@@ -168,14 +183,24 @@ impl IoModes {
         let modes = state.inodes.entry(ino).or_default();
         if let Some((backing, backing_file, _)) = &modes.backing {
             if !read_only {
-                return Err((reply, Some(Errno::ETXTBSY)));
+                modes.passthrough += 1;
+                modes.written_beside = true;
+                state.handles.insert(fh, (ino, Mode::Writer, false));
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, backing);
+                return Ok(());
             }
             // Every passthrough open of the inode reads the same file, the pinned one
-            // (never replaced while pinned), and a new open should find it whole.
+            // (never replaced while pinned), and a new open should find it whole, unless
+            // a writer here is changing it (then it holds that writer's bytes, as the
+            // other readers see them).
             let file = core.passthrough_file(fh, false);
             let id = file.and_then(|(f, _)| f.metadata().ok().map(|m| (m.dev(), m.ino())));
-            if id != Some(*backing_file) && !share_anyway {
-                return Err((reply, None));
+            let writing = state
+                .handles
+                .values()
+                .any(|(i, mode, _)| *i == ino && *mode == Mode::Writer);
+            if id != Some(*backing_file) && !share_anyway && !writing {
+                return Err(reply);
             }
             modes.passthrough += 1;
             state.handles.insert(fh, (ino, Mode::Passthrough, false));
@@ -200,13 +225,13 @@ impl IoModes {
                     return Ok(());
                 }
                 (_, Err(e)) => {
-                    core.passthrough_unpin(sino);
+                    core.passthrough_unpin(sino, false);
                     tracing::warn!(
                         "FUSE passthrough unavailable, reads go through this daemon: {e}"
                     );
                     self.enabled.store(false, Ordering::Relaxed);
                 }
-                (Err(_), Ok(_)) => core.passthrough_unpin(sino),
+                (Err(_), Ok(_)) => core.passthrough_unpin(sino, false),
             }
         }
         modes.caching += 1;
@@ -215,23 +240,47 @@ impl IoModes {
         Ok(())
     }
 
-    /// The flags of a `create` reply for `ino` (caching mode: a new file is being
-    /// written); `ETXTBSY` when the file is being read through passthrough.
-    pub fn create_flags(&self, ino: u64, fh: u64, keep_cache: bool) -> Result<FopenFlags, Errno> {
+    /// Answer a `create` that made or met file `attr.ino` and opened it as `fh`: in
+    /// caching mode (a new file is being written), or as a writer beside passthrough
+    /// readers of a file it met.
+    pub fn reply_create(
+        &self,
+        ttl: &Duration,
+        attr: &FileAttr,
+        fh: u64,
+        keep_cache: bool,
+        reply: ReplyCreate,
+    ) {
+        let ino = attr.ino.0;
         let Ok(mut state) = self.state.lock() else {
-            return Ok(caching_flags(keep_cache, false));
+            let flags = caching_flags(keep_cache, false);
+            return reply.created(ttl, attr, Generation(0), FileHandle(fh), flags);
         };
         let state = &mut *state;
         let modes = state.inodes.entry(ino).or_default();
-        if modes.backing.is_some() {
-            return Err(Errno::ETXTBSY);
+        if let Some((backing, _, _)) = &modes.backing {
+            modes.passthrough += 1;
+            modes.written_beside = true;
+            state.handles.insert(fh, (ino, Mode::Writer, false));
+            let flags = FopenFlags::FOPEN_DIRECT_IO;
+            return reply.created_passthrough(
+                ttl,
+                attr,
+                Generation(0),
+                FileHandle(fh),
+                flags,
+                backing,
+            );
         }
         modes.caching += 1;
         state.handles.insert(fh, (ino, Mode::Caching, false));
-        Ok(caching_flags(keep_cache, false))
+        let flags = caching_flags(keep_cache, false);
+        reply.created(ttl, attr, Generation(0), FileHandle(fh), flags)
     }
 
-    /// The kernel released `fh` (after dropping it from its own mode counts).
+    /// The kernel released `fh` (after dropping it from its own mode counts). The last
+    /// passthrough open of an inode unpins its data file, which leaves the cache if a
+    /// writer opened meanwhile.
     pub fn released(&self, core: &Core, fh: u64) {
         let Ok(mut state) = self.state.lock() else {
             return;
@@ -245,14 +294,16 @@ impl IoModes {
         };
         match mode {
             Mode::Caching => modes.caching = modes.caching.saturating_sub(1),
-            Mode::Passthrough => {
+            Mode::Passthrough | Mode::Writer => {
                 modes.passthrough = modes.passthrough.saturating_sub(1);
                 if modes.passthrough == 0
                     && let Some((backing, _, sino)) = modes.backing.take()
                 {
                     // Closes the kernel's reference to the data file.
                     drop(backing);
-                    core.passthrough_unpin(sino);
+                    // A writer's memory map may have written it: its bytes are not the
+                    // server's (see the module's notes).
+                    core.passthrough_unpin(sino, std::mem::take(&mut modes.written_beside));
                 }
             }
         }

@@ -149,12 +149,14 @@ fn a_remount_reads_unchanged_files_from_the_cache() {
         }
     };
 
-    // Without passthrough: the daemon serves every byte, and counts it.
-    let mut first = TestMount::with_cache_home(&server, &[], cache_home.path());
+    // Without passthrough (on by default, where the kernel reads cached files itself):
+    // the daemon serves every byte, and counts it.
+    let no_passthrough = ["--passthrough", "off"];
+    let mut first = TestMount::with_cache_home(&server, &no_passthrough, cache_home.path());
     read_all(&first, &files, "first mount");
     first.unmount().expect("unmount the first mount");
 
-    let mut second = TestMount::with_cache_home(&server, &[], cache_home.path());
+    let mut second = TestMount::with_cache_home(&server, &no_passthrough, cache_home.path());
     read_all(&second, &files, "remount");
     let st = second.stats();
     let total: usize = files.iter().map(|(_, d)| d.len()).sum();
@@ -567,17 +569,18 @@ fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-/// With `--passthrough on`, a read-only open of a large file whose bytes are all in the
-/// cache is served by FUSE passthrough (the mount runs as root here): its reads never
-/// reach the daemon, memory maps read the same bytes. While it is open, another reader on
-/// the mount shares it, a writer on the mount gets ETXTBSY (its writes could not reach
-/// the server), and changes made through another mount or on the export reach the open
-/// reader; after the close, a writer works again and a new open sees the newest content.
+/// By default (the mount runs as root here), a read-only open of a large file whose bytes
+/// are all in the cache is served by FUSE passthrough: its reads never reach the daemon,
+/// memory maps read the same bytes. While it is open, another reader on the mount shares
+/// it; a writer on the mount (an open for writing, a truncate, a create meeting the file)
+/// works, its bytes reach the open readers at once and the server at close; changes made
+/// through another mount or on the export reach the open readers. Bytes stored through a
+/// writer's shared memory map never become the cache's idea of the server's file.
 #[test]
 fn fully_cached_files_are_read_through_passthrough() {
     let mut rng = Rng::new(0x9a55);
     let mut data = rng.bytes(4 * MIB + 77);
-    let Some(fx) = fixture_with(&[], &["--passthrough", "on"], |e| {
+    let Some(fx) = fixture_with(&[], &[], |e| {
         fs::write(e.join("big"), &data).expect("write");
     }) else {
         return;
@@ -610,23 +613,9 @@ fn fully_cached_files_are_read_through_passthrough() {
             "{key} changed while reading through passthrough\n{st}"
         );
     }
-    // SAFETY: plain read-only shared mapping of an open file, unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            data.len(),
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&reader),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED, "mmap of the passthrough file");
-    // SAFETY: the mapping covers data.len() readable bytes.
-    let mapped = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), data.len()) };
-    assert!(mapped == &data[..], "bytes through mmap");
-    // SAFETY: unmapping what was mapped above.
-    unsafe { libc::munmap(map, data.len()) };
+    let mapped = map_shared(&reader, data.len(), libc::PROT_READ);
+    assert!(mapped.bytes() == &data[..], "bytes through mmap");
+    drop(mapped);
 
     let other = File::open(fx.mnt("big")).expect("second open for reading");
     assert_same_bytes(
@@ -634,9 +623,35 @@ fn fully_cached_files_are_read_through_passthrough() {
         &data[1000..6000],
         "second reader",
     );
-    ferry_tests::assert_errno(
-        OpenOptions::new().write(true).open(fx.mnt("big")),
-        libc::ETXTBSY,
+
+    // A writer on this mount beside them: its reads and writes go through the daemon,
+    // its bytes reach the readers here as it writes and the server at close.
+    let patch = rng.bytes(70_000);
+    {
+        let w = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fx.mnt("big"))
+            .expect("open for writing beside passthrough readers");
+        assert_same_bytes(
+            &pread(&w, 3 * MIB as u64, 4096),
+            &data[3 * MIB..3 * MIB + 4096],
+            "read through the writer",
+        );
+        w.write_all_at(&patch, MIB as u64 + 5).expect("write");
+        data[MIB + 5..MIB + 5 + patch.len()].copy_from_slice(&patch);
+        for (f, which) in [(&reader, "first"), (&other, "second")] {
+            assert!(
+                poll_until(PUSHED, || pread(f, 0, data.len()) == data),
+                "the {which} passthrough reader does not see a write made on its mount"
+            );
+        }
+        close(w).expect("close the writer");
+    }
+    assert_same_bytes(
+        &fs::read(fx.exp("big")).expect("export"),
+        &data,
+        "the export after the writer beside passthrough closed",
     );
 
     // Written through another mount: the open readers follow.
@@ -678,10 +693,16 @@ fn fully_cached_files_are_read_through_passthrough() {
         &data,
         "a reader opened after the append",
     );
-    // Size changes by path are writes too.
-    ferry_tests::assert_errno(
-        ferry_tests::sys::truncate(&fx.mnt("big"), 10),
-        libc::ETXTBSY,
+    // A size change by path on this mount: the server and the readers follow.
+    ferry_tests::sys::truncate(&fx.mnt("big"), 3 * MIB as u64).expect("truncate by path");
+    data.truncate(3 * MIB);
+    assert_eq!(
+        fs::metadata(fx.exp("big")).expect("stat").len(),
+        data.len() as u64
+    );
+    assert!(
+        poll_until(PUSHED, || pread(&reader, 0, 5 * MIB) == data),
+        "the passthrough reader does not follow a truncate on its mount"
     );
     // Cut on the export below the size passthrough starts at: the open readers follow,
     // and a new open still works (it shares their file).
@@ -697,9 +718,42 @@ fn fully_cached_files_are_read_through_passthrough() {
         &data,
         "a reader opened after the shrink",
     );
+    // A create meeting the file (a shell's `>`): replaced whole, readers follow.
+    data = rng.bytes(2 * MIB + 3);
+    fs::write(fx.mnt("big"), &data).expect("rewrite through the mount");
+    assert_same_bytes(
+        &fs::read(fx.exp("big")).expect("export"),
+        &data,
+        "the export after a rewrite beside passthrough readers",
+    );
+    assert!(
+        poll_until(PUSHED, || pread(&third, 0, 5 * MIB) == data),
+        "the passthrough reader does not follow a rewrite on its mount"
+    );
+    // A writer's shared memory map: the kernel maps the cache's data file itself. Once
+    // the readers are gone, the mount reads what the server has, whatever it is, and
+    // never the mapped bytes as the server's.
+    {
+        let w = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fx.mnt("big"))
+            .expect("open for writing beside passthrough readers");
+        let mut map = map_shared(&w, data.len(), libc::PROT_READ | libc::PROT_WRITE);
+        map.bytes_mut()[..5].copy_from_slice(b"MAPPD");
+        drop(map);
+        close(w).expect("close the mapping writer");
+    }
     drop((reader, other, third, fourth));
+    let server = fs::read(fx.exp("big")).expect("export");
+    assert_same_bytes(
+        &fs::read(fx.mnt("big")).expect("mount"),
+        &server,
+        "the mount after a shared map beside passthrough readers",
+    );
+    data = server;
 
-    // Nothing passes through any more: writing on this mount works again.
+    // Nothing passes through any more: a writer is a caching open again.
     let w = OpenOptions::new()
         .write(true)
         .open(fx.mnt("big"))
@@ -713,6 +767,52 @@ fn fully_cached_files_are_read_through_passthrough() {
         "the export",
     );
     assert_same_bytes(&fs::read(fx.mnt("big")).expect("mount"), &data, "the mount");
+}
+
+/// A shared memory map of an open file, unmapped on drop.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+fn map_shared(f: &File, len: usize, prot: i32) -> Mapped {
+    // SAFETY: a shared mapping of an open descriptor, unmapped on drop.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            0,
+        )
+    };
+    assert_ne!(
+        ptr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    Mapped { ptr, len }
+}
+
+impl Mapped {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping covers `len` readable bytes while it lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, mapped writable by the caller; borrowed uniquely.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map_shared` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// Reading the files of a directory one after another (here `cat` of each, as a build

@@ -2259,9 +2259,16 @@ impl Core {
             && cache.complete(sino)
     }
 
-    pub fn passthrough_unpin(&self, sino: u64) {
+    /// Passthrough of `sino` ended. With `untrusted`, a writer opened beside it, whose
+    /// memory maps may have written the data file: the file leaves the cache (the next
+    /// read fetches the server's bytes), and a map still writing it writes a file
+    /// nobody reads.
+    pub fn passthrough_unpin(&self, sino: u64, untrusted: bool) {
         if let Some(cache) = &self.cache {
             cache.unpin(sino);
+            if untrusted {
+                cache.invalidate(sino);
+            }
         }
     }
 
@@ -2272,20 +2279,31 @@ impl Core {
     /// Wait until the pinned data file of `ino` (read through passthrough) holds the
     /// current version whole again, fetching what is missing.
     pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
-        let Some(f) = self.open_of(ino).into_iter().next() else {
-            return;
-        };
         let mut off = 0;
-        loop {
+        let mut failed = 0;
+        while failed < 3 {
+            // A reader's: a writer's handle may be closing (its server handle with it).
+            let open = self.open_of(ino);
+            let Some(f) = open.iter().find(|f| !f.writable).or(open.first()) else {
+                return;
+            };
             let size = match f.state.lock() {
                 Ok(st) => st.size,
                 Err(_) => return,
             };
-            // Passthrough readers read the data file itself: nothing to keep.
-            if off >= size || self.fill(caller, &f, off, MAX_WINDOW, false).await.is_err() {
+            if off >= size {
                 return;
             }
-            off += MAX_WINDOW;
+            // Passthrough readers read the data file itself: nothing to keep. A fill
+            // through the writers' handle fails when their last close took it away
+            // meanwhile: the next try reads through a reader's own.
+            match self.fill(caller, f, off, MAX_WINDOW, false).await {
+                Ok(()) => off += MAX_WINDOW,
+                Err(e) => {
+                    tracing::debug!("refreshing a passthrough file: {e}");
+                    failed += 1;
+                }
+            }
         }
     }
 
@@ -3102,7 +3120,14 @@ impl Core {
         }
         self.drop_inline(ino);
         if let Some(cache) = &self.cache {
-            cache.invalidate(self.server_ino(ino));
+            let sino = self.server_ino(ino);
+            if cache.pinned(sino) {
+                // Read through passthrough: the readers' file is cut and refilled in
+                // place, as for a change on the server.
+                self.changed_on_server(ino, &attr);
+            } else {
+                cache.invalidate(sino);
+            }
         }
         if let Some(parent) = self.nodes()?.parent_of(ino) {
             self.dir_changed(parent);
