@@ -25,7 +25,7 @@
 //! blocks on anything but local disk I/O (callers run it on blocking-friendly threads or
 //! accept short local I/O).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -150,6 +150,11 @@ struct Inner {
     /// data file is never punched or replaced, only rewritten in place (see
     /// [`DataCache::pin`]).
     pins: HashMap<u64, u32>,
+    /// Entries whose data file was handed to the kernel as a passthrough backing file:
+    /// a process may still map it after every open closed (its map reads and writes
+    /// that file, not the daemon). Once unpinned, such a file is never cut or punched:
+    /// it is unlinked and a new one begun, so a map keeps the bytes it had.
+    exposed: HashSet<u64>,
 }
 
 impl Inner {
@@ -450,7 +455,7 @@ impl DataCache {
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
                 inner.forget_kept(ino);
-                self.reset_data(ino, inner.pins.contains_key(&ino), size);
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
                 false
             }
             None => {
@@ -483,7 +488,7 @@ impl DataCache {
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
-                self.reset_data(ino, inner.pins.contains_key(&ino), size);
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
             }
             e.version = version;
             e.size = size;
@@ -548,6 +553,7 @@ impl DataCache {
         file.metadata().ok().filter(|m| m.len() == size)?;
         if pin {
             *inner.pins.entry(ino).or_default() += 1;
+            inner.exposed.insert(ino);
         }
         Some(file)
     }
@@ -796,6 +802,21 @@ impl DataCache {
                     continue;
                 }
                 inner.lru.remove(&t);
+                if inner.exposed.contains(&ino)
+                    && let Some(e) = inner.files.get_mut(&ino)
+                {
+                    // A map may still read its data file: the file goes whole, unlinked.
+                    let before = inner.used;
+                    e.drop_blocks(&mut inner.lru, &mut inner.used);
+                    e.meta_dirty = true;
+                    // A store writing the old file meanwhile records nothing.
+                    inner.generations += 1;
+                    e.generation = inner.generations;
+                    let freed = before.saturating_sub(inner.used);
+                    self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+                    self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
+                    continue;
+                }
                 if let Some(e) = inner.files.get_mut(&ino)
                     && e.blocks.remove(&b).is_some()
                 {
@@ -831,6 +852,7 @@ impl DataCache {
     pub fn pin(&self, ino: u64) {
         if let Ok(mut inner) = self.inner.lock() {
             *inner.pins.entry(ino).or_default() += 1;
+            inner.exposed.insert(ino);
         }
     }
 
@@ -851,15 +873,26 @@ impl DataCache {
             .is_ok_and(|inner| inner.pins.contains_key(&ino))
     }
 
-    /// The data file of `ino` no longer holds valid blocks: emptied, or for a pinned
-    /// entry only cut to `size` (its bytes are overwritten as the new ones arrive).
-    fn reset_data(&self, ino: u64, pinned: bool, size: u64) {
-        if !pinned {
+    /// The data file of `ino` no longer holds valid blocks: emptied; for a pinned entry
+    /// only cut to `size` (its bytes are overwritten as the new ones arrive); for an
+    /// exposed one, unlinked (a map of it keeps its bytes) and begun anew.
+    fn reset_data(
+        &self,
+        pins: &HashMap<u64, u32>,
+        exposed: &mut HashSet<u64>,
+        ino: u64,
+        size: u64,
+    ) {
+        if pins.contains_key(&ino) {
+            if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino))
+                && f.metadata().is_ok_and(|m| m.len() > size)
+            {
+                let _ = f.set_len(size);
+            }
+        } else if exposed.remove(&ino) {
+            let _ = std::fs::remove_file(self.data_path(ino));
+        } else {
             drop_data(&self.data_path(ino));
-        } else if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino))
-            && f.metadata().is_ok_and(|m| m.len() > size)
-        {
-            let _ = f.set_len(size);
         }
     }
 
@@ -925,6 +958,14 @@ impl DataCache {
             };
             let inner = &mut *inner;
             Self::changing(inner, ino, 0);
+            if inner.exposed.contains(&ino) && !inner.pins.contains_key(&ino) {
+                // Not punched under a map that may still read it: begun anew.
+                if let Some(e) = inner.files.get_mut(&ino) {
+                    e.drop_blocks(&mut inner.lru, &mut inner.used);
+                }
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
+                return;
+            }
             let Some(e) = inner.files.get_mut(&ino) else {
                 return;
             };
@@ -993,7 +1034,7 @@ impl DataCache {
         e.generation = generation;
         e.dirty = true;
         e.meta_dirty = true;
-        self.reset_data(ino, inner.pins.contains_key(&ino), size);
+        self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
     }
 
     /// Nobody reads `ino` any more: its kept pieces go.
@@ -1005,7 +1046,6 @@ impl DataCache {
 
     /// Forget everything about `ino` (deleted, or changed in a way we cannot track).
     pub fn invalidate(&self, ino: u64) {
-        let mut pinned = false;
         if let Ok(mut inner) = self.inner.lock() {
             let inner = &mut *inner;
             inner.forget_kept(ino);
@@ -1015,9 +1055,8 @@ impl DataCache {
                 }
                 inner.used = Self::recount(&inner.files);
             }
-            pinned = inner.pins.contains_key(&ino);
+            self.reset_data(&inner.pins, &mut inner.exposed, ino, u64::MAX);
         }
-        self.reset_data(ino, pinned, u64::MAX);
         let _ = std::fs::remove_file(self.meta_path(ino));
     }
 
@@ -1247,6 +1286,58 @@ mod tests {
         assert_eq!(got, new, "the pinned reader sees the new version");
         c.unpin(1);
         assert!(!c.pinned(1));
+    }
+
+    /// A data file once handed to the kernel for passthrough may still be mapped by a
+    /// process after every open closed: evicting, re-basing or forgetting the entry
+    /// then leaves that file's bytes alone (it is unlinked, a new one begun).
+    #[test]
+    fn a_data_file_passed_through_is_never_cut_or_punched_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        let old = data(2 * BLOCK as usize, 1);
+        let reread = |f: &File| {
+            let mut got = vec![0u8; old.len()];
+            f.read_exact_at(&mut got, 0).map(|_| got)
+        };
+        let fill = |ino: u64, version: u64, blocks: u64, seed: u8| {
+            c.validate(ino, version, blocks * BLOCK);
+            for i in 0..blocks {
+                let t = c.token(ino).unwrap();
+                c.store(ino, version, t, i * BLOCK, &data(BLOCK as usize, seed))
+                    .unwrap();
+            }
+        };
+        // Evicted to make room for another file.
+        c.validate(1, 1, 2 * BLOCK);
+        c.store(1, 1, c.token(1).unwrap(), 0, &old).unwrap();
+        let mapped = c.open_complete(1, 1, 2 * BLOCK, true).unwrap();
+        c.unpin(1);
+        fill(2, 1, 4, 2);
+        assert!(!c.complete(1), "the unpinned entry was evicted");
+        assert_eq!(reread(&mapped).unwrap(), old, "a map of it after eviction");
+        assert!(c.used() <= 4 * BLOCK);
+        // A file cached again after that is a new data file, punched as usual.
+        c.invalidate(2);
+        c.validate(1, 1, 2 * BLOCK);
+        c.store(1, 1, c.token(1).unwrap(), 0, &old).unwrap();
+        assert!(c.complete(1));
+        // Re-based on a new version, then forgotten.
+        for change in [
+            &(|c: &DataCache| {
+                c.validate(1, 2, BLOCK);
+            }) as &dyn Fn(&DataCache),
+            &|c: &DataCache| c.invalidate(1),
+            &|c: &DataCache| c.truncated(1, 10),
+        ] {
+            c.invalidate(1);
+            c.validate(1, 1, 2 * BLOCK);
+            c.store(1, 1, c.token(1).unwrap(), 0, &old).unwrap();
+            let mapped = c.open_complete(1, 1, 2 * BLOCK, true).unwrap();
+            c.unpin(1);
+            change(&c);
+            assert_eq!(reread(&mapped).unwrap(), old, "a map of it after a change");
+        }
     }
 
     #[test]

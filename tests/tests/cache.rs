@@ -769,6 +769,58 @@ fn fully_cached_files_are_read_through_passthrough() {
     assert_same_bytes(&fs::read(fx.mnt("big")).expect("mount"), &data, "the mount");
 }
 
+/// A process maps a file read through passthrough and closes it, as loaders do; then the
+/// cache makes room for another file: the map keeps reading the file's bytes (the kernel
+/// maps the cache's data file itself, so that file is unlinked, never cut or punched).
+#[test]
+fn a_map_of_a_passthrough_file_outlives_its_close_and_its_eviction() {
+    let mut rng = Rng::new(0x3a9);
+    let a = rng.bytes(3 * MIB);
+    let b = rng.bytes(6 * MIB);
+    let Some(fx) = fixture_with(&[], &["--cache-size", "8M"], |e| {
+        fs::write(e.join("a"), &a).expect("write");
+        fs::write(e.join("b"), &b).expect("write");
+    }) else {
+        return;
+    };
+    assert_same_bytes(&fs::read(fx.mnt("a")).expect("read"), &a, "first read of a");
+    let before = fx.mount.stats();
+    let f = File::open(fx.mnt("a")).expect("open a");
+    if fx.mount.stats().get("passthrough_opens") == before.get("passthrough_opens") {
+        eprintln!("skipping: no passthrough here\n{}", fx.mount.log());
+        return;
+    }
+    let map = map_shared(&f, a.len(), libc::PROT_READ);
+    close(f).expect("close a");
+    // a's data file in the cache, while it holds all of a.
+    let a_data = format!("{}.data", fs::metadata(fx.exp("a")).expect("stat").ino());
+    let a_cached = || {
+        fs::read_dir(cache_root(&fx.mount))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                fs::metadata(d.path().join(&a_data))
+                    .is_ok_and(|m| m.blocks() * 512 >= a.len() as u64)
+            })
+    };
+    assert!(a_cached(), "a is not in the cache after it was read");
+    // Read b until a's blocks made room for it (the close's RELEASE, which unpins a,
+    // comes in the background).
+    let evicted = poll_until(PUSHED, || {
+        let mut f = File::open(fx.mnt("b")).expect("open b");
+        fadvise_dontneed(&f).expect("fadvise");
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).expect("read b");
+        assert_same_bytes(&got, &b, "b");
+        !a_cached()
+    });
+    assert!(evicted, "reading b never evicted a from the 8 MiB cache");
+    assert!(map.bytes() == &a[..], "the map of a after a left the cache");
+    drop(map);
+    assert_same_bytes(&fs::read(fx.mnt("a")).expect("read"), &a, "a read again");
+}
+
 /// A shared memory map of an open file, unmapped on drop.
 struct Mapped {
     ptr: *mut libc::c_void,
