@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -554,6 +554,7 @@ impl DataCache {
         if pin {
             *inner.pins.entry(ino).or_default() += 1;
             inner.exposed.insert(ino);
+            stamp_own(&file);
         }
         Some(file)
     }
@@ -746,6 +747,9 @@ impl DataCache {
         // The room made for these blocks is theirs now, or nobody's.
         inner.reserved = inner.reserved.saturating_sub(need);
         let file = written?;
+        if inner.pins.contains_key(&ino) {
+            stamp_own(&file);
+        }
         let Some(e) = inner.files.get_mut(&ino) else {
             return Ok(());
         };
@@ -873,6 +877,39 @@ impl DataCache {
             .is_ok_and(|inner| inner.pins.contains_key(&ino))
     }
 
+    /// Whether a process stored bytes into the pinned data file of `ino` through a
+    /// shared memory map (the kernel maps a passthrough file's data file itself): its
+    /// mtime is no longer the stamp this daemon leaves after its own writes.
+    pub fn mapped_stores(&self, ino: u64) -> bool {
+        self.pinned(ino)
+            && std::fs::metadata(self.data_path(ino))
+                .is_ok_and(|m| (m.mtime(), m.mtime_nsec()) != (0, 0))
+    }
+
+    /// After [`DataCache::mapped_stores`]: the pinned data file of `ino`, stamped again
+    /// (stores from here on show at the next look), with the ranges of it that hold
+    /// the current version (plus what maps stored), in order.
+    pub fn take_mapped_stores(&self, ino: u64) -> Option<(File, Vec<(u64, u64)>)> {
+        let inner = self.inner.lock().ok()?;
+        if !inner.pins.contains_key(&ino) {
+            return None;
+        }
+        let e = inner.files.get(&ino)?;
+        let file = File::open(self.data_path(ino)).ok()?;
+        stamp_own(&file);
+        let mut blocks: Vec<u64> = e.blocks.keys().copied().collect();
+        blocks.sort_unstable();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for b in blocks {
+            let (start, len) = (b * BLOCK, e.block_len(b));
+            match ranges.last_mut() {
+                Some((s, l)) if *s + *l == start => *l += len,
+                _ => ranges.push((start, len)),
+            }
+        }
+        Some((file, ranges))
+    }
+
     /// The data file of `ino` no longer holds valid blocks: emptied; for a pinned entry
     /// only cut to `size` (its bytes are overwritten as the new ones arrive); for an
     /// exposed one, unlinked (a map of it keeps its bytes) and begun anew.
@@ -888,6 +925,7 @@ impl DataCache {
                 && f.metadata().is_ok_and(|m| m.len() > size)
             {
                 let _ = f.set_len(size);
+                stamp_own(&f);
             }
         } else if exposed.remove(&ino) {
             let _ = std::fs::remove_file(self.data_path(ino));
@@ -907,6 +945,9 @@ impl DataCache {
                     off as libc::off_t,
                     len as libc::off_t,
                 );
+            }
+            if self.pinned(ino) {
+                stamp_own(&f);
             }
         }
     }
@@ -940,6 +981,9 @@ impl DataCache {
         // A block evicted meanwhile just gets bytes nobody reads: presence is never
         // restored here, only by a store.
         file.write_all_at(data, offset)?;
+        if self.pinned(ino) {
+            stamp_own(&file);
+        }
         Ok(())
     }
 
@@ -1145,6 +1189,25 @@ fn write_dontcache(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> 
         off += n as u64;
     }
     Ok(())
+}
+
+/// Set the mtime of a pinned data file to the epoch after this daemon wrote it: a store
+/// through a process's shared map of it sets the present time instead (see
+/// [`DataCache::mapped_stores`]). Setting times needs only ownership, so a read-only
+/// descriptor does.
+fn stamp_own(file: &File) {
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: a valid fd and two timespecs, as futimens(2) takes.
+    unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) };
 }
 
 fn drop_data(path: &Path) {

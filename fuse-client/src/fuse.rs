@@ -604,11 +604,22 @@ impl Filesystem for FerryFuse {
         reply: ReplyEmpty,
     ) {
         self.modes.flushed(fh.0);
+        let c = caller(req);
+        if self.modes.beside_passthrough(fh.0) {
+            // Its memory maps may have stored into the readers' data file.
+            let core = self.core.clone();
+            return self.spawn(async move {
+                let r = match core.send_mapped_stores(c, fh.0).await {
+                    Ok(()) => core.flush(c, fh.0).await,
+                    Err(e) => Err(e),
+                };
+                reply_empty(reply, r)
+            });
+        }
         if self.core.flush_now(fh.0) {
             return reply.ok();
         }
         // close(): the data is on the server when this succeeds, or close() gets the error.
-        let c = caller(req);
         let done = move |r| reply_empty(reply, r);
         if let Err(done) = self.core.flush_writer_now(c, fh.0, done) {
             let core = self.core.clone();
@@ -647,7 +658,14 @@ impl Filesystem for FerryFuse {
         reply: ReplyEmpty,
     ) {
         let (core, c) = (self.core.clone(), caller(req));
-        self.spawn(async move { reply_empty(reply, core.fsync(c, fh.0, datasync).await) });
+        self.spawn(async move {
+            // A writer beside passthrough readers: what its maps stored goes too.
+            let r = match core.send_mapped_stores(c, fh.0).await {
+                Ok(()) => core.fsync(c, fh.0, datasync).await,
+                Err(e) => Err(e),
+            };
+            reply_empty(reply, r)
+        });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

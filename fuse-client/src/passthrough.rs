@@ -21,10 +21,14 @@
 //!   readers on this mount see them at once, as on a local disk.
 //!
 //! Only a memory map of such a writer escapes this daemon: the kernel maps the data file
-//! itself, so bytes stored through a `MAP_SHARED` writable map reach the readers here but
-//! never the server. Those bytes are never taken for the server's either: once a writer
-//! has opened beside passthrough readers, the data file leaves the cache when the last of
-//! them closes (see [`IoModes::released`]).
+//! itself, so bytes stored through a `MAP_SHARED` writable map land there. This daemon
+//! stamps the data file's mtime after each of its own writes; a store through a map
+//! changes it, and the writer's `FLUSH` (or `FSYNC`) then sends the whole cached copy
+//! through the writer before committing (`Core::send_mapped_stores`). Stores made after
+//! the writer's last close cannot reach the server, and they are never taken for the
+//! server's bytes: once a writer has opened beside passthrough readers, the data file
+//! leaves the cache when the last of them closes (see [`IoModes::released`]), and a map
+//! still open keeps it, unlinked.
 //!
 //! Passthrough is on by default wherever the kernel offers it to this process (root,
 //! Linux 6.9+); `ferry mount --passthrough off` turns it off.
@@ -145,6 +149,13 @@ impl IoModes {
                         .filter(|(i, mode, _)| *i == ino && *mode == Mode::Caching)
                         .all(|(_, _, flushed)| *flushed)
             })
+    }
+
+    /// Whether `fh` is a writer opened beside passthrough readers.
+    pub fn beside_passthrough(&self, fh: u64) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| s.handles.get(&fh).is_some_and(|h| h.1 == Mode::Writer))
     }
 
     /// Whether `ino` is being read through passthrough right now.

@@ -573,9 +573,10 @@ fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
 /// are all in the cache is served by FUSE passthrough: its reads never reach the daemon,
 /// memory maps read the same bytes. While it is open, another reader on the mount shares
 /// it; a writer on the mount (an open for writing, a truncate, a create meeting the file)
-/// works, its bytes reach the open readers at once and the server at close; changes made
-/// through another mount or on the export reach the open readers. Bytes stored through a
-/// writer's shared memory map never become the cache's idea of the server's file.
+/// works, its bytes reach the open readers at once and the server at close, those stored
+/// through its shared memory maps too; changes made through another mount or on the
+/// export reach the open readers. Bytes stored through a map after its writer closed
+/// never become the cache's idea of the server's file.
 #[test]
 fn fully_cached_files_are_read_through_passthrough() {
     let mut rng = Rng::new(0x9a55);
@@ -730,9 +731,8 @@ fn fully_cached_files_are_read_through_passthrough() {
         poll_until(PUSHED, || pread(&third, 0, 5 * MIB) == data),
         "the passthrough reader does not follow a rewrite on its mount"
     );
-    // A writer's shared memory map: the kernel maps the cache's data file itself. Once
-    // the readers are gone, the mount reads what the server has, whatever it is, and
-    // never the mapped bytes as the server's.
+    // A writer's shared memory map: the kernel maps the cache's data file itself. What
+    // it stored before the writer's close reaches the server at that close.
     {
         let w = OpenOptions::new()
             .read(true)
@@ -740,17 +740,38 @@ fn fully_cached_files_are_read_through_passthrough() {
             .open(fx.mnt("big"))
             .expect("open for writing beside passthrough readers");
         let mut map = map_shared(&w, data.len(), libc::PROT_READ | libc::PROT_WRITE);
-        map.bytes_mut()[..5].copy_from_slice(b"MAPPD");
+        map.bytes_mut()[MIB..MIB + 5].copy_from_slice(b"MAPPD");
         drop(map);
         close(w).expect("close the mapping writer");
     }
+    data[MIB..MIB + 5].copy_from_slice(b"MAPPD");
+    assert_same_bytes(
+        &fs::read(fx.exp("big")).expect("export"),
+        &data,
+        "the export after a store through a writer's map",
+    );
+    // A map kept past its writer's close: what it stores then cannot reach the server.
+    // Once the readers are gone, the mount reads what the server has, never those bytes.
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.mnt("big"))
+        .expect("open for writing beside passthrough readers");
+    let mut map = map_shared(&w, data.len(), libc::PROT_READ | libc::PROT_WRITE);
+    close(w).expect("close the mapping writer");
+    map.bytes_mut()[..5].copy_from_slice(b"LATER");
     drop((reader, other, third, fourth));
     let server = fs::read(fx.exp("big")).expect("export");
     assert_same_bytes(
         &fs::read(fx.mnt("big")).expect("mount"),
         &server,
-        "the mount after a shared map beside passthrough readers",
+        "the mount after a store through a map kept past its close",
     );
+    assert!(
+        map.bytes().starts_with(b"LATER"),
+        "the map lost its own store"
+    );
+    drop(map);
     data = server;
 
     // Nothing passes through any more: a writer is a caching open again.

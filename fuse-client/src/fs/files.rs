@@ -2276,6 +2276,43 @@ impl Core {
         self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Before `fh`, a writer beside passthrough readers, commits: bytes a process stored
+    /// through a shared memory map of the file (the kernel maps the cache's data file
+    /// itself, see `crate::passthrough`) are written through `fh`, so the commit sends
+    /// them. All the data file holds of the current version goes, since the stores'
+    /// places are not known. A store landing while they are read may be missed.
+    pub async fn send_mapped_stores(&self, caller: Caller, fh: u64) -> FsResult<()> {
+        let f = self.open_file(fh)?;
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        if !f.writable || !cache.mapped_stores(f.sino) {
+            return Ok(());
+        }
+        let Some((file, ranges)) = cache.take_mapped_stores(f.sino) else {
+            return Ok(());
+        };
+        tracing::info!(
+            ino = f.ino,
+            "a shared memory map stored into a file read through passthrough: sending its cached copy"
+        );
+        let chunk = u64::from(self.max_io);
+        for (start, len) in ranges {
+            let mut off = start;
+            while off < start + len {
+                let mut buf = vec![0; chunk.min(start + len - off) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).map_err(|e| {
+                    tracing::warn!("reading the cached copy a map stored into: {e}");
+                    FsError::Errno(libc::EIO)
+                })?;
+                let n = buf.len() as u64;
+                self.write(caller, fh, off, buf).await?;
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
     /// Wait until the pinned data file of `ino` (read through passthrough) holds the
     /// current version whole again, fetching what is missing.
     pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
