@@ -170,9 +170,15 @@ fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
 
 /// Answer a `create`: the file's attributes and handle, with the I/O mode the
 /// passthrough rules give it.
-fn reply_created(core: &Core, modes: &IoModes, r: Result<OpenReply, FsError>, reply: ReplyCreate) {
+fn reply_created(
+    core: &Core,
+    modes: &IoModes,
+    flags: i32,
+    r: Result<OpenReply, FsError>,
+    reply: ReplyCreate,
+) {
     match r {
-        Ok(o) => modes.reply_create(&core.ttl(), &fuse_attr(&o.attr), o.fh, o.keep_cache, reply),
+        Ok(o) => modes.reply_create(core, &core.ttl(), &fuse_attr(&o.attr), &o, flags, reply),
         Err(e) => reply.error(err(&e)),
     }
 }
@@ -605,7 +611,7 @@ impl Filesystem for FerryFuse {
     ) {
         self.modes.flushed(fh.0);
         let c = caller(req);
-        if self.modes.beside_passthrough(fh.0) {
+        if self.modes.may_map_beside_passthrough(fh.0) {
             // Its memory maps may have stored into the readers' data file.
             let core = self.core.clone();
             return self.spawn(async move {
@@ -658,9 +664,14 @@ impl Filesystem for FerryFuse {
         reply: ReplyEmpty,
     ) {
         let (core, c) = (self.core.clone(), caller(req));
+        // A writer beside passthrough readers: what its maps stored goes too.
+        let maps = self.modes.may_map_beside_passthrough(fh.0);
         self.spawn(async move {
-            // A writer beside passthrough readers: what its maps stored goes too.
-            let r = match core.send_mapped_stores(c, fh.0).await {
+            let sent = match maps {
+                true => core.send_mapped_stores(c, fh.0).await,
+                false => Ok(()),
+            };
+            let r = match sent {
                 Ok(()) => core.fsync(c, fh.0, datasync).await,
                 Err(e) => Err(e),
             };
@@ -783,7 +794,7 @@ impl Filesystem for FerryFuse {
             let core = core.clone();
             move |r: Result<OpenReply, FsError>| {
                 let _writer = writer;
-                reply_created(&core, &modes, r, reply)
+                reply_created(&core, &modes, flags, r, reply)
             }
         };
         let file = NewFile {

@@ -17,18 +17,22 @@
 //! - an open of it for writing (a create meeting it, a truncate) is a passthrough open
 //!   with `FOPEN_DIRECT_IO`: its reads and writes come to this daemon like any writer's
 //!   (the kernel's page cache is bypassed, the server gets every byte at `close`), and
-//!   its writes land in the shared data file's cached blocks as they are made, so the
-//!   readers on this mount see them at once, as on a local disk.
+//!   its writes and size changes are made in the shared data file too (the blocks it
+//!   writes whole count as cached), so the readers on this mount see them at once, as on
+//!   a local disk. A change made elsewhere meanwhile reaches them once it is fetched.
 //!
 //! Only a memory map of such a writer escapes this daemon: the kernel maps the data file
-//! itself, so bytes stored through a `MAP_SHARED` writable map land there. This daemon
-//! stamps the data file's mtime after each of its own writes; a store through a map
-//! changes it, and the writer's `FLUSH` (or `FSYNC`) then sends the whole cached copy
-//! through the writer before committing (`Core::send_mapped_stores`). Stores made after
-//! the writer's last close cannot reach the server, and they are never taken for the
-//! server's bytes: once a writer has opened beside passthrough readers, the data file
-//! leaves the cache when the last of them closes (see [`IoModes::released`]), and a map
-//! still open keeps it, unlinked.
+//! itself, so bytes stored through a `MAP_SHARED` writable map (which needs a descriptor
+//! open for reading and writing) land there. This daemon stamps the data file's mtime
+//! after each of its own writes, remembering a foreign one it finds first; a store
+//! through a map changes it (the kernel dates the first store into a clean page, and
+//! the send below cleans them again), and the writer's `FLUSH` (or `FSYNC`) then sends
+//! the cached copy through the writer before committing (`Core::send_mapped_stores`).
+//! Where the cache's filesystem does not date such stores, every such writer's close
+//! sends it. Stores made after the writer's last close cannot reach the server, and they
+//! are never taken for the server's bytes: once such a writer has opened beside
+//! passthrough readers, the data file leaves the cache when the last of them closes
+//! (see [`IoModes::released`]), and a map still open keeps it, unlinked.
 //!
 //! Passthrough is on by default wherever the kernel offers it to this process (root,
 //! Linux 6.9+); `ferry mount --passthrough off` turns it off.
@@ -55,8 +59,11 @@ enum Mode {
     Caching,
     Passthrough,
     /// A writer beside passthrough readers: a passthrough open whose reads and writes
-    /// come through this daemon (`FOPEN_DIRECT_IO`).
-    Writer,
+    /// come through this daemon (`FOPEN_DIRECT_IO`); `may_map` when it was opened for
+    /// reading too, which a shared writable map needs.
+    Writer {
+        may_map: bool,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -64,11 +71,12 @@ struct InodeModes {
     caching: u32,
     /// Passthrough opens, writers among them.
     passthrough: u32,
-    /// Whether a writer opened while passthrough lasted: its memory maps (if any) wrote
-    /// the data file itself, so the file is not trusted once passthrough ends.
+    /// Whether a writer open for reading and writing opened while passthrough lasted:
+    /// its memory maps (if any) wrote the data file itself, so the file is not trusted
+    /// once passthrough ends.
     written_beside: bool,
-    /// Opens for writing between their start and their answer: no passthrough begins
-    /// meanwhile (the writer, once answered, is a caching open).
+    /// Opens for writing (and size changes) between their start and their answer: no
+    /// passthrough begins meanwhile.
     writers_opening: u32,
     /// Shared by the passthrough opens; with the data file's (dev, ino) and the server
     /// inode whose cache entry is pinned.
@@ -151,11 +159,14 @@ impl IoModes {
             })
     }
 
-    /// Whether `fh` is a writer opened beside passthrough readers.
-    pub fn beside_passthrough(&self, fh: u64) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| s.handles.get(&fh).is_some_and(|h| h.1 == Mode::Writer))
+    /// Whether `fh` is a writer opened beside passthrough readers that can map the file
+    /// writable (see [`crate::fs::Core::send_mapped_stores`]).
+    pub fn may_map_beside_passthrough(&self, fh: u64) -> bool {
+        self.state.lock().is_ok_and(|s| {
+            s.handles
+                .get(&fh)
+                .is_some_and(|h| h.1 == Mode::Writer { may_map: true })
+        })
     }
 
     /// Whether `ino` is being read through passthrough right now.
@@ -195,8 +206,14 @@ impl IoModes {
         if let Some((backing, backing_file, _)) = &modes.backing {
             if !read_only {
                 modes.passthrough += 1;
-                modes.written_beside = true;
-                state.handles.insert(fh, (ino, Mode::Writer, false));
+                // Only a descriptor open for reading and writing can map the file
+                // writable (`MAP_SHARED`, `PROT_WRITE`).
+                let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
+                modes.written_beside |= may_map;
+                state
+                    .handles
+                    .insert(fh, (ino, Mode::Writer { may_map }, false));
+                core.passthrough_writer_opened();
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, backing);
                 return Ok(());
             }
@@ -209,7 +226,7 @@ impl IoModes {
             let writing = state
                 .handles
                 .values()
-                .any(|(i, mode, _)| *i == ino && *mode == Mode::Writer);
+                .any(|(i, mode, _)| *i == ino && matches!(mode, Mode::Writer { .. }));
             if id != Some(*backing_file) && !share_anyway && !writing {
                 return Err(reply);
             }
@@ -256,12 +273,14 @@ impl IoModes {
     /// readers of a file it met.
     pub fn reply_create(
         &self,
+        core: &Core,
         ttl: &Duration,
         attr: &FileAttr,
-        fh: u64,
-        keep_cache: bool,
+        opened: &OpenReply,
+        flags: i32,
         reply: ReplyCreate,
     ) {
+        let (fh, keep_cache) = (opened.fh, opened.keep_cache);
         let ino = attr.ino.0;
         let Ok(mut state) = self.state.lock() else {
             let flags = caching_flags(keep_cache, false);
@@ -271,8 +290,12 @@ impl IoModes {
         let modes = state.inodes.entry(ino).or_default();
         if let Some((backing, _, _)) = &modes.backing {
             modes.passthrough += 1;
-            modes.written_beside = true;
-            state.handles.insert(fh, (ino, Mode::Writer, false));
+            let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
+            modes.written_beside |= may_map;
+            state
+                .handles
+                .insert(fh, (ino, Mode::Writer { may_map }, false));
+            core.passthrough_writer_opened();
             let flags = FopenFlags::FOPEN_DIRECT_IO;
             return reply.created_passthrough(
                 ttl,
@@ -305,7 +328,7 @@ impl IoModes {
         };
         match mode {
             Mode::Caching => modes.caching = modes.caching.saturating_sub(1),
-            Mode::Passthrough | Mode::Writer => {
+            Mode::Passthrough | Mode::Writer { .. } => {
                 modes.passthrough = modes.passthrough.saturating_sub(1);
                 if modes.passthrough == 0
                     && let Some((backing, _, sino)) = modes.backing.take()

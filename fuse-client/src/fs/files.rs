@@ -2032,9 +2032,20 @@ impl Core {
         if let Some(cache) = &self.cache
             && cache.wrote(f.sino, offset, data).is_err()
         {
-            cache.invalidate(f.sino);
+            self.cache_untrusted(f.ino, f.sino);
         }
         self.grow_local_size(f, offset + data.len() as u64);
+    }
+
+    /// [`Core::note_write`] of bytes read from the cached copy itself (see
+    /// [`Core::send_mapped_stores`]): they are not written back into it, where a map
+    /// may have stored newer ones meanwhile.
+    fn note_write_from_cache(&self, f: &OpenFile, offset: u64, len: u64) {
+        self.drop_inline(f.ino);
+        if let Some(cache) = &self.cache {
+            cache.extended(f.sino, offset + len);
+        }
+        self.grow_local_size(f, offset + len);
     }
 
     /// A write queued at once, on the calling (FUSE session) thread, when nothing has to
@@ -2097,6 +2108,19 @@ impl Core {
         offset: u64,
         data: Vec<u8>,
     ) -> FsResult<u32> {
+        self.write_with(caller, fh, offset, data, false).await
+    }
+
+    /// [`Core::write`]; `from_cache`: the bytes were read from the cached copy (see
+    /// [`Core::note_write_from_cache`]).
+    async fn write_with(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        data: Vec<u8>,
+        from_cache: bool,
+    ) -> FsResult<u32> {
         let f = self.open_file(fh)?;
         let tracker = self.tracker(f.ino)?;
         if let Some(e) = f.change_error(&tracker) {
@@ -2107,7 +2131,11 @@ impl Core {
         // Taken before the cache sees the data: a commit must never adopt a cache that
         // holds bytes the server has not been sent yet.
         let gate = tracker.gate.clone().read_owned().await;
-        self.note_write(&f, offset, &data);
+        if from_cache {
+            self.note_write_from_cache(&f, offset, len as u64);
+        } else {
+            self.note_write(&f, offset, &data);
+        }
         let (handle, generation) = self.ensure_handle(&f).await?;
         let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
         let permit = tracker
@@ -2272,15 +2300,46 @@ impl Core {
         }
     }
 
+    /// The cached copy of `ino` cannot be trusted any more (a failed commit, a change
+    /// the cache could not follow): it is forgotten, and a file read through
+    /// passthrough is fetched again into its data file, whose bytes the readers see
+    /// meanwhile (they may be this client's own that the server never took).
+    fn cache_untrusted(&self, ino: u64, sino: u64) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        cache.invalidate(sino);
+        if !cache.pinned(sino) {
+            return;
+        }
+        let open = self.open_of(ino);
+        let Some(f) = open.iter().find(|f| !f.writable).or(open.first()) else {
+            return;
+        };
+        if let Ok(st) = f.state.lock() {
+            cache.validate(sino, st.version, st.size);
+        }
+        self.refresh_pinned(f);
+    }
+
     pub fn passthrough_opened(&self) {
         self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_writer_opened(&self) {
+        self.stats
+            .passthrough_writers
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Before `fh`, a writer beside passthrough readers, commits: bytes a process stored
     /// through a shared memory map of the file (the kernel maps the cache's data file
     /// itself, see `crate::passthrough`) are written through `fh`, so the commit sends
     /// them. All the data file holds of the current version goes, since the stores'
-    /// places are not known. A store landing while they are read may be missed.
+    /// places are not known; where it holds only part of the file (this client's
+    /// writes past the cached blocks, a truncate), stores elsewhere cannot be told from
+    /// bytes never fetched, and this fails with `EIO` after sending what it can. A store
+    /// landing while the copy is read may be missed.
     pub async fn send_mapped_stores(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
         let Some(cache) = &self.cache else {
@@ -2289,26 +2348,51 @@ impl Core {
         if !f.writable || !cache.mapped_stores(f.sino) {
             return Ok(());
         }
-        let Some((file, ranges)) = cache.take_mapped_stores(f.sino) else {
+        let Some(crate::cache::MappedCopy {
+            file,
+            ranges,
+            whole,
+        }) = cache.take_mapped_stores(f.sino)
+        else {
             return Ok(());
         };
         tracing::info!(
             ino = f.ino,
             "a shared memory map stored into a file read through passthrough: sending its cached copy"
         );
+        self.stats
+            .mapped_stores_sent
+            .fetch_add(1, Ordering::Relaxed);
+        let file = Arc::new(file);
         let chunk = u64::from(self.max_io);
         for (start, len) in ranges {
             let mut off = start;
             while off < start + len {
-                let mut buf = vec![0; chunk.min(start + len - off) as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).map_err(|e| {
-                    tracing::warn!("reading the cached copy a map stored into: {e}");
-                    FsError::Errno(libc::EIO)
-                })?;
-                let n = buf.len() as u64;
-                self.write(caller, fh, off, buf).await?;
-                off += n;
+                let n = chunk.min(start + len - off) as usize;
+                let from = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; n];
+                    std::os::unix::fs::FileExt::read_exact_at(&*from, &mut buf, off).map(|_| buf)
+                })
+                .await;
+                let buf = match read {
+                    Ok(Ok(buf)) => buf,
+                    Ok(Err(e)) => {
+                        tracing::warn!("reading the cached copy a map stored into: {e}");
+                        return errno(libc::EIO);
+                    }
+                    Err(_) => return errno(libc::EIO),
+                };
+                self.write_with(caller, fh, off, buf, true).await?;
+                off += n as u64;
             }
+        }
+        if !whole {
+            tracing::warn!(
+                ino = f.ino,
+                "a shared memory map stored into a file whose cached copy is partial: stores outside it are lost"
+            );
+            return errno(libc::EIO);
         }
         Ok(())
     }
@@ -2822,9 +2906,7 @@ impl Core {
         tracker: &WriteTracker,
         e: FsError,
     ) -> FsResult<()> {
-        if let Some(cache) = &self.cache {
-            cache.invalidate(sino);
-        }
+        self.cache_untrusted(ino, sino);
         self.settle(ino, tracker)?;
         tracker.journal_failed();
         Err(e)
@@ -2840,9 +2922,7 @@ impl Core {
         e: i32,
         mark: JournalMark,
     ) -> FsResult<()> {
-        if let Some(cache) = &self.cache {
-            cache.invalidate(sino);
-        }
+        self.cache_untrusted(ino, sino);
         tracker.dirty.store(false, Ordering::SeqCst);
         self.settle(ino, tracker)?;
         tracker.journal_committed(mark);
@@ -3159,9 +3239,12 @@ impl Core {
         if let Some(cache) = &self.cache {
             let sino = self.server_ino(ino);
             if cache.pinned(sino) {
-                // Read through passthrough: the readers' file is cut and refilled in
-                // place, as for a change on the server.
-                self.changed_on_server(ino, &attr);
+                // Read through passthrough: the readers' file is cut or lengthened in
+                // place (zeros), as a staged truncate does, and what it holds is the
+                // new version (a map of it must not fault past its old end).
+                cache.truncated(sino, size);
+                cache.adopt(sino, attr.version, attr.size);
+                self.move_open_files(ino, &attr, true);
             } else {
                 cache.invalidate(sino);
             }
@@ -3246,9 +3329,7 @@ impl Core {
         )
         .await?;
         self.drop_inline(f.ino);
-        if let Some(cache) = &self.cache {
-            cache.invalidate(f.sino);
-        }
+        self.cache_untrusted(f.ino, f.sino);
         self.forget_attr(f.ino);
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0
             && let Some(st) = self.inodes()?.get_mut(&f.ino)

@@ -143,6 +143,11 @@ pub struct Stats {
     pub files_prefetched: AtomicU64,
     /// Opens served by FUSE passthrough from the data cache (see `crate::passthrough`).
     pub passthrough_opens: AtomicU64,
+    /// Opens for writing beside passthrough readers (direct I/O through this daemon).
+    pub passthrough_writers: AtomicU64,
+    /// Times a writer's shared maps had stored into a passthrough file's cached copy,
+    /// which was then sent through the writer.
+    pub mapped_stores_sent: AtomicU64,
     /// Readers' server handles opened again after a reconnect.
     pub handles_reopened: AtomicU64,
     /// Files whose uncommitted changes were sent again after a reconnect
@@ -1237,6 +1242,8 @@ impl Core {
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
+            ("passthrough_writers", &s.passthrough_writers),
+            ("mapped_stores_sent", &s.mapped_stores_sent),
             ("handles_reopened", &s.handles_reopened),
             ("uploads_replayed", &s.uploads_replayed),
             ("retried", &s.retried),
