@@ -647,6 +647,12 @@ fn fully_cached_files_are_read_through_passthrough() {
         }
         close(w).expect("close the writer");
     }
+    // Opened right after the close (its RELEASE may still be on the way): the new bytes.
+    assert_same_bytes(
+        &fs::read(fx.mnt("big")).expect("read after the writer's close"),
+        &data,
+        "a reader opened after the writer beside passthrough closed",
+    );
     assert_same_bytes(
         &fs::read(fx.exp("big")).expect("export"),
         &data,
