@@ -329,8 +329,9 @@ pub struct DataCache {
     /// [`DataCache::take_mapped_stores`].
     mapped: Mutex<HashSet<u64>>,
     /// Whether a store through a shared map changes the data file's mtime on this
-    /// filesystem (it does where the kernel calls `page_mkwrite`, as on ext4, xfs and
-    /// btrfs; not on tmpfs). Without it every map store is assumed.
+    /// filesystem, also the next store into a page once it was written back (as on
+    /// ext4; not on tmpfs, which writes nothing back). Without it every map store is
+    /// assumed (and mounts of writable exports use no passthrough).
     maps_show: bool,
     pub stats: CacheStats,
 }
@@ -370,14 +371,14 @@ impl DataCache {
             maps_show: maps_change_mtime(dir),
             stats: CacheStats::default(),
         };
-        if !cache.maps_show {
-            tracing::info!(
-                "the cache directory's filesystem does not date stores through memory maps: \
-                 a writer beside passthrough readers sends its whole cached copy at every close"
-            );
-        }
         cache.load()?;
         Ok(cache)
+    }
+
+    /// Whether a store through a shared map of a data file changes its mtime here,
+    /// every time (see [`DataCache::mapped_stores`]).
+    pub fn dates_map_stores(&self) -> bool {
+        self.maps_show
     }
 
     pub fn dir(&self) -> &Path {
@@ -1030,24 +1031,18 @@ impl DataCache {
             return Ok(());
         }
         let end = offset + data.len() as u64;
-        let (keep, pinned, generation) = {
+        let (keep, pinned) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let e = Self::changing(&mut inner, ino, end);
-            let generation = e.generation;
             // Write-around: new data is not copied into the cache (that would write every
             // byte twice on the client's disk); blocks already cached are patched so they
-            // stay exact. A pinned file is written through (not counted as cached): its
-            // passthrough readers read it, and see the bytes as they are written.
+            // stay exact (in a pinned file, the passthrough readers see them at once).
             let keep = (offset / BLOCK..end.div_ceil(BLOCK))
                 .filter(|b| e.blocks.contains_key(b))
                 .count();
-            let pinned = inner.pins.contains_key(&ino);
-            if pinned {
-                self.lengthen_pinned(ino, end);
-            }
-            (keep, pinned, generation)
+            (keep, inner.pins.contains_key(&ino))
         };
-        if keep == 0 && !pinned {
+        if keep == 0 {
             return Ok(());
         }
         self.evict_to(0)?;
@@ -1064,19 +1059,6 @@ impl DataCache {
         file.write_all_at(data, offset)?;
         if pinned {
             stamp_own(&file);
-            // The blocks it wrote whole are exact now: a map's stores into them can be
-            // sent (see `take_mapped_stores`), and the commit adopts them.
-            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let inner = &mut *inner;
-            if let Some(e) = inner.files.get_mut(&ino)
-                && e.generation == generation
-            {
-                let mut b = offset.div_ceil(BLOCK);
-                while b * BLOCK < end && ((b + 1) * BLOCK).min(e.size) <= end {
-                    Self::mark_present(&mut inner.lru, &mut inner.tick, &mut inner.used, e, ino, b);
-                    b += 1;
-                }
-            }
         }
         Ok(())
     }
@@ -1132,9 +1114,6 @@ impl DataCache {
     pub fn extended(&self, ino: u64, end: u64) {
         if let Ok(mut inner) = self.inner.lock() {
             Self::changing(&mut inner, ino, end);
-            if inner.pins.contains_key(&ino) {
-                self.lengthen_pinned(ino, end);
-            }
         }
     }
 
@@ -1198,34 +1177,10 @@ impl DataCache {
         inner.used = Self::recount(&inner.files);
         self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
         if pinned && size > old_size {
-            // Past the old end the file is zeros, which the lengthened data file holds.
+            // Past the old end the file is zeros: so is the lengthened data file (sparse),
+            // which a map of it may reach.
             self.lengthen_pinned(ino, size);
-            if let Some(e) = inner.files.get_mut(&ino) {
-                for b in old_size.div_ceil(BLOCK)..size.div_ceil(BLOCK) {
-                    Self::mark_present(&mut inner.lru, &mut inner.tick, &mut inner.used, e, ino, b);
-                }
-            }
         }
-    }
-
-    /// Record block `b` of `e` (entry of `ino`) as holding the current bytes.
-    fn mark_present(
-        lru: &mut BTreeMap<u64, (u64, u64)>,
-        tick: &mut u64,
-        used: &mut u64,
-        e: &mut Entry,
-        ino: u64,
-        b: u64,
-    ) {
-        *tick += 1;
-        match e.blocks.insert(b, *tick) {
-            Some(old) => {
-                lru.remove(&old);
-            }
-            None => *used += e.block_len(b),
-        }
-        lru.insert(*tick, (ino, b));
-        e.meta_dirty = true;
     }
 
     /// A pinned data file is as long as the file it holds once this client made it

@@ -258,7 +258,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         rt.handle().clone(),
         welcome.read_only,
         opts.xattrs,
-        passthrough_wanted(opts.passthrough, cache.is_some()),
+        passthrough_wanted(opts.passthrough, cache.as_deref(), welcome.read_only),
     );
 
     let mut config = Config::default();
@@ -449,16 +449,31 @@ pub fn unmount(mp: &Path) -> Result<()> {
 }
 
 /// Whether to offer passthrough opens: the kernel reads the data cache's files, and
-/// registering one needs CAP_SYS_ADMIN.
-fn passthrough_wanted(want: Passthrough, cache: bool) -> bool {
-    let root = running_as_root();
-    if want == Passthrough::On && !(root && cache) {
-        tracing::warn!(
-            "--passthrough on: unavailable ({}), reads go through ferry",
-            if cache { "not root" } else { "no data cache" }
-        );
+/// registering one needs CAP_SYS_ADMIN. On a writable export the cache's filesystem
+/// must date stores through memory maps: a writer's map beside passthrough readers
+/// writes the cache's file itself, and only its mtime tells (see `crate::passthrough`).
+fn passthrough_wanted(want: Passthrough, cache: Option<&DataCache>, read_only: bool) -> bool {
+    let why_not = if !running_as_root() {
+        Some("not root")
+    } else if cache.is_none() {
+        Some("no data cache")
+    } else if !read_only && !cache.is_some_and(DataCache::dates_map_stores) {
+        Some("the cache directory's filesystem does not date stores through memory maps")
+    } else {
+        None
+    };
+    match (want, why_not) {
+        (Passthrough::Off, _) => false,
+        (_, None) => true,
+        (Passthrough::On, Some(why)) => {
+            tracing::warn!("--passthrough on: unavailable ({why}), reads go through ferry");
+            false
+        }
+        (Passthrough::Auto, Some(why)) => {
+            tracing::info!("no FUSE passthrough ({why}): reads go through ferry");
+            false
+        }
     }
-    want != Passthrough::Off && root && cache
 }
 
 fn running_as_root() -> bool {

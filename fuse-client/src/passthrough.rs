@@ -17,9 +17,9 @@
 //! - an open of it for writing (a create meeting it, a truncate) is a passthrough open
 //!   with `FOPEN_DIRECT_IO`: its reads and writes come to this daemon like any writer's
 //!   (the kernel's page cache is bypassed, the server gets every byte at `close`), and
-//!   its writes and size changes are made in the shared data file too (the blocks it
-//!   writes whole count as cached), so the readers on this mount see them at once, as on
-//!   a local disk. A change made elsewhere meanwhile reaches them once it is fetched.
+//!   what it overwrites of the cached blocks is patched in the shared data file, so the
+//!   readers on this mount see that at once; the rest (appends) once the copy is
+//!   refreshed after the commit, as for a change made elsewhere.
 //!
 //! Only a memory map of such a writer escapes this daemon: the kernel maps the data file
 //! itself, so bytes stored through a `MAP_SHARED` writable map (which needs a descriptor
@@ -28,8 +28,8 @@
 //! through a map changes it (the kernel dates the first store into a clean page, and
 //! the send below cleans them again), and the writer's `FLUSH` (or `FSYNC`) then sends
 //! the cached copy through the writer before committing (`Core::send_mapped_stores`).
-//! Where the cache's filesystem does not date such stores, every such writer's close
-//! sends it. Stores made after the writer's last close cannot reach the server, and they
+//! Where the cache's filesystem does not date such stores, a writable export's mount
+//! uses no passthrough. Stores made after the writer's last close cannot reach the server, and they
 //! are never taken for the server's bytes: once such a writer has opened beside
 //! passthrough readers, the data file leaves the cache when the last of them closes
 //! (see [`IoModes::released`]), and a map still open keeps it, unlinked.

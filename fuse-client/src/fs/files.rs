@@ -2032,7 +2032,7 @@ impl Core {
         if let Some(cache) = &self.cache
             && cache.wrote(f.sino, offset, data).is_err()
         {
-            self.cache_untrusted(f.ino, f.sino);
+            self.cache_untrusted(f.ino, f.sino, false);
         }
         self.grow_local_size(f, offset + data.len() as u64);
     }
@@ -2301,15 +2301,18 @@ impl Core {
     }
 
     /// The cached copy of `ino` cannot be trusted any more (a failed commit, a change
-    /// the cache could not follow): it is forgotten, and a file read through
-    /// passthrough is fetched again into its data file, whose bytes the readers see
-    /// meanwhile (they may be this client's own that the server never took).
-    fn cache_untrusted(&self, ino: u64, sino: u64) {
+    /// the cache could not follow): it is forgotten, and with `refill` (nothing of this
+    /// client's is pending) a file read through passthrough is fetched again into its
+    /// data file, whose bytes the readers see meanwhile (they may be this client's own
+    /// that the server never took).
+    fn cache_untrusted(&self, ino: u64, sino: u64, refill: bool) {
         let Some(cache) = &self.cache else {
             return;
         };
         cache.invalidate(sino);
-        if !cache.pinned(sino) {
+        // (Not while this client's writes are pending: the server's bytes lack them.
+        // The commit's own refresh comes after.)
+        if !refill || !cache.pinned(sino) {
             return;
         }
         let open = self.open_of(ino);
@@ -2347,6 +2350,12 @@ impl Core {
         };
         if !f.writable || !cache.mapped_stores(f.sino) {
             return Ok(());
+        }
+        // A refresh still fetching a new version into the copy (after a commit, or a
+        // change elsewhere) is waited for: it would leave the copy partial. (Stores a
+        // map made into the parts it fetches are lost to it either way.)
+        if !self.tracker(f.ino)?.dirty.load(Ordering::SeqCst) {
+            self.complete_pinned(caller, f.ino).await;
         }
         let Some(crate::cache::MappedCopy {
             file,
@@ -2906,7 +2915,7 @@ impl Core {
         tracker: &WriteTracker,
         e: FsError,
     ) -> FsResult<()> {
-        self.cache_untrusted(ino, sino);
+        self.cache_untrusted(ino, sino, true);
         self.settle(ino, tracker)?;
         tracker.journal_failed();
         Err(e)
@@ -2922,7 +2931,7 @@ impl Core {
         e: i32,
         mark: JournalMark,
     ) -> FsResult<()> {
-        self.cache_untrusted(ino, sino);
+        self.cache_untrusted(ino, sino, true);
         tracker.dirty.store(false, Ordering::SeqCst);
         self.settle(ino, tracker)?;
         tracker.journal_committed(mark);
@@ -3239,12 +3248,11 @@ impl Core {
         if let Some(cache) = &self.cache {
             let sino = self.server_ino(ino);
             if cache.pinned(sino) {
-                // Read through passthrough: the readers' file is cut or lengthened in
-                // place (zeros), as a staged truncate does, and what it holds is the
-                // new version (a map of it must not fault past its old end).
-                cache.truncated(sino, size);
-                cache.adopt(sino, attr.version, attr.size);
-                self.move_open_files(ino, &attr, true);
+                // Read through passthrough: the readers' file is cut and refilled in
+                // place, as for a change on the server, and lengthened at once (the new
+                // bytes are zeros; a map of it must not fault past its old end).
+                self.changed_on_server(ino, &attr);
+                cache.lengthen_pinned(sino, size.min(attr.size));
             } else {
                 cache.invalidate(sino);
             }
@@ -3329,7 +3337,7 @@ impl Core {
         )
         .await?;
         self.drop_inline(f.ino);
-        self.cache_untrusted(f.ino, f.sino);
+        self.cache_untrusted(f.ino, f.sino, true);
         self.forget_attr(f.ino);
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0
             && let Some(st) = self.inodes()?.get_mut(&f.ino)
