@@ -1157,6 +1157,7 @@ impl DataCache {
             .or_insert_with(|| Entry::changed_locally(size, generation));
         let pinned = inner.pins.contains_key(&ino);
         let old_size = e.size;
+        let counted: u64 = e.blocks.keys().map(|b| e.block_len(*b)).sum();
         if pinned {
             // Read through passthrough: the blocks before the cut stay exact (the file is
             // cut below, in place), so a map's stores into them can still be sent.
@@ -1168,13 +1169,17 @@ impl DataCache {
                 }
             }
         } else {
-            e.drop_blocks(&mut inner.lru, &mut inner.used);
+            for (_, t) in e.blocks.drain() {
+                inner.lru.remove(&t);
+            }
         }
         e.size = size;
         e.generation = generation;
         e.dirty = true;
         e.meta_dirty = true;
-        inner.used = Self::recount(&inner.files);
+        // (The last block kept may have changed length with the size.)
+        let now: u64 = e.blocks.keys().map(|b| e.block_len(*b)).sum();
+        inner.used = inner.used.saturating_sub(counted) + now;
         self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
         if pinned && size > old_size {
             // Past the old end the file is zeros: so is the lengthened data file (sparse),
@@ -1590,6 +1595,37 @@ mod tests {
         if fs_type(shm) == Some(libc::TMPFS_MAGIC) {
             eprintln!("tmpfs dates map stores: {}", maps_change_mtime(shm));
         }
+    }
+
+    /// A staged truncate of a pinned file keeps the blocks before the cut (their bytes
+    /// stay, the readers' file is cut in place), lengthens the file when it grows
+    /// (zeros, so a map reaching the new end does not fault), and counts exactly.
+    #[test]
+    fn a_truncate_of_a_pinned_file_keeps_what_is_before_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 16 * BLOCK).unwrap();
+        let old = data(3 * BLOCK as usize + 10, 4);
+        c.validate(1, 1, old.len() as u64);
+        c.store(1, 1, c.token(1).unwrap(), 0, &old).unwrap();
+        let reader = c.open_complete(1, 1, old.len() as u64, true).unwrap();
+        assert_eq!(c.used(), old.len() as u64);
+        c.truncated(1, BLOCK + 5);
+        assert_eq!(c.used(), BLOCK + 5, "blocks 0 and 1 (cut to 5 bytes) stay");
+        assert_eq!(reader.metadata().unwrap().len(), BLOCK + 5);
+        c.truncated(1, 4 * BLOCK);
+        assert_eq!(reader.metadata().unwrap().len(), 4 * BLOCK, "lengthened");
+        assert_eq!(
+            c.used(),
+            2 * BLOCK,
+            "block 1 is whole again: its tail reads as zeros"
+        );
+        let mut got = vec![0u8; 2 * BLOCK as usize];
+        reader.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..BLOCK as usize + 5], &old[..BLOCK as usize + 5]);
+        assert!(got[BLOCK as usize + 5..].iter().all(|&b| b == 0));
+        c.adopt(1, 2, 4 * BLOCK);
+        assert_eq!(c.missing(1, 2, 0, 4 * BLOCK), vec![(2 * BLOCK, 2 * BLOCK)]);
+        c.unpin(1);
     }
 
     #[test]
