@@ -894,7 +894,8 @@ fn a_map_of_a_passthrough_file_outlives_its_close_and_its_eviction() {
 /// `name` in `mount` opened for reading through passthrough, which any read-only open of
 /// a wholly cached file of 1 MiB or more gets once the caching opens before it are
 /// released (the kernel sends those releases in the background: opened again until it
-/// passes through). `None` where the mount log says the kernel offers no passthrough.
+/// passes through). `None` where the mount log says why there is no passthrough (the
+/// kernel, not root, a cache directory on tmpfs).
 fn open_passing_through(mount: &TestMount, name: &str) -> Option<File> {
     let mut opened = None;
     let through = poll_until(PUSHED, || {
@@ -909,7 +910,7 @@ fn open_passing_through(mount: &TestMount, name: &str) -> Option<File> {
     if !through {
         let log = mount.log();
         assert!(
-            log.contains("offers no FUSE passthrough") || log.contains("passthrough unavailable"),
+            log.contains("no FUSE passthrough") || log.contains("passthrough unavailable"),
             "a read-only open of the wholly cached {name} never passed through, and the \
              mount log does not say why:\n{log}"
         );
