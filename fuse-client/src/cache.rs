@@ -811,7 +811,13 @@ impl DataCache {
                 .metadata()
                 .is_ok_and(|m| m.len() > e.size && current(&m))
             {
+                if pinned {
+                    self.note_mapped_stores(ino, &file);
+                }
                 let _ = file.set_len(e.size);
+                if pinned {
+                    stamp_own(&file);
+                }
             }
             return Ok(());
         }
@@ -887,7 +893,14 @@ impl DataCache {
             fits
         };
         for (ino, off, len) in punched {
-            self.punch(ino, off, len);
+            // (Passed through meanwhile: its readers' file keeps its bytes.)
+            let spared = self
+                .inner
+                .lock()
+                .is_ok_and(|i| i.pins.contains_key(&ino) || i.exposed.contains(&ino));
+            if !spared {
+                self.punch(ino, off, len);
+            }
         }
         for ino in emptied {
             drop_data(&self.data_path(ino));

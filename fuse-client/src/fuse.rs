@@ -615,11 +615,7 @@ impl Filesystem for FerryFuse {
             // Its memory maps may have stored into the readers' data file.
             let core = self.core.clone();
             return self.spawn(async move {
-                let r = match core.send_mapped_stores(c, fh.0).await {
-                    Ok(()) => core.flush(c, fh.0).await,
-                    Err(e) => Err(e),
-                };
-                reply_empty(reply, r)
+                reply_empty(reply, core.commit_with_mapped_stores(c, fh.0, None).await)
             });
         }
         if self.core.flush_now(fh.0) {
@@ -667,13 +663,12 @@ impl Filesystem for FerryFuse {
         // A writer beside passthrough readers: what its maps stored goes too.
         let maps = self.modes.may_map_beside_passthrough(fh.0);
         self.spawn(async move {
-            let sent = match maps {
-                true => core.send_mapped_stores(c, fh.0).await,
-                false => Ok(()),
-            };
-            let r = match sent {
-                Ok(()) => core.fsync(c, fh.0, datasync).await,
-                Err(e) => Err(e),
+            let r = match maps {
+                true => {
+                    core.commit_with_mapped_stores(c, fh.0, Some(datasync))
+                        .await
+                }
+                false => core.fsync(c, fh.0, datasync).await,
             };
             reply_empty(reply, r)
         });

@@ -54,7 +54,9 @@ pub struct MountOpts {
 /// `ferry mount --passthrough`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Passthrough {
-    /// On wherever the kernel offers it to this process (root, Linux 6.9+, a data cache).
+    /// On wherever the kernel offers it to this process (root, Linux 6.9+, a data cache;
+    /// on a writable export, a cache directory whose filesystem dates stores through
+    /// memory maps, which tmpfs does not).
     Auto,
     /// As `auto`, and says so (a warning) where it cannot be on.
     On,

@@ -29,10 +29,12 @@
 //! the send below cleans them again), and the writer's `FLUSH` (or `FSYNC`) then sends
 //! the cached copy through the writer before committing (`Core::send_mapped_stores`).
 //! Where the cache's filesystem does not date such stores, a writable export's mount
-//! uses no passthrough. Stores made after the writer's last close cannot reach the server, and they
-//! are never taken for the server's bytes: once such a writer has opened beside
-//! passthrough readers, the data file leaves the cache when the last of them closes
-//! (see [`IoModes::released`]), and a map still open keeps it, unlinked.
+//! uses no passthrough. Stores made after the writer's last close cannot reach the
+//! server by themselves: while readers stay open they read them (and so do new opens),
+//! and a later writer's close may send them as its own; once the last reader closes,
+//! the data file leaves the cache if such a writer opened beside them (see
+//! [`IoModes::released`]), so they are never taken for the server's bytes after that,
+//! and a map still open keeps the file, unlinked.
 //!
 //! Passthrough is on by default wherever the kernel offers it to this process (root,
 //! Linux 6.9+); `ferry mount --passthrough off` turns it off.
@@ -43,7 +45,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use std::time::Duration;
 
@@ -197,26 +199,18 @@ impl IoModes {
         // which saves a trip through the daemon per file read. (Of a file that may pass
         // through, the FLUSH tells `releases_pending` that a caching reader is closing.)
         let no_flush = read_only && (!self.enabled() || opened.attr.size < MIN_SIZE);
-        let Ok(mut state) = self.state.lock() else {
-            reply.opened(FileHandle(fh), caching_flags(keep_cache, no_flush));
-            return Ok(());
-        };
+        // (Poisoned or not: an answer in the wrong mode would fail the open with EIO.)
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *state;
         let modes = state.inodes.entry(ino).or_default();
-        if let Some((backing, backing_file, _)) = &modes.backing {
-            if !read_only {
-                modes.passthrough += 1;
-                // Only a descriptor open for reading and writing can map the file
-                // writable (`MAP_SHARED`, `PROT_WRITE`).
-                let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
-                modes.written_beside |= may_map;
-                state
-                    .handles
-                    .insert(fh, (ino, Mode::Writer { may_map }, false));
-                core.passthrough_writer_opened();
+        if !read_only && modes.backing.is_some() {
+            join_as_writer(core, modes, &mut state.handles, ino, fh, flags);
+            if let Some((backing, _, _)) = &modes.backing {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, backing);
-                return Ok(());
             }
+            return Ok(());
+        }
+        if let Some((backing, backing_file, _)) = &modes.backing {
             // Every passthrough open of the inode reads the same file, the pinned one
             // (never replaced while pinned), and a new open should find it whole, unless
             // a writer here is changing it (then it holds that writer's bytes, as the
@@ -282,20 +276,13 @@ impl IoModes {
     ) {
         let (fh, keep_cache) = (opened.fh, opened.keep_cache);
         let ino = attr.ino.0;
-        let Ok(mut state) = self.state.lock() else {
-            let flags = caching_flags(keep_cache, false);
-            return reply.created(ttl, attr, Generation(0), FileHandle(fh), flags);
-        };
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *state;
         let modes = state.inodes.entry(ino).or_default();
+        if modes.backing.is_some() {
+            join_as_writer(core, modes, &mut state.handles, ino, fh, flags);
+        }
         if let Some((backing, _, _)) = &modes.backing {
-            modes.passthrough += 1;
-            let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
-            modes.written_beside |= may_map;
-            state
-                .handles
-                .insert(fh, (ino, Mode::Writer { may_map }, false));
-            core.passthrough_writer_opened();
             let flags = FopenFlags::FOPEN_DIRECT_IO;
             return reply.created_passthrough(
                 ttl,
@@ -365,6 +352,25 @@ impl Drop for WriterOpening {
             }
         }
     }
+}
+
+/// Count `fh`, opened for writing (`flags`), as a passthrough open of `ino` beside its
+/// readers (answered with `FOPEN_DIRECT_IO`).
+fn join_as_writer(
+    core: &Core,
+    modes: &mut InodeModes,
+    handles: &mut HashMap<u64, (u64, Mode, bool)>,
+    ino: u64,
+    fh: u64,
+    flags: i32,
+) {
+    modes.passthrough += 1;
+    // Only a descriptor open for reading and writing can map the file writable
+    // (`MAP_SHARED`, `PROT_WRITE`).
+    let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
+    modes.written_beside |= may_map;
+    handles.insert(fh, (ino, Mode::Writer { may_map }, false));
+    core.passthrough_writer_opened();
 }
 
 fn caching_flags(keep_cache: bool, no_flush: bool) -> FopenFlags {

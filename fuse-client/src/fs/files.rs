@@ -1219,7 +1219,14 @@ impl Core {
         let attr = self.note_attr_unseen(attr);
         let data = data.map(Bytes::from);
         if let Some(cache) = &self.cache {
-            cache.validate(sino, attr.version, attr.size);
+            if cache.pinned(sino) {
+                // Read through passthrough: a change not heard of yet (its event may
+                // still come) moves the open readers and refills their file, which the
+                // new open then waits for.
+                self.changed_on_server(ino, &attr);
+            } else {
+                cache.validate(sino, attr.version, attr.size);
+            }
             if let Some(data) = &data {
                 self.stats
                     .bytes_read_from_server
@@ -2343,7 +2350,27 @@ impl Core {
     /// writes past the cached blocks, a truncate), stores elsewhere cannot be told from
     /// bytes never fetched, and this fails with `EIO` after sending what it can. A store
     /// landing while the copy is read may be missed.
-    pub async fn send_mapped_stores(&self, caller: Caller, fh: u64) -> FsResult<()> {
+    /// `close()` (`fsync: None`) or `fsync()` of `fh`, a writer beside passthrough
+    /// readers that may have stored through a map ([`Core::send_mapped_stores`]),
+    /// one at a time per inode: another close or fsync racing this one (the kernel may
+    /// send them together) must not commit before the stores this one found are sent.
+    pub async fn commit_with_mapped_stores(
+        &self,
+        caller: Caller,
+        fh: u64,
+        fsync: Option<bool>,
+    ) -> FsResult<()> {
+        let ino = self.open_file(fh)?.ino;
+        let lock = self.inode_part(ino, |st| &mut st.map_sends)?;
+        let _one_at_a_time = lock.lock().await;
+        self.send_mapped_stores(caller, fh).await?;
+        match fsync {
+            None => self.flush(caller, fh).await,
+            Some(datasync) => self.fsync(caller, fh, datasync).await,
+        }
+    }
+
+    async fn send_mapped_stores(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
         let Some(cache) = &self.cache else {
             return Ok(());
@@ -3337,7 +3364,8 @@ impl Core {
         )
         .await?;
         self.drop_inline(f.ino);
-        self.cache_untrusted(f.ino, f.sino, true);
+        let pending = self.tracker(f.ino)?.dirty.load(Ordering::SeqCst);
+        self.cache_untrusted(f.ino, f.sino, !pending);
         self.forget_attr(f.ino);
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0
             && let Some(st) = self.inodes()?.get_mut(&f.ino)

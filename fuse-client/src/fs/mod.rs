@@ -81,6 +81,9 @@ struct InodeState {
     fetch: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Block ranges being fetched into the cache (readahead and misses).
     fetching: Option<Arc<files::Fetching>>,
+    /// Serializes the closes and fsyncs of writers beside passthrough readers that may
+    /// have stored through maps (`Core::commit_with_mapped_stores`).
+    map_sends: Option<Arc<tokio::sync::Mutex<()>>>,
     /// The server's hint whether the file has extended attributes (`XATTRS_*`).
     xattrs: u8,
     /// The server's attributes as last received (kernel inode number) and when: a
