@@ -101,6 +101,16 @@ impl Entry {
         self.size.saturating_sub(start).min(BLOCK)
     }
 
+    /// Bytes of the blocks present.
+    fn cached_bytes(&self) -> u64 {
+        self.blocks.keys().map(|b| self.block_len(*b)).sum()
+    }
+
+    /// Whether every block of the file is present.
+    fn whole(&self) -> bool {
+        (0..self.size.div_ceil(BLOCK)).all(|b| self.blocks.contains_key(&b))
+    }
+
     /// An entry for a file this client changed before knowing its server version: no
     /// version matches it, so nothing is served from it until a commit or an open
     /// re-bases it.
@@ -543,10 +553,7 @@ impl DataCache {
     }
 
     fn recount(files: &HashMap<u64, Entry>) -> u64 {
-        files
-            .values()
-            .map(|e| e.blocks.keys().map(|b| e.block_len(*b)).sum::<u64>())
-            .sum()
+        files.values().map(Entry::cached_bytes).sum()
     }
 
     /// The file size the cache has an entry for.
@@ -560,7 +567,7 @@ impl DataCache {
             return false;
         };
         match inner.files.get(&ino) {
-            Some(e) => (0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b)),
+            Some(e) => e.whole(),
             None => false,
         }
     }
@@ -572,11 +579,7 @@ impl DataCache {
     pub fn open_complete(&self, ino: u64, version: u64, size: u64, pin: bool) -> Option<File> {
         let mut inner = self.inner.lock().ok()?;
         let e = inner.files.get(&ino)?;
-        if e.version != version
-            || e.size != size
-            || e.dirty
-            || !(0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b))
-        {
+        if e.version != version || e.size != size || e.dirty || !e.whole() {
             return None;
         }
         // Opened under the lock: no reset can cut the file between the check and here.
@@ -769,18 +772,11 @@ impl DataCache {
             .open(self.data_path(ino))
             .and_then(|file| {
                 let bytes = &data[(first - offset) as usize..(last_end - offset) as usize];
-                if pinned {
-                    self.note_mapped_stores(ino, &file);
-                }
                 // A kept piece is read from memory, not from this file.
-                if keeping {
-                    write_dontcache(&file, bytes, first)?;
-                } else {
-                    file.write_all_at(bytes, first)?;
-                }
-                if pinned {
-                    stamp_own(&file);
-                }
+                self.own_write(ino, &file, pinned, || match keeping {
+                    true => write_dontcache(&file, bytes, first),
+                    false => file.write_all_at(bytes, first),
+                })?;
                 Ok(file)
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
@@ -811,13 +807,7 @@ impl DataCache {
                 .metadata()
                 .is_ok_and(|m| m.len() > e.size && current(&m))
             {
-                if pinned {
-                    self.note_mapped_stores(ino, &file);
-                }
-                let _ = file.set_len(e.size);
-                if pinned {
-                    stamp_own(&file);
-                }
+                let _ = self.own_write(ino, &file, pinned, || file.set_len(e.size));
             }
             return Ok(());
         }
@@ -949,6 +939,20 @@ impl DataCache {
                 || std::fs::metadata(self.data_path(ino)).is_ok_and(|m| !stamped(&m)))
     }
 
+    /// This daemon's own `write` to `file`, the data file of `ino`: if it is pinned, a
+    /// map's store found there first is remembered (the write changes the mtime too),
+    /// and the file is stamped after (see [`DataCache::mapped_stores`]).
+    fn own_write<T>(&self, ino: u64, file: &File, pinned: bool, write: impl FnOnce() -> T) -> T {
+        if pinned {
+            self.note_mapped_stores(ino, file);
+        }
+        let r = write();
+        if pinned {
+            stamp_own(file);
+        }
+        r
+    }
+
     /// Before this daemon writes the pinned data file of `ino`: whether a map stored
     /// into it since the last stamp is remembered (the write changes the mtime too).
     fn note_mapped_stores(&self, ino: u64, file: &File) {
@@ -982,8 +986,7 @@ impl DataCache {
                     _ => ranges.push((start, len)),
                 }
             }
-            let whole = (0..e.size.div_ceil(BLOCK)).all(|b| e.blocks.contains_key(&b));
-            (file, ranges, whole)
+            (file, ranges, e.whole())
         };
         if let Ok(mut mapped) = self.mapped.lock() {
             mapped.remove(&ino);
@@ -1011,9 +1014,7 @@ impl DataCache {
             if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino))
                 && f.metadata().is_ok_and(|m| m.len() > size)
             {
-                self.note_mapped_stores(ino, &f);
-                let _ = f.set_len(size);
-                stamp_own(&f);
+                let _ = self.own_write(ino, &f, true, || f.set_len(size));
             }
         } else if exposed.remove(&ino) {
             let _ = std::fs::remove_file(self.data_path(ino));
@@ -1066,14 +1067,7 @@ impl DataCache {
             .open(self.data_path(ino))?;
         // A block evicted meanwhile just gets bytes nobody reads: presence is never
         // restored here, only by a store.
-        if pinned {
-            self.note_mapped_stores(ino, &file);
-        }
-        file.write_all_at(data, offset)?;
-        if pinned {
-            stamp_own(&file);
-        }
-        Ok(())
+        self.own_write(ino, &file, pinned, || file.write_all_at(data, offset))
     }
 
     /// This client is changing `[offset, offset+len)` without the bytes passing through
@@ -1170,7 +1164,7 @@ impl DataCache {
             .or_insert_with(|| Entry::changed_locally(size, generation));
         let pinned = inner.pins.contains_key(&ino);
         let old_size = e.size;
-        let counted: u64 = e.blocks.keys().map(|b| e.block_len(*b)).sum();
+        let counted = e.cached_bytes();
         if pinned {
             // Read through passthrough: the blocks before the cut stay exact (the file is
             // cut below, in place), so a map's stores into them can still be sent.
@@ -1191,8 +1185,7 @@ impl DataCache {
         e.dirty = true;
         e.meta_dirty = true;
         // (The last block kept may have changed length with the size.)
-        let now: u64 = e.blocks.keys().map(|b| e.block_len(*b)).sum();
-        inner.used = inner.used.saturating_sub(counted) + now;
+        inner.used = inner.used.saturating_sub(counted) + e.cached_bytes();
         self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
         if pinned && size > old_size {
             // Past the old end the file is zeros: so is the lengthened data file (sparse),
@@ -1208,9 +1201,7 @@ impl DataCache {
         if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino))
             && f.metadata().is_ok_and(|m| m.len() < end)
         {
-            self.note_mapped_stores(ino, &f);
-            let _ = f.set_len(end);
-            stamp_own(&f);
+            let _ = self.own_write(ino, &f, true, || f.set_len(end));
         }
     }
 

@@ -2322,14 +2322,13 @@ impl Core {
         if !refill || !cache.pinned(sino) {
             return;
         }
-        let open = self.open_of(ino);
-        let Some(f) = open.iter().find(|f| !f.writable).or(open.first()) else {
+        let Some(f) = self.a_reader_of(ino) else {
             return;
         };
         if let Ok(st) = f.state.lock() {
             cache.validate(sino, st.version, st.size);
         }
-        self.refresh_pinned(f);
+        self.refresh_pinned(&f);
     }
 
     pub fn passthrough_opened(&self) {
@@ -2342,14 +2341,6 @@ impl Core {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Before `fh`, a writer beside passthrough readers, commits: bytes a process stored
-    /// through a shared memory map of the file (the kernel maps the cache's data file
-    /// itself, see `crate::passthrough`) are written through `fh`, so the commit sends
-    /// them. All the data file holds of the current version goes, since the stores'
-    /// places are not known; where it holds only part of the file (this client's
-    /// writes past the cached blocks, a truncate), stores elsewhere cannot be told from
-    /// bytes never fetched, and this fails with `EIO` after sending what it can. A store
-    /// landing while the copy is read may be missed.
     /// `close()` (`fsync: None`) or `fsync()` of `fh`, a writer beside passthrough
     /// readers that may have stored through a map ([`Core::send_mapped_stores`]),
     /// one at a time per inode: another close or fsync racing this one (the kernel may
@@ -2370,6 +2361,14 @@ impl Core {
         }
     }
 
+    /// Before `fh`, a writer beside passthrough readers, commits: bytes a process stored
+    /// through a shared memory map of the file (the kernel maps the cache's data file
+    /// itself, see `crate::passthrough`) are written through `fh`, so the commit sends
+    /// them. All the data file holds of the current version goes, since the stores'
+    /// places are not known; where it holds only part of the file (this client's
+    /// writes past the cached blocks, a truncate), stores elsewhere cannot be told from
+    /// bytes never fetched, and this fails with `EIO` after sending what it can. A store
+    /// landing while the copy is read may be missed.
     async fn send_mapped_stores(&self, caller: Caller, fh: u64) -> FsResult<()> {
         let f = self.open_file(fh)?;
         let Some(cache) = &self.cache else {
@@ -2433,15 +2432,21 @@ impl Core {
         Ok(())
     }
 
+    /// An open file of `ino` to fetch through, a reader's if there is one: a writer's
+    /// handle may be closing (its server handle with it).
+    fn a_reader_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        let open = self.open_of(ino);
+        let reader = open.iter().position(|f| !f.writable).unwrap_or(0);
+        open.into_iter().nth(reader)
+    }
+
     /// Wait until the pinned data file of `ino` (read through passthrough) holds the
     /// current version whole again, fetching what is missing.
     pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
         let mut off = 0;
         let mut failed = 0;
         while failed < 3 {
-            // A reader's: a writer's handle may be closing (its server handle with it).
-            let open = self.open_of(ino);
-            let Some(f) = open.iter().find(|f| !f.writable).or(open.first()) else {
+            let Some(f) = self.a_reader_of(ino) else {
                 return;
             };
             let size = match f.state.lock() {
@@ -2454,7 +2459,7 @@ impl Core {
             // Passthrough readers read the data file itself: nothing to keep. A fill
             // through the writers' handle fails when their last close took it away
             // meanwhile: the next try reads through a reader's own.
-            match self.fill(caller, f, off, MAX_WINDOW, false).await {
+            match self.fill(caller, &f, off, MAX_WINDOW, false).await {
                 Ok(()) => off += MAX_WINDOW,
                 Err(e) => {
                     tracing::debug!("refreshing a passthrough file: {e}");
