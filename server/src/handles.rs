@@ -9,8 +9,6 @@
 //! `Arc` out of the map and the I/O happens after the lock is released.
 
 use std::collections::HashMap;
-use std::fs::ReadDir;
-use std::iter::Peekable;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -115,9 +113,8 @@ pub struct OpenDir {
     /// The path it was opened by; may be stale after a rename (used only to re-add a
     /// change watch after checking it still leads to `fd`'s directory).
     pub path: RelPath,
-    /// Entries not yet returned. A std `Mutex`: `ReadDir` requests on one handle are
-    /// sequential in practice, and the lock only serializes this one stream.
-    pub entries: Mutex<Peekable<ReadDir>>,
+    /// Its entries, read and stat'ed ahead of the requests for them.
+    pub listing: crate::ops::dir::Listing,
 }
 
 #[derive(Debug, Clone)]

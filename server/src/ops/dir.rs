@@ -4,22 +4,187 @@
 //! so it is exactly the directory that was resolved, even if it is renamed meanwhile.
 //! Must never stat an entry by anything but its single name relative to that descriptor.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::collections::VecDeque;
+use std::fs::ReadDir;
+use std::iter::Peekable;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStringExt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response};
+use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response, XATTRS_UNKNOWN};
 
 use super::{Ctx, attr_of};
+use crate::export::Export;
 use crate::handles::{Handle, OpenDir};
 use crate::sys::{self, Errno, errno_of};
 
 /// Conservative encoded size of one entry besides its name (attributes are varints).
 const ENTRY_OVERHEAD: usize = 160;
 
-/// Batches of at least this many entries are stat'ed by up to `STAT_THREADS` threads.
-const PARALLEL_STAT_MIN: usize = 512;
+/// Names read and stat'ed at a time; parts of at least `PARALLEL_STAT_MIN` names are
+/// stat'ed by up to `STAT_THREADS` threads.
+const PART: usize = 512;
+const PARALLEL_STAT_MIN: usize = 256;
 const STAT_THREADS: usize = 4;
+
+/// A batch that has taken this long goes out with the entries it has (see `readdir`).
+const BATCH_BUDGET: Duration = Duration::from_millis(5);
+
+/// Entries a stream reads ahead of its client's requests, at most.
+const AHEAD_MAX: usize = MAX_DIR_BATCH as usize;
+
+/// Bytes of entries all streams together may hold: past it, a stream reads only what a
+/// request asks for, and nothing ahead.
+const AHEAD_LIMIT: usize = 64 << 20;
+static AHEAD_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The entries of an open directory, read and stat'ed a part at a time, by the request
+/// that needs them or, after a batch went out, ahead of the next request by a thread of
+/// the stream's own: the server stats the next batch while this one travels and the
+/// client hands it to its kernel. One part is in work at a time, so parts keep their
+/// order.
+#[derive(Debug)]
+pub struct Listing {
+    /// Names not yet read. Only whoever set `Ahead::working` reads them.
+    names: Mutex<Peekable<ReadDir>>,
+    ahead: Mutex<Ahead>,
+    /// A part was stored, or the work stopped.
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Ahead {
+    /// Stat'ed, not yet sent.
+    entries: VecDeque<DirEntry>,
+    /// Their size as counted for frames (and for `AHEAD_BYTES`).
+    bytes: usize,
+    /// Every name has been read and stat'ed.
+    done: bool,
+    /// Reading the names failed: reported once the entries before it went out.
+    error: Option<Errno>,
+    /// A part is being read and stat'ed.
+    working: bool,
+}
+
+impl Listing {
+    fn new(names: ReadDir) -> Listing {
+        Listing {
+            names: Mutex::new(names.peekable()),
+            ahead: Mutex::new(Ahead::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn ahead(&self) -> MutexGuard<'_, Ahead> {
+        // Poisoning only means a request panicked; the state is updated in one piece.
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Store the outcome of a part and wake whoever waits for it.
+    fn store(&self, a: &mut Ahead, part: Result<(Vec<DirEntry>, bool), Errno>) {
+        match part {
+            Ok((entries, done)) => {
+                let bytes: usize = entries.iter().map(entry_size).sum();
+                a.bytes += bytes;
+                AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
+                a.entries.extend(entries);
+                a.done = done;
+            }
+            Err(e) => a.error = Some(e),
+        }
+        self.changed.notify_all();
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        let a = self.ahead.get_mut().unwrap_or_else(|p| p.into_inner());
+        AHEAD_BYTES.fetch_sub(a.bytes, Ordering::Relaxed);
+    }
+}
+
+fn entry_size(e: &DirEntry) -> usize {
+    e.name.0.len() + ENTRY_OVERHEAD
+}
+
+/// What stat'ing an entry needs besides its directory (owned: a read-ahead thread
+/// outlives the request that started it).
+#[derive(Clone)]
+struct Stat {
+    export: Arc<Export>,
+    xattr_hints: bool,
+}
+
+impl Stat {
+    fn of(ctx: &Ctx) -> Stat {
+        Stat {
+            export: Arc::clone(&ctx.export),
+            xattr_hints: ctx.xattr_hints,
+        }
+    }
+
+    /// The entries `names` of `dir` with their attributes, in order. A name gone
+    /// meanwhile is skipped, as if the unlink had happened first.
+    fn all(&self, dir: BorrowedFd<'_>, names: &[Vec<u8>]) -> Result<Vec<DirEntry>, Errno> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let cname = sys::cstring(name)?;
+            let st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            // `ferryd`'s own names at the root (see `redo::reserved`), and its folder
+            // wherever a listing meets it.
+            if crate::redo::reserved(name)
+                && (self.export.is_hidden(st.st_dev, st.st_ino) || self.export.is_root(dir))
+            {
+                continue;
+            }
+            let mut attr = attr_of(&st, self.export.root_dev());
+            // For a client that forwards xattrs, one more syscall per entry saves it a
+            // round trip per `ls -l` probe (others do not ask: ~3 µs per entry saved).
+            attr.xattrs = if self.xattr_hints {
+                sys::xattr_hint_at(dir, &cname)
+            } else {
+                XATTRS_UNKNOWN
+            };
+            out.push(DirEntry {
+                name: Name(name.clone()),
+                attr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Read the next part of `d`'s names and stat them; true with them when no name is
+    /// left. Only for whoever set `Ahead::working`.
+    fn next_part(&self, d: &OpenDir) -> Result<(Vec<DirEntry>, bool), Errno> {
+        let (names, done) = {
+            let mut it = d.listing.names.lock().unwrap_or_else(|p| p.into_inner());
+            let mut names = Vec::with_capacity(PART);
+            while names.len() < PART {
+                match it.next() {
+                    None => break,
+                    Some(Ok(ent)) => names.push(ent.file_name().into_vec()),
+                    Some(Err(e)) => return Err(errno_of(&e)),
+                }
+            }
+            (names, it.peek().is_none())
+        };
+        let dir = d.fd.as_fd();
+        // A cold directory costs a name lookup and an inode read per entry: several
+        // threads at once overlap the reads.
+        let entries = if names.len() < PARALLEL_STAT_MIN {
+            self.all(dir, &names)?
+        } else {
+            in_parallel(&names, &|part: &[Vec<u8>]| self.all(dir, part))?
+        };
+        Ok((entries, done))
+    }
+}
 
 pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     let fd = ctx
@@ -30,13 +195,12 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
     let st = sys::fstat(fd.as_fd())?;
     let attr = attr_of(&st, ctx.export.root_dev());
     // A second descriptor through our own fd's magic link: std's ReadDir owns it.
-    let entries = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map_err(|e| errno_of(&e))?
-        .peekable();
+    let names =
+        std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| errno_of(&e))?;
     let handle = ctx.handles.insert(Handle::Dir(Arc::new(OpenDir {
         fd,
         path: path.clone(),
-        entries: Mutex::new(entries),
+        listing: Listing::new(names),
     })))?;
     Ok(Response::Opened { handle, attr })
 }
@@ -71,9 +235,10 @@ pub fn listdir(ctx: &Ctx, path: &RelPath, max_entries: u32) -> Result<Response, 
     })
 }
 
-/// The next entries in directory order ("." and ".." are never included). An entry
-/// that disappears between reading its name and stat'ing it is skipped, as if the
-/// unlink had happened first.
+/// The next entries in directory order ("." and ".." are never included): up to
+/// `max_entries`, or fewer once the batch has taken `BATCH_BUDGET` (a cold directory's
+/// entries cost an inode read each, and the client hands the kernel the entries it has
+/// while the server stats on). The stream then reads on ahead of the next request.
 pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Errno> {
     let d = ctx.handles.dir(handle)?;
     if let Some(w) = &ctx.watch {
@@ -82,66 +247,110 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         w.ensure_open_dir(d.fd.as_fd(), &d.path, &ctx.export);
     }
     let max = max_entries.clamp(1, MAX_DIR_BATCH) as usize;
-    let dir = d.fd.as_fd();
-    let stat_all = |names: &[Vec<u8>]| -> Result<Vec<DirEntry>, Errno> {
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let cname = sys::cstring(name)?;
-            let st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(libc::ENOENT) => continue,
-                Err(e) => return Err(e),
-            };
-            // `ferryd`'s own names at the root (see `redo::reserved`), and its folder
-            // wherever a listing meets it.
-            if crate::redo::reserved(name)
-                && (ctx.export.is_hidden(st.st_dev, st.st_ino) || ctx.export.is_root(dir))
-            {
-                continue;
-            }
-            let mut attr = attr_of(&st, ctx.export.root_dev());
-            // For a client that forwards xattrs, one more syscall per entry saves it a
-            // round trip per `ls -l` probe (others do not ask: ~2 µs per entry saved).
-            attr.xattrs = ctx.xattr_hint_at(dir, &cname);
-            out.push(DirEntry {
-                name: Name(name.clone()),
-                attr,
-            });
-        }
-        Ok(out)
-    };
+    let stat = Stat::of(ctx);
+    let started = Instant::now();
+    let mut a = d.listing.ahead();
     loop {
-        // Poisoning only means a previous request panicked; the iterator is still usable.
-        let mut it = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut names = Vec::new();
-        let mut bytes = 0usize;
-        // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
-        // byte budget is a second guard for filesystems with longer names.
-        while names.len() < max && bytes < MAX_FRAME / 2 {
-            let ent = match it.next() {
-                None => break,
-                Some(Ok(ent)) => ent,
-                Some(Err(e)) => return Err(errno_of(&e)),
-            };
-            let name = ent.file_name().into_vec();
-            bytes += name.len() + ENTRY_OVERHEAD;
-            names.push(name);
+        // An empty batch would read as the end of the directory: one goes out with
+        // entries, at the end, or with the error.
+        let ready = a.entries.len() >= max
+            || a.bytes >= MAX_FRAME / 2
+            || a.done
+            || a.error.is_some()
+            || (!a.entries.is_empty() && started.elapsed() >= BATCH_BUDGET);
+        if ready {
+            break;
         }
-        let eof = it.peek().is_none();
-        drop(it);
-        // A cold directory's entries cost a name lookup and an inode read each: big
-        // batches are stat'ed by a few threads at once (their order kept).
-        let entries = if names.len() < PARALLEL_STAT_MIN {
-            stat_all(&names)?
-        } else {
-            in_parallel(&names, &stat_all)?
+        if a.working {
+            // The read-ahead thread has a part in work: wait for it.
+            let wait = if a.entries.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                BATCH_BUDGET.saturating_sub(started.elapsed())
+            };
+            a = d
+                .listing
+                .changed
+                .wait_timeout(a, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            continue;
+        }
+        a.working = true;
+        drop(a);
+        let part = stat.next_part(&d);
+        a = d.listing.ahead();
+        a.working = false;
+        d.listing.store(&mut a, part);
+    }
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
+    // byte budget is a second guard for filesystems with longer names.
+    while entries.len() < max && bytes < MAX_FRAME / 2 {
+        let Some(e) = a.entries.pop_front() else {
+            break;
         };
-        // Every name of the batch gone meanwhile: an empty batch would read as the end
-        // of the directory, so go on with the next names.
-        if !entries.is_empty() || eof {
-            return Ok(Response::Dir { entries, eof });
+        bytes += entry_size(&e);
+        entries.push(e);
+    }
+    a.bytes -= bytes;
+    AHEAD_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+    if entries.is_empty()
+        && let Some(e) = a.error.take()
+    {
+        return Err(e);
+    }
+    let eof = a.done && a.entries.is_empty();
+    if !eof
+        && !a.working
+        && a.error.is_none()
+        && a.entries.len() < AHEAD_MAX
+        && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT
+    {
+        a.working = true;
+        drop(a);
+        read_ahead(d, stat);
+    }
+    Ok(Response::Dir { entries, eof })
+}
+
+/// Read and stat `d`'s next parts on a thread of their own (its caller set
+/// `Ahead::working`), until `AHEAD_MAX` entries wait, the names end, or the stream is
+/// released.
+fn read_ahead(d: Arc<OpenDir>, stat: Stat) {
+    /// The stream, whose `working` is cleared however the thread ends.
+    struct Working(Arc<OpenDir>);
+    impl Drop for Working {
+        fn drop(&mut self) {
+            let mut a = self.0.listing.ahead();
+            a.working = false;
+            self.0.listing.changed.notify_all();
         }
     }
+    let working = Working(d);
+    let spawned = std::thread::Builder::new()
+        .name("ferryd-list".into())
+        .spawn(move || {
+            let d = &working.0;
+            loop {
+                let part = stat.next_part(d);
+                let mut a = d.listing.ahead();
+                d.listing.store(&mut a, part);
+                // Released (this thread holds the last reference), or far enough ahead.
+                let more = Arc::strong_count(d) > 1
+                    && !a.done
+                    && a.error.is_none()
+                    && a.entries.len() < AHEAD_MAX
+                    && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT;
+                if !more {
+                    return;
+                }
+            }
+        });
+    // Not started: its closure (and so `working`) was dropped, which cleared the flag;
+    // the next request reads for itself.
+    drop(spawned);
 }
 
 /// `stat_all` of `names` split among [`stat_threads`] threads, the results in the order

@@ -61,7 +61,7 @@
 //! capabilities among them), and with `EVENTS` it hears of every change in every
 //! directory any such client has looked into, not only its own.
 
-mod dir;
+pub mod dir;
 mod io;
 mod meta;
 mod open;

@@ -303,6 +303,107 @@ async fn statfs_reports_the_filesystem() {
     );
 }
 
+/// A listing bigger than a batch: after each batch the server reads and stats on ahead
+/// of the next `ReadDir`. Every entry comes once with its own attributes and no batch
+/// is bigger than asked; a stream released while it reads ahead is gone at once; names
+/// removed in the middle of a listing never come twice, and every name still there
+/// comes.
+#[tokio::test]
+async fn a_listing_read_ahead_gives_every_entry_once() {
+    const N: usize = 3 * MAX_DIR_BATCH as usize + 7;
+    let server = Server::start().await;
+    let dir = server.root().join("big");
+    std::fs::create_dir(&dir).unwrap();
+    let name = |i: usize| format!("file-{i:05}");
+    for i in 0..N {
+        std::fs::write(dir.join(name(i)), vec![0u8; i % 13]).unwrap();
+    }
+    let mut c = server.client().await;
+    let list = |max_entries| Request::ListDir {
+        path: p("big"),
+        max_entries,
+    };
+    // Released right after its first batch, while the server reads on.
+    let h = match c.call(list(100)).await.unwrap() {
+        Response::Listing {
+            handle,
+            entries,
+            eof: false,
+            ..
+        } => {
+            assert!(!entries.is_empty() && entries.len() <= 100);
+            handle
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        c.call(Request::ReleaseDir { handle: h }).await,
+        Ok(Response::Ok)
+    );
+    assert_eq!(
+        c.call(Request::ReadDir {
+            handle: h,
+            max_entries: 10
+        })
+        .await,
+        Err(libc::EBADF)
+    );
+    // Read to the end, removing names after the first batch.
+    let mut seen = std::collections::BTreeMap::new();
+    let keep = |entries: Vec<DirEntry>, seen: &mut std::collections::BTreeMap<_, _>| {
+        for e in entries {
+            let n = String::from_utf8(e.name.0).unwrap();
+            assert!(seen.insert(n, e.attr.size).is_none(), "duplicate entry");
+        }
+    };
+    let h = match c.call(list(MAX_DIR_BATCH)).await.unwrap() {
+        Response::Listing {
+            handle,
+            entries,
+            eof: false,
+            ..
+        } => {
+            keep(entries, &mut seen);
+            handle
+        }
+        other => panic!("{other:?}"),
+    };
+    let removed: Vec<usize> = (0..N).step_by(97).collect();
+    for &i in &removed {
+        std::fs::remove_file(dir.join(name(i))).unwrap();
+    }
+    loop {
+        match c
+            .call(Request::ReadDir {
+                handle: h,
+                max_entries: 1000,
+            })
+            .await
+            .unwrap()
+        {
+            Response::Dir { entries, eof } => {
+                assert!(entries.len() <= 1000);
+                keep(entries, &mut seen);
+                if eof {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    for i in 0..N {
+        match seen.get(&name(i)) {
+            Some(&size) => assert_eq!(size, (i % 13) as u64, "{}", name(i)),
+            None => assert!(removed.contains(&i), "{} not listed", name(i)),
+        }
+    }
+    assert!(seen.len() <= N);
+    assert_eq!(
+        c.call(Request::ReleaseDir { handle: h }).await,
+        Ok(Response::Ok)
+    );
+}
+
 #[tokio::test]
 async fn readdir_returns_every_entry_once_with_attributes() {
     let server = Server::start().await;
