@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, ListedEntry, NewFile, OpenReply, XattrReply};
+use crate::fs::{Core, Listed, NewFile, OpenReply, XattrReply};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -200,68 +200,44 @@ fn reply_opendir(core: &Core, reply: ReplyOpen, r: Result<(u64, bool), FsError>)
     }
 }
 
-fn reply_readdir(mut reply: ReplyDirectory, r: Result<Vec<ListedEntry>, FsError>) {
+fn reply_readdir(core: &Core, mut reply: ReplyDirectory, r: Result<Listed, FsError>) {
     match r {
-        Ok(entries) => {
-            for e in entries {
-                if reply.add(
+        Ok(listed) => {
+            core.fill_listing(&listed, false, |e| {
+                reply.add(
                     INodeNo(e.ino),
                     e.offset,
                     file_type(e.kind),
-                    OsStr::from_bytes(&e.name),
-                ) {
-                    break;
-                }
-            }
+                    OsStr::from_bytes(e.name),
+                )
+            });
             reply.ok();
         }
         Err(e) => reply.error(err(&e)),
     }
 }
 
-fn reply_readdirplus(
-    core: &Core,
-    dir: u64,
-    mut reply: ReplyDirectoryPlus,
-    r: Result<Vec<ListedEntry>, FsError>,
-) {
-    let entries = match r {
-        Ok(entries) => entries,
+fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Listed, FsError>) {
+    let listed = match r {
+        Ok(listed) => listed,
         Err(e) => return reply.error(err(&e)),
     };
     let ttl = core.ttl();
-    for e in entries {
-        let name = OsStr::from_bytes(&e.name);
-        match e.attr {
-            Some(a) => {
-                if reply.add(
-                    INodeNo(e.ino),
-                    e.offset,
-                    name,
-                    &ttl,
-                    &fuse_attr(&a),
-                    Generation(0),
-                ) {
-                    break;
-                }
-                // Accepted: the kernel now holds a lookup reference.
-                core.listed(dir, &e.name, e.ino);
-            }
-            None => {
-                let a = dot_attr(e.ino);
-                if reply.add(
-                    INodeNo(e.ino),
-                    e.offset,
-                    name,
-                    &Duration::ZERO,
-                    &a,
-                    Generation(0),
-                ) {
-                    break;
-                }
-            }
-        }
-    }
+    // Each entry accepted with attributes takes a lookup reference (`Core::listed`).
+    core.fill_listing(&listed, true, |e| {
+        let (ttl, attr) = match e.attr {
+            Some(a) => (ttl, fuse_attr(a)),
+            None => (Duration::ZERO, dot_attr(e.ino)),
+        };
+        reply.add(
+            INodeNo(e.ino),
+            e.offset,
+            OsStr::from_bytes(e.name),
+            &ttl,
+            &attr,
+            Generation(0),
+        )
+    });
     reply.ok();
 }
 
@@ -693,28 +669,31 @@ impl Filesystem for FerryFuse {
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        if let Some(entries) = self.core.readdir_now(fh.0, offset, 512) {
-            return reply_readdir(reply, Ok(entries));
+        if let Some(listed) = self.core.readdir_now(fh.0, offset) {
+            return reply_readdir(&self.core, reply, Ok(listed));
         }
         let (core, c) = (self.core.clone(), caller(req));
-        self.spawn(async move { reply_readdir(reply, core.readdir(c, fh.0, offset, 512).await) });
+        self.spawn(async move {
+            let r = core.readdir(c, fh.0, offset).await;
+            reply_readdir(&core, reply, r);
+        });
     }
 
     fn readdirplus(
         &self,
         req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        if let Some(entries) = self.core.readdir_now(fh.0, offset, 256) {
-            return reply_readdirplus(&self.core, ino.0, reply, Ok(entries));
+        if let Some(listed) = self.core.readdir_now(fh.0, offset) {
+            return reply_readdirplus(&self.core, reply, Ok(listed));
         }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move {
-            let r = core.readdir(c, fh.0, offset, 256).await;
-            reply_readdirplus(&core, ino.0, reply, r);
+            let r = core.readdir(c, fh.0, offset).await;
+            reply_readdirplus(&core, reply, r);
         });
     }
 

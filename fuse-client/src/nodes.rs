@@ -55,6 +55,13 @@ impl Nodes {
         }
     }
 
+    /// Room for `n` more nodes and names, made ahead of a listing's replies (growing
+    /// the tables by a rehash in the middle of one would hold up the kernel).
+    pub fn reserve(&mut self, n: usize) {
+        self.map.reserve(n);
+        self.by_name.reserve(n);
+    }
+
     /// Server inode number to kernel inode number (root and 1 swap places).
     pub fn to_kernel(&self, server_ino: u64) -> u64 {
         if server_ino == self.root_server_ino {

@@ -30,9 +30,28 @@ const SIBLING_MAX: u64 = crate::cache::BLOCK;
 const SIBLINGS_BYTES: u64 = 1024 * 1024;
 const SIBLINGS_FILES: usize = 128;
 
-/// A batch of a server directory stream being fetched: its entries and whether the
-/// stream ended with them.
-type Batch = tokio::task::JoinHandle<FsResult<(Vec<DirEntry>, bool)>>;
+/// A batch of a server directory stream: its entries and whether the stream ended with
+/// them.
+type Batch = FsResult<(Vec<DirEntry>, bool)>;
+
+/// Batches fetched ahead of the kernel: at most this many wait unread.
+const BATCHES_AHEAD: usize = 2;
+
+/// The batches of a server directory stream, fetched one after the other by a task,
+/// each asked for as soon as the previous one came (not when the kernel reaches it):
+/// the server lists and stats the next while the kernel takes in the entries here.
+#[derive(Debug)]
+struct Ahead {
+    batches: tokio::sync::mpsc::Receiver<Batch>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        // A batch nobody will read: not worth the server's work.
+        self.task.abort();
+    }
+}
 
 /// An open directory: the entries fetched so far, in the order the server gave them.
 #[derive(Debug)]
@@ -44,38 +63,52 @@ pub struct DirStream {
     entries: Arc<Vec<DirEntry>>,
     eof: bool,
     epoch: u64,
-    /// The next batch, asked for as soon as the previous one came: the server lists
-    /// and stats it while the kernel takes in the entries already here. At most one
-    /// per stream, so batches arrive in order.
-    next: Option<Batch>,
+    /// The batches after these, being fetched (none once the stream ended, or after a
+    /// failed batch: the next `readdir` asks again itself).
+    ahead: Option<Ahead>,
 }
 
 impl DirStream {
-    /// Whether `want` entries from cookie `offset` on need more from the server.
-    /// (Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.)
-    fn lacks(&self, offset: u64, want: usize) -> bool {
-        !self.eof && self.entries.len() < offset.saturating_sub(2) as usize + want
+    /// Whether an entry after cookie `offset` may still come from the server and none
+    /// is here yet. (Cookies: 1 is after `.`, 2 after `..`, 2 + i + 1 after entry i.)
+    fn lacks(&self, offset: u64) -> bool {
+        !self.eof && self.entries.len() <= offset.saturating_sub(2) as usize
     }
-}
 
-impl Drop for DirStream {
-    fn drop(&mut self) {
-        if let Some(t) = self.next.take() {
-            t.abort();
+    fn listed(&self, offset: u64) -> Listed {
+        Listed {
+            ino: self.ino,
+            parent: self.parent,
+            entries: Arc::clone(&self.entries),
+            offset,
         }
     }
 }
 
+/// A directory stream's entries from a cookie on, as far as they have come: a reply
+/// takes as many as the kernel's buffer holds (see [`Core::listed_entries`]).
+#[derive(Debug)]
+pub struct Listed {
+    ino: u64,
+    parent: u64,
+    entries: Arc<Vec<DirEntry>>,
+    offset: u64,
+}
+
 /// One directory entry as the adapter replies it: `offset` is the cookie of the next one.
 #[derive(Debug, Clone)]
-pub struct ListedEntry {
+pub struct ListedEntry<'a> {
     pub ino: u64,
     pub offset: u64,
-    pub name: Vec<u8>,
+    pub name: &'a [u8],
     pub kind: FileKind,
     /// `None` for `.` and `..` (no lookup reference is taken for them).
-    pub attr: Option<Attr>,
+    pub attr: Option<&'a Attr>,
 }
+
+/// Entries whose attributes a reply notes at a time: it stops where the kernel's buffer
+/// is full, so it notes at most this many it does not send.
+const NOTE_CHUNK: usize = 128;
 
 impl Core {
     /// Open a directory; the flag says the listing comes from the cache (and so the
@@ -111,6 +144,7 @@ impl Core {
                     } => (handle, entries, eof),
                     _ => return Err(TransportError::Protocol.into()),
                 };
+                self.reserve_inodes(entries.len());
                 let entries = Arc::new(entries);
                 if eof {
                     self.keep_listing(ino, epoch, &entries);
@@ -124,7 +158,7 @@ impl Core {
                     entries,
                     eof,
                     epoch,
-                    next: handle.and_then(|h| self.fetch_batch(caller, h)),
+                    ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
                 }
             }
         };
@@ -189,7 +223,7 @@ impl Core {
             entries,
             eof: true,
             epoch,
-            next: None,
+            ahead: None,
         }
     }
 
@@ -202,15 +236,10 @@ impl Core {
         Ok(fh)
     }
 
-    /// Entries from cookie `offset` on, fetching more from the server as needed. With
-    /// readdirplus, each real entry the kernel accepts is remembered via [`Core::listed`].
-    pub async fn readdir(
-        &self,
-        caller: Caller,
-        fh: u64,
-        offset: u64,
-        want: usize,
-    ) -> FsResult<Vec<ListedEntry>> {
+    /// Entries from cookie `offset` on: those here, or if none is, the next batch from
+    /// the server. With readdirplus, each real entry the kernel accepts is remembered via
+    /// [`Core::listed`].
+    pub async fn readdir(&self, caller: Caller, fh: u64, offset: u64) -> FsResult<Listed> {
         let stream = self
             .dirs
             .lock()
@@ -219,74 +248,119 @@ impl Core {
             .cloned()
             .ok_or(FsError::Errno(libc::EBADF))?;
         let mut s = stream.lock().await;
-        while s.lacks(offset, want) {
+        while s.lacks(offset) {
             let Some(h) = s.handle else {
                 break;
             };
-            let batch = match s.next.take() {
-                Some(t) => t.await.unwrap_or(Err(FsError::Errno(libc::EIO))),
+            let batch = match s.ahead.as_mut() {
+                Some(a) => a
+                    .batches
+                    .recv()
+                    .await
+                    .unwrap_or(Err(FsError::Errno(libc::EIO))),
                 None => self.read_batch(caller, h).await,
             };
-            let (entries, eof) = batch?;
-            s.eof = eof || entries.is_empty();
-            Arc::make_mut(&mut s.entries).extend(entries);
-            if s.eof {
-                self.keep_listing(s.ino, s.epoch, &s.entries);
-            } else {
-                s.next = self.fetch_batch(caller, h);
+            self.take_batch(&mut s, caller, h, batch)?;
+            // Whatever else came meanwhile, so the kernel's next reads find it here.
+            while let Some(batch) = s.ahead.as_mut().and_then(|a| a.batches.try_recv().ok()) {
+                self.take_batch(&mut s, caller, h, batch)?;
             }
         }
-        Ok(self.listed_from(&s, offset, want))
+        Ok(s.listed(offset))
     }
 
-    /// [`Core::readdir`] on the FUSE session thread when every entry asked for is
+    /// Add a batch fetched for stream `s` (server handle `h`) to its entries.
+    fn take_batch(
+        &self,
+        s: &mut DirStream,
+        caller: Caller,
+        h: (u64, u64),
+        batch: Batch,
+    ) -> FsResult<()> {
+        let (entries, eof) = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                s.ahead = None;
+                return Err(e);
+            }
+        };
+        s.eof = eof || entries.is_empty();
+        // While the kernel still takes in the entries before these: its replies then
+        // find the tables grown.
+        self.reserve_inodes(entries.len());
+        Arc::make_mut(&mut s.entries).extend(entries);
+        if s.eof {
+            s.ahead = None;
+            self.keep_listing(s.ino, s.epoch, &s.entries);
+        } else if s.ahead.is_none() {
+            s.ahead = self.fetch_ahead(caller, h);
+        }
+        Ok(())
+    }
+
+    /// [`Core::readdir`] on the FUSE session thread when entries after `offset` are
     /// already here (a cached listing, or batches fetched ahead). `None`: take the full
     /// path.
-    pub fn readdir_now(&self, fh: u64, offset: u64, want: usize) -> Option<Vec<ListedEntry>> {
+    pub fn readdir_now(&self, fh: u64, offset: u64) -> Option<Listed> {
         let stream = self.dirs.lock().ok()?.get(&fh).cloned()?;
         let s = stream.try_lock().ok()?;
-        if s.lacks(offset, want) {
+        if s.lacks(offset) {
             return None;
         }
-        Some(self.listed_from(&s, offset, want))
+        Some(s.listed(offset))
     }
 
-    /// Up to `want` entries of `s` from cookie `offset` on, `.` and `..` included.
-    fn listed_from(&self, s: &DirStream, offset: u64, want: usize) -> Vec<ListedEntry> {
-        let first_real = offset.saturating_sub(2) as usize;
-        let mut out = Vec::with_capacity(want);
-        if offset == 0 {
-            out.push(ListedEntry {
-                ino: s.ino,
-                offset: 1,
-                name: b".".to_vec(),
+    /// Hand the entries of `l` to a reply in order, `.` and `..` first where its cookie
+    /// is before them, until `add` says the kernel's buffer is full (returns true). Real
+    /// entries' attributes are noted ([`Core::note_attrs`]) a chunk at a time; for
+    /// readdirplus (`plus`), the entries the kernel accepted are remembered
+    /// ([`Core::listed`]) before the reply goes out.
+    pub fn fill_listing(&self, l: &Listed, plus: bool, mut add: impl FnMut(&ListedEntry) -> bool) {
+        let dots = [(0, b".".as_slice(), l.ino), (1, b"..".as_slice(), l.parent)];
+        for (cookie, name, ino) in dots {
+            let dot = ListedEntry {
+                ino,
+                offset: cookie + 1,
+                name,
                 kind: FileKind::Dir,
                 attr: None,
-            });
-        }
-        if offset <= 1 {
-            out.push(ListedEntry {
-                ino: s.parent,
-                offset: 2,
-                name: b"..".to_vec(),
-                kind: FileKind::Dir,
-                attr: None,
-            });
-        }
-        for (i, e) in s.entries.iter().enumerate().skip(first_real) {
-            if out.len() >= want {
-                break;
+            };
+            if l.offset <= cookie && add(&dot) {
+                return;
             }
-            let attr = self.note_attr(e.attr);
-            out.push(ListedEntry {
-                ino: attr.ino,
-                offset: 2 + i as u64 + 1,
-                name: e.name.0.clone(),
-                kind: attr.kind,
-                attr: Some(attr),
-            });
         }
-        out
+        let mut first = l.offset.saturating_sub(2) as usize;
+        let mut attrs = Vec::with_capacity(NOTE_CHUNK);
+        let mut accepted = Vec::with_capacity(NOTE_CHUNK);
+        while first < l.entries.len() {
+            let chunk = &l.entries[first..l.entries.len().min(first + NOTE_CHUNK)];
+            attrs.clear();
+            attrs.extend(chunk.iter().map(|e| e.attr));
+            self.note_attrs(&mut attrs);
+            accepted.clear();
+            let mut full = false;
+            for (i, (e, attr)) in chunk.iter().zip(&attrs).enumerate() {
+                let entry = ListedEntry {
+                    ino: attr.ino,
+                    offset: 2 + (first + i) as u64 + 1,
+                    name: &e.name.0,
+                    kind: attr.kind,
+                    attr: Some(attr),
+                };
+                if add(&entry) {
+                    full = true;
+                    break;
+                }
+                accepted.push((e.name.0.as_slice(), attr.ino));
+            }
+            if plus {
+                self.listed(l.ino, &accepted);
+            }
+            if full {
+                return;
+            }
+            first += chunk.len();
+        }
     }
 
     /// Keep the complete listing of `ino`, fetched since `epoch`, if no directory was
@@ -352,12 +426,24 @@ impl Core {
         }
     }
 
-    /// [`Core::read_batch`] started in the background.
-    fn fetch_batch(&self, caller: Caller, handle: (u64, u64)) -> Option<Batch> {
+    /// Fetch the batches of `handle` one after the other in the background, up to
+    /// [`BATCHES_AHEAD`] of them unread, until the stream ends or a batch fails.
+    fn fetch_ahead(&self, caller: Caller, handle: (u64, u64)) -> Option<Ahead> {
         let me = self.me.upgrade()?;
-        Some(tokio::spawn(
-            async move { me.read_batch(caller, handle).await },
-        ))
+        let (tx, batches) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let batch = me.read_batch(caller, handle).await;
+                let last = match &batch {
+                    Ok((entries, eof)) => *eof || entries.is_empty(),
+                    Err(_) => true,
+                };
+                if tx.send(batch).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Some(Ahead { batches, task })
     }
 
     /// Fetch the listings of (up to [`PREFETCH_DIRS`] of) the subdirectories of `path`
@@ -542,10 +628,23 @@ impl Core {
         let _ = watch.wait_for(|done| *done).await;
     }
 
-    /// The kernel accepted a readdirplus entry: it now holds a reference to it.
-    pub fn listed(&self, dir: u64, name: &[u8], ino: u64) {
+    /// Room in the inode tables for `n` more inodes.
+    fn reserve_inodes(&self, n: usize) {
+        if let Ok(mut nodes) = self.nodes.lock() {
+            nodes.reserve(n);
+        }
+        if let Ok(mut inodes) = self.inodes.lock() {
+            inodes.reserve(n);
+        }
+    }
+
+    /// The kernel accepted these readdirplus entries of `dir`: it now holds a reference
+    /// to each.
+    pub fn listed(&self, dir: u64, entries: &[(&[u8], u64)]) {
         if let Ok(mut n) = self.nodes.lock() {
-            n.remember(dir, name, ino);
+            for &(name, ino) in entries {
+                n.remember(dir, name, ino);
+            }
         }
     }
 
@@ -559,7 +658,7 @@ impl Core {
         let idle = dirs.get(&fh).and_then(|s| {
             s.try_lock()
                 .ok()
-                .filter(|s| s.handle.is_none() && s.next.is_none())
+                .filter(|s| s.handle.is_none() && s.ahead.is_none())
                 .map(|s| self.stream_done(&s))
         });
         if idle.is_some() {
@@ -602,10 +701,8 @@ impl Core {
         if let Some(stream) = stream {
             let mut s = stream.lock().await;
             self.stream_done(&s);
-            // A batch nobody will read: not worth the server's work.
-            if let Some(t) = s.next.take() {
-                t.abort();
-            }
+            // Stops the fetching: a batch nobody will read is not worth the server's work.
+            s.ahead = None;
             if let Some((handle, generation)) = s.handle {
                 let _ = self
                     .rpc_on(generation, caller, Request::ReleaseDir { handle })

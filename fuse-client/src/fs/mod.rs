@@ -33,7 +33,7 @@ use crate::conn::Client;
 use crate::error::{FsError, FsResult, TransportError};
 use crate::nodes::{Nodes, ROOT};
 
-pub use dirs::ListedEntry;
+pub use dirs::{Listed, ListedEntry};
 pub use events::Invalidation;
 pub use files::{NewFile, OpenReply};
 
@@ -287,11 +287,24 @@ impl Core {
 
     /// Every attribute handed to the kernel passes here: the server inode number becomes
     /// the kernel's, the version is remembered, and a size implied by pending writes wins.
-    pub fn note_attr(&self, mut attr: Attr) -> Attr {
+    pub fn note_attr(&self, attr: Attr) -> Attr {
+        let mut one = [attr];
+        self.note_attrs(&mut one);
+        one[0]
+    }
+
+    /// [`Core::note_attr`] for several attributes, taking each lock once (a listing's
+    /// reply hands the kernel thousands).
+    pub fn note_attrs(&self, attrs: &mut [Attr]) {
         if let Ok(n) = self.nodes.lock() {
-            attr.ino = n.to_kernel(attr.ino);
+            for attr in attrs.iter_mut() {
+                attr.ino = n.to_kernel(attr.ino);
+            }
         }
-        if let Ok(mut inodes) = self.inodes.lock() {
+        let Ok(mut inodes) = self.inodes.lock() else {
+            return;
+        };
+        for attr in attrs.iter_mut() {
             let st = inodes.entry(attr.ino).or_default();
             if attr.xattrs != XATTRS_UNKNOWN {
                 st.xattrs = attr.xattrs;
@@ -299,11 +312,11 @@ impl Core {
                 // Changed in some way we cannot see: xattrs may have changed too.
                 st.xattrs = XATTRS_UNKNOWN;
             }
-            if st.take_if_current(&attr) {
+            if st.take_if_current(attr) {
                 st.version = attr.version;
             } else if let Some((newer, _)) = st.attr {
                 // A reply overtaken by a newer event: the kernel gets the newer state.
-                attr = newer;
+                *attr = newer;
             }
             if let Some(size) = st.local_size {
                 attr.size = size;
@@ -315,7 +328,6 @@ impl Core {
                 attr.mtime = b.mtime;
             }
         }
-        attr
     }
 
     /// Attributes from a reply the kernel does not get yet (a changed directory's): kept
