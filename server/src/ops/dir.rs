@@ -32,6 +32,11 @@ const STAT_THREADS: usize = 4;
 /// A batch that has taken this long goes out with the entries it has (see `readdir`).
 const BATCH_BUDGET: Duration = Duration::from_millis(5);
 
+/// Entries stat'ed longer ago than this are stat'ed again before they go out: read
+/// ahead for a client that paused, they could otherwise be older than a change whose
+/// event the client already had (and ignored, not knowing the entry yet).
+const RESTAT_AFTER: Duration = Duration::from_millis(50);
+
 /// Entries a stream reads ahead of its client's requests, at most.
 const AHEAD_MAX: usize = MAX_DIR_BATCH as usize;
 
@@ -56,8 +61,8 @@ pub struct Listing {
 
 #[derive(Debug, Default)]
 struct Ahead {
-    /// Stat'ed, not yet sent.
-    entries: VecDeque<DirEntry>,
+    /// Stat'ed (when), not yet sent.
+    entries: VecDeque<(Instant, DirEntry)>,
     /// Their size as counted for frames (and for `AHEAD_BYTES`).
     bytes: usize,
     /// Every name has been read and stat'ed.
@@ -83,13 +88,13 @@ impl Listing {
     }
 
     /// Store the outcome of a part and wake whoever waits for it.
-    fn store(&self, a: &mut Ahead, part: Result<(Vec<DirEntry>, bool), Errno>) {
+    fn store(&self, a: &mut Ahead, part: Result<Part, Errno>) {
         match part {
-            Ok((entries, done)) => {
+            Ok(Part { at, entries, done }) => {
                 let bytes: usize = entries.iter().map(entry_size).sum();
                 a.bytes += bytes;
                 AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
-                a.entries.extend(entries);
+                a.entries.extend(entries.into_iter().map(|e| (at, e)));
                 a.done = done;
             }
             Err(e) => a.error = Some(e),
@@ -103,6 +108,13 @@ impl Drop for Listing {
         let a = self.ahead.get_mut().unwrap_or_else(|p| p.into_inner());
         AHEAD_BYTES.fetch_sub(a.bytes, Ordering::Relaxed);
     }
+}
+
+/// Entries of a directory stat'ed from `at` on; `done`: no name is left.
+struct Part {
+    at: Instant,
+    entries: Vec<DirEntry>,
+    done: bool,
 }
 
 fn entry_size(e: &DirEntry) -> usize {
@@ -161,7 +173,8 @@ impl Stat {
 
     /// Read the next part of `d`'s names and stat them; true with them when no name is
     /// left. Only for whoever set `Ahead::working`.
-    fn next_part(&self, d: &OpenDir) -> Result<(Vec<DirEntry>, bool), Errno> {
+    fn next_part(&self, d: &OpenDir) -> Result<Part, Errno> {
+        let at = Instant::now();
         let (names, done) = {
             let mut it = d.listing.names.lock().unwrap_or_else(|p| p.into_inner());
             let mut names = Vec::with_capacity(PART);
@@ -182,7 +195,7 @@ impl Stat {
         } else {
             in_parallel(&names, &|part: &[Vec<u8>]| self.all(dir, part))?
         };
-        Ok((entries, done))
+        Ok(Part { at, entries, done })
     }
 }
 
@@ -285,13 +298,18 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
     }
     let mut entries = Vec::new();
     let mut bytes = 0;
+    // Parts are stored in order, so the entries to stat again come first.
+    let mut stale = 0;
     // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
     // byte budget is a second guard for filesystems with longer names.
     while entries.len() < max && bytes < MAX_FRAME / 2 {
-        let Some(e) = a.entries.pop_front() else {
+        let Some((at, e)) = a.entries.pop_front() else {
             break;
         };
         bytes += entry_size(&e);
+        if at.elapsed() > RESTAT_AFTER {
+            stale += 1;
+        }
         entries.push(e);
     }
     a.bytes -= bytes;
@@ -302,14 +320,26 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         return Err(e);
     }
     let eof = a.done && a.entries.is_empty();
-    if !eof
+    let read_on = !eof
         && !a.working
         && a.error.is_none()
         && a.entries.len() < AHEAD_MAX
-        && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT
-    {
+        && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT;
+    if read_on {
         a.working = true;
-        drop(a);
+    }
+    drop(a);
+    if stale > 0 {
+        let names: Vec<Vec<u8>> = entries[..stale].iter().map(|e| e.name.0.clone()).collect();
+        // Failing that, they go as they were; so do they if every entry of a batch
+        // that is not the last is gone (an empty batch reads as the end).
+        if let Ok(again) = stat.all(d.fd.as_fd(), &names)
+            && (eof || !again.is_empty() || entries.len() > stale)
+        {
+            entries.splice(..stale, again);
+        }
+    }
+    if read_on {
         read_ahead(d, stat);
     }
     Ok(Response::Dir { entries, eof })
