@@ -211,6 +211,9 @@ fn reply_readdir(core: &Core, mut reply: ReplyDirectory, r: Result<Listed, FsErr
                     OsStr::from_bytes(e.name),
                 )
             });
+            // Before the kernel can ask for more: a batch that comes meanwhile is then
+            // added to the stream's entries without copying them.
+            drop(listed);
             reply.ok();
         }
         Err(e) => reply.error(err(&e)),
@@ -226,7 +229,8 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
     // Each entry accepted with attributes takes a lookup reference (`Core::listed`).
     core.fill_listing(&listed, true, |e| {
         let (ttl, attr) = match e.attr {
-            Some(a) => (ttl, fuse_attr(a)),
+            Some(a) if e.vouched => (ttl, fuse_attr(a)),
+            Some(a) => (Duration::ZERO, fuse_attr(a)),
             None => (Duration::ZERO, dot_attr(e.ino)),
         };
         reply.add(
@@ -238,6 +242,7 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
             Generation(0),
         )
     });
+    drop(listed);
     reply.ok();
 }
 

@@ -588,3 +588,60 @@ fn an_open_descriptor_follows_changes_on_the_export() {
         drop(f);
     }
 }
+
+/// Files changed on the server while the mount lists their directory, after the
+/// batches holding them were fetched (the client fetches batches ahead of the kernel)
+/// and before the kernel took them: the changes' events came first, for names the
+/// kernel did not have yet, so only the batches would tell it about those files. Every
+/// file shows its new size, none the size its batch had.
+#[test]
+fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
+    const N: usize = 3 * 4096 + 1;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("big")).expect("mkdir");
+        fs::create_dir(e.join("other")).expect("mkdir");
+        for i in 0..N {
+            fs::write(e.join(format!("big/f{i:05}")), b"1").expect("create entry");
+        }
+    }) else {
+        return;
+    };
+    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
+    // Kept by the mount: it changes only through an event.
+    assert!(!listed(&fx.mnt("other"), "sentinel"));
+    let before = fx.mount.stats();
+    let mut d = fs::read_dir(fx.mnt("big")).expect("read_dir");
+    // The kernel takes the first batch (it came with the open; at least 512 entries).
+    d.next().expect("an entry").expect("entry");
+    // The next ones are fetched ahead.
+    assert!(
+        poll_until(DEADLINE, || fx
+            .mount
+            .stats()
+            .get_or_zero("requests.readdir")
+            >= before.get_or_zero("requests.readdir") + 2),
+        "no batch fetched ahead"
+    );
+    // All but the first 512 in the server's order (which batches follow) change.
+    let order: Vec<_> = fs::read_dir(fx.exp("big"))
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    for name in &order[512..] {
+        fs::write(fx.exp("big").join(name), b"22").expect("rewrite on the server");
+    }
+    // Events come in order: once this one's is in, so are those of the rewrites.
+    fs::write(fx.exp("other/sentinel"), b"").expect("sentinel");
+    eventually("the sentinel's event", || {
+        listed(&fx.mnt("other"), "sentinel")
+    });
+    assert_eq!(d.count() + 1, N, "entries listed");
+    for name in &order[512..] {
+        let meta = fs::metadata(fx.mnt("big").join(name)).expect("stat through the mount");
+        assert_eq!(
+            meta.len(),
+            2,
+            "{name:?} has the size its listing's batch had"
+        );
+    }
+}

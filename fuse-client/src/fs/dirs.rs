@@ -63,6 +63,8 @@ pub struct DirStream {
     entries: Arc<Vec<DirEntry>>,
     eof: bool,
     epoch: u64,
+    /// The directory's changes when the stream was opened (`Core::listing_changes`).
+    changes: u32,
     /// The batches after these, being fetched (none once the stream ended, or after a
     /// failed batch: the next `readdir` asks again itself).
     ahead: Option<Ahead>,
@@ -81,18 +83,20 @@ impl DirStream {
             parent: self.parent,
             entries: Arc::clone(&self.entries),
             offset,
+            changes: self.changes,
         }
     }
 }
 
 /// A directory stream's entries from a cookie on, as far as they have come: a reply
-/// takes as many as the kernel's buffer holds (see [`Core::listed_entries`]).
+/// takes as many as the kernel's buffer holds (see [`Core::fill_listing`]).
 #[derive(Debug)]
 pub struct Listed {
     ino: u64,
     parent: u64,
     entries: Arc<Vec<DirEntry>>,
     offset: u64,
+    changes: u32,
 }
 
 /// One directory entry as the adapter replies it: `offset` is the cookie of the next one.
@@ -104,6 +108,9 @@ pub struct ListedEntry<'a> {
     pub kind: FileKind,
     /// `None` for `.` and `..` (no lookup reference is taken for them).
     pub attr: Option<&'a Attr>,
+    /// Still the directory's state as far as this client knows: otherwise the entry
+    /// and its attributes are the kernel's for this reply only.
+    pub vouched: bool,
 }
 
 /// Entries whose attributes a reply notes at a time: it stops where the kernel's buffer
@@ -116,10 +123,11 @@ impl Core {
     pub async fn opendir(self: &Arc<Self>, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
         let parent = self.dot_dot(ino)?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+        let changes = self.listing_changes(ino);
         let cached = self.cached_listing(ino)?;
         let fetched_from_cache = cached.is_some();
         let stream = match cached {
-            Some(entries) => self.cached_stream(caller, ino, parent, epoch, entries),
+            Some(entries) => self.cached_stream(caller, ino, parent, (epoch, changes), entries),
             None => {
                 let path = self.path(ino)?;
                 // Open and first batch in one round trip; small directories need no more.
@@ -158,6 +166,7 @@ impl Core {
                     entries,
                     eof,
                     epoch,
+                    changes,
                     ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
                 }
             }
@@ -174,8 +183,9 @@ impl Core {
         }
         let parent = self.dot_dot(ino).ok()?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+        let changes = self.listing_changes(ino);
         let entries = self.cached_listing(ino).ok()??;
-        let stream = self.cached_stream(caller, ino, parent, epoch, entries);
+        let stream = self.cached_stream(caller, ino, parent, (epoch, changes), entries);
         Some(self.keep_stream(stream))
     }
 
@@ -206,7 +216,7 @@ impl Core {
         caller: Caller,
         ino: u64,
         parent: u64,
-        epoch: u64,
+        (epoch, changes): (u64, u32),
         entries: Arc<Vec<DirEntry>>,
     ) -> DirStream {
         self.stats
@@ -223,6 +233,7 @@ impl Core {
             entries,
             eof: true,
             epoch,
+            changes,
             ahead: None,
         }
     }
@@ -315,7 +326,14 @@ impl Core {
     /// entries' attributes are noted ([`Core::note_attrs`]) a chunk at a time; for
     /// readdirplus (`plus`), the entries the kernel accepted are remembered
     /// ([`Core::listed`]) before the reply goes out.
+    ///
+    /// Once the directory changed after the stream was opened, its entries may be older
+    /// than the change (the server stat'ed them before, or they waited here while the
+    /// event went through, ignored for a name the kernel did not have yet): they are
+    /// not vouched for, so their attributes are not taken as the newest, and the kernel
+    /// gets them for this reply only (it looks each up again when used).
     pub fn fill_listing(&self, l: &Listed, plus: bool, mut add: impl FnMut(&ListedEntry) -> bool) {
+        let vouched = self.listing_changes(l.ino) == l.changes;
         let dots = [(0, b".".as_slice(), l.ino), (1, b"..".as_slice(), l.parent)];
         for (cookie, name, ino) in dots {
             let dot = ListedEntry {
@@ -324,6 +342,7 @@ impl Core {
                 name,
                 kind: FileKind::Dir,
                 attr: None,
+                vouched,
             };
             if l.offset <= cookie && add(&dot) {
                 return;
@@ -336,7 +355,7 @@ impl Core {
             let chunk = &l.entries[first..l.entries.len().min(first + NOTE_CHUNK)];
             attrs.clear();
             attrs.extend(chunk.iter().map(|e| e.attr));
-            self.note_attrs(&mut attrs);
+            self.to_kernel_attrs(&mut attrs, vouched);
             accepted.clear();
             let mut full = false;
             for (i, (e, attr)) in chunk.iter().zip(&attrs).enumerate() {
@@ -346,6 +365,7 @@ impl Core {
                     name: &e.name.0,
                     kind: attr.kind,
                     attr: Some(attr),
+                    vouched,
                 };
                 if add(&entry) {
                     full = true;

@@ -71,6 +71,7 @@ impl Core {
         if let Ok(mut c) = self.dir_cache.lock() {
             c.remove(&dir);
         }
+        self.count_listing_change(dir);
     }
 
     /// Called for every event the server pushes.
@@ -278,6 +279,7 @@ impl Core {
             .unwrap_or_default();
         if let Ok(mut inodes) = self.inodes.lock() {
             for st in inodes.values_mut() {
+                st.listing_changes = st.listing_changes.wrapping_add(1);
                 st.kernel_version = None;
                 st.version = 0;
                 st.attr = None;

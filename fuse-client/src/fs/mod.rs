@@ -95,6 +95,10 @@ struct InodeState {
     /// trip (the kernel looks up each name before creating it). Boxed, like `behind`:
     /// a listing of 100,000 names creates 100,000 states that never use it.
     names: Option<Box<KnownNames>>,
+    /// For a directory: changes to it seen since the client started (events, its own).
+    /// A listing stream opened before a change hands the kernel the rest of its entries
+    /// unvouched (see `Core::fill_listing`).
+    listing_changes: u32,
     /// ctime of the newest attributes seen for the inode. Replies and events can arrive
     /// out of order (an event stat'ed before a change delivered after its reply): older
     /// attributes never replace newer ones, nor does their version.
@@ -110,6 +114,19 @@ impl InodeState {
     fn is_current(&self, attr: &Attr) -> bool {
         self.seen_ctime
             .is_none_or(|c| (attr.ctime.sec, attr.ctime.nsec) >= (c.sec, c.nsec))
+    }
+
+    /// What this client knows ahead of the server: the size its pending writes imply,
+    /// and changes answered ahead of it (queued behind uncommitted writes).
+    fn patch(&self, attr: &mut Attr) {
+        if let Some(size) = self.local_size {
+            attr.size = size;
+        }
+        if let Some(b) = self.behind.as_deref().copied() {
+            attr.perm = b.perm;
+            attr.atime = b.atime;
+            attr.mtime = b.mtime;
+        }
     }
 
     /// Take `attr` as the inode's newest attributes if it is; returns whether it was.
@@ -296,6 +313,13 @@ impl Core {
     /// [`Core::note_attr`] for several attributes, taking each lock once (a listing's
     /// reply hands the kernel thousands).
     pub fn note_attrs(&self, attrs: &mut [Attr]) {
+        self.to_kernel_attrs(attrs, true);
+    }
+
+    /// The attributes the kernel gets for `attrs` (its inode numbers, a newer state
+    /// already seen, the size pending writes imply); with `record`, they are also taken
+    /// as the inodes' newest ([`Core::note_attr`]).
+    fn to_kernel_attrs(&self, attrs: &mut [Attr], record: bool) {
         if let Ok(n) = self.nodes.lock() {
             for attr in attrs.iter_mut() {
                 attr.ino = n.to_kernel(attr.ino);
@@ -305,6 +329,17 @@ impl Core {
             return;
         };
         for attr in attrs.iter_mut() {
+            if !record {
+                if let Some(st) = inodes.get(&attr.ino) {
+                    if !st.is_current(attr)
+                        && let Some((newer, _)) = st.attr
+                    {
+                        *attr = newer;
+                    }
+                    st.patch(attr);
+                }
+                continue;
+            }
             let st = inodes.entry(attr.ino).or_default();
             if attr.xattrs != XATTRS_UNKNOWN {
                 st.xattrs = attr.xattrs;
@@ -318,15 +353,7 @@ impl Core {
                 // A reply overtaken by a newer event: the kernel gets the newer state.
                 *attr = newer;
             }
-            if let Some(size) = st.local_size {
-                attr.size = size;
-            }
-            // Changes answered ahead of the server (queued behind uncommitted writes).
-            if let Some(b) = st.behind.as_deref().copied() {
-                attr.perm = b.perm;
-                attr.atime = b.atime;
-                attr.mtime = b.mtime;
-            }
+            st.patch(attr);
         }
     }
 
@@ -761,6 +788,24 @@ impl Core {
         if let Ok(mut c) = self.dir_cache.lock() {
             c.remove(&dir);
         }
+        self.count_listing_change(dir);
+    }
+
+    /// Directory `dir` changed: listing streams opened before are no longer its state.
+    fn count_listing_change(&self, dir: u64) {
+        if let Ok(mut inodes) = self.inodes.lock() {
+            let st = inodes.entry(dir).or_default();
+            st.listing_changes = st.listing_changes.wrapping_add(1);
+        }
+    }
+
+    /// The changes seen to directory `dir` so far (see `InodeState::listing_changes`).
+    fn listing_changes(&self, dir: u64) -> u32 {
+        self.inodes
+            .lock()
+            .ok()
+            .and_then(|i| i.get(&dir).map(|s| s.listing_changes))
+            .unwrap_or(0)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
