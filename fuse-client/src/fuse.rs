@@ -203,7 +203,7 @@ fn reply_opendir(core: &Core, reply: ReplyOpen, r: Result<(u64, bool), FsError>)
 fn reply_readdir(core: &Core, mut reply: ReplyDirectory, r: Result<Listed, FsError>) {
     match r {
         Ok(listed) => {
-            core.fill_listing(&listed, false, |e| {
+            let _ = core.fill_listing(&listed, false, |e| {
                 reply.add(
                     INodeNo(e.ino),
                     e.offset,
@@ -227,7 +227,7 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
     };
     let ttl = core.ttl();
     // Each entry accepted with attributes takes a lookup reference (`Core::listed`).
-    core.fill_listing(&listed, true, |e| {
+    let changed = core.fill_listing(&listed, true, |e| {
         let (ttl, attr) = match e.attr {
             Some(a) if e.vouched => (ttl, fuse_attr(a)),
             Some(a) => (Duration::ZERO, fuse_attr(a)),
@@ -242,8 +242,10 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
             Generation(0),
         )
     });
+    let dir = listed.dir();
     drop(listed);
     reply.ok();
+    core.changed_while_listed(dir, changed);
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {

@@ -11,7 +11,7 @@
 //!
 //! This module does no I/O and holds no locks of its own; the caller wraps it in a Mutex.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ferry_common::proto::RelPath;
 
@@ -44,6 +44,10 @@ pub struct Nodes {
     root_server_ino: u64,
     map: HashMap<u64, Node>,
     by_name: HashMap<(u64, Vec<u8>), u64>,
+    /// Names handed to the kernel from a listing that no longer vouched for them (see
+    /// `Core::fill_listing`): the name may be gone or stand for another inode now, so
+    /// a lookup of it asks the server.
+    unverified: HashSet<(u64, Vec<u8>)>,
 }
 
 impl Nodes {
@@ -52,6 +56,7 @@ impl Nodes {
             root_server_ino,
             map: HashMap::new(),
             by_name: HashMap::new(),
+            unverified: HashSet::new(),
         }
     }
 
@@ -125,6 +130,11 @@ impl Nodes {
             .collect()
     }
 
+    /// The directory and name `ino` was last seen under.
+    pub fn name_of(&self, ino: u64) -> Option<(u64, Vec<u8>)> {
+        self.map.get(&ino)?.names.first().cloned()
+    }
+
     /// The directory `ino` was last seen in.
     pub fn parent_of(&self, ino: u64) -> Option<u64> {
         self.map.get(&ino)?.names.first().map(|(p, _)| *p)
@@ -134,12 +144,30 @@ impl Nodes {
         Ok(self.path(parent)?.join(name))
     }
 
+    /// [`Nodes::remember`] of a name nobody vouches for any more: a lookup of it goes
+    /// to the server until one is answered.
+    pub fn remember_unverified(&mut self, parent: u64, name: &[u8], ino: u64) {
+        self.remember(parent, name, ino);
+        if ino != ROOT {
+            self.unverified.insert((parent, name.to_vec()));
+        }
+    }
+
+    /// Whether `parent/name` was remembered unverified since the server last answered
+    /// for it.
+    pub fn is_unverified(&self, parent: u64, name: &[u8]) -> bool {
+        !self.unverified.is_empty() && self.unverified.contains(&(parent, name.to_vec()))
+    }
+
     /// The kernel now holds one more reference to `ino`, reached as `parent/name`.
     pub fn remember(&mut self, parent: u64, name: &[u8], ino: u64) {
         if ino == ROOT {
             return;
         }
         let key = (parent, name.to_vec());
+        if !self.unverified.is_empty() {
+            self.unverified.remove(&key);
+        }
         if let Some(&old) = self.by_name.get(&key)
             && old != ino
         {
@@ -172,6 +200,7 @@ impl Nodes {
             for key in node.names {
                 if self.by_name.get(&key) == Some(&ino) {
                     self.by_name.remove(&key);
+                    self.unverified.remove(&key);
                 }
             }
             shrink_if_sparse(&mut self.map);
@@ -188,6 +217,7 @@ impl Nodes {
     }
 
     fn drop_name(&mut self, ino: u64, key: &(u64, Vec<u8>)) {
+        self.unverified.remove(key);
         if let Some(node) = self.map.get_mut(&ino) {
             node.names.retain(|n| n != key);
         }
@@ -207,6 +237,8 @@ impl Nodes {
     ) {
         let from = (parent, name.to_vec());
         let to = (new_parent, new_name.to_vec());
+        self.unverified.remove(&from);
+        self.unverified.remove(&to);
         let src = self.by_name.remove(&from);
         let dst = self.by_name.remove(&to);
         if let Some(d) = dst {

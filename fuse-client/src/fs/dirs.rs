@@ -11,7 +11,7 @@ use ferry_common::proto::{
     Attr, Caller, DirEntry, FileKind, MAX_DIR_BATCH, RelPath, Request, Response,
 };
 
-use super::{Core, Invalidation, poisoned};
+use super::{Core, Invalidation, ListingChanged, poisoned};
 use crate::error::{FsError, FsResult, TransportError};
 use crate::nodes::ROOT;
 
@@ -63,8 +63,13 @@ pub struct DirStream {
     entries: Arc<Vec<DirEntry>>,
     eof: bool,
     epoch: u64,
-    /// The directory's changes when the stream was opened (`Core::listing_changes`).
-    changes: u32,
+    /// The directory's change count when the stream was opened
+    /// (`Core::listing_opened`).
+    since: u64,
+    /// Served from the kept listing.
+    from_cache: bool,
+    /// A batch fetched ahead failed: the error of the next read that needs it.
+    failed: Option<FsError>,
     /// The batches after these, being fetched (none once the stream ended, or after a
     /// failed batch: the next `readdir` asks again itself).
     ahead: Option<Ahead>,
@@ -83,7 +88,7 @@ impl DirStream {
             parent: self.parent,
             entries: Arc::clone(&self.entries),
             offset,
-            changes: self.changes,
+            since: self.since,
         }
     }
 }
@@ -96,7 +101,14 @@ pub struct Listed {
     parent: u64,
     entries: Arc<Vec<DirEntry>>,
     offset: u64,
-    changes: u32,
+    since: u64,
+}
+
+impl Listed {
+    /// The directory listed.
+    pub fn dir(&self) -> u64 {
+        self.ino
+    }
 }
 
 /// One directory entry as the adapter replies it: `offset` is the cookie of the next one.
@@ -121,57 +133,73 @@ impl Core {
     /// Open a directory; the flag says the listing comes from the cache (and so the
     /// kernel's cached copy, if any, is still right).
     pub async fn opendir(self: &Arc<Self>, caller: Caller, ino: u64) -> FsResult<(u64, bool)> {
-        let parent = self.dot_dot(ino)?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
-        let changes = self.listing_changes(ino);
-        let cached = self.cached_listing(ino)?;
-        let fetched_from_cache = cached.is_some();
-        let stream = match cached {
-            Some(entries) => self.cached_stream(caller, ino, parent, (epoch, changes), entries),
-            None => {
-                let path = self.path(ino)?;
-                // Open and first batch in one round trip; small directories need no more.
-                let (generation, listing) = self
-                    .once_more(|| {
-                        let req = Request::ListDir {
-                            path: path.clone(),
-                            max_entries: MAX_DIR_BATCH,
-                        };
-                        async move {
-                            let generation = self.client.connect().await?;
-                            Ok((generation, self.rpc_on(generation, caller, req).await?))
-                        }
-                    })
-                    .await?;
-                let (handle, entries, eof) = match listing {
-                    Response::Listing {
-                        handle,
-                        entries,
-                        eof,
-                        ..
-                    } => (handle, entries, eof),
-                    _ => return Err(TransportError::Protocol.into()),
+        // Before the listing is asked for: changes from here on are its business.
+        let since = self.listing_opened(ino);
+        let opened = async {
+            let stream = self.open_stream(caller, ino, (epoch, since)).await?;
+            let from_cache = stream.from_cache;
+            Ok((self.keep_stream(stream)?, from_cache))
+        }
+        .await;
+        if opened.is_err() {
+            self.listing_closed(ino);
+        }
+        opened
+    }
+
+    async fn open_stream(
+        self: &Arc<Self>,
+        caller: Caller,
+        ino: u64,
+        (epoch, since): (u64, u64),
+    ) -> FsResult<DirStream> {
+        let parent = self.dot_dot(ino)?;
+        if let Some(entries) = self.cached_listing(ino)? {
+            return Ok(self.cached_stream(caller, ino, parent, (epoch, since), entries));
+        }
+        let path = self.path(ino)?;
+        // Open and first batch in one round trip; small directories need no more.
+        let (generation, listing) = self
+            .once_more(|| {
+                let req = Request::ListDir {
+                    path: path.clone(),
+                    max_entries: MAX_DIR_BATCH,
                 };
-                self.reserve_inodes(entries.len());
-                let entries = Arc::new(entries);
-                if eof {
-                    self.keep_listing(ino, epoch, &entries);
-                    self.prefetch_children(caller, path, &entries);
+                async move {
+                    let generation = self.client.connect().await?;
+                    Ok((generation, self.rpc_on(generation, caller, req).await?))
                 }
-                let handle = (!eof).then_some((handle, generation));
-                DirStream {
-                    ino,
-                    parent,
-                    handle,
-                    entries,
-                    eof,
-                    epoch,
-                    changes,
-                    ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
-                }
-            }
+            })
+            .await?;
+        let (handle, entries, eof) = match listing {
+            Response::Listing {
+                handle,
+                entries,
+                eof,
+                ..
+            } => (handle, entries, eof),
+            _ => return Err(TransportError::Protocol.into()),
         };
-        Ok((self.keep_stream(stream)?, fetched_from_cache))
+        self.reserve_inodes(entries.len());
+        let entries = Arc::new(entries);
+        if eof {
+            self.keep_listing(ino, epoch, &entries);
+            self.prefetch_children(caller, path, &entries);
+        }
+        let handle = (!eof).then_some((handle, generation));
+        Ok(DirStream {
+            ino,
+            parent,
+            handle,
+            entries,
+            eof,
+            epoch,
+            since,
+            from_cache: false,
+            failed: None,
+            ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
+        })
     }
 
     /// [`Core::opendir`] on the FUSE session thread, for a listing kept in the cache
@@ -183,10 +211,17 @@ impl Core {
         }
         let parent = self.dot_dot(ino).ok()?;
         let epoch = DIR_EPOCH.load(Ordering::SeqCst);
-        let changes = self.listing_changes(ino);
-        let entries = self.cached_listing(ino).ok()??;
-        let stream = self.cached_stream(caller, ino, parent, (epoch, changes), entries);
-        Some(self.keep_stream(stream))
+        let since = self.listing_opened(ino);
+        let Some(entries) = self.cached_listing(ino).ok().flatten() else {
+            self.listing_closed(ino);
+            return None;
+        };
+        let stream = self.cached_stream(caller, ino, parent, (epoch, since), entries);
+        let kept = self.keep_stream(stream);
+        if kept.is_err() {
+            self.listing_closed(ino);
+        }
+        Some(kept)
     }
 
     /// The kept listing of `ino`, while events vouch for kept listings.
@@ -216,7 +251,7 @@ impl Core {
         caller: Caller,
         ino: u64,
         parent: u64,
-        (epoch, changes): (u64, u32),
+        (epoch, since): (u64, u64),
         entries: Arc<Vec<DirEntry>>,
     ) -> DirStream {
         self.stats
@@ -233,7 +268,9 @@ impl Core {
             entries,
             eof: true,
             epoch,
-            changes,
+            since,
+            from_cache: true,
+            failed: None,
             ahead: None,
         }
     }
@@ -260,6 +297,9 @@ impl Core {
             .ok_or(FsError::Errno(libc::EBADF))?;
         let mut s = stream.lock().await;
         while s.lacks(offset) {
+            if let Some(e) = s.failed.take() {
+                return Err(e);
+            }
             let Some(h) = s.handle else {
                 break;
             };
@@ -272,9 +312,13 @@ impl Core {
                 None => self.read_batch(caller, h).await,
             };
             self.take_batch(&mut s, caller, h, batch)?;
-            // Whatever else came meanwhile, so the kernel's next reads find it here.
+            // Whatever else came meanwhile, so the kernel's next reads find it here. A
+            // failed one fails the read that needs it, not this one.
             while let Some(batch) = s.ahead.as_mut().and_then(|a| a.batches.try_recv().ok()) {
-                self.take_batch(&mut s, caller, h, batch)?;
+                if let Err(e) = self.take_batch(&mut s, caller, h, batch) {
+                    s.failed = Some(e);
+                    break;
+                }
             }
         }
         Ok(s.listed(offset))
@@ -322,18 +366,24 @@ impl Core {
     }
 
     /// Hand the entries of `l` to a reply in order, `.` and `..` first where its cookie
-    /// is before them, until `add` says the kernel's buffer is full (returns true). Real
-    /// entries' attributes are noted ([`Core::note_attrs`]) a chunk at a time; for
+    /// is before them, until `add` says the kernel's buffer is full (returns true). For
     /// readdirplus (`plus`), the entries the kernel accepted are remembered
-    /// ([`Core::listed`]) before the reply goes out.
+    /// ([`Core::listed`]) before the reply goes out, and their attributes taken as the
+    /// newest ([`Core::note_attrs`]).
     ///
-    /// Once the directory changed after the stream was opened, its entries may be older
-    /// than the change (the server stat'ed them before, or they waited here while the
-    /// event went through, ignored for a name the kernel did not have yet): they are
-    /// not vouched for, so their attributes are not taken as the newest, and the kernel
-    /// gets them for this reply only (it looks each up again when used).
-    pub fn fill_listing(&self, l: &Listed, plus: bool, mut add: impl FnMut(&ListedEntry) -> bool) {
-        let vouched = self.listing_changes(l.ino) == l.changes;
+    /// An entry whose name changed in the directory after the stream was opened may be
+    /// older than the change (the server stat'ed it before, or it waited here while the
+    /// change's event went through, ignored for a name the kernel did not have yet): it
+    /// is not vouched for, so its attributes are not taken, and the kernel gets it for
+    /// this reply only (it looks it up again when it uses it). A change noted while the
+    /// reply was filled: returned, for the caller to invalidate once the reply is out.
+    pub fn fill_listing(
+        &self,
+        l: &Listed,
+        plus: bool,
+        mut add: impl FnMut(&ListedEntry) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let changed = self.listing_changed_since(l.ino, l.since);
         let dots = [(0, b".".as_slice(), l.ino), (1, b"..".as_slice(), l.parent)];
         for (cookie, name, ino) in dots {
             let dot = ListedEntry {
@@ -342,23 +392,27 @@ impl Core {
                 name,
                 kind: FileKind::Dir,
                 attr: None,
-                vouched,
+                vouched: true,
             };
             if l.offset <= cookie && add(&dot) {
-                return;
+                return Vec::new();
             }
         }
         let mut first = l.offset.saturating_sub(2) as usize;
+        let mut last = first;
         let mut attrs = Vec::with_capacity(NOTE_CHUNK);
         let mut accepted = Vec::with_capacity(NOTE_CHUNK);
+        let mut taken = Vec::with_capacity(NOTE_CHUNK);
         while first < l.entries.len() {
             let chunk = &l.entries[first..l.entries.len().min(first + NOTE_CHUNK)];
             attrs.clear();
             attrs.extend(chunk.iter().map(|e| e.attr));
-            self.to_kernel_attrs(&mut attrs, vouched);
+            self.to_kernel_attrs(&mut attrs, false);
             accepted.clear();
+            taken.clear();
             let mut full = false;
             for (i, (e, attr)) in chunk.iter().zip(&attrs).enumerate() {
+                let vouched = changed.vouches(&e.name.0);
                 let entry = ListedEntry {
                     ino: attr.ino,
                     offset: 2 + (first + i) as u64 + 1,
@@ -371,15 +425,39 @@ impl Core {
                     full = true;
                     break;
                 }
-                accepted.push((e.name.0.as_slice(), attr.ino));
+                last = first + i + 1;
+                accepted.push((e.name.0.as_slice(), attr.ino, vouched));
+                if vouched {
+                    taken.push(e.attr);
+                }
             }
             if plus {
+                self.note_attrs(&mut taken);
                 self.listed(l.ino, &accepted);
             }
             if full {
-                return;
+                break;
             }
             first += chunk.len();
+        }
+        // Changed while this reply was filled, and handed over as vouched for.
+        let now = self.listing_changed_since(l.ino, l.since);
+        if !plus || matches!(now, ListingChanged::Nothing) {
+            return Vec::new();
+        }
+        let first = l.offset.saturating_sub(2) as usize;
+        l.entries[first.min(last)..last]
+            .iter()
+            .filter(|e| changed.vouches(&e.name.0) && !now.vouches(&e.name.0))
+            .map(|e| e.name.0.clone())
+            .collect()
+    }
+
+    /// Entries of `dir` a reply just handed the kernel as vouched for, whose names
+    /// changed while it was filled (see [`Core::fill_listing`]): the kernel drops them.
+    pub fn changed_while_listed(&self, dir: u64, names: Vec<Vec<u8>>) {
+        for name in names {
+            self.invalidate(Invalidation::Entry { parent: dir, name });
         }
     }
 
@@ -658,12 +736,16 @@ impl Core {
         }
     }
 
-    /// The kernel accepted these readdirplus entries of `dir`: it now holds a reference
-    /// to each.
-    pub fn listed(&self, dir: u64, entries: &[(&[u8], u64)]) {
+    /// The kernel accepted these readdirplus entries of `dir` (vouched for or not): it
+    /// now holds a reference to each.
+    pub fn listed(&self, dir: u64, entries: &[(&[u8], u64, bool)]) {
         if let Ok(mut n) = self.nodes.lock() {
-            for &(name, ino) in entries {
-                n.remember(dir, name, ino);
+            for &(name, ino, vouched) in entries {
+                if vouched {
+                    n.remember(dir, name, ino);
+                } else {
+                    n.remember_unverified(dir, name, ino);
+                }
             }
         }
     }
@@ -701,6 +783,7 @@ impl Core {
     /// once more. Release comes after every `getdents` through the descriptor is done,
     /// so after any fill from this stream.
     fn stream_done(&self, s: &DirStream) {
+        self.listing_closed(s.ino);
         if DIR_EPOCH.load(Ordering::SeqCst) == s.epoch {
             return;
         }

@@ -71,7 +71,6 @@ impl Core {
         if let Ok(mut c) = self.dir_cache.lock() {
             c.remove(&dir);
         }
-        self.count_listing_change(dir);
     }
 
     /// Called for every event the server pushes.
@@ -133,8 +132,10 @@ impl Core {
         };
         if known {
             self.changed_on_server(ino, &attr);
-            if let Some(parent) = self.nodes.lock().ok().and_then(|n| n.parent_of(ino)) {
+            let named = self.nodes.lock().ok().and_then(|n| n.name_of(ino));
+            if let Some((parent, name)) = named {
                 self.forget_listing(parent);
+                self.listing_changed(parent, Some(&name));
             }
             self.invalidate(Invalidation::Inode { ino, data: true });
         }
@@ -185,6 +186,9 @@ impl Core {
             a
         });
         drop(nodes);
+        // A stream of the directory opened before may hold the name as it was, even for
+        // a name the kernel does not have yet (nothing else here would correct it).
+        self.listing_changed(dir, Some(&name.0));
         let (known_version, writing) = match known.zip(self.inodes.lock().ok()) {
             Some((ino, inodes)) => {
                 let st = inodes.get(&ino);
@@ -234,8 +238,14 @@ impl Core {
                 // event names it by path, stat'ed on the server maybe after a rename
                 // this client has not applied yet (`d/inside` is gone once `d` was
                 // exchanged with a file), so the directory's names are no longer known.
-                if a.is_some() {
+                if let Some(a) = a {
                     self.names_changed(dir, &name.0, true);
+                    // Known by another name, or from a reply: the newest state.
+                    if let Ok(mut inodes) = self.inodes.lock()
+                        && let Some(st) = inodes.get_mut(&a.ino)
+                    {
+                        st.take_if_current(&a);
+                    }
                 } else {
                     self.forget_names(dir);
                 }
@@ -279,7 +289,9 @@ impl Core {
             .unwrap_or_default();
         if let Ok(mut inodes) = self.inodes.lock() {
             for st in inodes.values_mut() {
-                st.listing_changes = st.listing_changes.wrapping_add(1);
+                if let Some(changes) = st.listing.as_mut() {
+                    changes.note(None);
+                }
                 st.kernel_version = None;
                 st.version = 0;
                 st.attr = None;

@@ -95,10 +95,9 @@ struct InodeState {
     /// trip (the kernel looks up each name before creating it). Boxed, like `behind`:
     /// a listing of 100,000 names creates 100,000 states that never use it.
     names: Option<Box<KnownNames>>,
-    /// For a directory: changes to it seen since the client started (events, its own).
-    /// A listing stream opened before a change hands the kernel the rest of its entries
-    /// unvouched (see `Core::fill_listing`).
-    listing_changes: u32,
+    /// For a directory with listing streams open: the names changed since the oldest
+    /// was opened (see `Core::fill_listing`). Boxed, and dropped with the last stream.
+    listing: Option<Box<ListingChanges>>,
     /// ctime of the newest attributes seen for the inode. Replies and events can arrive
     /// out of order (an event stat'ed before a change delivered after its reply): older
     /// attributes never replace newer ones, nor does their version.
@@ -107,6 +106,55 @@ struct InodeState {
     /// writes (see `Core::attrs_behind`): the base for the next such change, until the
     /// commit brings the server's.
     behind: Option<Box<Attr>>,
+}
+
+/// Changes to a directory while listing streams of it are open. Each change gets the
+/// next count; a stream remembers the count it was opened at, and an entry whose name
+/// changed after that is not vouched for by the stream.
+#[derive(Debug, Default)]
+struct ListingChanges {
+    /// Streams of the directory open now.
+    streams: u32,
+    count: u64,
+    /// Names changed and the count each change got, up to `LISTING_NAMES_MAX`.
+    names: Vec<(u64, Box<[u8]>)>,
+    /// Every name counts as changed from this count on (too many names, a resync).
+    all: Option<u64>,
+}
+
+impl ListingChanges {
+    fn note(&mut self, name: Option<&[u8]>) {
+        self.count += 1;
+        match name {
+            Some(n) if self.names.len() < LISTING_NAMES_MAX => {
+                self.names.push((self.count, n.into()));
+            }
+            _ => {
+                self.all.get_or_insert(self.count);
+            }
+        }
+    }
+}
+
+/// Changed names a directory remembers while it is listed; past these, every name
+/// counts as changed.
+const LISTING_NAMES_MAX: usize = 256;
+
+/// What changed in a directory since a listing stream was opened.
+pub(super) enum ListingChanged {
+    Nothing,
+    Names(HashSet<Box<[u8]>>),
+    All,
+}
+
+impl ListingChanged {
+    pub(super) fn vouches(&self, name: &[u8]) -> bool {
+        match self {
+            ListingChanged::Nothing => true,
+            ListingChanged::Names(names) => !names.contains(name),
+            ListingChanged::All => false,
+        }
+    }
 }
 
 impl InodeState {
@@ -788,24 +836,68 @@ impl Core {
         if let Ok(mut c) = self.dir_cache.lock() {
             c.remove(&dir);
         }
-        self.count_listing_change(dir);
     }
 
-    /// Directory `dir` changed: listing streams opened before are no longer its state.
-    fn count_listing_change(&self, dir: u64) {
-        if let Ok(mut inodes) = self.inodes.lock() {
-            let st = inodes.entry(dir).or_default();
-            st.listing_changes = st.listing_changes.wrapping_add(1);
+    /// A listing stream of `dir` opens: the count to compare later changes with.
+    pub(super) fn listing_opened(&self, dir: u64) -> u64 {
+        let Ok(mut inodes) = self.inodes.lock() else {
+            return 0;
+        };
+        let changes = inodes
+            .entry(dir)
+            .or_default()
+            .listing
+            .get_or_insert_default();
+        changes.streams += 1;
+        changes.count
+    }
+
+    /// A listing stream of `dir` is done.
+    pub(super) fn listing_closed(&self, dir: u64) {
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(st) = inodes.get_mut(&dir)
+            && let Some(changes) = st.listing.as_mut()
+        {
+            changes.streams = changes.streams.saturating_sub(1);
+            if changes.streams == 0 {
+                st.listing = None;
+            }
         }
     }
 
-    /// The changes seen to directory `dir` so far (see `InodeState::listing_changes`).
-    fn listing_changes(&self, dir: u64) -> u32 {
-        self.inodes
-            .lock()
-            .ok()
-            .and_then(|i| i.get(&dir).map(|s| s.listing_changes))
-            .unwrap_or(0)
+    /// `name` in `dir` changed (created, removed, renamed, rewritten; `None`: maybe
+    /// any): streams of `dir` opened before do not vouch for it any more.
+    pub(super) fn listing_changed(&self, dir: u64, name: Option<&[u8]>) {
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(changes) = inodes.get_mut(&dir).and_then(|st| st.listing.as_mut())
+        {
+            changes.note(name);
+        }
+    }
+
+    /// What changed in `dir` after count `since` (see [`Core::listing_opened`]).
+    pub(super) fn listing_changed_since(&self, dir: u64, since: u64) -> ListingChanged {
+        let Ok(inodes) = self.inodes.lock() else {
+            return ListingChanged::All;
+        };
+        let Some(changes) = inodes.get(&dir).and_then(|st| st.listing.as_ref()) else {
+            // No stream open: nothing to compare with (the caller's stream is open).
+            return ListingChanged::All;
+        };
+        if changes.count == since {
+            return ListingChanged::Nothing;
+        }
+        if changes.all.is_some_and(|c| c > since) {
+            return ListingChanged::All;
+        }
+        ListingChanged::Names(
+            changes
+                .names
+                .iter()
+                .filter(|(c, _)| *c > since)
+                .map(|(_, n)| n.clone())
+                .collect(),
+        )
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -840,7 +932,13 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             return Some(errno(libc::ENOENT));
         }
-        let ino = self.nodes.lock().ok()?.child(parent, name)?;
+        let ino = {
+            let nodes = self.nodes.lock().ok()?;
+            if nodes.is_unverified(parent, name) {
+                return None;
+            }
+            nodes.child(parent, name)?
+        };
         let attr = self.known_attr(ino)?;
         // The reply gives the kernel one more reference, as any lookup does.
         self.nodes.lock().ok()?.remember(parent, name, attr.ino);
@@ -1157,6 +1255,8 @@ impl Core {
         }
         self.dir_changed(parent);
         self.dir_changed(new_parent);
+        self.listing_changed(parent, Some(name));
+        self.listing_changed(new_parent, Some(new_name));
         let touched = {
             let nodes = self.nodes()?;
             [nodes.child(parent, name), nodes.child(new_parent, new_name)]

@@ -278,6 +278,7 @@ impl Core {
     fn forget_view(&self, dir: u64, name: &[u8]) {
         self.forget_names(dir);
         self.dir_changed(dir);
+        self.listing_changed(dir, Some(name));
         self.forget_attr(dir);
         self.invalidate(Invalidation::Entry {
             parent: dir,
@@ -363,6 +364,7 @@ impl Core {
     /// rmdir, done or on its way).
     pub(super) fn unlinked_here(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.dir_changed(parent);
+        self.listing_changed(parent, Some(name));
         self.names_changed(parent, name, false);
         let gone = self.nodes()?.child(parent, name);
         if let Some(ino) = gone {

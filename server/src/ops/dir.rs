@@ -31,11 +31,10 @@ const STAT_THREADS: usize = 4;
 
 /// A batch that has taken this long goes out with the entries it has (see `readdir`).
 const BATCH_BUDGET: Duration = Duration::from_millis(5);
-
-/// Entries stat'ed longer ago than this are stat'ed again before they go out: read
-/// ahead for a client that paused, they could otherwise be older than a change whose
-/// event the client already had (and ignored, not knowing the entry yet).
-const RESTAT_AFTER: Duration = Duration::from_millis(50);
+/// The same for a listing's first batch (`ListDir`), longer: a warm directory of a full
+/// batch comes whole in one round trip, and so does a subdirectory's prefetch, which
+/// keeps only whole listings.
+const FIRST_BATCH_BUDGET: Duration = Duration::from_millis(25);
 
 /// Entries a stream reads ahead of its client's requests, at most.
 const AHEAD_MAX: usize = MAX_DIR_BATCH as usize;
@@ -61,8 +60,8 @@ pub struct Listing {
 
 #[derive(Debug, Default)]
 struct Ahead {
-    /// Stat'ed (when), not yet sent.
-    entries: VecDeque<(Instant, DirEntry)>,
+    /// Stat'ed, not yet sent.
+    entries: VecDeque<DirEntry>,
     /// Their size as counted for frames (and for `AHEAD_BYTES`).
     bytes: usize,
     /// Every name has been read and stat'ed.
@@ -90,11 +89,11 @@ impl Listing {
     /// Store the outcome of a part and wake whoever waits for it.
     fn store(&self, a: &mut Ahead, part: Result<Part, Errno>) {
         match part {
-            Ok(Part { at, entries, done }) => {
+            Ok(Part { entries, done }) => {
                 let bytes: usize = entries.iter().map(entry_size).sum();
                 a.bytes += bytes;
                 AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
-                a.entries.extend(entries.into_iter().map(|e| (at, e)));
+                a.entries.extend(entries);
                 a.done = done;
             }
             Err(e) => a.error = Some(e),
@@ -110,9 +109,8 @@ impl Drop for Listing {
     }
 }
 
-/// Entries of a directory stat'ed from `at` on; `done`: no name is left.
+/// Entries of a directory, stat'ed; `done`: no name is left.
 struct Part {
-    at: Instant,
     entries: Vec<DirEntry>,
     done: bool,
 }
@@ -174,7 +172,6 @@ impl Stat {
     /// Read the next part of `d`'s names and stat them; true with them when no name is
     /// left. Only for whoever set `Ahead::working`.
     fn next_part(&self, d: &OpenDir) -> Result<Part, Errno> {
-        let at = Instant::now();
         let (names, done) = {
             let mut it = d.listing.names.lock().unwrap_or_else(|p| p.into_inner());
             let mut names = Vec::with_capacity(PART);
@@ -195,7 +192,7 @@ impl Stat {
         } else {
             in_parallel(&names, &|part: &[Vec<u8>]| self.all(dir, part))?
         };
-        Ok(Part { at, entries, done })
+        Ok(Part { entries, done })
     }
 }
 
@@ -225,7 +222,7 @@ pub fn listdir(ctx: &Ctx, path: &RelPath, max_entries: u32) -> Result<Response, 
         Response::Opened { handle, attr } => (handle, attr),
         _ => return Err(libc::EIO),
     };
-    let batch = readdir(ctx, handle, max_entries);
+    let batch = next_batch(ctx, handle, max_entries, FIRST_BATCH_BUDGET);
     let (entries, eof) = match batch {
         Ok(Response::Dir { entries, eof }) => (entries, eof),
         Ok(_) => (Vec::new(), false),
@@ -253,6 +250,15 @@ pub fn listdir(ctx: &Ctx, path: &RelPath, max_entries: u32) -> Result<Response, 
 /// entries cost an inode read each, and the client hands the kernel the entries it has
 /// while the server stats on). The stream then reads on ahead of the next request.
 pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Errno> {
+    next_batch(ctx, handle, max_entries, BATCH_BUDGET)
+}
+
+fn next_batch(
+    ctx: &Ctx,
+    handle: u64,
+    max_entries: u32,
+    budget: Duration,
+) -> Result<Response, Errno> {
     let d = ctx.handles.dir(handle)?;
     if let Some(w) = &ctx.watch {
         // Normally already watched since OpenDir; this re-adds a watch that was dropped
@@ -270,7 +276,7 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
             || a.bytes >= MAX_FRAME / 2
             || a.done
             || a.error.is_some()
-            || (!a.entries.is_empty() && started.elapsed() >= BATCH_BUDGET);
+            || (!a.entries.is_empty() && started.elapsed() >= budget);
         if ready {
             break;
         }
@@ -279,7 +285,7 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
             let wait = if a.entries.is_empty() {
                 Duration::from_secs(1)
             } else {
-                BATCH_BUDGET.saturating_sub(started.elapsed())
+                budget.saturating_sub(started.elapsed())
             };
             a = d
                 .listing
@@ -291,25 +297,23 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         }
         a.working = true;
         drop(a);
+        // Should the part panic, `working` is cleared all the same.
+        let claim = Working(&*d);
         let part = stat.next_part(&d);
         a = d.listing.ahead();
-        a.working = false;
         d.listing.store(&mut a, part);
+        a.working = false;
+        std::mem::forget(claim);
     }
     let mut entries = Vec::new();
     let mut bytes = 0;
-    // Parts are stored in order, so the entries to stat again come first.
-    let mut stale = 0;
     // Names are at most 255 bytes on Linux, so MAX_DIR_BATCH entries fit a frame; the
     // byte budget is a second guard for filesystems with longer names.
     while entries.len() < max && bytes < MAX_FRAME / 2 {
-        let Some((at, e)) = a.entries.pop_front() else {
+        let Some(e) = a.entries.pop_front() else {
             break;
         };
         bytes += entry_size(&e);
-        if at.elapsed() > RESTAT_AFTER {
-            stale += 1;
-        }
         entries.push(e);
     }
     a.bytes -= bytes;
@@ -320,44 +324,35 @@ pub fn readdir(ctx: &Ctx, handle: u64, max_entries: u32) -> Result<Response, Err
         return Err(e);
     }
     let eof = a.done && a.entries.is_empty();
-    let read_on = !eof
+    if !a.done
         && !a.working
         && a.error.is_none()
         && a.entries.len() < AHEAD_MAX
-        && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT;
-    if read_on {
+        && AHEAD_BYTES.load(Ordering::Relaxed) < AHEAD_LIMIT
+    {
         a.working = true;
-    }
-    drop(a);
-    if stale > 0 {
-        let names: Vec<Vec<u8>> = entries[..stale].iter().map(|e| e.name.0.clone()).collect();
-        // Failing that, they go as they were; so do they if every entry of a batch
-        // that is not the last is gone (an empty batch reads as the end).
-        if let Ok(again) = stat.all(d.fd.as_fd(), &names)
-            && (eof || !again.is_empty() || entries.len() > stale)
-        {
-            entries.splice(..stale, again);
-        }
-    }
-    if read_on {
+        drop(a);
         read_ahead(d, stat);
     }
     Ok(Response::Dir { entries, eof })
+}
+
+/// A stream whose `Ahead::working` is cleared however its holder ends (unwinding
+/// included).
+struct Working<D: std::ops::Deref<Target = OpenDir>>(D);
+
+impl<D: std::ops::Deref<Target = OpenDir>> Drop for Working<D> {
+    fn drop(&mut self) {
+        let mut a = self.0.listing.ahead();
+        a.working = false;
+        self.0.listing.changed.notify_all();
+    }
 }
 
 /// Read and stat `d`'s next parts on a thread of their own (its caller set
 /// `Ahead::working`), until `AHEAD_MAX` entries wait, the names end, or the stream is
 /// released.
 fn read_ahead(d: Arc<OpenDir>, stat: Stat) {
-    /// The stream, whose `working` is cleared however the thread ends.
-    struct Working(Arc<OpenDir>);
-    impl Drop for Working {
-        fn drop(&mut self) {
-            let mut a = self.0.listing.ahead();
-            a.working = false;
-            self.0.listing.changed.notify_all();
-        }
-    }
     let working = Working(d);
     let spawned = std::thread::Builder::new()
         .name("ferryd-list".into())

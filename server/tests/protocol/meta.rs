@@ -404,65 +404,6 @@ async fn a_listing_read_ahead_gives_every_entry_once() {
     );
 }
 
-/// Entries read ahead and left waiting past 50 ms (a client that paused in the middle
-/// of a listing) are stat'ed again before they go out: a change made meanwhile shows,
-/// rather than attributes older than the event the client already had.
-#[tokio::test]
-async fn entries_read_ahead_long_ago_are_stat_ed_again() {
-    let server = Server::start().await;
-    let dir = server.root().join("paused");
-    std::fs::create_dir(&dir).unwrap();
-    for i in 0..1000 {
-        std::fs::write(dir.join(format!("f{i:04}")), b"x").unwrap();
-    }
-    let mut c = server.client().await;
-    // The first part (512 names) is stat'ed before the first 100 go out.
-    let (h, first) = match c
-        .call(Request::ListDir {
-            path: p("paused"),
-            max_entries: 100,
-        })
-        .await
-        .unwrap()
-    {
-        Response::Listing {
-            handle,
-            entries,
-            eof: false,
-            ..
-        } => (handle, entries.len()),
-        other => panic!("{other:?}"),
-    };
-    for i in 0..1000 {
-        std::fs::write(dir.join(format!("f{i:04}")), b"xy").unwrap();
-    }
-    // What is tested is the age of what was read ahead: the clock has to move on.
-    std::thread::sleep(std::time::Duration::from_millis(60));
-    let mut rest = 0;
-    loop {
-        match c
-            .call(Request::ReadDir {
-                handle: h,
-                max_entries: MAX_DIR_BATCH,
-            })
-            .await
-            .unwrap()
-        {
-            Response::Dir { entries, eof } => {
-                for e in &entries {
-                    assert_eq!(e.attr.size, 2, "{:?} has its old size", e.name);
-                }
-                rest += entries.len();
-                if eof {
-                    break;
-                }
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(first + rest, 1000);
-}
-
 #[tokio::test]
 async fn readdir_returns_every_entry_once_with_attributes() {
     let server = Server::start().await;
