@@ -249,7 +249,22 @@ fn run(args: Args) -> Result<()> {
     }
 }
 
+/// glibc's malloc raises its mmap threshold to the size of each large block freed, up
+/// to 32 MiB: the 1 MiB buffers of FUSE requests and server frames then come from the
+/// heap, where they fragment it and the daemon's memory grows with the data that
+/// passed (60 to 108 MiB peak while copying 1 GiB inside the mount, 40 to 55 MiB with
+/// a fixed threshold). A fixed 4 MiB keeps those buffers on the heap, reused, and
+/// anything bigger in maps of its own.
+fn fix_malloc_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    fix_malloc_threshold();
     let args = Args::parse();
     // A daemon reporting through its readiness pipe: the parent prints the reason.
     let quiet = matches!(
