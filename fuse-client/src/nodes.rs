@@ -153,6 +153,14 @@ impl Nodes {
         }
     }
 
+    /// `parent/name`, remembered already, may be gone or stand for another inode now.
+    pub fn unverify(&mut self, parent: u64, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if self.by_name.contains_key(&key) {
+            self.unverified.insert(key);
+        }
+    }
+
     /// Whether `parent/name` was remembered unverified since the server last answered
     /// for it.
     pub fn is_unverified(&self, parent: u64, name: &[u8]) -> bool {

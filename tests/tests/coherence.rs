@@ -657,3 +657,81 @@ fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{name:?}");
     }
 }
+
+/// The same with a few names changed: only those are looked up again, the others are
+/// the kernel's without a round trip. Among them, a name removed on the server whose
+/// inode the mount meanwhile learned under another name (as when the server reuses a
+/// freed inode number): it is gone through the mount too.
+#[test]
+fn a_listing_vouches_for_the_names_that_did_not_change() {
+    const N: usize = 3 * 4096 + 1;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("big")).expect("mkdir");
+        fs::create_dir(e.join("other")).expect("mkdir");
+        for i in 0..N {
+            fs::write(e.join(format!("big/f{i:05}")), b"1").expect("create entry");
+        }
+    }) else {
+        return;
+    };
+    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
+    assert!(!listed(&fx.mnt("other"), "sentinel"));
+    let before = fx.mount.stats();
+    let mut d = fs::read_dir(fx.mnt("big")).expect("read_dir");
+    d.next().expect("an entry").expect("entry");
+    assert!(
+        poll_until(DEADLINE, || fx
+            .mount
+            .stats()
+            .get_or_zero("requests.readdir")
+            >= before.get_or_zero("requests.readdir") + 2),
+        "no batch fetched ahead"
+    );
+    let order: Vec<_> = fs::read_dir(fx.exp("big"))
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    // Past the first batch: 50 rewritten, one moved away, 100 left alone.
+    let later = &order[4200..];
+    let changed: Vec<_> = later.iter().step_by(160).take(50).cloned().collect();
+    let moved = later[later.len() - 1].clone();
+    let unchanged: Vec<_> = later
+        .iter()
+        .filter(|n| !changed.contains(n) && **n != moved)
+        .take(100)
+        .cloned()
+        .collect();
+    for name in &changed {
+        fs::write(fx.exp("big").join(name), b"22").expect("rewrite on the server");
+    }
+    fs::hard_link(fx.exp("big").join(&moved), fx.exp("other/moved")).expect("link");
+    fs::remove_file(fx.exp("big").join(&moved)).expect("unlink");
+    fs::write(fx.exp("other/sentinel"), b"").expect("sentinel");
+    eventually("the sentinel's event", || {
+        listed(&fx.mnt("other"), "sentinel")
+    });
+    // The mount learns the inode under its new name.
+    fs::metadata(fx.mnt("other/moved")).expect("stat the new name");
+    let rest = d.count() + 1;
+    assert!((N - 1..=N).contains(&rest), "{rest} entries listed");
+    for name in &changed {
+        let meta = fs::metadata(fx.mnt("big").join(name)).expect("stat through the mount");
+        assert_eq!(
+            meta.len(),
+            2,
+            "{name:?} has the size its listing's batch had"
+        );
+    }
+    let e = fs::metadata(fx.mnt("big").join(&moved)).expect_err("a name removed");
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{moved:?}");
+    let lookups = fx.mount.stats().get_or_zero("requests.lookup");
+    for name in &unchanged {
+        let meta = fs::metadata(fx.mnt("big").join(name)).expect("stat through the mount");
+        assert_eq!(meta.len(), 1, "{name:?}");
+    }
+    assert_eq!(
+        fx.mount.stats().get_or_zero("requests.lookup"),
+        lookups,
+        "names that did not change were looked up on the server"
+    );
+}

@@ -375,14 +375,16 @@ impl Core {
     /// older than the change (the server stat'ed it before, or it waited here while the
     /// change's event went through, ignored for a name the kernel did not have yet): it
     /// is not vouched for, so its attributes are not taken, and the kernel gets it for
-    /// this reply only (it looks it up again when it uses it). A change noted while the
-    /// reply was filled: returned, for the caller to invalidate once the reply is out.
+    /// this reply only (it looks it up again when it uses it). An entry handed over as
+    /// vouched for whose name changed while the reply was filled is made unverified and
+    /// its attributes forgotten here, and returned (name, inode) for the caller to
+    /// invalidate once the reply is out.
     pub fn fill_listing(
         &self,
         l: &Listed,
         plus: bool,
         mut add: impl FnMut(&ListedEntry) -> bool,
-    ) -> Vec<Vec<u8>> {
+    ) -> Vec<(Vec<u8>, u64)> {
         let changed = self.listing_changed_since(l.ino, l.since);
         let dots = [(0, b".".as_slice(), l.ino), (1, b"..".as_slice(), l.parent)];
         for (cookie, name, ino) in dots {
@@ -440,24 +442,41 @@ impl Core {
             }
             first += chunk.len();
         }
+        if !plus {
+            return Vec::new();
+        }
         // Changed while this reply was filled, and handed over as vouched for.
         let now = self.listing_changed_since(l.ino, l.since);
-        if !plus || matches!(now, ListingChanged::Nothing) {
+        if matches!(now, ListingChanged::Nothing) {
             return Vec::new();
         }
         let first = l.offset.saturating_sub(2) as usize;
-        l.entries[first.min(last)..last]
+        let late: Vec<(Vec<u8>, u64)> = l.entries[first.min(last)..last]
             .iter()
             .filter(|e| changed.vouches(&e.name.0) && !now.vouches(&e.name.0))
-            .map(|e| e.name.0.clone())
-            .collect()
+            .map(|e| {
+                let ino = self
+                    .nodes
+                    .lock()
+                    .map_or(e.attr.ino, |n| n.to_kernel(e.attr.ino));
+                (e.name.0.clone(), ino)
+            })
+            .collect();
+        for (name, ino) in &late {
+            if let Ok(mut n) = self.nodes.lock() {
+                n.unverify(l.ino, name);
+            }
+            self.forget_attr(*ino);
+        }
+        late
     }
 
     /// Entries of `dir` a reply just handed the kernel as vouched for, whose names
     /// changed while it was filled (see [`Core::fill_listing`]): the kernel drops them.
-    pub fn changed_while_listed(&self, dir: u64, names: Vec<Vec<u8>>) {
-        for name in names {
+    pub fn changed_while_listed(&self, dir: u64, late: Vec<(Vec<u8>, u64)>) {
+        for (name, ino) in late {
             self.invalidate(Invalidation::Entry { parent: dir, name });
+            self.invalidate(Invalidation::Inode { ino, data: false });
         }
     }
 

@@ -186,9 +186,6 @@ impl Core {
             a
         });
         drop(nodes);
-        // A stream of the directory opened before may hold the name as it was, even for
-        // a name the kernel does not have yet (nothing else here would correct it).
-        self.listing_changed(dir, Some(&name.0));
         let (known_version, writing) = match known.zip(self.inodes.lock().ok()) {
             Some((ino, inodes)) => {
                 let st = inodes.get(&ino);
@@ -199,6 +196,14 @@ impl Core {
             }
             None => (None, false),
         };
+        // A stream of the directory opened before may hold the name as it was, even for
+        // a name the kernel does not have yet (nothing else here would correct it);
+        // not for this client's own change echoed back, whose reply it already has.
+        let own_echo = matches!((known, &attr),
+            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version));
+        if !own_echo {
+            self.listing_changed(dir, Some(&name.0));
+        }
         match (known, attr) {
             // Same file, a version we already have: our own change echoed back.
             (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {

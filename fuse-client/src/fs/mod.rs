@@ -122,16 +122,38 @@ struct ListingChanges {
     all: Option<u64>,
 }
 
+/// Counts of listing changes, for all directories: one never repeats, even across a
+/// directory's `ListingChanges` dropped and made again.
+static LISTING_CLOCK: AtomicU64 = AtomicU64::new(0);
+
 impl ListingChanges {
+    /// Called with the inode table's lock held, as are the reads of the clock.
     fn note(&mut self, name: Option<&[u8]>) {
-        self.count += 1;
+        self.count = LISTING_CLOCK.fetch_add(1, Ordering::SeqCst) + 1;
         match name {
             Some(n) if self.names.len() < LISTING_NAMES_MAX => {
                 self.names.push((self.count, n.into()));
             }
-            _ => {
-                self.all.get_or_insert(self.count);
-            }
+            // The newest such change: a stream opened after an older one must still
+            // see this one.
+            _ => self.all = Some(self.count),
+        }
+    }
+
+    /// What changed after count `since`.
+    fn since(&self, since: u64) -> ListingChanged {
+        if self.count <= since {
+            ListingChanged::Nothing
+        } else if self.all.is_some_and(|c| c > since) {
+            ListingChanged::All
+        } else {
+            ListingChanged::Names(
+                self.names
+                    .iter()
+                    .filter(|(c, _)| *c > since)
+                    .map(|(_, n)| n.clone())
+                    .collect(),
+            )
         }
     }
 }
@@ -849,7 +871,7 @@ impl Core {
             .listing
             .get_or_insert_default();
         changes.streams += 1;
-        changes.count
+        LISTING_CLOCK.load(Ordering::SeqCst)
     }
 
     /// A listing stream of `dir` is done.
@@ -884,20 +906,7 @@ impl Core {
             // No stream open: nothing to compare with (the caller's stream is open).
             return ListingChanged::All;
         };
-        if changes.count == since {
-            return ListingChanged::Nothing;
-        }
-        if changes.all.is_some_and(|c| c > since) {
-            return ListingChanged::All;
-        }
-        ListingChanged::Names(
-            changes
-                .names
-                .iter()
-                .filter(|(c, _)| *c > since)
-                .map(|(_, n)| n.clone())
-                .collect(),
-        )
+        changes.since(since)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -1468,4 +1477,43 @@ pub(super) struct Holds<'a> {
     pub name: &'a [u8],
     pub ino: u64,
     pub was: Option<Attr>,
+}
+
+#[cfg(test)]
+mod listing_changes_tests {
+    use super::*;
+
+    /// The count a stream opened now gets (`Core::listing_opened`).
+    fn opened() -> u64 {
+        LISTING_CLOCK.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_stream_sees_the_changes_after_it_opened_and_only_those() {
+        let mut c = ListingChanges::default();
+        c.note(Some(b"before"));
+        let since = opened();
+        assert!(matches!(c.since(since), ListingChanged::Nothing));
+        c.note(Some(b"x"));
+        let changed = c.since(since);
+        assert!(!changed.vouches(b"x"));
+        assert!(changed.vouches(b"before") && changed.vouches(b"y"));
+    }
+
+    #[test]
+    fn too_many_names_or_a_resync_count_for_streams_opened_after_an_earlier_one() {
+        let mut c = ListingChanges::default();
+        for i in 0..LISTING_NAMES_MAX + 1 {
+            c.note(Some(format!("n{i}").as_bytes()));
+        }
+        let old = opened();
+        assert!(matches!(c.since(old), ListingChanged::Nothing));
+        // Past the cap, a change stands for every name, also for a stream opened after
+        // the first such change.
+        c.note(Some(b"x"));
+        assert!(matches!(c.since(old), ListingChanged::All));
+        let newer = opened();
+        c.note(None);
+        assert!(matches!(c.since(newer), ListingChanged::All));
+    }
 }

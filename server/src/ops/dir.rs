@@ -300,10 +300,10 @@ fn next_batch(
         // Should the part panic, `working` is cleared all the same.
         let claim = Working(&*d);
         let part = stat.next_part(&d);
+        std::mem::forget(claim);
         a = d.listing.ahead();
         d.listing.store(&mut a, part);
         a.working = false;
-        std::mem::forget(claim);
     }
     let mut entries = Vec::new();
     let mut bytes = 0;
@@ -345,6 +345,11 @@ impl<D: std::ops::Deref<Target = OpenDir>> Drop for Working<D> {
     fn drop(&mut self) {
         let mut a = self.0.listing.ahead();
         a.working = false;
+        if std::thread::panicking() {
+            // The names the part had taken are lost: the listing must not end as if
+            // complete.
+            a.error.get_or_insert(libc::EIO);
+        }
         self.0.listing.changed.notify_all();
     }
 }
