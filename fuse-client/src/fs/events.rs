@@ -180,6 +180,14 @@ impl Core {
             });
             return;
         };
+        drop(nodes);
+        // First: a stream of the directory opened before may hold the name as it was,
+        // even for a name the kernel does not have yet (nothing else here would correct
+        // it). Noted before the name is looked at, so that a reply filled meanwhile
+        // either sees the note or gave the kernel a name found below.
+        self.forget_listing(dir);
+        self.listing_changed(dir, Some(&name.0));
+        let Ok(nodes) = self.nodes.lock() else { return };
         let known = nodes.child(dir, &name.0);
         let attr = attr.map(|mut a| {
             a.ino = nodes.to_kernel(a.ino);
@@ -196,14 +204,7 @@ impl Core {
             }
             None => (None, false),
         };
-        // A stream of the directory opened before may hold the name as it was, even for
-        // a name the kernel does not have yet (nothing else here would correct it);
-        // not for this client's own change echoed back, whose reply it already has.
-        let own_echo = matches!((known, &attr),
-            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version));
-        if !own_echo {
-            self.listing_changed(dir, Some(&name.0));
-        }
+
         match (known, attr) {
             // Same file, a version we already have: our own change echoed back.
             (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {

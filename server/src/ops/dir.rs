@@ -66,7 +66,8 @@ struct Ahead {
     bytes: usize,
     /// Every name has been read and stat'ed.
     done: bool,
-    /// Reading the names failed: reported once the entries before it went out.
+    /// Reading the names failed: reported once the entries before it went out, and
+    /// to every request after.
     error: Option<Errno>,
     /// A part is being read and stat'ed.
     working: bool,
@@ -318,8 +319,10 @@ fn next_batch(
     }
     a.bytes -= bytes;
     AHEAD_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+    // An error stays: the names of the part that failed are lost, and a listing
+    // read on past them would look complete.
     if entries.is_empty()
-        && let Some(e) = a.error.take()
+        && let Some(e) = a.error
     {
         return Err(e);
     }
