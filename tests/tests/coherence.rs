@@ -589,32 +589,27 @@ fn an_open_descriptor_follows_changes_on_the_export() {
     }
 }
 
-/// Files changed or removed on the server while the mount lists their directory, after
-/// the batches holding them were fetched (the client fetches batches ahead of the
-/// kernel) and before the kernel took them: the changes' events came first, for names
-/// the kernel did not have yet, so only the batches would tell it about those files.
-/// Every file shows its new size, none the size its batch had, and no removed file can
-/// be stat'ed.
-#[test]
-fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
-    const N: usize = 3 * 4096 + 1;
-    let Some(fx) = fixture_with(&[], &[], |e| {
+/// Entries of `big/` in the listing tests: over three of the server's batches.
+const BIG: usize = 3 * 4096 + 1;
+
+/// A mount of an export with `big/` (`BIG` one-byte files) and an empty `other/` that
+/// the mount keeps listed, and `big` being listed through it: the kernel took the first
+/// batch (it came with the open; at least 512 entries) and the next are fetched ahead.
+/// Also the names of `big` in the server's order, which batches follow.
+fn a_listing_under_way() -> Option<(ferry_tests::Fixture, fs::ReadDir, Vec<std::ffi::OsString>)> {
+    let fx = fixture_with(&[], &[], |e| {
         fs::create_dir(e.join("big")).expect("mkdir");
         fs::create_dir(e.join("other")).expect("mkdir");
-        for i in 0..N {
+        for i in 0..BIG {
             fs::write(e.join(format!("big/f{i:05}")), b"1").expect("create entry");
         }
-    }) else {
-        return;
-    };
+    })?;
     assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
     // Kept by the mount: it changes only through an event.
     assert!(!listed(&fx.mnt("other"), "sentinel"));
     let before = fx.mount.stats();
     let mut d = fs::read_dir(fx.mnt("big")).expect("read_dir");
-    // The kernel takes the first batch (it came with the open; at least 512 entries).
     d.next().expect("an entry").expect("entry");
-    // The next ones are fetched ahead.
     assert!(
         poll_until(DEADLINE, || fx
             .mount
@@ -623,27 +618,45 @@ fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
             >= before.get_or_zero("requests.readdir") + 2),
         "no batch fetched ahead"
     );
-    // In the server's order (which batches follow): the last few go, the others but
-    // the first change.
-    let order: Vec<_> = fs::read_dir(fx.exp("big"))
+    let order = fs::read_dir(fx.exp("big"))
         .expect("read_dir")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    let (kept, gone) = order.split_at(N - 3);
+    Some((fx, d, order))
+}
+
+/// Once the event of a file created now in `other/` is in, so are those of every
+/// change before it (events come in order).
+fn events_caught_up(fx: &ferry_tests::Fixture) {
+    fs::write(fx.exp("other/sentinel"), b"").expect("sentinel");
+    eventually("the sentinel's event", || {
+        listed(&fx.mnt("other"), "sentinel")
+    });
+}
+
+/// Files changed or removed on the server while the mount lists their directory, after
+/// the batches holding them were fetched (the client fetches batches ahead of the
+/// kernel) and before the kernel took them: the changes' events came first, for names
+/// the kernel did not have yet, so only the batches would tell it about those files.
+/// Every file shows its new size, none the size its batch had, and no removed file can
+/// be stat'ed.
+#[test]
+fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
+    let Some((fx, d, order)) = a_listing_under_way() else {
+        return;
+    };
+    // The last few go, the others but the first change.
+    let (kept, gone) = order.split_at(BIG - 3);
     for name in &kept[1..] {
         fs::write(fx.exp("big").join(name), b"22").expect("rewrite on the server");
     }
     for name in gone {
         fs::remove_file(fx.exp("big").join(name)).expect("remove on the server");
     }
-    // Events come in order: once this one's is in, so are those of the changes.
-    fs::write(fx.exp("other/sentinel"), b"").expect("sentinel");
-    eventually("the sentinel's event", || {
-        listed(&fx.mnt("other"), "sentinel")
-    });
+    events_caught_up(&fx);
     // (The listing may or may not show the names gone: it began before.)
     let rest = d.count() + 1;
-    assert!((N - 3..=N).contains(&rest), "{rest} entries listed");
+    assert!((BIG - 3..=BIG).contains(&rest), "{rest} entries listed");
     for name in &kept[1..] {
         let meta = fs::metadata(fx.mnt("big").join(name)).expect("stat through the mount");
         assert_eq!(
@@ -664,33 +677,9 @@ fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
 /// freed inode number): it is gone through the mount too.
 #[test]
 fn a_listing_vouches_for_the_names_that_did_not_change() {
-    const N: usize = 3 * 4096 + 1;
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        fs::create_dir(e.join("big")).expect("mkdir");
-        fs::create_dir(e.join("other")).expect("mkdir");
-        for i in 0..N {
-            fs::write(e.join(format!("big/f{i:05}")), b"1").expect("create entry");
-        }
-    }) else {
+    let Some((fx, d, order)) = a_listing_under_way() else {
         return;
     };
-    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
-    assert!(!listed(&fx.mnt("other"), "sentinel"));
-    let before = fx.mount.stats();
-    let mut d = fs::read_dir(fx.mnt("big")).expect("read_dir");
-    d.next().expect("an entry").expect("entry");
-    assert!(
-        poll_until(DEADLINE, || fx
-            .mount
-            .stats()
-            .get_or_zero("requests.readdir")
-            >= before.get_or_zero("requests.readdir") + 2),
-        "no batch fetched ahead"
-    );
-    let order: Vec<_> = fs::read_dir(fx.exp("big"))
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
     // Past the first batch (4,096 entries when the server is warm): 50 rewritten, one
     // moved away (early in the next batch, which is fetched by now unless the server
     // cut its batches short), 100 left alone.
@@ -708,14 +697,11 @@ fn a_listing_vouches_for_the_names_that_did_not_change() {
     }
     fs::hard_link(fx.exp("big").join(&moved), fx.exp("other/moved")).expect("link");
     fs::remove_file(fx.exp("big").join(&moved)).expect("unlink");
-    fs::write(fx.exp("other/sentinel"), b"").expect("sentinel");
-    eventually("the sentinel's event", || {
-        listed(&fx.mnt("other"), "sentinel")
-    });
+    events_caught_up(&fx);
     // The mount learns the inode under its new name.
     fs::metadata(fx.mnt("other/moved")).expect("stat the new name");
     let rest = d.count() + 1;
-    assert!((N - 1..=N).contains(&rest), "{rest} entries listed");
+    assert!((BIG - 1..=BIG).contains(&rest), "{rest} entries listed");
     for name in &changed {
         let meta = fs::metadata(fx.mnt("big").join(name)).expect("stat through the mount");
         assert_eq!(
