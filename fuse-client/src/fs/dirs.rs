@@ -66,8 +66,6 @@ pub struct DirStream {
     /// The directory's change count when the stream was opened
     /// (`Core::listing_opened`).
     since: u64,
-    /// Served from the kept listing.
-    from_cache: bool,
     /// A batch fetched ahead failed: the error of the next read that needs it.
     failed: Option<FsError>,
     /// The batches after these, being fetched (none once the stream ended, or after a
@@ -137,8 +135,7 @@ impl Core {
         // Before the listing is asked for: changes from here on are its business.
         let since = self.listing_opened(ino);
         let opened = async {
-            let stream = self.open_stream(caller, ino, (epoch, since)).await?;
-            let from_cache = stream.from_cache;
+            let (stream, from_cache) = self.open_stream(caller, ino, (epoch, since)).await?;
             Ok((self.keep_stream(stream)?, from_cache))
         }
         .await;
@@ -148,15 +145,17 @@ impl Core {
         opened
     }
 
+    /// The stream, and whether it comes from the kept listing.
     async fn open_stream(
         self: &Arc<Self>,
         caller: Caller,
         ino: u64,
         (epoch, since): (u64, u64),
-    ) -> FsResult<DirStream> {
+    ) -> FsResult<(DirStream, bool)> {
         let parent = self.dot_dot(ino)?;
         if let Some(entries) = self.cached_listing(ino)? {
-            return Ok(self.cached_stream(caller, ino, parent, (epoch, since), entries));
+            let stream = self.cached_stream(caller, ino, parent, (epoch, since), entries);
+            return Ok((stream, true));
         }
         let path = self.path(ino)?;
         // Open and first batch in one round trip; small directories need no more.
@@ -188,7 +187,7 @@ impl Core {
             self.prefetch_children(caller, path, &entries);
         }
         let handle = (!eof).then_some((handle, generation));
-        Ok(DirStream {
+        let stream = DirStream {
             ino,
             parent,
             handle,
@@ -196,10 +195,10 @@ impl Core {
             eof,
             epoch,
             since,
-            from_cache: false,
             failed: None,
             ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
-        })
+        };
+        Ok((stream, false))
     }
 
     /// [`Core::opendir`] on the FUSE session thread, for a listing kept in the cache
@@ -269,7 +268,6 @@ impl Core {
             eof: true,
             epoch,
             since,
-            from_cache: true,
             failed: None,
             ahead: None,
         }
@@ -451,21 +449,19 @@ impl Core {
             return Vec::new();
         }
         let first = l.offset.saturating_sub(2) as usize;
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return Vec::new();
+        };
         let late: Vec<(Vec<u8>, u64)> = l.entries[first.min(last)..last]
             .iter()
             .filter(|e| changed.vouches(&e.name.0) && !now.vouches(&e.name.0))
             .map(|e| {
-                let ino = self
-                    .nodes
-                    .lock()
-                    .map_or(e.attr.ino, |n| n.to_kernel(e.attr.ino));
-                (e.name.0.clone(), ino)
+                nodes.unverify(l.ino, &e.name.0);
+                (e.name.0.clone(), nodes.to_kernel(e.attr.ino))
             })
             .collect();
-        for (name, ino) in &late {
-            if let Ok(mut n) = self.nodes.lock() {
-                n.unverify(l.ino, name);
-            }
+        drop(nodes);
+        for (_, ino) in &late {
             self.forget_attr(*ino);
         }
         late

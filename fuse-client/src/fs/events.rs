@@ -204,16 +204,13 @@ impl Core {
             }
             None => (None, false),
         };
-
+        // (The directory's kept listing, which may hold older attributes of the entry,
+        // went above.)
         match (known, attr) {
             // Same file, a version we already have: our own change echoed back.
-            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {
-                // The listing may still hold older attributes of this entry.
-                self.forget_listing(dir);
-            }
+            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {}
             // Same file, changed: attributes and pages go, the entry stays.
             (Some(ino), Some(a)) if a.ino == ino => {
-                self.forget_listing(dir);
                 if writing {
                     // This client is writing it: close-to-open, our pages are the truth.
                     return;
@@ -235,7 +232,6 @@ impl Core {
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
-                self.forget_listing(dir);
                 // (The directory's own attributes come with its own event, which the
                 // server sends with every entry change.)
                 // A name that exists now joins the directory's known names (this also

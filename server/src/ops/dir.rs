@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response, XATTRS_UNKNOWN};
+use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response};
 
 use super::{Ctx, attr_of};
 use crate::export::Export;
@@ -157,11 +157,7 @@ impl Stat {
             let mut attr = attr_of(&st, self.export.root_dev());
             // For a client that forwards xattrs, one more syscall per entry saves it a
             // round trip per `ls -l` probe (others do not ask: ~3 µs per entry saved).
-            attr.xattrs = if self.xattr_hints {
-                sys::xattr_hint_at(dir, &cname)
-            } else {
-                XATTRS_UNKNOWN
-            };
+            attr.xattrs = super::xattr_hint_at(self.xattr_hints, dir, &cname);
             out.push(DirEntry {
                 name: Name(name.clone()),
                 attr,

@@ -112,11 +112,7 @@ impl Ctx {
     /// Whether the file behind `dir`/`name` has extended attributes, for a client that
     /// asked ([`caps::XATTR_HINTS`]); unknown otherwise.
     pub fn xattr_hint_at(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
-        if self.xattr_hints {
-            crate::sys::xattr_hint_at(dir, name)
-        } else {
-            ferry_common::XATTRS_UNKNOWN
-        }
+        xattr_hint_at(self.xattr_hints, dir, name)
     }
 
     /// [`Ctx::xattr_hint_at`] for an open descriptor.
@@ -134,6 +130,16 @@ impl Ctx {
         if let Some(w) = &self.watch {
             w.ensure(dir, path);
         }
+    }
+}
+
+/// Whether the file behind `dir`/`name` has extended attributes, if `asked` (the client
+/// negotiated [`caps::XATTR_HINTS`]); unknown otherwise.
+pub(crate) fn xattr_hint_at(asked: bool, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
+    if asked {
+        crate::sys::xattr_hint_at(dir, name)
+    } else {
+        ferry_common::XATTRS_UNKNOWN
     }
 }
 
