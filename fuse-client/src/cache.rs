@@ -77,6 +77,9 @@ struct Entry {
     dirty: bool,
     /// Fetched pieces kept in memory (see [`DataCache::store_and_keep`]), by offset.
     kept: Vec<Kept>,
+    /// `<ino>.meta` exists and lists blocks as this entry's: it must go before any of
+    /// those blocks' bytes change (see [`Entry::unlist`]).
+    on_disk: bool,
 }
 
 /// A piece of a file as fetched and stored, kept in memory for the reads about to ask
@@ -123,7 +126,20 @@ impl Entry {
             generation,
             dirty: true,
             kept: Vec::new(),
+            on_disk: false,
         }
+    }
+
+    /// The bytes of this entry's blocks are about to change, or the blocks to go: its
+    /// metadata file goes first (under the cache lock, before the data file is touched),
+    /// so what is on disk never lists a block whose bytes are not the server's at the
+    /// listed version, whenever this daemon dies. [`DataCache::persist`] writes it anew.
+    fn unlist(&mut self, dir: &Path, ino: u64) {
+        if self.on_disk {
+            let _ = std::fs::remove_file(meta_path_in(dir, ino));
+            self.on_disk = false;
+        }
+        self.meta_dirty = true;
     }
 
     /// Drop every cached block of the entry from the LRU and the byte count.
@@ -334,6 +350,8 @@ pub struct DataCache {
     inner: Mutex<Inner>,
     /// Serializes metadata write-back (its temporary files share names).
     persisting: Mutex<()>,
+    /// `LOCK_FILE`, locked: one mount at a time uses a cache dir.
+    _lock: File,
     /// Pinned entries a process's shared map stored into, as seen just before this
     /// daemon's own write to the data file (which changes its mtime too): kept until
     /// [`DataCache::take_mapped_stores`].
@@ -370,9 +388,29 @@ fn lock_err() -> io::Error {
 
 impl DataCache {
     /// Open (or create) the cache in `dir`, keeping at most `cap` bytes of file data.
+    /// Fails with [`io::ErrorKind::WouldBlock`] while another mount uses `dir`.
     pub fn open(dir: &Path, cap: u64) -> io::Result<DataCache> {
         std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        // SAFETY: a valid descriptor; the lock goes with it when the cache is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another mount", dir.display()),
+                ),
+                _ => e,
+            });
+        }
+        begin_session(dir)?;
         let cache = DataCache {
+            _lock: lock,
             dir: dir.to_path_buf(),
             cap: cap.max(BLOCK),
             inner: Mutex::new(Inner::default()),
@@ -409,23 +447,45 @@ impl DataCache {
     }
 
     fn meta_path(&self, ino: u64) -> PathBuf {
-        self.dir.join(format!("{ino}.meta"))
+        meta_path_in(&self.dir, ino)
     }
 
     fn load(&self) -> io::Result<()> {
         let mut metas = Vec::new();
+        let mut datas = Vec::new();
         for ent in std::fs::read_dir(&self.dir)? {
             let ent = ent?;
             let name = ent.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name.ends_with(".meta.tmp") {
+                // A write-back this daemon's predecessor did not finish.
+                let _ = std::fs::remove_file(ent.path());
+                continue;
+            }
+            if let Some(ino) = name
+                .strip_suffix(".data")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                datas.push(ino);
+                continue;
+            }
             let Some(ino) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".meta"))
+                .strip_suffix(".meta")
                 .and_then(|n| n.parse::<u64>().ok())
             else {
                 continue;
             };
             let mtime = ent.metadata().and_then(|m| m.modified()).ok();
             metas.push((mtime, ino));
+        }
+        // Data without metadata (its metadata went before its blocks changed, and this
+        // daemon's predecessor died before writing it again) is nobody's: it would only
+        // take room outside the cap.
+        let listed: HashSet<u64> = metas.iter().map(|(_, ino)| *ino).collect();
+        for ino in datas.into_iter().filter(|ino| !listed.contains(ino)) {
+            let _ = std::fs::remove_file(self.data_path(ino));
         }
         // Oldest metadata first: a rough recency order for the LRU after a restart.
         metas.sort();
@@ -451,6 +511,7 @@ impl DataCache {
                         generation,
                         dirty: false,
                         kept: Vec::new(),
+                        on_disk: true,
                     };
                     for b in meta.blocks {
                         if b * BLOCK >= meta.size && meta.size > 0 {
@@ -485,10 +546,10 @@ impl DataCache {
         match inner.files.get_mut(&ino) {
             Some(e) if e.version == version && e.size == size => !e.blocks.is_empty(),
             Some(e) => {
+                e.unlist(&self.dir, ino);
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
                 e.version = version;
                 e.size = size;
-                e.meta_dirty = true;
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
                 inner.forget_kept(ino);
@@ -511,6 +572,7 @@ impl DataCache {
                         generation,
                         dirty: false,
                         kept: Vec::new(),
+                        on_disk: false,
                     },
                 );
                 false
@@ -526,6 +588,7 @@ impl DataCache {
         };
         let inner = &mut *inner;
         if let Some(e) = inner.files.get_mut(&ino) {
+            e.unlist(&self.dir, ino);
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
@@ -533,7 +596,6 @@ impl DataCache {
             }
             e.version = version;
             e.size = size;
-            e.meta_dirty = true;
             e.dirty = false;
             e.generation = inner.generations + 1;
             inner.generations += 1;
@@ -792,6 +854,7 @@ impl DataCache {
             // have landed over newer ones: those blocks are not trusted any more (a
             // refresh of a pinned entry fetches them again), and the file must not
             // outgrow the current version.
+            e.unlist(&self.dir, ino);
             for b in blocks {
                 if let Some(t) = e.blocks.remove(&b) {
                     inner.lru.remove(&t);
@@ -833,67 +896,78 @@ impl DataCache {
     /// `extra` off `reserved` once its blocks are recorded (or not). Blocks of pinned
     /// entries are never evicted.
     fn evict_to(&self, extra: u64) -> io::Result<bool> {
+        let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+        let inner = &mut *inner;
+        if inner.used + inner.reserved + extra <= self.cap {
+            inner.reserved += extra;
+            return Ok(true);
+        }
+        // Punched under the lock: a store that fetched an evicted block again must not
+        // have its bytes punched out after it recorded them.
         let mut punched: Vec<(u64, u64, u64)> = Vec::new();
-        let mut emptied = Vec::new();
-        let fits = {
-            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let inner = &mut *inner;
-            let mut from = 0;
-            while inner.used + inner.reserved + extra > self.cap {
-                let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
-                    break;
-                };
-                if inner.pins.contains_key(&ino) {
-                    from = t + 1;
-                    continue;
-                }
-                inner.lru.remove(&t);
-                if inner.exposed.contains(&ino)
-                    && let Some(e) = inner.files.get_mut(&ino)
-                {
-                    // A map may still read its data file: the file goes whole, unlinked.
-                    let before = inner.used;
-                    e.drop_blocks(&mut inner.lru, &mut inner.used);
-                    e.meta_dirty = true;
-                    // A store writing the old file meanwhile records nothing.
-                    inner.generations += 1;
-                    e.generation = inner.generations;
-                    let freed = before.saturating_sub(inner.used);
-                    self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
-                    self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
-                    continue;
-                }
-                if let Some(e) = inner.files.get_mut(&ino)
-                    && e.blocks.remove(&b).is_some()
-                {
-                    let len = e.block_len(b);
-                    inner.used = inner.used.saturating_sub(len);
-                    self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
-                    punched.push((ino, b * BLOCK, len));
-                    e.meta_dirty = true;
-                    if e.blocks.is_empty() {
-                        emptied.push(ino);
-                    }
-                }
+        let mut from = 0;
+        while inner.used + inner.reserved + extra > self.cap {
+            let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
+                break;
+            };
+            if inner.pins.contains_key(&ino) {
+                from = t + 1;
+                continue;
             }
-            let fits = inner.used + inner.reserved + extra <= self.cap;
-            if fits {
-                inner.reserved += extra;
+            inner.lru.remove(&t);
+            if inner.exposed.contains(&ino)
+                && let Some(e) = inner.files.get_mut(&ino)
+            {
+                // A map may still read its data file: the file goes whole, unlinked.
+                let before = inner.used;
+                e.unlist(&self.dir, ino);
+                e.drop_blocks(&mut inner.lru, &mut inner.used);
+                // A store writing the old file meanwhile records nothing.
+                inner.generations += 1;
+                e.generation = inner.generations;
+                let freed = before.saturating_sub(inner.used);
+                self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
+                continue;
             }
-            fits
-        };
-        for (ino, off, len) in punched {
-            // (Passed through meanwhile: its readers' file keeps its bytes.)
-            let spared = self
-                .inner
-                .lock()
-                .is_ok_and(|i| i.pins.contains_key(&ino) || i.exposed.contains(&ino));
-            if !spared {
-                self.punch(ino, off, len);
+            if let Some(e) = inner.files.get_mut(&ino)
+                && e.blocks.remove(&b).is_some()
+            {
+                let len = e.block_len(b);
+                inner.used = inner.used.saturating_sub(len);
+                self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
+                // Its metadata file goes before any of its bytes do.
+                e.unlist(&self.dir, ino);
+                punched.push((ino, b * BLOCK, len));
             }
         }
-        for ino in emptied {
-            drop_data(&self.data_path(ino));
+        punched.sort_unstable();
+        let mut open: Option<(u64, Option<File>)> = None;
+        for (ino, off, len) in punched {
+            let Some(e) = inner.files.get(&ino) else {
+                continue;
+            };
+            if e.blocks.is_empty() {
+                if open.as_ref().is_none_or(|(i, _)| *i != ino) {
+                    drop_data(&self.data_path(ino));
+                    open = Some((ino, None));
+                }
+                continue;
+            }
+            if open.as_ref().is_none_or(|(i, _)| *i != ino) {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(self.data_path(ino))
+                    .ok();
+                open = Some((ino, f));
+            }
+            if let Some((_, Some(f))) = &open {
+                punch_hole(f, off, len);
+            }
+        }
+        let fits = inner.used + inner.reserved + extra <= self.cap;
+        if fits {
+            inner.reserved += extra;
         }
         Ok(fits)
     }
@@ -1026,15 +1100,7 @@ impl DataCache {
     /// Free the disk blocks of `[off, off+len)` in the data file of `ino`.
     fn punch(&self, ino: u64, off: u64, len: u64) {
         if let Ok(f) = OpenOptions::new().write(true).open(self.data_path(ino)) {
-            // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
-            unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                );
-            }
+            punch_hole(&f, off, len);
         }
     }
 
@@ -1047,7 +1113,7 @@ impl DataCache {
         let end = offset + data.len() as u64;
         let (keep, pinned) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let e = Self::changing(&mut inner, ino, end);
+            let e = Self::changing(&self.dir, &mut inner, ino, end);
             // Write-around: new data is not copied into the cache (that would write every
             // byte twice on the client's disk); blocks already cached are patched so they
             // stay exact (in a pinned file, the passthrough readers see them at once).
@@ -1084,7 +1150,7 @@ impl DataCache {
                 return;
             };
             let inner = &mut *inner;
-            Self::changing(inner, ino, 0);
+            Self::changing(&self.dir, inner, ino, 0);
             if inner.exposed.contains(&ino) && !inner.pins.contains_key(&ino) {
                 // Not punched under a map that may still read it: begun anew.
                 if let Some(e) = inner.files.get_mut(&ino) {
@@ -1120,23 +1186,23 @@ impl DataCache {
     /// This client's change made `ino` at least `end` bytes long.
     pub fn extended(&self, ino: u64, end: u64) {
         if let Ok(mut inner) = self.inner.lock() {
-            Self::changing(&mut inner, ino, end);
+            Self::changing(&self.dir, &mut inner, ino, end);
         }
     }
 
     /// The entry of `ino` about to be changed by this client up to `end`: nothing fetched
     /// before is stored into it any more, nothing fetched is until the commit is adopted,
     /// and a growing file lengthens its (formerly) last block.
-    fn changing(inner: &mut Inner, ino: u64, end: u64) -> &mut Entry {
+    fn changing<'a>(dir: &Path, inner: &'a mut Inner, ino: u64, end: u64) -> &'a mut Entry {
         let generation = inner.next_generation();
         inner.forget_kept(ino);
         let e = inner
             .files
             .entry(ino)
             .or_insert_with(|| Entry::changed_locally(0, generation));
+        e.unlist(dir, ino);
         e.generation = generation;
         e.dirty = true;
-        e.meta_dirty = true;
         if end > e.size {
             let last = e.size / BLOCK;
             let before = e.block_len(last);
@@ -1162,6 +1228,7 @@ impl DataCache {
             .files
             .entry(ino)
             .or_insert_with(|| Entry::changed_locally(size, generation));
+        e.unlist(&self.dir, ino);
         let pinned = inner.pins.contains_key(&ino);
         let old_size = e.size;
         let counted = e.cached_bytes();
@@ -1183,7 +1250,6 @@ impl DataCache {
         e.size = size;
         e.generation = generation;
         e.dirty = true;
-        e.meta_dirty = true;
         // (The last block kept may have changed length with the size.)
         inner.used = inner.used.saturating_sub(counted) + e.cached_bytes();
         self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
@@ -1217,6 +1283,8 @@ impl DataCache {
         if let Ok(mut inner) = self.inner.lock() {
             let inner = &mut *inner;
             inner.forget_kept(ino);
+            // Whether listed or not: a failed cache write may have left one behind.
+            let _ = std::fs::remove_file(self.meta_path(ino));
             if let Some(e) = inner.files.remove(&ino) {
                 for (_, t) in e.blocks {
                     inner.lru.remove(&t);
@@ -1225,18 +1293,33 @@ impl DataCache {
             }
             self.reset_data(&inner.pins, &mut inner.exposed, ino, u64::MAX);
         }
-        let _ = std::fs::remove_file(self.meta_path(ino));
     }
 
-    /// Write back metadata of changed entries (on close and at unmount).
+    /// The mount is ending: metadata written back, everything in the cache dir on
+    /// disk, and the session marked as ended cleanly (see [`begin_session`]).
+    pub fn close(&self) -> io::Result<()> {
+        self.persist()?;
+        let dir = File::open(&self.dir)?;
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        std::fs::remove_file(self.dir.join(SESSION_FILE))?;
+        dir.sync_all()
+    }
+
+    /// Write back metadata of changed entries (on close and at unmount). An entry with
+    /// writes the server has not committed is not written (its blocks may hold them);
+    /// a metadata file goes into place only while what it lists is still present at
+    /// its version, so it is true whenever this daemon dies.
     pub fn persist(&self) -> io::Result<()> {
         let _one_at_a_time = self.persisting.lock().map_err(|_| lock_err())?;
-        let dirty: Vec<(u64, Meta)> = {
+        let changed: Vec<(u64, Meta)> = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             inner
                 .files
                 .iter_mut()
-                .filter(|(_, e)| e.meta_dirty)
+                .filter(|(_, e)| e.meta_dirty && !e.dirty)
                 .map(|(ino, e)| {
                     e.meta_dirty = false;
                     let mut blocks: Vec<u64> = e.blocks.keys().copied().collect();
@@ -1252,19 +1335,52 @@ impl DataCache {
                 })
                 .collect()
         };
-        for (ino, meta) in dirty {
+        let mut failed = None;
+        for (ino, meta) in changed {
             let path = self.meta_path(ino);
-            if meta.blocks.is_empty() {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            let bytes = bincode::serde::encode_to_vec(&meta, bincode::config::standard())
-                .map_err(|e| io::Error::other(e.to_string()))?;
             let tmp = path.with_extension("meta.tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)?;
+            let written = match meta.blocks.is_empty() {
+                true => Ok(false),
+                false => bincode::serde::encode_to_vec(&meta, bincode::config::standard())
+                    .map_err(|e| io::Error::other(e.to_string()))
+                    .and_then(|bytes| std::fs::write(&tmp, bytes))
+                    .map(|()| true),
+            };
+            let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let Some(e) = inner.files.get_mut(&ino) else {
+                // Forgotten meanwhile, and its file removed with it.
+                let _ = std::fs::remove_file(&tmp);
+                continue;
+            };
+            let still_true = e.version == meta.version
+                && e.size == meta.size
+                && !e.dirty
+                && meta.blocks.iter().all(|b| e.blocks.contains_key(b));
+            match written {
+                Ok(true) if still_true => match std::fs::rename(&tmp, &path) {
+                    Ok(()) => e.on_disk = true,
+                    Err(err) => {
+                        e.meta_dirty = true;
+                        failed.get_or_insert(err);
+                    }
+                },
+                Ok(true) => {
+                    // Changed meanwhile (and marked for the next write-back).
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                Ok(false) if e.on_disk => {
+                    let _ = std::fs::remove_file(&path);
+                    e.on_disk = false;
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    e.meta_dirty = true;
+                    failed.get_or_insert(err);
+                }
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -1377,6 +1493,71 @@ fn stamped(m: &std::fs::Metadata) -> bool {
     (m.mtime(), m.mtime_nsec()) == (0, 0)
 }
 
+/// Held locked (`flock`) by the mount using a cache dir.
+const LOCK_FILE: &str = "lock";
+
+/// Present while a mount uses the cache dir, holding the machine's boot id
+/// (`/proc/sys/kernel/random/boot_id`); removed by [`DataCache::close`] once everything
+/// is on disk.
+const SESSION_FILE: &str = "session";
+
+/// A mount starts using `dir` (locked). When the last one did not end cleanly and the
+/// machine restarted since, its files may not have reached the disk in the order they
+/// were written (a metadata file listing blocks whose bytes were lost): everything is
+/// dropped. A daemon that died without the machine going down left all it wrote in the
+/// page cache, where each metadata file was only ever true (see [`Entry::unlist`]).
+fn begin_session(dir: &Path) -> io::Result<()> {
+    let now = std::fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let marker = dir.join(SESSION_FILE);
+    match std::fs::read(&marker) {
+        Ok(last) if !now.is_empty() && last == now => {}
+        Ok(_) => {
+            tracing::warn!(
+                "the data cache in {} was in use when the machine went down: emptied",
+                dir.display()
+            );
+            for ent in std::fs::read_dir(dir)? {
+                let ent = ent?;
+                let name = ent.file_name();
+                let ours = name.to_str().is_some_and(|n| {
+                    [".data", ".meta", ".meta.tmp"].iter().any(|ext| {
+                        n.strip_suffix(ext)
+                            .is_some_and(|i| i.parse::<u64>().is_ok())
+                    })
+                });
+                if ours {
+                    std::fs::remove_file(ent.path())?;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let tmp = dir.join("session.tmp");
+    let f = File::create(&tmp)?;
+    std::io::Write::write_all(&mut &f, &now)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &marker)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Free the disk blocks of `[off, off+len)` of `f`, keeping its size.
+fn punch_hole(f: &File, off: u64, len: u64) {
+    // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
+fn meta_path_in(dir: &Path, ino: u64) -> PathBuf {
+    dir.join(format!("{ino}.meta"))
+}
+
 fn drop_data(path: &Path) {
     if let Ok(f) = OpenOptions::new().write(true).open(path) {
         let _ = f.set_len(0);
@@ -1477,6 +1658,146 @@ mod tests {
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert!(c.complete(9));
         assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+    }
+
+    /// Every `.data` file in `dir` has its `.meta` (nothing is left outside the cap).
+    fn no_orphans(dir: &Path) {
+        for ent in std::fs::read_dir(dir).unwrap() {
+            let name = ent.unwrap().file_name().into_string().unwrap();
+            if let Some(ino) = name.strip_suffix(".data") {
+                assert!(
+                    dir.join(format!("{ino}.meta")).exists(),
+                    "{name} was left without its metadata"
+                );
+            }
+            assert!(!name.ends_with(".tmp"), "{name} was left behind");
+        }
+    }
+
+    #[test]
+    fn a_clean_close_survives_reopen_and_ends_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(2 * BLOCK as usize, 3);
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            assert!(dir.path().join(SESSION_FILE).exists());
+            c.validate(9, 5, 2 * BLOCK);
+            c.store(9, 5, c.token(9).unwrap(), 0, &d).unwrap();
+            c.close().unwrap();
+            assert!(!dir.path().join(SESSION_FILE).exists());
+        }
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert!(c.validate(9, 5, 2 * BLOCK));
+        assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+    }
+
+    #[test]
+    fn one_mount_at_a_time_uses_a_cache_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        let second = DataCache::open(dir.path(), 64 * BLOCK).map(|_| ());
+        assert_eq!(
+            second.map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock),
+            "a second user of the dir would punch and cut the first one's files"
+        );
+        drop(c);
+        DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+    }
+
+    /// A daemon that dies (the cache dropped without `close`) while this client's
+    /// writes are not committed: the next one must not take the patched blocks for the
+    /// server's bytes at the old version, whether or not metadata was written back
+    /// after the write. Once committed (adopted), they are the new version's bytes.
+    #[test]
+    fn uncommitted_writes_are_never_listed_as_the_servers() {
+        let old = data(2 * BLOCK as usize, 1);
+        for write_back_after in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+                c.validate(1, 7, 2 * BLOCK);
+                c.store(1, 7, c.token(1).unwrap(), 0, &old).unwrap();
+                c.persist().unwrap();
+                c.wrote(1, 10, b"XYZ").unwrap();
+                if write_back_after {
+                    c.persist().unwrap();
+                }
+            }
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(1, 7, 2 * BLOCK);
+            match c.read(1, 7, 0, 2 * BLOCK).unwrap() {
+                Lookup::Miss(_) => {}
+                Lookup::Hit(got) => assert_eq!(
+                    &got[..],
+                    &old[..],
+                    "uncommitted bytes served as version 7 (written back after: {write_back_after})"
+                ),
+            }
+            no_orphans(dir.path());
+        }
+        // Committed: the patched blocks are the new version's.
+        let dir = tempfile::tempdir().unwrap();
+        let mut new = old.clone();
+        new[10..13].copy_from_slice(b"XYZ");
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(1, 7, 2 * BLOCK);
+            c.store(1, 7, c.token(1).unwrap(), 0, &old).unwrap();
+            c.persist().unwrap();
+            c.wrote(1, 10, b"XYZ").unwrap();
+            c.adopt(1, 8, 2 * BLOCK);
+            c.persist().unwrap();
+        }
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert!(c.validate(1, 8, 2 * BLOCK));
+        assert_eq!(c.read(1, 8, 0, 2 * BLOCK).unwrap(), Lookup::Hit(new.into()));
+    }
+
+    /// A daemon that dies after evicting (punching) blocks of a file whose metadata was
+    /// written back before: the next one never serves the holes as the file's bytes.
+    #[test]
+    fn evicted_blocks_are_never_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = data(4 * BLOCK as usize, 1);
+        {
+            let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+            c.validate(1, 7, 4 * BLOCK);
+            c.store(1, 7, c.token(1).unwrap(), 0, &one).unwrap();
+            c.persist().unwrap();
+            c.validate(2, 3, 2 * BLOCK);
+            c.store(2, 3, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 2))
+                .unwrap();
+            assert_eq!(c.used(), 4 * BLOCK, "file 2 took two of file 1's blocks");
+        }
+        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        c.validate(1, 7, 4 * BLOCK);
+        for b in 0..4 {
+            if let Lookup::Hit(got) = c.read(1, 7, b * BLOCK, BLOCK).unwrap() {
+                let want = &one[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+                assert!(got[..] == *want, "block {b} served with other bytes");
+            }
+        }
+        no_orphans(dir.path());
+    }
+
+    #[test]
+    fn a_session_cut_by_a_machine_restart_empties_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(9, 5, 2 * BLOCK);
+            c.store(9, 5, c.token(9).unwrap(), 0, &data(2 * BLOCK as usize, 3))
+                .unwrap();
+            c.persist().unwrap();
+        }
+        // The daemon died; then the machine did (another boot id).
+        std::fs::write(dir.path().join(SESSION_FILE), b"another boot\n").unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert_eq!(c.used(), 0);
+        assert!(!c.validate(9, 5, 2 * BLOCK));
+        assert!(!dir.path().join("9.data").exists());
+        assert!(!dir.path().join("9.meta").exists());
     }
 
     #[test]

@@ -236,19 +236,11 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     client.want_xattr_hints(opts.xattrs);
     rt.block_on(client.connect()).map_err(|e| anyhow!("{e}"))?;
     let welcome = client.welcome().ok_or_else(|| anyhow!("no handshake"))?;
-    let cache = match &opts.cache_dir {
-        Some(dir) => {
-            let dir = dir.join(format!("{:016x}", welcome.export_id));
-            match DataCache::open(&dir, opts.cache_size) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => {
-                    tracing::warn!("data cache disabled: cannot use {}: {e}", dir.display());
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    let cache = opts
+        .cache_dir
+        .as_deref()
+        .and_then(|dir| open_cache(dir, welcome.export_id, opts.cache_size))
+        .map(Arc::new);
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
     core.set_unlink_behind(!opts.sync_unlink);
@@ -370,11 +362,42 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     // Lets background cache writes finish first, so the metadata saved next covers them.
     rt.shutdown_timeout(Duration::from_secs(2));
     if let Some(cache) = &cache
-        && let Err(e) = cache.persist()
+        && let Err(e) = cache.close()
     {
         tracing::warn!("cannot save cache metadata: {e}");
     }
     run.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// Mounts of one export at a time that may share a cache dir: more take none.
+const CACHE_DIRS_PER_EXPORT: u32 = 8;
+
+/// The data cache of export `id` under `base`: `<id>`, or while another mount of the
+/// same export uses that, `<id>-2`, `<id>-3`… (each mount keeps a cache of its own
+/// across remounts). `None` (with a warning) when none can be used.
+fn open_cache(base: &Path, id: u64, cap: u64) -> Option<DataCache> {
+    for n in 1..=CACHE_DIRS_PER_EXPORT {
+        let dir = match n {
+            1 => base.join(format!("{id:016x}")),
+            n => base.join(format!("{id:016x}-{n}")),
+        };
+        match DataCache::open(&dir, cap) {
+            Ok(c) => return Some(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!("{e}; trying the next");
+            }
+            Err(e) => {
+                tracing::warn!("data cache disabled: cannot use {}: {e}", dir.display());
+                return None;
+            }
+        }
+    }
+    tracing::warn!(
+        "data cache disabled: {CACHE_DIRS_PER_EXPORT} mounts of this export already use the \
+         cache dirs under {}",
+        base.display()
+    );
+    None
 }
 
 /// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the

@@ -228,6 +228,111 @@ fn a_remount_reads_unchanged_files_from_the_cache() {
     );
 }
 
+/// The mount daemon dies (SIGKILL) while a file it has cached whole is open with a
+/// write the server has not committed. The export keeps its old bytes, and the next
+/// mount given the same cache reads those: not the dead mount's uncommitted bytes,
+/// which it had patched into its cached blocks of the same server version.
+#[test]
+fn a_killed_mount_leaves_no_uncommitted_bytes_in_its_cache() {
+    if !require_fuse() {
+        return;
+    }
+    let old = Rng::new(0x4b_11).bytes(3 * MIB + 77);
+    let server = TestServer::start();
+    fs::write(server.export("f"), &old).expect("write on the export");
+    let cache_home = temp_dir("cache");
+
+    let mut first = TestMount::with_cache_home(&server, &[], cache_home.path());
+    assert_same_bytes(
+        &fs::read(first.join("f")).expect("read"),
+        &old,
+        "first mount",
+    );
+    first.unmount().expect("unmount the first mount");
+
+    let second = TestMount::with_cache_home(&server, &[], cache_home.path());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(second.join("f"))
+        .expect("open for writing");
+    f.write_all_at(b"never committed", 1000).expect("pwrite");
+    let mut seen = vec![0; 15];
+    File::open(second.join("f"))
+        .expect("open")
+        .read_exact_at(&mut seen, 1000)
+        .expect("read back");
+    assert_eq!(
+        &seen, b"never committed",
+        "the writing mount sees its own write"
+    );
+    let pids = second.daemon_pids();
+    assert!(
+        !pids.is_empty(),
+        "no daemon found for {}",
+        second.path().display()
+    );
+    for pid in pids {
+        ferry_tests::sys::kill(pid, libc::SIGKILL);
+    }
+    assert!(
+        poll_until(Duration::from_secs(10), || second.daemon_pids().is_empty()),
+        "the killed daemon is still there"
+    );
+    drop(f);
+    drop(second);
+    assert_same_bytes(
+        &fs::read(server.export("f")).expect("read the export"),
+        &old,
+        "the export after the writer's mount died",
+    );
+
+    let third = TestMount::with_cache_home(&server, &[], cache_home.path());
+    assert_same_bytes(
+        &fs::read(third.join("f")).expect("read"),
+        &old,
+        "a remount with the dead mount's cache",
+    );
+}
+
+/// Two mounts of one export with one cache home at the same time: each uses a cache
+/// dir of its own (one shared would have each evict, punch and cut the files the
+/// other lists), and a later mount reuses one of them.
+#[test]
+fn mounts_of_one_export_at_once_keep_separate_caches() {
+    if !require_fuse() {
+        return;
+    }
+    let data = Rng::new(0x2c_0d).bytes(2 * MIB + 5);
+    let server = TestServer::start();
+    fs::write(server.export("f"), &data).expect("write on the export");
+    let cache_home = temp_dir("cache");
+    let mut a = TestMount::with_cache_home(&server, &[], cache_home.path());
+    let mut b = TestMount::with_cache_home(&server, &[], cache_home.path());
+    for (m, what) in [(&a, "first mount"), (&b, "second mount")] {
+        assert_same_bytes(&fs::read(m.join("f")).expect("read"), &data, what);
+    }
+    let dirs: Vec<String> = fs::read_dir(cache_root(&a))
+        .expect("the cache root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs.len(), 2, "one cache dir per mount, found {dirs:?}");
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+
+    let c = TestMount::with_cache_home(&server, &["--passthrough", "off"], cache_home.path());
+    assert_same_bytes(
+        &fs::read(c.join("f")).expect("read"),
+        &data,
+        "a later mount",
+    );
+    let st = c.stats();
+    assert_eq!(
+        st.get("bytes_read_from_server"),
+        0,
+        "the later mount did not reuse a cache\n{st}"
+    );
+}
+
 /// A 4 KiB read at 40 MiB of a 64 MiB file transfers (and caches) well under 2 MiB.
 #[test]
 fn a_small_read_of_a_large_file_fetches_only_around_it() {
