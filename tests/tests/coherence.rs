@@ -24,6 +24,31 @@ fn listed(dir: &Path, name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The event stream of `m` is up (polled): from here on, what the kernel is given it
+/// keeps for the long TTL, so a change that shows before that expires was pushed.
+#[track_caller]
+fn stream_up(m: &TestMount) {
+    assert!(
+        poll_until(PUSHED, || m.stats().flag("events_live")),
+        "{}: the event stream did not come up\n{}",
+        m.path().display(),
+        m.stats()
+    );
+}
+
+/// ... and it stayed up since [`stream_up`]: the changes the test saw were pushed, none
+/// shown by a short TTL running out while the stream was down.
+#[track_caller]
+fn stream_stayed_up(m: &TestMount) {
+    let st = m.stats();
+    assert!(
+        st.flag("events_live") && st.get_or_zero("resyncs") == 0,
+        "{}: the event stream went down during the test, so TTLs may have shown the \
+         changes\n{st}",
+        m.path().display()
+    );
+}
+
 #[track_caller]
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     assert!(
@@ -40,6 +65,7 @@ fn changes_on_the_export_show_through_the_mount() {
     }) else {
         return;
     };
+    stream_up(&fx.mount);
     // Let the mount cache what there is.
     assert!(listed(&fx.mnt("dir"), "old"));
     assert_eq!(fs::read(fx.mnt("dir/old")).expect("read"), b"old content");
@@ -69,6 +95,7 @@ fn changes_on_the_export_show_through_the_mount() {
     eventually("a chmod on the export", || {
         fs::metadata(fx.mnt("dir/renamed")).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o600)
     });
+    stream_stayed_up(&fx.mount);
 }
 
 #[test]
@@ -79,6 +106,8 @@ fn two_mounts_see_each_others_changes() {
         return;
     };
     let other = TestMount::new(&fx.server);
+    stream_up(&fx.mount);
+    stream_up(&other);
     let (a, b) = (fx.mount.path(), other.path());
     assert_eq!(fs::read(a.join("shared")).expect("read"), b"v1");
     assert_eq!(fs::read(b.join("shared")).expect("read"), b"v1");
@@ -95,6 +124,8 @@ fn two_mounts_see_each_others_changes() {
     eventually("A's unlink through B", || {
         !listed(b, "shared") && fs::metadata(b.join("shared")).is_err()
     });
+    stream_stayed_up(&fx.mount);
+    stream_stayed_up(&other);
 }
 
 /// Whether `path` is gone: `ENOENT`, not some other error.
@@ -269,6 +300,8 @@ fn a_cached_listing_follows_changes_on_the_export() {
         v.sort();
         Some(v)
     };
+    stream_up(&fx.mount);
+    stream_up(&other);
     let mounts = [fx.mount.path(), other.path()];
     for m in mounts {
         for _ in 0..2 {
@@ -307,6 +340,65 @@ fn a_cached_listing_follows_changes_on_the_export() {
             m.display()
         );
     }
+    stream_stayed_up(&fx.mount);
+    stream_stayed_up(&other);
+}
+
+/// The event stream is cut (the server killed) while the export changes; once a
+/// restarted server is back, the mount revalidates all it had cached. Before the cut,
+/// each thing was cached (kernel and data cache) while events were live, with the long
+/// TTL: only the revalidation after the reconnect can show the changes made meanwhile.
+#[test]
+fn changes_made_while_the_event_stream_was_down_show_once_it_is_back() {
+    use std::os::unix::fs::MetadataExt;
+    let old = Rng::new(0x5e_5c).bytes(300_000);
+    let Some(mut fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir");
+        for n in ["keep", "gone"] {
+            fs::write(e.join("d").join(n), n).expect("write");
+        }
+        fs::write(e.join("f"), &old).expect("write");
+        fs::write(e.join("m"), b"mode").expect("write");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    assert_eq!(fs::read(fx.mnt("f")).expect("read f"), old);
+    assert!(listed(&fx.mnt("d"), "gone") && listed(&fx.mnt("d"), "keep"));
+    assert!(fs::metadata(fx.mnt("d/gone")).is_ok());
+    let mode = fs::metadata(fx.mnt("m")).expect("stat m").mode() & 0o777;
+    assert_ne!(mode, 0o600);
+
+    fx.server.kill();
+    // Nobody watches the export now: the restarted server cannot tell the mount.
+    let mut new = old.clone();
+    new[150_000..150_010].copy_from_slice(b"rewritten!");
+    fs::write(fx.exp("f"), &new).expect("rewrite f, same size");
+    fs::write(fx.exp("d/added"), b"added").expect("create");
+    fs::remove_file(fx.exp("d/gone")).expect("unlink");
+    fs::set_permissions(fx.exp("m"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let resyncs = fx.mount.stats().get_or_zero("resyncs");
+    fx.server.restart();
+
+    eventually("the file rewritten while the stream was down", || {
+        fs::read(fx.mnt("f")).is_ok_and(|d| d == new)
+    });
+    eventually("the name added while the stream was down", || {
+        listed(&fx.mnt("d"), "added") && fs::metadata(fx.mnt("d/added")).is_ok()
+    });
+    eventually("the name removed while the stream was down", || {
+        !listed(&fx.mnt("d"), "gone")
+            && fs::metadata(fx.mnt("d/gone")).is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+    });
+    eventually("the mode changed while the stream was down", || {
+        fs::metadata(fx.mnt("m")).is_ok_and(|m| m.mode() & 0o777 == 0o600)
+    });
+    stream_up(&fx.mount);
+    let st = fx.mount.stats();
+    assert!(
+        st.get("resyncs") > resyncs,
+        "the mount saw the changes without revalidating: was anything cached?\n{st}"
+    );
 }
 
 /// Truncations alone (no data written), made on each side in turn, show on the other
