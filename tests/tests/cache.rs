@@ -333,6 +333,58 @@ fn mounts_of_one_export_at_once_keep_separate_caches() {
     );
 }
 
+/// While the event stream is up, re-opening and re-reading an unchanged file, and
+/// re-listing a directory, send nothing to the server, and the file's bytes come from
+/// the kernel's page cache, kept across opens: the daemon serves none of them again.
+#[test]
+fn unchanged_files_and_listings_are_reread_without_a_round_trip() {
+    let data = Rng::new(0x4e_c4).bytes(4 * MIB + 3);
+    let Some(fx) = fixture_with(&[], &["--passthrough", "off"], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir");
+        for i in 0..50 {
+            fs::write(e.join(format!("d/f{i}")), b"x").expect("write");
+        }
+        fs::write(e.join("d/big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    assert!(
+        poll_until(PUSHED, || fx.mount.stats().flag("events_live")),
+        "the event stream did not come up"
+    );
+    let list = || fs::read_dir(fx.mnt("d")).expect("list").count();
+    assert_eq!(list(), 51);
+    assert_same_bytes(
+        &fs::read(fx.mnt("d/big")).expect("read"),
+        &data,
+        "first read",
+    );
+    let before = fx.mount.stats();
+    for round in 0..3 {
+        assert_eq!(list(), 51);
+        let what = format!("re-read {round}");
+        assert_same_bytes(&fs::read(fx.mnt("d/big")).expect("read"), &data, &what);
+    }
+    let after = fx.mount.stats();
+    for key in [
+        "requests",
+        "bytes_served_from_cache",
+        "bytes_read_from_server",
+    ] {
+        assert_eq!(
+            after.get(key),
+            before.get(key),
+            "{key} changed while an unchanged file and listing were read again\n\
+             before:\n{before}\nafter:\n{after}"
+        );
+    }
+    assert!(
+        after.get("opens_without_round_trip") >= before.get("opens_without_round_trip") + 3
+            && after.get("listings_from_cache") >= before.get("listings_from_cache") + 3,
+        "the opens and listings were not answered locally\n{after}"
+    );
+}
+
 /// A 4 KiB read at 40 MiB of a 64 MiB file transfers (and caches) well under 2 MiB.
 #[test]
 fn a_small_read_of_a_large_file_fetches_only_around_it() {

@@ -14,8 +14,9 @@ const MIB: usize = 1024 * 1024;
 const PUSHED: Duration = Duration::from_secs(5);
 
 /// The counters `ferry stats --json` must offer, numbers all.
-const COUNTERS: [&str; 22] = [
+const COUNTERS: [&str; 23] = [
     "requests",
+    "bytes_sent",
     "bytes_received",
     "bytes_read_from_server",
     "bytes_served_from_cache",
@@ -113,6 +114,36 @@ fn stats_in_text_and_json() {
 }
 
 /// `ferry stats` on something that is not a ferry mount fails with a message naming it.
+/// A large sequential write streams to the server while the application writes: with
+/// 48 MiB written and the file still open, most of it has gone out already (at most
+/// 16 MiB of writes are in flight per file), so the close does not start the upload.
+/// The close then commits, and the export has every byte.
+#[test]
+fn a_large_write_is_sent_before_the_close() {
+    use std::io::Write;
+    let Some(fx) = fixture_with(&[], &[], |_| {}) else {
+        return;
+    };
+    let data = Rng::new(0x5e_4d).bytes(48 * MIB);
+    let before = fx.mount.stats();
+    let mut f = fs::File::create(fx.mnt("big")).expect("create");
+    for chunk in data.chunks(MIB) {
+        f.write_all(chunk).expect("write");
+    }
+    let st = fx.mount.stats();
+    let sent = st.get("bytes_sent") - before.get("bytes_sent");
+    assert!(
+        sent >= 24 * MIB as u64 && st.get("requests.write") > 0,
+        "{sent} bytes sent while 48 MiB were written and the file is still open\n{st}"
+    );
+    ferry_tests::sys::close(f).expect("close");
+    assert_same_bytes(
+        &fs::read(fx.exp("big")).expect("read the export"),
+        &data,
+        "the export after the close",
+    );
+}
+
 #[test]
 fn stats_of_a_non_ferry_directory_fails_clearly() {
     let plain = temp_dir("plain");
