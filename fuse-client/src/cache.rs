@@ -346,6 +346,8 @@ pub struct CacheStats {
 pub struct DataCache {
     dir: PathBuf,
     cap: u64,
+    /// Free space left on the cache's filesystem (0: no check), see [`DataCache::limit`].
+    min_free: u64,
     // std Mutex: bookkeeping only; file I/O happens outside it where possible.
     inner: Mutex<Inner>,
     /// Serializes metadata write-back (its temporary files share names).
@@ -390,6 +392,12 @@ impl DataCache {
     /// Open (or create) the cache in `dir`, keeping at most `cap` bytes of file data.
     /// Fails with [`io::ErrorKind::WouldBlock`] while another mount uses `dir`.
     pub fn open(dir: &Path, cap: u64) -> io::Result<DataCache> {
+        Self::open_leaving(dir, cap, 0)
+    }
+
+    /// [`DataCache::open`], keeping at least `min_free` bytes free on the filesystem of
+    /// `dir` as well: when other programs take the space, the cache gives it back.
+    pub fn open_leaving(dir: &Path, cap: u64, min_free: u64) -> io::Result<DataCache> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -413,6 +421,7 @@ impl DataCache {
             _lock: lock,
             dir: dir.to_path_buf(),
             cap: cap.max(BLOCK),
+            min_free,
             inner: Mutex::new(Inner::default()),
             persisting: Mutex::new(()),
             mapped: Mutex::new(HashSet::new()),
@@ -501,7 +510,7 @@ impl DataCache {
                 });
             let data_ok = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
             match (meta, data_ok) {
-                (Some(meta), Some(len)) if len >= meta.size.min(len) => {
+                (Some(meta), Some(len)) => {
                     let generation = inner.next_generation();
                     let mut entry = Entry {
                         version: meta.version,
@@ -515,6 +524,12 @@ impl DataCache {
                     };
                     for b in meta.blocks {
                         if b * BLOCK >= meta.size && meta.size > 0 {
+                            continue;
+                        }
+                        if b * BLOCK + entry.block_len(b) > len {
+                            // Its bytes cannot be in a data file this short: not trusted
+                            // (and the metadata is written again without it).
+                            entry.meta_dirty = true;
                             continue;
                         }
                         inner.tick += 1;
@@ -898,7 +913,8 @@ impl DataCache {
     fn evict_to(&self, extra: u64) -> io::Result<bool> {
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
-        if inner.used + inner.reserved + extra <= self.cap {
+        let limit = self.limit(inner.used);
+        if inner.used + inner.reserved + extra <= limit {
             inner.reserved += extra;
             return Ok(true);
         }
@@ -906,7 +922,7 @@ impl DataCache {
         // have its bytes punched out after it recorded them.
         let mut punched: Vec<(u64, u64, u64)> = Vec::new();
         let mut from = 0;
-        while inner.used + inner.reserved + extra > self.cap {
+        while inner.used + inner.reserved + extra > limit {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
@@ -965,11 +981,23 @@ impl DataCache {
                 punch_hole(f, off, len);
             }
         }
-        let fits = inner.used + inner.reserved + extra <= self.cap;
+        let fits = inner.used + inner.reserved + extra <= limit;
         if fits {
             inner.reserved += extra;
         }
         Ok(fits)
+    }
+
+    /// The most file data the cache may hold now, `used` bytes of it on disk: the cap,
+    /// or less where the filesystem would otherwise have under `min_free` bytes free.
+    fn limit(&self, used: u64) -> u64 {
+        if self.min_free == 0 {
+            return self.cap;
+        }
+        match free_bytes(&self.dir) {
+            Some(free) => self.cap.min((used + free).saturating_sub(self.min_free)),
+            None => self.cap,
+        }
     }
 
     /// A passthrough open reads the data file of `ino` directly: until the matching
@@ -1541,6 +1569,18 @@ fn begin_session(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Bytes an unprivileged writer can still allocate on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path and a zeroed out-struct the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Free the disk blocks of `[off, off+len)` of `f`, keeping its size.
 fn punch_hole(f: &File, off: u64, len: u64) {
     // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
@@ -1779,6 +1819,37 @@ mod tests {
             }
         }
         no_orphans(dir.path());
+    }
+
+    #[test]
+    fn blocks_past_the_end_of_their_data_file_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(3 * BLOCK as usize, 5);
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(4, 2, 3 * BLOCK);
+            c.store(4, 2, c.token(4).unwrap(), 0, &d).unwrap();
+            c.close().unwrap();
+        }
+        // Cut behind the metadata's back (as a daemon before the metadata went first
+        // could leave it).
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("4.data"))
+            .unwrap()
+            .set_len(BLOCK + 10)
+            .unwrap();
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert_eq!(c.used(), BLOCK);
+        assert!(c.validate(4, 2, 3 * BLOCK));
+        assert_eq!(
+            c.read(4, 2, 0, BLOCK).unwrap(),
+            Lookup::Hit(d[..BLOCK as usize].to_vec().into())
+        );
+        assert!(matches!(
+            c.read(4, 2, BLOCK, BLOCK).unwrap(),
+            Lookup::Miss(_)
+        ));
     }
 
     #[test]

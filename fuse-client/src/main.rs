@@ -47,6 +47,10 @@ enum Cmd {
         /// Hard cap on cached file data (K, M, G, T suffixes).
         #[arg(long, default_value = "10G", value_parser = parse_size)]
         cache_size: u64,
+        /// Free space the data cache leaves on its filesystem: below it, the cache gives
+        /// space back (least recently used first), whatever its size (K, M, G, T).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        cache_min_free: u64,
         /// Do not cache file data on disk.
         #[arg(long)]
         no_cache: bool,
@@ -132,6 +136,7 @@ fn run(args: Args) -> Result<()> {
             threads,
             cache_dir,
             cache_size,
+            cache_min_free,
             no_cache,
             xattrs,
             passthrough,
@@ -153,6 +158,7 @@ fn run(args: Args) -> Result<()> {
                 threads,
                 cache_dir: cache_dir.clone(),
                 cache_size,
+                cache_min_free,
                 xattrs,
                 passthrough,
                 sync_unlink,
@@ -194,6 +200,8 @@ fn run(args: Args) -> Result<()> {
                             d.into(),
                             "--cache-size".into(),
                             cache_size.to_string().into(),
+                            "--cache-min-free".into(),
+                            cache_min_free.to_string().into(),
                         ]);
                     }
                     None => child.push("--no-cache".into()),

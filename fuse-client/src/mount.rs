@@ -39,6 +39,8 @@ pub struct MountOpts {
     /// `None`: no data cache.
     pub cache_dir: Option<PathBuf>,
     pub cache_size: u64,
+    /// Free space the data cache leaves on its filesystem.
+    pub cache_min_free: u64,
     /// Forward extended attributes (see `FerryFuse`).
     pub xattrs: bool,
     /// When the kernel may read fully cached files from the data cache (FUSE
@@ -239,7 +241,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let cache = opts
         .cache_dir
         .as_deref()
-        .and_then(|dir| open_cache(dir, welcome.export_id, opts.cache_size))
+        .and_then(|dir| open_cache(dir, welcome.export_id, opts.cache_size, opts.cache_min_free))
         .map(Arc::new);
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
@@ -375,13 +377,13 @@ const CACHE_DIRS_PER_EXPORT: u32 = 8;
 /// The data cache of export `id` under `base`: `<id>`, or while another mount of the
 /// same export uses that, `<id>-2`, `<id>-3`… (each mount keeps a cache of its own
 /// across remounts). `None` (with a warning) when none can be used.
-fn open_cache(base: &Path, id: u64, cap: u64) -> Option<DataCache> {
+fn open_cache(base: &Path, id: u64, cap: u64, min_free: u64) -> Option<DataCache> {
     for n in 1..=CACHE_DIRS_PER_EXPORT {
         let dir = match n {
             1 => base.join(format!("{id:016x}")),
             n => base.join(format!("{id:016x}-{n}")),
         };
-        match DataCache::open(&dir, cap) {
+        match DataCache::open_leaving(&dir, cap, min_free) {
             Ok(c) => return Some(c),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 tracing::debug!("{e}; trying the next");

@@ -385,6 +385,107 @@ fn unchanged_files_and_listings_are_reread_without_a_round_trip() {
     );
 }
 
+/// Bytes an unprivileged writer can still allocate on the filesystem of `dir`.
+fn free_on(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path and a zeroed out-struct the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(path.as_ptr(), &mut st) },
+        0,
+        "statvfs"
+    );
+    st.f_bavail * st.f_frsize
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        let out = ferry_tests::run(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at),
+        );
+        out.assert_success();
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The cache leaves `--cache-min-free` free on its filesystem whatever `--cache-size`
+/// allows: on a 48 MiB tmpfs with 16 MiB to leave, reading a 64 MiB file keeps 16 MiB
+/// free (less a store in flight and the metadata), and when another program takes
+/// space there, the next stores give it back.
+#[test]
+fn the_cache_leaves_free_space_on_its_filesystem() {
+    if !require_fuse() {
+        return;
+    }
+    const LEAVE: u64 = 16 * MIB as u64;
+    const SLACK: u64 = 2 * MIB as u64;
+    let data = Rng::new(0xf4_ee).bytes(64 * MIB);
+    let server = TestServer::start();
+    fs::write(server.export("big"), &data).expect("write on the export");
+    let cache_home = temp_dir("cache-fs");
+    let _fs = Tmpfs::mount(cache_home.path(), "48m");
+    let m = TestMount::with_cache_home(
+        &server,
+        &["--cache-min-free", "16M", "--passthrough", "off"],
+        cache_home.path(),
+    );
+    let f = File::open(m.join("big")).expect("open");
+    let mut buf = vec![0; MIB];
+    let mut least = u64::MAX;
+    let mut read_all = |least: &mut u64, what: &str| {
+        for i in 0..64 {
+            f.read_exact_at(&mut buf, (i * MIB) as u64).expect("read");
+            assert!(
+                buf[..] == data[i * MIB..(i + 1) * MIB],
+                "{what}: MiB {i} differs"
+            );
+            *least = (*least).min(free_on(cache_home.path()));
+        }
+    };
+    read_all(&mut least, "first read");
+    assert!(
+        least + SLACK >= LEAVE,
+        "the cache left only {least} bytes free on its filesystem\n{}",
+        m.stats()
+    );
+    let st = m.stats();
+    assert!(
+        st.get("cache_bytes") > 8 * MIB as u64,
+        "the cache hardly cached anything: the test proves nothing\n{st}"
+    );
+
+    // Another program takes all but 8 MiB; the cache's next stores give space back.
+    let hog = cache_home.path().join("hog");
+    let take = free_on(cache_home.path()).saturating_sub(8 * MIB as u64);
+    let mut w = File::create(&hog).expect("create the hog");
+    w.write_all(&vec![1u8; take as usize]).expect("fill");
+    drop(w);
+    fadvise_dontneed(&f).expect("drop the mount's page cache of the file");
+    let mut least = u64::MAX;
+    read_all(&mut least, "read after the hog");
+    let free = free_on(cache_home.path());
+    assert!(
+        free + SLACK >= LEAVE,
+        "the cache did not give space back: {free} bytes free\n{}",
+        m.stats()
+    );
+}
+
 /// A 4 KiB read at 40 MiB of a 64 MiB file transfers (and caches) well under 2 MiB.
 #[test]
 fn a_small_read_of_a_large_file_fetches_only_around_it() {
