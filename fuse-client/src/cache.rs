@@ -181,9 +181,44 @@ struct Inner {
     /// that file, not the daemon). Once unpinned, such a file is never cut or punched:
     /// it is unlinked and a new one begun, so a map keeps the bytes it had.
     exposed: HashSet<u64>,
+    /// Stores writing their bytes now (outside the lock): (ino, first block, last
+    /// block, id). Their blocks are not evicted, their data file not emptied, their
+    /// entry's metadata not written, and no other store writes the same blocks.
+    stores: Vec<(u64, u64, u64, u64)>,
+    store_ids: u64,
+    /// Entries whose current data file a process may map writable (a writer beside
+    /// passthrough readers), with that file's (dev, ino): any byte of it may change at
+    /// any time, so its metadata is never written (see [`DataCache::mappable`]).
+    mappable: HashMap<u64, (u64, u64)>,
 }
 
 impl Inner {
+    /// Register a store of blocks `first..=last` of `ino`; `None` if another store is
+    /// writing one of them.
+    fn begin_store(&mut self, ino: u64, first: u64, last: u64) -> Option<u64> {
+        let busy = self
+            .stores
+            .iter()
+            .any(|&(i, f, l, _)| i == ino && f <= last && first <= l);
+        if busy {
+            return None;
+        }
+        self.store_ids += 1;
+        self.stores.push((ino, first, last, self.store_ids));
+        Some(self.store_ids)
+    }
+
+    fn end_store(&mut self, id: u64) {
+        self.stores.retain(|s| s.3 != id);
+    }
+
+    /// Whether a store is writing block `b` of `ino` (`None`: any block).
+    fn storing(&self, ino: u64, b: Option<u64>) -> bool {
+        self.stores
+            .iter()
+            .any(|&(i, f, l, _)| i == ino && b.is_none_or(|b| f <= b && b <= l))
+    }
+
     fn next_generation(&mut self) -> u64 {
         self.generations += 1;
         self.generations
@@ -348,6 +383,13 @@ pub struct DataCache {
     cap: u64,
     /// Free space left on the cache's filesystem (0: no check), see [`DataCache::limit`].
     min_free: u64,
+    /// `used` plus the filesystem's free bytes when last sampled, and when: what the
+    /// cache could grow to (other programs' use aside), for [`DataCache::limit`].
+    room: Mutex<Option<(std::time::Instant, u64)>>,
+    /// Set once [`DataCache::limit`] has logged that free space limits the cache.
+    limited: AtomicBool,
+    /// Set by [`DataCache::close`]: no metadata is written after it.
+    closed: AtomicBool,
     // std Mutex: bookkeeping only; file I/O happens outside it where possible.
     inner: Mutex<Inner>,
     /// Serializes metadata write-back (its temporary files share names).
@@ -395,9 +437,25 @@ impl DataCache {
         Self::open_leaving(dir, cap, 0)
     }
 
-    /// [`DataCache::open`], keeping at least `min_free` bytes free on the filesystem of
-    /// `dir` as well: when other programs take the space, the cache gives it back.
-    pub fn open_leaving(dir: &Path, cap: u64, min_free: u64) -> io::Result<DataCache> {
+    /// [`DataCache::open`] for the mount at `user` (recorded for
+    /// [`DataCache::user_of`]), keeping at least `min_free` bytes free on the filesystem
+    /// of `dir` as well: when other programs take the space, the cache gives it back.
+    pub fn open_for(dir: &Path, cap: u64, min_free: u64, user: &Path) -> io::Result<DataCache> {
+        let cache = Self::open_leaving(dir, cap, min_free)?;
+        let mut lock = &cache._lock;
+        lock.set_len(0)?;
+        std::io::Write::write_all(&mut lock, user.as_os_str().as_encoded_bytes())?;
+        Ok(cache)
+    }
+
+    /// The mountpoint of the mount that last used the cache in `dir`.
+    pub fn user_of(dir: &Path) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = std::fs::read(dir.join(LOCK_FILE)).ok()?;
+        (!bytes.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    }
+
+    fn open_leaving(dir: &Path, cap: u64, min_free: u64) -> io::Result<DataCache> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -422,6 +480,9 @@ impl DataCache {
             dir: dir.to_path_buf(),
             cap: cap.max(BLOCK),
             min_free,
+            room: Mutex::new(None),
+            limited: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
             persisting: Mutex::new(()),
             mapped: Mutex::new(HashSet::new()),
@@ -527,9 +588,9 @@ impl DataCache {
                             continue;
                         }
                         if b * BLOCK + entry.block_len(b) > len {
-                            // Its bytes cannot be in a data file this short: not trusted
-                            // (and the metadata is written again without it).
-                            entry.meta_dirty = true;
+                            // Its bytes cannot be in a data file this short: not trusted,
+                            // nor is the metadata that lists it (written again without).
+                            entry.unlist(&self.dir, ino);
                             continue;
                         }
                         inner.tick += 1;
@@ -806,11 +867,29 @@ impl DataCache {
         self.stats
             .miss_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let (size, keeping, pinned) = {
+        let end = offset + data.len() as u64;
+        let (size, keeping, pinned, blocks, store) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let size = match inner.files.get(&ino) {
                 Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
                 _ => return Ok(()),
+            };
+            let mut blocks = Vec::new();
+            let mut b = offset / BLOCK;
+            while b * BLOCK < end {
+                let block_end = ((b + 1) * BLOCK).min(size);
+                if block_end <= end && block_end > b * BLOCK {
+                    blocks.push(b);
+                }
+                b += 1;
+            }
+            let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+                return Ok(());
+            };
+            // One store at a time writes a block: a second one (of another version,
+            // or the same bytes) could land its bytes after the first recorded its own.
+            let Some(store) = inner.begin_store(ino, first, last) else {
+                return Ok(());
             };
             // (A store racing this one may take the room first: then this piece is not
             // kept after all, and its bytes are read back from the disk.)
@@ -818,27 +897,21 @@ impl DataCache {
                 inner.keep_clock += data.len() as u64;
                 inner.room_to_keep(data.len() as u64)
             };
-            (size, keeping, inner.pins.contains_key(&ino))
+            (size, keeping, inner.pins.contains_key(&ino), blocks, store)
         };
-        let end = offset + data.len() as u64;
-        let mut blocks = Vec::new();
-        let mut b = offset / BLOCK;
-        while b * BLOCK < end {
-            let block_end = ((b + 1) * BLOCK).min(size);
-            if block_end <= end && block_end > b * BLOCK {
-                blocks.push(b);
-            }
-            b += 1;
-        }
-        if blocks.is_empty() {
-            return Ok(());
-        }
         let need: u64 = blocks
             .iter()
             .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
             .sum();
-        if need > self.cap || !self.evict_to(need)? {
-            return Ok(());
+        let room = match need > self.cap {
+            true => Ok(false),
+            false => self.evict_to(need),
+        };
+        if !matches!(room, Ok(true)) {
+            if let Ok(mut inner) = self.inner.lock() {
+                inner.end_store(store);
+            }
+            return room.map(|_| ());
         }
         let first = blocks[0] * BLOCK;
         let last_end = ((blocks[blocks.len() - 1] + 1) * BLOCK).min(size);
@@ -858,6 +931,7 @@ impl DataCache {
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
+        inner.end_store(store);
         // The room made for these blocks is theirs now, or nobody's.
         inner.reserved = inner.reserved.saturating_sub(need);
         let file = written?;
@@ -926,7 +1000,7 @@ impl DataCache {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
-            if inner.pins.contains_key(&ino) {
+            if inner.pins.contains_key(&ino) || inner.storing(ino, Some(b)) {
                 from = t + 1;
                 continue;
             }
@@ -963,7 +1037,8 @@ impl DataCache {
             let Some(e) = inner.files.get(&ino) else {
                 continue;
             };
-            if e.blocks.is_empty() {
+            // (Emptied, unless a store is writing it: that one's bytes stay.)
+            if e.blocks.is_empty() && !inner.storing(ino, None) {
                 if open.as_ref().is_none_or(|(i, _)| *i != ino) {
                     drop_data(&self.data_path(ino));
                     open = Some((ino, None));
@@ -994,10 +1069,33 @@ impl DataCache {
         if self.min_free == 0 {
             return self.cap;
         }
-        match free_bytes(&self.dir) {
-            Some(free) => self.cap.min((used + free).saturating_sub(self.min_free)),
-            None => self.cap,
+        let Ok(mut room) = self.room.lock() else {
+            return self.cap;
+        };
+        // The cache's own stores and evictions move `used` and the free bytes alike:
+        // their sum holds between samples, taken at most every `ROOM_EVERY`.
+        let now = std::time::Instant::now();
+        let total = match *room {
+            Some((at, total)) if now.duration_since(at) < ROOM_EVERY => total,
+            _ => match free_bytes(&self.dir) {
+                Some(free) => {
+                    *room = Some((now, used + free));
+                    used + free
+                }
+                None => return self.cap,
+            },
+        };
+        let limit = self.cap.min(total.saturating_sub(self.min_free));
+        if limit < self.cap && !self.limited.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "data cache limited to {} MiB (of --cache-size {} MiB): its filesystem \
+                 is to keep {} MiB free (--cache-min-free)",
+                limit >> 20,
+                self.cap >> 20,
+                self.min_free >> 20
+            );
         }
+        limit
     }
 
     /// A passthrough open reads the data file of `ino` directly: until the matching
@@ -1008,6 +1106,23 @@ impl DataCache {
         if let Ok(mut inner) = self.inner.lock() {
             *inner.pins.entry(ino).or_default() += 1;
             inner.exposed.insert(ino);
+        }
+    }
+
+    /// A process may map the current data file of `ino` writable from now on (a writer
+    /// joins passthrough readers, the kernel maps that file itself): its metadata goes,
+    /// and is not written again while that file is the entry's (the next mount starts
+    /// the entry anew instead of trusting bytes a map may have changed).
+    pub fn mappable(&self, ino: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let inner = &mut *inner;
+        if let Some(e) = inner.files.get_mut(&ino) {
+            e.unlist(&self.dir, ino);
+        }
+        if let Ok(m) = std::fs::metadata(self.data_path(ino)) {
+            inner.mappable.insert(ino, (m.dev(), m.ino()));
         }
     }
 
@@ -1326,14 +1441,19 @@ impl DataCache {
     /// The mount is ending: metadata written back, everything in the cache dir on
     /// disk, and the session marked as ended cleanly (see [`begin_session`]).
     pub fn close(&self) -> io::Result<()> {
-        self.persist()?;
+        // Metadata files are true even where this fails (see `Entry::unlist`): the
+        // session still ends cleanly.
+        let persisted = self.persist();
+        // Nothing is written after the sync below (work still running may call this).
+        self.closed.store(true, Ordering::SeqCst);
         let dir = File::open(&self.dir)?;
         // SAFETY: a valid descriptor.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         std::fs::remove_file(self.dir.join(SESSION_FILE))?;
-        dir.sync_all()
+        dir.sync_all()?;
+        persisted
     }
 
     /// Write back metadata of changed entries (on close and at unmount). An entry with
@@ -1342,6 +1462,9 @@ impl DataCache {
     /// its version, so it is true whenever this daemon dies.
     pub fn persist(&self) -> io::Result<()> {
         let _one_at_a_time = self.persisting.lock().map_err(|_| lock_err())?;
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let changed: Vec<(u64, Meta)> = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             inner
@@ -1384,6 +1507,26 @@ impl DataCache {
                 && e.size == meta.size
                 && !e.dirty
                 && meta.blocks.iter().all(|b| e.blocks.contains_key(b));
+            // A store writing now may be one that lost a race and is about to be
+            // dropped; a file a process may map writable may hold anything (until it is
+            // replaced by a new one).
+            if let Some(&mapped) = inner.mappable.get(&ino) {
+                let current = std::fs::metadata(self.data_path(ino))
+                    .map(|m| (m.dev(), m.ino()))
+                    .ok();
+                if current != Some(mapped) {
+                    inner.mappable.remove(&ino);
+                }
+            }
+            let settled = !inner.storing(ino, None) && !inner.mappable.contains_key(&ino);
+            let Some(e) = inner.files.get_mut(&ino) else {
+                continue;
+            };
+            if !settled {
+                let _ = std::fs::remove_file(&tmp);
+                e.meta_dirty = true;
+                continue;
+            }
             match written {
                 Ok(true) if still_true => match std::fs::rename(&tmp, &path) {
                     Ok(()) => e.on_disk = true,
@@ -1520,6 +1663,10 @@ fn maps_change_mtime(dir: &Path) -> bool {
 fn stamped(m: &std::fs::Metadata) -> bool {
     (m.mtime(), m.mtime_nsec()) == (0, 0)
 }
+
+/// How long a sample of the cache filesystem's free space is used (see
+/// [`DataCache::limit`]).
+const ROOM_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Held locked (`flock`) by the mount using a cache dir.
 const LOCK_FILE: &str = "lock";
@@ -1725,10 +1872,72 @@ mod tests {
             c.store(9, 5, c.token(9).unwrap(), 0, &d).unwrap();
             c.close().unwrap();
             assert!(!dir.path().join(SESSION_FILE).exists());
+            // Work still running after the close writes nothing.
+            c.validate(8, 1, BLOCK);
+            c.store(8, 1, c.token(8).unwrap(), 0, &data(BLOCK as usize, 8))
+                .unwrap();
+            c.persist().unwrap();
+            assert!(!dir.path().join("8.meta").exists());
         }
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+    }
+
+    #[test]
+    fn blocks_being_stored_are_never_evicted_or_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DataCache::open(dir.path(), 2 * BLOCK).unwrap();
+        c.validate(1, 1, 4 * BLOCK);
+        c.store(1, 1, c.token(1).unwrap(), 0, &data(BLOCK as usize, 1))
+            .unwrap();
+        // A store of file 1's block 2 is writing its bytes (outside the lock).
+        let id = c.inner.lock().unwrap().begin_store(1, 2, 2).unwrap();
+        let two = data(BLOCK as usize, 2);
+        OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("1.data"))
+            .unwrap()
+            .write_all_at(&two, 2 * BLOCK)
+            .unwrap();
+        assert!(
+            c.inner.lock().unwrap().begin_store(1, 1, 3).is_none(),
+            "a second store of a block being stored"
+        );
+        // File 2 takes the whole cap: file 1's block 0 goes, and with it the last block
+        // file 1 has recorded, but its data file is not emptied under the store.
+        c.validate(2, 1, 2 * BLOCK);
+        c.store(2, 1, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 3))
+            .unwrap();
+        assert_eq!(c.used(), 2 * BLOCK, "file 2 is cached");
+        let mut got = vec![0; BLOCK as usize];
+        File::open(dir.path().join("1.data"))
+            .unwrap()
+            .read_exact_at(&mut got, 2 * BLOCK)
+            .unwrap();
+        assert!(got == two, "the bytes of the store in flight were wiped");
+        c.inner.lock().unwrap().end_store(id);
+        assert!(c.inner.lock().unwrap().begin_store(1, 1, 3).is_some());
+    }
+
+    #[test]
+    fn a_data_file_that_may_be_mapped_writable_is_never_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            c.validate(5, 1, 2 * BLOCK);
+            c.store(5, 1, c.token(5).unwrap(), 0, &data(2 * BLOCK as usize, 5))
+                .unwrap();
+            c.persist().unwrap();
+            assert!(dir.path().join("5.meta").exists());
+            c.mappable(5);
+            assert!(!dir.path().join("5.meta").exists());
+            c.persist().unwrap();
+            assert!(!dir.path().join("5.meta").exists(), "written again");
+        }
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert!(!c.validate(5, 1, 2 * BLOCK));
+        no_orphans(dir.path());
     }
 
     #[test]

@@ -241,7 +241,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let cache = opts
         .cache_dir
         .as_deref()
-        .and_then(|dir| open_cache(dir, welcome.export_id, opts.cache_size, opts.cache_min_free))
+        .and_then(|dir| open_cache(dir, welcome.export_id, opts))
         .map(Arc::new);
     let core = Core::new(client.clone(), &welcome.root, welcome.max_io, cache.clone());
     core.subscribe();
@@ -374,23 +374,38 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 /// Mounts of one export at a time that may share a cache dir: more take none.
 const CACHE_DIRS_PER_EXPORT: u32 = 8;
 
-/// The data cache of export `id` under `base`: `<id>`, or while another mount of the
-/// same export uses that, `<id>-2`, `<id>-3`… (each mount keeps a cache of its own
-/// across remounts). `None` (with a warning) when none can be used.
-fn open_cache(base: &Path, id: u64, cap: u64, min_free: u64) -> Option<DataCache> {
+/// How long a mount waits for the cache dir of a mount that was unmounted but whose
+/// daemon is still finishing (its last writes, its metadata, the sync).
+const CACHE_HANDOVER: Duration = Duration::from_secs(15);
+
+/// The data cache of export `id` under `opts.cache_dir`: `<id>`, or while another
+/// mount of the same export uses that, `<id>-2`, `<id>-3`… (each mount keeps a cache
+/// of its own across remounts). A dir whose user is no longer mounted (unmounted, its
+/// daemon still finishing) is waited for. `None` (with a warning) when none can be used.
+fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
+    let me = std::fs::canonicalize(&opts.mountpoint).unwrap_or(opts.mountpoint.clone());
     for n in 1..=CACHE_DIRS_PER_EXPORT {
         let dir = match n {
             1 => base.join(format!("{id:016x}")),
             n => base.join(format!("{id:016x}-{n}")),
         };
-        match DataCache::open_leaving(&dir, cap, min_free) {
-            Ok(c) => return Some(c),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tracing::debug!("{e}; trying the next");
-            }
-            Err(e) => {
-                tracing::warn!("data cache disabled: cannot use {}: {e}", dir.display());
-                return None;
+        let until = std::time::Instant::now() + CACHE_HANDOVER;
+        loop {
+            match DataCache::open_for(&dir, opts.cache_size, opts.cache_min_free, &me) {
+                Ok(c) => return Some(c),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let leaving = DataCache::user_of(&dir).is_some_and(|p| !is_mounted(&p));
+                    if leaving && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    tracing::debug!("{e}; trying the next");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("data cache disabled: cannot use {}: {e}", dir.display());
+                    return None;
+                }
             }
         }
     }
@@ -400,6 +415,19 @@ fn open_cache(base: &Path, id: u64, cap: u64, min_free: u64) -> Option<DataCache
         base.display()
     );
     None
+}
+
+/// Whether something is mounted on `path` (per `/proc/self/mountinfo`).
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    let want = path.as_os_str().as_bytes();
+    info.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|point| unescape_mountinfo(point).as_slice() == want)
+    })
 }
 
 /// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the

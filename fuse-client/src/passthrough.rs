@@ -368,6 +368,9 @@ fn join_as_writer(
     // (`MAP_SHARED`, `PROT_WRITE`).
     let may_map = flags & libc::O_ACCMODE == libc::O_RDWR;
     modes.written_beside |= may_map;
+    if may_map && let Some((_, _, sino)) = modes.backing {
+        core.data_file_mappable(sino);
+    }
     handles.insert(fh, (ino, Mode::Writer { may_map }, false));
     core.passthrough_writer_opened();
 }

@@ -2335,6 +2335,14 @@ impl Core {
         self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A writer beside passthrough readers may map the pinned data file of `sino`
+    /// writable (see [`crate::cache::DataCache::mappable`]).
+    pub fn data_file_mappable(&self, sino: u64) {
+        if let Some(cache) = &self.cache {
+            cache.mappable(sino);
+        }
+    }
+
     pub fn passthrough_writer_opened(&self) {
         self.stats
             .passthrough_writers
