@@ -186,10 +186,12 @@ struct Inner {
     /// entry's metadata not written, and no other store writes the same blocks.
     stores: Vec<(u64, u64, u64, u64)>,
     store_ids: u64,
+    /// Times a store waited for another writing the same blocks.
+    store_waits: u64,
     /// Entries whose current data file a process may map writable (a writer beside
-    /// passthrough readers), with that file's (dev, ino): any byte of it may change at
-    /// any time, so its metadata is never written (see [`DataCache::mappable`]).
-    mappable: HashMap<u64, (u64, u64)>,
+    /// passthrough readers): any byte of it may change at any time, so its metadata is
+    /// never written (see [`DataCache::mappable`]) until the file is replaced.
+    mappable: HashSet<u64>,
 }
 
 impl Inner {
@@ -210,6 +212,12 @@ impl Inner {
 
     fn end_store(&mut self, id: u64) {
         self.stores.retain(|s| s.3 != id);
+    }
+
+    /// Whether the metadata of `ino` may be written: no store is writing its blocks
+    /// and no process may map its data file writable.
+    fn settled(&self, ino: u64) -> bool {
+        !self.storing(ino, None) && !self.mappable.contains(&ino)
     }
 
     /// Whether a store is writing block `b` of `ino` (`None`: any block).
@@ -394,6 +402,8 @@ pub struct DataCache {
     inner: Mutex<Inner>,
     /// Serializes metadata write-back (its temporary files share names).
     persisting: Mutex<()>,
+    /// Signalled (with `inner`) when a store's registration ends.
+    stores_done: std::sync::Condvar,
     /// `LOCK_FILE`, locked: one mount at a time uses a cache dir.
     _lock: File,
     /// Pinned entries a process's shared map stored into, as seen just before this
@@ -434,28 +444,32 @@ impl DataCache {
     /// Open (or create) the cache in `dir`, keeping at most `cap` bytes of file data.
     /// Fails with [`io::ErrorKind::WouldBlock`] while another mount uses `dir`.
     pub fn open(dir: &Path, cap: u64) -> io::Result<DataCache> {
-        Self::open_leaving(dir, cap, 0)
+        Self::open_with(dir, cap, 0, None)
     }
 
-    /// [`DataCache::open`] for the mount at `user` (recorded for
+    /// [`DataCache::open`] for the mount at `user` (recorded with this process's id for
     /// [`DataCache::user_of`]), keeping at least `min_free` bytes free on the filesystem
     /// of `dir` as well: when other programs take the space, the cache gives it back.
     pub fn open_for(dir: &Path, cap: u64, min_free: u64, user: &Path) -> io::Result<DataCache> {
-        let cache = Self::open_leaving(dir, cap, min_free)?;
-        let mut lock = &cache._lock;
-        lock.set_len(0)?;
-        std::io::Write::write_all(&mut lock, user.as_os_str().as_encoded_bytes())?;
-        Ok(cache)
+        Self::open_with(dir, cap, min_free, Some(user))
     }
 
-    /// The mountpoint of the mount that last used the cache in `dir`.
-    pub fn user_of(dir: &Path) -> Option<PathBuf> {
+    /// The process id and mountpoint of the mount that last used the cache in `dir`.
+    pub fn user_of(dir: &Path) -> Option<(u32, PathBuf)> {
         use std::os::unix::ffi::OsStringExt;
         let bytes = std::fs::read(dir.join(LOCK_FILE)).ok()?;
-        (!bytes.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+        let nl = bytes.iter().position(|&b| b == b'\n')?;
+        let pid = std::str::from_utf8(&bytes[..nl]).ok()?.parse().ok()?;
+        let path = PathBuf::from(std::ffi::OsString::from_vec(bytes[nl + 1..].to_vec()));
+        Some((pid, path))
     }
 
-    fn open_leaving(dir: &Path, cap: u64, min_free: u64) -> io::Result<DataCache> {
+    fn open_with(
+        dir: &Path,
+        cap: u64,
+        min_free: u64,
+        user: Option<&Path>,
+    ) -> io::Result<DataCache> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -474,6 +488,12 @@ impl DataCache {
                 _ => e,
             });
         }
+        if let Some(user) = user {
+            let mut record = format!("{}\n", std::process::id()).into_bytes();
+            record.extend_from_slice(user.as_os_str().as_encoded_bytes());
+            lock.set_len(0)?;
+            lock.write_all_at(&record, 0)?;
+        }
         begin_session(dir)?;
         let cache = DataCache {
             _lock: lock,
@@ -485,6 +505,7 @@ impl DataCache {
             closed: AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
             persisting: Mutex::new(()),
+            stores_done: std::sync::Condvar::new(),
             mapped: Mutex::new(HashSet::new()),
             maps_show: maps_change_mtime(dir),
             stats: CacheStats::default(),
@@ -629,13 +650,25 @@ impl DataCache {
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
                 inner.forget_kept(ino);
-                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
+                self.reset_data(
+                    &inner.pins,
+                    &mut inner.exposed,
+                    &mut inner.mappable,
+                    ino,
+                    size,
+                );
                 false
             }
             None => {
                 // A pinned file is refilled in place: it must not outgrow the version.
                 if inner.pins.contains_key(&ino) {
-                    self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
+                    self.reset_data(
+                        &inner.pins,
+                        &mut inner.exposed,
+                        &mut inner.mappable,
+                        ino,
+                        size,
+                    );
                 }
                 let generation = inner.next_generation();
                 inner.files.insert(
@@ -668,7 +701,13 @@ impl DataCache {
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
-                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
+                self.reset_data(
+                    &inner.pins,
+                    &mut inner.exposed,
+                    &mut inner.mappable,
+                    ino,
+                    size,
+                );
             }
             e.version = version;
             e.size = size;
@@ -870,34 +909,48 @@ impl DataCache {
         let end = offset + data.len() as u64;
         let (size, keeping, pinned, blocks, store) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let size = match inner.files.get(&ino) {
-                Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
-                _ => return Ok(()),
-            };
-            let mut blocks = Vec::new();
-            let mut b = offset / BLOCK;
-            while b * BLOCK < end {
-                let block_end = ((b + 1) * BLOCK).min(size);
-                if block_end <= end && block_end > b * BLOCK {
-                    blocks.push(b);
+            let waiting_until = std::time::Instant::now() + STORE_WAIT;
+            loop {
+                let size = match inner.files.get(&ino) {
+                    Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
+                    _ => return Ok(()),
+                };
+                let mut blocks = Vec::new();
+                let mut b = offset / BLOCK;
+                while b * BLOCK < end {
+                    let block_end = ((b + 1) * BLOCK).min(size);
+                    if block_end <= end && block_end > b * BLOCK {
+                        blocks.push(b);
+                    }
+                    b += 1;
                 }
-                b += 1;
+                let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+                    return Ok(());
+                };
+                // One store at a time writes a block: a second one (of another version,
+                // or the same bytes) could land its bytes after the first recorded its
+                // own. This one waits for the other (a disk write), then looks again.
+                let Some(store) = inner.begin_store(ino, first, last) else {
+                    let now = std::time::Instant::now();
+                    if now >= waiting_until {
+                        return Ok(());
+                    }
+                    inner.store_waits += 1;
+                    inner = self
+                        .stores_done
+                        .wait_timeout(inner, waiting_until - now)
+                        .map_err(|_| lock_err())?
+                        .0;
+                    continue;
+                };
+                // (A store racing this one may take the room first: then this piece is
+                // not kept after all, and its bytes are read back from the disk.)
+                let keeping = keep.is_some() && {
+                    inner.keep_clock += data.len() as u64;
+                    inner.room_to_keep(data.len() as u64)
+                };
+                break (size, keeping, inner.pins.contains_key(&ino), blocks, store);
             }
-            let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
-                return Ok(());
-            };
-            // One store at a time writes a block: a second one (of another version,
-            // or the same bytes) could land its bytes after the first recorded its own.
-            let Some(store) = inner.begin_store(ino, first, last) else {
-                return Ok(());
-            };
-            // (A store racing this one may take the room first: then this piece is not
-            // kept after all, and its bytes are read back from the disk.)
-            let keeping = keep.is_some() && {
-                inner.keep_clock += data.len() as u64;
-                inner.room_to_keep(data.len() as u64)
-            };
-            (size, keeping, inner.pins.contains_key(&ino), blocks, store)
         };
         let need: u64 = blocks
             .iter()
@@ -909,7 +962,7 @@ impl DataCache {
         };
         if !matches!(room, Ok(true)) {
             if let Ok(mut inner) = self.inner.lock() {
-                inner.end_store(store);
+                self.end_store(&mut inner, store);
             }
             return room.map(|_| ());
         }
@@ -931,7 +984,7 @@ impl DataCache {
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
-        inner.end_store(store);
+        self.end_store(inner, store);
         // The room made for these blocks is theirs now, or nobody's.
         inner.reserved = inner.reserved.saturating_sub(need);
         let file = written?;
@@ -980,6 +1033,13 @@ impl DataCache {
         Ok(())
     }
 
+    /// The store registered as `id` has written its bytes (or given up): stores
+    /// waiting for its blocks look again.
+    fn end_store(&self, inner: &mut Inner, id: u64) {
+        inner.end_store(id);
+        self.stores_done.notify_all();
+    }
+
     /// Evict least recently used blocks until `extra` more bytes fit under the cap;
     /// returns whether they fit, and if so reserves them: the caller must take
     /// `extra` off `reserved` once its blocks are recorded (or not). Blocks of pinned
@@ -1017,7 +1077,7 @@ impl DataCache {
                 e.generation = inner.generations;
                 let freed = before.saturating_sub(inner.used);
                 self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
-                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
+                self.reset_data(&inner.pins, &mut inner.exposed, &mut inner.mappable, ino, 0);
                 continue;
             }
             if let Some(e) = inner.files.get_mut(&ino)
@@ -1121,9 +1181,7 @@ impl DataCache {
         if let Some(e) = inner.files.get_mut(&ino) {
             e.unlist(&self.dir, ino);
         }
-        if let Ok(m) = std::fs::metadata(self.data_path(ino)) {
-            inner.mappable.insert(ino, (m.dev(), m.ino()));
-        }
+        inner.mappable.insert(ino);
     }
 
     pub fn unpin(&self, ino: u64) {
@@ -1224,6 +1282,7 @@ impl DataCache {
         &self,
         pins: &HashMap<u64, u32>,
         exposed: &mut HashSet<u64>,
+        mappable: &mut HashSet<u64>,
         ino: u64,
         size: u64,
     ) {
@@ -1235,6 +1294,8 @@ impl DataCache {
             }
         } else if exposed.remove(&ino) {
             let _ = std::fs::remove_file(self.data_path(ino));
+            // (Whatever maps it keep it; the entry's next data file is a new one.)
+            mappable.remove(&ino);
         } else {
             drop_data(&self.data_path(ino));
         }
@@ -1299,7 +1360,7 @@ impl DataCache {
                 if let Some(e) = inner.files.get_mut(&ino) {
                     e.drop_blocks(&mut inner.lru, &mut inner.used);
                 }
-                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
+                self.reset_data(&inner.pins, &mut inner.exposed, &mut inner.mappable, ino, 0);
                 return;
             }
             // A pinned file keeps its bytes for the readers until its refresh.
@@ -1395,7 +1456,13 @@ impl DataCache {
         e.dirty = true;
         // (The last block kept may have changed length with the size.)
         inner.used = inner.used.saturating_sub(counted) + e.cached_bytes();
-        self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
+        self.reset_data(
+            &inner.pins,
+            &mut inner.exposed,
+            &mut inner.mappable,
+            ino,
+            size,
+        );
         if pinned && size > old_size {
             // Past the old end the file is zeros: so is the lengthened data file (sparse),
             // which a map of it may reach.
@@ -1434,18 +1501,28 @@ impl DataCache {
                 }
                 inner.used = Self::recount(&inner.files);
             }
-            self.reset_data(&inner.pins, &mut inner.exposed, ino, u64::MAX);
+            self.reset_data(
+                &inner.pins,
+                &mut inner.exposed,
+                &mut inner.mappable,
+                ino,
+                u64::MAX,
+            );
         }
     }
 
     /// The mount is ending: metadata written back, everything in the cache dir on
     /// disk, and the session marked as ended cleanly (see [`begin_session`]).
     pub fn close(&self) -> io::Result<()> {
-        // Metadata files are true even where this fails (see `Entry::unlist`): the
-        // session still ends cleanly.
-        let persisted = self.persist();
-        // Nothing is written after the sync below (work still running may call this).
-        self.closed.store(true, Ordering::SeqCst);
+        let persisted = {
+            let _one_at_a_time = self.persisting.lock().map_err(|_| lock_err())?;
+            // Metadata files are true even where this fails (see `Entry::unlist`): the
+            // session still ends cleanly.
+            let persisted = self.persist_now();
+            // Nothing is written after the sync below (work still running may try).
+            self.closed.store(true, Ordering::SeqCst);
+            persisted
+        };
         let dir = File::open(&self.dir)?;
         // SAFETY: a valid descriptor.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
@@ -1465,12 +1542,24 @@ impl DataCache {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        self.persist_now()
+    }
+
+    /// [`DataCache::persist`], with `persisting` held.
+    fn persist_now(&self) -> io::Result<()> {
         let changed: Vec<(u64, Meta)> = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            let inner = &mut *inner;
+            let unsettled: HashSet<u64> = inner
+                .files
+                .keys()
+                .copied()
+                .filter(|ino| !inner.settled(*ino))
+                .collect();
             inner
                 .files
                 .iter_mut()
-                .filter(|(_, e)| e.meta_dirty && !e.dirty)
+                .filter(|(ino, e)| e.meta_dirty && !e.dirty && !unsettled.contains(ino))
                 .map(|(ino, e)| {
                     e.meta_dirty = false;
                     let mut blocks: Vec<u64> = e.blocks.keys().copied().collect();
@@ -1508,17 +1597,8 @@ impl DataCache {
                 && !e.dirty
                 && meta.blocks.iter().all(|b| e.blocks.contains_key(b));
             // A store writing now may be one that lost a race and is about to be
-            // dropped; a file a process may map writable may hold anything (until it is
-            // replaced by a new one).
-            if let Some(&mapped) = inner.mappable.get(&ino) {
-                let current = std::fs::metadata(self.data_path(ino))
-                    .map(|m| (m.dev(), m.ino()))
-                    .ok();
-                if current != Some(mapped) {
-                    inner.mappable.remove(&ino);
-                }
-            }
-            let settled = !inner.storing(ino, None) && !inner.mappable.contains_key(&ino);
+            // dropped; a file a process may map writable may hold anything.
+            let settled = inner.settled(ino);
             let Some(e) = inner.files.get_mut(&ino) else {
                 continue;
             };
@@ -1663,6 +1743,10 @@ fn maps_change_mtime(dir: &Path) -> bool {
 fn stamped(m: &std::fs::Metadata) -> bool {
     (m.mtime(), m.mtime_nsec()) == (0, 0)
 }
+
+/// Longest a store waits for another one writing the same blocks (see
+/// `Inner::stores`) before it leaves them uncached.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a sample of the cache filesystem's free space is used (see
 /// [`DataCache::limit`]).
@@ -1920,6 +2004,35 @@ mod tests {
         assert!(c.inner.lock().unwrap().begin_store(1, 1, 3).is_some());
     }
 
+    /// A store of blocks another store is writing waits for it, then stores its own
+    /// (it used to be left out: a pinned file's refresh could then keep old bytes).
+    #[test]
+    fn a_store_waits_for_one_writing_the_same_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(DataCache::open(dir.path(), 64 * BLOCK).unwrap());
+        c.validate(1, 1, 4 * BLOCK);
+        let first = c.inner.lock().unwrap().begin_store(1, 1, 1).unwrap();
+        let d = data(2 * BLOCK as usize, 7);
+        let second = {
+            let (c, d) = (c.clone(), d.clone());
+            std::thread::spawn(move || c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.inner.lock().unwrap().store_waits == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second store never waited"
+            );
+            std::thread::yield_now();
+        }
+        {
+            let mut inner = c.inner.lock().unwrap();
+            c.end_store(&mut inner, first);
+        }
+        second.join().unwrap();
+        assert_eq!(c.read(1, 1, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+    }
+
     #[test]
     fn a_data_file_that_may_be_mapped_writable_is_never_listed() {
         let dir = tempfile::tempdir().unwrap();
@@ -1934,6 +2047,19 @@ mod tests {
             assert!(!dir.path().join("5.meta").exists());
             c.persist().unwrap();
             assert!(!dir.path().join("5.meta").exists(), "written again");
+            // Once its data file is replaced (a new version of a file passed through),
+            // the entry is listed again.
+            c.pin(5);
+            c.unpin(5);
+            c.validate(5, 2, BLOCK);
+            c.store(5, 2, c.token(5).unwrap(), 0, &data(BLOCK as usize, 6))
+                .unwrap();
+            c.persist().unwrap();
+            assert!(
+                dir.path().join("5.meta").exists(),
+                "the new data file not listed"
+            );
+            c.mappable(5);
         }
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
         assert!(!c.validate(5, 1, 2 * BLOCK));

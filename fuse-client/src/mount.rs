@@ -374,9 +374,10 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 /// Mounts of one export at a time that may share a cache dir: more take none.
 const CACHE_DIRS_PER_EXPORT: u32 = 8;
 
-/// How long a mount waits for the cache dir of a mount that was unmounted but whose
-/// daemon is still finishing (its last writes, its metadata, the sync).
-const CACHE_HANDOVER: Duration = Duration::from_secs(15);
+/// How long a mount waits (for all its cache dirs together) for the cache dir of a
+/// mount that was unmounted but whose daemon is still finishing (its last writes, its
+/// metadata, the sync).
+const CACHE_HANDOVER: Duration = Duration::from_secs(10);
 
 /// The data cache of export `id` under `opts.cache_dir`: `<id>`, or while another
 /// mount of the same export uses that, `<id>-2`, `<id>-3`… (each mount keeps a cache
@@ -384,17 +385,18 @@ const CACHE_HANDOVER: Duration = Duration::from_secs(15);
 /// daemon still finishing) is waited for. `None` (with a warning) when none can be used.
 fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
     let me = std::fs::canonicalize(&opts.mountpoint).unwrap_or(opts.mountpoint.clone());
+    let until = std::time::Instant::now() + CACHE_HANDOVER;
     for n in 1..=CACHE_DIRS_PER_EXPORT {
         let dir = match n {
             1 => base.join(format!("{id:016x}")),
             n => base.join(format!("{id:016x}-{n}")),
         };
-        let until = std::time::Instant::now() + CACHE_HANDOVER;
         loop {
             match DataCache::open_for(&dir, opts.cache_size, opts.cache_min_free, &me) {
                 Ok(c) => return Some(c),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let leaving = DataCache::user_of(&dir).is_some_and(|p| !is_mounted(&p));
+                    let leaving = DataCache::user_of(&dir)
+                        .is_some_and(|(pid, point)| !mounted_for(pid, &point));
                     if leaving && std::time::Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(50));
                         continue;
@@ -417,9 +419,10 @@ fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
     None
 }
 
-/// Whether something is mounted on `path` (per `/proc/self/mountinfo`).
-fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+/// Whether something is mounted on `path` as process `pid` sees it (its mount
+/// namespace may not be this one); when that cannot be told, yes.
+fn mounted_for(pid: u32, path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
         return true;
     };
     let want = path.as_os_str().as_bytes();
