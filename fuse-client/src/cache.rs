@@ -929,10 +929,12 @@ impl DataCache {
                 };
                 // One store at a time writes a block: a second one (of another version,
                 // or the same bytes) could land its bytes after the first recorded its
-                // own. This one waits for the other (a disk write), then looks again.
+                // own. It is left uncached, unless passthrough readers read the data
+                // file itself (a refresh must not leave them the old bytes): then it
+                // waits for the other (a disk write) and looks again.
                 let Some(store) = inner.begin_store(ino, first, last) else {
                     let now = std::time::Instant::now();
-                    if now >= waiting_until {
+                    if now >= waiting_until || !inner.pins.contains_key(&ino) {
                         return Ok(());
                     }
                     inner.store_waits += 1;
@@ -2004,13 +2006,21 @@ mod tests {
         assert!(c.inner.lock().unwrap().begin_store(1, 1, 3).is_some());
     }
 
-    /// A store of blocks another store is writing waits for it, then stores its own
-    /// (it used to be left out: a pinned file's refresh could then keep old bytes).
+    /// A store into a pinned file of blocks another store is writing waits for it, then
+    /// stores its own (left out, a refresh would leave passthrough readers old bytes);
+    /// into an unpinned one, it is left out.
     #[test]
     fn a_store_waits_for_one_writing_the_same_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let c = std::sync::Arc::new(DataCache::open(dir.path(), 64 * BLOCK).unwrap());
+        c.validate(2, 1, 4 * BLOCK);
+        let other = c.inner.lock().unwrap().begin_store(2, 0, 0).unwrap();
+        c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 1))
+            .unwrap();
+        assert!(matches!(c.read(2, 1, 0, BLOCK).unwrap(), Lookup::Miss(_)));
+        c.inner.lock().unwrap().end_store(other);
         c.validate(1, 1, 4 * BLOCK);
+        c.pin(1);
         let first = c.inner.lock().unwrap().begin_store(1, 1, 1).unwrap();
         let d = data(2 * BLOCK as usize, 7);
         let second = {
