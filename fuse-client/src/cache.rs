@@ -1920,17 +1920,23 @@ mod tests {
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let d = data(2 * BLOCK as usize, 3);
-        {
-            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-            c.validate(9, 5, 2 * BLOCK);
-            c.store(9, 5, c.token(9).unwrap(), 0, &d).unwrap();
-            c.persist().unwrap();
-        }
+        // (Dropped without `close`: as a daemon killed.)
+        drop(holding(dir.path(), 64 * BLOCK, 9, 5, &d));
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
         assert_eq!(c.used(), 2 * BLOCK);
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert!(c.complete(9));
         assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+    }
+
+    /// A cache in `dir` holding all of `d` as file `ino` at `version`, its metadata
+    /// written back.
+    fn holding(dir: &Path, cap: u64, ino: u64, version: u64, d: &[u8]) -> DataCache {
+        let c = DataCache::open(dir, cap).unwrap();
+        c.validate(ino, version, d.len() as u64);
+        c.store(ino, version, c.token(ino).unwrap(), 0, d).unwrap();
+        c.persist().unwrap();
+        c
     }
 
     /// Every `.data` file in `dir` has its `.meta` (nothing is left outside the cap).
@@ -2047,11 +2053,7 @@ mod tests {
     fn a_data_file_that_may_be_mapped_writable_is_never_listed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-            c.validate(5, 1, 2 * BLOCK);
-            c.store(5, 1, c.token(5).unwrap(), 0, &data(2 * BLOCK as usize, 5))
-                .unwrap();
-            c.persist().unwrap();
+            let c = holding(dir.path(), 64 * BLOCK, 5, 1, &data(2 * BLOCK as usize, 5));
             assert!(dir.path().join("5.meta").exists());
             c.mappable(5);
             assert!(!dir.path().join("5.meta").exists());
@@ -2100,10 +2102,7 @@ mod tests {
         for write_back_after in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             {
-                let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-                c.validate(1, 7, 2 * BLOCK);
-                c.store(1, 7, c.token(1).unwrap(), 0, &old).unwrap();
-                c.persist().unwrap();
+                let c = holding(dir.path(), 64 * BLOCK, 1, 7, &old);
                 c.wrote(1, 10, b"XYZ").unwrap();
                 if write_back_after {
                     c.persist().unwrap();
@@ -2126,10 +2125,7 @@ mod tests {
         let mut new = old.clone();
         new[10..13].copy_from_slice(b"XYZ");
         {
-            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-            c.validate(1, 7, 2 * BLOCK);
-            c.store(1, 7, c.token(1).unwrap(), 0, &old).unwrap();
-            c.persist().unwrap();
+            let c = holding(dir.path(), 64 * BLOCK, 1, 7, &old);
             c.wrote(1, 10, b"XYZ").unwrap();
             c.adopt(1, 8, 2 * BLOCK);
             c.persist().unwrap();
@@ -2146,10 +2142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = data(4 * BLOCK as usize, 1);
         {
-            let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
-            c.validate(1, 7, 4 * BLOCK);
-            c.store(1, 7, c.token(1).unwrap(), 0, &one).unwrap();
-            c.persist().unwrap();
+            let c = holding(dir.path(), 4 * BLOCK, 1, 7, &one);
             c.validate(2, 3, 2 * BLOCK);
             c.store(2, 3, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 2))
                 .unwrap();
@@ -2200,13 +2193,13 @@ mod tests {
     #[test]
     fn a_session_cut_by_a_machine_restart_empties_the_cache() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-            c.validate(9, 5, 2 * BLOCK);
-            c.store(9, 5, c.token(9).unwrap(), 0, &data(2 * BLOCK as usize, 3))
-                .unwrap();
-            c.persist().unwrap();
-        }
+        drop(holding(
+            dir.path(),
+            64 * BLOCK,
+            9,
+            5,
+            &data(2 * BLOCK as usize, 3),
+        ));
         // The daemon died; then the machine did (another boot id).
         std::fs::write(dir.path().join(SESSION_FILE), b"another boot\n").unwrap();
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
