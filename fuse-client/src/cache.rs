@@ -1517,7 +1517,10 @@ impl DataCache {
     /// disk, and the session marked as ended cleanly (see [`begin_session`]).
     pub fn close(&self) -> io::Result<()> {
         let persisted = {
-            let _one_at_a_time = self.persisting.lock().map_err(|_| lock_err())?;
+            let _one_at_a_time = self
+                .persisting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // Metadata files are true even where this fails (see `Entry::unlist`): the
             // session still ends cleanly.
             let persisted = self.persist_now();
@@ -1746,9 +1749,10 @@ fn stamped(m: &std::fs::Metadata) -> bool {
     (m.mtime(), m.mtime_nsec()) == (0, 0)
 }
 
-/// Longest a store waits for another one writing the same blocks (see
-/// `Inner::stores`) before it leaves them uncached.
-const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Longest a store into a pinned file waits for another one writing the same blocks
+/// (see `Inner::stores`) before it leaves them uncached (a refresh of a pinned file
+/// fetches what is still missing again). It may wait on a tokio worker.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a sample of the cache filesystem's free space is used (see
 /// [`DataCache::limit`]).
@@ -2024,6 +2028,11 @@ mod tests {
         c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 1))
             .unwrap();
         assert!(matches!(c.read(2, 1, 0, BLOCK).unwrap(), Lookup::Miss(_)));
+        assert_eq!(
+            c.inner.lock().unwrap().store_waits,
+            0,
+            "an unpinned store waited"
+        );
         c.inner.lock().unwrap().end_store(other);
         c.validate(1, 1, 4 * BLOCK);
         c.pin(1);

@@ -2453,16 +2453,31 @@ impl Core {
     pub async fn complete_pinned(&self, caller: Caller, ino: u64) {
         let mut off = 0;
         let mut failed = 0;
+        let mut passes = 0;
         while failed < 3 {
             let Some(f) = self.a_reader_of(ino) else {
                 return;
             };
-            let size = match f.state.lock() {
-                Ok(st) => st.size,
+            let (size, version) = match f.state.lock() {
+                Ok(st) => (st.size, st.version),
                 Err(_) => return,
             };
             if off >= size {
-                return;
+                // A piece left out (another store was still writing its blocks) is
+                // fetched again: the passthrough readers must not keep the old bytes.
+                let first_missing = self.cache.as_ref().and_then(|c| {
+                    c.missing(f.sino, version, 0, size)
+                        .first()
+                        .map(|&(at, _)| at)
+                });
+                match first_missing {
+                    Some(at) if passes < 3 => {
+                        passes += 1;
+                        off = at;
+                        continue;
+                    }
+                    _ => return,
+                }
             }
             // Passthrough readers read the data file itself: nothing to keep. A fill
             // through the writers' handle fails when their last close took it away
