@@ -186,8 +186,6 @@ struct Inner {
     /// entry's metadata not written, and no other store writes the same blocks.
     stores: Vec<(u64, u64, u64, u64)>,
     store_ids: u64,
-    /// Times a store waited for another writing the same blocks.
-    store_waits: u64,
     /// Entries whose current data file a process may map writable (a writer beside
     /// passthrough readers): any byte of it may change at any time, so its metadata is
     /// never written (see [`DataCache::mappable`]) until the file is replaced.
@@ -402,8 +400,6 @@ pub struct DataCache {
     inner: Mutex<Inner>,
     /// Serializes metadata write-back (its temporary files share names).
     persisting: Mutex<()>,
-    /// Signalled (with `inner`) when a store's registration ends.
-    stores_done: std::sync::Condvar,
     /// `LOCK_FILE`, locked: one mount at a time uses a cache dir.
     _lock: File,
     /// Pinned entries a process's shared map stored into, as seen just before this
@@ -505,7 +501,6 @@ impl DataCache {
             closed: AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
             persisting: Mutex::new(()),
-            stores_done: std::sync::Condvar::new(),
             mapped: Mutex::new(HashSet::new()),
             maps_show: maps_change_mtime(dir),
             stats: CacheStats::default(),
@@ -907,56 +902,50 @@ impl DataCache {
             .miss_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let end = offset + data.len() as u64;
-        let (size, keeping, pinned, blocks, store) = {
+        let (size, keeping, pinned, runs, ids) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-            let waiting_until = std::time::Instant::now() + STORE_WAIT;
-            loop {
-                let size = match inner.files.get(&ino) {
-                    Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
-                    _ => return Ok(()),
-                };
-                let mut blocks = Vec::new();
-                let mut b = offset / BLOCK;
-                while b * BLOCK < end {
-                    let block_end = ((b + 1) * BLOCK).min(size);
-                    if block_end <= end && block_end > b * BLOCK {
-                        blocks.push(b);
+            let size = match inner.files.get(&ino) {
+                Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
+                _ => return Ok(()),
+            };
+            // The whole blocks of the range, in runs without a block another store is
+            // writing: one store at a time writes a block (a second one, of another
+            // version or the same bytes, could land its bytes after the first recorded
+            // its own). A block left out is fetched again when read (a pinned file's
+            // refresh looks for what is missing at its end).
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let mut b = offset / BLOCK;
+            while b * BLOCK < end {
+                let block_end = ((b + 1) * BLOCK).min(size);
+                if block_end <= end && block_end > b * BLOCK && !inner.storing(ino, Some(b)) {
+                    match runs.last_mut() {
+                        Some(run) if run.1 + 1 == b => run.1 = b,
+                        _ => runs.push((b, b)),
                     }
-                    b += 1;
                 }
-                let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
-                    return Ok(());
-                };
-                // One store at a time writes a block: a second one (of another version,
-                // or the same bytes) could land its bytes after the first recorded its
-                // own. It is left uncached, unless passthrough readers read the data
-                // file itself (a refresh must not leave them the old bytes): then it
-                // waits for the other (a disk write) and looks again.
-                let Some(store) = inner.begin_store(ino, first, last) else {
-                    let now = std::time::Instant::now();
-                    if now >= waiting_until || !inner.pins.contains_key(&ino) {
-                        return Ok(());
-                    }
-                    inner.store_waits += 1;
-                    inner = self
-                        .stores_done
-                        .wait_timeout(inner, waiting_until - now)
-                        .map_err(|_| lock_err())?
-                        .0;
-                    continue;
-                };
-                // (A store racing this one may take the room first: then this piece is
-                // not kept after all, and its bytes are read back from the disk.)
-                let keeping = keep.is_some() && {
-                    inner.keep_clock += data.len() as u64;
-                    inner.room_to_keep(data.len() as u64)
-                };
-                break (size, keeping, inner.pins.contains_key(&ino), blocks, store);
+                b += 1;
             }
+            if runs.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<u64> = runs
+                .iter()
+                .filter_map(|&(first, last)| inner.begin_store(ino, first, last))
+                .collect();
+            // Kept in memory only whole. (A store racing this one may take the room
+            // first: then this piece is not kept after all, and its bytes are read
+            // back from the disk.)
+            let whole = runs.len() == 1 && runs[0].0 * BLOCK == offset;
+            let keeping = keep.is_some() && whole && {
+                inner.keep_clock += data.len() as u64;
+                inner.room_to_keep(data.len() as u64)
+            };
+            (size, keeping, inner.pins.contains_key(&ino), runs, ids)
         };
-        let need: u64 = blocks
+        let run_end = |last: u64| ((last + 1) * BLOCK).min(size);
+        let need: u64 = runs
             .iter()
-            .map(|b| ((b + 1) * BLOCK).min(size) - b * BLOCK)
+            .map(|&(first, last)| run_end(last) - first * BLOCK)
             .sum();
         let room = match need > self.cap {
             true => Ok(false),
@@ -964,35 +953,37 @@ impl DataCache {
         };
         if !matches!(room, Ok(true)) {
             if let Ok(mut inner) = self.inner.lock() {
-                self.end_store(&mut inner, store);
+                ids.iter().for_each(|&id| inner.end_store(id));
             }
             return room.map(|_| ());
         }
-        let first = blocks[0] * BLOCK;
-        let last_end = ((blocks[blocks.len() - 1] + 1) * BLOCK).min(size);
         let written = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(self.data_path(ino))
             .and_then(|file| {
-                let bytes = &data[(first - offset) as usize..(last_end - offset) as usize];
-                // A kept piece is read from memory, not from this file.
-                self.own_write(ino, &file, pinned, || match keeping {
-                    true => write_dontcache(&file, bytes, first),
-                    false => file.write_all_at(bytes, first),
-                })?;
+                for &(first, last) in &runs {
+                    let (from, to) = (first * BLOCK, run_end(last));
+                    let bytes = &data[(from - offset) as usize..(to - offset) as usize];
+                    // A kept piece is read from memory, not from this file.
+                    self.own_write(ino, &file, pinned, || match keeping {
+                        true => write_dontcache(&file, bytes, from),
+                        false => file.write_all_at(bytes, from),
+                    })?;
+                }
                 Ok(file)
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
-        self.end_store(inner, store);
+        ids.iter().for_each(|&id| inner.end_store(id));
         // The room made for these blocks is theirs now, or nobody's.
         inner.reserved = inner.reserved.saturating_sub(need);
         let file = written?;
         let Some(e) = inner.files.get_mut(&ino) else {
             return Ok(());
         };
+        let blocks = runs.iter().flat_map(|&(first, last)| first..=last);
         if e.version != version || e.generation != token || e.dirty {
             // A write (or a re-base) raced with this fill, and the bytes just written may
             // have landed over newer ones: those blocks are not trusted any more (a
@@ -1029,17 +1020,11 @@ impl DataCache {
         }
         e.meta_dirty = true;
         if let Some(data) = keep.filter(|_| keeping) {
-            let piece = data.slice((first - offset) as usize..(last_end - offset) as usize);
-            inner.keep(ino, first, piece, token);
+            let (first, last) = runs[0];
+            let piece = data.slice(0..(run_end(last) - first * BLOCK) as usize);
+            inner.keep(ino, first * BLOCK, piece, token);
         }
         Ok(())
-    }
-
-    /// The store registered as `id` has written its bytes (or given up): stores
-    /// waiting for its blocks look again.
-    fn end_store(&self, inner: &mut Inner, id: u64) {
-        inner.end_store(id);
-        self.stores_done.notify_all();
     }
 
     /// Evict least recently used blocks until `extra` more bytes fit under the cap;
@@ -1749,11 +1734,6 @@ fn stamped(m: &std::fs::Metadata) -> bool {
     (m.mtime(), m.mtime_nsec()) == (0, 0)
 }
 
-/// Longest a store into a pinned file waits for another one writing the same blocks
-/// (see `Inner::stores`) before it leaves them uncached (a refresh of a pinned file
-/// fetches what is still missing again). It may wait on a tokio worker.
-const STORE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// How long a sample of the cache filesystem's free space is used (see
 /// [`DataCache::limit`]).
 const ROOM_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -2016,46 +1996,24 @@ mod tests {
         assert!(c.inner.lock().unwrap().begin_store(1, 1, 3).is_some());
     }
 
-    /// A store into a pinned file of blocks another store is writing waits for it, then
-    /// stores its own (left out, a refresh would leave passthrough readers old bytes);
-    /// into an unpinned one, it is left out.
+    /// A store of blocks partly being written by another store stores the others (it
+    /// used to leave them all out, and a remount fetched them again).
     #[test]
-    fn a_store_waits_for_one_writing_the_same_blocks() {
+    fn a_store_overlapping_another_stores_the_blocks_it_can() {
         let dir = tempfile::tempdir().unwrap();
-        let c = std::sync::Arc::new(DataCache::open(dir.path(), 64 * BLOCK).unwrap());
-        c.validate(2, 1, 4 * BLOCK);
-        let other = c.inner.lock().unwrap().begin_store(2, 0, 0).unwrap();
-        c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 1))
-            .unwrap();
-        assert!(matches!(c.read(2, 1, 0, BLOCK).unwrap(), Lookup::Miss(_)));
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        c.validate(1, 1, 4 * BLOCK);
+        let other = c.inner.lock().unwrap().begin_store(1, 1, 1).unwrap();
+        let d = data(3 * BLOCK as usize, 7);
+        c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap();
+        assert_eq!(c.missing(1, 1, 0, 3 * BLOCK), vec![(BLOCK, BLOCK)]);
         assert_eq!(
-            c.inner.lock().unwrap().store_waits,
-            0,
-            "an unpinned store waited"
+            c.read(1, 1, 2 * BLOCK, BLOCK).unwrap(),
+            Lookup::Hit(d[2 * BLOCK as usize..].to_vec().into())
         );
         c.inner.lock().unwrap().end_store(other);
-        c.validate(1, 1, 4 * BLOCK);
-        c.pin(1);
-        let first = c.inner.lock().unwrap().begin_store(1, 1, 1).unwrap();
-        let d = data(2 * BLOCK as usize, 7);
-        let second = {
-            let (c, d) = (c.clone(), d.clone());
-            std::thread::spawn(move || c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap())
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while c.inner.lock().unwrap().store_waits == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the second store never waited"
-            );
-            std::thread::yield_now();
-        }
-        {
-            let mut inner = c.inner.lock().unwrap();
-            c.end_store(&mut inner, first);
-        }
-        second.join().unwrap();
-        assert_eq!(c.read(1, 1, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+        c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap();
+        assert_eq!(c.read(1, 1, 0, 3 * BLOCK).unwrap(), Lookup::Hit(d.into()));
     }
 
     #[test]
