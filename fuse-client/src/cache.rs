@@ -928,10 +928,12 @@ impl DataCache {
             if runs.is_empty() {
                 return Ok(());
             }
+            // (Each succeeds: no run has a block another store is writing.)
             let ids: Vec<u64> = runs
                 .iter()
                 .filter_map(|&(first, last)| inner.begin_store(ino, first, last))
                 .collect();
+            debug_assert_eq!(ids.len(), runs.len());
             // Kept in memory only whole. (A store racing this one may take the room
             // first: then this piece is not kept after all, and its bytes are read
             // back from the disk.)
@@ -2014,6 +2016,9 @@ mod tests {
         c.inner.lock().unwrap().end_store(other);
         c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap();
         assert_eq!(c.read(1, 1, 0, 3 * BLOCK).unwrap(), Lookup::Hit(d.into()));
+        let inner = c.inner.lock().unwrap();
+        assert!(inner.stores.is_empty() && inner.reserved == 0);
+        assert_eq!(inner.used, 3 * BLOCK);
     }
 
     #[test]

@@ -2454,6 +2454,7 @@ impl Core {
         let mut off = 0;
         let mut failed = 0;
         let mut passes = 0;
+        let mut last_missing = None;
         while failed < 3 {
             let Some(f) = self.a_reader_of(ino) else {
                 return;
@@ -2470,9 +2471,12 @@ impl Core {
                         .first()
                         .map(|&(at, _)| at)
                 });
+                // (Once a pass stored nothing there, it never will: no room for it, or
+                // another version. Not fetched again.)
                 match first_missing {
-                    Some(at) if passes < 3 => {
+                    Some(at) if passes < 3 && last_missing != Some(at) => {
                         passes += 1;
+                        last_missing = Some(at);
                         off = at;
                         continue;
                     }
