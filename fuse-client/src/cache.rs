@@ -180,32 +180,27 @@ struct Inner {
     /// a process may still map it after every open closed (its map reads and writes
     /// that file, not the daemon). Once unpinned, such a file is never cut or punched:
     /// it is unlinked and a new one begun, so a map keeps the bytes it had.
-    exposed: HashSet<u64>,
+    /// `true`: a process may also map the current data file writable (a writer beside
+    /// passthrough readers), so any byte of it may change at any time and the entry's
+    /// metadata is never written (see [`DataCache::mappable`]) until the file is
+    /// replaced.
+    exposed: HashMap<u64, bool>,
     /// Stores writing their bytes now (outside the lock): (ino, first block, last
     /// block, id). Their blocks are not evicted, their data file not emptied, their
     /// entry's metadata not written, and no other store writes the same blocks.
     stores: Vec<(u64, u64, u64, u64)>,
     store_ids: u64,
-    /// Entries whose current data file a process may map writable (a writer beside
-    /// passthrough readers): any byte of it may change at any time, so its metadata is
-    /// never written (see [`DataCache::mappable`]) until the file is replaced.
-    mappable: HashSet<u64>,
 }
 
 impl Inner {
-    /// Register a store of blocks `first..=last` of `ino`; `None` if another store is
-    /// writing one of them.
-    fn begin_store(&mut self, ino: u64, first: u64, last: u64) -> Option<u64> {
-        let busy = self
-            .stores
-            .iter()
-            .any(|&(i, f, l, _)| i == ino && f <= last && first <= l);
-        if busy {
-            return None;
-        }
+    /// Register a store of the block runs `first..=last` of `ino` (none of them being
+    /// written by another store, see [`Inner::storing`]); its id for `end_store`.
+    fn begin_store(&mut self, ino: u64, runs: &[(u64, u64)]) -> u64 {
         self.store_ids += 1;
-        self.stores.push((ino, first, last, self.store_ids));
-        Some(self.store_ids)
+        for &(first, last) in runs {
+            self.stores.push((ino, first, last, self.store_ids));
+        }
+        self.store_ids
     }
 
     fn end_store(&mut self, id: u64) {
@@ -215,7 +210,7 @@ impl Inner {
     /// Whether the metadata of `ino` may be written: no store is writing its blocks
     /// and no process may map its data file writable.
     fn settled(&self, ino: u64) -> bool {
-        !self.storing(ino, None) && !self.mappable.contains(&ino)
+        !self.storing(ino, None) && self.exposed.get(&ino) != Some(&true)
     }
 
     /// Whether a store is writing block `b` of `ino` (`None`: any block).
@@ -645,25 +640,13 @@ impl DataCache {
                 e.generation = inner.generations + 1;
                 inner.generations += 1;
                 inner.forget_kept(ino);
-                self.reset_data(
-                    &inner.pins,
-                    &mut inner.exposed,
-                    &mut inner.mappable,
-                    ino,
-                    size,
-                );
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
                 false
             }
             None => {
                 // A pinned file is refilled in place: it must not outgrow the version.
                 if inner.pins.contains_key(&ino) {
-                    self.reset_data(
-                        &inner.pins,
-                        &mut inner.exposed,
-                        &mut inner.mappable,
-                        ino,
-                        size,
-                    );
+                    self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
                 }
                 let generation = inner.next_generation();
                 inner.files.insert(
@@ -696,13 +679,7 @@ impl DataCache {
             if e.size != size {
                 // Our view of the length disagrees with the server's: trust nothing.
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
-                self.reset_data(
-                    &inner.pins,
-                    &mut inner.exposed,
-                    &mut inner.mappable,
-                    ino,
-                    size,
-                );
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
             }
             e.version = version;
             e.size = size;
@@ -763,7 +740,7 @@ impl DataCache {
             if *count > 1 {
                 self.note_mapped_stores(ino, &file);
             }
-            inner.exposed.insert(ino);
+            inner.exposed.entry(ino).or_insert(false);
             stamp_own(&file);
         }
         Some(file)
@@ -902,7 +879,7 @@ impl DataCache {
             .miss_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let end = offset + data.len() as u64;
-        let (size, keeping, pinned, runs, ids) = {
+        let (size, keeping, pinned, runs, id) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let size = match inner.files.get(&ino) {
                 Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
@@ -928,12 +905,7 @@ impl DataCache {
             if runs.is_empty() {
                 return Ok(());
             }
-            // (Each succeeds: no run has a block another store is writing.)
-            let ids: Vec<u64> = runs
-                .iter()
-                .filter_map(|&(first, last)| inner.begin_store(ino, first, last))
-                .collect();
-            debug_assert_eq!(ids.len(), runs.len());
+            let id = inner.begin_store(ino, &runs);
             // Kept in memory only whole. (A store racing this one may take the room
             // first: then this piece is not kept after all, and its bytes are read
             // back from the disk.)
@@ -942,7 +914,7 @@ impl DataCache {
                 inner.keep_clock += data.len() as u64;
                 inner.room_to_keep(data.len() as u64)
             };
-            (size, keeping, inner.pins.contains_key(&ino), runs, ids)
+            (size, keeping, inner.pins.contains_key(&ino), runs, id)
         };
         let run_end = |last: u64| ((last + 1) * BLOCK).min(size);
         let need: u64 = runs
@@ -955,7 +927,7 @@ impl DataCache {
         };
         if !matches!(room, Ok(true)) {
             if let Ok(mut inner) = self.inner.lock() {
-                ids.iter().for_each(|&id| inner.end_store(id));
+                inner.end_store(id);
             }
             return room.map(|_| ());
         }
@@ -978,7 +950,7 @@ impl DataCache {
             });
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
         let inner = &mut *inner;
-        ids.iter().for_each(|&id| inner.end_store(id));
+        inner.end_store(id);
         // The room made for these blocks is theirs now, or nobody's.
         inner.reserved = inner.reserved.saturating_sub(need);
         let file = written?;
@@ -1054,7 +1026,7 @@ impl DataCache {
                 continue;
             }
             inner.lru.remove(&t);
-            if inner.exposed.contains(&ino)
+            if inner.exposed.contains_key(&ino)
                 && let Some(e) = inner.files.get_mut(&ino)
             {
                 // A map may still read its data file: the file goes whole, unlinked.
@@ -1066,7 +1038,7 @@ impl DataCache {
                 e.generation = inner.generations;
                 let freed = before.saturating_sub(inner.used);
                 self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
-                self.reset_data(&inner.pins, &mut inner.exposed, &mut inner.mappable, ino, 0);
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
                 continue;
             }
             if let Some(e) = inner.files.get_mut(&ino)
@@ -1154,7 +1126,7 @@ impl DataCache {
     pub fn pin(&self, ino: u64) {
         if let Ok(mut inner) = self.inner.lock() {
             *inner.pins.entry(ino).or_default() += 1;
-            inner.exposed.insert(ino);
+            inner.exposed.entry(ino).or_insert(false);
         }
     }
 
@@ -1170,7 +1142,7 @@ impl DataCache {
         if let Some(e) = inner.files.get_mut(&ino) {
             e.unlist(&self.dir, ino);
         }
-        inner.mappable.insert(ino);
+        inner.exposed.insert(ino, true);
     }
 
     pub fn unpin(&self, ino: u64) {
@@ -1270,8 +1242,7 @@ impl DataCache {
     fn reset_data(
         &self,
         pins: &HashMap<u64, u32>,
-        exposed: &mut HashSet<u64>,
-        mappable: &mut HashSet<u64>,
+        exposed: &mut HashMap<u64, bool>,
         ino: u64,
         size: u64,
     ) {
@@ -1281,10 +1252,9 @@ impl DataCache {
             {
                 let _ = self.own_write(ino, &f, true, || f.set_len(size));
             }
-        } else if exposed.remove(&ino) {
-            let _ = std::fs::remove_file(self.data_path(ino));
+        } else if exposed.remove(&ino).is_some() {
             // (Whatever maps it keep it; the entry's next data file is a new one.)
-            mappable.remove(&ino);
+            let _ = std::fs::remove_file(self.data_path(ino));
         } else {
             drop_data(&self.data_path(ino));
         }
@@ -1344,12 +1314,12 @@ impl DataCache {
             };
             let inner = &mut *inner;
             Self::changing(&self.dir, inner, ino, 0);
-            if inner.exposed.contains(&ino) && !inner.pins.contains_key(&ino) {
+            if inner.exposed.contains_key(&ino) && !inner.pins.contains_key(&ino) {
                 // Not punched under a map that may still read it: begun anew.
                 if let Some(e) = inner.files.get_mut(&ino) {
                     e.drop_blocks(&mut inner.lru, &mut inner.used);
                 }
-                self.reset_data(&inner.pins, &mut inner.exposed, &mut inner.mappable, ino, 0);
+                self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
                 return;
             }
             // A pinned file keeps its bytes for the readers until its refresh.
@@ -1445,13 +1415,7 @@ impl DataCache {
         e.dirty = true;
         // (The last block kept may have changed length with the size.)
         inner.used = inner.used.saturating_sub(counted) + e.cached_bytes();
-        self.reset_data(
-            &inner.pins,
-            &mut inner.exposed,
-            &mut inner.mappable,
-            ino,
-            size,
-        );
+        self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
         if pinned && size > old_size {
             // Past the old end the file is zeros: so is the lengthened data file (sparse),
             // which a map of it may reach.
@@ -1490,13 +1454,7 @@ impl DataCache {
                 }
                 inner.used = Self::recount(&inner.files);
             }
-            self.reset_data(
-                &inner.pins,
-                &mut inner.exposed,
-                &mut inner.mappable,
-                ino,
-                u64::MAX,
-            );
+            self.reset_data(&inner.pins, &mut inner.exposed, ino, u64::MAX);
         }
     }
 
@@ -1579,6 +1537,9 @@ impl DataCache {
                     .map(|()| true),
             };
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
+            // A store writing now may be one that lost a race and is about to be
+            // dropped; a file a process may map writable may hold anything.
+            let settled = inner.settled(ino);
             let Some(e) = inner.files.get_mut(&ino) else {
                 // Forgotten meanwhile, and its file removed with it.
                 let _ = std::fs::remove_file(&tmp);
@@ -1588,12 +1549,6 @@ impl DataCache {
                 && e.size == meta.size
                 && !e.dirty
                 && meta.blocks.iter().all(|b| e.blocks.contains_key(b));
-            // A store writing now may be one that lost a race and is about to be
-            // dropped; a file a process may map writable may hold anything.
-            let settled = inner.settled(ino);
-            let Some(e) = inner.files.get_mut(&ino) else {
-                continue;
-            };
             if !settled {
                 let _ = std::fs::remove_file(&tmp);
                 e.meta_dirty = true;
@@ -1970,7 +1925,7 @@ mod tests {
         c.store(1, 1, c.token(1).unwrap(), 0, &data(BLOCK as usize, 1))
             .unwrap();
         // A store of file 1's block 2 is writing its bytes (outside the lock).
-        let id = c.inner.lock().unwrap().begin_store(1, 2, 2).unwrap();
+        let id = c.inner.lock().unwrap().begin_store(1, &[(2, 2)]);
         let two = data(BLOCK as usize, 2);
         OpenOptions::new()
             .write(true)
@@ -1979,7 +1934,7 @@ mod tests {
             .write_all_at(&two, 2 * BLOCK)
             .unwrap();
         assert!(
-            c.inner.lock().unwrap().begin_store(1, 1, 3).is_none(),
+            (1..=3).any(|b| c.inner.lock().unwrap().storing(1, Some(b))),
             "a second store of a block being stored"
         );
         // File 2 takes the whole cap: file 1's block 0 goes, and with it the last block
@@ -1995,7 +1950,7 @@ mod tests {
             .unwrap();
         assert!(got == two, "the bytes of the store in flight were wiped");
         c.inner.lock().unwrap().end_store(id);
-        assert!(c.inner.lock().unwrap().begin_store(1, 1, 3).is_some());
+        assert!(!(1..=3).any(|b| c.inner.lock().unwrap().storing(1, Some(b))));
     }
 
     /// A store of blocks partly being written by another store stores the others (it
@@ -2005,7 +1960,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
         c.validate(1, 1, 4 * BLOCK);
-        let other = c.inner.lock().unwrap().begin_store(1, 1, 1).unwrap();
+        let other = c.inner.lock().unwrap().begin_store(1, &[(1, 1)]);
         let d = data(3 * BLOCK as usize, 7);
         c.store(1, 1, c.token(1).unwrap(), 0, &d).unwrap();
         assert_eq!(c.missing(1, 1, 0, 3 * BLOCK), vec![(BLOCK, BLOCK)]);

@@ -425,8 +425,13 @@ fn mounted_for(pid: u32, path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
         return true;
     };
+    mount_line(&info, path).is_some()
+}
+
+/// The last line of a mountinfo text for a mount on `path` (the one on top).
+fn mount_line<'a>(info: &'a str, path: &Path) -> Option<&'a str> {
     let want = path.as_os_str().as_bytes();
-    info.lines().any(|line| {
+    info.lines().rev().find(|line| {
         line.split(' ')
             .nth(4)
             .is_some_and(|point| unescape_mountinfo(point).as_slice() == want)
@@ -441,14 +446,9 @@ fn raise_readahead(mp: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let want = mp.as_os_str().as_bytes();
-    let dev = info.lines().rev().find_map(|line| {
-        let mut f = line.split(' ');
-        let dev = f.nth(2)?;
-        let point = f.nth(1)?;
-        (unescape_mountinfo(point).as_slice() == want).then(|| dev.to_string())
-    });
-    let Some(dev) = dev else { return };
+    let Some(dev) = mount_line(&info, mp).and_then(|line| line.split(' ').nth(2)) else {
+        return;
+    };
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, "1024") {
         tracing::debug!("cannot raise readahead ({path}): {e}");
