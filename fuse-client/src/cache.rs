@@ -8,9 +8,10 @@
 //! closed and at unmount, so a remount of an unchanged export reads from disk, not the
 //! network.
 //!
-//! The size cap is hard: before a block is stored, least recently used blocks are punched
-//! out until it fits, including blocks of the file being copied when that file alone is
-//! larger than the cap.
+//! The size cap is hard: before a block is stored, least recently used blocks are
+//! evicted until it fits, including blocks of the file being copied when that file alone
+//! is larger than the cap. They are punched out of their data files after the cache lock
+//! is released, and count as on the disk until they are (see [`DataCache::evict_to`]).
 //!
 //! The last fetched pieces of sequential reads are also kept in memory (up to
 //! `KEEP_CAP` bytes in all) and answer the reads they were fetched for, so data that just
@@ -31,8 +32,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -190,6 +191,13 @@ struct Inner {
     /// entry's metadata not written, and no other store writes the same blocks.
     stores: Vec<(u64, u64, u64, u64)>,
     store_ids: u64,
+    /// Evicted blocks being punched out of their data files now (outside the lock):
+    /// (ino, first block, last block, id), as for `stores`. No store writes them until
+    /// the punch is done (its bytes would be punched out after it recorded them), and
+    /// no passthrough open pins their entry.
+    punches: Vec<(u64, u64, u64, u64)>,
+    /// Their bytes: out of `used`, still on the disk.
+    punching: u64,
 }
 
 impl Inner {
@@ -213,11 +221,18 @@ impl Inner {
         !self.storing(ino, None) && self.exposed.get(&ino) != Some(&true)
     }
 
-    /// Whether a store is writing block `b` of `ino` (`None`: any block).
+    /// Whether a store is writing block `b` of `ino`, or an eviction punching it out
+    /// (`None`: any block).
     fn storing(&self, ino: u64, b: Option<u64>) -> bool {
         self.stores
             .iter()
+            .chain(&self.punches)
             .any(|&(i, f, l, _)| i == ino && b.is_none_or(|b| f <= b && b <= l))
+    }
+
+    /// Whether an eviction is punching blocks out of the data file of `ino`.
+    fn punching(&self, ino: u64) -> bool {
+        self.punches.iter().any(|&(i, ..)| i == ino)
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -393,6 +408,11 @@ pub struct DataCache {
     closed: AtomicBool,
     // std Mutex: bookkeeping only; file I/O happens outside it where possible.
     inner: Mutex<Inner>,
+    /// An eviction's punches are done (see [`DataCache::evict_to`]).
+    punched: Condvar,
+    /// Tests: held, it stops evictions between taking blocks out and punching them.
+    #[cfg(test)]
+    punch_gate: Mutex<()>,
     /// Serializes metadata write-back (its temporary files share names).
     persisting: Mutex<()>,
     /// `LOCK_FILE`, locked: one mount at a time uses a cache dir.
@@ -417,6 +437,18 @@ pub struct MappedCopy {
     pub ranges: Vec<(u64, u64)>,
     /// Whether they are the whole file.
     pub whole: bool,
+}
+
+/// An eviction's punch of `[off, off+len)` out of a data file (see
+/// [`DataCache::evict_to`]).
+struct Punch {
+    /// The data file as it was at the eviction: a file that replaced it since is not
+    /// touched.
+    file: std::sync::Arc<File>,
+    off: u64,
+    len: u64,
+    /// Bytes of evicted blocks it frees, as they were counted in `used`.
+    counted: u64,
 }
 
 /// Result of asking the cache for a range.
@@ -495,6 +527,9 @@ impl DataCache {
             limited: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
+            punched: Condvar::new(),
+            #[cfg(test)]
+            punch_gate: Mutex::new(()),
             persisting: Mutex::new(()),
             mapped: Mutex::new(HashSet::new()),
             maps_show: maps_change_mtime(dir),
@@ -729,6 +764,11 @@ impl DataCache {
         let mut inner = self.inner.lock().ok()?;
         let e = inner.files.get(&ino)?;
         if e.version != version || e.size != size || e.dirty || !e.whole() {
+            return None;
+        }
+        // A punch still to land would make holes under the passthrough readers (the
+        // file may have been cut and filled again since its blocks were evicted).
+        if pin && inner.punching(ino) {
             return None;
         }
         // Opened under the lock: no reset can cut the file between the check and here.
@@ -1005,21 +1045,66 @@ impl DataCache {
     /// returns whether they fit, and if so reserves them: the caller must take
     /// `extra` off `reserved` once its blocks are recorded (or not). Blocks of pinned
     /// entries are never evicted.
+    ///
+    /// The evicted blocks leave the index (and their entry's metadata file) under the
+    /// lock, and are punched out of their data files after it is released: a punch can
+    /// take milliseconds (20 ms seen; on a filesystem mounted `-o discard` it waits for
+    /// the device), during which every other use of the cache went on waiting. Until
+    /// the punch is done its blocks are registered (`Inner::punches`): no store writes
+    /// them, and they still count as on the disk, so the cap holds there too (a store
+    /// that fits once they are gone waits for them).
     fn evict_to(&self, extra: u64) -> io::Result<bool> {
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-        let inner = &mut *inner;
-        let limit = self.limit(inner.used);
-        if inner.used + inner.reserved + extra <= limit {
-            inner.reserved += extra;
-            return Ok(true);
+        loop {
+            let on_disk = inner.used + inner.punching;
+            let limit = self.limit(on_disk);
+            if on_disk + inner.reserved + extra <= limit {
+                inner.reserved += extra;
+                return Ok(true);
+            }
+            if inner.punching > 0 && inner.used + inner.reserved + extra <= limit {
+                inner = self.punched.wait(inner).map_err(|_| lock_err())?;
+                continue;
+            }
+            let (id, punches) = self.evict_some(&mut inner, limit, extra);
+            if punches.is_empty() {
+                if inner.punching > 0 {
+                    inner = self.punched.wait(inner).map_err(|_| lock_err())?;
+                    continue;
+                }
+                // Nothing left to evict: what is cached is pinned or being stored.
+                let fits = inner.used + inner.reserved + extra <= limit;
+                if fits {
+                    inner.reserved += extra;
+                }
+                return Ok(fits);
+            }
+            drop(inner);
+            #[cfg(test)]
+            let gate = self.punch_gate.lock();
+            for p in &punches {
+                punch_hole(&p.file, p.off, p.len);
+            }
+            #[cfg(test)]
+            drop(gate);
+            inner = self.inner.lock().map_err(|_| lock_err())?;
+            let bytes: u64 = punches.iter().map(|p| p.counted).sum();
+            inner.punching = inner.punching.saturating_sub(bytes);
+            inner.punches.retain(|r| r.3 != id);
+            self.punched.notify_all();
         }
-        // Punched under the lock: a store that fetched an evicted block again must not
-        // have its bytes punched out after it recorded them. Past the cap, room for the
-        // next stores too is made at once (`evict_slack`): fewer, larger punches.
-        let mut punched: Vec<(u64, u64, u64)> = Vec::new();
+    }
+
+    /// Take least recently used blocks out of the index until `extra` more bytes fit
+    /// under `limit` less the eviction's slack, and register them (under one id) as
+    /// being punched; the punches to make, through the data files as they are now.
+    fn evict_some(&self, inner: &mut Inner, limit: u64, extra: u64) -> (u64, Vec<Punch>) {
+        // Past the cap, room for the next stores too is made at once (`evict_slack`):
+        // fewer, larger punches.
         let target = limit.saturating_sub(evict_slack(limit));
+        let mut evicted: Vec<(u64, u64, u64)> = Vec::new();
         let mut from = 0;
-        while inner.used + inner.reserved + extra > target {
+        while inner.used + inner.punching + inner.reserved + extra > target {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
@@ -1051,47 +1136,63 @@ impl DataCache {
                 self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
                 // Its metadata file goes before any of its bytes do.
                 e.unlist(&self.dir, ino);
-                punched.push((ino, b * BLOCK, len));
+                evicted.push((ino, b * BLOCK, len));
             }
         }
-        punched.sort_unstable();
+        evicted.sort_unstable();
         // Adjacent blocks of a file (a sequential read's oldest) go in one punch.
-        punched.dedup_by(|next, run| {
+        evicted.dedup_by(|next, run| {
             let joins = next.0 == run.0 && run.1 + run.2 == next.1;
             if joins {
                 run.2 += next.2;
             }
             joins
         });
-        let mut open: Option<(u64, Option<File>)> = None;
-        for (ino, off, len) in punched {
-            let Some(e) = inner.files.get(&ino) else {
+        inner.store_ids += 1;
+        let id = inner.store_ids;
+        let mut punches: Vec<Punch> = Vec::new();
+        let mut i = 0;
+        while i < evicted.len() {
+            let ino = evicted[i].0;
+            let n = evicted[i..].iter().take_while(|r| r.0 == ino).count();
+            let runs = &evicted[i..i + n];
+            i += n;
+            let Ok(file) = OpenOptions::new().write(true).open(self.data_path(ino)) else {
                 continue;
             };
-            // (Emptied, unless a store is writing it: that one's bytes stay.)
-            if e.blocks.is_empty() && !inner.storing(ino, None) {
-                if open.as_ref().is_none_or(|(i, _)| *i != ino) {
-                    drop_data(&self.data_path(ino));
-                    open = Some((ino, None));
-                }
+            let file = std::sync::Arc::new(file);
+            let emptied = inner.files.get(&ino).is_none_or(|e| e.blocks.is_empty());
+            // An emptied file (unless a store is writing it: that one's bytes stay) is
+            // punched whole, bytes of stores that were not recorded too; cut, it could
+            // lose the block a store begun meanwhile writes past its old end.
+            let whole = match file.metadata() {
+                Ok(m) if emptied && m.len() > 0 && !inner.storing(ino, None) => Some(m.len()),
+                _ => None,
+            };
+            if let Some(len) = whole {
+                let counted = runs.iter().map(|r| r.2).sum();
+                inner.punches.push((ino, 0, len.div_ceil(BLOCK), id));
+                punches.push(Punch {
+                    file,
+                    off: 0,
+                    len,
+                    counted,
+                });
                 continue;
             }
-            if open.as_ref().is_none_or(|(i, _)| *i != ino) {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(self.data_path(ino))
-                    .ok();
-                open = Some((ino, f));
-            }
-            if let Some((_, Some(f))) = &open {
-                punch_hole(f, off, len);
+            for &(_, off, len) in runs {
+                let last = (off + len).div_ceil(BLOCK) - 1;
+                inner.punches.push((ino, off / BLOCK, last, id));
+                punches.push(Punch {
+                    file: std::sync::Arc::clone(&file),
+                    off,
+                    len,
+                    counted: len,
+                });
             }
         }
-        let fits = inner.used + inner.reserved + extra <= limit;
-        if fits {
-            inner.reserved += extra;
-        }
-        Ok(fits)
+        inner.punching += punches.iter().map(|p| p.counted).sum::<u64>();
+        (id, punches)
     }
 
     /// The most file data the cache may hold now, `used` bytes of it on disk: the cap,
@@ -1767,10 +1868,9 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 
 /// Bytes an eviction frees beyond what the store that needs it asks for, for a cache
 /// limited to `limit`: a 32nd of it, at most 8 MiB, in whole blocks. A punch costs about
-/// as much for 8 MiB as for one block (and may wait for the device to discard), and it
-/// runs under the cache lock, so a full cache filled a block at a time spent half its
-/// time punching (a 1 GiB read through a 128 MiB cache took twice as long as through one
-/// that fit it).
+/// as much for 8 MiB as for one block (and may wait for the device to discard): a full
+/// cache filled a block at a time spent half its time punching (a 1 GiB read through a
+/// 128 MiB cache took twice as long as through one that fit it).
 fn evict_slack(limit: u64) -> u64 {
     (limit / 32).min(8 << 20) / BLOCK * BLOCK
 }
@@ -2343,7 +2443,7 @@ mod tests {
     /// A full cache does not evict (and punch) a block per store: an eviction frees room
     /// for the next stores too, and punches adjacent blocks in one piece.
     #[test]
-    fn a_full_cache_evicts_ahead_in_one_punch() {
+    fn a_full_cache_makes_room_for_the_next_stores_too() {
         let dir = tempfile::tempdir().unwrap();
         let cap = 64 * BLOCK;
         let slack = evict_slack(cap);
@@ -2387,6 +2487,91 @@ mod tests {
             "evicted blocks still on disk: {} bytes",
             on_disk.blocks() * 512
         );
+    }
+
+    /// Evicted blocks are punched after the cache lock is released: a store that
+    /// fetched one of them again meanwhile must not record it, or it would be served as
+    /// zeros once the punch lands.
+    #[test]
+    fn a_block_being_punched_out_is_not_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = data(60 * BLOCK as usize, 1);
+        let c = holding(dir.path(), 64 * BLOCK, 1, 1, &one);
+        c.validate(3, 1, 4 * BLOCK);
+        c.store(3, 1, c.token(3).unwrap(), 0, &data(4 * BLOCK as usize, 3))
+            .unwrap();
+        assert_eq!(c.used(), 64 * BLOCK);
+        let gate = c.punch_gate.lock().unwrap();
+        std::thread::scope(|scope| {
+            // File 2's block evicts the three oldest (file 1's first), and stops before
+            // punching them.
+            let evicting = scope.spawn(|| {
+                c.validate(2, 1, BLOCK);
+                c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 2))
+                    .unwrap();
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while c.inner.lock().unwrap().punching == 0 {
+                assert!(std::time::Instant::now() < deadline, "no eviction began");
+                std::thread::yield_now();
+            }
+            // Room without waiting for the punch, and file 1's block 0 fetched again.
+            c.invalidate(3);
+            c.store(1, 1, c.token(1).unwrap(), 0, &one[..BLOCK as usize])
+                .unwrap();
+            drop(gate);
+            evicting.join().unwrap();
+        });
+        assert!(
+            matches!(c.read(1, 1, 0, BLOCK).unwrap(), Lookup::Miss(_)),
+            "a block stored while it was being punched out is listed"
+        );
+        // Once punched, it is stored as usual.
+        c.store(1, 1, c.token(1).unwrap(), 0, &one[..BLOCK as usize])
+            .unwrap();
+        let Lookup::Hit(got) = c.read(1, 1, 0, BLOCK).unwrap() else {
+            panic!("not stored after the punch");
+        };
+        assert!(got[..] == one[..BLOCK as usize]);
+        assert!(c.used() <= 64 * BLOCK);
+    }
+
+    /// A passthrough open does not pin a file whose old blocks an eviction is still
+    /// punching out: cut and filled again meanwhile, it would get holes under its
+    /// readers once it grows back over them.
+    #[test]
+    fn a_file_being_punched_is_not_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = holding(dir.path(), 64 * BLOCK, 1, 1, &data(64 * BLOCK as usize, 1));
+        // Block 0 used last: blocks 1 to 3 are the oldest.
+        assert!(matches!(c.read(1, 1, 0, 1).unwrap(), Lookup::Hit(_)));
+        let gate = c.punch_gate.lock().unwrap();
+        std::thread::scope(|scope| {
+            let evicting = scope.spawn(|| {
+                c.validate(2, 1, BLOCK);
+                c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 2))
+                    .unwrap();
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while c.inner.lock().unwrap().punching == 0 {
+                assert!(std::time::Instant::now() < deadline, "no eviction began");
+                std::thread::yield_now();
+            }
+            // A new version of one block, cached whole.
+            let new = data(BLOCK as usize, 9);
+            c.validate(1, 2, BLOCK);
+            c.store(1, 2, c.token(1).unwrap(), 0, &new).unwrap();
+            assert!(c.complete(1));
+            assert!(c.open_complete(1, 2, BLOCK, false).is_some());
+            assert!(
+                c.open_complete(1, 2, BLOCK, true).is_none(),
+                "pinned with a punch still to land"
+            );
+            drop(gate);
+            evicting.join().unwrap();
+        });
+        assert!(c.open_complete(1, 2, BLOCK, true).is_some());
+        assert!(c.pinned(1));
     }
 
     #[test]
