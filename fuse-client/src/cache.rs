@@ -41,6 +41,23 @@ use serde::{Deserialize, Serialize};
 /// Unit of caching and eviction.
 pub const BLOCK: u64 = 128 * 1024;
 
+/// What a cached block costs on disk is counted in units of this (the block size of
+/// ext4, xfs, btrfs and tmpfs on 4 KiB pages): a 100-byte file takes 4 KiB.
+const DISK_UNIT: u64 = 4096;
+
+/// What an entry's metadata file costs on disk, counted with its block 0: a file's own
+/// `<ino>.meta` takes a filesystem block, as much as a small file's data.
+const META_CHARGE: u64 = DISK_UNIT;
+
+/// What block `b` of a file of `size` bytes counts against the cap (`Inner::used`): its
+/// bytes in whole `DISK_UNIT`s, and for block 0 the entry's metadata file too. Without
+/// it, a cache of 2 KB files took four times its cap on disk.
+fn charge_of(size: u64, b: u64) -> u64 {
+    let bytes = size.saturating_sub(b * BLOCK).min(BLOCK);
+    let data = bytes.div_ceil(DISK_UNIT) * DISK_UNIT;
+    if b == 0 { data + META_CHARGE } else { data }
+}
+
 /// Bytes of fetched pieces kept in memory for the reads they were fetched for, in all.
 /// A sequential reader's readahead runs up to 1.5 windows (24 MiB) ahead of it.
 const KEEP_CAP: u64 = 32 * 1024 * 1024;
@@ -105,9 +122,14 @@ impl Entry {
         self.size.saturating_sub(start).min(BLOCK)
     }
 
-    /// Bytes of the blocks present.
-    fn cached_bytes(&self) -> u64 {
-        self.blocks.keys().map(|b| self.block_len(*b)).sum()
+    /// What block `b` counts against the cap (see [`charge_of`]).
+    fn charge(&self, b: u64) -> u64 {
+        charge_of(self.size, b)
+    }
+
+    /// What the blocks present count against the cap.
+    fn charged(&self) -> u64 {
+        self.blocks.keys().map(|b| self.charge(*b)).sum()
     }
 
     /// Whether every block of the file is present.
@@ -148,7 +170,7 @@ impl Entry {
         let mut freed = 0;
         for (b, t) in self.blocks.drain().collect::<Vec<_>>() {
             lru.remove(&t);
-            freed += self.block_len(b);
+            freed += self.charge(b);
         }
         *used = used.saturating_sub(freed);
     }
@@ -216,9 +238,10 @@ impl Inner {
     }
 
     /// Whether the metadata of `ino` may be written: no store is writing its blocks
-    /// and no process may map its data file writable.
+    /// and no process may map its data file writable. (A punch in flight does not
+    /// matter: its blocks are out of the index, so no metadata lists them.)
     fn settled(&self, ino: u64) -> bool {
-        !self.storing(ino, None) && self.exposed.get(&ino) != Some(&true)
+        !self.stores.iter().any(|&(i, ..)| i == ino) && self.exposed.get(&ino) != Some(&true)
     }
 
     /// Whether a store is writing block `b` of `ino`, or an eviction punching it out
@@ -447,7 +470,7 @@ struct Punch {
     file: std::sync::Arc<File>,
     off: u64,
     len: u64,
-    /// Bytes of evicted blocks it frees, as they were counted in `used`.
+    /// What its evicted blocks counted in `used` (see [`charge_of`]).
     counted: u64,
 }
 
@@ -643,7 +666,7 @@ impl DataCache {
                         let t = inner.tick;
                         entry.blocks.insert(b, t);
                         inner.lru.insert(t, (ino, b));
-                        inner.used += entry.block_len(b);
+                        inner.used += entry.charge(b);
                     }
                     inner.files.insert(ino, entry);
                 }
@@ -737,7 +760,7 @@ impl DataCache {
     }
 
     fn recount(files: &HashMap<u64, Entry>) -> u64 {
-        files.values().map(Entry::cached_bytes).sum()
+        files.values().map(Entry::charged).sum()
     }
 
     /// The file size the cache has an entry for.
@@ -959,7 +982,8 @@ impl DataCache {
         let run_end = |last: u64| ((last + 1) * BLOCK).min(size);
         let need: u64 = runs
             .iter()
-            .map(|&(first, last)| run_end(last) - first * BLOCK)
+            .flat_map(|&(first, last)| first..=last)
+            .map(|b| charge_of(size, b))
             .sum();
         let room = match need > self.cap {
             true => Ok(false),
@@ -1007,7 +1031,7 @@ impl DataCache {
             for b in blocks {
                 if let Some(t) = e.blocks.remove(&b) {
                     inner.lru.remove(&t);
-                    inner.used = inner.used.saturating_sub(e.block_len(b));
+                    inner.used = inner.used.saturating_sub(e.charge(b));
                 }
             }
             // Only the current data file: one unlinked meanwhile may still be mapped.
@@ -1028,7 +1052,7 @@ impl DataCache {
             if let Some(old) = e.blocks.insert(b, inner.tick) {
                 inner.lru.remove(&old);
             } else {
-                inner.used += e.block_len(b);
+                inner.used += e.charge(b);
             }
             inner.lru.insert(inner.tick, (ino, b));
         }
@@ -1062,6 +1086,11 @@ impl DataCache {
                 inner.reserved += extra;
                 return Ok(true);
             }
+            // Asking for no room (a write patching cached blocks): the punches in flight
+            // make what room is needed.
+            if extra == 0 && inner.used + inner.reserved <= limit {
+                return Ok(true);
+            }
             if inner.punching > 0 && inner.used + inner.reserved + extra <= limit {
                 inner = self.punched.wait(inner).map_err(|_| lock_err())?;
                 continue;
@@ -1072,7 +1101,8 @@ impl DataCache {
                     inner = self.punched.wait(inner).map_err(|_| lock_err())?;
                     continue;
                 }
-                // Nothing left to evict: what is cached is pinned or being stored.
+                // Nothing to punch (what is cached is pinned or being stored, or what
+                // was evicted needs no punch: a data file replaced, or gone).
                 let fits = inner.used + inner.reserved + extra <= limit;
                 if fits {
                     inner.reserved += extra;
@@ -1087,11 +1117,18 @@ impl DataCache {
             }
             #[cfg(test)]
             drop(gate);
-            inner = self.inner.lock().map_err(|_| lock_err())?;
+            // Unregistered whatever happened meanwhile: stores waiting for the punch
+            // must be woken, also when a panic elsewhere poisoned the lock.
+            let relocked = self.inner.lock();
+            let poisoned = relocked.is_err();
+            inner = relocked.unwrap_or_else(std::sync::PoisonError::into_inner);
             let bytes: u64 = punches.iter().map(|p| p.counted).sum();
             inner.punching = inner.punching.saturating_sub(bytes);
             inner.punches.retain(|r| r.3 != id);
             self.punched.notify_all();
+            if poisoned {
+                return Err(lock_err());
+            }
         }
     }
 
@@ -1102,9 +1139,11 @@ impl DataCache {
         // Past the cap, room for the next stores too is made at once (`evict_slack`):
         // fewer, larger punches.
         let target = limit.saturating_sub(evict_slack(limit));
-        let mut evicted: Vec<(u64, u64, u64)> = Vec::new();
+        // (ino, offset, length, charge)
+        let mut evicted: Vec<(u64, u64, u64, u64)> = Vec::new();
         let mut from = 0;
-        while inner.used + inner.punching + inner.reserved + extra > target {
+        // (Punches in flight are left out: their room comes when they are done.)
+        while inner.used + inner.reserved + extra > target {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
@@ -1131,12 +1170,12 @@ impl DataCache {
             if let Some(e) = inner.files.get_mut(&ino)
                 && e.blocks.remove(&b).is_some()
             {
-                let len = e.block_len(b);
-                inner.used = inner.used.saturating_sub(len);
+                let (len, charge) = (e.block_len(b), e.charge(b));
+                inner.used = inner.used.saturating_sub(charge);
                 self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
                 // Its metadata file goes before any of its bytes do.
                 e.unlist(&self.dir, ino);
-                evicted.push((ino, b * BLOCK, len));
+                evicted.push((ino, b * BLOCK, len, charge));
             }
         }
         evicted.sort_unstable();
@@ -1145,6 +1184,7 @@ impl DataCache {
             let joins = next.0 == run.0 && run.1 + run.2 == next.1;
             if joins {
                 run.2 += next.2;
+                run.3 += next.3;
             }
             joins
         });
@@ -1170,24 +1210,27 @@ impl DataCache {
                 _ => None,
             };
             if let Some(len) = whole {
-                let counted = runs.iter().map(|r| r.2).sum();
-                inner.punches.push((ino, 0, len.div_ceil(BLOCK), id));
+                let counted = runs.iter().map(|r| r.3).sum();
+                inner.punches.push((ino, 0, len.div_ceil(BLOCK) - 1, id));
                 punches.push(Punch {
                     file,
                     off: 0,
-                    len,
+                    len: whole_units(len),
                     counted,
                 });
                 continue;
             }
-            for &(_, off, len) in runs {
+            for &(_, off, len, charge) in runs {
+                if len == 0 {
+                    continue;
+                }
                 let last = (off + len).div_ceil(BLOCK) - 1;
                 inner.punches.push((ino, off / BLOCK, last, id));
                 punches.push(Punch {
                     file: std::sync::Arc::clone(&file),
                     off,
-                    len,
-                    counted: len,
+                    len: whole_units(off + len) - off,
+                    counted: charge,
                 });
             }
         }
@@ -1441,10 +1484,9 @@ impl DataCache {
             let mut dropped = Vec::new();
             for b in offset / BLOCK..end.div_ceil(BLOCK) {
                 if let Some(t) = e.blocks.remove(&b) {
-                    let len = e.block_len(b);
-                    dropped.push((b * BLOCK, len));
+                    dropped.push((b * BLOCK, e.block_len(b)));
                     inner.lru.remove(&t);
-                    inner.used = inner.used.saturating_sub(len);
+                    inner.used = inner.used.saturating_sub(e.charge(b));
                 }
             }
             if !punch {
@@ -1479,10 +1521,10 @@ impl DataCache {
         e.dirty = true;
         if end > e.size {
             let last = e.size / BLOCK;
-            let before = e.block_len(last);
+            let before = e.charge(last);
             e.size = end;
             if e.blocks.contains_key(&last) {
-                inner.used += e.block_len(last) - before;
+                inner.used += e.charge(last) - before;
             }
         }
         e
@@ -1505,7 +1547,7 @@ impl DataCache {
         e.unlist(&self.dir, ino);
         let pinned = inner.pins.contains_key(&ino);
         let old_size = e.size;
-        let counted = e.cached_bytes();
+        let counted = e.charged();
         if pinned {
             // Read through passthrough: the blocks before the cut stay exact (the file is
             // cut below, in place), so a map's stores into them can still be sent.
@@ -1525,7 +1567,7 @@ impl DataCache {
         e.generation = generation;
         e.dirty = true;
         // (The last block kept may have changed length with the size.)
-        inner.used = inner.used.saturating_sub(counted) + e.cached_bytes();
+        inner.used = inner.used.saturating_sub(counted) + e.charged();
         self.reset_data(&inner.pins, &mut inner.exposed, ino, size);
         if pinned && size > old_size {
             // Past the old end the file is zeros: so is the lengthened data file (sparse),
@@ -1584,6 +1626,18 @@ impl DataCache {
             self.closed.store(true, Ordering::SeqCst);
             persisted
         };
+        // The evictions' punches in flight land before the sync.
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !inner.punches.is_empty() {
+            inner = self
+                .punched
+                .wait(inner)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(inner);
         let dir = File::open(&self.dir)?;
         // SAFETY: a valid descriptor.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
@@ -1875,6 +1929,14 @@ fn evict_slack(limit: u64) -> u64 {
     (limit / 32).min(8 << 20) / BLOCK * BLOCK
 }
 
+/// `n` rounded up to whole `DISK_UNIT`s. A punch frees only the filesystem blocks it
+/// covers whole: one that ends at the end of the file, in the middle of its last block,
+/// leaves that block allocated (a 100-byte file kept its 4 KiB), while one that goes
+/// past the end frees it.
+fn whole_units(n: u64) -> u64 {
+    n.div_ceil(DISK_UNIT) * DISK_UNIT
+}
+
 /// Free the disk blocks of `[off, off+len)` of `f`, keeping its size.
 fn punch_hole(f: &File, off: u64, len: u64) {
     // SAFETY: valid fd; punching a hole only frees disk blocks of our own file.
@@ -1984,7 +2046,7 @@ mod tests {
         // (Dropped without `close`: as a daemon killed.)
         drop(holding(dir.path(), 64 * BLOCK, 9, 5, &d));
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-        assert_eq!(c.used(), 2 * BLOCK);
+        assert_eq!(c.used(), 2 * BLOCK + META_CHARGE);
         assert!(c.validate(9, 5, 2 * BLOCK));
         assert!(c.complete(9));
         assert_eq!(c.read(9, 5, 0, 2 * BLOCK).unwrap(), Lookup::Hit(d.into()));
@@ -2040,7 +2102,7 @@ mod tests {
     #[test]
     fn blocks_being_stored_are_never_evicted_or_emptied() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DataCache::open(dir.path(), 2 * BLOCK).unwrap();
+        let c = DataCache::open(dir.path(), 2 * BLOCK + META_CHARGE).unwrap();
         c.validate(1, 1, 4 * BLOCK);
         c.store(1, 1, c.token(1).unwrap(), 0, &data(BLOCK as usize, 1))
             .unwrap();
@@ -2062,7 +2124,7 @@ mod tests {
         c.validate(2, 1, 2 * BLOCK);
         c.store(2, 1, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 3))
             .unwrap();
-        assert_eq!(c.used(), 2 * BLOCK, "file 2 is cached");
+        assert_eq!(c.used(), 2 * BLOCK + META_CHARGE, "file 2 is cached");
         let mut got = vec![0; BLOCK as usize];
         File::open(dir.path().join("1.data"))
             .unwrap()
@@ -2093,7 +2155,7 @@ mod tests {
         assert_eq!(c.read(1, 1, 0, 3 * BLOCK).unwrap(), Lookup::Hit(d.into()));
         let inner = c.inner.lock().unwrap();
         assert!(inner.stores.is_empty() && inner.reserved == 0);
-        assert_eq!(inner.used, 3 * BLOCK);
+        assert_eq!(inner.used, 3 * BLOCK + META_CHARGE);
     }
 
     #[test]
@@ -2189,13 +2251,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = data(4 * BLOCK as usize, 1);
         {
-            let c = holding(dir.path(), 4 * BLOCK, 1, 7, &one);
+            let c = holding(dir.path(), 4 * BLOCK + 2 * META_CHARGE, 1, 7, &one);
             c.validate(2, 3, 2 * BLOCK);
             c.store(2, 3, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 2))
                 .unwrap();
-            assert_eq!(c.used(), 4 * BLOCK, "file 2 took two of file 1's blocks");
+            assert_eq!(
+                c.used(),
+                4 * BLOCK + META_CHARGE,
+                "file 2 took two of file 1's blocks"
+            );
         }
-        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        let c = DataCache::open(dir.path(), 4 * BLOCK + 2 * META_CHARGE).unwrap();
         c.validate(1, 7, 4 * BLOCK);
         for b in 0..4 {
             if let Lookup::Hit(got) = c.read(1, 7, b * BLOCK, BLOCK).unwrap() {
@@ -2225,7 +2291,7 @@ mod tests {
             .set_len(BLOCK + 10)
             .unwrap();
         let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
-        assert_eq!(c.used(), BLOCK);
+        assert_eq!(c.used(), BLOCK + META_CHARGE);
         assert!(c.validate(4, 2, 3 * BLOCK));
         assert_eq!(
             c.read(4, 2, 0, BLOCK).unwrap(),
@@ -2312,7 +2378,7 @@ mod tests {
     #[test]
     fn a_data_file_passed_through_is_never_cut_or_punched_after() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DataCache::open(dir.path(), 4 * BLOCK).unwrap();
+        let c = DataCache::open(dir.path(), 4 * BLOCK + META_CHARGE).unwrap();
         let old = data(2 * BLOCK as usize, 1);
         let reread = |f: &File| {
             let mut got = vec![0u8; old.len()];
@@ -2334,7 +2400,7 @@ mod tests {
         fill(2, 1, 4, 2);
         assert!(!c.complete(1), "the unpinned entry was evicted");
         assert_eq!(reread(&mapped).unwrap(), old, "a map of it after eviction");
-        assert_eq!(c.used(), 4 * BLOCK);
+        assert_eq!(c.used(), 4 * BLOCK + META_CHARGE);
         // A file cached again after that is a new data file, punched as usual.
         c.invalidate(2);
         c.validate(1, 1, 2 * BLOCK);
@@ -2389,15 +2455,19 @@ mod tests {
         c.validate(1, 1, old.len() as u64);
         c.store(1, 1, c.token(1).unwrap(), 0, &old).unwrap();
         let reader = c.open_complete(1, 1, old.len() as u64, true).unwrap();
-        assert_eq!(c.used(), old.len() as u64);
+        assert_eq!(c.used(), 3 * BLOCK + DISK_UNIT + META_CHARGE);
         c.truncated(1, BLOCK + 5);
-        assert_eq!(c.used(), BLOCK + 5, "blocks 0 and 1 (cut to 5 bytes) stay");
+        assert_eq!(
+            c.used(),
+            BLOCK + DISK_UNIT + META_CHARGE,
+            "blocks 0 and 1 (cut to 5 bytes) stay"
+        );
         assert_eq!(reader.metadata().unwrap().len(), BLOCK + 5);
         c.truncated(1, 4 * BLOCK);
         assert_eq!(reader.metadata().unwrap().len(), 4 * BLOCK, "lengthened");
         assert_eq!(
             c.used(),
-            2 * BLOCK,
+            2 * BLOCK + META_CHARGE,
             "block 1 is whole again: its tail reads as zeros"
         );
         let mut got = vec![0u8; 2 * BLOCK as usize];
@@ -2441,13 +2511,12 @@ mod tests {
     }
 
     /// A full cache does not evict (and punch) a block per store: an eviction frees room
-    /// for the next stores too, and punches adjacent blocks in one piece.
+    /// for the next stores too.
     #[test]
     fn a_full_cache_makes_room_for_the_next_stores_too() {
         let dir = tempfile::tempdir().unwrap();
-        let cap = 64 * BLOCK;
-        let slack = evict_slack(cap);
-        assert_eq!(slack, 2 * BLOCK);
+        let cap = 64 * BLOCK + META_CHARGE;
+        assert_eq!(evict_slack(cap), 2 * BLOCK);
         let c = DataCache::open(dir.path(), cap).unwrap();
         c.validate(1, 1, 100 * BLOCK);
         let store = |i: u64| {
@@ -2464,12 +2533,13 @@ mod tests {
             store(i);
         }
         assert_eq!(c.used(), cap);
-        // The 65th block evicts the three oldest, so the next two need no eviction.
+        // The 65th block evicts the three oldest (block 0 with the metadata's share), so
+        // the next two need no eviction.
         store(64);
-        assert_eq!(c.used(), cap - slack);
+        assert_eq!(c.used(), 62 * BLOCK);
         store(65);
         store(66);
-        assert_eq!(c.used(), cap);
+        assert_eq!(c.used(), 64 * BLOCK);
         for i in 0..3 {
             assert!(matches!(
                 c.read(1, 1, i * BLOCK, 1).unwrap(),
@@ -2483,24 +2553,22 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let on_disk = std::fs::metadata(dir.path().join("1.data")).unwrap();
         assert!(
-            on_disk.blocks() * 512 <= cap,
+            on_disk.blocks() * 512 <= 64 * BLOCK,
             "evicted blocks still on disk: {} bytes",
             on_disk.blocks() * 512
         );
     }
 
-    /// Evicted blocks are punched after the cache lock is released: a store that
-    /// fetched one of them again meanwhile must not record it, or it would be served as
-    /// zeros once the punch lands.
     #[test]
     fn a_block_being_punched_out_is_not_stored_again() {
         let dir = tempfile::tempdir().unwrap();
+        let cap = 64 * BLOCK + 2 * META_CHARGE;
         let one = data(60 * BLOCK as usize, 1);
-        let c = holding(dir.path(), 64 * BLOCK, 1, 1, &one);
+        let c = holding(dir.path(), cap, 1, 1, &one);
         c.validate(3, 1, 4 * BLOCK);
         c.store(3, 1, c.token(3).unwrap(), 0, &data(4 * BLOCK as usize, 3))
             .unwrap();
-        assert_eq!(c.used(), 64 * BLOCK);
+        assert_eq!(c.used(), cap);
         let gate = c.punch_gate.lock().unwrap();
         std::thread::scope(|scope| {
             // File 2's block evicts the three oldest (file 1's first), and stops before
@@ -2533,7 +2601,7 @@ mod tests {
             panic!("not stored after the punch");
         };
         assert!(got[..] == one[..BLOCK as usize]);
-        assert!(c.used() <= 64 * BLOCK);
+        assert!(c.used() <= cap);
     }
 
     /// A passthrough open does not pin a file whose old blocks an eviction is still
@@ -2542,7 +2610,8 @@ mod tests {
     #[test]
     fn a_file_being_punched_is_not_pinned() {
         let dir = tempfile::tempdir().unwrap();
-        let c = holding(dir.path(), 64 * BLOCK, 1, 1, &data(64 * BLOCK as usize, 1));
+        let cap = 64 * BLOCK + 2 * META_CHARGE;
+        let c = holding(dir.path(), cap, 1, 1, &data(64 * BLOCK as usize, 1));
         // Block 0 used last: blocks 1 to 3 are the oldest.
         assert!(matches!(c.read(1, 1, 0, 1).unwrap(), Lookup::Hit(_)));
         let gate = c.punch_gate.lock().unwrap();
@@ -2574,6 +2643,45 @@ mod tests {
         assert!(c.pinned(1));
     }
 
+    /// Small files count against the cap as they take the disk: their data in whole
+    /// filesystem blocks, and their metadata files. (Counting their bytes alone, a cache
+    /// of 2 KB files took four times its cap.)
+    #[test]
+    fn small_files_count_what_they_take_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 128 * DISK_UNIT;
+        let c = DataCache::open(dir.path(), cap).unwrap();
+        for ino in 1..=1000 {
+            c.validate(ino, 1, 100);
+            c.store(ino, 1, c.token(ino).unwrap(), 0, &data(100, ino as u8))
+                .unwrap();
+            assert!(c.used() <= cap);
+        }
+        c.persist().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+            .sum();
+        if disk > cap + 4 * DISK_UNIT {
+            let mut kinds: HashMap<String, (u64, u64)> = HashMap::new();
+            for e in std::fs::read_dir(dir.path()).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                let kind = name.rsplit('.').next().unwrap().to_string();
+                let k = kinds.entry(kind).or_default();
+                k.0 += 1;
+                k.1 += e.metadata().unwrap().blocks() * 512;
+            }
+            eprintln!("{kinds:?}");
+        }
+        assert!(
+            disk <= cap + 4 * DISK_UNIT,
+            "the cache takes {disk} bytes of disk for a cap of {cap}"
+        );
+        assert!(matches!(c.read(1000, 1, 0, 100).unwrap(), Lookup::Hit(_)));
+    }
+
     #[test]
     fn own_writes_keep_cache_exact() {
         let dir = tempfile::tempdir().unwrap();
@@ -2598,7 +2706,10 @@ mod tests {
         c.wrote(4, 0, &data(3 * BLOCK as usize, 9)).unwrap();
         c.adopt(4, 2, 3 * BLOCK);
         assert!(matches!(c.read(4, 2, 0, 10).unwrap(), Lookup::Miss(_)));
-        assert_eq!(c.used(), model.len() as u64);
+        assert_eq!(
+            c.used(),
+            charge_of(model.len() as u64, 0) + BLOCK + DISK_UNIT
+        );
     }
 
     #[test]
@@ -2628,7 +2739,7 @@ mod tests {
         let mut want = fresh[..10].to_vec();
         want[..3].copy_from_slice(b"abc");
         assert_eq!(c.read(5, 3, 0, 10).unwrap(), Lookup::Hit(want.into()));
-        assert_eq!(c.used(), BLOCK);
+        assert_eq!(c.used(), BLOCK + META_CHARGE);
     }
 
     #[test]
@@ -2695,7 +2806,7 @@ mod tests {
     #[test]
     fn kept_pieces_never_outlive_a_change() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DataCache::open(dir.path(), 8 * BLOCK).unwrap();
+        let c = DataCache::open(dir.path(), 8 * BLOCK + META_CHARGE).unwrap();
         let d = data(2 * BLOCK as usize, 6);
         let keep = |ino: u64, version: u64| {
             c.validate(ino, version, 2 * BLOCK);

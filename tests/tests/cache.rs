@@ -118,6 +118,41 @@ fn the_cache_stays_under_its_cap_while_a_larger_file_is_read() {
     );
 }
 
+/// 1,000 files of 2 KB read through a mount with a 1 MiB cache: the cap holds on disk,
+/// where each takes a filesystem block for its data and one for its metadata. (Counting
+/// their bytes alone, 2 MB, the cache took about 8 MiB.)
+#[test]
+fn a_cache_of_small_files_stays_under_its_cap_on_disk() {
+    let mut rng = Rng::new(0x5_3a11);
+    let files: Vec<Vec<u8>> = (0..1000).map(|_| rng.bytes(2000)).collect();
+    let Some(fx) = fixture_with(&[], &["--cache-size", "1M"], |e| {
+        fs::create_dir(e.join("small")).expect("mkdir");
+        for (i, d) in files.iter().enumerate() {
+            fs::write(e.join(format!("small/{i}")), d).expect("write");
+        }
+    }) else {
+        return;
+    };
+    let cap = MIB as u64;
+    for (i, d) in files.iter().enumerate() {
+        let got = fs::read(fx.mnt(&format!("small/{i}"))).expect("read");
+        assert_same_bytes(&got, d, &format!("small/{i}"));
+    }
+    let st = assert_under_cap(&fx.mount, cap, "after reading");
+    assert!(st.get("cache_bytes") > 0, "nothing cached\n{st}");
+    // The last files read are the ones kept, and read again from the cache.
+    let before = fx.mount.stats().get("bytes_read_from_server");
+    fadvise_dontneed(&File::open(fx.mnt("small/999")).expect("open")).expect("fadvise");
+    let got = fs::read(fx.mnt("small/999")).expect("read again");
+    assert_same_bytes(&got, &files[999], "small/999 again");
+    let st = fx.mount.stats();
+    assert_eq!(
+        st.get("bytes_read_from_server"),
+        before,
+        "the last file read was not kept\n{st}"
+    );
+}
+
 /// Files read through one mount are read through the next mount of the same export (same
 /// cache dir) without transferring file data; a file changed on the export, while mounted
 /// or while nothing was mounted, is read anew.
