@@ -135,7 +135,7 @@ fn a_cache_of_small_files_stays_under_its_cap_on_disk() {
     };
     let cap = MIB as u64;
     for (i, d) in files.iter().enumerate() {
-        let got = fs::read(fx.mnt(&format!("small/{i}"))).expect("read");
+        let got = fs::read(fx.mnt(format!("small/{i}"))).expect("read");
         assert_same_bytes(&got, d, &format!("small/{i}"));
     }
     let st = assert_under_cap(&fx.mount, cap, "after reading");
