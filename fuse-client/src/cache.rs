@@ -616,29 +616,20 @@ impl DataCache {
             else {
                 continue;
             };
-            let mtime = ent.metadata().and_then(|m| m.modified()).ok();
-            metas.push((mtime, ino));
+            metas.push(ino);
         }
         // Data without metadata (its metadata went before its blocks changed, and this
         // daemon's predecessor died before writing it again) is nobody's: it would only
         // take room outside the cap.
-        let listed: HashSet<u64> = metas.iter().map(|(_, ino)| *ino).collect();
+        let listed: HashSet<u64> = metas.iter().copied().collect();
         for ino in datas.into_iter().filter(|ino| !listed.contains(ino)) {
             let _ = std::fs::remove_file(self.data_path(ino));
         }
+        let mut found = self.read_metas(&metas);
         // Oldest metadata first: a rough recency order for the LRU after a restart.
-        metas.sort();
+        found.sort_by_key(|f| (f.0, f.1));
         let mut inner = self.inner.lock().map_err(|_| lock_err())?;
-        for (_, ino) in metas {
-            let meta = std::fs::read(self.meta_path(ino))
-                .ok()
-                .filter(|b| b.len() <= MAX_META)
-                .and_then(|b| {
-                    bincode::serde::decode_from_slice::<Meta, _>(&b, bincode::config::standard())
-                        .ok()
-                        .map(|(m, _)| m)
-                });
-            let data_ok = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
+        for (_, ino, meta, data_ok) in found {
             match (meta, data_ok) {
                 (Some(meta), Some(len)) => {
                     let generation = inner.next_generation();
@@ -679,6 +670,60 @@ impl DataCache {
         drop(inner);
         self.evict_to(0)?;
         Ok(())
+    }
+
+    /// For each of `inos`, its metadata file's mtime and content and its data file's
+    /// length, read by several threads at once: a mount with a cache of 20,000 files
+    /// spent 2 s reading them one at a time from a cold disk.
+    #[allow(clippy::type_complexity)]
+    fn read_metas(
+        &self,
+        inos: &[u64],
+    ) -> Vec<(
+        Option<std::time::SystemTime>,
+        u64,
+        Option<Meta>,
+        Option<u64>,
+    )> {
+        let read_one = |ino: u64| {
+            let path = self.meta_path(ino);
+            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let meta = std::fs::read(&path)
+                .ok()
+                .filter(|b| b.len() <= MAX_META)
+                .and_then(|b| {
+                    bincode::serde::decode_from_slice::<Meta, _>(&b, bincode::config::standard())
+                        .ok()
+                        .map(|(m, _)| m)
+                });
+            let data_len = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
+            (mtime, ino, meta, data_len)
+        };
+        const THREADS: usize = 8;
+        if inos.len() < 64 {
+            return inos.iter().map(|&ino| read_one(ino)).collect();
+        }
+        let chunk = inos.len().div_ceil(THREADS);
+        std::thread::scope(|scope| {
+            let running: Vec<_> = inos
+                .chunks(chunk)
+                .map(|part| {
+                    let read_part = || part.iter().map(|&ino| read_one(ino)).collect::<Vec<_>>();
+                    (
+                        part,
+                        std::thread::Builder::new().spawn_scoped(scope, read_part),
+                    )
+                })
+                .collect();
+            running
+                .into_iter()
+                .flat_map(|(part, t)| match t.map(|t| t.join()) {
+                    Ok(Ok(found)) => found,
+                    // Not started, or panicked: read here.
+                    _ => part.iter().map(|&ino| read_one(ino)).collect(),
+                })
+                .collect()
+        })
     }
 
     /// The server says `ino` is at `version` with `size` bytes. Returns whether cached
@@ -2680,6 +2725,31 @@ mod tests {
             "the cache takes {disk} bytes of disk for a cap of {cap}"
         );
         assert!(matches!(c.read(1000, 1, 0, 100).unwrap(), Lookup::Hit(_)));
+    }
+
+    /// A cache of many files (their metadata read by several threads) comes back whole.
+    #[test]
+    fn many_files_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = {
+            let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+            for ino in 1..=300 {
+                c.validate(ino, 7, 1000);
+                c.store(ino, 7, c.token(ino).unwrap(), 0, &data(1000, ino as u8))
+                    .unwrap();
+            }
+            c.close().unwrap();
+            c.used()
+        };
+        let c = DataCache::open(dir.path(), 64 * BLOCK).unwrap();
+        assert_eq!(c.used(), used);
+        for ino in 1..=300 {
+            assert!(c.validate(ino, 7, 1000), "file {ino} lost");
+            assert_eq!(
+                c.read(ino, 7, 0, 1000).unwrap(),
+                Lookup::Hit(data(1000, ino as u8).into())
+            );
+        }
     }
 
     #[test]
