@@ -42,20 +42,21 @@ use serde::{Deserialize, Serialize};
 pub const BLOCK: u64 = 128 * 1024;
 
 /// What a cached block costs on disk is counted in units of this (the block size of
-/// ext4, xfs, btrfs and tmpfs on 4 KiB pages): a 100-byte file takes 4 KiB.
+/// ext4, xfs, btrfs and tmpfs on 4 KiB pages): a 100-byte file takes 4 KiB. (A
+/// filesystem with larger blocks takes more than is counted for small files.)
 const DISK_UNIT: u64 = 4096;
 
-/// What an entry's metadata file costs on disk, counted with its block 0: a file's own
-/// `<ino>.meta` takes a filesystem block, as much as a small file's data.
+/// What an entry's metadata file costs on disk, counted while it has any block: a
+/// file's own `<ino>.meta` takes a filesystem block, as much as a small file's data.
 const META_CHARGE: u64 = DISK_UNIT;
 
-/// What block `b` of a file of `size` bytes counts against the cap (`Inner::used`): its
-/// bytes in whole `DISK_UNIT`s, and for block 0 the entry's metadata file too. Without
-/// it, a cache of 2 KB files took four times its cap on disk.
+/// What the data of block `b` of a file of `size` bytes counts against the cap
+/// (`Inner::used`): its bytes in whole `DISK_UNIT`s. With the entry's `META_CHARGE`
+/// (see [`Entry::charged`]); counting bytes alone, a cache of 2 KB files took four times
+/// its cap on disk.
 fn charge_of(size: u64, b: u64) -> u64 {
     let bytes = size.saturating_sub(b * BLOCK).min(BLOCK);
-    let data = bytes.div_ceil(DISK_UNIT) * DISK_UNIT;
-    if b == 0 { data + META_CHARGE } else { data }
+    bytes.div_ceil(DISK_UNIT) * DISK_UNIT
 }
 
 /// Bytes of fetched pieces kept in memory for the reads they were fetched for, in all.
@@ -122,14 +123,19 @@ impl Entry {
         self.size.saturating_sub(start).min(BLOCK)
     }
 
-    /// What block `b` counts against the cap (see [`charge_of`]).
-    fn charge(&self, b: u64) -> u64 {
-        charge_of(self.size, b)
-    }
-
-    /// What the blocks present count against the cap.
+    /// What the entry counts against the cap: its blocks' data (see [`charge_of`]), and
+    /// its metadata file while it has any. Every change of the blocks (or of the size,
+    /// with blocks present) moves `Inner::used` by the difference of this before and
+    /// after.
     fn charged(&self) -> u64 {
-        self.blocks.keys().map(|b| self.charge(*b)).sum()
+        // (O(blocks): for whole-entry changes. A block added or removed moves `used` by
+        // `add_block`/`remove_block`.)
+        let data: u64 = self.blocks.keys().map(|&b| charge_of(self.size, b)).sum();
+        if self.blocks.is_empty() {
+            0
+        } else {
+            data + META_CHARGE
+        }
     }
 
     /// Whether every block of the file is present.
@@ -165,12 +171,38 @@ impl Entry {
         self.meta_dirty = true;
     }
 
+    /// Record block `b` at LRU tick `t`; what it adds to `Inner::used` (its data, and
+    /// the metadata's charge for an entry's first block), 0 if it was there.
+    fn add_block(&mut self, b: u64, t: u64, lru: &mut BTreeMap<u64, (u64, u64)>) -> u64 {
+        let first = self.blocks.is_empty();
+        match self.blocks.insert(b, t) {
+            Some(old) => {
+                lru.remove(&old);
+                0
+            }
+            None => charge_of(self.size, b) + if first { META_CHARGE } else { 0 },
+        }
+    }
+
+    /// Forget block `b`; what that takes off `Inner::used` (0 if it was not there).
+    fn remove_block(&mut self, b: u64, lru: &mut BTreeMap<u64, (u64, u64)>) -> u64 {
+        let Some(t) = self.blocks.remove(&b) else {
+            return 0;
+        };
+        lru.remove(&t);
+        charge_of(self.size, b)
+            + if self.blocks.is_empty() {
+                META_CHARGE
+            } else {
+                0
+            }
+    }
+
     /// Drop every cached block of the entry from the LRU and the byte count.
     fn drop_blocks(&mut self, lru: &mut BTreeMap<u64, (u64, u64)>, used: &mut u64) {
-        let mut freed = 0;
-        for (b, t) in self.blocks.drain().collect::<Vec<_>>() {
+        let freed = self.charged();
+        for (_, t) in self.blocks.drain() {
             lru.remove(&t);
-            freed += self.charge(b);
         }
         *used = used.saturating_sub(freed);
     }
@@ -218,7 +250,7 @@ struct Inner {
     /// the punch is done (its bytes would be punched out after it recorded them), and
     /// no passthrough open pins their entry.
     punches: Vec<(u64, u64, u64, u64)>,
-    /// Their bytes: out of `used`, still on the disk.
+    /// What they counted in `used` (see [`Entry::charged`]): out of it, still on the disk.
     punching: u64,
 }
 
@@ -544,7 +576,7 @@ impl DataCache {
         let cache = DataCache {
             _lock: lock,
             dir: dir.to_path_buf(),
-            cap: cap.max(BLOCK),
+            cap: cap.max(BLOCK + META_CHARGE),
             min_free,
             room: Mutex::new(None),
             limited: AtomicBool::new(false),
@@ -576,7 +608,7 @@ impl DataCache {
         self.cap
     }
 
-    /// Bytes of file data currently cached.
+    /// What the cached files take on disk, as counted against the cap (see [`Entry::charged`]).
     pub fn used(&self) -> u64 {
         self.inner.lock().map(|i| i.used).unwrap_or(0)
     }
@@ -644,7 +676,8 @@ impl DataCache {
                         on_disk: true,
                     };
                     for b in meta.blocks {
-                        if b * BLOCK >= meta.size && meta.size > 0 {
+                        // (An empty file is cached as its block 0, of no bytes.)
+                        if b * BLOCK >= meta.size && (b, meta.size) != (0, 0) {
                             continue;
                         }
                         if b * BLOCK + entry.block_len(b) > len {
@@ -657,8 +690,8 @@ impl DataCache {
                         let t = inner.tick;
                         entry.blocks.insert(b, t);
                         inner.lru.insert(t, (ino, b));
-                        inner.used += entry.charge(b);
                     }
+                    inner.used += entry.charged();
                     inner.files.insert(ino, entry);
                 }
                 _ => {
@@ -704,6 +737,7 @@ impl DataCache {
             return inos.iter().map(|&ino| read_one(ino)).collect();
         }
         let chunk = inos.len().div_ceil(THREADS);
+        let mut found = Vec::with_capacity(inos.len());
         std::thread::scope(|scope| {
             let running: Vec<_> = inos
                 .chunks(chunk)
@@ -715,15 +749,15 @@ impl DataCache {
                     )
                 })
                 .collect();
-            running
-                .into_iter()
-                .flat_map(|(part, t)| match t.map(|t| t.join()) {
-                    Ok(Ok(found)) => found,
+            for (part, t) in running {
+                match t.map(|t| t.join()) {
+                    Ok(Ok(got)) => found.extend(got),
                     // Not started, or panicked: read here.
-                    _ => part.iter().map(|&ino| read_one(ino)).collect(),
-                })
-                .collect()
-        })
+                    _ => found.extend(part.iter().map(|&ino| read_one(ino))),
+                }
+            }
+        });
+        found
     }
 
     /// The server says `ino` is at `version` with `size` bytes. Returns whether cached
@@ -987,7 +1021,7 @@ impl DataCache {
             .miss_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let end = offset + data.len() as u64;
-        let (size, keeping, pinned, runs, id) = {
+        let (size, keeping, pinned, runs, id, empty) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let size = match inner.files.get(&ino) {
                 Some(e) if e.version == version && e.generation == token && !e.dirty => e.size,
@@ -1022,14 +1056,23 @@ impl DataCache {
                 inner.keep_clock += data.len() as u64;
                 inner.room_to_keep(data.len() as u64)
             };
-            (size, keeping, inner.pins.contains_key(&ino), runs, id)
+            let empty = inner.files.get(&ino).is_none_or(|e| e.blocks.is_empty());
+            (
+                size,
+                keeping,
+                inner.pins.contains_key(&ino),
+                runs,
+                id,
+                empty,
+            )
         };
         let run_end = |last: u64| ((last + 1) * BLOCK).min(size);
         let need: u64 = runs
             .iter()
             .flat_map(|&(first, last)| first..=last)
             .map(|b| charge_of(size, b))
-            .sum();
+            .sum::<u64>()
+            + if empty { META_CHARGE } else { 0 };
         let room = match need > self.cap {
             true => Ok(false),
             false => self.evict_to(need),
@@ -1073,12 +1116,11 @@ impl DataCache {
             // refresh of a pinned entry fetches them again), and the file must not
             // outgrow the current version.
             e.unlist(&self.dir, ino);
+            let mut freed = 0;
             for b in blocks {
-                if let Some(t) = e.blocks.remove(&b) {
-                    inner.lru.remove(&t);
-                    inner.used = inner.used.saturating_sub(e.charge(b));
-                }
+                freed += e.remove_block(b, &mut inner.lru);
             }
+            inner.used = inner.used.saturating_sub(freed);
             // Only the current data file: one unlinked meanwhile may still be mapped.
             let current = |m: &std::fs::Metadata| {
                 std::fs::metadata(self.data_path(ino))
@@ -1094,11 +1136,7 @@ impl DataCache {
         }
         for b in blocks {
             inner.tick += 1;
-            if let Some(old) = e.blocks.insert(b, inner.tick) {
-                inner.lru.remove(&old);
-            } else {
-                inner.used += e.charge(b);
-            }
+            inner.used += e.add_block(b, inner.tick, &mut inner.lru);
             inner.lru.insert(inner.tick, (ino, b));
         }
         e.meta_dirty = true;
@@ -1117,7 +1155,7 @@ impl DataCache {
     ///
     /// The evicted blocks leave the index (and their entry's metadata file) under the
     /// lock, and are punched out of their data files after it is released: a punch can
-    /// take milliseconds (20 ms seen; on a filesystem mounted `-o discard` it waits for
+    /// take milliseconds (21 ms seen; on a filesystem mounted `-o discard` it waits for
     /// the device), during which every other use of the cache went on waiting. Until
     /// the punch is done its blocks are registered (`Inner::punches`): no store writes
     /// them, and they still count as on the disk, so the cap holds there too (a store
@@ -1213,9 +1251,11 @@ impl DataCache {
                 continue;
             }
             if let Some(e) = inner.files.get_mut(&ino)
-                && e.blocks.remove(&b).is_some()
+                && e.blocks.contains_key(&b)
             {
-                let (len, charge) = (e.block_len(b), e.charge(b));
+                // (Its LRU tick is gone already.)
+                let len = e.block_len(b);
+                let charge = e.remove_block(b, &mut inner.lru);
                 inner.used = inner.used.saturating_sub(charge);
                 self.stats.evicted_bytes.fetch_add(len, Ordering::Relaxed);
                 // Its metadata file goes before any of its bytes do.
@@ -1260,7 +1300,7 @@ impl DataCache {
                 punches.push(Punch {
                     file,
                     off: 0,
-                    len: whole_units(len),
+                    len: whole_blocks(len),
                     counted,
                 });
                 continue;
@@ -1274,7 +1314,7 @@ impl DataCache {
                 punches.push(Punch {
                     file: std::sync::Arc::clone(&file),
                     off,
-                    len: whole_units(off + len) - off,
+                    len: whole_blocks(off + len) - off,
                     counted: charge,
                 });
             }
@@ -1527,13 +1567,14 @@ impl DataCache {
                 return;
             };
             let mut dropped = Vec::new();
+            let mut freed = 0;
             for b in offset / BLOCK..end.div_ceil(BLOCK) {
-                if let Some(t) = e.blocks.remove(&b) {
+                if e.blocks.contains_key(&b) {
                     dropped.push((b * BLOCK, e.block_len(b)));
-                    inner.lru.remove(&t);
-                    inner.used = inner.used.saturating_sub(e.charge(b));
+                    freed += e.remove_block(b, &mut inner.lru);
                 }
             }
+            inner.used = inner.used.saturating_sub(freed);
             if !punch {
                 dropped.clear();
             }
@@ -1565,11 +1606,12 @@ impl DataCache {
         e.generation = generation;
         e.dirty = true;
         if end > e.size {
+            // Only the last block's length changes with the size.
             let last = e.size / BLOCK;
-            let before = e.charge(last);
+            let before = charge_of(e.size, last);
             e.size = end;
             if e.blocks.contains_key(&last) {
-                inner.used += e.charge(last) - before;
+                inner.used += charge_of(e.size, last) - before;
             }
         }
         e
@@ -1671,12 +1713,14 @@ impl DataCache {
             self.closed.store(true, Ordering::SeqCst);
             persisted
         };
-        // The evictions' punches in flight land before the sync.
+        // The evictions' punches in flight land before the sync (not later ones: a
+        // busy mount may always have one).
         let mut inner = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while !inner.punches.is_empty() {
+        let upto = inner.store_ids;
+        while inner.punches.iter().any(|p| p.3 <= upto) {
             inner = self
                 .punched
                 .wait(inner)
@@ -1974,12 +2018,13 @@ fn evict_slack(limit: u64) -> u64 {
     (limit / 32).min(8 << 20) / BLOCK * BLOCK
 }
 
-/// `n` rounded up to whole `DISK_UNIT`s. A punch frees only the filesystem blocks it
-/// covers whole: one that ends at the end of the file, in the middle of its last block,
-/// leaves that block allocated (a 100-byte file kept its 4 KiB), while one that goes
-/// past the end frees it.
-fn whole_units(n: u64) -> u64 {
-    n.div_ceil(DISK_UNIT) * DISK_UNIT
+/// `n` rounded up to whole cache blocks: where an eviction's punch ends. A punch frees
+/// only the filesystem blocks it covers whole: one that ends at the end of the file, in
+/// the middle of its last filesystem block, leaves that block allocated (a 100-byte
+/// file kept its 4 KiB), while one that goes past the end frees it, on filesystems with
+/// blocks of up to 128 KiB. (The evicted block's range is registered whole.)
+fn whole_blocks(n: u64) -> u64 {
+    n.div_ceil(BLOCK) * BLOCK
 }
 
 /// Free the disk blocks of `[off, off+len)` of `f`, keeping its size.
@@ -2059,7 +2104,11 @@ mod tests {
         assert!(matches!(c.read(7, 1, 0, 10).unwrap(), Lookup::Miss(_)));
         let d = data(BLOCK as usize, 1);
         c.store(7, 1, c.token(7).unwrap(), 3 * BLOCK, &d).unwrap();
-        assert_eq!(c.used(), BLOCK);
+        assert_eq!(
+            c.used(),
+            BLOCK + META_CHARGE,
+            "the block and the metadata file"
+        );
         assert_eq!(
             c.read(7, 1, 3 * BLOCK + 5, 10).unwrap(),
             Lookup::Hit(d[5..15].to_vec().into())
@@ -2302,7 +2351,7 @@ mod tests {
                 .unwrap();
             assert_eq!(
                 c.used(),
-                4 * BLOCK + META_CHARGE,
+                4 * BLOCK + 2 * META_CHARGE,
                 "file 2 took two of file 1's blocks"
             );
         }
@@ -2578,13 +2627,12 @@ mod tests {
             store(i);
         }
         assert_eq!(c.used(), cap);
-        // The 65th block evicts the three oldest (block 0 with the metadata's share), so
-        // the next two need no eviction.
+        // The 65th block evicts the three oldest, so the next two need no eviction.
         store(64);
-        assert_eq!(c.used(), 62 * BLOCK);
+        assert_eq!(c.used(), 62 * BLOCK + META_CHARGE);
         store(65);
         store(66);
-        assert_eq!(c.used(), 64 * BLOCK);
+        assert_eq!(c.used(), cap);
         for i in 0..3 {
             assert!(matches!(
                 c.read(1, 1, i * BLOCK, 1).unwrap(),
@@ -2776,10 +2824,7 @@ mod tests {
         c.wrote(4, 0, &data(3 * BLOCK as usize, 9)).unwrap();
         c.adopt(4, 2, 3 * BLOCK);
         assert!(matches!(c.read(4, 2, 0, 10).unwrap(), Lookup::Miss(_)));
-        assert_eq!(
-            c.used(),
-            charge_of(model.len() as u64, 0) + BLOCK + DISK_UNIT
-        );
+        assert_eq!(c.used(), 2 * BLOCK + DISK_UNIT + META_CHARGE);
     }
 
     #[test]
