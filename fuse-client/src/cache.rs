@@ -2652,20 +2652,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_block_being_punched_out_is_not_stored_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 64 * BLOCK + 2 * META_CHARGE;
-        let one = data(60 * BLOCK as usize, 1);
-        let c = holding(dir.path(), cap, 1, 1, &one);
-        c.validate(3, 1, 4 * BLOCK);
-        c.store(3, 1, c.token(3).unwrap(), 0, &data(4 * BLOCK as usize, 3))
-            .unwrap();
-        assert_eq!(c.used(), cap);
-        let gate = c.punch_gate.lock().unwrap();
+    /// Run `meanwhile` while an eviction waits to punch the blocks it took out: the one
+    /// that storing file 2's first block into the full cache `c` makes.
+    fn while_punching(c: &DataCache, meanwhile: impl FnOnce()) {
         std::thread::scope(|scope| {
-            // File 2's block evicts the three oldest (file 1's first), and stops before
-            // punching them.
+            // Held in here: a failing `meanwhile` drops it before the join.
+            let gate = c.punch_gate.lock().unwrap();
             let evicting = scope.spawn(|| {
                 c.validate(2, 1, BLOCK);
                 c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 2))
@@ -2676,12 +2668,31 @@ mod tests {
                 assert!(std::time::Instant::now() < deadline, "no eviction began");
                 std::thread::yield_now();
             }
+            meanwhile();
+            drop(gate);
+            evicting.join().unwrap();
+        });
+    }
+
+    /// Evicted blocks are punched after the cache lock is released: a store that
+    /// fetched one of them again meanwhile must not record it, or it would be served as
+    /// zeros once the punch lands.
+    #[test]
+    fn a_block_being_punched_out_is_not_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 64 * BLOCK + 2 * META_CHARGE;
+        let one = data(60 * BLOCK as usize, 1);
+        let c = holding(dir.path(), cap, 1, 1, &one);
+        c.validate(3, 1, 4 * BLOCK);
+        c.store(3, 1, c.token(3).unwrap(), 0, &data(4 * BLOCK as usize, 3))
+            .unwrap();
+        assert_eq!(c.used(), cap);
+        // File 2's block evicts the three oldest (file 1's first).
+        while_punching(&c, || {
             // Room without waiting for the punch, and file 1's block 0 fetched again.
             c.invalidate(3);
             c.store(1, 1, c.token(1).unwrap(), 0, &one[..BLOCK as usize])
                 .unwrap();
-            drop(gate);
-            evicting.join().unwrap();
         });
         assert!(
             matches!(c.read(1, 1, 0, BLOCK).unwrap(), Lookup::Miss(_)),
@@ -2707,18 +2718,7 @@ mod tests {
         let c = holding(dir.path(), cap, 1, 1, &data(64 * BLOCK as usize, 1));
         // Block 0 used last: blocks 1 to 3 are the oldest.
         assert!(matches!(c.read(1, 1, 0, 1).unwrap(), Lookup::Hit(_)));
-        let gate = c.punch_gate.lock().unwrap();
-        std::thread::scope(|scope| {
-            let evicting = scope.spawn(|| {
-                c.validate(2, 1, BLOCK);
-                c.store(2, 1, c.token(2).unwrap(), 0, &data(BLOCK as usize, 2))
-                    .unwrap();
-            });
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while c.inner.lock().unwrap().punching == 0 {
-                assert!(std::time::Instant::now() < deadline, "no eviction began");
-                std::thread::yield_now();
-            }
+        while_punching(&c, || {
             // A new version of one block, cached whole.
             let new = data(BLOCK as usize, 9);
             c.validate(1, 2, BLOCK);
@@ -2729,8 +2729,6 @@ mod tests {
                 c.open_complete(1, 2, BLOCK, true).is_none(),
                 "pinned with a punch still to land"
             );
-            drop(gate);
-            evicting.join().unwrap();
         });
         assert!(c.open_complete(1, 2, BLOCK, true).is_some());
         assert!(c.pinned(1));
