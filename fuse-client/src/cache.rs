@@ -1239,14 +1239,13 @@ impl DataCache {
                 && let Some(e) = inner.files.get_mut(&ino)
             {
                 // A map may still read its data file: the file goes whole, unlinked.
-                let before = inner.used;
+                let bytes: u64 = e.blocks.keys().map(|&b| e.block_len(b)).sum();
                 e.unlist(&self.dir, ino);
                 e.drop_blocks(&mut inner.lru, &mut inner.used);
                 // A store writing the old file meanwhile records nothing.
                 inner.generations += 1;
                 e.generation = inner.generations;
-                let freed = before.saturating_sub(inner.used);
-                self.stats.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+                self.stats.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
                 self.reset_data(&inner.pins, &mut inner.exposed, ino, 0);
                 continue;
             }
