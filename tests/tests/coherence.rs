@@ -534,68 +534,6 @@ fn names_and_attributes_known_locally_stay_true() {
     });
 }
 
-/// A directory listed whole knows its names: creating new ones in it asks the server
-/// no lookup first (the kernel looks up every name before it creates it), and names
-/// that appear or go behind the mount's back, on the export or through another mount,
-/// are found (and found gone) all the same.
-#[test]
-fn a_listed_directory_knows_its_names_and_follows_changes() {
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        fs::create_dir(e.join("d")).expect("mkdir");
-        for i in 0..10 {
-            fs::write(e.join(format!("d/old{i}")), b"o").expect("write");
-        }
-    }) else {
-        return;
-    };
-    stream_up(&fx.mount);
-    let other = TestMount::new(&fx.server);
-    let names = fs::read_dir(fx.mnt("d")).expect("list").count();
-    assert_eq!(names, 10);
-    let before = fx.mount.stats();
-    for i in 0..30 {
-        fs::write(fx.mnt(format!("d/new{i}")), b"n").expect("create");
-    }
-    let after = fx.mount.stats();
-    assert_eq!(
-        after.get_or_zero("requests.lookup"),
-        before.get_or_zero("requests.lookup"),
-        "a name created in a listed directory was looked up on the server first\n{after}"
-    );
-    for i in 0..30 {
-        assert_eq!(
-            fs::read(fx.exp(format!("d/new{i}"))).expect("on the export"),
-            b"n"
-        );
-    }
-    // An existing name is still found, and a taken name still refuses an exclusive create.
-    assert_eq!(fs::read(fx.mnt("d/old3")).expect("read"), b"o");
-    let taken = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(fx.mnt("d/old3"));
-    assert_eq!(
-        taken.map(|_| ()).map_err(|e| e.raw_os_error()),
-        Err(Some(libc::EEXIST))
-    );
-    // Names from elsewhere show; names removed elsewhere go.
-    fs::write(fx.exp("d/from_export"), b"e").expect("write on the export");
-    eventually("a name created on the export", || {
-        fs::read(fx.mnt("d/from_export")).is_ok_and(|d| d == b"e")
-    });
-    fs::write(other.path().join("d/from_other"), b"b").expect("write through B");
-    eventually("a name created through another mount", || {
-        fs::read(fx.mnt("d/from_other")).is_ok_and(|d| d == b"b")
-    });
-    fs::remove_file(fx.exp("d/old5")).expect("unlink on the export");
-    eventually("a name removed on the export", || absent(&fx.mnt("d/old5")));
-    fs::write(fx.exp("d/old5"), b"again").expect("write on the export");
-    eventually("a removed name made again on the export", || {
-        fs::read(fx.mnt("d/old5")).is_ok_and(|d| d == b"again")
-    });
-    stream_stayed_up(&fx.mount);
-}
-
 /// Listing a directory prefetches its subdirectories' listings (a tree walk then waits
 /// for no round trip per directory); changes on the export to a prefetched directory
 /// still show in the next walk.

@@ -495,24 +495,15 @@ impl Core {
         let Ok(nodes) = self.nodes.lock() else {
             return;
         };
-        let kept = match self.dir_cache.lock() {
-            Ok(mut c) if DIR_EPOCH.load(Ordering::SeqCst) == epoch => {
-                c.entry(ino).or_insert_with(|| Arc::clone(entries));
-                true
-            }
-            _ => false,
-        };
-        if !kept {
-            return;
-        }
-        if nodes.path(ino).is_err() {
-            if let Ok(mut unplaced) = self.unplaced_listings.lock() {
+        if let Ok(mut c) = self.dir_cache.lock()
+            && DIR_EPOCH.load(Ordering::SeqCst) == epoch
+        {
+            c.entry(ino).or_insert_with(|| Arc::clone(entries));
+            if nodes.path(ino).is_err()
+                && let Ok(mut unplaced) = self.unplaced_listings.lock()
+            {
                 unplaced.insert(ino);
             }
-        } else {
-            // Its names answer lookups of others (a create's) without the server. (An
-            // event for the directory waits for the inode table, held here.)
-            self.names_listed(ino, entries);
         }
     }
 

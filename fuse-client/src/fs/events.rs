@@ -146,10 +146,8 @@ impl Core {
         let Some(dir) = nodes.resolve(parent) else {
             // A directory this client does not know: nothing cached under it, except
             // listings prefetched ahead of the kernel taking their entries (kept or
-            // being fetched). Those go, and so do the names known of every directory:
-            // it may be one of them, renamed elsewhere.
+            // being fetched). Those go.
             self.drop_unplaced_listings(&nodes);
-            super::NAMES_EPOCH.fetch_add(1, Ordering::SeqCst);
             return;
         };
         let Some(name) = name else {

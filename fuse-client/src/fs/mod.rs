@@ -46,26 +46,14 @@ pub const TTL_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
 /// ([`Core::repeat_keyed`]). Each waits at most `--timeout` for a server to answer.
 pub const MAX_REPEATS: u32 = 3;
 
-/// Every name in a directory this client created, or listed whole while its event
-/// stream was live (`InodeState::names`).
+/// Every name in a directory this client created (`InodeState::names`).
 #[derive(Debug)]
 struct KnownNames {
     names: HashSet<Vec<u8>>,
     /// When this started: trusted no longer than the kernel's own entry TTL (a server
     /// that could not watch the directory sends no events for it).
     since: Instant,
-    /// `NAMES_EPOCH` then: an event this client could not place in a directory (one
-    /// renamed elsewhere and not looked up since) may have been for this one.
-    epoch: u64,
 }
-
-/// Bumped by every event this client cannot place: every `KnownNames` older is not
-/// trusted any more.
-pub(super) static NAMES_EPOCH: AtomicU64 = AtomicU64::new(0);
-
-/// Largest listing whose names are kept for lookups (`KnownNames`): 65,536 names take
-/// a few MiB beside the listing itself.
-const KNOWN_NAMES_MAX: usize = 65_536;
 
 /// What this client knows about one inode beyond the kernel's view.
 #[derive(Debug, Default)]
@@ -102,11 +90,10 @@ struct InodeState {
     /// `GETATTR` is answered from them while the event stream vouches that nothing
     /// changed since (an event that changes them replaces or drops them).
     attr: Option<(Attr, Instant)>,
-    /// For a directory this client created, or listed whole while events were live:
-    /// every name in it, kept up to date by this client's own changes and by events. A
-    /// lookup of any other name is ENOENT without a round trip (the kernel looks up each
-    /// name before creating it). Boxed, like `behind`: a listing of 100,000 names
-    /// creates 100,000 states that never use it.
+    /// For a directory this client created: every name in it, as long as every change
+    /// in it was this client's own. A lookup of any other name is ENOENT without a round
+    /// trip (the kernel looks up each name before creating it). Boxed, like `behind`:
+    /// a listing of 100,000 names creates 100,000 states that never use it.
     names: Option<Box<KnownNames>>,
     /// For a directory with listing streams open: the names changed since the oldest
     /// was opened (see `Core::fill_listing`). Boxed, and dropped with the last stream.
@@ -496,24 +483,6 @@ impl Core {
         }
     }
 
-    /// `dir` was just listed whole, with no change anywhere (`DIR_EPOCH`) and events live
-    /// all along: its names are every name in it, until an event or a change of ours
-    /// says otherwise. Called with the inode table's lock held (`nodes`), as events are
-    /// placed: an event that names the directory comes after.
-    fn names_listed(&self, dir: u64, entries: &[ferry_common::DirEntry]) {
-        if entries.len() > KNOWN_NAMES_MAX {
-            return;
-        }
-        let names = entries.iter().map(|e| e.name.0.clone()).collect();
-        if let Ok(mut inodes) = self.inodes.lock() {
-            inodes.entry(dir).or_default().names = Some(Box::new(KnownNames {
-                names,
-                since: Instant::now(),
-                epoch: NAMES_EPOCH.load(Ordering::SeqCst),
-            }));
-        }
-    }
-
     /// Forget that this client knows every name in `dir`.
     fn forget_names(&self, dir: u64) {
         if let Ok(mut inodes) = self.inodes.lock()
@@ -529,9 +498,7 @@ impl Core {
             && self.inodes.lock().is_ok_and(|i| {
                 i.get(&dir).is_some_and(|s| {
                     s.names.as_ref().is_some_and(|n| {
-                        n.since.elapsed() < TTL_WITH_EVENTS
-                            && n.epoch == NAMES_EPOCH.load(Ordering::SeqCst)
-                            && !n.names.contains(name)
+                        n.since.elapsed() < TTL_WITH_EVENTS && !n.names.contains(name)
                     })
                 })
             })
@@ -887,7 +854,6 @@ impl Core {
             st.names = Some(Box::new(KnownNames {
                 names: HashSet::new(),
                 since: Instant::now(),
-                epoch: NAMES_EPOCH.load(Ordering::SeqCst),
             }));
         }
         Ok(attr)
