@@ -732,7 +732,7 @@ impl DataCache {
             let data_len = std::fs::metadata(self.data_path(ino)).map(|m| m.len()).ok();
             (mtime, ino, meta, data_len)
         };
-        const THREADS: usize = 8;
+        const THREADS: usize = 16;
         if inos.len() < 64 {
             return inos.iter().map(|&ino| read_one(ino)).collect();
         }
