@@ -719,10 +719,18 @@ impl DataCache {
         Option<u64>,
     )> {
         let read_one = |ino: u64| {
-            let path = self.meta_path(ino);
-            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            let meta = std::fs::read(&path)
-                .ok()
+            // One open: its mtime and length from the descriptor, and a file too long to
+            // be metadata is not read at all.
+            let file = File::open(self.meta_path(ino)).ok();
+            let stat = file.as_ref().and_then(|f| f.metadata().ok());
+            let mtime = stat.as_ref().and_then(|m| m.modified().ok());
+            let meta = file
+                .zip(stat)
+                .filter(|(_, m)| m.len() <= MAX_META as u64)
+                .and_then(|(mut f, m)| {
+                    let mut b = Vec::with_capacity(m.len() as usize);
+                    f.read_to_end(&mut b).ok().map(|_| b)
+                })
                 .filter(|b| b.len() <= MAX_META)
                 .and_then(|b| {
                     bincode::serde::decode_from_slice::<Meta, _>(&b, bincode::config::standard())
