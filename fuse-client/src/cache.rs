@@ -1142,6 +1142,16 @@ impl DataCache {
             }
             return Ok(());
         }
+        if !empty && e.blocks.is_empty() {
+            // The entry lost its last block while these were written: the metadata's
+            // charge, not reserved, must fit too, or they are not recorded (as a store
+            // that found no room; fetched again when read).
+            let added = need + META_CHARGE;
+            let on_disk = inner.used + inner.punching;
+            if on_disk + inner.reserved + added > self.limit(on_disk) {
+                return Ok(());
+            }
+        }
         for b in blocks {
             inner.tick += 1;
             inner.used += e.add_block(b, inner.tick, &mut inner.lru);
