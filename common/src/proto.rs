@@ -105,7 +105,7 @@ mod shared_bytes {
 pub const MAGIC: [u8; 8] = *b"FERRY\r\n\x1a";
 
 /// Bumped on any incompatible change of the messages in this module.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default TCP port of `ferryd`.
 pub const DEFAULT_PORT: u16 = 7420;
@@ -750,6 +750,12 @@ pub enum Event {
     /// every other client has (or a short timeout passed), which is what makes
     /// close-to-open hold without a round trip on open.
     Barrier { id: u64, attr: Option<Attr> },
+    /// From now on the server cannot report every change (it could not watch a
+    /// directory: the kernel's watch limit, say): the stream still carries what it sees,
+    /// but a client must revalidate everything it holds and stop trusting the absence
+    /// of events until it reconnects (a server in this state then offers no
+    /// [`caps::EVENTS`]). Sent before any reply that depends on the missing watch.
+    Incomplete,
 }
 
 #[cfg(test)]

@@ -240,6 +240,9 @@ pub struct Client {
     connect_hook: Mutex<Option<ConnectHook>>,
     /// Generation of the connection while it is alive, 0 when there is none.
     live: Arc<AtomicU64>,
+    /// Generation of the connection whose server said its events are incomplete
+    /// (`Event::Incomplete`), 0 when none did.
+    incomplete: AtomicU64,
     pub stats: ConnStats,
     closed: AtomicBool,
     /// Capabilities asked for besides [`CLIENT_CAPS`] (set before connecting).
@@ -274,6 +277,7 @@ impl Client {
             events: Mutex::new(None),
             connect_hook: Mutex::new(None),
             live: Arc::new(AtomicU64::new(0)),
+            incomplete: AtomicU64::new(0),
             stats: ConnStats::default(),
             closed: AtomicBool::new(false),
             extra_caps: AtomicU64::new(0),
@@ -369,9 +373,12 @@ impl Client {
         }
     }
 
-    /// Whether the server pushes change events on the live connection.
+    /// Whether the server pushes change events on the live connection, every change
+    /// (so that no event means no change).
     pub fn events_live(&self) -> bool {
-        self.live_generation().is_some() && self.granted(caps::EVENTS)
+        self.live_generation()
+            .is_some_and(|g| self.incomplete.load(Ordering::SeqCst) != g)
+            && self.granted(caps::EVENTS)
     }
 
     /// Ask servers to tell whether files have extended attributes (only worth its cost
@@ -616,6 +623,10 @@ impl Client {
                         }
                         if let Some(me) = me.upgrade() {
                             me.stats.events.fetch_add(1, Ordering::Relaxed);
+                            // Before any reply that follows it is handed over.
+                            if ev == Event::Incomplete {
+                                me.incomplete.store(generation, Ordering::SeqCst);
+                            }
                         }
                         let sink = me
                             .upgrade()

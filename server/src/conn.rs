@@ -78,7 +78,9 @@ pub async fn serve<T>(
             .max_frame_length(MAX_HELLO)
             .new_codec(),
     );
-    let mut offered = if watcher.is_some() {
+    // A server that can no longer report every change offers none: the client then
+    // revalidates instead of trusting silence.
+    let mut offered = if watcher.as_ref().is_some_and(|w| w.complete()) {
         SERVER_CAPS
     } else {
         SERVER_CAPS & !caps::EVENTS
@@ -410,33 +412,62 @@ async fn write_loop<W>(
 where
     W: AsyncWrite + Unpin,
 {
+    // `Event::Incomplete` was sent (it is sent once).
+    let mut told = false;
     loop {
         tokio::select! {
             // Replies first: they are what requests in flight wait for.
             biased;
             out = rx.recv() => match out {
-                Some(out) => feed(&mut sink, out).await?,
+                Some(out) => reply(&mut sink, out, &ctx, &mut told).await?,
                 None => break,
             },
-            ev = next_event(&mut events) => {
-                if !is_own(&ctx, &ev) {
-                    sink.feed(ServerFrame::Event(ev)).await?;
-                }
-            }
+            ev = next_event(&mut events) => event(&mut sink, ev, &ctx, &mut told).await?,
         }
         // Write everything already queued before one flush: many small replies become
         // one segment instead of one system call each.
         while let Ok(out) = rx.try_recv() {
-            feed(&mut sink, out).await?;
+            reply(&mut sink, out, &ctx, &mut told).await?;
         }
         while let Some(ev) = try_next_event(&mut events) {
-            if !is_own(&ctx, &ev) {
-                sink.feed(ServerFrame::Event(ev)).await?;
-            }
+            event(&mut sink, ev, &ctx, &mut told).await?;
         }
         sink.flush().await?;
     }
     sink.close().await
+}
+
+/// Queue a reply. If the server's event stream became incomplete, `Event::Incomplete`
+/// goes first (once): the reply may rest on a directory that could not be watched,
+/// and the client must know that before it trusts the reply for long.
+async fn reply<W>(
+    sink: &mut FrameSink<W>,
+    out: Outgoing,
+    ctx: &Ctx,
+    told: &mut bool,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    if !*told && ctx.watch.as_ref().is_some_and(|w| !w.complete()) {
+        *told = true;
+        sink.feed(ServerFrame::Event(Event::Incomplete)).await?;
+    }
+    feed(sink, out).await
+}
+
+/// Queue an event, unless the client made it itself or was already told it.
+async fn event<W>(sink: &mut FrameSink<W>, ev: Event, ctx: &Ctx, told: &mut bool) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    if is_own(ctx, &ev) || (matches!(ev, Event::Incomplete) && *told) {
+        return Ok(());
+    }
+    if matches!(ev, Event::Incomplete) {
+        *told = true;
+    }
+    sink.feed(ServerFrame::Event(ev)).await
 }
 
 /// Requests cheap enough to run on the connection task (see `serve_requests`). They run

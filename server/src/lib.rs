@@ -48,21 +48,39 @@ pub use export::{Export, ExportError};
 /// How long connections get after shutdown to finish the requests they have started.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a server runs, beyond its export.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Most directories watched at once (`--max-watches`); `None`: the kernel's limit.
+    pub max_watches: Option<usize>,
+}
+
 /// Accept connections on `listener` and serve `export` until `shutdown` completes; then
 /// stop accepting, let connections finish their requests in flight (at most
 /// [`DRAIN_TIMEOUT`]) and return.
 pub async fn run(listener: TcpListener, export: Arc<Export>, shutdown: impl Future) {
+    run_with(listener, export, Options::default(), shutdown).await
+}
+
+/// [`run`] with [`Options`].
+pub async fn run_with(
+    listener: TcpListener,
+    export: Arc<Export>,
+    options: Options,
+    shutdown: impl Future,
+) {
     let token = CancellationToken::new();
     let mut conns = JoinSet::new();
     // Without inotify (the per-user instance limit, say) the server still serves, it
     // just does not offer change events.
-    let (watcher, watch_task) = match watch::Watcher::start(Arc::clone(&export)) {
-        Ok((w, task)) => (Some(w), Some(task)),
-        Err(errno) => {
-            warn!(errno, "cannot create an inotify instance: no change events");
-            (None, None)
-        }
-    };
+    let (watcher, watch_task) =
+        match watch::Watcher::start(Arc::clone(&export), options.max_watches) {
+            Ok((w, task)) => (Some(w), Some(task)),
+            Err(errno) => {
+                warn!(errno, "cannot create an inotify instance: no change events");
+                (None, None)
+            }
+        };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -39,6 +39,12 @@ struct Args {
     /// runs: `before-rename`, `after-create`, ... (see `failpoint.rs`).
     #[arg(long, hide = true, value_name = "POINT")]
     die_at: Option<String>,
+    /// Watch at most N directories for changes (default: as many as the kernel allows,
+    /// `fs.inotify.max_user_watches`). Past the limit, clients are told that changes
+    /// may go unreported and revalidate what they cache within a second instead of
+    /// trusting events: correct, but more round trips.
+    #[arg(long, value_name = "N")]
+    max_watches: Option<usize>,
     /// The directory to export.
     dir: PathBuf,
 }
@@ -171,7 +177,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "serving {} on {addr}",
         export.path().display()
     );
-    ferry_server::run(listener, Arc::clone(&export), shutdown).await;
+    let options = ferry_server::Options {
+        max_watches: args.max_watches,
+    };
+    ferry_server::run_with(listener, Arc::clone(&export), options, shutdown).await;
     if let Some(undo) = export.undo() {
         undo.close();
     }

@@ -815,3 +815,64 @@ fn a_listing_vouches_for_the_names_that_did_not_change() {
         "names that did not change were looked up on the server"
     );
 }
+
+/// A server that cannot watch every directory a client looks into (here past
+/// `--max-watches 2`; in the field past the kernel's `fs.inotify.max_user_watches`) says
+/// so, and its mounts stop taking the absence of events for the absence of changes:
+/// changes on the export in the directories it could not watch show within the short
+/// TTL. (Before, they stayed hidden for the 5-minute one, and a name made on the export
+/// in a directory made through the mount was ENOENT as long.)
+#[test]
+fn a_server_past_its_watch_limit_makes_its_mounts_revalidate() {
+    let Some(fx) = fixture_with(&["--max-watches", "2"], &[], |exp| {
+        for d in ["a", "b", "c"] {
+            fs::create_dir(exp.join(d)).expect("mkdir on the export");
+            write_closed(&exp.join(d).join("f"), b"one").expect("write on the export");
+        }
+    }) else {
+        return;
+    };
+    // The root and `a` are watched; `b` is one too many.
+    assert_eq!(fs::read(fx.mnt("a/f")).expect("read a/f"), b"one");
+    stream_up(&fx.mount);
+    assert_eq!(fs::read(fx.mnt("b/f")).expect("read b/f"), b"one");
+    let st = fx.mount.stats();
+    assert!(
+        !st.flag("events_live") && st.get_or_zero("resyncs") >= 1,
+        "the mount still trusts the event stream after the server ran out of watches\n{st}"
+    );
+    assert!(
+        fx.server.log().contains("--max-watches reached"),
+        "the server did not say why: {}",
+        fx.server.log()
+    );
+    write_closed(&fx.exp("b/f"), b"two, longer").expect("rewrite on the export");
+    eventually("a rewrite on the export in an unwatched directory", || {
+        fs::read(fx.mnt("b/f")).is_ok_and(|d| d == b"two, longer")
+    });
+    write_closed(&fx.exp("b/new"), b"n").expect("create on the export");
+    eventually(
+        "a name made on the export in an unwatched directory",
+        || fs::read(fx.mnt("b/new")).is_ok_and(|d| d == b"n"),
+    );
+    fs::create_dir(fx.mnt("c/made")).expect("mkdir through the mount");
+    assert!(absent(&fx.mnt("c/made/x")));
+    write_closed(&fx.exp("c/made/x"), b"x").expect("create on the export");
+    eventually(
+        "a name made on the export in a directory made through the mount",
+        || fs::metadata(fx.mnt("c/made/x")).is_ok(),
+    );
+    // Watched directories still work, with or without events.
+    write_closed(&fx.exp("a/f"), b"three").expect("rewrite on the export");
+    eventually("a rewrite on the export in a watched directory", || {
+        fs::read(fx.mnt("a/f")).is_ok_and(|d| d == b"three")
+    });
+    // A mount made now is not offered events at all.
+    let later = TestMount::new(&fx.server);
+    assert_eq!(fs::read(later.path().join("a/f")).expect("read"), b"three");
+    let st = later.stats();
+    assert!(
+        !st.flag("events_live"),
+        "a mount made after the server ran out of watches trusts events\n{st}"
+    );
+}

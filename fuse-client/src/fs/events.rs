@@ -6,7 +6,9 @@
 //! and pages for that entry (through the adapter's notifier thread), the cached listing of
 //! the directory, and lets the data cache revalidate by version on the next open. When the
 //! stream was interrupted (reconnect) or the server says events were lost, everything is
-//! revalidated.
+//! revalidated. A server that can no longer watch everything says so once
+//! (`Event::Incomplete`): everything is revalidated, and from then on this client trusts
+//! nothing for longer than it would without events.
 //!
 //! Kernel notifications are sent from one dedicated thread, never from a FUSE callback or
 //! a runtime worker: a notification can wait on kernel locks held by requests that only a
@@ -76,7 +78,8 @@ impl Core {
     /// Called for every event the server pushes.
     pub fn handle_event(&self, ev: Event) {
         match ev {
-            Event::Resync => self.resync(),
+            // (The connection stopped calling events live before this.)
+            Event::Resync | Event::Incomplete => self.resync(),
             Event::Changed { parent, name, attr } => self.changed(&parent, name.as_ref(), attr),
             Event::Barrier { id, attr } => {
                 if let Some(a) = attr {

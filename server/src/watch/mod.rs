@@ -16,9 +16,13 @@
 //! every watch beneath, and a watched directory that moved somewhere we cannot see is
 //! unwatched (with everything under it) until a client looks into it again.
 //!
-//! Not covered: directories past the kernel's watch limit (`ENOSPC`, logged once; their
-//! changes are simply not reported), and watches are never dropped just because no
-//! client is interested any more (they live until the directory goes away).
+//! A directory that cannot be watched (the kernel's watch limit, `ENOSPC`, or
+//! `--max-watches`) makes the stream *incomplete* for good: every subscriber is sent
+//! [`Event::Incomplete`] before any reply that relied on the missing watch (see
+//! [`Watcher::complete`] and the connection's writer), and later connections are not
+//! offered events at all. Clients then revalidate as if they had no events, which is
+//! slower but never stale. Watches are never dropped just because no client is
+//! interested any more (they live until the directory goes away).
 //!
 //! This module must never add a watch by a network-supplied path (only through the
 //! magic link of a descriptor [`crate::export::Export`] resolved), never stat anything
@@ -78,8 +82,11 @@ pub struct Watcher {
     export: Arc<Export>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
-    /// The watch limit was hit and logged; log it once only.
-    warned_limit: AtomicBool,
+    /// Some change may go unreported from now on (a directory could not be watched).
+    incomplete: AtomicBool,
+    /// Most watches this server holds at once (`--max-watches`); past it, as past the
+    /// kernel's limit, the stream becomes incomplete.
+    max_watches: usize,
     /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
     barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
     next_barrier: AtomicU64,
@@ -91,8 +98,12 @@ pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Watcher {
     /// Create the inotify instance and start the reader task (which runs until the
-    /// returned handle is aborted). Must be called inside a tokio runtime.
-    pub fn start(export: Arc<Export>) -> Result<(Arc<Watcher>, JoinHandle<()>), Errno> {
+    /// returned handle is aborted). `max_watches`: see `--max-watches` (`None`: only
+    /// the kernel's limit). Must be called inside a tokio runtime.
+    pub fn start(
+        export: Arc<Export>,
+        max_watches: Option<usize>,
+    ) -> Result<(Arc<Watcher>, JoinHandle<()>), Errno> {
         let fd = sys::inotify_init()?;
         let inotify = sys::async_fd(fd).map_err(|e| sys::errno_of(&e))?;
         let (events, _) = broadcast::channel(CHANNEL_CAPACITY);
@@ -101,7 +112,8 @@ impl Watcher {
             export,
             state: Mutex::new(State::default()),
             events,
-            warned_limit: AtomicBool::new(false),
+            incomplete: AtomicBool::new(false),
+            max_watches: max_watches.unwrap_or(usize::MAX),
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
         });
@@ -111,6 +123,27 @@ impl Watcher {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Whether every change in the directories clients looked into has been reported.
+    /// Once false, it stays false until the server restarts.
+    pub fn complete(&self) -> bool {
+        !self.incomplete.load(Ordering::SeqCst)
+    }
+
+    /// Some change may go unreported from now on: say so, once, to every subscriber.
+    /// Set before the caller answers any request that relied on what was lost, so the
+    /// connection's writer sends `Incomplete` ahead of that answer.
+    fn lose(&self, why: &str) {
+        if !self.incomplete.swap(true, Ordering::SeqCst) {
+            warn!(
+                "{why}: changes are no longer all reported; clients revalidate what they \
+                 cache (within 1 s) instead of waiting for events, until ferryd restarts \
+                 (raise fs.inotify.max_user_watches to avoid this)"
+            );
+            // An error only means nobody is subscribed right now.
+            let _ = self.events.send(Event::Incomplete);
+        }
     }
 
     /// Tell every other subscribed client that the file with `attr` has new content and
@@ -183,6 +216,11 @@ impl Watcher {
         {
             return;
         }
+        let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
+        if !known && state.by_wd.len() >= self.max_watches {
+            self.lose("--max-watches reached");
+            return;
+        }
         // The lock is held across the system call: an event for the new watch may be
         // read right away, and the reader must then find its path in the map.
         match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
@@ -192,14 +230,16 @@ impl Watcher {
                 }
             }
             Err(libc::ENOSPC) => {
-                if !self.warned_limit.swap(true, Ordering::Relaxed) {
-                    warn!(
-                        "inotify watch limit reached (fs.inotify.max_user_watches): changes \
-                         in directories watched from now on are not reported to clients"
-                    );
+                self.lose("inotify watch limit reached (fs.inotify.max_user_watches)")
+            }
+            Err(e) => {
+                // Removed meanwhile, say: nothing will change in it. Anything else
+                // leaves a directory clients look into unwatched.
+                debug!(errno = e, ?path, "cannot watch directory");
+                if e != libc::ENOENT {
+                    self.lose(&format!("cannot watch a directory (errno {e})"));
                 }
             }
-            Err(e) => debug!(errno = e, ?path, "cannot watch directory"),
         }
     }
 
@@ -228,6 +268,7 @@ impl Watcher {
             let mut batch = Vec::new();
             if let Err(e) = self.read_some(&mut buf, &mut batch).await {
                 error!("inotify read failed, change events stop: {e}");
+                self.lose("inotify read failed");
                 return;
             }
             let deadline = tokio::time::Instant::now() + WINDOW;
@@ -238,6 +279,7 @@ impl Watcher {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         error!("inotify read failed, change events stop: {e}");
+                        self.lose("inotify read failed");
                         return;
                     }
                 }

@@ -219,3 +219,50 @@ async fn staged_writes_are_announced_at_commit_only() {
     c.commit(h).await.unwrap();
     expect(&mut c, "d", Some("f"), |a| a.is_some_and(|a| a.size == 15)).await;
 }
+
+/// Past its watch limit (`--max-watches`, or the kernel's), the server can no longer
+/// report every change. Each subscribed client hears `Incomplete` once, before the
+/// first reply that rests on a directory it could not watch; a client connecting later
+/// is not offered events at all.
+#[tokio::test]
+async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
+    let options = ferry_server::Options {
+        max_watches: Some(1),
+    };
+    let server = Server::start_opts(false, options).await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    std::fs::write(server.root().join("d/x"), b"x").unwrap();
+    let mut c = events_client(&server).await;
+    let mut idle = events_client(&server).await;
+    // The root takes the one watch.
+    c.call(Request::Lookup {
+        parent: p(""),
+        name: n("d"),
+    })
+    .await
+    .unwrap();
+    assert!(c.events.is_empty(), "{:?}", c.events);
+    // A lookup in `d` (answered on the connection's own task, right after the failed
+    // watch) needs a second.
+    c.call(Request::Lookup {
+        parent: p("d"),
+        name: n("x"),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        c.events.iter().collect::<Vec<_>>(),
+        [&Event::Incomplete],
+        "Incomplete must come before the reply"
+    );
+    c.events.clear();
+    idle.wait_event("Incomplete", |e| *e == Event::Incomplete)
+        .await;
+    // Once only, and events of watched directories still come.
+    list(&mut c, "d").await;
+    std::fs::write(server.root().join("f"), b"x").unwrap();
+    let skipped = expect(&mut c, "", Some("f"), |a| a.is_some()).await;
+    assert!(!skipped.contains(&Event::Incomplete), "{skipped:?}");
+    let later = Client::connect(server.addr, caps::EVENTS).await;
+    assert_eq!(later.welcome.capabilities & caps::EVENTS, 0);
+}

@@ -36,6 +36,10 @@ impl Server {
     }
 
     pub async fn start_with(read_only: bool) -> Server {
+        Server::start_opts(read_only, ferry_server::Options::default()).await
+    }
+
+    pub async fn start_opts(read_only: bool, options: ferry_server::Options) -> Server {
         let dir = TempDir::new().unwrap();
         std::fs::create_dir(dir.path().join("export")).unwrap();
         std::fs::create_dir(dir.path().join("outside")).unwrap();
@@ -45,9 +49,10 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ferry_server::run(
+        let task = tokio::spawn(ferry_server::run_with(
             listener,
             Arc::clone(&export),
+            options,
             async move {
                 let _ = stopped.await;
             },
