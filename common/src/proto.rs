@@ -735,10 +735,15 @@ impl ServerFrame {
 pub enum Event {
     /// Entry `name` of directory `parent` was created, removed, renamed, written or had its
     /// attributes changed; `name: None` means the directory itself. `attr` is the entry's
-    /// state once the change happened (`None`: it no longer exists), so a client that made
-    /// the change itself can see it already knows this version.
+    /// state once the change happened (`None`: it no longer exists, or the directory
+    /// moved before the server looked), so a client that made the change itself can see
+    /// it already knows this version.
     Changed {
         parent: RelPath,
+        /// The directory `parent` named when the change was seen, by node id (as
+        /// [`Attr::ino`]): a client places the event by it, since a path it holds may
+        /// name another directory by now (a rename it has not heard of yet).
+        dir: u64,
         name: Option<Name>,
         attr: Option<Attr>,
     },

@@ -308,7 +308,9 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             let ttl = core.attr_ttl(ino.0);
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&ttl, &fuse_attr(&a)),
+                // (Not past the TTL events allow once answered: the answer may have
+                // made them incomplete.)
+                Ok(a) => reply.attr(&ttl.min(core.ttl()), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -386,11 +388,9 @@ impl Filesystem for FerryFuse {
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(async move {
-            reply_entry(
-                reply,
-                core.ttl(),
-                core.mknod(c, parent.0, &name, mode, umask, rdev).await,
-            )
+            // The TTL once answered: the answer may have made events incomplete.
+            let r = core.mknod(c, parent.0, &name, mode, umask, rdev).await;
+            reply_entry(reply, core.ttl(), r)
         });
     }
 
@@ -405,11 +405,8 @@ impl Filesystem for FerryFuse {
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(async move {
-            reply_entry(
-                reply,
-                core.ttl(),
-                core.mkdir(c, parent.0, &name, mode, umask).await,
-            )
+            let r = core.mkdir(c, parent.0, &name, mode, umask).await;
+            reply_entry(reply, core.ttl(), r)
         });
     }
 
@@ -441,11 +438,8 @@ impl Filesystem for FerryFuse {
             target.as_os_str().as_bytes().to_vec(),
         );
         self.spawn(async move {
-            reply_entry(
-                reply,
-                core.ttl(),
-                core.symlink(c, parent.0, &name, &target).await,
-            )
+            let r = core.symlink(c, parent.0, &name, &target).await;
+            reply_entry(reply, core.ttl(), r)
         });
     }
 
@@ -481,11 +475,8 @@ impl Filesystem for FerryFuse {
     ) {
         let (core, c, name) = (self.core.clone(), caller(req), newname.as_bytes().to_vec());
         self.spawn(async move {
-            reply_entry(
-                reply,
-                core.ttl(),
-                core.link(c, ino.0, newparent.0, &name).await,
-            )
+            let r = core.link(c, ino.0, newparent.0, &name).await;
+            reply_entry(reply, core.ttl(), r)
         });
     }
 

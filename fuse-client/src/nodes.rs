@@ -107,6 +107,11 @@ impl Nodes {
         Ok(path)
     }
 
+    /// Whether the kernel holds inode `ino` (the root always).
+    pub fn knows(&self, ino: u64) -> bool {
+        ino == ROOT || self.map.contains_key(&ino)
+    }
+
     /// The kernel inode of `parent/name`, if this table knows it.
     pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
         self.by_name.get(&(parent, name.to_vec())).copied()

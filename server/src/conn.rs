@@ -640,6 +640,7 @@ mod tests {
         let mut events = Some(rx);
         let ev = |n: &str| Event::Changed {
             parent: ferry_common::RelPath::root(),
+            dir: 1,
             name: Some(ferry_common::Name(n.as_bytes().to_vec())),
             attr: None,
         };

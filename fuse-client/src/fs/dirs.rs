@@ -481,45 +481,17 @@ impl Core {
     /// cache's lock: an invalidation (epoch bumped, then the entry removed under the
     /// lock) cannot slip between the check and the insert.
     ///
-    /// Events find a directory by its path through the inode table, so a listing kept
-    /// for a directory whose path the table does not know (a prefetch that came back
-    /// before the kernel took the subdirectory's entry) is recorded as unplaced: an event
-    /// under an unknown path drops every such listing still unplaced
-    /// ([`Core::drop_unplaced_listings`]), and [`Core::forget`] drops a listing with its
-    /// path. All under the table's lock, so an event is placed (or not) either before
-    /// the listing is kept or after it is recorded.
+    /// Events name the directory by inode, so a listing kept for a directory the kernel
+    /// does not hold yet (a prefetch that came back before the kernel took the
+    /// subdirectory's entry) is dropped by its events like any other.
     fn keep_listing(&self, ino: u64, epoch: u64, entries: &Arc<Vec<DirEntry>>) {
         if !self.client.events_live() {
             return;
         }
-        let Ok(nodes) = self.nodes.lock() else {
-            return;
-        };
         if let Ok(mut c) = self.dir_cache.lock()
             && DIR_EPOCH.load(Ordering::SeqCst) == epoch
         {
             c.entry(ino).or_insert_with(|| Arc::clone(entries));
-            if nodes.path(ino).is_err()
-                && let Ok(mut unplaced) = self.unplaced_listings.lock()
-            {
-                unplaced.insert(ino);
-            }
-        }
-    }
-
-    /// An event came for a directory whose path the inode table does not know: a
-    /// listing kept for an unplaced directory may be that one's. Called with the
-    /// table's lock held.
-    pub(super) fn drop_unplaced_listings(&self, nodes: &crate::nodes::Nodes) {
-        DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
-        let (Ok(mut c), Ok(mut unplaced)) = (self.dir_cache.lock(), self.unplaced_listings.lock())
-        else {
-            return;
-        };
-        for ino in unplaced.drain() {
-            if nodes.path(ino).is_err() {
-                c.remove(&ino);
-            }
         }
     }
 

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ferry_common::proto::{Attr, Event, Name, RelPath};
+use ferry_common::proto::{Attr, Event, Name};
 
 use super::{Core, dirs::DIR_EPOCH};
 use crate::nodes::ROOT;
@@ -80,7 +80,9 @@ impl Core {
         match ev {
             // (The connection stopped calling events live before this.)
             Event::Resync | Event::Incomplete => self.resync(),
-            Event::Changed { parent, name, attr } => self.changed(&parent, name.as_ref(), attr),
+            Event::Changed {
+                dir, name, attr, ..
+            } => self.changed(dir, name.as_ref(), attr),
             Event::Barrier { id, attr } => {
                 if let Some(a) = attr {
                     self.committed_elsewhere(a);
@@ -144,15 +146,19 @@ impl Core {
         }
     }
 
-    fn changed(&self, parent: &RelPath, name: Option<&Name>, attr: Option<Attr>) {
+    /// A change in directory `dir` (server node id), of entry `name` or of the directory
+    /// itself. Placed by the directory's inode, never by its path: a path this client
+    /// holds may name another directory by now.
+    fn changed(&self, dir: u64, name: Option<&Name>, attr: Option<Attr>) {
         let Ok(nodes) = self.nodes.lock() else { return };
-        let Some(dir) = nodes.resolve(parent) else {
-            // A directory this client does not know: nothing cached under it, except
-            // listings prefetched ahead of the kernel taking their entries (kept or
-            // being fetched). Those go.
-            self.drop_unplaced_listings(&nodes);
+        let dir = nodes.to_kernel(dir);
+        if !nodes.knows(dir) {
+            // A directory the kernel does not hold: nothing is cached under it but a
+            // listing prefetched ahead of the kernel taking its entry.
+            drop(nodes);
+            self.forget_listing(dir);
             return;
-        };
+        }
         let Some(name) = name else {
             // The directory itself (its entries changed, or its attributes). The entries
             // come as events of their own; here only its attributes matter.
@@ -256,6 +262,12 @@ impl Core {
                 }
                 if let Some(ino) = known {
                     self.forget_attr(ino);
+                    // Its inode may come back with attributes of its own (a directory
+                    // moved elsewhere, whose events follow it by inode): the name is
+                    // not answered locally again until the server confirms it.
+                    if let Ok(mut nodes) = self.nodes.lock() {
+                        nodes.unverify(dir, &name.0);
+                    }
                 }
                 self.invalidate(Invalidation::Entry {
                     parent: dir,

@@ -270,10 +270,6 @@ pub struct Core {
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<dirs::DirStream>>>>,
     /// Listings by directory inode, valid while the event stream is.
     dir_cache: Mutex<HashMap<u64, Arc<Vec<ferry_common::proto::DirEntry>>>>,
-    /// Kept listings of directories whose path the inode table did not know when they
-    /// were kept (prefetched ahead of the kernel taking their entries): an event it
-    /// cannot place may be about them (see `dirs::keep_listing`).
-    unplaced_listings: Mutex<HashSet<u64>>,
     next_fh: AtomicU64,
     /// Largest read/write payload per request, from the handshake.
     pub max_io: u32,
@@ -330,7 +326,6 @@ impl Core {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             dir_cache: Mutex::new(HashMap::new()),
-            unplaced_listings: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             max_io: max_io.clamp(64 * 1024, MAX_IO),
             spools: OnceLock::new(),
@@ -922,7 +917,7 @@ impl Core {
             if nodes.path(ino).is_err()
                 && let Ok(mut c) = self.dir_cache.lock()
             {
-                // Events for its path cannot be placed any more (see `keep_listing`).
+                // The kernel holds it no more: its listing goes with it.
                 c.remove(&ino);
             }
             if nodes.path(ino).is_err()

@@ -611,6 +611,17 @@ fn new_owner(ctx: &Ctx, caller: Caller, dir: BorrowedFd<'_>) -> Option<(u32, u32
 const MIN_BLKSIZE: u32 = 128 * 1024;
 
 /// Protocol attributes from a `stat` of the server's filesystem.
+/// The protocol's node id ([`Attr::ino`]) of the file `(dev, ino)`.
+pub fn node_id(dev: u64, ino: u64, root_dev: u64) -> u64 {
+    if dev == root_dev {
+        ino
+    } else {
+        // Another filesystem mounted inside the export: mix in the device so its inode
+        // numbers do not collide with the root filesystem's. Stable across restarts.
+        ino ^ dev.rotate_left(32)
+    }
+}
+
 pub fn attr_of(st: &libc::stat, root_dev: u64) -> Attr {
     let kind = match st.st_mode & libc::S_IFMT {
         libc::S_IFDIR => FileKind::Dir,
@@ -621,13 +632,7 @@ pub fn attr_of(st: &libc::stat, root_dev: u64) -> Attr {
         libc::S_IFBLK => FileKind::BlockDevice,
         _ => FileKind::File,
     };
-    let ino = if st.st_dev == root_dev {
-        st.st_ino
-    } else {
-        // Another filesystem mounted inside the export: mix in the device so its inode
-        // numbers do not collide with the root filesystem's. Stable across restarts.
-        st.st_ino ^ st.st_dev.rotate_left(32)
-    };
+    let ino = node_id(st.st_dev, st.st_ino, root_dev);
     let atime = ts(st.st_atime, st.st_atime_nsec);
     let mtime = ts(st.st_mtime, st.st_mtime_nsec);
     let ctime = ts(st.st_ctime, st.st_ctime_nsec);

@@ -14,7 +14,9 @@
 //! remembers the directory's path relative to the root; directory renames seen in a
 //! watched parent (`IN_MOVED_FROM`/`IN_MOVED_TO` paired by cookie) rewrite the paths of
 //! every watch beneath, and a watched directory that moved somewhere we cannot see is
-//! unwatched (with everything under it) until a client looks into it again.
+//! unwatched (with everything under it, each reported gone) until a client looks into
+//! it again. Events name their directory by inode as well as by path: a client's path
+//! of it may be stale.
 //!
 //! A directory that cannot be watched (the kernel's watch limit, `ENOSPC`, or
 //! `--max-watches`) makes the stream *incomplete* for good: every subscriber is sent
@@ -225,8 +227,9 @@ impl Watcher {
         // read right away, and the reader must then find its path in the map.
         match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
             Ok(wd) => {
-                if let Some(old) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
+                if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
+                    let _ = self.events.send(self.unwatched(w));
                 }
             }
             Err(libc::ENOSPC) => {
@@ -325,21 +328,25 @@ impl Watcher {
     /// Blocking: bookkeeping, then one stat per changed entry.
     fn process(&self, batch: &[RawEvent]) -> Vec<Event> {
         let digest = self.lock().digest(batch);
+        let mut unwatched = Vec::new();
         for (wd, path) in digest.moved_self {
-            self.check_moved(wd, &path);
+            unwatched.extend(self.check_moved(wd, &path));
         }
+        let root_dev = self.export.root_dev();
         let mut events: Vec<Event> = digest
             .changed
             .into_iter()
-            .map(|(dir, name)| {
-                let attr = self.stat(&dir, name.as_deref());
+            .map(|c| {
+                let attr = self.stat(&c.dir, c.id, c.name.as_deref());
                 Event::Changed {
-                    parent: RelPath(dir),
-                    name: name.map(Name),
+                    parent: RelPath(c.dir),
+                    dir: crate::ops::node_id(c.id.0, c.id.1, root_dev),
+                    name: c.name.map(Name),
                     attr,
                 }
             })
             .collect();
+        events.extend(unwatched.into_iter().map(|w| self.unwatched(w)));
         if digest.resync {
             warn!("inotify queue overflowed; clients must revalidate everything");
             events.push(Event::Resync);
@@ -347,30 +354,46 @@ impl Watcher {
         events
     }
 
+    /// The event for a directory no longer watched because it went where we cannot
+    /// follow it (its move was missed): as if gone, so that clients drop what they
+    /// hold of it (its listing above all) instead of trusting silence about it. A
+    /// client that finds it again under its new path has it watched again.
+    fn unwatched(&self, w: state::Watch) -> Event {
+        Event::Changed {
+            parent: RelPath(w.path),
+            dir: crate::ops::node_id(w.dev, w.ino, self.export.root_dev()),
+            name: None,
+            attr: None,
+        }
+    }
+
     /// A watched directory moved. If its recorded path (already rewritten when the move
     /// happened in a watched parent) still leads to it, nothing to do; otherwise it went
     /// where we cannot follow it, and it and everything under it are unwatched.
-    fn check_moved(&self, wd: i32, path: &[u8]) {
+    /// Returns the watches dropped.
+    fn check_moved(&self, wd: i32, path: &[u8]) -> Vec<state::Watch> {
         let here = self
             .export
             .resolve_dir(&RelPath(path.to_vec()))
             .and_then(|fd| sys::fstat(fd.as_fd()));
         let mut state = self.lock();
         let Some(w) = state.by_wd.get(&wd) else {
-            return;
+            return Vec::new();
         };
         if w.path != path {
-            return; // renamed again meanwhile; a later event checks again
+            return Vec::new(); // renamed again meanwhile; a later event checks again
         }
         if let Ok(st) = here
             && (st.st_dev, st.st_ino) == (w.dev, w.ino)
         {
-            return;
+            return Vec::new();
         }
+        let mut dropped = Vec::new();
         for wd in state.under(path) {
-            state.forget(wd);
+            dropped.extend(state.forget(wd));
             self.unwatch(wd);
         }
+        dropped
     }
 
     /// Remove a watch from the kernel (already forgotten in the maps). Its IN_IGNORED
@@ -382,15 +405,27 @@ impl Watcher {
     }
 
     /// The entry's attributes now, resolved beneath the root like any request;
-    /// `None` when it no longer exists there (or cannot be reached any more).
-    fn stat(&self, dir: &[u8], name: Option<&[u8]>) -> Option<Attr> {
+    /// `None` when it no longer exists there, cannot be reached any more, or `dir` is
+    /// not the directory `id` any more (moved since: the entry found would be another
+    /// directory's).
+    fn stat(&self, dir: &[u8], id: (u64, u64), name: Option<&[u8]>) -> Option<Attr> {
         let dir = RelPath(dir.to_vec());
+        let is_it = |st: &libc::stat| (st.st_dev, st.st_ino) == id;
         let st = match name {
             Some(name) => {
                 let (d, n) = self.export.entry(&dir, &Name(name.to_vec())).ok()?;
+                if !sys::fstat(d.as_fd()).is_ok_and(|st| is_it(&st)) {
+                    return None;
+                }
                 sys::fstatat(d.as_fd(), &n, libc::AT_SYMLINK_NOFOLLOW).ok()?
             }
-            None => sys::fstat(self.export.resolve(&dir, libc::O_PATH).ok()?.as_fd()).ok()?,
+            None => {
+                let st = sys::fstat(self.export.resolve(&dir, libc::O_PATH).ok()?.as_fd()).ok()?;
+                if !is_it(&st) {
+                    return None;
+                }
+                st
+            }
         };
         Some(crate::ops::attr_of(&st, self.export.root_dev()))
     }

@@ -46,7 +46,7 @@ pub fn parse_events(buf: &[u8], out: &mut Vec<RawEvent>) {
 }
 
 /// A watched directory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
     /// Relative to the export root, kept current across renames we can see.
     pub path: Vec<u8>,
@@ -66,11 +66,21 @@ pub struct State {
     moves: HashMap<u32, (Vec<u8>, u8)>,
 }
 
+/// An entry (or, with `name: None`, the directory itself) that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The directory's path when the event was read.
+    pub dir: Vec<u8>,
+    /// The directory's (device, inode): which directory it is, whatever its path.
+    pub id: (u64, u64),
+    pub name: Option<Vec<u8>>,
+}
+
 /// What one batch of kernel events amounts to, before anything is stat'ed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Digest {
-    /// (directory, entry) pairs that changed, in first-seen order, without duplicates.
-    pub changed: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Entries that changed, in first-seen order, without duplicates.
+    pub changed: Vec<Change>,
     /// Watched directories that moved: still at their recorded path, or gone from view?
     pub moved_self: Vec<(i32, Vec<u8>)>,
     pub resync: bool,
@@ -95,7 +105,7 @@ fn is_under(path: &[u8], dir: &[u8]) -> bool {
 impl State {
     /// Record a watch; returns the watch this displaced from `path` (another directory
     /// now lives there), which the caller removes from the kernel.
-    pub fn insert(&mut self, wd: i32, path: Vec<u8>, dev: u64, ino: u64) -> Option<i32> {
+    pub fn insert(&mut self, wd: i32, path: Vec<u8>, dev: u64, ino: u64) -> Option<(i32, Watch)> {
         if let Some(old) = self.by_wd.get(&wd) {
             // Same inode known under an older path: the one just resolved is current.
             if self.by_path.get(&old.path) == Some(&wd) {
@@ -103,27 +113,29 @@ impl State {
             }
         }
         let displaced = self.by_path.insert(path.clone(), wd).filter(|&o| o != wd);
+        let mut gone = None;
         if let Some(other) = displaced {
             // The path now names another directory than before, and where the old one
             // went is unknown (we missed its move): stop watching it.
             self.by_path.insert(path.clone(), other);
-            self.forget(other);
+            gone = self.forget(other).map(|w| (other, w));
             self.by_path.insert(path.clone(), wd);
         }
         self.by_inode.insert((dev, ino), wd);
         self.by_wd.insert(wd, Watch { path, dev, ino });
-        displaced
+        gone
     }
 
-    pub fn forget(&mut self, wd: i32) {
-        if let Some(w) = self.by_wd.remove(&wd) {
-            if self.by_path.get(&w.path) == Some(&wd) {
-                self.by_path.remove(&w.path);
-            }
-            if self.by_inode.get(&(w.dev, w.ino)) == Some(&wd) {
-                self.by_inode.remove(&(w.dev, w.ino));
-            }
+    /// Drop watch `wd` from the maps; returns what it watched.
+    pub fn forget(&mut self, wd: i32) -> Option<Watch> {
+        let w = self.by_wd.remove(&wd)?;
+        if self.by_path.get(&w.path) == Some(&wd) {
+            self.by_path.remove(&w.path);
         }
+        if self.by_inode.get(&(w.dev, w.ino)) == Some(&wd) {
+            self.by_inode.remove(&(w.dev, w.ino));
+        }
+        Some(w)
     }
 
     /// Watches at or beneath `dir`.
@@ -157,10 +169,14 @@ impl State {
     pub fn digest(&mut self, batch: &[RawEvent]) -> Digest {
         let mut d = Digest::default();
         let mut seen = HashSet::new();
-        let mut push = |d: &mut Digest, dir: &[u8], name: Option<&[u8]>| {
-            let key = (dir.to_vec(), name.map(<[u8]>::to_vec));
-            if seen.insert(key.clone()) {
-                d.changed.push(key);
+        let mut push = |d: &mut Digest, (dir, id): &(Vec<u8>, (u64, u64)), name: Option<&[u8]>| {
+            let name = name.map(<[u8]>::to_vec);
+            if seen.insert((*id, name.clone())) {
+                d.changed.push(Change {
+                    dir: dir.clone(),
+                    id: *id,
+                    name,
+                });
             }
         };
         for m in self.moves.values_mut() {
@@ -173,33 +189,38 @@ impl State {
             }
             if ev.mask & libc::IN_IGNORED != 0 {
                 // The watch is gone (directory deleted, unmounted, or removed by us).
-                self.forget(ev.wd);
+                let _ = self.forget(ev.wd);
                 continue;
             }
-            let Some(dir) = self.by_wd.get(&ev.wd).map(|w| w.path.clone()) else {
+            let Some(at) = self
+                .by_wd
+                .get(&ev.wd)
+                .map(|w| (w.path.clone(), (w.dev, w.ino)))
+            else {
                 continue; // a watch we already dropped; its last events do not matter
             };
+            let dir = &at.0;
             let Some(name) = &ev.name else {
                 if ev.mask & libc::IN_MOVE_SELF != 0 {
                     d.moved_self.push((ev.wd, dir.clone()));
                 }
-                push(&mut d, &dir, None);
+                push(&mut d, &at, None);
                 continue;
             };
-            push(&mut d, &dir, Some(name));
+            push(&mut d, &at, Some(name));
             let entries =
                 libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_FROM | libc::IN_MOVED_TO;
             if ev.mask & entries != 0 {
                 // The directory's own mtime, size and link count changed too.
-                push(&mut d, &dir, None);
+                push(&mut d, &at, None);
             }
             if ev.mask & libc::IN_ISDIR != 0 {
                 if ev.mask & libc::IN_MOVED_FROM != 0 {
-                    self.moves.insert(ev.cookie, (join(&dir, name), 0));
+                    self.moves.insert(ev.cookie, (join(dir, name), 0));
                 } else if ev.mask & libc::IN_MOVED_TO != 0
                     && let Some((old, _)) = self.moves.remove(&ev.cookie)
                 {
-                    self.rename(&old, &join(&dir, name));
+                    self.rename(&old, &join(dir, name));
                 }
             }
         }
@@ -225,6 +246,14 @@ mod tests {
 
     fn key(dir: &str, name: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
         (dir.as_bytes().to_vec(), name.map(|n| n.as_bytes().to_vec()))
+    }
+
+    /// (directory path, entry) of each change.
+    fn pairs(d: &Digest) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        d.changed
+            .iter()
+            .map(|c| (c.dir.clone(), c.name.clone()))
+            .collect()
     }
 
     #[test]
@@ -260,7 +289,8 @@ mod tests {
             ev(1, libc::IN_ATTRIB, 0, None),
             ev(7, libc::IN_CREATE, 0, Some("unknown wd")),
         ]);
-        assert_eq!(d.changed, vec![key("d", Some("f")), key("d", None)]);
+        assert_eq!(pairs(&d), vec![key("d", Some("f")), key("d", None)]);
+        assert!(d.changed.iter().all(|c| c.id == (1, 10)));
         assert!(!d.resync);
     }
 
@@ -285,9 +315,16 @@ mod tests {
         );
         assert_eq!(s.by_path[&b"ab/z/b"[..]], 3);
         assert!(!s.by_path.contains_key(&b"a/b"[..]));
-        assert!(d.changed.contains(&key("ab/z/b", Some("f"))));
-        assert!(d.changed.contains(&key("", Some("a"))));
-        assert!(d.changed.contains(&key("ab", Some("z"))));
+        let changed = pairs(&d);
+        assert!(changed.contains(&key("ab/z/b", Some("f"))));
+        assert!(changed.contains(&key("", Some("a"))));
+        assert!(changed.contains(&key("ab", Some("z"))));
+        // Each names its directory by inode too: `a/b` is still inode 3.
+        assert!(
+            d.changed
+                .iter()
+                .any(|c| c.id == (1, 3) && c.name.as_deref() == Some(&b"f"[..]))
+        );
     }
 
     #[test]
@@ -314,7 +351,7 @@ mod tests {
             ev(2, libc::IN_IGNORED, 0, None),
             ev(-1, libc::IN_Q_OVERFLOW, 0, None),
         ]);
-        assert_eq!(d.changed, vec![key("a", None)]);
+        assert_eq!(pairs(&d), vec![key("a", None)]);
         assert!(d.resync);
         assert!(s.by_wd.is_empty() && s.by_path.is_empty() && s.by_inode.is_empty());
     }
@@ -327,7 +364,7 @@ mod tests {
         assert!(!s.by_path.contains_key(&b"a"[..]));
         assert_eq!(s.by_path[&b"b"[..]], 2);
         // A new directory at an old path replaces that path's watch.
-        assert_eq!(s.insert(3, b"b".to_vec(), 1, 3), Some(2));
+        assert!(matches!(s.insert(3, b"b".to_vec(), 1, 3), Some((2, w)) if w.ino == 2));
         assert_eq!(s.by_path[&b"b"[..]], 3);
         assert!(!s.by_wd.contains_key(&2));
     }

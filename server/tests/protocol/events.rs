@@ -25,6 +25,7 @@ fn changed<'a>(ev: &'a Event, parent: &str, name: Option<&str>) -> Option<&'a Op
             parent: p,
             name: n,
             attr,
+            ..
         } if p.0 == parent.as_bytes()
             && n.as_ref().map(|n| &n.0[..]) == name.map(str::as_bytes) =>
         {
@@ -133,17 +134,41 @@ async fn changes_through_another_connection_are_reported() {
 async fn events_of_a_renamed_directory_carry_its_new_path() {
     let server = Server::start().await;
     std::fs::create_dir_all(server.root().join("a/sub")).unwrap();
+    let sub_ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(server.root().join("a/sub"))
+            .unwrap()
+            .ino()
+    };
     let mut c = events_client(&server).await;
     list(&mut c, "").await;
     list(&mut c, "a").await;
     list(&mut c, "a/sub").await;
+
+    std::fs::write(server.root().join("a/sub/w"), b"1").unwrap();
+    let (ev, _) = c
+        .wait_event("a/sub/w", |e| changed(e, "a/sub", Some("w")).is_some())
+        .await;
+    assert!(
+        matches!(ev, Event::Changed { dir, .. } if dir == sub_ino),
+        "{ev:?}"
+    );
 
     std::fs::rename(server.root().join("a"), server.root().join("b")).unwrap();
     expect(&mut c, "", Some("a"), Option::is_none).await;
     expect(&mut c, "", Some("b"), Option::is_some).await;
 
     std::fs::write(server.root().join("b/sub/x"), b"1").unwrap();
-    let skipped = expect(&mut c, "b/sub", Some("x"), Option::is_some).await;
+    let (ev, skipped) = c
+        .wait_event("b/sub/x", |e| {
+            changed(e, "b/sub", Some("x")).is_some_and(Option::is_some)
+        })
+        .await;
+    // The same directory, whatever its path.
+    assert!(
+        matches!(ev, Event::Changed { dir, .. } if dir == sub_ino),
+        "{ev:?}"
+    );
     assert!(
         !skipped
             .iter()
@@ -153,9 +178,20 @@ async fn events_of_a_renamed_directory_carry_its_new_path() {
     std::fs::write(server.root().join("b/y"), b"1").unwrap();
     expect(&mut c, "b", Some("y"), Option::is_some).await;
 
-    // Moved out of the export: no more events under any path for it.
+    // Moved out of the export: no more events under any path for it, and it and its
+    // subdirectory are reported as gone (by inode), no longer watched.
     std::fs::rename(server.root().join("b"), server.outside().join("b")).unwrap();
     expect(&mut c, "", Some("b"), Option::is_none).await;
+    let (ev, _) = c
+        .wait_event(
+            "b/sub unwatched",
+            |e| matches!(e, Event::Changed { dir, name: None, attr: None, .. } if *dir == sub_ino),
+        )
+        .await;
+    assert!(
+        matches!(&ev, Event::Changed { parent, .. } if parent.0 == b"b/sub"),
+        "{ev:?}"
+    );
     std::fs::write(server.outside().join("b/sub/z"), b"1").unwrap();
     std::fs::write(server.root().join("marker"), b"1").unwrap();
     let skipped = expect(&mut c, "", Some("marker"), Option::is_some).await;
