@@ -420,12 +420,17 @@ fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
 }
 
 /// Whether something is mounted on `path` as process `pid` sees it (its mount
-/// namespace may not be this one); when that cannot be told, yes.
+/// namespace may not be this one); when that cannot be told, yes. A process that is
+/// gone (`ENOENT`) or exiting (its namespaces already released: `EINVAL`) has nothing
+/// mounted: it is about to let go of its cache dir.
 fn mounted_for(pid: u32, path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
-        return true;
-    };
-    mount_line(&info, path).is_some()
+    match std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) {
+        Ok(info) => mount_line(&info, path).is_some(),
+        Err(e) => !matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT | libc::EINVAL | libc::ESRCH)
+        ),
+    }
 }
 
 /// The last line of a mountinfo text for a mount on `path` (the one on top).
