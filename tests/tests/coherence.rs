@@ -915,3 +915,51 @@ fn an_open_file_in_a_directory_renamed_on_the_export_follows_changes() {
     });
     stream_stayed_up(&fx.mount);
 }
+
+/// A subdirectory's own attributes change when entries are made inside it, which only
+/// its own watch reports: the server watches every directory whose attributes it hands
+/// out, looked up or listed (more than the 64 subdirectories whose listings a listing
+/// prefetches), so its mtime and link count follow the export. (They stayed as first
+/// seen for the 5-minute TTL.)
+#[test]
+fn subdirectories_times_and_link_counts_follow_the_export() {
+    use std::os::unix::fs::MetadataExt;
+    const SUBDIRS: usize = 100;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("looked_up")).expect("mkdir");
+        fs::create_dir(e.join("p")).expect("mkdir");
+        for i in 0..SUBDIRS {
+            fs::create_dir(e.join(format!("p/s{i:03}"))).expect("mkdir");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let same = |rel: &str| {
+        let (m, e) = (fs::metadata(fx.mnt(rel)), fs::metadata(fx.exp(rel)));
+        m.is_ok_and(|m| {
+            e.is_ok_and(|e| {
+                (m.mtime(), m.mtime_nsec(), m.nlink()) == (e.mtime(), e.mtime_nsec(), e.nlink())
+            })
+        })
+    };
+    // Looked up only, never looked into.
+    assert!(same("looked_up"));
+    // Listed with their attributes (`ls -l`), never looked into.
+    let listed: Vec<_> = fs::read_dir(fx.mnt("p"))
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("stat"))
+        .collect();
+    assert_eq!(listed.len(), SUBDIRS);
+    fs::create_dir(fx.exp("looked_up/inner")).expect("mkdir on the export");
+    for i in 0..SUBDIRS {
+        fs::create_dir(fx.exp(format!("p/s{i:03}/inner"))).expect("mkdir on the export");
+    }
+    eventually("a looked-up directory's times and link count", || {
+        same("looked_up")
+    });
+    eventually("every listed subdirectory's times and link count", || {
+        (0..SUBDIRS).all(|i| same(&format!("p/s{i:03}")))
+    });
+    stream_stayed_up(&fx.mount);
+}

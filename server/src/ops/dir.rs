@@ -19,6 +19,7 @@ use super::{Ctx, attr_of};
 use crate::export::Export;
 use crate::handles::{Handle, OpenDir};
 use crate::sys::{self, Errno, errno_of};
+use crate::watch::Watcher;
 
 /// Conservative encoded size of one entry besides its name (attributes are varints).
 const ENTRY_OVERHEAD: usize = 160;
@@ -126,6 +127,7 @@ fn entry_size(e: &DirEntry) -> usize {
 struct Stat {
     export: Arc<Export>,
     xattr_hints: bool,
+    watch: Option<Arc<Watcher>>,
 }
 
 impl Stat {
@@ -133,16 +135,24 @@ impl Stat {
         Stat {
             export: Arc::clone(&ctx.export),
             xattr_hints: ctx.xattr_hints,
+            watch: ctx.watch.clone(),
         }
     }
 
     /// The entries `names` of `dir` with their attributes, in order. A name gone
-    /// meanwhile is skipped, as if the unlink had happened first.
-    fn all(&self, dir: BorrowedFd<'_>, names: &[Vec<u8>]) -> Result<Vec<DirEntry>, Errno> {
+    /// meanwhile is skipped, as if the unlink had happened first. Subdirectories are
+    /// watched before their attributes are taken (see [`Watcher::ensure_entry`]) when
+    /// `path` is `dir`'s path.
+    fn all(
+        &self,
+        dir: BorrowedFd<'_>,
+        path: Option<&RelPath>,
+        names: &[Vec<u8>],
+    ) -> Result<Vec<DirEntry>, Errno> {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let cname = sys::cstring(name)?;
-            let st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
+            let mut st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(libc::ENOENT) => continue,
                 Err(e) => return Err(e),
@@ -154,6 +164,9 @@ impl Stat {
             {
                 continue;
             }
+            if let (Some(w), Some(path)) = (&self.watch, path) {
+                st = w.ensure_entry(dir, path, &cname, st);
+            }
             let mut attr = attr_of(&st, self.export.root_dev());
             // For a client that forwards xattrs, one more syscall per entry saves it a
             // round trip per `ls -l` probe (others do not ask: ~3 µs per entry saved).
@@ -164,6 +177,14 @@ impl Stat {
             });
         }
         Ok(out)
+    }
+
+    /// Whether `path` still leads to the directory `dir`.
+    fn still_at(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
+        let (Ok(here), Ok(st)) = (self.export.resolve_dir(path), sys::fstat(dir)) else {
+            return false;
+        };
+        sys::fstat(here.as_fd()).is_ok_and(|h| (h.st_dev, h.st_ino) == (st.st_dev, st.st_ino))
     }
 
     /// Read the next part of `d`'s names and stat them; true with them when no name is
@@ -182,12 +203,16 @@ impl Stat {
             (names, it.peek().is_none())
         };
         let dir = d.fd.as_fd();
+        // Subdirectories are watched under the stream's path only while it still leads
+        // to the stream's directory (a watch must never record a wrong path).
+        let watched = self.watch.is_some() && !names.is_empty() && self.still_at(dir, &d.path);
+        let path = watched.then_some(&d.path);
         // A cold directory costs a name lookup and an inode read per entry: several
         // threads at once overlap the reads.
         let entries = if names.len() < PARALLEL_STAT_MIN {
-            self.all(dir, &names)?
+            self.all(dir, path, &names)?
         } else {
-            in_parallel(&names, &|part: &[Vec<u8>]| self.all(dir, part))?
+            in_parallel(&names, &|part: &[Vec<u8>]| self.all(dir, path, part))?
         };
         Ok(Part { entries, done })
     }

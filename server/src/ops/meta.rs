@@ -23,8 +23,16 @@ fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errn
 
 pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
-    ctx.watch_dir(dir.as_fd(), parent);
-    attr_at(ctx, dir.as_fd(), &name)
+    let dir = dir.as_fd();
+    ctx.watch_dir(dir, parent);
+    let mut st = sys::fstatat(dir, &name, NOFOLLOW)?;
+    if let Some(w) = &ctx.watch {
+        // A directory's attributes are watched too before they go out.
+        st = w.ensure_entry(dir, parent, &name, st);
+    }
+    let mut attr = attr_of(&st, ctx.export.root_dev());
+    attr.xattrs = ctx.xattr_hint_at(dir, &name);
+    Ok(Response::Attr(attr))
 }
 
 /// With a handle the open descriptor is stat'ed, so this works after unlink.

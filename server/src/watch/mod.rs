@@ -1,6 +1,6 @@
 //! Change events ([`caps::EVENTS`](ferry_common::caps::EVENTS)): one inotify instance for
-//! the whole server, watching every directory a client with `EVENTS` has looked into,
-//! and one reader task turning what the kernel reports into [`Event`]s broadcast to every
+//! the whole server, watching every directory a client with `EVENTS` has looked into or
+//! been given the attributes of, and one reader task turning what the kernel reports into [`Event`]s broadcast to every
 //! such connection.
 //!
 //! ```text
@@ -244,6 +244,32 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// Make sure the directory entry `name` of `dir` (whose path is `path`; `st` its
+    /// attributes just taken) is watched if it is a directory, before its attributes
+    /// are handed out: a change inside it changes them (mtime, link count), and only its
+    /// own watch reports that. Returns its attributes taken once watched (`st` when
+    /// there was nothing to do or it cannot be opened).
+    pub fn ensure_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        path: &RelPath,
+        name: &std::ffi::CStr,
+        st: libc::stat,
+    ) -> libc::stat {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR
+            || self.lock().by_inode.contains_key(&(st.st_dev, st.st_ino))
+        {
+            return st;
+        }
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let Ok(fd) = sys::openat(dir, name, flags, 0) else {
+            return st;
+        };
+        self.ensure(fd.as_fd(), &path.join(name.to_bytes()));
+        // Taken again once watched: a change between the two is then reported.
+        sys::fstat(fd.as_fd()).unwrap_or(st)
     }
 
     /// Like [`Watcher::ensure`] for an open directory handle, whose `path` may be

@@ -263,14 +263,13 @@ async fn staged_writes_are_announced_at_commit_only() {
 #[tokio::test]
 async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     let options = ferry_server::Options {
-        max_watches: Some(1),
+        max_watches: Some(2),
     };
     let server = Server::start_opts(false, options).await;
-    std::fs::create_dir(server.root().join("d")).unwrap();
-    std::fs::write(server.root().join("d/x"), b"x").unwrap();
+    std::fs::create_dir_all(server.root().join("d/e")).unwrap();
     let mut c = events_client(&server).await;
     let mut idle = events_client(&server).await;
-    // The root takes the one watch.
+    // The root and `d` (a directory whose attributes go out) take the two watches.
     c.call(Request::Lookup {
         parent: p(""),
         name: n("d"),
@@ -278,11 +277,11 @@ async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     .await
     .unwrap();
     assert!(c.events.is_empty(), "{:?}", c.events);
-    // A lookup in `d` (answered on the connection's own task, right after the failed
-    // watch) needs a second.
+    // A lookup of `d/e` (answered on the connection's own task, right after the
+    // failed watch) needs a third.
     c.call(Request::Lookup {
         parent: p("d"),
-        name: n("x"),
+        name: n("e"),
     })
     .await
     .unwrap();
