@@ -171,15 +171,25 @@ impl Core {
                 }
             })
             .await?;
-        let (handle, entries, eof) = match listing {
+        let (handle, attr, entries, eof) = match listing {
             Response::Listing {
                 handle,
+                attr,
                 entries,
                 eof,
-                ..
-            } => (handle, entries, eof),
+            } => (handle, attr, entries, eof),
             _ => return Err(TransportError::Protocol.into()),
         };
+        if self.nodes()?.to_kernel(attr.ino) != ino {
+            // The path leads to another directory now (this one was renamed or replaced
+            // on the server): its entries are not this directory's.
+            if !eof {
+                let _ = self
+                    .rpc_on(generation, caller, Request::ReleaseDir { handle })
+                    .await;
+            }
+            return Err(FsError::Errno(libc::ESTALE));
+        }
         self.reserve_inodes(entries.len());
         let entries = Arc::new(entries);
         if eof {
@@ -576,9 +586,9 @@ impl Core {
                 };
                 let Ok(Ok(Response::Listing {
                     handle,
+                    attr,
                     entries,
                     eof,
-                    ..
                 })) = core.client.call(caller, req).await
                 else {
                     return;
@@ -586,12 +596,19 @@ impl Core {
                 core.stats
                     .listings_prefetched
                     .fetch_add(1, Ordering::Relaxed);
-                if !eof {
+                // (Not kept if the path led to another directory meanwhile.)
+                let same = core
+                    .nodes
+                    .lock()
+                    .is_ok_and(|n| n.to_kernel(attr.ino) == ino);
+                if !eof || !same {
                     // Too big to prefetch whole: the walk will list it itself.
-                    let _ = core
-                        .client
-                        .call(caller, Request::ReleaseDir { handle })
-                        .await;
+                    if !eof {
+                        let _ = core
+                            .client
+                            .call(caller, Request::ReleaseDir { handle })
+                            .await;
+                    }
                     return;
                 }
                 core.keep_listing(ino, epoch, &Arc::new(entries));

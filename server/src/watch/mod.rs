@@ -229,7 +229,10 @@ impl Watcher {
             Ok(wd) => {
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
-                    let _ = self.events.send(self.unwatched(w));
+                    if self.lost_sight(&[w]) {
+                        // An error only means nobody is subscribed right now.
+                        let _ = self.events.send(Event::Resync);
+                    }
                 }
             }
             Err(libc::ENOSPC) => {
@@ -358,6 +361,7 @@ impl Watcher {
         for (wd, path) in digest.moved_self {
             unwatched.extend(self.check_moved(wd, &path));
         }
+        let lost = self.lost_sight(&unwatched);
         let root_dev = self.export.root_dev();
         let mut events: Vec<Event> = digest
             .changed
@@ -372,25 +376,31 @@ impl Watcher {
                 }
             })
             .collect();
-        events.extend(unwatched.into_iter().map(|w| self.unwatched(w)));
         if digest.resync {
             warn!("inotify queue overflowed; clients must revalidate everything");
+        }
+        if digest.resync || lost {
             events.push(Event::Resync);
         }
         events
     }
 
-    /// The event for a directory no longer watched because it went where we cannot
-    /// follow it (its move was missed): as if gone, so that clients drop what they
-    /// hold of it (its listing above all) instead of trusting silence about it. A
-    /// client that finds it again under its new path has it watched again.
-    fn unwatched(&self, w: state::Watch) -> Event {
-        Event::Changed {
-            parent: RelPath(w.path),
-            dir: crate::ops::node_id(w.dev, w.ino, self.export.root_dev()),
-            name: None,
-            attr: None,
-        }
+    /// Watched directories went where the server cannot follow them (a move it missed):
+    /// whatever clients hold of them and of their files would go stale unreported
+    /// (the files' own events came through those watches), so every client revalidates
+    /// everything, once. A client that finds them again under their new path has them
+    /// watched again. Returns whether clients must be sent `Resync` (after the events
+    /// that came with the move).
+    fn lost_sight(&self, dirs: &[state::Watch]) -> bool {
+        let Some(w) = dirs.first() else {
+            return false;
+        };
+        debug!(
+            count = dirs.len(),
+            path = ?String::from_utf8_lossy(&w.path),
+            "watched directories moved out of sight; clients resync"
+        );
+        true
     }
 
     /// A watched directory moved. If its recorded path (already rewritten when the move

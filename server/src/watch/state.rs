@@ -227,6 +227,14 @@ impl State {
         // A move whose other half never came went out of our sight; the directory's
         // own IN_MOVE_SELF (checked against the disk) takes care of its watches.
         self.moves.retain(|_, m| m.1 < 1);
+        // Each change is looked at where its directory is now: one renamed later in the
+        // batch (`mkdir tmp; fill it; mv tmp final`) has its entries stat'ed under its
+        // new path, not reported gone from the old one.
+        for c in &mut d.changed {
+            if let Some(w) = self.by_inode.get(&c.id).and_then(|wd| self.by_wd.get(wd)) {
+                c.dir.clone_from(&w.path);
+            }
+        }
         d
     }
 }
@@ -325,6 +333,24 @@ mod tests {
                 .iter()
                 .any(|c| c.id == (1, 3) && c.name.as_deref() == Some(&b"f"[..]))
         );
+    }
+
+    #[test]
+    fn changes_before_a_rename_in_the_same_batch_are_placed_under_the_new_path() {
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"tmp".to_vec(), 1, 2);
+        let dir = libc::IN_ISDIR;
+        let d = s.digest(&[
+            ev(2, libc::IN_CREATE, 0, Some("f")),
+            ev(1, libc::IN_MOVED_FROM | dir, 4, Some("tmp")),
+            ev(1, libc::IN_MOVED_TO | dir, 4, Some("final")),
+            ev(2, libc::IN_MODIFY, 0, Some("f")),
+        ]);
+        let changed = pairs(&d);
+        assert!(changed.contains(&key("final", Some("f"))), "{changed:?}");
+        assert!(!changed.contains(&key("tmp", Some("f"))), "{changed:?}");
+        assert!(changed.contains(&key("", Some("tmp"))));
     }
 
     #[test]
