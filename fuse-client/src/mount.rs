@@ -391,15 +391,23 @@ fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
             1 => base.join(format!("{id:016x}")),
             n => base.join(format!("{id:016x}-{n}")),
         };
+        let mut retried = false;
         loop {
             match DataCache::open_for(&dir, opts.cache_size, opts.cache_min_free, &me) {
                 Ok(c) => return Some(c),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let leaving = DataCache::user_of(&dir)
-                        .is_some_and(|(pid, point)| !mounted_for(pid, &point));
-                    if leaving && std::time::Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
+                    let owner = DataCache::user_of(&dir).map(|(pid, point)| owner(pid, &point));
+                    match owner {
+                        Some(Owner::Leaving) if std::time::Instant::now() < until => {
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                        // Its lock went with it (unless the pid is another namespace's).
+                        Some(Owner::Gone) if !retried => {
+                            retried = true;
+                            continue;
+                        }
+                        _ => {}
                     }
                     tracing::debug!("{e}; trying the next");
                     break;
@@ -419,17 +427,26 @@ fn open_cache(base: &Path, id: u64, opts: &MountOpts) -> Option<DataCache> {
     None
 }
 
-/// Whether something is mounted on `path` as process `pid` sees it (its mount
-/// namespace may not be this one); when that cannot be told, yes. A process that is
-/// gone (`ENOENT`) or exiting (its namespaces already released: `EINVAL`) has nothing
-/// mounted: it is about to let go of its cache dir.
-fn mounted_for(pid: u32, path: &Path) -> bool {
+/// What became of the process that uses a cache dir, mounted on `path`.
+enum Owner {
+    /// Still mounted, or it cannot be told.
+    Mounted,
+    /// Unmounted (as it sees its mounts: its namespace may not be this one) or exiting
+    /// (its namespaces already released: `EINVAL`): it lets go of the dir soon.
+    Leaving,
+    /// No such process here: gone already, or one of another PID namespace.
+    Gone,
+}
+
+fn owner(pid: u32, path: &Path) -> Owner {
     match std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) {
-        Ok(info) => mount_line(&info, path).is_some(),
-        Err(e) => !matches!(
-            e.raw_os_error(),
-            Some(libc::ENOENT | libc::EINVAL | libc::ESRCH)
-        ),
+        Ok(info) if mount_line(&info, path).is_some() => Owner::Mounted,
+        Ok(_) => Owner::Leaving,
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ESRCH) => Owner::Leaving,
+            Some(libc::ENOENT) => Owner::Gone,
+            _ => Owner::Mounted,
+        },
     }
 }
 
