@@ -243,6 +243,9 @@ pub struct Client {
     /// Generation of the connection whose server said its events are incomplete
     /// (`Event::Incomplete`), 0 when none did.
     incomplete: AtomicU64,
+    /// Generation of the connection whose connect hook (a reconnect's resync) has run:
+    /// until then, what was cached before is not vouched for by this connection.
+    hooked: AtomicU64,
     pub stats: ConnStats,
     closed: AtomicBool,
     /// Capabilities asked for besides [`CLIENT_CAPS`] (set before connecting).
@@ -278,6 +281,7 @@ impl Client {
             connect_hook: Mutex::new(None),
             live: Arc::new(AtomicU64::new(0)),
             incomplete: AtomicU64::new(0),
+            hooked: AtomicU64::new(0),
             stats: ConnStats::default(),
             closed: AtomicBool::new(false),
             extra_caps: AtomicU64::new(0),
@@ -376,9 +380,9 @@ impl Client {
     /// Whether the server pushes change events on the live connection, every change
     /// (so that no event means no change).
     pub fn events_live(&self) -> bool {
-        self.live_generation()
-            .is_some_and(|g| self.incomplete.load(Ordering::SeqCst) != g)
-            && self.granted(caps::EVENTS)
+        self.live_generation().is_some_and(|g| {
+            self.incomplete.load(Ordering::SeqCst) != g && self.hooked.load(Ordering::SeqCst) == g
+        }) && self.granted(caps::EVENTS)
     }
 
     /// Ask servers to tell whether files have extended attributes (only worth its cost
@@ -514,6 +518,7 @@ impl Client {
         if let Some(hook) = hook {
             hook(conn.generation);
         }
+        self.hooked.store(conn.generation, Ordering::SeqCst);
         Ok(conn)
     }
 
