@@ -963,3 +963,28 @@ fn subdirectories_times_and_link_counts_follow_the_export() {
     });
     stream_stayed_up(&fx.mount);
 }
+
+/// A file the mount holds by one name (`d1/f`) changed on the export through a hard
+/// link in another directory (`d2/g`): the event names the other link, and the mount
+/// still drops what it cached of the file. (It kept the old bytes for the 5-minute
+/// TTL, the event's name being one it did not know.)
+#[test]
+fn a_change_through_another_hard_link_reaches_the_cached_file() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d1")).expect("mkdir");
+        fs::create_dir(e.join("d2")).expect("mkdir");
+        fs::write(e.join("d1/f"), b"one").expect("write");
+        fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    assert!(listed(&fx.mnt(""), "d2"));
+    assert_eq!(fs::read(fx.mnt("d1/f")).expect("read"), b"one");
+    write_closed(&fx.exp("d2/g"), b"two, longer").expect("rewrite through the link");
+    eventually(
+        "a change through the other link, read by the first name",
+        || fs::read(fx.mnt("d1/f")).is_ok_and(|d| d == b"two, longer"),
+    );
+    stream_stayed_up(&fx.mount);
+}

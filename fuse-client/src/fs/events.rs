@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ferry_common::proto::{Attr, Event, Name};
+use ferry_common::proto::{Attr, Event, FileKind, Name};
 
 use super::{Core, dirs::DIR_EPOCH};
 use crate::nodes::ROOT;
@@ -154,9 +154,17 @@ impl Core {
         let dir = nodes.to_kernel(dir);
         if !nodes.knows(dir) {
             // A directory the kernel does not hold: nothing is cached under it but a
-            // listing prefetched ahead of the kernel taking its entry.
+            // listing prefetched ahead of the kernel taking its entry, and files the
+            // kernel holds by another name (hard links).
+            let other = attr.filter(|a| a.kind != FileKind::Dir).and_then(|mut a| {
+                a.ino = nodes.to_kernel(a.ino);
+                nodes.knows(a.ino).then_some(a)
+            });
             drop(nodes);
             self.forget_listing(dir);
+            if let Some(a) = other {
+                self.linked_file_changed(&a);
+            }
             return;
         }
         let Some(name) = name else {
@@ -250,6 +258,10 @@ impl Core {
                 // this client has not applied yet (`d/inside` is gone once `d` was
                 // exchanged with a file), so the directory's names are no longer known.
                 if let Some(a) = a {
+                    if known != Some(a.ino) && a.kind != FileKind::Dir {
+                        // A file this client may hold by another name (a hard link).
+                        self.linked_file_changed(&a);
+                    }
                     self.names_changed(dir, &name.0, true);
                     // Known by another name, or from a reply: the newest state.
                     if let Ok(mut inodes) = self.inodes.lock()
@@ -290,6 +302,36 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// A change of file `a.ino` (kernel inode number) reported under a name this client
+    /// does not hold it by: if the kernel holds it under another (a hard link), its
+    /// attributes and pages go, as for a change under a known name.
+    fn linked_file_changed(&self, a: &Attr) {
+        let ino = a.ino;
+        if !self.nodes.lock().is_ok_and(|n| n.knows(ino)) {
+            return;
+        }
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(st) = inodes.get_mut(&ino)
+        {
+            if st.version == a.version || st.writers > 0 || st.local_size.is_some() {
+                return; // known already, or this client's writes are the truth
+            }
+            if !st.take_if_current(a) {
+                return;
+            }
+            st.version = a.version;
+            st.kernel_version = None;
+        }
+        self.changed_on_server(ino, a);
+        // The listing of the directory it is held in shows its old attributes.
+        let named = self.nodes.lock().ok().and_then(|n| n.name_of(ino));
+        if let Some((parent, name)) = named {
+            self.forget_listing(parent);
+            self.listing_changed(parent, Some(&name));
+        }
+        self.invalidate(Invalidation::Inode { ino, data: true });
     }
 
     /// Events may have been missed: nothing cached is trusted any more.
