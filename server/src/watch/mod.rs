@@ -89,6 +89,9 @@ pub struct Watcher {
     /// Most watches this server holds at once (`--max-watches`); past it, as past the
     /// kernel's limit, the stream becomes incomplete.
     max_watches: usize,
+    /// Most watches held for eager ones to be added ([`Watcher::watch`]): nine tenths
+    /// of the smaller of `max_watches` and the kernel's per-user limit at start.
+    eager_watches: usize,
     /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
     barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
     next_barrier: AtomicU64,
@@ -116,6 +119,13 @@ impl Watcher {
             events,
             incomplete: AtomicBool::new(false),
             max_watches: max_watches.unwrap_or(usize::MAX),
+            eager_watches: {
+                let kernel = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .unwrap_or(usize::MAX);
+                max_watches.unwrap_or(usize::MAX).min(kernel) / 10 * 9
+            },
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
         });
@@ -206,27 +216,61 @@ impl Watcher {
 
     /// Make sure the directory `dir` (a descriptor just resolved from `path`) is
     /// watched. Call before stat'ing or listing it. Blocking (one `fstat`, maybe one
-    /// `inotify_add_watch`); never fails the request: an error only means no events.
+    /// `inotify_add_watch`); never fails the request: an error only means no events,
+    /// and makes the stream incomplete.
     pub fn ensure(&self, dir: BorrowedFd<'_>, path: &RelPath) {
+        self.watch(dir, path, false);
+    }
+
+    /// Whether `st` (a directory at `path`) is watched under that path.
+    fn watched_at(state: &State, st: &libc::stat, path: &[u8]) -> bool {
+        state
+            .by_inode
+            .get(&(st.st_dev, st.st_ino))
+            .and_then(|wd| state.by_wd.get(wd))
+            .is_some_and(|w| w.path == path)
+    }
+
+    /// [`Watcher::ensure`]; `eager`: a watch only worth having (a subdirectory whose
+    /// attributes go out), which gives up quietly (no events for it, nothing else lost)
+    /// where a required one makes the stream incomplete, and leaves a tenth of the
+    /// watches to required ones.
+    fn watch(&self, dir: BorrowedFd<'_>, path: &RelPath, eager: bool) {
+        if eager && !self.complete() {
+            return; // (events are not trusted any more: nothing to gain)
+        }
         let st = match sys::fstat(dir) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => st,
             _ => return,
         };
         let mut state = self.lock();
-        if let Some(&wd) = state.by_inode.get(&(st.st_dev, st.st_ino))
-            && state.by_wd.get(&wd).is_some_and(|w| w.path == path.0)
-        {
+        if Self::watched_at(&state, &st, &path.0) {
             return;
         }
         let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
-        if !known && state.by_wd.len() >= self.max_watches {
-            self.lose("--max-watches reached");
+        let budget = if eager {
+            self.eager_watches
+        } else {
+            self.max_watches
+        };
+        if !known && state.by_wd.len() >= budget {
+            if !eager {
+                self.lose("--max-watches reached");
+            }
             return;
         }
         // The lock is held across the system call: an event for the new watch may be
         // read right away, and the reader must then find its path in the map.
         match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
             Ok(wd) => {
+                if sys::fstat(dir).is_ok_and(|st| st.st_nlink == 0) {
+                    // Removed before the watch was added: it would never hear of
+                    // anything, not even its own deletion, and pin the inode for good.
+                    if !known {
+                        self.unwatch(wd);
+                    }
+                    return;
+                }
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
                     if self.lost_sight(&[w]) {
@@ -235,6 +279,7 @@ impl Watcher {
                     }
                 }
             }
+            Err(e) if eager => debug!(errno = e, ?path, "cannot watch a subdirectory"),
             Err(libc::ENOSPC) => {
                 self.lose("inotify watch limit reached (fs.inotify.max_user_watches)")
             }
@@ -252,8 +297,9 @@ impl Watcher {
     /// Make sure the directory entry `name` of `dir` (whose path is `path`; `st` its
     /// attributes just taken) is watched if it is a directory, before its attributes
     /// are handed out: a change inside it changes them (mtime, link count), and only its
-    /// own watch reports that. Returns its attributes taken once watched (`st` when
-    /// there was nothing to do or it cannot be opened).
+    /// own watch reports that. Best effort (an eager watch, see [`Watcher::watch`]):
+    /// past the budget, or without permission, its attributes go out unwatched.
+    /// Returns its attributes taken once watched (`st` when there was nothing to do).
     pub fn ensure_entry(
         &self,
         dir: BorrowedFd<'_>,
@@ -261,16 +307,18 @@ impl Watcher {
         name: &std::ffi::CStr,
         st: libc::stat,
     ) -> libc::stat {
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR
-            || self.lock().by_inode.contains_key(&(st.st_dev, st.st_ino))
-        {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !self.complete() {
+            return st;
+        }
+        let at = path.join(name.to_bytes());
+        if Self::watched_at(&self.lock(), &st, &at.0) {
             return st;
         }
         let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         let Ok(fd) = sys::openat(dir, name, flags, 0) else {
             return st;
         };
-        self.ensure(fd.as_fd(), &path.join(name.to_bytes()));
+        self.watch(fd.as_fd(), &at, true);
         // Taken again once watched: a change between the two is then reported.
         sys::fstat(fd.as_fd()).unwrap_or(st)
     }

@@ -55,17 +55,26 @@ async fn expect(
     skipped
 }
 
-async fn list(c: &mut Client, path: &str) {
+/// The names of directory `path`, in the server's order.
+async fn list(c: &mut Client, path: &str) -> Vec<String> {
     let h = match c.call(Request::OpenDir { path: p(path) }).await.unwrap() {
         Response::Opened { handle, .. } => handle,
         other => panic!("{other:?}"),
     };
-    c.call(Request::ReadDir {
-        handle: h,
-        max_entries: 100,
-    })
-    .await
-    .unwrap();
+    match c
+        .call(Request::ReadDir {
+            handle: h,
+            max_entries: 100,
+        })
+        .await
+        .unwrap()
+    {
+        Response::Dir { entries, .. } => entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name.0).into_owned())
+            .collect(),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -255,13 +264,15 @@ async fn staged_writes_are_announced_at_commit_only() {
 #[tokio::test]
 async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     let options = ferry_server::Options {
-        max_watches: Some(2),
+        max_watches: Some(1),
     };
     let server = Server::start_opts(false, options).await;
-    std::fs::create_dir_all(server.root().join("d/e")).unwrap();
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    std::fs::write(server.root().join("d/x"), b"x").unwrap();
     let mut c = events_client(&server).await;
     let mut idle = events_client(&server).await;
-    // The root and `d` (a directory whose attributes go out) take the two watches.
+    // The root takes the one watch (`d`, whose attributes go out, would only be watched
+    // within nine tenths of the limit: it is not).
     c.call(Request::Lookup {
         parent: p(""),
         name: n("d"),
@@ -269,11 +280,11 @@ async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     .await
     .unwrap();
     assert!(c.events.is_empty(), "{:?}", c.events);
-    // A lookup of `d/e` (answered on the connection's own task, right after the
-    // failed watch) needs a third.
+    // A lookup in `d` (answered on the connection's own task, right after the failed
+    // watch) needs a second.
     c.call(Request::Lookup {
         parent: p("d"),
-        name: n("e"),
+        name: n("x"),
     })
     .await
     .unwrap();
@@ -292,4 +303,34 @@ async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     assert!(!skipped.contains(&Event::Incomplete), "{skipped:?}");
     let later = Client::connect(server.addr, caps::EVENTS).await;
     assert_eq!(later.welcome.capabilities & caps::EVENTS, 0);
+}
+
+/// Subdirectories whose attributes a listing hands out are watched only within nine
+/// tenths of the watch limit: a listing of many of them leaves room for the
+/// directories clients look into, and never makes the stream incomplete by itself.
+#[tokio::test]
+async fn watches_for_listed_subdirectories_leave_room_for_required_ones() {
+    // 18 watches for the root, `p` and the first 16 subdirectories; 2 left.
+    let options = ferry_server::Options {
+        max_watches: Some(20),
+    };
+    let server = Server::start_opts(false, options).await;
+    for i in 0..20 {
+        std::fs::create_dir_all(server.root().join(format!("p/s{i:02}"))).unwrap();
+    }
+    let mut c = events_client(&server).await;
+    list(&mut c, "").await;
+    let names = list(&mut c, "p").await;
+    assert_eq!(names.len(), 20);
+    // The last two listed (watched in listing order, so not eagerly), looked into:
+    // required watches, within the limit.
+    let (a, b) = (&names[18], &names[19]);
+    list(&mut c, &format!("p/{a}")).await;
+    list(&mut c, &format!("p/{b}")).await;
+    std::fs::write(server.root().join(format!("p/{b}/f")), b"x").unwrap();
+    let skipped = expect(&mut c, &format!("p/{b}"), Some("f"), Option::is_some).await;
+    assert!(
+        !c.events.contains(&Event::Incomplete) && !skipped.contains(&Event::Incomplete),
+        "{skipped:?}"
+    );
 }
