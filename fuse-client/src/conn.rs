@@ -518,7 +518,8 @@ impl Client {
         if let Some(hook) = hook {
             hook(conn.generation);
         }
-        self.hooked.store(conn.generation, Ordering::SeqCst);
+        // (Never backwards: an older connection's hook may finish after a newer one's.)
+        self.hooked.fetch_max(conn.generation, Ordering::SeqCst);
         Ok(conn)
     }
 

@@ -180,13 +180,21 @@ impl Core {
             } => (handle, attr, entries, eof),
             _ => return Err(TransportError::Protocol.into()),
         };
-        if self.nodes()?.to_kernel(attr.ino) != ino {
+        if ino != ROOT && self.nodes()?.to_kernel(attr.ino) != ino {
             // The path leads to another directory now (this one was renamed or replaced
-            // on the server): its entries are not this directory's.
+            // on the server, or something was mounted on it there): its entries are not
+            // this directory's. The name is looked up again (the kernel retries an
+            // ESTALE open once, with a fresh lookup, which then finds the other one).
             if !eof {
                 let _ = self
                     .rpc_on(generation, caller, Request::ReleaseDir { handle })
                     .await;
+            }
+            self.forget_attr(ino);
+            let named = self.nodes()?.name_of(ino);
+            if let Some((parent, name)) = named {
+                self.nodes()?.unverify(parent, &name);
+                self.invalidate(super::events::Invalidation::Entry { parent, name });
             }
             return Err(FsError::Errno(libc::ESTALE));
         }

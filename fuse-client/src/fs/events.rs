@@ -323,6 +323,7 @@ impl Core {
             }
             st.version = a.version;
             st.kernel_version = None;
+            st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
         }
         self.changed_on_server(ino, a);
         // The listing of the directory it is held in shows its old attributes.
