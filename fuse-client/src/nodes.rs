@@ -135,6 +135,16 @@ impl Nodes {
             .collect()
     }
 
+    /// Every known entry of directory `dir`: (name, inode). A scan of the whole table,
+    /// for rare events.
+    pub fn children(&self, dir: u64) -> Vec<(Vec<u8>, u64)> {
+        self.by_name
+            .iter()
+            .filter(|((p, _), _)| *p == dir)
+            .map(|((_, n), i)| (n.clone(), *i))
+            .collect()
+    }
+
     /// The directory and name `ino` was last seen under.
     pub fn name_of(&self, ino: u64) -> Option<(u64, Vec<u8>)> {
         self.map.get(&ino)?.names.first().cloned()

@@ -80,6 +80,7 @@ impl Core {
         match ev {
             // (The connection stopped calling events live before this.)
             Event::Resync | Event::Incomplete => self.resync(),
+            Event::Unwatched { dir } => self.unwatched(dir),
             Event::Changed {
                 dir, name, attr, ..
             } => self.changed(dir, name.as_ref(), attr),
@@ -333,6 +334,43 @@ impl Core {
             self.listing_changed(parent, Some(&name));
         }
         self.invalidate(Invalidation::Inode { ino, data: true });
+    }
+
+    /// Directory `dir` (server node id) is not watched any more: nothing of it or of
+    /// its entries is vouched for. (Its own watch reported them; its subdirectories
+    /// looked into come with events of their own.)
+    fn unwatched(&self, dir: u64) {
+        let (dir, children) = match self.nodes.lock() {
+            Ok(mut n) => {
+                let dir = n.to_kernel(dir);
+                let children = n.children(dir);
+                for (name, _) in &children {
+                    n.unverify(dir, name);
+                }
+                (dir, children)
+            }
+            Err(_) => return,
+        };
+        self.forget_attr(dir);
+        self.forget_names(dir);
+        self.forget_listing(dir);
+        self.listing_changed(dir, None);
+        if let Ok(mut inodes) = self.inodes.lock() {
+            for (_, ino) in &children {
+                if let Some(st) = inodes.get_mut(ino) {
+                    st.attr = None;
+                    st.kernel_version = None;
+                }
+            }
+        }
+        self.invalidate(Invalidation::Inode {
+            ino: dir,
+            data: true,
+        });
+        for (name, ino) in children {
+            self.invalidate(Invalidation::Entry { parent: dir, name });
+            self.invalidate(Invalidation::Inode { ino, data: true });
+        }
     }
 
     /// Events may have been missed: nothing cached is trusted any more.

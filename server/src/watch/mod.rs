@@ -273,9 +273,9 @@ impl Watcher {
                 }
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
-                    if self.lost_sight(&[w]) {
+                    for ev in self.lost_sight(&[w]) {
                         // An error only means nobody is subscribed right now.
-                        let _ = self.events.send(Event::Resync);
+                        let _ = self.events.send(ev);
                     }
                 }
             }
@@ -424,10 +424,10 @@ impl Watcher {
                 }
             })
             .collect();
+        // After the events that came with the moves.
+        events.extend(lost);
         if digest.resync {
             warn!("inotify queue overflowed; clients must revalidate everything");
-        }
-        if digest.resync || lost {
             events.push(Event::Resync);
         }
         events
@@ -435,20 +435,22 @@ impl Watcher {
 
     /// Watched directories went where the server cannot follow them (a move it missed):
     /// whatever clients hold of them and of their files would go stale unreported
-    /// (the files' own events came through those watches), so every client revalidates
-    /// everything, once. A client that finds them again under their new path has them
-    /// watched again. Returns whether clients must be sent `Resync` (after the events
-    /// that came with the move).
-    fn lost_sight(&self, dirs: &[state::Watch]) -> bool {
-        let Some(w) = dirs.first() else {
-            return false;
-        };
-        debug!(
-            count = dirs.len(),
-            path = ?String::from_utf8_lossy(&w.path),
-            "watched directories moved out of sight; clients resync"
-        );
-        true
+    /// (the files' own events came through those watches), so clients are told to drop
+    /// it. A client that finds them again under their new path has them watched again.
+    fn lost_sight(&self, dirs: &[state::Watch]) -> Vec<Event> {
+        if let Some(w) = dirs.first() {
+            debug!(
+                count = dirs.len(),
+                path = ?String::from_utf8_lossy(&w.path),
+                "watched directories moved out of sight"
+            );
+        }
+        let root_dev = self.export.root_dev();
+        dirs.iter()
+            .map(|w| Event::Unwatched {
+                dir: crate::ops::node_id(w.dev, w.ino, root_dev),
+            })
+            .collect()
     }
 
     /// A watched directory moved. If its recorded path (already rewritten when the move
