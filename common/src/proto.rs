@@ -270,6 +270,11 @@ pub struct Attr {
     /// Whether the file has extended attributes: [`XATTRS_UNKNOWN`], [`XATTRS_NONE`] or
     /// [`XATTRS_SOME`]. Lets a client answer `ls -l`'s per-file xattr probes locally.
     pub xattrs: u8,
+    /// A directory the server could not watch (past its watch budget): changes inside it
+    /// (its mtime, its link count) are not reported, so these attributes are trusted no
+    /// longer than without events. Always false for other files (their changes are
+    /// reported through their directory) and without [`caps::EVENTS`].
+    pub uncovered: bool,
 }
 
 pub const XATTRS_UNKNOWN: u8 = 0;
@@ -502,6 +507,11 @@ pub enum Request {
     ListDir {
         path: RelPath,
         max_entries: u32,
+        /// Asked ahead of need (a prefetch): the server answers `EAGAIN` rather than
+        /// use one of the watches kept for directories clients look into, when the
+        /// directory is not watched yet and only those are left (the answer would not
+        /// be covered by events, and a kept listing must be).
+        speculative: bool,
     },
     /// The client has applied everything up to `Event::Barrier { id }` (its caches and
     /// its kernel's are invalidated). Replies `Ok`.

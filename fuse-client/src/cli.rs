@@ -153,6 +153,7 @@ pub async fn ls(client: &Arc<Client>, path: &str, out: &mut impl Write) -> Resul
     let req = Request::ListDir {
         path: path.clone(),
         max_entries: MAX_DIR_BATCH,
+        speculative: false,
     };
     let (handle, mut entries, mut eof) =
         match client.call_on(Some(generation), caller(), req).await? {

@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, Listed, NewFile, OpenReply, XattrReply};
+use crate::fs::{Core, Listed, NewFile, OpenReply, TTL_WITHOUT_EVENTS, XattrReply};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -160,9 +160,11 @@ fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Attr, FsError>) {
     }
 }
 
-/// How long the kernel may keep the entry a lookup answered.
+/// How long the kernel may keep the entry a lookup answered (no longer than without
+/// events for a directory the server could not watch).
 fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
     match r {
+        Ok(a) if a.uncovered => core.attr_ttl(a.ino).min(TTL_WITHOUT_EVENTS),
         Ok(a) => core.attr_ttl(a.ino),
         Err(_) => core.ttl(),
     }

@@ -923,9 +923,21 @@ fn an_open_file_in_a_directory_renamed_on_the_export_follows_changes() {
 /// seen for the 5-minute TTL.)
 #[test]
 fn subdirectories_times_and_link_counts_follow_the_export() {
+    subdirectories_follow_the_export(&[]);
+}
+
+/// The same past the server's budget for such watches: the subdirectories it could not
+/// watch go out marked (`Attr::uncovered`), and the mount trusts their attributes no
+/// longer than without events. (They stayed as first seen for the 5-minute TTL.)
+#[test]
+fn subdirectories_the_server_cannot_watch_follow_the_export_too() {
+    subdirectories_follow_the_export(&["--max-watches", "10"]);
+}
+
+fn subdirectories_follow_the_export(server_args: &[&str]) {
     use std::os::unix::fs::MetadataExt;
     const SUBDIRS: usize = 100;
-    let Some(fx) = fixture_with(&[], &[], |e| {
+    let Some(fx) = fixture_with(server_args, &[], |e| {
         fs::create_dir(e.join("looked_up")).expect("mkdir");
         fs::create_dir(e.join("p")).expect("mkdir");
         for i in 0..SUBDIRS {

@@ -164,6 +164,7 @@ impl Core {
                 let req = Request::ListDir {
                     path: path.clone(),
                     max_entries: MAX_DIR_BATCH,
+                    speculative: false,
                 };
                 async move {
                     let generation = self.client.connect().await?;
@@ -430,7 +431,9 @@ impl Core {
             taken.clear();
             let mut full = false;
             for (i, (e, attr)) in chunk.iter().zip(&attrs).enumerate() {
-                let vouched = changed.vouches(&e.name.0);
+                // A subdirectory the server could not watch: its name is vouched for,
+                // its attributes are not (the kernel asks for them again).
+                let vouched = changed.vouches(&e.name.0) && !attr.uncovered;
                 let entry = ListedEntry {
                     ino: attr.ino,
                     offset: 2 + (first + i) as u64 + 1,
@@ -588,9 +591,12 @@ impl Core {
                 {
                     return;
                 }
+                // (Refused, EAGAIN, rather than take a watch the server keeps for
+                // directories clients look into.)
                 let req = Request::ListDir {
                     path: child,
                     max_entries: MAX_DIR_BATCH,
+                    speculative: true,
                 };
                 let Ok(Ok(Response::Listing {
                     handle,

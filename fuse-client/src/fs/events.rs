@@ -343,6 +343,12 @@ impl Core {
         let (dir, children) = match self.nodes.lock() {
             Ok(mut n) => {
                 let dir = n.to_kernel(dir);
+                if !n.knows(dir) {
+                    // Nothing held of it but maybe a prefetched listing.
+                    drop(n);
+                    self.forget_listing(dir);
+                    return;
+                }
                 let children = n.children(dir);
                 for (name, _) in &children {
                     n.unverify(dir, name);
@@ -355,11 +361,18 @@ impl Core {
         self.forget_names(dir);
         self.forget_listing(dir);
         self.listing_changed(dir, None);
+        let mut writing = Vec::new();
         if let Ok(mut inodes) = self.inodes.lock() {
-            for (_, ino) in &children {
-                if let Some(st) = inodes.get_mut(ino) {
+            for &ino in std::iter::once(&dir).chain(children.iter().map(|(_, i)| i)) {
+                if let Some(st) = inodes.get_mut(&ino) {
                     st.attr = None;
-                    st.kernel_version = None;
+                    st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
+                    if st.writers > 0 || st.local_size.is_some() {
+                        // Close-to-open: this client's pages are the truth.
+                        writing.push(ino);
+                    } else {
+                        st.kernel_version = None;
+                    }
                 }
             }
         }
@@ -369,7 +382,10 @@ impl Core {
         });
         for (name, ino) in children {
             self.invalidate(Invalidation::Entry { parent: dir, name });
-            self.invalidate(Invalidation::Inode { ino, data: true });
+            self.invalidate(Invalidation::Inode {
+                ino,
+                data: !writing.contains(&ino),
+            });
         }
     }
 

@@ -3608,6 +3608,7 @@ fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
         blksize: 0,
         version,
         xattrs: ferry_common::proto::XATTRS_UNKNOWN,
+        uncovered: false,
     }
 }
 

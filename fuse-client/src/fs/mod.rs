@@ -453,7 +453,8 @@ impl Core {
             return None;
         }
         let (attr, when) = st.attr?;
-        if when.elapsed() >= TTL_WITH_EVENTS {
+        if when.elapsed() >= TTL_WITH_EVENTS || attr.uncovered {
+            // (Uncovered: a directory whose own changes nothing reports.)
             st.attr = None;
             return None;
         }

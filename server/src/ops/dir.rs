@@ -164,10 +164,18 @@ impl Stat {
             {
                 continue;
             }
-            if let (Some(w), Some(path)) = (&self.watch, path) {
-                st = w.ensure_entry(dir, path, &cname, st);
+            // A subdirectory's own changes reach clients only through its own watch.
+            let mut covered = true;
+            if let Some(w) = &self.watch
+                && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+            {
+                (st, covered) = match path {
+                    Some(path) => w.ensure_entry(dir, path, &cname, st),
+                    None => (st, !w.complete() || w.covers(st.st_dev, st.st_ino)),
+                };
             }
             let mut attr = attr_of(&st, self.export.root_dev());
+            attr.uncovered = !covered;
             // For a client that forwards xattrs, one more syscall per entry saves it a
             // round trip per `ls -l` probe (others do not ask: ~3 µs per entry saved).
             attr.xattrs = super::xattr_hint_at(self.xattr_hints, dir, &cname);
@@ -219,11 +227,23 @@ impl Stat {
 }
 
 pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
+    open_dir(ctx, path, false)
+}
+
+/// [`opendir`]; `speculative`: see [`ferry_common::Request::ListDir`].
+fn open_dir(ctx: &Ctx, path: &RelPath, speculative: bool) -> Result<Response, Errno> {
     let fd = ctx
         .export
         .resolve(path, libc::O_RDONLY | libc::O_DIRECTORY)?;
     // Watched before it is stat'ed and listed: nothing changes unreported in between.
-    ctx.watch_dir(fd.as_fd(), path);
+    match &ctx.watch {
+        Some(w) if speculative => {
+            if !w.ensure_eagerly(fd.as_fd(), path) {
+                return Err(libc::EAGAIN);
+            }
+        }
+        _ => ctx.watch_dir(fd.as_fd(), path),
+    }
     let st = sys::fstat(fd.as_fd())?;
     let attr = attr_of(&st, ctx.export.root_dev());
     // A second descriptor through our own fd's magic link: std's ReadDir owns it.
@@ -239,8 +259,13 @@ pub fn opendir(ctx: &Ctx, path: &RelPath) -> Result<Response, Errno> {
 
 /// `OpenDir` plus the first `ReadDir` (one round trip for most directories). A
 /// directory read to the end in this batch leaves no handle behind.
-pub fn listdir(ctx: &Ctx, path: &RelPath, max_entries: u32) -> Result<Response, Errno> {
-    let (handle, attr) = match opendir(ctx, path)? {
+pub fn listdir(
+    ctx: &Ctx,
+    path: &RelPath,
+    max_entries: u32,
+    speculative: bool,
+) -> Result<Response, Errno> {
+    let (handle, attr) = match open_dir(ctx, path, speculative)? {
         Response::Opened { handle, attr } => (handle, attr),
         _ => return Err(libc::EIO),
     };

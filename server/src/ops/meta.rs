@@ -26,12 +26,14 @@ pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errn
     let dir = dir.as_fd();
     ctx.watch_dir(dir, parent);
     let mut st = sys::fstatat(dir, &name, NOFOLLOW)?;
+    let mut covered = true;
     if let Some(w) = &ctx.watch {
         // A directory's attributes are watched too before they go out.
-        st = w.ensure_entry(dir, parent, &name, st);
+        (st, covered) = w.ensure_entry(dir, parent, &name, st);
     }
     let mut attr = attr_of(&st, ctx.export.root_dev());
     attr.xattrs = ctx.xattr_hint_at(dir, &name);
+    attr.uncovered = !covered;
     Ok(Response::Attr(attr))
 }
 

@@ -558,7 +558,11 @@ fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Er
             handle,
             max_entries,
         } => dir::readdir(ctx, handle, max_entries),
-        Request::ListDir { path, max_entries } => dir::listdir(ctx, &path, max_entries),
+        Request::ListDir {
+            path,
+            max_entries,
+            speculative,
+        } => dir::listdir(ctx, &path, max_entries, speculative),
         Request::BarrierAck { id } => {
             if let Some(w) = &ctx.watch {
                 w.ack(id);
@@ -658,6 +662,7 @@ pub fn attr_of(st: &libc::stat, root_dev: u64) -> Attr {
         uid: st.st_uid,
         gid: st.st_gid,
         xattrs: ferry_common::XATTRS_UNKNOWN,
+        uncovered: false,
         rdev: crate::sys::encode_dev(st.st_rdev),
         blksize: u32::try_from(st.st_blksize)
             .unwrap_or(u32::MAX)

@@ -34,7 +34,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -90,8 +90,9 @@ pub struct Watcher {
     /// kernel's limit, the stream becomes incomplete.
     max_watches: usize,
     /// Most watches held for eager ones to be added ([`Watcher::watch`]): nine tenths
-    /// of the smaller of `max_watches` and the kernel's per-user limit at start.
-    eager_watches: usize,
+    /// of the smaller of `max_watches` and the kernel's per-user limit at start, lowered
+    /// when the kernel runs out first (other programs of the user hold watches too).
+    eager_watches: AtomicUsize,
     /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
     barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
     next_barrier: AtomicU64,
@@ -124,7 +125,7 @@ impl Watcher {
                     .ok()
                     .and_then(|s| s.trim().parse::<usize>().ok())
                     .unwrap_or(usize::MAX);
-                max_watches.unwrap_or(usize::MAX).min(kernel) / 10 * 9
+                AtomicUsize::new(nine_tenths(max_watches.unwrap_or(usize::MAX).min(kernel)))
             },
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
@@ -234,22 +235,19 @@ impl Watcher {
     /// [`Watcher::ensure`]; `eager`: a watch only worth having (a subdirectory whose
     /// attributes go out), which gives up quietly (no events for it, nothing else lost)
     /// where a required one makes the stream incomplete, and leaves a tenth of the
-    /// watches to required ones.
-    fn watch(&self, dir: BorrowedFd<'_>, path: &RelPath, eager: bool) {
-        if eager && !self.complete() {
-            return; // (events are not trusted any more: nothing to gain)
-        }
+    /// watches to required ones. Returns whether the directory is watched now.
+    fn watch(&self, dir: BorrowedFd<'_>, path: &RelPath, eager: bool) -> bool {
         let st = match sys::fstat(dir) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => st,
-            _ => return,
+            _ => return false,
         };
         let mut state = self.lock();
         if Self::watched_at(&state, &st, &path.0) {
-            return;
+            return true;
         }
         let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
         let budget = if eager {
-            self.eager_watches
+            self.eager_watches.load(Ordering::Relaxed)
         } else {
             self.max_watches
         };
@@ -257,19 +255,17 @@ impl Watcher {
             if !eager {
                 self.lose("--max-watches reached");
             }
-            return;
+            return false;
         }
         // The lock is held across the system call: an event for the new watch may be
         // read right away, and the reader must then find its path in the map.
         match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
             Ok(wd) => {
-                if sys::fstat(dir).is_ok_and(|st| st.st_nlink == 0) {
+                if !known && self.removed(dir, path) {
                     // Removed before the watch was added: it would never hear of
                     // anything, not even its own deletion, and pin the inode for good.
-                    if !known {
-                        self.unwatch(wd);
-                    }
-                    return;
+                    self.unwatch(wd);
+                    return false;
                 }
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
@@ -278,10 +274,21 @@ impl Watcher {
                         let _ = self.events.send(ev);
                     }
                 }
+                true
             }
-            Err(e) if eager => debug!(errno = e, ?path, "cannot watch a subdirectory"),
+            Err(e) if eager => {
+                debug!(errno = e, ?path, "cannot watch a subdirectory");
+                if e == libc::ENOSPC {
+                    // The kernel's limit is shared with the user's other programs:
+                    // leave the rest of what is left to required watches.
+                    self.eager_watches
+                        .store(nine_tenths(state.by_wd.len()), Ordering::Relaxed);
+                }
+                false
+            }
             Err(libc::ENOSPC) => {
-                self.lose("inotify watch limit reached (fs.inotify.max_user_watches)")
+                self.lose("inotify watch limit reached (fs.inotify.max_user_watches)");
+                false
             }
             Err(e) => {
                 // Removed meanwhile, say: nothing will change in it. Anything else
@@ -290,37 +297,76 @@ impl Watcher {
                 if e != libc::ENOENT {
                     self.lose(&format!("cannot watch a directory (errno {e})"));
                 }
+                false
             }
         }
+    }
+
+    /// An eager watch of `dir` (just resolved from `path`), for a listing asked ahead of
+    /// need; returns whether it is watched (always, once the stream is incomplete:
+    /// no client trusts it then).
+    pub fn ensure_eagerly(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
+        !self.complete() || self.watch(dir, path, true)
+    }
+
+    /// Whether directory `dir`, just watched, was removed already: no link left, and
+    /// `path` does not lead to it (some filesystems report no links for a live one).
+    fn removed(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
+        let Ok(st) = sys::fstat(dir) else {
+            return false;
+        };
+        st.st_nlink == 0
+            && !self
+                .export
+                .resolve_dir(path)
+                .and_then(|d| sys::fstat(d.as_fd()))
+                .is_ok_and(|h| (h.st_dev, h.st_ino) == (st.st_dev, st.st_ino))
+    }
+
+    /// Whether the directory `(dev, ino)` is watched (under whatever path).
+    pub fn covers(&self, dev: u64, ino: u64) -> bool {
+        self.lock().by_inode.contains_key(&(dev, ino))
     }
 
     /// Make sure the directory entry `name` of `dir` (whose path is `path`; `st` its
     /// attributes just taken) is watched if it is a directory, before its attributes
     /// are handed out: a change inside it changes them (mtime, link count), and only its
-    /// own watch reports that. Best effort (an eager watch, see [`Watcher::watch`]):
-    /// past the budget, or without permission, its attributes go out unwatched.
-    /// Returns its attributes taken once watched (`st` when there was nothing to do).
+    /// own watch reports that. Best effort (an eager watch, see [`Watcher::watch`]).
+    /// Returns its attributes (taken again once newly watched) and whether they are
+    /// covered by events: false for a directory left unwatched (past the budget, or
+    /// without permission), whose attributes must then go out marked
+    /// ([`ferry_common::Attr::uncovered`]).
     pub fn ensure_entry(
         &self,
         dir: BorrowedFd<'_>,
         path: &RelPath,
         name: &std::ffi::CStr,
         st: libc::stat,
-    ) -> libc::stat {
+    ) -> (libc::stat, bool) {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !self.complete() {
-            return st;
+            // (Once incomplete, no client trusts events: nothing to mark.)
+            return (st, true);
         }
         let at = path.join(name.to_bytes());
-        if Self::watched_at(&self.lock(), &st, &at.0) {
-            return st;
+        {
+            let state = self.lock();
+            if Self::watched_at(&state, &st, &at.0) {
+                return (st, true);
+            }
+            let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
+            if !known && state.by_wd.len() >= self.eager_watches.load(Ordering::Relaxed) {
+                return (st, false);
+            }
         }
         let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         let Ok(fd) = sys::openat(dir, name, flags, 0) else {
-            return st;
+            return (st, false);
         };
-        self.watch(fd.as_fd(), &at, true);
+        if !self.watch(fd.as_fd(), &at, true) {
+            return (st, false);
+        }
         // Taken again once watched: a change between the two is then reported.
-        sys::fstat(fd.as_fd()).unwrap_or(st)
+        (sys::fstat(fd.as_fd()).unwrap_or(st), true)
     }
 
     /// Like [`Watcher::ensure`] for an open directory handle, whose `path` may be
@@ -513,6 +559,17 @@ impl Watcher {
                 st
             }
         };
-        Some(crate::ops::attr_of(&st, self.export.root_dev()))
+        let mut attr = crate::ops::attr_of(&st, self.export.root_dev());
+        // A subdirectory's own changes come only through its own watch.
+        attr.uncovered = st.st_mode & libc::S_IFMT == libc::S_IFDIR
+            && name.is_some()
+            && !self.covers(st.st_dev, st.st_ino);
+        Some(attr)
     }
+}
+
+/// Nine tenths of `n`, rounded down (`n` minus a tenth rounded up): what eager watches
+/// may use of a limit of `n`.
+fn nine_tenths(n: usize) -> usize {
+    n - n.div_ceil(10)
 }

@@ -55,8 +55,8 @@ async fn expect(
     skipped
 }
 
-/// The names of directory `path`, in the server's order.
-async fn list(c: &mut Client, path: &str) -> Vec<String> {
+/// The entries of directory `path`, in the server's order.
+async fn entries(c: &mut Client, path: &str) -> Vec<DirEntry> {
     let h = match c.call(Request::OpenDir { path: p(path) }).await.unwrap() {
         Response::Opened { handle, .. } => handle,
         other => panic!("{other:?}"),
@@ -69,12 +69,18 @@ async fn list(c: &mut Client, path: &str) -> Vec<String> {
         .await
         .unwrap()
     {
-        Response::Dir { entries, .. } => entries
-            .iter()
-            .map(|e| String::from_utf8_lossy(&e.name.0).into_owned())
-            .collect(),
+        Response::Dir { entries, .. } => entries,
         other => panic!("{other:?}"),
     }
+}
+
+/// The names of directory `path`, in the server's order.
+async fn list(c: &mut Client, path: &str) -> Vec<String> {
+    entries(c, path)
+        .await
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name.0).into_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -321,8 +327,25 @@ async fn watches_for_listed_subdirectories_leave_room_for_required_ones() {
     }
     let mut c = events_client(&server).await;
     list(&mut c, "").await;
-    let names = list(&mut c, "p").await;
+    let listed = entries(&mut c, "p").await;
+    let names: Vec<String> = listed
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name.0).into_owned())
+        .collect();
     assert_eq!(names.len(), 20);
+    // Watched in listing order while the budget lasts; the others go out marked.
+    let uncovered: Vec<bool> = listed.iter().map(|e| e.attr.uncovered).collect();
+    assert_eq!(uncovered[..16], [false; 16], "{uncovered:?}");
+    assert_eq!(uncovered[16..], [true; 4], "{uncovered:?}");
+    // An eagerly watched one reports what is made in it.
+    std::fs::write(server.root().join(format!("p/{}/g", names[0])), b"x").unwrap();
+    expect(
+        &mut c,
+        &format!("p/{}", names[0]),
+        Some("g"),
+        Option::is_some,
+    )
+    .await;
     // The last two listed (watched in listing order, so not eagerly), looked into:
     // required watches, within the limit.
     let (a, b) = (&names[18], &names[19]);

@@ -322,6 +322,7 @@ async fn a_listing_read_ahead_gives_every_entry_once() {
     let list = |max_entries| Request::ListDir {
         path: p("big"),
         max_entries,
+        speculative: false,
     };
     // Released right after its first batch, while the server reads on.
     let h = match c.call(list(100)).await.unwrap() {

@@ -548,6 +548,7 @@ async fn the_hidden_folder_is_not_listed_or_reachable() {
         .call(Request::ListDir {
             path: RelPath::root(),
             max_entries: 100,
+            speculative: false,
         })
         .await
     {
@@ -591,6 +592,7 @@ async fn the_hidden_folder_is_not_listed_or_reachable() {
         .call(Request::ListDir {
             path: RelPath::root(),
             max_entries: 100,
+            speculative: false,
         })
         .await
     {

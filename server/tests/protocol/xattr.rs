@@ -210,6 +210,7 @@ async fn xattr_hints_only_for_clients_that_ask() {
         .call(Request::ListDir {
             path: RelPath::root(),
             max_entries: 100,
+            speculative: false,
         })
         .await
     {
