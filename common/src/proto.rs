@@ -270,7 +270,8 @@ pub struct Attr {
     /// Whether the file has extended attributes: [`XATTRS_UNKNOWN`], [`XATTRS_NONE`] or
     /// [`XATTRS_SOME`]. Lets a client answer `ls -l`'s per-file xattr probes locally.
     pub xattrs: u8,
-    /// A directory the server could not watch (past its watch budget): changes inside it
+    /// A directory the server could not watch (past its budget for watches, out of the
+    /// kernel's, or without permission to watch it): changes inside it
     /// (its mtime, its link count) are not reported, so these attributes are trusted no
     /// longer than without events. Always false for other files (their changes are
     /// reported through their directory) and without [`caps::EVENTS`].

@@ -160,13 +160,21 @@ fn reply_entry(reply: ReplyEntry, ttl: Duration, r: Result<Attr, FsError>) {
     }
 }
 
-/// How long the kernel may keep the entry a lookup answered (no longer than without
-/// events for a directory the server could not watch).
+/// How long the kernel may keep the entry a lookup answered.
 fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
     match r {
-        Ok(a) if a.uncovered => core.attr_ttl(a.ino).min(TTL_WITHOUT_EVENTS),
-        Ok(a) => core.attr_ttl(a.ino),
+        Ok(a) => covered_ttl(a, core.attr_ttl(a.ino)),
         Err(_) => core.ttl(),
+    }
+}
+
+/// `ttl`, but no longer than without events for a directory the server could not
+/// watch (`Attr::uncovered`: nothing reports its own changes).
+fn covered_ttl(a: &Attr, ttl: Duration) -> Duration {
+    if a.uncovered {
+        ttl.min(TTL_WITHOUT_EVENTS)
+    } else {
+        ttl
     }
 }
 
@@ -231,7 +239,7 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
     // Each entry accepted with attributes takes a lookup reference (`Core::listed`).
     let changed = core.fill_listing(&listed, true, |e| {
         let (ttl, attr) = match e.attr {
-            Some(a) if e.vouched => (ttl, fuse_attr(a)),
+            Some(a) if e.vouched => (covered_ttl(a, ttl), fuse_attr(a)),
             Some(a) => (Duration::ZERO, fuse_attr(a)),
             None => (Duration::ZERO, dot_attr(e.ino)),
         };
@@ -312,7 +320,7 @@ impl Filesystem for FerryFuse {
             match core.getattr(c, ino.0, fh.map(|f| f.0)).await {
                 // (Not past the TTL events allow once answered: the answer may have
                 // made them incomplete.)
-                Ok(a) => reply.attr(&ttl.min(core.ttl()), &fuse_attr(&a)),
+                Ok(a) => reply.attr(&covered_ttl(&a, ttl.min(core.ttl())), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });
@@ -354,7 +362,7 @@ impl Filesystem for FerryFuse {
             && let Some(r) = self.core.setattr_now(caller(req), ino.0, &set)
         {
             return match r {
-                Ok(a) => reply.attr(&self.core.ttl(), &fuse_attr(&a)),
+                Ok(a) => reply.attr(&covered_ttl(&a, self.core.ttl()), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             };
         }
@@ -362,7 +370,7 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             let _writer = writer;
             match core.setattr(c, ino.0, fh.map(|f| f.0), set).await {
-                Ok(a) => reply.attr(&core.ttl(), &fuse_attr(&a)),
+                Ok(a) => reply.attr(&covered_ttl(&a, core.ttl()), &fuse_attr(&a)),
                 Err(e) => reply.error(err(&e)),
             }
         });

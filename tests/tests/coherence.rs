@@ -974,6 +974,11 @@ fn subdirectories_follow_the_export(server_args: &[&str]) {
         (0..SUBDIRS).all(|i| same(&format!("p/s{i:03}")))
     });
     stream_stayed_up(&fx.mount);
+    if !server_args.is_empty() {
+        // The listing's prefetches of the subdirectories were refused, not given the
+        // watches kept for directories looked into.
+        assert!(fx.mount.stats().get("prefetches_refused") >= 1);
+    }
 }
 
 /// A file the mount holds by one name (`d1/f`) changed on the export through a hard

@@ -431,9 +431,10 @@ impl Core {
             taken.clear();
             let mut full = false;
             for (i, (e, attr)) in chunk.iter().zip(&attrs).enumerate() {
-                // A subdirectory the server could not watch: its name is vouched for,
-                // its attributes are not (the kernel asks for them again).
-                let vouched = changed.vouches(&e.name.0) && !attr.uncovered;
+                // (A subdirectory the server could not watch is vouched for by name;
+                // its attributes go to the kernel for the short TTL only, and are
+                // never answered from the client's own table: `known_attr`.)
+                let vouched = changed.vouches(&e.name.0);
                 let entry = ListedEntry {
                     ino: attr.ino,
                     offset: 2 + (first + i) as u64 + 1,
@@ -576,12 +577,18 @@ impl Core {
         let Some(rt) = self.runtime.get() else {
             return;
         };
+        // Once the server refuses one (its watches run low), the rest would be too.
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (ino, child) in children {
             let core = Arc::clone(self);
+            let refused = Arc::clone(&refused);
             rt.spawn(async move {
                 let Ok(_slot) = core.prefetching.acquire().await else {
                     return;
                 };
+                if refused.load(Ordering::Relaxed) {
+                    return;
+                }
                 let epoch = DIR_EPOCH.load(Ordering::SeqCst);
                 if core
                     .dir_cache
@@ -598,14 +605,21 @@ impl Core {
                     max_entries: MAX_DIR_BATCH,
                     speculative: true,
                 };
-                let Ok(Ok(Response::Listing {
-                    handle,
-                    attr,
-                    entries,
-                    eof,
-                })) = core.client.call(caller, req).await
-                else {
-                    return;
+                let (handle, attr, entries, eof) = match core.client.call(caller, req).await {
+                    Ok(Ok(Response::Listing {
+                        handle,
+                        attr,
+                        entries,
+                        eof,
+                    })) => (handle, attr, entries, eof),
+                    Ok(Err(libc::EAGAIN)) => {
+                        refused.store(true, Ordering::Relaxed);
+                        core.stats
+                            .prefetches_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    _ => return,
                 };
                 core.stats
                     .listings_prefetched

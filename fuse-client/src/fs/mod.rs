@@ -232,6 +232,9 @@ pub struct Stats {
     pub lookups_without_round_trip: AtomicU64,
     pub listings_from_cache: AtomicU64,
     pub listings_prefetched: AtomicU64,
+    /// Prefetches the server refused (its watches kept for directories clients look
+    /// into: see `Request::ListDir::speculative`).
+    pub prefetches_refused: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
@@ -1409,6 +1412,7 @@ impl Core {
             ("lookups_without_round_trip", &s.lookups_without_round_trip),
             ("listings_from_cache", &s.listings_from_cache),
             ("listings_prefetched", &s.listings_prefetched),
+            ("prefetches_refused", &s.prefetches_refused),
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
             ("bytes_copied_on_server", &s.bytes_copied_on_server),

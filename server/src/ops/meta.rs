@@ -25,20 +25,32 @@ pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errn
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
     ctx.watch_dir(dir, parent);
-    let mut st = sys::fstatat(dir, &name, NOFOLLOW)?;
+    entry_attr(ctx, dir, parent, &name).map(Response::Attr)
+}
+
+/// The attributes of entry `name` of `dir` (whose path is `parent`) about to go out: a
+/// directory is watched first if it can be (its own changes are reported only through
+/// its own watch), and marked [`ferry_common::Attr::uncovered`] otherwise.
+fn entry_attr(
+    ctx: &Ctx,
+    dir: BorrowedFd<'_>,
+    parent: &RelPath,
+    name: &CStr,
+) -> Result<ferry_common::Attr, Errno> {
+    let mut st = sys::fstatat(dir, name, NOFOLLOW)?;
     let mut covered = true;
     if let Some(w) = &ctx.watch {
-        // A directory's attributes are watched too before they go out.
-        (st, covered) = w.ensure_entry(dir, parent, &name, st);
+        (st, covered) = w.ensure_entry(dir, parent, name, st);
     }
     let mut attr = attr_of(&st, ctx.export.root_dev());
-    attr.xattrs = ctx.xattr_hint_at(dir, &name);
+    attr.xattrs = ctx.xattr_hint_at(dir, name);
     attr.uncovered = !covered;
-    Ok(Response::Attr(attr))
+    Ok(attr)
 }
 
 /// With a handle the open descriptor is stat'ed, so this works after unlink.
 pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
+    let mut covered = true;
     let (st, hint) = match handle {
         Some(h) => (
             super::handle_stat(&ctx.handles.get(h)?)?,
@@ -47,17 +59,20 @@ pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Respons
         None => {
             let fd = ctx.export.resolve(path, libc::O_PATH)?;
             let st = sys::fstat(fd.as_fd())?;
-            let st = if st.st_mode & libc::S_IFMT == libc::S_IFDIR && ctx.watch.is_some() {
-                // Stat again once watched: a change between the two is then reported.
-                ctx.watch_dir(fd.as_fd(), path);
-                sys::fstat(fd.as_fd())?
-            } else {
-                st
+            let st = match &ctx.watch {
+                Some(w) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                    // Watched if it can be (it is already when a client looks into it);
+                    // stat again once watched: a change between the two is reported.
+                    covered = w.ensure_eagerly(fd.as_fd(), path);
+                    sys::fstat(fd.as_fd())?
+                }
+                _ => st,
             };
             (st, ctx.xattr_hint_fd(fd.as_fd()))
         }
     };
     let mut attr = attr_of(&st, ctx.export.root_dev());
+    attr.uncovered = !covered;
     attr.xattrs = hint;
     Ok(Response::Attr(attr))
 }
@@ -122,7 +137,10 @@ pub fn setattr(
     if let Some(t) = times {
         sys::utimensat(dir, &name, &t, NOFOLLOW)?;
     }
-    attr_at(ctx, dir, &name)
+    match path.split_last() {
+        Some((parent, _)) => entry_attr(ctx, dir, &parent, &name).map(Response::Attr),
+        None => getattr(ctx, path, None),
+    }
 }
 
 /// The concrete time a `futimens` mtime stands for (`UTIME_NOW` is now).

@@ -358,3 +358,28 @@ async fn watches_for_listed_subdirectories_leave_room_for_required_ones() {
         "{skipped:?}"
     );
 }
+
+/// A listing asked ahead of need (`speculative`) is refused with EAGAIN rather than
+/// take one of the watches kept for directories clients look into; asked for real, it
+/// takes one.
+#[tokio::test]
+async fn a_speculative_listing_does_not_take_a_required_watch() {
+    let options = ferry_server::Options {
+        max_watches: Some(2),
+    };
+    let server = Server::start_opts(false, options).await;
+    std::fs::create_dir(server.root().join("d")).unwrap();
+    let mut c = events_client(&server).await;
+    list(&mut c, "").await;
+    let ahead = |speculative| Request::ListDir {
+        path: p("d"),
+        max_entries: 100,
+        speculative,
+    };
+    assert_eq!(c.call(ahead(true)).await, Err(libc::EAGAIN));
+    assert!(matches!(
+        c.call(ahead(false)).await,
+        Ok(Response::Listing { .. })
+    ));
+    assert!(!c.events.contains(&Event::Incomplete), "{:?}", c.events);
+}
