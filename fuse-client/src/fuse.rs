@@ -400,7 +400,7 @@ impl Filesystem for FerryFuse {
         self.spawn(async move {
             // The TTL once answered: the answer may have made events incomplete.
             let r = core.mknod(c, parent.0, &name, mode, umask, rdev).await;
-            reply_entry(reply, core.ttl(), r)
+            reply_entry(reply, entry_ttl(&core, &r), r)
         });
     }
 
@@ -416,7 +416,7 @@ impl Filesystem for FerryFuse {
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(async move {
             let r = core.mkdir(c, parent.0, &name, mode, umask).await;
-            reply_entry(reply, core.ttl(), r)
+            reply_entry(reply, entry_ttl(&core, &r), r)
         });
     }
 
@@ -449,7 +449,7 @@ impl Filesystem for FerryFuse {
         );
         self.spawn(async move {
             let r = core.symlink(c, parent.0, &name, &target).await;
-            reply_entry(reply, core.ttl(), r)
+            reply_entry(reply, entry_ttl(&core, &r), r)
         });
     }
 
@@ -486,7 +486,7 @@ impl Filesystem for FerryFuse {
         let (core, c, name) = (self.core.clone(), caller(req), newname.as_bytes().to_vec());
         self.spawn(async move {
             let r = core.link(c, ino.0, newparent.0, &name).await;
-            reply_entry(reply, core.ttl(), r)
+            reply_entry(reply, entry_ttl(&core, &r), r)
         });
     }
 

@@ -562,3 +562,37 @@ fn a_change_nobody_remembers_is_done_if_the_names_show_it() {
         check(server.export_path(), mount.path());
     }
 }
+
+/// A `mkdir` the server died in, answered after its restart from its log: the new
+/// process watches nothing in the directory, so the mount trusts its attributes no
+/// longer than without events, and an entry made in it on the export shows in its
+/// times and link count. (They stayed as the answer gave them for the 5-minute TTL.)
+#[test]
+fn a_directory_made_across_a_server_death_follows_the_export() {
+    if !require_fuse() {
+        return;
+    }
+    let mut server = TestServer::start_with(&["--die-at", "after-mkdir"]);
+    let mount = TestMount::try_mount(&server.remote(), &[]).expect("mount");
+    across_a_death(
+        &mut server,
+        &mount,
+        "after-mkdir",
+        |m| fs::create_dir(m.join("made")),
+        |_| {},
+    )
+    .expect("mkdir across the death");
+    let first = fs::metadata(mount.join("made")).expect("stat through the mount");
+    fs::create_dir(server.export("made/inner")).expect("mkdir on the export");
+    let on_export = fs::metadata(server.export("made")).expect("stat on the export");
+    assert_ne!(first.nlink(), on_export.nlink());
+    assert!(
+        poll_until(DEADLINE, || fs::metadata(mount.join("made")).is_ok_and(
+            |m| {
+                (m.mtime(), m.mtime_nsec(), m.nlink())
+                    == (on_export.mtime(), on_export.mtime_nsec(), on_export.nlink())
+            }
+        )),
+        "the directory's times and link count through the mount stayed as answered"
+    );
+}

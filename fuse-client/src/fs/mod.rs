@@ -840,7 +840,12 @@ impl Core {
             ),
             Err(e) => (Err(e), false),
         };
-        let attr = Self::expect_attr(reply?)?;
+        let mut attr = Self::expect_attr(reply?)?;
+        if is_dir && repeated {
+            // The answer of a server since restarted, which watches nothing in it:
+            // its attributes are trusted no longer than without events.
+            attr.uncovered = true;
+        }
         self.dir_changed(parent);
         self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
