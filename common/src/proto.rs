@@ -772,11 +772,12 @@ pub enum Event {
     /// of events until it reconnects (a server in this state then offers no
     /// [`caps::EVENTS`]). Sent before any reply that depends on the missing watch.
     Incomplete,
-    /// The server stopped watching directory `dir` (node id, as [`Attr::ino`]): it moved
-    /// where the server cannot follow it. Nothing reports changes in it any more: drop
-    /// what is cached of it and of its entries. (Looked up again under its new path, it
-    /// is watched again.)
-    Unwatched { dir: u64 },
+    /// The server stopped watching directories `dirs` (node ids, as [`Attr::ino`]): they
+    /// moved where the server cannot follow them (a directory and the watched ones
+    /// beneath it, in one event). Nothing reports changes in them any more: drop what is
+    /// cached of them and of their entries. (Looked up again under a new path, a
+    /// directory is watched again.)
+    Unwatched { dirs: Vec<u64> },
 }
 
 #[cfg(test)]

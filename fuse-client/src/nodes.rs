@@ -135,13 +135,16 @@ impl Nodes {
             .collect()
     }
 
-    /// Every known entry of directory `dir`: (name, inode). A scan of the whole table,
-    /// for rare events.
-    pub fn children(&self, dir: u64) -> Vec<(Vec<u8>, u64)> {
+    /// Every known entry of the directories `dirs`: (directory, name, inode). One scan
+    /// of the whole table, for rare events.
+    pub fn children_of(&self, dirs: &HashSet<u64>) -> Vec<(u64, Vec<u8>, u64)> {
+        if dirs.is_empty() {
+            return Vec::new();
+        }
         self.by_name
             .iter()
-            .filter(|((p, _), _)| *p == dir)
-            .map(|((_, n), i)| (n.clone(), *i))
+            .filter(|((p, _), _)| dirs.contains(p))
+            .map(|((p, n), i)| (*p, n.clone(), *i))
             .collect()
     }
 
@@ -318,6 +321,29 @@ mod tests {
         n.renamed(ROOT, b"a", ROOT, b"b", false);
         assert_eq!(n.path(11).unwrap().0, b"b");
         assert!(n.path(10).is_err());
+    }
+
+    #[test]
+    fn children_of_several_directories_in_one_scan() {
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10);
+        n.remember(ROOT, b"b", 20);
+        n.remember(10, b"x", 11);
+        n.remember(10, b"y", 12);
+        n.remember(20, b"z", 21);
+        n.remember(11, b"deep", 13);
+        let dirs: HashSet<u64> = [10, 20].into_iter().collect();
+        let mut got = n.children_of(&dirs);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (10, b"x".to_vec(), 11),
+                (10, b"y".to_vec(), 12),
+                (20, b"z".to_vec(), 21)
+            ]
+        );
+        assert!(n.children_of(&HashSet::new()).is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! a runtime worker: a notification can wait on kernel locks held by requests that only a
 //! runtime worker can complete.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -80,7 +81,7 @@ impl Core {
         match ev {
             // (The connection stopped calling events live before this.)
             Event::Resync | Event::Incomplete => self.resync(),
-            Event::Unwatched { dir } => self.unwatched(dir),
+            Event::Unwatched { dirs } => self.unwatched(&dirs),
             Event::Changed {
                 dir, name, attr, ..
             } => self.changed(dir, name.as_ref(), attr),
@@ -336,51 +337,57 @@ impl Core {
         self.invalidate(Invalidation::Inode { ino, data: true });
     }
 
-    /// Directory `dir` (server node id) is not watched any more: nothing of it or of
-    /// its entries is vouched for. (Its own watch reported them; its subdirectories
-    /// looked into come with events of their own.)
-    fn unwatched(&self, dir: u64) {
-        let (dir, children) = match self.nodes.lock() {
-            Ok(mut n) => {
-                let dir = n.to_kernel(dir);
-                if !n.knows(dir) {
-                    // Nothing held of it but maybe a prefetched listing.
-                    drop(n);
-                    self.forget_listing(dir);
-                    return;
-                }
-                let children = n.children(dir);
-                for (name, _) in &children {
-                    n.unverify(dir, name);
-                }
-                (dir, children)
-            }
-            Err(_) => return,
+    /// Directories `dirs` (server node ids) are not watched any more: nothing of them
+    /// or of their entries is vouched for (their own watches reported those). One scan
+    /// of the name table for all of them: a tree of thousands of directories moved out
+    /// of sight comes as one event.
+    fn unwatched(&self, dirs: &[u64]) {
+        let Ok(mut n) = self.nodes.lock() else {
+            return;
         };
-        self.forget_attr(dir);
-        self.forget_names(dir);
-        self.forget_listing(dir);
-        self.listing_changed(dir, None);
-        let mut writing = Vec::new();
+        let (held, gone): (HashSet<u64>, Vec<u64>) = {
+            let all: Vec<u64> = dirs.iter().map(|&d| n.to_kernel(d)).collect();
+            let held = all.iter().copied().filter(|&d| n.knows(d)).collect();
+            let gone = all.into_iter().filter(|&d| !n.knows(d)).collect();
+            (held, gone)
+        };
+        let children = n.children_of(&held);
+        for (dir, name, _) in &children {
+            n.unverify(*dir, name);
+        }
+        drop(n);
+        // Not held: nothing of them but maybe a prefetched listing.
+        for dir in gone {
+            self.forget_listing(dir);
+        }
+        for &dir in &held {
+            self.forget_attr(dir);
+            self.forget_names(dir);
+            self.forget_listing(dir);
+            self.listing_changed(dir, None);
+        }
+        let mut writing = HashSet::new();
         if let Ok(mut inodes) = self.inodes.lock() {
-            for &ino in std::iter::once(&dir).chain(children.iter().map(|(_, i)| i)) {
+            for &ino in held.iter().chain(children.iter().map(|(_, _, i)| i)) {
                 if let Some(st) = inodes.get_mut(&ino) {
                     st.attr = None;
                     st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
                     if st.writers > 0 || st.local_size.is_some() {
                         // Close-to-open: this client's pages are the truth.
-                        writing.push(ino);
+                        writing.insert(ino);
                     } else {
                         st.kernel_version = None;
                     }
                 }
             }
         }
-        self.invalidate(Invalidation::Inode {
-            ino: dir,
-            data: true,
-        });
-        for (name, ino) in children {
+        for &dir in &held {
+            self.invalidate(Invalidation::Inode {
+                ino: dir,
+                data: true,
+            });
+        }
+        for (dir, name, ino) in children {
             self.invalidate(Invalidation::Entry { parent: dir, name });
             self.invalidate(Invalidation::Inode {
                 ino,

@@ -269,7 +269,7 @@ impl Watcher {
                 }
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
-                    for ev in self.lost_sight(&[w]) {
+                    if let Some(ev) = self.lost_sight(&[w]) {
                         // An error only means nobody is subscribed right now.
                         let _ = self.events.send(ev);
                     }
@@ -483,20 +483,20 @@ impl Watcher {
     /// whatever clients hold of them and of their files would go stale unreported
     /// (the files' own events came through those watches), so clients are told to drop
     /// it. A client that finds them again under their new path has them watched again.
-    fn lost_sight(&self, dirs: &[state::Watch]) -> Vec<Event> {
-        if let Some(w) = dirs.first() {
-            debug!(
-                count = dirs.len(),
-                path = ?String::from_utf8_lossy(&w.path),
-                "watched directories moved out of sight"
-            );
-        }
+    fn lost_sight(&self, dirs: &[state::Watch]) -> Option<Event> {
+        let w = dirs.first()?;
+        debug!(
+            count = dirs.len(),
+            path = ?String::from_utf8_lossy(&w.path),
+            "watched directories moved out of sight"
+        );
         let root_dev = self.export.root_dev();
-        dirs.iter()
-            .map(|w| Event::Unwatched {
-                dir: crate::ops::node_id(w.dev, w.ino, root_dev),
-            })
-            .collect()
+        Some(Event::Unwatched {
+            dirs: dirs
+                .iter()
+                .map(|w| crate::ops::node_id(w.dev, w.ino, root_dev))
+                .collect(),
+        })
     }
 
     /// A watched directory moved. If its recorded path (already rewritten when the move
