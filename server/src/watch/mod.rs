@@ -34,7 +34,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -74,6 +74,9 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 /// Most kernel events in one batch; a batch that is full is processed at once.
 pub const MAX_BATCH: usize = 4096;
 
+/// How long no eager watch is added after the kernel ran out of watches for one.
+pub const EAGER_PAUSE: Duration = Duration::from_secs(60);
+
 /// Events buffered per subscriber; past it the subscriber gets `Resync`.
 pub const CHANNEL_CAPACITY: usize = 4096;
 
@@ -90,9 +93,12 @@ pub struct Watcher {
     /// kernel's limit, the stream becomes incomplete.
     max_watches: usize,
     /// Most watches held for eager ones to be added ([`Watcher::watch`]): nine tenths
-    /// of the smaller of `max_watches` and the kernel's per-user limit at start, lowered
-    /// when the kernel runs out first (other programs of the user hold watches too).
-    eager_watches: AtomicUsize,
+    /// of the smaller of `max_watches` and the kernel's per-user limit at start.
+    eager_watches: usize,
+    /// No eager watch is added before this (ms since `started`): the kernel ran out
+    /// first (its limit is shared with the user's other programs) not long ago.
+    eager_paused_until: AtomicU64,
+    started: std::time::Instant,
     /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
     barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
     next_barrier: AtomicU64,
@@ -125,8 +131,10 @@ impl Watcher {
                     .ok()
                     .and_then(|s| s.trim().parse::<usize>().ok())
                     .unwrap_or(usize::MAX);
-                AtomicUsize::new(nine_tenths(max_watches.unwrap_or(usize::MAX).min(kernel)))
+                nine_tenths(max_watches.unwrap_or(usize::MAX).min(kernel))
             },
+            eager_paused_until: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
         });
@@ -247,7 +255,7 @@ impl Watcher {
         }
         let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
         let budget = if eager {
-            self.eager_watches.load(Ordering::Relaxed)
+            self.eager_budget()
         } else {
             self.max_watches
         };
@@ -280,9 +288,10 @@ impl Watcher {
                 debug!(errno = e, ?path, "cannot watch a subdirectory");
                 if e == libc::ENOSPC {
                     // The kernel's limit is shared with the user's other programs:
-                    // leave the rest of what is left to required watches.
-                    self.eager_watches
-                        .store(nine_tenths(state.by_wd.len()), Ordering::Relaxed);
+                    // leave what is left to required watches for a while.
+                    let until = self.started.elapsed() + EAGER_PAUSE;
+                    self.eager_paused_until
+                        .store(until.as_millis() as u64, Ordering::Relaxed);
                 }
                 false
             }
@@ -307,6 +316,16 @@ impl Watcher {
     /// no client trusts it then).
     pub fn ensure_eagerly(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
         !self.complete() || self.watch(dir, path, true)
+    }
+
+    /// Most watches held for an eager one to be added now.
+    fn eager_budget(&self) -> usize {
+        let paused = self.eager_paused_until.load(Ordering::Relaxed);
+        if (self.started.elapsed().as_millis() as u64) < paused {
+            0
+        } else {
+            self.eager_watches
+        }
     }
 
     /// Whether directory `dir`, just watched, was removed already: no link left, and
@@ -354,7 +373,7 @@ impl Watcher {
                 return (st, true);
             }
             let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
-            if !known && state.by_wd.len() >= self.eager_watches.load(Ordering::Relaxed) {
+            if !known && state.by_wd.len() >= self.eager_budget() {
                 return (st, false);
             }
         }
