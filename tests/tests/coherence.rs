@@ -1005,3 +1005,45 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
     );
     stream_stayed_up(&fx.mount);
 }
+
+/// A directory held open (like a shell's working directory) and renamed on the export:
+/// once the rename's events came, paths through it lead to the new place, so names made
+/// there are found and files there read their new content. (Requests go by path, and
+/// the mount went on asking for the old one: ENOENT for as long as it was held.)
+#[test]
+fn a_held_directory_renamed_on_the_export_keeps_working() {
+    use std::os::fd::AsRawFd;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("work")).expect("mkdir");
+        fs::write(e.join("work/f"), b"one").expect("write");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let held = fs::File::open(fx.mnt("work")).expect("open the directory");
+    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    assert_eq!(fs::read(inside.join("f")).expect("read"), b"one");
+    fs::rename(fx.exp("work"), fx.exp("moved")).expect("rename on the export");
+    eventually("the rename", || absent(&fx.mnt("work")));
+    write_closed(&fx.exp("moved/new"), b"n").expect("create on the export");
+    write_closed(&fx.exp("moved/f"), b"two, longer").expect("rewrite on the export");
+    eventually(
+        "a name made in the renamed directory, where it is held",
+        || fs::read(inside.join("new")).is_ok_and(|d| d == b"n"),
+    );
+    eventually(
+        "a rewrite in the renamed directory, where it is held",
+        || fs::read(inside.join("f")).is_ok_and(|d| d == b"two, longer"),
+    );
+    // A directory made through the mount and renamed on the export, likewise.
+    fs::create_dir(fx.mnt("made")).expect("mkdir through the mount");
+    let held = fs::File::open(fx.mnt("made")).expect("open the directory");
+    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    fs::rename(fx.exp("made"), fx.exp("made2")).expect("rename on the export");
+    write_closed(&fx.exp("made2/x"), b"x").expect("create on the export");
+    eventually(
+        "a name made in a renamed directory made through the mount",
+        || fs::read(inside.join("x")).is_ok_and(|d| d == b"x"),
+    );
+    stream_stayed_up(&fx.mount);
+}
