@@ -264,9 +264,6 @@ impl Core {
                         // A file this client may hold by another name (a hard link).
                         self.linked_file_changed(&a);
                     }
-                    if known != Some(a.ino) && a.kind == FileKind::Dir {
-                        self.follow_move(dir, &name.0, a.ino);
-                    }
                     self.names_changed(dir, &name.0, true);
                     // Known by another name, or from a reply: the newest state.
                     if let Ok(mut inodes) = self.inodes.lock()
@@ -306,27 +303,6 @@ impl Core {
                     });
                 }
             }
-        }
-    }
-
-    /// Directory `ino` (kernel inode number) is at `dir/name` on the server now. If the
-    /// name this client knew it by was reported gone meanwhile (unverified), it moved:
-    /// requests for it and beneath it go by the new path from now on, so a process
-    /// whose working directory it is keeps working. A name this client still holds as
-    /// good (its own rename, say, whose reply may have overtaken this older event) is
-    /// kept.
-    fn follow_move(&self, dir: u64, name: &[u8], ino: u64) {
-        let Ok(mut nodes) = self.nodes.lock() else {
-            return;
-        };
-        if ino == ROOT || !nodes.knows(ino) {
-            return;
-        }
-        let Some((from, old)) = nodes.name_of(ino) else {
-            return;
-        };
-        if nodes.is_unverified(from, &old) {
-            nodes.renamed(from, &old, dir, name, false);
         }
     }
 
