@@ -461,11 +461,9 @@ async fn event<W>(sink: &mut FrameSink<W>, ev: Event, ctx: &Ctx, told: &mut bool
 where
     W: AsyncWrite + Unpin,
 {
-    if is_own(ctx, &ev) || (matches!(ev, Event::Incomplete) && *told) {
+    let told_already = ev == Event::Incomplete && std::mem::replace(told, true);
+    if told_already || is_own(ctx, &ev) {
         return Ok(());
-    }
-    if matches!(ev, Event::Incomplete) {
-        *told = true;
     }
     sink.feed(ServerFrame::Event(ev)).await
 }

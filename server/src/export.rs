@@ -207,6 +207,13 @@ impl Export {
         Ok(fd)
     }
 
+    /// Whether `path` leads to the directory `(dev, ino)` now.
+    pub fn leads_to(&self, path: &RelPath, (dev, ino): (u64, u64)) -> bool {
+        self.resolve_dir(path)
+            .and_then(|d| sys::fstat(d.as_fd()))
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == (dev, ino))
+    }
+
     /// The parent directory of an entry and its validated name, for the `*at` calls.
     pub fn entry(&self, parent: &RelPath, name: &Name) -> Result<(OwnedFd, CString), Errno> {
         check_name(&name.0).map_err(|e| e.errno())?;

@@ -213,41 +213,19 @@ impl Core {
             a
         });
         drop(nodes);
-        let (known_version, writing) = match known.zip(self.inodes.lock().ok()) {
-            Some((ino, inodes)) => {
-                let st = inodes.get(&ino);
-                (
-                    st.map(|s| s.version),
-                    st.is_some_and(|s| s.writers > 0 || s.local_size.is_some()),
-                )
-            }
-            None => (None, false),
-        };
+        let writing = known.is_some_and(|ino| {
+            self.inodes.lock().is_ok_and(|inodes| {
+                inodes
+                    .get(&ino)
+                    .is_some_and(|s| s.writers > 0 || s.local_size.is_some())
+            })
+        });
         // (The directory's kept listing, which may hold older attributes of the entry,
         // went above.)
         match (known, attr) {
-            // Same file, a version we already have: our own change echoed back.
-            (Some(ino), Some(a)) if a.ino == ino && known_version == Some(a.version) => {}
-            // Same file, changed: attributes and pages go, the entry stays.
+            // Same file: attributes and pages go, the entry stays.
             (Some(ino), Some(a)) if a.ino == ino => {
-                if writing {
-                    // This client is writing it: close-to-open, our pages are the truth.
-                    return;
-                }
-                if let Ok(mut inodes) = self.inodes.lock()
-                    && let Some(st) = inodes.get_mut(&ino)
-                {
-                    // The event's attributes, if the newest, answer the kernel's next
-                    // GETATTR; an event older than a reply we had changes nothing.
-                    if !st.take_if_current(&a) {
-                        return;
-                    }
-                    st.version = a.version;
-                    st.kernel_version = None;
-                    st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
-                }
-                self.changed_on_server(ino, &a);
-                self.invalidate(Invalidation::Inode { ino, data: true });
+                self.file_changed(&a);
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
@@ -311,30 +289,40 @@ impl Core {
     /// attributes and pages go, as for a change under a known name.
     fn linked_file_changed(&self, a: &Attr) {
         let ino = a.ino;
-        if !self.nodes.lock().is_ok_and(|n| n.knows(ino)) {
+        if !self.nodes.lock().is_ok_and(|n| n.knows(ino)) || !self.file_changed(a) {
             return;
         }
-        if let Ok(mut inodes) = self.inodes.lock()
-            && let Some(st) = inodes.get_mut(&ino)
-        {
-            if st.version == a.version || st.writers > 0 || st.local_size.is_some() {
-                return; // known already, or this client's writes are the truth
-            }
-            if !st.take_if_current(a) {
-                return;
-            }
-            st.version = a.version;
-            st.kernel_version = None;
-            st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
-        }
-        self.changed_on_server(ino, a);
         // The listing of the directory it is held in shows its old attributes.
         let named = self.nodes.lock().ok().and_then(|n| n.name_of(ino));
         if let Some((parent, name)) = named {
             self.forget_listing(parent);
             self.listing_changed(parent, Some(&name));
         }
+    }
+
+    /// File `a.ino` (kernel inode number) changed on the server to `a`: its attributes
+    /// and pages go. Not when this client has that version already (its own change
+    /// echoed back), is writing it (close-to-open: its pages are the truth), or had a
+    /// newer state from a reply (the event's attributes, if the newest, answer the
+    /// kernel's next GETATTR). Returns whether anything went.
+    fn file_changed(&self, a: &Attr) -> bool {
+        let ino = a.ino;
+        if let Ok(mut inodes) = self.inodes.lock()
+            && let Some(st) = inodes.get_mut(&ino)
+        {
+            if st.version == a.version || st.writers > 0 || st.local_size.is_some() {
+                return false;
+            }
+            if !st.take_if_current(a) {
+                return false;
+            }
+            st.version = a.version;
+            st.kernel_version = None;
+            st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
+        }
+        self.changed_on_server(ino, a);
         self.invalidate(Invalidation::Inode { ino, data: true });
+        true
     }
 
     /// Directories `dirs` (server node ids) are not watched any more: nothing of them
@@ -345,12 +333,10 @@ impl Core {
         let Ok(mut n) = self.nodes.lock() else {
             return;
         };
-        let (held, gone): (HashSet<u64>, Vec<u64>) = {
-            let all: Vec<u64> = dirs.iter().map(|&d| n.to_kernel(d)).collect();
-            let held = all.iter().copied().filter(|&d| n.knows(d)).collect();
-            let gone = all.into_iter().filter(|&d| !n.knows(d)).collect();
-            (held, gone)
-        };
+        let (held, gone): (HashSet<u64>, HashSet<u64>) = dirs
+            .iter()
+            .map(|&d| n.to_kernel(d))
+            .partition(|&d| n.knows(d));
         let children = n.children_of(&held);
         for (dir, name, _) in &children {
             n.unverify(*dir, name);

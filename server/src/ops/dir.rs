@@ -189,10 +189,7 @@ impl Stat {
 
     /// Whether `path` still leads to the directory `dir`.
     fn still_at(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
-        let (Ok(here), Ok(st)) = (self.export.resolve_dir(path), sys::fstat(dir)) else {
-            return false;
-        };
-        sys::fstat(here.as_fd()).is_ok_and(|h| (h.st_dev, h.st_ino) == (st.st_dev, st.st_ino))
+        sys::fstat(dir).is_ok_and(|st| self.export.leads_to(path, (st.st_dev, st.st_ino)))
     }
 
     /// Read the next part of `d`'s names and stat them; true with them when no name is

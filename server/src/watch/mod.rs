@@ -334,12 +334,7 @@ impl Watcher {
         let Ok(st) = sys::fstat(dir) else {
             return false;
         };
-        st.st_nlink == 0
-            && !self
-                .export
-                .resolve_dir(path)
-                .and_then(|d| sys::fstat(d.as_fd()))
-                .is_ok_and(|h| (h.st_dev, h.st_ino) == (st.st_dev, st.st_ino))
+        st.st_nlink == 0 && !self.export.leads_to(path, (st.st_dev, st.st_ino))
     }
 
     /// Whether the directory `(dev, ino)` is watched (under whatever path).
@@ -395,15 +390,8 @@ impl Watcher {
         let Ok(st) = sys::fstat(dir) else {
             return;
         };
-        if self.lock().by_inode.contains_key(&(st.st_dev, st.st_ino)) {
-            return;
-        }
-        let Ok(now) = export.resolve_dir(path) else {
-            return;
-        };
-        match sys::fstat(now.as_fd()) {
-            Ok(n) if (n.st_dev, n.st_ino) == (st.st_dev, st.st_ino) => self.ensure(dir, path),
-            _ => {}
+        if !self.covers(st.st_dev, st.st_ino) && export.leads_to(path, (st.st_dev, st.st_ino)) {
+            self.ensure(dir, path);
         }
     }
 
