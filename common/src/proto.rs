@@ -107,6 +107,9 @@ pub const MAGIC: [u8; 8] = *b"FERRY\r\n\x1a";
 /// Bumped on any incompatible change of the messages in this module.
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// Most directories one `Request::Locate` asks about.
+pub const MAX_LOCATE: usize = 1024;
+
 /// Default TCP port of `ferryd`.
 pub const DEFAULT_PORT: u16 = 7420;
 
@@ -148,6 +151,8 @@ pub mod caps {
     /// remove any entry the client's kernel let the caller remove (it runs as root, on a
     /// writable export): a client may answer an unlink before its reply comes.
     pub const ORDERED_UNLINK: u64 = 1 << 5;
+    /// Server answers [`super::Request::Locate`] (it holds events' watches by path).
+    pub const LOCATE: u64 = 1 << 6;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the
@@ -542,6 +547,15 @@ pub enum Request {
         names: Vec<Name>,
         max_size: u32,
     },
+    /// Where directories `nodes` (server node ids, [`Attr::ino`]; at most
+    /// [`MAX_LOCATE`]) are now: replies `Response::Located` with a path for each, in
+    /// order, checked to lead to it at the time of the answer, or `None` where the
+    /// server does not know (not watched, moved out of its sight, removed). For a client
+    /// whose path to a directory its kernel holds went stale: an event reported its
+    /// name gone, and requests go by path. Only with [`caps::LOCATE`].
+    Locate {
+        nodes: Vec<u64>,
+    },
 }
 
 impl Request {
@@ -580,6 +594,7 @@ impl Request {
             Request::ListDir { .. } => "listdir",
             Request::CopyRange { .. } => "copy_range",
             Request::ReadSmall { .. } => "read_small",
+            Request::Locate { .. } => "locate",
         }
     }
 
@@ -678,6 +693,8 @@ pub enum Response {
     /// Answer to a repeat ([`OnceKey::repeat`]) the server does not remember: it may
     /// have run before (on a server since restarted, say); it did not run now.
     NotRemembered,
+    /// Answer to `Locate`: each directory's path now, if known.
+    Located(Vec<Option<RelPath>>),
 }
 
 impl Response {

@@ -33,8 +33,12 @@ use tokio_util::sync::CancellationToken;
 use crate::error::TransportError;
 
 /// Capabilities this client asks for.
-const CLIENT_CAPS: u64 =
-    caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL | caps::ORDERED_UNLINK;
+const CLIENT_CAPS: u64 = caps::CALLER_CREDS
+    | caps::EVENTS
+    | caps::COPY_RANGE
+    | caps::READ_SMALL
+    | caps::ORDERED_UNLINK
+    | caps::LOCATE;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -400,6 +404,11 @@ impl Client {
     /// Whether the server reads small files of a directory whole (`Request::ReadSmall`).
     pub fn reads_small(&self) -> bool {
         self.granted(caps::READ_SMALL)
+    }
+
+    /// Whether the server says where a directory went (`Request::Locate`).
+    pub fn locates(&self) -> bool {
+        self.granted(caps::LOCATE)
     }
 
     /// Whether the server applies an unlink before anything sent after it, wherever the

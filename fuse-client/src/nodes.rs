@@ -9,6 +9,13 @@
 //! entry (lookup, create, mkdir, mknod, symlink, link, each non-dot readdirplus entry)
 //! adds one; `forget` subtracts; at zero the node may be dropped. The root never is.
 //!
+//! A directory renamed on the server, as events report, keeps its node: the client asks
+//! the server where it went (`Request::Locate`) and moves it there ([`Nodes::rehome`]),
+//! so a process that holds it (its working directory) keeps working. Such an answer is
+//! taken only if no path in the table changed since it was asked for, and no rename
+//! of this client's was in flight meanwhile (its reply, applied relative to the names
+//! before it, could otherwise undo or double the move).
+//!
 //! This module does no I/O and holds no locks of its own; the caller wraps it in a Mutex.
 
 use std::collections::{HashMap, HashSet};
@@ -37,6 +44,10 @@ struct Node {
     /// Names this node is known under: (parent inode, name). The first is used for paths.
     names: Vec<(u64, Vec<u8>)>,
     lookups: u64,
+    dir: bool,
+    /// For a directory the server located beneath a directory the kernel does not hold:
+    /// its whole path (used while it has no name in the table).
+    at: Option<Box<RelPath>>,
 }
 
 #[derive(Debug)]
@@ -48,6 +59,18 @@ pub struct Nodes {
     /// `Core::fill_listing`): the name may be gone or stand for another inode now, so
     /// a lookup of it asks the server.
     unverified: HashSet<(u64, Vec<u8>)>,
+    /// Counts every change of a node's path (its first name, or where it was located):
+    /// a location asked for before the last change may be out of date.
+    moves: u64,
+    /// This client's renames sent and not yet applied here.
+    renaming: u32,
+}
+
+/// The table's paths as of a moment ([`Nodes::ticket`]), to be moved by location
+/// answers asked for then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    moves: u64,
 }
 
 impl Nodes {
@@ -57,6 +80,8 @@ impl Nodes {
             map: HashMap::new(),
             by_name: HashMap::new(),
             unverified: HashSet::new(),
+            moves: 0,
+            renaming: 0,
         }
     }
 
@@ -91,16 +116,24 @@ impl Nodes {
     pub fn path(&self, ino: u64) -> FsResult<RelPath> {
         let mut comps: Vec<&[u8]> = Vec::new();
         let mut cur = ino;
+        let mut path = RelPath::root();
         while cur != ROOT {
             let node = self.map.get(&cur).ok_or(FsError::Errno(libc::ESTALE))?;
-            let (parent, name) = node.names.first().ok_or(FsError::Errno(libc::ENOENT))?;
+            let Some((parent, name)) = node.names.first() else {
+                match &node.at {
+                    Some(at) => {
+                        path = (**at).clone();
+                        break;
+                    }
+                    None => return Err(FsError::Errno(libc::ENOENT)),
+                }
+            };
             comps.push(name);
             cur = *parent;
             if comps.len() > MAX_DEPTH {
                 return Err(FsError::Errno(libc::ELOOP));
             }
         }
-        let mut path = RelPath::root();
         for c in comps.iter().rev() {
             path = path.join(c);
         }
@@ -164,8 +197,8 @@ impl Nodes {
 
     /// [`Nodes::remember`] of a name nobody vouches for any more: a lookup of it goes
     /// to the server until one is answered.
-    pub fn remember_unverified(&mut self, parent: u64, name: &[u8], ino: u64) {
-        self.remember(parent, name, ino);
+    pub fn remember_unverified(&mut self, parent: u64, name: &[u8], ino: u64, dir: bool) {
+        self.remember(parent, name, ino, dir);
         if ino != ROOT {
             self.unverified.insert((parent, name.to_vec()));
         }
@@ -185,8 +218,9 @@ impl Nodes {
         !self.unverified.is_empty() && self.unverified.contains(&(parent, name.to_vec()))
     }
 
-    /// The kernel now holds one more reference to `ino`, reached as `parent/name`.
-    pub fn remember(&mut self, parent: u64, name: &[u8], ino: u64) {
+    /// The kernel now holds one more reference to `ino`, reached as `parent/name`;
+    /// `dir`: it is a directory.
+    pub fn remember(&mut self, parent: u64, name: &[u8], ino: u64, dir: bool) {
         if ino == ROOT {
             return;
         }
@@ -202,13 +236,20 @@ impl Nodes {
         let node = self.map.entry(ino).or_insert(Node {
             names: Vec::new(),
             lookups: 0,
+            dir,
+            at: None,
         });
         node.lookups += 1;
-        // Most recently seen name first: it is the one most likely still valid.
-        if let Some(pos) = node.names.iter().position(|n| *n == key) {
-            node.names.remove(pos);
+        if node.names.first() != Some(&key) {
+            if !node.names.is_empty() || node.at.take().is_some() {
+                self.moves += 1;
+            }
+            // Most recently seen name first: it is the one most likely still valid.
+            if let Some(pos) = node.names.iter().position(|n| *n == key) {
+                node.names.remove(pos);
+            }
+            node.names.insert(0, key.clone());
         }
-        node.names.insert(0, key.clone());
         self.by_name.insert(key, ino);
     }
 
@@ -245,6 +286,9 @@ impl Nodes {
     fn drop_name(&mut self, ino: u64, key: &(u64, Vec<u8>)) {
         self.unverified.remove(key);
         if let Some(node) = self.map.get_mut(&ino) {
+            if node.names.first() == Some(key) {
+                self.moves += 1;
+            }
             node.names.retain(|n| n != key);
         }
         if self.by_name.get(key) == Some(&ino) {
@@ -263,6 +307,7 @@ impl Nodes {
     ) {
         let from = (parent, name.to_vec());
         let to = (new_parent, new_name.to_vec());
+        self.moves += 1;
         self.unverified.remove(&from);
         self.unverified.remove(&to);
         let src = self.by_name.remove(&from);
@@ -282,8 +327,108 @@ impl Nodes {
         if let Some(node) = self.map.get_mut(&ino) {
             node.names.retain(|n| n != from);
             node.names.insert(0, to.clone());
+            node.at = None;
             self.by_name.insert(to.clone(), ino);
         }
+    }
+
+    /// This client sends a rename: no location answer is taken until its reply is
+    /// applied ([`Nodes::rename_done`], also when it failed).
+    pub fn rename_sent(&mut self) {
+        self.renaming += 1;
+    }
+
+    pub fn rename_done(&mut self) {
+        self.renaming = self.renaming.saturating_sub(1);
+        self.moves += 1;
+    }
+
+    /// Whether `ino` is a directory the kernel holds (not the root).
+    pub fn is_dir(&self, ino: u64) -> bool {
+        self.map.get(&ino).is_some_and(|n| n.dir)
+    }
+
+    /// The table's paths as of now, for [`Nodes::rehome`] once the server said where
+    /// directories are.
+    pub fn ticket(&self) -> Ticket {
+        Ticket { moves: self.moves }
+    }
+
+    /// The server says where directories are now: (kernel inode, path). Taken only if
+    /// nothing moved in the table since the ticket was issued and no rename of this
+    /// client's is in flight (`None`: ask again later); then each directory the kernel
+    /// still holds moves there: under its parent if the kernel holds that (a name it
+    /// had there goes), else by its whole path. Returns how many moved.
+    pub fn rehome(&mut self, t: Ticket, found: &[(u64, RelPath)]) -> Option<usize> {
+        if t.moves != self.moves || self.renaming > 0 {
+            return None;
+        }
+        Some(
+            found
+                .iter()
+                .filter(|(ino, path)| self.place(*ino, path))
+                .count(),
+        )
+    }
+
+    /// Move directory `ino` to `path` (see [`Nodes::rehome`]); whether it moved.
+    fn place(&mut self, ino: u64, path: &RelPath) -> bool {
+        if ino == ROOT || !self.is_dir(ino) {
+            return false;
+        }
+        let Some((parent_path, name)) = path.split_last() else {
+            return false; // the root, which no other directory can be
+        };
+        let to = self.resolve(&parent_path).map(|p| (p, name.0));
+        // A parent reached through the node itself (the table's names are older than
+        // the answer) would make a cycle: the whole path then.
+        let to = to.filter(|(p, _)| !self.beneath(*p, ino));
+        let old: Vec<(u64, Vec<u8>)> = match self.map.get(&ino) {
+            Some(n) if n.names.first() == to.as_ref() => return false, // there already
+            Some(n) if to.is_none() && n.at.as_deref() == Some(path) => return false,
+            Some(n) => n.names.clone(),
+            None => return false,
+        };
+        self.moves += 1;
+        for key in &old {
+            self.unverified.remove(key);
+            if self.by_name.get(key) == Some(&ino) {
+                self.by_name.remove(key);
+            }
+        }
+        if let Some(key) = &to
+            && let Some(&other) = self.by_name.get(key)
+        {
+            self.drop_name(other, key);
+        }
+        let Some(node) = self.map.get_mut(&ino) else {
+            return false;
+        };
+        node.names.clear();
+        match to {
+            Some(key) => {
+                node.at = None;
+                node.names.push(key.clone());
+                self.unverified.remove(&key);
+                self.by_name.insert(key, ino);
+            }
+            None => node.at = Some(Box::new(path.clone())),
+        }
+        true
+    }
+
+    /// Whether `ino` is `dir` or reached through it by first names.
+    fn beneath(&self, mut ino: u64, dir: u64) -> bool {
+        for _ in 0..MAX_DEPTH {
+            if ino == dir {
+                return true;
+            }
+            match self.map.get(&ino).and_then(|n| n.names.first()) {
+                Some((parent, _)) => ino = *parent,
+                None => return false,
+            }
+        }
+        true
     }
 }
 
@@ -298,12 +443,12 @@ mod tests {
         assert_eq!(n.to_kernel(500), ROOT);
         assert_eq!(n.to_kernel(ROOT), 500);
         assert_eq!(n.to_kernel(7), 7);
-        n.remember(ROOT, b"d", 10);
-        n.remember(10, b"f", 11);
+        n.remember(ROOT, b"d", 10, false);
+        n.remember(10, b"f", 11, false);
         assert_eq!(n.path(11).unwrap().0, b"d/f");
         n.renamed(ROOT, b"d", ROOT, b"e", false);
         assert_eq!(n.path(11).unwrap().0, b"e/f");
-        n.remember(ROOT, b"hard", 11);
+        n.remember(ROOT, b"hard", 11, false);
         n.unlinked(10, b"f");
         assert_eq!(n.path(11).unwrap().0, b"hard");
         n.unlinked(ROOT, b"hard");
@@ -313,8 +458,8 @@ mod tests {
     #[test]
     fn exchange_and_replace() {
         let mut n = Nodes::new(2);
-        n.remember(ROOT, b"a", 10);
-        n.remember(ROOT, b"b", 11);
+        n.remember(ROOT, b"a", 10, false);
+        n.remember(ROOT, b"b", 11, false);
         n.renamed(ROOT, b"a", ROOT, b"b", true);
         assert_eq!(n.path(10).unwrap().0, b"b");
         assert_eq!(n.path(11).unwrap().0, b"a");
@@ -326,12 +471,12 @@ mod tests {
     #[test]
     fn children_of_several_directories_in_one_scan() {
         let mut n = Nodes::new(500);
-        n.remember(ROOT, b"a", 10);
-        n.remember(ROOT, b"b", 20);
-        n.remember(10, b"x", 11);
-        n.remember(10, b"y", 12);
-        n.remember(20, b"z", 21);
-        n.remember(11, b"deep", 13);
+        n.remember(ROOT, b"a", 10, false);
+        n.remember(ROOT, b"b", 20, false);
+        n.remember(10, b"x", 11, false);
+        n.remember(10, b"y", 12, false);
+        n.remember(20, b"z", 21, false);
+        n.remember(11, b"deep", 13, false);
         let dirs: HashSet<u64> = [10, 20].into_iter().collect();
         let mut got = n.children_of(&dirs);
         got.sort();
@@ -349,8 +494,8 @@ mod tests {
     #[test]
     fn forget_drops_at_zero() {
         let mut n = Nodes::new(2);
-        n.remember(ROOT, b"a", 10);
-        n.remember(ROOT, b"a", 10);
+        n.remember(ROOT, b"a", 10, false);
+        n.remember(ROOT, b"a", 10, false);
         n.forget(10, 1);
         assert!(n.path(10).is_ok());
         n.forget(10, 1);
@@ -362,7 +507,7 @@ mod tests {
     fn forgetting_a_huge_listing_gives_its_memory_back() {
         let mut n = Nodes::new(2);
         for ino in 10..100_010u64 {
-            n.remember(ROOT, format!("file{ino}").as_bytes(), ino);
+            n.remember(ROOT, format!("file{ino}").as_bytes(), ino, false);
         }
         let peak = n.map.capacity() + n.by_name.capacity();
         assert!(peak >= 200_000);
@@ -373,5 +518,77 @@ mod tests {
         let now = n.map.capacity() + n.by_name.capacity();
         assert!(now <= 2 * 4096, "capacity {now} left of {peak}");
         assert!(n.path(100_000).is_ok());
+    }
+
+    #[test]
+    fn a_located_directory_moves_with_what_is_beneath() {
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"work", 10, true);
+        n.remember(10, b"f", 11, false);
+        n.remember(ROOT, b"other", 20, true);
+        assert!(n.is_dir(10) && !n.is_dir(11));
+        // Renamed on the server to other/moved: under a directory the kernel holds.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("other/moved"))]), Some(1));
+        assert_eq!(n.path(11).unwrap().0, b"other/moved/f");
+        assert_eq!(n.child(ROOT, b"work"), None);
+        assert_eq!(n.child(20, b"moved"), Some(10));
+        // Then beneath a directory it does not hold: by its whole path.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("far/away"))]), Some(1));
+        assert_eq!(n.path(11).unwrap().0, b"far/away/f");
+        assert_eq!(n.child(20, b"moved"), None);
+        // Said again, nothing moves; files are not moved at all.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("far/away")), (11, rp("x"))]), Some(0));
+        // A lookup of it by a name gives it that name again.
+        n.remember(ROOT, b"back", 10, true);
+        assert_eq!(n.path(11).unwrap().0, b"back/f");
+    }
+
+    #[test]
+    fn a_location_is_not_taken_after_a_move_or_during_a_rename() {
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10, true);
+        n.remember(ROOT, b"b", 20, true);
+        // This client's exchange of a and b, whose events came before its reply: the
+        // answer must not be applied before the exchange is, nor after it.
+        let t = n.ticket();
+        let answer = [(10, rp("b")), (20, rp("a"))];
+        n.rename_sent();
+        assert_eq!(n.rehome(t, &answer), None);
+        n.renamed(ROOT, b"a", ROOT, b"b", true);
+        n.rename_done();
+        assert_eq!(n.rehome(t, &answer), None, "asked before the exchange");
+        assert_eq!(n.path(10).unwrap().0, b"b");
+        assert_eq!(n.path(20).unwrap().0, b"a");
+        assert_eq!(n.rehome(n.ticket(), &answer), Some(0), "there already");
+        // An answer asked for before a lookup moved the node is out of date.
+        let t = n.ticket();
+        n.remember(20, b"inside", 10, true);
+        assert_eq!(n.rehome(t, &[(10, rp("b"))]), None);
+        assert_eq!(n.path(10).unwrap().0, b"a/inside");
+        // A fresh one is taken; the name it lands on is taken from whoever had it.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("b"))]), Some(1));
+        assert_eq!(n.path(10).unwrap().0, b"b");
+        assert_eq!(n.child(20, b"inside"), None);
+    }
+
+    #[test]
+    fn a_location_beneath_the_node_itself_makes_no_cycle() {
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10, true);
+        n.remember(10, b"b", 20, true);
+        // The server swapped them around: a is now b/a, b is at the root. The table
+        // still has b beneath a.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("b/a"))]), Some(1));
+        assert_eq!(n.path(10).unwrap().0, b"b/a");
+        assert!(n.path(20).is_ok());
+    }
+
+    fn rp(s: &str) -> RelPath {
+        RelPath(s.as_bytes().to_vec())
     }
 }

@@ -49,9 +49,14 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Largest `Hello` frame accepted; the real one is a few dozen bytes.
 const MAX_HELLO: usize = 64 * 1024;
 
-/// Capabilities this server implements; `EVENTS` only when it has a [`Watcher`].
-const SERVER_CAPS: u64 =
-    caps::CALLER_CREDS | caps::EVENTS | caps::COPY_RANGE | caps::READ_SMALL | caps::XATTR_HINTS;
+/// Capabilities this server implements; `EVENTS` and `LOCATE` only when it has a
+/// [`Watcher`].
+const SERVER_CAPS: u64 = caps::CALLER_CREDS
+    | caps::EVENTS
+    | caps::COPY_RANGE
+    | caps::READ_SMALL
+    | caps::XATTR_HINTS
+    | caps::LOCATE;
 
 /// A reply on its way to the writer, holding the request's in-flight permit so the limit
 /// also bounds replies waiting to be written.
@@ -83,7 +88,8 @@ pub async fn serve<T>(
     let mut offered = if watcher.as_ref().is_some_and(|w| w.complete()) {
         SERVER_CAPS
     } else {
-        SERVER_CAPS & !caps::EVENTS
+        // (A client asks where a directory went only when an event said it went.)
+        SERVER_CAPS & !(caps::EVENTS | caps::LOCATE)
     };
     // (`Unlink` always runs inline; whether it can fail where the client's kernel said
     // yes depends on who we are.)
@@ -163,7 +169,11 @@ where
     .await
     .map_err(io::Error::other)?
     .map_err(io::Error::from_raw_os_error)?;
-    let capabilities = hello.capabilities & offered;
+    let mut capabilities = hello.capabilities & offered;
+    if capabilities & caps::EVENTS == 0 {
+        // Its watches are what `Locate` answers from, and they serve only event clients.
+        capabilities &= !caps::LOCATE;
+    }
     let welcome = HelloReply::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         capabilities,

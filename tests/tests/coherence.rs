@@ -1005,3 +1005,80 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
     );
     stream_stayed_up(&fx.mount);
 }
+
+/// A directory held open (like a shell's working directory) and renamed on the export:
+/// once the rename's events came, the mount asks the server where it went, and paths
+/// through it lead to the new place: names made there are found, files there read their
+/// new content, and processes working in it list and read it. (Requests go by path: the
+/// mount used to go on asking for the old one, ENOENT for as long as it was held.)
+#[test]
+fn a_held_directory_renamed_on_the_export_keeps_working() {
+    use std::os::fd::AsRawFd;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("work")).expect("mkdir");
+        fs::write(e.join("work/f"), b"one").expect("write");
+        fs::create_dir_all(e.join("far/away")).expect("mkdir");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let held = fs::File::open(fx.mnt("work")).expect("open the directory");
+    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    assert_eq!(fs::read(inside.join("f")).expect("read"), b"one");
+    fs::rename(fx.exp("work"), fx.exp("moved")).expect("rename on the export");
+    eventually("the rename", || absent(&fx.mnt("work")));
+    write_closed(&fx.exp("moved/new"), b"n").expect("create on the export");
+    write_closed(&fx.exp("moved/f"), b"two, longer").expect("rewrite on the export");
+    eventually(
+        "a name made in the renamed directory, where it is held",
+        || fs::read(inside.join("new")).is_ok_and(|d| d == b"n"),
+    );
+    eventually(
+        "a rewrite in the renamed directory, where it is held",
+        || fs::read(inside.join("f")).is_ok_and(|d| d == b"two, longer"),
+    );
+    // Moved again, into another directory the mount has looked into.
+    assert!(
+        fs::read_dir(fx.mnt("far/away"))
+            .expect("list")
+            .next()
+            .is_none()
+    );
+    fs::rename(fx.exp("moved"), fx.exp("far/away/work")).expect("rename on the export");
+    write_closed(&fx.exp("far/away/work/deep"), b"deep").expect("create on the export");
+    eventually("a name made after a move to another directory", || {
+        fs::read(inside.join("deep")).is_ok_and(|d| d == b"deep")
+    });
+    // Processes whose working directory it is (chdir through the held descriptor).
+    let ls = std::process::Command::new("ls")
+        .current_dir(&inside)
+        .output()
+        .expect("run ls");
+    assert!(ls.status.success(), "ls in the moved directory: {ls:?}");
+    assert_eq!(String::from_utf8_lossy(&ls.stdout), "deep\nf\nnew\n");
+    let cat = std::process::Command::new("cat")
+        .arg("f")
+        .current_dir(&inside)
+        .output()
+        .expect("run cat");
+    assert_eq!(
+        cat.stdout, b"two, longer",
+        "cat in the moved directory: {cat:?}"
+    );
+    assert_eq!(
+        fs::read(fx.mnt("far/away/work/new")).expect("read by the new path"),
+        b"n"
+    );
+    // A directory made through the mount and renamed on the export, likewise.
+    fs::create_dir(fx.mnt("made")).expect("mkdir through the mount");
+    let held2 = fs::File::open(fx.mnt("made")).expect("open the directory");
+    let inside2 = Path::new("/proc/self/fd").join(held2.as_raw_fd().to_string());
+    fs::rename(fx.exp("made"), fx.exp("made2")).expect("rename on the export");
+    write_closed(&fx.exp("made2/x"), b"x").expect("create on the export");
+    eventually(
+        "a name made in a renamed directory made through the mount",
+        || fs::read(inside2.join("x")).is_ok_and(|d| d == b"x"),
+    );
+    assert!(fx.mount.stats().get("dirs_located") >= 3);
+    stream_stayed_up(&fx.mount);
+}

@@ -448,7 +448,12 @@ impl Core {
                     break;
                 }
                 last = first + i + 1;
-                accepted.push((e.name.0.as_slice(), attr.ino, vouched));
+                accepted.push((
+                    e.name.0.as_slice(),
+                    attr.ino,
+                    vouched,
+                    attr.kind == FileKind::Dir,
+                ));
                 if vouched {
                     taken.push(e.attr);
                 }
@@ -768,15 +773,15 @@ impl Core {
         }
     }
 
-    /// The kernel accepted these readdirplus entries of `dir` (vouched for or not): it
-    /// now holds a reference to each.
-    pub fn listed(&self, dir: u64, entries: &[(&[u8], u64, bool)]) {
+    /// The kernel accepted these readdirplus entries of `dir` (name, inode, vouched for,
+    /// a directory): it now holds a reference to each.
+    pub fn listed(&self, dir: u64, entries: &[(&[u8], u64, bool, bool)]) {
         if let Ok(mut n) = self.nodes.lock() {
-            for &(name, ino, vouched) in entries {
+            for &(name, ino, vouched, is_dir) in entries {
                 if vouched {
-                    n.remember(dir, name, ino);
+                    n.remember(dir, name, ino, is_dir);
                 } else {
-                    n.remember_unverified(dir, name, ino);
+                    n.remember_unverified(dir, name, ino, is_dir);
                 }
             }
         }

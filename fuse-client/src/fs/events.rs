@@ -14,11 +14,14 @@
 //! a runtime worker: a notification can wait on kernel locks held by requests that only a
 //! runtime worker can complete.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use ferry_common::proto::{Attr, Event, FileKind, Name};
+use ferry_common::proto::{
+    Attr, Caller, Event, FileKind, MAX_LOCATE, Name, RelPath, Request, Response,
+};
 
 use super::{Core, dirs::DIR_EPOCH};
 use crate::nodes::ROOT;
@@ -33,6 +36,20 @@ pub enum Invalidation {
     /// Everything queued before this is done: acknowledge server barrier `id`.
     Ack(u64),
 }
+
+/// Directories to ask the server about (`Core::locate_later`), asked one at a time:
+/// kernel inode and the tries left.
+#[derive(Debug, Default)]
+pub(super) struct Locating {
+    queue: VecDeque<(u64, u32)>,
+    /// The directories in `queue`.
+    queued: HashSet<u64>,
+    running: bool,
+}
+
+/// Times a directory is asked for when the answer cannot be taken (a path changed or
+/// a rename of this client's was under way meanwhile); the n-th retry waits n × 10 ms.
+const LOCATE_TRIES: u32 = 5;
 
 /// Drops the kernel's cached attributes of an inode on the calling thread.
 pub type AttrInvalidator = Box<dyn Fn(u64) + Send + Sync>;
@@ -257,8 +274,17 @@ impl Core {
                     // Its inode may come back with attributes of its own (a directory
                     // moved elsewhere, whose events follow it by inode): the name is
                     // not answered locally again until the server confirms it.
-                    if let Ok(mut nodes) = self.nodes.lock() {
-                        nodes.unverify(dir, &name.0);
+                    let moved_dir = match self.nodes.lock() {
+                        Ok(mut nodes) => {
+                            nodes.unverify(dir, &name.0);
+                            nodes.is_dir(ino)
+                        }
+                        Err(_) => false,
+                    };
+                    // A directory the kernel holds (a process's working directory,
+                    // say) may have been renamed: requests through it go by path.
+                    if moved_dir {
+                        self.locate_later(ino);
                     }
                 }
                 self.invalidate(Invalidation::Entry {
@@ -323,6 +349,108 @@ impl Core {
         self.changed_on_server(ino, a);
         self.invalidate(Invalidation::Inode { ino, data: true });
         true
+    }
+
+    /// Directory `ino`, which the kernel holds, lost the name this client knew it by (an
+    /// event said so): ask the server where it is now, and move it there in the inode
+    /// table, so that requests through it (its contents, for a process whose working
+    /// directory it is) go to the new place. In the background, one at a time: answers
+    /// are taken in the order they were given.
+    fn locate_later(&self, ino: u64) {
+        if !self.client.locates() {
+            return;
+        }
+        let start = match self.locating.lock() {
+            Ok(mut l) => {
+                if l.queued.insert(ino) {
+                    l.queue.push_back((ino, LOCATE_TRIES));
+                }
+                !std::mem::replace(&mut l.running, true)
+            }
+            Err(_) => false,
+        };
+        if !start {
+            return;
+        }
+        let rt = tokio::runtime::Handle::try_current()
+            .or_else(|_| self.runtime.get().cloned().ok_or(()));
+        match (self.me.upgrade(), rt) {
+            (Some(me), Ok(rt)) => {
+                rt.spawn(async move { me.locate_queued().await });
+            }
+            _ => {
+                if let Ok(mut l) = self.locating.lock() {
+                    l.queue.clear();
+                    l.queued.clear();
+                    l.running = false;
+                }
+            }
+        }
+    }
+
+    /// Ask for the queued directories, as many at a time as one request takes, until
+    /// none is left.
+    async fn locate_queued(&self) {
+        loop {
+            let batch: Vec<(u64, u32)> = match self.locating.lock() {
+                Ok(mut l) => {
+                    if l.queue.is_empty() {
+                        l.running = false;
+                        return;
+                    }
+                    let n = l.queue.len().min(MAX_LOCATE);
+                    let batch: Vec<_> = l.queue.drain(..n).collect();
+                    for (ino, _) in &batch {
+                        l.queued.remove(ino);
+                    }
+                    batch
+                }
+                Err(_) => return,
+            };
+            let (ticket, nodes) = match self.nodes.lock() {
+                Ok(n) => (
+                    n.ticket(),
+                    batch.iter().map(|&(ino, _)| n.to_kernel(ino)).collect(),
+                ),
+                Err(_) => return,
+            };
+            let request = Request::Locate { nodes };
+            let Ok(Ok(Response::Located(paths))) =
+                self.client.call(Caller::default(), request).await
+            else {
+                continue; // no connection (a reconnect revalidates all), or refused
+            };
+            // (Directories the server does not know: gone, or out of its sight.)
+            let found: Vec<(u64, RelPath)> = batch
+                .iter()
+                .zip(paths)
+                .filter_map(|(&(ino, _), path)| Some((ino, path?)))
+                .collect();
+            let moved = self.nodes.lock().ok().map(|mut n| n.rehome(ticket, &found));
+            match moved {
+                Some(Some(n)) => {
+                    self.stats
+                        .dirs_located
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Some(None) => {
+                    // Something moved meanwhile: ask again, once that has settled.
+                    let tries = batch.iter().map(|&(_, t)| t).max().unwrap_or(0);
+                    if tries > 1 {
+                        let wait = u64::from(LOCATE_TRIES - tries + 1) * 10;
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        if let Ok(mut l) = self.locating.lock() {
+                            for &(ino, _) in &found {
+                                if l.queued.insert(ino) {
+                                    l.queue.push_back((ino, tries - 1));
+                                }
+                            }
+                        }
+                    }
+                }
+                None => return,
+            }
+        }
     }
 
     /// Directories `dirs` (server node ids) are not watched any more: nothing of them

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use ferry_common::OnceKey;
 use ferry_common::proto::{
-    Attr, Caller, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
+    Attr, Caller, FileKind, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
     XATTRS_UNKNOWN,
 };
 
@@ -262,6 +262,9 @@ pub struct Stats {
     /// those of them the server then refused.
     pub unlinks_behind: AtomicU64,
     pub unlinks_behind_failed: AtomicU64,
+    /// Directories renamed on the server that the kernel holds, moved in the inode
+    /// table to where the server said they went (`Request::Locate`).
+    pub dirs_located: AtomicU64,
 }
 
 pub struct Core {
@@ -295,11 +298,32 @@ pub struct Core {
     refreshing: Mutex<HashMap<u64, bool>>,
     /// Unlinks answered before the server confirmed them.
     unlinks: unlinks::Behind,
+    /// Directories whose new place is asked of the server (`Core::locate_later`).
+    locating: Mutex<events::Locating>,
     /// The runtime, for work started from threads outside it (barrier acks).
     runtime: OnceLock<tokio::runtime::Handle>,
     /// This core, for work it starts in the background on its own.
     me: std::sync::Weak<Core>,
     pub stats: Stats,
+}
+
+/// A rename of this client's under way, for the inode table (`Nodes::rename_sent`);
+/// over when dropped, replied or not.
+struct Renaming<'a>(&'a Core);
+
+impl<'a> Renaming<'a> {
+    fn start(core: &'a Core) -> FsResult<Renaming<'a>> {
+        core.nodes()?.rename_sent();
+        Ok(Renaming(core))
+    }
+}
+
+impl Drop for Renaming<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut n) = self.0.nodes.lock() {
+            n.rename_done();
+        }
+    }
 }
 
 fn errno<T>(e: i32) -> FsResult<T> {
@@ -340,6 +364,7 @@ impl Core {
             siblings: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
             unlinks: unlinks::Behind::default(),
+            locating: Mutex::default(),
             runtime: OnceLock::new(),
             stats: Stats::default(),
         })
@@ -816,7 +841,8 @@ impl Core {
     /// Record that the kernel got an entry for `parent/name` and return kernel attrs.
     fn entry(&self, parent: u64, name: &[u8], attr: Attr) -> FsResult<Attr> {
         let attr = self.note_attr(attr);
-        self.nodes()?.remember(parent, name, attr.ino);
+        self.nodes()?
+            .remember(parent, name, attr.ino, attr.kind == FileKind::Dir);
         Ok(attr)
     }
 
@@ -961,7 +987,10 @@ impl Core {
         };
         let attr = self.known_attr(ino)?;
         // The reply gives the kernel one more reference, as any lookup does.
-        self.nodes.lock().ok()?.remember(parent, name, attr.ino);
+        self.nodes
+            .lock()
+            .ok()?
+            .remember(parent, name, attr.ino, attr.kind == FileKind::Dir);
         self.stats
             .lookups_without_round_trip
             .fetch_add(1, Ordering::Relaxed);
@@ -1269,6 +1298,8 @@ impl Core {
                 was: self.last_attr(ino),
             }),
         });
+        // No location answer is taken while the rename is under way (see `Nodes::rehome`).
+        let _renaming = Renaming::start(self)?;
         self.rpc_once_or_shown(caller, req, shown).await?;
         if let Some(sino) = replaced {
             self.link_count_changed(sino);
@@ -1432,6 +1463,7 @@ impl Core {
             ("resyncs", &s.resyncs),
             ("unlinks_behind", &s.unlinks_behind),
             ("unlinks_behind_failed", &s.unlinks_behind_failed),
+            ("dirs_located", &s.dirs_located),
         ] {
             v.push((k.to_string(), a.load(Ordering::Relaxed)));
         }

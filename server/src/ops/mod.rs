@@ -70,7 +70,7 @@ mod xattr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use ferry_common::proto::{Name, rename_flags};
+use ferry_common::proto::{MAX_LOCATE, Name, rename_flags};
 use ferry_common::{Attr, Caller, FileKind, OnceKey, RelPath, Request, Response, Timespec, caps};
 
 use crate::export::Export;
@@ -552,6 +552,13 @@ fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Er
             names,
             max_size,
         } => open::read_small(ctx, &dir, &names, max_size),
+        Request::Locate { nodes } if nodes.len() <= MAX_LOCATE => match &ctx.watch {
+            Some(w) => Ok(Response::Located(
+                nodes.into_iter().map(|n| w.locate(n)).collect(),
+            )),
+            None => Err(libc::ENOSYS),
+        },
+        Request::Locate { .. } => Err(libc::EINVAL),
         Request::Release { handle } => ctx.handles.remove_file(handle).map(|()| Response::Ok),
         Request::OpenDir { path } => dir::opendir(ctx, &path),
         Request::ReadDir {

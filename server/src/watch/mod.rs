@@ -342,6 +342,30 @@ impl Watcher {
         self.lock().by_inode.contains_key(&(dev, ino))
     }
 
+    /// The path of the watched directory `node` (a node id, [`crate::ops::node_id`]) now,
+    /// if the watch's path still leads to it: a request that resolves it now finds that
+    /// very directory. `None` when it is not watched (never listed, moved out of sight,
+    /// removed) or its recorded path is out of date.
+    pub fn locate(&self, node: u64) -> Option<RelPath> {
+        let root_dev = self.export.root_dev();
+        let (path, id) = {
+            let state = self.lock();
+            // Node ids of other filesystems mounted in the export mix in the device
+            // (`ops::node_id`): one candidate per device.
+            let w = state
+                .devs
+                .iter()
+                .map(|&dev| match dev == root_dev {
+                    true => (dev, node),
+                    false => (dev, node ^ dev.rotate_left(32)),
+                })
+                .find_map(|id| state.by_inode.get(&id))
+                .and_then(|wd| state.by_wd.get(wd))?;
+            (RelPath(w.path.clone()), (w.dev, w.ino))
+        };
+        self.export.leads_to(&path, id).then_some(path)
+    }
+
     /// Make sure the directory entry `name` of `dir` (whose path is `path`; `st` its
     /// attributes just taken) is watched if it is a directory, before its attributes
     /// are handed out: a change inside it changes them (mtime, link count), and only its

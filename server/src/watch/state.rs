@@ -61,6 +61,8 @@ pub struct State {
     pub by_wd: HashMap<i32, Watch>,
     pub by_path: HashMap<Vec<u8>, i32>,
     pub by_inode: HashMap<(u64, u64), i32>,
+    /// Every device a watch was ever on (a few: filesystems mounted in the export).
+    pub devs: HashSet<u64>,
     /// Directory `IN_MOVED_FROM`s waiting for their `IN_MOVED_TO`: cookie → (old path,
     /// batches waited). The pair may straddle two reads, so one extra batch is allowed.
     moves: HashMap<u32, (Vec<u8>, u8)>,
@@ -122,6 +124,7 @@ impl State {
             self.by_path.insert(path.clone(), wd);
         }
         self.by_inode.insert((dev, ino), wd);
+        self.devs.insert(dev);
         self.by_wd.insert(wd, Watch { path, dev, ino });
         gone
     }

@@ -2,7 +2,7 @@
 //! into, whoever made the change. Every wait polls the stream with a deadline; absence is
 //! shown by ordering (a later change's event arrives, the earlier one never did).
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use ferry_common::*;
@@ -385,4 +385,57 @@ async fn a_speculative_listing_does_not_take_a_required_watch() {
         Ok(Response::Listing { .. })
     ));
     assert!(!c.events.contains(&Event::Incomplete), "{:?}", c.events);
+}
+
+/// `Locate` (with `LOCATE`, offered only beside `EVENTS`): where a directory a client
+/// looked into is now, after a rename on the server, its subdirectories along with it;
+/// `ENOENT` for one the server does not watch, or that left the export.
+#[tokio::test]
+async fn locate_answers_where_a_watched_directory_went() {
+    let server = Server::start().await;
+    let root = server.root();
+    std::fs::create_dir_all(root.join("a/sub")).unwrap();
+    std::fs::create_dir(root.join("b")).unwrap();
+    std::fs::create_dir(root.join("plain")).unwrap();
+    let plain = Client::connect(server.addr, caps::LOCATE).await;
+    assert_eq!(plain.welcome.capabilities, 0, "LOCATE without EVENTS");
+    let mut c = Client::connect(server.addr, caps::EVENTS | caps::LOCATE).await;
+    assert_eq!(c.welcome.capabilities, caps::EVENTS | caps::LOCATE);
+    let locate = async |c: &mut Client, nodes: &[u64]| match c
+        .call(Request::Locate {
+            nodes: nodes.to_vec(),
+        })
+        .await
+    {
+        Ok(Response::Located(paths)) => paths
+            .into_iter()
+            .map(|p| p.map(|p| String::from_utf8(p.0).unwrap()))
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let a = c.lookup("", "a").await.unwrap().ino;
+    let sub = c.lookup("a", "sub").await.unwrap().ino;
+    let plain_ino = std::fs::metadata(root.join("plain"))
+        .map(|m| m.ino())
+        .unwrap();
+    list(&mut c, "a/sub").await;
+    list(&mut c, "b").await;
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(locate(&mut c, &[a, plain_ino]).await, [some("a"), None]);
+
+    std::fs::rename(root.join("a"), root.join("b/a2")).unwrap();
+    expect(&mut c, "", Some("a"), Option::is_none).await;
+    assert_eq!(
+        locate(&mut c, &[a, sub]).await,
+        [some("b/a2"), some("b/a2/sub")]
+    );
+
+    std::fs::rename(root.join("b/a2"), server.outside().join("a")).unwrap();
+    expect(&mut c, "b", Some("a2"), Option::is_none).await;
+    assert_eq!(locate(&mut c, &[a, sub]).await, [None, None]);
+    let too_many = vec![a; MAX_LOCATE + 1];
+    assert_eq!(
+        c.call(Request::Locate { nodes: too_many }).await,
+        Err(libc::EINVAL)
+    );
 }
