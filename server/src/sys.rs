@@ -303,6 +303,90 @@ pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
 }
 
+/// A file handle (`name_to_handle_at`): the filesystem's own name for an inode, which
+/// finds it again wherever it has moved ([`open_by_handle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle {
+    kind: i32,
+    bytes: Box<[u8]>,
+}
+
+/// Largest file handle the kernel hands out (`MAX_HANDLE_SZ`).
+const MAX_HANDLE: usize = 128;
+
+/// The file handle of the inode behind `fd`.
+pub fn handle_of(fd: BorrowedFd<'_>) -> Result<Handle, Errno> {
+    // `struct file_handle`: two 4-byte fields, then the bytes; u64s for alignment.
+    let mut buf = [0u64; 1 + MAX_HANDLE / 8];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `fh` points at a buffer of 8 + MAX_HANDLE bytes, suitably aligned, whose
+    // `handle_bytes` says how many the kernel may fill; the empty path with
+    // AT_EMPTY_PATH names `fd` itself.
+    unsafe {
+        (*fh).handle_bytes = MAX_HANDLE as u32;
+        cvt(libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            fh,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        ))?;
+    }
+    // SAFETY: the kernel filled the header and `handle_bytes` (≤ MAX_HANDLE) bytes.
+    let (len, kind) = unsafe { ((*fh).handle_bytes as usize, (*fh).handle_type) };
+    let all: &[u8] = bytes_of_words(&buf);
+    let bytes = all.get(8..8 + len).ok_or(libc::EOVERFLOW)?;
+    Ok(Handle {
+        kind,
+        bytes: bytes.into(),
+    })
+}
+
+fn bytes_of_words(words: &[u64]) -> &[u8] {
+    // SAFETY: any u64 slice is also a valid byte slice of 8 times its length.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+/// Open the inode `handle` names (on the filesystem of `mount`), wherever it is now:
+/// `ESTALE` once it is gone. Needs `CAP_DAC_READ_SEARCH` (`EPERM` otherwise).
+pub fn open_by_handle(
+    mount: BorrowedFd<'_>,
+    handle: &Handle,
+    flags: i32,
+) -> Result<OwnedFd, Errno> {
+    let mut buf = [0u64; 1 + MAX_HANDLE / 8];
+    let len = handle.bytes.len().min(MAX_HANDLE);
+    // SAFETY: the buffer holds the 8-byte header plus MAX_HANDLE bytes; `len` of them
+    // are copied in.
+    unsafe {
+        let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+        (*fh).handle_bytes = len as u32;
+        (*fh).handle_type = handle.kind;
+        std::ptr::copy_nonoverlapping(
+            handle.bytes.as_ptr(),
+            buf.as_mut_ptr().cast::<u8>().add(8),
+            len,
+        );
+        let fd = cvt(libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            fh,
+            flags | libc::O_CLOEXEC,
+        ))?;
+        // SAFETY: a fresh descriptor owned by nobody else.
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Where the inode behind `fd` is now, as an absolute path (`/proc/self/fd`).
+pub fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let p = proc_fd_path(fd);
+    std::fs::read_link(std::ffi::OsStr::from_bytes(p.as_bytes()))
+        .map(|p| p.into_os_string().into_vec())
+        .map_err(|e| errno_of(&e))
+}
+
 /// chmod of the inode behind an `O_PATH` fd. The caller must have checked that it is
 /// not a symlink: the `/proc` magic link is followed.
 pub fn chmod_fd_path(fd: BorrowedFd<'_>, mode: u32) -> Result<(), Errno> {

@@ -102,6 +102,9 @@ pub struct Watcher {
     /// Commit barriers waiting for acknowledgements: id → (acks still due, wake-up).
     barriers: Mutex<HashMap<u64, (usize, Arc<Notify>)>>,
     next_barrier: AtomicU64,
+    /// The root opened for reading, which `open_by_handle_at` needs (see
+    /// [`Watcher::locate`]); `None` if it cannot be.
+    handle_mount: std::sync::OnceLock<Option<OwnedFd>>,
 }
 
 /// How long a commit waits for other clients to acknowledge its barrier. A client that
@@ -137,6 +140,7 @@ impl Watcher {
             started: std::time::Instant::now(),
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
+            handle_mount: std::sync::OnceLock::new(),
         });
         let reader = tokio::spawn(Arc::clone(&w).read_loop());
         Ok((w, reader))
@@ -275,6 +279,13 @@ impl Watcher {
                     self.unwatch(wd);
                     return false;
                 }
+                let id = (st.st_dev, st.st_ino);
+                if id.0 == self.export.root_dev()
+                    && !state.handles.contains_key(&id)
+                    && let Ok(handle) = sys::handle_of(dir)
+                {
+                    state.keep_handle(id, handle);
+                }
                 if let Some((old, w)) = state.insert(wd, path.0.clone(), st.st_dev, st.st_ino) {
                     self.unwatch(old);
                     if let Some(ev) = self.lost_sight(&[w]) {
@@ -342,17 +353,18 @@ impl Watcher {
         self.lock().by_inode.contains_key(&(dev, ino))
     }
 
-    /// The path of the watched directory `node` (a node id, [`crate::ops::node_id`]) now,
-    /// if the watch's path still leads to it: a request that resolves it now finds that
-    /// very directory. `None` when it is not watched (never listed, moved out of sight,
-    /// removed) or its recorded path is out of date.
+    /// Where directory `node` (a node id, [`crate::ops::node_id`]) is now, if it is
+    /// beneath the root: found by its file handle (kept for directories this server
+    /// watched on the root's filesystem; needs `CAP_DAC_READ_SEARCH`), else at its
+    /// watch's path. Either is answered only if it leads to that very directory now,
+    /// resolved beneath the root as any request's path.
     pub fn locate(&self, node: u64) -> Option<RelPath> {
         let root_dev = self.export.root_dev();
-        let (path, id) = {
+        let (handle, watched) = {
             let state = self.lock();
             // Node ids of other filesystems mounted in the export mix in the device
             // (`ops::node_id`): one candidate per device.
-            let w = state
+            let watched = state
                 .devs
                 .iter()
                 .map(|&dev| match dev == root_dev {
@@ -360,9 +372,46 @@ impl Watcher {
                     false => (dev, node ^ dev.rotate_left(32)),
                 })
                 .find_map(|id| state.by_inode.get(&id))
-                .and_then(|wd| state.by_wd.get(wd))?;
-            (RelPath(w.path.clone()), (w.dev, w.ino))
+                .and_then(|wd| state.by_wd.get(wd))
+                .map(|w| (RelPath(w.path.clone()), (w.dev, w.ino)));
+            (state.handles.get(&(root_dev, node)).cloned(), watched)
         };
+        if let Some(found) = handle.and_then(|h| self.found_by_handle(&h, (root_dev, node))) {
+            return Some(found);
+        }
+        let (path, id) = watched?;
+        self.export.leads_to(&path, id).then_some(path)
+    }
+
+    /// The path beneath the root of the directory `id` that `handle` names.
+    fn found_by_handle(&self, handle: &sys::Handle, id: (u64, u64)) -> Option<RelPath> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY;
+        // (`open_by_handle_at` takes no `O_PATH` descriptor for the filesystem.)
+        let mount = self
+            .handle_mount
+            .get_or_init(|| {
+                let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+                sys::openat(self.export.root_fd(), c".", flags, 0).ok()
+            })
+            .as_ref()?;
+        let fd = sys::open_by_handle(mount.as_fd(), handle, flags).ok()?;
+        let st = sys::fstat(fd.as_fd()).ok()?;
+        if (st.st_dev, st.st_ino) != id {
+            return None;
+        }
+        let root = sys::fd_path(self.export.root_fd()).ok()?;
+        let at = sys::fd_path(fd.as_fd()).ok()?;
+        let rel = if at == root {
+            Vec::new()
+        } else {
+            let beneath = if root.ends_with(b"/") {
+                root
+            } else {
+                [&root[..], b"/"].concat()
+            };
+            at.strip_prefix(&beneath[..])?.to_vec()
+        };
+        let path = RelPath(rel);
         self.export.leads_to(&path, id).then_some(path)
     }
 

@@ -63,6 +63,11 @@ pub struct State {
     pub by_inode: HashMap<(u64, u64), i32>,
     /// Every device a watch was ever on (a few: filesystems mounted in the export).
     pub devs: HashSet<u64>,
+    /// Watches set aside by a move onto their path (see [`State::rename`]).
+    parked: HashSet<i32>,
+    /// File handles of watched directories (on the root's filesystem), kept after their
+    /// watch goes (moved out of sight, say): they find a directory wherever it went.
+    pub handles: HashMap<(u64, u64), crate::sys::Handle>,
     /// Directory `IN_MOVED_FROM`s waiting for their `IN_MOVED_TO`: cookie → (old path,
     /// batches waited). The pair may straddle two reads, so one extra batch is allowed.
     moves: HashMap<u32, (Vec<u8>, u8)>,
@@ -129,8 +134,19 @@ impl State {
         gone
     }
 
+    /// Keep the file handle of directory `id`. Past as many handles as four times the
+    /// watches (at least 65,536), those of directories no longer watched go.
+    pub fn keep_handle(&mut self, id: (u64, u64), handle: crate::sys::Handle) {
+        self.handles.insert(id, handle);
+        if self.handles.len() > (4 * self.by_wd.len()).max(1 << 16) {
+            let by_inode = &self.by_inode;
+            self.handles.retain(|id, _| by_inode.contains_key(id));
+        }
+    }
+
     /// Drop watch `wd` from the maps; returns what it watched.
     pub fn forget(&mut self, wd: i32) -> Option<Watch> {
+        self.parked.remove(&wd);
         let w = self.by_wd.remove(&wd)?;
         if self.by_path.get(&w.path) == Some(&wd) {
             self.by_path.remove(&w.path);
@@ -150,12 +166,37 @@ impl State {
             .collect()
     }
 
-    /// A directory moved from `old` to `new`: every watch beneath follows.
+    /// A directory moved from `old` to `new`: every watch beneath follows. Watches at
+    /// `new` and beneath before the move are set aside (`parked`): the directory there
+    /// was replaced (removed: its watch goes with its `IN_IGNORED`) or, for an exchange
+    /// (`renameat2(RENAME_EXCHANGE)`, reported as two moves, maybe split between two
+    /// batches), is about to move to `old`: the next move from `new` then takes only
+    /// them.
     pub fn rename(&mut self, old: &[u8], new: &[u8]) {
         if old.is_empty() {
             return; // the root never moves within itself
         }
-        for wd in self.under(old) {
+        let beneath = self.under(old);
+        let parked: Vec<i32> = beneath
+            .iter()
+            .copied()
+            .filter(|wd| self.parked.contains(wd))
+            .collect();
+        let moving = if parked.is_empty() { beneath } else { parked };
+        let displaced: Vec<i32> = self
+            .under(new)
+            .into_iter()
+            .filter(|wd| !moving.contains(wd))
+            .collect();
+        for wd in &displaced {
+            if let Some(w) = self.by_wd.get(wd)
+                && self.by_path.get(&w.path) == Some(wd)
+            {
+                self.by_path.remove(&w.path);
+            }
+        }
+        for wd in moving {
+            self.parked.remove(&wd);
             if let Some(w) = self.by_wd.get_mut(&wd) {
                 let mut path = new.to_vec();
                 path.extend_from_slice(&w.path[old.len()..]);
@@ -166,6 +207,7 @@ impl State {
                 self.by_path.insert(path, wd);
             }
         }
+        self.parked.extend(displaced);
     }
 
     /// Turn one batch into a digest, updating paths for the renames it contains.
@@ -396,5 +438,81 @@ mod tests {
         assert!(matches!(s.insert(3, b"b".to_vec(), 1, 3), Some((2, w)) if w.ino == 2));
         assert_eq!(s.by_path[&b"b"[..]], 3);
         assert!(!s.by_wd.contains_key(&2));
+    }
+
+    #[test]
+    fn exchanged_directories_each_keep_their_watches() {
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"a".to_vec(), 1, 2);
+        s.insert(3, b"a/in".to_vec(), 1, 3);
+        s.insert(4, b"b".to_vec(), 1, 4);
+        s.insert(5, b"p".to_vec(), 1, 5);
+        s.insert(6, b"p/c".to_vec(), 1, 6);
+        let dir = libc::IN_ISDIR;
+        // renameat2(a, b, RENAME_EXCHANGE), as the kernel reports it.
+        let d = s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 7, Some("a")),
+            ev(1, libc::IN_MOVED_TO | dir, 7, Some("b")),
+            ev(2, libc::IN_MOVE_SELF, 0, None),
+            ev(1, libc::IN_MOVED_FROM | dir, 8, Some("b")),
+            ev(1, libc::IN_MOVED_TO | dir, 8, Some("a")),
+            ev(4, libc::IN_MOVE_SELF, 0, None),
+            ev(3, libc::IN_CREATE, 0, Some("f")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"b");
+        assert_eq!(s.by_wd[&3].path, b"b/in");
+        assert_eq!(s.by_wd[&4].path, b"a");
+        assert_eq!(s.by_path[&b"a"[..]], 4);
+        assert_eq!(s.by_path[&b"b"[..]], 2);
+        assert_eq!(s.by_path[&b"b/in"[..]], 3);
+        assert!(pairs(&d).contains(&key("b/in", Some("f"))));
+        // Across two parents, and a directory exchanged with a file (one move only).
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 9, Some("a")),
+            ev(5, libc::IN_MOVED_TO | dir, 9, Some("c")),
+            ev(5, libc::IN_MOVED_FROM | dir, 10, Some("c")),
+            ev(1, libc::IN_MOVED_TO | dir, 10, Some("a")),
+        ]);
+        assert_eq!(s.by_wd[&4].path, b"p/c");
+        assert_eq!(s.by_wd[&6].path, b"a");
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 11, Some("b")),
+            ev(1, libc::IN_MOVED_TO | dir, 11, Some("file")),
+            ev(1, libc::IN_MOVED_FROM, 12, Some("file")),
+            ev(1, libc::IN_MOVED_TO, 12, Some("b")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"file");
+        assert_eq!(s.by_wd[&3].path, b"file/in");
+        assert_eq!(s.by_path[&b"file"[..]], 2);
+        // Split between two batches (the reader's window ended in between).
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 13, Some("file")),
+            ev(1, libc::IN_MOVED_TO | dir, 13, Some("a")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"a");
+        assert_eq!(s.by_path[&b"a"[..]], 2);
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 14, Some("a")),
+            ev(1, libc::IN_MOVED_TO | dir, 14, Some("file")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"a");
+        assert_eq!(s.by_wd[&3].path, b"a/in");
+        assert_eq!(s.by_wd[&6].path, b"file");
+        assert_eq!(s.by_path[&b"file"[..]], 6);
+        // A move over an empty directory: the one replaced is set aside until its
+        // removal is reported, and a later move of the new one there takes it along.
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 15, Some("file")),
+            ev(1, libc::IN_MOVED_TO | dir, 15, Some("b")),
+            ev(4, libc::IN_DELETE_SELF, 0, None),
+            ev(4, libc::IN_IGNORED, 0, None),
+        ]);
+        assert!(!s.by_wd.contains_key(&4));
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 16, Some("b")),
+            ev(1, libc::IN_MOVED_TO | dir, 16, Some("c")),
+        ]);
+        assert_eq!(s.by_wd[&6].path, b"c");
     }
 }

@@ -388,8 +388,9 @@ async fn a_speculative_listing_does_not_take_a_required_watch() {
 }
 
 /// `Locate` (with `LOCATE`, offered only beside `EVENTS`): where a directory a client
-/// looked into is now, after a rename on the server, its subdirectories along with it;
-/// `ENOENT` for one the server does not watch, or that left the export.
+/// looked into is now, after a rename on the server, its subdirectories along with it,
+/// also beneath a directory nobody looked into (found by its file handle, as root);
+/// `None` for one the server never watched, or that left the export.
 #[tokio::test]
 async fn locate_answers_where_a_watched_directory_went() {
     let server = Server::start().await;
@@ -397,6 +398,8 @@ async fn locate_answers_where_a_watched_directory_went() {
     std::fs::create_dir_all(root.join("a/sub")).unwrap();
     std::fs::create_dir(root.join("b")).unwrap();
     std::fs::create_dir(root.join("plain")).unwrap();
+    std::fs::create_dir_all(root.join("c")).unwrap();
+    std::fs::create_dir_all(root.join("deep/er")).unwrap();
     let plain = Client::connect(server.addr, caps::LOCATE).await;
     assert_eq!(plain.welcome.capabilities, 0, "LOCATE without EVENTS");
     let mut c = Client::connect(server.addr, caps::EVENTS | caps::LOCATE).await;
@@ -433,6 +436,14 @@ async fn locate_answers_where_a_watched_directory_went() {
     std::fs::rename(root.join("b/a2"), server.outside().join("a")).unwrap();
     expect(&mut c, "b", Some("a2"), Option::is_none).await;
     assert_eq!(locate(&mut c, &[a, sub]).await, [None, None]);
+    let c_ino = c.lookup("", "c").await.unwrap().ino;
+    list(&mut c, "c").await;
+    std::fs::rename(root.join("c"), root.join("deep/er/c")).unwrap();
+    expect(&mut c, "", Some("c"), Option::is_none).await;
+    // SAFETY: no arguments, no side effects.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!(locate(&mut c, &[c_ino]).await, [some("deep/er/c")]);
+    }
     let too_many = vec![a; MAX_LOCATE + 1];
     assert_eq!(
         c.call(Request::Locate { nodes: too_many }).await,
