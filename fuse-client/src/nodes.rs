@@ -12,13 +12,14 @@
 //! A directory renamed on the server, as events report, keeps its node: the client asks
 //! the server where it went (`Request::Locate`) and moves it there ([`Nodes::rehome`]),
 //! so a process that holds it (its working directory) keeps working. Such an answer is
-//! taken only if no path in the table changed since it was asked for, and no rename
-//! of this client's was in flight meanwhile (its reply, applied relative to the names
-//! before it, could otherwise undo or double the move).
+//! taken only if nothing it rests on changed since it was asked for ([`Ticket`]): the
+//! node's own place, the places of the directories on its old and new paths, the names
+//! along the new path (events report them), and no rename of this client's in flight
+//! touches any of them (its reply is applied relative to the names before it).
 //!
 //! This module does no I/O and holds no locks of its own; the caller wraps it in a Mutex.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ferry_common::proto::RelPath;
 
@@ -39,15 +40,20 @@ pub const ROOT: u64 = 1;
 /// Deepest path the table will build (guards against a corrupted parent cycle).
 const MAX_DEPTH: usize = 4096;
 
+/// Names reported changed that are remembered for judging location answers; past it,
+/// answers asked for before the oldest one forgotten are asked again.
+const CHANGED_NAMES_MAX: usize = 4096;
+
+type Key = (u64, Vec<u8>);
+
 #[derive(Debug)]
 struct Node {
     /// Names this node is known under: (parent inode, name). The first is used for paths.
     names: Vec<(u64, Vec<u8>)>,
     lookups: u64,
     dir: bool,
-    /// For a directory the server located beneath a directory the kernel does not hold:
-    /// its whole path (used while it has no name in the table).
-    at: Option<Box<RelPath>>,
+    /// The table's clock when the first name last changed (see [`Ticket`]).
+    placed: u64,
 }
 
 #[derive(Debug)]
@@ -59,18 +65,47 @@ pub struct Nodes {
     /// `Core::fill_listing`): the name may be gone or stand for another inode now, so
     /// a lookup of it asks the server.
     unverified: HashSet<(u64, Vec<u8>)>,
-    /// Counts every change of a node's path (its first name, or where it was located):
-    /// a location asked for before the last change may be out of date.
-    moves: u64,
-    /// This client's renames sent and not yet applied here.
-    renaming: u32,
+    /// Counts changes that can make a location answer out of date.
+    clock: u64,
+    /// Names events reported gone, replaced or new, with the clock then (the newest),
+    /// oldest first in `changed_order`, at most `CHANGED_NAMES_MAX`.
+    changed: HashMap<Key, u64>,
+    changed_order: VecDeque<(Key, u64)>,
+    /// Answers asked for before this clock are out of date (names forgotten, a resync).
+    changed_floor: u64,
+    /// Renames of this client's sent and not yet applied: token → (from, to).
+    renaming: HashMap<u64, (Key, Key)>,
+    next_rename: u64,
 }
 
-/// The table's paths as of a moment ([`Nodes::ticket`]), to be moved by location
-/// answers asked for then.
+/// The table's clock when location answers were asked for ([`Nodes::ticket`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
-    moves: u64,
+    at: u64,
+}
+
+/// What became of location answers ([`Nodes::rehome`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rehomed {
+    /// Moved: to their new place, or, beneath a directory the kernel does not hold,
+    /// out of the table (no path leads to them).
+    pub moved: Vec<u64>,
+    /// Out of date (something they rest on changed): to be asked again.
+    pub again: Vec<u64>,
+    /// A rename of this client's in flight touches them: to be asked again once it is
+    /// applied.
+    pub wait: Vec<u64>,
+    /// Held directories whose name a moved one took: to be located too.
+    pub unplaced: Vec<u64>,
+}
+
+/// The verdict on one location answer.
+enum Verdict {
+    Skip,
+    Again,
+    Wait,
+    /// To this name, or (`None`) out of the table.
+    Place(Option<Key>),
 }
 
 impl Nodes {
@@ -80,8 +115,12 @@ impl Nodes {
             map: HashMap::new(),
             by_name: HashMap::new(),
             unverified: HashSet::new(),
-            moves: 0,
-            renaming: 0,
+            clock: 0,
+            changed: HashMap::new(),
+            changed_order: VecDeque::new(),
+            changed_floor: 0,
+            renaming: HashMap::new(),
+            next_rename: 0,
         }
     }
 
@@ -116,24 +155,16 @@ impl Nodes {
     pub fn path(&self, ino: u64) -> FsResult<RelPath> {
         let mut comps: Vec<&[u8]> = Vec::new();
         let mut cur = ino;
-        let mut path = RelPath::root();
         while cur != ROOT {
             let node = self.map.get(&cur).ok_or(FsError::Errno(libc::ESTALE))?;
-            let Some((parent, name)) = node.names.first() else {
-                match &node.at {
-                    Some(at) => {
-                        path = (**at).clone();
-                        break;
-                    }
-                    None => return Err(FsError::Errno(libc::ENOENT)),
-                }
-            };
+            let (parent, name) = node.names.first().ok_or(FsError::Errno(libc::ENOENT))?;
             comps.push(name);
             cur = *parent;
             if comps.len() > MAX_DEPTH {
                 return Err(FsError::Errno(libc::ELOOP));
             }
         }
+        let mut path = RelPath::root();
         for c in comps.iter().rev() {
             path = path.join(c);
         }
@@ -233,17 +264,18 @@ impl Nodes {
         {
             self.drop_name(old, &key);
         }
+        let clock = self.clock + 1;
         let node = self.map.entry(ino).or_insert(Node {
             names: Vec::new(),
             lookups: 0,
             dir,
-            at: None,
+            placed: clock,
         });
         node.lookups += 1;
         if node.names.first() != Some(&key) {
-            if !node.names.is_empty() || node.at.take().is_some() {
-                self.moves += 1;
-            }
+            // A new node, a nameless one named, or another first name: a new place.
+            node.placed = clock;
+            self.clock = clock;
             // Most recently seen name first: it is the one most likely still valid.
             if let Some(pos) = node.names.iter().position(|n| *n == key) {
                 node.names.remove(pos);
@@ -287,7 +319,8 @@ impl Nodes {
         self.unverified.remove(key);
         if let Some(node) = self.map.get_mut(&ino) {
             if node.names.first() == Some(key) {
-                self.moves += 1;
+                self.clock += 1;
+                node.placed = self.clock;
             }
             node.names.retain(|n| n != key);
         }
@@ -307,7 +340,6 @@ impl Nodes {
     ) {
         let from = (parent, name.to_vec());
         let to = (new_parent, new_name.to_vec());
-        self.moves += 1;
         self.unverified.remove(&from);
         self.unverified.remove(&to);
         let src = self.by_name.remove(&from);
@@ -325,22 +357,55 @@ impl Nodes {
 
     fn rename_key(&mut self, ino: u64, from: &(u64, Vec<u8>), to: &(u64, Vec<u8>)) {
         if let Some(node) = self.map.get_mut(&ino) {
+            self.clock += 1;
+            node.placed = self.clock;
             node.names.retain(|n| n != from);
             node.names.insert(0, to.clone());
-            node.at = None;
             self.by_name.insert(to.clone(), ino);
         }
     }
 
-    /// This client sends a rename: no location answer is taken until its reply is
-    /// applied ([`Nodes::rename_done`], also when it failed).
-    pub fn rename_sent(&mut self) {
-        self.renaming += 1;
+    /// This client sends a rename of `from` to `to`: no location answer resting on
+    /// either name is taken until its reply is applied ([`Nodes::rename_done`] with
+    /// the token returned, also when it failed).
+    pub fn rename_sent(&mut self, from: (u64, &[u8]), to: (u64, &[u8])) -> u64 {
+        self.next_rename += 1;
+        let keys = ((from.0, from.1.to_vec()), (to.0, to.1.to_vec()));
+        self.renaming.insert(self.next_rename, keys);
+        self.next_rename
     }
 
-    pub fn rename_done(&mut self) {
-        self.renaming = self.renaming.saturating_sub(1);
-        self.moves += 1;
+    pub fn rename_done(&mut self, token: u64) {
+        self.renaming.remove(&token);
+    }
+
+    /// An event reported `parent/name` gone, replaced or new.
+    pub fn name_changed(&mut self, parent: u64, name: &[u8]) {
+        self.clock += 1;
+        let key = (parent, name.to_vec());
+        self.changed.insert(key.clone(), self.clock);
+        self.changed_order.push_back((key, self.clock));
+        while self.changed_order.len() > CHANGED_NAMES_MAX {
+            if let Some((key, at)) = self.changed_order.pop_front() {
+                if self.changed.get(&key) == Some(&at) {
+                    self.changed.remove(&key);
+                }
+                self.changed_floor = at;
+            }
+        }
+    }
+
+    /// Anything may have changed (events were lost): no answer asked for before now is
+    /// taken.
+    pub fn all_changed(&mut self) {
+        self.clock += 1;
+        self.changed_floor = self.clock;
+        self.changed.clear();
+        self.changed_order.clear();
+    }
+
+    fn changed_since(&self, key: &Key, t: Ticket) -> bool {
+        t.at < self.changed_floor || self.changed.get(key).is_some_and(|&c| c > t.at)
     }
 
     /// Whether `ino` is a directory the kernel holds (not the root).
@@ -348,48 +413,136 @@ impl Nodes {
         self.map.get(&ino).is_some_and(|n| n.dir)
     }
 
-    /// The table's paths as of now, for [`Nodes::rehome`] once the server said where
+    /// Whether directory `ino` is known by another first name than `parent/name`.
+    pub fn elsewhere(&self, ino: u64, parent: u64, name: &[u8]) -> bool {
+        self.map.get(&ino).is_some_and(|n| {
+            n.dir
+                && n.names
+                    .first()
+                    .is_none_or(|(p, m)| (*p, m.as_slice()) != (parent, name))
+        })
+    }
+
+    /// The table as of now, for [`Nodes::rehome`] once the server said where
     /// directories are.
     pub fn ticket(&self) -> Ticket {
-        Ticket { moves: self.moves }
+        Ticket { at: self.clock }
     }
 
-    /// The server says where directories are now: (kernel inode, path). Taken only if
-    /// nothing moved in the table since the ticket was issued and no rename of this
-    /// client's is in flight (`None`: ask again later); then each directory the kernel
-    /// still holds moves there: under its parent if the kernel holds that (a name it
-    /// had there goes), else by its whole path. Returns how many moved.
-    pub fn rehome(&mut self, t: Ticket, found: &[(u64, RelPath)]) -> Option<usize> {
-        if t.moves != self.moves || self.renaming > 0 {
-            return None;
+    /// The server says where directories are now: (kernel inode, path, or `None` where
+    /// it does not know). Each answer is judged on its own (see the module doc); the
+    /// parents first, so that a directory and one beneath it answered together land
+    /// right.
+    pub fn rehome(&mut self, t: Ticket, found: &[(u64, Option<RelPath>)]) -> Rehomed {
+        let mut found: Vec<(u64, &RelPath)> = found
+            .iter()
+            .filter_map(|(ino, path)| Some((*ino, path.as_ref()?)))
+            .collect();
+        found.sort_by_key(|(_, p)| p.0.iter().filter(|&&b| b == b'/').count() + 1);
+        let mut out = Rehomed::default();
+        let mut now = HashSet::new();
+        for (ino, path) in found {
+            match self.verdict(t, ino, path, &now) {
+                Verdict::Skip => {}
+                Verdict::Again => out.again.push(ino),
+                Verdict::Wait => out.wait.push(ino),
+                Verdict::Place(to) => {
+                    if self.place(ino, to, &mut out.unplaced) {
+                        out.moved.push(ino);
+                        now.insert(ino);
+                        // (Those whose name it took changed place with this batch too.)
+                        now.extend(out.unplaced.iter().copied());
+                    }
+                }
+            }
         }
-        Some(
-            found
-                .iter()
-                .filter(|(ino, path)| self.place(*ino, path))
-                .count(),
-        )
+        out.unplaced.retain(|ino| !out.moved.contains(ino));
+        out
     }
 
-    /// Move directory `ino` to `path` (see [`Nodes::rehome`]); whether it moved.
-    fn place(&mut self, ino: u64, path: &RelPath) -> bool {
-        if ino == ROOT || !self.is_dir(ino) {
-            return false;
-        }
+    /// Whether the answer "`ino` is at `path`" can be taken (see [`Nodes::rehome`]);
+    /// `now`: nodes this batch of answers placed already.
+    fn verdict(&self, t: Ticket, ino: u64, path: &RelPath, now: &HashSet<u64>) -> Verdict {
+        let fresh = |n: &Node, i: u64| n.placed <= t.at || now.contains(&i);
         let Some((parent_path, name)) = path.split_last() else {
-            return false; // the root, which no other directory can be
+            return Verdict::Skip; // the root, which no other directory is
         };
-        let to = self.resolve(&parent_path).map(|p| (p, name.0));
-        // A parent reached through the node itself (the table's names are older than
-        // the answer) would make a cycle: the whole path then.
-        let to = to.filter(|(p, _)| !self.beneath(*p, ino));
-        let old: Vec<(u64, Vec<u8>)> = match self.map.get(&ino) {
+        match self.map.get(&ino) {
+            Some(n) if n.dir => {
+                if !fresh(n, ino) {
+                    return Verdict::Again;
+                }
+            }
+            _ => return Verdict::Skip,
+        }
+        // Its own place and those of the directories above it.
+        let mut keys: Vec<Key> = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT && keys.len() <= MAX_DEPTH {
+            let Some(n) = self.map.get(&cur) else { break };
+            if !fresh(n, cur) {
+                return Verdict::Again;
+            }
+            let Some(key) = n.names.first() else { break };
+            keys.push(key.clone());
+            cur = key.0;
+        }
+        // The new path, through first names the server vouches for, each unchanged.
+        let mut cur = ROOT;
+        let mut held = true;
+        for comp in parent_path
+            .0
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+        {
+            let key = (cur, comp.to_vec());
+            if self.changed_since(&key, t) {
+                return Verdict::Again;
+            }
+            let Some(&next) = self.by_name.get(&key) else {
+                held = false; // beneath a directory the kernel does not hold
+                break;
+            };
+            let Some(n) = self.map.get(&next) else {
+                held = false;
+                break;
+            };
+            if next == ino
+                || n.names.first() != Some(&key)
+                || (self.unverified.contains(&key) && !now.contains(&next))
+                || !fresh(n, next)
+            {
+                return Verdict::Again;
+            }
+            keys.push(key);
+            cur = next;
+        }
+        let to = held.then(|| (cur, name.0.clone()));
+        if let Some(key) = &to {
+            if self.changed_since(key, t) {
+                return Verdict::Again;
+            }
+            keys.push(key.clone());
+        }
+        if self
+            .renaming
+            .values()
+            .any(|(from, to)| keys.contains(from) || keys.contains(to))
+        {
+            return Verdict::Wait;
+        }
+        Verdict::Place(to)
+    }
+
+    /// Move directory `ino` to `to` (`None`: out of the table); whether it moved.
+    /// Held directories whose name it took go to `unplaced`.
+    fn place(&mut self, ino: u64, to: Option<Key>, unplaced: &mut Vec<u64>) -> bool {
+        let old = match self.map.get(&ino) {
             Some(n) if n.names.first() == to.as_ref() => return false, // there already
-            Some(n) if to.is_none() && n.at.as_deref() == Some(path) => return false,
+            Some(n) if to.is_none() && n.names.is_empty() => return false,
             Some(n) => n.names.clone(),
             None => return false,
         };
-        self.moves += 1;
         for key in &old {
             self.unverified.remove(key);
             if self.by_name.get(key) == Some(&ino) {
@@ -400,33 +553,23 @@ impl Nodes {
             && let Some(&other) = self.by_name.get(key)
         {
             self.drop_name(other, key);
+            if self.is_dir(other) {
+                unplaced.push(other);
+            }
         }
+        self.clock += 1;
+        let clock = self.clock;
         let Some(node) = self.map.get_mut(&ino) else {
             return false;
         };
+        node.placed = clock;
         node.names.clear();
-        match to {
-            Some(key) => {
-                node.at = None;
-                node.names.push(key.clone());
-                self.unverified.remove(&key);
-                self.by_name.insert(key, ino);
-            }
-            None => node.at = Some(Box::new(path.clone())),
-        }
-        true
-    }
-
-    /// Whether `ino` is `dir` or reached through it by first names.
-    fn beneath(&self, mut ino: u64, dir: u64) -> bool {
-        for _ in 0..MAX_DEPTH {
-            if ino == dir {
-                return true;
-            }
-            match self.map.get(&ino).and_then(|n| n.names.first()) {
-                Some((parent, _)) => ino = *parent,
-                None => return false,
-            }
+        if let Some(key) = to {
+            node.names.push(key.clone());
+            // Until a lookup confirms it, the name is not answered locally: an event
+            // about it may still be on its way.
+            self.unverified.insert(key.clone());
+            self.by_name.insert(key, ino);
         }
         true
     }
@@ -520,6 +663,17 @@ mod tests {
         assert!(n.path(100_000).is_ok());
     }
 
+    fn rp(s: &str) -> Option<RelPath> {
+        Some(RelPath(s.as_bytes().to_vec()))
+    }
+
+    fn moved(v: &[u64]) -> Rehomed {
+        Rehomed {
+            moved: v.to_vec(),
+            ..Rehomed::default()
+        }
+    }
+
     #[test]
     fn a_located_directory_moves_with_what_is_beneath() {
         let mut n = Nodes::new(500);
@@ -527,68 +681,125 @@ mod tests {
         n.remember(10, b"f", 11, false);
         n.remember(ROOT, b"other", 20, true);
         assert!(n.is_dir(10) && !n.is_dir(11));
-        // Renamed on the server to other/moved: under a directory the kernel holds.
         let t = n.ticket();
-        assert_eq!(n.rehome(t, &[(10, rp("other/moved"))]), Some(1));
+        assert_eq!(n.rehome(t, &[(10, rp("other/moved"))]), moved(&[10]));
         assert_eq!(n.path(11).unwrap().0, b"other/moved/f");
         assert_eq!(n.child(ROOT, b"work"), None);
         assert_eq!(n.child(20, b"moved"), Some(10));
-        // Then beneath a directory it does not hold: by its whole path.
+        assert!(n.is_unverified(20, b"moved"), "until a lookup confirms it");
+        // Said again, nothing moves; files and unknown answers are not moved at all.
         let t = n.ticket();
-        assert_eq!(n.rehome(t, &[(10, rp("far/away"))]), Some(1));
-        assert_eq!(n.path(11).unwrap().0, b"far/away/f");
+        let again = [(10, rp("other/moved")), (11, rp("x")), (10, None)];
+        assert_eq!(n.rehome(t, &again), Rehomed::default());
+        // Beneath a directory the kernel does not hold: no path leads to it.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("far/away"))]), moved(&[10]));
+        assert!(n.path(11).is_err());
         assert_eq!(n.child(20, b"moved"), None);
-        // Said again, nothing moves; files are not moved at all.
-        let t = n.ticket();
-        assert_eq!(n.rehome(t, &[(10, rp("far/away")), (11, rp("x"))]), Some(0));
         // A lookup of it by a name gives it that name again.
         n.remember(ROOT, b"back", 10, true);
         assert_eq!(n.path(11).unwrap().0, b"back/f");
     }
 
     #[test]
-    fn a_location_is_not_taken_after_a_move_or_during_a_rename() {
+    fn an_answer_is_not_taken_once_what_it_rests_on_changed() {
         let mut n = Nodes::new(500);
         n.remember(ROOT, b"a", 10, true);
         n.remember(ROOT, b"b", 20, true);
+        n.remember(ROOT, b"c", 30, true);
         // This client's exchange of a and b, whose events came before its reply: the
-        // answer must not be applied before the exchange is, nor after it.
+        // answer is not taken while the exchange is under way, nor after it.
         let t = n.ticket();
         let answer = [(10, rp("b")), (20, rp("a"))];
-        n.rename_sent();
-        assert_eq!(n.rehome(t, &answer), None);
+        let token = n.rename_sent((ROOT, b"a"), (ROOT, b"b"));
+        let out = n.rehome(t, &answer);
+        assert_eq!(out.wait, vec![10, 20]);
         n.renamed(ROOT, b"a", ROOT, b"b", true);
-        n.rename_done();
-        assert_eq!(n.rehome(t, &answer), None, "asked before the exchange");
+        n.rename_done(token);
+        assert_eq!(n.rehome(t, &answer).again, vec![10, 20]);
         assert_eq!(n.path(10).unwrap().0, b"b");
         assert_eq!(n.path(20).unwrap().0, b"a");
-        assert_eq!(n.rehome(n.ticket(), &answer), Some(0), "there already");
-        // An answer asked for before a lookup moved the node is out of date.
+        assert_eq!(
+            n.rehome(n.ticket(), &answer),
+            Rehomed::default(),
+            "there already"
+        );
+        // A rename elsewhere does not hold an answer back.
         let t = n.ticket();
-        n.remember(20, b"inside", 10, true);
-        assert_eq!(n.rehome(t, &[(10, rp("b"))]), None);
-        assert_eq!(n.path(10).unwrap().0, b"a/inside");
-        // A fresh one is taken; the name it lands on is taken from whoever had it.
+        let token = n.rename_sent((30, b"x"), (30, b"y"));
+        assert_eq!(n.rehome(t, &[(10, rp("c/b"))]), moved(&[10]));
+        n.rename_done(token);
+        // A node looked up under another name since: out of date.
         let t = n.ticket();
-        assert_eq!(n.rehome(t, &[(10, rp("b"))]), Some(1));
-        assert_eq!(n.path(10).unwrap().0, b"b");
-        assert_eq!(n.child(20, b"inside"), None);
+        n.remember(ROOT, b"d", 10, true);
+        assert_eq!(n.rehome(t, &[(10, rp("c/b"))]).again, vec![10]);
+        // A nameless node named again since (reviewer's case): out of date too.
+        let t = n.ticket();
+        assert_eq!(n.rehome(t, &[(10, rp("nowhere/held"))]), moved(&[10]));
+        let t = n.ticket();
+        n.remember(ROOT, b"w3", 10, true);
+        assert_eq!(n.rehome(t, &[(10, rp("w2"))]).again, vec![10]);
+        assert_eq!(n.path(10).unwrap().0, b"w3");
+        // The name it would land on was reported changed since: asked again.
+        let t = n.ticket();
+        n.name_changed(ROOT, b"e");
+        assert_eq!(n.rehome(t, &[(10, rp("e"))]).again, vec![10]);
+        // ... and so when a directory on the way was.
+        n.remember(30, b"sub", 40, true);
+        let t = n.ticket();
+        n.name_changed(ROOT, b"c");
+        assert_eq!(n.rehome(t, &[(10, rp("c/sub/x"))]).again, vec![10]);
+        // A fresh answer is taken; a held directory whose name it took is to be
+        // located too.
+        let t = n.ticket();
+        let out = n.rehome(t, &[(10, rp("c/sub"))]);
+        assert_eq!((out.moved, out.unplaced), (vec![10], vec![40]));
+        assert_eq!(n.path(10).unwrap().0, b"c/sub");
+        assert!(n.path(40).is_err());
     }
 
     #[test]
-    fn a_location_beneath_the_node_itself_makes_no_cycle() {
+    fn answers_for_a_directory_and_one_beneath_land_right_in_any_order() {
+        // Held: a, a/c. On the server: mv a/c a/c2; mv a b. Answered in one batch,
+        // the child first.
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10, true);
+        n.remember(10, b"c", 11, true);
+        let t = n.ticket();
+        let out = n.rehome(t, &[(11, rp("b/c2")), (10, rp("b"))]);
+        assert_eq!(out.moved, vec![10, 11]);
+        assert_eq!(n.path(11).unwrap().0, b"b/c2");
+    }
+
+    #[test]
+    fn a_new_path_through_the_directory_itself_is_asked_again() {
+        // Held: a (10), a/b (20). Server: mv a/b tmp; mv a tmp/b; mv tmp a: a is now
+        // at a/b. The table still has b beneath a: the way goes through 10 itself.
         let mut n = Nodes::new(500);
         n.remember(ROOT, b"a", 10, true);
         n.remember(10, b"b", 20, true);
-        // The server swapped them around: a is now b/a, b is at the root. The table
-        // still has b beneath a.
         let t = n.ticket();
-        assert_eq!(n.rehome(t, &[(10, rp("b/a"))]), Some(1));
-        assert_eq!(n.path(10).unwrap().0, b"b/a");
-        assert!(n.path(20).is_ok());
+        assert_eq!(n.rehome(t, &[(10, rp("a/b"))]).again, vec![10]);
+        // Answered together with where 20 went, its parent first: both land.
+        let t = n.ticket();
+        let out = n.rehome(t, &[(20, rp("a")), (10, rp("a/b"))]);
+        assert_eq!(out.moved, vec![20, 10]);
+        assert_eq!(n.path(10).unwrap().0, b"a/b");
+        assert_eq!(n.path(20).unwrap().0, b"a");
     }
 
-    fn rp(s: &str) -> RelPath {
-        RelPath(s.as_bytes().to_vec())
+    #[test]
+    fn names_forgotten_past_the_limit_make_older_answers_out_of_date() {
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10, true);
+        let t = n.ticket();
+        for i in 0..=CHANGED_NAMES_MAX {
+            n.name_changed(ROOT, format!("n{i}").as_bytes());
+        }
+        assert_eq!(n.rehome(t, &[(10, rp("b"))]).again, vec![10]);
+        let t = n.ticket();
+        n.all_changed();
+        assert_eq!(n.rehome(t, &[(10, rp("b"))]).again, vec![10]);
+        assert_eq!(n.rehome(n.ticket(), &[(10, rp("b"))]), moved(&[10]));
     }
 }

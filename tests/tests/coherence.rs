@@ -1082,3 +1082,166 @@ fn a_held_directory_renamed_on_the_export_keeps_working() {
     assert!(fx.mount.stats().get("dirs_located") >= 3);
     stream_stayed_up(&fx.mount);
 }
+
+/// Two directories held open and exchanged on the export (`renameat2` with
+/// `RENAME_EXCHANGE`): each held one goes on showing its own contents, not the other's
+/// that now sit at its old path (the server's watches follow an exchange, and the mount
+/// asks where each went).
+#[test]
+fn held_directories_exchanged_on_the_export_each_keep_their_contents() {
+    use std::os::fd::AsRawFd;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for d in ["x", "y"] {
+            fs::create_dir(e.join(d)).expect("mkdir");
+            fs::write(e.join(d).join("which"), d).expect("write");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let x = fs::File::open(fx.mnt("x")).expect("open x");
+    let y = fs::File::open(fx.mnt("y")).expect("open y");
+    let inside = |f: &fs::File| Path::new("/proc/self/fd").join(f.as_raw_fd().to_string());
+    assert_eq!(fs::read(inside(&x).join("which")).expect("read"), b"x");
+    assert_eq!(fs::read(inside(&y).join("which")).expect("read"), b"y");
+    ferry_tests::sys::renameat2(&fx.exp("x"), &fx.exp("y"), libc::RENAME_EXCHANGE)
+        .expect("exchange on the export");
+    // New names, made where each directory is now: a lookup must go to its new place.
+    write_closed(&fx.exp("y/new"), b"made in the first").expect("create on the export");
+    write_closed(&fx.exp("x/new"), b"made in the second").expect("create on the export");
+    eventually("the first directory's new name, where it is held", || {
+        fs::read(inside(&x).join("new")).is_ok_and(|d| d == b"made in the first")
+    });
+    eventually("the second directory's new name, where it is held", || {
+        fs::read(inside(&y).join("new")).is_ok_and(|d| d == b"made in the second")
+    });
+    assert_eq!(fs::read(fx.mnt("x/which")).expect("read by path"), b"y");
+    assert_eq!(fs::read(fx.mnt("y/which")).expect("read by path"), b"x");
+    stream_stayed_up(&fx.mount);
+}
+
+/// A held directory renamed on the export is followed while this mount keeps renaming
+/// other things (each of its renames in flight used to hold every answer back, and the
+/// mount gave up after a few tries).
+#[test]
+fn a_held_directory_is_followed_while_the_mount_renames_other_things() {
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("work")).expect("mkdir");
+        fs::write(e.join("work/f"), b"one").expect("write");
+        for k in 0..4 {
+            fs::create_dir(e.join(format!("churn{k}"))).expect("mkdir");
+            fs::write(e.join(format!("churn{k}/a")), b"x").expect("write");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let held = fs::File::open(fx.mnt("work")).expect("open the directory");
+    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    assert_eq!(fs::read(inside.join("f")).expect("read"), b"one");
+    let stop = Arc::new(AtomicBool::new(false));
+    let renames = Arc::new(AtomicU64::new(0));
+    let churn: Vec<_> = (0..4)
+        .map(|k| {
+            let (stop, renames) = (stop.clone(), renames.clone());
+            let (a, b) = (fx.mnt(format!("churn{k}/a")), fx.mnt(format!("churn{k}/b")));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    fs::rename(&a, &b).expect("rename through the mount");
+                    fs::rename(&b, &a).expect("rename through the mount");
+                    renames.fetch_add(2, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    assert!(poll_until(DEADLINE, || renames.load(Ordering::Relaxed) > 100));
+    fs::rename(fx.exp("work"), fx.exp("moved")).expect("rename on the export");
+    write_closed(&fx.exp("moved/new"), b"n").expect("create on the export");
+    let followed = poll_until(DEADLINE, || {
+        fs::read(inside.join("new")).is_ok_and(|d| d == b"n")
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in churn {
+        c.join().expect("renaming thread");
+    }
+    assert!(
+        followed,
+        "not followed while the mount renamed ({} renames)\n{}",
+        renames.load(Ordering::Relaxed),
+        fx.mount.stats()
+    );
+}
+
+/// A held directory and its parent both renamed on the export, the child first: the
+/// child is followed beneath its parent's new place, and keeps being followed when the
+/// parent moves again.
+#[test]
+fn a_held_directory_follows_its_parent_moved_on_the_export() {
+    use std::os::fd::AsRawFd;
+    const N: usize = 10;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for i in 0..N {
+            fs::create_dir_all(e.join(format!("a{i}/c"))).expect("mkdir");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    for i in 0..N {
+        let _parent = fs::File::open(fx.mnt(format!("a{i}"))).expect("open");
+        let held = fs::File::open(fx.mnt(format!("a{i}/c"))).expect("open");
+        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        assert_eq!(fs::read_dir(&inside).expect("list").count(), 0);
+        fs::rename(fx.exp(format!("a{i}/c")), fx.exp(format!("a{i}/c2"))).expect("rename");
+        fs::rename(fx.exp(format!("a{i}")), fx.exp(format!("b{i}"))).expect("rename");
+        write_closed(&fx.exp(format!("b{i}/c2/one")), b"1").expect("create");
+        eventually(&format!("after the first moves ({i})"), || {
+            fs::read(inside.join("one")).is_ok_and(|d| d == b"1")
+        });
+        fs::rename(fx.exp(format!("b{i}")), fx.exp(format!("z{i}"))).expect("rename");
+        write_closed(&fx.exp(format!("z{i}/c2/two")), b"2").expect("create");
+        eventually(&format!("after the parent moved again ({i})"), || {
+            fs::read(inside.join("two")).is_ok_and(|d| d == b"2")
+        });
+    }
+    stream_stayed_up(&fx.mount);
+}
+
+/// A held directory moved twice in a row on the export, a new directory made at the
+/// first new name: the mount ends up at the directory's real place, never at the one
+/// that took the intermediate name (an answer overtaken by the second move).
+#[test]
+fn a_held_directory_moved_twice_ends_at_its_real_place() {
+    use std::os::fd::AsRawFd;
+    const N: usize = 40;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for i in 0..N {
+            fs::create_dir(e.join(format!("d{i}"))).expect("mkdir");
+            fs::write(e.join(format!("d{i}/f")), b"real").expect("write");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    for i in 0..N {
+        let held = fs::File::open(fx.mnt(format!("d{i}"))).expect("open");
+        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        assert_eq!(fs::read(inside.join("f")).expect("read"), b"real");
+        fs::rename(fx.exp(format!("d{i}")), fx.exp(format!("x{i}"))).expect("rename");
+        // A varying gap, so that the mount's question falls before, between and after
+        // the two moves' events.
+        let gap = Instant::now();
+        while gap.elapsed() < Duration::from_micros((i as u64 * 97) % 4000) {}
+        fs::rename(fx.exp(format!("x{i}")), fx.exp(format!("y{i}"))).expect("rename");
+        fs::create_dir(fx.exp(format!("x{i}"))).expect("mkdir");
+        write_closed(&fx.exp(format!("x{i}/g")), b"WRONG").expect("create");
+        write_closed(&fx.exp(format!("y{i}/g")), b"real").expect("create");
+        eventually(&format!("its real place ({i})"), || {
+            fs::read(inside.join("g")).is_ok_and(|d| d == b"real")
+        });
+    }
+    stream_stayed_up(&fx.mount);
+}

@@ -14,7 +14,7 @@
 //! a runtime worker: a notification can wait on kernel locks held by requests that only a
 //! runtime worker can complete.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -47,9 +47,12 @@ pub(super) struct Locating {
     running: bool,
 }
 
-/// Times a directory is asked for when the answer cannot be taken (a path changed or
-/// a rename of this client's was under way meanwhile); the n-th retry waits n × 10 ms.
+/// Times a directory is asked for when the answer cannot be taken (something it rests
+/// on moved meanwhile) or the connection is down.
 const LOCATE_TRIES: u32 = 5;
+
+/// Pause before asking again.
+const LOCATE_PAUSE: Duration = Duration::from_millis(20);
 
 /// Drops the kernel's cached attributes of an inode on the calling thread.
 pub type AttrInvalidator = Box<dyn Fn(u64) + Send + Sync>;
@@ -246,6 +249,18 @@ impl Core {
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
+                // An answer about where a directory went that rests on this name is out
+                // of date; a directory held under another name showing up here moved.
+                let moved_here = match self.nodes.lock() {
+                    Ok(mut nodes) => {
+                        nodes.name_changed(dir, &name.0);
+                        a.filter(|a| nodes.elsewhere(a.ino, dir, &name.0))
+                    }
+                    Err(_) => None,
+                };
+                if let Some(a) = moved_here {
+                    self.locate_later(a.ino);
+                }
                 // (The directory's own attributes come with its own event, which the
                 // server sends with every entry change.)
                 // A name that exists now joins the directory's known names (this also
@@ -394,7 +409,10 @@ impl Core {
         loop {
             let batch: Vec<(u64, u32)> = match self.locating.lock() {
                 Ok(mut l) => {
-                    if l.queue.is_empty() {
+                    if l.queue.is_empty() || !self.client.locates() {
+                        // (A server reached again after a reconnect may not answer.)
+                        l.queue.clear();
+                        l.queued.clear();
                         l.running = false;
                         return;
                     }
@@ -407,6 +425,7 @@ impl Core {
                 }
                 Err(_) => return,
             };
+            let tries: HashMap<u64, u32> = batch.iter().copied().collect();
             let (ticket, nodes) = match self.nodes.lock() {
                 Ok(n) => (
                     n.ticket(),
@@ -415,40 +434,71 @@ impl Core {
                 Err(_) => return,
             };
             let request = Request::Locate { nodes };
-            let Ok(Ok(Response::Located(paths))) =
-                self.client.call(Caller::default(), request).await
-            else {
-                continue; // no connection (a reconnect revalidates all), or refused
+            let paths = match self.client.call(Caller::default(), request).await {
+                Ok(Ok(Response::Located(paths))) => paths,
+                Ok(_) => continue, // refused: nothing to be learnt
+                Err(_) => {
+                    // No connection: ask again once there is one.
+                    tokio::time::sleep(LOCATE_PAUSE).await;
+                    self.locate_again(batch.iter().map(|&(ino, _)| ino), &tries, 1);
+                    continue;
+                }
             };
-            // (Directories the server does not know: gone, or out of its sight.)
-            let found: Vec<(u64, RelPath)> = batch
-                .iter()
-                .zip(paths)
-                .filter_map(|(&(ino, _), path)| Some((ino, path?)))
-                .collect();
-            let moved = self.nodes.lock().ok().map(|mut n| n.rehome(ticket, &found));
-            match moved {
-                Some(Some(n)) => {
-                    self.stats
-                        .dirs_located
-                        .fetch_add(n as u64, Ordering::Relaxed);
+            let found: Vec<(u64, Option<RelPath>)> =
+                batch.iter().map(|&(ino, _)| ino).zip(paths).collect();
+            let Some(out) = self.nodes.lock().ok().map(|mut n| n.rehome(ticket, &found)) else {
+                return;
+            };
+            self.stats
+                .dirs_located
+                .fetch_add(out.moved.len() as u64, Ordering::Relaxed);
+            self.names_moved(&out.moved);
+            for ino in out.unplaced {
+                self.locate_later(ino);
+            }
+            if !out.again.is_empty() || !out.wait.is_empty() {
+                // Something they rest on moved meanwhile, or a rename of ours touches
+                // them: ask again once that has settled (a wait costs no try).
+                tokio::time::sleep(LOCATE_PAUSE).await;
+                self.locate_again(out.again.into_iter(), &tries, 1);
+                self.locate_again(out.wait.into_iter(), &tries, 0);
+            }
+        }
+    }
+
+    /// Directories `dirs` (kernel inodes) moved in the inode table to where the server
+    /// says they are: names looked up in them since they moved went to their old paths
+    /// (another directory's entries, after an exchange), so the kernel's entries, the
+    /// names known and the listings of them go. What is known of each inode stays (it
+    /// is the inode's, wherever its name led).
+    fn names_moved(&self, dirs: &[u64]) {
+        let held: HashSet<u64> = dirs.iter().copied().collect();
+        let Ok(mut n) = self.nodes.lock() else {
+            return;
+        };
+        let children = n.children_of(&held);
+        for (dir, name, _) in &children {
+            n.unverify(*dir, name);
+        }
+        drop(n);
+        for &dir in dirs {
+            self.forget_names(dir);
+            self.forget_listing(dir);
+            self.listing_changed(dir, None);
+        }
+        for (dir, name, _) in children {
+            self.invalidate(Invalidation::Entry { parent: dir, name });
+        }
+    }
+
+    /// Queue `inos` again, each with `cost` fewer tries (dropped at none left).
+    fn locate_again(&self, inos: impl Iterator<Item = u64>, tries: &HashMap<u64, u32>, cost: u32) {
+        if let Ok(mut l) = self.locating.lock() {
+            for ino in inos {
+                let left = tries.get(&ino).copied().unwrap_or(1).saturating_sub(cost);
+                if left > 0 && l.queued.insert(ino) {
+                    l.queue.push_back((ino, left));
                 }
-                Some(None) => {
-                    // Something moved meanwhile: ask again, once that has settled.
-                    let tries = batch.iter().map(|&(_, t)| t).max().unwrap_or(0);
-                    if tries > 1 {
-                        let wait = u64::from(LOCATE_TRIES - tries + 1) * 10;
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                        if let Ok(mut l) = self.locating.lock() {
-                            for &(ino, _) in &found {
-                                if l.queued.insert(ino) {
-                                    l.queue.push_back((ino, tries - 1));
-                                }
-                            }
-                        }
-                    }
-                }
-                None => return,
             }
         }
     }
@@ -520,7 +570,11 @@ impl Core {
         let entries = self
             .nodes
             .lock()
-            .map(|n| n.all_entries())
+            .map(|mut n| {
+                // (Answers about where directories went may rest on lost events.)
+                n.all_changed();
+                n.all_entries()
+            })
             .unwrap_or_default();
         if let Ok(mut inodes) = self.inodes.lock() {
             for st in inodes.values_mut() {

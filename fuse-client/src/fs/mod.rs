@@ -309,19 +309,19 @@ pub struct Core {
 
 /// A rename of this client's under way, for the inode table (`Nodes::rename_sent`);
 /// over when dropped, replied or not.
-struct Renaming<'a>(&'a Core);
+struct Renaming<'a>(&'a Core, u64);
 
 impl<'a> Renaming<'a> {
-    fn start(core: &'a Core) -> FsResult<Renaming<'a>> {
-        core.nodes()?.rename_sent();
-        Ok(Renaming(core))
+    fn start(core: &'a Core, from: (u64, &[u8]), to: (u64, &[u8])) -> FsResult<Renaming<'a>> {
+        let token = core.nodes()?.rename_sent(from, to);
+        Ok(Renaming(core, token))
     }
 }
 
 impl Drop for Renaming<'_> {
     fn drop(&mut self) {
         if let Ok(mut n) = self.0.nodes.lock() {
-            n.rename_done();
+            n.rename_done(self.1);
         }
     }
 }
@@ -1299,7 +1299,7 @@ impl Core {
             }),
         });
         // No location answer is taken while the rename is under way (see `Nodes::rehome`).
-        let _renaming = Renaming::start(self)?;
+        let _renaming = Renaming::start(self, (parent, name), (new_parent, new_name))?;
         self.rpc_once_or_shown(caller, req, shown).await?;
         if let Some(sino) = replaced {
             self.link_count_changed(sino);

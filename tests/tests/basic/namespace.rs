@@ -410,6 +410,14 @@ fn big_directory_lists_every_entry() {
     // listing is a handful of requests (one per 4,096-entry batch and a few for the
     // directory itself), not one per entry.
     let fresh = ferry_tests::TestMount::new(&fx.server);
+    // With the event stream up: without it, entries are trusted for a second only,
+    // and on a loaded machine `ls` may outlast that and look names up again.
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(10), || fresh
+            .stats()
+            .flag("events_live")),
+        "the event stream did not come up"
+    );
     let before = fresh.stats();
     let out = ferry_tests::run(
         std::process::Command::new("ls")
