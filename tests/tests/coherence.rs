@@ -1245,3 +1245,31 @@ fn a_held_directory_moved_twice_ends_at_its_real_place() {
     }
     stream_stayed_up(&fx.mount);
 }
+
+/// Without events (here: a server out of watches), a descriptor kept open reads what the
+/// file holds on the export once the mount has seen its new attributes (a `stat` past
+/// the short TTL), as with events: it kept reading the content it was opened with for
+/// as long as it stayed open (`tail -f` of a log written on the server saw nothing).
+#[test]
+fn an_open_file_follows_changes_seen_in_its_attributes_without_events() {
+    let Some(fx) = fixture_with(&["--max-watches", "1"], &[], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir on the export");
+        fs::write(e.join("f.log"), b"line 1\n").expect("write on the export");
+    }) else {
+        return;
+    };
+    // Looking into a second directory takes the server past its one watch.
+    fs::read_dir(fx.mnt("d")).expect("list").for_each(drop);
+    assert!(
+        poll_until(DEADLINE, || !fx.mount.stats().flag("events_live")),
+        "the mount still trusts events\n{}",
+        fx.mount.stats()
+    );
+    let f = fs::File::open(fx.mnt("f.log")).expect("open");
+    assert_eq!(pread_all(&f), b"line 1\n");
+    fs::write(fx.exp("f.log"), b"line 1\nline 2\n").expect("append on the export");
+    eventually("the append, through the descriptor kept open", || {
+        let _ = f.metadata();
+        pread_all(&f) == b"line 1\nline 2\n"
+    });
+}

@@ -428,6 +428,8 @@ impl Core {
         let Ok(mut inodes) = self.inodes.lock() else {
             return;
         };
+        // Files with new content on the server, learnt from these attributes.
+        let mut changed = Vec::new();
         for attr in attrs.iter_mut() {
             if !record {
                 if let Some(st) = inodes.get(&attr.ino) {
@@ -447,13 +449,35 @@ impl Core {
                 // Changed in some way we cannot see: xattrs may have changed too.
                 st.xattrs = XATTRS_UNKNOWN;
             }
+            let known = st.version;
             if st.take_if_current(attr) {
                 st.version = attr.version;
+                // Someone else's change (not this client's writes), seen in a reply
+                // before any event told (or with no events at all): what is open of
+                // the file reads the new content from now on, as an event would have
+                // made it (which, arriving later with this version, changes nothing).
+                if known != 0
+                    && known != attr.version
+                    && attr.kind == FileKind::File
+                    && st.writers == 0
+                    && st.local_size.is_none()
+                {
+                    st.kernel_version = None;
+                    changed.push(*attr);
+                }
             } else if let Some((newer, _)) = st.attr {
                 // A reply overtaken by a newer event: the kernel gets the newer state.
                 *attr = newer;
             }
             st.patch(attr);
+        }
+        drop(inodes);
+        for a in changed {
+            self.changed_on_server(a.ino, &a);
+            self.invalidate(events::Invalidation::Inode {
+                ino: a.ino,
+                data: true,
+            });
         }
     }
 
