@@ -63,6 +63,8 @@ const SERVER_CAPS: u64 = caps::CALLER_CREDS
 struct Outgoing {
     id: u64,
     frame: ServerFrame,
+    /// The events already broadcast go out before it (see [`Watcher::caught_up`]).
+    after_events: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -262,6 +264,7 @@ async fn serve_requests<T>(
                     id,
                     result: Ok(ferry_common::Response::Ok),
                 },
+                after_events: false,
                 _permit: None,
             };
             if tx.send(out).await.is_err() {
@@ -277,6 +280,7 @@ async fn serve_requests<T>(
                     id,
                     result: Ok(ferry_common::Response::Pong),
                 },
+                after_events: false,
                 _permit: None,
             };
             if tx.send(out).await.is_err() {
@@ -311,6 +315,7 @@ async fn serve_requests<T>(
             let out = Outgoing {
                 id,
                 frame: ServerFrame::Reply { id, result },
+                after_events: false,
                 _permit: None,
             };
             if tx.send(out).await.is_err() {
@@ -384,6 +389,12 @@ async fn serve_requests<T>(
                 if let (Some(attr), Some(w)) = (changed, &ctx.watch) {
                     w.barrier(attr, &ctx.own_barriers).await;
                 }
+                // Where directories are now: the client must have the events of the
+                // changes that took them there first (it judges the answer by them).
+                let after_events = kind == "locate";
+                if let (true, Some(w)) = (after_events, &ctx.watch) {
+                    w.caught_up().await;
+                }
                 match &result {
                     Ok(_) => trace!(id, kind, elapsed = ?started.elapsed(), "done"),
                     Err(errno) => debug!(id, kind, errno, elapsed = ?started.elapsed(), "failed"),
@@ -391,6 +402,7 @@ async fn serve_requests<T>(
                 let out = Outgoing {
                     id,
                     frame: ServerFrame::Reply { id, result },
+                    after_events,
                     _permit: Some(permit),
                 };
                 // A send error means the connection is closing; the reply has nowhere to go.
@@ -429,7 +441,12 @@ where
             // Replies first: they are what requests in flight wait for.
             biased;
             out = rx.recv() => match out {
-                Some(out) => reply(&mut sink, out, &ctx, &mut told).await?,
+                Some(out) => {
+                    if out.after_events {
+                        send_events(&mut sink, &mut events, &ctx, &mut told).await?;
+                    }
+                    reply(&mut sink, out, &ctx, &mut told).await?;
+                }
                 None => break,
             },
             ev = next_event(&mut events) => event(&mut sink, ev, &ctx, &mut told).await?,
@@ -437,11 +454,12 @@ where
         // Write everything already queued before one flush: many small replies become
         // one segment instead of one system call each.
         while let Ok(out) = rx.try_recv() {
+            if out.after_events {
+                send_events(&mut sink, &mut events, &ctx, &mut told).await?;
+            }
             reply(&mut sink, out, &ctx, &mut told).await?;
         }
-        while let Some(ev) = try_next_event(&mut events) {
-            event(&mut sink, ev, &ctx, &mut told).await?;
-        }
+        send_events(&mut sink, &mut events, &ctx, &mut told).await?;
         sink.flush().await?;
     }
     sink.close().await
@@ -464,6 +482,22 @@ where
         sink.feed(ServerFrame::Event(Event::Incomplete)).await?;
     }
     feed(sink, out).await
+}
+
+/// Queue every event received so far.
+async fn send_events<W>(
+    sink: &mut FrameSink<W>,
+    events: &mut Option<broadcast::Receiver<Event>>,
+    ctx: &Ctx,
+    told: &mut bool,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    while let Some(ev) = try_next_event(events) {
+        event(sink, ev, ctx, told).await?;
+    }
+    Ok(())
 }
 
 /// Queue an event, unless the client made it itself or was already told it.

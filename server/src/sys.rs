@@ -357,17 +357,14 @@ pub fn open_by_handle(
 ) -> Result<OwnedFd, Errno> {
     let mut buf = [0u64; 1 + MAX_HANDLE / 8];
     let len = handle.bytes.len().min(MAX_HANDLE);
+    let base = buf.as_mut_ptr();
     // SAFETY: the buffer holds the 8-byte header plus MAX_HANDLE bytes; `len` of them
-    // are copied in.
+    // are copied in; both pointers derive from `base`.
     unsafe {
-        let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+        let fh = base.cast::<libc::file_handle>();
         (*fh).handle_bytes = len as u32;
         (*fh).handle_type = handle.kind;
-        std::ptr::copy_nonoverlapping(
-            handle.bytes.as_ptr(),
-            buf.as_mut_ptr().cast::<u8>().add(8),
-            len,
-        );
+        std::ptr::copy_nonoverlapping(handle.bytes.as_ptr(), base.cast::<u8>().add(8), len);
         let fd = cvt(libc::open_by_handle_at(
             mount.as_raw_fd(),
             fh,
@@ -531,6 +528,14 @@ pub fn set_keepalive(sock: BorrowedFd<'_>) -> Result<(), Errno> {
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
     cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// Bytes queued to be read from `fd` (`FIONREAD`; for inotify, events not read yet).
+pub fn fionread(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the valid pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// A new non-blocking inotify instance.

@@ -105,7 +105,15 @@ pub struct Watcher {
     /// The root opened for reading, which `open_by_handle_at` needs (see
     /// [`Watcher::locate`]); `None` if it cannot be.
     handle_mount: std::sync::OnceLock<Option<OwnedFd>>,
+    /// Bytes read from the inotify descriptor so far, and of those, how many have been
+    /// digested and their events broadcast (see [`Watcher::caught_up`]).
+    read_pos: AtomicU64,
+    digested_pos: AtomicU64,
+    digested: Notify,
 }
+
+/// Longest a reply waits for the events of changes made before it ([`Watcher::caught_up`]).
+const CATCH_UP_MAX: Duration = Duration::from_secs(1);
 
 /// How long a commit waits for other clients to acknowledge its barrier. A client that
 /// does not answer in time (gone, stalled) only delays the committer by this much.
@@ -141,6 +149,9 @@ impl Watcher {
             barriers: Mutex::new(HashMap::new()),
             next_barrier: AtomicU64::new(1),
             handle_mount: std::sync::OnceLock::new(),
+            read_pos: AtomicU64::new(0),
+            digested_pos: AtomicU64::new(0),
+            digested: Notify::new(),
         });
         let reader = tokio::spawn(Arc::clone(&w).read_loop());
         Ok((w, reader))
@@ -280,8 +291,9 @@ impl Watcher {
                     return false;
                 }
                 let id = (st.st_dev, st.st_ino);
+                // (Taken again for a new watch: the inode number may have been reused.)
                 if id.0 == self.export.root_dev()
-                    && !state.handles.contains_key(&id)
+                    && (!known || !state.handles.contains_key(&id))
                     && let Ok(handle) = sys::handle_of(dir)
                 {
                     state.keep_handle(id, handle);
@@ -490,6 +502,7 @@ impl Watcher {
                     }
                 }
             }
+            let upto = self.read_pos.load(Ordering::SeqCst);
             let me = Arc::clone(&self);
             let events = match tokio::task::spawn_blocking(move || me.process(&batch)).await {
                 Ok(events) => events,
@@ -501,6 +514,33 @@ impl Watcher {
             for ev in events {
                 // An error only means nobody is subscribed right now.
                 let _ = self.events.send(ev);
+            }
+            self.digested_pos.store(upto, Ordering::SeqCst);
+            self.digested.notify_waiters();
+        }
+    }
+
+    /// Wait until the events of every change made before now have been broadcast (at
+    /// most [`CATCH_UP_MAX`]): a reply sent after them, by a writer that sends the
+    /// events it has first, reaches its client after them. For answers read from the
+    /// filesystem as it is now (`Locate`), which the client must not take before the
+    /// events of the changes that led there.
+    pub async fn caught_up(&self) {
+        // (Queued first, then read so far: a read in between counts twice, which only
+        // makes this wait a batch longer.)
+        let queued = sys::fionread(self.inotify.get_ref().as_fd()).unwrap_or(0);
+        let target = self.read_pos.load(Ordering::SeqCst) + queued;
+        let deadline = tokio::time::Instant::now() + CATCH_UP_MAX;
+        loop {
+            let notified = self.digested.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.digested_pos.load(Ordering::SeqCst) >= target {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                debug!("events not caught up within {CATCH_UP_MAX:?}");
+                return;
             }
         }
     }
@@ -520,6 +560,7 @@ impl Watcher {
             match read {
                 Ok(Ok(n)) => {
                     parse_events(&buf[..n], batch);
+                    self.read_pos.fetch_add(n as u64, Ordering::SeqCst);
                     return Ok(());
                 }
                 Ok(Err(e)) => return Err(e),

@@ -63,8 +63,14 @@ pub struct State {
     pub by_inode: HashMap<(u64, u64), i32>,
     /// Every device a watch was ever on (a few: filesystems mounted in the export).
     pub devs: HashSet<u64>,
-    /// Watches set aside by a move onto their path (see [`State::rename`]).
-    parked: HashSet<i32>,
+    /// Watches set aside by a move onto their path (see [`State::rename`]), and the
+    /// batches they waited.
+    parked: HashMap<i32, u8>,
+    /// Watches a request gave a new path since the last batch: where they are now is
+    /// known already, whatever a move read later says was at their new path.
+    repathed: HashSet<i32>,
+    /// Watches moved by this batch's renames, to be checked once it is digested.
+    moved: HashSet<i32>,
     /// File handles of watched directories (on the root's filesystem), kept after their
     /// watch goes (moved out of sight, say): they find a directory wherever it went.
     pub handles: HashMap<(u64, u64), crate::sys::Handle>,
@@ -113,7 +119,11 @@ impl State {
     /// Record a watch; returns the watch this displaced from `path` (another directory
     /// now lives there), which the caller removes from the kernel.
     pub fn insert(&mut self, wd: i32, path: Vec<u8>, dev: u64, ino: u64) -> Option<(i32, Watch)> {
+        self.parked.remove(&wd);
         if let Some(old) = self.by_wd.get(&wd) {
+            if old.path != path {
+                self.repathed.insert(wd);
+            }
             // Same inode known under an older path: the one just resolved is current.
             if self.by_path.get(&old.path) == Some(&wd) {
                 self.by_path.remove(&old.path);
@@ -147,6 +157,8 @@ impl State {
     /// Drop watch `wd` from the maps; returns what it watched.
     pub fn forget(&mut self, wd: i32) -> Option<Watch> {
         self.parked.remove(&wd);
+        self.repathed.remove(&wd);
+        self.moved.remove(&wd);
         let w = self.by_wd.remove(&wd)?;
         if self.by_path.get(&w.path) == Some(&wd) {
             self.by_path.remove(&w.path);
@@ -180,13 +192,14 @@ impl State {
         let parked: Vec<i32> = beneath
             .iter()
             .copied()
-            .filter(|wd| self.parked.contains(wd))
+            .filter(|wd| self.parked.contains_key(wd))
             .collect();
         let moving = if parked.is_empty() { beneath } else { parked };
+        // (Not one a request already found at `new`: that is the one that moved.)
         let displaced: Vec<i32> = self
             .under(new)
             .into_iter()
-            .filter(|wd| !moving.contains(wd))
+            .filter(|wd| !moving.contains(wd) && !self.repathed.contains(wd))
             .collect();
         for wd in &displaced {
             if let Some(w) = self.by_wd.get(wd)
@@ -198,6 +211,9 @@ impl State {
         for wd in moving {
             self.parked.remove(&wd);
             if let Some(w) = self.by_wd.get_mut(&wd) {
+                if w.path == old {
+                    self.moved.insert(wd);
+                }
                 let mut path = new.to_vec();
                 path.extend_from_slice(&w.path[old.len()..]);
                 if self.by_path.get(&w.path) == Some(&wd) {
@@ -207,7 +223,7 @@ impl State {
                 self.by_path.insert(path, wd);
             }
         }
-        self.parked.extend(displaced);
+        self.parked.extend(displaced.into_iter().map(|wd| (wd, 0)));
     }
 
     /// Turn one batch into a digest, updating paths for the renames it contains.
@@ -226,6 +242,9 @@ impl State {
         };
         for m in self.moves.values_mut() {
             m.1 += 1;
+        }
+        for age in self.parked.values_mut() {
+            *age += 1;
         }
         for ev in batch {
             if ev.mask & libc::IN_Q_OVERFLOW != 0 {
@@ -272,6 +291,25 @@ impl State {
         // A move whose other half never came went out of our sight; the directory's
         // own IN_MOVE_SELF (checked against the disk) takes care of its watches.
         self.moves.retain(|_, m| m.1 < 1);
+        // A watch set aside a batch ago and not taken by a move since (an exchange's
+        // second half may come in the next batch): its directory was replaced (its
+        // removal is reported once nothing holds it any more) or went where we cannot
+        // see. It is checked like a directory that moved itself.
+        let moved = &mut self.moved;
+        self.parked.retain(|&wd, age| {
+            if *age >= 1 {
+                moved.insert(wd);
+            }
+            *age < 1
+        });
+        // Each directory a move took is checked where the bookkeeping put it (an
+        // exchange with a directory nobody watched puts it back at its old path).
+        for wd in self.moved.drain() {
+            if let Some(w) = self.by_wd.get(&wd) {
+                d.moved_self.push((wd, w.path.clone()));
+            }
+        }
+        self.repathed.clear();
         // Each change is looked at where its directory is now: one renamed later in the
         // batch (`mkdir tmp; fill it; mv tmp final`) has its entries stat'ed under its
         // new path, not reported gone from the old one.
@@ -514,5 +552,77 @@ mod tests {
             ev(1, libc::IN_MOVED_TO | dir, 16, Some("c")),
         ]);
         assert_eq!(s.by_wd[&6].path, b"c");
+    }
+
+    #[test]
+    fn a_directory_a_request_rewatched_at_its_new_path_is_not_set_aside() {
+        // mv x y, and a lookup of y re-watches x's inode there before the move is read.
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"x".to_vec(), 1, 2);
+        s.insert(3, b"x/sub".to_vec(), 1, 3);
+        let dir = libc::IN_ISDIR;
+        assert!(s.insert(2, b"y".to_vec(), 1, 2).is_none());
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 7, Some("x")),
+            ev(1, libc::IN_MOVED_TO | dir, 7, Some("y")),
+        ]);
+        assert_eq!(s.by_wd[&3].path, b"y/sub");
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 8, Some("y")),
+            ev(1, libc::IN_MOVED_TO | dir, 8, Some("z")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"z");
+        assert_eq!(s.by_wd[&3].path, b"z/sub");
+    }
+
+    #[test]
+    fn a_replaced_directory_set_aside_is_checked_a_batch_later() {
+        // mv x y over an empty y whose removal is reported late (something holds it).
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"x".to_vec(), 1, 2);
+        s.insert(3, b"x/sub".to_vec(), 1, 3);
+        s.insert(4, b"y".to_vec(), 1, 4);
+        let dir = libc::IN_ISDIR;
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 7, Some("x")),
+            ev(1, libc::IN_MOVED_TO | dir, 7, Some("y")),
+        ]);
+        let d = s.digest(&[]);
+        assert!(
+            d.moved_self.contains(&(4, b"y".to_vec())),
+            "{:?}",
+            d.moved_self
+        );
+        s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 8, Some("y")),
+            ev(1, libc::IN_MOVED_TO | dir, 8, Some("z")),
+        ]);
+        assert_eq!(s.by_wd[&2].path, b"z");
+        assert_eq!(s.by_wd[&3].path, b"z/sub");
+    }
+
+    #[test]
+    fn a_directory_moved_back_within_a_batch_is_checked_where_it_ended() {
+        // Exchanged with a directory nobody watches: the second move puts the watch
+        // back at its old path, where the other directory is now. Only the disk can
+        // tell: the digest has it checked there.
+        let mut s = State::default();
+        s.insert(1, b"".to_vec(), 1, 1);
+        s.insert(2, b"a".to_vec(), 1, 2);
+        let dir = libc::IN_ISDIR;
+        let d = s.digest(&[
+            ev(1, libc::IN_MOVED_FROM | dir, 7, Some("a")),
+            ev(1, libc::IN_MOVED_TO | dir, 7, Some("b")),
+            ev(2, libc::IN_MOVE_SELF, 0, None),
+            ev(1, libc::IN_MOVED_FROM | dir, 8, Some("b")),
+            ev(1, libc::IN_MOVED_TO | dir, 8, Some("a")),
+        ]);
+        assert!(
+            d.moved_self.contains(&(2, b"a".to_vec())),
+            "{:?}",
+            d.moved_self
+        );
     }
 }

@@ -450,3 +450,37 @@ async fn locate_answers_where_a_watched_directory_went() {
         Err(libc::EINVAL)
     );
 }
+
+/// A `Locate` answer is read from the disk as it is: the events of the changes made
+/// before it (which may still sit in the server's 10 ms window) reach the client first,
+/// so that it can tell an answer resting on names it has not heard of yet.
+#[tokio::test]
+async fn locate_answers_after_the_events_of_changes_made_before_it() {
+    let server = Server::start().await;
+    let root = server.root();
+    std::fs::create_dir(root.join("a")).unwrap();
+    std::fs::create_dir(root.join("p")).unwrap();
+    let mut c = Client::connect(server.addr, caps::EVENTS | caps::LOCATE).await;
+    let a = c.lookup("", "a").await.unwrap().ino;
+    list(&mut c, "").await;
+    list(&mut c, "p").await;
+    for round in 0..5 {
+        let (from, to) = if round % 2 == 0 {
+            ("a", "p/a")
+        } else {
+            ("p/a", "a")
+        };
+        c.events.clear();
+        std::fs::rename(root.join(from), root.join(to)).unwrap();
+        let answer = c.call(Request::Locate { nodes: vec![a] }).await;
+        assert_eq!(answer, Ok(Response::Located(vec![Some(p(to))])));
+        let (dir, name) = to.rsplit_once('/').unwrap_or(("", to));
+        assert!(
+            c.events
+                .iter()
+                .any(|e| changed(e, dir, Some(name)).is_some_and(|x| x.is_some_and(|x| x.ino == a))),
+            "({round}) the move's event came after the answer: {:?}",
+            c.events
+        );
+    }
+}
