@@ -499,14 +499,18 @@ impl Nodes {
             if self.changed_since(&key, t) {
                 return Verdict::Again;
             }
-            let Some(&next) = self.by_name.get(&key) else {
+            // (Also the first name not held: a rename of ours in flight may be what
+            // makes the kernel not hold it.)
+            keys.push(key.clone());
+            let Some(n) = self
+                .by_name
+                .get(&key)
+                .and_then(|i| Some((*i, self.map.get(i)?)))
+            else {
                 held = false; // beneath a directory the kernel does not hold
                 break;
             };
-            let Some(n) = self.map.get(&next) else {
-                held = false;
-                break;
-            };
+            let (next, n) = n;
             if next == ino
                 || n.names.first() != Some(&key)
                 || (self.unverified.contains(&key) && !now.contains(&next))
@@ -514,7 +518,6 @@ impl Nodes {
             {
                 return Verdict::Again;
             }
-            keys.push(key);
             cur = next;
         }
         let to = held.then(|| (cur, name.0.clone()));
@@ -801,5 +804,21 @@ mod tests {
         n.all_changed();
         assert_eq!(n.rehome(t, &[(10, rp("b"))]).again, vec![10]);
         assert_eq!(n.rehome(n.ticket(), &[(10, rp("b"))]), moved(&[10]));
+    }
+
+    #[test]
+    fn an_answer_through_a_name_a_rename_of_ours_is_making_waits() {
+        // This mount renames p to r (done on the server, reply not applied); the server
+        // moved held a into it: "r/a" goes through a name the table does not hold yet.
+        let mut n = Nodes::new(500);
+        n.remember(ROOT, b"a", 10, true);
+        n.remember(ROOT, b"p", 20, true);
+        let t = n.ticket();
+        let token = n.rename_sent((ROOT, b"p"), (ROOT, b"r"));
+        assert_eq!(n.rehome(t, &[(10, rp("r/a"))]).wait, vec![10]);
+        n.renamed(ROOT, b"p", ROOT, b"r", false);
+        n.rename_done(token);
+        assert_eq!(n.rehome(n.ticket(), &[(10, rp("r/a"))]), moved(&[10]));
+        assert_eq!(n.path(10).unwrap().0, b"r/a");
     }
 }

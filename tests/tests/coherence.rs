@@ -1273,3 +1273,51 @@ fn an_open_file_follows_changes_seen_in_its_attributes_without_events() {
         pread_all(&f) == b"line 1\nline 2\n"
     });
 }
+
+/// A held directory moved into p, and p then exchanged with q (whose own subdirectory
+/// has the same name) about one event window later: the server's answer about where
+/// the directory went may be read from the disk before the exchange's events went out.
+/// It is sent after them, and a file made through the held directory always lands in
+/// it, never in the other one's subdirectory (helper-48 saw 2 in 60 go there).
+#[test]
+fn a_held_directory_answer_never_comes_before_the_events_that_led_there() {
+    use std::os::fd::AsRawFd;
+    const N: usize = 30;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for i in 0..N {
+            fs::create_dir_all(e.join(format!("a{i}"))).expect("mkdir");
+            fs::create_dir_all(e.join(format!("p{i}"))).expect("mkdir");
+            fs::create_dir_all(e.join(format!("q{i}/a{i}"))).expect("mkdir");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    for i in 0..N {
+        let _p = fs::File::open(fx.mnt(format!("p{i}"))).expect("open");
+        let _q = fs::File::open(fx.mnt(format!("q{i}"))).expect("open");
+        let held = fs::File::open(fx.mnt(format!("a{i}"))).expect("open");
+        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        fs::rename(fx.exp(format!("a{i}")), fx.exp(format!("p{i}/a{i}"))).expect("mv");
+        // 10 to 12.5 ms: about when the mount asks where the directory went.
+        let gap = Instant::now();
+        while gap.elapsed() < Duration::from_micros(10_000 + (i as u64 * 83) % 2500) {}
+        ferry_tests::sys::renameat2(
+            &fx.exp(format!("p{i}")),
+            &fx.exp(format!("q{i}")),
+            libc::RENAME_EXCHANGE,
+        )
+        .expect("exchange on the export");
+        write_closed(&fx.exp(format!("q{i}/a{i}/new")), b"real").expect("create");
+        eventually(&format!("the directory at its real place ({i})"), || {
+            fs::read(inside.join("new")).is_ok_and(|d| d == b"real")
+        });
+        write_closed(&inside.join("probe"), b"p").expect("create through the held one");
+        assert!(
+            fx.exp(format!("q{i}/a{i}/probe")).exists()
+                && !fx.exp(format!("p{i}/a{i}/probe")).exists(),
+            "({i}) a file made in the held directory landed elsewhere"
+        );
+    }
+    stream_stayed_up(&fx.mount);
+}
