@@ -428,8 +428,6 @@ impl Core {
         let Ok(mut inodes) = self.inodes.lock() else {
             return;
         };
-        // Files with new content on the server, learnt from these attributes.
-        let mut changed = Vec::new();
         for attr in attrs.iter_mut() {
             if !record {
                 if let Some(st) = inodes.get(&attr.ino) {
@@ -449,35 +447,13 @@ impl Core {
                 // Changed in some way we cannot see: xattrs may have changed too.
                 st.xattrs = XATTRS_UNKNOWN;
             }
-            let known = st.version;
             if st.take_if_current(attr) {
                 st.version = attr.version;
-                // Someone else's change (not this client's writes), seen in a reply
-                // before any event told (or with no events at all): what is open of
-                // the file reads the new content from now on, as an event would have
-                // made it (which, arriving later with this version, changes nothing).
-                if known != 0
-                    && known != attr.version
-                    && attr.kind == FileKind::File
-                    && st.writers == 0
-                    && st.local_size.is_none()
-                {
-                    st.kernel_version = None;
-                    changed.push(*attr);
-                }
             } else if let Some((newer, _)) = st.attr {
                 // A reply overtaken by a newer event: the kernel gets the newer state.
                 *attr = newer;
             }
             st.patch(attr);
-        }
-        drop(inodes);
-        for a in changed {
-            self.changed_on_server(a.ino, &a);
-            self.invalidate(events::Invalidation::Inode {
-                ino: a.ino,
-                data: true,
-            });
         }
     }
 
@@ -1098,10 +1074,29 @@ impl Core {
                 .await?
             }
         };
+        let before = self.inodes()?.get(&ino).map(|s| {
+            let quiet = s.writers == 0 && s.local_size.is_none();
+            (s.version, quiet)
+        });
         let attr = self.note_attr(attr);
         if attr.ino != ino {
             // The name now refers to another file (replaced behind our back).
             return errno(libc::ESTALE);
+        }
+        // Someone else's change (none of this client's writes is pending), seen here
+        // before any event told of it, or with no events at all: what is open of the
+        // file reads the new content from now on, as that event would have made it
+        // (arriving later with this version, it changes nothing).
+        if let Some((known, true)) = before
+            && known != 0
+            && known != attr.version
+            && attr.kind == FileKind::File
+        {
+            if let Some(st) = self.inodes()?.get_mut(&ino) {
+                st.kernel_version = None;
+            }
+            self.changed_on_server(ino, &attr);
+            self.invalidate(events::Invalidation::Inode { ino, data: true });
         }
         Ok(attr)
     }
