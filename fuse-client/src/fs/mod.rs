@@ -1092,11 +1092,28 @@ impl Core {
             && known != attr.version
             && attr.kind == FileKind::File
         {
-            if let Some(st) = self.inodes()?.get_mut(&ino) {
-                st.kernel_version = None;
+            let current = match self.inodes()?.get_mut(&ino) {
+                Some(st) if st.version == attr.version => {
+                    st.kernel_version = None;
+                    true
+                }
+                _ => false, // an event brought a newer version meanwhile
+            };
+            if current {
+                self.changed_on_server(ino, &attr);
+                self.invalidate(events::Invalidation::Inode { ino, data: true });
+                // One that came while this was done wins (its own move may have run
+                // before this one).
+                let newer = self.inodes()?.get(&ino).and_then(|st| {
+                    (st.version != attr.version)
+                        .then_some(st.attr)
+                        .flatten()
+                        .map(|(a, _)| a)
+                });
+                if let Some(newer) = newer {
+                    self.changed_on_server(ino, &newer);
+                }
             }
-            self.changed_on_server(ino, &attr);
-            self.invalidate(events::Invalidation::Inode { ino, data: true });
         }
         Ok(attr)
     }

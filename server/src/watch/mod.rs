@@ -110,6 +110,9 @@ pub struct Watcher {
     read_pos: AtomicU64,
     digested_pos: AtomicU64,
     digested: Notify,
+    /// Held across a read and its count, and across `FIONREAD` and the load of the
+    /// count: no byte is then counted in neither.
+    reading: Mutex<()>,
 }
 
 /// Longest a reply waits for the events of changes made before it ([`Watcher::caught_up`]).
@@ -152,6 +155,7 @@ impl Watcher {
             read_pos: AtomicU64::new(0),
             digested_pos: AtomicU64::new(0),
             digested: Notify::new(),
+            reading: Mutex::new(()),
         });
         let reader = tokio::spawn(Arc::clone(&w).read_loop());
         Ok((w, reader))
@@ -487,6 +491,7 @@ impl Watcher {
             if let Err(e) = self.read_some(&mut buf, &mut batch).await {
                 error!("inotify read failed, change events stop: {e}");
                 self.lose("inotify read failed");
+                self.stop_catching_up();
                 return;
             }
             let deadline = tokio::time::Instant::now() + WINDOW;
@@ -498,6 +503,7 @@ impl Watcher {
                     Ok(Err(e)) => {
                         error!("inotify read failed, change events stop: {e}");
                         self.lose("inotify read failed");
+                        self.stop_catching_up();
                         return;
                     }
                 }
@@ -520,16 +526,23 @@ impl Watcher {
         }
     }
 
+    /// No more events will come: nobody waits for them ([`Watcher::caught_up`]).
+    fn stop_catching_up(&self) {
+        self.digested_pos.store(u64::MAX, Ordering::SeqCst);
+        self.digested.notify_waiters();
+    }
+
     /// Wait until the events of every change made before now have been broadcast (at
     /// most [`CATCH_UP_MAX`]): a reply sent after them, by a writer that sends the
     /// events it has first, reaches its client after them. For answers read from the
     /// filesystem as it is now (`Locate`), which the client must not take before the
     /// events of the changes that led there.
     pub async fn caught_up(&self) {
-        // (Queued first, then read so far: a read in between counts twice, which only
-        // makes this wait a batch longer.)
-        let queued = sys::fionread(self.inotify.get_ref().as_fd()).unwrap_or(0);
-        let target = self.read_pos.load(Ordering::SeqCst) + queued;
+        let target = {
+            let _reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+            let queued = sys::fionread(self.inotify.get_ref().as_fd()).unwrap_or(0);
+            self.read_pos.load(Ordering::SeqCst) + queued
+        };
         let deadline = tokio::time::Instant::now() + CATCH_UP_MAX;
         loop {
             let notified = self.digested.notified();
@@ -550,17 +563,21 @@ impl Watcher {
         loop {
             let mut guard = self.inotify.readable().await?;
             let read = guard.try_io(|fd| {
+                let _reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
                     match sys::read(fd.get_ref().as_fd(), buf) {
                         Err(libc::EINTR) => continue,
-                        other => return other.map_err(std::io::Error::from_raw_os_error),
+                        Ok(n) => {
+                            self.read_pos.fetch_add(n as u64, Ordering::SeqCst);
+                            return Ok(n);
+                        }
+                        Err(e) => return Err(std::io::Error::from_raw_os_error(e)),
                     }
                 }
             });
             match read {
                 Ok(Ok(n)) => {
                     parse_events(&buf[..n], batch);
-                    self.read_pos.fetch_add(n as u64, Ordering::SeqCst);
                     return Ok(());
                 }
                 Ok(Err(e)) => return Err(e),
@@ -642,7 +659,18 @@ impl Watcher {
             return Vec::new();
         }
         let mut dropped = Vec::new();
+        // A watch set aside by a directory moved onto its path (see `State::rename`)
+        // no longer owns that path: it goes with those set aside beneath it, not the
+        // directory that took its place and what is beneath that.
+        let set_aside = state.by_path.get(path) != Some(&wd);
         for wd in state.under(path) {
+            let owns_its_path = state
+                .by_wd
+                .get(&wd)
+                .is_some_and(|w| state.by_path.get(&w.path) == Some(&wd));
+            if set_aside && owns_its_path {
+                continue;
+            }
             dropped.extend(state.forget(wd));
             self.unwatch(wd);
         }

@@ -484,3 +484,43 @@ async fn locate_answers_after_the_events_of_changes_made_before_it() {
         );
     }
 }
+
+/// `mv x y` over an empty watched `y` that something on the server holds open (its
+/// removal is reported only once released): `y`'s watch, set aside, is checked a batch
+/// later and dropped alone, not with `x`'s (now at `y`) and those beneath it (helper-49).
+#[tokio::test]
+async fn a_held_directory_replaced_by_a_move_takes_only_its_own_watch_along() {
+    let server = Server::start().await;
+    let root = server.root();
+    std::fs::create_dir_all(root.join("x/sub")).unwrap();
+    std::fs::create_dir(root.join("y")).unwrap();
+    let mut c = events_client(&server).await;
+    let x = c.lookup("", "x").await.unwrap().ino;
+    list(&mut c, "").await;
+    list(&mut c, "x").await;
+    list(&mut c, "x/sub").await;
+    list(&mut c, "y").await;
+    let hold = std::fs::File::open(root.join("y")).unwrap();
+    std::fs::rename(root.join("x"), root.join("y")).unwrap();
+    expect(&mut c, "", Some("y"), Option::is_some).await;
+    // The next batch (made after the move's events went out) checks the watch set
+    // aside; the one after shows whether `y/sub` is still watched.
+    std::fs::write(root.join("m1"), b"1").unwrap();
+    let mut skipped = expect(&mut c, "", Some("m1"), Option::is_some).await;
+    std::fs::write(root.join("y/sub/f"), b"1").unwrap();
+    std::fs::write(root.join("m2"), b"1").unwrap();
+    skipped.extend(expect(&mut c, "", Some("m2"), Option::is_some).await);
+    drop(hold);
+    assert!(
+        !skipped
+            .iter()
+            .any(|e| matches!(e, Event::Unwatched { dirs } if dirs.contains(&x))),
+        "x unwatched: {skipped:?}"
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|e| changed(e, "y/sub", Some("f")).is_some()),
+        "y/sub/f not reported: {skipped:?}"
+    );
+}
