@@ -133,6 +133,13 @@ fn absent(path: &Path) -> bool {
     matches!(fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
+/// A path through the directory `f` holds, whatever its name is now (as a process whose
+/// working directory it is reaches it): `/proc/self/fd/N`.
+fn through(f: &fs::File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    Path::new("/proc/self/fd").join(f.as_raw_fd().to_string())
+}
+
 /// A place files are changed and observed from: a mount, or the export itself.
 struct Side<'a> {
     name: &'static str,
@@ -1013,7 +1020,6 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
 /// mount used to go on asking for the old one, ENOENT for as long as it was held.)
 #[test]
 fn a_held_directory_renamed_on_the_export_keeps_working() {
-    use std::os::fd::AsRawFd;
     let Some(fx) = fixture_with(&[], &[], |e| {
         fs::create_dir(e.join("work")).expect("mkdir");
         fs::write(e.join("work/f"), b"one").expect("write");
@@ -1023,7 +1029,7 @@ fn a_held_directory_renamed_on_the_export_keeps_working() {
     };
     stream_up(&fx.mount);
     let held = fs::File::open(fx.mnt("work")).expect("open the directory");
-    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    let inside = through(&held);
     assert_eq!(fs::read(inside.join("f")).expect("read"), b"one");
     fs::rename(fx.exp("work"), fx.exp("moved")).expect("rename on the export");
     eventually("the rename", || absent(&fx.mnt("work")));
@@ -1072,7 +1078,7 @@ fn a_held_directory_renamed_on_the_export_keeps_working() {
     // A directory made through the mount and renamed on the export, likewise.
     fs::create_dir(fx.mnt("made")).expect("mkdir through the mount");
     let held2 = fs::File::open(fx.mnt("made")).expect("open the directory");
-    let inside2 = Path::new("/proc/self/fd").join(held2.as_raw_fd().to_string());
+    let inside2 = through(&held2);
     fs::rename(fx.exp("made"), fx.exp("made2")).expect("rename on the export");
     write_closed(&fx.exp("made2/x"), b"x").expect("create on the export");
     eventually(
@@ -1089,7 +1095,6 @@ fn a_held_directory_renamed_on_the_export_keeps_working() {
 /// asks where each went).
 #[test]
 fn held_directories_exchanged_on_the_export_each_keep_their_contents() {
-    use std::os::fd::AsRawFd;
     let Some(fx) = fixture_with(&[], &[], |e| {
         for d in ["x", "y"] {
             fs::create_dir(e.join(d)).expect("mkdir");
@@ -1101,19 +1106,18 @@ fn held_directories_exchanged_on_the_export_each_keep_their_contents() {
     stream_up(&fx.mount);
     let x = fs::File::open(fx.mnt("x")).expect("open x");
     let y = fs::File::open(fx.mnt("y")).expect("open y");
-    let inside = |f: &fs::File| Path::new("/proc/self/fd").join(f.as_raw_fd().to_string());
-    assert_eq!(fs::read(inside(&x).join("which")).expect("read"), b"x");
-    assert_eq!(fs::read(inside(&y).join("which")).expect("read"), b"y");
+    assert_eq!(fs::read(through(&x).join("which")).expect("read"), b"x");
+    assert_eq!(fs::read(through(&y).join("which")).expect("read"), b"y");
     ferry_tests::sys::renameat2(&fx.exp("x"), &fx.exp("y"), libc::RENAME_EXCHANGE)
         .expect("exchange on the export");
     // New names, made where each directory is now: a lookup must go to its new place.
     write_closed(&fx.exp("y/new"), b"made in the first").expect("create on the export");
     write_closed(&fx.exp("x/new"), b"made in the second").expect("create on the export");
     eventually("the first directory's new name, where it is held", || {
-        fs::read(inside(&x).join("new")).is_ok_and(|d| d == b"made in the first")
+        fs::read(through(&x).join("new")).is_ok_and(|d| d == b"made in the first")
     });
     eventually("the second directory's new name, where it is held", || {
-        fs::read(inside(&y).join("new")).is_ok_and(|d| d == b"made in the second")
+        fs::read(through(&y).join("new")).is_ok_and(|d| d == b"made in the second")
     });
     assert_eq!(fs::read(fx.mnt("x/which")).expect("read by path"), b"y");
     assert_eq!(fs::read(fx.mnt("y/which")).expect("read by path"), b"x");
@@ -1125,7 +1129,6 @@ fn held_directories_exchanged_on_the_export_each_keep_their_contents() {
 /// mount gave up after a few tries).
 #[test]
 fn a_held_directory_is_followed_while_the_mount_renames_other_things() {
-    use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let Some(fx) = fixture_with(&[], &[], |e| {
@@ -1140,7 +1143,7 @@ fn a_held_directory_is_followed_while_the_mount_renames_other_things() {
     };
     stream_up(&fx.mount);
     let held = fs::File::open(fx.mnt("work")).expect("open the directory");
-    let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+    let inside = through(&held);
     assert_eq!(fs::read(inside.join("f")).expect("read"), b"one");
     let stop = Arc::new(AtomicBool::new(false));
     let renames = Arc::new(AtomicU64::new(0));
@@ -1180,7 +1183,6 @@ fn a_held_directory_is_followed_while_the_mount_renames_other_things() {
 /// parent moves again.
 #[test]
 fn a_held_directory_follows_its_parent_moved_on_the_export() {
-    use std::os::fd::AsRawFd;
     const N: usize = 10;
     let Some(fx) = fixture_with(&[], &[], |e| {
         for i in 0..N {
@@ -1193,7 +1195,7 @@ fn a_held_directory_follows_its_parent_moved_on_the_export() {
     for i in 0..N {
         let _parent = fs::File::open(fx.mnt(format!("a{i}"))).expect("open");
         let held = fs::File::open(fx.mnt(format!("a{i}/c"))).expect("open");
-        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        let inside = through(&held);
         assert_eq!(fs::read_dir(&inside).expect("list").count(), 0);
         fs::rename(fx.exp(format!("a{i}/c")), fx.exp(format!("a{i}/c2"))).expect("rename");
         fs::rename(fx.exp(format!("a{i}")), fx.exp(format!("b{i}"))).expect("rename");
@@ -1215,7 +1217,6 @@ fn a_held_directory_follows_its_parent_moved_on_the_export() {
 /// that took the intermediate name (an answer overtaken by the second move).
 #[test]
 fn a_held_directory_moved_twice_ends_at_its_real_place() {
-    use std::os::fd::AsRawFd;
     const N: usize = 40;
     let Some(fx) = fixture_with(&[], &[], |e| {
         for i in 0..N {
@@ -1228,7 +1229,7 @@ fn a_held_directory_moved_twice_ends_at_its_real_place() {
     stream_up(&fx.mount);
     for i in 0..N {
         let held = fs::File::open(fx.mnt(format!("d{i}"))).expect("open");
-        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        let inside = through(&held);
         assert_eq!(fs::read(inside.join("f")).expect("read"), b"real");
         fs::rename(fx.exp(format!("d{i}")), fx.exp(format!("x{i}"))).expect("rename");
         // A varying gap, so that the mount's question falls before, between and after
@@ -1281,7 +1282,6 @@ fn an_open_file_follows_changes_seen_in_its_attributes_without_events() {
 /// it, never in the other one's subdirectory (helper-48 saw 2 in 60 go there).
 #[test]
 fn a_held_directory_answer_never_comes_before_the_events_that_led_there() {
-    use std::os::fd::AsRawFd;
     const N: usize = 30;
     let Some(fx) = fixture_with(&[], &[], |e| {
         for i in 0..N {
@@ -1297,7 +1297,7 @@ fn a_held_directory_answer_never_comes_before_the_events_that_led_there() {
         let _p = fs::File::open(fx.mnt(format!("p{i}"))).expect("open");
         let _q = fs::File::open(fx.mnt(format!("q{i}"))).expect("open");
         let held = fs::File::open(fx.mnt(format!("a{i}"))).expect("open");
-        let inside = Path::new("/proc/self/fd").join(held.as_raw_fd().to_string());
+        let inside = through(&held);
         fs::rename(fx.exp(format!("a{i}")), fx.exp(format!("p{i}/a{i}"))).expect("mv");
         // 10 to 12.5 ms: about when the mount asks where the directory went.
         let gap = Instant::now();
