@@ -438,7 +438,8 @@ impl Core {
                 Ok(Ok(Response::Located(paths))) => paths,
                 Ok(_) => continue, // refused: nothing to be learnt
                 Err(_) => {
-                    // No connection: ask again once there is one.
+                    // No connection (each call waited for one up to the timeout): asked
+                    // again, a few times at most.
                     tokio::time::sleep(LOCATE_PAUSE).await;
                     self.locate_again(batch.iter().map(|&(ino, _)| ino), &tries, 1);
                     continue;

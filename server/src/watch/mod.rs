@@ -16,7 +16,10 @@
 //! every watch beneath, and a watched directory that moved somewhere we cannot see is
 //! unwatched (with everything under it, each reported gone) until a client looks into
 //! it again. Events name their directory by inode as well as by path: a client's path
-//! of it may be stale.
+//! of it may be stale. Each watched directory's file handle is kept, so that
+//! [`Watcher::locate`] finds it wherever it went beneath the root (as root), and a
+//! `Locate` reply waits for the events of the changes made before it
+//! ([`Watcher::caught_up`]).
 //!
 //! A directory that cannot be watched (the kernel's watch limit, `ENOSPC`, or
 //! `--max-watches`) makes the stream *incomplete* for good: every subscriber is sent
