@@ -593,8 +593,13 @@ impl Watcher {
     fn process(&self, batch: &[RawEvent]) -> Vec<Event> {
         let digest = self.lock().digest(batch);
         let mut unwatched = Vec::new();
+        // (A directory's own move event and the digest's check of where a move took it
+        // often name the same place: checked once.)
+        let mut checked = HashSet::new();
         for (wd, path) in digest.moved_self {
-            unwatched.extend(self.check_moved(wd, &path));
+            if checked.insert((wd, path.clone())) {
+                unwatched.extend(self.check_moved(wd, &path));
+            }
         }
         let lost = self.lost_sight(&unwatched);
         let root_dev = self.export.root_dev();
