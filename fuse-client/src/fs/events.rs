@@ -250,16 +250,28 @@ impl Core {
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
                 // An answer about where a directory went that rests on this name is out
-                // of date; a directory held under another name showing up here moved.
-                let moved_here = match self.nodes.lock() {
+                // of date. A directory the kernel holds (a process's working directory,
+                // say) whose name went, or that shows up here under another name, may
+                // have been renamed: requests through it go by path, so the server is
+                // asked where it is. The name itself is not answered locally again
+                // until the server confirms it (its inode may come back with attributes
+                // of its own: a directory moved elsewhere, whose events follow it).
+                let to_locate: Vec<u64> = match self.nodes.lock() {
                     Ok(mut nodes) => {
                         nodes.name_changed(dir, &name.0);
-                        a.filter(|a| nodes.elsewhere(a.ino, dir, &name.0))
+                        if known.is_some() {
+                            nodes.unverify(dir, &name.0);
+                        }
+                        let gone = known.filter(|&ino| nodes.is_dir(ino));
+                        let here = a
+                            .filter(|a| nodes.elsewhere(a.ino, dir, &name.0))
+                            .map(|a| a.ino);
+                        gone.into_iter().chain(here).collect()
                     }
-                    Err(_) => None,
+                    Err(_) => Vec::new(),
                 };
-                if let Some(a) = moved_here {
-                    self.locate_later(a.ino);
+                for ino in to_locate {
+                    self.locate_later(ino);
                 }
                 // (The directory's own attributes come with its own event, which the
                 // server sends with every entry change.)
@@ -286,21 +298,6 @@ impl Core {
                 }
                 if let Some(ino) = known {
                     self.forget_attr(ino);
-                    // Its inode may come back with attributes of its own (a directory
-                    // moved elsewhere, whose events follow it by inode): the name is
-                    // not answered locally again until the server confirms it.
-                    let moved_dir = match self.nodes.lock() {
-                        Ok(mut nodes) => {
-                            nodes.unverify(dir, &name.0);
-                            nodes.is_dir(ino)
-                        }
-                        Err(_) => false,
-                    };
-                    // A directory the kernel holds (a process's working directory,
-                    // say) may have been renamed: requests through it go by path.
-                    if moved_dir {
-                        self.locate_later(ino);
-                    }
                 }
                 self.invalidate(Invalidation::Entry {
                     parent: dir,
@@ -473,11 +470,20 @@ impl Core {
     /// names known and the listings of them go. What is known of each inode stays (it
     /// is the inode's, wherever its name led).
     fn names_moved(&self, dirs: &[u64]) {
-        let held: HashSet<u64> = dirs.iter().copied().collect();
+        let children = self.forget_names_in(&dirs.iter().copied().collect());
+        for (dir, name, _) in children {
+            self.invalidate(Invalidation::Entry { parent: dir, name });
+        }
+    }
+
+    /// No name in directories `dirs` (kernel inodes the kernel holds) is vouched for
+    /// any more: their known entries are looked up again (returned: directory, name,
+    /// inode), their listings and known name sets go.
+    fn forget_names_in(&self, dirs: &HashSet<u64>) -> Vec<(u64, Vec<u8>, u64)> {
         let Ok(mut n) = self.nodes.lock() else {
-            return;
+            return Vec::new();
         };
-        let children = n.children_of(&held);
+        let children = n.children_of(dirs);
         for (dir, name, _) in &children {
             n.unverify(*dir, name);
         }
@@ -487,9 +493,7 @@ impl Core {
             self.forget_listing(dir);
             self.listing_changed(dir, None);
         }
-        for (dir, name, _) in children {
-            self.invalidate(Invalidation::Entry { parent: dir, name });
-        }
+        children
     }
 
     /// Queue `inos` again, each with `cost` fewer tries (dropped at none left).
@@ -509,27 +513,21 @@ impl Core {
     /// of the name table for all of them: a tree of thousands of directories moved out
     /// of sight comes as one event.
     fn unwatched(&self, dirs: &[u64]) {
-        let Ok(mut n) = self.nodes.lock() else {
+        let Ok(n) = self.nodes.lock() else {
             return;
         };
         let (held, gone): (HashSet<u64>, HashSet<u64>) = dirs
             .iter()
             .map(|&d| n.to_kernel(d))
             .partition(|&d| n.knows(d));
-        let children = n.children_of(&held);
-        for (dir, name, _) in &children {
-            n.unverify(*dir, name);
-        }
         drop(n);
         // Not held: nothing of them but maybe a prefetched listing.
         for dir in gone {
             self.forget_listing(dir);
         }
+        let children = self.forget_names_in(&held);
         for &dir in &held {
             self.forget_attr(dir);
-            self.forget_names(dir);
-            self.forget_listing(dir);
-            self.listing_changed(dir, None);
         }
         let mut writing = HashSet::new();
         if let Ok(mut inodes) = self.inodes.lock() {
