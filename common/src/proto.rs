@@ -153,6 +153,13 @@ pub mod caps {
     pub const ORDERED_UNLINK: u64 = 1 << 5;
     /// Server answers [`super::Request::Locate`] (it holds events' watches by path).
     pub const LOCATE: u64 = 1 << 6;
+    /// A directory the server cannot watch (its watch limit, the kernel's) leaves the
+    /// rest of the event stream live: every attribute that rests on such a directory
+    /// (its own, its entries' in lookups, listings, opens and the like) goes out marked
+    /// [`super::Attr::uncovered`], and the client trusts those, the directory's names and
+    /// its listing no longer than without events. Without it, the first such directory
+    /// makes the whole stream incomplete ([`super::Event::Incomplete`]) for the client.
+    pub const PARTIAL_WATCHES: u64 = 1 << 7;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the
@@ -275,11 +282,14 @@ pub struct Attr {
     /// Whether the file has extended attributes: [`XATTRS_UNKNOWN`], [`XATTRS_NONE`] or
     /// [`XATTRS_SOME`]. Lets a client answer `ls -l`'s per-file xattr probes locally.
     pub xattrs: u8,
-    /// A directory the server could not watch (past its budget for watches, out of the
-    /// kernel's, or without permission to watch it): changes inside it
-    /// (its mtime, its link count) are not reported, so these attributes are trusted no
-    /// longer than without events. Always false for other files (their changes are
-    /// reported through their directory) and without [`caps::EVENTS`].
+    /// Changes to these attributes may go unreported, so they are trusted no longer
+    /// than without events: a directory the server could not watch (past its budget for
+    /// watches, out of the kernel's, or without permission to watch it; changes inside
+    /// it change its mtime and link count), and, with [`caps::PARTIAL_WATCHES`], anything
+    /// whose directory it could not watch (or that a reply shows while one of its
+    /// watches failed). A client trusts the names in and the listing of a directory
+    /// whose own attributes are uncovered no longer either. Always false without
+    /// [`caps::EVENTS`].
     pub uncovered: bool,
 }
 
@@ -719,6 +729,34 @@ impl Response {
         match self {
             Response::InDir { reply, .. } => reply.inner(),
             r => r,
+        }
+    }
+
+    /// Mark every attribute the reply carries [`Attr::uncovered`].
+    pub fn mark_uncovered(&mut self) {
+        let mark = |a: &mut Attr| a.uncovered = true;
+        match self {
+            Response::Attr(a)
+            | Response::Opened { attr: a, .. }
+            | Response::OpenedWithData { attr: a, .. } => mark(a),
+            Response::Dir { entries, .. } => entries.iter_mut().for_each(|e| mark(&mut e.attr)),
+            Response::Listing { attr, entries, .. } => {
+                mark(attr);
+                entries.iter_mut().for_each(|e| mark(&mut e.attr));
+            }
+            Response::InDir { dir, reply } => {
+                mark(dir);
+                reply.mark_uncovered();
+            }
+            Response::SmallFiles(files) => files.iter_mut().for_each(|f| mark(&mut f.attr)),
+            Response::Pong
+            | Response::Ok
+            | Response::Data(_)
+            | Response::Written { .. }
+            | Response::StatFs(_)
+            | Response::XattrSize(_)
+            | Response::NotRemembered
+            | Response::Located(_) => {}
         }
     }
 }

@@ -38,7 +38,8 @@ const CLIENT_CAPS: u64 = caps::CALLER_CREDS
     | caps::COPY_RANGE
     | caps::READ_SMALL
     | caps::ORDERED_UNLINK
-    | caps::LOCATE;
+    | caps::LOCATE
+    | caps::PARTIAL_WATCHES;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;

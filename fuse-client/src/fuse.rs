@@ -188,7 +188,10 @@ fn reply_created(
     reply: ReplyCreate,
 ) {
     match r {
-        Ok(o) => modes.reply_create(core, &core.ttl(), &fuse_attr(&o.attr), &o, flags, reply),
+        Ok(o) => {
+            let ttl = covered_ttl(&o.attr, core.ttl());
+            modes.reply_create(core, &ttl, &fuse_attr(&o.attr), &o, flags, reply)
+        }
         Err(e) => reply.error(err(&e)),
     }
 }

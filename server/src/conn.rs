@@ -56,7 +56,8 @@ const SERVER_CAPS: u64 = caps::CALLER_CREDS
     | caps::COPY_RANGE
     | caps::READ_SMALL
     | caps::XATTR_HINTS
-    | caps::LOCATE;
+    | caps::LOCATE
+    | caps::PARTIAL_WATCHES;
 
 /// A reply on its way to the writer, holding the request's in-flight permit so the limit
 /// also bounds replies waiting to be written.
@@ -86,13 +87,15 @@ pub async fn serve<T>(
             .new_codec(),
     );
     // A server that can no longer report every change offers none: the client then
-    // revalidates instead of trusting silence.
-    let mut offered = if watcher.as_ref().is_some_and(|w| w.complete()) {
+    // revalidates instead of trusting silence. Past a directory it could not watch,
+    // only to clients that cannot be told which (`caps::PARTIAL_WATCHES`).
+    let mut offered = if watcher.as_ref().is_some_and(|w| !w.lost_all()) {
         SERVER_CAPS
     } else {
         // (A client asks where a directory went only when an event said it went.)
-        SERVER_CAPS & !(caps::EVENTS | caps::LOCATE)
+        SERVER_CAPS & !(caps::EVENTS | caps::LOCATE | caps::PARTIAL_WATCHES)
     };
+    let partial = watcher.as_ref().is_some_and(|w| w.partial());
     // (`Unlink` always runs inline; whether it can fail where the client's kernel said
     // yes depends on who we are.)
     if crate::sys::geteuid() == 0 && !export.read_only() {
@@ -100,7 +103,7 @@ pub async fn serve<T>(
     }
     let capabilities = tokio::select! {
         _ = shutdown.cancelled() => return,
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export, offered)) => match res {
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &export, offered, partial)) => match res {
             Err(_) => {
                 warn!("no handshake within {HANDSHAKE_TIMEOUT:?}, closing");
                 return;
@@ -121,11 +124,13 @@ pub async fn serve<T>(
 }
 
 /// Returns the negotiated capabilities, or `None` when the connection must close after
-/// a refusal that was already answered.
+/// a refusal that was already answered. `partial`: some directory could not be watched,
+/// so events go only to a client that can be told which (`caps::PARTIAL_WATCHES`).
 async fn handshake<T>(
     framed: &mut Framed<T, LengthDelimitedCodec>,
     export: &Arc<Export>,
     offered: u64,
+    partial: bool,
 ) -> io::Result<Option<u64>>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -172,6 +177,9 @@ where
     .map_err(io::Error::other)?
     .map_err(io::Error::from_raw_os_error)?;
     let mut capabilities = hello.capabilities & offered;
+    if partial && capabilities & caps::PARTIAL_WATCHES == 0 {
+        capabilities &= !caps::EVENTS;
+    }
     if capabilities & caps::EVENTS == 0 {
         // Its watches are what `Locate` answers from, and they serve only event clients.
         capabilities &= !caps::LOCATE;
@@ -477,11 +485,17 @@ async fn reply<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    if !*told && ctx.watch.as_ref().is_some_and(|w| !w.complete()) {
+    if !*told && ctx.watch.as_ref().is_some_and(|w| incomplete_for(ctx, w)) {
         *told = true;
         sink.feed(ServerFrame::Event(Event::Incomplete)).await?;
     }
     feed(sink, out).await
+}
+
+/// Whether the connection's client must hear that events no longer report every change
+/// it may rely on.
+fn incomplete_for(ctx: &Ctx, w: &Watcher) -> bool {
+    w.lost_all() || (w.partial() && !ctx.partial_watches)
 }
 
 /// Queue every event received so far.
@@ -505,7 +519,10 @@ async fn event<W>(sink: &mut FrameSink<W>, ev: Event, ctx: &Ctx, told: &mut bool
 where
     W: AsyncWrite + Unpin,
 {
-    let told_already = ev == Event::Incomplete && std::mem::replace(told, true);
+    // (A client told per reply hears of a directory that could not be watched there.)
+    let not_for_it =
+        ev == Event::Incomplete && ctx.watch.as_ref().is_some_and(|w| !incomplete_for(ctx, w));
+    let told_already = ev == Event::Incomplete && (not_for_it || std::mem::replace(told, true));
     if told_already || is_own(ctx, &ev) {
         return Ok(());
     }

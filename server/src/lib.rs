@@ -53,6 +53,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Options {
     /// Most directories watched at once (`--max-watches`); `None`: the kernel's limit.
     pub max_watches: Option<usize>,
+    /// Offer no change events at all, as a server without inotify (`--no-events`, for
+    /// tests of clients that must revalidate).
+    pub no_events: bool,
 }
 
 /// Accept connections on `listener` and serve `export` until `shutdown` completes; then
@@ -73,14 +76,16 @@ pub async fn run_with(
     let mut conns = JoinSet::new();
     // Without inotify (the per-user instance limit, say) the server still serves, it
     // just does not offer change events.
-    let (watcher, watch_task) =
-        match watch::Watcher::start(Arc::clone(&export), options.max_watches) {
+    let (watcher, watch_task) = match options.no_events {
+        true => (None, None),
+        false => match watch::Watcher::start(Arc::clone(&export), options.max_watches) {
             Ok((w, task)) => (Some(w), Some(task)),
             Err(errno) => {
                 warn!(errno, "cannot create an inotify instance: no change events");
                 (None, None)
             }
-        };
+        },
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -40,11 +40,15 @@ struct Args {
     #[arg(long, hide = true, value_name = "POINT")]
     die_at: Option<String>,
     /// Watch at most N directories for changes (default: as many as the kernel allows,
-    /// `fs.inotify.max_user_watches`). Past the limit, clients are told that changes
-    /// may go unreported and revalidate what they cache within a second instead of
-    /// trusting events: correct, but more round trips.
+    /// `fs.inotify.max_user_watches`). Past the limit, clients are told which of what
+    /// they hold may change unreported (older clients: that anything may) and
+    /// revalidate that within a second instead of trusting events: correct, but more
+    /// round trips.
     #[arg(long, value_name = "N")]
     max_watches: Option<usize>,
+    /// For tests: offer no change events, as a server without inotify.
+    #[arg(long, hide = true)]
+    no_events: bool,
     /// The directory to export.
     dir: PathBuf,
 }
@@ -179,6 +183,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
     let options = ferry_server::Options {
         max_watches: args.max_watches,
+        no_events: args.no_events,
     };
     ferry_server::run_with(listener, Arc::clone(&export), options, shutdown).await;
     if let Some(undo) = export.undo() {

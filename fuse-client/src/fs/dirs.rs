@@ -37,6 +37,15 @@ type Batch = FsResult<(Vec<DirEntry>, bool)>;
 /// Batches fetched ahead of the kernel: at most this many wait unread.
 const BATCHES_AHEAD: usize = 2;
 
+/// Whether a batch of a listing was covered by the server's events: with
+/// `caps::PARTIAL_WATCHES`, a listing of a directory the server could not watch has
+/// every entry marked uncovered (a subdirectory may be by itself, a file only so).
+fn batch_covered(entries: &[DirEntry]) -> bool {
+    entries
+        .iter()
+        .all(|e| !e.attr.uncovered || e.attr.kind == FileKind::Dir)
+}
+
 /// The batches of a server directory stream, fetched one after the other by a task,
 /// each asked for as soon as the previous one came (not when the kernel reaches it):
 /// the server lists and stats the next while the kernel takes in the entries here.
@@ -68,6 +77,9 @@ pub struct DirStream {
     since: u64,
     /// A batch fetched ahead failed: the error of the next read that needs it.
     failed: Option<FsError>,
+    /// Every batch was covered by the server's events (the directory was watched):
+    /// only then is the whole listing kept.
+    covered: bool,
     /// The batches after these, being fetched (none once the stream ended, or after a
     /// failed batch: the next `readdir` asks again itself).
     ahead: Option<Ahead>,
@@ -181,6 +193,9 @@ impl Core {
             } => (handle, attr, entries, eof),
             _ => return Err(TransportError::Protocol.into()),
         };
+        // (Also what the listing tells of the directory's own coverage.)
+        self.note_coverage(ino, attr.uncovered);
+        let covered = !attr.uncovered && batch_covered(&entries);
         if ino != ROOT && self.nodes()?.to_kernel(attr.ino) != ino {
             // The path leads to another directory now (this one was renamed or replaced
             // on the server, or something was mounted on it there): its entries are not
@@ -201,7 +216,7 @@ impl Core {
         }
         self.reserve_inodes(entries.len());
         let entries = Arc::new(entries);
-        if eof {
+        if eof && covered {
             self.keep_listing(ino, epoch, &entries);
             self.prefetch_children(caller, path, &entries);
         }
@@ -215,6 +230,7 @@ impl Core {
             epoch,
             since,
             failed: None,
+            covered,
             ahead: handle.and_then(|h| self.fetch_ahead(caller, h)),
         };
         Ok((stream, false))
@@ -288,6 +304,7 @@ impl Core {
             epoch,
             since,
             failed: None,
+            covered: true,
             ahead: None,
         }
     }
@@ -360,10 +377,13 @@ impl Core {
         // While the kernel still takes in the entries before these: its replies then
         // find the tables grown.
         self.reserve_inodes(entries.len());
+        s.covered &= batch_covered(&entries);
         Arc::make_mut(&mut s.entries).extend(entries);
         if s.eof {
             s.ahead = None;
-            self.keep_listing(s.ino, s.epoch, &s.entries);
+            if s.covered {
+                self.keep_listing(s.ino, s.epoch, &s.entries);
+            }
         } else if s.ahead.is_none() {
             s.ahead = self.fetch_ahead(caller, h);
         }
@@ -572,7 +592,8 @@ impl Core {
             };
             entries
                 .iter()
-                .filter(|e| e.attr.kind == FileKind::Dir)
+                // (Not one the server could not watch: it would refuse, as it did.)
+                .filter(|e| e.attr.kind == FileKind::Dir && !e.attr.uncovered)
                 .map(|e| (nodes.to_kernel(e.attr.ino), path.join(&e.name.0)))
                 .filter(|(ino, _)| !cache.contains_key(ino))
                 .take(PREFETCH_DIRS)
@@ -634,7 +655,8 @@ impl Core {
                     .nodes
                     .lock()
                     .is_ok_and(|n| n.to_kernel(attr.ino) == ino);
-                if !eof || !same {
+                // (Nor if the server could not watch it: nothing would drop it.)
+                if !eof || !same || attr.uncovered {
                     // Too big to prefetch whole: the walk will list it itself.
                     if !eof {
                         let _ = core

@@ -534,6 +534,8 @@ impl Core {
             for &ino in held.iter().chain(children.iter().map(|(_, _, i)| i)) {
                 if let Some(st) = inodes.get_mut(&ino) {
                     st.attr = None;
+                    // Nothing reports their changes until the server says it does again.
+                    st.uncovered = true;
                     st.xattrs = ferry_common::proto::XATTRS_UNKNOWN;
                     if st.writers > 0 || st.local_size.is_some() {
                         // Close-to-open: this client's pages are the truth.

@@ -1041,7 +1041,12 @@ impl Core {
 
         // Fast path: nothing to ask the server. (The version is read first: a guard
         // taken inside an `if let` condition would live through the whole body.)
-        let known_version = self.inodes()?.get(&ino).map(|s| s.version);
+        // (Not of a file the server may not report changes of: `InodeState::uncovered`.)
+        let known_version = self
+            .inodes()?
+            .get(&ino)
+            .filter(|s| !s.uncovered)
+            .map(|s| s.version);
         if !writable
             && !truncating
             && self.client.events_live()

@@ -86,6 +86,11 @@ struct InodeState {
     map_sends: Option<Arc<tokio::sync::Mutex<()>>>,
     /// The server's hint whether the file has extended attributes (`XATTRS_*`).
     xattrs: u8,
+    /// The last attributes received were marked `Attr::uncovered` (kept when they are
+    /// dropped): changes to the inode, and for a directory to its names, may go
+    /// unreported, so nothing of it is answered without the server (its version, its
+    /// names, its xattrs hint).
+    uncovered: bool,
     /// The server's attributes as last received (kernel inode number) and when: a
     /// `GETATTR` is answered from them while the event stream vouches that nothing
     /// changed since (an event that changes them replaces or drops them).
@@ -208,9 +213,14 @@ impl InodeState {
 
     /// Take `attr` as the inode's newest attributes if it is; returns whether it was.
     fn take_if_current(&mut self, attr: &Attr) -> bool {
+        // (Uncovered even when older: the server could not watch it at some point.)
+        if attr.uncovered {
+            self.uncovered = true;
+        }
         if !self.is_current(attr) {
             return false;
         }
+        self.uncovered = attr.uncovered;
         self.seen_ctime = Some(attr.ctime);
         self.attr = Some((*attr, Instant::now()));
         true
@@ -493,6 +503,22 @@ impl Core {
         Some(attr)
     }
 
+    /// Whether what the server last said of `ino` was marked uncovered (see
+    /// `InodeState::uncovered`).
+    fn uncovered(&self, ino: u64) -> bool {
+        self.inodes
+            .lock()
+            .is_ok_and(|i| i.get(&ino).is_some_and(|s| s.uncovered))
+    }
+
+    /// A reply showed `ino` uncovered (or not) without its attributes being taken:
+    /// only the former is noted (the latter waits for attributes that are current).
+    fn note_coverage(&self, ino: u64, uncovered: bool) {
+        if uncovered && let Ok(mut inodes) = self.inodes.lock() {
+            inodes.entry(ino).or_default().uncovered = true;
+        }
+    }
+
     /// The attributes this client last had of `ino`, however old.
     fn last_attr(&self, ino: u64) -> Option<Attr> {
         Some(self.inodes.lock().ok()?.get(&ino)?.attr?.0)
@@ -521,9 +547,10 @@ impl Core {
         self.client.events_live()
             && self.inodes.lock().is_ok_and(|i| {
                 i.get(&dir).is_some_and(|s| {
-                    s.names.as_ref().is_some_and(|n| {
-                        n.since.elapsed() < TTL_WITH_EVENTS && !n.names.contains(name)
-                    })
+                    !s.uncovered
+                        && s.names.as_ref().is_some_and(|n| {
+                            n.since.elapsed() < TTL_WITH_EVENTS && !n.names.contains(name)
+                        })
                 })
             })
     }
@@ -875,10 +902,11 @@ impl Core {
         self.dir_changed(parent);
         self.names_changed(parent, name, true);
         let attr = self.entry(parent, name, attr)?;
-        if is_dir && !repeated {
+        if is_dir && !repeated && !attr.uncovered {
             // Empty, and every change in it will be ours until an event says otherwise.
             // (Not from a repeat's answer: a server restarted since found it made, and
-            // may have let others into it before it watched it.)
+            // may have let others into it before it watched it. Nor from one that could
+            // not watch it: no event would say otherwise.)
             let mut inodes = self.inodes()?;
             let st = inodes.entry(attr.ino).or_default();
             st.names = Some(Box::new(KnownNames {
@@ -985,6 +1013,10 @@ impl Core {
             }
             nodes.child(parent, name)?
         };
+        // (A name in a directory the server does not watch may have changed unreported.)
+        if self.uncovered(parent) {
+            return None;
+        }
         let attr = self.known_attr(ino)?;
         // The reply gives the kernel one more reference, as any lookup does.
         self.nodes
@@ -1374,10 +1406,10 @@ impl Core {
     /// event stream would have told us otherwise). `ls -l` probes every file.
     fn known_without_xattrs(&self, ino: u64) -> bool {
         self.client.events_live()
-            && self
-                .inodes
-                .lock()
-                .is_ok_and(|i| i.get(&ino).is_some_and(|s| s.xattrs == XATTRS_NONE))
+            && self.inodes.lock().is_ok_and(|i| {
+                i.get(&ino)
+                    .is_some_and(|s| s.xattrs == XATTRS_NONE && !s.uncovered)
+            })
     }
 
     pub async fn xattr_get(

@@ -171,7 +171,7 @@ impl Stat {
             {
                 (st, covered) = match path {
                     Some(path) => w.ensure_entry(dir, path, &cname, st),
-                    None => (st, !w.complete() || w.covers(st.st_dev, st.st_ino)),
+                    None => (st, w.lost_all() || w.covers(st.st_dev, st.st_ino)),
                 };
             }
             let mut attr = attr_of(&st, self.export.root_dev());

@@ -22,12 +22,17 @@
 //! ([`Watcher::caught_up`]).
 //!
 //! A directory that cannot be watched (the kernel's watch limit, `ENOSPC`, or
-//! `--max-watches`) makes the stream *incomplete* for good: every subscriber is sent
+//! `--max-watches`) leaves changes in it unreported. A client with
+//! [`caps::PARTIAL_WATCHES`](ferry_common::caps::PARTIAL_WATCHES) is told per reply:
+//! every attribute of a reply that rests on a directory not watched (before and after
+//! the request ran), or that ran while such a watch failed, goes out marked
+//! [`Attr::uncovered`] (`ops::execute`), and it keeps trusting events for the rest.
+//! To other clients the stream is *incomplete* for good: each is sent
 //! [`Event::Incomplete`] before any reply that relied on the missing watch (see
-//! [`Watcher::complete`] and the connection's writer), and later connections are not
-//! offered events at all. Clients then revalidate as if they had no events, which is
-//! slower but never stale. Watches are never dropped just because no client is
-//! interested any more (they live until the directory goes away).
+//! [`Watcher::complete`] and the connection's writer), and later ones are not offered
+//! events at all; they then revalidate as if they had no events. Either way slower
+//! but never stale. Watches are never dropped just because no client is interested
+//! any more (they live until the directory goes away).
 //!
 //! This module must never add a watch by a network-supplied path (only through the
 //! magic link of a descriptor [`crate::export::Export`] resolved), never stat anything
@@ -90,8 +95,15 @@ pub struct Watcher {
     export: Arc<Export>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
-    /// Some change may go unreported from now on (a directory could not be watched).
+    /// Some change anywhere may go unreported from now on (inotify itself failed).
     incomplete: AtomicBool,
+    /// Some directory a client looked into could not be watched: changes in it may go
+    /// unreported. Clients with [`ferry_common::caps::PARTIAL_WATCHES`] are told per
+    /// reply ([`Watcher::covers_dir`], [`Watcher::failures`]); to the others the stream
+    /// is incomplete.
+    partial: AtomicBool,
+    /// Watches of directories clients look into that could not be added, so far.
+    failures: AtomicU64,
     /// Most watches this server holds at once (`--max-watches`); past it, as past the
     /// kernel's limit, the stream becomes incomplete.
     max_watches: usize,
@@ -142,6 +154,8 @@ impl Watcher {
             state: Mutex::new(State::default()),
             events,
             incomplete: AtomicBool::new(false),
+            partial: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
             max_watches: max_watches.unwrap_or(usize::MAX),
             eager_watches: {
                 let kernel = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
@@ -171,18 +185,60 @@ impl Watcher {
     /// Whether every change in the directories clients looked into has been reported.
     /// Once false, it stays false until the server restarts.
     pub fn complete(&self) -> bool {
-        !self.incomplete.load(Ordering::SeqCst)
+        !self.lost_all() && !self.partial()
     }
 
-    /// Some change may go unreported from now on: say so, once, to every subscriber.
-    /// Set before the caller answers any request that relied on what was lost, so the
-    /// connection's writer sends `Incomplete` ahead of that answer.
+    /// Whether changes may go unreported anywhere (no client can trust events).
+    pub fn lost_all(&self) -> bool {
+        self.incomplete.load(Ordering::SeqCst)
+    }
+
+    /// Whether some directory a client looked into is not watched (see
+    /// [`Watcher::covers_dir`]).
+    pub fn partial(&self) -> bool {
+        self.partial.load(Ordering::SeqCst)
+    }
+
+    /// How many watches of directories clients look into could not be added so far: a
+    /// reply computed while this changed may rest on one.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    /// Whether the directory at `path` (beneath the root) is watched now.
+    pub fn covers_dir(&self, path: &RelPath) -> bool {
+        self.export
+            .resolve_dir(path)
+            .and_then(|fd| sys::fstat(fd.as_fd()))
+            .is_ok_and(|st| self.covers(st.st_dev, st.st_ino))
+    }
+
+    /// Some change anywhere may go unreported from now on: say so, once, to every
+    /// subscriber. Set before the caller answers any request that relied on what was
+    /// lost, so the connection's writer sends `Incomplete` ahead of that answer.
     fn lose(&self, why: &str) {
         if !self.incomplete.swap(true, Ordering::SeqCst) {
             warn!(
-                "{why}: changes are no longer all reported; clients revalidate what they \
-                 cache (within 1 s) instead of waiting for events, until ferryd restarts \
-                 (raise fs.inotify.max_user_watches to avoid this)"
+                "{why}: changes are no longer reported; clients revalidate what they \
+                 cache (within 1 s) instead of waiting for events, until ferryd restarts"
+            );
+            // An error only means nobody is subscribed right now.
+            let _ = self.events.send(Event::Incomplete);
+        }
+    }
+
+    /// A directory a client looks into could not be watched: counted before the caller
+    /// answers (see [`Watcher::failures`]). Clients without
+    /// [`ferry_common::caps::PARTIAL_WATCHES`] are told, once, that the stream is
+    /// incomplete (their writers skip this `Incomplete` for the others).
+    fn lose_dir(&self, why: &str) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+        if !self.partial.swap(true, Ordering::SeqCst) {
+            warn!(
+                "{why}: changes in directories past the limit are not reported; clients \
+                 revalidate what they hold of those (within 1 s) instead of waiting for \
+                 events (older clients: of everything), until ferryd restarts (raise \
+                 fs.inotify.max_user_watches to avoid this)"
             );
             // An error only means nobody is subscribed right now.
             let _ = self.events.send(Event::Incomplete);
@@ -283,7 +339,7 @@ impl Watcher {
         };
         if !known && state.by_wd.len() >= budget {
             if !eager {
-                self.lose("--max-watches reached");
+                self.lose_dir("--max-watches reached");
             }
             return false;
         }
@@ -326,7 +382,7 @@ impl Watcher {
                 false
             }
             Err(libc::ENOSPC) => {
-                self.lose("inotify watch limit reached (fs.inotify.max_user_watches)");
+                self.lose_dir("inotify watch limit reached (fs.inotify.max_user_watches)");
                 false
             }
             Err(e) => {
@@ -334,7 +390,7 @@ impl Watcher {
                 // leaves a directory clients look into unwatched.
                 debug!(errno = e, ?path, "cannot watch directory");
                 if e != libc::ENOENT {
-                    self.lose(&format!("cannot watch a directory (errno {e})"));
+                    self.lose_dir(&format!("cannot watch a directory (errno {e})"));
                 }
                 false
             }
@@ -342,10 +398,10 @@ impl Watcher {
     }
 
     /// An eager watch of `dir` (just resolved from `path`), for a listing asked ahead of
-    /// need; returns whether it is watched (always, once the stream is incomplete:
+    /// need; returns whether it is watched (always, once the stream is lost for all:
     /// no client trusts it then).
     pub fn ensure_eagerly(&self, dir: BorrowedFd<'_>, path: &RelPath) -> bool {
-        !self.complete() || self.watch(dir, path, true)
+        self.lost_all() || self.watch(dir, path, true)
     }
 
     /// Most watches held for an eager one to be added now.
@@ -449,8 +505,8 @@ impl Watcher {
         name: &std::ffi::CStr,
         st: libc::stat,
     ) -> (libc::stat, bool) {
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || !self.complete() {
-            // (Once incomplete, no client trusts events: nothing to mark.)
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || self.lost_all() {
+            // (Once lost for all, no client trusts events: nothing to mark.)
             return (st, true);
         }
         let at = path.join(name.to_bytes());

@@ -275,6 +275,7 @@ async fn staged_writes_are_announced_at_commit_only() {
 async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     let options = ferry_server::Options {
         max_watches: Some(1),
+        ..Default::default()
     };
     let server = Server::start_opts(false, options).await;
     std::fs::create_dir(server.root().join("d")).unwrap();
@@ -315,6 +316,73 @@ async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     assert_eq!(later.welcome.capabilities & caps::EVENTS, 0);
 }
 
+/// With `caps::PARTIAL_WATCHES`, a directory the server cannot watch leaves the rest of
+/// the stream live: the client hears no `Incomplete`; every attribute that rests on that
+/// directory goes out marked uncovered (lookups, attributes by path and by handle,
+/// listings, opens), those that rest on watched directories do not, and events of the
+/// watched ones keep coming. A client connecting later is still offered events, one
+/// without the capability is not.
+#[tokio::test]
+async fn past_its_watch_limit_the_server_marks_what_rests_on_unwatched_directories() {
+    let options = ferry_server::Options {
+        max_watches: Some(2),
+        ..Default::default()
+    };
+    let server = Server::start_opts(false, options).await;
+    for d in ["d", "e"] {
+        std::fs::create_dir(server.root().join(d)).unwrap();
+        std::fs::write(server.root().join(d).join("x"), b"x").unwrap();
+    }
+    let partial = caps::EVENTS | caps::PARTIAL_WATCHES;
+    let mut c = Client::connect(server.addr, partial).await;
+    assert_eq!(c.welcome.capabilities & partial, partial);
+    // The root and `d` take the two watches; `e` is one too many.
+    c.lookup("", "d").await.unwrap();
+    assert!(!c.lookup("d", "x").await.unwrap().uncovered);
+    let in_e = c.lookup("e", "x").await.unwrap();
+    assert!(in_e.uncovered, "{in_e:?}");
+    assert!(c.getattr("e/x").await.unwrap().uncovered);
+    assert!(c.getattr("e").await.unwrap().uncovered);
+    let (h, opened) = c.open("e/x", libc::O_RDONLY).await.unwrap();
+    assert!(opened.uncovered);
+    assert!(c.handle_attr(h).await.unwrap().uncovered);
+    match c
+        .call(Request::ListDir {
+            path: p("e"),
+            max_entries: 100,
+            speculative: false,
+        })
+        .await
+        .unwrap()
+    {
+        Response::Listing { attr, entries, .. } => {
+            assert!(attr.uncovered);
+            assert!(entries.iter().all(|e| e.attr.uncovered), "{entries:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // What rests on watched directories is not marked.
+    assert!(!c.lookup("d", "x").await.unwrap().uncovered);
+    assert!(!c.getattr("d/x").await.unwrap().uncovered);
+    assert!(!c.getattr("d").await.unwrap().uncovered);
+    let (h, opened) = c.open("d/x", libc::O_RDONLY).await.unwrap();
+    assert!(!opened.uncovered);
+    assert!(!c.handle_attr(h).await.unwrap().uncovered);
+    assert!(
+        entries(&mut c, "d").await.iter().all(|e| !e.attr.uncovered),
+        "a watched directory's entries were marked"
+    );
+    assert!(!c.events.contains(&Event::Incomplete), "{:?}", c.events);
+    // Events of the watched directories still come, and never an `Incomplete`.
+    std::fs::write(server.root().join("d/new"), b"n").unwrap();
+    let skipped = expect(&mut c, "d", Some("new"), |a| a.is_some()).await;
+    assert!(!skipped.contains(&Event::Incomplete), "{skipped:?}");
+    let later = Client::connect(server.addr, partial).await;
+    assert_eq!(later.welcome.capabilities & partial, partial);
+    let old = Client::connect(server.addr, caps::EVENTS).await;
+    assert_eq!(old.welcome.capabilities & caps::EVENTS, 0);
+}
+
 /// Subdirectories whose attributes a listing hands out are watched only within nine
 /// tenths of the watch limit: a listing of many of them leaves room for the
 /// directories clients look into, and never makes the stream incomplete by itself.
@@ -323,6 +391,7 @@ async fn watches_for_listed_subdirectories_leave_room_for_required_ones() {
     // 18 watches for the root, `p` and the first 16 subdirectories; 2 left.
     let options = ferry_server::Options {
         max_watches: Some(20),
+        ..Default::default()
     };
     let server = Server::start_opts(false, options).await;
     for i in 0..20 {
@@ -369,6 +438,7 @@ async fn watches_for_listed_subdirectories_leave_room_for_required_ones() {
 async fn a_speculative_listing_does_not_take_a_required_watch() {
     let options = ferry_server::Options {
         max_watches: Some(2),
+        ..Default::default()
     };
     let server = Server::start_opts(false, options).await;
     std::fs::create_dir(server.root().join("d")).unwrap();
