@@ -734,7 +734,11 @@ impl Response {
 
     /// Mark every attribute the reply carries [`Attr::uncovered`].
     pub fn mark_uncovered(&mut self) {
-        let mark = |a: &mut Attr| a.uncovered = true;
+        self.attrs_mut(&mut |a: &mut Attr| a.uncovered = true);
+    }
+
+    /// Apply `mark` to every attribute the reply carries.
+    pub fn attrs_mut(&mut self, mark: &mut impl FnMut(&mut Attr)) {
         match self {
             Response::Attr(a)
             | Response::Opened { attr: a, .. }
@@ -746,7 +750,7 @@ impl Response {
             }
             Response::InDir { dir, reply } => {
                 mark(dir);
-                reply.mark_uncovered();
+                reply.attrs_mut(mark);
             }
             Response::SmallFiles(files) => files.iter_mut().for_each(|f| mark(&mut f.attr)),
             Response::Pong

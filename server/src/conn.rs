@@ -442,8 +442,7 @@ async fn write_loop<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    // `Event::Incomplete` was sent (it is sent once).
-    let mut told = false;
+    let mut told = Told::default();
     loop {
         tokio::select! {
             // Replies first: they are what requests in flight wait for.
@@ -473,23 +472,74 @@ where
     sink.close().await
 }
 
+/// What the connection's writer has told its client of the server's watches.
+#[derive(Default)]
+struct Told {
+    /// `Event::Incomplete` was sent (it is sent once).
+    incomplete: bool,
+    /// The server could not watch some directory, and this client, told per reply
+    /// (`caps::PARTIAL_WATCHES`), was sent one `Event::Resync` for it.
+    partial: bool,
+}
+
 /// Queue a reply. If the server's event stream became incomplete, `Event::Incomplete`
 /// goes first (once): the reply may rest on a directory that could not be watched,
 /// and the client must know that before it trusts the reply for long.
 async fn reply<W>(
     sink: &mut FrameSink<W>,
-    out: Outgoing,
+    mut out: Outgoing,
     ctx: &Ctx,
-    told: &mut bool,
+    told: &mut Told,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
-    if !*told && ctx.watch.as_ref().is_some_and(|w| incomplete_for(ctx, w)) {
-        *told = true;
+    if !told.incomplete && ctx.watch.as_ref().is_some_and(|w| incomplete_for(ctx, w)) {
+        told.incomplete = true;
         sink.feed(ServerFrame::Event(Event::Incomplete)).await?;
     }
+    if partial_for(sink, ctx, told).await? {
+        mark_links(&mut out.frame);
+    }
     feed(sink, out).await
+}
+
+/// Whether the server could not watch some directory and the client is told per reply;
+/// the first time, it is sent one `Event::Resync` first. A file with several links may
+/// change through a name in such a directory, which no watch reports: from then on its
+/// attributes go out marked uncovered, by this writer (the one place every reply and
+/// event passes, in the order the client takes them), and the resync drops what the
+/// client trusted of such files before.
+async fn partial_for<W>(sink: &mut FrameSink<W>, ctx: &Ctx, told: &mut Told) -> io::Result<bool>
+where
+    W: AsyncWrite + Unpin,
+{
+    let partial = ctx.partial_watches && ctx.watch.as_ref().is_some_and(|w| w.partial());
+    if partial && !std::mem::replace(&mut told.partial, true) {
+        sink.feed(ServerFrame::Event(Event::Resync)).await?;
+    }
+    Ok(partial)
+}
+
+/// Mark the attributes of files with several links in `frame` uncovered.
+fn mark_links(frame: &mut ServerFrame) {
+    let mut mark = |a: &mut ferry_common::Attr| {
+        if a.nlink > 1 && a.kind != ferry_common::FileKind::Dir {
+            a.uncovered = true;
+        }
+    };
+    match frame {
+        ServerFrame::Reply {
+            result: Ok(reply), ..
+        } => reply.attrs_mut(&mut mark),
+        ServerFrame::Event(Event::Changed {
+            attr: Some(attr), ..
+        })
+        | ServerFrame::Event(Event::Barrier {
+            attr: Some(attr), ..
+        }) => mark(attr),
+        _ => {}
+    }
 }
 
 /// Whether the connection's client must hear that events no longer report every change
@@ -503,7 +553,7 @@ async fn send_events<W>(
     sink: &mut FrameSink<W>,
     events: &mut Option<broadcast::Receiver<Event>>,
     ctx: &Ctx,
-    told: &mut bool,
+    told: &mut Told,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
@@ -515,18 +565,23 @@ where
 }
 
 /// Queue an event, unless the client made it itself or was already told it.
-async fn event<W>(sink: &mut FrameSink<W>, ev: Event, ctx: &Ctx, told: &mut bool) -> io::Result<()>
+async fn event<W>(sink: &mut FrameSink<W>, ev: Event, ctx: &Ctx, told: &mut Told) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     // (A client told per reply hears of a directory that could not be watched there.)
     let not_for_it =
         ev == Event::Incomplete && ctx.watch.as_ref().is_some_and(|w| !incomplete_for(ctx, w));
-    let told_already = ev == Event::Incomplete && (not_for_it || std::mem::replace(told, true));
+    let told_already =
+        ev == Event::Incomplete && (not_for_it || std::mem::replace(&mut told.incomplete, true));
     if told_already || is_own(ctx, &ev) {
         return Ok(());
     }
-    sink.feed(ServerFrame::Event(ev)).await
+    let mut frame = ServerFrame::Event(ev);
+    if partial_for(sink, ctx, told).await? {
+        mark_links(&mut frame);
+    }
+    sink.feed(frame).await
 }
 
 /// Requests cheap enough to run on the connection task (see `serve_requests`). They run

@@ -40,9 +40,6 @@ pub struct OpenFile {
     /// The first write that failed since the last commit: that commit fails with it and
     /// applies nothing (the client reports it to `close`).
     write_failed: Mutex<Option<Errno>>,
-    /// Opened while its directory was not watched (see `ops::execute`): attributes
-    /// through the handle go out marked uncovered.
-    pub uncovered: std::sync::atomic::AtomicBool,
 }
 
 impl OpenFile {
@@ -54,7 +51,6 @@ impl OpenFile {
             writes_running: AtomicU64::new(0),
             writes_done: tokio::sync::Notify::new(),
             write_failed: Mutex::new(None),
-            uncovered: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

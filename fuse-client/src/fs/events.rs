@@ -205,7 +205,7 @@ impl Core {
                 if a.ino == dir && known == a.version {
                     return; // our own change, whose reply carried these attributes
                 }
-                if !st.take_if_current(&a) {
+                if !st.take_event_attr(&a) {
                     return; // older than what a reply already told us
                 }
             } else {
@@ -291,7 +291,7 @@ impl Core {
                     if let Ok(mut inodes) = self.inodes.lock()
                         && let Some(st) = inodes.get_mut(&a.ino)
                     {
-                        st.take_if_current(&a);
+                        st.take_event_attr(&a);
                     }
                 } else {
                     self.forget_names(dir);
@@ -351,7 +351,7 @@ impl Core {
             if st.version == a.version || st.writers > 0 || st.local_size.is_some() {
                 return false;
             }
-            if !st.take_if_current(a) {
+            if !st.take_event_attr(a) {
                 return false;
             }
             st.version = a.version;

@@ -211,6 +211,16 @@ impl InodeState {
         }
     }
 
+    /// [`InodeState::take_if_current`] for an event's attributes, which never clear
+    /// `uncovered`: an event can come from a watch the server no longer has (its
+    /// directory moved away or past the watch limit), or name a file that also has a
+    /// name no watch reports.
+    fn take_event_attr(&mut self, attr: &Attr) -> bool {
+        let mut attr = *attr;
+        attr.uncovered |= self.uncovered;
+        self.take_if_current(&attr)
+    }
+
     /// Take `attr` as the inode's newest attributes if it is; returns whether it was.
     fn take_if_current(&mut self, attr: &Attr) -> bool {
         // (Uncovered even when older: the server could not watch it at some point.)
@@ -491,7 +501,7 @@ impl Core {
             return None;
         }
         let (attr, when) = st.attr?;
-        if when.elapsed() >= TTL_WITH_EVENTS || attr.uncovered {
+        if when.elapsed() >= TTL_WITH_EVENTS || attr.uncovered || st.uncovered {
             // (Uncovered: a directory whose own changes nothing reports.)
             st.attr = None;
             return None;
@@ -1389,6 +1399,26 @@ impl Core {
         }
         self.nodes()?
             .renamed(parent, name, new_parent, new_name, exchange);
+        // Moved into a directory the server does not watch: nothing reports its changes
+        // (nor its name's) any more. The kernel keeps the entry and attributes it had.
+        let into = [
+            (new_parent, new_name, touched[0]),
+            (parent, name, touched[1].filter(|_| exchange)),
+        ];
+        for (dir, name, ino) in into {
+            if let Some(ino) = ino
+                && self.uncovered(dir)
+            {
+                if let Ok(mut inodes) = self.inodes.lock() {
+                    inodes.entry(ino).or_default().uncovered = true;
+                }
+                self.invalidate(Invalidation::Entry {
+                    parent: dir,
+                    name: name.to_vec(),
+                });
+                self.invalidate(Invalidation::Inode { ino, data: false });
+            }
+        }
         Ok(())
     }
 

@@ -150,7 +150,84 @@ pub(crate) fn xattr_hint_at(asked: bool, dir: BorrowedFd<'_>, name: &std::ffi::C
 /// Execute one request with its [`OnceKey`], if it has one: a change already run
 /// under that key gets its first answer (see [`crate::once`]). A key on a request
 /// that takes none is `EINVAL`. Blocking; call from `spawn_blocking`.
+///
+/// For a client with [`caps::PARTIAL_WATCHES`], the reply is marked uncovered (every
+/// attribute in it: [`Response::mark_uncovered`]) if a watch of a directory a client
+/// looks into failed while it ran (maybe its own: a watch is added before the stat it
+/// covers), and, once one has failed, unless every directory it rests on was watched
+/// before and after it ran (one not watched before may have changed before someone
+/// added its watch); attributes through a file's handle are marked from then on
+/// (the file may have been moved or linked anywhere since it was opened). Until the
+/// first failure this costs two atomic loads.
 pub fn execute_keyed(
+    ctx: &Ctx,
+    caller: Caller,
+    req: Request,
+    once: Option<OnceKey>,
+) -> Result<Response, Errno> {
+    let Some(w) = ctx.watch.as_ref().filter(|_| ctx.partial_watches) else {
+        return execute_keyed_unmarked(ctx, caller, req, once);
+    };
+    let failures = w.failures();
+    if !w.partial() {
+        let mut reply = execute_keyed_unmarked(ctx, caller, req, once)?;
+        if w.failures() != failures {
+            reply.mark_uncovered();
+        }
+        return Ok(reply);
+    }
+    let Some((dirs, handle)) = rests_on(&req) else {
+        return execute_keyed_unmarked(ctx, caller, req, once);
+    };
+    let covered = |w: &Watcher| {
+        dirs.iter().all(|d| w.covers_dir(d))
+            && handle.is_none_or(|h| match ctx.handles.get(h) {
+                Ok(Handle::File(_)) => false,
+                Ok(Handle::Dir(d)) => {
+                    crate::sys::fstat(d.fd.as_fd()).is_ok_and(|st| w.covers(st.st_dev, st.st_ino))
+                }
+                Err(_) => true,
+            })
+    };
+    let before = covered(w);
+    let mut reply = execute_keyed_unmarked(ctx, caller, req, once)?;
+    if !(before && w.failures() == failures && covered(w)) {
+        reply.mark_uncovered();
+    }
+    Ok(reply)
+}
+
+/// The directories (and the handle) the attributes in the reply to `req` rest on: a
+/// listing on its directory, anything else on the directory of the entries it names.
+/// `None` for requests whose replies carry no attributes.
+fn rests_on(req: &Request) -> Option<(Vec<RelPath>, Option<u64>)> {
+    let dir_of = |p: &RelPath| p.split_last().map(|(d, _)| d).into_iter();
+    let (dirs, handle): (Vec<RelPath>, _) = match req {
+        Request::Lookup { parent, .. }
+        | Request::MkNod { parent, .. }
+        | Request::MkDir { parent, .. }
+        | Request::Unlink { parent, .. }
+        | Request::RmDir { parent, .. }
+        | Request::Symlink { parent, .. }
+        | Request::Create { parent, .. } => (vec![parent.clone()], None),
+        Request::Link {
+            path, new_parent, ..
+        } => (dir_of(path).chain([new_parent.clone()]).collect(), None),
+        Request::GetAttr { path, handle } | Request::SetAttr { path, handle, .. } => match handle {
+            Some(h) => (Vec::new(), Some(*h)),
+            None => (dir_of(path).collect(), None),
+        },
+        Request::Open { path, .. } => (dir_of(path).collect(), None),
+        Request::OpenDir { path } | Request::ListDir { path, .. } => (vec![path.clone()], None),
+        Request::ReadSmall { dir, .. } => (vec![dir.clone()], None),
+        Request::ReadDir { handle, .. } | Request::Commit { handle } => (Vec::new(), Some(*handle)),
+        // (`Rename` answers `Ok`: the client marks what it moves into such a directory.)
+        _ => return None,
+    };
+    Some((dirs, handle))
+}
+
+fn execute_keyed_unmarked(
     ctx: &Ctx,
     caller: Caller,
     req: Request,
@@ -448,82 +525,7 @@ fn create_again(
 }
 
 /// Execute one request. Blocking; call from `spawn_blocking`.
-///
-/// For a client with [`caps::PARTIAL_WATCHES`], a reply is marked uncovered (every
-/// attribute in it: [`Response::mark_uncovered`]) unless every directory it rests on
-/// was watched before and after it ran and no watch of a directory a client looks into
-/// failed meanwhile (one that failed may be this request's own: the watch is added
-/// before the stat it covers, and a directory not watched before may have changed
-/// before its watch was added by someone else). Until the first such failure this
-/// costs two atomic loads.
 pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
-    let Some(w) = ctx.watch.as_ref().filter(|_| ctx.partial_watches) else {
-        return execute_unmarked(ctx, caller, req);
-    };
-    let Some(rests_on) = rests_on(&req) else {
-        return execute_unmarked(ctx, caller, req);
-    };
-    let failures = w.failures();
-    let check = w.partial();
-    let covered = |w: &Watcher| {
-        let (dirs, handle) = &rests_on;
-        dirs.iter().all(|d| w.covers_dir(d))
-            && handle.is_none_or(|h| match ctx.handles.get(h) {
-                Ok(Handle::File(f)) => !f.uncovered.load(std::sync::atomic::Ordering::SeqCst),
-                Ok(Handle::Dir(d)) => {
-                    crate::sys::fstat(d.fd.as_fd()).is_ok_and(|st| w.covers(st.st_dev, st.st_ino))
-                }
-                Err(_) => true,
-            })
-    };
-    let before = !check || covered(w);
-    let mut reply = execute_unmarked(ctx, caller, req)?;
-    if before && w.failures() == failures && (!check || covered(w)) {
-        return Ok(reply);
-    }
-    reply.mark_uncovered();
-    // A file opened now rests on that directory for as long as it stays open.
-    if let Response::Opened { handle, .. } | Response::OpenedWithData { handle, .. } = reply.inner()
-        && let Ok(Handle::File(f)) = ctx.handles.get(*handle)
-    {
-        f.uncovered.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    Ok(reply)
-}
-
-/// The directories (and the handle) the attributes in the reply to `req` rest on: a
-/// listing on its directory, anything else on the directory of the entries it names.
-/// `None` for requests whose replies carry no attributes.
-fn rests_on(req: &Request) -> Option<(Vec<RelPath>, Option<u64>)> {
-    let dir_of = |p: &RelPath| p.split_last().map(|(d, _)| d).into_iter();
-    let (dirs, handle): (Vec<RelPath>, _) = match req {
-        Request::Lookup { parent, .. }
-        | Request::MkNod { parent, .. }
-        | Request::MkDir { parent, .. }
-        | Request::Unlink { parent, .. }
-        | Request::RmDir { parent, .. }
-        | Request::Symlink { parent, .. }
-        | Request::Create { parent, .. } => (vec![parent.clone()], None),
-        Request::Rename {
-            parent, new_parent, ..
-        } => (vec![parent.clone(), new_parent.clone()], None),
-        Request::Link {
-            path, new_parent, ..
-        } => (dir_of(path).chain([new_parent.clone()]).collect(), None),
-        Request::GetAttr { path, handle } | Request::SetAttr { path, handle, .. } => match handle {
-            Some(h) => (Vec::new(), Some(*h)),
-            None => (dir_of(path).collect(), None),
-        },
-        Request::Open { path, .. } => (dir_of(path).collect(), None),
-        Request::OpenDir { path } | Request::ListDir { path, .. } => (vec![path.clone()], None),
-        Request::ReadSmall { dir, .. } => (vec![dir.clone()], None),
-        Request::ReadDir { handle, .. } | Request::Commit { handle } => (Vec::new(), Some(*handle)),
-        _ => return None,
-    };
-    Some((dirs, handle))
-}
-
-fn execute_unmarked(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
     if ctx.export.read_only() && req.is_mutation() {
         return Err(libc::EROFS);
     }
