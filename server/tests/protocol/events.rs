@@ -316,6 +316,23 @@ async fn a_server_out_of_watches_says_so_before_the_reply_that_needs_it() {
     assert_eq!(later.welcome.capabilities & caps::EVENTS, 0);
 }
 
+/// The capabilities of a client told per reply what rests on unwatched directories.
+const PARTIAL: u64 = caps::EVENTS | caps::PARTIAL_WATCHES;
+
+/// A server that watches two directories at most, exporting the empty `d` and `e`: a
+/// client's lookups in the root and in `d` take both watches, `e` is one too many.
+async fn two_watch_server() -> Server {
+    let options = ferry_server::Options {
+        max_watches: Some(2),
+        ..Default::default()
+    };
+    let server = Server::start_opts(false, options).await;
+    for d in ["d", "e"] {
+        std::fs::create_dir(server.root().join(d)).unwrap();
+    }
+    server
+}
+
 /// With `caps::PARTIAL_WATCHES`, a directory the server cannot watch leaves the rest of
 /// the stream live: the client hears no `Incomplete`; every attribute that rests on that
 /// directory goes out marked uncovered (lookups, attributes by path and by handle,
@@ -333,7 +350,7 @@ async fn past_its_watch_limit_the_server_marks_what_rests_on_unwatched_directori
         std::fs::create_dir(server.root().join(d)).unwrap();
         std::fs::write(server.root().join(d).join("x"), b"x").unwrap();
     }
-    let partial = caps::EVENTS | caps::PARTIAL_WATCHES;
+    let partial = PARTIAL;
     let mut c = Client::connect(server.addr, partial).await;
     assert_eq!(c.welcome.capabilities & partial, partial);
     // The root and `d` take the two watches; `e` is one too many.
@@ -390,15 +407,8 @@ async fn past_its_watch_limit_the_server_marks_what_rests_on_unwatched_directori
 /// marking.)
 #[tokio::test]
 async fn a_repeated_create_in_an_unwatched_directory_is_marked_too() {
-    let options = ferry_server::Options {
-        max_watches: Some(2),
-        ..Default::default()
-    };
-    let server = Server::start_opts(false, options).await;
-    for d in ["d", "e"] {
-        std::fs::create_dir(server.root().join(d)).unwrap();
-    }
-    let partial = caps::EVENTS | caps::PARTIAL_WATCHES;
+    let server = two_watch_server().await;
+    let partial = PARTIAL;
     let mut c = Client::connect(server.addr, partial).await;
     c.lookup("", "d").await.unwrap();
     c.lookup("d", "nothing").await.unwrap_err();
@@ -443,16 +453,9 @@ async fn a_repeated_create_in_an_unwatched_directory_is_marked_too() {
 /// one, went on being answered unmarked.)
 #[tokio::test]
 async fn attributes_through_a_handle_are_marked_once_a_watch_failed() {
-    let options = ferry_server::Options {
-        max_watches: Some(2),
-        ..Default::default()
-    };
-    let server = Server::start_opts(false, options).await;
-    for d in ["d", "e"] {
-        std::fs::create_dir(server.root().join(d)).unwrap();
-    }
+    let server = two_watch_server().await;
     std::fs::write(server.root().join("d/x"), b"x").unwrap();
-    let partial = caps::EVENTS | caps::PARTIAL_WATCHES;
+    let partial = PARTIAL;
     let mut c = Client::connect(server.addr, partial).await;
     c.lookup("", "d").await.unwrap();
     assert!(!c.lookup("d", "x").await.unwrap().uncovered);
@@ -481,18 +484,11 @@ async fn attributes_through_a_handle_are_marked_once_a_watch_failed() {
 /// reports), and from then on such files' attributes are marked, in replies and events.
 #[tokio::test]
 async fn past_its_watch_limit_files_with_several_links_are_marked() {
-    let options = ferry_server::Options {
-        max_watches: Some(2),
-        ..Default::default()
-    };
-    let server = Server::start_opts(false, options).await;
-    for d in ["d", "e"] {
-        std::fs::create_dir(server.root().join(d)).unwrap();
-    }
+    let server = two_watch_server().await;
     std::fs::write(server.root().join("d/x"), b"x").unwrap();
     std::fs::hard_link(server.root().join("d/x"), server.root().join("d/y")).unwrap();
     std::fs::write(server.root().join("d/one"), b"1").unwrap();
-    let partial = caps::EVENTS | caps::PARTIAL_WATCHES;
+    let partial = PARTIAL;
     let mut c = Client::connect(server.addr, partial).await;
     c.lookup("", "d").await.unwrap();
     assert!(!c.lookup("d", "x").await.unwrap().uncovered);
