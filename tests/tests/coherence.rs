@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_tests::rng::Rng;
-use ferry_tests::sys::close;
+use ferry_tests::sys::{close, drop_caches};
 use ferry_tests::{TestMount, fixture_with, poll_until, write_closed};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -1141,6 +1141,123 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
         || fs::read(fx.mnt("d1/f")).is_ok_and(|d| d == b"two, longer"),
     );
     stream_stayed_up(&fx.mount);
+}
+
+/// A listing prefetched ahead of the kernel (the mount listed `p`, which fetched `p/s`
+/// in the background) shows a file that has a second name in another directory; the
+/// file changes on the export through that other name. The event names `e/h2`, which
+/// the mount does not hold, and the kernel holds no inode of the file: the kept listing
+/// of `p/s` must go, or `ls -l p/s` hands the kernel its old attributes for the long
+/// TTL. (helper-52: it did, for 5 minutes.)
+#[test]
+fn a_prefetched_listing_follows_a_change_through_another_hard_link() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir_all(e.join("p/s")).expect("mkdir");
+        fs::create_dir(e.join("e")).expect("mkdir");
+        fs::write(e.join("p/s/h"), b"one").expect("write");
+        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    // `e` is watched (a lookup in it); none of its entries is held.
+    assert!(absent(&fx.mnt("e/nothing")));
+    let prefetched = fx.mount.stats().get_or_zero("listings_prefetched");
+    assert!(listed(&fx.mnt("p"), "s"));
+    eventually("the prefetch of p/s", || {
+        fx.mount.stats().get_or_zero("listings_prefetched") > prefetched
+    });
+    let events = fx.mount.stats().get_or_zero("events_received");
+    write_closed(&fx.exp("e/h2"), b"two, longer").expect("rewrite through the other link");
+    // The change's event is in before anything looks into `p/s` (a look first would
+    // make the kernel hold the file, whose event then finds it).
+    eventually("the change's event", || {
+        fx.mount.stats().get_or_zero("events_received") > events
+    });
+    eventually("the new size, through the prefetched listing", || {
+        listed(&fx.mnt("p/s"), "h") && fs::metadata(fx.mnt("p/s/h")).is_ok_and(|m| m.len() == 11)
+    });
+    assert_eq!(fs::read(fx.mnt("p/s/h")).expect("read"), b"two, longer");
+    stream_stayed_up(&fx.mount);
+}
+
+/// Past the watch limit, a prefetched listing is not kept when an entry of it is
+/// marked: here a file with a second name in a directory the server could not watch,
+/// changed through that name. The kernel's own copy of the listing goes (as under
+/// memory pressure: `drop_caches`), and the next `ls -l` must not be served from the
+/// mount's. (helper-52: the prefetch checked the directory's mark, not its entries'.)
+#[test]
+fn past_the_watch_limit_a_prefetched_listing_with_marked_entries_is_not_kept() {
+    let Some(fx) = fixture_with(&["--max-watches", "3"], &[], |e| {
+        fs::create_dir_all(e.join("p/s")).expect("mkdir");
+        fs::create_dir(e.join("e")).expect("mkdir");
+        fs::write(e.join("p/s/h"), b"one").expect("write");
+        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    // The root, `p` and `p/s` are watched (a lookup in each); `e` is one too many.
+    assert!(absent(&fx.mnt("p/s/nothing")));
+    assert!(absent(&fx.mnt("e/nothing")));
+    assert!(
+        fx.server.log().contains("--max-watches reached"),
+        "{}",
+        fx.server.log()
+    );
+    let prefetched = fx.mount.stats().get_or_zero("listings_prefetched");
+    assert!(listed(&fx.mnt("p"), "s"));
+    eventually("the prefetch of p/s", || {
+        fx.mount.stats().get_or_zero("listings_prefetched") > prefetched
+    });
+    write_closed(&fx.exp("e/h2"), b"two, longer").expect("rewrite through the other link");
+    let mut seen = Vec::new();
+    let fresh = poll_until(DEADLINE, || {
+        drop_caches(1).expect("drop_caches");
+        let _ = listed(&fx.mnt("p/s"), "h");
+        let len = fs::metadata(fx.mnt("p/s/h")).map(|m| m.len());
+        seen.push(len.as_ref().ok().copied());
+        len.is_ok_and(|l| l == 11)
+    });
+    seen.dedup();
+    assert!(fresh, "sizes of p/s/h seen: {seen:?}\n{}", fx.mount.stats());
+}
+
+/// A file held open (`tail -f`) across a server restart, followed through its
+/// descriptor only: after the reconnect the mount asks its attributes by path (the
+/// reader's server handle died with the connection), and the new server must watch the
+/// file's directory before it answers, or a change on the export goes unreported while
+/// the mount trusts the answer for the long TTL. (helper-52: it was trusted 5 minutes.)
+#[test]
+fn a_file_held_open_across_a_server_restart_follows_the_export() {
+    let Some(mut fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir");
+        fs::write(e.join("d/log"), b"line 1\n").expect("write");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let f = fs::File::open(fx.mnt("d/log")).expect("open");
+    assert_eq!(pread_all(&f), b"line 1\n");
+    fx.server.kill();
+    fx.server.restart();
+    // Through the descriptor only; its first use reconnects.
+    eventually("fstat after the restart", || {
+        f.metadata().is_ok_and(|m| m.len() == 7)
+    });
+    stream_up(&fx.mount);
+    let reconnects = fx.mount.stats().get_or_zero("reconnects");
+    assert!(reconnects >= 1, "{}", fx.mount.stats());
+    write_closed(&fx.exp("d/log"), b"line 1\nline 2\n").expect("append on the export");
+    eventually("the append, seen by fstat of the held descriptor", || {
+        f.metadata().is_ok_and(|m| m.len() == 14)
+    });
+    assert_eq!(pread_all(&f), b"line 1\nline 2\n");
+    let st = fx.mount.stats();
+    assert!(
+        st.get_or_zero("reconnects") == reconnects && st.flag("events_live"),
+        "the stream went down after the reconnect, so a TTL may have shown the change\n{st}"
+    );
 }
 
 /// A directory held open (like a shell's working directory) and renamed on the export:

@@ -656,7 +656,7 @@ impl Core {
                     .lock()
                     .is_ok_and(|n| n.to_kernel(attr.ino) == ino);
                 // (Nor if the server could not watch it: nothing would drop it.)
-                if !eof || !same || attr.uncovered {
+                if !eof || !same || attr.uncovered || !batch_covered(&entries) {
                     // Too big to prefetch whole: the walk will list it itself.
                     if !eof {
                         let _ = core

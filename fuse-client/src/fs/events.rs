@@ -172,6 +172,12 @@ impl Core {
     /// itself. Placed by the directory's inode, never by its path: a path this client
     /// holds may name another directory by now.
     fn changed(&self, dir: u64, name: Option<&Name>, attr: Option<Attr>) {
+        if let Some(a) = attr.filter(|a| a.kind != FileKind::Dir && a.nlink > 1) {
+            // A file with other names: a kept listing may show it under one of them
+            // (a prefetch the kernel has not taken, say) with its old attributes, and
+            // no event names that directory.
+            self.link_count_changed(a.ino);
+        }
         let Ok(nodes) = self.nodes.lock() else { return };
         let dir = nodes.to_kernel(dir);
         if !nodes.knows(dir) {

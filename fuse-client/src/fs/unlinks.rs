@@ -349,10 +349,12 @@ impl Core {
         }
     }
 
-    /// The link count of server inode `sino` changed through a name this client added or
-    /// removed. Cached listings that show it under its other names carry the old count,
-    /// and no event will correct them: the server watches directories, and a link count
-    /// change is reported to none of them.
+    /// Server inode `sino` changed where a kept listing showing it may not hear of it:
+    /// its link count, through a name this client added or removed, or a file with
+    /// several names, changed through one of them. Cached listings that show it under
+    /// its other names carry the old attributes, and no event will correct them: the
+    /// server watches directories, and reports a change to the directory of the name it
+    /// went through (a link count change to none of them).
     pub(super) fn link_count_changed(&self, sino: u64) {
         super::dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.dir_cache.lock() {

@@ -48,8 +48,17 @@ fn entry_attr(
     Ok(attr)
 }
 
-/// With a handle the open descriptor is stat'ed, so this works after unlink.
+/// With a handle the open descriptor is stat'ed, so this works after unlink. By path,
+/// as a lookup: the parent is watched first (a client may hold a name it was given
+/// before this server watched anything, such as across a restart, and ask only its
+/// attributes).
 pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Response, Errno> {
+    if handle.is_none()
+        && ctx.watch.is_some()
+        && let Some((parent, name)) = path.split_last()
+    {
+        return lookup(ctx, &parent, &name);
+    }
     let mut covered = true;
     let (st, hint) = match handle {
         Some(h) => (
