@@ -442,7 +442,13 @@ async fn write_loop<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let mut told = Told::default();
+    let mut told = Told {
+        // A connection that begins with the server already partial has been given
+        // nothing unmarked to take back: no resync (a client that reconnects
+        // revalidates everything by itself).
+        partial: ctx.partial_watches && ctx.watch.as_ref().is_some_and(|w| w.partial()),
+        ..Told::default()
+    };
     loop {
         tokio::select! {
             // Replies first: they are what requests in flight wait for.

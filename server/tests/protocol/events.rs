@@ -500,8 +500,22 @@ async fn past_its_watch_limit_files_with_several_links_are_marked() {
     assert!(!c.lookup("d", "one").await.unwrap().uncovered);
     std::fs::write(server.root().join("d/y"), b"xx").unwrap();
     expect(&mut c, "d", Some("y"), |a| a.is_some_and(|a| a.uncovered)).await;
-    let later = Client::connect(server.addr, partial).await;
+    // A connection made once the server is partial: marked replies, and no resync
+    // (there is nothing unmarked for it to take back).
+    let mut later = Client::connect(server.addr, partial).await;
     assert_eq!(later.welcome.capabilities & partial, partial);
+    assert!(later.lookup("d", "x").await.unwrap().uncovered);
+    assert!(!later.lookup("d", "one").await.unwrap().uncovered);
+    std::fs::write(server.root().join("d/x"), b"xyz").unwrap();
+    let skipped = expect(&mut later, "d", Some("x"), |a| {
+        a.is_some_and(|a| a.uncovered)
+    })
+    .await;
+    assert!(
+        !later.events.contains(&Event::Resync) && !skipped.contains(&Event::Resync),
+        "{:?} {skipped:?}",
+        later.events
+    );
 }
 
 /// Subdirectories whose attributes a listing hands out are watched only within nine
