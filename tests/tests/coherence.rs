@@ -1230,29 +1230,72 @@ fn past_the_watch_limit_a_prefetched_listing_with_marked_entries_is_not_kept() {
 /// the mount trusts the answer for the long TTL. (helper-52: it was trusted 5 minutes.)
 #[test]
 fn a_file_held_open_across_a_server_restart_follows_the_export() {
+    held_open_across_a_restart(false);
+}
+
+/// ... and when the descriptor's first use after the restart is a read the cache cannot
+/// serve, which opens the file again on the new server (by path), and its size is then
+/// asked through that handle (`lseek(SEEK_END)`, as `tail` does). (helper-53: the
+/// reopen watched nothing, and the size stayed old.)
+#[test]
+fn a_file_read_after_a_server_restart_follows_the_export() {
+    held_open_across_a_restart(true);
+}
+
+fn held_open_across_a_restart(read_first: bool) {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    const LEN: u64 = 8 << 20;
+    let data = Rng::new(0x4e1d).bytes(LEN as usize);
     let Some(mut fx) = fixture_with(&[], &[], |e| {
         fs::create_dir(e.join("d")).expect("mkdir");
-        fs::write(e.join("d/log"), b"line 1\n").expect("write");
+        fs::write(e.join("d/log"), &data).expect("write");
     }) else {
         return;
     };
     stream_up(&fx.mount);
-    let f = fs::File::open(fx.mnt("d/log")).expect("open");
-    assert_eq!(pread_all(&f), b"line 1\n");
+    let mut f = fs::File::open(fx.mnt("d/log")).expect("open");
+    let mut head = [0u8; 4096];
+    f.read_exact_at(&mut head, 0).expect("read");
+    assert!(head[..] == data[..4096]);
     fx.server.kill();
     fx.server.restart();
-    // Through the descriptor only; its first use reconnects.
-    eventually("fstat after the restart", || {
-        f.metadata().is_ok_and(|m| m.len() == 7)
-    });
+    if read_first {
+        // Reconnected by something else, so that the descriptor's first request to
+        // the new server is the read: far past what the kernel has read ahead.
+        eventually("the mount, after the restart", || {
+            ferry_tests::sys::statvfs(fx.mount.path()).is_ok()
+        });
+        let at = 6 << 20;
+        let mut buf = [0u8; 4096];
+        f.read_exact_at(&mut buf, at)
+            .expect("read after the restart");
+        assert!(buf[..] == data[at as usize..at as usize + 4096]);
+        assert_eq!(f.seek(SeekFrom::End(0)).expect("lseek"), LEN);
+        assert!(fx.mount.stats().get_or_zero("handles_reopened") >= 1);
+    } else {
+        // Through the descriptor only; its first use reconnects.
+        eventually("fstat after the restart", || {
+            f.metadata().is_ok_and(|m| m.len() == LEN)
+        });
+    }
     stream_up(&fx.mount);
     let reconnects = fx.mount.stats().get_or_zero("reconnects");
     assert!(reconnects >= 1, "{}", fx.mount.stats());
-    write_closed(&fx.exp("d/log"), b"line 1\nline 2\n").expect("append on the export");
-    eventually("the append, seen by fstat of the held descriptor", || {
-        f.metadata().is_ok_and(|m| m.len() == 14)
+    let mut appended = fs::OpenOptions::new()
+        .append(true)
+        .open(fx.exp("d/log"))
+        .expect("open on the export");
+    std::io::Write::write_all(&mut appended, b"more").expect("append on the export");
+    close(appended).expect("close on the export");
+    eventually("the append, seen through the held descriptor", || {
+        f.seek(SeekFrom::End(0)).is_ok_and(|end| end == LEN + 4)
+            && f.metadata().is_ok_and(|m| m.len() == LEN + 4)
     });
-    assert_eq!(pread_all(&f), b"line 1\nline 2\n");
+    let mut tail = [0u8; 4];
+    f.read_exact_at(&mut tail, LEN)
+        .expect("read the appended bytes");
+    assert_eq!(&tail, b"more");
     let st = fx.mount.stats();
     assert!(
         st.get_or_zero("reconnects") == reconnects && st.flag("events_live"),

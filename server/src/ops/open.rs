@@ -77,6 +77,15 @@ pub fn open(
     staged: bool,
 ) -> Result<Response, Errno> {
     let (_, writable) = access_mode(flags)?;
+    // The file's directory is watched before anything of the file is stat'ed: a client
+    // may open by a name it was given before this server ran (a descriptor reopened
+    // after a restart), and no lookup watched that directory then.
+    if ctx.watch.is_some()
+        && let Some((parent, _)) = path.split_last()
+        && let Ok(dir) = ctx.export.resolve_dir(&parent)
+    {
+        ctx.watch_dir(dir.as_fd(), &parent);
+    }
     // Look before opening: opening a device or FIFO may have side effects.
     let probe = ctx.export.resolve(path, libc::O_PATH)?;
     let st = sys::fstat(probe.as_fd())?;
