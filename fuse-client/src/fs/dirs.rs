@@ -267,7 +267,7 @@ impl Core {
             .dir_cache
             .lock()
             .map_err(|_| poisoned())?
-            .get(&ino)
+            .get(ino)
             .cloned())
     }
 
@@ -538,7 +538,7 @@ impl Core {
         if let Ok(mut c) = self.dir_cache.lock()
             && DIR_EPOCH.load(Ordering::SeqCst) == epoch
         {
-            c.entry(ino).or_insert_with(|| Arc::clone(entries));
+            c.keep(ino, entries);
         }
     }
 
@@ -595,7 +595,7 @@ impl Core {
                 // (Not one the server could not watch: it would refuse, as it did.)
                 .filter(|e| e.attr.kind == FileKind::Dir && !e.attr.uncovered)
                 .map(|e| (nodes.to_kernel(e.attr.ino), path.join(&e.name.0)))
-                .filter(|(ino, _)| !cache.contains_key(ino))
+                .filter(|&(ino, _)| !cache.contains(ino))
                 .take(PREFETCH_DIRS)
                 .collect()
         };
@@ -619,7 +619,7 @@ impl Core {
                 if core
                     .dir_cache
                     .lock()
-                    .map(|c| c.contains_key(&ino))
+                    .map(|c| c.contains(ino))
                     .unwrap_or(true)
                 {
                     return;
@@ -683,12 +683,7 @@ impl Core {
         if !self.client.events_live() || !self.client.reads_small() {
             return;
         }
-        let Some(entries) = self
-            .dir_cache
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&dir).cloned())
-        else {
+        let Some(entries) = self.dir_cache.lock().ok().and_then(|c| c.get(dir).cloned()) else {
             return;
         };
         let Ok(path) = self.path(dir) else {
@@ -849,7 +844,7 @@ impl Core {
         let vouched = self
             .dir_cache
             .lock()
-            .is_ok_and(|c| c.get(&s.ino).is_some_and(|e| Arc::ptr_eq(e, &s.entries)));
+            .is_ok_and(|c| c.get(s.ino).is_some_and(|e| Arc::ptr_eq(e, &s.entries)));
         if !vouched {
             self.invalidate(Invalidation::Inode {
                 ino: s.ino,

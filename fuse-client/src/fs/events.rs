@@ -92,7 +92,7 @@ impl Core {
     fn forget_listing(&self, dir: u64) {
         DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.dir_cache.lock() {
-            c.remove(&dir);
+            c.remove(dir);
         }
     }
 

@@ -3596,7 +3596,7 @@ impl Core {
 
 /// Attributes for a reply that did not ask the server (only `ino`, version and size matter
 /// to the caller; the kernel keeps its own cached attributes).
-fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
+pub(super) fn lazy_attr(ino: u64, version: u64, size: u64) -> Attr {
     Attr {
         ino,
         size,

@@ -8,12 +8,14 @@
 //!
 //! - `mod.rs`: names and attributes (lookup, getattr, setattr, create-like ops, rename).
 //! - `files.rs`: open files: the data cache, readahead, write-behind, commit on close.
-//! - `dirs.rs`: listings, cached while the server's event stream is healthy.
+//! - `dirs.rs`: listings, cached while the server's event stream is healthy
+//!   (`listings.rs`: the kept ones).
 //! - `events.rs`: server change events → kernel and cache invalidations.
 
 mod dirs;
 mod events;
 mod files;
+mod listings;
 pub mod spool;
 mod unlinks;
 
@@ -295,7 +297,7 @@ pub struct Core {
     files: Mutex<HashMap<u64, Arc<files::OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<dirs::DirStream>>>>,
     /// Listings by directory inode, valid while the event stream is.
-    dir_cache: Mutex<HashMap<u64, Arc<Vec<ferry_common::proto::DirEntry>>>>,
+    dir_cache: Mutex<listings::Listings>,
     next_fh: AtomicU64,
     /// Largest read/write payload per request, from the handshake.
     pub max_io: u32,
@@ -372,7 +374,7 @@ impl Core {
             inodes: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            dir_cache: Mutex::new(HashMap::new()),
+            dir_cache: Mutex::new(listings::Listings::default()),
             next_fh: AtomicU64::new(1),
             max_io: max_io.clamp(64 * 1024, MAX_IO),
             spools: OnceLock::new(),
@@ -931,7 +933,7 @@ impl Core {
     fn dir_changed(&self, dir: u64) {
         dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.dir_cache.lock() {
-            c.remove(&dir);
+            c.remove(dir);
         }
     }
 
@@ -991,7 +993,7 @@ impl Core {
                 && let Ok(mut c) = self.dir_cache.lock()
             {
                 // The kernel holds it no more: its listing goes with it.
-                c.remove(&ino);
+                c.remove(ino);
             }
             if nodes.path(ino).is_err()
                 && ino != ROOT

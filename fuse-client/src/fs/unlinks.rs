@@ -358,7 +358,7 @@ impl Core {
     pub(super) fn link_count_changed(&self, sino: u64) {
         super::dirs::DIR_EPOCH.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.dir_cache.lock() {
-            c.retain(|_, entries| !entries.iter().any(|e| e.attr.ino == sino));
+            c.forget_showing(sino);
         }
     }
 
