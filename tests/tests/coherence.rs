@@ -1181,6 +1181,40 @@ fn a_prefetched_listing_follows_a_change_through_another_hard_link() {
     stream_stayed_up(&fx.mount);
 }
 
+/// ... and when the kernel holds the file by its other name, which the event names:
+/// the listing prefetched under the first name must not hand the kernel the old
+/// attributes under that name. (This held before every event of such a file dropped
+/// the listings showing it: what a listing hands the kernel is replaced by the newest
+/// attributes the mount has of that inode, from the event. It guards that.)
+#[test]
+fn a_prefetched_listing_follows_a_change_through_a_held_hard_link() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir_all(e.join("p/s")).expect("mkdir");
+        fs::create_dir(e.join("e")).expect("mkdir");
+        fs::write(e.join("p/s/h"), b"one").expect("write");
+        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    assert_eq!(fs::read(fx.mnt("e/h2")).expect("read"), b"one");
+    let prefetched = fx.mount.stats().get_or_zero("listings_prefetched");
+    assert!(listed(&fx.mnt("p"), "s"));
+    eventually("the prefetch of p/s", || {
+        fx.mount.stats().get_or_zero("listings_prefetched") > prefetched
+    });
+    let events = fx.mount.stats().get_or_zero("events_received");
+    write_closed(&fx.exp("e/h2"), b"two, longer").expect("rewrite through the held link");
+    eventually("the change's event", || {
+        fx.mount.stats().get_or_zero("events_received") > events
+    });
+    eventually("the new size, through the prefetched listing", || {
+        listed(&fx.mnt("p/s"), "h") && fs::metadata(fx.mnt("p/s/h")).is_ok_and(|m| m.len() == 11)
+    });
+    assert_eq!(fs::read(fx.mnt("p/s/h")).expect("read"), b"two, longer");
+    stream_stayed_up(&fx.mount);
+}
+
 /// Past the watch limit, a prefetched listing is not kept when an entry of it is
 /// marked: here a file with a second name in a directory the server could not watch,
 /// changed through that name. The kernel's own copy of the listing goes (as under
