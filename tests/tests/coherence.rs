@@ -1143,6 +1143,16 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
     stream_stayed_up(&fx.mount);
 }
 
+/// An export with file `p/s/h`, also named `e/h2`.
+fn linked_fixture(server_args: &[&str]) -> Option<ferry_tests::Fixture> {
+    fixture_with(server_args, &[], |e| {
+        fs::create_dir_all(e.join("p/s")).expect("mkdir");
+        fs::create_dir(e.join("e")).expect("mkdir");
+        fs::write(e.join("p/s/h"), b"one").expect("write");
+        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
+    })
+}
+
 /// A listing prefetched ahead of the kernel (the mount listed `p`, which fetched `p/s`
 /// in the background) shows a file that has a second name in another directory; the
 /// file changes on the export through that other name. The event names `e/h2`, which
@@ -1151,17 +1161,30 @@ fn a_change_through_another_hard_link_reaches_the_cached_file() {
 /// TTL. (helper-52: it did, for 5 minutes.)
 #[test]
 fn a_prefetched_listing_follows_a_change_through_another_hard_link() {
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        fs::create_dir_all(e.join("p/s")).expect("mkdir");
-        fs::create_dir(e.join("e")).expect("mkdir");
-        fs::write(e.join("p/s/h"), b"one").expect("write");
-        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
-    }) else {
+    prefetched_listing_and_a_hard_link(false);
+}
+
+/// ... and when the kernel holds the file by its other name, which the event names:
+/// the listing prefetched under the first name must not hand the kernel the old
+/// attributes under that name. (This held before every event of such a file dropped
+/// the listings showing it: what a listing hands the kernel is replaced by the newest
+/// attributes the mount has of that inode, from the event. It guards that.)
+#[test]
+fn a_prefetched_listing_follows_a_change_through_a_held_hard_link() {
+    prefetched_listing_and_a_hard_link(true);
+}
+
+fn prefetched_listing_and_a_hard_link(held: bool) {
+    let Some(fx) = linked_fixture(&[]) else {
         return;
     };
     stream_up(&fx.mount);
-    // `e` is watched (a lookup in it); none of its entries is held.
-    assert!(absent(&fx.mnt("e/nothing")));
+    if held {
+        assert_eq!(fs::read(fx.mnt("e/h2")).expect("read"), b"one");
+    } else {
+        // `e` is watched (a lookup in it); none of its entries is held.
+        assert!(absent(&fx.mnt("e/nothing")));
+    }
     let prefetched = fx.mount.stats().get_or_zero("listings_prefetched");
     assert!(listed(&fx.mnt("p"), "s"));
     eventually("the prefetch of p/s", || {
@@ -1181,40 +1204,6 @@ fn a_prefetched_listing_follows_a_change_through_another_hard_link() {
     stream_stayed_up(&fx.mount);
 }
 
-/// ... and when the kernel holds the file by its other name, which the event names:
-/// the listing prefetched under the first name must not hand the kernel the old
-/// attributes under that name. (This held before every event of such a file dropped
-/// the listings showing it: what a listing hands the kernel is replaced by the newest
-/// attributes the mount has of that inode, from the event. It guards that.)
-#[test]
-fn a_prefetched_listing_follows_a_change_through_a_held_hard_link() {
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        fs::create_dir_all(e.join("p/s")).expect("mkdir");
-        fs::create_dir(e.join("e")).expect("mkdir");
-        fs::write(e.join("p/s/h"), b"one").expect("write");
-        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
-    }) else {
-        return;
-    };
-    stream_up(&fx.mount);
-    assert_eq!(fs::read(fx.mnt("e/h2")).expect("read"), b"one");
-    let prefetched = fx.mount.stats().get_or_zero("listings_prefetched");
-    assert!(listed(&fx.mnt("p"), "s"));
-    eventually("the prefetch of p/s", || {
-        fx.mount.stats().get_or_zero("listings_prefetched") > prefetched
-    });
-    let events = fx.mount.stats().get_or_zero("events_received");
-    write_closed(&fx.exp("e/h2"), b"two, longer").expect("rewrite through the held link");
-    eventually("the change's event", || {
-        fx.mount.stats().get_or_zero("events_received") > events
-    });
-    eventually("the new size, through the prefetched listing", || {
-        listed(&fx.mnt("p/s"), "h") && fs::metadata(fx.mnt("p/s/h")).is_ok_and(|m| m.len() == 11)
-    });
-    assert_eq!(fs::read(fx.mnt("p/s/h")).expect("read"), b"two, longer");
-    stream_stayed_up(&fx.mount);
-}
-
 /// Past the watch limit, a prefetched listing is not kept when an entry of it is
 /// marked: here a file with a second name in a directory the server could not watch,
 /// changed through that name. The kernel's own copy of the listing goes (as under
@@ -1222,12 +1211,7 @@ fn a_prefetched_listing_follows_a_change_through_a_held_hard_link() {
 /// mount's. (helper-52: the prefetch checked the directory's mark, not its entries'.)
 #[test]
 fn past_the_watch_limit_a_prefetched_listing_with_marked_entries_is_not_kept() {
-    let Some(fx) = fixture_with(&["--max-watches", "3"], &[], |e| {
-        fs::create_dir_all(e.join("p/s")).expect("mkdir");
-        fs::create_dir(e.join("e")).expect("mkdir");
-        fs::write(e.join("p/s/h"), b"one").expect("write");
-        fs::hard_link(e.join("p/s/h"), e.join("e/h2")).expect("link");
-    }) else {
+    let Some(fx) = linked_fixture(&["--max-watches", "3"]) else {
         return;
     };
     stream_up(&fx.mount);
