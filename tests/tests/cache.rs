@@ -298,7 +298,10 @@ fn a_killed_mount_leaves_no_uncommitted_bytes_in_its_cache() {
         "the second mount did not have the file in its cache: the test proves nothing\n{st}"
     );
     // Read back through the same descriptor: any close of the file, even a reader's,
-    // would commit the write (close-to-open).
+    // would commit the write (close-to-open). So would the close of a copy: no other
+    // test forks while it is open (a child's exec closes its copies, each a FLUSH; it
+    // committed the write in one CI run of this session).
+    let no_spawns = ferry_tests::process::no_spawns();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -325,6 +328,7 @@ fn a_killed_mount_leaves_no_uncommitted_bytes_in_its_cache() {
         "the killed daemon is still there"
     );
     drop(f);
+    drop(no_spawns);
     drop(second);
     assert_same_bytes(
         &fs::read(server.export("f")).expect("read the export"),
