@@ -341,13 +341,8 @@ async fn two_watch_server() -> Server {
 /// without the capability is not.
 #[tokio::test]
 async fn past_its_watch_limit_the_server_marks_what_rests_on_unwatched_directories() {
-    let options = ferry_server::Options {
-        max_watches: Some(2),
-        ..Default::default()
-    };
-    let server = Server::start_opts(false, options).await;
+    let server = two_watch_server().await;
     for d in ["d", "e"] {
-        std::fs::create_dir(server.root().join(d)).unwrap();
         std::fs::write(server.root().join(d).join("x"), b"x").unwrap();
     }
     let partial = PARTIAL;
