@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_common::{DirEntry, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response};
+use ferry_common::{DirEntry, FileKind, MAX_DIR_BATCH, MAX_FRAME, Name, RelPath, Response};
 
 use super::{Ctx, attr_of};
 use crate::export::Export;
 use crate::handles::{Handle, OpenDir};
 use crate::sys::{self, Errno, errno_of};
-use crate::watch::Watcher;
+use crate::watch::{KEPT_LISTING_MAX, Watcher};
 
 /// Conservative encoded size of one entry besides its name (attributes are varints).
 const ENTRY_OVERHEAD: usize = 160;
@@ -52,11 +52,26 @@ static AHEAD_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// order.
 #[derive(Debug)]
 pub struct Listing {
-    /// Names not yet read. Only whoever set `Ahead::working` reads them.
-    names: Mutex<Peekable<ReadDir>>,
+    /// Names not yet read (none for a kept listing, whose entries are all ahead). Only
+    /// whoever set `Ahead::working` reads them.
+    names: Mutex<Option<Peekable<ReadDir>>>,
     ahead: Mutex<Ahead>,
     /// A part was stored, or the work stopped.
     changed: Condvar,
+    /// Everything read so far, while the whole listing may be kept
+    /// ([`Watcher::keep_listing`]).
+    fill: Mutex<Option<Fill>>,
+}
+
+/// A listing being read whole, to be kept once it is complete.
+#[derive(Debug)]
+struct Fill {
+    watch: Arc<Watcher>,
+    dir: (u64, u64),
+    since: u64,
+    hints: bool,
+    entries: Vec<DirEntry>,
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -75,11 +90,30 @@ struct Ahead {
 }
 
 impl Listing {
-    fn new(names: ReadDir) -> Listing {
+    fn new(names: ReadDir, fill: Option<Fill>) -> Listing {
         Listing {
-            names: Mutex::new(names.peekable()),
+            names: Mutex::new(Some(names.peekable())),
             ahead: Mutex::new(Ahead::default()),
             changed: Condvar::new(),
+            fill: Mutex::new(fill),
+        }
+    }
+
+    /// A listing whose entries are all known already.
+    fn kept(entries: Vec<DirEntry>) -> Listing {
+        let bytes: usize = entries.iter().map(entry_size).sum();
+        AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        Listing {
+            names: Mutex::new(None),
+            ahead: Mutex::new(Ahead {
+                entries: entries.into(),
+                bytes,
+                done: true,
+                error: None,
+                working: false,
+            }),
+            changed: Condvar::new(),
+            fill: Mutex::new(None),
         }
     }
 
@@ -90,15 +124,30 @@ impl Listing {
 
     /// Store the outcome of a part and wake whoever waits for it.
     fn store(&self, a: &mut Ahead, part: Result<Part, Errno>) {
+        let mut fill = self.fill.lock().unwrap_or_else(|p| p.into_inner());
         match part {
             Ok(Part { entries, done }) => {
                 let bytes: usize = entries.iter().map(entry_size).sum();
+                if let Some(f) = fill.as_mut() {
+                    f.entries.extend(entries.iter().cloned());
+                    f.bytes += bytes;
+                    if f.bytes > KEPT_LISTING_MAX {
+                        *fill = None;
+                    }
+                }
                 a.bytes += bytes;
                 AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
                 a.entries.extend(entries);
                 a.done = done;
+                if done && let Some(f) = fill.take() {
+                    f.watch
+                        .keep_listing(f.dir, f.since, f.hints, f.entries, f.bytes);
+                }
             }
-            Err(e) => a.error = Some(e),
+            Err(e) => {
+                a.error = Some(e);
+                *fill = None;
+            }
         }
         self.changed.notify_all();
     }
@@ -197,6 +246,12 @@ impl Stat {
     fn next_part(&self, d: &OpenDir) -> Result<Part, Errno> {
         let (names, done) = {
             let mut it = d.listing.names.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(it) = it.as_mut() else {
+                return Ok(Part {
+                    entries: Vec::new(),
+                    done: true,
+                });
+            };
             let mut names = Vec::with_capacity(PART);
             while names.len() < PART {
                 match it.next() {
@@ -243,15 +298,72 @@ fn open_dir(ctx: &Ctx, path: &RelPath, speculative: bool) -> Result<Response, Er
     }
     let st = sys::fstat(fd.as_fd())?;
     let attr = attr_of(&st, ctx.export.root_dev());
-    // A second descriptor through our own fd's magic link: std's ReadDir owns it.
-    let names =
-        std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| errno_of(&e))?;
+    let id = (st.st_dev, st.st_ino);
+    let kept = ctx
+        .watch
+        .as_ref()
+        .and_then(|w| w.cached_listing(id, ctx.xattr_hints));
+    let listing = match kept {
+        Some(kept) => Listing::kept(refreshed(ctx, fd.as_fd(), path, &kept)?),
+        None => {
+            let fill = ctx.watch.as_ref().and_then(|w| {
+                Some(Fill {
+                    watch: Arc::clone(w),
+                    dir: id,
+                    since: w.listing_ticket(id)?,
+                    hints: ctx.xattr_hints,
+                    entries: Vec::new(),
+                    bytes: 0,
+                })
+            });
+            // A second descriptor through our own fd's magic link: std's ReadDir owns it.
+            let names = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| errno_of(&e))?;
+            Listing::new(names, fill)
+        }
+    };
     let handle = ctx.handles.insert(Handle::Dir(Arc::new(OpenDir {
         fd,
         path: path.clone(),
-        listing: Listing::new(names),
+        listing,
     })))?;
     Ok(Response::Opened { handle, attr })
+}
+
+/// A kept listing of `dir` (just resolved from `path`), with the entries its watch
+/// does not vouch for (subdirectories, files with several links) stat'ed again; those
+/// gone meanwhile are left out.
+fn refreshed(
+    ctx: &Ctx,
+    dir: BorrowedFd<'_>,
+    path: &RelPath,
+    kept: &[DirEntry],
+) -> Result<Vec<DirEntry>, Errno> {
+    let again = |e: &DirEntry| e.attr.kind == FileKind::Dir || e.attr.nlink > 1;
+    let names: Vec<Vec<u8>> = kept
+        .iter()
+        .filter(|e| again(e))
+        .map(|e| e.name.0.clone())
+        .collect();
+    if names.is_empty() {
+        return Ok(kept.to_vec());
+    }
+    let stat = Stat::of(ctx);
+    let fresh = if names.len() < PARALLEL_STAT_MIN {
+        stat.all(dir, Some(path), &names)?
+    } else {
+        in_parallel(&names, &|part: &[Vec<u8>]| stat.all(dir, Some(path), part))?
+    };
+    let mut fresh = fresh.into_iter().peekable();
+    let mut out = Vec::with_capacity(kept.len());
+    for e in kept {
+        if !again(e) {
+            out.push(e.clone());
+        } else if let Some(f) = fresh.next_if(|f| f.name == e.name) {
+            out.push(f);
+        }
+    }
+    Ok(out)
 }
 
 /// `OpenDir` plus the first `ReadDir` (one round trip for most directories). A

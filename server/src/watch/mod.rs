@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_common::{Attr, Event, Name, RelPath};
+use ferry_common::{Attr, DirEntry, Event, Name, RelPath};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
@@ -55,8 +55,11 @@ use tracing::{debug, error, warn};
 use crate::export::Export;
 use crate::sys::{self, Errno};
 
+mod listings;
 mod state;
 
+pub use listings::KEPT_LISTING_MAX;
+use listings::Listings;
 use state::State;
 pub use state::{RawEvent, parse_events};
 
@@ -128,6 +131,9 @@ pub struct Watcher {
     /// Held across a read and its count, and across `FIONREAD` and the load of the
     /// count: no byte is then counted in neither.
     reading: Mutex<()>,
+    /// Listings with attributes, handed out again while the watches vouch for them
+    /// ([`Watcher::cached_listing`]).
+    kept: Mutex<Listings>,
 }
 
 /// Longest a reply waits for the events of changes made before it ([`Watcher::caught_up`]).
@@ -173,6 +179,7 @@ impl Watcher {
             digested_pos: AtomicU64::new(0),
             digested: Notify::new(),
             reading: Mutex::new(()),
+            kept: Mutex::new(Listings::default()),
         });
         let reader = tokio::spawn(Arc::clone(&w).read_loop());
         Ok((w, reader))
@@ -615,6 +622,88 @@ impl Watcher {
                 return;
             }
         }
+    }
+
+    /// Whether the events of every change made before now have been digested (without
+    /// waiting: see [`Watcher::caught_up`] for that).
+    fn digested_all(&self) -> bool {
+        let target = {
+            let _reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+            let Ok(queued) = sys::fionread(self.inotify.get_ref().as_fd()) else {
+                return false;
+            };
+            self.read_pos.load(Ordering::SeqCst) + queued
+        };
+        self.digested_pos.load(Ordering::SeqCst) >= target
+    }
+
+    fn kept(&self) -> MutexGuard<'_, Listings> {
+        // Every update leaves the maps consistent.
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a listing of directory `id` that starts now may be kept from
+    /// ([`Watcher::keep_listing`]): the current watch generation, if the directory is
+    /// watched (call after [`Watcher::ensure`]); `None` otherwise.
+    pub fn listing_ticket(&self, id: (u64, u64)) -> Option<u64> {
+        if self.lost_all() {
+            return None;
+        }
+        let state = self.lock();
+        state.by_inode.contains_key(&id).then_some(state.generation)
+    }
+
+    /// Keep the whole listing of directory `id` (`entries`, `bytes` as counted for
+    /// frames), read from a ticket `since`, unless its watch reported something since.
+    pub fn keep_listing(
+        &self,
+        id: (u64, u64),
+        since: u64,
+        hints: bool,
+        entries: Vec<DirEntry>,
+        bytes: usize,
+    ) {
+        if !self.vouches(id, since) {
+            return;
+        }
+        self.kept()
+            .keep(id, since, hints, entries, bytes, std::time::Instant::now());
+    }
+
+    /// Whether a listing of `id` begun at generation `since` has missed no change its
+    /// watch reported: the directory is watched, its watch was there and has digested
+    /// nothing since, and no event was lost since.
+    fn vouches(&self, id: (u64, u64), since: u64) -> bool {
+        if self.lost_all() {
+            return false;
+        }
+        let state = self.lock();
+        state
+            .by_inode
+            .get(&id)
+            .and_then(|wd| state.by_wd.get(wd))
+            .is_some_and(|w| w.changed <= since && state.overflowed <= since)
+    }
+
+    /// The listing of directory `id` as kept (with `hints`: see
+    /// [`ferry_common::caps::XATTR_HINTS`]), if it is current: every change made before
+    /// now has had its event digested, and none of them was in this directory since the
+    /// listing began. A change made while the listing was read either had its event
+    /// queued or merged into one queued and not yet read (inotify merges an event
+    /// equal to the last one queued), which was digested after the ticket: either
+    /// way the watch's generation moved past the listing's.
+    ///
+    /// Vouches for the names and for the attributes of entries whose changes come
+    /// through this directory's watch: not for subdirectories (their own watches
+    /// report changes inside them) or files with several links (changed through
+    /// another name, maybe in a directory nobody watches); the caller stats those again.
+    pub fn cached_listing(&self, id: (u64, u64), hints: bool) -> Option<Arc<[DirEntry]>> {
+        if self.lost_all() || !self.digested_all() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let current = |since| self.vouches(id, since);
+        self.kept().get(id, hints, now, current)
     }
 
     /// Wait for the descriptor to be readable and append what one `read` returns.

@@ -52,6 +52,10 @@ pub struct Watch {
     pub path: Vec<u8>,
     pub dev: u64,
     pub ino: u64,
+    /// [`State::generation`] when this watch was added or last reported an event: a
+    /// listing begun at a later generation saw everything it reported (see
+    /// [`super::Watcher::cached_listing`]).
+    pub changed: u64,
 }
 
 /// The bookkeeping of watches, separate from the inotify descriptor so it can be
@@ -77,6 +81,12 @@ pub struct State {
     /// Directory `IN_MOVED_FROM`s waiting for their `IN_MOVED_TO`: cookie → (old path,
     /// batches waited). The pair may straddle two reads, so one extra batch is allowed.
     moves: HashMap<u32, (Vec<u8>, u8)>,
+    /// Counts batches digested and watches added: every watch's [`Watch::changed`] and
+    /// `overflowed` are values of it.
+    pub generation: u64,
+    /// The generation of the last batch in which the kernel's queue overflowed (events
+    /// were lost everywhere before it).
+    pub overflowed: u64,
 }
 
 /// An entry (or, with `name: None`, the directory itself) that changed.
@@ -140,7 +150,17 @@ impl State {
         }
         self.by_inode.insert((dev, ino), wd);
         self.devs.insert(dev);
-        self.by_wd.insert(wd, Watch { path, dev, ino });
+        self.generation += 1;
+        let changed = self.generation;
+        self.by_wd.insert(
+            wd,
+            Watch {
+                path,
+                dev,
+                ino,
+                changed,
+            },
+        );
         gone
     }
 
@@ -246,10 +266,16 @@ impl State {
         for age in self.parked.values_mut() {
             *age += 1;
         }
+        self.generation += 1;
+        let generation = self.generation;
         for ev in batch {
             if ev.mask & libc::IN_Q_OVERFLOW != 0 {
                 d.resync = true;
+                self.overflowed = generation;
                 continue;
+            }
+            if let Some(w) = self.by_wd.get_mut(&ev.wd) {
+                w.changed = generation;
             }
             if ev.mask & libc::IN_IGNORED != 0 {
                 // The watch is gone (directory deleted, unmounted, or removed by us).

@@ -10,6 +10,7 @@ mod events;
 mod handshake;
 mod harness;
 mod io;
+mod kept;
 mod meta;
 mod perf;
 mod staged;
