@@ -31,6 +31,7 @@ def phases(meta):
         ("cp_inside", f"cp of the {big} MiB file to a new file in the same mount + sync", big),
         ("randread_cold", f"{nrand} random 4 KiB preads of the {big} MiB file, cold", None),
         ("ls_cold", f"ls -l of a {ndir}-entry directory, cold", None),
+        ("ls_cold_fresh", f"ls -l of a {ndir}-entry directory, cold, ferryd restarted first", None),
         ("ls_warm", f"ls -l of a {ndir}-entry directory, warm", None),
         ("untar", f"untar {nfiles} files ({tar_mib} MiB) + sync", None),
         ("lsR_cold", f"ls -lR of the untarred tree, cold", None),
