@@ -673,16 +673,20 @@ phase_ls() {
 phase_tree() {
     local rep sys t n
     log "phase tree ($TREE_FILES files: untar, ls -lR cold, read all cold, rm -rf)"
+    # Every untar first, each into its own directory, the removals last: ext4 does not
+    # reuse an inode within 60 s of its deletion (5 min while its inode table block is
+    # dirty) while that block is cached, and every create scans past the ones it has
+    # seen so far. An untar right after the rm -rf of the run before got slower with
+    # every file it made (creates on the export: 0.1 ms for the first 50 files, 1.7 ms
+    # for the 500th through ferryd, 0.6 ms locally), whichever system ran; measured by
+    # `strace -T` of ferryd and of a local tar, and gone after a 65 s wait.
     for ((rep = 1; rep <= REPS; rep++)); do
         for sys in "${ACTIVE[@]}"; do
             want_run untar "$sys" "$rep" || continue
             t=$(wdir "$sys")/t$rep
             timeout 300 rm -rf "$t" || true
             mkdir -p "$t"
-            # From dropped caches, tarball re-read: after the rm -rf of the run before,
-            # ext4's scan for recently deleted inodes (kept while their inode table blocks
-            # are cached) made every create on the export slow (a local untar 0.25 s ->
-            # 2.0 s, perf: half its time in recently_deleted), whichever system ran.
+            # The same start for every system: caches dropped, the tarball read once.
             drop_caches
             cat "$TMP/tree.tar" >/dev/null
             if ! timed untar "$sys" "$rep" -- bash -c 'tar --no-same-owner -xf "$1" -C "$2" && sync' _ "$TMP/tree.tar" "$t"; then
@@ -690,12 +694,29 @@ phase_tree() {
             fi
             n=$(find "$TMP/export/w/$sys/t$rep" -type f | wc -l)
             [[ $n == "$TREE_FILES" ]] || log "  WARNING: $sys untar produced $n files, expected $TREE_FILES"
-            make_cold "$sys" || continue
-            timed lsR_cold "$sys" "$rep" -- bash -c 'ls -lR "$1" >/dev/null' _ "$t" || check_alive "$sys"
-            make_cold "$sys" || continue
-            timed readall_cold "$sys" "$rep" -- bash -c 'find "$1" -type f -print0 | xargs -0 cat >/dev/null' _ "$t" \
-                || check_alive "$sys"
-            timed rmrf "$sys" "$rep" -- rm -rf "$t" || check_alive "$sys"
+        done
+    done
+    for ((rep = 1; rep <= REPS; rep++)); do
+        for sys in "${ACTIVE[@]}"; do
+            t=$(wdir "$sys")/t$rep
+            [[ -d "$TMP/export/w/$sys/t$rep" ]] || continue
+            want_run lsR_cold "$sys" "$rep" && make_cold "$sys" \
+                && { timed lsR_cold "$sys" "$rep" -- bash -c 'ls -lR "$1" >/dev/null' _ "$t" || check_alive "$sys"; }
+            want_run readall_cold "$sys" "$rep" && make_cold "$sys" \
+                && { timed readall_cold "$sys" "$rep" -- bash -c 'find "$1" -type f -print0 | xargs -0 cat >/dev/null' _ "$t" \
+                    || check_alive "$sys"; }
+        done
+    done
+    for ((rep = 1; rep <= REPS; rep++)); do
+        for sys in "${ACTIVE[@]}"; do
+            t=$(wdir "$sys")/t$rep
+            [[ -d "$TMP/export/w/$sys/t$rep" ]] || continue
+            if want_run rmrf "$sys" "$rep"; then
+                # Of a tree the mount has just walked, as when each removal followed
+                # its own tree's `cat` (this mount may never have seen it).
+                run_fg find "$t" >/dev/null || check_alive "$sys"
+                timed rmrf "$sys" "$rep" -- rm -rf "$t" || check_alive "$sys"
+            fi
             [[ ! -e "$TMP/export/w/$sys/t$rep" ]] || { log "  WARNING: $sys rm -rf left files behind"; rm -rf "$TMP/export/w/$sys/t$rep"; }
         done
     done
