@@ -68,10 +68,38 @@ pub struct Listing {
 struct Fill {
     watch: Arc<Watcher>,
     dir: (u64, u64),
+    /// The watch generation and the time when the stream opened.
     since: u64,
+    at: Instant,
     hints: bool,
     entries: Vec<DirEntry>,
+    /// Counted in `FILL_BYTES` until the fill is dropped.
     bytes: usize,
+}
+
+/// Bytes all fills together may hold: past it, a listing is not kept.
+const FILL_LIMIT: usize = 64 << 20;
+static FILL_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl Fill {
+    /// Count `bytes` more; false (the fill must go) past [`KEPT_LISTING_MAX`] or
+    /// [`FILL_LIMIT`].
+    fn grow(&mut self, bytes: usize) -> bool {
+        if self.bytes + bytes > KEPT_LISTING_MAX
+            || FILL_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes > FILL_LIMIT
+        {
+            FILL_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += bytes;
+        true
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        FILL_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -129,9 +157,9 @@ impl Listing {
             Ok(Part { entries, done }) => {
                 let bytes: usize = entries.iter().map(entry_size).sum();
                 if let Some(f) = fill.as_mut() {
-                    f.entries.extend(entries.iter().cloned());
-                    f.bytes += bytes;
-                    if f.bytes > KEPT_LISTING_MAX {
+                    if f.grow(bytes) {
+                        f.entries.extend(entries.iter().cloned());
+                    } else {
                         *fill = None;
                     }
                 }
@@ -139,9 +167,10 @@ impl Listing {
                 AHEAD_BYTES.fetch_add(bytes, Ordering::Relaxed);
                 a.entries.extend(entries);
                 a.done = done;
-                if done && let Some(f) = fill.take() {
+                if done && let Some(mut f) = fill.take() {
+                    let entries = std::mem::take(&mut f.entries);
                     f.watch
-                        .keep_listing(f.dir, f.since, f.hints, f.entries, f.bytes);
+                        .keep_listing(f.dir, f.since, f.hints, entries, f.bytes, f.at);
                 }
             }
             Err(e) => {
@@ -299,18 +328,25 @@ fn open_dir(ctx: &Ctx, path: &RelPath, speculative: bool) -> Result<Response, Er
     let st = sys::fstat(fd.as_fd())?;
     let attr = attr_of(&st, ctx.export.root_dev());
     let id = (st.st_dev, st.st_ino);
-    let kept = ctx
-        .watch
-        .as_ref()
-        .and_then(|w| w.cached_listing(id, ctx.xattr_hints));
+    let kept = ctx.watch.as_ref().and_then(|w| {
+        let (kept, since) = w.cached_listing(id, ctx.xattr_hints)?;
+        // A kept listing goes to the stream whole: within the bytes all streams may
+        // hold ahead, else it is read from the disk as any other.
+        let bytes: usize = kept.iter().map(entry_size).sum();
+        (AHEAD_BYTES.load(Ordering::Relaxed) + bytes <= AHEAD_LIMIT).then_some((w, kept, since))
+    });
     let listing = match kept {
-        Some(kept) => Listing::kept(refreshed(ctx, fd.as_fd(), path, &kept)?),
+        Some((w, kept, since)) => {
+            let touched = w.touched_since(since, &kept);
+            Listing::kept(refreshed(ctx, fd.as_fd(), path, &kept, &touched)?)
+        }
         None => {
             let fill = ctx.watch.as_ref().and_then(|w| {
                 Some(Fill {
                     watch: Arc::clone(w),
                     dir: id,
                     since: w.listing_ticket(id)?,
+                    at: Instant::now(),
                     hints: ctx.xattr_hints,
                     entries: Vec::new(),
                     bytes: 0,
@@ -331,33 +367,41 @@ fn open_dir(ctx: &Ctx, path: &RelPath, speculative: bool) -> Result<Response, Er
 }
 
 /// A kept listing of `dir` (just resolved from `path`), with the entries its watch
-/// does not vouch for (subdirectories, files with several links) stat'ed again; those
-/// gone meanwhile are left out.
+/// does not vouch for stat'ed again: subdirectories, files with several links, and
+/// those `touched` (see [`Watcher::touched_since`]); those gone meanwhile are left out.
 fn refreshed(
     ctx: &Ctx,
     dir: BorrowedFd<'_>,
     path: &RelPath,
     kept: &[DirEntry],
+    touched: &[bool],
 ) -> Result<Vec<DirEntry>, Errno> {
-    let again = |e: &DirEntry| e.attr.kind == FileKind::Dir || e.attr.nlink > 1;
+    let again: Vec<bool> = kept
+        .iter()
+        .zip(touched)
+        .map(|(e, &t)| t || e.attr.kind == FileKind::Dir || e.attr.nlink > 1)
+        .collect();
     let names: Vec<Vec<u8>> = kept
         .iter()
-        .filter(|e| again(e))
-        .map(|e| e.name.0.clone())
+        .zip(&again)
+        .filter(|(_, a)| **a)
+        .map(|(e, _)| e.name.0.clone())
         .collect();
     if names.is_empty() {
         return Ok(kept.to_vec());
     }
     let stat = Stat::of(ctx);
+    // Subdirectories are watched under `path` only while it leads to `dir`.
+    let path = stat.still_at(dir, path).then_some(path);
     let fresh = if names.len() < PARALLEL_STAT_MIN {
-        stat.all(dir, Some(path), &names)?
+        stat.all(dir, path, &names)?
     } else {
-        in_parallel(&names, &|part: &[Vec<u8>]| stat.all(dir, Some(path), part))?
+        in_parallel(&names, &|part: &[Vec<u8>]| stat.all(dir, path, part))?
     };
     let mut fresh = fresh.into_iter().peekable();
     let mut out = Vec::with_capacity(kept.len());
-    for e in kept {
-        if !again(e) {
+    for (e, &again) in kept.iter().zip(&again) {
+        if !again {
             out.push(e.clone());
         } else if let Some(f) = fresh.next_if(|f| f.name == e.name) {
             out.push(f);

@@ -540,7 +540,31 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
         Request::Link { new_parent, .. } => Some(new_parent.clone()),
         _ => None,
     };
+    // Changes a file's watched directories may not hear of (see
+    // `Watcher::note_touched`): through a handle, and a new link.
+    let through = match &req {
+        Request::Write { handle, .. }
+        | Request::Commit { handle }
+        | Request::Fallocate { handle, .. }
+        | Request::SetAttr {
+            handle: Some(handle),
+            ..
+        }
+        | Request::CopyRange { dst: handle, .. } => Some(*handle),
+        _ => None,
+    };
+    let linked = matches!(req, Request::Link { .. });
     let reply = execute_plain(ctx, caller, req)?;
+    if let Some(w) = &ctx.watch {
+        if let Some(Ok(Handle::File(f))) = through.map(|h| ctx.handles.get(h))
+            && let Ok(st) = crate::sys::fstat(f.fd.as_fd())
+        {
+            w.note_touched(node_id(st.st_dev, st.st_ino, ctx.export.root_dev()));
+        }
+        if linked && let Response::Attr(a) = reply.inner() {
+            w.note_touched(a.ino);
+        }
+    }
     match changed_dir.map(|d| meta::getattr(ctx, &d, None)) {
         Some(Ok(Response::Attr(dir))) => Ok(Response::InDir {
             dir,

@@ -20,11 +20,12 @@ pub const KEPT_BYTES: usize = 64 << 20;
 /// A listing bigger than this is not kept.
 pub const KEPT_LISTING_MAX: usize = KEPT_BYTES / 2;
 
-/// How long a kept listing is handed out at most, however quiet its directory: as
-/// long as a client with events trusts what it was told (`TTL_WITH_EVENTS`), so that
-/// a change no watch reports (a hard link made in a directory nobody watches, say)
-/// does not live longer here than in any client's cache.
-pub const KEPT_FOR: Duration = Duration::from_secs(300);
+/// How long after its stream opened a kept listing is handed out at most, however
+/// quiet its directory: a change no watch reports (a hard link made on the server's
+/// disk in a directory nobody watches, an access time, a store into a shared mapping)
+/// reaches a client that lists the directory afresh at most this much later than
+/// without kept listings (its own cache may then keep it for its TTL).
+pub const KEPT_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 struct Kept {
@@ -51,15 +52,16 @@ pub struct Listings {
 }
 
 impl Listings {
-    /// The listing kept for directory `id` with `hints`, if `current(since)` says it
-    /// still is (else it is dropped). `now`: for [`KEPT_FOR`].
+    /// The listing kept for directory `id` with `hints` and the generation it began
+    /// at, if `current(since)` says it still is (else it is dropped). `now`: for
+    /// [`KEPT_FOR`].
     pub fn get(
         &mut self,
         id: (u64, u64),
         hints: bool,
         now: Instant,
         current: impl FnOnce(u64) -> bool,
-    ) -> Option<Arc<[DirEntry]>> {
+    ) -> Option<(Arc<[DirEntry]>, u64)> {
         let k = self.by_dir.get(&id)?;
         if k.hints != hints {
             return None;
@@ -74,12 +76,12 @@ impl Listings {
         self.by_use.remove(&k.used);
         k.used = used;
         self.by_use.insert(used, id);
-        Some(Arc::clone(&k.entries))
+        Some((Arc::clone(&k.entries), k.since))
     }
 
-    /// Keep `entries` of directory `id`, a listing begun at generation `since`, in
-    /// place of any older one; `bytes`: their size as counted for frames. Evicts the
-    /// least recently used listings past [`KEPT_BYTES`].
+    /// Keep `entries` of directory `id`, a listing begun at generation `since` and
+    /// time `at`, in place of any older one; `bytes`: their size as counted for
+    /// frames. Evicts the least recently used listings past [`KEPT_BYTES`].
     pub fn keep(
         &mut self,
         id: (u64, u64),
@@ -87,7 +89,7 @@ impl Listings {
         hints: bool,
         entries: Vec<DirEntry>,
         bytes: usize,
-        now: Instant,
+        at: Instant,
     ) {
         if bytes > KEPT_LISTING_MAX {
             return;
@@ -114,7 +116,7 @@ impl Listings {
                 since,
                 hints,
                 bytes,
-                at: now,
+                at,
                 used: self.clock,
             },
         );
@@ -128,11 +130,13 @@ impl Listings {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Listings held now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_dir.len()
     }
@@ -177,14 +181,18 @@ mod tests {
         l.keep((1, 2), 7, false, entries(3), 300, now);
         assert_eq!(
             l.get((1, 2), false, now, |since| since == 7)
-                .map(|e| e.len()),
+                .map(|e| e.0.len()),
             Some(3)
         );
         // Asked with the other hint setting: not this one, and it stays.
         assert!(l.get((1, 2), true, now, |_| true).is_none());
         assert_eq!(l.len(), 1);
-        // Too old: dropped.
+        // Too old (counted from when its stream opened): dropped.
         assert!(l.get((1, 2), false, now + KEPT_FOR, |_| true).is_none());
+        assert_eq!((l.len(), l.bytes()), (0, 0));
+        let opened = now - KEPT_FOR;
+        l.keep((1, 2), 7, false, entries(3), 300, opened);
+        assert!(l.get((1, 2), false, now, |_| true).is_none());
         assert_eq!((l.len(), l.bytes()), (0, 0));
         // Not current any more: dropped.
         l.keep((1, 2), 7, false, entries(3), 300, now);
@@ -199,12 +207,12 @@ mod tests {
         l.keep((1, 2), 9, false, entries(2), 200, now);
         l.keep((1, 2), 8, false, entries(5), 500, now);
         assert_eq!(
-            l.get((1, 2), false, now, |_| true).map(|e| e.len()),
+            l.get((1, 2), false, now, |_| true).map(|e| e.0.len()),
             Some(2)
         );
         l.keep((1, 2), 10, false, entries(4), 400, now);
         assert_eq!(
-            l.get((1, 2), false, now, |_| true).map(|e| e.len()),
+            l.get((1, 2), false, now, |_| true).map(|e| e.0.len()),
             Some(4)
         );
         assert_eq!(l.bytes(), 400);

@@ -580,6 +580,8 @@ impl Watcher {
                 Ok(events) => events,
                 Err(e) => {
                     error!("event processing failed: {e}");
+                    // Its events may not have stamped their watches: kept listings go.
+                    self.lock().distrust();
                     vec![Event::Resync]
                 }
             };
@@ -654,7 +656,8 @@ impl Watcher {
     }
 
     /// Keep the whole listing of directory `id` (`entries`, `bytes` as counted for
-    /// frames), read from a ticket `since`, unless its watch reported something since.
+    /// frames), read from a ticket `since` taken at `at`, unless its watch reported
+    /// something since.
     pub fn keep_listing(
         &self,
         id: (u64, u64),
@@ -662,12 +665,34 @@ impl Watcher {
         hints: bool,
         entries: Vec<DirEntry>,
         bytes: usize,
+        at: std::time::Instant,
     ) {
         if !self.vouches(id, since) {
             return;
         }
-        self.kept()
-            .keep(id, since, hints, entries, bytes, std::time::Instant::now());
+        self.kept().keep(id, since, hints, entries, bytes, at);
+    }
+
+    /// The file `node` (a node id) may have changed where no watch of a directory
+    /// listing it reports it: it gained a link (changes through that name go to that
+    /// directory only), or it was changed through a handle (its name may be gone:
+    /// `IN_EXCL_UNLINK`). Kept listings stat it again ([`Watcher::touched_since`]).
+    pub fn note_touched(&self, node: u64) {
+        self.lock().touch(node);
+    }
+
+    /// Which of `entries` (a kept listing begun at generation `since`) were noted
+    /// touched since ([`Watcher::note_touched`]); all of them if the record of that
+    /// time is lost.
+    pub fn touched_since(&self, since: u64, entries: &[DirEntry]) -> Vec<bool> {
+        let state = self.lock();
+        if state.touched_floor > since {
+            return vec![true; entries.len()];
+        }
+        entries
+            .iter()
+            .map(|e| state.touched.get(&e.attr.ino).is_some_and(|&g| g > since))
+            .collect()
     }
 
     /// Whether a listing of `id` begun at generation `since` has missed no change its
@@ -683,10 +708,12 @@ impl Watcher {
             .get(&id)
             .and_then(|wd| state.by_wd.get(wd))
             .is_some_and(|w| w.changed <= since && state.overflowed <= since)
+            && state.touched_floor <= since
     }
 
     /// The listing of directory `id` as kept (with `hints`: see
-    /// [`ferry_common::caps::XATTR_HINTS`]), if it is current: every change made before
+    /// [`ferry_common::caps::XATTR_HINTS`]) and the generation it began at, if it is
+    /// current (never while the server is partial): every change made before
     /// now has had its event digested, and none of them was in this directory since the
     /// listing began. A change made while the listing was read either had its event
     /// queued or merged into one queued and not yet read (inotify merges an event
@@ -695,10 +722,13 @@ impl Watcher {
     ///
     /// Vouches for the names and for the attributes of entries whose changes come
     /// through this directory's watch: not for subdirectories (their own watches
-    /// report changes inside them) or files with several links (changed through
-    /// another name, maybe in a directory nobody watches); the caller stats those again.
-    pub fn cached_listing(&self, id: (u64, u64), hints: bool) -> Option<Arc<[DirEntry]>> {
-        if self.lost_all() || !self.digested_all() {
+    /// report changes inside them), files with several links (changed through
+    /// another name, maybe in a directory nobody watches) or files noted touched since
+    /// ([`Watcher::touched_since`]); the caller stats those again.
+    pub fn cached_listing(&self, id: (u64, u64), hints: bool) -> Option<(Arc<[DirEntry]>, u64)> {
+        // Past the watch limit a file may gain a link in a directory nobody watches,
+        // and must then go out marked (`conn::mark_links`): listings are read afresh.
+        if self.lost_all() || self.partial() || !self.digested_all() {
             return None;
         }
         let now = std::time::Instant::now();
@@ -761,6 +791,19 @@ impl Watcher {
                 }
             })
             .collect();
+        // A file that gained a link changes through that name unseen by the watches of
+        // its other names' directories.
+        {
+            let mut state = self.lock();
+            for ev in &events {
+                if let Event::Changed { attr: Some(a), .. } = ev
+                    && a.kind != ferry_common::FileKind::Dir
+                    && a.nlink > 1
+                {
+                    state.touch(a.ino);
+                }
+            }
+        }
         // After the events that came with the moves.
         events.extend(lost);
         if digest.resync {

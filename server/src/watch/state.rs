@@ -87,7 +87,18 @@ pub struct State {
     /// The generation of the last batch in which the kernel's queue overflowed (events
     /// were lost everywhere before it).
     pub overflowed: u64,
+    /// Files (node ids) that may have changed with no event from the watch of every
+    /// directory that lists them, and the generation when that was noted: files that
+    /// gained a link, and files changed through a handle (see
+    /// [`super::Watcher::note_touched`]).
+    pub touched: HashMap<u64, u64>,
+    /// Past [`TOUCHED_MAX`] files, `touched` starts again from this generation: any
+    /// file may have been touched before it.
+    pub touched_floor: u64,
 }
+
+/// Most files [`State::touched`] remembers.
+pub const TOUCHED_MAX: usize = 1 << 16;
 
 /// An entry (or, with `name: None`, the directory itself) that changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +183,22 @@ impl State {
             let by_inode = &self.by_inode;
             self.handles.retain(|id, _| by_inode.contains_key(id));
         }
+    }
+
+    /// Note that the file `node` may have changed unseen by its directories' watches.
+    pub fn touch(&mut self, node: u64) {
+        self.generation += 1;
+        if self.touched.len() >= TOUCHED_MAX && !self.touched.contains_key(&node) {
+            self.touched.clear();
+            self.touched_floor = self.generation;
+        }
+        self.touched.insert(node, self.generation);
+    }
+
+    /// Trust nothing told before now (events were lost).
+    pub fn distrust(&mut self) {
+        self.generation += 1;
+        self.overflowed = self.generation;
     }
 
     /// Drop watch `wd` from the maps; returns what it watched.

@@ -244,3 +244,108 @@ async fn a_kept_listing_leaves_out_what_went_meanwhile() {
     .await;
     assert!(listing(&mut c, "d").await.is_empty());
 }
+
+/// A file with one link when its directory's listing was kept, that gains a link in a
+/// watched directory (through `ferryd` or on the disk) and is then written through
+/// it: no event names the first directory, and its next listing shows the file as the
+/// disk does all the same.
+#[tokio::test]
+async fn a_kept_listing_follows_a_file_that_gained_a_link_elsewhere() {
+    let server = Server::start().await;
+    let (d, e) = (server.root().join("d"), server.root().join("e"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    std::fs::write(d.join("f"), b"1").unwrap();
+    std::fs::write(d.join("h"), b"1").unwrap();
+    let mut c = Client::connect(server.addr, caps::EVENTS).await;
+    listing(&mut c, "e").await;
+    listing(&mut c, "d").await;
+    assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
+
+    c.call(Request::Link {
+        path: p("d/f"),
+        new_parent: p("e"),
+        new_name: n("g"),
+    })
+    .await
+    .unwrap();
+    // (Listed again once the link's event is digested: `d` is quiet as far as its own
+    // watch can tell.)
+    c.wait_event("e/g", |ev| {
+        matches!(ev, Event::Changed { parent, name: Some(n), .. } if parent.0 == b"e" && n.0 == b"g")
+    })
+    .await;
+    assert_eq!(
+        seen(&listing(&mut c, "d").await),
+        on_disk(&d),
+        "after a Link"
+    );
+
+    std::fs::hard_link(d.join("h"), e.join("i")).unwrap();
+    std::fs::write(e.join("i"), b"much longer").unwrap();
+    c.wait_event("e/i written", |ev| {
+        matches!(ev, Event::Changed { parent, name: Some(n), attr: Some(a), .. }
+            if parent.0 == b"e" && n.0 == b"i" && a.size == 11)
+    })
+    .await;
+    assert_eq!(
+        seen(&listing(&mut c, "d").await),
+        on_disk(&d),
+        "after a link and a write on the disk"
+    );
+}
+
+/// A file written through a handle whose name is gone (opened as `e/g`, a second link,
+/// since unlinked: the write is reported to no watch) shows as the disk has it in the
+/// next listing of the directory of its remaining name.
+#[tokio::test]
+async fn a_kept_listing_follows_a_write_through_a_handle_of_a_name_gone() {
+    let server = Server::start().await;
+    let (d, e) = (server.root().join("d"), server.root().join("e"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    std::fs::write(d.join("f"), b"1").unwrap();
+    std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    let mut c = Client::connect(server.addr, caps::EVENTS).await;
+    let (h, _) = c.open("e/g", libc::O_RDWR).await.unwrap();
+    std::fs::remove_file(e.join("g")).unwrap();
+    listing(&mut c, "d").await;
+    assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
+    listing(&mut c, "e").await;
+    c.write(h, 0, b"much longer").await.unwrap();
+    c.commit(h).await.unwrap();
+    assert_eq!(std::fs::metadata(d.join("f")).unwrap().len(), 11);
+    // Whatever the commit queued is digested once a later change's event is out.
+    std::fs::write(e.join("later"), b"").unwrap();
+    c.wait_event(
+        "e/later",
+        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == b"later"),
+    )
+    .await;
+    assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
+}
+
+/// Past the watch limit, a file may gain a link in a directory no watch covers, and a
+/// listing must then mark it: no kept listing is handed out.
+#[tokio::test]
+async fn past_the_watch_limit_listings_are_read_afresh() {
+    let options = ferry_server::Options {
+        max_watches: Some(1),
+        ..Default::default()
+    };
+    let server = Server::start_opts(false, options).await;
+    let (d, e) = (server.root().join("d"), server.root().join("e"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    std::fs::write(d.join("f"), b"1").unwrap();
+    let mut c = Client::connect(server.addr, caps::EVENTS | caps::PARTIAL_WATCHES).await;
+    listing(&mut c, "d").await;
+    listing(&mut c, "d").await;
+    // One watch too many: the server is partial from now on.
+    assert!(listing(&mut c, "e").await.is_empty());
+    std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    std::fs::write(e.join("g"), b"much longer").unwrap();
+    let l = listing(&mut c, "d").await;
+    assert_eq!(seen(&l), on_disk(&d));
+    assert!(l["f"].uncovered, "{:?}", l["f"]);
+}
