@@ -1626,3 +1626,74 @@ fn a_held_directory_answer_never_comes_before_the_events_that_led_there() {
     }
     stream_stayed_up(&fx.mount);
 }
+
+/// `ferryd` keeps the listings it read while its watches vouch for them, and hands them
+/// to whoever lists the directory next: here a mount made after a file of the
+/// directory gained a second name in another (watched) directory on the export and was
+/// rewritten through it, which the directory's own watch does not report. A fresh
+/// mount's `ls -l` (and `stat` of each entry, answered from what the listing gave the
+/// kernel) must show the file as the export has it.
+#[test]
+fn a_new_mount_lists_what_the_export_has_even_after_ferryd_kept_the_listing() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir_all(e.join("d")).expect("mkdir");
+        fs::create_dir(e.join("e")).expect("mkdir");
+        fs::write(e.join("d/f"), b"one").expect("write");
+        fs::write(e.join("d/x"), b"x").expect("write");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    // `e` watched; `d` listed (ferryd keeps that listing).
+    assert!(absent(&fx.mnt("e/nothing")));
+    let ls = |dir: &Path| {
+        let out = ferry_tests::process::run(&mut ferry_tests::process::sh(&format!(
+            "ls -ln {}",
+            dir.display()
+        )));
+        out.assert_success();
+        out.stdout_str()
+    };
+    assert!(ls(&fx.mnt("d")).contains(" f\n"));
+    fs::hard_link(fx.exp("d/f"), fx.exp("e/g")).expect("link on the export");
+    write_closed(&fx.exp("e/g"), b"two, longer").expect("rewrite through the new name");
+    // The rewrite's event is in: ferryd's kept listing of `d`, which no event touched,
+    // is what it would hand out now.
+    eventually("the rewrite through e/g, through the mount", || {
+        fs::metadata(fx.mnt("e/g")).is_ok_and(|m| m.len() == 11)
+    });
+    let fresh = TestMount::new(&fx.server);
+    let listed = ls(&fresh.join("d"));
+    let f: Vec<&str> = listed
+        .lines()
+        .find(|l| l.ends_with(" f"))
+        .unwrap_or_else(|| panic!("f not in {listed}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!((f[1], f[4]), ("2", "11"), "links and size of f: {listed}");
+    for name in ["f", "x"] {
+        let (via, exp) = (
+            fs::symlink_metadata(fresh.join("d").join(name)).expect("stat"),
+            fs::symlink_metadata(fx.exp("d").join(name)).expect("stat"),
+        );
+        assert_eq!(
+            (
+                via.len(),
+                via.mode(),
+                via.nlink(),
+                via.mtime(),
+                via.mtime_nsec()
+            ),
+            (
+                exp.len(),
+                exp.mode(),
+                exp.nlink(),
+                exp.mtime(),
+                exp.mtime_nsec()
+            ),
+            "{name}"
+        );
+    }
+    stream_stayed_up(&fx.mount);
+}
