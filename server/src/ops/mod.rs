@@ -541,30 +541,15 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
         _ => None,
     };
     // Changes a file's watched directories may not hear of (see
-    // `Watcher::note_touched`): through a handle, and a new link.
-    let through = match &req {
-        Request::Write { handle, .. }
-        | Request::Commit { handle }
-        | Request::Fallocate { handle, .. }
-        | Request::SetAttr {
-            handle: Some(handle),
-            ..
-        }
-        | Request::CopyRange { dst: handle, .. } => Some(*handle),
-        _ => None,
-    };
-    let linked = matches!(req, Request::Link { .. });
-    let reply = execute_plain(ctx, caller, req)?;
-    if let Some(w) = &ctx.watch {
-        if let Some(Ok(Handle::File(f))) = through.map(|h| ctx.handles.get(h))
-            && let Ok(st) = crate::sys::fstat(f.fd.as_fd())
-        {
-            w.note_touched(node_id(st.st_dev, st.st_ino, ctx.export.root_dev()));
-        }
-        if linked && let Response::Attr(a) = reply.inner() {
-            w.note_touched(a.ino);
-        }
+    // `Watcher::note_touched`): through a handle, and a new link. The file is named
+    // before the request runs, and noted however it ends (a request may fail after it
+    // changed the file: a commit, then a failed `fallocate`).
+    let touched = ctx.watch.as_ref().and_then(|_| touched_by(ctx, &req));
+    let result = execute_plain(ctx, caller, req);
+    if let (Some(w), Some(node)) = (&ctx.watch, touched) {
+        w.note_touched(node);
     }
+    let reply = result?;
     match changed_dir.map(|d| meta::getattr(ctx, &d, None)) {
         Some(Ok(Response::Attr(dir))) => Ok(Response::InDir {
             dir,
@@ -572,6 +557,32 @@ pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errn
         }),
         _ => Ok(reply),
     }
+}
+
+/// The file (node id) `req` may change unseen by the watches of the directories that
+/// list it: one changed through a handle (its name may be gone), or one given a new
+/// link (changes through that name reach that directory only).
+fn touched_by(ctx: &Ctx, req: &Request) -> Option<u64> {
+    let st = match req {
+        Request::Write { handle, .. }
+        | Request::Commit { handle }
+        | Request::Fsync { handle, .. }
+        | Request::Fallocate { handle, .. }
+        | Request::SetAttr {
+            handle: Some(handle),
+            ..
+        }
+        | Request::CopyRange { dst: handle, .. } => match ctx.handles.get(*handle) {
+            Ok(Handle::File(f)) => crate::sys::fstat(f.fd.as_fd()).ok()?,
+            _ => return None,
+        },
+        Request::Link { path, .. } => {
+            let (dir, name) = ctx.export.entry_of(path).ok()?;
+            crate::sys::fstatat(dir.as_fd(), &name, libc::AT_SYMLINK_NOFOLLOW).ok()?
+        }
+        _ => return None,
+    };
+    Some(node_id(st.st_dev, st.st_ino, ctx.export.root_dev()))
 }
 
 fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {

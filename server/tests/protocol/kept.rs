@@ -349,3 +349,77 @@ async fn past_the_watch_limit_listings_are_read_afresh() {
     assert_eq!(seen(&l), on_disk(&d));
     assert!(l["f"].uncovered, "{:?}", l["f"]);
 }
+
+/// Make a change in `e` (watched) and wait for its event: everything queued before is
+/// digested then.
+async fn events_caught_up(c: &mut Client, e: &std::path::Path, tag: &str) {
+    std::fs::write(e.join(tag), b"").unwrap();
+    c.wait_event(
+        tag,
+        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == tag.as_bytes()),
+    )
+    .await;
+}
+
+/// A staged handle opened as `e/g` (a second link, since unlinked: nothing reports
+/// changes through it) is committed by an `Fsync`, then by a `Fallocate` that commits
+/// and fails, each time with its writes sent before `d` was listed: the next listing
+/// of `d` shows the file as the disk has it. (helper-55: neither was noted.)
+#[tokio::test]
+async fn a_kept_listing_follows_commits_by_fsync_and_by_a_failing_fallocate() {
+    let server = Server::start().await;
+    let (d, e) = (server.root().join("d"), server.root().join("e"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    std::fs::write(d.join("f"), b"1").unwrap();
+    std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    let mut c = Client::connect(server.addr, caps::EVENTS).await;
+    let (h, _) = c.open_staged("e/g", libc::O_RDWR).await.unwrap();
+    c.write(h, 0, b"much longer").await.unwrap();
+    std::fs::remove_file(e.join("g")).unwrap();
+    listing(&mut c, "e").await;
+    events_caught_up(&mut c, &e, "s1").await;
+    listing(&mut c, "d").await;
+    assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
+    c.call(Request::Fsync {
+        handle: h,
+        datasync: false,
+    })
+    .await
+    .unwrap();
+    assert_eq!(std::fs::metadata(d.join("f")).unwrap().len(), 11);
+    events_caught_up(&mut c, &e, "s2").await;
+    assert_eq!(
+        seen(&listing(&mut c, "d").await),
+        on_disk(&d),
+        "after Fsync"
+    );
+
+    c.write(h, 11, b", and more").await.unwrap();
+    // A change in `d` itself: the next listing is read afresh and kept from after the
+    // write, so only the `Fallocate` can make it stat `f` again.
+    std::fs::write(d.join("z"), b"").unwrap();
+    c.wait_event(
+        "d/z",
+        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == b"z"),
+    )
+    .await;
+    listing(&mut c, "d").await;
+    assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
+    let r = c
+        .call(Request::Fallocate {
+            handle: h,
+            offset: 0,
+            len: 1,
+            mode: 0x7000_0000,
+        })
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(std::fs::metadata(d.join("f")).unwrap().len(), 21);
+    events_caught_up(&mut c, &e, "s4").await;
+    assert_eq!(
+        seen(&listing(&mut c, "d").await),
+        on_disk(&d),
+        "after Fallocate"
+    );
+}
