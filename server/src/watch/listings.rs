@@ -122,7 +122,7 @@ impl Listings {
         );
     }
 
-    pub fn remove(&mut self, id: (u64, u64)) {
+    fn remove(&mut self, id: (u64, u64)) {
         if let Some(k) = self.by_dir.remove(&id) {
             self.by_use.remove(&k.used);
             self.bytes -= k.bytes;

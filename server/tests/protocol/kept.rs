@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, FileTimes};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use ferry_common::*;
@@ -245,6 +246,30 @@ async fn a_kept_listing_leaves_out_what_went_meanwhile() {
     assert!(listing(&mut c, "d").await.is_empty());
 }
 
+/// Directories `d` and `e` of `server`'s export, `d` holding `f` ("1"); with
+/// `linked`, `f` also named `e/g`.
+fn d_and_e(server: &Server, linked: bool) -> (PathBuf, PathBuf) {
+    let (d, e) = (server.root().join("d"), server.root().join("e"));
+    std::fs::create_dir(&d).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    std::fs::write(d.join("f"), b"1").unwrap();
+    if linked {
+        std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    }
+    (d, e)
+}
+
+/// Make a change in `e` (watched) and wait for its event: everything queued before is
+/// digested then.
+async fn events_caught_up(c: &mut Client, e: &std::path::Path, tag: &str) {
+    std::fs::write(e.join(tag), b"").unwrap();
+    c.wait_event(
+        tag,
+        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == tag.as_bytes()),
+    )
+    .await;
+}
+
 /// A file with one link when its directory's listing was kept, that gains a link in a
 /// watched directory (through `ferryd` or on the disk) and is then written through
 /// it: no event names the first directory, and its next listing shows the file as the
@@ -252,10 +277,7 @@ async fn a_kept_listing_leaves_out_what_went_meanwhile() {
 #[tokio::test]
 async fn a_kept_listing_follows_a_file_that_gained_a_link_elsewhere() {
     let server = Server::start().await;
-    let (d, e) = (server.root().join("d"), server.root().join("e"));
-    std::fs::create_dir(&d).unwrap();
-    std::fs::create_dir(&e).unwrap();
-    std::fs::write(d.join("f"), b"1").unwrap();
+    let (d, e) = d_and_e(&server, false);
     std::fs::write(d.join("h"), b"1").unwrap();
     let mut c = Client::connect(server.addr, caps::EVENTS).await;
     listing(&mut c, "e").await;
@@ -301,11 +323,7 @@ async fn a_kept_listing_follows_a_file_that_gained_a_link_elsewhere() {
 #[tokio::test]
 async fn a_kept_listing_follows_a_write_through_a_handle_of_a_name_gone() {
     let server = Server::start().await;
-    let (d, e) = (server.root().join("d"), server.root().join("e"));
-    std::fs::create_dir(&d).unwrap();
-    std::fs::create_dir(&e).unwrap();
-    std::fs::write(d.join("f"), b"1").unwrap();
-    std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    let (d, e) = d_and_e(&server, true);
     let mut c = Client::connect(server.addr, caps::EVENTS).await;
     let (h, _) = c.open("e/g", libc::O_RDWR).await.unwrap();
     std::fs::remove_file(e.join("g")).unwrap();
@@ -316,12 +334,7 @@ async fn a_kept_listing_follows_a_write_through_a_handle_of_a_name_gone() {
     c.commit(h).await.unwrap();
     assert_eq!(std::fs::metadata(d.join("f")).unwrap().len(), 11);
     // Whatever the commit queued is digested once a later change's event is out.
-    std::fs::write(e.join("later"), b"").unwrap();
-    c.wait_event(
-        "e/later",
-        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == b"later"),
-    )
-    .await;
+    events_caught_up(&mut c, &e, "later").await;
     assert_eq!(seen(&listing(&mut c, "d").await), on_disk(&d));
 }
 
@@ -334,10 +347,7 @@ async fn past_the_watch_limit_listings_are_read_afresh() {
         ..Default::default()
     };
     let server = Server::start_opts(false, options).await;
-    let (d, e) = (server.root().join("d"), server.root().join("e"));
-    std::fs::create_dir(&d).unwrap();
-    std::fs::create_dir(&e).unwrap();
-    std::fs::write(d.join("f"), b"1").unwrap();
+    let (d, e) = d_and_e(&server, false);
     let mut c = Client::connect(server.addr, caps::EVENTS | caps::PARTIAL_WATCHES).await;
     listing(&mut c, "d").await;
     listing(&mut c, "d").await;
@@ -350,17 +360,6 @@ async fn past_the_watch_limit_listings_are_read_afresh() {
     assert!(l["f"].uncovered, "{:?}", l["f"]);
 }
 
-/// Make a change in `e` (watched) and wait for its event: everything queued before is
-/// digested then.
-async fn events_caught_up(c: &mut Client, e: &std::path::Path, tag: &str) {
-    std::fs::write(e.join(tag), b"").unwrap();
-    c.wait_event(
-        tag,
-        |ev| matches!(ev, Event::Changed { name: Some(n), .. } if n.0 == tag.as_bytes()),
-    )
-    .await;
-}
-
 /// A staged handle opened as `e/g` (a second link, since unlinked: nothing reports
 /// changes through it) is committed by an `Fsync`, then by a `Fallocate` that commits
 /// and fails, each time with its writes sent before `d` was listed: the next listing
@@ -368,11 +367,7 @@ async fn events_caught_up(c: &mut Client, e: &std::path::Path, tag: &str) {
 #[tokio::test]
 async fn a_kept_listing_follows_commits_by_fsync_and_by_a_failing_fallocate() {
     let server = Server::start().await;
-    let (d, e) = (server.root().join("d"), server.root().join("e"));
-    std::fs::create_dir(&d).unwrap();
-    std::fs::create_dir(&e).unwrap();
-    std::fs::write(d.join("f"), b"1").unwrap();
-    std::fs::hard_link(d.join("f"), e.join("g")).unwrap();
+    let (d, e) = d_and_e(&server, true);
     let mut c = Client::connect(server.addr, caps::EVENTS).await;
     let (h, _) = c.open_staged("e/g", libc::O_RDWR).await.unwrap();
     c.write(h, 0, b"much longer").await.unwrap();
