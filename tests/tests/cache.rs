@@ -1351,6 +1351,76 @@ impl Drop for Mapped {
     }
 }
 
+/// Reading a tree's files in the order a walk lists them (`find` then `cat`, as
+/// `bench/run.sh` does): once a program has opened a second file of a directory whose
+/// small files came together, the next directories' small files are fetched ahead of
+/// it, so only the first directory's first open waits for the server (one for each of
+/// the six leaf directories without look-ahead), and every byte is right.
+#[test]
+fn reading_through_a_tree_fetches_the_next_directories_ahead() {
+    let mut rng = Rng::new(0x10a4);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for p in 0..3 {
+        for q in 0..2 {
+            for f in 0..4 {
+                let len = (rng.bytes(2)[0] as usize) * 12;
+                files.push((format!("p{p}/q{q}/f{f}"), rng.bytes(len + 1)));
+            }
+        }
+    }
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for (name, data) in &files {
+            let p = e.join(name);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, data).expect("write");
+        }
+    }) else {
+        return;
+    };
+    // A depth-first walk in the order the mount lists (the server's order, as `find`).
+    fn walk(dir: &std::path::Path, rel: &str, out: &mut Vec<String>) {
+        let mut dirs = Vec::new();
+        for e in fs::read_dir(dir).expect("list") {
+            let e = e.expect("entry");
+            let name = format!("{rel}{}", e.file_name().to_string_lossy());
+            match e.file_type().expect("type").is_dir() {
+                true => dirs.push((e.path(), format!("{name}/"))),
+                false => out.push(name),
+            }
+        }
+        for (path, rel) in dirs {
+            walk(&path, &rel, out);
+        }
+    }
+    let mut names = Vec::new();
+    walk(fx.mount.path(), "", &mut names);
+    assert_eq!(
+        names.len(),
+        files.len(),
+        "the walk finds every file: {names:?}"
+    );
+    let before = fx.mount.stats();
+    let out = ferry_tests::run(
+        std::process::Command::new("cat")
+            .args(&names)
+            .current_dir(fx.mount.path()),
+    );
+    out.assert_success();
+    let want: Vec<u8> = names
+        .iter()
+        .flat_map(|n| files.iter().find(|(f, _)| f == n).expect("known").1.clone())
+        .collect();
+    assert_same_bytes(&out.stdout, &want, "cat of every file in walk order");
+    let after = fx.mount.stats();
+    let opens = after.get_or_zero("requests.open") - before.get_or_zero("requests.open");
+    let fetched = after.get("files_prefetched") - before.get("files_prefetched");
+    assert!(
+        opens <= 2 && fetched >= 22,
+        "24 files in 6 directories read in walk order: {opens} opens went to the server \
+         and {fetched} files were fetched ahead (want at most 2 and at least 22)\n{after}"
+    );
+}
+
 /// Reading the files of a directory one after another (here `cat` of each, as a build
 /// or `grep -r` does): the first open of a directory fetches its other small files with
 /// it, in one request, so the rest open without a round trip each; every byte is right,

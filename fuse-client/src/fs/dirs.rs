@@ -29,6 +29,12 @@ const SIBLING_MAX: u64 = crate::cache::BLOCK;
 /// 10 Mbit/s).
 const SIBLINGS_BYTES: u64 = 1024 * 1024;
 const SIBLINGS_FILES: usize = 128;
+/// Directories past the one a program reads its way through whose small files are
+/// fetched ahead of it ([`Core::look_ahead`]), and the most listings looked through to
+/// find them; a listing longer than `LOOKAHEAD_LISTING_MAX` ends the search.
+const LOOKAHEAD_DIRS: usize = 3;
+const LOOKAHEAD_SCAN: usize = 32;
+const LOOKAHEAD_LISTING_MAX: usize = 4096;
 
 /// A batch of a server directory stream: its entries and whether the stream ended with
 /// them.
@@ -759,11 +765,103 @@ impl Core {
                     .bytes_read_from_server
                     .fetch_add(bytes, Ordering::Relaxed);
             }
+            if let Ok(mut la) = core.looked_ahead.lock() {
+                la.fetched_together(dir);
+            }
             if let Ok(mut s) = core.siblings.lock() {
                 s.remove(&dir);
             }
             let _ = done.send(true);
         });
+    }
+
+    /// A file of `dir` was opened from the data cache after the directory's small files
+    /// were fetched together: the program is reading its way through the directory,
+    /// maybe through a tree (`cat` of what `find` printed, `grep -r`, a build), and its
+    /// first open in each directory would wait for the server to read that directory's
+    /// files from its disk. Fetch, as [`Core::prefetch_siblings`] does, the small files
+    /// of the next [`LOOKAHEAD_DIRS`] directories a depth-first walk in listing order
+    /// reaches, so that they are read while the program reads this one. Only through
+    /// listings this client has (vouched for by events), once per directory it enters.
+    pub(super) fn look_ahead(self: &Arc<Self>, caller: Caller, dir: u64) {
+        if self.cache.is_none() || !self.client.events_live() || !self.client.reads_small() {
+            return;
+        }
+        match self.looked_ahead.lock() {
+            Ok(mut la) if la.last != Some(dir) && la.fetched.contains(&dir) => la.last = Some(dir),
+            _ => return,
+        }
+        for next in self.walk_after(dir) {
+            self.prefetch_siblings(caller, next, 0);
+        }
+    }
+
+    /// Up to [`LOOKAHEAD_DIRS`] directories with small files that follow `dir` in a
+    /// depth-first walk in listing order (its subdirectories first, then the
+    /// directories after it, climbing), over listings this client has.
+    fn walk_after(&self, dir: u64) -> Vec<u64> {
+        let (Ok(nodes), Ok(cache)) = (self.nodes.lock(), self.dir_cache.lock()) else {
+            return Vec::new();
+        };
+        let listing = |d: u64| {
+            cache
+                .get(d)
+                .filter(|l| l.len() <= LOOKAHEAD_LISTING_MAX)
+                .cloned()
+        };
+        // The subdirectories of `d` from position `from` of its listing on.
+        let subdirs_from = |l: &[DirEntry], from: usize| -> Vec<u64> {
+            l.iter()
+                .skip(from)
+                .filter(|e| e.attr.kind == FileKind::Dir)
+                .map(|e| nodes.to_kernel(e.attr.ino))
+                .collect()
+        };
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        // Directories still to visit, the next one last: first those below `dir`.
+        let mut pending: Vec<u64> = listing(dir).map_or_else(Vec::new, |l| subdirs_from(&l, 0));
+        pending.reverse();
+        let mut climbing = dir;
+        while found.len() < LOOKAHEAD_DIRS && scanned < LOOKAHEAD_SCAN {
+            let Some(next) = pending.pop() else {
+                // Nothing left below: the directories after `climbing` in its parent.
+                if climbing == ROOT {
+                    break;
+                }
+                let Some(parent) = nodes.parent_of(climbing) else {
+                    break;
+                };
+                let Some(l) = listing(parent) else {
+                    break;
+                };
+                scanned += 1;
+                let Some(at) = l
+                    .iter()
+                    .position(|e| nodes.to_kernel(e.attr.ino) == climbing)
+                else {
+                    break;
+                };
+                pending = subdirs_from(&l, at + 1);
+                pending.reverse();
+                climbing = parent;
+                continue;
+            };
+            let Some(l) = listing(next) else {
+                // Not listed here: neither it nor what is below it is known.
+                continue;
+            };
+            scanned += 1;
+            if l.iter().any(|e| {
+                e.attr.kind == FileKind::File && e.attr.size > 0 && e.attr.size <= SIBLING_MAX
+            }) {
+                found.push(next);
+            }
+            let mut below = subdirs_from(&l, 0);
+            below.reverse();
+            pending.extend(below);
+        }
+        found
     }
 
     /// If `sino` (in directory `dir`) is among small files being fetched, wait until
@@ -867,5 +965,26 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+/// What [`Core::look_ahead`] goes by.
+#[derive(Default)]
+pub(super) struct LookAhead {
+    /// The directory it last fetched ahead from.
+    last: Option<u64>,
+    /// The directories whose small files were last fetched together, newest last.
+    fetched: std::collections::VecDeque<u64>,
+}
+
+impl LookAhead {
+    /// Directories remembered in `fetched`.
+    const FETCHED_MAX: usize = 64;
+
+    fn fetched_together(&mut self, dir: u64) {
+        if self.fetched.len() == Self::FETCHED_MAX {
+            self.fetched.pop_front();
+        }
+        self.fetched.push_back(dir);
     }
 }

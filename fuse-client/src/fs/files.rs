@@ -1062,6 +1062,9 @@ impl Core {
             self.stats
                 .opens_without_round_trip
                 .fetch_add(1, Ordering::Relaxed);
+            if let (Some(dir), Some(core)) = (parent, self.me.upgrade()) {
+                core.look_ahead(caller, dir);
+            }
             return Ok(OpenReply {
                 fh,
                 attr,

@@ -315,6 +315,8 @@ pub struct Core {
     /// Small files being fetched by directory (`ReadSmall`): directory → the server
     /// inodes asked for, and a flag set when they are in the data cache (or failed).
     siblings: Mutex<HashMap<u64, SiblingFetch>>,
+    /// Directories whose small files were fetched together, for [`Core::look_ahead`].
+    looked_ahead: Mutex<dirs::LookAhead>,
     /// Pinned entries being fetched again (by inode), and whether another change came
     /// meanwhile (the fetch then runs once more): one refresh per file at a time.
     refreshing: Mutex<HashMap<u64, bool>>,
@@ -384,6 +386,7 @@ impl Core {
             persist_due: Arc::default(),
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
             siblings: Mutex::new(HashMap::new()),
+            looked_ahead: Mutex::default(),
             refreshing: Mutex::new(HashMap::new()),
             unlinks: unlinks::Behind::default(),
             locating: Mutex::default(),
