@@ -27,6 +27,7 @@ pub mod failpoint;
 pub mod handles;
 pub mod once;
 pub mod ops;
+pub mod reap;
 pub mod redo;
 pub mod send;
 pub mod staging;

@@ -300,7 +300,22 @@ pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<R
     let (dir, name) = ctx.export.entry(parent, name)?;
     ctx.watch_dir(dir.as_fd(), parent);
     let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
+    // Held while its name goes, so that freeing it happens off this path (see
+    // `crate::reap`). (Not a directory: an empty one frees nothing worth a thread.)
+    let held = match rmdir {
+        true => None,
+        false => sys::openat(
+            dir.as_fd(),
+            &name,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+        )
+        .ok(),
+    };
     sys::unlinkat(dir.as_fd(), &name, flags)?;
+    if let Some(held) = held {
+        crate::reap::later(held);
+    }
     Ok(Response::Ok)
 }
 
