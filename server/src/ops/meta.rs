@@ -4,7 +4,7 @@
 //! the final component never followed. Must never operate on a path string directly.
 
 use std::ffi::CStr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use ferry_common::{Caller, Name, RelPath, Response, SetAttr, StatFs, TimeSet, rename_flags};
 
@@ -300,23 +300,26 @@ pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<R
     let (dir, name) = ctx.export.entry(parent, name)?;
     ctx.watch_dir(dir.as_fd(), parent);
     let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
-    // Held while its name goes, so that freeing it happens off this path (see
-    // `crate::reap`). (Not a directory: an empty one frees nothing worth a thread.)
-    let held = match rmdir {
-        true => None,
-        false => sys::openat(
-            dir.as_fd(),
-            &name,
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0,
-        )
-        .ok(),
-    };
+    // (Not a directory: an empty one frees nothing worth a thread.)
+    let held = (!rmdir).then(|| hold(dir.as_fd(), &name)).flatten();
     sys::unlinkat(dir.as_fd(), &name, flags)?;
     if let Some(held) = held {
         crate::reap::later(held);
     }
     Ok(Response::Ok)
+}
+
+/// The file `dir/name` about to lose a name, held so that, if that was its last, it is
+/// freed on the reaper thread rather than in the call that removes the name (see
+/// `crate::reap`). `None` if there is none (or no descriptor to spare).
+fn hold(dir: BorrowedFd<'_>, name: &CStr) -> Option<OwnedFd> {
+    sys::openat(
+        dir,
+        name,
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0,
+    )
+    .ok()
 }
 
 /// The target is stored as given: it is only ever interpreted by the client (the
@@ -354,7 +357,15 @@ pub fn rename(
     let (new_dir, new) = ctx.export.entry(new_parent, new_name)?;
     ctx.watch_dir(old_dir.as_fd(), parent);
     ctx.watch_dir(new_dir.as_fd(), new_parent);
+    // A file the rename replaces (an editor's atomic save) is freed off this path too.
+    let replaced = match flags & (rename_flags::NOREPLACE | rename_flags::EXCHANGE) {
+        0 => hold(new_dir.as_fd(), &new),
+        _ => None,
+    };
     sys::renameat2(old_dir.as_fd(), &old, new_dir.as_fd(), &new, flags)?;
+    if let Some(replaced) = replaced {
+        crate::reap::later(replaced);
+    }
     Ok(Response::Ok)
 }
 

@@ -75,6 +75,62 @@ async fn mkdir_rmdir_unlink() {
     assert_eq!(c.call(unlink("f")).await, Err(libc::ENOENT));
 }
 
+/// A file removed by `Unlink`, and one a `Rename` replaces, are freed off the request
+/// path (`ferryd`'s reaper) but freed: the server (running in this process) keeps no
+/// descriptor of either for long, and a file that keeps another name is untouched.
+#[tokio::test]
+async fn removed_and_replaced_files_are_let_go() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let root = server.root();
+    for (name, data) in [("gone", 1), ("old", 2), ("new", 3), ("linked", 4)] {
+        std::fs::write(root.join(name), vec![data; 200_000]).unwrap();
+    }
+    std::fs::hard_link(root.join("linked"), root.join("other-name")).unwrap();
+    let unlink = |name: &str| Request::Unlink {
+        parent: p(""),
+        name: n(name),
+    };
+    assert_eq!(c.call(unlink("gone")).await, Ok(Response::Ok));
+    assert_eq!(c.call(unlink("linked")).await, Ok(Response::Ok));
+    let replace = Request::Rename {
+        parent: p(""),
+        name: n("new"),
+        new_parent: p(""),
+        new_name: n("old"),
+        flags: 0,
+    };
+    assert_eq!(c.call(replace).await, Ok(Response::Ok));
+    assert_eq!(std::fs::read(root.join("old")).unwrap(), vec![3; 200_000]);
+    assert_eq!(
+        std::fs::read(root.join("other-name")).unwrap(),
+        vec![4; 200_000]
+    );
+    // Descriptors of this process that lead to a file of the export that has no name.
+    let held = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .filter(|t| {
+                        t.starts_with(&*root.to_string_lossy()) && t.ends_with(" (deleted)")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !held().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still held 10 s after their last name went: {:?}",
+            held()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn symlink_readlink_link() {
     let server = Server::start().await;
