@@ -273,11 +273,15 @@ fn fix_malloc_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
     unsafe {
+        // (glibc refuses more than 32 MiB: `MAX_FRAME` must stay at 16 MiB or less.)
         let threshold = 2 * ferry_common::proto::MAX_FRAME;
-        libc::mallopt(
+        let set = libc::mallopt(
             libc::M_MMAP_THRESHOLD,
             i32::try_from(threshold).unwrap_or(i32::MAX),
         );
+        if set != 1 {
+            eprintln!("ferry: warning: malloc refused an mmap threshold of {threshold} bytes");
+        }
     }
 }
 

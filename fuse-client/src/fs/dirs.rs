@@ -34,7 +34,7 @@ const SIBLINGS_FILES: usize = 128;
 /// find them; a listing longer than `LOOKAHEAD_LISTING_MAX` ends the search.
 const LOOKAHEAD_DIRS: usize = 3;
 const LOOKAHEAD_SCAN: usize = 32;
-const LOOKAHEAD_LISTING_MAX: usize = 4096;
+const LOOKAHEAD_LISTING_MAX: usize = 1024;
 
 /// A batch of a server directory stream: its entries and whether the stream ended with
 /// them.
@@ -725,6 +725,11 @@ impl Core {
             expect.insert(e.attr.ino, (e.attr.version, token));
         }
         if names.is_empty() {
+            // All in the cache already: a program reading through it goes on to the
+            // next directories as from one whose files were just fetched.
+            if let Ok(mut la) = self.looked_ahead.lock() {
+                la.fetched_together(dir);
+            }
             return;
         }
         let (done, watch) = tokio::sync::watch::channel(false);
@@ -787,9 +792,12 @@ impl Core {
         if self.cache.is_none() || !self.client.events_live() || !self.client.reads_small() {
             return;
         }
-        match self.looked_ahead.lock() {
-            Ok(mut la) if la.last != Some(dir) && la.fetched.contains(&dir) => la.last = Some(dir),
-            _ => return,
+        let newly_entered = self
+            .looked_ahead
+            .lock()
+            .is_ok_and(|mut la| la.fetched.contains(&dir) && la.entered(dir));
+        if !newly_entered {
+            return;
         }
         for next in self.walk_after(dir) {
             self.prefetch_siblings(caller, next, 0);
@@ -971,20 +979,35 @@ impl Core {
 /// What [`Core::look_ahead`] goes by.
 #[derive(Default)]
 pub(super) struct LookAhead {
-    /// The directory it last fetched ahead from.
-    last: Option<u64>,
-    /// The directories whose small files were last fetched together, newest last.
+    /// The directories it last fetched ahead from, newest last: a program going back
+    /// and forth between a few (`diff -r a b`) does not start a walk at every open.
+    entered: std::collections::VecDeque<u64>,
+    /// The directories whose small files were last fetched together (or found all
+    /// cached), newest last.
     fetched: std::collections::VecDeque<u64>,
 }
 
 impl LookAhead {
-    /// Directories remembered in `fetched`.
+    /// Directories remembered in `fetched`, and in `entered`.
     const FETCHED_MAX: usize = 64;
+    const ENTERED_MAX: usize = 8;
 
     fn fetched_together(&mut self, dir: u64) {
         if self.fetched.len() == Self::FETCHED_MAX {
             self.fetched.pop_front();
         }
         self.fetched.push_back(dir);
+    }
+
+    /// Whether `dir` is newly entered (and then remembered as such).
+    fn entered(&mut self, dir: u64) -> bool {
+        if self.entered.contains(&dir) {
+            return false;
+        }
+        if self.entered.len() == Self::ENTERED_MAX {
+            self.entered.pop_front();
+        }
+        self.entered.push_back(dir);
+        true
     }
 }

@@ -300,7 +300,6 @@ pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<R
     let (dir, name) = ctx.export.entry(parent, name)?;
     ctx.watch_dir(dir.as_fd(), parent);
     let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
-    // (Not a directory: an empty one frees nothing worth a thread.)
     let held = (!rmdir).then(|| hold(dir.as_fd(), &name)).flatten();
     sys::unlinkat(dir.as_fd(), &name, flags)?;
     if let Some(held) = held {
@@ -311,15 +310,18 @@ pub fn unlink(ctx: &Ctx, parent: &RelPath, name: &Name, rmdir: bool) -> Result<R
 
 /// The file `dir/name` about to lose a name, held so that, if that was its last, it is
 /// freed on the reaper thread rather than in the call that removes the name (see
-/// `crate::reap`). `None` if there is none (or no descriptor to spare).
+/// `crate::reap`). `None` if there is none (or no descriptor to spare), and for a
+/// directory: an empty one frees nothing worth it, and its watch would go later.
 fn hold(dir: BorrowedFd<'_>, name: &CStr) -> Option<OwnedFd> {
-    sys::openat(
+    let held = sys::openat(
         dir,
         name,
         libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         0,
     )
-    .ok()
+    .ok()?;
+    let st = sys::fstat(held.as_fd()).ok()?;
+    (st.st_mode & libc::S_IFMT != libc::S_IFDIR).then_some(held)
 }
 
 /// The target is stored as given: it is only ever interpreted by the client (the

@@ -525,9 +525,34 @@ fn create_again(
 }
 
 /// Execute one request. Blocking; call from `spawn_blocking`.
+/// Requests that may take space on the export, or report it: they wait for the files
+/// removed before them to be freed (`crate::reap::settle`).
+fn takes_space(req: &Request) -> bool {
+    match req {
+        Request::Write { .. }
+        | Request::Create { .. }
+        | Request::Commit { .. }
+        | Request::Fsync { .. }
+        | Request::Fallocate { .. }
+        | Request::CopyRange { .. }
+        | Request::MkNod { .. }
+        | Request::MkDir { .. }
+        | Request::Symlink { .. }
+        | Request::Link { .. }
+        | Request::SetXattr { .. }
+        | Request::StatFs { .. } => true,
+        Request::SetAttr { set, .. } => set.size.is_some(),
+        _ => false,
+    }
+}
+
 pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
     if ctx.export.read_only() && req.is_mutation() {
         return Err(libc::EROFS);
+    }
+    if takes_space(&req) {
+        // The space of files removed before it is free (see `crate::reap`).
+        crate::reap::settle();
     }
     // Requests that change a directory's entries answer with its new attributes too.
     let changed_dir = match &req {

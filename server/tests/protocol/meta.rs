@@ -75,24 +75,40 @@ async fn mkdir_rmdir_unlink() {
     assert_eq!(c.call(unlink("f")).await, Err(libc::ENOENT));
 }
 
-/// A file removed by `Unlink`, and one a `Rename` replaces, are freed off the request
-/// path (`ferryd`'s reaper) but freed: the server (running in this process) keeps no
-/// descriptor of either for long, and a file that keeps another name is untouched.
+/// Files removed by `Unlink`, and one a `Rename` replaces, are freed off the request
+/// path (`ferryd`'s reaper), but a `StatFs` after them finds them all freed: the server
+/// (running in this process) holds none of them by then, and a file that keeps another
+/// name is untouched.
 #[tokio::test]
-async fn removed_and_replaced_files_are_let_go() {
+async fn removed_and_replaced_files_are_freed_before_a_statfs() {
     let server = Server::start().await;
     let mut c = server.client().await;
     let root = server.root();
-    for (name, data) in [("gone", 1), ("old", 2), ("new", 3), ("linked", 4)] {
-        std::fs::write(root.join(name), vec![data; 200_000]).unwrap();
+    let names: Vec<String> = (0..64).map(|i| format!("gone{i}")).collect();
+    // On disk, so that freeing them takes a while (their blocks are freed for real).
+    let write_synced = |name: &str, byte: u8| {
+        let mut f = std::fs::File::create(root.join(name)).unwrap();
+        std::io::Write::write_all(&mut f, &vec![byte; 256 * 1024]).unwrap();
+        f.sync_all().unwrap();
+    };
+    for name in &names {
+        write_synced(name, 1);
+    }
+    for (name, data) in [("old", 2), ("new", 3), ("linked", 4)] {
+        write_synced(name, data);
     }
     std::fs::hard_link(root.join("linked"), root.join("other-name")).unwrap();
     let unlink = |name: &str| Request::Unlink {
         parent: p(""),
         name: n(name),
     };
-    assert_eq!(c.call(unlink("gone")).await, Ok(Response::Ok));
-    assert_eq!(c.call(unlink("linked")).await, Ok(Response::Ok));
+    for name in names.iter().map(String::as_str).chain(["linked"]) {
+        assert_eq!(
+            c.call(unlink(name)).await,
+            Ok(Response::Ok),
+            "unlink {name}"
+        );
+    }
     let replace = Request::Rename {
         parent: p(""),
         name: n("new"),
@@ -101,33 +117,26 @@ async fn removed_and_replaced_files_are_let_go() {
         flags: 0,
     };
     assert_eq!(c.call(replace).await, Ok(Response::Ok));
-    assert_eq!(std::fs::read(root.join("old")).unwrap(), vec![3; 200_000]);
+    assert!(matches!(
+        c.call(Request::StatFs { path: p("") }).await,
+        Ok(Response::StatFs(_))
+    ));
+    // Descriptors of this process that lead to a file of the export without that name.
+    let held: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with(&*root.to_string_lossy()) && t.ends_with(" (deleted)"))
+        .collect();
+    assert!(held.is_empty(), "still held after the statfs: {held:?}");
+    assert_eq!(
+        std::fs::read(root.join("old")).unwrap(),
+        vec![3; 256 * 1024]
+    );
     assert_eq!(
         std::fs::read(root.join("other-name")).unwrap(),
-        vec![4; 200_000]
+        vec![4; 256 * 1024]
     );
-    // Descriptors of this process that lead to a file of the export that has no name.
-    let held = || -> Vec<String> {
-        std::fs::read_dir("/proc/self/fd")
-            .map(|d| {
-                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                    .map(|t| t.to_string_lossy().into_owned())
-                    .filter(|t| {
-                        t.starts_with(&*root.to_string_lossy()) && t.ends_with(" (deleted)")
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !held().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still held 10 s after their last name went: {:?}",
-            held()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
     server.stop().await;
 }
 
