@@ -17,8 +17,8 @@ use std::time::Duration;
 use ferry_tests::rng::Rng;
 use ferry_tests::sys::{close, fadvise_dontneed};
 use ferry_tests::{
-    Stats, TestMount, TestServer, assert_same_bytes, fixture_with, poll_until, require_fuse,
-    temp_dir,
+    Fixture, Stats, TestMount, TestServer, assert_same_bytes, fixture_with, poll_until,
+    require_fuse, temp_dir,
 };
 
 const KIB: usize = 1024;
@@ -1351,6 +1351,17 @@ impl Drop for Mapped {
     }
 }
 
+/// A mount of an export holding `files` (path, content), directories made as needed.
+fn fixture_of_files(files: &[(String, Vec<u8>)]) -> Option<Fixture> {
+    fixture_with(&[], &[], |e| {
+        for (name, data) in files {
+            let p = e.join(name);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, data).expect("write");
+        }
+    })
+}
+
 /// Reading a tree's files in the order a walk lists them (`find` then `cat`, as
 /// `bench/run.sh` does): once a program has opened a second file of a directory whose
 /// small files came together, the next directories' small files are fetched ahead of
@@ -1368,13 +1379,7 @@ fn reading_through_a_tree_fetches_the_next_directories_ahead() {
             }
         }
     }
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        for (name, data) in &files {
-            let p = e.join(name);
-            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs::write(p, data).expect("write");
-        }
-    }) else {
+    let Some(fx) = fixture_of_files(&files) else {
         return;
     };
     // A depth-first walk in the order the mount lists (the server's order, as `find`).
@@ -1435,13 +1440,7 @@ fn reading_through_a_directory_fetches_its_small_files_together() {
             files.push((format!("d{d}/f{f:02}"), rng.bytes(len + 1)));
         }
     }
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        for (name, data) in &files {
-            let p = e.join(name);
-            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs::write(p, data).expect("write");
-        }
-    }) else {
+    let Some(fx) = fixture_of_files(&files) else {
         return;
     };
     // Listed first (as `find` or a build's scan does), then read in order.
