@@ -524,7 +524,6 @@ fn create_again(
     }
 }
 
-/// Execute one request. Blocking; call from `spawn_blocking`.
 /// Requests that may take space on the export, or report it: they wait for the files
 /// removed before them to be freed (`crate::reap::settle`).
 fn takes_space(req: &Request) -> bool {
@@ -546,6 +545,7 @@ fn takes_space(req: &Request) -> bool {
     }
 }
 
+/// Execute one request. Blocking; call from `spawn_blocking`.
 pub fn execute(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
     if ctx.export.read_only() && req.is_mutation() {
         return Err(libc::EROFS);
