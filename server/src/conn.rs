@@ -17,7 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -301,16 +301,30 @@ async fn serve_requests<T>(
         let behind_writes = ordered_after_writes(&request)
             .and_then(|h| ctx.handles.file(h).ok())
             .filter(|f| f.writes_running.load(Ordering::SeqCst) > 0);
-        if behind_writes.is_none() && (runs_inline(&request) || quick_commit(&ctx, &request)) {
+        let read = match behind_writes {
+            None => quick_read(&ctx, &request, permits.available_permits() == MAX_IN_FLIGHT),
+            Some(_) => QuickRead::No,
+        };
+        if behind_writes.is_none()
+            && (runs_inline(&request)
+                || quick_commit(&ctx, &request)
+                || !matches!(read, QuickRead::No))
+        {
             // Metadata calls on the export take microseconds: running them here saves
             // two thread hand-offs per request, which is most of a loopback round trip.
             // Anything that moves data or may wait (I/O, fsync, listings, opens that
             // may meet a FIFO, commits with much staged or another client's barrier to
-            // wait for) still goes to the blocking pool below.
+            // wait for) still goes to the blocking pool below, except small reads (see
+            // `quick_read`).
             let kind = request.kind();
             let started = Instant::now();
             let written = written_handle(&request);
-            let result = ops::execute_keyed(&ctx, caller, request, once);
+            let result = match read {
+                QuickRead::Cached(data) => Ok(data),
+                // The slot is held until the read is done.
+                QuickRead::FromDisk(_slot) => ops::execute_keyed(&ctx, caller, request, once),
+                QuickRead::No => ops::execute_keyed(&ctx, caller, request, once),
+            };
             if let (Some(h), Err(e)) = (written, &result)
                 && let Ok(f) = ctx.handles.file(h)
             {
@@ -643,6 +657,66 @@ fn quick_commit(ctx: &Ctx, r: &Request) -> bool {
         .file(*handle)
         .is_ok_and(|f| f.commit_is_quick(INLINE_WRITE_MAX as u64))
 }
+
+/// How a small `Read` is answered on the connection task instead of the blocking pool.
+enum QuickRead {
+    /// Not: anything else, a large read, or one that would wait while others do.
+    No,
+    /// Read from the page cache already, without waiting for the disk.
+    Cached(ferry_common::Response),
+    /// To be read here from the disk; the slot is held until dropped.
+    FromDisk(DiskReadSlot),
+}
+
+/// A small read is answered here when its bytes are in the page cache (a one-syscall
+/// copy), or, when the connection has nothing on the blocking pool and no other
+/// connection is reading on its task, read here from the disk: a lone reader of small
+/// pieces at random (a database, `git`, a seek in a media file) waits for its disk and
+/// two thread hand-offs less than through the pool. Readers in parallel still overlap
+/// on the pool, and at most one connection task at a time waits for a disk read (of at
+/// most [`INLINE_READ_MAX`]), as an inline `Lookup` of a cold directory does.
+fn quick_read(ctx: &Ctx, r: &Request, pool_idle: bool) -> QuickRead {
+    let Request::Read {
+        handle,
+        offset,
+        len,
+    } = *r
+    else {
+        return QuickRead::No;
+    };
+    if len as usize > INLINE_READ_MAX {
+        return QuickRead::No;
+    }
+    if let Some(data) = ops::read_cached(ctx, handle, offset, len) {
+        return QuickRead::Cached(data);
+    }
+    match pool_idle.then(DiskReadSlot::take).flatten() {
+        Some(slot) => QuickRead::FromDisk(slot),
+        None => QuickRead::No,
+    }
+}
+
+/// Whether a connection task is reading from the disk (see [`quick_read`]).
+static DISK_READ_INLINE: AtomicBool = AtomicBool::new(false);
+
+/// The one connection task allowed to wait for a disk read; released on drop.
+struct DiskReadSlot;
+
+impl DiskReadSlot {
+    fn take() -> Option<DiskReadSlot> {
+        (!DISK_READ_INLINE.swap(true, Ordering::AcqRel)).then_some(DiskReadSlot)
+    }
+}
+
+impl Drop for DiskReadSlot {
+    fn drop(&mut self) {
+        DISK_READ_INLINE.store(false, Ordering::Release);
+    }
+}
+
+/// Largest read run on the connection task: the client's cache block, which its first
+/// read of a file fetches.
+const INLINE_READ_MAX: usize = 128 * 1024;
 
 /// Requests a client may send right behind writes of the same handle without waiting
 /// for their answers, and that must apply after them: `Commit`, and attribute changes

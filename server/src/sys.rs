@@ -429,19 +429,37 @@ pub fn pread_spare(
     max: usize,
     offset: i64,
 ) -> Result<usize, Errno> {
+    preadv2_spare(fd, buf, max, offset, 0)
+}
+
+/// [`pread_spare`] with `RWF_NOWAIT`: `EAGAIN` instead of waiting for the disk (or a
+/// lock), and fewer bytes when only some are in the page cache.
+pub fn pread_spare_nowait(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    offset: i64,
+) -> Result<usize, Errno> {
+    preadv2_spare(fd, buf, max, offset, libc::RWF_NOWAIT)
+}
+
+fn preadv2_spare(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    offset: i64,
+    flags: libc::c_int,
+) -> Result<usize, Errno> {
     let want = max.saturating_sub(buf.len());
     buf.reserve(want);
     let spare = &mut buf.spare_capacity_mut()[..want];
-    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; the kernel writes at
-    // most that many and reports how many it wrote.
-    let n = cvt_size(unsafe {
-        libc::pread(
-            fd.as_raw_fd(),
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            offset,
-        )
-    })?;
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // SAFETY: one iovec over `spare`, valid for writes of `spare.len()` bytes; the kernel
+    // writes at most that many and reports how many it wrote.
+    let n = cvt_size(unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, offset, flags) })?;
     // SAFETY: the kernel initialized the first `n <= want` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)

@@ -67,6 +67,8 @@ mod meta;
 mod open;
 mod xattr;
 
+pub use io::read_cached;
+
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 

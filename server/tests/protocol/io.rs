@@ -295,3 +295,96 @@ async fn read_small_returns_small_regular_files_only() {
     );
     assert!(c.call(read_small("d/a", &["b"], 100)).await.is_err());
 }
+
+/// Which of the first `pages` pages of `f` are in the page cache.
+fn resident(f: &std::fs::File, pages: usize) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let len = pages * 4096;
+    // SAFETY: a fresh shared read-only map of a file at least `len` long, unmapped below;
+    // mincore writes one byte per page into a vector that long.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(map, len);
+        vec.into_iter().map(|b| b & 1 == 1).collect()
+    }
+}
+
+/// A small read is answered from the page cache on the connection task when all of it is
+/// cached (`RWF_NOWAIT`), else read from the disk: a read only partly cached gives every
+/// byte, not the cached part (which the client would take for the end of the file), and
+/// the same holds for reads in flight together.
+#[tokio::test]
+async fn a_small_read_partly_in_the_page_cache_gives_every_byte() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let server = Server::start().await;
+    let path = server.root().join("f");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 131 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain integer arguments on a live descriptor.
+    let advised = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(advised, 0, "fadvise");
+    let mut first = [0u8; 8192];
+    f.read_exact_at(&mut first, 0).unwrap();
+    let cached = resident(&f, 16);
+    // Where the page cache cannot be emptied (tmpfs) the reads below still must be right,
+    // they just all come from memory.
+    if cached[2..].iter().any(|&c| c) {
+        eprintln!("note: the test dir keeps pages cached ({cached:?}); every read is cached");
+    } else {
+        assert!(
+            cached[0] && cached[1],
+            "the first two pages were read: {cached:?}"
+        );
+    }
+
+    let mut c = server.client().await;
+    let (h, _) = c.open("f", libc::O_RDONLY).await.unwrap();
+    let got = c.read(h, 0, 64 * 1024).await.unwrap();
+    assert!(
+        got == data[..64 * 1024],
+        "64 KiB from offset 0 ({} bytes)",
+        got.len()
+    );
+    let end = data.len() as u64;
+    let got = c.read(h, end - 8192, 64 * 1024).await.unwrap();
+    assert!(
+        got == data[data.len() - 8192..],
+        "the last 8 KiB ({} bytes)",
+        got.len()
+    );
+
+    // Many at once: some on the connection task, the rest on the blocking pool.
+    let mut offsets = std::collections::HashMap::new();
+    for i in 0..32u64 {
+        let off = (i * 97 % 240) * 4096;
+        let read = Request::Read {
+            handle: h,
+            offset: off,
+            len: 16 * 1024,
+        };
+        offsets.insert(c.send(read).await, off as usize);
+    }
+    for _ in 0..offsets.len() {
+        let (id, reply) = c.recv().await.unwrap();
+        let off = offsets[&id];
+        match reply {
+            Ok(Response::Data(d)) => {
+                assert!(d[..] == data[off..off + 16 * 1024], "16 KiB at {off}")
+            }
+            other => panic!("read at {off}: {other:?}"),
+        }
+    }
+}
