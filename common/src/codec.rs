@@ -126,10 +126,21 @@ impl<Out, In: DeserializeOwned> Decoder for FrameCodec<Out, In> {
                 let _frame = FrameInDecode::set(&body);
                 decode_body(&body).map(Some)
             }
-            None => Ok(None),
+            None => {
+                // Room for what comes next: the reader reads into the spare capacity
+                // only, and a reply that straddles its end costs a second `recv`.
+                // (Once its header is in, the framing reserves the rest of a frame.)
+                if src.capacity() - src.len() < READ_ROOM / 4 {
+                    src.reserve(READ_ROOM);
+                }
+                Ok(None)
+            }
         }
     }
 }
+
+/// Spare room kept in a connection's read buffer (see [`FrameCodec::decode`]).
+const READ_ROOM: usize = 64 * 1024;
 
 thread_local! {
     /// The frame [`FrameCodec::decode`] is decoding on this thread, if any.
