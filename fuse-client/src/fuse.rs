@@ -553,12 +553,24 @@ impl Filesystem for FerryFuse {
             return reply.data(&d);
         }
         let (core, c) = (self.core.clone(), caller(req));
-        self.spawn(async move {
+        let slow = move |reply: ReplyData| async move {
             match core.read(c, fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(err(&e)),
             }
-        });
+        };
+        match self.core.read_at_once(c, fh.0, offset, size) {
+            Some(sent) => {
+                let (core, rt) = (self.core.clone(), self.rt.clone());
+                sent.then(move |outcome| match core.read_arrived(outcome) {
+                    Some(d) => reply.data(&d),
+                    // An error or a lost connection: the full path reads again (with
+                    // its retries, and its errors).
+                    None => drop(rt.spawn(slow(reply))),
+                });
+            }
+            None => self.spawn(slow(reply)),
+        }
     }
 
     fn write(

@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -461,6 +461,82 @@ fn a_read_in_flight_is_retried_after_a_restart() {
     assert!(
         after.get("retried") > before.get("retried"),
         "the read was sent again: {after}"
+    );
+    assert_eq!(
+        after.get("handles_reopened"),
+        before.get("handles_reopened") + 1,
+        "the reader's handle was opened again once"
+    );
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}
+
+/// Small reads at random are sent to the server by the FUSE session thread and answered
+/// by the connection's reader (`reads_at_once`). One in flight when the server dies is
+/// read again by the full path once the server is back: the reader gets its bytes.
+#[test]
+fn a_small_read_at_random_in_flight_is_read_again_after_a_restart() {
+    const MIB: usize = 1 << 20;
+    const SMALL: usize = 4096;
+    let data = ferry_tests::rng::Rng::new(0x5a11).bytes(16 * MIB);
+    // A long timeout: the connection is lost by the kill, never by the watchdog.
+    let Some(mut fx) = fixture_with(&[], &["--timeout", "60"], |e| {
+        populate(e);
+        fs::write(e.join("big"), &data).expect("write");
+    }) else {
+        return;
+    };
+    // O_DIRECT: every read reaches the mount, as asked, once (through the page cache,
+    // the kernel would read a page again after a failed read, hiding the failure).
+    let big = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(fx.mnt("big"))
+        .expect("open big");
+    // Far apart: from the second on, the mount takes them for reads at random.
+    for at in [
+        5 * MIB + 3 * SMALL,
+        9 * MIB + 7 * SMALL,
+        2 * MIB + 11 * SMALL,
+    ] {
+        let mut buf = vec![0u8; SMALL];
+        big.read_exact_at(&mut buf, at as u64)
+            .expect("a small read");
+        assert!(buf == data[at..at + SMALL], "{SMALL} bytes at {at}");
+    }
+    let before = fx.mount.stats();
+    assert!(
+        before.get("reads_at_once") >= 2,
+        "small reads at random went out from the session thread: {before}"
+    );
+    fx.server.signal(libc::SIGSTOP);
+    let at = 13 * MIB + 5 * SMALL;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; SMALL];
+        let _ = tx.send(big.read_exact_at(&mut buf, at as u64).map(|()| buf));
+    });
+    let sent = ferry_tests::poll_until(DEADLINE, || {
+        fx.mount.stats().get_or_zero("requests.read") > before.get_or_zero("requests.read")
+    });
+    assert!(sent, "the read never reached the server's connection");
+    fx.server.restart();
+    let got = rx
+        .recv_timeout(DEADLINE)
+        .expect("the read in flight hung")
+        .expect("a small read in flight when the server was restarted");
+    assert!(got == data[at..at + SMALL], "bytes after the restart");
+    let after = fx.mount.stats();
+    assert_eq!(
+        after.get("reads_at_once"),
+        before.get("reads_at_once"),
+        "the lost read was read again by the full path: {after}"
+    );
+    assert_eq!(
+        after.get_or_zero("requests.read"),
+        before.get_or_zero("requests.read") + 2,
+        "the lost read was sent, then read again through a new handle: {after}"
     );
     assert_eq!(
         after.get("handles_reopened"),

@@ -667,6 +667,15 @@ impl FileState {
         (sequential, window)
     }
 
+    /// What [`FileState::record_read`] would return for this read, changing nothing.
+    fn read_is_random(&self, offset: u64, len: u64) -> bool {
+        if self.next_off == offset + len && len > 0 {
+            return self.random_streak >= 2;
+        }
+        let (sequential, _) = self.next_window(offset);
+        !(sequential || len >= BLOCK || offset == 0) && self.random_streak.saturating_add(1) >= 2
+    }
+
     /// Account for a read of `len` bytes at `offset`; returns whether the file is being
     /// read at random (a second small out-of-order read in a row).
     fn record_read(&mut self, offset: u64, len: u64) -> bool {
@@ -1910,6 +1919,61 @@ impl Core {
             .bytes_served_from_cache
             .fetch_add(d.len() as u64, Ordering::Relaxed);
         Some(d)
+    }
+
+    /// A small read at random, sent to the server by the calling (FUSE session) thread;
+    /// the caller has the connection's reader answer the kernel ([`Sent::then`] with
+    /// [`Core::read_arrived`]): no runtime task, no hand-off to a worker. Only the plain
+    /// case of [`Core::read`]: a reader whose handle is open on the live connection, no
+    /// writer of the file on this client, a read [`Core::read_now`] could not answer
+    /// that fetches no more than was asked and stores nothing. `None`: take the full
+    /// path.
+    pub fn read_at_once(
+        &self,
+        caller: Caller,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Option<crate::conn::Sent> {
+        let f = self.open_file(fh).ok()?;
+        if f.writable
+            || u64::from(size) >= BLOCK
+            || self.tracker(f.ino).ok()?.inflight.load(Ordering::SeqCst) > 0
+            || self.writer_pair(f.ino).ok()?.is_some()
+        {
+            return None;
+        }
+        let (handle, generation) = self.usable_handle(&f)?;
+        {
+            let mut st = f.state.lock().ok()?;
+            if st.inline.is_some() || !st.read_is_random(offset, u64::from(size)) {
+                return None;
+            }
+            st.record_read(offset, u64::from(size));
+        }
+        let read = Request::Read {
+            handle,
+            offset,
+            len: size,
+        };
+        self.client
+            .try_start_on(Some(generation), caller, read)?
+            .ok()
+    }
+
+    /// The data of a [`Core::read_at_once`], counted; `None` for anything else (an
+    /// error, a lost connection), which the full path reads again.
+    pub fn read_arrived(&self, outcome: crate::conn::Outcome) -> Option<Bytes> {
+        match outcome {
+            Ok(Ok(Response::Data(d))) => {
+                self.stats
+                    .bytes_read_from_server
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                self.stats.reads_at_once.fetch_add(1, Ordering::Relaxed);
+                Some(d)
+            }
+            _ => None,
+        }
     }
 
     pub async fn read(

@@ -259,6 +259,9 @@ pub struct Stats {
     pub prefetches_refused: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
+    /// Reads sent by the FUSE session thread and answered by the connection's reader
+    /// (`Core::read_at_once`).
+    pub reads_at_once: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
     pub bytes_copied_on_server: AtomicU64,
     /// Small files fetched whole with their directory's siblings (`ReadSmall`).
@@ -1554,6 +1557,7 @@ impl Core {
             ("prefetches_refused", &s.prefetches_refused),
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
+            ("reads_at_once", &s.reads_at_once),
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
