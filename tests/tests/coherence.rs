@@ -608,6 +608,62 @@ fn prefetched_listings_serve_a_walk_and_follow_changes() {
     });
 }
 
+/// A walk through a tree (two subdirectories of one directory entered from prefetched
+/// listings, as `ls -R` or `find` do) has the subdirectories of that directory's other
+/// subdirectories fetched too, before the walk gets to them: every step of it then finds
+/// its listing here. A single `ls` of a subdirectory fetches only that one's children.
+#[test]
+fn a_walk_fetches_the_listings_a_level_ahead() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        for a in 0..4 {
+            for b in 0..3 {
+                let dir = e.join(format!("t/a{a}/b{b}"));
+                fs::create_dir_all(&dir).expect("mkdir");
+                fs::write(dir.join("f"), b"x").expect("write");
+            }
+        }
+    }) else {
+        return;
+    };
+    assert!(poll_until(PUSHED, || fx.mount.stats().flag("events_live")));
+    let prefetched_reach = |n: u64| {
+        poll_until(PUSHED, || fx.mount.stats().get("listings_prefetched") >= n);
+        fx.mount.stats()
+    };
+    let list = |rel: &str| {
+        let n = fs::read_dir(fx.mnt(rel)).expect("list").count();
+        assert_eq!(
+            n,
+            if rel.contains("/b") { 1 } else { 3 },
+            "entries of {rel}"
+        );
+    };
+    // The four a* (listing t), then the three b* of a0 (entering a0).
+    fs::read_dir(fx.mnt("t")).expect("list t").for_each(drop);
+    prefetched_reach(4);
+    list("t/a0");
+    let st = prefetched_reach(7);
+    assert_eq!(st.get("listings_prefetched"), 7, "only a0's children\n{st}");
+    // A second subdirectory of t: a walk. a1's children, and a2's and a3's ahead of it.
+    list("t/a1");
+    let st = prefetched_reach(16);
+    assert_eq!(
+        st.get("listings_prefetched"),
+        16,
+        "each listing fetched once: t's 4 subdirectories and their 12\n{st}"
+    );
+    let listed = st.get_or_zero("requests.listdir");
+    for rel in ["t/a2", "t/a2/b0", "t/a3", "t/a3/b2", "t/a1/b1"] {
+        list(rel);
+    }
+    let st = fx.mount.stats();
+    assert_eq!(
+        st.get_or_zero("requests.listdir"),
+        listed,
+        "the walk's next steps were all listed here\n{st}"
+    );
+}
+
 /// Bytes `fd` reads from offset 0 (up to 1 MiB).
 fn pread_all(f: &fs::File) -> Vec<u8> {
     use std::os::unix::fs::FileExt;

@@ -35,6 +35,8 @@ const SIBLINGS_FILES: usize = 128;
 const LOOKAHEAD_DIRS: usize = 3;
 const LOOKAHEAD_SCAN: usize = 32;
 const LOOKAHEAD_LISTING_MAX: usize = 1024;
+/// Most listings one walk's step fetches ahead of it ([`Core::walk_ahead`]).
+const WALK_AHEAD_LISTINGS: usize = 256;
 
 /// A batch of a server directory stream: its entries and whether the stream ended with
 /// them.
@@ -224,7 +226,7 @@ impl Core {
         let entries = Arc::new(entries);
         if eof && covered {
             self.keep_listing(ino, epoch, &entries);
-            self.prefetch_children(caller, path, &entries);
+            self.prefetch_children(caller, ino, path, &entries, PREFETCH_DIRS);
         }
         let handle = (!eof).then_some((handle, generation));
         let stream = DirStream {
@@ -299,8 +301,9 @@ impl Core {
             .fetch_add(1, Ordering::Relaxed);
         // A walk (ls -R, find, du) goes on into the subdirectories next.
         if let Ok(path) = self.path(ino) {
-            self.prefetch_children(caller, path, &entries);
+            self.prefetch_children(caller, ino, path, &entries, PREFETCH_DIRS);
         }
+        self.walk_ahead(caller, parent, ino);
         DirStream {
             ino,
             parent,
@@ -588,33 +591,57 @@ impl Core {
     /// in the background, several at a time, into the listing cache: a tree walk then
     /// finds each directory already listed instead of waiting a round trip for it, which
     /// over a WAN link is most of its time. Only while events keep the cache honest.
-    fn prefetch_children(self: &Arc<Self>, caller: Caller, path: RelPath, entries: &[DirEntry]) {
+    ///
+    /// `dir` is the directory at `path`; at most `max` are fetched, and the number
+    /// started is returned. Where a walk goes through `dir` ([`Core::walk_ahead`]), each
+    /// listing fetched has its own subdirectories fetched in turn.
+    fn prefetch_children(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: u64,
+        path: RelPath,
+        entries: &[DirEntry],
+        max: usize,
+    ) -> usize {
         if !self.client.events_live() {
-            return;
+            return 0;
         }
-        let children: Vec<(u64, RelPath)> = {
-            let (Ok(nodes), Ok(cache)) = (self.nodes.lock(), self.dir_cache.lock()) else {
-                return;
-            };
-            entries
-                .iter()
-                // (Not one the server could not watch: it would refuse, as it did.)
-                .filter(|e| e.attr.kind == FileKind::Dir && !e.attr.uncovered)
-                .map(|e| (nodes.to_kernel(e.attr.ino), path.join(&e.name.0)))
-                .filter(|&(ino, _)| !cache.contains(ino))
-                .take(PREFETCH_DIRS)
-                .collect()
-        };
         // (Also called on the FUSE session thread, which is outside the runtime.)
         let Some(rt) = self.runtime.get() else {
-            return;
+            return 0;
         };
+        let children: Vec<(u64, RelPath)> = {
+            let (Ok(nodes), Ok(cache), Ok(mut pending)) = (
+                self.nodes.lock(),
+                self.dir_cache.lock(),
+                self.prefetches.lock(),
+            ) else {
+                return 0;
+            };
+            let mut children = Vec::new();
+            // (Not one the server could not watch: it would refuse, as it did.)
+            for e in entries
+                .iter()
+                .filter(|e| e.attr.kind == FileKind::Dir && !e.attr.uncovered)
+            {
+                if children.len() == max.min(PREFETCH_DIRS) {
+                    break;
+                }
+                let ino = nodes.to_kernel(e.attr.ino);
+                if !cache.contains(ino) && pending.insert(ino) {
+                    children.push((ino, path.join(&e.name.0)));
+                }
+            }
+            children
+        };
+        let started = children.len();
         // Once the server refuses one (its watches run low), the rest would be too.
         let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (ino, child) in children {
             let core = Arc::clone(self);
             let refused = Arc::clone(&refused);
             rt.spawn(async move {
+                let _pending = Prefetching(&core, ino);
                 let Ok(_slot) = core.prefetching.acquire().await else {
                     return;
                 };
@@ -633,7 +660,7 @@ impl Core {
                 // (Refused, EAGAIN, rather than take a watch the server keeps for
                 // directories clients look into.)
                 let req = Request::ListDir {
-                    path: child,
+                    path: child.clone(),
                     max_entries: MAX_DIR_BATCH,
                     speculative: true,
                 };
@@ -672,8 +699,50 @@ impl Core {
                     }
                     return;
                 }
-                core.keep_listing(ino, epoch, &Arc::new(entries));
+                let entries = Arc::new(entries);
+                core.keep_listing(ino, epoch, &entries);
+                let walked = core.looked_ahead.lock().is_ok_and(|l| l.walked(dir));
+                if walked {
+                    core.prefetch_children(caller, ino, child, &entries, PREFETCH_DIRS);
+                }
             });
+        }
+        started
+    }
+
+    /// A walk through `parent` (two of its subdirectories entered in a row from kept
+    /// listings, as `ls -R`, `find` or `du` do) goes on into its other subdirectories
+    /// next, and into theirs first: fetch the subdirectories of every subdirectory of
+    /// `parent` whose listing is kept, up to [`WALK_AHEAD_LISTINGS`], and those of the
+    /// ones still coming as they come (see [`Core::prefetch_children`]). Without it, the
+    /// walk's first step into each subdirectory waited for a listing only asked for
+    /// when the subdirectory itself was entered.
+    fn walk_ahead(self: &Arc<Self>, caller: Caller, parent: u64, entered: u64) {
+        if parent == entered
+            || !self
+                .looked_ahead
+                .lock()
+                .is_ok_and(|mut l| l.entered_sub(parent, entered))
+        {
+            return;
+        }
+        let (Ok(Some(siblings)), Ok(parent_path)) =
+            (self.cached_listing(parent), self.path(parent))
+        else {
+            return;
+        };
+        let mut budget = WALK_AHEAD_LISTINGS;
+        for e in siblings.iter().filter(|e| e.attr.kind == FileKind::Dir) {
+            if budget == 0 {
+                break;
+            }
+            let Ok(ino) = self.nodes().map(|n| n.to_kernel(e.attr.ino)) else {
+                return;
+            };
+            if let Ok(Some(entries)) = self.cached_listing(ino) {
+                let path = parent_path.join(&e.name.0);
+                budget -= self.prefetch_children(caller, ino, path, &entries, budget);
+            }
         }
     }
 
@@ -976,6 +1045,17 @@ impl Core {
     }
 }
 
+/// A listing being prefetched: taken off [`Core::prefetches`] when dropped.
+struct Prefetching<'a>(&'a Core, u64);
+
+impl Drop for Prefetching<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.0.prefetches.lock() {
+            pending.remove(&self.1);
+        }
+    }
+}
+
 /// What [`Core::look_ahead`] goes by.
 #[derive(Default)]
 pub(super) struct LookAhead {
@@ -985,6 +1065,11 @@ pub(super) struct LookAhead {
     /// The directories whose small files were last fetched together (or found all
     /// cached), newest last.
     fetched: std::collections::VecDeque<u64>,
+    /// Directories a walk goes through ([`Core::walk_ahead`]): the last subdirectory
+    /// entered from a kept listing in each of the last few directories, and the
+    /// directories found walked, newest last.
+    last_entered: std::collections::VecDeque<(u64, u64)>,
+    walked: std::collections::VecDeque<u64>,
 }
 
 impl LookAhead {
@@ -997,6 +1082,34 @@ impl LookAhead {
             self.fetched.pop_front();
         }
         self.fetched.push_back(dir);
+    }
+
+    /// A subdirectory `dir` of `parent` is entered from a kept listing: whether that
+    /// makes `parent` newly walked (another subdirectory of it was entered last, with
+    /// at most a few other directories' in between: a depth-first walk enters the
+    /// subdirectories of the one before first).
+    fn entered_sub(&mut self, parent: u64, dir: u64) -> bool {
+        let before = self.last_entered.iter().position(|&(p, _)| p == parent);
+        let second = before.is_some_and(|i| self.last_entered[i].1 != dir);
+        if let Some(i) = before {
+            self.last_entered.remove(i);
+        }
+        if self.last_entered.len() == Self::ENTERED_MAX {
+            self.last_entered.pop_front();
+        }
+        self.last_entered.push_back((parent, dir));
+        if !second || self.walked.contains(&parent) {
+            return false;
+        }
+        if self.walked.len() == Self::ENTERED_MAX {
+            self.walked.pop_front();
+        }
+        self.walked.push_back(parent);
+        true
+    }
+
+    fn walked(&self, dir: u64) -> bool {
+        self.walked.contains(&dir)
     }
 
     /// Whether `dir` is newly entered (and then remembered as such).

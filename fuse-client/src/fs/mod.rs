@@ -315,6 +315,8 @@ pub struct Core {
     persist_due: Arc<std::sync::atomic::AtomicBool>,
     /// Bounds the listings prefetched at once.
     prefetching: tokio::sync::Semaphore,
+    /// Directories whose listings are being prefetched (each is fetched once).
+    prefetches: Mutex<std::collections::HashSet<u64>>,
     /// Small files being fetched by directory (`ReadSmall`): directory → the server
     /// inodes asked for, and a flag set when they are in the data cache (or failed).
     siblings: Mutex<HashMap<u64, SiblingFetch>>,
@@ -388,6 +390,7 @@ impl Core {
             attrs_invalidator: OnceLock::new(),
             persist_due: Arc::default(),
             prefetching: tokio::sync::Semaphore::new(dirs::PREFETCH_PARALLEL),
+            prefetches: Mutex::new(std::collections::HashSet::new()),
             siblings: Mutex::new(HashMap::new()),
             looked_ahead: Mutex::default(),
             refreshing: Mutex::new(HashMap::new()),
