@@ -642,65 +642,9 @@ impl Core {
             let refused = Arc::clone(&refused);
             rt.spawn(async move {
                 let _pending = Prefetching(&core, ino);
-                let Ok(_slot) = core.prefetching.acquire().await else {
+                let Some(entries) = core.list_ahead(caller, ino, &child, &refused).await else {
                     return;
                 };
-                if refused.load(Ordering::Relaxed) {
-                    return;
-                }
-                let epoch = DIR_EPOCH.load(Ordering::SeqCst);
-                if core
-                    .dir_cache
-                    .lock()
-                    .map(|c| c.contains(ino))
-                    .unwrap_or(true)
-                {
-                    return;
-                }
-                // (Refused, EAGAIN, rather than take a watch the server keeps for
-                // directories clients look into.)
-                let req = Request::ListDir {
-                    path: child.clone(),
-                    max_entries: MAX_DIR_BATCH,
-                    speculative: true,
-                };
-                let (handle, attr, entries, eof) = match core.client.call(caller, req).await {
-                    Ok(Ok(Response::Listing {
-                        handle,
-                        attr,
-                        entries,
-                        eof,
-                    })) => (handle, attr, entries, eof),
-                    Ok(Err(libc::EAGAIN)) => {
-                        refused.store(true, Ordering::Relaxed);
-                        core.stats
-                            .prefetches_refused
-                            .fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    _ => return,
-                };
-                core.stats
-                    .listings_prefetched
-                    .fetch_add(1, Ordering::Relaxed);
-                // (Not kept if the path led to another directory meanwhile.)
-                let same = core
-                    .nodes
-                    .lock()
-                    .is_ok_and(|n| n.to_kernel(attr.ino) == ino);
-                // (Nor if the server could not watch it: nothing would drop it.)
-                if !eof || !same || attr.uncovered || !batch_covered(&entries) {
-                    // Too big to prefetch whole: the walk will list it itself.
-                    if !eof {
-                        let _ = core
-                            .client
-                            .call(caller, Request::ReleaseDir { handle })
-                            .await;
-                    }
-                    return;
-                }
-                let entries = Arc::new(entries);
-                core.keep_listing(ino, epoch, &entries);
                 let walked = core.looked_ahead.lock().is_ok_and(|l| l.walked(dir));
                 if walked {
                     core.prefetch_children(caller, ino, child, &entries, PREFETCH_DIRS);
@@ -708,6 +652,76 @@ impl Core {
             });
         }
         started
+    }
+
+    /// Fetch the listing of `ino` (at `path`) and keep it; returns it when kept
+    /// (complete, still the same directory, watched). Refused (the server's watches run
+    /// low) sets `refused`; skipped once it is set, or when the listing is kept already.
+    async fn list_ahead(
+        &self,
+        caller: Caller,
+        ino: u64,
+        path: &RelPath,
+        refused: &std::sync::atomic::AtomicBool,
+    ) -> Option<Arc<Vec<DirEntry>>> {
+        let _slot = self.prefetching.acquire().await.ok()?;
+        if refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        let epoch = DIR_EPOCH.load(Ordering::SeqCst);
+        if self
+            .dir_cache
+            .lock()
+            .map(|c| c.contains(ino))
+            .unwrap_or(true)
+        {
+            return None;
+        }
+        // (Refused, EAGAIN, rather than take a watch the server keeps for directories
+        // clients look into.)
+        let req = Request::ListDir {
+            path: path.clone(),
+            max_entries: MAX_DIR_BATCH,
+            speculative: true,
+        };
+        let (handle, attr, entries, eof) = match self.client.call(caller, req).await {
+            Ok(Ok(Response::Listing {
+                handle,
+                attr,
+                entries,
+                eof,
+            })) => (handle, attr, entries, eof),
+            Ok(Err(libc::EAGAIN)) => {
+                refused.store(true, Ordering::Relaxed);
+                self.stats
+                    .prefetches_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            _ => return None,
+        };
+        self.stats
+            .listings_prefetched
+            .fetch_add(1, Ordering::Relaxed);
+        // (Not kept if the path led to another directory meanwhile.)
+        let same = self
+            .nodes
+            .lock()
+            .is_ok_and(|n| n.to_kernel(attr.ino) == ino);
+        // (Nor if the server could not watch it: nothing would drop it.)
+        if !eof || !same || attr.uncovered || !batch_covered(&entries) {
+            // Too big to prefetch whole: the walk will list it itself.
+            if !eof {
+                let _ = self
+                    .client
+                    .call(caller, Request::ReleaseDir { handle })
+                    .await;
+            }
+            return None;
+        }
+        let entries = Arc::new(entries);
+        self.keep_listing(ino, epoch, &entries);
+        Some(entries)
     }
 
     /// A walk through `parent` (two of its subdirectories entered in a row from kept
