@@ -22,6 +22,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use ferry_common::proto::RelPath;
+use rustc_hash::FxHashMap;
 
 use crate::error::{FsError, FsResult};
 
@@ -29,7 +30,9 @@ use crate::error::{FsError, FsResult};
 /// huge listing when it needs the memory (or on `drop_caches`), and a table keeps its
 /// peak capacity otherwise. Shrinking to twice what is left, below a quarter, keeps
 /// the cost per removal constant on average.
-pub fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+pub fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     if map.capacity() > 4096 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }
@@ -59,8 +62,10 @@ struct Node {
 #[derive(Debug)]
 pub struct Nodes {
     root_server_ino: u64,
-    map: HashMap<u64, Node>,
-    by_name: HashMap<(u64, Vec<u8>), u64>,
+    // (Fx hashing: the keys come from the server, which is trusted with the whole tree
+    // anyway; SipHash was a tenth of a 10,000-entry listing's reply.)
+    map: FxHashMap<u64, Node>,
+    by_name: FxHashMap<(u64, Vec<u8>), u64>,
     /// Names handed to the kernel from a listing that no longer vouched for them (see
     /// `Core::fill_listing`): the name may be gone or stand for another inode now, so
     /// a lookup of it asks the server.
@@ -112,8 +117,8 @@ impl Nodes {
     pub fn new(root_server_ino: u64) -> Self {
         Nodes {
             root_server_ino,
-            map: HashMap::new(),
-            by_name: HashMap::new(),
+            map: FxHashMap::default(),
+            by_name: FxHashMap::default(),
             unverified: HashSet::new(),
             clock: 0,
             changed: HashMap::new(),

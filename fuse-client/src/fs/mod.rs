@@ -29,6 +29,7 @@ use ferry_common::proto::{
     Attr, Caller, FileKind, MAX_IO, Name, RelPath, Request, Response, SetAttr, StatFs, XATTRS_NONE,
     XATTRS_UNKNOWN,
 };
+use rustc_hash::FxHashMap;
 
 use crate::cache::DataCache;
 use crate::conn::Client;
@@ -296,7 +297,7 @@ pub struct Core {
     pub client: Arc<Client>,
     // std Mutexes: each is held for a map operation only, never across an await.
     nodes: Mutex<Nodes>,
-    inodes: Mutex<HashMap<u64, InodeState>>,
+    inodes: Mutex<FxHashMap<u64, InodeState>>,
     files: Mutex<HashMap<u64, Arc<files::OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<dirs::DirStream>>>>,
     /// Listings by directory inode, valid while the event stream is.
@@ -378,7 +379,7 @@ impl Core {
             me: me.clone(),
             client,
             nodes: Mutex::new(Nodes::new(root.ino)),
-            inodes: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(FxHashMap::default()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             dir_cache: Mutex::new(listings::Listings::default()),
@@ -429,7 +430,7 @@ impl Core {
         self.nodes.lock().map_err(|_| poisoned())
     }
 
-    fn inodes(&self) -> FsResult<MutexGuard<'_, HashMap<u64, InodeState>>> {
+    fn inodes(&self) -> FsResult<MutexGuard<'_, FxHashMap<u64, InodeState>>> {
         self.inodes.lock().map_err(|_| poisoned())
     }
 
