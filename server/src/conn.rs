@@ -321,8 +321,13 @@ async fn serve_requests<T>(
             let written = written_handle(&request);
             let result = match read {
                 QuickRead::Cached(data) => Ok(data),
-                // The slot is held until the read is done.
-                QuickRead::FromDisk(_slot) => ops::execute_keyed(&ctx, caller, request, once),
+                // The slot is held until the read is done. The worker thread says it
+                // blocks: the runtime moves its other tasks (other connections) to
+                // another thread meanwhile, so a slow or hung disk stalls only this
+                // connection.
+                QuickRead::FromDisk(_slot) => {
+                    tokio::task::block_in_place(|| ops::execute_keyed(&ctx, caller, request, once))
+                }
                 QuickRead::No => ops::execute_keyed(&ctx, caller, request, once),
             };
             if let (Some(h), Err(e)) = (written, &result)
@@ -674,7 +679,11 @@ enum QuickRead {
 /// pieces at random (a database, `git`, a seek in a media file) waits for its disk and
 /// two thread hand-offs less than through the pool. Readers in parallel still overlap
 /// on the pool, and at most one connection task at a time waits for a disk read (of at
-/// most [`INLINE_READ_MAX`]), as an inline `Lookup` of a cold directory does.
+/// most [`INLINE_READ_MAX`]), inside `block_in_place`: other connections go on on
+/// other threads. That connection's own next requests (and pings) wait for the read;
+/// a read slower than the client's timeout (a hung disk under the export) makes the
+/// client reconnect and send it again, and then it goes to the pool (the slot is
+/// still taken).
 fn quick_read(ctx: &Ctx, r: &Request, pool_idle: bool) -> QuickRead {
     let Request::Read {
         handle,
@@ -690,7 +699,13 @@ fn quick_read(ctx: &Ctx, r: &Request, pool_idle: bool) -> QuickRead {
     if let Some(data) = ops::read_cached(ctx, handle, offset, len) {
         return QuickRead::Cached(data);
     }
-    match pool_idle.then(DiskReadSlot::take).flatten() {
+    // (`block_in_place` needs a multi-threaded runtime: ferryd's always is.)
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    match (pool_idle && multi_thread)
+        .then(DiskReadSlot::take)
+        .flatten()
+    {
         Some(slot) => QuickRead::FromDisk(slot),
         None => QuickRead::No,
     }

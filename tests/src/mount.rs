@@ -321,7 +321,18 @@ impl TestMount {
         args: &[&str],
         cache_home: Option<&Path>,
     ) -> Result<Self, String> {
-        let mut m = Self::guard(crate::temp_dir("mnt"));
+        Self::try_mount_on(crate::temp_dir("mnt"), remote, args, cache_home)
+    }
+
+    /// [`TestMount::try_mount_in`] on `mountpoint` (an empty dir the caller made, e.g.
+    /// inside another server's export); removed after the unmount.
+    pub fn try_mount_on(
+        mountpoint: TempDir,
+        remote: &str,
+        args: &[&str],
+        cache_home: Option<&Path>,
+    ) -> Result<Self, String> {
+        let mut m = Self::guard(mountpoint);
         if let Some(home) = cache_home {
             m.cache_home = home.to_path_buf();
         }

@@ -1,6 +1,7 @@
 //! Raw TCP against `ferryd`: the handshake, then what a broken or hostile client sends
 //! (bad magic, wrong version, oversized or truncated frames, garbage). The server must drop
-//! that one connection and go on serving a fresh client and an existing mount.
+//! that one connection and go on serving a fresh client and an existing mount. A connection
+//! whose read waits on a hung disk must not hold up the others either.
 
 use std::fs;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use ferry_common::proto::{
     ServerFrame,
 };
 use ferry_tests::wire::{RawConn, assert_healthy, name, open, rel};
-use ferry_tests::{TestMount, TestServer, require_fuse};
+use ferry_tests::{TestMount, TestServer, require_fuse, with_deadline};
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -381,4 +382,81 @@ fn concurrent_abuse_leaves_the_server_serving() {
         t.join().expect("abuser thread");
     }
     v.assert_unharmed();
+}
+
+/// SIGCONT to a process when dropped: a stopped server must go on before the mounts over
+/// it are taken down, also when an assertion failed.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        ferry_tests::sys::kill(self.0, libc::SIGCONT);
+    }
+}
+
+/// A read waiting on a hung disk under the export holds up only its own connection:
+/// another client is welcomed and its ping answered meanwhile, even with one request
+/// thread (`--threads 1`, where the small read runs on the connection's own task), and
+/// the read gets its bytes once the disk is back. The hung disk is a ferry mount whose
+/// server is stopped (SIGSTOP), inside the export of the server under test.
+#[test]
+fn a_read_waiting_on_a_hung_disk_holds_up_only_its_connection() {
+    if !require_fuse() {
+        return;
+    }
+    const AT: u64 = 200 << 20;
+    let bottom = TestServer::start();
+    // None of its bytes read through the mount over it: reading them needs the server.
+    let f = fs::File::create(bottom.export("big")).expect("create");
+    f.set_len(256 << 20).expect("set_len");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"hung", AT).expect("write");
+    drop(f);
+    let top_export = ferry_tests::temp_dir("export");
+    let disk_dir = tempfile::Builder::new()
+        .prefix("disk")
+        .tempdir_in(top_export.path())
+        .expect("mountpoint");
+    let sub = disk_dir
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("utf-8 name")
+        .to_string();
+    // (Declared before the top server: unmounted after it has stopped.)
+    let _disk;
+    let top = TestServer::start_on(top_export, &["--threads", "1"]);
+    // A long timeout: the hung disk stays hung for the whole test.
+    _disk = TestMount::try_mount_on(disk_dir, &bottom.remote(), &["--timeout", "120"], None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut c1, _) = RawConn::handshake(top.addr());
+    let handle = match c1.call(open(&format!("{sub}/big"), libc::O_RDONLY)) {
+        Ok(Response::Opened { handle, .. }) => handle,
+        other => panic!("Open {sub}/big: {other:?}"),
+    };
+    bottom.signal(libc::SIGSTOP);
+    let resume = Resume(bottom.pid());
+    let id = c1
+        .send_request(Request::Read {
+            handle,
+            offset: AT,
+            len: 4096,
+        })
+        .expect("send Read");
+    let addr = top.addr();
+    let other = with_deadline(std::time::Duration::from_secs(5), move || {
+        let (mut c2, _) = RawConn::handshake(addr);
+        c2.call(Request::Ping)
+    });
+    assert_eq!(
+        other,
+        Some(Ok(Response::Pong)),
+        "another client while a read waits on a hung disk (None: no answer in 5 s)\n\
+         --- ferryd ---\n{}",
+        top.log()
+    );
+    drop(resume);
+    match c1.reply_to(id) {
+        Ok(Response::Data(d)) => assert_eq!(&d[..4], b"hung", "the read's bytes"),
+        other => panic!("the read once the disk is back: {other:?}"),
+    }
 }
