@@ -1956,9 +1956,12 @@ impl Core {
             offset,
             len: size,
         };
-        self.client
+        let sent = self
+            .client
             .try_start_on(Some(generation), caller, read)?
-            .ok()
+            .ok()?;
+        self.stats.reads_at_once.fetch_add(1, Ordering::Relaxed);
+        Some(sent)
     }
 
     /// The data of a [`Core::read_at_once`], counted; `None` for anything else (an
@@ -1969,7 +1972,6 @@ impl Core {
                 self.stats
                     .bytes_read_from_server
                     .fetch_add(d.len() as u64, Ordering::Relaxed);
-                self.stats.reads_at_once.fetch_add(1, Ordering::Relaxed);
                 Some(d)
             }
             _ => None,

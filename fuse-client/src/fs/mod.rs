@@ -260,8 +260,9 @@ pub struct Stats {
     pub prefetches_refused: AtomicU64,
     pub bytes_read_from_server: AtomicU64,
     pub bytes_served_from_cache: AtomicU64,
-    /// Reads sent by the FUSE session thread and answered by the connection's reader
-    /// (`Core::read_at_once`).
+    /// Reads sent by the FUSE session thread, to be answered by the connection's reader
+    /// (`Core::read_at_once`); counted when sent (one lost with its connection is read
+    /// again by the full path, and counted there too, in `requests.read`).
     pub reads_at_once: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
     pub bytes_copied_on_server: AtomicU64,
