@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -135,14 +135,23 @@ fn the_cache_stays_under_its_cap_while_a_larger_file_is_read() {
     }
     let st = assert_under_cap(&fx.mount, cap, "after reading");
     eprintln!(
-        "cache_bytes {}, cache_evicted_bytes {}, on disk {}",
+        "cache_bytes {}, cache_evicted_bytes {}, bytes_read_from_server {}, on disk {}",
         st.get("cache_bytes"),
         st.get("cache_evicted_bytes"),
+        st.get("bytes_read_from_server"),
         allocated(&cache_root(&fx.mount))
     );
     assert!(
         st.get("cache_bytes") > 0,
         "a file was read but nothing is cached\n{st}"
+    );
+    // Readahead fits the small cache: its blocks are read before they are evicted, not
+    // fetched again (readahead windows of up to 16 MiB fetched 66-77 MB for these 20 MiB).
+    assert!(
+        st.get("bytes_read_from_server") <= 2 * 2 * data.len() as u64,
+        "{} bytes fetched to read {} twice through a {cap}-byte cache\n{st}",
+        st.get("bytes_read_from_server"),
+        data.len()
     );
 }
 
@@ -940,8 +949,26 @@ fn cache_dir_and_no_cache_options() {
         0,
         "--no-cache, yet data landed in the cache home"
     );
+    // Small reads at random go out from the session thread there too (O_DIRECT: each
+    // reaches the mount as asked).
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(uncached.join("f"))
+        .expect("open O_DIRECT");
+    for at in [700 * KIB, 300 * KIB, 900 * KIB, 100 * KIB] {
+        assert_same_bytes(
+            &pread(&f, at as u64, 4096),
+            &data[at..at + 4096],
+            "4 KiB at random",
+        );
+    }
     let st = uncached.stats();
     assert_eq!(st.get_or_zero("cache_bytes"), 0, "--no-cache\n{st}");
+    assert!(
+        st.get("reads_at_once") >= 2,
+        "--no-cache: small reads at random went the long way\n{st}"
+    );
 }
 
 /// Reads `len` bytes at `off` through `f` (short only at the end of the file).

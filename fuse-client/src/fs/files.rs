@@ -19,7 +19,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::spool::{Spool, SpoolReader, Spools};
 use super::{Core, InodeState, errno, poisoned};
-use crate::cache::{BLOCK, Lookup};
+use crate::cache::{BLOCK, DataCache, Lookup};
 use crate::error::{FsError, FsResult, TransportError};
 
 /// Small files come back whole with the open reply (the seed's `get`).
@@ -31,6 +31,14 @@ const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Sequential readahead starts here and doubles up to `MAX_WINDOW`.
 const MIN_WINDOW: u64 = 1024 * 1024;
 const MAX_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// `window` within an eighth of the cache's cap (at least a block): a small cache
+/// (`--cache-size 2M`) would evict a large window's blocks before they are read, and
+/// each would be fetched again (a 10 MiB file read twice through a 2 MiB cache moved
+/// 62 MB from the server).
+fn window_within(cache: &DataCache, window: u64) -> u64 {
+    window.min((cache.cap() / 8 / BLOCK * BLOCK).max(BLOCK))
+}
 
 /// The server handle an inode's writers on this client share.
 #[derive(Debug, Clone, Copy)]
@@ -1902,6 +1910,7 @@ impl Core {
             return Some(d);
         }
         let (sequential, window) = st.next_window(offset);
+        let window = window_within(cache, window);
         let from = offset + len;
         let prefetch_due =
             sequential && st.prefetched_to < st.size && from + window / 2 >= st.prefetched_to;
@@ -2003,6 +2012,11 @@ impl Core {
     ) -> FsResult<Bytes> {
         let len = u64::from(size);
         let Some(cache) = self.cache.clone() else {
+            // (Counted as in the cached path: small reads at random go out from the
+            // session thread here too, see `Core::read_at_once`.)
+            if let Ok(mut st) = f.state.lock() {
+                st.record_read(offset, len);
+            }
             return self.read_remote(caller, f, offset, len).await;
         };
         // Our own writes must have landed before the server is asked for anything.
@@ -2019,7 +2033,13 @@ impl Core {
             }
             let (sequential, _) = st.next_window(offset);
             let random = st.record_read(offset, len);
-            (st.version, st.size, st.window, sequential, random)
+            (
+                st.version,
+                st.size,
+                window_within(&cache, st.window),
+                sequential,
+                random,
+            )
         };
         for attempt in 0..2 {
             match cache.read(f.sino, version, offset, len) {
