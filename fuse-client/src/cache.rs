@@ -252,6 +252,11 @@ struct Inner {
     punches: Vec<(u64, u64, u64, u64)>,
     /// What they counted in `used` (see [`Entry::charged`]): out of it, still on the disk.
     punching: u64,
+    /// Reads of present blocks from their data files now (outside the lock): (ino,
+    /// first block, last block, id). Their blocks are not evicted meanwhile (a punch
+    /// would have them read as zeros); any other change moves the entry's version or
+    /// generation, which the read checks once it has the bytes.
+    reads: Vec<(u64, u64, u64, u64)>,
 }
 
 impl Inner {
@@ -471,6 +476,9 @@ pub struct DataCache {
     /// Tests: held, it stops stores between making room and writing their blocks.
     #[cfg(test)]
     store_gate: Mutex<()>,
+    /// Tests: held, it stops reads of present blocks before they read the data file.
+    #[cfg(test)]
+    read_gate: Mutex<()>,
     /// Serializes metadata write-back (its temporary files share names).
     persisting: Mutex<()>,
     /// `LOCK_FILE`, locked: one mount at a time uses a cache dir.
@@ -590,6 +598,8 @@ impl DataCache {
             punch_gate: Mutex::new(()),
             #[cfg(test)]
             store_gate: Mutex::new(()),
+            #[cfg(test)]
+            read_gate: Mutex::new(()),
             persisting: Mutex::new(()),
             mapped: Mutex::new(HashSet::new()),
             maps_show: maps_change_mtime(dir),
@@ -930,7 +940,7 @@ impl DataCache {
     /// Read `[offset, offset+len)` (clipped to the file size) if all of it is cached:
     /// from the kept pieces when they hold it, else from the data file.
     pub fn read(&self, ino: u64, version: u64, offset: u64, len: u64) -> io::Result<Lookup> {
-        let (end, missing) = {
+        let (end, generation, id) = {
             let mut inner = self.inner.lock().map_err(|_| lock_err())?;
             let inner = &mut *inner;
             let Some(e) = inner.files.get_mut(&ino).filter(|e| e.version == version) else {
@@ -969,18 +979,49 @@ impl DataCache {
                     return Ok(Lookup::Hit(data));
                 }
             }
-            (end, missing)
+            if !missing.is_empty() {
+                return Ok(Lookup::Miss(missing));
+            }
+            inner.store_ids += 1;
+            let id = inner.store_ids;
+            inner
+                .reads
+                .push((ino, offset / BLOCK, (end - 1) / BLOCK, id));
+            (end, e.generation, id)
         };
-        if !missing.is_empty() {
-            return Ok(Lookup::Miss(missing));
-        }
         // Read into fresh capacity: zeroing the buffer first cost a tenth of the
         // daemon's CPU when a file is read from the cache at disk speed.
         let want = end - offset;
-        let mut file = File::open(self.data_path(ino))?;
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::with_capacity(want as usize);
-        file.take(want).read_to_end(&mut buf)?;
+        #[cfg(test)]
+        drop(self.read_gate.lock());
+        let read = File::open(self.data_path(ino)).and_then(|mut file| {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::with_capacity(want as usize);
+            file.take(want).read_to_end(&mut buf)?;
+            Ok(buf)
+        });
+        let current = {
+            // Unregistered whatever happened: a poisoned lock still holds the list.
+            let mut inner = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            inner.reads.retain(|r| r.3 != id);
+            inner
+                .files
+                .get(&ino)
+                .is_some_and(|e| e.version == version && e.generation == generation)
+        };
+        if !current {
+            // Changed while it was read (a write, a cut, a new version): the bytes may
+            // be from either side of the change.
+            let start = offset / BLOCK * BLOCK;
+            return Ok(Lookup::Miss(vec![(
+                start,
+                end.div_ceil(BLOCK) * BLOCK - start,
+            )]));
+        }
+        let buf = read?;
         if buf.len() as u64 != want {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -1144,6 +1185,12 @@ impl DataCache {
                     freed += e.remove_block(b, &mut inner.lru);
                 }
                 inner.used = inner.used.saturating_sub(freed);
+                if freed > 0 {
+                    // Present blocks are punched: a read of them in flight must see
+                    // the entry changed (see `Inner::reads`).
+                    inner.generations += 1;
+                    e.generation = inner.generations;
+                }
             }
             // Punched while this store still holds its blocks (no other store writes
             // them meanwhile) and its room (they count as on the disk until then).
@@ -1288,7 +1335,13 @@ impl DataCache {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
-            if inner.pins.contains_key(&ino) || inner.storing(ino, Some(b)) {
+            let reading = || {
+                inner
+                    .reads
+                    .iter()
+                    .any(|&(i, f, l, _)| i == ino && f <= b && b <= l)
+            };
+            if inner.pins.contains_key(&ino) || inner.storing(ino, Some(b)) || reading() {
                 from = t + 1;
                 continue;
             }
@@ -2732,6 +2785,39 @@ mod tests {
             drop(gate);
             evicting.join().unwrap();
         });
+    }
+
+    /// A block being read from the data file is not evicted (and punched) under the
+    /// reader, which would get zeros: the eviction takes other blocks, or makes no room.
+    #[test]
+    fn a_block_being_read_is_not_punched_out_under_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = data(2 * BLOCK as usize, 1);
+        let c = holding(dir.path(), 2 * BLOCK + 2 * META_CHARGE, 1, 1, &one);
+        std::thread::scope(|scope| {
+            let gate = c.read_gate.lock().unwrap();
+            let reader = scope.spawn(|| c.read(1, 1, 0, BLOCK).unwrap());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while c.inner.lock().unwrap().reads.is_empty() {
+                assert!(std::time::Instant::now() < deadline, "no read began");
+                std::thread::yield_now();
+            }
+            // Two blocks of file 2 need all of file 1's room: its block 1 goes, its
+            // block 0 (being read) stays, and file 2 does not fit.
+            c.validate(2, 1, 2 * BLOCK);
+            c.store(2, 1, c.token(2).unwrap(), 0, &data(2 * BLOCK as usize, 2))
+                .unwrap();
+            drop(gate);
+            match reader.join().unwrap() {
+                Lookup::Hit(got) => assert!(
+                    got[..] == one[..BLOCK as usize],
+                    "the block read while an eviction ran has other bytes"
+                ),
+                other => panic!("block 0 was cached: {other:?}"),
+            }
+        });
+        assert!(matches!(c.read(1, 1, BLOCK, 1).unwrap(), Lookup::Miss(_)));
+        assert!(matches!(c.read(1, 1, 0, BLOCK).unwrap(), Lookup::Hit(_)));
     }
 
     /// A store whose blocks are not recorded (the file changed on the server while
