@@ -439,23 +439,8 @@ fn a_read_in_flight_is_retried_after_a_restart() {
     };
     let big = fs::File::open(fx.mnt("big")).expect("open big");
     let before = fx.mount.stats();
-    fx.server.signal(libc::SIGSTOP);
     let at = 12 * MIB;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 256 * 1024];
-        let _ = tx.send(big.read_exact_at(&mut buf, at as u64).map(|()| buf));
-    });
-    let sent = ferry_tests::poll_until(DEADLINE, || {
-        fx.mount.stats().get_or_zero("requests.read") > before.get_or_zero("requests.read")
-    });
-    assert!(sent, "the read never reached the server's connection");
-    // SIGKILL ends a stopped process too; a new server takes the same address.
-    fx.server.restart();
-    let got = rx
-        .recv_timeout(DEADLINE)
-        .expect("the read in flight hung")
-        .expect("a read in flight when the server was restarted");
+    let got = read_across_a_restart(&mut fx, big, at, 256 * 1024, &before);
     assert!(got == data[at..at + got.len()], "bytes after the restart");
     let after = fx.mount.stats();
     assert!(
@@ -470,6 +455,33 @@ fn a_read_in_flight_is_retried_after_a_restart() {
     fx.mount
         .unmount()
         .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+}
+
+/// Reads `len` bytes at `at` of `big` on a thread with the server stopped, and once the
+/// read has reached the mount's connection (`requests.read` past `before`), restarts the
+/// server (SIGKILL ends a stopped process too; the new one takes the same address): the
+/// bytes the read got.
+fn read_across_a_restart(
+    fx: &mut ferry_tests::Fixture,
+    big: fs::File,
+    at: usize,
+    len: usize,
+    before: &ferry_tests::Stats,
+) -> Vec<u8> {
+    fx.server.signal(libc::SIGSTOP);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; len];
+        let _ = tx.send(big.read_exact_at(&mut buf, at as u64).map(|()| buf));
+    });
+    let sent = ferry_tests::poll_until(DEADLINE, || {
+        fx.mount.stats().get_or_zero("requests.read") > before.get_or_zero("requests.read")
+    });
+    assert!(sent, "the read never reached the server's connection");
+    fx.server.restart();
+    rx.recv_timeout(DEADLINE)
+        .expect("the read in flight hung")
+        .expect("a read in flight when the server was restarted")
 }
 
 /// Small reads at random are sent to the server by the FUSE session thread and answered
@@ -511,22 +523,8 @@ fn a_small_read_at_random_in_flight_is_read_again_after_a_restart() {
         before.get("reads_at_once") >= 2,
         "small reads at random went out from the session thread: {before}"
     );
-    fx.server.signal(libc::SIGSTOP);
     let at = 13 * MIB + 5 * SMALL;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; SMALL];
-        let _ = tx.send(big.read_exact_at(&mut buf, at as u64).map(|()| buf));
-    });
-    let sent = ferry_tests::poll_until(DEADLINE, || {
-        fx.mount.stats().get_or_zero("requests.read") > before.get_or_zero("requests.read")
-    });
-    assert!(sent, "the read never reached the server's connection");
-    fx.server.restart();
-    let got = rx
-        .recv_timeout(DEADLINE)
-        .expect("the read in flight hung")
-        .expect("a small read in flight when the server was restarted");
+    let got = read_across_a_restart(&mut fx, big, at, SMALL, &before);
     assert!(got == data[at..at + SMALL], "bytes after the restart");
     let after = fx.mount.stats();
     assert_eq!(
