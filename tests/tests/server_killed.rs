@@ -447,14 +447,7 @@ fn a_read_in_flight_is_retried_after_a_restart() {
         after.get("retried") > before.get("retried"),
         "the read was sent again: {after}"
     );
-    assert_eq!(
-        after.get("handles_reopened"),
-        before.get("handles_reopened") + 1,
-        "the reader's handle was opened again once"
-    );
-    fx.mount
-        .unmount()
-        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+    reopened_once_then_unmount(&mut fx, &before, &after);
 }
 
 /// Reads `len` bytes at `at` of `big` on a thread with the server stopped, and once the
@@ -482,6 +475,23 @@ fn read_across_a_restart(
     rx.recv_timeout(DEADLINE)
         .expect("the read in flight hung")
         .expect("a read in flight when the server was restarted")
+}
+
+/// After [`read_across_a_restart`]: the reader's handle was opened again once, and the
+/// mount comes down cleanly.
+fn reopened_once_then_unmount(
+    fx: &mut ferry_tests::Fixture,
+    before: &ferry_tests::Stats,
+    after: &ferry_tests::Stats,
+) {
+    assert_eq!(
+        after.get("handles_reopened"),
+        before.get("handles_reopened") + 1,
+        "the reader's handle was opened again once"
+    );
+    fx.mount
+        .unmount()
+        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
 }
 
 /// Small reads at random are sent to the server by the FUSE session thread and answered
@@ -537,14 +547,7 @@ fn a_small_read_at_random_in_flight_is_read_again_after_a_restart() {
         before.get_or_zero("requests.read") + 2,
         "the lost read was sent, then read again through a new handle: {after}"
     );
-    assert_eq!(
-        after.get("handles_reopened"),
-        before.get("handles_reopened") + 1,
-        "the reader's handle was opened again once"
-    );
-    fx.mount
-        .unmount()
-        .unwrap_or_else(|e| panic!("unmount after the restart: {e}"));
+    reopened_once_then_unmount(&mut fx, &before, &after);
 }
 
 /// An operation that finds the server gone waits for it (up to `--timeout`) instead of
