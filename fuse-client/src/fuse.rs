@@ -10,6 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_common::proto::{Attr, Caller, FileKind, SetAttr, TimeSet, Timespec};
@@ -21,7 +22,9 @@ use fuser::{
 };
 
 use crate::error::FsError;
-use crate::fs::{Core, Listed, NewFile, OpenReply, TTL_WITHOUT_EVENTS, XattrReply};
+use crate::fs::{
+    Core, Listed, NewFile, OpenReply, TTL_WITH_EVENTS, TTL_WITHOUT_EVENTS, XattrReply,
+};
 use crate::passthrough::IoModes;
 
 /// `st_blksize` reported to programs: `cp` and friends size their buffers by it.
@@ -239,6 +242,7 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
         Err(e) => return reply.error(err(&e)),
     };
     let ttl = core.ttl();
+    let (mut unvouched, mut short) = (0, 0);
     // Each entry accepted with attributes takes a lookup reference (`Core::listed`).
     let changed = core.fill_listing(&listed, true, |e| {
         let (ttl, attr) = match e.attr {
@@ -246,18 +250,31 @@ fn reply_readdirplus(core: &Core, mut reply: ReplyDirectoryPlus, r: Result<Liste
             Some(a) => (Duration::ZERO, fuse_attr(a)),
             None => (Duration::ZERO, dot_attr(e.ino)),
         };
-        reply.add(
+        let full = reply.add(
             INodeNo(e.ino),
             e.offset,
             OsStr::from_bytes(e.name),
             &ttl,
             &attr,
             Generation(0),
-        )
+        );
+        match e.attr {
+            Some(_) if full => {}
+            Some(_) if !e.vouched => unvouched += 1,
+            Some(_) if ttl < TTL_WITH_EVENTS => short += 1,
+            _ => {}
+        }
+        full
     });
     let dir = listed.dir();
     drop(listed);
     reply.ok();
+    core.stats
+        .entries_unvouched
+        .fetch_add(unvouched, Ordering::Relaxed);
+    core.stats
+        .entries_short_ttl
+        .fetch_add(short, Ordering::Relaxed);
     core.changed_while_listed(dir, changed);
 }
 

@@ -264,6 +264,11 @@ pub struct Stats {
     /// (`Core::read_at_once`); counted when sent (one lost with its connection is read
     /// again by the full path, and counted there too, in `requests.read`).
     pub reads_at_once: AtomicU64,
+    /// Readdirplus entries handed to the kernel for that reply only (not vouched for:
+    /// changed since the stream opened), and ones handed with the short TTL (events
+    /// not live, or not covered by a watch): the kernel looks each up again when used.
+    pub entries_unvouched: AtomicU64,
+    pub entries_short_ttl: AtomicU64,
     /// Bytes `copy_file_range` had the server copy (never sent over the network).
     pub bytes_copied_on_server: AtomicU64,
     /// Small files fetched whole with their directory's siblings (`ReadSmall`).
@@ -1563,6 +1568,8 @@ impl Core {
             ("bytes_read_from_server", &s.bytes_read_from_server),
             ("bytes_served_from_cache", &s.bytes_served_from_cache),
             ("reads_at_once", &s.reads_at_once),
+            ("entries_unvouched", &s.entries_unvouched),
+            ("entries_short_ttl", &s.entries_short_ttl),
             ("bytes_copied_on_server", &s.bytes_copied_on_server),
             ("files_prefetched", &s.files_prefetched),
             ("passthrough_opens", &s.passthrough_opens),
