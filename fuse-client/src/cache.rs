@@ -284,15 +284,29 @@ impl Inner {
     /// Whether a store is writing block `b` of `ino`, or an eviction punching it out
     /// (`None`: any block).
     fn storing(&self, ino: u64, b: Option<u64>) -> bool {
-        self.stores
-            .iter()
-            .chain(&self.punches)
-            .any(|&(i, f, l, _)| i == ino && b.is_none_or(|b| f <= b && b <= l))
+        holds(self.stores.iter().chain(&self.punches), ino, b)
+    }
+
+    /// Register a read of the present blocks `first..=last` of `ino` from its data
+    /// file (see `Inner::reads`); its id for `end_read`.
+    fn begin_read(&mut self, ino: u64, first: u64, last: u64) -> u64 {
+        self.store_ids += 1;
+        self.reads.push((ino, first, last, self.store_ids));
+        self.store_ids
+    }
+
+    fn end_read(&mut self, id: u64) {
+        self.reads.retain(|r| r.3 != id);
+    }
+
+    /// Whether a read is taking block `b` of `ino` from its data file.
+    fn reading(&self, ino: u64, b: u64) -> bool {
+        holds(&self.reads, ino, b.into())
     }
 
     /// Whether an eviction is punching blocks out of the data file of `ino`.
     fn punching(&self, ino: u64) -> bool {
-        self.punches.iter().any(|&(i, ..)| i == ino)
+        holds(&self.punches, ino, None)
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -503,6 +517,17 @@ pub struct MappedCopy {
     pub ranges: Vec<(u64, u64)>,
     /// Whether they are the whole file.
     pub whole: bool,
+}
+
+/// Whether one of `runs` ((ino, first block, last block, id), as `Inner::stores`)
+/// holds block `b` of `ino` (`None`: any block of it).
+fn holds<'a>(
+    runs: impl IntoIterator<Item = &'a (u64, u64, u64, u64)>,
+    ino: u64,
+    b: Option<u64>,
+) -> bool {
+    runs.into_iter()
+        .any(|&(i, f, l, _)| i == ino && b.is_none_or(|b| f <= b && b <= l))
 }
 
 /// An eviction's punch of `[off, off+len)` out of a data file (see
@@ -982,12 +1007,12 @@ impl DataCache {
             if !missing.is_empty() {
                 return Ok(Lookup::Miss(missing));
             }
-            inner.store_ids += 1;
-            let id = inner.store_ids;
-            inner
-                .reads
-                .push((ino, offset / BLOCK, (end - 1) / BLOCK, id));
-            (end, e.generation, id)
+            let generation = e.generation;
+            (
+                end,
+                generation,
+                inner.begin_read(ino, offset / BLOCK, (end - 1) / BLOCK),
+            )
         };
         // Read into fresh capacity: zeroing the buffer first cost a tenth of the
         // daemon's CPU when a file is read from the cache at disk speed.
@@ -1006,7 +1031,7 @@ impl DataCache {
                 .inner
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            inner.reads.retain(|r| r.3 != id);
+            inner.end_read(id);
             inner
                 .files
                 .get(&ino)
@@ -1335,13 +1360,8 @@ impl DataCache {
             let Some((&t, &(ino, b))) = inner.lru.range(from..).next() else {
                 break;
             };
-            let reading = || {
-                inner
-                    .reads
-                    .iter()
-                    .any(|&(i, f, l, _)| i == ino && f <= b && b <= l)
-            };
-            if inner.pins.contains_key(&ino) || inner.storing(ino, Some(b)) || reading() {
+            if inner.pins.contains_key(&ino) || inner.storing(ino, Some(b)) || inner.reading(ino, b)
+            {
                 from = t + 1;
                 continue;
             }
