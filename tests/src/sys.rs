@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard};
 
 /// The path as a C string (test paths never contain NUL).
 pub fn cstr(p: &Path) -> CString {
@@ -160,12 +161,25 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     check(unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) })
 }
 
+/// Taken for writing by [`drop_caches`], for reading by [`kernel_caches_kept`].
+static KERNEL_CACHES: RwLock<()> = RwLock::new(());
+
 /// Drops the kernel's clean page cache, dentries and inodes (`echo 3`), or with
 /// `what == 2` only dentries and inodes: a FUSE client then sees FORGETs and lookups again.
+/// Machine-wide: it waits while a test of this process holds [`kernel_caches_kept`].
 pub fn drop_caches(what: u8) -> io::Result<()> {
+    let _dropping = KERNEL_CACHES.write().unwrap_or_else(|e| e.into_inner());
     // SAFETY: sync(2) has no arguments.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", format!("{what}\n"))
+}
+
+/// Held by a test that counts the requests the kernel's dentry and inode caches spare
+/// (an `ls -l` that looks nothing up): other tests' [`drop_caches`] wait until it is
+/// dropped. (A `drop_caches(2)` during such a count made the kernel forget the entries a
+/// listing had just handed over, and look 1,026 of them up again: session 29.)
+pub fn kernel_caches_kept() -> RwLockReadGuard<'static, ()> {
+    KERNEL_CACHES.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `llistxattr(path)`: the extended attribute names of `path` itself (no symlink

@@ -460,6 +460,8 @@ fn mounts_of_one_export_at_once_keep_separate_caches() {
 /// the kernel's page cache, kept across opens: the daemon serves none of them again.
 #[test]
 fn unchanged_files_and_listings_are_reread_without_a_round_trip() {
+    // Requests are counted: no other test drops the kernel's caches meanwhile.
+    let _kept = ferry_tests::sys::kernel_caches_kept();
     let data = Rng::new(0x4e_c4).bytes(4 * MIB + 3);
     let Some(fx) = fixture_with(&[], &["--passthrough", "off"], |e| {
         fs::create_dir(e.join("d")).expect("mkdir");

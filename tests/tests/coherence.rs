@@ -832,6 +832,8 @@ fn changes_in_the_middle_of_a_listing_are_not_hidden_by_its_batches() {
 /// freed inode number): it is gone through the mount too.
 #[test]
 fn a_listing_vouches_for_the_names_that_did_not_change() {
+    // Lookups are counted: no other test makes the kernel forget entries meanwhile.
+    let _kept = ferry_tests::sys::kernel_caches_kept();
     let Some((fx, d, order)) = a_listing_under_way() else {
         return;
     };
