@@ -306,7 +306,7 @@ async fn serve_requests<T>(
             Some(_) => QuickRead::No,
         };
         if behind_writes.is_none()
-            && (runs_inline(&request)
+            && ((runs_inline(&request) && stays_home(&ctx, &request))
                 || quick_commit(&ctx, &request)
                 || !matches!(read, QuickRead::No))
         {
@@ -642,6 +642,49 @@ fn runs_inline(r: &Request) -> bool {
     }
 }
 
+/// Whether an inline request stays on the export's own filesystem: not through a
+/// handle of a file on another one, and, while filesystems are mounted beneath the
+/// export, not on or beneath their mount points (see [`crate::mounts`]). A call into a
+/// network or FUSE filesystem mounted there may hang with it: on the blocking pool it
+/// holds up only its own connection.
+fn stays_home(ctx: &Ctx, r: &Request) -> bool {
+    let e = &ctx.export;
+    let foreign = |h: &u64| ctx.handles.file(*h).is_ok_and(|f| f.foreign);
+    match r {
+        Request::GetAttr {
+            handle: Some(h), ..
+        }
+        | Request::SetAttr {
+            handle: Some(h), ..
+        }
+        | Request::Write { handle: h, .. }
+        | Request::Release { handle: h } => !foreign(h),
+        Request::Lookup { parent, name }
+        | Request::MkDir { parent, name, .. }
+        | Request::Unlink { parent, name }
+        | Request::RmDir { parent, name }
+        | Request::Symlink { parent, name, .. }
+        | Request::Create { parent, name, .. } => e.at_home(parent, Some(name)),
+        Request::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            ..
+        } => e.at_home(parent, Some(name)) && e.at_home(new_parent, Some(new_name)),
+        Request::Link {
+            path,
+            new_parent,
+            new_name,
+        } => e.path_at_home(path) && e.at_home(new_parent, Some(new_name)),
+        Request::GetAttr { path, .. }
+        | Request::SetAttr { path, .. }
+        | Request::ReadLink { path }
+        | Request::StatFs { path } => e.path_at_home(path),
+        _ => true,
+    }
+}
+
 /// A `Commit` that can run on the connection task: of an unstaged handle (a new file,
 /// whose writes went to it directly) or one with little staged, and with no other
 /// client a barrier would have to wait for. (Writes still running on the blocking
@@ -660,7 +703,7 @@ fn quick_commit(ctx: &Ctx, r: &Request) -> bool {
     }
     ctx.handles
         .file(*handle)
-        .is_ok_and(|f| f.commit_is_quick(INLINE_WRITE_MAX as u64))
+        .is_ok_and(|f| !f.foreign && f.commit_is_quick(INLINE_WRITE_MAX as u64))
 }
 
 /// How a small `Read` is answered on the connection task instead of the blocking pool.

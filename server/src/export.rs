@@ -66,6 +66,8 @@ pub struct Export {
     /// Answers of recent keyed changes (see [`crate::once`]); also names the
     /// `Welcome::instance`.
     answers: crate::once::Answers,
+    /// Whether other filesystems are mounted beneath the root (see [`Export::at_home`]).
+    submounts: crate::mounts::Submounts,
 }
 
 impl Export {
@@ -98,7 +100,9 @@ impl Export {
         let area_root = root
             .try_clone()
             .map_err(|e| open_err(std::io::Error::from_raw_os_error(sys::errno_of(&e))))?;
+        let submounts = crate::mounts::Submounts::watch(&path);
         Ok(Export {
+            submounts,
             root,
             path,
             read_only,
@@ -212,6 +216,55 @@ impl Export {
         self.resolve_dir(path)
             .and_then(|d| sys::fstat(d.as_fd()))
             .is_ok_and(|st| (st.st_dev, st.st_ino) == (dev, ino))
+    }
+
+    /// Whether a call on `name` in `parent` (on `parent` itself for `None`) stays on the
+    /// export's own filesystem: no directory on the way is another filesystem's mount
+    /// point, and neither is `name`. Checked only while something is mounted beneath
+    /// the root (see [`crate::mounts`]); a path that cannot be resolved stays home (the
+    /// call fails there the same way at once).
+    pub fn at_home(&self, parent: &RelPath, name: Option<&Name>) -> bool {
+        if !self.submounts.any() {
+            return true;
+        }
+        if check_path(&parent.0).is_err() {
+            return true;
+        }
+        let c = if parent.is_root() {
+            c".".to_owned()
+        } else {
+            match sys::cstring(&parent.0) {
+                Ok(c) => c,
+                Err(_) => return true,
+            }
+        };
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // (EXDEV: the walk crossed a mount point, or tried to leave the root.)
+        let dir = match sys::openat2(
+            self.root.as_fd(),
+            &c,
+            flags,
+            RESOLVE | libc::RESOLVE_NO_XDEV,
+        ) {
+            Ok(dir) => dir,
+            Err(e) => return e != libc::EXDEV,
+        };
+        let Some(name) = name else { return true };
+        match sys::cstring(&name.0) {
+            Ok(n) => !sys::mounted_on(dir.as_fd(), &n, self.root_dev).unwrap_or(false),
+            Err(_) => true,
+        }
+    }
+
+    /// [`Export::at_home`] for a whole path.
+    pub fn path_at_home(&self, path: &RelPath) -> bool {
+        if !self.submounts.any() {
+            return true;
+        }
+        match path.split_last() {
+            Some((parent, name)) => self.at_home(&parent, Some(&name)),
+            None => self.at_home(path, None),
+        }
     }
 
     /// The parent directory of an entry and its validated name, for the `*at` calls.

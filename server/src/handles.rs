@@ -28,6 +28,9 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened `O_WRONLY` or `O_RDWR`: `SetAttr` may `ftruncate` through it.
     pub writable: bool,
+    /// On another filesystem than the export's (mounted beneath it): calls through it
+    /// may wait on that filesystem, so none runs on a connection's task.
+    pub foreign: bool,
     /// Writes go to a staging file until `Commit` (see [`crate::staging`]). Its lock is
     /// held for a whole operation on the handle, system calls included: that is what
     /// keeps a commit from interleaving with a write. It serializes only this handle.
@@ -47,6 +50,7 @@ impl OpenFile {
         OpenFile {
             fd,
             writable,
+            foreign: false,
             staging: staging.map(Mutex::new),
             writes_running: AtomicU64::new(0),
             writes_done: tokio::sync::Notify::new(),

@@ -25,6 +25,7 @@ pub mod conn;
 pub mod export;
 pub mod failpoint;
 pub mod handles;
+pub mod mounts;
 pub mod once;
 pub mod ops;
 pub mod reap;

@@ -132,6 +132,30 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<libc::sta
     Ok(unsafe { st.assume_init() })
 }
 
+/// Whether `name` in `dir` is another filesystem's root (a mount point beneath it):
+/// true when the kernel says so (`STATX_ATTR_MOUNT_ROOT`) or, where it cannot, when
+/// its device is not `home_dev`. Asked without revalidating (`AT_STATX_DONT_SYNC`), so
+/// a hung network or FUSE filesystem mounted there answers from what it cached.
+pub fn mounted_on(dir: BorrowedFd<'_>, name: &CStr, home_dev: u64) -> Result<bool, Errno> {
+    let mut stx = MaybeUninit::<libc::statx>::uninit();
+    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC;
+    // SAFETY: valid out pointer and NUL-terminated name.
+    cvt(unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_TYPE,
+            stx.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: initialized by the successful call above.
+    let stx = unsafe { stx.assume_init() };
+    let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Ok(stx.stx_attributes & root != 0 || dev != home_dev)
+}
+
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs, Errno> {
     let mut st = MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: valid out pointer.

@@ -394,47 +394,91 @@ impl Drop for Resume {
     }
 }
 
-/// A read waiting on a hung disk under the export holds up only its own connection:
+/// A server under test (`--threads 1`) whose export holds a "disk" that can hang: a
+/// ferry mount over a second server, which `bottom.signal(SIGSTOP)` freezes.
+struct HungDisk {
+    // (In drop order: the top server stops before the mount inside its export goes.)
+    top: TestServer,
+    _disk: TestMount,
+    bottom: TestServer,
+    /// The mount's name in the top server's export.
+    sub: String,
+}
+
+impl HungDisk {
+    /// `None` without FUSE. `bottom` may prepare its export first.
+    fn new(bottom_export: impl FnOnce(&TestServer)) -> Option<HungDisk> {
+        if !require_fuse() {
+            return None;
+        }
+        let bottom = TestServer::start();
+        bottom_export(&bottom);
+        let top_export = ferry_tests::temp_dir("export");
+        let disk_dir = tempfile::Builder::new()
+            .prefix("disk")
+            .tempdir_in(top_export.path())
+            .expect("mountpoint");
+        let sub = disk_dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name")
+            .to_string();
+        let top = TestServer::start_on(top_export, &["--threads", "1"]);
+        // A long timeout: the hung disk stays hung for the whole test.
+        let disk = TestMount::try_mount_on(disk_dir, &bottom.remote(), &["--timeout", "120"], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Some(HungDisk {
+            top,
+            _disk: disk,
+            bottom,
+            sub,
+        })
+    }
+
+    /// Freeze the disk until the guard drops.
+    fn hang(&self) -> Resume {
+        self.bottom.signal(libc::SIGSTOP);
+        Resume(self.bottom.pid())
+    }
+
+    /// Another client is welcomed and its ping answered within 5 s.
+    fn assert_others_served(&self, while_: &str) {
+        let addr = self.top.addr();
+        let other = with_deadline(std::time::Duration::from_secs(5), move || {
+            let (mut c2, _) = RawConn::handshake(addr);
+            c2.call(Request::Ping)
+        });
+        assert_eq!(
+            other,
+            Some(Ok(Response::Pong)),
+            "another client while {while_} (None: no answer in 5 s)\n--- ferryd ---\n{}",
+            self.top.log()
+        );
+    }
+}
+
+/// A small read of a file on a hung disk under the export waits for that disk, but
 /// another client is welcomed and its ping answered meanwhile, even with one request
 /// thread (`--threads 1`, where the small read runs on the connection's own task), and
-/// the read gets its bytes once the disk is back. The hung disk is a ferry mount whose
-/// server is stopped (SIGSTOP), inside the export of the server under test.
+/// the read gets its bytes once the disk is back.
 #[test]
 fn a_read_waiting_on_a_hung_disk_holds_up_only_its_connection() {
-    if !require_fuse() {
-        return;
-    }
     const AT: u64 = 200 << 20;
-    let bottom = TestServer::start();
-    // None of its bytes read through the mount over it: reading them needs the server.
-    let f = fs::File::create(bottom.export("big")).expect("create");
-    f.set_len(256 << 20).expect("set_len");
-    std::os::unix::fs::FileExt::write_all_at(&f, b"hung", AT).expect("write");
-    drop(f);
-    let top_export = ferry_tests::temp_dir("export");
-    let disk_dir = tempfile::Builder::new()
-        .prefix("disk")
-        .tempdir_in(top_export.path())
-        .expect("mountpoint");
-    let sub = disk_dir
-        .path()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("utf-8 name")
-        .to_string();
-    // (Declared before the top server: unmounted after it has stopped.)
-    let _disk;
-    let top = TestServer::start_on(top_export, &["--threads", "1"]);
-    // A long timeout: the hung disk stays hung for the whole test.
-    _disk = TestMount::try_mount_on(disk_dir, &bottom.remote(), &["--timeout", "120"], None)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (mut c1, _) = RawConn::handshake(top.addr());
-    let handle = match c1.call(open(&format!("{sub}/big"), libc::O_RDONLY)) {
-        Ok(Response::Opened { handle, .. }) => handle,
-        other => panic!("Open {sub}/big: {other:?}"),
+    let Some(h) = HungDisk::new(|bottom| {
+        // None of its bytes read through the mount over it: reading them needs the server.
+        let f = fs::File::create(bottom.export("big")).expect("create");
+        f.set_len(256 << 20).expect("set_len");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hung", AT).expect("write");
+    }) else {
+        return;
     };
-    bottom.signal(libc::SIGSTOP);
-    let resume = Resume(bottom.pid());
+    let (mut c1, _) = RawConn::handshake(h.top.addr());
+    let handle = match c1.call(open(&format!("{}/big", h.sub), libc::O_RDONLY)) {
+        Ok(Response::Opened { handle, .. }) => handle,
+        other => panic!("Open {}/big: {other:?}", h.sub),
+    };
+    let resume = h.hang();
     let id = c1
         .send_request(Request::Read {
             handle,
@@ -442,21 +486,37 @@ fn a_read_waiting_on_a_hung_disk_holds_up_only_its_connection() {
             len: 4096,
         })
         .expect("send Read");
-    let addr = top.addr();
-    let other = with_deadline(std::time::Duration::from_secs(5), move || {
-        let (mut c2, _) = RawConn::handshake(addr);
-        c2.call(Request::Ping)
-    });
-    assert_eq!(
-        other,
-        Some(Ok(Response::Pong)),
-        "another client while a read waits on a hung disk (None: no answer in 5 s)\n\
-         --- ferryd ---\n{}",
-        top.log()
-    );
+    h.assert_others_served("a read waits on a hung disk");
     drop(resume);
     match c1.reply_to(id) {
         Ok(Response::Data(d)) => assert_eq!(&d[..4], b"hung", "the read's bytes"),
         other => panic!("the read once the disk is back: {other:?}"),
     }
+}
+
+/// Lookups and attributes run on the connection's task (they take microseconds on the
+/// export's disk), but not those that reach into another filesystem mounted beneath
+/// the export: a lookup in a hung mount waits on a request thread, and the server goes
+/// on serving others (one runtime thread: `--threads 1`).
+#[test]
+fn a_lookup_in_a_hung_mount_holds_up_only_its_connection() {
+    let Some(h) = HungDisk::new(|_| {}) else {
+        return;
+    };
+    let (mut c1, _) = RawConn::handshake(h.top.addr());
+    let resume = h.hang();
+    // A name the mount over the stopped server has never seen: it must ask that server.
+    let id = c1
+        .send_request(Request::Lookup {
+            parent: rel(&h.sub),
+            name: name("never-seen"),
+        })
+        .expect("send Lookup");
+    h.assert_others_served("a lookup waits on a hung mount");
+    drop(resume);
+    assert_eq!(
+        c1.reply_to(id),
+        Err(libc::ENOENT),
+        "the lookup once the mount is back"
+    );
 }

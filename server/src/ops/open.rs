@@ -57,14 +57,16 @@ fn opened(
     writable: bool,
     staging: Option<Staging>,
 ) -> Result<Response, Errno> {
-    check_openable(&sys::fstat(fd.as_fd())?)?;
+    let own = sys::fstat(fd.as_fd())?;
+    check_openable(&own)?;
     // As seen through the handle: a staged truncation shows.
     let st = match &staging {
         Some(s) => s.stat(fd.as_fd())?,
-        None => sys::fstat(fd.as_fd())?,
+        None => own,
     };
     let attr = attr_of(&st, ctx.export.root_dev());
-    let file = OpenFile::new(fd, writable, staging);
+    let mut file = OpenFile::new(fd, writable, staging);
+    file.foreign = own.st_dev != ctx.export.root_dev();
     let handle = ctx.handles.insert(Handle::File(Arc::new(file)))?;
     Ok(Response::Opened { handle, attr })
 }
