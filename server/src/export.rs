@@ -256,6 +256,11 @@ impl Export {
         }
     }
 
+    /// Whether anything is mounted beneath the root (see [`crate::mounts`]).
+    pub fn has_submounts(&self) -> bool {
+        self.submounts.any()
+    }
+
     /// [`Export::at_home`] for a whole path.
     pub fn path_at_home(&self, path: &RelPath) -> bool {
         if !self.submounts.any() {

@@ -132,11 +132,16 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<libc::sta
     Ok(unsafe { st.assume_init() })
 }
 
-/// Whether `name` in `dir` is another filesystem's root (a mount point beneath it):
-/// true when the kernel says so (`STATX_ATTR_MOUNT_ROOT`) or, where it cannot, when
-/// its device is not `home_dev`. Asked without revalidating (`AT_STATX_DONT_SYNC`), so
-/// a hung network or FUSE filesystem mounted there answers from what it cached.
-pub fn mounted_on(dir: BorrowedFd<'_>, name: &CStr, home_dev: u64) -> Result<bool, Errno> {
+/// `name` in `dir` as the kernel has it, without revalidating (`AT_STATX_DONT_SYNC`):
+/// a hung network or FUSE filesystem answers from what it cached. With it, whether the
+/// name is another filesystem's root (a mount point beneath `dir`): true when the kernel
+/// says so (`STATX_ATTR_MOUNT_ROOT`) or, where it cannot, when its device is not
+/// `home_dev`.
+pub fn stat_unsynced(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    home_dev: u64,
+) -> Result<(libc::stat, bool), Errno> {
     let mut stx = MaybeUninit::<libc::statx>::uninit();
     let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC;
     // SAFETY: valid out pointer and NUL-terminated name.
@@ -145,15 +150,34 @@ pub fn mounted_on(dir: BorrowedFd<'_>, name: &CStr, home_dev: u64) -> Result<boo
             dir.as_raw_fd(),
             name.as_ptr(),
             flags,
-            libc::STATX_TYPE,
+            libc::STATX_BASIC_STATS,
             stx.as_mut_ptr(),
         )
     })?;
     // SAFETY: initialized by the successful call above.
-    let stx = unsafe { stx.assume_init() };
-    let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-    Ok(stx.stx_attributes & root != 0 || dev != home_dev)
+    let x = unsafe { stx.assume_init() };
+    // SAFETY: all-zero is a valid `stat` (plain integers).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    st.st_dev = libc::makedev(x.stx_dev_major, x.stx_dev_minor);
+    st.st_ino = x.stx_ino;
+    st.st_mode = u32::from(x.stx_mode);
+    st.st_nlink = x.stx_nlink.into();
+    st.st_uid = x.stx_uid;
+    st.st_gid = x.stx_gid;
+    st.st_rdev = libc::makedev(x.stx_rdev_major, x.stx_rdev_minor);
+    st.st_size = x.stx_size as i64;
+    st.st_blksize = x.stx_blksize as _;
+    st.st_blocks = x.stx_blocks as i64;
+    (st.st_atime, st.st_atime_nsec) = (x.stx_atime.tv_sec, x.stx_atime.tv_nsec.into());
+    (st.st_mtime, st.st_mtime_nsec) = (x.stx_mtime.tv_sec, x.stx_mtime.tv_nsec.into());
+    (st.st_ctime, st.st_ctime_nsec) = (x.stx_ctime.tv_sec, x.stx_ctime.tv_nsec.into());
+    let root = x.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
+    Ok((st, root || st.st_dev != home_dev))
+}
+
+/// Whether `name` in `dir` is another filesystem's root: see [`stat_unsynced`].
+pub fn mounted_on(dir: BorrowedFd<'_>, name: &CStr, home_dev: u64) -> Result<bool, Errno> {
+    stat_unsynced(dir, name, home_dev).map(|(_, elsewhere)| elsewhere)
 }
 
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs, Errno> {

@@ -436,6 +436,10 @@ impl HungDisk {
         })
     }
 
+    fn disk(&self) -> &TestMount {
+        &self._disk
+    }
+
     /// Freeze the disk until the guard drops.
     fn hang(&self) -> Resume {
         self.bottom.signal(libc::SIGSTOP);
@@ -518,5 +522,80 @@ fn a_lookup_in_a_hung_mount_holds_up_only_its_connection() {
         c1.reply_to(id),
         Err(libc::ENOENT),
         "the lookup once the mount is back"
+    );
+}
+
+/// A listing of the directory a hung mount sits in answers at once: the mount point's
+/// attributes are what the kernel has cached of it, not asked of the hung filesystem.
+/// (The kernel's copy of the mount's root is made stale first: a change on its
+/// server's disk, whose event makes the mount drop it; then the mount's own daemon is
+/// stopped, so a plain stat of its root waits.) A lookup of the mount point itself
+/// does wait, on the pool: other clients are served meanwhile.
+#[test]
+fn a_hung_mount_point_holds_up_neither_its_parents_listing_nor_other_clients() {
+    let Some(h) = HungDisk::new(|_| {}) else {
+        return;
+    };
+    let events = || h.disk().stats().get_or_zero("events_received");
+    assert!(
+        ferry_tests::poll_until(Duration::from_secs(10), || h
+            .disk()
+            .stats()
+            .flag("events_live")),
+        "the mount's event stream did not come up"
+    );
+    // The mount holds its root's listing: the server tells it of changes there.
+    assert_eq!(fs::read_dir(h.disk().path()).expect("list").count(), 0);
+    let before = events();
+    fs::write(h.bottom.export("changed"), b"x").expect("write on the disk's server");
+    assert!(
+        ferry_tests::poll_until(Duration::from_secs(10), || events() > before),
+        "the mount never heard of the change"
+    );
+    let (mut c1, _) = RawConn::handshake(h.top.addr());
+    let daemons = h.disk().daemon_pids();
+    assert!(!daemons.is_empty(), "the mount's daemon");
+    for &pid in &daemons {
+        ferry_tests::sys::kill(pid, libc::SIGSTOP);
+    }
+    let _resume: Vec<Resume> = daemons.into_iter().map(Resume).collect();
+    let addr = h.top.addr();
+    let listed = with_deadline(Duration::from_secs(5), move || {
+        let (mut c, _) = RawConn::handshake(addr);
+        c.call(Request::ListDir {
+            path: rel(""),
+            max_entries: 100,
+            speculative: false,
+        })
+    });
+    let names: Vec<String> = match listed {
+        Some(Ok(Response::Listing { entries, .. })) => entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name.0).into_owned())
+            .collect(),
+        other => panic!(
+            "listing the hung mount's parent (None: no answer in 5 s): {other:?}\n\
+             --- ferryd ---\n{}",
+            h.top.log()
+        ),
+    };
+    assert_eq!(
+        names,
+        std::slice::from_ref(&h.sub),
+        "the top export's entries"
+    );
+    // Its own lookup waits on the pool; the connection's other requests too, but
+    // other clients are served.
+    let id = c1
+        .send_request(Request::Lookup {
+            parent: rel(""),
+            name: name(&h.sub),
+        })
+        .expect("send Lookup");
+    h.assert_others_served("a lookup of a hung mount point waits");
+    drop(_resume);
+    assert!(
+        matches!(c1.reply_to(id), Ok(Response::Attr(_))),
+        "the lookup of the mount point once its server is back"
     );
 }

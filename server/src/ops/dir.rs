@@ -230,6 +230,32 @@ impl Stat {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let cname = sys::cstring(name)?;
+            // Another filesystem mounted here (only looked for while there is one
+            // beneath the export) gives what the kernel has cached of its root: a
+            // hung NFS or FUSE mount must not hang the listing of its parent. It is
+            // not watched (its changes are not seen) and not probed for xattrs.
+            let home_dev = self.export.root_dev();
+            let unsynced = match self.export.has_submounts() {
+                true => match sys::stat_unsynced(dir, &cname, home_dev) {
+                    Ok((st, true)) => Some(st),
+                    Ok((_, false)) => None,
+                    Err(libc::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                },
+                false => None,
+            };
+            if let Some(st) = unsynced {
+                if crate::redo::reserved(name) && self.export.is_root(dir) {
+                    continue;
+                }
+                let mut attr = attr_of(&st, home_dev);
+                attr.uncovered = true;
+                out.push(DirEntry {
+                    name: Name(name.clone()),
+                    attr,
+                });
+                continue;
+            }
             let mut st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(libc::ENOENT) => continue,
