@@ -45,7 +45,9 @@ pub fn read_cached(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Option<Respons
         return None;
     }
     let f = ctx.handles.file(handle).ok()?;
-    if f.staging().is_some() {
+    // A staged handle reads through its staging; a file on another filesystem mounted
+    // beneath the export may wait for it even for cached pages (a revalidation).
+    if f.staging.is_some() || f.foreign {
         return None;
     }
     let start = offset(off).ok()?;
