@@ -1755,3 +1755,64 @@ fn a_new_mount_lists_what_the_export_has_even_after_ferryd_kept_the_listing() {
     }
     stream_stayed_up(&fx.mount);
 }
+
+/// The kernel forgets entries under memory pressure (here `drop_caches`) and keeps the
+/// directory (held open) with its cached pages of the listing: `ls -l` then looks
+/// every name up again. The mount's kept listing answers those lookups without a round
+/// trip each (as readdirplus would have), and a name changed on the export since is
+/// asked of the server (its event dropped the kept listing).
+#[test]
+fn names_the_kernel_forgot_are_answered_from_the_kept_listing() {
+    const N: usize = 500;
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d")).expect("mkdir");
+        for i in 0..N {
+            fs::write(e.join(format!("d/f{i:03}")), vec![b'x'; i % 7]).expect("write");
+        }
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let sizes = |dir: &Path| -> Vec<(std::ffi::OsString, u64)> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name(), e.metadata().expect("lstat").len())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let want = sizes(&fx.exp("d"));
+    assert_eq!(want.len(), N);
+    assert!(sizes(&fx.mnt("d")) == want, "the first listing");
+    let held = fs::File::open(fx.mnt("d")).expect("open the directory");
+    let known = fx.mount.stats().get("inodes_known");
+    drop_caches(2).expect("drop_caches");
+    eventually("the kernel's FORGETs of the entries", || {
+        fx.mount.stats().get("inodes_known") + (N as u64) / 2 < known
+    });
+    let before = fx.mount.stats();
+    assert!(
+        sizes(&fx.mnt("d")) == want,
+        "the listing after the kernel forgot"
+    );
+    let after = fx.mount.stats();
+    assert_eq!(
+        after.get_or_zero("requests.lookup"),
+        before.get_or_zero("requests.lookup"),
+        "names the kernel forgot were looked up on the server\nbefore:\n{before}\nafter:\n{after}"
+    );
+    assert!(
+        after.get_or_zero("lookups_without_round_trip")
+            >= before.get_or_zero("lookups_without_round_trip") + (N as u64) / 2,
+        "the kernel did not look the names up again (nothing tested)\nbefore:\n{before}\nafter:\n{after}"
+    );
+    fs::write(fx.exp("d/f001"), b"changed on the export").expect("rewrite");
+    eventually("the new size through the mount", || {
+        fs::metadata(fx.mnt("d/f001")).is_ok_and(|m| m.len() == 21)
+    });
+    drop(held);
+    stream_stayed_up(&fx.mount);
+}

@@ -9,14 +9,23 @@
 //! it one binary search per kept listing, 0.5 ms there, for 8 bytes more per file.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
 
-use ferry_common::proto::{DirEntry, FileKind};
+use ferry_common::proto::{Attr, DirEntry, FileKind};
 
 struct Kept {
     entries: Arc<Vec<DirEntry>>,
     /// Server inode numbers of the listing's non-directory entries, sorted.
     files: Box<[u64]>,
+    /// (hash of the name, index of the entry), sorted: made at the first
+    /// [`Listings::find`] (a kernel that forgot entries it had from this listing).
+    names: OnceLock<Box<[(u64, u32)]>>,
+}
+
+/// The names' hash: any fixed one (the index lives as long as the process).
+fn name_hash(name: &[u8]) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one(name)
 }
 
 #[derive(Default)]
@@ -45,8 +54,32 @@ impl Listings {
             Kept {
                 entries: Arc::clone(entries),
                 files: files.into_boxed_slice(),
+                names: OnceLock::new(),
             }
         });
+    }
+
+    /// The attributes the kept listing of `dir` has for `name`.
+    pub fn find(&self, dir: u64, name: &[u8]) -> Option<Attr> {
+        let k = self.by_dir.get(&dir)?;
+        let names = k.names.get_or_init(|| {
+            let mut v: Vec<(u64, u32)> = k
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (name_hash(&e.name.0), i as u32))
+                .collect();
+            v.sort_unstable();
+            v.into_boxed_slice()
+        });
+        let h = name_hash(name);
+        let first = names.partition_point(|&(x, _)| x < h);
+        names[first..]
+            .iter()
+            .take_while(|&&(x, _)| x == h)
+            .map(|&(_, i)| &k.entries[i as usize])
+            .find(|e| e.name.0 == name)
+            .map(|e| e.attr)
     }
 
     pub fn remove(&mut self, dir: u64) {
@@ -97,5 +130,19 @@ mod tests {
         assert!(Arc::ptr_eq(l.get(4).unwrap_or(&a), &c));
         l.remove(4);
         assert!(l.get(4).is_none());
+    }
+
+    #[test]
+    fn names_are_found_in_a_kept_listing() {
+        let mut l = Listings::default();
+        let many: Vec<DirEntry> = (1..=5000).map(|i| entry(i, FileKind::File)).collect();
+        l.keep(1, &Arc::new(many));
+        for i in [1u64, 2, 2500, 4999, 5000] {
+            let found = l.find(1, format!("n{i}").as_bytes());
+            assert_eq!(found.map(|a| a.ino), Some(i), "n{i}");
+        }
+        assert!(l.find(1, b"n0").is_none());
+        assert!(l.find(1, b"n5001").is_none());
+        assert!(l.find(2, b"n1").is_none(), "no listing kept for 2");
     }
 }

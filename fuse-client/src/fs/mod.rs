@@ -1039,12 +1039,15 @@ impl Core {
             if nodes.is_unverified(parent, name) {
                 return None;
             }
-            nodes.child(parent, name)?
+            nodes.child(parent, name)
         };
         // (A name in a directory the server does not watch may have changed unreported.)
         if self.uncovered(parent) {
             return None;
         }
+        let Some(ino) = ino else {
+            return self.lookup_listed(parent, name);
+        };
         let attr = self.known_attr(ino)?;
         // The reply gives the kernel one more reference, as any lookup does.
         self.nodes
@@ -1055,6 +1058,29 @@ impl Core {
             .lookups_without_round_trip
             .fetch_add(1, Ordering::Relaxed);
         Some(Ok(attr))
+    }
+
+    /// A name the kernel had from a kept listing and forgot since (memory pressure
+    /// evicts dentries; the directory stays, and its cached pages list the name): a
+    /// `stat` of it is answered from the listing, as readdirplus would have, instead of
+    /// one round trip per name. Not for entries the server could not watch, nor while
+    /// events are down (no listing is kept then). An event about the name drops the
+    /// listing first; one that comes after it was read here invalidates the kernel's
+    /// entry, which waits for this lookup to finish (the kernel holds the directory's
+    /// lock while it looks up), so a stale answer does not stay.
+    fn lookup_listed(&self, parent: u64, name: &[u8]) -> Option<FsResult<Attr>> {
+        if !self.client.events_live() {
+            return None;
+        }
+        let attr = self.dir_cache.lock().ok()?.find(parent, name)?;
+        if attr.uncovered {
+            return None;
+        }
+        let r = self.entry(parent, name, attr);
+        self.stats
+            .lookups_without_round_trip
+            .fetch_add(1, Ordering::Relaxed);
+        Some(r)
     }
 
     /// Attributes answerable without the server, for the FUSE thread.
