@@ -649,7 +649,14 @@ fn runs_inline(r: &Request) -> bool {
 /// holds up only its own connection.
 fn stays_home(ctx: &Ctx, r: &Request) -> bool {
     let e = &ctx.export;
-    let foreign = |h: &u64| ctx.handles.file(*h).is_ok_and(|f| f.foreign);
+    // (Nothing is foreign while nothing is mounted beneath the export.)
+    let foreign = |h: &u64| {
+        e.has_submounts()
+            && ctx.handles.get(*h).is_ok_and(|h| match h {
+                crate::handles::Handle::File(f) => f.foreign,
+                crate::handles::Handle::Dir(d) => d.foreign,
+            })
+    };
     match r {
         Request::GetAttr {
             handle: Some(h), ..
@@ -658,7 +665,8 @@ fn stays_home(ctx: &Ctx, r: &Request) -> bool {
             handle: Some(h), ..
         }
         | Request::Write { handle: h, .. }
-        | Request::Release { handle: h } => !foreign(h),
+        | Request::Release { handle: h }
+        | Request::ReleaseDir { handle: h } => !foreign(h),
         Request::Lookup { parent, name }
         | Request::MkDir { parent, name, .. }
         | Request::Unlink { parent, name }
@@ -737,6 +745,11 @@ fn quick_read(ctx: &Ctx, r: &Request, pool_idle: bool) -> QuickRead {
         return QuickRead::No;
     };
     if len as usize > INLINE_READ_MAX {
+        return QuickRead::No;
+    }
+    // A file on another filesystem mounted beneath the export may wait for it: the
+    // pool's, not this connection's (nor the one disk-read slot's).
+    if ctx.export.has_submounts() && ctx.handles.file(handle).is_ok_and(|f| f.foreign) {
         return QuickRead::No;
     }
     if let Some(data) = ops::read_cached(ctx, handle, offset, len) {

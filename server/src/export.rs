@@ -68,6 +68,8 @@ pub struct Export {
     answers: crate::once::Answers,
     /// Whether other filesystems are mounted beneath the root (see [`Export::at_home`]).
     submounts: crate::mounts::Submounts,
+    /// The root's mount id (see [`Export::foreign`]).
+    root_mount: Option<u64>,
 }
 
 impl Export {
@@ -101,8 +103,10 @@ impl Export {
             .try_clone()
             .map_err(|e| open_err(std::io::Error::from_raw_os_error(sys::errno_of(&e))))?;
         let submounts = crate::mounts::Submounts::watch(&path);
+        let root_mount = sys::mount_id(root.as_fd());
         Ok(Export {
             submounts,
+            root_mount,
             root,
             path,
             read_only,
@@ -219,40 +223,55 @@ impl Export {
     }
 
     /// Whether a call on `name` in `parent` (on `parent` itself for `None`) stays on the
-    /// export's own filesystem: no directory on the way is another filesystem's mount
-    /// point, and neither is `name`. Checked only while something is mounted beneath
-    /// the root (see [`crate::mounts`]); a path that cannot be resolved stays home (the
-    /// call fails there the same way at once).
+    /// export's own filesystem: the walk to it crosses no mount point, its own name
+    /// included. One `openat2(O_PATH | O_NOFOLLOW)` with `RESOLVE_NO_XDEV`, which
+    /// fails with EXDEV before it would enter another filesystem: nothing is asked of
+    /// that one (no revalidation, no automount). Checked only while something is
+    /// mounted beneath the root (see [`crate::mounts`]). A bad name or path stays home:
+    /// the call fails there at once, before touching anything.
     pub fn at_home(&self, parent: &RelPath, name: Option<&Name>) -> bool {
         if !self.submounts.any() {
             return true;
         }
-        if check_path(&parent.0).is_err() {
+        if check_path(&parent.0).is_err() || name.is_some_and(|n| check_name(&n.0).is_err()) {
             return true;
         }
-        let c = if parent.is_root() {
-            c".".to_owned()
-        } else {
-            match sys::cstring(&parent.0) {
-                Ok(c) => c,
-                Err(_) => return true,
+        let mut path = parent.0.clone();
+        if let Some(n) = name {
+            if !path.is_empty() {
+                path.push(b'/');
             }
+            path.extend_from_slice(&n.0);
+        }
+        if path.is_empty() {
+            return true;
+        }
+        let Ok(c) = sys::cstring(&path) else {
+            return true;
         };
-        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        // (EXDEV: the walk crossed a mount point, or tried to leave the root.)
-        let dir = match sys::openat2(
+        let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // (EXDEV: the walk would have crossed a mount point, or left the root.)
+        match sys::openat2(
             self.root.as_fd(),
             &c,
             flags,
             RESOLVE | libc::RESOLVE_NO_XDEV,
         ) {
-            Ok(dir) => dir,
-            Err(e) => return e != libc::EXDEV,
-        };
-        let Some(name) = name else { return true };
-        match sys::cstring(&name.0) {
-            Ok(n) => !sys::mounted_on(dir.as_fd(), &n, self.root_dev).unwrap_or(false),
-            Err(_) => true,
+            Ok(_) => true,
+            Err(e) => e != libc::EXDEV,
+        }
+    }
+
+    /// Whether the open `fd` is on another mount than the root (a filesystem mounted
+    /// beneath it): by mount id, or, on kernels without one, by device. Asked only
+    /// while something is mounted beneath the root: otherwise nothing is.
+    pub fn foreign(&self, fd: BorrowedFd<'_>) -> bool {
+        if !self.submounts.any() {
+            return false;
+        }
+        match (self.root_mount, sys::mount_id(fd)) {
+            (Some(root), Some(id)) => id != root,
+            _ => sys::fstat(fd).is_ok_and(|st| st.st_dev != self.root_dev),
         }
     }
 

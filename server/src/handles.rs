@@ -9,6 +9,7 @@
 //! `Arc` out of the map and the I/O happens after the lock is released.
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +26,8 @@ pub const MAX_HANDLES: usize = 1 << 16;
 /// An open file: a real descriptor (not `O_PATH`), usable after the file is unlinked.
 #[derive(Debug)]
 pub struct OpenFile {
-    pub fd: OwnedFd,
+    /// Closed on drop: see [`close_off_thread`].
+    pub fd: ManuallyDrop<OwnedFd>,
     /// Opened `O_WRONLY` or `O_RDWR`: `SetAttr` may `ftruncate` through it.
     pub writable: bool,
     /// On another filesystem than the export's (mounted beneath it): calls through it
@@ -48,7 +50,7 @@ pub struct OpenFile {
 impl OpenFile {
     pub fn new(fd: OwnedFd, writable: bool, staging: Option<Staging>) -> OpenFile {
         OpenFile {
-            fd,
+            fd: ManuallyDrop::new(fd),
             writable,
             foreign: false,
             staging: staging.map(Mutex::new),
@@ -109,11 +111,46 @@ impl OpenFile {
     }
 }
 
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        // SAFETY: `fd` is not used again.
+        close_off_thread(unsafe { ManuallyDrop::take(&mut self.fd) }, self.foreign);
+    }
+}
+
+impl Drop for OpenDir {
+    fn drop(&mut self) {
+        // SAFETY: `fd` is not used again.
+        close_off_thread(unsafe { ManuallyDrop::take(&mut self.fd) }, self.foreign);
+    }
+}
+
+/// Close `fd`; one of a file on another filesystem mounted beneath the export on a
+/// thread of its own. A handle is dropped wherever its last reference goes, often on
+/// a runtime thread (a connection ending with files open), and a close there may wait
+/// for that filesystem (FUSE's FLUSH, NFS writing back): hung, it would hold up every
+/// connection on that thread.
+fn close_off_thread(fd: OwnedFd, foreign: bool) {
+    if !foreign {
+        return drop(fd);
+    }
+    // (Without a thread, the closure and the descriptor are dropped here.)
+    let spawned = std::thread::Builder::new()
+        .name("ferryd-close".into())
+        .spawn(move || drop(fd));
+    if spawned.is_err() {
+        tracing::warn!("no thread to close a file of another filesystem: closed here");
+    }
+}
+
 /// An open directory stream.
 #[derive(Debug)]
 pub struct OpenDir {
-    /// Descriptor of the directory, for `fstatat` of each entry and `GetAttr`.
-    pub fd: OwnedFd,
+    /// Descriptor of the directory, for `fstatat` of each entry and `GetAttr`. Closed
+    /// on drop: see [`close_off_thread`].
+    pub fd: ManuallyDrop<OwnedFd>,
+    /// On another filesystem mounted beneath the export (see [`OpenFile::foreign`]).
+    pub foreign: bool,
     /// The path it was opened by; may be stale after a rename (used only to re-add a
     /// change watch after checking it still leads to `fd`'s directory).
     pub path: RelPath,

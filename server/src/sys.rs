@@ -132,18 +132,18 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> Result<libc::sta
     Ok(unsafe { st.assume_init() })
 }
 
-/// `name` in `dir` as the kernel has it, without revalidating (`AT_STATX_DONT_SYNC`):
-/// a hung network or FUSE filesystem answers from what it cached. With it, whether the
-/// name is another filesystem's root (a mount point beneath `dir`): true when the kernel
-/// says so (`STATX_ATTR_MOUNT_ROOT`) or, where it cannot, when its device is not
-/// `home_dev`.
+/// `name` in `dir` as the kernel has it, without revalidating (`AT_STATX_DONT_SYNC`)
+/// and without triggering an automount: a hung network or FUSE filesystem answers
+/// from what it cached. With it, whether the name is another filesystem's root (a
+/// mount point in `dir`): when the kernel says so (`STATX_ATTR_MOUNT_ROOT`) or, on a
+/// kernel that cannot (before 5.8), when its device is not `dir_dev`.
 pub fn stat_unsynced(
     dir: BorrowedFd<'_>,
     name: &CStr,
-    home_dev: u64,
+    dir_dev: u64,
 ) -> Result<(libc::stat, bool), Errno> {
     let mut stx = MaybeUninit::<libc::statx>::uninit();
-    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC;
+    let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC | libc::AT_NO_AUTOMOUNT;
     // SAFETY: valid out pointer and NUL-terminated name.
     cvt(unsafe {
         libc::statx(
@@ -171,13 +171,31 @@ pub fn stat_unsynced(
     (st.st_atime, st.st_atime_nsec) = (x.stx_atime.tv_sec, x.stx_atime.tv_nsec.into());
     (st.st_mtime, st.st_mtime_nsec) = (x.stx_mtime.tv_sec, x.stx_mtime.tv_nsec.into());
     (st.st_ctime, st.st_ctime_nsec) = (x.stx_ctime.tv_sec, x.stx_ctime.tv_nsec.into());
-    let root = x.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
-    Ok((st, root || st.st_dev != home_dev))
+    let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    let mounted = match x.stx_attributes_mask & root != 0 {
+        true => x.stx_attributes & root != 0,
+        false => st.st_dev != dir_dev,
+    };
+    Ok((st, mounted))
 }
 
-/// Whether `name` in `dir` is another filesystem's root: see [`stat_unsynced`].
-pub fn mounted_on(dir: BorrowedFd<'_>, name: &CStr, home_dev: u64) -> Result<bool, Errno> {
-    stat_unsynced(dir, name, home_dev).map(|(_, elsewhere)| elsewhere)
+/// The id of the mount `fd` is on (`STATX_MNT_ID`, Linux 5.8); `None` where unknown.
+pub fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut stx = MaybeUninit::<libc::statx>::uninit();
+    // SAFETY: valid out pointer; the empty path names `fd` itself (AT_EMPTY_PATH).
+    cvt(unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    })
+    .ok()?;
+    // SAFETY: initialized by the successful call above.
+    let x = unsafe { stx.assume_init() };
+    (x.stx_mask & libc::STATX_MNT_ID != 0).then_some(x.stx_mnt_id)
 }
 
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> Result<libc::statvfs, Errno> {

@@ -424,10 +424,12 @@ impl HungDisk {
             .and_then(|n| n.to_str())
             .expect("utf-8 name")
             .to_string();
-        let top = TestServer::start_on(top_export, &["--threads", "1"]);
-        // A long timeout: the hung disk stays hung for the whole test.
+        // A long timeout: the hung disk stays hung for the whole test. Mounted before
+        // the top server starts, which then finds it in the mount table at once (how
+        // it follows later mounts: `mounts::tests`).
         let disk = TestMount::try_mount_on(disk_dir, &bottom.remote(), &["--timeout", "120"], None)
             .unwrap_or_else(|e| panic!("{e}"));
+        let top = TestServer::start_on(top_export, &["--threads", "1"]);
         Some(HungDisk {
             top,
             _disk: disk,
@@ -442,8 +444,9 @@ impl HungDisk {
 
     /// Freeze the disk until the guard drops.
     fn hang(&self) -> Resume {
+        let resume = Resume(self.bottom.pid());
         self.bottom.signal(libc::SIGSTOP);
-        Resume(self.bottom.pid())
+        resume
     }
 
     /// Another client is welcomed and its ping answered within 5 s.
@@ -555,10 +558,10 @@ fn a_hung_mount_point_holds_up_neither_its_parents_listing_nor_other_clients() {
     let (mut c1, _) = RawConn::handshake(h.top.addr());
     let daemons = h.disk().daemon_pids();
     assert!(!daemons.is_empty(), "the mount's daemon");
+    let _resume: Vec<Resume> = daemons.iter().map(|&pid| Resume(pid)).collect();
     for &pid in &daemons {
         ferry_tests::sys::kill(pid, libc::SIGSTOP);
     }
-    let _resume: Vec<Resume> = daemons.into_iter().map(Resume).collect();
     let addr = h.top.addr();
     let listed = with_deadline(Duration::from_secs(5), move || {
         let (mut c, _) = RawConn::handshake(addr);
@@ -598,4 +601,42 @@ fn a_hung_mount_point_holds_up_neither_its_parents_listing_nor_other_clients() {
         matches!(c1.reply_to(id), Ok(Response::Attr(_))),
         "the lookup of the mount point once its server is back"
     );
+}
+
+/// Files open in a mount beneath the export are closed off the request threads: a
+/// `Release`, and the closes of a connection that ends with such files open, wait for
+/// the mount's daemon (FUSE sends a FLUSH on every close) while the server goes on
+/// serving other clients (one runtime thread: `--threads 1`).
+#[test]
+fn files_open_in_a_hung_mount_are_closed_off_the_request_threads() {
+    let Some(h) = HungDisk::new(|bottom| {
+        fs::write(bottom.export("f"), b"data").expect("write");
+    }) else {
+        return;
+    };
+    let path = format!("{}/f", h.sub);
+    let opened = |c: &mut RawConn| match c.call(open(&path, libc::O_RDWR)) {
+        Ok(Response::Opened { handle, .. }) | Ok(Response::OpenedWithData { handle, .. }) => handle,
+        other => panic!("Open {path}: {other:?}"),
+    };
+    let (mut c1, _) = RawConn::handshake(h.top.addr());
+    let (mut c2, _) = RawConn::handshake(h.top.addr());
+    let released = opened(&mut c1);
+    opened(&mut c2);
+    // The mount's own daemon stops: closes of its files wait for it.
+    let daemons = h.disk().daemon_pids();
+    assert!(!daemons.is_empty(), "the mount's daemon");
+    let _resume: Vec<Resume> = daemons.iter().map(|&pid| Resume(pid)).collect();
+    for &pid in &daemons {
+        ferry_tests::sys::kill(pid, libc::SIGSTOP);
+    }
+    let id = c1
+        .send_request(Request::Release { handle: released })
+        .expect("send Release");
+    h.assert_others_served("a release waits on a hung mount");
+    // A connection that ends with a file open there.
+    drop(c2);
+    h.assert_others_served("a connection's files in a hung mount are closed");
+    drop(_resume);
+    assert_eq!(c1.reply_to(id), Ok(Response::Ok), "the release");
 }

@@ -228,6 +228,11 @@ impl Stat {
         names: &[Vec<u8>],
     ) -> Result<Vec<DirEntry>, Errno> {
         let mut out = Vec::with_capacity(names.len());
+        // (Only looked for while something is mounted beneath the export.)
+        let dir_dev = match self.export.has_submounts() {
+            true => Some(sys::fstat(dir)?.st_dev),
+            false => None,
+        };
         for name in names {
             let cname = sys::cstring(name)?;
             // Another filesystem mounted here (only looked for while there is one
@@ -235,14 +240,14 @@ impl Stat {
             // hung NFS or FUSE mount must not hang the listing of its parent. It is
             // not watched (its changes are not seen) and not probed for xattrs.
             let home_dev = self.export.root_dev();
-            let unsynced = match self.export.has_submounts() {
-                true => match sys::stat_unsynced(dir, &cname, home_dev) {
+            let unsynced = match dir_dev {
+                Some(dev) => match sys::stat_unsynced(dir, &cname, dev) {
                     Ok((st, true)) => Some(st),
                     Ok((_, false)) => None,
                     Err(libc::ENOENT) => continue,
                     Err(e) => return Err(e),
                 },
-                false => None,
+                None => None,
             };
             if let Some(st) = unsynced {
                 if crate::redo::reserved(name) && self.export.is_root(dir) {
@@ -384,8 +389,10 @@ fn open_dir(ctx: &Ctx, path: &RelPath, speculative: bool) -> Result<Response, Er
             Listing::new(names, fill)
         }
     };
+    let foreign = ctx.export.foreign(fd.as_fd());
     let handle = ctx.handles.insert(Handle::Dir(Arc::new(OpenDir {
-        fd,
+        fd: std::mem::ManuallyDrop::new(fd),
+        foreign,
         path: path.clone(),
         listing,
     })))?;

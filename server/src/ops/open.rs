@@ -66,7 +66,7 @@ fn opened(
     };
     let attr = attr_of(&st, ctx.export.root_dev());
     let mut file = OpenFile::new(fd, writable, staging);
-    file.foreign = own.st_dev != ctx.export.root_dev();
+    file.foreign = ctx.export.foreign(file.fd.as_fd());
     let handle = ctx.handles.insert(Handle::File(Arc::new(file)))?;
     Ok(Response::Opened { handle, attr })
 }
