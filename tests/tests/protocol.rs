@@ -403,6 +403,17 @@ struct HungDisk {
     bottom: TestServer,
     /// The mount's name in the top server's export.
     sub: String,
+    /// Last: the top server's export, which it could not remove while the mount was
+    /// in it.
+    _export: RemovedOnDrop,
+}
+
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 impl HungDisk {
@@ -429,12 +440,14 @@ impl HungDisk {
         // it follows later mounts: `mounts::tests`).
         let disk = TestMount::try_mount_on(disk_dir, &bottom.remote(), &["--timeout", "120"], None)
             .unwrap_or_else(|e| panic!("{e}"));
+        let export = top_export.path().to_path_buf();
         let top = TestServer::start_on(top_export, &["--threads", "1"]);
         Some(HungDisk {
             top,
             _disk: disk,
             bottom,
             sub,
+            _export: RemovedOnDrop(export),
         })
     }
 
