@@ -233,7 +233,7 @@ impl Export {
         if !self.submounts.any() {
             return true;
         }
-        if check_path(&parent.0).is_err() || name.is_some_and(|n| check_name(&n.0).is_err()) {
+        if name.is_some_and(|n| check_name(&n.0).is_err()) {
             return true;
         }
         let mut path = parent.0.clone();
@@ -243,10 +243,20 @@ impl Export {
             }
             path.extend_from_slice(&n.0);
         }
-        if path.is_empty() {
+        self.walk_at_home(&path)
+    }
+
+    /// [`Export::at_home`] for a whole path.
+    pub fn path_at_home(&self, path: &RelPath) -> bool {
+        !self.submounts.any() || self.walk_at_home(&path.0)
+    }
+
+    /// The walk of [`Export::at_home`].
+    fn walk_at_home(&self, path: &[u8]) -> bool {
+        if path.is_empty() || check_path(path).is_err() {
             return true;
         }
-        let Ok(c) = sys::cstring(&path) else {
+        let Ok(c) = sys::cstring(path) else {
             return true;
         };
         let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -278,17 +288,6 @@ impl Export {
     /// Whether anything is mounted beneath the root (see [`crate::mounts`]).
     pub fn has_submounts(&self) -> bool {
         self.submounts.any()
-    }
-
-    /// [`Export::at_home`] for a whole path.
-    pub fn path_at_home(&self, path: &RelPath) -> bool {
-        if !self.submounts.any() {
-            return true;
-        }
-        match path.split_last() {
-            Some((parent, name)) => self.at_home(&parent, Some(&name)),
-            None => self.at_home(path, None),
-        }
     }
 
     /// The parent directory of an entry and its validated name, for the `*at` calls.

@@ -48,11 +48,11 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
-    pub fn new(fd: OwnedFd, writable: bool, staging: Option<Staging>) -> OpenFile {
+    pub fn new(fd: OwnedFd, writable: bool, foreign: bool, staging: Option<Staging>) -> OpenFile {
         OpenFile {
             fd: ManuallyDrop::new(fd),
             writable,
-            foreign: false,
+            foreign,
             staging: staging.map(Mutex::new),
             writes_running: AtomicU64::new(0),
             writes_done: tokio::sync::Notify::new(),

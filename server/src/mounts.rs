@@ -7,8 +7,8 @@
 //! thread meanwhile: with ferryd's default of one thread per two CPUs, every client
 //! would wait. So those go to the blocking pool, like I/O.
 //!
-//! Telling them apart costs a path walk and a `statx` per call; most exports have
-//! nothing mounted beneath them, and there the check is one atomic load. A thread keeps
+//! Telling them apart costs a path walk per call (`Export::at_home`); most exports
+//! have nothing mounted beneath them, and there the check is one atomic load. A thread keeps
 //! the answer current: it waits on `/proc/self/mountinfo`, which the kernel marks
 //! (`POLLPRI`) on every change to this process's mount table, and re-reads it.
 

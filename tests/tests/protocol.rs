@@ -399,7 +399,7 @@ impl Drop for Resume {
 struct HungDisk {
     // (In drop order: the top server stops before the mount inside its export goes.)
     top: TestServer,
-    _disk: TestMount,
+    disk: TestMount,
     bottom: TestServer,
     /// The mount's name in the top server's export.
     sub: String,
@@ -444,15 +444,11 @@ impl HungDisk {
         let top = TestServer::start_on(top_export, &["--threads", "1"]);
         Some(HungDisk {
             top,
-            _disk: disk,
+            disk,
             bottom,
             sub,
             _export: RemovedOnDrop(export),
         })
-    }
-
-    fn disk(&self) -> &TestMount {
-        &self._disk
     }
 
     /// Freeze the disk until the guard drops.
@@ -552,16 +548,16 @@ fn a_hung_mount_point_holds_up_neither_its_parents_listing_nor_other_clients() {
     let Some(h) = HungDisk::new(|_| {}) else {
         return;
     };
-    let events = || h.disk().stats().get_or_zero("events_received");
+    let events = || h.disk.stats().get_or_zero("events_received");
     assert!(
         ferry_tests::poll_until(Duration::from_secs(10), || h
-            .disk()
+            .disk
             .stats()
             .flag("events_live")),
         "the mount's event stream did not come up"
     );
     // The mount holds its root's listing: the server tells it of changes there.
-    assert_eq!(fs::read_dir(h.disk().path()).expect("list").count(), 0);
+    assert_eq!(fs::read_dir(h.disk.path()).expect("list").count(), 0);
     let before = events();
     fs::write(h.bottom.export("changed"), b"x").expect("write on the disk's server");
     assert!(
@@ -569,7 +565,7 @@ fn a_hung_mount_point_holds_up_neither_its_parents_listing_nor_other_clients() {
         "the mount never heard of the change"
     );
     let (mut c1, _) = RawConn::handshake(h.top.addr());
-    let daemons = h.disk().daemon_pids();
+    let daemons = h.disk.daemon_pids();
     assert!(!daemons.is_empty(), "the mount's daemon");
     let _resume: Vec<Resume> = daemons.iter().map(|&pid| Resume(pid)).collect();
     for &pid in &daemons {
@@ -637,7 +633,7 @@ fn files_open_in_a_hung_mount_are_closed_off_the_request_threads() {
     let released = opened(&mut c1);
     opened(&mut c2);
     // The mount's own daemon stops: closes of its files wait for it.
-    let daemons = h.disk().daemon_pids();
+    let daemons = h.disk.daemon_pids();
     assert!(!daemons.is_empty(), "the mount's daemon");
     let _resume: Vec<Resume> = daemons.iter().map(|&pid| Resume(pid)).collect();
     for &pid in &daemons {

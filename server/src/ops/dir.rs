@@ -239,7 +239,6 @@ impl Stat {
             // beneath the export) gives what the kernel has cached of its root: a
             // hung NFS or FUSE mount must not hang the listing of its parent. It is
             // not watched (its changes are not seen) and not probed for xattrs.
-            let home_dev = self.export.root_dev();
             let unsynced = match dir_dev {
                 Some(dev) => match sys::stat_unsynced(dir, &cname, dev) {
                     Ok((st, true)) => Some(st),
@@ -249,19 +248,10 @@ impl Stat {
                 },
                 None => None,
             };
-            if let Some(st) = unsynced {
-                if crate::redo::reserved(name) && self.export.is_root(dir) {
-                    continue;
-                }
-                let mut attr = attr_of(&st, home_dev);
-                attr.uncovered = true;
-                out.push(DirEntry {
-                    name: Name(name.clone()),
-                    attr,
-                });
-                continue;
-            }
-            let mut st = match sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW) {
+            let elsewhere = unsynced.is_some();
+            let mut st = match unsynced
+                .map_or_else(|| sys::fstatat(dir, &cname, libc::AT_SYMLINK_NOFOLLOW), Ok)
+            {
                 Ok(st) => st,
                 Err(libc::ENOENT) => continue,
                 Err(e) => return Err(e),
@@ -274,8 +264,9 @@ impl Stat {
                 continue;
             }
             // A subdirectory's own changes reach clients only through its own watch.
-            let mut covered = true;
+            let mut covered = !elsewhere;
             if let Some(w) = &self.watch
+                && !elsewhere
                 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
             {
                 (st, covered) = match path {
@@ -287,7 +278,7 @@ impl Stat {
             attr.uncovered = !covered;
             // For a client that forwards xattrs, one more syscall per entry saves it a
             // round trip per `ls -l` probe (others do not ask: ~3 µs per entry saved).
-            attr.xattrs = super::xattr_hint_at(self.xattr_hints, dir, &cname);
+            attr.xattrs = super::xattr_hint_at(self.xattr_hints && !elsewhere, dir, &cname);
             out.push(DirEntry {
                 name: Name(name.clone()),
                 attr,

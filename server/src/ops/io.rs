@@ -45,9 +45,9 @@ pub fn read_cached(ctx: &Ctx, handle: u64, off: u64, len: u32) -> Option<Respons
         return None;
     }
     let f = ctx.handles.file(handle).ok()?;
-    // A staged handle reads through its staging; a file on another filesystem mounted
-    // beneath the export may wait for it even for cached pages (a revalidation).
-    if f.staging.is_some() || f.foreign {
+    // (A staged handle reads through its staging. Files of other filesystems mounted
+    // beneath the export never come here: `conn::quick_read`.)
+    if f.staging.is_some() {
         return None;
     }
     let start = offset(off).ok()?;

@@ -65,8 +65,8 @@ fn opened(
         None => own,
     };
     let attr = attr_of(&st, ctx.export.root_dev());
-    let mut file = OpenFile::new(fd, writable, staging);
-    file.foreign = ctx.export.foreign(file.fd.as_fd());
+    let foreign = ctx.export.foreign(fd.as_fd());
+    let file = OpenFile::new(fd, writable, foreign, staging);
     let handle = ctx.handles.insert(Handle::File(Arc::new(file)))?;
     Ok(Response::Opened { handle, attr })
 }
