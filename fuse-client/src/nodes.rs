@@ -162,7 +162,15 @@ impl Nodes {
         let mut cur = ino;
         while cur != ROOT {
             let node = self.map.get(&cur).ok_or(FsError::Errno(libc::ESTALE))?;
-            let (parent, name) = node.names.first().ok_or(FsError::Errno(libc::ENOENT))?;
+            // A file with several names goes by one nobody reported gone: an event of one
+            // link's removal leaves the others good (the name stays known, unverified,
+            // in case the event raced a rename this client has not applied yet).
+            let (parent, name) = node
+                .names
+                .iter()
+                .find(|key| self.unverified.is_empty() || !self.unverified.contains(*key))
+                .or_else(|| node.names.first())
+                .ok_or(FsError::Errno(libc::ENOENT))?;
             comps.push(name);
             cur = *parent;
             if comps.len() > MAX_DEPTH {
