@@ -335,7 +335,13 @@ impl Watcher {
             _ => return false,
         };
         let mut state = self.lock();
-        if Self::watched_at(&state, &st, &path.0) {
+        // A watch of this inode number at this path may be the watch of a directory
+        // removed since, whose `IN_IGNORED` is not digested yet: `rm -rf d; mkdir d`
+        // gives the new `d` the old one's number at once (ext4), and that watch hears
+        // nothing of it. Only undigested events can hide that; then the kernel is asked
+        // (adding a watch gives the existing one's descriptor for the same directory).
+        let watched = Self::watched_at(&state, &st, &path.0);
+        if watched && self.digested_all() {
             return true;
         }
         let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
@@ -353,7 +359,10 @@ impl Watcher {
         // The lock is held across the system call: an event for the new watch may be
         // read right away, and the reader must then find its path in the map.
         match sys::inotify_watch_fd(self.inotify.get_ref().as_fd(), dir, MASK) {
+            Ok(wd) if watched && state.by_inode.get(&(st.st_dev, st.st_ino)) == Some(&wd) => true,
             Ok(wd) => {
+                // An inode number watched before, but another directory now.
+                let reused = watched;
                 if !known && self.removed(dir, path) {
                     // Removed before the watch was added: it would never hear of
                     // anything, not even its own deletion, and pin the inode for good.
@@ -363,7 +372,7 @@ impl Watcher {
                 let id = (st.st_dev, st.st_ino);
                 // (Taken again for a new watch: the inode number may have been reused.)
                 if id.0 == self.export.root_dev()
-                    && (!known || !state.handles.contains_key(&id))
+                    && (!known || reused || !state.handles.contains_key(&id))
                     && let Ok(handle) = sys::handle_of(dir)
                 {
                     state.keep_handle(id, handle);
@@ -519,7 +528,8 @@ impl Watcher {
         let at = path.join(name.to_bytes());
         {
             let state = self.lock();
-            if Self::watched_at(&state, &st, &at.0) {
+            // (Unless the watch may be a removed directory's: see `Watcher::watch`.)
+            if Self::watched_at(&state, &st, &at.0) && self.digested_all() {
                 return (st, true);
             }
             let known = state.by_inode.contains_key(&(st.st_dev, st.st_ino));
@@ -545,7 +555,9 @@ impl Watcher {
         let Ok(st) = sys::fstat(dir) else {
             return;
         };
-        if !self.covers(st.st_dev, st.st_ino) && export.leads_to(path, (st.st_dev, st.st_ino)) {
+        // (A watch of its inode number may be a removed directory's: see `Watcher::watch`.)
+        let watched = self.covers(st.st_dev, st.st_ino) && self.digested_all();
+        if !watched && export.leads_to(path, (st.st_dev, st.st_ino)) {
             self.ensure(dir, path);
         }
     }
