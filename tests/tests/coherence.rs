@@ -1232,6 +1232,46 @@ fn a_file_keeps_its_other_names_when_one_goes_on_the_export() {
     stream_stayed_up(&fx.mount);
 }
 
+/// A file named `d1/f` and `d2/g`, both directories listed (so kept) by the mount; the
+/// export replaces `d1/f` with another file. Listing `d2` again must show `g` with one
+/// link: the kept listing of `d2` still said two, and no event names `d2`. (Found by the
+/// three-sided differential test.)
+#[test]
+fn a_listing_follows_the_link_count_of_a_file_replaced_under_its_other_name() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d1")).expect("mkdir");
+        fs::create_dir(e.join("d2")).expect("mkdir");
+        fs::write(e.join("d1/f"), b"two names").expect("write");
+        fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
+        fs::write(e.join("d1/other"), b"the replacement").expect("write");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let links_listed = |dir: &str, name: &str| -> Option<u64> {
+        fs::read_dir(fx.mnt(dir))
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name() == name)
+            .and_then(|e| fs::symlink_metadata(e.path()).ok())
+            .map(|m| m.nlink())
+    };
+    for _ in 0..2 {
+        assert_eq!(links_listed("d1", "f"), Some(2));
+        assert_eq!(links_listed("d2", "g"), Some(2));
+    }
+    fs::rename(fx.exp("d1/other"), fx.exp("d1/f")).expect("replace on the export");
+    eventually("the replacement listed under d1/f", || {
+        links_listed("d1", "f") == Some(1)
+            && fs::read(fx.mnt("d1/f")).is_ok_and(|d| d == b"the replacement")
+    });
+    eventually("d2/g listed with one link", || {
+        links_listed("d2", "g") == Some(1)
+    });
+    assert_eq!(fs::read(fx.mnt("d2/g")).expect("read"), b"two names");
+    stream_stayed_up(&fx.mount);
+}
+
 /// `rm -rf d && mkdir d` through the mount, then a file made in the new `d` on the
 /// export: the mount must list it. ext4 gives the new directory the old one's inode
 /// number at once, and ferryd, not having read the old watch's `IN_IGNORED` yet, took

@@ -262,6 +262,20 @@ impl Core {
                 // asked where it is. The name itself is not answered locally again
                 // until the server confirms it (its inode may come back with attributes
                 // of its own: a directory moved elsewhere, whose events follow it).
+                // A file that lost this name (removed, or replaced by another) lost a
+                // link: kept listings that show it under its other names carry its old
+                // link count, and no event names their directories.
+                let unlinked_file = match self.nodes.lock() {
+                    Ok(nodes) => known
+                        .filter(|&ino| !nodes.is_dir(ino))
+                        // (The swap of the root's number is its own inverse: this is
+                        // the server's number.)
+                        .map(|ino| nodes.to_kernel(ino)),
+                    Err(_) => None,
+                };
+                if let Some(sino) = unlinked_file {
+                    self.link_count_changed(sino);
+                }
                 let to_locate: Vec<u64> = match self.nodes.lock() {
                     Ok(mut nodes) => {
                         nodes.name_changed(dir, &name.0);
