@@ -252,6 +252,14 @@ impl Core {
             // Same file: attributes and pages go, the entry stays.
             (Some(ino), Some(a)) if a.ino == ino => {
                 self.file_changed(&a);
+                // The kernel's cached listing may not show the name even so: this
+                // client can learn a name before the kernel's listing does (a directory
+                // moved here from where the kernel held it is placed by asking the
+                // server, ahead of this event), and nothing else would drop it.
+                self.invalidate(Invalidation::Inode {
+                    ino: dir,
+                    data: true,
+                });
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
