@@ -6,17 +6,27 @@
 //! EEXIST, ENOTEMPTY, ENOENT, ENOTDIR, EISDIR are exercised as much as successes.
 //! Symlink targets never contain `..` or start with `/`, so following one never leaves
 //! either root. `FERRY_SEED=<n>` replays a run; `FERRY_DIFF_OPS=<n>` changes its length.
+//!
+//! The second test makes each operation from one of three places: two mounts of one
+//! server and the export itself. Every place must show the reference tree before the
+//! next operation (the mounts within the deadline of pushed invalidations): a stale
+//! listing, attribute, link count or content in either mount's caches shows as a
+//! difference, and so does one that makes the next operation's result differ.
 
 use std::fmt;
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ferry_tests::rng::{Rng, seed_from_env};
 use ferry_tests::sys::{renameat2, truncate};
 use ferry_tests::tree::{self, Opts};
-use ferry_tests::{errno_name, fixture, temp_dir};
+use ferry_tests::{TestMount, errno_name, fixture, poll_until, temp_dir};
+
+/// How long a mount may take to show a change made elsewhere (promised: ~100 ms).
+const PUSHED: Duration = Duration::from_secs(5);
 
 const NAMES: &[&str] = &["a", "b", "c", "d", "e"];
 const MODES: &[u32] = &[0o644, 0o600, 0o755, 0o700, 0o444, 0o640];
@@ -343,4 +353,138 @@ fn random_operations_match_a_local_directory() {
         errors < count * 9 / 10,
         "almost everything failed ({errors}/{count})"
     );
+}
+
+#[test]
+fn random_operations_from_two_mounts_and_the_export_agree() {
+    let Some(fx) = fixture() else { return };
+    let other = TestMount::new(&fx.server);
+    let seed = seed_from_env("FERRY_SEED");
+    let count: usize = std::env::var("FERRY_DIFF_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let local = temp_dir("local");
+    let sides = [
+        ("mount A", fx.mount.path()),
+        ("mount B", other.path()),
+        ("the export", fx.server.export_path()),
+    ];
+    let opts = Opts {
+        perm: true,
+        nlink: true,
+        mtime: false,
+        owner: false,
+    };
+    let mut rng = Rng::new(seed);
+    let mut log: Vec<String> = Vec::new();
+    let mut by_side = [0usize; 3];
+    let every = all_paths();
+    for i in 0..count {
+        let op = gen_op(&mut rng, &existing_paths(local.path()));
+        let side = rng.below(3) as usize;
+        let (name, root) = sides[side];
+        by_side[side] += 1;
+        let want = apply(local.path(), &op);
+        let got = apply(root, &op);
+        log.push(format!("#{i} on {name}: {op:?} -> {want:?}"));
+        let last = |log: &[String]| log[log.len().saturating_sub(25)..].join("\n");
+        assert!(
+            got == want,
+            "seed {seed} (replay: FERRY_SEED={seed}), op #{i} on {name}: {op:?}:\n  \
+             {name}: {got:?}\n  local: {want:?}\nlast operations:\n{}",
+            last(&log)
+        );
+        let touched = named(&op);
+        let probe: Vec<PathBuf> = every
+            .iter()
+            .filter(|p| touched.iter().any(|t| p.starts_with(t)))
+            .cloned()
+            .collect();
+        let reference = view(local.path(), opts, &probe).expect("view of the local dir");
+        for (label, root) in sides {
+            let mut seen = Vec::new();
+            let agreed = poll_until(PUSHED, || match view(root, opts, &probe) {
+                Ok(v) => {
+                    seen = v.differences(&reference);
+                    seen.is_empty()
+                }
+                Err(e) => {
+                    seen = vec![format!("snapshot failed: {e}")];
+                    false
+                }
+            });
+            assert!(
+                agreed,
+                "seed {seed} (replay: FERRY_SEED={seed}): after op #{i} on {name}, {label} \
+                 still differs from the local dir after {PUSHED:?} (first: local, second: \
+                 {label}):\n{}\nlast operations:\n{}",
+                seen.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+                last(&log)
+            );
+        }
+    }
+    eprintln!("{count} operations (by mount A, mount B, the export: {by_side:?}) agreed");
+}
+
+/// What a place shows: its tree as a walk finds it, and what `lstat` says of the paths
+/// the last operation named and everything beneath them (a name no listing shows can
+/// still be cached: a stale positive or negative entry shows only there).
+struct View {
+    tree: tree::Tree,
+    probes: Vec<(PathBuf, Res)>,
+}
+
+impl View {
+    fn differences(&self, want: &View) -> Vec<String> {
+        let mut d = tree::diff(&want.tree, &self.tree);
+        for ((path, w), (_, g)) in want.probes.iter().zip(&self.probes) {
+            if w != g {
+                d.push(format!("lstat {}: want {w:?}, got {g:?}", path.display()));
+            }
+        }
+        d
+    }
+}
+
+/// Every path the operations can name: depth 1 to 3 over [`NAMES`].
+fn all_paths() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = NAMES.iter().map(PathBuf::from).collect();
+    for depth in 1..3 {
+        let deeper: Vec<PathBuf> = paths
+            .iter()
+            .filter(|p| p.components().count() == depth)
+            .flat_map(|p| NAMES.iter().map(move |n| p.join(n)))
+            .collect();
+        paths.extend(deeper);
+    }
+    paths
+}
+
+/// The paths an operation names.
+fn named(op: &Op) -> Vec<&Path> {
+    match op {
+        Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from, to],
+        Op::Write { path, .. }
+        | Op::Read { path }
+        | Op::Truncate { path, .. }
+        | Op::Mkdir { path }
+        | Op::Rmdir { path }
+        | Op::Unlink { path }
+        | Op::Symlink { path, .. }
+        | Op::Chmod { path, .. }
+        | Op::Stat { path }
+        | Op::ReadDir { path }
+        | Op::ReadLink { path }
+        | Op::CreateExcl { path } => vec![path],
+    }
+}
+
+fn view(root: &Path, opts: Opts, probe: &[PathBuf]) -> io::Result<View> {
+    let tree = tree::snapshot(root, opts)?;
+    let probes = probe
+        .iter()
+        .map(|path| (path.clone(), apply(root, &Op::Stat { path: path.clone() })))
+        .collect();
+    Ok(View { tree, probes })
 }
