@@ -174,7 +174,8 @@ fn entry_ttl(core: &Core, r: &Result<Attr, FsError>) -> Duration {
 /// `ttl`, but no longer than without events for a directory the server could not
 /// watch (`Attr::uncovered`: nothing reports its own changes).
 fn covered_ttl(a: &Attr, ttl: Duration) -> Duration {
-    if a.uncovered {
+    // (A file with several names: see `events_vouch_for`.)
+    if a.uncovered || !crate::fs::events_vouch_for(a) {
         ttl.min(TTL_WITHOUT_EVENTS)
     } else {
         ttl

@@ -1272,6 +1272,40 @@ fn a_listing_follows_the_link_count_of_a_file_replaced_under_its_other_name() {
     stream_stayed_up(&fx.mount);
 }
 
+/// The same, for a mount that holds the file only by its other name: no event names
+/// anything it holds (inotify does not say which file a removed name had). Its
+/// attributes, in the kernel and in the kept listing, are trusted for a second only,
+/// as without events, so `ls -l d2` shows the new link count within about that.
+#[test]
+fn a_file_known_by_one_name_follows_the_link_count_of_another() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("d1")).expect("mkdir");
+        fs::create_dir(e.join("d2")).expect("mkdir");
+        fs::write(e.join("d1/f"), b"two names").expect("write");
+        fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
+    }) else {
+        return;
+    };
+    stream_up(&fx.mount);
+    let links_listed = |name: &str| -> Option<u64> {
+        fs::read_dir(fx.mnt("d2"))
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name() == name)
+            .and_then(|e| fs::symlink_metadata(e.path()).ok())
+            .map(|m| m.nlink())
+    };
+    for _ in 0..2 {
+        assert_eq!(links_listed("g"), Some(2));
+    }
+    fs::remove_file(fx.exp("d1/f")).expect("unlink on the export");
+    eventually("d2/g listed with one link", || links_listed("g") == Some(1));
+    eventually("d2/g stat'ed with one link", || {
+        fs::symlink_metadata(fx.mnt("d2/g")).is_ok_and(|m| m.nlink() == 1)
+    });
+    stream_stayed_up(&fx.mount);
+}
+
 /// `rm -rf d && mkdir d` through the mount, then a file made in the new `d` on the
 /// export: the mount must list it. ext4 gives the new directory the old one's inode
 /// number at once, and ferryd, not having read the old watch's `IN_IGNORED` yet, took

@@ -9,10 +9,23 @@
 //! it one binary search per kept listing, 0.5 ms there, for 8 bytes more per file.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use ferry_common::proto::{Attr, DirEntry, FileKind};
+
+use super::TTL_WITHOUT_EVENTS;
+
+/// Whether attributes of `a` may be trusted for as long as events flow: not those of a
+/// file with several names, whose link count (and ctime) a change of a name in another
+/// directory moves, which only an event for that directory reports, and only to a
+/// client that holds the file by that name. Such attributes are trusted for
+/// [`TTL_WITHOUT_EVENTS`] at most.
+pub fn events_vouch_for(a: &Attr) -> bool {
+    a.kind == FileKind::Dir || a.nlink <= 1
+}
 
 struct Kept {
     entries: Arc<Vec<DirEntry>>,
@@ -21,6 +34,15 @@ struct Kept {
     /// (hash of the name, index of the entry), sorted: made at the first
     /// [`Listings::find`] (a kernel that forgot entries it had from this listing).
     names: OnceLock<Box<[(u64, u32)]>>,
+    /// When a listing showing files with several names stops being served (see
+    /// [`events_vouch_for`]).
+    until: Option<Instant>,
+}
+
+impl Kept {
+    fn fresh(&self) -> bool {
+        self.until.is_none_or(|t| Instant::now() < t)
+    }
 }
 
 /// The names' hash: any fixed one (the index lives as long as the process).
@@ -34,34 +56,50 @@ pub(super) struct Listings {
 }
 
 impl Listings {
+    fn kept(&self, dir: u64) -> Option<&Kept> {
+        self.by_dir.get(&dir).filter(|k| k.fresh())
+    }
+
     pub fn get(&self, dir: u64) -> Option<&Arc<Vec<DirEntry>>> {
-        self.by_dir.get(&dir).map(|k| &k.entries)
+        self.kept(dir).map(|k| &k.entries)
     }
 
     pub fn contains(&self, dir: u64) -> bool {
-        self.by_dir.contains_key(&dir)
+        self.kept(dir).is_some()
     }
 
-    /// Keeps `entries` as the listing of `dir`, unless one is kept already.
+    /// Keeps `entries` as the listing of `dir`, unless one is kept already (and still
+    /// served).
     pub fn keep(&mut self, dir: u64, entries: &Arc<Vec<DirEntry>>) {
-        self.by_dir.entry(dir).or_insert_with(|| {
+        let kept = || {
             let mut files: Vec<u64> = entries
                 .iter()
                 .filter(|e| e.attr.kind != FileKind::Dir)
                 .map(|e| e.attr.ino)
                 .collect();
             files.sort_unstable();
+            let linked = entries.iter().any(|e| !events_vouch_for(&e.attr));
             Kept {
                 entries: Arc::clone(entries),
                 files: files.into_boxed_slice(),
                 names: OnceLock::new(),
+                until: linked.then(|| Instant::now() + TTL_WITHOUT_EVENTS),
             }
-        });
+        };
+        match self.by_dir.entry(dir) {
+            Entry::Occupied(mut o) if !o.get().fresh() => {
+                o.insert(kept());
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(v) => {
+                v.insert(kept());
+            }
+        }
     }
 
     /// The attributes the kept listing of `dir` has for `name`.
     pub fn find(&self, dir: u64, name: &[u8]) -> Option<Attr> {
-        let k = self.by_dir.get(&dir)?;
+        let k = self.kept(dir)?;
         let names = k.names.get_or_init(|| {
             let mut v: Vec<(u64, u32)> = k
                 .entries

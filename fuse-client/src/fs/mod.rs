@@ -39,6 +39,7 @@ use crate::nodes::{Nodes, ROOT};
 pub use dirs::{Listed, ListedEntry};
 pub use events::Invalidation;
 pub use files::{NewFile, OpenReply};
+pub use listings::events_vouch_for;
 
 /// How long the kernel may trust entries and attributes. With server events, changes are
 /// pushed and this is only a safety net; without them it bounds staleness.
@@ -519,7 +520,11 @@ impl Core {
             return None;
         }
         let (attr, when) = st.attr?;
-        if when.elapsed() >= TTL_WITH_EVENTS || attr.uncovered || st.uncovered {
+        let ttl = match listings::events_vouch_for(&attr) {
+            true => TTL_WITH_EVENTS,
+            false => TTL_WITHOUT_EVENTS,
+        };
+        if when.elapsed() >= ttl || attr.uncovered || st.uncovered {
             // (Uncovered: a directory whose own changes nothing reports.)
             st.attr = None;
             return None;
