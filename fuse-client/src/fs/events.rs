@@ -263,13 +263,6 @@ impl Core {
             }
             // Gone, replaced by another file, or new: the name must be looked up again.
             (known, a) => {
-                // An answer about where a directory went that rests on this name is out
-                // of date. A directory the kernel holds (a process's working directory,
-                // say) whose name went, or that shows up here under another name, may
-                // have been renamed: requests through it go by path, so the server is
-                // asked where it is. The name itself is not answered locally again
-                // until the server confirms it (its inode may come back with attributes
-                // of its own: a directory moved elsewhere, whose events follow it).
                 // A file that lost this name (removed, or replaced by another) lost a
                 // link: kept listings that show it under its other names carry its old
                 // link count, and no event names their directories.
@@ -284,6 +277,13 @@ impl Core {
                 if let Some(sino) = unlinked_file {
                     self.link_count_changed(sino);
                 }
+                // An answer about where a directory went that rests on this name is out
+                // of date. A directory the kernel holds (a process's working directory,
+                // say) whose name went, or that shows up here under another name, may
+                // have been renamed: requests through it go by path, so the server is
+                // asked where it is. The name itself is not answered locally again
+                // until the server confirms it (its inode may come back with attributes
+                // of its own: a directory moved elsewhere, whose events follow it).
                 let to_locate: Vec<u64> = match self.nodes.lock() {
                     Ok(mut nodes) => {
                         nodes.name_changed(dir, &name.0);
