@@ -1232,74 +1232,71 @@ fn a_file_keeps_its_other_names_when_one_goes_on_the_export() {
     stream_stayed_up(&fx.mount);
 }
 
-/// A file named `d1/f` and `d2/g`, both directories listed (so kept) by the mount; the
-/// export replaces `d1/f` with another file. Listing `d2` again must show `g` with one
-/// link: the kept listing of `d2` still said two, and no event names `d2`. (Found by the
-/// three-sided differential test.)
-#[test]
-fn a_listing_follows_the_link_count_of_a_file_replaced_under_its_other_name() {
-    let Some(fx) = fixture_with(&[], &[], |e| {
+/// An export with file `d1/f`, also named `d2/g`, and `d1/other`.
+fn named_in_two_dirs() -> Option<ferry_tests::Fixture> {
+    fixture_with(&[], &[], |e| {
         fs::create_dir(e.join("d1")).expect("mkdir");
         fs::create_dir(e.join("d2")).expect("mkdir");
         fs::write(e.join("d1/f"), b"two names").expect("write");
         fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
         fs::write(e.join("d1/other"), b"the replacement").expect("write");
-    }) else {
+    })
+}
+
+/// The link count of `dir/name` as a listing of `dir` gives it (what `ls -l` shows).
+fn links_listed(dir: &Path, name: &str) -> Option<u64> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_name() == name)
+        .and_then(|e| fs::symlink_metadata(e.path()).ok())
+        .map(|m| m.nlink())
+}
+
+/// Both directories of `d1/f` and `d2/g` listed (so kept) by the mount; the export
+/// replaces `d1/f` with another file. Listing `d2` again must show `g` with one link:
+/// the kept listing of `d2` still said two, and no event names `d2`. (Found by the
+/// three-sided differential test.)
+#[test]
+fn a_listing_follows_the_link_count_of_a_file_replaced_under_its_other_name() {
+    let Some(fx) = named_in_two_dirs() else {
         return;
     };
     stream_up(&fx.mount);
-    let links_listed = |dir: &str, name: &str| -> Option<u64> {
-        fs::read_dir(fx.mnt(dir))
-            .ok()?
-            .filter_map(Result::ok)
-            .find(|e| e.file_name() == name)
-            .and_then(|e| fs::symlink_metadata(e.path()).ok())
-            .map(|m| m.nlink())
-    };
     for _ in 0..2 {
-        assert_eq!(links_listed("d1", "f"), Some(2));
-        assert_eq!(links_listed("d2", "g"), Some(2));
+        assert_eq!(links_listed(&fx.mnt("d1"), "f"), Some(2));
+        assert_eq!(links_listed(&fx.mnt("d2"), "g"), Some(2));
     }
     fs::rename(fx.exp("d1/other"), fx.exp("d1/f")).expect("replace on the export");
     eventually("the replacement listed under d1/f", || {
-        links_listed("d1", "f") == Some(1)
+        links_listed(&fx.mnt("d1"), "f") == Some(1)
             && fs::read(fx.mnt("d1/f")).is_ok_and(|d| d == b"the replacement")
     });
     eventually("d2/g listed with one link", || {
-        links_listed("d2", "g") == Some(1)
+        links_listed(&fx.mnt("d2"), "g") == Some(1)
     });
     assert_eq!(fs::read(fx.mnt("d2/g")).expect("read"), b"two names");
     stream_stayed_up(&fx.mount);
 }
 
-/// The same, for a mount that holds the file only by its other name: no event names
-/// anything it holds (inotify does not say which file a removed name had). Its
-/// attributes, in the kernel and in the kept listing, are trusted for a second only,
-/// as without events, so `ls -l d2` shows the new link count within about that.
+/// The same for a mount that holds the file only by its other name (only `d2` listed),
+/// the export removing `d1/f`: no event names anything the mount holds (inotify does
+/// not say which file a removed name had). Its attributes, in the kernel and in the
+/// kept listing, are trusted for a second only, as without events, so `ls -l d2`
+/// shows the new link count within about that.
 #[test]
 fn a_file_known_by_one_name_follows_the_link_count_of_another() {
-    let Some(fx) = fixture_with(&[], &[], |e| {
-        fs::create_dir(e.join("d1")).expect("mkdir");
-        fs::create_dir(e.join("d2")).expect("mkdir");
-        fs::write(e.join("d1/f"), b"two names").expect("write");
-        fs::hard_link(e.join("d1/f"), e.join("d2/g")).expect("link");
-    }) else {
+    let Some(fx) = named_in_two_dirs() else {
         return;
     };
     stream_up(&fx.mount);
-    let links_listed = |name: &str| -> Option<u64> {
-        fs::read_dir(fx.mnt("d2"))
-            .ok()?
-            .filter_map(Result::ok)
-            .find(|e| e.file_name() == name)
-            .and_then(|e| fs::symlink_metadata(e.path()).ok())
-            .map(|m| m.nlink())
-    };
     for _ in 0..2 {
-        assert_eq!(links_listed("g"), Some(2));
+        assert_eq!(links_listed(&fx.mnt("d2"), "g"), Some(2));
     }
     fs::remove_file(fx.exp("d1/f")).expect("unlink on the export");
-    eventually("d2/g listed with one link", || links_listed("g") == Some(1));
+    eventually("d2/g listed with one link", || {
+        links_listed(&fx.mnt("d2"), "g") == Some(1)
+    });
     eventually("d2/g stat'ed with one link", || {
         fs::symlink_metadata(fx.mnt("d2/g")).is_ok_and(|m| m.nlink() == 1)
     });
