@@ -266,16 +266,10 @@ impl Core {
                 // A file that lost this name (removed, or replaced by another) lost a
                 // link: kept listings that show it under its other names carry its old
                 // link count, and no event names their directories.
-                let unlinked_file = match self.nodes.lock() {
-                    Ok(nodes) => known
-                        .filter(|&ino| !nodes.is_dir(ino))
-                        // (The swap of the root's number is its own inverse: this is
-                        // the server's number.)
-                        .map(|ino| nodes.to_kernel(ino)),
-                    Err(_) => None,
-                };
-                if let Some(sino) = unlinked_file {
-                    self.link_count_changed(sino);
+                let unlinked_file =
+                    known.filter(|&ino| self.nodes.lock().is_ok_and(|n| !n.is_dir(ino)));
+                if let Some(ino) = unlinked_file {
+                    self.link_count_changed(self.server_ino(ino));
                 }
                 // An answer about where a directory went that rests on this name is out
                 // of date. A directory the kernel holds (a process's working directory,
