@@ -823,7 +823,9 @@ pub enum Event {
     /// inode is `attr.ino`). Drop what is cached of it, then answer
     /// `Request::BarrierAck { id }`: the committing client's `close()` returns only once
     /// every other client has (or a short timeout passed), which is what makes
-    /// close-to-open hold without a round trip on open.
+    /// close-to-open hold without a round trip on open. Without `attr`: apply every
+    /// event sent before, then answer (another client moved a directory; its
+    /// `rename()` returns once every other client dropped the old name).
     Barrier { id: u64, attr: Option<Attr> },
     /// From now on the server cannot report every change (it could not watch a
     /// directory: the kernel's watch limit, say): the stream still carries what it sees,

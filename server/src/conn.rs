@@ -306,7 +306,9 @@ async fn serve_requests<T>(
             Some(_) => QuickRead::No,
         };
         if behind_writes.is_none()
-            && ((runs_inline(&request) && stays_home(&ctx, &request))
+            && ((runs_inline(&request)
+                && stays_home(&ctx, &request)
+                && !may_wait_for_others(&ctx, &request))
                 || quick_commit(&ctx, &request)
                 || !matches!(read, QuickRead::No))
         {
@@ -383,16 +385,22 @@ async fn serve_requests<T>(
                 let truncates = matches!(&request,
                     Request::Open { flags, staged: false, .. } if flags & libc::O_TRUNC != 0)
                     || matches!(&request, Request::SetAttr { set, .. } if set.size.is_some());
+                let renaming = may_wait_for_others(&ctx, &request).then(|| request.clone());
                 let started = Instant::now();
                 let blocking_span = tracing::Span::current();
                 let ctx2 = Arc::clone(&ctx);
-                let result = tokio::task::spawn_blocking(move || {
-                    blocking_span.in_scope(|| ops::execute_keyed(&ctx2, caller, request, once))
+                let (result, moved_dir) = tokio::task::spawn_blocking(move || {
+                    blocking_span.in_scope(|| {
+                        let result = ops::execute_keyed(&ctx2, caller, request, once);
+                        let moved_dir =
+                            result.is_ok() && renaming.is_some_and(|r| ops::moved_a_dir(&ctx2, &r));
+                        (result, moved_dir)
+                    })
                 })
                 .await
                 .unwrap_or_else(|e| {
                     error!(kind, "request handler failed: {e}");
-                    Err(libc::EIO)
+                    (Err(libc::EIO), false)
                 });
                 if let Some(f) = &writing {
                     if let Err(e) = &result {
@@ -414,7 +422,15 @@ async fn serve_requests<T>(
                     _ => None,
                 };
                 if let (Some(attr), Some(w)) = (changed, &ctx.watch) {
-                    w.barrier(attr, &ctx.own_barriers).await;
+                    w.barrier(Some(attr), &ctx.own_barriers).await;
+                }
+                // A directory moved: another client's kernel holds it by one name only,
+                // and until it drops the old name a lookup of the new one fails there
+                // (ESTALE, the kernel refusing to move the old name under a rename).
+                // The mover's rename() returns once the others have the events.
+                if let (true, Some(w)) = (moved_dir, &ctx.watch) {
+                    w.caught_up().await;
+                    w.barrier(None, &ctx.own_barriers).await;
                 }
                 // Where directories are now: the client must have the events of the
                 // changes that took them there first (it judges the answer by them).
@@ -640,6 +656,16 @@ fn runs_inline(r: &Request) -> bool {
         Request::SetAttr { set, .. } => set.size.is_none(),
         _ => false,
     }
+}
+
+/// A rename while other clients listen: one that moves a directory waits for them
+/// before its reply (see the request task), which must not hold up the connection.
+fn may_wait_for_others(ctx: &Ctx, r: &Request) -> bool {
+    matches!(r, Request::Rename { .. })
+        && ctx
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.others_subscribed() > 0)
 }
 
 /// Whether an inline request stays on the export's own filesystem: not through a

@@ -1954,3 +1954,40 @@ fn names_the_kernel_forgot_are_answered_from_the_kept_listing() {
     drop(held);
     stream_stayed_up(&fx.mount);
 }
+
+/// A directory moved on one mount can be moved again on the other as soon as it shows
+/// there. The kernel holds a directory by one name only: when a lookup finds it under a
+/// new name while the old one is still cached (the event's invalidation not yet carried
+/// out), it moves the old dentry over, except under a rename, which holds the lock that
+/// needs, and so fails with ESTALE. Listings can show the move before the old name goes,
+/// so ferryd answers a rename that moved a directory only once every other client has
+/// applied its events (a barrier, as for a commit). Several rounds, each way: it failed
+/// in round 0 or 1 before.
+#[test]
+fn a_directory_moved_back_and_forth_between_two_mounts() {
+    let Some(fx) = fixture_with(&[], &[], |e| {
+        fs::create_dir(e.join("a")).expect("mkdir");
+        fs::create_dir(e.join("b")).expect("mkdir");
+    }) else {
+        return;
+    };
+    let other = TestMount::new(&fx.server);
+    stream_up(&fx.mount);
+    stream_up(&other);
+    for round in 0..10 {
+        for _ in 0..2 {
+            assert!(!listed(&fx.mnt("a"), "c"), "round {round}");
+            assert!(listed(&fx.mnt(""), "b"), "round {round}");
+        }
+        fs::rename(other.path().join("b"), other.path().join("a/c")).expect("B: mv b a/c");
+        // (A lookup may teach A the new name before the event does.)
+        let _ = fs::symlink_metadata(fx.mnt("a/c"));
+        eventually("a/c listed on A", || listed(&fx.mnt("a"), "c"));
+        fs::rename(fx.mnt("a/c"), fx.mnt("b")).expect("A: mv a/c b");
+        eventually("b back on B", || {
+            !listed(&other.path().join("a"), "c") && listed(other.path(), "b")
+        });
+    }
+    stream_stayed_up(&fx.mount);
+    stream_stayed_up(&other);
+}

@@ -371,6 +371,30 @@ pub fn rename(
     Ok(Response::Ok)
 }
 
+/// Whether rename `req` (which succeeded) moved a directory, or for an exchange either
+/// of two, judged by what the names hold now. Other clients' kernels hold a directory
+/// by one name only: until they drop the old one, a lookup of the new one fails there
+/// (see `conn.rs`, which waits for them).
+pub fn moved_a_dir(ctx: &Ctx, req: &ferry_common::Request) -> bool {
+    let ferry_common::Request::Rename {
+        parent,
+        name,
+        new_parent,
+        new_name,
+        flags,
+    } = req
+    else {
+        return false;
+    };
+    let is_dir = |parent: &RelPath, name: &Name| {
+        ctx.export.entry(parent, name).is_ok_and(|(dir, name)| {
+            sys::fstatat(dir.as_fd(), &name, NOFOLLOW)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        })
+    };
+    is_dir(new_parent, new_name) || (flags & rename_flags::EXCHANGE != 0 && is_dir(parent, name))
+}
+
 pub fn link(
     ctx: &Ctx,
     path: &RelPath,

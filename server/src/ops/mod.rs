@@ -68,6 +68,7 @@ mod open;
 mod xattr;
 
 pub use io::read_cached;
+pub use meta::moved_a_dir;
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;

@@ -252,10 +252,11 @@ impl Watcher {
         }
     }
 
-    /// Tell every other subscribed client that the file with `attr` has new content and
-    /// wait (at most [`BARRIER_TIMEOUT`]) until they have all dropped their cached copy.
+    /// Tell every other subscribed client that the file with `attr` has new content (with
+    /// `None`: only to apply the events sent before) and wait (at most
+    /// [`BARRIER_TIMEOUT`]) until they have all dropped what those make stale.
     /// `own` is the calling connection's set of barriers, which its writer skips.
-    pub async fn barrier(&self, attr: Attr, own: &std::sync::Mutex<HashSet<u64>>) {
+    pub async fn barrier(&self, attr: Option<Attr>, own: &std::sync::Mutex<HashSet<u64>>) {
         // Every subscriber but the caller must answer.
         let due = self.others_subscribed();
         if due == 0 {
@@ -268,10 +269,7 @@ impl Watcher {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, (due, Arc::clone(&wake)));
         own.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-        let _ = self.events.send(Event::Barrier {
-            id,
-            attr: Some(attr),
-        });
+        let _ = self.events.send(Event::Barrier { id, attr });
         if tokio::time::timeout(BARRIER_TIMEOUT, wake.notified())
             .await
             .is_err()
