@@ -160,6 +160,8 @@ pub mod caps {
     /// its listing no longer than without events. Without it, the first such directory
     /// makes the whole stream incomplete ([`super::Event::Incomplete`]) for the client.
     pub const PARTIAL_WATCHES: u64 = 1 << 7;
+    /// Server answers [`super::Request::LookupIn`].
+    pub const CHECKED_LOOKUP: u64 = 1 << 8;
 }
 
 /// The first message on a connection, client to server. `magic` and `version` stay the
@@ -566,6 +568,17 @@ pub enum Request {
     Locate {
         nodes: Vec<u64>,
     },
+    /// `Lookup`, answered only if `parent` still leads to directory `parent_node` (a
+    /// server node id, [`Attr::ino`]), else `ESTALE`. Requests go by path, and a client's
+    /// path to a directory can be stale until the event of its rename comes: a plain
+    /// lookup then answers for another directory's entry, which the client would file
+    /// under this one. The check is on the directory the server looked in, so the
+    /// answer is this directory's. Only with [`caps::CHECKED_LOOKUP`].
+    LookupIn {
+        parent: RelPath,
+        parent_node: u64,
+        name: Name,
+    },
 }
 
 impl Request {
@@ -605,6 +618,8 @@ impl Request {
             Request::CopyRange { .. } => "copy_range",
             Request::ReadSmall { .. } => "read_small",
             Request::Locate { .. } => "locate",
+            // (The same call, counted as one.)
+            Request::LookupIn { .. } => "lookup",
         }
     }
 

@@ -39,7 +39,8 @@ const CLIENT_CAPS: u64 = caps::CALLER_CREDS
     | caps::READ_SMALL
     | caps::ORDERED_UNLINK
     | caps::LOCATE
-    | caps::PARTIAL_WATCHES;
+    | caps::PARTIAL_WATCHES
+    | caps::CHECKED_LOOKUP;
 
 /// Where events pushed by the server go.
 pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
@@ -410,6 +411,11 @@ impl Client {
     /// Whether the server says where a directory went (`Request::Locate`).
     pub fn locates(&self) -> bool {
         self.granted(caps::LOCATE)
+    }
+
+    /// Whether the server looks up only in the directory named (`Request::LookupIn`).
+    pub fn checks_lookups(&self) -> bool {
+        self.granted(caps::CHECKED_LOOKUP)
     }
 
     /// Whether the server applies an unlink before anything sent after it, wherever the

@@ -57,7 +57,8 @@ const SERVER_CAPS: u64 = caps::CALLER_CREDS
     | caps::READ_SMALL
     | caps::XATTR_HINTS
     | caps::LOCATE
-    | caps::PARTIAL_WATCHES;
+    | caps::PARTIAL_WATCHES
+    | caps::CHECKED_LOOKUP;
 
 /// A reply on its way to the writer, holding the request's in-flight permit so the limit
 /// also bounds replies waiting to be written.
@@ -633,6 +634,7 @@ fn runs_inline(r: &Request) -> bool {
     matches!(
         r,
         Request::Lookup { .. }
+            | Request::LookupIn { .. }
             | Request::GetAttr { .. }
             | Request::ReadLink { .. }
             | Request::MkDir { .. }
@@ -694,6 +696,7 @@ fn stays_home(ctx: &Ctx, r: &Request) -> bool {
         | Request::Release { handle: h }
         | Request::ReleaseDir { handle: h } => !foreign(h),
         Request::Lookup { parent, name }
+        | Request::LookupIn { parent, name, .. }
         | Request::MkDir { parent, name, .. }
         | Request::Unlink { parent, name }
         | Request::RmDir { parent, name }

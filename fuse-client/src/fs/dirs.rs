@@ -214,12 +214,7 @@ impl Core {
                     .rpc_on(generation, caller, Request::ReleaseDir { handle })
                     .await;
             }
-            self.forget_attr(ino);
-            let named = self.nodes()?.name_of(ino);
-            if let Some((parent, name)) = named {
-                self.nodes()?.unverify(parent, &name);
-                self.invalidate(super::events::Invalidation::Entry { parent, name });
-            }
+            self.path_went_stale(ino);
             return Err(FsError::Errno(libc::ESTALE));
         }
         self.reserve_inodes(entries.len());

@@ -385,6 +385,30 @@ impl Core {
         true
     }
 
+    /// The path of directory `ino` leads to another one on the server (a request by path
+    /// found out): its name is looked up again, by the kernel too (which retries a walk
+    /// that met `ESTALE` once, revalidating), and the server is asked where it went.
+    pub(super) fn path_went_stale(&self, ino: u64) {
+        if ino == ROOT {
+            return;
+        }
+        self.forget_attr(ino);
+        let named = match self.nodes.lock() {
+            Ok(mut nodes) => {
+                let named = nodes.name_of(ino);
+                if let Some((parent, name)) = &named {
+                    nodes.unverify(*parent, name);
+                }
+                named
+            }
+            Err(_) => None,
+        };
+        if let Some((parent, name)) = named {
+            self.invalidate(Invalidation::Entry { parent, name });
+        }
+        self.locate_later(ino);
+    }
+
     /// Directory `ino`, which the kernel holds, lost the name this client knew it by (an
     /// event said so): ask the server where it is now, and move it there in the inode
     /// table, so that requests through it (its contents, for a process whose working

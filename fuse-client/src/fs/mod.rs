@@ -1105,16 +1105,30 @@ impl Core {
                 .fetch_add(1, Ordering::Relaxed);
             return errno(libc::ENOENT);
         }
+        let checked = self.client.checks_lookups();
+        let parent_node = self.server_ino(parent);
         let attr = self
             .once_more(|| {
-                let req = Request::Lookup {
-                    parent: parent_path.clone(),
-                    name: n.clone(),
+                let req = match checked {
+                    true => Request::LookupIn {
+                        parent: parent_path.clone(),
+                        parent_node,
+                        name: n.clone(),
+                    },
+                    false => Request::Lookup {
+                        parent: parent_path.clone(),
+                        name: n.clone(),
+                    },
                 };
                 async move { Self::expect_attr(self.rpc(caller, req).await?) }
             })
-            .await?;
-        self.entry(parent, name, attr)
+            .await;
+        if checked && matches!(attr, Err(FsError::Errno(libc::ESTALE))) {
+            // The path leads to another directory now (renamed on the server, and its
+            // event not here yet): what it holds is not this one's.
+            self.path_went_stale(parent);
+        }
+        self.entry(parent, name, attr?)
     }
 
     pub async fn getattr(&self, caller: Caller, ino: u64, fh: Option<u64>) -> FsResult<Attr> {

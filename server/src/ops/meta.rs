@@ -21,9 +21,21 @@ fn attr_at(ctx: &Ctx, dir: BorrowedFd<'_>, name: &CStr) -> Result<Response, Errn
     Ok(Response::Attr(attr))
 }
 
-pub fn lookup(ctx: &Ctx, parent: &RelPath, name: &Name) -> Result<Response, Errno> {
+/// With `parent_node`: only in that directory (see `Request::LookupIn`).
+pub fn lookup(
+    ctx: &Ctx,
+    parent: &RelPath,
+    name: &Name,
+    parent_node: Option<u64>,
+) -> Result<Response, Errno> {
     let (dir, name) = ctx.export.entry(parent, name)?;
     let dir = dir.as_fd();
+    if let Some(node) = parent_node {
+        let st = sys::fstat(dir)?;
+        if super::node_id(st.st_dev, st.st_ino, ctx.export.root_dev()) != node {
+            return Err(libc::ESTALE);
+        }
+    }
     ctx.watch_dir(dir, parent);
     entry_attr(ctx, dir, parent, &name).map(Response::Attr)
 }
@@ -57,7 +69,7 @@ pub fn getattr(ctx: &Ctx, path: &RelPath, handle: Option<u64>) -> Result<Respons
         && ctx.watch.is_some()
         && let Some((parent, name)) = path.split_last()
     {
-        return lookup(ctx, &parent, &name);
+        return lookup(ctx, &parent, &name, None);
     }
     let mut covered = true;
     let (st, hint) = match handle {

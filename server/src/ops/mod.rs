@@ -207,6 +207,7 @@ fn rests_on(req: &Request) -> Option<(Vec<RelPath>, Option<u64>)> {
     let dir_of = |p: &RelPath| p.split_last().map(|(d, _)| d).into_iter();
     let (dirs, handle): (Vec<RelPath>, _) = match req {
         Request::Lookup { parent, .. }
+        | Request::LookupIn { parent, .. }
         | Request::MkNod { parent, .. }
         | Request::MkDir { parent, .. }
         | Request::Unlink { parent, .. }
@@ -616,7 +617,12 @@ fn touched_by(ctx: &Ctx, req: &Request) -> Option<u64> {
 fn execute_plain(ctx: &Ctx, caller: Caller, req: Request) -> Result<Response, Errno> {
     match req {
         Request::Ping => Ok(Response::Pong),
-        Request::Lookup { parent, name } => meta::lookup(ctx, &parent, &name),
+        Request::Lookup { parent, name } => meta::lookup(ctx, &parent, &name, None),
+        Request::LookupIn {
+            parent,
+            parent_node,
+            name,
+        } => meta::lookup(ctx, &parent, &name, Some(parent_node)),
         Request::GetAttr { path, handle } => meta::getattr(ctx, &path, handle),
         Request::SetAttr { path, handle, set } => meta::setattr(ctx, &path, handle, &set),
         Request::ReadLink { path } => meta::readlink(ctx, &path),

@@ -31,6 +31,50 @@ async fn lookup_and_getattr() {
     assert_eq!(c.lookup("d", &long).await, Err(libc::ENAMETOOLONG));
 }
 
+/// `LookupIn` answers only for the directory named: after an exchange the path leads
+/// to the other one, and the answer is `ESTALE`, not the other one's entry.
+#[tokio::test]
+async fn a_checked_lookup_answers_only_for_its_directory() {
+    let server = Server::start().await;
+    std::fs::create_dir_all(server.root().join("a/x")).unwrap();
+    std::fs::create_dir_all(server.root().join("d/y")).unwrap();
+    let mut c = server.client().await;
+    let a = c.getattr("a").await.unwrap().ino;
+    let root = c.getattr("").await.unwrap().ino;
+    let lookup_in = |parent: &str, parent_node: u64, name: &str| Request::LookupIn {
+        parent: p(parent),
+        parent_node,
+        name: n(name),
+    };
+    let x = c.attr(lookup_in("a", a, "x")).await.unwrap();
+    assert_eq!(x, c.lookup("a", "x").await.unwrap());
+    assert_eq!(c.attr(lookup_in("a", a, "y")).await, Err(libc::ENOENT));
+    assert_eq!(c.attr(lookup_in("", root, "a")).await.unwrap().ino, a);
+    let (ra, rd) = (server.root().join("a"), server.root().join("d"));
+    let (ca, cd) = (cstr(&ra), cstr(&rd));
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cd.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "exchange: {}", std::io::Error::last_os_error());
+    assert_eq!(c.attr(lookup_in("a", a, "y")).await, Err(libc::ESTALE));
+    assert_eq!(c.attr(lookup_in("a", a, "x")).await, Err(libc::ESTALE));
+    assert_eq!(c.attr(lookup_in("d", a, "x")).await, Ok(x));
+    // (The plain lookup answers for whatever the path leads to.)
+    assert!(c.lookup("a", "y").await.is_ok());
+}
+
+fn cstr(p: &std::path::Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
 #[tokio::test]
 async fn mkdir_rmdir_unlink() {
     let server = Server::start().await;
