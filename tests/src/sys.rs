@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The path as a C string (test paths never contain NUL).
 pub fn cstr(p: &Path) -> CString {
@@ -168,10 +168,32 @@ static KERNEL_CACHES: RwLock<()> = RwLock::new(());
 /// `what == 2` only dentries and inodes: a FUSE client then sees FORGETs and lookups again.
 /// Machine-wide: it waits while a test of this process holds [`kernel_caches_kept`].
 pub fn drop_caches(what: u8) -> io::Result<()> {
-    let _dropping = KERNEL_CACHES.write().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: sync(2) has no arguments.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", format!("{what}\n"))
+    kernel_caches_alone().drop_caches(what)
+}
+
+/// Held by a test that drops the kernel's caches itself and then counts what the kernel
+/// asks for: no other test of this process drops them (nor holds [`kernel_caches_kept`])
+/// meanwhile. (Another test's `drop_caches(1)` between a listing and the count threw away
+/// the held directory's cached listing, and the kernel read it again instead of looking
+/// its names up: CI of session 31.)
+pub struct CachesAlone {
+    _held: RwLockWriteGuard<'static, ()>,
+}
+
+impl CachesAlone {
+    /// [`drop_caches`] under this guard.
+    pub fn drop_caches(&self, what: u8) -> io::Result<()> {
+        // SAFETY: sync(2) has no arguments.
+        unsafe { libc::sync() };
+        std::fs::write("/proc/sys/vm/drop_caches", format!("{what}\n"))
+    }
+}
+
+/// See [`CachesAlone`].
+pub fn kernel_caches_alone() -> CachesAlone {
+    CachesAlone {
+        _held: KERNEL_CACHES.write().unwrap_or_else(|e| e.into_inner()),
+    }
 }
 
 /// Held by a test that counts the requests the kernel's dentry and inode caches spare
