@@ -54,6 +54,19 @@ pub fn temp_dir(kind: &str) -> tempfile::TempDir {
         .unwrap_or_else(|e| panic!("creating a temp dir {prefix}*: {e}"))
 }
 
+/// A directory removed (with everything in it) on drop: for one a [`TempDir`] could not
+/// remove at its own drop, such as an export with another mount inside until the end
+/// of the test (declare it before that mount: locals drop in reverse order).
+///
+/// [`TempDir`]: tempfile::TempDir
+pub struct RemovedOnDrop(pub PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Whether FUSE is available. When it is not, prints why the calling test is skipped:
 /// mount tests start with `if !require_fuse() { return; }` (or use [`fixture`]).
 pub fn require_fuse() -> bool {

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::{Once, mpsc};
 use std::time::Duration;
 
@@ -332,11 +332,32 @@ impl TestMount {
         args: &[&str],
         cache_home: Option<&Path>,
     ) -> Result<Self, String> {
+        Self::try_mount_through(&[], mountpoint, remote, args, cache_home)
+    }
+
+    /// [`TestMount::try_mount_on`] with `ferry mount` run by the command `wrapper`
+    /// (e.g. `setpriv` with its options) instead of directly.
+    pub fn try_mount_through(
+        wrapper: &[&str],
+        mountpoint: TempDir,
+        remote: &str,
+        args: &[&str],
+        cache_home: Option<&Path>,
+    ) -> Result<Self, String> {
         let mut m = Self::guard(mountpoint);
         if let Some(home) = cache_home {
             m.cache_home = home.to_path_buf();
         }
-        let mut cmd = crate::bins::ferry();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args)
+                    .arg(crate::bins::ferry_bin())
+                    .stdin(Stdio::null());
+                cmd
+            }
+            None => crate::bins::ferry(),
+        };
         cmd.arg("mount")
             .args(args)
             .arg(remote)

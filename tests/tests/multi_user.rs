@@ -9,7 +9,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use ferry_tests::{Output, fixture_with, run};
+use ferry_tests::{
+    Output, RemovedOnDrop, TestMount, TestServer, assert_errno, ferry, fixture_with, require_fuse,
+    run,
+};
 
 const UID: u32 = 1234;
 
@@ -137,4 +140,86 @@ fn without_allow_other_other_users_are_kept_out() {
     assert!(out.stderr_str().contains("Permission denied"), "{out}");
     // Root, who mounted it, is served.
     assert_eq!(fs::read(fx.mnt("open")).expect("read"), b"world-readable");
+}
+
+/// Another user's FUSE mount inside the export (without `allow_other`: `EACCES` to
+/// everyone else, root and so `ferryd` included; a user's sshfs in their home directory)
+/// is left out of its parent's listing instead of failing it: `ls -l` through a mount
+/// and `ferry ls` list the rest, and the name itself gives the error.
+#[test]
+fn another_users_mount_in_the_export_is_left_out_of_its_listing() {
+    if !have_setpriv() {
+        eprintln!("skipping: setpriv is not installed");
+        return;
+    }
+    if !require_fuse() {
+        return;
+    }
+    let theirs = TestServer::start();
+    let export = ferry_tests::temp_dir("export");
+    fs::write(export.path().join("f"), b"mine").expect("write");
+    fs::create_dir(export.path().join("sub")).expect("mkdir");
+    let their_dir = tempfile::Builder::new()
+        .prefix("theirs")
+        .tempdir_in(export.path())
+        .expect("mountpoint");
+    chmod(their_dir.path(), 0o755);
+    let name = their_dir
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("utf-8 name")
+        .to_string();
+    // Last to go: the export, which its server cannot remove while their mount is in it.
+    let _export = RemovedOnDrop(export.path().to_path_buf());
+    // The real uid is the user's (the mount's owner, `user_id=`), the effective one
+    // root's (the mount syscall: neither /dev/fuse's mode nor fusermount3 matter).
+    let uid = UID.to_string();
+    let _their_mount = TestMount::try_mount_through(
+        &["setpriv", "--ruid", &uid, "--rgid", &uid, "--clear-groups"],
+        their_dir,
+        &theirs.remote(),
+        &["--no-cache"],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    match fs::symlink_metadata(export.path().join(&name)) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+        other => {
+            eprintln!("skipping: root may look into another user's FUSE mount here ({other:?})");
+            return;
+        }
+    }
+    let server = TestServer::start_on(export, &[]);
+    let mount = TestMount::new(&server);
+
+    let out = run(Command::new("ls").arg("-la").arg(mount.path()));
+    out.assert_success();
+    let listed = last_words(&out);
+    assert!(
+        listed.contains(&"f".to_string()) && listed.contains(&"sub".to_string()),
+        "{out}"
+    );
+    assert!(!listed.contains(&name), "{out}");
+    assert_eq!(fs::read(mount.join("f")).expect("read"), b"mine");
+    assert_errno(fs::symlink_metadata(mount.join(&name)), libc::EACCES);
+
+    let out = run(ferry().args(["ls", &server.remote()]));
+    out.assert_success();
+    let listed = last_words(&out);
+    assert!(
+        listed.contains(&"f".to_string()) && listed.contains(&"sub".to_string()),
+        "{out}"
+    );
+    assert!(!listed.contains(&name), "{out}");
+}
+
+/// The last word of each line of the output without a trailing `/` (the name in a line
+/// of `ls -l` or `ferry ls`).
+fn last_words(out: &Output) -> Vec<String> {
+    out.stdout_str()
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|w| w.trim_end_matches('/').to_string())
+        .collect()
 }

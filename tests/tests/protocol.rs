@@ -12,7 +12,7 @@ use ferry_common::proto::{
     ServerFrame,
 };
 use ferry_tests::wire::{RawConn, assert_healthy, name, open, rel};
-use ferry_tests::{TestMount, TestServer, require_fuse, with_deadline};
+use ferry_tests::{RemovedOnDrop, TestMount, TestServer, require_fuse, with_deadline};
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -406,14 +406,6 @@ struct HungDisk {
     /// Last: the top server's export, which it could not remove while the mount was
     /// in it.
     _export: RemovedOnDrop,
-}
-
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 impl HungDisk {

@@ -199,6 +199,30 @@ fn entry_size(e: &DirEntry) -> usize {
     e.name.0.len() + ENTRY_OVERHEAD
 }
 
+/// Errors of stat'ing one entry that leave it out of its directory's listing instead of
+/// failing the listing, as `sftp-server` does: another user's FUSE mount without
+/// `allow_other` (`EACCES` even to root), a dead or unreachable mount, a bad inode.
+/// A lookup of the name still gets the error.
+fn left_out(name: &[u8], e: Errno) -> bool {
+    let out = matches!(
+        e,
+        libc::EACCES
+            | libc::EPERM
+            | libc::EIO
+            | libc::ENOTCONN
+            | libc::ESTALE
+            | libc::ETIMEDOUT
+            | libc::EHOSTDOWN
+            | libc::ENXIO
+            | libc::ENODEV
+            | libc::EOVERFLOW
+    );
+    if out {
+        tracing::debug!(name = %String::from_utf8_lossy(name), errno = e, "entry left out of a listing");
+    }
+    out
+}
+
 /// What stat'ing an entry needs besides its directory (owned: a read-ahead thread
 /// outlives the request that started it).
 #[derive(Clone)]
@@ -244,6 +268,7 @@ impl Stat {
                     Ok((st, true)) => Some(st),
                     Ok((_, false)) => None,
                     Err(libc::ENOENT) => continue,
+                    Err(e) if left_out(name, e) => continue,
                     Err(e) => return Err(e),
                 },
                 None => None,
@@ -254,6 +279,7 @@ impl Stat {
             {
                 Ok(st) => st,
                 Err(libc::ENOENT) => continue,
+                Err(e) if left_out(name, e) => continue,
                 Err(e) => return Err(e),
             };
             // `ferryd`'s own names at the root (see `redo::reserved`), and its folder
