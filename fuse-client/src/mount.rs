@@ -143,8 +143,9 @@ pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result
                 .open(p)
                 .with_context(|| format!("cannot open log file {}", p.display()))?,
         ),
-        // Keep complaints visible when stderr is a log file or pipe (scripts, tests); a
-        // terminal is left alone, as the daemon outlives the command.
+        // Keep complaints visible when stderr is a log file (scripts, tests); a terminal
+        // is left alone, as the daemon outlives the command. A pipe gets the complaints
+        // up to the mount's verdict, then the daemon lets go of it (`serve`).
         // SAFETY: isatty only inspects the descriptor.
         None if unsafe { libc::isatty(2) } == 1 => Stdio::null(),
         None => Stdio::inherit(),
@@ -193,6 +194,20 @@ pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result
             bail!("mount did not become ready within {wait:?}")
         }
     }
+}
+
+/// Whether fd 2 is a pipe or a socket: a reader there (a shell's `| cat`, `$(…)`, a
+/// script capturing output) waits until every writer closed it, and the daemon would
+/// otherwise hold it until the unmount. (libfuse's `fuse_daemonize`, so sshfs, detaches too.)
+fn stderr_is_a_pipe() -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat on a plain fd number with a valid out pointer.
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: initialized by the successful call above.
+    let mode = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+    mode == libc::S_IFIFO || mode == libc::S_IFSOCK
 }
 
 /// Run the filesystem in this process until it is unmounted. With `ready_pipe`, the
@@ -325,10 +340,22 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         let _ = writeln!(out, "{READY}");
         let _ = out.flush();
         // Nothing else may go to the pipe; the parent has exited by now.
+        let detach_stderr = stderr_is_a_pipe();
+        if detach_stderr {
+            tracing::info!(
+                "the daemon's log ends here: its stderr is a pipe whose reader waits for \
+                 everyone to close it (`ferry mount … 2>&1 | cat`, `$(…)`); --log FILE keeps it"
+            );
+        }
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            // SAFETY: dup2 onto fd 1 with a valid fd; replaces stdout atomically.
+            let null = std::os::fd::AsRawFd::as_raw_fd(&null);
+            // SAFETY: dup2 onto fds 1 and 2 with a valid fd; each replaces its target
+            // atomically (the log writer opens nothing: it writes to fd 2).
             unsafe {
-                libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+                libc::dup2(null, 1);
+                if detach_stderr {
+                    libc::dup2(null, 2);
+                }
             }
         }
     }

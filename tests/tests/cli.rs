@@ -12,7 +12,8 @@ use std::time::Duration;
 use ferry_tests::mount::{self, TestMount};
 use ferry_tests::rng::Rng;
 use ferry_tests::{
-    TestServer, ferry, ferryd, poll_until, require_fuse, run, run_stdin, temp_dir, wait_for,
+    TestServer, ferry, ferryd, poll_until, require_fuse, run, run_stdin, run_timeout, sh, temp_dir,
+    wait_for,
 };
 
 /// Whether some line of a `ferry ls` listing names `name` (as its last word, `/` for dirs).
@@ -326,6 +327,34 @@ fn mount_fails_fast_when_the_server_is_unreachable() {
     assert!(
         guard.daemon_pids().is_empty(),
         "a failed mount left a daemon behind"
+    );
+}
+
+/// `ferry mount` with its output piped (`… 2>&1 | cat`, a script's `$(…)`) returns once
+/// the mount is ready: the daemon lets go of the pipe, so its reader sees the end. (It
+/// kept the pipe until the unmount, and such a command never finished.)
+#[test]
+fn a_mount_with_its_output_piped_returns() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let guard = TestMount::guard(temp_dir("mnt"));
+    let script = format!(
+        "{{ '{}' mount --no-cache '{}' '{}'; echo \"exit $?\"; }} 2>&1 | cat",
+        ferry_tests::ferry_bin().display(),
+        server.remote(),
+        guard.path().display()
+    );
+    let out = run_timeout(&mut sh(&script), None, Duration::from_secs(30))
+        .unwrap_or_else(|t| panic!("the pipe was not let go: {t}"));
+    out.assert_success();
+    assert!(out.stdout_str().contains("exit 0"), "{out}");
+    assert!(guard.is_mounted(), "{out}");
+    fs::write(guard.path().join("f"), b"through the mount").expect("write");
+    assert_eq!(
+        fs::read(server.export("f")).expect("on the export"),
+        b"through the mount"
     );
 }
 
