@@ -39,6 +39,10 @@ pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<PathBuf> {
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     let path = socket_path(mountpoint);
     let _ = std::fs::remove_file(&path);
+    let sweep = dir.clone();
+    let _ = std::thread::Builder::new()
+        .name("stats-sweep".into())
+        .spawn(move || remove_dead_sockets(&sweep));
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot bind {}", path.display()))?;
     let mp = mountpoint.display().to_string();
@@ -57,6 +61,32 @@ pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<PathBuf> {
         }
     });
     Ok(path)
+}
+
+/// Removes the sockets in `dir` of daemons that died without removing their own (killed,
+/// crashed): nobody listens there any more. A socket just bound and not yet listening
+/// refuses too, for microseconds, so a refusal counts only when it holds a moment later.
+fn remove_dead_sockets(dir: &Path) {
+    let refused = |p: &Path| {
+        std::os::unix::net::UnixStream::connect(p)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let dead: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock") && refused(p))
+        .collect();
+    if dead.is_empty() {
+        return;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for p in dead.iter().filter(|p| refused(p)) {
+        tracing::debug!(socket = %p.display(), "removing the stats socket of a dead daemon");
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Ask the daemon of `mountpoint` for its counters.

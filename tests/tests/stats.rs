@@ -3,11 +3,13 @@
 //! mount it fails with a message that says so.
 
 use std::fs;
-use std::path::Path;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::rng::Rng;
-use ferry_tests::{assert_same_bytes, fixture_with, poll_until, run, temp_dir};
+use ferry_tests::{TestMount, assert_same_bytes, fixture, fixture_with, poll_until, run, temp_dir};
 
 const MIB: usize = 1024 * 1024;
 /// How long the event stream may take to be reported live.
@@ -165,4 +167,79 @@ fn stats_of_a_non_ferry_directory_fails_clearly() {
             );
         }
     }
+}
+
+/// Where mount daemons put their stats sockets (as `ferry` finds it).
+fn socket_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("ferry"),
+        // SAFETY: getuid cannot fail.
+        _ => PathBuf::from(format!("/tmp/ferry-{}", unsafe { libc::getuid() })),
+    }
+}
+
+/// The stats socket of the daemon of `mountpoint`: the one in `dir` that answers with it.
+fn stats_socket_of(dir: &Path, mountpoint: &Path) -> Option<PathBuf> {
+    let quoted = serde_json::to_string(&mountpoint.to_string_lossy()).ok()?;
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let mut body = String::new();
+            UnixStream::connect(p).is_ok_and(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+                    && s.read_to_string(&mut body).is_ok()
+                    && body.contains(&format!("\"mountpoint\": {quoted}"))
+            })
+        })
+}
+
+/// A daemon killed with SIGKILL cannot remove its stats socket; the next mount daemon
+/// to start removes it (nobody listens there), so the folder does not fill up with
+/// them over a machine's life, and leaves the live daemons' sockets alone.
+#[test]
+fn a_killed_daemons_stats_socket_is_removed_by_the_next_mount() {
+    let Some(fx) = fixture() else {
+        return;
+    };
+    let dir = socket_dir();
+    let socket = stats_socket_of(&dir, fx.mount.path()).unwrap_or_else(|| {
+        panic!(
+            "no socket in {} answers for {}",
+            dir.display(),
+            fx.mount.path().display()
+        )
+    });
+    let pids = fx.mount.daemon_pids();
+    assert!(
+        !pids.is_empty(),
+        "no daemon for {}",
+        fx.mount.path().display()
+    );
+    for pid in pids {
+        ferry_tests::sys::kill(pid, libc::SIGKILL);
+    }
+    assert!(
+        poll_until(Duration::from_secs(10), || fx
+            .mount
+            .daemon_pids()
+            .is_empty()),
+        "the killed daemon is still there"
+    );
+    assert!(
+        socket.exists(),
+        "the killed daemon removed its socket (nothing tested)"
+    );
+    let next = TestMount::new(&fx.server);
+    assert!(
+        poll_until(Duration::from_secs(10), || !socket.exists()),
+        "{} is still there after the next mount started",
+        socket.display()
+    );
+    assert!(
+        stats_socket_of(&dir, next.path()).is_some(),
+        "the next mount's own socket"
+    );
+    next.stats();
 }
