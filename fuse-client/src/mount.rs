@@ -288,10 +288,30 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     }
     config.n_threads = Some(1);
 
-    let mut session = fuser::Session::new(fs, &abs, &config)
-        .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?;
-    let mut unmounter = session.unmount_callable();
+    let (session, mut unmounter) = match mount_here(&abs, &config)
+        .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?
+    {
+        Some(dev) => {
+            let acl = config.acl;
+            match fuser::Session::from_fd(fs, dev, acl, config) {
+                Ok(session) => (session, Unmounter::Here(abs.clone())),
+                Err(e) => {
+                    let _ = detach(&abs);
+                    bail!("cannot mount on {}: {e}", abs.display());
+                }
+            }
+        }
+        None => {
+            let mut session = fuser::Session::new(fs, &abs, &config)
+                .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            (session, unmounter)
+        }
+    };
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
+    // Set once the session is over: the mount is gone, and whatever is mounted at the
+    // path by then is not ours to unmount.
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     // Kernel invalidations go through one thread of their own (see fs/events.rs).
     let (inv_tx, inv_rx) = std::sync::mpsc::channel::<Invalidation>();
@@ -362,6 +382,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 
     // SIGINT/SIGTERM unmount cleanly; the session loop then ends by itself.
     let mp = abs.clone();
+    let signal_over = over.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (
@@ -374,6 +395,9 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
+        if signal_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         tracing::info!("signal received; unmounting {}", mp.display());
         if let Err(e) = unmounter.unmount() {
             tracing::warn!("unmount: {e}; detaching");
@@ -382,6 +406,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     });
 
     let run = session.run();
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(p) = stats_socket {
         let _ = std::fs::remove_file(p);
     }
@@ -526,6 +551,90 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 fn c_path(p: &Path) -> Result<std::ffi::CString> {
     std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("path contains NUL"))
+}
+
+/// Who unmounts on SIGINT/SIGTERM.
+enum Unmounter {
+    /// The mount was made here ([`mount_here`]): `umount2` of its path, as `ferry umount`.
+    Here(PathBuf),
+    /// fuser made it (through fusermount3).
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> Result<()> {
+        match self {
+            Unmounter::Here(mp) => unmount(mp),
+            Unmounter::Fuser(u) => Ok(u.unmount()?),
+        }
+    }
+}
+
+/// Mounts the FUSE filesystem at `abs` with the mount syscall (root), with the options
+/// `config` names, and returns the `/dev/fuse` descriptor for `Session::from_fd`.
+/// `None` where this process may not (not root): fuser then mounts through
+/// fusermount3.
+///
+/// Why not fuser's own mount: at the end of a session fuser 0.18 unmounts the path again
+/// unless its connection is gone, and its check (`poll` of the device) takes a dead
+/// connection for a live one. After `ferry umount X` it so unmounted whatever was
+/// mounted at X by the time this daemon got there: the next `ferry mount … X` when this
+/// daemon was slow to finish (fixed upstream after 0.18.0). A mount made here is
+/// unmounted by this daemon only on SIGINT/SIGTERM while its session runs.
+fn mount_here(abs: &Path, config: &Config) -> Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    if !running_as_root() {
+        return Ok(None);
+    }
+    let rootmode = std::fs::metadata(abs)?.mode();
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .context("cannot open /dev/fuse")?;
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={rootmode:o},user_id={uid},group_id={gid}",
+        dev.as_raw_fd()
+    );
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut source = "ferry".to_string();
+    for o in &config.mount_options {
+        match o {
+            MountOption::DefaultPermissions => data.push_str(",default_permissions"),
+            MountOption::RO => flags |= libc::MS_RDONLY,
+            MountOption::FSName(name) => source.clone_from(name),
+            // (The type stays `fuse`, as fuser mounts it.)
+            MountOption::NoDev | MountOption::NoSuid | MountOption::Subtype(_) => {}
+            other => bail!("mount option {other:?} is not handled here"),
+        }
+    }
+    if config.acl != SessionACL::Owner {
+        data.push_str(",allow_other");
+    }
+    let source = std::ffi::CString::new(source).map_err(|_| anyhow!("name contains NUL"))?;
+    let target = c_path(abs)?;
+    let data = std::ffi::CString::new(data).map_err(|_| anyhow!("options contain NUL"))?;
+    // SAFETY: valid NUL-terminated strings; `data` is the option string fuse parses.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return Ok(None);
+        }
+        return Err(e.into());
+    }
+    Ok(Some(dev.into()))
 }
 
 fn detach(mp: &Path) -> Result<()> {

@@ -432,6 +432,70 @@ fn umount_unmounts_and_the_daemon_exits() {
     assert!(!out.stderr.is_empty(), "{out}");
 }
 
+/// A mount made at a path right after the path was unmounted survives the old mount's
+/// daemon finishing late. (fuser 0.18, which made the mounts, unmounted the path again
+/// at the end of every session, and so took the new mount down.) The old daemon is held
+/// stopped across the unmount and the new mount to make "late" certain.
+#[test]
+fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let old = TestMount::new(&server);
+    assert_eq!(fs::read(old.join("f")).expect("read"), b"x");
+    let pids = old.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    let stopped = Resumed(pids.clone());
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGSTOP);
+    }
+    run(ferry().arg("umount").arg(old.path())).assert_success();
+    assert!(!old.is_mounted());
+    // The next mount, by a daemon the old mount's cleanup knows to stop too (its
+    // command line names the path).
+    let log = temp_dir("log");
+    run(ferry()
+        .arg("mount")
+        .arg("--no-cache")
+        .arg("--log")
+        .arg(log.path().join("next.log"))
+        .arg(server.remote())
+        .arg(old.path()))
+    .assert_success();
+    assert_eq!(
+        fs::read(old.join("f")).expect("read through the next mount"),
+        b"x"
+    );
+    drop(stopped);
+    assert!(
+        poll_until(Duration::from_secs(10), || pids
+            .iter()
+            .all(|&p| !ferry_tests::sys::pid_running(p))),
+        "the old daemon did not exit once resumed"
+    );
+    assert!(
+        old.is_mounted(),
+        "the old daemon took the next mount at its path down"
+    );
+    assert_eq!(
+        fs::read(old.join("f")).expect("read through the next mount after"),
+        b"x"
+    );
+}
+
+/// Sends SIGCONT to the processes on drop.
+struct Resumed(Vec<i32>);
+
+impl Drop for Resumed {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            ferry_tests::sys::kill(pid, libc::SIGCONT);
+        }
+    }
+}
+
 /// Kills the child (and its group) on drop.
 struct KillOnDrop(Child);
 
