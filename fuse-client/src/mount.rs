@@ -288,24 +288,13 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     }
     config.n_threads = Some(1);
 
-    let (session, mut unmounter) = match mount_here(&abs, &config)
-        .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?
-    {
-        Some(dev) => {
-            let acl = config.acl;
-            match fuser::Session::from_fd(fs, dev, acl, config) {
-                Ok(session) => (session, Unmounter::Here(abs.clone())),
-                Err(e) => {
-                    let _ = detach(&abs);
-                    bail!("cannot mount on {}: {e}", abs.display());
-                }
-            }
-        }
-        None => {
-            let mut session = fuser::Session::new(fs, &abs, &config)
-                .map_err(|e| anyhow!("cannot mount on {}: {e}", abs.display()))?;
-            let unmounter = Unmounter::Fuser(session.unmount_callable());
-            (session, unmounter)
+    let dev = mount_fuse(&abs, &config)?;
+    let acl = config.acl;
+    let session = match fuser::Session::from_fd(fs, dev, acl, config) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = unmount(&abs).or_else(|_| detach(&abs));
+            bail!("cannot mount on {}: {e}", abs.display());
         }
     };
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
@@ -399,7 +388,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
             return;
         }
         tracing::info!("signal received; unmounting {}", mp.display());
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = unmount(&mp) {
             tracing::warn!("unmount: {e}; detaching");
             let _ = detach(&mp);
         }
@@ -553,40 +542,75 @@ fn c_path(p: &Path) -> Result<std::ffi::CString> {
     std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("path contains NUL"))
 }
 
-/// Who unmounts on SIGINT/SIGTERM.
-enum Unmounter {
-    /// The mount was made here ([`mount_here`]): `umount2` of its path, as `ferry umount`.
-    Here(PathBuf),
-    /// fuser made it (through fusermount3).
-    Fuser(fuser::SessionUnmounter),
-}
-
-impl Unmounter {
-    fn unmount(&mut self) -> Result<()> {
-        match self {
-            Unmounter::Here(mp) => unmount(mp),
-            Unmounter::Fuser(u) => Ok(u.unmount()?),
-        }
-    }
-}
-
-/// Mounts the FUSE filesystem at `abs` with the mount syscall (root), with the options
-/// `config` names, and returns the `/dev/fuse` descriptor for `Session::from_fd`.
-/// `None` where this process may not (not root): fuser then mounts through
-/// fusermount3.
+/// Mounts the FUSE filesystem at `abs` with the options `config` names and returns the
+/// `/dev/fuse` descriptor for `Session::from_fd`: with the mount syscall where this
+/// process may (root), else through fusermount3 (setuid root), as libfuse does.
 ///
 /// Why not fuser's own mount: at the end of a session fuser 0.18 unmounts the path again
 /// unless its connection is gone, and its check (`poll` of the device) takes a dead
 /// connection for a live one. After `ferry umount X` it so unmounted whatever was
 /// mounted at X by the time this daemon got there: the next `ferry mount … X` when this
 /// daemon was slow to finish (fixed upstream after 0.18.0). A mount made here is
-/// unmounted by this daemon only on SIGINT/SIGTERM while its session runs.
-fn mount_here(abs: &Path, config: &Config) -> Result<Option<std::os::fd::OwnedFd>> {
+/// unmounted by this daemon only on SIGINT/SIGTERM, while its session runs.
+fn mount_fuse(abs: &Path, config: &Config) -> Result<std::os::fd::OwnedFd> {
+    match running_as_root() {
+        true => match mount_syscall(abs, config)? {
+            Some(dev) => Ok(dev),
+            // No CAP_SYS_ADMIN after all (a container's root).
+            None => mount_fusermount(abs, config),
+        },
+        false => mount_fusermount(abs, config),
+    }
+}
+
+/// What [`mount_fuse`] asks of the kernel, from the options `config` names.
+struct FuseOptions {
+    /// The mount's source (`ferry:REMOTE`, as mountinfo shows it).
+    source: String,
+    read_only: bool,
+    default_permissions: bool,
+    allow_other: bool,
+}
+
+impl FuseOptions {
+    fn of(config: &Config) -> Result<FuseOptions> {
+        let mut o = FuseOptions {
+            source: "ferry".to_string(),
+            read_only: false,
+            default_permissions: false,
+            allow_other: config.acl != SessionACL::Owner,
+        };
+        for m in &config.mount_options {
+            match m {
+                MountOption::DefaultPermissions => o.default_permissions = true,
+                MountOption::RO => o.read_only = true,
+                MountOption::FSName(name) => o.source.clone_from(name),
+                // Always nosuid and nodev; the type stays `fuse`.
+                MountOption::NoDev | MountOption::NoSuid | MountOption::Subtype(_) => {}
+                other => bail!("mount option {other:?} is not handled here"),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The options both ways of mounting take alike.
+    fn common(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.default_permissions {
+            v.push("default_permissions");
+        }
+        if self.allow_other {
+            v.push("allow_other");
+        }
+        v
+    }
+}
+
+/// [`mount_fuse`] by the mount syscall; `None` if it is not permitted.
+fn mount_syscall(abs: &Path, config: &Config) -> Result<Option<std::os::fd::OwnedFd>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    if !running_as_root() {
-        return Ok(None);
-    }
+    let o = FuseOptions::of(config)?;
     let rootmode = std::fs::metadata(abs)?.mode();
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -599,22 +623,15 @@ fn mount_here(abs: &Path, config: &Config) -> Result<Option<std::os::fd::OwnedFd
         "fd={},rootmode={rootmode:o},user_id={uid},group_id={gid}",
         dev.as_raw_fd()
     );
+    for opt in o.common() {
+        data.push(',');
+        data.push_str(opt);
+    }
     let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
-    let mut source = "ferry".to_string();
-    for o in &config.mount_options {
-        match o {
-            MountOption::DefaultPermissions => data.push_str(",default_permissions"),
-            MountOption::RO => flags |= libc::MS_RDONLY,
-            MountOption::FSName(name) => source.clone_from(name),
-            // (The type stays `fuse`, as fuser mounts it.)
-            MountOption::NoDev | MountOption::NoSuid | MountOption::Subtype(_) => {}
-            other => bail!("mount option {other:?} is not handled here"),
-        }
+    if o.read_only {
+        flags |= libc::MS_RDONLY;
     }
-    if config.acl != SessionACL::Owner {
-        data.push_str(",allow_other");
-    }
-    let source = std::ffi::CString::new(source).map_err(|_| anyhow!("name contains NUL"))?;
+    let source = std::ffi::CString::new(o.source).map_err(|_| anyhow!("name contains NUL"))?;
     let target = c_path(abs)?;
     let data = std::ffi::CString::new(data).map_err(|_| anyhow!("options contain NUL"))?;
     // SAFETY: valid NUL-terminated strings; `data` is the option string fuse parses.
@@ -635,6 +652,101 @@ fn mount_here(abs: &Path, config: &Config) -> Result<Option<std::os::fd::OwnedFd
         return Err(e.into());
     }
     Ok(Some(dev.into()))
+}
+
+/// [`mount_fuse`] through the setuid helper: it mounts (checking the user may) and sends
+/// the opened `/dev/fuse` back over a socket pair (`_FUSE_COMMFD`, `SCM_RIGHTS`).
+fn mount_fusermount(abs: &Path, config: &Config) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let o = FuseOptions::of(config)?;
+    // fsname's own commas and backslashes are escaped, as fusermount3 unescapes them.
+    let fsname = o.source.replace('\\', "\\\\").replace(',', "\\,");
+    let mut opts = vec![format!("fsname={fsname}"), "nosuid".into(), "nodev".into()];
+    opts.extend(o.common().into_iter().map(String::from));
+    if o.read_only {
+        opts.push("ro".into());
+    }
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().context("cannot make a socket pair")?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg("-o")
+        .arg(opts.join(","))
+        .arg("--")
+        .arg(abs)
+        .env("_FUSE_COMMFD", theirs_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only fcntl between fork and exec (async-signal-safe): the helper's end of
+    // the pair is to survive the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(theirs_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            anyhow!("fusermount3 not found: a mount without root needs it (package fuse3)")
+        }
+        _ => anyhow!("cannot run fusermount3: {e}"),
+    })?;
+    // Ours closed: once the helper exits, a receive that got nothing ends.
+    drop(theirs);
+    let received = receive_fd(&ours);
+    let out = child.wait_with_output().context("fusermount3")?;
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match received {
+        Ok(Some(dev)) if out.status.success() => Ok(dev),
+        Ok(Some(_)) | Ok(None) => bail!("fusermount3 failed ({}): {said}", out.status),
+        Err(e) => bail!("no descriptor from fusermount3 ({e}): {said}"),
+    }
+}
+
+/// One descriptor sent over `sock` with `SCM_RIGHTS`; `None` if the peer closed first.
+fn receive_fd(
+    sock: &std::os::unix::net::UnixStream,
+) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    };
+    // u64s: aligned for a cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        // SAFETY: msg points at live buffers of the lengths it gives.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: msg was filled in by recvmsg; the CMSG macros walk its control buffer.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return Ok(Some(std::os::fd::OwnedFd::from_raw_fd(fd)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(None)
 }
 
 fn detach(mp: &Path) -> Result<()> {

@@ -32,6 +32,26 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
+/// Processes held stopped ([`stop`]): continued (SIGCONT) when dropped, also when the
+/// test fails meanwhile.
+pub struct Stopped(Vec<i32>);
+
+/// SIGSTOPs `pids` until the guard is dropped.
+pub fn stop(pids: &[i32]) -> Stopped {
+    for &pid in pids {
+        kill(pid, libc::SIGSTOP);
+    }
+    Stopped(pids.to_vec())
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            kill(pid, libc::SIGCONT);
+        }
+    }
+}
+
 /// Whether a process with this pid exists and is not a zombie. (A test binary killed
 /// while some of its threads are blocked in a FUSE call stays a zombie until they return:
 /// it is dead all the same, its cleanup will never run.)

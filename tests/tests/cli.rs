@@ -447,10 +447,7 @@ fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
     assert_eq!(fs::read(old.join("f")).expect("read"), b"x");
     let pids = old.daemon_pids();
     assert!(!pids.is_empty(), "no daemon process found for the mount");
-    let stopped = Resumed(pids.clone());
-    for &pid in &pids {
-        ferry_tests::sys::kill(pid, libc::SIGSTOP);
-    }
+    let stopped = ferry_tests::sys::stop(&pids);
     run(ferry().arg("umount").arg(old.path())).assert_success();
     assert!(!old.is_mounted());
     // The next mount, by a daemon the old mount's cleanup knows to stop too (its
@@ -483,17 +480,6 @@ fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
         fs::read(old.join("f")).expect("read through the next mount after"),
         b"x"
     );
-}
-
-/// Sends SIGCONT to the processes on drop.
-struct Resumed(Vec<i32>);
-
-impl Drop for Resumed {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            ferry_tests::sys::kill(pid, libc::SIGCONT);
-        }
-    }
 }
 
 /// Kills the child (and its group) on drop.

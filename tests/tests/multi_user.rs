@@ -28,9 +28,14 @@ fn have_setpriv() -> bool {
 
 /// Runs `sh -c script` as uid/gid 1234 with no supplementary groups.
 fn as_user(script: &str) -> Output {
+    as_uid(UID, script)
+}
+
+/// Runs `sh -c script` as uid/gid `uid` with no supplementary groups.
+fn as_uid(uid: u32, script: &str) -> Output {
     run(Command::new("setpriv")
-        .arg(format!("--reuid={UID}"))
-        .arg(format!("--regid={UID}"))
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
         .arg("--clear-groups")
         .args(["sh", "-c", script]))
 }
@@ -222,4 +227,104 @@ fn last_words(out: &Output) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().last())
         .map(|w| w.trim_end_matches('/').to_string())
         .collect()
+}
+
+/// `nobody`: fusermount3 wants the user to have a name.
+const NOBODY: u32 = 65534;
+
+/// A user mounts without root (through fusermount3), reads and writes as itself and
+/// unmounts. Between, an old daemon of its that finishes late (held stopped across the
+/// unmount and the next mount) leaves the next mount at the same path alone: fuser's own
+/// unmount at the end of a session (`fusermount3 -u -z` of the path) took it down.
+#[test]
+fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
+    use std::os::unix::fs::chown;
+    if !have_setpriv() || !require_fuse() {
+        eprintln!("skipping: setpriv or FUSE missing");
+        return;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    if !passwd.lines().any(|l| l.split(':').nth(2) == Some("65534")) {
+        eprintln!("skipping: no user 65534 (fusermount3 needs a user with a name)");
+        return;
+    }
+    match fs::metadata("/dev/fuse") {
+        Ok(m) if m.permissions().mode() & 0o006 == 0o006 => {}
+        _ => {
+            eprintln!("skipping: /dev/fuse is not 0666 (scripts/test.sh makes it so)");
+            return;
+        }
+    }
+    let server = TestServer::start();
+    chmod(server.export_path(), 0o777);
+    fs::write(server.export("f"), b"root's").expect("write");
+    chmod(&server.export("f"), 0o644);
+    let home = ferry_tests::temp_dir("home");
+    chown(home.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+    let mp = ferry_tests::temp_dir("mnt");
+    chown(mp.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+    let nobody = NOBODY.to_string();
+    let runtime = format!("XDG_RUNTIME_DIR={}", home.path().display());
+    let wrapper = [
+        "setpriv",
+        "--reuid",
+        &nobody,
+        "--regid",
+        &nobody,
+        "--clear-groups",
+        "env",
+        &runtime,
+    ];
+    let old = TestMount::try_mount_through(&wrapper, mp, &server.remote(), &["--no-cache"], None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = old.path().display().to_string();
+    let info = ferry_tests::mount::mount_at(old.path()).expect("in mountinfo");
+    assert!(info.is_fuse(), "{info:?}");
+
+    let out = as_uid(NOBODY, &format!("cat '{m}/f' && echo mine > '{m}/g'"));
+    out.assert_success();
+    assert_eq!(out.stdout, b"root's");
+    let md = fs::metadata(server.export("g")).expect("the user's file on the export");
+    assert_eq!((md.uid(), md.gid()), (NOBODY, NOBODY));
+    assert_eq!(fs::read(server.export("g")).expect("read"), b"mine\n");
+
+    let pids = old.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon for {m}");
+    let stopped = ferry_tests::sys::stop(&pids);
+    run(ferry().arg("umount").arg(old.path())).assert_success();
+    assert!(!old.is_mounted());
+    let mut next = Command::new("setpriv");
+    next.args(&wrapper[1..])
+        .arg(ferry_tests::ferry_bin())
+        .args(["mount", "--no-cache", "--log"])
+        .arg(home.path().join("next.log"))
+        .arg(server.remote())
+        .arg(old.path());
+    run(&mut next).assert_success();
+    as_uid(NOBODY, &format!("cat '{m}/g'")).assert_success();
+    drop(stopped);
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(10), || pids
+            .iter()
+            .all(|&p| !ferry_tests::sys::pid_running(p))),
+        "the old daemon did not exit once resumed"
+    );
+    assert!(
+        old.is_mounted(),
+        "the old daemon took the next mount at its path down"
+    );
+    let out = as_uid(NOBODY, &format!("cat '{m}/g'"));
+    out.assert_success();
+    assert_eq!(out.stdout, b"mine\n");
+
+    // The user unmounts its own mount (fusermount3 -u).
+    let out = as_uid(
+        NOBODY,
+        &format!("'{}' umount '{m}'", ferry_tests::ferry_bin().display()),
+    );
+    out.assert_success();
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(5), || !old.is_mounted()),
+        "still mounted after the user's umount"
+    );
 }
