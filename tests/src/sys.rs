@@ -44,6 +44,15 @@ pub fn stop(pids: &[i32]) -> Stopped {
     Stopped(pids.to_vec())
 }
 
+impl Stopped {
+    /// Continues them now; whether they all exited within `within` after.
+    pub fn resume_until_gone(self, within: std::time::Duration) -> bool {
+        let pids = self.0.clone();
+        drop(self);
+        crate::poll_until(within, || pids.iter().all(|&p| !pid_running(p)))
+    }
+}
+
 impl Drop for Stopped {
     fn drop(&mut self) {
         for &pid in &self.0 {

@@ -465,11 +465,8 @@ fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
         fs::read(old.join("f")).expect("read through the next mount"),
         b"x"
     );
-    drop(stopped);
     assert!(
-        poll_until(Duration::from_secs(10), || pids
-            .iter()
-            .all(|&p| !ferry_tests::sys::pid_running(p))),
+        stopped.resume_until_gone(Duration::from_secs(10)),
         "the old daemon did not exit once resumed"
     );
     assert!(

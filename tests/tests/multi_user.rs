@@ -198,25 +198,21 @@ fn another_users_mount_in_the_export_is_left_out_of_its_listing() {
     let server = TestServer::start_on(export, &[]);
     let mount = TestMount::new(&server);
 
-    let out = run(Command::new("ls").arg("-la").arg(mount.path()));
-    out.assert_success();
-    let listed = last_words(&out);
-    assert!(
-        listed.contains(&"f".to_string()) && listed.contains(&"sub".to_string()),
-        "{out}"
-    );
-    assert!(!listed.contains(&name), "{out}");
+    // The rest of the export is listed, their mount is not.
+    let lists_the_rest = |out: &Output| {
+        out.assert_success();
+        let listed = last_words(out);
+        assert!(
+            listed.contains(&"f".to_string()) && listed.contains(&"sub".to_string()),
+            "{out}"
+        );
+        assert!(!listed.contains(&name), "{out}");
+    };
+    lists_the_rest(&run(Command::new("ls").arg("-la").arg(mount.path())));
     assert_eq!(fs::read(mount.join("f")).expect("read"), b"mine");
     assert_errno(fs::symlink_metadata(mount.join(&name)), libc::EACCES);
 
-    let out = run(ferry().args(["ls", &server.remote()]));
-    out.assert_success();
-    let listed = last_words(&out);
-    assert!(
-        listed.contains(&"f".to_string()) && listed.contains(&"sub".to_string()),
-        "{out}"
-    );
-    assert!(!listed.contains(&name), "{out}");
+    lists_the_rest(&run(ferry().args(["ls", &server.remote()])));
 }
 
 /// The last word of each line of the output without a trailing `/` (the name in a line
@@ -302,11 +298,8 @@ fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
         .arg(old.path());
     run(&mut next).assert_success();
     as_uid(NOBODY, &format!("cat '{m}/g'")).assert_success();
-    drop(stopped);
     assert!(
-        ferry_tests::poll_until(std::time::Duration::from_secs(10), || pids
-            .iter()
-            .all(|&p| !ferry_tests::sys::pid_running(p))),
+        stopped.resume_until_gone(std::time::Duration::from_secs(10)),
         "the old daemon did not exit once resumed"
     );
     assert!(
