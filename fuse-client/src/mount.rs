@@ -114,7 +114,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Check everything that can be checked before touching the server or the kernel.
 fn preflight(mp: &Path) -> Result<PathBuf> {
-    let abs = std::fs::canonicalize(mp).map_err(|e| anyhow!("mountpoint {}: {e}", mp.display()))?;
+    let abs = match std::fs::canonicalize(mp) {
+        Ok(abs) => abs,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(mp)?,
+        Err(e) => bail!("mountpoint {}: {e}", mp.display()),
+    };
+    if let Err(e) = std::fs::metadata(&abs)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        remove_dead_mount(&abs, &e)?;
+    }
     if !abs.is_dir() {
         bail!("mountpoint {} is not a directory", abs.display());
     }
@@ -129,6 +138,31 @@ fn preflight(mp: &Path) -> Result<PathBuf> {
         );
     }
     Ok(abs)
+}
+
+/// A mount at `abs` whose connection is gone (`ENOTCONN`: its daemon crashed or was
+/// killed). A ferry mount is unmounted, with a line saying so: nothing can serve it
+/// again, and mounting anew is what its user is after. Any other is the user's to
+/// remove, and the error says how.
+fn remove_dead_mount(abs: &Path, e: &std::io::Error) -> Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let source = mount_line(&info, abs)
+        .and_then(|line| line.split_once(" - "))
+        .and_then(|(_, rest)| rest.split(' ').nth(1));
+    match source {
+        Some(source) if source.starts_with("ferry:") => {
+            eprintln!(
+                "ferry: unmounting the ferry mount left at {} by a daemon that is gone ({e})",
+                abs.display()
+            );
+            unmount(abs).or_else(|_| detach(abs))
+        }
+        _ => bail!(
+            "mountpoint {} is a mount whose server is gone ({e}): unmount it first \
+             (`umount`, or `fusermount3 -u` as its owner)",
+            abs.display()
+        ),
+    }
 }
 
 /// `ferry mount` without `--foreground`: start the daemon, wait for its verdict.

@@ -479,6 +479,46 @@ fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
     );
 }
 
+/// A ferry mount whose daemon died (SIGKILL: the mountpoint answers ENOTCONN) does not
+/// stand in the way of mounting there again: `ferry mount` says it unmounts it, and
+/// mounts. (It failed with "is not a directory".)
+#[test]
+fn a_mount_over_a_dead_ferry_mount_replaces_it() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let dead = TestMount::new(&server);
+    for pid in dead.daemon_pids() {
+        ferry_tests::sys::kill(pid, libc::SIGKILL);
+    }
+    assert!(
+        poll_until(Duration::from_secs(10), || fs::metadata(dead.path())
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))),
+        "the mount did not die"
+    );
+    let log = temp_dir("log");
+    let out = run(ferry()
+        .arg("mount")
+        .arg("--no-cache")
+        .arg("--log")
+        .arg(log.path().join("next.log"))
+        .arg(server.remote())
+        .arg(dead.path()));
+    out.assert_success();
+    assert!(out.stderr_str().contains("gone"), "{out}");
+    assert_eq!(
+        fs::read(dead.join("f")).expect("read through the new mount"),
+        b"x"
+    );
+    let at_path = mount::mounts()
+        .into_iter()
+        .filter(|m| m.mount_point == dead.path())
+        .count();
+    assert_eq!(at_path, 1, "mounts at {}", dead.path().display());
+}
+
 /// Kills the child (and its group) on drop.
 struct KillOnDrop(Child);
 
