@@ -102,7 +102,7 @@ impl Export {
         let area_root = root
             .try_clone()
             .map_err(|e| open_err(std::io::Error::from_raw_os_error(sys::errno_of(&e))))?;
-        let submounts = crate::mounts::Submounts::watch(&path);
+        let submounts = crate::mounts::Submounts::watch(root.as_fd(), &path);
         let root_mount = sys::mount_id(root.as_fd());
         Ok(Export {
             submounts,

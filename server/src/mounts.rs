@@ -15,7 +15,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Seek};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,15 +29,24 @@ pub struct Submounts {
 }
 
 impl Submounts {
-    /// Watch the mount table for mounts beneath `root` (canonical). Without
+    /// Watch the mount table for mounts beneath the directory `root`, opened at
+    /// `startup` (canonical). The directory is followed wherever it is renamed to: its
+    /// path is read again (from `/proc/self/fd`) at every change to the table. Without
     /// `/proc/self/mountinfo` to watch, assume there are: every call is then checked.
-    pub fn watch(root: &Path) -> Submounts {
+    pub fn watch(root: BorrowedFd<'_>, startup: &Path) -> Submounts {
         let any = Arc::new(AtomicBool::new(true));
-        let Ok(mut table) = File::open("/proc/self/mountinfo") else {
+        let (Ok(mut table), Ok(root)) = (
+            File::open("/proc/self/mountinfo"),
+            root.try_clone_to_owned(),
+        ) else {
             return Submounts { any };
         };
-        any.store(beneath(&mut table, root), Ordering::SeqCst);
-        let (weak, root) = (Arc::downgrade(&any), root.to_path_buf());
+        let root = Root {
+            fd: root,
+            startup: startup.to_path_buf(),
+        };
+        any.store(beneath(&mut table, &root.path()), Ordering::SeqCst);
+        let weak = Arc::downgrade(&any);
         let spawned = std::thread::Builder::new()
             .name("ferryd-mounts".into())
             .spawn(move || follow(table, &root, weak));
@@ -55,9 +64,27 @@ impl Submounts {
     }
 }
 
+/// The export root, as followed by the watching thread.
+struct Root {
+    fd: OwnedFd,
+    /// Its path at startup: used if its current one cannot be read.
+    startup: PathBuf,
+}
+
+impl Root {
+    /// Where the root is now (renamed on the server's disk since the start, say).
+    fn path(&self) -> PathBuf {
+        let link = crate::sys::proc_fd_path(self.fd.as_fd());
+        match std::fs::read_link(OsStr::from_bytes(link.as_bytes())) {
+            Ok(p) if p.is_absolute() => p,
+            _ => self.startup.clone(),
+        }
+    }
+}
+
 /// Re-read the table after every change until the [`Submounts`] is dropped (checked
 /// once a second).
-fn follow(mut table: File, root: &Path, any: Weak<AtomicBool>) {
+fn follow(mut table: File, root: &Root, any: Weak<AtomicBool>) {
     loop {
         let mut pfd = libc::pollfd {
             fd: table.as_raw_fd(),
@@ -72,7 +99,7 @@ fn follow(mut table: File, root: &Path, any: Weak<AtomicBool>) {
             return;
         }
         if n > 0 {
-            any.store(beneath(&mut table, root), Ordering::SeqCst);
+            any.store(beneath(&mut table, &root.path()), Ordering::SeqCst);
         }
     }
 }
@@ -157,7 +184,8 @@ mod tests {
         // Watching a directory: the table's own answer, whatever it is, is current.
         let dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(dir.path()).expect("canonical");
-        let s = Submounts::watch(&root);
+        let fd = File::open(&root).expect("open the root");
+        let s = Submounts::watch(fd.as_fd(), &root);
         assert!(
             !s.any(),
             "nothing is mounted beneath a new temporary directory"
@@ -186,6 +214,46 @@ mod tests {
         // SAFETY: valid C string.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         assert!(seen, "a mount beneath the root was not seen in 5 s");
+        assert!(poll(|| !s.any()), "its unmount was not seen in 5 s");
+    }
+
+    /// The export directory renamed on the server's disk after the start: a mount
+    /// beneath its new path is seen (the watcher looked at the startup path only).
+    #[test]
+    fn a_mount_beneath_the_renamed_root_is_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = std::fs::canonicalize(dir.path()).expect("canonical");
+        let root = base.join("export");
+        std::fs::create_dir(&root).expect("mkdir");
+        let fd = File::open(&root).expect("open the root");
+        let s = Submounts::watch(fd.as_fd(), &root);
+        assert!(!s.any());
+        let moved = base.join("moved");
+        std::fs::rename(&root, &moved).expect("rename the root");
+        let sub = moved.join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let c = std::ffi::CString::new(sub.as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid C strings; a tmpfs mount on a directory of our own.
+        let r = unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            eprintln!(
+                "note: cannot mount here ({}); skipped",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let seen = poll(|| s.any());
+        // SAFETY: valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        assert!(seen, "a mount beneath the renamed root was not seen in 5 s");
         assert!(poll(|| !s.any()), "its unmount was not seen in 5 s");
     }
 
