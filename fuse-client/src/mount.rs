@@ -807,6 +807,15 @@ pub fn unmount(mp: &Path) -> Result<()> {
             return Ok(());
         }
     }
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        bail!(
+            "cannot unmount {}: {err}: a process has a file or its working directory in \
+             it; end those, or `umount -l {}` detaches the mount now and unmounts it once \
+             they let go",
+            mp.display(),
+            mp.display()
+        );
+    }
     Err(anyhow!("cannot unmount {}: {err}", mp.display()))
 }
 

@@ -519,6 +519,27 @@ fn a_mount_over_a_dead_ferry_mount_replaces_it() {
     assert_eq!(at_path, 1, "mounts at {}", dead.path().display());
 }
 
+/// `ferry umount` of a mount a process still uses fails, says why and what to do, and
+/// leaves the mount working; once the process is gone it unmounts.
+#[test]
+fn umount_of_a_busy_mount_says_why_and_keeps_it() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let mut m = TestMount::new(&server);
+    let held = fs::File::open(m.join("f")).expect("open");
+    let out = run(ferry().arg("umount").arg(m.path()));
+    out.assert_failure();
+    let err = out.stderr_str();
+    assert!(err.contains("busy") && err.contains("umount -l"), "{out}");
+    assert!(m.is_mounted());
+    assert_eq!(fs::read(m.join("f")).expect("read"), b"x");
+    drop(held);
+    m.unmount().unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Kills the child (and its group) on drop.
 struct KillOnDrop(Child);
 
