@@ -180,8 +180,20 @@ fn another_users_mount_in_the_export_is_left_out_of_its_listing() {
     // The real uid is the user's (the mount's owner, `user_id=`), the effective one
     // root's (the mount syscall: neither /dev/fuse's mode nor fusermount3 matter).
     let uid = UID.to_string();
+    // (Its stats socket goes there, not to a /tmp/ferry-1234 left behind.)
+    let run_dir = ferry_tests::temp_dir("run");
+    let runtime = format!("XDG_RUNTIME_DIR={}", run_dir.path().display());
     let _their_mount = TestMount::try_mount_through(
-        &["setpriv", "--ruid", &uid, "--rgid", &uid, "--clear-groups"],
+        &[
+            "setpriv",
+            "--ruid",
+            &uid,
+            "--rgid",
+            &uid,
+            "--clear-groups",
+            "env",
+            &runtime,
+        ],
         their_dir,
         &theirs.remote(),
         &["--no-cache"],
