@@ -105,8 +105,12 @@ impl FsError {
     /// (the call may or may not have happened; EIO is what programs treat as "the device
     /// failed" and report rather than retry), except a timed-out connect (ETIMEDOUT) and a
     /// handle opened on a connection since lost (EBADF would blame the program; EIO does not).
+    /// The one server errno that does not pass: ENOTCONN (a dead mount inside the export)
+    /// would say this mount's own connection is gone, and `ferry mount` unmounts a ferry
+    /// mount that says so.
     pub fn errno(&self) -> i32 {
         match self {
+            FsError::Errno(libc::ENOTCONN) => libc::EIO,
             FsError::Errno(e) if *e > 0 => *e,
             FsError::Errno(_) => libc::EIO,
             FsError::Transport(TransportError::ConnectTimeout(_)) => libc::ETIMEDOUT,

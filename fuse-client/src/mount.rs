@@ -116,7 +116,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 fn preflight(mp: &Path) -> Result<PathBuf> {
     let abs = match std::fs::canonicalize(mp) {
         Ok(abs) => abs,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => std::path::absolute(mp)?,
+        // The mountpoint itself cannot be resolved: its parent is, so that the path
+        // matches the one mountinfo lists.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs = std::path::absolute(mp)?;
+            match (abs.parent(), abs.file_name()) {
+                (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+                    .map_err(|e| anyhow!("mountpoint {}: {e}", mp.display()))?
+                    .join(name),
+                _ => abs,
+            }
+        }
         Err(e) => bail!("mountpoint {}: {e}", mp.display()),
     };
     if let Err(e) = std::fs::metadata(&abs)
@@ -143,19 +153,33 @@ fn preflight(mp: &Path) -> Result<PathBuf> {
 /// A mount at `abs` whose connection is gone (`ENOTCONN`: its daemon crashed or was
 /// killed). A ferry mount is unmounted, with a line saying so: nothing can serve it
 /// again, and mounting anew is what its user is after. Any other is the user's to
-/// remove, and the error says how.
+/// remove, and the error says how. (A live ferry mount never answers `ENOTCONN`: the
+/// client maps a server's to `EIO`.) Never detached: a busy one stays, and the error
+/// says so.
 fn remove_dead_mount(abs: &Path, e: &std::io::Error) -> Result<()> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let source = mount_line(&info, abs)
+    let line = mount_line(&info, abs);
+    let dev = line.and_then(|line| line.split(' ').nth(2));
+    let source = line
         .and_then(|line| line.split_once(" - "))
         .and_then(|(_, rest)| rest.split(' ').nth(1));
     match source {
         Some(source) if source.starts_with("ferry:") => {
+            // Still the same mount, still dead: not one mounted there since the check.
+            let still_dead = std::fs::metadata(abs)
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+                && top_dev(abs).as_deref() == dev;
+            if !still_dead {
+                bail!(
+                    "mountpoint {} changed while it was checked; try again",
+                    abs.display()
+                );
+            }
             eprintln!(
                 "ferry: unmounting the ferry mount left at {} by a daemon that is gone ({e})",
                 abs.display()
             );
-            unmount(abs).or_else(|_| detach(abs))
+            unmount(abs)
         }
         _ => bail!(
             "mountpoint {} is a mount whose server is gone ({e}): unmount it first \
@@ -233,6 +257,8 @@ pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result
 /// Whether fd 2 is a pipe or a socket: a reader there (a shell's `| cat`, `$(…)`, a
 /// script capturing output) waits until every writer closed it, and the daemon would
 /// otherwise hold it until the unmount. (libfuse's `fuse_daemonize`, so sshfs, detaches too.)
+/// Not the journal's socket (a systemd unit's stderr, named by `JOURNAL_STREAM`): nobody
+/// waits for that one to close, and it is where the daemon's log belongs.
 fn stderr_is_a_pipe() -> bool {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat on a plain fd number with a valid out pointer.
@@ -240,8 +266,15 @@ fn stderr_is_a_pipe() -> bool {
         return false;
     }
     // SAFETY: initialized by the successful call above.
-    let mode = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
-    mode == libc::S_IFIFO || mode == libc::S_IFSOCK
+    let st = unsafe { st.assume_init() };
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFIFO => true,
+        libc::S_IFSOCK => {
+            let journal = std::env::var("JOURNAL_STREAM").unwrap_or_default();
+            journal != format!("{}:{}", st.st_dev, st.st_ino)
+        }
+        _ => false,
+    }
 }
 
 /// Run the filesystem in this process until it is unmounted. With `ready_pipe`, the
@@ -323,6 +356,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     config.n_threads = Some(1);
 
     let dev = mount_fuse(&abs, &config)?;
+    let probe_fd = dev.try_clone().context("cannot dup /dev/fuse")?;
     let acl = config.acl;
     let session = match fuser::Session::from_fd(fs, dev, acl, config) {
         Ok(session) => session,
@@ -332,8 +366,9 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         }
     };
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
-    // Set once the session is over: the mount is gone, and whatever is mounted at the
-    // path by then is not ours to unmount.
+    let ours = OurMount::new(&abs);
+    // Set by whichever ends the daemon first: the session loop returning, or a signal
+    // for a mount that is no longer on top at its path.
     let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     // Kernel invalidations go through one thread of their own (see fs/events.rs).
@@ -368,7 +403,7 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
             }
         })
         .context("cannot start the invalidation thread")?;
-    raise_readahead(&abs);
+    raise_readahead(&ours);
     let _guard = rt.enter();
     let stats_socket = match crate::stats::serve(core.clone(), &abs) {
         Ok(p) => Some(p),
@@ -377,6 +412,62 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
             None
         }
     };
+    let ending = Arc::new(Ending {
+        core: core.clone(),
+        client: client.clone(),
+        cache: cache.clone(),
+        stats_socket,
+        timeout: opts.timeout,
+    });
+    let alive = Arc::new(move || superblock_alive(&probe_fd));
+
+    // SIGINT/SIGTERM unmount cleanly; the session loop then ends by itself. A mount
+    // still in use is detached (it goes once its users let go) and served until then;
+    // a signal for a mount no longer on top at its path (detached, or another one
+    // mounted over it) ends the session here: unmounting the path would take down
+    // what is there now.
+    let mp = abs.clone();
+    let (signal_over, signal_ending, signal_alive) = (over.clone(), ending.clone(), alive.clone());
+    let signal_ours = ours.clone();
+    // Handled from before the mount is announced: a signal right after `ferry mount`
+    // returns must not kill the daemon and leave its mount dead.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    rt.spawn(async move {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if signal_over.load(SeqCst) {
+                return;
+            }
+            if signal_ours.on_top(&*signal_alive) {
+                tracing::info!("signal received; unmounting {}", mp.display());
+                if let Err(e) = unmount(&mp) {
+                    tracing::warn!(
+                        "{e:#}; detaching it instead: it goes once its users let go, and \
+                         another signal ends the session now"
+                    );
+                    let _ = detach(&mp);
+                }
+                continue;
+            }
+            if signal_over.swap(true, SeqCst) {
+                return;
+            }
+            tracing::info!(
+                "signal received; the mount at {} is not on top there any more (detached, \
+                 or mounted over): ending the session, without touching the path",
+                mp.display()
+            );
+            signal_ending.finish().await;
+            signal_ending.save();
+            std::process::exit(0);
+        }
+    });
 
     if ready_pipe {
         let mut out = std::io::stdout();
@@ -403,47 +494,107 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         }
     }
 
-    // SIGINT/SIGTERM unmount cleanly; the session loop then ends by itself.
-    let mp = abs.clone();
-    let signal_over = over.clone();
-    rt.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        if signal_over.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        tracing::info!("signal received; unmounting {}", mp.display());
-        if let Err(e) = unmount(&mp) {
-            tracing::warn!("unmount: {e}; detaching");
-            let _ = detach(&mp);
-        }
-    });
-
     let run = session.run();
-    over.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(p) = stats_socket {
-        let _ = std::fs::remove_file(p);
+    if over.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // A signal ended the daemon; it exits once done.
+        loop {
+            std::thread::park();
+        }
     }
-    // Unlinks answered ahead of the server reach it before the connection closes.
-    rt.block_on(core.settle_unlinks(opts.timeout));
-    rt.block_on(client.close());
+    // Ended with the mount still there (an error, or its connection aborted): a dead
+    // mount helps nobody.
+    if ours.on_top(&*alive) {
+        tracing::info!("the session ended; unmounting {}", abs.display());
+        let _ = unmount(&abs).or_else(|_| detach(&abs));
+    }
+    rt.block_on(ending.finish());
     // Lets background cache writes finish first, so the metadata saved next covers them.
     rt.shutdown_timeout(Duration::from_secs(2));
-    if let Some(cache) = &cache
-        && let Err(e) = cache.close()
-    {
-        tracing::warn!("cannot save cache metadata: {e}");
-    }
+    ending.save();
     run.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// What a daemon does on its way out, however it ends.
+struct Ending {
+    core: Arc<Core>,
+    client: Arc<Client>,
+    cache: Option<Arc<DataCache>>,
+    stats_socket: Option<crate::stats::Socket>,
+    timeout: Duration,
+}
+
+impl Ending {
+    async fn finish(&self) {
+        if let Some(s) = &self.stats_socket {
+            s.remove();
+        }
+        // Unlinks answered ahead of the server reach it before the connection closes.
+        self.core.settle_unlinks(self.timeout).await;
+        self.client.close().await;
+    }
+
+    fn save(&self) {
+        if let Some(cache) = &self.cache
+            && let Err(e) = cache.close()
+        {
+            tracing::warn!("cannot save cache metadata: {e}");
+        }
+    }
+}
+
+/// This daemon's mount, told apart from whatever else is or comes to be mounted at its
+/// path (the next mount there after an unmount, one mounted over it).
+#[derive(Clone)]
+struct OurMount {
+    path: PathBuf,
+    /// `major:minor` of its superblock in mountinfo, read right after mounting.
+    dev: Option<String>,
+}
+
+impl OurMount {
+    fn new(path: &Path) -> OurMount {
+        OurMount {
+            path: path.to_path_buf(),
+            dev: top_dev(path),
+        }
+    }
+
+    /// Whether the mount on top at the path is this daemon's. The device number names
+    /// our superblock only while it lives (the next mount may get the number once it
+    /// is gone), so `alive` asks the kernel first: it fails once our superblock is gone.
+    fn on_top(&self, alive: &dyn Fn() -> bool) -> bool {
+        self.dev.is_some() && alive() && top_dev(&self.path) == self.dev
+    }
+}
+
+/// Whether the kernel still has the superblock of the connection on `dev`: an
+/// invalidation of the root's attributes (harmless) fails with ENOENT once it is gone.
+/// Written here, as fuser's `Notifier` reports ENOENT as success.
+fn superblock_alive(dev: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+    const ROOT: u64 = 1;
+    let mut msg = Vec::with_capacity(40);
+    // fuse_out_header: len, error (the notification's code), unique (0: a notification).
+    msg.extend_from_slice(&40u32.to_ne_bytes());
+    msg.extend_from_slice(&FUSE_NOTIFY_INVAL_INODE.to_ne_bytes());
+    msg.extend_from_slice(&0u64.to_ne_bytes());
+    // fuse_notify_inval_inode_out: ino, off (negative: attributes only), len.
+    msg.extend_from_slice(&ROOT.to_ne_bytes());
+    msg.extend_from_slice(&(-1i64).to_ne_bytes());
+    msg.extend_from_slice(&0i64.to_ne_bytes());
+    // SAFETY: a write of an owned buffer to a valid descriptor.
+    let n = unsafe { libc::write(dev.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+    n == msg.len() as isize
+}
+
+/// The device of the mount on top at `path`, from this process's mountinfo (a `stat`
+/// would wait for the filesystem there).
+fn top_dev(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_line(&info, path)
+        .and_then(|line| line.split(' ').nth(2))
+        .map(str::to_string)
 }
 
 /// Mounts of one export at a time that may share a cache dir: more take none.
@@ -537,13 +688,8 @@ fn mount_line<'a>(info: &'a str, path: &Path) -> Option<&'a str> {
 
 /// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the
 /// mount's backing device info is created with the default. Best effort (root only).
-/// The device number comes from mountinfo: a `stat` of our own mountpoint would wait for
-/// the session loop, which is not running yet.
-fn raise_readahead(mp: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let Some(dev) = mount_line(&info, mp).and_then(|line| line.split(' ').nth(2)) else {
+fn raise_readahead(ours: &OurMount) {
+    let Some(dev) = &ours.dev else {
         return;
     };
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
@@ -601,6 +747,8 @@ fn mount_fuse(abs: &Path, config: &Config) -> Result<std::os::fd::OwnedFd> {
 struct FuseOptions {
     /// The mount's source (`ferry:REMOTE`, as mountinfo shows it).
     source: String,
+    /// The type's second part (`fuse.ferry`), as libfuse's `subtype=` makes it.
+    subtype: Option<String>,
     read_only: bool,
     default_permissions: bool,
     allow_other: bool,
@@ -610,6 +758,7 @@ impl FuseOptions {
     fn of(config: &Config) -> Result<FuseOptions> {
         let mut o = FuseOptions {
             source: "ferry".to_string(),
+            subtype: None,
             read_only: false,
             default_permissions: false,
             allow_other: config.acl != SessionACL::Owner,
@@ -619,8 +768,9 @@ impl FuseOptions {
                 MountOption::DefaultPermissions => o.default_permissions = true,
                 MountOption::RO => o.read_only = true,
                 MountOption::FSName(name) => o.source.clone_from(name),
-                // Always nosuid and nodev; the type stays `fuse`.
-                MountOption::NoDev | MountOption::NoSuid | MountOption::Subtype(_) => {}
+                MountOption::Subtype(sub) => o.subtype = Some(sub.clone()),
+                // Always nosuid and nodev.
+                MountOption::NoDev | MountOption::NoSuid => {}
                 other => bail!("mount option {other:?} is not handled here"),
             }
         }
@@ -666,6 +816,11 @@ fn mount_syscall(abs: &Path, config: &Config) -> Result<Option<std::os::fd::Owne
         flags |= libc::MS_RDONLY;
     }
     let source = std::ffi::CString::new(o.source).map_err(|_| anyhow!("name contains NUL"))?;
+    let fstype = match &o.subtype {
+        Some(sub) => format!("fuse.{sub}"),
+        None => "fuse".to_string(),
+    };
+    let fstype = std::ffi::CString::new(fstype).map_err(|_| anyhow!("type contains NUL"))?;
     let target = c_path(abs)?;
     let data = std::ffi::CString::new(data).map_err(|_| anyhow!("options contain NUL"))?;
     // SAFETY: valid NUL-terminated strings; `data` is the option string fuse parses.
@@ -673,7 +828,7 @@ fn mount_syscall(abs: &Path, config: &Config) -> Result<Option<std::os::fd::Owne
         libc::mount(
             source.as_ptr(),
             target.as_ptr(),
-            c"fuse".as_ptr(),
+            fstype.as_ptr(),
             flags,
             data.as_ptr().cast(),
         )
@@ -696,6 +851,12 @@ fn mount_fusermount(abs: &Path, config: &Config) -> Result<std::os::fd::OwnedFd>
     // fsname's own commas and backslashes are escaped, as fusermount3 unescapes them.
     let fsname = o.source.replace('\\', "\\\\").replace(',', "\\,");
     let mut opts = vec![format!("fsname={fsname}"), "nosuid".into(), "nodev".into()];
+    if let Some(sub) = &o.subtype {
+        opts.push(format!(
+            "subtype={}",
+            sub.replace('\\', "\\\\").replace(',', "\\,")
+        ));
+    }
     opts.extend(o.common().into_iter().map(String::from));
     if o.read_only {
         opts.push("ro".into());
@@ -783,13 +944,33 @@ fn receive_fd(
     Ok(None)
 }
 
+/// Detaches the mount at `mp` now; it goes once its users let go (`umount -l`).
 fn detach(mp: &Path) -> Result<()> {
     let c = c_path(mp)?;
     // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
     }
-    Ok(())
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) && fusermount(&["-u", "-z"], mp).is_ok() {
+        return Ok(());
+    }
+    Err(err.into())
+}
+
+/// `fusermount3 ARGS MP` (setuid: unmounts a mount of the calling user); what it said
+/// when it did not.
+fn fusermount(args: &[&str], mp: &Path) -> std::result::Result<(), String> {
+    match Command::new("fusermount3")
+        .args(args)
+        .arg(mp)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `ferry umount MOUNTPOINT`.
@@ -799,18 +980,26 @@ pub fn unmount(mp: &Path) -> Result<()> {
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
         return Ok(());
     }
-    let err = std::io::Error::last_os_error();
+    let mut err = std::io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EPERM) {
         // Not root: the setuid helper may do it for us.
-        let status = Command::new("fusermount3").arg("-u").arg(mp).status();
-        if matches!(status, Ok(s) if s.success()) {
-            return Ok(());
+        match fusermount(&["-u"], mp) {
+            Ok(()) => return Ok(()),
+            Err(said) if said.contains("busy") => {
+                err = std::io::Error::from_raw_os_error(libc::EBUSY);
+            }
+            Err(_) => {}
         }
     }
     if err.raw_os_error() == Some(libc::EBUSY) {
+        let how = if running_as_root() {
+            "umount -l"
+        } else {
+            "fusermount3 -u -z"
+        };
         bail!(
             "cannot unmount {}: {err}: a process has a file or its working directory in \
-             it; end those, or `umount -l {}` detaches the mount now and unmounts it once \
+             it; end those, or `{how} {}` detaches the mount now and unmounts it once \
              they let go",
             mp.display(),
             mp.display()

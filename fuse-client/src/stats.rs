@@ -32,8 +32,32 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     socket_dir().join(format!("{:016x}.sock", h.finish()))
 }
 
-/// Serve counters on the socket until the runtime stops. Returns the socket path.
-pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<PathBuf> {
+/// The socket a daemon bound: removed by it only while the file at the path is still
+/// this one (the next mount at the same path binds its own there, and an old daemon
+/// finishing late must not take that away).
+pub struct Socket {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl Socket {
+    pub fn remove(&self) {
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Device and inode of the file at `p` itself.
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Serve counters on the socket until the runtime stops.
+pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<Socket> {
     let dir = socket_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
@@ -45,6 +69,10 @@ pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<PathBuf> {
         .spawn(move || remove_dead_sockets(&sweep));
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("cannot bind {}", path.display()))?;
+    let socket = Socket {
+        id: file_id(&path),
+        path,
+    };
     let mp = mountpoint.display().to_string();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
@@ -60,12 +88,13 @@ pub fn serve(core: Arc<Core>, mountpoint: &Path) -> Result<PathBuf> {
             let _ = sock.shutdown().await;
         }
     });
-    Ok(path)
+    Ok(socket)
 }
 
 /// Removes the sockets in `dir` of daemons that died without removing their own (killed,
 /// crashed): nobody listens there any more. A socket just bound and not yet listening
-/// refuses too, for microseconds, so a refusal counts only when it holds a moment later.
+/// refuses too, for microseconds, so a refusal counts only when it holds a moment later,
+/// and only for the same file (a daemon may have bound a new one there meanwhile).
 fn remove_dead_sockets(dir: &Path) {
     let refused = |p: &Path| {
         std::os::unix::net::UnixStream::connect(p)
@@ -74,16 +103,22 @@ fn remove_dead_sockets(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let dead: Vec<PathBuf> = entries
+    let dead: Vec<(PathBuf, Option<(u64, u64)>)> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sock") && refused(p))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .map(|p| (file_id(&p), p))
+        .filter(|(id, p)| id.is_some() && refused(p))
+        .map(|(id, p)| (p, id))
         .collect();
     if dead.is_empty() {
         return;
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
-    for p in dead.iter().filter(|p| refused(p)) {
+    for (p, _) in dead
+        .iter()
+        .filter(|(p, id)| refused(p) && file_id(p) == *id)
+    {
         tracing::debug!(socket = %p.display(), "removing the stats socket of a dead daemon");
         let _ = std::fs::remove_file(p);
     }

@@ -30,7 +30,9 @@ pub struct TestServer {
     exited: Option<ExitStatus>,
     addr: SocketAddr,
     args: Vec<String>,
-    export: TempDir,
+    export: PathBuf,
+    /// The temp dir the export is (removed on drop); `None` for a path the test owns.
+    _export_dir: Option<TempDir>,
     log_path: PathBuf,
     // Holds the log file; declared last so it outlives nothing that needs it.
     _work: TempDir,
@@ -49,6 +51,17 @@ impl TestServer {
 
     /// Serves `export` (a temp dir the caller may have filled first).
     pub fn start_on(export: TempDir, args: &[&str]) -> Self {
+        let path = export.path().to_path_buf();
+        Self::serve(path, Some(export), args)
+    }
+
+    /// Serves `export`, a directory the caller owns and keeps until the server is
+    /// dropped (another mount's mountpoint, say).
+    pub fn start_at(export: &Path, args: &[&str]) -> Self {
+        Self::serve(export.to_path_buf(), None, args)
+    }
+
+    fn serve(export: PathBuf, export_dir: Option<TempDir>, args: &[&str]) -> Self {
         crate::mount::cleanup_stale();
         let work = crate::temp_dir("work");
         let log_path = work.path().join("ferryd.log");
@@ -58,13 +71,14 @@ impl TestServer {
             let state = work.path().join("state");
             args.extend(["--state-dir".to_string(), state.display().to_string()]);
         }
-        let (child, addr) = spawn(export.path(), "127.0.0.1:0", &args, &log_path);
+        let (child, addr) = spawn(&export, "127.0.0.1:0", &args, &log_path);
         TestServer {
             child,
             exited: None,
             addr,
             args,
             export,
+            _export_dir: export_dir,
             log_path,
             _work: work,
         }
@@ -75,7 +89,7 @@ impl TestServer {
     pub fn restart(&mut self) {
         self.kill();
         let listen = self.addr.to_string();
-        let (child, addr) = spawn(self.export.path(), &listen, &self.args, &self.log_path);
+        let (child, addr) = spawn(&self.export, &listen, &self.args, &self.log_path);
         assert_eq!(addr, self.addr, "restarted ferryd reports another address");
         self.child = child;
         self.exited = None;
@@ -98,13 +112,7 @@ impl TestServer {
     /// [`crate::process::no_spawns`] meanwhile so that other tests do not fork either.)
     pub fn prepare_restart(&self) -> PreparedServer {
         let listen = self.addr.to_string();
-        let (child, line, desc) = launch(
-            self.export.path(),
-            &listen,
-            &self.args,
-            &self.log_path,
-            true,
-        );
+        let (child, line, desc) = launch(&self.export, &listen, &self.args, &self.log_path, true);
         PreparedServer { child, line, desc }
     }
 
@@ -135,12 +143,12 @@ impl TestServer {
     }
 
     pub fn export_path(&self) -> &Path {
-        self.export.path()
+        &self.export
     }
 
     /// `rel` inside the export.
     pub fn export(&self, rel: impl AsRef<Path>) -> PathBuf {
-        self.export.path().join(rel)
+        self.export.join(rel)
     }
 
     pub fn pid(&self) -> i32 {

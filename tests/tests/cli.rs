@@ -358,6 +358,58 @@ fn a_mount_with_its_output_piped_returns() {
     );
 }
 
+/// A mount whose stderr is the journal's socket (a systemd unit's: `JOURNAL_STREAM`
+/// names it) keeps logging there once it returns, unlike one whose stderr is a pipe.
+/// (Any socket was let go of, so the unit's log ended at "mounted".)
+#[test]
+fn a_mount_logging_to_the_journal_keeps_logging() {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let guard = TestMount::guard(temp_dir("mnt"));
+    let (mut journal, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let md = fs::metadata(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&theirs)
+    ))
+    .expect("stat of the socket");
+    let mut cmd = ferry();
+    cmd.arg("mount")
+        .arg("--no-cache")
+        .arg(server.remote())
+        .arg(guard.path())
+        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+    let child = ferry_tests::process::spawn(&mut cmd).expect("spawn ferry mount");
+    // Our copy of the socket goes with the command: the daemon's is the last one.
+    drop(cmd);
+    let status = ferry_tests::process::wait_timeout(child, Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ferry mount: {status:?}"
+    );
+    assert!(guard.is_mounted());
+    let pids = mount::daemons_of(guard.path());
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        all_gone(&pids, Duration::from_secs(10)),
+        "the daemon did not end on SIGTERM"
+    );
+    journal
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut log = String::new();
+    journal.read_to_string(&mut log).expect("the daemon's log");
+    assert!(log.contains("signal received"), "{log}");
+}
+
 #[test]
 fn mount_fails_on_a_missing_or_non_empty_mountpoint() {
     if !require_fuse() {
@@ -416,6 +468,9 @@ fn umount_unmounts_and_the_daemon_exits() {
     fs::write(server.export("f"), b"x").expect("write");
     let mut m = TestMount::new(&server);
     assert_eq!(fs::read(m.join("f")).expect("read"), b"x");
+    // What `findmnt -t fuse.ferry` and `df` show.
+    let info = mount::mount_at(m.path()).expect("in mountinfo");
+    assert_eq!(info.fstype, "fuse.ferry", "{info:?}");
     assert!(
         !m.daemon_pids().is_empty(),
         "no daemon process found for the mount"
@@ -538,6 +593,157 @@ fn umount_of_a_busy_mount_says_why_and_keeps_it() {
     assert_eq!(fs::read(m.join("f")).expect("read"), b"x");
     drop(held);
     m.unmount().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Whether every one of `pids` is gone within `deadline`.
+fn all_gone(pids: &[i32], deadline: Duration) -> bool {
+    poll_until(deadline, || {
+        pids.iter().all(|&p| !ferry_tests::sys::pid_running(p))
+    })
+}
+
+/// SIGTERM to the daemon of a mount that was detached (`umount -l`, while a file in it
+/// is open) after the next mount took its path: the daemon ends, and the next mount
+/// (and its `ferry stats` socket) stays. (The daemon unmounted the path, so the next
+/// mount went down, and its stats socket was removed when the old daemon exited.)
+#[test]
+fn a_signal_for_a_detached_mount_leaves_the_next_mount_at_its_path_alone() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let old = TestMount::new(&server);
+    let held = fs::File::open(old.join("f")).expect("open");
+    let pids = old.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    ferry_tests::sys::umount_detach(old.path()).expect("umount -l");
+    assert!(!old.is_mounted());
+    let log = temp_dir("log");
+    run(ferry()
+        .arg("mount")
+        .arg("--no-cache")
+        .arg("--log")
+        .arg(log.path().join("next.log"))
+        .arg(server.remote())
+        .arg(old.path()))
+    .assert_success();
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        all_gone(&pids, Duration::from_secs(10)),
+        "the detached mount's daemon did not end on SIGTERM"
+    );
+    assert!(
+        old.is_mounted(),
+        "the old daemon took the next mount at its path down"
+    );
+    assert_eq!(
+        fs::read(old.join("f")).expect("read through the next mount"),
+        b"x"
+    );
+    // Panics unless the next mount's daemon answers.
+    assert!(old.stats().has("mountpoint"));
+    drop(held);
+}
+
+/// SIGTERM to the daemon of a mount still in use detaches it (the file open in it still
+/// reads), and a second SIGTERM ends the daemon. (The second was ignored: the daemon
+/// served the detached mount until its last user let go.)
+#[test]
+fn a_busy_mount_is_detached_by_a_signal_and_ended_by_the_next() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    fs::write(server.export("f"), b"x").expect("write");
+    let m = TestMount::with_args(&server, &["--no-cache"]);
+    let held = fs::File::open(m.join("f")).expect("open");
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        poll_until(Duration::from_secs(10), || !m.is_mounted()),
+        "SIGTERM did not detach the busy mount"
+    );
+    let mut buf = [0u8; 1];
+    std::os::unix::fs::FileExt::read_at(&held, &mut buf, 0).expect("read after the detach");
+    assert_eq!(&buf, b"x");
+    assert!(pids.iter().all(|&p| ferry_tests::sys::pid_running(p)));
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        all_gone(&pids, Duration::from_secs(10)),
+        "a second SIGTERM did not end the detached mount's daemon"
+    );
+    drop(held);
+}
+
+/// A mount whose connection is aborted (fusectl's `abort`, as an administrator frees a
+/// hung mount) is unmounted by its daemon as its session ends: no dead mount is left at
+/// the path. (It stayed there, answering ENOTCONN.)
+#[test]
+fn an_aborted_mount_is_unmounted_by_its_daemon() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let m = TestMount::with_args(&server, &["--no-cache"]);
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    if !mount::abort_fuse_connection(m.path()) {
+        eprintln!("skipping: no fusectl to abort the connection with");
+        return;
+    }
+    assert!(
+        poll_until(Duration::from_secs(10), || !m.is_mounted()),
+        "the aborted mount is still at its path"
+    );
+    assert!(
+        all_gone(&pids, Duration::from_secs(10)),
+        "the daemon of the aborted mount did not exit"
+    );
+}
+
+/// A dead mount inside an export (here: the export is a ferry mount whose daemon was
+/// killed) reads as EIO through a mount of it, not ENOTCONN: that would say the mount's
+/// own connection is gone, and `ferry mount` on its path would unmount it, live.
+#[test]
+fn a_dead_mount_in_the_export_is_eio_and_leaves_the_mount_of_it_alone() {
+    if !require_fuse() {
+        return;
+    }
+    let inner_server = TestServer::start();
+    fs::write(inner_server.export("f"), b"x").expect("write");
+    let inner = TestMount::new(&inner_server);
+    let server = TestServer::start_at(inner.path(), &[]);
+    let m = TestMount::with_args(&server, &["--no-cache"]);
+    assert_eq!(fs::read(m.join("f")).expect("read"), b"x");
+    for pid in inner.daemon_pids() {
+        ferry_tests::sys::kill(pid, libc::SIGKILL);
+    }
+    // (A listing asks the daemon; attributes the kernel holds may still be answered.)
+    assert!(
+        poll_until(Duration::from_secs(10), || fs::read_dir(inner.path())
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))),
+        "the inner mount did not die"
+    );
+    // A create always reaches the server.
+    let err = fs::write(m.join("new"), b"y").expect_err("a create in a dead export");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let out = run(ferry()
+        .arg("mount")
+        .arg("--no-cache")
+        .arg(server.remote())
+        .arg(m.path()));
+    out.assert_failure();
+    assert!(m.is_mounted(), "{out}");
+    // Panics unless the mount's daemon answers.
+    assert!(m.stats().has("mountpoint"));
 }
 
 /// Kills the child (and its group) on drop.

@@ -287,7 +287,7 @@ fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
         .unwrap_or_else(|e| panic!("{e}"));
     let m = old.path().display().to_string();
     let info = ferry_tests::mount::mount_at(old.path()).expect("in mountinfo");
-    assert!(info.is_fuse(), "{info:?}");
+    assert_eq!(info.fstype, "fuse.ferry", "{info:?}");
 
     let out = as_uid(NOBODY, &format!("cat '{m}/f' && echo mine > '{m}/g'"));
     out.assert_success();
