@@ -129,9 +129,9 @@ fn preflight(mp: &Path) -> Result<PathBuf> {
         }
         Err(e) => bail!("mountpoint {}: {e}", mp.display()),
     };
-    if let Err(e) = std::fs::metadata(&abs)
-        && e.raw_os_error() == Some(libc::ENOTCONN)
-    {
+    // A dead mount's attributes may still be cached by the kernel (a ferry mount's root
+    // for minutes): its listing is what fails.
+    if let Some(e) = dead_mount_error(&abs) {
         remove_dead_mount(&abs, &e)?;
     }
     if !abs.is_dir() {
@@ -150,6 +150,16 @@ fn preflight(mp: &Path) -> Result<PathBuf> {
     Ok(abs)
 }
 
+/// The `ENOTCONN` of a mount at `abs` whose connection is gone, if it is one.
+fn dead_mount_error(abs: &Path) -> Option<std::io::Error> {
+    let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    match std::fs::metadata(abs) {
+        Err(e) if dead(&e) => Some(e),
+        Ok(md) if md.is_dir() => std::fs::read_dir(abs).err().filter(dead),
+        _ => None,
+    }
+}
+
 /// A mount at `abs` whose connection is gone (`ENOTCONN`: its daemon crashed or was
 /// killed). A ferry mount is unmounted, with a line saying so: nothing can serve it
 /// again, and mounting anew is what its user is after. Any other is the user's to
@@ -166,9 +176,7 @@ fn remove_dead_mount(abs: &Path, e: &std::io::Error) -> Result<()> {
     match source {
         Some(source) if source.starts_with("ferry:") => {
             // Still the same mount, still dead: not one mounted there since the check.
-            let still_dead = std::fs::metadata(abs)
-                .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
-                && top_dev(abs).as_deref() == dev;
+            let still_dead = dead_mount_error(abs).is_some() && top_dev(abs).as_deref() == dev;
             if !still_dead {
                 bail!(
                     "mountpoint {} changed while it was checked; try again",
@@ -355,7 +363,26 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     }
     config.n_threads = Some(1);
 
+    // Handled from before the mount exists (a signal meanwhile waits for the handler):
+    // a signal while it is set up, or right after `ferry mount` returned, must not kill
+    // the daemon and leave its mount dead. (Before this, one still ends a slow connect.)
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        )
+    };
     let dev = mount_fuse(&abs, &config)?;
+    let ours = OurMount::new(&abs);
+    if ours.dev.is_none() {
+        let _ = unmount(&abs);
+        bail!(
+            "mounted on {}, but the mount is not in /proc/self/mountinfo under that path",
+            abs.display()
+        );
+    }
     let probe_fd = dev.try_clone().context("cannot dup /dev/fuse")?;
     let acl = config.acl;
     let session = match fuser::Session::from_fd(fs, dev, acl, config) {
@@ -366,7 +393,6 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
         }
     };
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
-    let ours = OurMount::new(&abs);
     // Set by whichever ends the daemon first: the session loop returning, or a signal
     // for a mount that is no longer on top at its path.
     let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -429,11 +455,6 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
     let mp = abs.clone();
     let (signal_over, signal_ending, signal_alive) = (over.clone(), ending.clone(), alive.clone());
     let signal_ours = ours.clone();
-    // Handled from before the mount is announced: a signal right after `ferry mount`
-    // returns must not kill the daemon and leave its mount dead.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     rt.spawn(async move {
         use std::sync::atomic::Ordering::SeqCst;
         loop {
@@ -463,6 +484,8 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
                  or mounted over): ending the session, without touching the path",
                 mp.display()
             );
+            // Unlinks from now on wait for the server: none is answered and then lost.
+            signal_ending.core.set_unlink_behind(false);
             signal_ending.finish().await;
             signal_ending.save();
             std::process::exit(0);
@@ -496,10 +519,10 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
 
     let run = session.run();
     if over.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        // A signal ended the daemon; it exits once done.
-        loop {
-            std::thread::park();
-        }
+        // A signal is ending the daemon: it exits once done, in about `--timeout`.
+        std::thread::sleep(opts.timeout * 2 + Duration::from_secs(10));
+        tracing::warn!("the daemon's ending took too long; exiting");
+        std::process::exit(1);
     }
     // Ended with the mount still there (an error, or its connection aborted): a dead
     // mount helps nobody.
@@ -561,9 +584,12 @@ impl OurMount {
 
     /// Whether the mount on top at the path is this daemon's. The device number names
     /// our superblock only while it lives (the next mount may get the number once it
-    /// is gone), so `alive` asks the kernel first: it fails once our superblock is gone.
+    /// is gone), so `alive` asks the kernel too: it fails once our superblock is gone.
+    /// Unmounting by path leaves a gap between this check and the `umount2` (or
+    /// fusermount3's): a mount made exactly then could be hit; none can be made exact.
+    /// (Read first, asked after: alive after the read, the number was ours during it.)
     fn on_top(&self, alive: &dyn Fn() -> bool) -> bool {
-        self.dev.is_some() && alive() && top_dev(&self.path) == self.dev
+        self.dev.is_some() && top_dev(&self.path) == self.dev && alive()
     }
 }
 
