@@ -256,7 +256,10 @@ pub fn mount_background(opts: &MountOpts, args: &[std::ffi::OsString]) -> Result
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = unmount(&abs);
+            // The daemon's mount, if it made one, is dead now; nothing else is touched.
+            if dead_mount_error(&abs).is_some() {
+                let _ = unmount(&abs);
+            }
             bail!("mount did not become ready within {wait:?}")
         }
     }
