@@ -244,47 +244,78 @@ const NOBODY: u32 = 65534;
 /// unmounts. Between, an old daemon of its that finishes late (held stopped across the
 /// unmount and the next mount) leaves the next mount at the same path alone: fuser's own
 /// unmount at the end of a session (`fusermount3 -u -z` of the path) took it down.
-#[test]
-fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
-    use std::os::unix::fs::chown;
+/// Whether mounts made by `nobody` can be tested here; says why not.
+fn can_mount_as_nobody() -> bool {
     if !have_setpriv() || !require_fuse() {
         eprintln!("skipping: setpriv or FUSE missing");
-        return;
+        return false;
     }
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     if !passwd.lines().any(|l| l.split(':').nth(2) == Some("65534")) {
         eprintln!("skipping: no user 65534 (fusermount3 needs a user with a name)");
-        return;
+        return false;
     }
     match fs::metadata("/dev/fuse") {
-        Ok(m) if m.permissions().mode() & 0o006 == 0o006 => {}
+        Ok(m) if m.permissions().mode() & 0o006 == 0o006 => true,
         _ => {
             eprintln!("skipping: /dev/fuse is not 0666 (scripts/test.sh makes it so)");
-            return;
+            false
         }
     }
+}
+
+/// `nobody`'s side of a test: its home (its `XDG_RUNTIME_DIR`, where its mounts keep
+/// their stats sockets) and the command prefix that runs a program as it there.
+struct Nobody {
+    home: tempfile::TempDir,
+    wrapper: Vec<String>,
+}
+
+impl Nobody {
+    fn new() -> Nobody {
+        let home = ferry_tests::temp_dir("home");
+        std::os::unix::fs::chown(home.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+        let wrapper = vec![
+            "setpriv".to_string(),
+            "--reuid".to_string(),
+            NOBODY.to_string(),
+            "--regid".to_string(),
+            NOBODY.to_string(),
+            "--clear-groups".to_string(),
+            "env".to_string(),
+            format!("XDG_RUNTIME_DIR={}", home.path().display()),
+        ];
+        Nobody { home, wrapper }
+    }
+
+    /// `program` run as nobody.
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(&self.wrapper[0]);
+        cmd.args(&self.wrapper[1..]).arg(program);
+        cmd
+    }
+
+    /// A mount of `server` (whose export becomes writable by everyone) made by nobody.
+    fn mount(&self, server: &TestServer) -> TestMount {
+        chmod(server.export_path(), 0o777);
+        let mp = ferry_tests::temp_dir("mnt");
+        std::os::unix::fs::chown(mp.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        TestMount::try_mount_through(&wrapper, mp, &server.remote(), &["--no-cache"], None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+#[test]
+fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
+    if !can_mount_as_nobody() {
+        return;
+    }
     let server = TestServer::start();
-    chmod(server.export_path(), 0o777);
     fs::write(server.export("f"), b"root's").expect("write");
     chmod(&server.export("f"), 0o644);
-    let home = ferry_tests::temp_dir("home");
-    chown(home.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
-    let mp = ferry_tests::temp_dir("mnt");
-    chown(mp.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
-    let nobody = NOBODY.to_string();
-    let runtime = format!("XDG_RUNTIME_DIR={}", home.path().display());
-    let wrapper = [
-        "setpriv",
-        "--reuid",
-        &nobody,
-        "--regid",
-        &nobody,
-        "--clear-groups",
-        "env",
-        &runtime,
-    ];
-    let old = TestMount::try_mount_through(&wrapper, mp, &server.remote(), &["--no-cache"], None)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let nobody = Nobody::new();
+    let old = nobody.mount(&server);
     let m = old.path().display().to_string();
     let info = ferry_tests::mount::mount_at(old.path()).expect("in mountinfo");
     assert_eq!(info.fstype, "fuse.ferry", "{info:?}");
@@ -301,11 +332,9 @@ fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
     let stopped = ferry_tests::sys::stop(&pids);
     run(ferry().arg("umount").arg(old.path())).assert_success();
     assert!(!old.is_mounted());
-    let mut next = Command::new("setpriv");
-    next.args(&wrapper[1..])
-        .arg(ferry_tests::ferry_bin())
-        .args(["mount", "--no-cache", "--log"])
-        .arg(home.path().join("next.log"))
+    let mut next = nobody.command(ferry_tests::ferry_bin());
+    next.args(["mount", "--no-cache", "--log"])
+        .arg(nobody.home.path().join("next.log"))
         .arg(server.remote())
         .arg(old.path());
     run(&mut next).assert_success();
@@ -332,4 +361,76 @@ fn a_user_mounts_without_root_and_a_late_daemon_leaves_the_next_mount_alone() {
         ferry_tests::poll_until(std::time::Duration::from_secs(5), || !old.is_mounted()),
         "still mounted after the user's umount"
     );
+}
+
+/// Without root, a busy mount is detached on SIGTERM through `fusermount3 -u -z` (the
+/// daemon may not `umount2` it), and a second SIGTERM ends the daemon; `ferry umount`
+/// of it says it is busy and offers `fusermount3 -u -z`. (fusermount3's "busy" was
+/// reported as "Operation not permitted", and the detach failed with it.)
+#[test]
+fn a_users_busy_mount_is_detached_through_fusermount3() {
+    if !can_mount_as_nobody() {
+        return;
+    }
+    let server = TestServer::start();
+    let nobody = Nobody::new();
+    let m = nobody.mount(&server);
+    // A process of nobody's with its working directory in the mount.
+    let mut sleeper = nobody.command(Path::new("sh"));
+    sleeper
+        .current_dir("/")
+        .args([
+            "-c",
+            &format!("cd '{}' && exec sleep 600", m.path().display()),
+        ])
+        .stdin(std::process::Stdio::null());
+    let holder = ferry_tests::process::spawn(&mut sleeper).expect("spawn the holder");
+    let holder = KillOnDrop(holder);
+    let cwd = format!("/proc/{}/cwd", holder.0.id());
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(10), || {
+            fs::read_link(&cwd).is_ok_and(|p| p == m.path())
+        }),
+        "the holder did not enter the mount"
+    );
+    let mut umount = nobody.command(ferry_tests::ferry_bin());
+    umount.arg("umount").arg(m.path());
+    let out = run(&mut umount);
+    out.assert_failure();
+    let err = out.stderr_str();
+    assert!(
+        err.contains("busy") && err.contains("fusermount3 -u -z"),
+        "{out}"
+    );
+    assert!(m.is_mounted());
+
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon for {}", m.path().display());
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(10), || !m.is_mounted()),
+        "SIGTERM did not detach the busy mount\n{}",
+        m.log()
+    );
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        ferry_tests::poll_until(std::time::Duration::from_secs(10), || {
+            pids.iter().all(|&p| !ferry_tests::sys::pid_running(p))
+        }),
+        "a second SIGTERM did not end the daemon"
+    );
+}
+
+/// Kills the child on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
