@@ -508,15 +508,8 @@ fn a_daemon_finishing_late_leaves_the_next_mount_at_its_path_alone() {
     assert!(!old.is_mounted());
     // The next mount, by a daemon the old mount's cleanup knows to stop too (its
     // command line names the path).
-    let log = temp_dir("log");
-    run(ferry()
-        .arg("mount")
-        .arg("--no-cache")
-        .arg("--log")
-        .arg(log.path().join("next.log"))
-        .arg(server.remote())
-        .arg(old.path()))
-    .assert_success();
+    let (out, _log) = mount_next(&server, old.path());
+    out.assert_success();
     assert_eq!(
         fs::read(old.join("f")).expect("read through the next mount"),
         b"x"
@@ -558,14 +551,7 @@ fn a_mount_over_a_dead_ferry_mount_replaces_it() {
             .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))),
         "the mount did not die"
     );
-    let log = temp_dir("log");
-    let out = run(ferry()
-        .arg("mount")
-        .arg("--no-cache")
-        .arg("--log")
-        .arg(log.path().join("next.log"))
-        .arg(server.remote())
-        .arg(dead.path()));
+    let (out, _log) = mount_next(&server, dead.path());
     out.assert_success();
     assert!(out.stderr_str().contains("gone"), "{out}");
     assert_eq!(
@@ -600,6 +586,20 @@ fn umount_of_a_busy_mount_says_why_and_keeps_it() {
     m.unmount().unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// `ferry mount --no-cache --log LOG SERVER PATH`: another mount at the path of a test's
+/// mount, which that `TestMount` unmounts on drop. Keep the log dir as long as the mount.
+fn mount_next(server: &TestServer, path: &Path) -> (ferry_tests::Output, tempfile::TempDir) {
+    let log = temp_dir("log");
+    let out = run(ferry()
+        .arg("mount")
+        .arg("--no-cache")
+        .arg("--log")
+        .arg(log.path().join("next.log"))
+        .arg(server.remote())
+        .arg(path));
+    (out, log)
+}
+
 /// Whether every one of `pids` is gone within `deadline`.
 fn all_gone(pids: &[i32], deadline: Duration) -> bool {
     poll_until(deadline, || {
@@ -624,15 +624,8 @@ fn a_signal_for_a_detached_mount_leaves_the_next_mount_at_its_path_alone() {
     assert!(!pids.is_empty(), "no daemon process found for the mount");
     ferry_tests::sys::umount_detach(old.path()).expect("umount -l");
     assert!(!old.is_mounted());
-    let log = temp_dir("log");
-    run(ferry()
-        .arg("mount")
-        .arg("--no-cache")
-        .arg("--log")
-        .arg(log.path().join("next.log"))
-        .arg(server.remote())
-        .arg(old.path()))
-    .assert_success();
+    let (out, _log) = mount_next(&server, old.path());
+    out.assert_success();
     for &pid in &pids {
         ferry_tests::sys::kill(pid, libc::SIGTERM);
     }
