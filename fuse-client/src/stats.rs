@@ -103,13 +103,11 @@ fn remove_dead_sockets(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let dead: Vec<(PathBuf, Option<(u64, u64)>)> = entries
+    let dead: Vec<(PathBuf, (u64, u64))> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-        .map(|p| (file_id(&p), p))
-        .filter(|(id, p)| id.is_some() && refused(p))
-        .map(|(id, p)| (p, id))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock") && refused(p))
+        .filter_map(|p| file_id(&p).map(|id| (p, id)))
         .collect();
     if dead.is_empty() {
         return;
@@ -117,7 +115,7 @@ fn remove_dead_sockets(dir: &Path) {
     std::thread::sleep(std::time::Duration::from_millis(200));
     for (p, _) in dead
         .iter()
-        .filter(|(p, id)| refused(p) && file_id(p) == *id)
+        .filter(|(p, id)| refused(p) && file_id(p) == Some(*id))
     {
         tracing::debug!(socket = %p.display(), "removing the stats socket of a dead daemon");
         let _ = std::fs::remove_file(p);

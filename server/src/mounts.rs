@@ -192,29 +192,7 @@ mod tests {
         );
         let sub = root.join("sub");
         std::fs::create_dir(&sub).expect("mkdir");
-        let c = std::ffi::CString::new(sub.as_os_str().as_bytes()).expect("path");
-        // SAFETY: valid C strings; a tmpfs mount on a directory of our own.
-        let r = unsafe {
-            libc::mount(
-                c"none".as_ptr(),
-                c.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if r != 0 {
-            eprintln!(
-                "note: cannot mount here ({}); skipped",
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        let seen = poll(|| s.any());
-        // SAFETY: valid C string.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        assert!(seen, "a mount beneath the root was not seen in 5 s");
-        assert!(poll(|| !s.any()), "its unmount was not seen in 5 s");
+        mount_and_see(&s, &sub, "the root");
     }
 
     /// The export directory renamed on the server's disk after the start: a mount
@@ -232,6 +210,12 @@ mod tests {
         std::fs::rename(&root, &moved).expect("rename the root");
         let sub = moved.join("sub");
         std::fs::create_dir(&sub).expect("mkdir");
+        mount_and_see(&s, &sub, "the renamed root");
+    }
+
+    /// Mounts a tmpfs on `sub` (beneath `where_`), and checks that `s` sees it come and
+    /// go. Skipped (with a note) where this process may not mount.
+    fn mount_and_see(s: &Submounts, sub: &std::path::Path, where_: &str) {
         let c = std::ffi::CString::new(sub.as_os_str().as_bytes()).expect("path");
         // SAFETY: valid C strings; a tmpfs mount on a directory of our own.
         let r = unsafe {
@@ -253,7 +237,7 @@ mod tests {
         let seen = poll(|| s.any());
         // SAFETY: valid C string.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        assert!(seen, "a mount beneath the renamed root was not seen in 5 s");
+        assert!(seen, "a mount beneath {where_} was not seen in 5 s");
         assert!(poll(|| !s.any()), "its unmount was not seen in 5 s");
     }
 

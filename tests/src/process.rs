@@ -28,6 +28,19 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// A child killed (with its process group, if it leads one) on drop, unless it exited.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            crate::sys::kill(-(self.0.id() as i32), libc::SIGKILL);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// No process is spawned through [`spawn`] (by any test of this binary) until the guard
 /// is dropped. Must not be held across a spawn of one's own: that would deadlock.
 pub fn no_spawns() -> RwLockWriteGuard<'static, ()> {

@@ -49,8 +49,13 @@ impl Stopped {
     pub fn resume_until_gone(self, within: std::time::Duration) -> bool {
         let pids = self.0.clone();
         drop(self);
-        crate::poll_until(within, || pids.iter().all(|&p| !pid_running(p)))
+        all_gone(&pids, within)
     }
+}
+
+/// Whether every one of `pids` is gone (or a zombie) within `within`.
+pub fn all_gone(pids: &[i32], within: std::time::Duration) -> bool {
+    crate::poll_until(within, || pids.iter().all(|&p| !pid_running(p)))
 }
 
 impl Drop for Stopped {

@@ -6,10 +6,11 @@ use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use ferry_tests::mount::{self, TestMount};
+use ferry_tests::process::KillOnDrop;
 use ferry_tests::rng::Rng;
 use ferry_tests::{
     TestServer, ferry, ferryd, poll_until, require_fuse, run, run_stdin, run_timeout, sh, temp_dir,
@@ -400,7 +401,7 @@ fn a_mount_logging_to_the_journal_keeps_logging() {
         ferry_tests::sys::kill(pid, libc::SIGTERM);
     }
     assert!(
-        all_gone(&pids, Duration::from_secs(10)),
+        ferry_tests::sys::all_gone(&pids, Duration::from_secs(10)),
         "the daemon did not end on SIGTERM"
     );
     journal
@@ -600,13 +601,6 @@ fn mount_next(server: &TestServer, path: &Path) -> (ferry_tests::Output, tempfil
     (out, log)
 }
 
-/// Whether every one of `pids` is gone within `deadline`.
-fn all_gone(pids: &[i32], deadline: Duration) -> bool {
-    poll_until(deadline, || {
-        pids.iter().all(|&p| !ferry_tests::sys::pid_running(p))
-    })
-}
-
 /// SIGTERM to the daemon of a mount that was detached (`umount -l`, while a file in it
 /// is open) after the next mount took its path: the daemon ends, and the next mount
 /// (and its `ferry stats` socket) stays. (The daemon unmounted the path, so the next
@@ -630,7 +624,7 @@ fn a_signal_for_a_detached_mount_leaves_the_next_mount_at_its_path_alone() {
         ferry_tests::sys::kill(pid, libc::SIGTERM);
     }
     assert!(
-        all_gone(&pids, Duration::from_secs(10)),
+        ferry_tests::sys::all_gone(&pids, Duration::from_secs(10)),
         "the detached mount's daemon did not end on SIGTERM"
     );
     assert!(
@@ -675,7 +669,7 @@ fn a_busy_mount_is_detached_by_a_signal_and_ended_by_the_next() {
         ferry_tests::sys::kill(pid, libc::SIGTERM);
     }
     assert!(
-        all_gone(&pids, Duration::from_secs(10)),
+        ferry_tests::sys::all_gone(&pids, Duration::from_secs(10)),
         "a second SIGTERM did not end the detached mount's daemon"
     );
     drop(held);
@@ -702,7 +696,7 @@ fn an_aborted_mount_is_unmounted_by_its_daemon() {
         "the aborted mount is still at its path"
     );
     assert!(
-        all_gone(&pids, Duration::from_secs(10)),
+        ferry_tests::sys::all_gone(&pids, Duration::from_secs(10)),
         "the daemon of the aborted mount did not exit"
     );
 }
@@ -745,19 +739,6 @@ fn a_dead_mount_in_the_export_is_eio_and_leaves_the_mount_of_it_alone() {
     assert!(m.is_mounted(), "{out}");
     // Panics unless the mount's daemon answers.
     assert!(m.stats().has("mountpoint"));
-}
-
-/// Kills the child (and its group) on drop.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            ferry_tests::sys::kill(-(self.0.id() as i32), libc::SIGKILL);
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 #[test]

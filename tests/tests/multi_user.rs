@@ -385,7 +385,7 @@ fn a_users_busy_mount_is_detached_through_fusermount3() {
         ])
         .stdin(std::process::Stdio::null());
     let holder = ferry_tests::process::spawn(&mut sleeper).expect("spawn the holder");
-    let holder = KillOnDrop(holder);
+    let holder = ferry_tests::process::KillOnDrop(holder);
     let cwd = format!("/proc/{}/cwd", holder.0.id());
     assert!(
         ferry_tests::poll_until(std::time::Duration::from_secs(10), || {
@@ -418,19 +418,7 @@ fn a_users_busy_mount_is_detached_through_fusermount3() {
         ferry_tests::sys::kill(pid, libc::SIGTERM);
     }
     assert!(
-        ferry_tests::poll_until(std::time::Duration::from_secs(10), || {
-            pids.iter().all(|&p| !ferry_tests::sys::pid_running(p))
-        }),
+        ferry_tests::sys::all_gone(&pids, std::time::Duration::from_secs(10)),
         "a second SIGTERM did not end the daemon"
     );
-}
-
-/// Kills the child on drop.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
