@@ -2,7 +2,8 @@
 //!
 //! Any number of tasks call [`Client::call`] concurrently; each request gets an id, is
 //! written to the socket in queueing order (by the queueing thread itself when it can,
-//! see `Outbox`), and its reply is routed back by id whenever the server finishes it
+//! or, for a request nobody waits for at once, with the next one: see `Outbox`), and
+//! its reply is routed back by id whenever the server finishes it
 //! (replies arrive out of order; [`Sent::then`] handles one on the reader, no task
 //! waiting). A watchdog declares the connection
 //! dead when requests are outstanding and nothing has arrived for `timeout` (pings keep
@@ -111,6 +112,12 @@ impl Conn {
 /// is left to the writer task. Most requests thus cost no hand-off to another thread
 /// (on a 2-CPU machine, waking the writer was one context switch per request). Order
 /// is kept: bytes leave in the order frames were queued, under one lock.
+///
+/// A request nobody waits for at once (a write answered ahead, a setattr sent behind
+/// the writes, a release) may be *deferred*: its frame stays in the buffer until the
+/// next request that is not deferred, an [`Client::uncork`], or [`CORK_DELAY`] later,
+/// so that `tar`'s write, write, setattr and commit of a small file go out in one
+/// system call (and reach the server in one read) instead of four.
 struct Outbox {
     half: OwnedWriteHalf,
     // std Mutex: held to encode a frame and for non-blocking writes, never across an
@@ -118,8 +125,16 @@ struct Outbox {
     queue: Mutex<Outgoing>,
     /// Tells the writer task there are bytes the socket did not take.
     wake: Notify,
+    /// Tells the writer task deferred frames wait in the buffer.
+    cork: Notify,
     dead: CancellationToken,
 }
+
+/// How long a deferred frame waits at most for a request to go out with.
+const CORK_DELAY: Duration = Duration::from_millis(2);
+
+/// Most bytes of deferred frames kept back: past it they go out at once.
+const CORK_MAX: usize = 64 * 1024;
 
 /// Largest frame the queueing thread writes itself; larger ones (big writes) go to the
 /// writer task. Copying up to 64 KiB into the socket costs the caller less than waking
@@ -133,12 +148,15 @@ struct Outgoing {
     codec: ClientCodec,
     /// The writer task owns the rest of `buf`: nobody else writes until it is empty.
     writer_has_it: bool,
+    /// The writer task was told of deferred frames and has not written them yet.
+    cork_armed: bool,
 }
 
 impl Outbox {
-    /// Queue one frame and write whatever the socket takes now. `Err`: the connection
-    /// is broken (and now declared dead).
-    fn push(&self, frame: RequestFrame) -> Result<(), ()> {
+    /// Queue one frame and write whatever the socket takes now, or, for a `deferred`
+    /// one, leave it with any before it until something else goes out (see
+    /// [`Outbox`]). `Err`: the connection is broken (and now declared dead).
+    fn push(&self, frame: RequestFrame, deferred: bool) -> Result<(), ()> {
         let mut q = self.queue.lock().map_err(|_| ())?;
         if self.dead.is_cancelled() {
             return Err(());
@@ -153,12 +171,38 @@ impl Outbox {
         if q.writer_has_it {
             return Ok(());
         }
+        if deferred && q.buf.len() <= CORK_MAX {
+            if !q.cork_armed {
+                q.cork_armed = true;
+                drop(q);
+                self.cork.notify_one();
+            }
+            return Ok(());
+        }
         // A larger frame is left to the writer: copying it into the socket (and, on
         // loopback, through the server's side of it) would hold up the caller, where the
         // writer does it in parallel.
-        if q.buf.len() - before <= WRITE_HERE_MAX
-            && let Err(e) = self.write_some(&mut q.buf)
-        {
+        let here = q.buf.len() - before <= WRITE_HERE_MAX;
+        self.write_or_hand_over(q, here)
+    }
+
+    /// Send the deferred frames now (someone waits for one of their answers).
+    fn uncork(&self) -> Result<(), ()> {
+        let q = self.queue.lock().map_err(|_| ())?;
+        if q.writer_has_it || q.buf.is_empty() {
+            return Ok(());
+        }
+        self.write_or_hand_over(q, true)
+    }
+
+    /// Write what the socket takes now (unless not `here`) and leave the rest to the
+    /// writer task.
+    fn write_or_hand_over(
+        &self,
+        mut q: std::sync::MutexGuard<'_, Outgoing>,
+        here: bool,
+    ) -> Result<(), ()> {
+        if here && let Err(e) = self.write_some(&mut q.buf) {
             tracing::warn!("connection to server broken: {e}");
             self.dead.cancel();
             return Err(());
@@ -186,12 +230,30 @@ impl Outbox {
     }
 
     /// The writer task: whenever `push` left bytes behind, write them as the socket
-    /// drains, then hand writing back to `push`.
+    /// drains, then hand writing back to `push`; deferred frames nothing else took
+    /// along go out [`CORK_DELAY`] after the first of them.
     async fn drain(&self) {
         loop {
-            tokio::select! {
+            let woken = tokio::select! {
                 _ = self.dead.cancelled() => return,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => true,
+                _ = self.cork.notified() => tokio::select! {
+                    _ = self.dead.cancelled() => return,
+                    _ = tokio::time::sleep(CORK_DELAY) => false,
+                    // Bytes left behind meanwhile: the deferred ones go with them.
+                    _ = self.wake.notified() => true,
+                },
+            };
+            if !woken {
+                let Ok(mut q) = self.queue.lock() else {
+                    self.dead.cancel();
+                    return;
+                };
+                q.cork_armed = false;
+                if q.writer_has_it || q.buf.is_empty() {
+                    continue;
+                }
+                q.writer_has_it = true;
             }
             loop {
                 tokio::select! {
@@ -213,6 +275,7 @@ impl Outbox {
                 }
                 if q.buf.is_empty() {
                     q.writer_has_it = false;
+                    q.cork_armed = false;
                     break;
                 }
             }
@@ -337,7 +400,7 @@ impl Client {
             repeat: true,
             ..key
         };
-        self.enqueue(&conn, generation, caller, request, Some(repeat))?
+        self.enqueue(&conn, generation, caller, request, Some(repeat), false)?
             .reply()
             .await
     }
@@ -356,7 +419,7 @@ impl Client {
             return Err(self.failed(TransportError::StaleHandle));
         }
         let conn = self.current().await?;
-        self.enqueue(&conn, generation, caller, request, Some(key))
+        self.enqueue(&conn, generation, caller, request, Some(key), false)
     }
 
     pub fn addr(&self) -> &str {
@@ -446,6 +509,8 @@ impl Client {
     pub async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         if let Some(c) = self.conn.lock().await.take() {
+            // Deferred requests (releases, say) still go: best effort, without waiting.
+            let _ = c.out.uncork();
             c.dead.cancel();
         }
     }
@@ -590,6 +655,7 @@ impl Client {
             half: write_half,
             queue: Mutex::new(Outgoing::default()),
             wake: Notify::new(),
+            cork: Notify::new(),
             dead: dead.clone(),
         });
 
@@ -724,12 +790,15 @@ impl Client {
                     if let Ok(mut p) = conn.pending.lock() {
                         p.insert(id, Waiter::Task(ptx));
                     }
-                    let _ = conn.out.push(RequestFrame {
-                        id,
-                        caller: Caller::default(),
-                        request: Request::Ping,
-                        once: None,
-                    });
+                    let _ = conn.out.push(
+                        RequestFrame {
+                            id,
+                            caller: Caller::default(),
+                            request: Request::Ping,
+                            once: None,
+                        },
+                        false,
+                    );
                 }
             }
         });
@@ -775,7 +844,7 @@ impl Client {
             return Err(self.failed(TransportError::StaleHandle));
         }
         let conn = self.current().await?;
-        self.enqueue(&conn, generation, caller, request, None)
+        self.enqueue(&conn, generation, caller, request, None, false)
     }
 
     /// [`Client::start_on`] without waiting for anything: `None` (the request dropped)
@@ -786,7 +855,29 @@ impl Client {
         caller: Caller,
         request: Request,
     ) -> Option<Result<Sent, TransportError>> {
-        self.try_start(generation, caller, request, None)
+        self.try_start(generation, caller, request, None, false)
+    }
+
+    /// [`Client::try_start_on`] of a request nobody waits for at once: it may go out
+    /// with the next one (see `Outbox`). Whoever comes to wait for its answer other than
+    /// through [`Sent::reply`] calls [`Client::uncork`] first.
+    pub fn try_start_deferred(
+        self: &Arc<Self>,
+        generation: Option<u64>,
+        caller: Caller,
+        request: Request,
+    ) -> Option<Result<Sent, TransportError>> {
+        self.try_start(generation, caller, request, None, true)
+    }
+
+    /// Send deferred requests now: an answer to one of them is about to be waited for.
+    pub fn uncork(&self) {
+        if let Ok(slot) = self.conn.try_lock()
+            && let Some(c) = slot.as_ref()
+            && c.out.uncork().is_err()
+        {
+            tracing::debug!("connection broken while sending deferred requests");
+        }
     }
 
     /// [`Client::try_start_on`] of a change named by `key`.
@@ -797,7 +888,7 @@ impl Client {
         request: Request,
         key: OnceKey,
     ) -> Option<Result<Sent, TransportError>> {
-        self.try_start(generation, caller, request, Some(key))
+        self.try_start(generation, caller, request, Some(key), false)
     }
 
     fn try_start(
@@ -806,6 +897,7 @@ impl Client {
         caller: Caller,
         request: Request,
         once: Option<OnceKey>,
+        deferred: bool,
     ) -> Option<Result<Sent, TransportError>> {
         let conn = {
             let slot = self.conn.try_lock().ok()?;
@@ -814,7 +906,7 @@ impl Client {
                 _ => return None,
             }
         };
-        Some(self.enqueue(&conn, generation, caller, request, once))
+        Some(self.enqueue(&conn, generation, caller, request, once, deferred))
     }
 
     fn enqueue(
@@ -824,6 +916,7 @@ impl Client {
         caller: Caller,
         request: Request,
         once: Option<OnceKey>,
+        deferred: bool,
     ) -> Result<Sent, TransportError> {
         if let Some(g) = generation
             && g != conn.generation
@@ -850,12 +943,15 @@ impl Client {
         }
         if conn
             .out
-            .push(RequestFrame {
-                id,
-                caller,
-                request,
-                once,
-            })
+            .push(
+                RequestFrame {
+                    id,
+                    caller,
+                    request,
+                    once,
+                },
+                deferred,
+            )
             .is_err()
         {
             return Err(self.failed(TransportError::Disconnected));
@@ -863,6 +959,7 @@ impl Client {
         Ok(Sent {
             rx,
             id,
+            deferred,
             pending: Arc::clone(&conn.pending),
             client: Arc::clone(self),
             silent: Arc::clone(&conn.silent),
@@ -911,6 +1008,8 @@ async fn handshake(
 pub struct Sent {
     rx: oneshot::Receiver<Result<Response, i32>>,
     id: u64,
+    /// Possibly still in the buffer (see [`Client::try_start_deferred`]).
+    deferred: bool,
     pending: Arc<Pending>,
     client: Arc<Client>,
     silent: Arc<AtomicBool>,
@@ -924,6 +1023,9 @@ impl Sent {
     }
 
     pub async fn reply(self) -> Outcome {
+        if self.deferred {
+            self.client.uncork();
+        }
         match self.rx.await {
             Ok(r) => Ok(r),
             Err(_) => Err(self.client.failed(lost(&self.silent))),
@@ -964,5 +1066,139 @@ impl Sent {
             Ok(r) => f(Ok(r)),
             Err(_) => f(Err(lost(&silent))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// An outbox writing to a loopback socket, and the socket's other end (non-blocking:
+    /// loopback delivers what a write took before the write returns).
+    async fn outbox() -> (Arc<Outbox>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (peer, _) = listener.accept().expect("accept");
+        peer.set_nonblocking(true).expect("non-blocking peer");
+        let (_, half) = stream.into_split();
+        let out = Arc::new(Outbox {
+            half,
+            queue: Mutex::new(Outgoing::default()),
+            wake: Notify::new(),
+            cork: Notify::new(),
+            dead: CancellationToken::new(),
+        });
+        (out, peer)
+    }
+
+    fn frame(id: u64, len: usize) -> RequestFrame {
+        let request = if len == 0 {
+            Request::Ping
+        } else {
+            Request::Write {
+                handle: 1,
+                offset: 0,
+                data: Bytes::from(vec![7u8; len]),
+            }
+        };
+        RequestFrame {
+            id,
+            caller: Caller::default(),
+            request,
+            once: None,
+        }
+    }
+
+    /// The bytes of pings `ids` on the wire.
+    fn wire(ids: &[u64]) -> Vec<u8> {
+        let mut codec = ClientCodec::new();
+        let mut buf = BytesMut::new();
+        for &id in ids {
+            codec.encode(frame(id, 0), &mut buf).expect("encode");
+        }
+        buf.to_vec()
+    }
+
+    /// Everything the peer has been sent so far.
+    fn received(peer: &mut std::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match peer.read(&mut chunk) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got,
+                Err(e) => panic!("reading what was sent: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn deferred_requests_go_out_with_the_next_one() {
+        let (out, mut peer) = outbox().await;
+        out.push(frame(1, 0), true).expect("push");
+        out.push(frame(2, 0), true).expect("push");
+        assert!(
+            received(&mut peer).is_empty(),
+            "deferred requests were sent"
+        );
+        out.push(frame(3, 0), false).expect("push");
+        assert_eq!(received(&mut peer), wire(&[1, 2, 3]));
+    }
+
+    #[tokio::test]
+    async fn uncork_sends_deferred_requests_at_once() {
+        let (out, mut peer) = outbox().await;
+        out.push(frame(1, 0), true).expect("push");
+        assert!(
+            received(&mut peer).is_empty(),
+            "a deferred request was sent"
+        );
+        out.uncork().expect("uncork");
+        assert_eq!(received(&mut peer), wire(&[1]));
+        out.uncork().expect("nothing to send");
+        assert!(received(&mut peer).is_empty(), "sent twice");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_request_goes_out_alone_after_the_delay() {
+        let (out, mut peer) = outbox().await;
+        let writer = out.clone();
+        let task = tokio::spawn(async move { writer.drain().await });
+        out.push(frame(1, 0), true).expect("push");
+        tokio::time::sleep(CORK_DELAY / 2).await;
+        assert!(received(&mut peer).is_empty(), "sent before its delay");
+        tokio::time::sleep(CORK_DELAY).await;
+        assert_eq!(received(&mut peer), wire(&[1]));
+        // And again for the next one: the writer re-arms.
+        out.push(frame(2, 0), true).expect("push");
+        tokio::time::sleep(CORK_DELAY * 2).await;
+        assert_eq!(received(&mut peer), wire(&[2]));
+        out.dead.cancel();
+        task.await.expect("writer task");
+    }
+
+    #[tokio::test]
+    async fn deferred_requests_past_the_cap_go_out() {
+        let (out, mut peer) = outbox().await;
+        let each = CORK_MAX / 4;
+        let mut pushed = 0;
+        loop {
+            out.push(frame(pushed, each), true).expect("push");
+            pushed += 1;
+            let q = out.queue.lock().expect("queue");
+            if q.buf.is_empty() || q.writer_has_it {
+                break;
+            }
+            assert!(q.buf.len() <= CORK_MAX, "more than the cap kept back");
+        }
+        assert_eq!(pushed, 4, "kept back past the cap, or not up to it");
+        assert!(!received(&mut peer).is_empty(), "nothing sent past the cap");
     }
 }

@@ -979,9 +979,18 @@ impl Core {
             .clone())
     }
 
+    /// Wait until every write in `tracker` has been answered by the server (sending
+    /// those still deferred first).
+    async fn drained(&self, tracker: &WriteTracker) {
+        if tracker.inflight.load(Ordering::SeqCst) > 0 {
+            self.client.uncork();
+        }
+        tracker.drain().await;
+    }
+
     /// Wait until every write queued for `ino` has been answered by the server.
     pub(super) async fn drain_writes(&self, ino: u64) -> FsResult<()> {
-        self.tracker(ino)?.drain().await;
+        self.drained(&*self.tracker(ino)?).await;
         Ok(())
     }
 
@@ -1456,7 +1465,7 @@ impl Core {
         let sino = self.server_ino(ino);
         let tracker = self.tracker(ino)?;
         let _no_writes_meanwhile = tracker.gate.write().await;
-        tracker.drain().await;
+        self.drained(&tracker).await;
         for _ in 0..2 {
             let Some((_, generation)) = self.writer_pair(ino)? else {
                 return Ok(None);
@@ -2182,7 +2191,11 @@ impl Core {
         };
         // Counted before it is queued: its answer may come back at once.
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
-        let sent = match self.client.try_start_on(Some(generation), caller, request) {
+        // Deferred: it may go out with the next request (the commit, say).
+        let sent = match self
+            .client
+            .try_start_deferred(Some(generation), caller, request)
+        {
             Some(sent) => sent,
             None => {
                 tracker.release_range(range.0, range.1);
@@ -2247,7 +2260,11 @@ impl Core {
             .map_err(|_| poisoned())?;
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
         tracker.dirty.store(true, Ordering::SeqCst);
-        tracker.claim(offset, end.max(offset + 1)).await;
+        if !tracker.try_claim(offset, end.max(offset + 1)) {
+            // An overlapping write in flight may still be deferred.
+            self.client.uncork();
+            tracker.claim(offset, end.max(offset + 1)).await;
+        }
         let data = Bytes::from(data);
         tracker.record_spooling(
             self.spools.get(),
@@ -2299,9 +2316,9 @@ impl Core {
         let _gate = out.gate.clone().read_owned().await;
         // Earlier writes to either file are applied first: the server runs large ones
         // concurrently with other requests.
-        out.drain().await;
+        self.drained(&out).await;
         if src.ino != dst.ino {
-            self.tracker(src.ino)?.drain().await;
+            self.drained(&*self.tracker(src.ino)?).await;
         }
         if let Some(e) = dst.change_error(&out) {
             return errno(e);
@@ -2641,23 +2658,23 @@ impl Core {
         let mark = tracker.mark();
         if tracker.upload_lost() {
             tracker.dirty.store(false, Ordering::SeqCst);
-            tracker.drain().await;
+            self.drained(&tracker).await;
             return self.upload_failed(ino, sino, &tracker, FsError::Errno(libc::EIO));
         }
         if !tracker.dirty.swap(false, Ordering::SeqCst) {
-            tracker.drain().await;
+            self.drained(&tracker).await;
             return self.clean_commit(ino, sino, &tracker, mark);
         }
         for again in [false, true] {
             let live = self.client.live_generation();
             let Some((mut handle, mut generation)) = self.writer_pair(ino)? else {
-                tracker.drain().await;
+                self.drained(&tracker).await;
                 return errno(libc::EIO);
             };
             if again || tracker.needs_replay(live, Some(generation)) {
                 // Changes went through a handle, or the writer's handle is one, of a
                 // connection that is gone, and what it staged went with it.
-                tracker.drain().await;
+                self.drained(&tracker).await;
                 if let Some(e) = tracker.take_error() {
                     // What the dead handle staged is gone: not one of the server's
                     // refusals, after which the changes are dropped and done with.
@@ -2988,7 +3005,7 @@ impl Core {
                 drop(gate);
             } else if let Some(rt) = me.runtime.get().cloned() {
                 rt.spawn(async move {
-                    tracker.drain().await;
+                    me.drained(&tracker).await;
                     done(me.commit_done(ino, sino, &tracker, committed, mark));
                     drop(gate);
                 });
@@ -3138,7 +3155,7 @@ impl Core {
         };
         let sent = self
             .client
-            .try_start_on(Some(generation), caller, request)?;
+            .try_start_deferred(Some(generation), caller, request)?;
         Some(self.attrs_queued(ino, set, &tracker, gate, (generation, attr), sent))
     }
 
@@ -3318,7 +3335,7 @@ impl Core {
         // Like a write: a commit cannot run between the cache learning of it and the
         // server having it, and earlier writes land first.
         let _gate = tracker.gate.clone().read_owned().await;
-        tracker.drain().await;
+        self.drained(&tracker).await;
         if let Some(e) = tracker.peek_error() {
             return errno(e);
         }
@@ -3569,7 +3586,7 @@ impl Core {
         let release = Request::Release { handle };
         match self
             .client
-            .try_start_on(Some(generation), caller, release.clone())
+            .try_start_deferred(Some(generation), caller, release.clone())
         {
             Some(Ok(sent)) => sent.then(|_| {}),
             // The connection that held the handle is gone, and the server dropped it.

@@ -3,10 +3,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_tests::rng::{Rng, fnv1a};
-use ferry_tests::{TestMount, assert_errno, fixture};
+use ferry_tests::{TestMount, assert_errno, fixture, wait_for};
 
 #[test]
 fn write_and_read_at_offsets() {
@@ -408,5 +408,29 @@ fn assert_big_eq(label: &str, got: &[u8], want: &[u8]) {
         want.len(),
         fnv1a(want),
         first
+    );
+}
+
+/// The release of a closed file may wait in the client for a request to go out with (a
+/// deferred request, `Outbox` in `fuse-client/src/conn.rs`); with nothing sent after
+/// it, it still reaches the server, which then lets go of the file.
+#[test]
+fn a_release_with_nothing_sent_after_it_still_closes_the_file_on_the_server() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.mnt("f"), b"written").expect("write through the mount");
+    // Read on the server's disk: nothing more goes through the mount.
+    assert_eq!(fs::read(fx.exp("f")).expect("export"), b"written");
+    let file = fx.exp("f");
+    let fds = format!("/proc/{}/fd", fx.server.pid());
+    let holds_file = || {
+        fs::read_dir(&fds)
+            .expect("ferryd's descriptors")
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == file))
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "ferryd to close the file released through the mount",
+        || !holds_file(),
     );
 }
