@@ -386,15 +386,18 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
             abs.display()
         );
     }
-    let probe_fd = dev.try_clone().context("cannot dup /dev/fuse")?;
-    let acl = config.acl;
-    let session = match fuser::Session::from_fd(fs, dev, acl, config) {
-        Ok(session) => session,
-        Err(e) => {
-            let _ = unmount(&abs).or_else(|_| detach(&abs));
-            bail!("cannot mount on {}: {e}", abs.display());
-        }
+    // Until the session serves it, a failure must not leave the mount behind, dead.
+    let undo_mount = |e: anyhow::Error| {
+        let _ = unmount(&abs).or_else(|_| detach(&abs));
+        e.context(format!("cannot mount on {}", abs.display()))
     };
+    let probe_fd = dev
+        .try_clone()
+        .context("cannot dup /dev/fuse")
+        .map_err(undo_mount)?;
+    let acl = config.acl;
+    let session = fuser::Session::from_fd(fs, dev, acl, config)
+        .map_err(|e| undo_mount(anyhow::Error::from(e)))?;
     tracing::info!(remote = %opts.remote, mountpoint = %abs.display(), "mounted");
     // Set by whichever ends the daemon first: the session loop returning, or a signal
     // for a mount that is no longer on top at its path.
@@ -431,7 +434,8 @@ fn serve(opts: &MountOpts, ready_pipe: bool) -> Result<()> {
                 };
             }
         })
-        .context("cannot start the invalidation thread")?;
+        .context("cannot start the invalidation thread")
+        .map_err(undo_mount)?;
     raise_readahead(&ours);
     let _guard = rt.enter();
     let stats_socket = match crate::stats::serve(core.clone(), &abs) {
