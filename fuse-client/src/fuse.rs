@@ -828,6 +828,9 @@ impl Filesystem for FerryFuse {
         if !self.xattrs {
             return reply.error(Errno::ENOSYS);
         }
+        if let Some(r) = self.core.xattr_get_now(ino.0, Some(name.as_bytes()), size) {
+            return reply_xattr(reply, r);
+        }
         let (core, c, name) = (self.core.clone(), caller(req), name.as_bytes().to_vec());
         self.spawn(
             async move { reply_xattr(reply, core.xattr_get(c, ino.0, Some(&name), size).await) },
@@ -837,6 +840,9 @@ impl Filesystem for FerryFuse {
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         if !self.xattrs {
             return reply.error(Errno::ENOSYS);
+        }
+        if let Some(r) = self.core.xattr_get_now(ino.0, None, size) {
+            return reply_xattr(reply, r);
         }
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(async move { reply_xattr(reply, core.xattr_get(c, ino.0, None, size).await) });

@@ -256,6 +256,49 @@ pub fn llistxattr(path: &Path) -> io::Result<Vec<Vec<u8>>> {
         .collect())
 }
 
+/// `lgetxattr(path, name)`: the value of extended attribute `name` of `path` itself.
+pub fn lgetxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (p, n) = (cstr(path), cstr(Path::new(name)));
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let len =
+        unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// `lsetxattr(path, name, value, 0)`.
+pub fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let (p, n) = (cstr(path), cstr(Path::new(name)));
+    // SAFETY: valid C strings and a value of the given length.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `lremovexattr(path, name)`.
+pub fn lremovexattr(path: &Path, name: &str) -> io::Result<()> {
+    let (p, n) = (cstr(path), cstr(Path::new(name)));
+    // SAFETY: valid C strings.
+    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The current umask (set back right away).
 pub fn umask() -> u32 {
     // SAFETY: umask(2) cannot fail; we restore the value at once.

@@ -22,6 +22,7 @@
 //! - `cli`: `ferry ls/get/put/shell/mount/umount` and their errors.
 //! - `multi_user`: `--allow-other`, ownership and permission checks for another uid.
 //! - `unlinks`: unlinks answered before the server confirms them, and their failures.
+//! - `xattrs`: extended attributes (`--xattrs`), and the hint that answers `ls -l`.
 
 mod basic;
 mod cache;
@@ -39,3 +40,4 @@ mod read_only;
 mod server_killed;
 mod stats;
 mod unlinks;
+mod xattrs;
