@@ -872,9 +872,14 @@ impl Client {
 
     /// Send deferred requests now: an answer to one of them is about to be waited for.
     pub fn uncork(&self) {
-        if let Ok(slot) = self.conn.try_lock()
-            && let Some(c) = slot.as_ref()
-            && c.out.uncork().is_err()
+        // The slot is not waited for: while someone holds it (briefly), the deferred
+        // requests go with the next request or, at the latest, after `CORK_DELAY`.
+        let out = match self.conn.try_lock() {
+            Ok(slot) => slot.as_ref().map(|c| Arc::clone(&c.out)),
+            Err(_) => None,
+        };
+        if let Some(out) = out
+            && out.uncork().is_err()
         {
             tracing::debug!("connection broken while sending deferred requests");
         }

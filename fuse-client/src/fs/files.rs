@@ -334,6 +334,12 @@ impl Default for WriteTracker {
 
 impl WriteTracker {
     async fn drain(&self) {
+        self.drain_sending(|| {}).await;
+    }
+
+    /// Wait until no write is in flight. `send` runs before each wait: it sends the
+    /// requests still deferred (`Client::uncork`), also those queued meanwhile.
+    async fn drain_sending(&self, send: impl Fn()) {
         loop {
             let notified = self.done.notified();
             tokio::pin!(notified);
@@ -341,12 +347,14 @@ impl WriteTracker {
             if self.inflight.load(Ordering::SeqCst) == 0 {
                 return;
             }
+            send();
             notified.await;
         }
     }
 
-    /// Wait until no write in flight overlaps `[start, end)`, then claim it.
-    async fn claim(&self, start: u64, end: u64) {
+    /// Wait until no write in flight overlaps `[start, end)`, then claim it. `send` as
+    /// for [`WriteTracker::drain_sending`].
+    async fn claim(&self, start: u64, end: u64, send: impl Fn()) {
         loop {
             let notified = self.range_done.notified();
             tokio::pin!(notified);
@@ -360,6 +368,7 @@ impl WriteTracker {
                     return;
                 }
             }
+            send();
             notified.await;
         }
     }
@@ -982,10 +991,7 @@ impl Core {
     /// Wait until every write in `tracker` has been answered by the server (sending
     /// those still deferred first).
     async fn drained(&self, tracker: &WriteTracker) {
-        if tracker.inflight.load(Ordering::SeqCst) > 0 {
-            self.client.uncork();
-        }
-        tracker.drain().await;
+        tracker.drain_sending(|| self.client.uncork()).await;
     }
 
     /// Wait until every write queued for `ino` has been answered by the server.
@@ -2252,19 +2258,25 @@ impl Core {
         }
         let (handle, generation) = self.ensure_handle(&f).await?;
         let kib = (len.div_ceil(1024)).clamp(1, WRITE_WINDOW / 1024) as u32;
-        let permit = tracker
-            .budget
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .map_err(|_| poisoned())?;
+        let permit = match tracker.budget.clone().try_acquire_many_owned(kib) {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Answers to deferred writes give permits back too.
+                self.client.uncork();
+                tracker
+                    .budget
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .map_err(|_| poisoned())?
+            }
+        };
         tracker.inflight.fetch_add(1, Ordering::SeqCst);
         tracker.dirty.store(true, Ordering::SeqCst);
-        if !tracker.try_claim(offset, end.max(offset + 1)) {
-            // An overlapping write in flight may still be deferred.
-            self.client.uncork();
-            tracker.claim(offset, end.max(offset + 1)).await;
-        }
+        // (An overlapping write in flight may still be deferred.)
+        tracker
+            .claim(offset, end.max(offset + 1), || self.client.uncork())
+            .await;
         let data = Bytes::from(data);
         tracker.record_spooling(
             self.spools.get(),
