@@ -148,8 +148,11 @@ struct Outgoing {
     codec: ClientCodec,
     /// The writer task owns the rest of `buf`: nobody else writes until it is empty.
     writer_has_it: bool,
-    /// The writer task was told of deferred frames and has not written them yet.
+    /// The writer task ticks (every [`CORK_DELAY`], sending deferred frames nothing
+    /// else took along), or has been told to start.
     cork_armed: bool,
+    /// A frame was deferred since the last tick: the ticks go on.
+    deferred_lately: bool,
 }
 
 impl Outbox {
@@ -172,6 +175,7 @@ impl Outbox {
             return Ok(());
         }
         if deferred && q.buf.len() <= CORK_MAX {
+            q.deferred_lately = true;
             if !q.cork_armed {
                 q.cork_armed = true;
                 drop(q);
@@ -230,26 +234,41 @@ impl Outbox {
     }
 
     /// The writer task: whenever `push` left bytes behind, write them as the socket
-    /// drains, then hand writing back to `push`; deferred frames nothing else took
-    /// along go out [`CORK_DELAY`] after the first of them.
+    /// drains, then hand writing back to `push`. While frames are being deferred it
+    /// also ticks every [`CORK_DELAY`], sending those nothing else took along; the
+    /// ticks stop after one without a frame deferred since the one before. (A tick per
+    /// period, not a timer per deferred frame: `tar` defers a few frames per file,
+    /// and each timer cost two wake-ups of this task.)
     async fn drain(&self) {
+        let mut ticking = false;
         loop {
-            let woken = tokio::select! {
-                _ = self.dead.cancelled() => return,
-                _ = self.wake.notified() => true,
-                _ = self.cork.notified() => tokio::select! {
+            let tick = if ticking {
+                tokio::select! {
                     _ = self.dead.cancelled() => return,
-                    _ = tokio::time::sleep(CORK_DELAY) => false,
-                    // Bytes left behind meanwhile: the deferred ones go with them.
-                    _ = self.wake.notified() => true,
-                },
+                    _ = tokio::time::sleep(CORK_DELAY) => true,
+                    // Bytes left behind: the deferred ones go with them.
+                    _ = self.wake.notified() => false,
+                }
+            } else {
+                tokio::select! {
+                    _ = self.dead.cancelled() => return,
+                    _ = self.wake.notified() => false,
+                    _ = self.cork.notified() => {
+                        ticking = true;
+                        continue;
+                    }
+                }
             };
-            if !woken {
+            if tick {
                 let Ok(mut q) = self.queue.lock() else {
                     self.dead.cancel();
                     return;
                 };
-                q.cork_armed = false;
+                if !std::mem::take(&mut q.deferred_lately) {
+                    // (The next deferred frame tells this task to tick again.)
+                    q.cork_armed = false;
+                    ticking = false;
+                }
                 if q.writer_has_it || q.buf.is_empty() {
                     continue;
                 }
@@ -275,7 +294,6 @@ impl Outbox {
                 }
                 if q.buf.is_empty() {
                     q.writer_has_it = false;
-                    q.cork_armed = false;
                     break;
                 }
             }
@@ -1185,6 +1203,15 @@ mod tests {
         out.push(frame(2, 0), true).expect("push");
         tokio::time::sleep(CORK_DELAY * 2).await;
         assert_eq!(received(&mut peer), wire(&[2]));
+        // With nothing deferred for a period, the ticks stop; the next frame starts them.
+        tokio::time::sleep(CORK_DELAY * 3).await;
+        assert!(
+            !out.queue.lock().expect("queue").cork_armed,
+            "still ticking"
+        );
+        out.push(frame(3, 0), true).expect("push");
+        tokio::time::sleep(CORK_DELAY * 2).await;
+        assert_eq!(received(&mut peer), wire(&[3]));
         out.dead.cancel();
         task.await.expect("writer task");
     }
