@@ -709,14 +709,33 @@ fn owner(pid: u32, path: &Path) -> Owner {
     }
 }
 
-/// The last line of a mountinfo text for a mount on `path` (the one on top).
+/// The line of a mountinfo text for the mount on top at `path`: of the mounts there, the
+/// one no other mount there sits on (its ID is no other's parent ID). Not simply the
+/// last of them: mountinfo lists mounts by age, and an older mount moved there
+/// (`mount --move`) is on top of a newer one.
 fn mount_line<'a>(info: &'a str, path: &Path) -> Option<&'a str> {
     let want = path.as_os_str().as_bytes();
-    info.lines().rev().find(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|point| unescape_mountinfo(point).as_slice() == want)
-    })
+    let here: Vec<&str> = info
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .nth(4)
+                .is_some_and(|point| unescape_mountinfo(point).as_slice() == want)
+        })
+        .collect();
+    fn ids(line: &str) -> (Option<&str>, Option<&str>) {
+        let mut fields = line.split(' ');
+        (fields.next(), fields.next())
+    }
+    let below = |line: &&str| {
+        let (id, _) = ids(line);
+        here.iter().any(|other| ids(other).1 == id)
+    };
+    here.iter()
+        .rev()
+        .find(|line| !below(line))
+        .or(here.last())
+        .copied()
 }
 
 /// Let the kernel read ahead up to one full request (1 MiB) instead of 128 KiB: the
@@ -1072,4 +1091,30 @@ fn passthrough_wanted(want: Passthrough, cache: Option<&DataCache>, read_only: b
 fn running_as_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_on_top_is_the_one_nothing_there_sits_on() {
+        let info = "\
+22 1 0:20 / /tmp rw - tmpfs tmpfs rw
+42 45 0:39 / /tmp/m rw,relatime - tmpfs tmpfs rw
+45 22 0:41 / /tmp/m rw,relatime - fuse.ferry ferry rw
+50 22 0:43 / /tmp/other rw - tmpfs tmpfs rw
+";
+        // 42 was mounted first and moved over 45 (`mount --move`): listed first, on top.
+        let top = mount_line(info, Path::new("/tmp/m")).expect("a mount at /tmp/m");
+        assert!(top.starts_with("42 "), "{top}");
+        assert!(mount_line(info, Path::new("/tmp/other")).is_some_and(|l| l.starts_with("50 ")));
+        assert!(mount_line(info, Path::new("/tmp/none")).is_none());
+        // Mounted in order, the last is on top.
+        let stacked = "22 1 0:20 / /m rw - tmpfs t rw\n30 22 0:30 / /m rw - tmpfs t rw\n";
+        assert!(mount_line(stacked, Path::new("/m")).is_some_and(|l| l.starts_with("30 ")));
+        // Escaped names are matched unescaped.
+        let spaced = "60 22 0:50 / /tmp/a\\040b rw - tmpfs t rw\n";
+        assert!(mount_line(spaced, Path::new("/tmp/a b")).is_some());
+    }
 }

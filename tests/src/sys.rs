@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The path as a C string (test paths never contain NUL).
@@ -401,5 +401,42 @@ pub fn assert_errno_in<T: Debug>(r: io::Result<T>, expected: &[i32]) {
             want.join(" or "),
             describe_err(&e)
         ),
+    }
+}
+
+/// A tmpfs mounted for one test (root only), lazily unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o size=SIZE tmpfs AT`, checked.
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        let out = crate::run(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at),
+        );
+        out.assert_success();
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// `mount --move` of it to `to`, checked; it is unmounted there when dropped.
+    pub fn move_to(&mut self, to: &Path) {
+        let out = crate::run(
+            std::process::Command::new("mount")
+                .arg("--move")
+                .arg(&self.0)
+                .arg(to),
+        );
+        out.assert_success();
+        self.0 = to.to_path_buf();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }

@@ -541,30 +541,6 @@ fn free_on(dir: &Path) -> u64 {
     st.f_bavail * st.f_frsize
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        let out = ferry_tests::run(
-            std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(at),
-        );
-        out.assert_success();
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// The cache leaves `--cache-min-free` free on its filesystem whatever `--cache-size`
 /// allows: on a 48 MiB tmpfs with 16 MiB to leave, reading a 64 MiB file keeps 16 MiB
 /// free (less a store in flight and the metadata), and when another program takes
@@ -581,7 +557,7 @@ fn the_cache_leaves_free_space_on_its_filesystem() {
     let server = TestServer::start();
     fs::write(server.export("big"), &data).expect("write on the export");
     let cache_home = temp_dir("cache-fs");
-    let _fs = Tmpfs::mount(cache_home.path(), "48m");
+    let _fs = ferry_tests::sys::Tmpfs::mount(cache_home.path(), "48m");
     let m = TestMount::with_cache_home(
         &server,
         &["--cache-min-free", "16M", "--passthrough", "off"],

@@ -640,6 +640,44 @@ fn a_signal_for_a_detached_mount_leaves_the_next_mount_at_its_path_alone() {
     drop(held);
 }
 
+/// SIGTERM to the daemon of a mount that an older mount was moved on top of (`mount
+/// --move`): mountinfo lists mounts by age, so the moved one comes first, yet it is on
+/// top. The daemon ends and leaves it alone. (It took the last line at its path for the
+/// top, unmounted the path, so the moved mount, and went on serving.)
+#[test]
+fn a_signal_leaves_an_older_mount_moved_over_the_mount_alone() {
+    if !require_fuse() {
+        return;
+    }
+    let server = TestServer::start();
+    let aside = temp_dir("aside");
+    // Mounted before the ferry mount: the older of the two.
+    let tmpfs = ferry_tests::sys::Tmpfs::mount(aside.path(), "1m");
+    fs::write(aside.path().join("marker"), b"moved here").expect("write in the tmpfs");
+    let m = TestMount::with_args(&server, &["--no-cache"]);
+    // Dropped before the mount, also on failure: the tmpfs goes first, then the ferry
+    // mount beneath it.
+    let mut tmpfs = tmpfs;
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon process found for the mount");
+    tmpfs.move_to(m.path());
+    assert_eq!(
+        fs::read(m.join("marker")).expect("the moved mount, on top"),
+        b"moved here"
+    );
+    for &pid in &pids {
+        ferry_tests::sys::kill(pid, libc::SIGTERM);
+    }
+    assert!(
+        ferry_tests::sys::all_gone(&pids, Duration::from_secs(10)),
+        "the daemon of the mount beneath did not end on SIGTERM"
+    );
+    assert_eq!(
+        fs::read(m.join("marker")).expect("the moved mount, still on top"),
+        b"moved here"
+    );
+}
+
 /// SIGTERM to the daemon of a mount still in use detaches it (the file open in it still
 /// reads), and a second SIGTERM ends the daemon. (The second was ignored: the daemon
 /// served the detached mount until its last user let go.)
