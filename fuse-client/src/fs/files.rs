@@ -333,10 +333,6 @@ impl Default for WriteTracker {
 }
 
 impl WriteTracker {
-    async fn drain(&self) {
-        self.drain_sending(|| {}).await;
-    }
-
     /// Wait until no write is in flight. `send` runs before each wait: it sends the
     /// requests still deferred (`Client::uncork`), also those queued meanwhile.
     async fn drain_sending(&self, send: impl Fn()) {
@@ -2709,7 +2705,7 @@ impl Core {
                     .reply()
                     .await
             };
-            let (committed, ()) = tokio::join!(committed, tracker.drain());
+            let (committed, ()) = tokio::join!(committed, self.drained(&tracker));
             match committed {
                 // Lost on the way: it may or may not have run; running it again on
                 // the same changes gives the same content.
